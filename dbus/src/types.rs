@@ -1,0 +1,48 @@
+//! Wire types: what travels in method arguments, replies and properties.
+
+use serde::{Deserialize, Serialize};
+use zbus::Type;
+
+/// One line of `Manager.Doctor()`: signature `(ssss)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct DoctorCheck {
+    /// Short stable name, e.g. `tun`.
+    pub name: String,
+    /// `pass`, `warn` or `fail`.
+    pub verdict: String,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it; empty on pass.
+    pub hint: String,
+}
+
+/// One finished stage of a job, in the `Stages` property: signature `(st)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct StageTiming {
+    /// Stage name, as sent in `Progress`.
+    pub stage: String,
+    /// How long the stage took, in microseconds.
+    pub duration_usec: u64,
+}
+
+/// Values of the `State` property of a job.
+pub mod job_state {
+    /// The job is running.
+    pub const RUNNING: &str = "running";
+    /// The job finished successfully.
+    pub const SUCCEEDED: &str = "succeeded";
+    /// The job failed; `Completed` carries the error.
+    pub const FAILED: &str = "failed";
+    /// The job was cancelled.
+    pub const CANCELLED: &str = "cancelled";
+}
+
+/// Values of `DoctorCheck::verdict`.
+pub mod verdict {
+    /// All good.
+    pub const PASS: &str = "pass";
+    /// Works, with a caveat.
+    pub const WARN: &str = "warn";
+    /// Broken; the hint says what to do.
+    pub const FAIL: &str = "fail";
+}
