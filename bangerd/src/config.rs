@@ -1,0 +1,301 @@
+//! `bangerd.toml`: the daemon's configuration.
+//!
+//! Every key has a default, so an absent file is a valid configuration.
+//! Unknown keys and wrong types are errors that name the key and the file.
+//! `docs/configuration.md` documents every key; keep the two in step.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// File name looked up in the configuration directory.
+pub const FILE_NAME: &str = "bangerd.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[daemon]`
+    pub daemon: DaemonConfig,
+    /// `[network]`
+    pub network: NetworkConfig,
+    /// `[vm]`
+    pub vm: VmConfig,
+    /// `[debug]`
+    pub debug: DebugConfig,
+}
+
+/// `[daemon]`: the service itself.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `bangerd=debug`.
+    pub log_level: String,
+    /// How long finished jobs stay visible on the bus, in seconds.
+    pub job_retention_secs: u64,
+    /// Days of finished-job history kept in the store by maintenance.
+    pub job_history_days: u32,
+    /// Free space on the state filesystem below which `doctor` warns, in GiB.
+    pub min_free_disk_gib: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            log_level: "info".into(),
+            job_retention_secs: 10,
+            job_history_days: 30,
+            min_free_disk_gib: 10,
+        }
+    }
+}
+
+/// `[network]`: host networking (used by later features; `doctor` checks it now).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Address of the `.vm` DNS server on the host.
+    pub dns_listen: SocketAddr,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            dns_listen: SocketAddr::from(([127, 0, 0, 1], 42069)),
+        }
+    }
+}
+
+/// Which VMM to use.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmKind {
+    /// Firecracker when found, else QEMU.
+    #[default]
+    Auto,
+    /// Firecracker only.
+    Firecracker,
+    /// QEMU `microvm` only.
+    Qemu,
+}
+
+/// `[vm]`: virtual machine monitors.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// `auto`, `firecracker` or `qemu`.
+    pub vmm: VmmKind,
+    /// Firecracker binary; a bare name is looked up on `PATH`.
+    pub firecracker_bin: PathBuf,
+    /// QEMU binary; a bare name is looked up on `PATH`.
+    pub qemu_bin: PathBuf,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            vmm: VmmKind::Auto,
+            firecracker_bin: "firecracker".into(),
+            qemu_bin: "qemu-system-x86_64".into(),
+        }
+    }
+}
+
+/// `[debug]`: knobs for testing and for developing front ends.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugConfig {
+    /// Pause added at the start of every job stage, in milliseconds. Makes
+    /// progress display and cancellation observable; 0 in production.
+    pub job_stage_delay_ms: u64,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a bad key or value.
+    #[error("invalid configuration in {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration in {path}: key `{key}` {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted key, e.g. `daemon.job_retention_secs`.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Parse `text`, naming `path` in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: describe_toml_error(&e),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Load `path`; a missing file gives the defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            problem: problem.to_owned(),
+        };
+        if !(1..=3600).contains(&self.daemon.job_retention_secs) {
+            return Err(invalid(
+                "daemon.job_retention_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        if self.daemon.job_history_days == 0 {
+            return Err(invalid("daemon.job_history_days", "must be at least 1"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level).is_err() {
+            return Err(invalid(
+                "daemon.log_level",
+                "is not a valid filter (try `info` or `bangerd=debug`)",
+            ));
+        }
+        if self.debug.job_stage_delay_ms > 60_000 {
+            return Err(invalid("debug.job_stage_delay_ms", "must be at most 60000"));
+        }
+        for (key, bin) in [
+            ("vm.firecracker_bin", &self.vm.firecracker_bin),
+            ("vm.qemu_bin", &self.vm.qemu_bin),
+        ] {
+            if bin.as_os_str().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// toml's message spans several lines with a source excerpt; keep it on one
+/// line so it reads well in the journal and in `systemctl status`.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    let message = e.message().trim().to_owned();
+    match e.span() {
+        Some(span) => format!("{message} (at byte {})", span.start),
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/banger/bangerd.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").expect("empty config"), Config::default());
+    }
+
+    #[test]
+    fn documented_example_parses() {
+        let config = parse(
+            r#"
+            [daemon]
+            log_level = "bangerd=debug"
+            job_retention_secs = 30
+            [network]
+            dns_listen = "127.0.0.1:5353"
+            [vm]
+            vmm = "qemu"
+            qemu_bin = "/usr/bin/qemu-system-x86_64"
+            "#,
+        )
+        .expect("valid config");
+        assert_eq!(config.daemon.job_retention_secs, 30);
+        assert_eq!(config.vm.vmm, VmmKind::Qemu);
+        assert_eq!(config.network.dns_listen.port(), 5353);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[daemon]\njob_retention = 5\n").expect_err("unknown key");
+        let text = err.to_string();
+        assert!(text.contains("job_retention"), "{text}");
+        assert!(text.contains("/etc/banger/bangerd.toml"), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let err = parse("[netwrk]\n").expect_err("unknown section");
+        assert!(err.to_string().contains("netwrk"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error() {
+        let err = parse("[daemon]\njob_retention_secs = \"ten\"\n").expect_err("wrong type");
+        assert!(err.to_string().contains("invalid"), "{err}");
+        let err = parse("[vm]\nvmm = \"kvmtool\"\n").expect_err("bad enum");
+        assert!(err.to_string().contains("kvmtool"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_names_the_key() {
+        let err = parse("[daemon]\njob_retention_secs = 0\n").expect_err("zero");
+        assert!(
+            err.to_string().contains("daemon.job_retention_secs"),
+            "{err}"
+        );
+        let err = parse("[daemon]\nlog_level = \"[[[\"\n").expect_err("bad filter");
+        assert!(err.to_string().contains("daemon.log_level"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_gives_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config::load(&dir.path().join(FILE_NAME)).expect("defaults");
+        assert_eq!(config, Config::default());
+    }
+}
+
+#[cfg(test)]
+mod sample_tests {
+    use super::*;
+
+    /// The shipped sample documents every key with its default.
+    #[test]
+    fn shipped_sample_is_the_defaults() {
+        let sample = include_str!("../../packaging/bangerd.toml");
+        let parsed =
+            Config::parse(sample, Path::new("packaging/bangerd.toml")).expect("sample parses");
+        assert_eq!(parsed, Config::default());
+    }
+}

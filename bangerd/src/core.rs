@@ -1,0 +1,400 @@
+//! The internal command API. Every front end (D-Bus today) calls these
+//! methods with a [`Caller`] and plain Rust types; nothing here knows about
+//! the wire.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use crate::auth::{Action, Authorizer, Caller};
+use crate::config::Config;
+use crate::doctor::{self, BusProbe, Check, HostPaths};
+use crate::error::{Error, Result};
+use crate::jobs::{JobId, JobSettings, JobSnapshot, Jobs};
+use crate::paths::Dirs;
+use crate::store::{Store, StoreError};
+
+/// Run a blocking store call off the async threads.
+async fn on_store<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
+}
+
+/// Daemon version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Options of the store-maintenance job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaintainOptions {
+    /// Also `VACUUM` the store.
+    pub vacuum: bool,
+}
+
+/// What the core needs from the outside world.
+#[derive(Debug)]
+pub struct CoreDeps {
+    /// Where things live.
+    pub dirs: Dirs,
+    /// The configuration file (reloads read it again).
+    pub config_file: std::path::PathBuf,
+    /// The open store.
+    pub store: Arc<Store>,
+    /// Decides who may do what.
+    pub authorizer: Arc<dyn Authorizer>,
+    /// Answers bus questions for `doctor`.
+    pub bus: Arc<dyn BusProbe>,
+    /// Host paths for `doctor`.
+    pub host: HostPaths,
+}
+
+/// The daemon's state and the commands on it.
+#[derive(Debug)]
+pub struct Core {
+    config: RwLock<Arc<Config>>,
+    deps: CoreDeps,
+    jobs: Arc<Jobs>,
+}
+
+fn job_settings(config: &Config) -> JobSettings {
+    JobSettings {
+        retention: Duration::from_secs(config.daemon.job_retention_secs),
+        stage_delay: Duration::from_millis(config.debug.job_stage_delay_ms),
+    }
+}
+
+impl Core {
+    /// A core reporting job events to `events`.
+    pub fn new(
+        config: Config,
+        deps: CoreDeps,
+        events: tokio::sync::mpsc::UnboundedSender<crate::jobs::JobEvent>,
+    ) -> Arc<Self> {
+        let jobs = Jobs::new(deps.store.clone(), events, job_settings(&config));
+        Arc::new(Self {
+            config: RwLock::new(Arc::new(config)),
+            deps,
+            jobs,
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// One-line summary for `Status` and sd_notify.
+    pub fn status_line(&self) -> String {
+        match self.jobs.running() {
+            0 => "idle".to_owned(),
+            1 => "1 job running".to_owned(),
+            n => format!("{n} jobs running"),
+        }
+    }
+
+    /// The job registry (read access for front ends).
+    pub fn jobs(&self) -> &Arc<Jobs> {
+        &self.jobs
+    }
+
+    /// Run the host checks. Read-only, open to every caller.
+    pub async fn doctor(&self, _caller: &Caller) -> Vec<Check> {
+        let config = self.config();
+        doctor::run(
+            &config,
+            &self.deps.dirs.state,
+            &self.deps.store,
+            self.deps.bus.as_ref(),
+            &self.deps.host,
+        )
+        .await
+    }
+
+    /// Start store maintenance as a job (action `org.banger.maintain`).
+    pub async fn maintain(&self, caller: &Caller, options: MaintainOptions) -> Result<JobId> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::Maintain)
+            .await?;
+        let store = self.deps.store.clone();
+        let history_days = self.config().daemon.job_history_days;
+        self.jobs
+            .start("maintain", caller.uid, Action::Maintain, move |ctx| async move {
+                let steps = if options.vacuum { 5.0 } else { 4.0 };
+
+                ctx.stage("check integrity", 0.0).await?;
+                match on_store(&store, |s| s.quick_check()).await {
+                    Ok(None) => ctx.progress("ok", 1.0 / steps, None),
+                    Ok(Some(problem)) => {
+                        return Err(Error::failed(format!(
+                            "the store is damaged ({problem}); stop bangerd and restore it from a backup"
+                        )));
+                    }
+                    Err(e) => return Err(Error::failed_with("integrity check failed", &e)),
+                }
+
+                ctx.stage("prune job history", 1.0 / steps).await?;
+                let cutoff = SystemTime::now() - Duration::from_secs(u64::from(history_days) * 86_400);
+                let cutoff_us = crate::store::unix_us(cutoff);
+                let pruned = on_store(&store, move |s| s.prune_jobs(cutoff_us))
+                    .await
+                    .map_err(|e| Error::failed_with("pruning job history failed", &e))?;
+                ctx.progress(&format!("{pruned} old jobs removed"), 2.0 / steps, None);
+
+                ctx.stage("checkpoint", 2.0 / steps).await?;
+                on_store(&store, Store::checkpoint)
+                    .await
+                    .map_err(|e| Error::failed_with("checkpoint failed", &e))?;
+
+                ctx.stage("optimize", 3.0 / steps).await?;
+                on_store(&store, Store::optimize)
+                    .await
+                    .map_err(|e| Error::failed_with("optimize failed", &e))?;
+
+                if options.vacuum {
+                    ctx.stage("vacuum", 4.0 / steps).await?;
+                    on_store(&store, Store::vacuum)
+                        .await
+                        .map_err(|e| Error::failed_with("vacuum failed", &e))?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Cancel job `id`. The owner needs the action that started the job;
+    /// anyone else needs `manage-others` too.
+    pub async fn cancel_job(&self, caller: &Caller, id: JobId) -> Result<()> {
+        let job = self
+            .jobs
+            .get(id)
+            .ok_or_else(|| Error::not_found(format!("there is no job {id}")))?;
+        if caller.uid != job.owner_uid && caller.uid != 0 {
+            self.deps
+                .authorizer
+                .authorize(caller, Action::VmManageOthers)
+                .await?;
+        }
+        self.deps.authorizer.authorize(caller, job.action).await?;
+        self.jobs.cancel(id, caller.uid)
+    }
+
+    /// One job.
+    pub fn job(&self, id: JobId) -> Option<JobSnapshot> {
+        self.jobs.get(id)
+    }
+
+    /// Re-read `bangerd.toml`. A bad file is refused with an error naming
+    /// the key, and the configuration in force stays.
+    pub async fn reload_config(&self, caller: &Caller) -> Result<Arc<Config>> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::Maintain)
+            .await?;
+        self.reload_config_unchecked()
+    }
+
+    /// Reload without authorization (SIGHUP from root).
+    pub fn reload_config_unchecked(&self) -> Result<Arc<Config>> {
+        let path = &self.deps.config_file;
+        let config = Arc::new(Config::load(path).map_err(|e| Error::invalid(e.to_string()))?);
+        self.jobs.set_settings(job_settings(&config));
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config.clone();
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        Ok(config)
+    }
+
+    /// Stop: cancel running jobs.
+    pub fn shutdown(&self) {
+        self.jobs.cancel_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::BoxFuture;
+    use crate::doctor::NameState;
+    use crate::error::ErrorKind;
+    use crate::jobs::{JobEvent, JobState};
+    use std::sync::Mutex;
+
+    /// Allows exactly the listed (uid, action) pairs and records every question.
+    #[derive(Debug, Default)]
+    struct Rules {
+        allowed: Vec<(u32, Action)>,
+        asked: Mutex<Vec<(u32, Action)>>,
+    }
+
+    impl Authorizer for Rules {
+        fn authorize<'a>(
+            &'a self,
+            caller: &'a Caller,
+            action: Action,
+        ) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async move {
+                self.asked.lock().expect("lock").push((caller.uid, action));
+                if self.allowed.contains(&(caller.uid, action)) {
+                    Ok(())
+                } else {
+                    Err(Error::denied(format!(
+                        "uid {} may not {}",
+                        caller.uid,
+                        action.id()
+                    )))
+                }
+            })
+        }
+    }
+
+    #[derive(Debug)]
+    struct NoBus;
+
+    impl BusProbe for NoBus {
+        fn name_state<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, NameState> {
+            Box::pin(async { NameState::Absent })
+        }
+    }
+
+    fn user(uid: u32) -> Caller {
+        Caller {
+            uid,
+            bus_name: Some(format!(":1.{uid}")),
+            allow_interactive: false,
+        }
+    }
+
+    fn core(
+        allowed: Vec<(u32, Action)>,
+        config: Config,
+    ) -> (
+        Arc<Core>,
+        tokio::sync::mpsc::UnboundedReceiver<JobEvent>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dirs = Dirs::from_lookup(|var| match var {
+            "STATE_DIRECTORY" => Some(dir.path().join("state")),
+            "CONFIGURATION_DIRECTORY" => Some(dir.path().join("config")),
+            _ => Some(dir.path().join(var)),
+        });
+        dirs.create().expect("dirs");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let core = Core::new(
+            config,
+            CoreDeps {
+                config_file: dirs.config_file(),
+                dirs,
+                store: Arc::new(Store::open_in_memory().expect("store")),
+                authorizer: Arc::new(Rules {
+                    allowed,
+                    ..Rules::default()
+                }),
+                bus: Arc::new(NoBus),
+                host: HostPaths::default(),
+            },
+            tx,
+        );
+        (core, rx, dir)
+    }
+
+    async fn completion(rx: &mut tokio::sync::mpsc::UnboundedReceiver<JobEvent>) -> Option<Error> {
+        loop {
+            match rx.recv().await.expect("event") {
+                JobEvent::Completed { error, .. } => return error,
+                _ => continue,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn maintain_needs_authorization_and_makes_no_job_when_denied() {
+        let (core, _rx, _dir) = core(vec![], Config::default());
+        let err = core
+            .maintain(&user(1000), MaintainOptions::default())
+            .await
+            .expect_err("denied");
+        assert_eq!(err.kind, ErrorKind::PermissionDenied);
+        assert!(core.jobs().list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn maintain_runs_its_stages() {
+        let (core, mut rx, _dir) = core(vec![(1000, Action::Maintain)], Config::default());
+        let id = core
+            .maintain(&user(1000), MaintainOptions { vacuum: true })
+            .await
+            .expect("started");
+        assert_eq!(completion(&mut rx).await, None);
+        let job = core.job(id).expect("retained");
+        assert_eq!(job.state, JobState::Succeeded);
+        let stages: Vec<_> = job.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            stages,
+            [
+                "check integrity",
+                "prune job history",
+                "checkpoint",
+                "optimize",
+                "vacuum"
+            ]
+        );
+        assert_eq!(job.owner_uid, 1000);
+        assert_eq!(core.status_line(), "idle");
+    }
+
+    #[tokio::test]
+    async fn cancelling_someone_elses_job_needs_manage_others() {
+        let mut config = Config::default();
+        config.debug.job_stage_delay_ms = 5_000;
+        let (core, mut rx, _dir) = core(
+            vec![(1000, Action::Maintain), (2000, Action::Maintain)],
+            config,
+        );
+        let id = core
+            .maintain(&user(1000), MaintainOptions::default())
+            .await
+            .expect("started");
+        assert_eq!(core.status_line(), "1 job running");
+        let err = core
+            .cancel_job(&user(2000), id)
+            .await
+            .expect_err("not theirs");
+        assert_eq!(err.kind, ErrorKind::PermissionDenied);
+        assert!(err.message.contains("manage-others"), "{}", err.message);
+        core.cancel_job(&user(1000), id)
+            .await
+            .expect("owner cancels");
+        let error = completion(&mut rx).await.expect("cancelled");
+        assert_eq!(error.kind, ErrorKind::Cancelled);
+        assert_eq!(core.job(id).expect("retained").state, JobState::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn bad_reload_keeps_the_old_configuration() {
+        let (core, _rx, dir) = core(vec![(0, Action::Maintain)], Config::default());
+        let file = dir.path().join("config").join(crate::config::FILE_NAME);
+        std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&file, "[daemon]\njob_retention_secs = 3\n").expect("write");
+        let root = user(0);
+        assert_eq!(
+            core.reload_config(&root)
+                .await
+                .expect("good")
+                .daemon
+                .job_retention_secs,
+            3
+        );
+        std::fs::write(&file, "[daemon]\nretention = 3\n").expect("write");
+        let err = core.reload_config(&root).await.expect_err("bad key");
+        assert_eq!(err.kind, ErrorKind::InvalidArgument);
+        assert!(err.message.contains("retention"), "{}", err.message);
+        assert_eq!(core.config().daemon.job_retention_secs, 3);
+    }
+}

@@ -1,0 +1,613 @@
+//! `doctor`: host checks that tell the truth about what banger can do here.
+//!
+//! Each check looks at the real thing (opens the device, runs the ioctl,
+//! binds the port) rather than trusting that a file exists. Checks that need
+//! the bus get their answers through [`BusProbe`].
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::auth::BoxFuture;
+use crate::config::{Config, VmmKind};
+use crate::store::Store;
+
+/// Verdict of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Fine.
+    Pass,
+    /// Works with a caveat, or a feature is degraded.
+    Warn,
+    /// Broken; banger cannot do something it needs.
+    Fail,
+}
+
+impl Verdict {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pass => "pass",
+            Self::Warn => "warn",
+            Self::Fail => "fail",
+        }
+    }
+}
+
+/// One check's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// Stable short name.
+    pub name: &'static str,
+    /// Verdict.
+    pub verdict: Verdict,
+    /// What was found.
+    pub detail: String,
+    /// What to do; empty on pass.
+    pub hint: String,
+}
+
+impl Check {
+    fn pass(name: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            name,
+            verdict: Verdict::Pass,
+            detail: detail.into(),
+            hint: String::new(),
+        }
+    }
+
+    fn warn(name: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            name,
+            verdict: Verdict::Warn,
+            detail: detail.into(),
+            hint: hint.into(),
+        }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            name,
+            verdict: Verdict::Fail,
+            detail: detail.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+/// Whether a bus name can be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameState {
+    /// Someone owns it.
+    Owned,
+    /// Nobody owns it, but the bus can start its owner.
+    Activatable,
+    /// Nobody owns it and nothing would start.
+    Absent,
+    /// The bus could not be asked.
+    Unknown,
+}
+
+impl NameState {
+    /// Owned or activatable.
+    pub fn reachable(self) -> bool {
+        matches!(self, Self::Owned | Self::Activatable)
+    }
+}
+
+/// Questions about the bus the daemon is on.
+pub trait BusProbe: Send + Sync + std::fmt::Debug {
+    /// Can `name` be reached?
+    fn name_state<'a>(&'a self, name: &'a str) -> BoxFuture<'a, NameState>;
+}
+
+/// Host paths the checks look at; overridable so the checks can be tested.
+#[derive(Debug, Clone)]
+pub struct HostPaths {
+    /// `/dev/kvm`.
+    pub kvm: PathBuf,
+    /// `/dev/net/tun`.
+    pub tun: PathBuf,
+    /// `/dev/loop-control`.
+    pub loop_control: PathBuf,
+    /// `/dev/mapper/control`.
+    pub mapper_control: PathBuf,
+    /// journald's native socket.
+    pub journal_socket: PathBuf,
+    /// Exists when systemd is PID 1.
+    pub systemd_runtime: PathBuf,
+}
+
+impl Default for HostPaths {
+    fn default() -> Self {
+        Self {
+            kvm: "/dev/kvm".into(),
+            tun: "/dev/net/tun".into(),
+            loop_control: "/dev/loop-control".into(),
+            mapper_control: "/dev/mapper/control".into(),
+            journal_socket: "/run/systemd/journal/socket".into(),
+            systemd_runtime: "/run/systemd/system".into(),
+        }
+    }
+}
+
+/// Bus names the checks ask about.
+pub const POLKIT_NAME: &str = "org.freedesktop.PolicyKit1";
+/// systemd-resolved's bus name.
+pub const RESOLVED_NAME: &str = "org.freedesktop.resolve1";
+
+/// Run every check. Bus questions first (async), the rest on a blocking thread.
+pub async fn run(
+    config: &Config,
+    state_dir: &Path,
+    store: &std::sync::Arc<Store>,
+    bus: &dyn BusProbe,
+    host: &HostPaths,
+) -> Vec<Check> {
+    let polkit = bus.name_state(POLKIT_NAME).await;
+    let resolved = bus.name_state(RESOLVED_NAME).await;
+    let config = config.clone();
+    let state_dir = state_dir.to_owned();
+    let store = store.clone();
+    let host = host.clone();
+    tokio::task::spawn_blocking(move || {
+        vec![
+            check_store(&store),
+            check_disk_space(&state_dir, config.daemon.min_free_disk_gib),
+            check_kvm(&host.kvm),
+            check_vmm(&config),
+            check_char_device(
+                "tun",
+                &host.tun,
+                "TAP devices for VM networking",
+                "modprobe tun",
+            ),
+            check_char_device(
+                "loop",
+                &host.loop_control,
+                "loop devices for disk images",
+                "modprobe loop",
+            ),
+            check_device_mapper(&host.mapper_control),
+            check_reflink(&state_dir),
+            check_nftables(),
+            check_polkit(polkit),
+            check_journald(&host.journal_socket),
+            check_systemd(&host.systemd_runtime),
+            check_resolved(resolved),
+            check_dns_port(config.network.dns_listen),
+        ]
+    })
+    .await
+    .unwrap_or_else(|e| {
+        vec![Check::fail(
+            "doctor",
+            format!("the checks crashed: {e}"),
+            "report this as a bug",
+        )]
+    })
+}
+
+fn check_store(store: &Store) -> Check {
+    match (store.schema_version(), store.quick_check()) {
+        (Ok(v), Ok(None)) => Check::pass("store", format!("schema version {v}, integrity ok")),
+        (_, Ok(Some(problem))) => Check::fail(
+            "store",
+            format!("integrity check found: {problem}"),
+            "stop bangerd and restore the store from a backup",
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            Check::fail("store", e.to_string(), "check the state directory")
+        }
+    }
+}
+
+fn check_disk_space(dir: &Path, min_free_gib: u64) -> Check {
+    const GIB: u64 = 1 << 30;
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(st) => {
+            let free = st.blocks_available() * st.fragment_size();
+            let detail = format!(
+                "{:.1} GiB free in {}",
+                free as f64 / GIB as f64,
+                dir.display()
+            );
+            if free < GIB {
+                Check::fail(
+                    "disk-space",
+                    detail,
+                    "free space on the state filesystem; VM disks need room",
+                )
+            } else if free < min_free_gib * GIB {
+                Check::warn(
+                    "disk-space",
+                    detail,
+                    format!("less than {min_free_gib} GiB free; creating VMs may run out of space"),
+                )
+            } else {
+                Check::pass("disk-space", detail)
+            }
+        }
+        Err(e) => Check::fail(
+            "disk-space",
+            format!("statvfs {}: {e}", dir.display()),
+            "check the state directory",
+        ),
+    }
+}
+
+mod ioctls {
+    // KVM_GET_API_VERSION and KVM_CREATE_VM from <linux/kvm.h>.
+    nix::ioctl_none!(kvm_get_api_version, 0xAE, 0x00);
+    nix::ioctl_write_int_bad!(kvm_create_vm, nix::request_code_none!(0xAE, 0x01));
+    // FICLONE from <linux/fs.h>: _IOW(0x94, 9, int).
+    nix::ioctl_write_int!(ficlone, 0x94, 9);
+}
+
+fn check_kvm(path: &Path) -> Check {
+    const NAME: &str = "kvm";
+    let file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            return Check::warn(
+                NAME,
+                format!("cannot open {}: {e}", path.display()),
+                "VMs will run under QEMU's software emulation (slow); enable virtualization or load kvm_intel/kvm_amd",
+            );
+        }
+    };
+    // SAFETY: the fd is an open /dev/kvm; KVM_GET_API_VERSION takes no argument.
+    let version = unsafe { ioctls::kvm_get_api_version(file.as_raw_fd()) };
+    match version {
+        Ok(12) => {}
+        other => {
+            return Check::warn(
+                NAME,
+                format!(
+                    "{} answers KVM_GET_API_VERSION with {other:?}, expected 12",
+                    path.display()
+                ),
+                "VMs will run under software emulation",
+            );
+        }
+    }
+    // SAFETY: KVM_CREATE_VM takes the machine type by value (0 = default) and
+    // returns a new fd that we own and close below.
+    let vm = unsafe { ioctls::kvm_create_vm(file.as_raw_fd(), 0) };
+    match vm {
+        Ok(fd) => {
+            // SAFETY: `fd` was just returned by KVM_CREATE_VM and nobody else owns it.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            Check::warn(
+                NAME,
+                "/dev/kvm opens and creates VMs; whether a guest actually boots is not probed yet",
+                "if guests hang at boot (e.g. on a PVM host), set vm.vmm = \"qemu\" (TCG) in bangerd.toml",
+            )
+        }
+        Err(e) => Check::warn(
+            NAME,
+            format!("KVM_CREATE_VM failed: {e}"),
+            "KVM is not usable here; VMs will run under software emulation",
+        ),
+    }
+}
+
+/// Look `bin` up like a shell would: a path with a slash as is, else on `PATH`.
+pub fn find_program(bin: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if bin.components().count() > 1 {
+        return executable(bin).then(|| bin.to_owned());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(bin))
+        .find(|p| executable(p))
+}
+
+/// First line of `bin --version`, with a timeout.
+fn program_version(bin: &Path) -> Option<String> {
+    let mut child = Command::new(bin)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let output = child.wait_with_output().ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_owned())
+}
+
+fn check_vmm(config: &Config) -> Check {
+    const NAME: &str = "vmm";
+    let firecracker = find_program(&config.vm.firecracker_bin);
+    let qemu = find_program(&config.vm.qemu_bin);
+    let describe = |bin: &Path| {
+        let version = program_version(bin).unwrap_or_else(|| "version unknown".into());
+        format!("{} ({version})", bin.display())
+    };
+    match (config.vm.vmm, firecracker, qemu) {
+        (VmmKind::Auto | VmmKind::Firecracker, Some(fc), _) => {
+            Check::pass(NAME, format!("firecracker: {}", describe(&fc)))
+        }
+        (VmmKind::Firecracker, None, _) => Check::fail(
+            NAME,
+            format!(
+                "vm.vmm is \"firecracker\" but {} was not found",
+                config.vm.firecracker_bin.display()
+            ),
+            "install firecracker or set vm.firecracker_bin, or set vm.vmm = \"auto\"",
+        ),
+        (VmmKind::Auto, None, Some(q)) => Check::warn(
+            NAME,
+            format!(
+                "firecracker not found; using qemu microvm: {}",
+                describe(&q)
+            ),
+            "install firecracker for faster VMs where KVM works",
+        ),
+        (VmmKind::Qemu, _, Some(q)) => Check::pass(NAME, format!("qemu microvm: {}", describe(&q))),
+        (_, _, None) => Check::fail(
+            NAME,
+            "neither firecracker nor qemu-system-x86_64 was found".to_owned(),
+            "install firecracker, or qemu-system-x86 (apt install qemu-system-x86)",
+        ),
+    }
+}
+
+fn check_char_device(name: &'static str, path: &Path, what: &str, fix: &str) -> Check {
+    match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(_) => Check::pass(
+            name,
+            format!("{} opens read-write ({what})", path.display()),
+        ),
+        Err(e) => Check::fail(
+            name,
+            format!("cannot open {}: {e}", path.display()),
+            format!("banger needs {what}; as root: {fix}"),
+        ),
+    }
+}
+
+fn check_device_mapper(path: &Path) -> Check {
+    const NAME: &str = "device-mapper";
+    match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(_) => Check::pass(
+            NAME,
+            format!(
+                "{} opens: copy-on-write disks can use dm-snapshot",
+                path.display()
+            ),
+        ),
+        Err(e) => Check::warn(
+            NAME,
+            format!(
+                "{} unavailable ({e}): copy-on-write disks will use reflink or sparse copies",
+                path.display()
+            ),
+            "load dm_mod (modprobe dm_mod) for snapshot-based system disks",
+        ),
+    }
+}
+
+fn check_reflink(dir: &Path) -> Check {
+    const NAME: &str = "reflink";
+    let probe = || -> std::io::Result<bool> {
+        use std::io::Write;
+        let mut src = tempfile::NamedTempFile::new_in(dir)?;
+        src.write_all(&[0x5a; 4096])?;
+        src.flush()?;
+        let dst = tempfile::NamedTempFile::new_in(dir)?;
+        // SAFETY: both fds are open regular files we own; FICLONE takes the
+        // source fd by value and changes nothing but the destination file.
+        let cloned =
+            unsafe { ioctls::ficlone(dst.as_file().as_raw_fd(), src.as_file().as_raw_fd() as _) };
+        Ok(cloned.is_ok())
+    };
+    match probe() {
+        Ok(true) => Check::pass(
+            NAME,
+            format!("{} supports reflink copies (FICLONE)", dir.display()),
+        ),
+        Ok(false) => Check::warn(
+            NAME,
+            format!("{} does not support reflink copies", dir.display()),
+            "without device-mapper, system disks will be sparse copies; put the state directory on btrfs or xfs for instant copies",
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            format!("cannot write a probe file in {}: {e}", dir.display()),
+            "check the state directory",
+        ),
+    }
+}
+
+fn check_nftables() -> Check {
+    const NAME: &str = "nftables";
+    match find_program(Path::new("nft")) {
+        Some(nft) => Check::pass(
+            NAME,
+            program_version(&nft).unwrap_or_else(|| format!("{} (version unknown)", nft.display())),
+        ),
+        None => Check::fail(
+            NAME,
+            "nft not found",
+            "install nftables (apt install nftables) for NAT",
+        ),
+    }
+}
+
+fn check_polkit(state: NameState) -> Check {
+    const NAME: &str = "polkit";
+    match state {
+        NameState::Owned => Check::pass(NAME, "polkit authority is running on the system bus"),
+        NameState::Activatable => {
+            Check::pass(NAME, "polkit authority is activatable on the system bus")
+        }
+        NameState::Absent => Check::fail(
+            NAME,
+            "polkit is not on the system bus: only root can create or change anything",
+            "install and start polkitd (apt install polkitd)",
+        ),
+        NameState::Unknown => Check::warn(
+            NAME,
+            "could not ask the bus about polkit",
+            "check the system bus",
+        ),
+    }
+}
+
+fn check_journald(socket: &Path) -> Check {
+    if socket.exists() {
+        Check::pass(
+            "journald",
+            format!("logging to the journal ({})", socket.display()),
+        )
+    } else {
+        Check::warn(
+            "journald",
+            "no journal socket: bangerd logs to stderr",
+            "run bangerd under systemd to get structured logs in the journal",
+        )
+    }
+}
+
+fn check_systemd(runtime: &Path) -> Check {
+    if runtime.is_dir() {
+        Check::pass("systemd", "systemd is PID 1")
+    } else {
+        Check::warn(
+            "systemd",
+            "PID 1 is not systemd: VMs will be supervised by bangerd directly",
+            "on a systemd host VMs run in their own units and outlive daemon restarts",
+        )
+    }
+}
+
+fn check_resolved(state: NameState) -> Check {
+    const NAME: &str = "resolved";
+    if state.reachable() {
+        Check::pass(NAME, "systemd-resolved is on the system bus")
+    } else {
+        Check::warn(
+            NAME,
+            "systemd-resolved is not on the system bus: the host will not resolve <name>.vm by itself",
+            "use systemd-resolved, or point your resolver at banger's DNS for the vm. domain",
+        )
+    }
+}
+
+fn check_dns_port(addr: std::net::SocketAddr) -> Check {
+    const NAME: &str = "dns-port";
+    let udp = std::net::UdpSocket::bind(addr);
+    let tcp = std::net::TcpListener::bind(addr);
+    match (udp, tcp) {
+        (Ok(_), Ok(_)) => Check::pass(NAME, format!("{addr} is free for the .vm DNS server")),
+        (Err(e), _) | (_, Err(e)) => Check::fail(
+            NAME,
+            format!("cannot bind {addr}: {e}"),
+            "another program uses the port; stop it or set network.dns_listen in bangerd.toml",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_devices_fail_with_a_hint() {
+        let check = check_char_device(
+            "tun",
+            Path::new("/nonexistent/tun"),
+            "TAP devices",
+            "modprobe tun",
+        );
+        assert_eq!(check.verdict, Verdict::Fail);
+        assert!(check.hint.contains("modprobe tun"));
+        let dm = check_device_mapper(Path::new("/nonexistent/control"));
+        assert_eq!(dm.verdict, Verdict::Warn);
+        let kvm = check_kvm(Path::new("/nonexistent/kvm"));
+        assert_eq!(kvm.verdict, Verdict::Warn);
+    }
+
+    #[test]
+    fn a_regular_file_is_not_kvm() {
+        let file = tempfile::NamedTempFile::new().expect("temp");
+        let check = check_kvm(file.path());
+        assert_eq!(check.verdict, Verdict::Warn);
+        assert!(
+            check.detail.contains("KVM_GET_API_VERSION"),
+            "{}",
+            check.detail
+        );
+    }
+
+    #[test]
+    fn busy_port_fails() {
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = held.local_addr().expect("addr");
+        assert_eq!(check_dns_port(addr).verdict, Verdict::Fail);
+        drop(held);
+    }
+
+    #[test]
+    fn missing_vmm_fails_and_named_one_is_found() {
+        let mut config = Config::default();
+        config.vm.firecracker_bin = "/nonexistent/firecracker".into();
+        config.vm.qemu_bin = "/nonexistent/qemu".into();
+        assert_eq!(check_vmm(&config).verdict, Verdict::Fail);
+        config.vm.vmm = VmmKind::Firecracker;
+        assert!(check_vmm(&config).detail.contains("not found"));
+        // `sh` exists everywhere; stand it in for qemu to exercise the found path.
+        config.vm.vmm = VmmKind::Qemu;
+        config.vm.qemu_bin = "sh".into();
+        assert_eq!(check_vmm(&config).verdict, Verdict::Pass);
+    }
+
+    #[test]
+    fn find_program_honours_slashes() {
+        assert!(find_program(Path::new("sh")).is_some());
+        assert!(find_program(Path::new("/nonexistent/sh")).is_none());
+        assert!(find_program(Path::new("definitely-not-a-banger-program")).is_none());
+    }
+
+    #[test]
+    fn reflink_probe_runs_on_a_real_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let check = check_reflink(dir.path());
+        assert_ne!(check.verdict, Verdict::Fail, "{check:?}");
+        let missing = check_reflink(Path::new("/nonexistent/dir"));
+        assert_eq!(missing.verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn absent_polkit_is_a_failure() {
+        assert_eq!(check_polkit(NameState::Absent).verdict, Verdict::Fail);
+        assert_eq!(check_polkit(NameState::Activatable).verdict, Verdict::Pass);
+    }
+}

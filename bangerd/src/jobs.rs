@@ -1,0 +1,704 @@
+//! Long operations as jobs: a registry, an explicit state machine, stages
+//! with durations, cancellation and retention.
+//!
+//! The registry knows nothing about D-Bus. It sends [`JobEvent`]s, in order,
+//! to one channel; the D-Bus front end turns them into objects and signals.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::auth::Action;
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::{JobRowState, Store, unix_us};
+
+/// A job number; also the last part of its object path.
+pub type JobId = u64;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Working.
+    Running,
+    /// Finished well.
+    Succeeded,
+    /// Finished with an error.
+    Failed,
+    /// Stopped by `Cancel`.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        self != Self::Running
+    }
+
+    /// The only transitions: running to one of the final states.
+    pub fn can_become(self, next: JobState) -> bool {
+        self == Self::Running && next.is_final()
+    }
+
+    /// Wire name (`running`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    fn row_state(self) -> JobRowState {
+        match self {
+            Self::Running => JobRowState::Running,
+            Self::Succeeded => JobRowState::Succeeded,
+            Self::Failed => JobRowState::Failed,
+            Self::Cancelled => JobRowState::Cancelled,
+        }
+    }
+}
+
+/// A finished stage and how long it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageRecord {
+    /// Stage name.
+    pub name: String,
+    /// Wall time from the stage's start to the next stage (or the end).
+    pub duration: Duration,
+}
+
+/// Everything known about one job.
+#[derive(Debug, Clone)]
+pub struct JobSnapshot {
+    /// Job number.
+    pub id: JobId,
+    /// Kind, e.g. `maintain`.
+    pub kind: &'static str,
+    /// Uid that started it.
+    pub owner_uid: u32,
+    /// The polkit action that allowed it; cancelling needs the same.
+    pub action: Action,
+    /// Current (or last) stage.
+    pub stage: String,
+    /// Detail of the latest progress report.
+    pub detail: String,
+    /// Overall progress 0..1.
+    pub progress: f64,
+    /// Bytes processed so far.
+    pub bytes: u64,
+    /// Wall-clock start.
+    pub started_at: SystemTime,
+    /// State.
+    pub state: JobState,
+    /// Finished stages, in order.
+    pub stages: Vec<StageRecord>,
+    /// Why it failed or was cancelled.
+    pub error: Option<Error>,
+}
+
+impl JobSnapshot {
+    /// Whether `Cancel` can still change anything.
+    pub fn cancelable(&self) -> bool {
+        self.state == JobState::Running
+    }
+}
+
+/// What the registry reports, in the order things happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    /// A job was created.
+    Added(JobId),
+    /// A stage started or advanced.
+    Progress {
+        /// Job.
+        id: JobId,
+        /// Stage name.
+        stage: String,
+        /// Human detail, may be empty.
+        detail: String,
+        /// Overall progress 0..1.
+        fraction: f64,
+    },
+    /// A stage ended.
+    StageFinished {
+        /// Job.
+        id: JobId,
+        /// Stage name.
+        stage: String,
+        /// How long it took.
+        duration: Duration,
+    },
+    /// The job ended; `error` is `None` on success.
+    Completed {
+        /// Job.
+        id: JobId,
+        /// Why it did not succeed.
+        error: Option<Error>,
+    },
+    /// The job's retention ended; it is gone.
+    Removed(JobId),
+}
+
+struct Entry {
+    snapshot: JobSnapshot,
+    token: CancellationToken,
+    stage_started: Option<Instant>,
+    cancelled_by: Option<u32>,
+}
+
+/// Tunables of the registry.
+#[derive(Debug, Clone, Copy)]
+pub struct JobSettings {
+    /// How long finished jobs stay.
+    pub retention: Duration,
+    /// Pause at the start of each stage (testing aid, normally zero).
+    pub stage_delay: Duration,
+}
+
+/// The registry of live and recently finished jobs.
+pub struct Jobs {
+    entries: Mutex<HashMap<JobId, Entry>>,
+    events: UnboundedSender<JobEvent>,
+    store: Arc<Store>,
+    settings: Mutex<JobSettings>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs").finish_non_exhaustive()
+    }
+}
+
+impl Jobs {
+    /// A registry persisting history to `store` and reporting to `events`.
+    pub fn new(
+        store: Arc<Store>,
+        events: UnboundedSender<JobEvent>,
+        settings: JobSettings,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            entries: Mutex::new(HashMap::new()),
+            events,
+            store,
+            settings: Mutex::new(settings),
+        })
+    }
+
+    fn entries(&self) -> MutexGuard<'_, HashMap<JobId, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn settings(&self) -> JobSettings {
+        *self.settings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Change retention and stage delay (on configuration reload).
+    pub fn set_settings(&self, settings: JobSettings) {
+        *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings;
+    }
+
+    fn send(&self, event: JobEvent) {
+        // The receiver lives as long as the daemon; after shutdown there is
+        // nobody left to tell.
+        let _ = self.events.send(event);
+    }
+
+    /// Start `work` as a job of `kind` owned by `owner_uid`, allowed by `action`.
+    /// Returns once the job is registered; the work runs on its own task.
+    pub async fn start<F, Fut>(
+        self: &Arc<Self>,
+        kind: &'static str,
+        owner_uid: u32,
+        action: Action,
+        work: F,
+    ) -> Result<JobId>
+    where
+        F: FnOnce(JobContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        let started_at = SystemTime::now();
+        let store = self.store.clone();
+        let id = tokio::task::spawn_blocking(move || {
+            store.insert_job(kind, owner_uid, unix_us(started_at))
+        })
+        .await
+        .map_err(|e| Error::failed(format!("recording the job failed: {e}")))?
+        .map_err(|e| Error::failed_with("recording the job failed", &e))?;
+
+        let token = CancellationToken::new();
+        {
+            let mut entries = self.entries();
+            entries.insert(
+                id,
+                Entry {
+                    snapshot: JobSnapshot {
+                        id,
+                        kind,
+                        owner_uid,
+                        action,
+                        stage: String::new(),
+                        detail: String::new(),
+                        progress: 0.0,
+                        bytes: 0,
+                        started_at,
+                        state: JobState::Running,
+                        stages: Vec::new(),
+                        error: None,
+                    },
+                    token: token.clone(),
+                    stage_started: None,
+                    cancelled_by: None,
+                },
+            );
+            // Sent under the lock so no event of this job can precede it.
+            self.send(JobEvent::Added(id));
+        }
+        tracing::info!(
+            banger_job_id = id,
+            banger_job_kind = kind,
+            owner_uid,
+            "job started"
+        );
+
+        let ctx = JobContext {
+            id,
+            jobs: self.clone(),
+            token: token.clone(),
+        };
+        let jobs = self.clone();
+        let span = tracing::info_span!("job", banger_job_id = id, banger_job_kind = kind);
+        tokio::spawn(
+            async move {
+                let outcome = tokio::select! {
+                    biased;
+                    () = token.cancelled() => Err(Error::cancelled("cancelled")),
+                    r = work(ctx) => r,
+                };
+                jobs.complete(id, outcome).await;
+            }
+            .instrument(span),
+        );
+        Ok(id)
+    }
+
+    async fn complete(self: &Arc<Self>, id: JobId, outcome: Result<()>) {
+        let (state, error) = {
+            let mut entries = self.entries();
+            let Some(entry) = entries.get_mut(&id) else {
+                return;
+            };
+            let (state, error) = match outcome {
+                Ok(()) => (JobState::Succeeded, None),
+                Err(e) if e.kind == ErrorKind::Cancelled => {
+                    let by = entry
+                        .cancelled_by
+                        .map(|uid| format!("job {id} was cancelled by uid {uid}"))
+                        .unwrap_or_else(|| format!("job {id} was cancelled: {}", e.message));
+                    (JobState::Cancelled, Some(Error::cancelled(by)))
+                }
+                Err(e) => (JobState::Failed, Some(e)),
+            };
+            assert!(
+                entry.snapshot.state.can_become(state),
+                "job {id}: {:?} -> {state:?}",
+                entry.snapshot.state
+            );
+            if state == JobState::Succeeded {
+                if let Some(started) = entry.stage_started.take() {
+                    let record = StageRecord {
+                        name: entry.snapshot.stage.clone(),
+                        duration: started.elapsed(),
+                    };
+                    self.send(JobEvent::StageFinished {
+                        id,
+                        stage: record.name.clone(),
+                        duration: record.duration,
+                    });
+                    entry.snapshot.stages.push(record);
+                }
+                entry.snapshot.progress = 1.0;
+            }
+            entry.snapshot.state = state;
+            entry.snapshot.error = error.clone();
+            (state, error)
+        };
+
+        match &error {
+            None => tracing::info!(banger_job_id = id, "job succeeded"),
+            Some(e) => tracing::warn!(banger_job_id = id, state = state.as_str(), "job ended: {e}"),
+        }
+        let store = self.store.clone();
+        let kind = error.as_ref().map(|e| format!("{:?}", e.kind));
+        let message = error.as_ref().map(|e| e.message.clone());
+        let persisted = tokio::task::spawn_blocking(move || {
+            store.finish_job(
+                id,
+                state.row_state(),
+                kind.as_deref(),
+                message.as_deref(),
+                unix_us(SystemTime::now()),
+            )
+        })
+        .await;
+        if !matches!(persisted, Ok(Ok(()))) {
+            tracing::error!(
+                banger_job_id = id,
+                "could not record the end of the job: {persisted:?}"
+            );
+        }
+
+        self.send(JobEvent::Completed { id, error });
+
+        let jobs = self.clone();
+        let retention = self.settings().retention;
+        tokio::spawn(async move {
+            tokio::time::sleep(retention).await;
+            jobs.entries().remove(&id);
+            jobs.send(JobEvent::Removed(id));
+        });
+    }
+
+    /// Ask job `id` to stop, on behalf of `by_uid`.
+    pub fn cancel(&self, id: JobId, by_uid: u32) -> Result<()> {
+        let mut entries = self.entries();
+        let entry = entries
+            .get_mut(&id)
+            .ok_or_else(|| Error::not_found(format!("there is no job {id}")))?;
+        if entry.snapshot.state.is_final() {
+            return Err(Error::failed(format!(
+                "job {id} has already {}",
+                entry.snapshot.state.as_str()
+            )));
+        }
+        entry.cancelled_by.get_or_insert(by_uid);
+        entry.token.cancel();
+        tracing::info!(banger_job_id = id, by_uid, "job cancel requested");
+        Ok(())
+    }
+
+    /// Cancel every running job (daemon shutdown).
+    pub fn cancel_all(&self) {
+        for entry in self.entries().values() {
+            entry.token.cancel();
+        }
+    }
+
+    /// The job, if it is live or within retention.
+    pub fn get(&self, id: JobId) -> Option<JobSnapshot> {
+        self.entries().get(&id).map(|e| e.snapshot.clone())
+    }
+
+    /// All jobs, oldest first.
+    pub fn list(&self) -> Vec<JobSnapshot> {
+        let mut all: Vec<_> = self
+            .entries()
+            .values()
+            .map(|e| e.snapshot.clone())
+            .collect();
+        all.sort_by_key(|s| s.id);
+        all
+    }
+
+    /// How many jobs are running.
+    pub fn running(&self) -> usize {
+        self.entries()
+            .values()
+            .filter(|e| e.snapshot.state == JobState::Running)
+            .count()
+    }
+}
+
+/// What a job's work uses to report and to notice cancellation.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    id: JobId,
+    jobs: Arc<Jobs>,
+    token: CancellationToken,
+}
+
+impl JobContext {
+    /// The job's number.
+    pub fn id(&self) -> JobId {
+        self.id
+    }
+
+    /// Cancelled when someone cancels the job.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// Fail with `Cancelled` if the job was cancelled.
+    pub fn check_cancelled(&self) -> Result<()> {
+        if self.token.is_cancelled() {
+            Err(Error::cancelled("cancelled"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// End the current stage (reporting its duration) and begin `name` at
+    /// overall progress `fraction`.
+    pub async fn stage(&self, name: &str, fraction: f64) -> Result<()> {
+        self.check_cancelled()?;
+        {
+            let mut entries = self.jobs.entries();
+            let Some(entry) = entries.get_mut(&self.id) else {
+                return Err(Error::failed("job vanished"));
+            };
+            let now = Instant::now();
+            if let Some(started) = entry.stage_started.replace(now) {
+                let record = StageRecord {
+                    name: entry.snapshot.stage.clone(),
+                    duration: now.duration_since(started),
+                };
+                self.jobs.send(JobEvent::StageFinished {
+                    id: self.id,
+                    stage: record.name.clone(),
+                    duration: record.duration,
+                });
+                entry.snapshot.stages.push(record);
+            }
+            entry.snapshot.stage = name.to_owned();
+            entry.snapshot.detail.clear();
+            entry.snapshot.progress = clamp_progress(entry.snapshot.progress, fraction);
+            self.jobs.send(JobEvent::Progress {
+                id: self.id,
+                stage: name.to_owned(),
+                detail: String::new(),
+                fraction: entry.snapshot.progress,
+            });
+        }
+        tracing::debug!(banger_job_id = self.id, stage = name, "stage started");
+        let delay = self.jobs.settings().stage_delay;
+        if !delay.is_zero() {
+            tokio::select! {
+                () = self.token.cancelled() => {}
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        self.check_cancelled()
+    }
+
+    /// Report progress within the current stage.
+    pub fn progress(&self, detail: &str, fraction: f64, bytes: Option<u64>) {
+        let mut entries = self.jobs.entries();
+        let Some(entry) = entries.get_mut(&self.id) else {
+            return;
+        };
+        entry.snapshot.detail = detail.to_owned();
+        entry.snapshot.progress = clamp_progress(entry.snapshot.progress, fraction);
+        if let Some(bytes) = bytes {
+            entry.snapshot.bytes = bytes;
+        }
+        self.jobs.send(JobEvent::Progress {
+            id: self.id,
+            stage: entry.snapshot.stage.clone(),
+            detail: detail.to_owned(),
+            fraction: entry.snapshot.progress,
+        });
+    }
+}
+
+/// Progress never goes backwards and stays within 0..1.
+fn clamp_progress(current: f64, reported: f64) -> f64 {
+    if reported.is_nan() {
+        return current;
+    }
+    reported.clamp(0.0, 1.0).max(current)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    fn registry(retention_ms: u64) -> (Arc<Jobs>, UnboundedReceiver<JobEvent>) {
+        let store = Arc::new(Store::open_in_memory().expect("store"));
+        let (tx, rx) = unbounded_channel();
+        let jobs = Jobs::new(
+            store,
+            tx,
+            JobSettings {
+                retention: Duration::from_millis(retention_ms),
+                stage_delay: Duration::ZERO,
+            },
+        );
+        (jobs, rx)
+    }
+
+    async fn events_until_removed(rx: &mut UnboundedReceiver<JobEvent>) -> Vec<JobEvent> {
+        let mut out = Vec::new();
+        while let Some(event) = rx.recv().await {
+            let done = matches!(event, JobEvent::Removed(_));
+            out.push(event);
+            if done {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn state_machine_allows_only_running_to_final() {
+        use JobState::*;
+        let all = [Running, Succeeded, Failed, Cancelled];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    from.can_become(to),
+                    from == Running && to != Running,
+                    "{from:?}->{to:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn progress_is_monotonic_and_bounded() {
+        assert_eq!(clamp_progress(0.5, 0.2), 0.5);
+        assert_eq!(clamp_progress(0.5, 2.0), 1.0);
+        assert_eq!(clamp_progress(0.0, -1.0), 0.0);
+        assert_eq!(clamp_progress(0.3, f64::NAN), 0.3);
+    }
+
+    #[tokio::test]
+    async fn events_arrive_in_order_with_stage_durations() {
+        let (jobs, mut rx) = registry(10);
+        let id = jobs
+            .start("test", 1000, Action::Maintain, |ctx| async move {
+                ctx.stage("one", 0.0).await?;
+                ctx.progress("half", 0.25, Some(10));
+                ctx.stage("two", 0.5).await?;
+                Ok(())
+            })
+            .await
+            .expect("start");
+        let events = events_until_removed(&mut rx).await;
+        let names: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                JobEvent::Added(_) => "added".into(),
+                JobEvent::Progress { stage, detail, .. } => format!("progress {stage} {detail}"),
+                JobEvent::StageFinished { stage, .. } => format!("finished {stage}"),
+                JobEvent::Completed { error, .. } => format!("completed {}", error.is_none()),
+                JobEvent::Removed(_) => "removed".into(),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "added",
+                "progress one ",
+                "progress one half",
+                "finished one",
+                "progress two ",
+                "finished two",
+                "completed true",
+                "removed"
+            ]
+        );
+        assert!(jobs.get(id).is_none(), "removed after retention");
+    }
+
+    #[tokio::test]
+    async fn failure_is_reported_and_recorded() {
+        let (jobs, mut rx) = registry(1000);
+        let id = jobs
+            .start("test", 0, Action::Maintain, |ctx| async move {
+                ctx.stage("doomed", 0.0).await?;
+                Err(Error::unavailable("no such thing"))
+            })
+            .await
+            .expect("start");
+        loop {
+            if let Some(JobEvent::Completed { error, .. }) = rx.recv().await {
+                let error = error.expect("failed");
+                assert_eq!(error.kind, ErrorKind::Unavailable);
+                break;
+            }
+        }
+        let snap = jobs.get(id).expect("retained");
+        assert_eq!(snap.state, JobState::Failed);
+        assert!(!snap.cancelable());
+        assert!(snap.stages.is_empty(), "a failed stage has no duration");
+        let row = jobs.store.job(id).expect("query").expect("row");
+        assert_eq!(row.state, "failed");
+        assert_eq!(row.message.as_deref(), Some("no such thing"));
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_the_work_and_is_final() {
+        let (jobs, mut rx) = registry(1000);
+        let (reached_tx, reached_rx) = tokio::sync::oneshot::channel();
+        let id = jobs
+            .start("test", 1000, Action::Maintain, |ctx| async move {
+                ctx.stage("waiting", 0.0).await?;
+                let _ = reached_tx.send(());
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+            .await
+            .expect("start");
+        reached_rx.await.expect("work started");
+        jobs.cancel(id, 1000).expect("cancel");
+        loop {
+            if let Some(JobEvent::Completed { error, .. }) = rx.recv().await {
+                let error = error.expect("cancelled");
+                assert_eq!(error.kind, ErrorKind::Cancelled);
+                assert!(error.message.contains("uid 1000"), "{}", error.message);
+                break;
+            }
+        }
+        assert_eq!(jobs.get(id).expect("retained").state, JobState::Cancelled);
+        let again = jobs.cancel(id, 1000).expect_err("already over");
+        assert!(
+            again.message.contains("already cancelled"),
+            "{}",
+            again.message
+        );
+        assert_eq!(
+            jobs.cancel(999, 0).expect_err("unknown").kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            jobs.store.job(id).expect("q").expect("row").state,
+            "cancelled"
+        );
+    }
+
+    #[tokio::test]
+    async fn ids_are_unique_and_running_is_counted() {
+        let (jobs, _rx) = registry(1000);
+        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let mut release = release_rx.clone();
+            ids.push(
+                jobs.start("test", 0, Action::Maintain, |_ctx| async move {
+                    let _ = release.wait_for(|v| *v).await;
+                    Ok(())
+                })
+                .await
+                .expect("start"),
+            );
+        }
+        ids.dedup();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(jobs.running(), 3);
+        release_tx.send(true).expect("release");
+        for _ in 0..100 {
+            if jobs.running() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(jobs.running(), 0);
+        assert_eq!(jobs.list().len(), 3);
+    }
+}

@@ -1,0 +1,185 @@
+//! `bangerd`, the banger system service.
+//!
+//! [`run`] takes a bus connection, directories, configuration and a control
+//! channel, so tests and the binary start it the same way. See
+//! `ARCHITECTURE.md` for the map.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod core;
+pub mod doctor;
+pub mod error;
+pub mod jobs;
+pub mod logging;
+pub mod os;
+pub mod paths;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use zbus::Connection;
+
+use crate::config::Config;
+use crate::core::{Core, CoreDeps};
+use crate::doctor::HostPaths;
+use crate::paths::Dirs;
+use crate::store::{Store, StoreError};
+
+/// What the outside (signals, tests) can ask of a running daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop serving and exit (SIGTERM, SIGINT).
+    Shutdown,
+    /// Re-read the configuration (SIGHUP).
+    Reload,
+}
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    Dirs {
+        /// Which.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("cannot open the store {path}: {source}")]
+    Store {
+        /// Which file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: StoreError,
+    },
+    /// The bus refused something.
+    #[error("d-bus: {0}")]
+    Bus(#[from] zbus::Error),
+    /// A blocking task died.
+    #[error("internal task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Everything [`run`] needs.
+#[derive(Debug)]
+pub struct RunOptions {
+    /// Directories.
+    pub dirs: Dirs,
+    /// The configuration file that was loaded.
+    pub config_file: std::path::PathBuf,
+    /// The loaded configuration.
+    pub config: Config,
+    /// Lets reloads change the log filter.
+    pub log: Option<logging::LogControl>,
+}
+
+/// Serve on `conn` until [`Control::Shutdown`] arrives (or the channel closes).
+pub async fn run(
+    conn: Connection,
+    options: RunOptions,
+    mut control: mpsc::Receiver<Control>,
+) -> Result<(), DaemonError> {
+    let RunOptions {
+        dirs,
+        config_file,
+        config,
+        log,
+    } = options;
+    dirs.create().map_err(|source| DaemonError::Dirs {
+        path: dirs.state.clone(),
+        source,
+    })?;
+
+    let store_path = dirs.store_file();
+    let store = {
+        let path = store_path.clone();
+        tokio::task::spawn_blocking(move || -> Result<Store, StoreError> {
+            let store = Store::open(&path)?;
+            let interrupted = store.interrupt_running_jobs(store::unix_us(SystemTime::now()))?;
+            if interrupted > 0 {
+                tracing::warn!(interrupted, "marked jobs of a previous run as interrupted");
+            }
+            Ok(store)
+        })
+        .await?
+        .map_err(|source| DaemonError::Store {
+            path: store_path.clone(),
+            source,
+        })?
+    };
+    tracing::info!(
+        store = %store_path.display(),
+        schema_version = store::SCHEMA_VERSION,
+        "store open"
+    );
+
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let core = Core::new(
+        config,
+        CoreDeps {
+            dirs,
+            config_file,
+            store: Arc::new(store),
+            authorizer: Arc::new(os::polkit::Polkit::new(conn.clone())),
+            bus: Arc::new(bus::BusNames(conn.clone())),
+            host: HostPaths::default(),
+        },
+        events_tx,
+    );
+    let mirror = tokio::spawn(bus::mirror_jobs(conn.clone(), core.clone(), events_rx));
+
+    bus::serve(&conn, core.clone()).await?;
+    if !os::polkit::available(&conn).await {
+        tracing::warn!(
+            "polkit is not on the system bus: only root will be allowed to change anything"
+        );
+    }
+    let status = core.status_line();
+    os::notify::ready(&status);
+    tracing::info!(
+        bus_name = banger_dbus::BUS_NAME,
+        unique_name = conn
+            .unique_name()
+            .map(|n| n.to_string())
+            .unwrap_or_default(),
+        version = core::VERSION,
+        "serving"
+    );
+
+    while let Some(request) = control.recv().await {
+        match request {
+            Control::Shutdown => break,
+            Control::Reload => {
+                os::notify::reloading();
+                match core.reload_config_unchecked() {
+                    Ok(config) => {
+                        if let Some(log) = &log {
+                            log.set_filter(&config.daemon.log_level);
+                        }
+                    }
+                    Err(e) => tracing::error!("reload refused, keeping the old configuration: {e}"),
+                }
+                os::notify::ready(&core.status_line());
+            }
+        }
+    }
+
+    tracing::info!("shutting down");
+    os::notify::stopping();
+    let _ = conn.release_name(banger_dbus::BUS_NAME).await;
+    core.shutdown();
+    // Give cancelled jobs a moment to record how they ended.
+    for _ in 0..50 {
+        if core.jobs().running() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(core);
+    mirror.abort();
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! The `bangerd` binary: configuration, logging, signals, then [`bangerd::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bangerd::config::Config;
+use bangerd::paths::Dirs;
+use bangerd::{Control, RunOptions};
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The banger system service. Normally started by systemd (D-Bus activation);
+/// it owns org.banger.Manager on the system bus.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file [default: $CONFIGURATION_DIRECTORY/bangerd.toml, else /etc/banger/bangerd.toml]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check the configuration file and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// sysexits.h EX_CONFIG: systemd shows it as a configuration error.
+const EXIT_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let dirs = Dirs::from_env();
+    let config_file = args.config.unwrap_or_else(|| dirs.config_file());
+    let config = match Config::load(&config_file) {
+        Ok(config) => config,
+        Err(e) => {
+            let _ = bangerd::logging::init("info");
+            tracing::error!("{e}");
+            eprintln!("bangerd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check_config {
+        println!("{}: ok", config_file.display());
+        return ExitCode::SUCCESS;
+    }
+    let (log, sink) = bangerd::logging::init(&config.daemon.log_level);
+    tracing::debug!(?sink, "logging initialised");
+
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|rt| {
+            rt.block_on(serve(RunOptions {
+                dirs,
+                config_file,
+                config,
+                log: Some(log),
+            }))
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("bangerd: error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(options: RunOptions) -> anyhow::Result<()> {
+    let address = std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
+        .unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".into());
+    let conn = zbus::Connection::system()
+        .await
+        .with_context(|| format!("cannot connect to the system bus at {address}"))?;
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        loop {
+            let control = tokio::select! {
+                _ = term.recv() => Control::Shutdown,
+                _ = int.recv() => Control::Shutdown,
+                _ = hup.recv() => Control::Reload,
+            };
+            if tx.send(control).await.is_err() || control == Control::Shutdown {
+                break;
+            }
+        }
+    });
+    bangerd::run(conn, options, rx)
+        .await
+        .context("bangerd stopped")
+}

@@ -1,0 +1,4 @@
+//! OS backends behind the core's traits.
+
+pub mod notify;
+pub mod polkit;
