@@ -147,7 +147,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: describe_toml_error(&e),
+            message: describe_toml_error(&e, text),
         })?;
         config.validate(path)?;
         Ok(config)
@@ -203,10 +203,15 @@ impl Config {
 
 /// toml's message spans several lines with a source excerpt; keep it on one
 /// line so it reads well in the journal and in `systemctl status`.
-fn describe_toml_error(e: &toml::de::Error) -> String {
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
     let message = e.message().trim().to_owned();
     match e.span() {
-        Some(span) => format!("{message} (at byte {})", span.start),
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("{message} (line {line}, column {column})")
+        }
         None => message,
     }
 }
@@ -251,6 +256,7 @@ mod tests {
         assert!(text.contains("job_retention"), "{text}");
         assert!(text.contains("/etc/banger/bangerd.toml"), "{text}");
         assert!(!text.contains('\n'), "{text}");
+        assert!(text.contains("line 2, column 1"), "{text}");
     }
 
     #[test]

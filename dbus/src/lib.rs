@@ -10,7 +10,7 @@ pub mod options;
 pub mod proxy;
 pub mod types;
 
-pub use error::Error;
+pub use error::{Error, Reply};
 pub use names::*;
 pub use types::*;
 

@@ -52,7 +52,7 @@ impl JobObject {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<(), banger_dbus::Error> {
+    ) -> Result<(), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         self.core
             .cancel_job(&caller, self.id)

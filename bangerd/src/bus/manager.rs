@@ -34,7 +34,7 @@ impl ManagerObject {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<Vec<DoctorCheck>, banger_dbus::Error> {
+    ) -> Result<Vec<DoctorCheck>, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         let checks = self.core.doctor(&caller).await;
         Ok(checks
@@ -57,7 +57,7 @@ impl ManagerObject {
         options: Options,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<OwnedObjectPath, banger_dbus::Error> {
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         only_known("Maintain", &options, &[maintain::VACUUM]).map_err(to_wire)?;
         let options = MaintainOptions {
@@ -71,7 +71,11 @@ impl ManagerObject {
         // Make sure the object exists before the caller can look at it.
         job::register(conn.object_server(), &self.core, id)
             .await
-            .map_err(|e| banger_dbus::Error::Failed(format!("cannot publish the job: {e}")))?;
+            .map_err(|e| {
+                banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
+                    "cannot publish the job: {e}"
+                )))
+            })?;
         Ok(banger_dbus::job_path(id))
     }
 
@@ -82,7 +86,7 @@ impl ManagerObject {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<(), banger_dbus::Error> {
+    ) -> Result<(), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         self.core.reload_config(&caller).await.map_err(to_wire)?;
         Ok(())

@@ -10,7 +10,7 @@ mod options;
 
 use std::sync::Arc;
 
-use banger_dbus::{BUS_NAME, MANAGER_PATH, job_path};
+use banger_dbus::{BUS_NAME, MANAGER_PATH, Reply, job_path};
 use tokio::sync::mpsc::UnboundedReceiver;
 use zbus::Connection;
 use zbus::message::{Flags, Header};
@@ -26,21 +26,22 @@ pub use job::JobObject;
 pub use manager::ManagerObject;
 
 /// Map a core error to its wire error.
-pub fn to_wire(e: Error) -> banger_dbus::Error {
+pub fn to_wire(e: Error) -> Reply {
     use banger_dbus::Error as W;
-    match e.kind {
+    let wire = match e.kind {
         ErrorKind::NotFound => W::NotFound(e.message),
         ErrorKind::InvalidArgument => W::InvalidArgument(e.message),
         ErrorKind::AlreadyExists => W::AlreadyExists(e.message),
         ErrorKind::Busy => W::Busy(e.message),
         ErrorKind::PermissionDenied => W::PermissionDenied(e.message),
         ErrorKind::InteractiveAuthorizationRequired => {
-            W::interactive_authorization_required(e.message)
+            return Reply::interactive_authorization_required(e.message);
         }
         ErrorKind::Unavailable => W::Unavailable(e.message),
         ErrorKind::Failed => W::Failed(e.message),
         ErrorKind::Cancelled => W::Cancelled(e.message),
-    }
+    };
+    Reply::Banger(wire)
 }
 
 /// The full D-Bus error name of a core error (for `Completed`).
@@ -49,18 +50,24 @@ pub fn error_name(e: &Error) -> String {
 }
 
 /// Who sent `header`, according to the bus.
-pub async fn caller(conn: &Connection, header: &Header<'_>) -> Result<Caller, banger_dbus::Error> {
-    let sender = header
-        .sender()
-        .ok_or_else(|| banger_dbus::Error::InvalidArgument("message has no sender".into()))?;
+pub async fn caller(conn: &Connection, header: &Header<'_>) -> Result<Caller, Reply> {
+    let sender = header.sender().ok_or_else(|| {
+        Reply::Banger(banger_dbus::Error::InvalidArgument(
+            "message has no sender".into(),
+        ))
+    })?;
     let dbus = zbus::fdo::DBusProxy::new(conn).await.map_err(|e| {
-        banger_dbus::Error::Failed(format!("cannot ask the bus who is calling: {e}"))
+        Reply::Banger(banger_dbus::Error::Failed(format!(
+            "cannot ask the bus who is calling: {e}"
+        )))
     })?;
     let uid = dbus
         .get_connection_unix_user(BusName::from(sender.clone()))
         .await
         .map_err(|e| {
-            banger_dbus::Error::Failed(format!("cannot ask the bus who is calling: {e}"))
+            Reply::Banger(banger_dbus::Error::Failed(format!(
+                "cannot ask the bus who is calling: {e}"
+            )))
         })?;
     Ok(Caller {
         uid,
