@@ -115,7 +115,7 @@ async fn collect_until_completed(stream: &mut MessageStream, job: &OwnedObjectPa
 #[test]
 fn serves_the_checked_in_interfaces() {
     let bed = TestBed::start(quick_config("")).expect("test bed");
-    let out = bed.busctl(&["introspect", "org.banger.Manager", "/org/banger/Manager"]);
+    let out = bed.busctl(["introspect", "org.banger.Manager", "/org/banger/Manager"]);
     assert!(out.status.success(), "{}", text(&out));
     let listing = String::from_utf8_lossy(&out.stdout);
     for member in [
@@ -134,7 +134,7 @@ fn serves_the_checked_in_interfaces() {
     assert!(listing.contains("org.freedesktop.DBus.ObjectManager"));
 
     let xml = |path: &str| {
-        let out = bed.busctl(&["--xml-interface", "introspect", "org.banger.Manager", path]);
+        let out = bed.busctl(["--xml-interface", "introspect", "org.banger.Manager", path]);
         assert!(out.status.success(), "{}", text(&out));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };

@@ -73,6 +73,12 @@ mod tests {
 
     #[test]
     fn bus_policy_covers_every_banger_interface() {
+        for (served, _) in INTERFACE_XML {
+            assert!(
+                BUS_POLICY.contains(&format!("send_interface=\"{served}\"")),
+                "the bus policy does not admit the served interface {served}"
+            );
+        }
         for iface in [
             names::MANAGER_INTERFACE,
             names::JOB_INTERFACE,
