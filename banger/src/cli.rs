@@ -1,0 +1,701 @@
+//! Command line, stage one: the clap definitions (no I/O here), and
+//! stage two: [`Cli::resolve`], which turns them into an [`Invocation`].
+//!
+//! The man page and the shell completions are generated from [`Cli::command`],
+//! so they always match what is parsed.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
+
+use crate::exit;
+
+const ABOUT: &str = "Persistent, fast Linux microVMs on your own host";
+
+const LONG_ABOUT: &str = "\
+banger manages persistent, fast Linux microVMs on this host. It talks to the \
+bangerd system service over the D-Bus system bus (name org.banger.Manager); \
+anything banger does, busctl or any D-Bus client can do too.
+
+Changes are authorized by polkit. When run from a terminal, banger starts a \
+text authentication agent (pkttyagent) so polkit can ask for a password; \
+members of the `banger` group are not asked for the everyday actions.
+
+The bus is the one DBUS_SYSTEM_BUS_ADDRESS names, or the default system bus.";
+
+/// `banger`: the command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "banger",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_long_help = exit::exit_codes_help(),
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags accepted by every command.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Print machine-readable JSON on stdout (errors too, as {"error":{...}})
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Never ask for a password: do not start an authentication agent and
+    /// do not let polkit prompt (fails with exit code 4 when a prompt would be needed)
+    #[arg(long, global = true)]
+    pub no_ask_password: bool,
+
+    /// Say more about what banger does (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check whether this host can run banger VMs
+    ///
+    /// Asks bangerd to run its host checks (KVM, VMM, TUN, bridge, nftables,
+    /// loop, device-mapper, reflink, polkit, journald, systemd, resolved, DNS
+    /// port, disk space, default image) and prints pass/warn/fail with a hint
+    /// per problem. Exits with 10 when any check fails.
+    Doctor,
+
+    /// Inspect and maintain the bangerd daemon
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+
+    /// Inspect and cancel long-running operations (jobs)
+    #[command(subcommand)]
+    Job(JobCommand),
+
+    /// Create and manage VMs (not implemented yet)
+    #[command(subcommand)]
+    Vm(VmCommand),
+
+    /// Manage root filesystem images (not implemented yet)
+    #[command(subcommand)]
+    Image(ImageCommand),
+
+    /// Manage guest kernels (not implemented yet)
+    #[command(subcommand)]
+    Kernel(KernelCommand),
+
+    /// Update banger to the latest signed release (not implemented yet)
+    Update(UpdateArgs),
+
+    /// Print an ssh_config block for `<name>.vm` hosts (not implemented yet)
+    SshConfig,
+
+    /// Print the versions of banger and bangerd
+    Version,
+
+    /// Print a shell completion script
+    ///
+    /// For example: `banger completions bash > /etc/bash_completion.d/banger`.
+    Completions {
+        /// The shell to write completions for
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+
+    /// Print the man page (roff) of the whole command tree
+    ///
+    /// Without --dir, one page describing every command is written to stdout
+    /// (`banger man | man -l -`). With --dir, one page per command is written
+    /// into DIR (banger.1, banger-vm-create.1, ...).
+    Man {
+        /// Write one page per command into this directory instead
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// `banger daemon ...`
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Show the daemon's version, API version, status, unique bus name and pid
+    Status,
+
+    /// Run store maintenance (integrity check, checkpoint; optionally VACUUM)
+    ///
+    /// Starts a job on bangerd and follows it, printing each stage with its
+    /// duration. Ctrl-C cancels the job.
+    Maintain {
+        /// Also VACUUM the store (slower; reclaims disk space)
+        #[arg(long)]
+        vacuum: bool,
+
+        /// Print the job path and return without following the job
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// `banger job ...`
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Show a job's properties
+    Show {
+        /// Job number (`7`) or object path (`/org/banger/Manager/job/7`)
+        job: JobRef,
+    },
+
+    /// Follow a running job until it completes
+    Watch {
+        /// Job number (`7`) or object path (`/org/banger/Manager/job/7`)
+        job: JobRef,
+    },
+
+    /// Ask a job to stop; it completes as cancelled
+    Cancel {
+        /// Job number (`7`) or object path (`/org/banger/Manager/job/7`)
+        job: JobRef,
+    },
+}
+
+/// A job, named by number or object path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobRef(pub u64);
+
+impl JobRef {
+    /// The job's object path.
+    pub fn path(self) -> zbus::OwnedObjectPath {
+        banger_dbus::job_path(self.0)
+    }
+}
+
+impl FromStr for JobRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let number = if s.starts_with('/') {
+            banger_dbus::parse_job_path(s)
+        } else if !s.is_empty()
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && (s == "0" || !s.starts_with('0'))
+        {
+            s.parse().ok()
+        } else {
+            None
+        };
+        number.map(JobRef).ok_or_else(|| {
+            format!(
+                "expected a job number such as `7` or a job path such as `{}`",
+                banger_dbus::job_path(7).as_str()
+            )
+        })
+    }
+}
+
+impl fmt::Display for JobRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One or more VM references (name or unique id prefix).
+#[derive(Debug, Args)]
+pub struct VmRefs {
+    /// VM names or unique id prefixes
+    #[arg(required = true, value_name = "VM")]
+    pub vms: Vec<String>,
+}
+
+/// One VM reference.
+#[derive(Debug, Args)]
+pub struct VmRef {
+    /// VM name or unique id prefix
+    #[arg(value_name = "VM")]
+    pub vm: String,
+}
+
+/// Settings of a new VM.
+#[derive(Debug, Args)]
+pub struct VmSpec {
+    /// VM name (a DNS label; the VM is reachable as `<name>.vm`)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Image to boot (default: the configured default image)
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Kernel to boot (default: the image's kernel)
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Number of virtual CPUs
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u64>,
+    /// Size of the persistent work disk mounted at /root (e.g. 8G)
+    #[arg(long, value_name = "SIZE")]
+    pub disk_size: Option<String>,
+    /// Give the VM outbound internet access through NAT
+    #[arg(long)]
+    pub nat: bool,
+}
+
+/// `banger vm ...` (planned; every subcommand fails with exit code 9 for now)
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM and start it
+    Create(VmSpec),
+    /// Start stopped VMs
+    Start(VmRefs),
+    /// Stop VMs gracefully (forced after a timeout); disks are kept
+    Stop {
+        #[command(flatten)]
+        refs: VmRefs,
+        /// Seconds to wait for a clean shutdown before forcing it
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// Restart VMs
+    Restart(VmRefs),
+    /// Send a signal to the VMs' VMM
+    Kill {
+        #[command(flatten)]
+        refs: VmRefs,
+        /// Signal to send
+        #[arg(long, short, default_value = "KILL")]
+        signal: String,
+    },
+    /// Delete VMs and everything they own
+    Delete(VmRefs),
+    /// Change memory, vCPUs, disk size or NAT of VMs
+    Set {
+        #[command(flatten)]
+        refs: VmRefs,
+        /// Memory in MiB
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u64>,
+        /// Number of virtual CPUs
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Grow the work disk to this size
+        #[arg(long, value_name = "SIZE")]
+        disk_size: Option<String>,
+        /// Enable NAT
+        #[arg(long, conflicts_with = "no_nat")]
+        nat: bool,
+        /// Disable NAT
+        #[arg(long)]
+        no_nat: bool,
+    },
+    /// List VMs
+    List {
+        /// Include VMs of other users (needs org.banger.vm.manage-others)
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one VM
+    Show(VmRef),
+    /// Show resource usage of a VM
+    Stats(VmRef),
+    /// Open an SSH session to a VM (or run a command in it)
+    Ssh {
+        #[command(flatten)]
+        vm: VmRef,
+        /// Command to run instead of a login shell
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Print a VM's console log
+    Logs {
+        #[command(flatten)]
+        vm: VmRef,
+        /// Keep printing new output
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Create and start a VM, wait until it is ready, then SSH into it
+    Run {
+        #[command(flatten)]
+        spec: VmSpec,
+        /// Command to run instead of a login shell
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+}
+
+impl VmCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            VmCommand::Create(_) => "vm create",
+            VmCommand::Start(_) => "vm start",
+            VmCommand::Stop { .. } => "vm stop",
+            VmCommand::Restart(_) => "vm restart",
+            VmCommand::Kill { .. } => "vm kill",
+            VmCommand::Delete(_) => "vm delete",
+            VmCommand::Set { .. } => "vm set",
+            VmCommand::List { .. } => "vm list",
+            VmCommand::Show(_) => "vm show",
+            VmCommand::Stats(_) => "vm stats",
+            VmCommand::Ssh { .. } => "vm ssh",
+            VmCommand::Logs { .. } => "vm logs",
+            VmCommand::Run { .. } => "vm run",
+        }
+    }
+}
+
+/// `banger image ...` (planned; every subcommand fails with exit code 9 for now)
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List images
+    List,
+    /// Show one image
+    Show {
+        /// Image name or id prefix
+        image: String,
+    },
+    /// Pull an image from the catalog or an OCI registry (registry/repo:tag)
+    Pull {
+        /// Catalog name or OCI reference
+        reference: String,
+        /// Name to register the image under
+        #[arg(long)]
+        name: Option<String>,
+        /// Kernel to pair the image with
+        #[arg(long)]
+        kernel: Option<String>,
+    },
+    /// Register an unmanaged image from host paths
+    Register {
+        /// Image name
+        #[arg(long)]
+        name: String,
+        /// Root filesystem (ext4)
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// Seed of the /root work disk
+        #[arg(long)]
+        work_seed: Option<PathBuf>,
+        /// Kernel to boot it with
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Initrd
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel modules directory
+        #[arg(long)]
+        modules: Option<PathBuf>,
+    },
+    /// Copy an unmanaged image into managed storage
+    Promote {
+        /// Image name or id prefix
+        image: String,
+    },
+    /// Delete an image (refused while VMs use it)
+    Delete {
+        /// Image name or id prefix
+        image: String,
+    },
+}
+
+impl ImageCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            ImageCommand::List => "image list",
+            ImageCommand::Show { .. } => "image show",
+            ImageCommand::Pull { .. } => "image pull",
+            ImageCommand::Register { .. } => "image register",
+            ImageCommand::Promote { .. } => "image promote",
+            ImageCommand::Delete { .. } => "image delete",
+        }
+    }
+}
+
+/// `banger kernel ...` (planned; every subcommand fails with exit code 9 for now)
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// List kernels
+    List,
+    /// Show one kernel
+    Show {
+        /// Kernel name or id prefix
+        kernel: String,
+    },
+    /// Import a kernel (vmlinux or bzImage) with optional initrd and modules
+    Import {
+        /// Kernel image
+        path: PathBuf,
+        /// Kernel name
+        #[arg(long)]
+        name: String,
+        /// Initrd
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel modules directory
+        #[arg(long)]
+        modules: Option<PathBuf>,
+    },
+    /// Pull a kernel from the catalog
+    Pull {
+        /// Catalog name
+        name: String,
+    },
+    /// Delete a kernel
+    Delete {
+        /// Kernel name or id prefix
+        kernel: String,
+    },
+}
+
+impl KernelCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            KernelCommand::List => "kernel list",
+            KernelCommand::Show { .. } => "kernel show",
+            KernelCommand::Import { .. } => "kernel import",
+            KernelCommand::Pull { .. } => "kernel pull",
+            KernelCommand::Delete { .. } => "kernel delete",
+        }
+    }
+}
+
+/// `banger update`
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Only check whether a newer release exists
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// The resolved command line: what to do and how to talk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    pub options: Options,
+    pub action: Action,
+}
+
+/// How to run, whatever the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Print JSON on stdout.
+    pub json: bool,
+    /// The user allows banger to start an agent and polkit to prompt
+    /// (whether a terminal is there is decided when running).
+    pub ask_password: bool,
+    /// Verbosity (0 = quiet).
+    pub verbose: u8,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Doctor,
+    DaemonStatus,
+    Maintain {
+        vacuum: bool,
+        wait: bool,
+    },
+    JobShow(JobRef),
+    JobWatch(JobRef),
+    JobCancel(JobRef),
+    Version,
+    Completions(Shell),
+    Man {
+        dir: Option<PathBuf>,
+    },
+    /// A planned command: fails with [`exit::NOT_IMPLEMENTED`].
+    NotImplemented(&'static str),
+}
+
+impl Cli {
+    /// Stage two: the invocation this command line asks for.
+    pub fn resolve(self) -> Invocation {
+        let options = Options {
+            json: self.global.json,
+            ask_password: !self.global.no_ask_password,
+            verbose: self.global.verbose,
+        };
+        let action = match self.command {
+            Command::Doctor => Action::Doctor,
+            Command::Daemon(DaemonCommand::Status) => Action::DaemonStatus,
+            Command::Daemon(DaemonCommand::Maintain { vacuum, no_wait }) => Action::Maintain {
+                vacuum,
+                wait: !no_wait,
+            },
+            Command::Job(JobCommand::Show { job }) => Action::JobShow(job),
+            Command::Job(JobCommand::Watch { job }) => Action::JobWatch(job),
+            Command::Job(JobCommand::Cancel { job }) => Action::JobCancel(job),
+            Command::Vm(c) => Action::NotImplemented(c.name()),
+            Command::Image(c) => Action::NotImplemented(c.name()),
+            Command::Kernel(c) => Action::NotImplemented(c.name()),
+            Command::Update(_) => Action::NotImplemented("update"),
+            Command::SshConfig => Action::NotImplemented("ssh-config"),
+            Command::Version => Action::Version,
+            Command::Completions { shell } => Action::Completions(shell),
+            Command::Man { dir } => Action::Man { dir },
+        };
+        Invocation { options, action }
+    }
+
+    /// The clap command tree (for man pages and completions).
+    pub fn command_tree() -> clap::Command {
+        <Self as CommandFactory>::command()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(args: &[&str]) -> Invocation {
+        let argv = std::iter::once("banger").chain(args.iter().copied());
+        match Cli::try_parse_from(argv) {
+            Ok(cli) => cli.resolve(),
+            Err(e) => panic!("{args:?} did not parse: {e}"),
+        }
+    }
+
+    fn rejects(args: &[&str]) -> clap::error::ErrorKind {
+        let argv = std::iter::once("banger").chain(args.iter().copied());
+        match Cli::try_parse_from(argv) {
+            Ok(cli) => panic!("{args:?} parsed: {cli:?}"),
+            Err(e) => e.kind(),
+        }
+    }
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command_tree().debug_assert();
+    }
+
+    #[test]
+    fn maintain_resolves() {
+        let inv = resolve(&["daemon", "maintain", "--vacuum"]);
+        assert_eq!(
+            inv.action,
+            Action::Maintain {
+                vacuum: true,
+                wait: true
+            }
+        );
+        assert_eq!(
+            inv.options,
+            Options {
+                json: false,
+                ask_password: true,
+                verbose: 0
+            }
+        );
+        let inv = resolve(&["--json", "daemon", "maintain", "--no-wait", "-vv"]);
+        assert_eq!(
+            inv.action,
+            Action::Maintain {
+                vacuum: false,
+                wait: false
+            }
+        );
+        assert!(inv.options.json);
+        assert_eq!(inv.options.verbose, 2);
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let inv = resolve(&["doctor", "--json", "--no-ask-password"]);
+        assert_eq!(inv.action, Action::Doctor);
+        assert!(inv.options.json);
+        assert!(!inv.options.ask_password);
+        let inv = resolve(&["--json", "daemon", "status"]);
+        assert_eq!(inv.action, Action::DaemonStatus);
+        assert!(inv.options.json);
+    }
+
+    #[test]
+    fn job_refs() {
+        assert_eq!(
+            resolve(&["job", "cancel", "7"]).action,
+            Action::JobCancel(JobRef(7))
+        );
+        assert_eq!(
+            resolve(&["job", "show", "/org/banger/Manager/job/7"]).action,
+            Action::JobShow(JobRef(7))
+        );
+        assert_eq!(
+            resolve(&["job", "watch", "0"]).action,
+            Action::JobWatch(JobRef(0))
+        );
+        for bad in [
+            "",
+            "x",
+            "-1",
+            "+7",
+            "07",
+            "7a",
+            "/org/banger/Manager/vm/7",
+            "/org/banger/Manager/job/",
+            "/org/banger/Manager/job/7/8",
+            "99999999999999999999999",
+        ] {
+            assert!(bad.parse::<JobRef>().is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(
+            rejects(&["job", "cancel", "garbage"]),
+            clap::error::ErrorKind::ValueValidation
+        );
+        assert_eq!(JobRef(7).path().as_str(), "/org/banger/Manager/job/7");
+    }
+
+    #[test]
+    fn planned_commands_resolve_to_not_implemented() {
+        for (args, name) in [
+            (&["vm", "list"][..], "vm list"),
+            (&["vm", "create", "--name", "box", "--nat"], "vm create"),
+            (&["vm", "stop", "a", "b"], "vm stop"),
+            (&["vm", "ssh", "box", "--", "uname", "-a"], "vm ssh"),
+            (&["image", "pull", "debian-bookworm"], "image pull"),
+            (&["kernel", "list"], "kernel list"),
+            (&["update", "--check"], "update"),
+            (&["ssh-config"], "ssh-config"),
+        ] {
+            assert_eq!(
+                resolve(args).action,
+                Action::NotImplemented(name),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn usage_errors() {
+        use clap::error::ErrorKind;
+        assert_eq!(
+            rejects(&[]),
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        );
+        assert_eq!(
+            rejects(&["vm", "start"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            rejects(&["daemon", "maintain", "--bogus"]),
+            ErrorKind::UnknownArgument
+        );
+        assert_eq!(rejects(&["completions", "tcsh"]), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn long_help_documents_exit_codes() {
+        let help = Cli::command_tree().render_long_help().to_string();
+        for (code, meaning) in exit::EXIT_CODES {
+            assert!(
+                help.contains(meaning),
+                "exit code {code} missing from --help"
+            );
+        }
+    }
+}

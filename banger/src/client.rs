@@ -1,0 +1,287 @@
+//! The connection to bangerd: the system bus, the proxies of `banger-dbus`,
+//! and the one place that knows how a call is made with or without
+//! permission to prompt for a password.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use banger_dbus::proxy::{JobProxy, ManagerProxy};
+use banger_dbus::{DoctorCheck, StageTiming};
+use zbus::proxy::CacheProperties;
+use zbus::{Connection, DynamicTuple, OwnedObjectPath, Variant};
+
+use crate::exit::{Failure, Kind};
+
+/// How long a call that cannot prompt may take before banger gives up.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long connecting to the bus may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Whether polkit may prompt for a password during a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interaction {
+    /// Set the ALLOW_INTERACTIVE_AUTH flag (an agent is there to answer).
+    Allowed,
+    /// Do not set it: polkit answers at once, the daemon replies
+    /// `InteractiveAuthorizationRequired` when it would have to ask.
+    NotAllowed,
+}
+
+/// The address banger connects to, as the user would recognize it.
+pub fn system_bus_address() -> String {
+    std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
+        .unwrap_or_else(|_| "unix:path=/var/run/dbus/system_bus_socket".to_owned())
+}
+
+/// A connection to the system bus, and the calls banger makes on it.
+#[derive(Debug, Clone)]
+pub struct Client {
+    conn: Connection,
+}
+
+/// What `banger daemon status` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonInfo {
+    pub version: String,
+    pub api_version: u32,
+    pub status: String,
+    pub unique_name: String,
+    pub pid: Option<u32>,
+}
+
+/// The properties of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobInfo {
+    pub path: String,
+    pub kind: String,
+    pub state: String,
+    pub stage: String,
+    pub progress: f64,
+    pub bytes: u64,
+    pub started_at_usec: u64,
+    pub owner_uid: u32,
+    pub cancelable: bool,
+    pub stages: Vec<StageTiming>,
+}
+
+impl Client {
+    /// Connect to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` or the default).
+    pub async fn connect() -> Result<Self, Failure> {
+        let address = system_bus_address();
+        let unreachable = |what: &str| {
+            Failure::new(
+                Kind::Unreachable,
+                format!(
+                    "cannot reach the system bus at {address}: {what} \
+                     (set DBUS_SYSTEM_BUS_ADDRESS to use another bus)"
+                ),
+            )
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::system()).await {
+            Ok(Ok(conn)) => Ok(Self { conn }),
+            Ok(Err(err)) => Err(match &err {
+                zbus::Error::Address(_) => Failure::new(
+                    Kind::Unreachable,
+                    format!(
+                        "DBUS_SYSTEM_BUS_ADDRESS is not a valid D-Bus address ({address}): \
+                         fix or unset it"
+                    ),
+                )
+                .with_source(err),
+                zbus::Error::Connection(io, _) => unreachable("is dbus running?")
+                    .with_source(std::io::Error::new(io.kind(), io.to_string())),
+                zbus::Error::Handshake(_) => {
+                    unreachable("the bus refused the connection").with_source(err)
+                }
+                _ => unreachable("is dbus running?").with_source(err),
+            }),
+            Err(_) => Err(unreachable("the bus did not answer in time")),
+        }
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    async fn manager(&self) -> Result<ManagerProxy<'static>, Failure> {
+        ManagerProxy::builder(&self.conn)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(Failure::from_zbus)
+    }
+
+    /// A proxy for the job at `path`.
+    pub async fn job(&self, path: &OwnedObjectPath) -> Result<JobProxy<'static>, Failure> {
+        JobProxy::builder(&self.conn)
+            .path(path.clone())
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(Failure::from_zbus)
+    }
+
+    /// `Manager.Doctor()`.
+    pub async fn doctor(&self) -> Result<Vec<DoctorCheck>, Failure> {
+        let manager = self.manager().await?;
+        timed(manager.doctor()).await
+    }
+
+    /// The daemon's version (one property read; starts the daemon if it is activatable).
+    pub async fn daemon_version(&self) -> Result<(String, u32), Failure> {
+        let manager = self.manager().await?;
+        let version = timed(manager.version()).await?;
+        let api_version = timed(manager.api_version()).await?;
+        Ok((version, api_version))
+    }
+
+    /// Everything `banger daemon status` shows.
+    pub async fn daemon_info(&self) -> Result<DaemonInfo, Failure> {
+        let manager = self.manager().await?;
+        // Reading a property first lets the bus activate the daemon.
+        let version = timed(manager.version()).await?;
+        let api_version = timed(manager.api_version()).await?;
+        let status = timed(manager.status()).await?;
+        let bus = zbus::fdo::DBusProxy::new(&self.conn)
+            .await
+            .map_err(Failure::from_zbus)?;
+        let name =
+            zbus::names::BusName::try_from(banger_dbus::BUS_NAME).map_err(Failure::from_zbus)?;
+        let unique = timed(fdo(bus.get_name_owner(name))).await?;
+        let unique_name = zbus::names::BusName::Unique(unique.clone().into());
+        let pid = timed(fdo(bus.get_connection_unix_process_id(unique_name)))
+            .await
+            .ok();
+        Ok(DaemonInfo {
+            version,
+            api_version,
+            status,
+            unique_name: unique.to_string(),
+            pid,
+        })
+    }
+
+    /// `Manager.Maintain(options)`: starts the job, returns its path.
+    pub async fn maintain(
+        &self,
+        vacuum: bool,
+        interaction: Interaction,
+    ) -> Result<OwnedObjectPath, Failure> {
+        let manager = self.manager().await?;
+        let yes = Variant::from(true);
+        let mut options: HashMap<&str, &Variant<'_>> = HashMap::new();
+        if vacuum {
+            options.insert(banger_dbus::options::maintain::VACUUM, &yes);
+        }
+        match interaction {
+            // The proxy method carries ALLOW_INTERACTIVE_AUTH; a prompt can
+            // take as long as the user needs, so no timeout here.
+            Interaction::Allowed => manager.maintain(options).await.map_err(Failure::from_dbus),
+            Interaction::NotAllowed => {
+                timed(
+                    manager
+                        .inner()
+                        .call::<_, _, OwnedObjectPath>("Maintain", &DynamicTuple((options,))),
+                )
+                .await
+            }
+        }
+    }
+
+    /// `Job.Cancel()`.
+    pub async fn cancel(
+        &self,
+        path: &OwnedObjectPath,
+        interaction: Interaction,
+    ) -> Result<(), Failure> {
+        let job = self.job(path).await?;
+        let result = match interaction {
+            Interaction::Allowed => job.cancel().await.map_err(Failure::from_dbus),
+            Interaction::NotAllowed => timed(job.inner().call::<_, _, ()>("Cancel", &())).await,
+        };
+        result.map_err(|f| job_not_found(f, path))
+    }
+
+    /// The job's `State` property.
+    pub async fn job_state(&self, path: &OwnedObjectPath) -> Result<String, Failure> {
+        let job = self.job(path).await?;
+        timed(job.state()).await.map_err(|f| job_not_found(f, path))
+    }
+
+    /// The job's `Stages` property.
+    pub async fn job_stages(&self, path: &OwnedObjectPath) -> Result<Vec<StageTiming>, Failure> {
+        let job = self.job(path).await?;
+        timed(job.stages())
+            .await
+            .map_err(|f| job_not_found(f, path))
+    }
+
+    /// Every property of the job.
+    pub async fn job_info(&self, path: &OwnedObjectPath) -> Result<JobInfo, Failure> {
+        let job = self.job(path).await?;
+        let read = async {
+            tokio::try_join!(
+                timed(job.kind()),
+                timed(job.state()),
+                timed(job.stage()),
+                timed(job.progress()),
+                timed(job.bytes()),
+                timed(job.started_at()),
+                timed(job.owner_uid()),
+                timed(job.cancelable()),
+                timed(job.stages()),
+            )
+        };
+        let (kind, state, stage, progress, bytes, started_at_usec, owner_uid, cancelable, stages) =
+            read.await.map_err(|f| job_not_found(f, path))?;
+        Ok(JobInfo {
+            path: path.to_string(),
+            kind,
+            state,
+            stage,
+            progress,
+            bytes,
+            started_at_usec,
+            owner_uid,
+            cancelable,
+            stages,
+        })
+    }
+}
+
+/// Await a call that cannot prompt, with [`CALL_TIMEOUT`].
+async fn timed<T, E>(call: impl Future<Output = Result<T, E>>) -> Result<T, Failure>
+where
+    E: Into<banger_dbus::Error>,
+{
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => result.map_err(|e| Failure::from_dbus(e.into())),
+        Err(_) => Err(Failure::new(
+            Kind::Unreachable,
+            format!(
+                "bangerd did not answer within {} s: check `systemctl status bangerd` \
+                 and `journalctl -u bangerd`",
+                CALL_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
+/// An `org.freedesktop.DBus` call, with its error as a zbus error.
+async fn fdo<T>(call: impl Future<Output = zbus::fdo::Result<T>>) -> zbus::Result<T> {
+    call.await.map_err(zbus::Error::from)
+}
+
+/// A clearer message when a job object is gone.
+fn job_not_found(f: Failure, path: &OwnedObjectPath) -> Failure {
+    if f.kind() != Kind::NotFound {
+        return f;
+    }
+    let job = banger_dbus::parse_job_path(path.as_str())
+        .map_or_else(|| path.to_string(), |n| n.to_string());
+    f.with_message(format!(
+        "job {job} does not exist: finished jobs disappear a few seconds after they complete"
+    ))
+}

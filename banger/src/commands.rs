@@ -1,0 +1,374 @@
+//! Stage three: run a resolved [`Invocation`]. Returns the exit code of a
+//! command that ran (0, or 10 for doctor failures, ...) or the error that
+//! stopped it; `main` reports errors.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use banger_dbus::job_state;
+use zbus::OwnedObjectPath;
+
+use crate::cli::{Action, Invocation, JobRef, Options};
+use crate::client::{Client, Interaction};
+use crate::exit::{self, Failure, Kind};
+use crate::output::{self, DaemonVersion, emit, emit_json};
+use crate::polkit_agent::{self, Agent};
+use crate::progress::{self, Display, Followed, JobReport, Subscription, Tracker};
+
+/// How long `banger version` waits for the daemon.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Run the invocation.
+pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
+    let opts = invocation.options;
+    match invocation.action {
+        Action::Completions(shell) => {
+            let mut script = Vec::new();
+            crate::docs::completions(shell, &mut script);
+            emit(&String::from_utf8_lossy(&script))?;
+            Ok(exit::OK)
+        }
+        Action::Man { dir: None } => {
+            let mut page = Vec::new();
+            crate::docs::man_page(&mut page)?;
+            emit(&String::from_utf8_lossy(&page))?;
+            Ok(exit::OK)
+        }
+        Action::Man { dir: Some(dir) } => {
+            let written = crate::docs::man_pages_to(&dir)
+                .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+            if opts.json {
+                let files: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+                emit_json(&serde_json::json!({ "files": files }))?;
+            } else {
+                note(
+                    opts,
+                    &format!("wrote {} pages into {}", written.len(), dir.display()),
+                );
+            }
+            Ok(exit::OK)
+        }
+        Action::NotImplemented(command) => Err(Failure::not_implemented(command).into()),
+        Action::Doctor => doctor(opts).await,
+        Action::DaemonStatus => daemon_status(opts).await,
+        Action::Maintain { vacuum, wait } => maintain(opts, vacuum, wait).await,
+        Action::JobShow(job) => job_show(opts, job).await,
+        Action::JobWatch(job) => job_watch(opts, job).await,
+        Action::JobCancel(job) => job_cancel(opts, job).await,
+        Action::Version => version(opts).await,
+    }
+}
+
+/// A line on stderr with `-v`.
+fn note(opts: Options, message: &str) {
+    if opts.verbose > 0 {
+        eprintln!("banger: {message}");
+    }
+}
+
+async fn connect(opts: Options) -> Result<Client, Failure> {
+    note(
+        opts,
+        &format!(
+            "connecting to the system bus at {}",
+            crate::client::system_bus_address()
+        ),
+    );
+    Client::connect().await
+}
+
+async fn doctor(opts: Options) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let checks = client.doctor().await?;
+    if opts.json {
+        emit_json(&output::doctor_json(&checks))?;
+    } else {
+        emit(&output::doctor_human(&checks))?;
+    }
+    if output::DoctorSummary::of(&checks).fail > 0 {
+        Ok(exit::DOCTOR_FAILED)
+    } else {
+        Ok(exit::OK)
+    }
+}
+
+async fn daemon_status(opts: Options) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let info = client.daemon_info().await?;
+    if opts.json {
+        emit_json(&output::status_json(&info))?;
+    } else {
+        emit(&output::status_human(&info))?;
+    }
+    Ok(exit::OK)
+}
+
+async fn version(opts: Options) -> anyhow::Result<u8> {
+    let daemon = async {
+        let client = connect(opts).await?;
+        client.daemon_version().await
+    };
+    let daemon = match tokio::time::timeout(VERSION_TIMEOUT, daemon).await {
+        Ok(Ok((version, api_version))) => DaemonVersion::Reachable {
+            version,
+            api_version,
+        },
+        Ok(Err(failure)) => DaemonVersion::Unreachable {
+            name: failure.name().to_owned(),
+            message: failure.message().to_owned(),
+        },
+        Err(_) => DaemonVersion::Unreachable {
+            name: Kind::Unreachable.cli_error_name().to_owned(),
+            message: format!(
+                "bangerd did not answer within {} s",
+                VERSION_TIMEOUT.as_secs()
+            ),
+        },
+    };
+    if opts.json {
+        emit_json(&output::version_json(&daemon))?;
+    } else {
+        emit(&output::version_human(&daemon))?;
+    }
+    Ok(exit::OK)
+}
+
+/// The authentication agent for one mutating call, and how to make the call.
+struct Authorization {
+    interaction: Interaction,
+    agent: Option<Agent>,
+    /// Why no agent runs although the user could have been asked.
+    no_agent: Option<String>,
+}
+
+impl Authorization {
+    /// Start pkttyagent when banger may prompt (a terminal, no `--no-ask-password`).
+    async fn prepare(opts: Options) -> Self {
+        if !polkit_agent::can_prompt(opts.ask_password) {
+            note(
+                opts,
+                "not asking for a password (--no-ask-password, or not on a terminal)",
+            );
+            return Self {
+                interaction: Interaction::NotAllowed,
+                agent: None,
+                no_agent: None,
+            };
+        }
+        match Agent::start().await {
+            Ok(agent) => {
+                note(opts, "started pkttyagent so polkit can ask for a password");
+                Self {
+                    interaction: Interaction::Allowed,
+                    agent: Some(agent),
+                    no_agent: None,
+                }
+            }
+            Err(why) => {
+                note(opts, &format!("no authentication agent: {why}"));
+                // A session agent (desktop) may still answer the prompt.
+                Self {
+                    interaction: Interaction::Allowed,
+                    agent: None,
+                    no_agent: Some(why),
+                }
+            }
+        }
+    }
+
+    /// Stop the agent, and explain a permission failure that may come from
+    /// the missing agent.
+    async fn finish<T>(self, result: Result<T, Failure>) -> Result<T, Failure> {
+        if let Some(agent) = self.agent {
+            agent.stop().await;
+        }
+        if let (Err(f), Some(why)) = (&result, &self.no_agent)
+            && f.kind() == Kind::Permission
+        {
+            eprintln!("banger: note: no password prompt was possible: {why}");
+        }
+        result
+    }
+}
+
+async fn maintain(opts: Options, vacuum: bool, wait: bool) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    // Subscribe before the call, so not one signal of the job is missed.
+    let mut subscription = if wait {
+        Some(Subscription::new(&client).await?)
+    } else {
+        None
+    };
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let result = client.maintain(vacuum, auth.interaction).await;
+    let path = auth
+        .finish(result)
+        .await
+        .context("cannot start store maintenance")?;
+    note(opts, &format!("started job {}", path.as_str()));
+    let Some(subscription) = subscription.as_mut() else {
+        if opts.json {
+            emit_json(&serde_json::json!({ "job": path.as_str() }))?;
+        } else {
+            emit(path.as_str())?;
+        }
+        return Ok(exit::OK);
+    };
+    let display = Display::for_stdout(opts.json);
+    if display != Display::Quiet {
+        emit(&format!(
+            "job {} started (Ctrl-C cancels it)",
+            progress::job_label(path.as_str())
+        ))?;
+    }
+    let tracker = Tracker::new(path.as_str(), display, Vec::new());
+    follow_and_report(&client, subscription, &path, tracker, started, opts).await
+}
+
+async fn follow_and_report(
+    client: &Client,
+    subscription: &mut Subscription,
+    path: &OwnedObjectPath,
+    mut tracker: Tracker,
+    started: Instant,
+    opts: Options,
+) -> anyhow::Result<u8> {
+    let followed = progress::follow(
+        client,
+        subscription,
+        path,
+        &mut tracker,
+        started,
+        opts.verbose,
+    )
+    .await?;
+    match followed {
+        Followed::Completed(report) => report_job(&report, opts),
+        Followed::Interrupted {
+            report,
+            cancel_error,
+        } => {
+            let job = progress::job_label(path.as_str());
+            let message = match (&report, &cancel_error) {
+                (_, Some(_)) => format!(
+                    "interrupted: could not cancel job {job}, it keeps running: \
+                     see `banger job show {job}`"
+                ),
+                (Some(r), None) if r.success => {
+                    format!("interrupted: job {job} had already finished")
+                }
+                (Some(_), None) => format!("interrupted: job {job} was cancelled"),
+                (None, None) => {
+                    format!("interrupted: asked job {job} to cancel; see `banger job show {job}`")
+                }
+            };
+            let failure = Failure::new(Kind::Interrupted, message);
+            let failure = match cancel_error {
+                Some(e) => failure.with_source(e),
+                None => failure,
+            };
+            match report {
+                Some(report) if opts.json => {
+                    // One JSON object on stdout: the job's.
+                    emit_json(&output::job_report_json(&report))?;
+                    eprintln!("error: {failure}");
+                    Ok(exit::INTERRUPTED)
+                }
+                _ => Err(failure.into()),
+            }
+        }
+    }
+}
+
+/// Print how a job ended; its error becomes the exit code (also when
+/// stdout is gone: the job's result matters more than the printing).
+fn report_job(report: &JobReport, opts: Options) -> anyhow::Result<u8> {
+    let printed = if opts.json {
+        emit_json(&output::job_report_json(report))
+    } else {
+        emit(&output::job_report_human(report))
+    };
+    match report.failure() {
+        // The JSON object already carries the error: one object on stdout.
+        Some(f) if opts.json => {
+            eprintln!("error: {f}");
+            Ok(f.kind().code())
+        }
+        Some(f) => Err(f.into()),
+        None => {
+            printed?;
+            Ok(exit::OK)
+        }
+    }
+}
+
+async fn job_show(opts: Options, job: JobRef) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let info = client.job_info(&job.path()).await?;
+    if opts.json {
+        emit_json(&output::job_info_json(&info))?;
+    } else {
+        emit(&output::job_info_human(&info, output::now_usec()))?;
+    }
+    Ok(exit::OK)
+}
+
+async fn job_watch(opts: Options, job: JobRef) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let path = job.path();
+    let mut subscription = Subscription::new(&client).await?;
+    // After subscribing: what happened before is in the properties.
+    let info = client.job_info(&path).await?;
+    let age = Duration::from_micros(output::now_usec().saturating_sub(info.started_at_usec));
+    let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+    let display = Display::for_stdout(opts.json);
+    let mut tracker = Tracker::new(path.as_str(), display, Vec::new());
+    if display != Display::Quiet {
+        emit(&format!("job {job} ({}): {}", info.kind, info.state))?;
+        let mut out = std::io::stdout();
+        for stage in &info.stages {
+            tracker.apply(
+                progress::JobEvent::StageFinished {
+                    stage: stage.stage.clone(),
+                    duration_usec: stage.duration_usec,
+                },
+                &mut out,
+            )?;
+        }
+        if info.state == job_state::RUNNING && !info.stage.is_empty() {
+            tracker.apply(
+                progress::JobEvent::Progress {
+                    stage: info.stage.clone(),
+                    detail: String::new(),
+                    fraction: info.progress,
+                },
+                &mut out,
+            )?;
+        }
+    } else {
+        tracker = Tracker::new(path.as_str(), display, info.stages.clone());
+    }
+    if info.state != job_state::RUNNING {
+        let total = info.stages.iter().map(|s| s.duration_usec).sum();
+        let report = tracker.ended(&info.state, info.stages.clone(), total);
+        return report_job(&report, opts);
+    }
+    follow_and_report(&client, &mut subscription, &path, tracker, started, opts).await
+}
+
+async fn job_cancel(opts: Options, job: JobRef) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let path = job.path();
+    let auth = Authorization::prepare(opts).await;
+    let result = client.cancel(&path, auth.interaction).await;
+    auth.finish(result)
+        .await
+        .with_context(|| format!("cannot cancel job {job}"))?;
+    if opts.json {
+        emit_json(&serde_json::json!({ "job": path.as_str(), "cancel_requested": true }))?;
+    } else {
+        emit(&format!("asked job {job} to cancel"))?;
+    }
+    Ok(exit::OK)
+}
