@@ -1,0 +1,404 @@
+//! The banger guest agent protocol, in one place for both sides.
+//!
+//! Transport: any byte stream (AF_VSOCK, a virtio-serial port, a unix
+//! socket in tests). Framing: [`codec::FrameCodec`], a 4-byte big-endian
+//! length and a JSON payload of at most [`codec::MAX_FRAME_LEN`] bytes.
+//! Every request carries the protocol version and an id; the reply
+//! carries the same id, so several requests may be in flight on one
+//! stream (a `WaitPort` does not hold up a `Health`).
+//!
+//! Versioning: [`PROTOCOL_VERSION`] grows only when a change is not
+//! additive. New request kinds and new reply fields are additive: an
+//! older agent answers an unknown request with
+//! [`ErrorKind::UnknownRequest`], and unknown reply fields are ignored.
+
+#[cfg(feature = "client")]
+pub mod client;
+pub mod codec;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The AF_VSOCK port the agent listens on in the guest.
+pub const VSOCK_PORT: u32 = 1024;
+
+/// The name of the virtio-serial port the agent uses when vsock is
+/// unavailable (`/sys/class/virtio-ports/*/name` in the guest).
+pub const SERIAL_PORT_NAME: &str = "org.banger.agent";
+
+/// A request as sent on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestEnvelope {
+    /// The sender's [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// Chosen by the sender, echoed in the reply.
+    pub id: u64,
+    /// What is asked.
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// What the host can ask of the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the agent alive: uptime, boot id, version.
+    Health,
+    /// Facts about the guest: kernel, OS, memory, disk use.
+    Info,
+    /// Answer once something listens on TCP `port` in the guest, or fail
+    /// with [`ErrorKind::Timeout`] after `timeout_ms`.
+    WaitPort {
+        /// The guest TCP port.
+        port: u16,
+        /// How long to wait at most.
+        timeout_ms: u64,
+    },
+    /// Shut the guest down cleanly (or reboot it). The reply comes first.
+    Shutdown {
+        /// Reboot instead of powering off.
+        #[serde(default)]
+        reboot: bool,
+    },
+    /// Set the guest's wall clock to the host's.
+    SyncTime {
+        /// The host's realtime clock in nanoseconds since the Unix epoch.
+        unix_ns: i64,
+    },
+}
+
+impl Request {
+    /// The request's wire name, for logs and errors.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Health => "health",
+            Request::Info => "info",
+            Request::WaitPort { .. } => "wait_port",
+            Request::Shutdown { .. } => "shutdown",
+            Request::SyncTime { .. } => "sync_time",
+        }
+    }
+}
+
+/// A reply as sent on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    /// The agent's [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// The id of the request this answers; 0 when the request was too
+    /// broken to read one.
+    pub id: u64,
+    /// The answer.
+    pub result: Result<Response, AgentError>,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::Health`].
+    Health(Health),
+    /// Answer to [`Request::Info`].
+    Info(Box<Info>),
+    /// Answer to [`Request::WaitPort`].
+    PortReady {
+        /// The port that is now listening.
+        port: u16,
+        /// How long the agent waited.
+        waited_ms: u64,
+    },
+    /// Answer to [`Request::Shutdown`]: the guest is going down.
+    ShuttingDown {
+        /// Whether it will come back.
+        reboot: bool,
+    },
+    /// Answer to [`Request::SyncTime`].
+    TimeSynced {
+        /// How far the guest clock was off (host minus guest), in ns.
+        offset_ns: i64,
+    },
+}
+
+/// Answer to [`Request::Health`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// The agent's version (its crate version).
+    pub agent_version: String,
+    /// The highest protocol version the agent speaks.
+    pub protocol: u32,
+    /// Seconds since the guest booted.
+    pub uptime_secs: f64,
+    /// The guest's `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: String,
+}
+
+/// Answer to [`Request::Info`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Info {
+    /// `uname -r`.
+    pub kernel_release: String,
+    /// `uname -v`.
+    pub kernel_version: String,
+    /// `uname -m`.
+    pub machine: String,
+    /// The guest's hostname.
+    pub hostname: String,
+    /// `ID` from `/etc/os-release`, if any.
+    pub os_id: Option<String>,
+    /// `PRETTY_NAME` from `/etc/os-release`, if any.
+    pub os_pretty_name: Option<String>,
+    /// `MemTotal` in bytes.
+    pub memory_total_bytes: u64,
+    /// `MemAvailable` in bytes.
+    pub memory_available_bytes: u64,
+    /// Use of the filesystems that matter (`/` and `/root`).
+    pub disks: Vec<DiskUsage>,
+}
+
+/// Space on one mounted filesystem.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    /// The mount point asked about.
+    pub path: String,
+    /// Size in bytes.
+    pub total_bytes: u64,
+    /// Bytes in use.
+    pub used_bytes: u64,
+    /// Bytes available to unprivileged users.
+    pub available_bytes: u64,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    /// The class of failure.
+    pub kind: ErrorKind,
+    /// What went wrong, for humans.
+    pub message: String,
+}
+
+impl AgentError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The classes of failure a reply can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The frame was not a request (bad JSON, missing fields).
+    BadFrame,
+    /// The frame was over the size limit; it was skipped.
+    FrameTooLarge,
+    /// The request's protocol version is not spoken here.
+    UnsupportedVersion,
+    /// The request's `op` is not known to this agent.
+    UnknownRequest,
+    /// The request's arguments are out of range.
+    InvalidArgument,
+    /// The wait ran out.
+    Timeout,
+    /// The work itself failed.
+    Failed,
+    /// An error kind newer than this build.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Read a request from a frame payload, turning anything unreadable into
+/// the error reply to send back (with the id, when one could be read).
+pub fn parse_request(payload: &[u8]) -> Result<RequestEnvelope, (u64, AgentError)> {
+    let value: serde_json::Value = serde_json::from_slice(payload).map_err(|e| {
+        (
+            0,
+            AgentError::new(ErrorKind::BadFrame, format!("frame is not JSON: {e}")),
+        )
+    })?;
+    let id = value.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
+    let Some(v) = value.get("v").and_then(|v| v.as_u64()) else {
+        return Err((
+            id,
+            AgentError::new(ErrorKind::BadFrame, "request has no protocol version \"v\""),
+        ));
+    };
+    if v != u64::from(PROTOCOL_VERSION) {
+        return Err((
+            id,
+            AgentError::new(
+                ErrorKind::UnsupportedVersion,
+                format!("protocol version {v} is not supported; this agent speaks {PROTOCOL_VERSION}"),
+            ),
+        ));
+    }
+    if value.get("id").and_then(|v| v.as_u64()).is_none() {
+        return Err((
+            0,
+            AgentError::new(ErrorKind::BadFrame, "request has no numeric \"id\""),
+        ));
+    }
+    let op = value.get("op").and_then(|v| v.as_str()).map(str::to_owned);
+    serde_json::from_value(value).map_err(|e| {
+        let known = [
+            "health",
+            "info",
+            "wait_port",
+            "shutdown",
+            "sync_time",
+        ];
+        match op {
+            Some(op) if !known.contains(&op.as_str()) => (
+                id,
+                AgentError::new(ErrorKind::UnknownRequest, format!("unknown request {op:?}")),
+            ),
+            Some(op) => (
+                id,
+                AgentError::new(ErrorKind::BadFrame, format!("bad {op} request: {e}")),
+            ),
+            None => (
+                id,
+                AgentError::new(ErrorKind::BadFrame, "request has no \"op\""),
+            ),
+        }
+    })
+}
+
+/// Serialize a request for the wire.
+pub fn encode_request(id: u64, request: Request) -> Vec<u8> {
+    let env = RequestEnvelope {
+        v: PROTOCOL_VERSION,
+        id,
+        request,
+    };
+    // Serializing these plain structs cannot fail.
+    serde_json::to_vec(&env).unwrap_or_default()
+}
+
+/// Serialize a reply for the wire.
+pub fn encode_response(id: u64, result: Result<Response, AgentError>) -> Vec<u8> {
+    let env = ResponseEnvelope {
+        v: PROTOCOL_VERSION,
+        id,
+        result,
+    };
+    serde_json::to_vec(&env).unwrap_or_default()
+}
+
+/// Read a reply from a frame payload.
+pub fn parse_response(payload: &[u8]) -> Result<ResponseEnvelope, serde_json::Error> {
+    serde_json::from_slice(payload)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for req in [
+            Request::Health,
+            Request::Info,
+            Request::WaitPort {
+                port: 22,
+                timeout_ms: 5000,
+            },
+            Request::Shutdown { reboot: true },
+            Request::SyncTime { unix_ns: -5 },
+        ] {
+            let bytes = encode_request(9, req.clone());
+            let env = parse_request(&bytes).unwrap();
+            assert_eq!(env.id, 9);
+            assert_eq!(env.request, req);
+        }
+    }
+
+    #[test]
+    fn wire_form_is_stable() {
+        let bytes = encode_request(
+            3,
+            Request::WaitPort {
+                port: 22,
+                timeout_ms: 10,
+            },
+        );
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            r#"{"v":1,"id":3,"op":"wait_port","port":22,"timeout_ms":10}"#
+        );
+        let reply = encode_response(
+            3,
+            Ok(Response::PortReady {
+                port: 22,
+                waited_ms: 4,
+            }),
+        );
+        assert_eq!(
+            String::from_utf8(reply).unwrap(),
+            r#"{"v":1,"id":3,"result":{"Ok":{"kind":"port_ready","port":22,"waited_ms":4}}}"#
+        );
+    }
+
+    #[test]
+    fn bad_requests_get_typed_errors_with_the_id_when_known() {
+        let cases: &[(&str, u64, ErrorKind)] = &[
+            ("not json", 0, ErrorKind::BadFrame),
+            (r#"{"id":4,"op":"health"}"#, 4, ErrorKind::BadFrame),
+            (r#"{"v":2,"id":5,"op":"health"}"#, 5, ErrorKind::UnsupportedVersion),
+            (r#"{"v":1,"op":"health"}"#, 0, ErrorKind::BadFrame),
+            (r#"{"v":1,"id":6,"op":"fly"}"#, 6, ErrorKind::UnknownRequest),
+            (r#"{"v":1,"id":7}"#, 7, ErrorKind::BadFrame),
+            (r#"{"v":1,"id":8,"op":"wait_port","port":70000,"timeout_ms":1}"#, 8, ErrorKind::BadFrame),
+        ];
+        for (input, id, kind) in cases {
+            let (got_id, err) = parse_request(input.as_bytes()).unwrap_err();
+            assert_eq!((got_id, err.kind), (*id, *kind), "{input}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn fields_from_a_newer_host_are_ignored() {
+        let env = parse_request(br#"{"v":1,"id":9,"op":"health","extra":1}"#).unwrap();
+        assert_eq!(env.request, Request::Health);
+    }
+
+    #[test]
+    fn unknown_error_kinds_from_a_newer_agent_still_parse() {
+        let env = parse_response(
+            br#"{"v":1,"id":1,"result":{"Err":{"kind":"brand_new","message":"m"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(env.result.unwrap_err().kind, ErrorKind::Unknown);
+    }
+
+    proptest! {
+        #[test]
+        fn parse_request_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_request(&bytes);
+        }
+
+        #[test]
+        fn parse_request_never_panics_on_json_shapes(
+            v in proptest::option::of(0u64..4),
+            id in proptest::option::of(any::<u64>()),
+            op in proptest::option::of("[a-z_]{0,12}"),
+            port in proptest::option::of(any::<i64>()),
+        ) {
+            let mut m = serde_json::Map::new();
+            if let Some(v) = v { m.insert("v".into(), v.into()); }
+            if let Some(id) = id { m.insert("id".into(), id.into()); }
+            if let Some(op) = op { m.insert("op".into(), op.into()); }
+            if let Some(port) = port { m.insert("port".into(), port.into()); m.insert("timeout_ms".into(), 1.into()); }
+            let bytes = serde_json::to_vec(&serde_json::Value::Object(m)).unwrap();
+            let _ = parse_request(&bytes);
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! What each request does inside the guest.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use banger_agent_proto::{
+    AgentError, DiskUsage, ErrorKind, Health, Info, PROTOCOL_VERSION, Request, Response,
+};
+
+/// The longest `WaitPort` the agent accepts.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// What the agent does after answering a `Shutdown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterReply {
+    /// Nothing.
+    Continue,
+    /// Power off or reboot.
+    Shutdown { reboot: bool },
+}
+
+/// Answer one request.
+pub async fn handle(request: Request, proc_root: &Path) -> (Result<Response, AgentError>, AfterReply) {
+    match request {
+        Request::Health => (health(proc_root), AfterReply::Continue),
+        Request::Info => (info(proc_root), AfterReply::Continue),
+        Request::WaitPort { port, timeout_ms } => {
+            (wait_port(proc_root, port, timeout_ms).await, AfterReply::Continue)
+        }
+        Request::Shutdown { reboot } => (
+            Ok(Response::ShuttingDown { reboot }),
+            AfterReply::Shutdown { reboot },
+        ),
+        Request::SyncTime { unix_ns } => (sync_time(unix_ns), AfterReply::Continue),
+    }
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> AgentError {
+    AgentError::new(ErrorKind::Failed, format!("{what}: {e}"))
+}
+
+fn read(path: &Path) -> Result<String, AgentError> {
+    std::fs::read_to_string(path).map_err(|e| failed(&format!("cannot read {}", path.display()), e))
+}
+
+fn health(proc_root: &Path) -> Result<Response, AgentError> {
+    let uptime = read(&proc_root.join("uptime"))?;
+    let uptime_secs = uptime
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse::<f64>().ok())
+        .ok_or_else(|| failed("cannot parse /proc/uptime", uptime.trim()))?;
+    let boot_id = read(&proc_root.join("sys/kernel/random/boot_id"))?
+        .trim()
+        .to_owned();
+    Ok(Response::Health(Health {
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        protocol: PROTOCOL_VERSION,
+        uptime_secs,
+        boot_id,
+    }))
+}
+
+fn info(proc_root: &Path) -> Result<Response, AgentError> {
+    let uts = nix::sys::utsname::uname().map_err(|e| failed("uname", e))?;
+    let os = std::fs::read_to_string("/etc/os-release")
+        .or_else(|_| std::fs::read_to_string("/usr/lib/os-release"))
+        .unwrap_or_default();
+    let meminfo = read(&proc_root.join("meminfo"))?;
+    let mut disks = Vec::new();
+    for path in ["/", "/root"] {
+        if let Ok(st) = nix::sys::statvfs::statvfs(path) {
+            let frsize = st.fragment_size();
+            let total = st.blocks().saturating_mul(frsize);
+            let free = st.blocks_free().saturating_mul(frsize);
+            disks.push(DiskUsage {
+                path: path.to_owned(),
+                total_bytes: total,
+                used_bytes: total.saturating_sub(free),
+                available_bytes: st.blocks_available().saturating_mul(frsize),
+            });
+        }
+    }
+    Ok(Response::Info(Box::new(Info {
+        kernel_release: uts.release().to_string_lossy().into_owned(),
+        kernel_version: uts.version().to_string_lossy().into_owned(),
+        machine: uts.machine().to_string_lossy().into_owned(),
+        hostname: uts.nodename().to_string_lossy().into_owned(),
+        os_id: os_release_field(&os, "ID"),
+        os_pretty_name: os_release_field(&os, "PRETTY_NAME"),
+        memory_total_bytes: meminfo_kib(&meminfo, "MemTotal").unwrap_or(0) * 1024,
+        memory_available_bytes: meminfo_kib(&meminfo, "MemAvailable").unwrap_or(0) * 1024,
+        disks,
+    })))
+}
+
+/// A field of an os-release file, unquoted.
+pub fn os_release_field(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once('=')?;
+        if k.trim() != key {
+            return None;
+        }
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(v);
+        Some(v.replace("\\\"", "\""))
+    })
+}
+
+/// A `kB` field of /proc/meminfo.
+pub fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Whether a /proc/net/tcp{,6} table has a socket listening on `port`.
+pub fn tcp_table_listens(table: &str, port: u16) -> bool {
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace();
+        let (Some(_sl), Some(local), Some(_remote), Some(state)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return false;
+        };
+        // State 0A is TCP_LISTEN.
+        state == "0A"
+            && local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port)
+    })
+}
+
+fn listening(proc_root: &Path, port: u16) -> bool {
+    ["net/tcp", "net/tcp6"].iter().any(|t| {
+        std::fs::read_to_string(proc_root.join(t))
+            .map(|text| tcp_table_listens(&text, port))
+            .unwrap_or(false)
+    })
+}
+
+async fn wait_port(proc_root: &Path, port: u16, timeout_ms: u64) -> Result<Response, AgentError> {
+    if port == 0 {
+        return Err(AgentError::new(ErrorKind::InvalidArgument, "port 0 cannot be waited for"));
+    }
+    let timeout = Duration::from_millis(timeout_ms);
+    if timeout > MAX_WAIT {
+        return Err(AgentError::new(
+            ErrorKind::InvalidArgument,
+            format!("timeout of {timeout_ms} ms is over the limit of {} s", MAX_WAIT.as_secs()),
+        ));
+    }
+    let start = Instant::now();
+    loop {
+        if listening(proc_root, port) {
+            let waited_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            return Ok(Response::PortReady { port, waited_ms });
+        }
+        if start.elapsed() >= timeout {
+            return Err(AgentError::new(
+                ErrorKind::Timeout,
+                format!("nothing listens on tcp port {port} after {timeout_ms} ms"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn sync_time(unix_ns: i64) -> Result<Response, AgentError> {
+    use nix::time::{ClockId, clock_gettime, clock_settime};
+    if unix_ns <= 0 {
+        return Err(AgentError::new(
+            ErrorKind::InvalidArgument,
+            format!("{unix_ns} is not a time after the epoch"),
+        ));
+    }
+    let now = clock_gettime(ClockId::CLOCK_REALTIME).map_err(|e| failed("read the clock", e))?;
+    let guest_ns = now.tv_sec() as i128 * 1_000_000_000 + now.tv_nsec() as i128;
+    let offset_ns = i64::try_from(unix_ns as i128 - guest_ns).unwrap_or(i64::MAX);
+    let ts = nix::sys::time::TimeSpec::new(unix_ns / 1_000_000_000, unix_ns % 1_000_000_000);
+    clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(|e| failed("set the clock", e))?;
+    Ok(Response::TimeSynced { offset_ns })
+}
+
+/// Take the guest down: through the init system when there is one, with
+/// the reboot syscall as the last resort.
+pub async fn shut_down(reboot: bool) {
+    use tokio::process::Command;
+    let verb = if reboot { "reboot" } else { "poweroff" };
+    eprintln!("banger-agent: {verb} requested by the host");
+    nix::unistd::sync();
+    let via_systemd = Path::new("/run/systemd/system").exists();
+    let asked = if via_systemd {
+        Command::new("systemctl").arg(verb).status().await
+    } else {
+        Command::new(verb).status().await
+    };
+    if let Ok(st) = &asked
+        && st.success()
+    {
+        // Init is taking the system down and will stop us; give it time.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    eprintln!("banger-agent: init did not {verb}; using the reboot syscall");
+    nix::unistd::sync();
+    let how = if reboot {
+        nix::sys::reboot::RebootMode::RB_AUTOBOOT
+    } else {
+        nix::sys::reboot::RebootMode::RB_POWER_OFF
+    };
+    let Err(e) = nix::sys::reboot::reboot(how);
+    eprintln!("banger-agent: {verb} failed: {e}");
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_os_release() {
+        let text = "NAME=\"Debian GNU/Linux\"\nID=debian\nPRETTY_NAME='Debian 12'\n";
+        assert_eq!(os_release_field(text, "ID").as_deref(), Some("debian"));
+        assert_eq!(os_release_field(text, "PRETTY_NAME").as_deref(), Some("Debian 12"));
+        assert_eq!(os_release_field(text, "NAME").as_deref(), Some("Debian GNU/Linux"));
+        assert_eq!(os_release_field(text, "VERSION"), None);
+    }
+
+    #[test]
+    fn parses_meminfo() {
+        let text = "MemTotal:        1000 kB\nMemFree: 5 kB\nMemAvailable:     800 kB\n";
+        assert_eq!(meminfo_kib(text, "MemTotal"), Some(1000));
+        assert_eq!(meminfo_kib(text, "MemAvailable"), Some(800));
+        assert_eq!(meminfo_kib(text, "Mem"), None);
+    }
+
+    #[test]
+    fn finds_listening_sockets_in_tcp_tables() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+   0: 00000000:0016 00000000:0000 0A 00000000:00000000\n\
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000\n";
+        assert!(tcp_table_listens(table, 22));
+        // Port 8080 is only in an established connection.
+        assert!(!tcp_table_listens(table, 8080));
+        let table6 = "  sl  local_address                         remote_address\n\
+   0: 00000000000000000000000000000000:1010 00000000000000000000000000000000:0000 0A\n";
+        assert!(tcp_table_listens(table6, 4112));
+        assert!(!tcp_table_listens("garbage\nmore garbage", 22));
+    }
+
+    #[tokio::test]
+    async fn wait_port_sees_a_real_listener_and_times_out_without_one() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let proc_root = Path::new("/proc");
+        let r = wait_port(proc_root, port, 1000).await.unwrap();
+        assert!(matches!(r, Response::PortReady { port: p, .. } if p == port));
+        drop(l);
+        let err = wait_port(proc_root, port, 200).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Timeout);
+        let err = wait_port(proc_root, 22, u64::MAX).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn sync_time_rejects_nonsense() {
+        assert_eq!(sync_time(-1).unwrap_err().kind, ErrorKind::InvalidArgument);
+    }
+}
