@@ -20,13 +20,17 @@ pub enum AfterReply {
 }
 
 /// Answer one request.
-pub async fn handle(request: Request, proc_root: &Path) -> (Result<Response, AgentError>, AfterReply) {
+pub async fn handle(
+    request: Request,
+    proc_root: &Path,
+) -> (Result<Response, AgentError>, AfterReply) {
     match request {
         Request::Health => (health(proc_root), AfterReply::Continue),
         Request::Info => (info(proc_root), AfterReply::Continue),
-        Request::WaitPort { port, timeout_ms } => {
-            (wait_port(proc_root, port, timeout_ms).await, AfterReply::Continue)
-        }
+        Request::WaitPort { port, timeout_ms } => (
+            wait_port(proc_root, port, timeout_ms).await,
+            AfterReply::Continue,
+        ),
         Request::Shutdown { reboot } => (
             Ok(Response::ShuttingDown { reboot }),
             AfterReply::Shutdown { reboot },
@@ -147,13 +151,19 @@ fn listening(proc_root: &Path, port: u16) -> bool {
 
 async fn wait_port(proc_root: &Path, port: u16, timeout_ms: u64) -> Result<Response, AgentError> {
     if port == 0 {
-        return Err(AgentError::new(ErrorKind::InvalidArgument, "port 0 cannot be waited for"));
+        return Err(AgentError::new(
+            ErrorKind::InvalidArgument,
+            "port 0 cannot be waited for",
+        ));
     }
     let timeout = Duration::from_millis(timeout_ms);
     if timeout > MAX_WAIT {
         return Err(AgentError::new(
             ErrorKind::InvalidArgument,
-            format!("timeout of {timeout_ms} ms is over the limit of {} s", MAX_WAIT.as_secs()),
+            format!(
+                "timeout of {timeout_ms} ms is over the limit of {} s",
+                MAX_WAIT.as_secs()
+            ),
         ));
     }
     let start = Instant::now();
@@ -227,8 +237,14 @@ mod tests {
     fn parses_os_release() {
         let text = "NAME=\"Debian GNU/Linux\"\nID=debian\nPRETTY_NAME='Debian 12'\n";
         assert_eq!(os_release_field(text, "ID").as_deref(), Some("debian"));
-        assert_eq!(os_release_field(text, "PRETTY_NAME").as_deref(), Some("Debian 12"));
-        assert_eq!(os_release_field(text, "NAME").as_deref(), Some("Debian GNU/Linux"));
+        assert_eq!(
+            os_release_field(text, "PRETTY_NAME").as_deref(),
+            Some("Debian 12")
+        );
+        assert_eq!(
+            os_release_field(text, "NAME").as_deref(),
+            Some("Debian GNU/Linux")
+        );
         assert_eq!(os_release_field(text, "VERSION"), None);
     }
 

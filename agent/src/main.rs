@@ -82,7 +82,10 @@ enum CallRequest {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("banger-agent: cannot start the runtime: {e}");
@@ -126,7 +129,10 @@ async fn call(connect: PathBuf, timeout: f64, request: CallRequest) -> ExitCode 
     let mut client = Client::new(stream);
     match client.call(request, timeout + Duration::from_secs(1)).await {
         Ok(reply) => {
-            println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&reply).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -174,7 +180,10 @@ async fn run(cli: Cli) -> ExitCode {
         eprintln!("banger-agent: nothing to serve: every transport is turned off");
         return ExitCode::from(2);
     }
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             eprintln!("banger-agent: cannot install signal handlers");

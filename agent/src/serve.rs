@@ -51,7 +51,9 @@ where
             Frame::Oversized(n) => {
                 let err = AgentError::new(
                     ErrorKind::FrameTooLarge,
-                    format!("frame of {n} bytes is over the {MAX_FRAME_LEN}-byte limit; it was skipped"),
+                    format!(
+                        "frame of {n} bytes is over the {MAX_FRAME_LEN}-byte limit; it was skipped"
+                    ),
                 );
                 if tx.send(encode_response(0, Err(err))).await.is_err() {
                     break;
@@ -174,7 +176,10 @@ mod tests {
     #[test]
     fn finds_the_named_port() {
         let dir = tempfile::tempdir().unwrap();
-        for (port, name) in [("vport0p1", "org.qemu.guest_agent.0"), ("vport1p1", "org.banger.agent")] {
+        for (port, name) in [
+            ("vport0p1", "org.qemu.guest_agent.0"),
+            ("vport1p1", "org.banger.agent"),
+        ] {
             std::fs::create_dir(dir.path().join(port)).unwrap();
             std::fs::write(dir.path().join(port).join("name"), format!("{name}\n")).unwrap();
         }

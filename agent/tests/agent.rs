@@ -117,7 +117,11 @@ async fn wait_port_returns_when_a_listener_appears() {
 }
 
 /// Write one raw frame and read one raw reply.
-async fn raw_exchange(s: &mut UnixStream, len: u32, body: &[u8]) -> banger_agent_proto::ResponseEnvelope {
+async fn raw_exchange(
+    s: &mut UnixStream,
+    len: u32,
+    body: &[u8],
+) -> banger_agent_proto::ResponseEnvelope {
     s.write_all(&len.to_be_bytes()).await.unwrap();
     s.write_all(body).await.unwrap();
     let mut n = [0u8; 4];
@@ -141,11 +145,17 @@ async fn bad_frames_get_error_replies_and_the_connection_goes_on() {
 
     let newer = br#"{"v":99,"id":12,"op":"health"}"#;
     let r = raw_exchange(&mut s, newer.len() as u32, newer).await;
-    assert_eq!((r.id, r.result.unwrap_err().kind), (12, ErrorKind::UnsupportedVersion));
+    assert_eq!(
+        (r.id, r.result.unwrap_err().kind),
+        (12, ErrorKind::UnsupportedVersion)
+    );
 
     let unknown = br#"{"v":1,"id":13,"op":"format_disk"}"#;
     let r = raw_exchange(&mut s, unknown.len() as u32, unknown).await;
-    assert_eq!((r.id, r.result.unwrap_err().kind), (13, ErrorKind::UnknownRequest));
+    assert_eq!(
+        (r.id, r.result.unwrap_err().kind),
+        (13, ErrorKind::UnknownRequest)
+    );
 
     // An oversized frame: the agent answers at once and skips the body.
     let big = vec![b'x'; MAX_FRAME_LEN + 1];
@@ -169,7 +179,10 @@ async fn bad_frames_get_error_replies_and_the_connection_goes_on() {
 async fn shutdown_replies_before_the_agent_acts() {
     let mut agent = AgentProc::start();
     let mut c = agent.client().await;
-    let reply = c.call(Request::Shutdown { reboot: false }, T).await.unwrap();
+    let reply = c
+        .call(Request::Shutdown { reboot: false }, T)
+        .await
+        .unwrap();
     assert_eq!(reply, Response::ShuttingDown { reboot: false });
     // With --no-power the agent exits instead of powering off this host.
     let start = Instant::now();
@@ -192,7 +205,11 @@ fn call_subcommand_prints_the_reply() {
         .arg("health")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["kind"], "health");
     assert_eq!(v["boot_id"], boot_id());

@@ -55,8 +55,10 @@ pub struct CoreDeps {
 #[derive(Debug)]
 pub struct Core {
     config: RwLock<Arc<Config>>,
-    deps: CoreDeps,
+    pub(crate) deps: CoreDeps,
     jobs: Arc<Jobs>,
+    /// Images some operation holds exclusively (promote, delete, seeding).
+    pub(crate) busy_images: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn job_settings(config: &Config) -> JobSettings {
@@ -78,6 +80,7 @@ impl Core {
             config: RwLock::new(Arc::new(config)),
             deps,
             jobs,
+            busy_images: Default::default(),
         })
     }
 

@@ -13,6 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::artifacts::Resource;
 use crate::auth::Action;
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{JobRowState, Store, unix_us};
@@ -100,6 +101,8 @@ pub struct JobSnapshot {
     pub stages: Vec<StageRecord>,
     /// Why it failed or was cancelled.
     pub error: Option<Error>,
+    /// What it made, once it succeeded.
+    pub result: Option<Resource>,
 }
 
 impl JobSnapshot {
@@ -140,7 +143,14 @@ pub enum JobEvent {
         id: JobId,
         /// Why it did not succeed.
         error: Option<Error>,
+        /// What it made, if anything.
+        result: Option<Resource>,
     },
+    /// A kernel or image appeared or changed. Sent before the
+    /// `Completed` of the job that made it.
+    ResourceChanged(Resource),
+    /// A kernel or image is gone.
+    ResourceRemoved(Resource),
     /// The job's retention ended; it is gone.
     Removed(JobId),
 }
@@ -203,7 +213,7 @@ impl Jobs {
         *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings;
     }
 
-    fn send(&self, event: JobEvent) {
+    pub(crate) fn send(&self, event: JobEvent) {
         // The receiver lives as long as the daemon; after shutdown there is
         // nobody left to tell.
         let _ = self.events.send(event);
@@ -221,6 +231,25 @@ impl Jobs {
     where
         F: FnOnce(JobContext) -> Fut + Send + 'static,
         Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        self.start_with_result(kind, owner_uid, action, move |ctx| async move {
+            work(ctx).await.map(|()| None)
+        })
+        .await
+    }
+
+    /// Like [`Jobs::start`], for work that makes a resource: it is the
+    /// job's result (the `result` of `Completed`).
+    pub async fn start_with_result<F, Fut>(
+        self: &Arc<Self>,
+        kind: &'static str,
+        owner_uid: u32,
+        action: Action,
+        work: F,
+    ) -> Result<JobId>
+    where
+        F: FnOnce(JobContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<Resource>>> + Send + 'static,
     {
         let started_at = SystemTime::now();
         let store = self.store.clone();
@@ -250,6 +279,7 @@ impl Jobs {
                         state: JobState::Running,
                         stages: Vec::new(),
                         error: None,
+                        result: None,
                     },
                     token: token.clone(),
                     stage_started: None,
@@ -287,14 +317,17 @@ impl Jobs {
         Ok(id)
     }
 
-    async fn complete(self: &Arc<Self>, id: JobId, outcome: Result<()>) {
+    async fn complete(self: &Arc<Self>, id: JobId, outcome: Result<Option<Resource>>) {
         let (state, error) = {
             let mut entries = self.entries();
             let Some(entry) = entries.get_mut(&id) else {
                 return;
             };
             let (state, error) = match outcome {
-                Ok(()) => (JobState::Succeeded, None),
+                Ok(made) => {
+                    entry.snapshot.result = made;
+                    (JobState::Succeeded, None)
+                }
                 Err(e) if e.kind == ErrorKind::Cancelled => {
                     let by = entry
                         .cancelled_by
@@ -353,7 +386,8 @@ impl Jobs {
             );
         }
 
-        self.send(JobEvent::Completed { id, error });
+        let result = self.get(id).and_then(|s| s.result);
+        self.send(JobEvent::Completed { id, error, result });
 
         let jobs = self.clone();
         let retention = self.settings().retention;
@@ -588,6 +622,7 @@ mod tests {
                 JobEvent::StageFinished { stage, .. } => format!("finished {stage}"),
                 JobEvent::Completed { error, .. } => format!("completed {}", error.is_none()),
                 JobEvent::Removed(_) => "removed".into(),
+                JobEvent::ResourceChanged(r) | JobEvent::ResourceRemoved(r) => format!("{r:?}"),
             })
             .collect();
         assert_eq!(

@@ -4,6 +4,7 @@
 //! channel, so tests and the binary start it the same way. See
 //! `ARCHITECTURE.md` for the map.
 
+pub mod artifacts;
 pub mod auth;
 pub mod bus;
 pub mod config;
@@ -130,6 +131,9 @@ pub async fn run(
         },
         events_tx,
     );
+    if let Err(e) = core.clean_up_artifacts().await {
+        tracing::error!("cannot clean up after interrupted kernel or image operations: {e}");
+    }
     let mirror = tokio::spawn(bus::mirror_jobs(conn.clone(), core.clone(), events_rx));
 
     bus::serve(&conn, core.clone()).await?;

@@ -31,6 +31,36 @@ pub const MIGRATIONS: &[&str] = &[
         message     TEXT
     ) STRICT;
     CREATE INDEX jobs_by_finished_at ON jobs (finished_at);",
+    // 3: kernels and images. Paths are absolute host paths; empty text
+    // means "none". An image cannot outlive its kernel.
+    "CREATE TABLE kernels (
+        id          TEXT PRIMARY KEY NOT NULL,
+        name        TEXT NOT NULL UNIQUE,
+        version     TEXT NOT NULL DEFAULT '',
+        vmlinux     TEXT NOT NULL,
+        bzimage     TEXT NOT NULL DEFAULT '',
+        initrd      TEXT NOT NULL DEFAULT '',
+        modules     TEXT NOT NULL DEFAULT '',
+        sha256      TEXT NOT NULL,
+        size_bytes  INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL,
+        owner_uid   INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE images (
+        id               TEXT PRIMARY KEY NOT NULL,
+        name             TEXT NOT NULL UNIQUE,
+        managed          INTEGER NOT NULL CHECK (managed IN (0, 1)),
+        rootfs           TEXT NOT NULL,
+        rootfs_bytes     INTEGER NOT NULL,
+        work_seed        TEXT NOT NULL DEFAULT '',
+        work_seed_sha256 TEXT NOT NULL DEFAULT '',
+        kernel_id        TEXT NOT NULL REFERENCES kernels (id) ON DELETE RESTRICT,
+        services         TEXT NOT NULL DEFAULT '[]',
+        init             TEXT NOT NULL DEFAULT '',
+        created_at       INTEGER NOT NULL,
+        owner_uid        INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX images_by_kernel ON images (kernel_id);",
 ];
 
 /// The schema version this build writes.
@@ -144,7 +174,7 @@ impl Store {
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (every write is a transaction), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())

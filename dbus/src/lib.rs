@@ -25,6 +25,14 @@ pub const INTERFACE_XML: &[(&str, &str)] = &[
         names::JOB_INTERFACE,
         include_str!("../interfaces/org.banger.Job.xml"),
     ),
+    (
+        names::KERNEL_INTERFACE,
+        include_str!("../interfaces/org.banger.Kernel.xml"),
+    ),
+    (
+        names::IMAGE_INTERFACE,
+        include_str!("../interfaces/org.banger.Image.xml"),
+    ),
 ];
 
 /// The bus policy file installed to `/usr/share/dbus-1/system.d/`.

@@ -25,6 +25,48 @@ pub const ERROR_PREFIX: &str = "org.banger.Error";
 
 const JOB_PREFIX: &str = "/org/banger/Manager/job/";
 
+const KERNEL_PREFIX: &str = "/org/banger/Manager/kernel/";
+const IMAGE_PREFIX: &str = "/org/banger/Manager/image/";
+
+/// Object path of kernel `id` (ids are lowercase hex, valid in a path).
+pub fn kernel_path(id: &str) -> OwnedObjectPath {
+    entity_path(KERNEL_PREFIX, id)
+}
+
+/// Object path of image `id`.
+pub fn image_path(id: &str) -> OwnedObjectPath {
+    entity_path(IMAGE_PREFIX, id)
+}
+
+fn entity_path(prefix: &str, id: &str) -> OwnedObjectPath {
+    let element: String = id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let element = if element.is_empty() {
+        "_".to_owned()
+    } else {
+        element
+    };
+    OwnedObjectPath::from(ObjectPath::from_string_unchecked(format!(
+        "{prefix}{element}"
+    )))
+}
+
+/// The id in a kernel object path.
+pub fn parse_kernel_path(path: &str) -> Option<&str> {
+    path.strip_prefix(KERNEL_PREFIX).filter(|s| valid_id(s))
+}
+
+/// The id in an image object path.
+pub fn parse_image_path(path: &str) -> Option<&str> {
+    path.strip_prefix(IMAGE_PREFIX).filter(|s| valid_id(s))
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// Object path of job `n`.
 pub fn job_path(n: u64) -> OwnedObjectPath {
     // A path made of a fixed valid prefix and decimal digits is always valid.
@@ -59,6 +101,23 @@ mod tests {
         for n in [0, 1, 42, u64::MAX] {
             assert_eq!(parse_job_path(job_path(n).as_str()), Some(n));
         }
+    }
+
+    #[test]
+    fn entity_paths_round_trip_and_stay_valid() {
+        assert_eq!(
+            kernel_path("0a1b").as_str(),
+            "/org/banger/Manager/kernel/0a1b"
+        );
+        assert_eq!(
+            parse_kernel_path(kernel_path("0a1b").as_str()),
+            Some("0a1b")
+        );
+        assert_eq!(parse_image_path(image_path("ff00").as_str()), Some("ff00"));
+        assert_eq!(parse_image_path(kernel_path("ff00").as_str()), None);
+        // Anything odd still yields a valid path.
+        assert!(ObjectPath::try_from(image_path("a-b/c").as_str()).is_ok());
+        assert!(ObjectPath::try_from(image_path("").as_str()).is_ok());
     }
 
     #[test]

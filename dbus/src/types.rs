@@ -46,3 +46,13 @@ pub mod verdict {
     /// Broken; the hint says what to do.
     pub const FAIL: &str = "fail";
 }
+
+/// One guest service of an image, in its `Services` property:
+/// signature `(sq)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct ServicePort {
+    /// Short name, e.g. `ssh`.
+    pub name: String,
+    /// The guest TCP port readiness waits for.
+    pub port: u16,
+}

@@ -73,7 +73,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// Send `request` and wait up to `timeout` for its reply.
-    pub async fn call(&mut self, request: Request, timeout: Duration) -> Result<Response, ClientError> {
+    pub async fn call(
+        &mut self,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
         let op = request.op();
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
@@ -85,7 +89,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     None => return Err(ClientError::Closed),
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(Frame::Oversized(n))) => {
-                        return Err(ClientError::Protocol(format!("reply of {n} bytes is over the limit")));
+                        return Err(ClientError::Protocol(format!(
+                            "reply of {n} bytes is over the limit"
+                        )));
                     }
                     Some(Ok(Frame::Data(bytes))) => {
                         let env = parse_response(&bytes)
@@ -153,7 +159,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
             .unwrap_or(0);
-        match self.call(Request::SyncTime { unix_ns: now }, timeout).await? {
+        match self
+            .call(Request::SyncTime { unix_ns: now }, timeout)
+            .await?
+        {
             Response::TimeSynced { offset_ns } => Ok(offset_ns),
             other => Err(unexpected("sync_time", &other)),
         }
@@ -194,7 +203,10 @@ mod tests {
         let (a, b) = tokio::io::duplex(4096);
         tokio::spawn(fake_agent(b, |id, req| match req {
             Request::Health => vec![
-                encode_response(id.wrapping_sub(1), Ok(Response::ShuttingDown { reboot: false })),
+                encode_response(
+                    id.wrapping_sub(1),
+                    Ok(Response::ShuttingDown { reboot: false }),
+                ),
                 encode_response(
                     id,
                     Ok(Response::Health(Health {
@@ -214,7 +226,10 @@ mod tests {
         let h = c.health(Duration::from_secs(5)).await.unwrap();
         assert_eq!(h.boot_id, "b");
         let err = c.info(Duration::from_secs(5)).await.unwrap_err();
-        assert!(matches!(err, ClientError::Agent { op: "info", ref source } if source.kind == ErrorKind::Failed), "{err}");
+        assert!(
+            matches!(err, ClientError::Agent { op: "info", ref source } if source.kind == ErrorKind::Failed),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -222,9 +237,15 @@ mod tests {
         let (a, b) = tokio::io::duplex(4096);
         let mut c = Client::new(a);
         let err = c.health(Duration::from_millis(50)).await.unwrap_err();
-        assert!(matches!(err, ClientError::Timeout { op: "health", .. }), "{err}");
+        assert!(
+            matches!(err, ClientError::Timeout { op: "health", .. }),
+            "{err}"
+        );
         drop(b);
         let err = c.health(Duration::from_secs(5)).await.unwrap_err();
-        assert!(matches!(err, ClientError::Closed | ClientError::Io(_)), "{err}");
+        assert!(
+            matches!(err, ClientError::Closed | ClientError::Io(_)),
+            "{err}"
+        );
     }
 }

@@ -234,7 +234,9 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestEnvelope, (u64, AgentError
             id,
             AgentError::new(
                 ErrorKind::UnsupportedVersion,
-                format!("protocol version {v} is not supported; this agent speaks {PROTOCOL_VERSION}"),
+                format!(
+                    "protocol version {v} is not supported; this agent speaks {PROTOCOL_VERSION}"
+                ),
             ),
         ));
     }
@@ -246,13 +248,7 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestEnvelope, (u64, AgentError
     }
     let op = value.get("op").and_then(|v| v.as_str()).map(str::to_owned);
     serde_json::from_value(value).map_err(|e| {
-        let known = [
-            "health",
-            "info",
-            "wait_port",
-            "shutdown",
-            "sync_time",
-        ];
+        let known = ["health", "info", "wait_port", "shutdown", "sync_time"];
         match op {
             Some(op) if !known.contains(&op.as_str()) => (
                 id,
@@ -352,11 +348,19 @@ mod tests {
         let cases: &[(&str, u64, ErrorKind)] = &[
             ("not json", 0, ErrorKind::BadFrame),
             (r#"{"id":4,"op":"health"}"#, 4, ErrorKind::BadFrame),
-            (r#"{"v":2,"id":5,"op":"health"}"#, 5, ErrorKind::UnsupportedVersion),
+            (
+                r#"{"v":2,"id":5,"op":"health"}"#,
+                5,
+                ErrorKind::UnsupportedVersion,
+            ),
             (r#"{"v":1,"op":"health"}"#, 0, ErrorKind::BadFrame),
             (r#"{"v":1,"id":6,"op":"fly"}"#, 6, ErrorKind::UnknownRequest),
             (r#"{"v":1,"id":7}"#, 7, ErrorKind::BadFrame),
-            (r#"{"v":1,"id":8,"op":"wait_port","port":70000,"timeout_ms":1}"#, 8, ErrorKind::BadFrame),
+            (
+                r#"{"v":1,"id":8,"op":"wait_port","port":70000,"timeout_ms":1}"#,
+                8,
+                ErrorKind::BadFrame,
+            ),
         ];
         for (input, id, kind) in cases {
             let (got_id, err) = parse_request(input.as_bytes()).unwrap_err();

@@ -2,13 +2,16 @@
 
 use std::sync::Arc;
 
-use banger_dbus::{API_VERSION, DoctorCheck, options::maintain};
+use banger_dbus::options::{import_kernel, maintain, register_image};
+use banger_dbus::{API_VERSION, DoctorCheck, image_path};
 use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, interface};
 
-use super::options::{Options, bool_opt, only_known};
+use super::options::{Options, bool_opt, only_known, str_opt, strs_opt};
 use super::{caller, job, to_wire};
+use crate::artifacts::{ImageRegistration, KernelImport};
 use crate::core::{Core, MaintainOptions, VERSION};
+use crate::jobs::JobId;
 
 /// The manager object.
 #[derive(Debug)]
@@ -20,6 +23,23 @@ impl ManagerObject {
     /// Serve `core`.
     pub fn new(core: Arc<Core>) -> Self {
         Self { core }
+    }
+
+    /// Make sure job `id`'s object exists before the caller can look at
+    /// it, and return its path.
+    async fn published(
+        &self,
+        conn: &Connection,
+        id: JobId,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        job::register(conn.object_server(), &self.core, id)
+            .await
+            .map_err(|e| {
+                banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
+                    "cannot publish the job: {e}"
+                )))
+            })?;
+        Ok(banger_dbus::job_path(id))
     }
 }
 
@@ -68,15 +88,155 @@ impl ManagerObject {
             .maintain(&caller, options)
             .await
             .map_err(to_wire)?;
-        // Make sure the object exists before the caller can look at it.
-        job::register(conn.object_server(), &self.core, id)
+        self.published(conn, id).await
+    }
+
+    /// Import a kernel into managed storage: `kernel` is the host path of
+    /// an ELF vmlinux or a bzImage (an ELF vmlinux is extracted from it for
+    /// Firecracker). Options: "initrd" (s) host path of an initramfs,
+    /// "modules" (s) host path of its lib/modules/VERSION directory. Paths
+    /// must be absolute and readable by the caller. Returns the job; its
+    /// Completed result is the new kernel object. polkit action
+    /// org.banger.image.manage.
+    #[zbus(out_args("job"))]
+    async fn import_kernel(
+        &self,
+        name: String,
+        kernel: String,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        only_known(
+            "ImportKernel",
+            &options,
+            &[import_kernel::INITRD, import_kernel::MODULES],
+        )
+        .map_err(to_wire)?;
+        let req = KernelImport {
+            name,
+            kernel: kernel.into(),
+            initrd: str_opt(&options, import_kernel::INITRD)
+                .map_err(to_wire)?
+                .map(Into::into),
+            modules: str_opt(&options, import_kernel::MODULES)
+                .map_err(to_wire)?
+                .map(Into::into),
+        };
+        let id = self
+            .core
+            .import_kernel(&caller, req)
             .await
-            .map_err(|e| {
-                banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
-                    "cannot publish the job: {e}"
-                )))
-            })?;
-        Ok(banger_dbus::job_path(id))
+            .map_err(to_wire)?;
+        self.published(conn, id).await
+    }
+
+    /// Delete a kernel by name or id, with its managed files. Refused with
+    /// Busy while an image uses it. polkit action org.banger.image.manage.
+    async fn delete_kernel(
+        &self,
+        kernel: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        self.core
+            .delete_kernel(&caller, &kernel)
+            .await
+            .map_err(to_wire)
+    }
+
+    /// Record an unmanaged image from host paths: `rootfs` an ext4 image,
+    /// `kernel` a kernel name or id. Options: "work_seed" (s) host path of
+    /// an ext4 image of the rootfs's /root, "services" (as) guest services
+    /// readiness waits for as name:port, "init" (s) the init the kernel
+    /// starts. Returns the image object. polkit action
+    /// org.banger.image.manage.
+    #[zbus(out_args("image"))]
+    async fn register_image(
+        &self,
+        name: String,
+        rootfs: String,
+        kernel: String,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        only_known(
+            "RegisterImage",
+            &options,
+            &[
+                register_image::WORK_SEED,
+                register_image::SERVICES,
+                register_image::INIT,
+            ],
+        )
+        .map_err(to_wire)?;
+        let req = ImageRegistration {
+            name,
+            rootfs: rootfs.into(),
+            kernel,
+            work_seed: str_opt(&options, register_image::WORK_SEED)
+                .map_err(to_wire)?
+                .map(Into::into),
+            services: strs_opt(&options, register_image::SERVICES).map_err(to_wire)?,
+            init: str_opt(&options, register_image::INIT).map_err(to_wire)?,
+        };
+        let image = self
+            .core
+            .register_image(&caller, req)
+            .await
+            .map_err(to_wire)?;
+        // Publish now, so the returned path exists when the caller looks.
+        super::artifacts::refresh(
+            conn.object_server(),
+            &self.core,
+            &crate::artifacts::Resource::Image(image.id.clone()),
+        )
+        .await
+        .map_err(|e| {
+            banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
+                "cannot publish the image: {e}"
+            )))
+        })?;
+        Ok(image_path(&image.id))
+    }
+
+    /// Copy an unmanaged image (by name or id) into managed storage, making
+    /// its work-seed if it has none. Returns the job; its Completed result
+    /// is the image object. polkit action org.banger.image.manage.
+    #[zbus(out_args("job"))]
+    async fn promote_image(
+        &self,
+        image: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let id = self
+            .core
+            .promote_image(&caller, &image)
+            .await
+            .map_err(to_wire)?;
+        self.published(conn, id).await
+    }
+
+    /// Delete an image by name or id; managed files go with it. Refused
+    /// with Busy while an operation or a VM uses it. polkit action
+    /// org.banger.image.manage.
+    async fn delete_image(
+        &self,
+        image: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        self.core
+            .delete_image(&caller, &image)
+            .await
+            .map_err(to_wire)
     }
 
     /// Re-read bangerd.toml. A bad file is refused with InvalidArgument

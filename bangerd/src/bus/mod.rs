@@ -4,6 +4,7 @@
 //!
 //! Invariant: this is the only module (with `os::polkit`) that sees zbus types.
 
+mod artifacts;
 mod job;
 mod manager;
 mod options;
@@ -113,7 +114,10 @@ impl BusProbe for BusNames {
 pub async fn serve(conn: &Connection, core: Arc<Core>) -> zbus::Result<()> {
     let server = conn.object_server();
     server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;
-    server.at(MANAGER_PATH, ManagerObject::new(core)).await?;
+    server
+        .at(MANAGER_PATH, ManagerObject::new(core.clone()))
+        .await?;
+    artifacts::publish_all(server, &core).await?;
     conn.request_name(BUS_NAME).await?;
     Ok(())
 }
@@ -185,7 +189,13 @@ async fn mirror_one(
             JobObject::stage_finished(emitter, stage, usec).await?;
             iface.get().await.stages_changed(emitter).await?;
         }
-        JobEvent::Completed { id, error } => {
+        JobEvent::ResourceChanged(r) => {
+            artifacts::refresh(server, core, r).await?;
+        }
+        JobEvent::ResourceRemoved(r) => {
+            artifacts::remove(server, r).await?;
+        }
+        JobEvent::Completed { id, error, result } => {
             let iface = server.interface::<_, JobObject>(job_path(*id)).await?;
             let emitter = iface.signal_emitter();
             {
@@ -203,7 +213,10 @@ async fn mirror_one(
                 error.is_none(),
                 &name,
                 &message,
-                banger_dbus::no_object(),
+                result
+                    .as_ref()
+                    .map(artifacts::path_of)
+                    .unwrap_or_else(banger_dbus::no_object),
             )
             .await?;
         }

@@ -44,6 +44,48 @@ pub fn bool_opt(options: &Options, key: &str, default: bool) -> Result<bool> {
     }
 }
 
+/// A string option, `None` when absent. Empty strings are refused.
+pub fn str_opt(options: &Options, key: &str) -> Result<Option<String>> {
+    match options.get(key) {
+        None => Ok(None),
+        Some(v) => {
+            let s: String = v
+                .try_clone()
+                .ok()
+                .and_then(|v| String::try_from(v).ok())
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "option {key} must be a string (s), not {}",
+                        v.value_signature()
+                    ))
+                })?;
+            if s.is_empty() {
+                return Err(Error::invalid(format!(
+                    "option {key} is empty; leave it out instead"
+                )));
+            }
+            Ok(Some(s))
+        }
+    }
+}
+
+/// A string-array option, empty when absent.
+pub fn strs_opt(options: &Options, key: &str) -> Result<Vec<String>> {
+    match options.get(key) {
+        None => Ok(Vec::new()),
+        Some(v) => v
+            .try_clone()
+            .ok()
+            .and_then(|v| Vec::<String>::try_from(v).ok())
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "option {key} must be an array of strings (as), not {}",
+                    v.value_signature()
+                ))
+            }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +126,40 @@ mod tests {
         let o = opts(&[("vacuum", zbus::Variant::from(true))]);
         assert!(bool_opt(&o, "vacuum", false).expect("bool"));
         assert!(!bool_opt(&opts(&[]), "vacuum", false).expect("default"));
+    }
+
+    #[test]
+    fn strings_and_string_arrays() {
+        let o = opts(&[
+            ("initrd", zbus::Variant::from("/boot/initrd")),
+            ("services", zbus::Variant::from(vec!["ssh:22".to_owned()])),
+            ("empty", zbus::Variant::from("")),
+            ("num", zbus::Variant::from(3u32)),
+        ]);
+        assert_eq!(
+            str_opt(&o, "initrd").expect("s").as_deref(),
+            Some("/boot/initrd")
+        );
+        assert_eq!(str_opt(&o, "absent").expect("none"), None);
+        assert!(
+            str_opt(&o, "empty")
+                .expect_err("empty")
+                .message
+                .contains("empty")
+        );
+        assert!(
+            str_opt(&o, "num")
+                .expect_err("type")
+                .message
+                .contains("(s)")
+        );
+        assert_eq!(strs_opt(&o, "services").expect("as"), ["ssh:22"]);
+        assert!(strs_opt(&o, "absent").expect("none").is_empty());
+        assert!(
+            strs_opt(&o, "initrd")
+                .expect_err("type")
+                .message
+                .contains("(as)")
+        );
     }
 }

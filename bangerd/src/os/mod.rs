@@ -1,4 +1,5 @@
 //! OS backends behind the core's traits.
 
+pub mod agent;
 pub mod notify;
 pub mod polkit;

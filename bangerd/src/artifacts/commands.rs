@@ -1,0 +1,791 @@
+//! The kernel and image commands of the internal API.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::files;
+use super::store::{is_fk_violation, is_unique_violation};
+use super::validate::{self, Kind, Reader};
+use super::{Image, ImageRegistration, Kernel, KernelImport, Resource, images_dir, kernels_dir};
+use crate::auth::{Action, Caller};
+use crate::core::Core;
+use crate::error::{Error, ErrorKind, Result};
+use crate::jobs::{JobContext, JobEvent, JobId};
+use crate::store::{Store, StoreError, unix_us};
+
+/// Run blocking work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Error::failed(format!("internal task failed: {e}"))))
+}
+
+fn store_err(context: &str) -> impl Fn(StoreError) -> Error + '_ {
+    move |e| Error::failed_with(context, &e)
+}
+
+/// Removes a directory when dropped, unless disarmed: a failed or
+/// cancelled job leaves nothing behind.
+struct TmpDir(Option<PathBuf>);
+
+impl TmpDir {
+    fn create(path: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&path)
+            .map_err(|e| Error::failed(format!("cannot create {}: {e}", path.display())))?;
+        Ok(Self(Some(path)))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new("/nonexistent"))
+    }
+
+    /// Rename into `dst` and stop guarding.
+    fn persist(mut self, dst: &Path) -> Result<()> {
+        let src = self.0.take().unwrap_or_default();
+        std::fs::rename(&src, dst).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&src);
+            Error::failed(format!("cannot move {} into place: {e}", dst.display()))
+        })
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// A progress callback for blocking work: reports `label` with the bytes
+/// done, mapping them onto `[from, to)` of the job, and stops the work when
+/// the job is cancelled.
+fn ticker(
+    ctx: &JobContext,
+    label: &'static str,
+    total: u64,
+    from: f64,
+    to: f64,
+) -> impl FnMut(u64) -> Result<()> + Send + 'static {
+    let ctx = ctx.clone();
+    let mut last = std::time::Instant::now();
+    move |done| {
+        ctx.check_cancelled()?;
+        if last.elapsed().as_millis() >= 200 {
+            last = std::time::Instant::now();
+            let share = if total == 0 {
+                0.0
+            } else {
+                (done as f64 / total as f64).min(1.0)
+            };
+            ctx.progress(
+                &format!("{label}: {} of {} MiB", done >> 20, total >> 20),
+                from + (to - from) * share,
+                Some(done),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whether `bytes` is a bzImage (else an ELF vmlinux), and its version.
+fn kernel_format(bytes: &[u8]) -> Result<(bool, String)> {
+    // Placeholder until banger-vmlinux lands (same commit series).
+    if bytes.starts_with(b"\x7fELF") {
+        Ok((false, String::new()))
+    } else {
+        Err(Error::invalid("not an ELF vmlinux or a bzImage"))
+    }
+}
+
+fn extract_vmlinux(bytes: &[u8]) -> Result<Vec<u8>> {
+    let _ = bytes;
+    Err(Error::unavailable("vmlinux extraction is not built yet"))
+}
+
+impl Core {
+    fn store(&self) -> &Arc<Store> {
+        &self.deps.store
+    }
+
+    async fn on_store<T: Send + 'static>(
+        &self,
+        context: &'static str,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store().clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
+            .map_err(store_err(context))
+    }
+
+    /// All kernels.
+    pub async fn kernels(&self) -> Result<Vec<Kernel>> {
+        self.on_store("listing kernels failed", Store::kernels)
+            .await
+    }
+
+    /// All images.
+    pub async fn images(&self) -> Result<Vec<Image>> {
+        self.on_store("listing images failed", Store::images).await
+    }
+
+    /// The kernel named or numbered `reference`.
+    pub async fn kernel(&self, reference: &str) -> Result<Kernel> {
+        let r = reference.to_owned();
+        self.on_store("reading kernels failed", move |s| s.kernel(&r))
+            .await?
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "there is no kernel {reference:?}; see `banger kernel list`"
+                ))
+            })
+    }
+
+    /// The image named or numbered `reference`.
+    pub async fn image(&self, reference: &str) -> Result<Image> {
+        let r = reference.to_owned();
+        self.on_store("reading images failed", move |s| s.image(&r))
+            .await?
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "there is no image {reference:?}; see `banger image list`"
+                ))
+            })
+    }
+
+    fn publish(&self, event: JobEvent) {
+        self.jobs().send(event);
+    }
+
+    /// Take `image_id` for exclusive work (promote, delete, work-seed).
+    fn claim_image(&self, image_id: &str, name: &str) -> Result<ImageClaim<'_>> {
+        let mut busy = self.busy_images.lock().unwrap_or_else(|p| p.into_inner());
+        if !busy.insert(image_id.to_owned()) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("image {name} is busy with another operation; try again when it ends"),
+            ));
+        }
+        Ok(ImageClaim {
+            core: self,
+            id: image_id.to_owned(),
+        })
+    }
+
+    /// Remove what a crash left in the kernel and image directories.
+    pub async fn clean_up_artifacts(&self) -> Result<()> {
+        let kernels = self
+            .kernels()
+            .await?
+            .into_iter()
+            .map(|k| k.id)
+            .collect::<Vec<_>>();
+        let images = self
+            .images()
+            .await?
+            .into_iter()
+            .map(|i| i.id)
+            .collect::<Vec<_>>();
+        let state = self.deps.dirs.state.clone();
+        let removed =
+            blocking(move || Ok(super::cleanup_orphans(&state, &kernels, &images))).await?;
+        for path in removed {
+            tracing::warn!(path = %path.display(), "removed a leftover of an interrupted operation");
+        }
+        Ok(())
+    }
+
+    /// Import a kernel as a job (action `org.banger.image.manage`). The
+    /// arguments are checked before the job starts; its result is the kernel.
+    pub async fn import_kernel(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: KernelImport,
+    ) -> Result<JobId> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        validate::dns_label("kernel", &req.name)?;
+        let uid = caller.uid;
+        let checked = blocking(move || {
+            let reader = Reader::for_uid(uid);
+            let kernel = validate::host_path("kernel", &req.kernel, Kind::File, &reader)?;
+            let initrd = req
+                .initrd
+                .as_deref()
+                .map(|p| validate::host_path("initrd", p, Kind::File, &reader))
+                .transpose()?;
+            let modules = req
+                .modules
+                .as_deref()
+                .map(|p| validate::host_path("modules", p, Kind::Dir, &reader))
+                .transpose()?;
+            let bytes = std::fs::read(&kernel).map_err(|e| {
+                Error::invalid(format!("kernel {} cannot be read: {e}", kernel.display()))
+            })?;
+            let (is_bzimage, version) = kernel_format(&bytes)?;
+            Ok((kernel, initrd, modules, bytes, is_bzimage, version))
+        })
+        .await?;
+        let (_kernel, initrd, modules, bytes, is_bzimage, version) = checked;
+        let name = req.name.clone();
+        if self
+            .on_store("reading kernels failed", move |s| s.kernel(&name))
+            .await?
+            .is_some()
+        {
+            return Err(already_exists("kernel", &req.name));
+        }
+
+        let core = self.clone();
+        let name = req.name;
+        self.jobs()
+            .start_with_result("kernel-import", uid, Action::ImageManage, move |ctx| async move {
+                let id = super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
+                let state = core.deps.dirs.state.clone();
+                let tmp = TmpDir::create(kernels_dir(&state).join(format!(".tmp-{id}")))?;
+                let final_dir = kernels_dir(&state).join(&id);
+
+                ctx.stage(if is_bzimage { "extract vmlinux" } else { "copy vmlinux" }, 0.0).await?;
+                let dir = tmp.path().to_owned();
+                blocking(move || {
+                    let vmlinux = if is_bzimage {
+                        let elf = extract_vmlinux(&bytes)?;
+                        std::fs::write(dir.join("vmlinuz"), &bytes)
+                            .map_err(|e| Error::failed(format!("cannot write the bzImage: {e}")))?;
+                        elf
+                    } else {
+                        bytes
+                    };
+                    std::fs::write(dir.join("vmlinux"), &vmlinux)
+                        .map_err(|e| Error::failed(format!("cannot write the vmlinux: {e}")))
+                })
+                .await?;
+
+                if let Some(src) = initrd.clone() {
+                    ctx.stage("copy initrd", 0.3).await?;
+                    let dst = tmp.path().join("initrd.img");
+                    let total = files::disk_usage(&src);
+                    let mut tick = ticker(&ctx, "initrd", total, 0.3, 0.4);
+                    blocking(move || files::sparse_copy(&src, &dst, &mut tick).map(|_| ())).await?;
+                }
+                if let Some(src) = modules.clone() {
+                    ctx.stage("copy modules", 0.4).await?;
+                    let dst = tmp.path().join("modules");
+                    let total = blocking({
+                        let src = src.clone();
+                        move || Ok(files::disk_usage(&src))
+                    })
+                    .await?;
+                    let mut tick = ticker(&ctx, "modules", total, 0.4, 0.85);
+                    blocking(move || files::copy_tree(&src, &dst, &mut tick).map(|_| ())).await?;
+                }
+
+                ctx.stage("digest", 0.85).await?;
+                let vmlinux_tmp = tmp.path().join("vmlinux");
+                let mut tick = ticker(&ctx, "sha256", 0, 0.85, 0.95);
+                let sha256 = blocking(move || files::sha256_file(&vmlinux_tmp, &mut tick)).await?;
+                let size_bytes = files::disk_usage(tmp.path());
+
+                ctx.stage("record", 0.95).await?;
+                tmp.persist(&final_dir)?;
+                let kernel = Kernel {
+                    id: id.clone(),
+                    name: name.clone(),
+                    version,
+                    vmlinux: final_dir.join("vmlinux"),
+                    bzimage: is_bzimage.then(|| final_dir.join("vmlinuz")),
+                    initrd: initrd.map(|_| final_dir.join("initrd.img")),
+                    modules: modules.map(|_| final_dir.join("modules")),
+                    sha256,
+                    size_bytes,
+                    created_at: unix_us(SystemTime::now()),
+                    owner_uid: uid,
+                };
+                let row = kernel.clone();
+                let store = core.store().clone();
+                let stored = tokio::task::spawn_blocking(move || store.insert_kernel(&row))
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+                if let Err(e) = stored {
+                    let _ = std::fs::remove_dir_all(&final_dir);
+                    return Err(if is_unique_violation(&e) {
+                        already_exists("kernel", &name)
+                    } else {
+                        Error::failed_with("recording the kernel failed", &e)
+                    });
+                }
+                tracing::info!(banger_kernel = %name, banger_kernel_id = %id, "kernel imported");
+                core.publish(JobEvent::ResourceChanged(Resource::Kernel(id.clone())));
+                Ok(Some(Resource::Kernel(id)))
+            })
+            .await
+    }
+
+    /// Delete a kernel; refused while an image uses it.
+    pub async fn delete_kernel(&self, caller: &Caller, reference: &str) -> Result<()> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        let kernel = self.kernel(reference).await?;
+        let id = kernel.id.clone();
+        let users = self
+            .on_store("reading images failed", move |s| s.images_using_kernel(&id))
+            .await?;
+        if !users.is_empty() {
+            return Err(kernel_in_use(&kernel.name, &users));
+        }
+        let id = kernel.id.clone();
+        let store = self.store().clone();
+        let deleted = tokio::task::spawn_blocking(move || store.delete_kernel(&id))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+        match deleted {
+            Ok(_) => {}
+            Err(e) if is_fk_violation(&e) => return Err(kernel_in_use(&kernel.name, &[])),
+            Err(e) => return Err(Error::failed_with("deleting the kernel failed", &e)),
+        }
+        let dir = kernels_dir(&self.deps.dirs.state).join(&kernel.id);
+        blocking(move || {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| Error::failed(format!("cannot remove {}: {e}", dir.display())))?;
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(banger_kernel = %kernel.name, "kernel deleted");
+        self.publish(JobEvent::ResourceRemoved(Resource::Kernel(kernel.id)));
+        Ok(())
+    }
+
+    /// Register an unmanaged image from host paths.
+    pub async fn register_image(&self, caller: &Caller, req: ImageRegistration) -> Result<Image> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        validate::dns_label("image", &req.name)?;
+        let services = validate::services(&req.services)?;
+        if let Some(init) = &req.init {
+            validate::init_path(init)?;
+        }
+        let kernel = self.kernel(&req.kernel).await?;
+        let uid = caller.uid;
+        let (rootfs, work_seed, rootfs_bytes) = {
+            let rootfs = req.rootfs.clone();
+            let work_seed = req.work_seed.clone();
+            blocking(move || {
+                let reader = Reader::for_uid(uid);
+                let rootfs = validate::host_path("rootfs", &rootfs, Kind::File, &reader)?;
+                validate::ext4_image("rootfs", &rootfs)?;
+                let work_seed = work_seed
+                    .as_deref()
+                    .map(|p| {
+                        let p = validate::host_path("work-seed", p, Kind::File, &reader)?;
+                        validate::ext4_image("work-seed", &p)?;
+                        Ok::<_, Error>(p)
+                    })
+                    .transpose()?;
+                let bytes = std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0);
+                Ok((rootfs, work_seed, bytes))
+            })
+            .await?
+        };
+        let work_seed_sha256 = match work_seed.clone() {
+            Some(p) => blocking(move || files::sha256_file(&p, &mut |_| Ok(()))).await?,
+            None => String::new(),
+        };
+        let image = Image {
+            id: super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?,
+            name: req.name.clone(),
+            managed: false,
+            rootfs,
+            rootfs_bytes,
+            work_seed,
+            work_seed_sha256,
+            kernel_id: kernel.id,
+            services,
+            init: req.init,
+            created_at: unix_us(SystemTime::now()),
+            owner_uid: uid,
+        };
+        let row = image.clone();
+        let stored = tokio::task::spawn_blocking({
+            let store = self.store().clone();
+            move || store.insert_image(&row)
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+        match stored {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => return Err(already_exists("image", &req.name)),
+            Err(e) if is_fk_violation(&e) => {
+                return Err(Error::not_found(format!(
+                    "kernel {} was deleted meanwhile; import it again",
+                    req.kernel
+                )));
+            }
+            Err(e) => return Err(Error::failed_with("recording the image failed", &e)),
+        }
+        tracing::info!(banger_image = %image.name, banger_image_id = %image.id, "image registered");
+        self.publish(JobEvent::ResourceChanged(Resource::Image(image.id.clone())));
+        Ok(image)
+    }
+
+    /// Copy an unmanaged image into managed storage, as a job.
+    pub async fn promote_image(
+        self: &Arc<Self>,
+        caller: &Caller,
+        reference: &str,
+    ) -> Result<JobId> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        let image = self.image(reference).await?;
+        if image.managed {
+            return Err(Error::invalid(format!(
+                "image {} is already managed; nothing to promote",
+                image.name
+            )));
+        }
+        // Claimed for the whole job; released when the job's work ends.
+        self.claim_image(&image.id, &image.name)?.forget();
+        let core = self.clone();
+        let uid = caller.uid;
+        let id = image.id.clone();
+        let started = self
+            .jobs()
+            .start_with_result(
+                "image-promote",
+                uid,
+                Action::ImageManage,
+                move |ctx| async move {
+                    let _claim = ImageClaim {
+                        core: &core,
+                        id: image.id.clone(),
+                    };
+                    core.promote(&ctx, image).await
+                },
+            )
+            .await;
+        if started.is_err() {
+            self.release_image(&id);
+        }
+        started
+    }
+
+    async fn promote(&self, ctx: &JobContext, image: Image) -> Result<Option<Resource>> {
+        let state = self.deps.dirs.state.clone();
+        let tmp = TmpDir::create(images_dir(&state).join(format!(".tmp-{}", image.id)))?;
+        let final_dir = images_dir(&state).join(&image.id);
+
+        ctx.stage("copy rootfs", 0.0).await?;
+        let src = image.rootfs.clone();
+        let dst = tmp.path().join("rootfs.ext4");
+        let mut tick = ticker(ctx, "rootfs", image.rootfs_bytes, 0.0, 0.7);
+        blocking(move || files::sparse_copy(&src, &dst, &mut tick).map(|_| ())).await?;
+
+        let seed = tmp.path().join("work-seed.ext4");
+        match image.work_seed.clone() {
+            Some(src) => {
+                ctx.stage("copy work-seed", 0.7).await?;
+                let total = files::disk_usage(&src);
+                let dst = seed.clone();
+                let mut tick = ticker(ctx, "work-seed", total, 0.7, 0.85);
+                blocking(move || files::sparse_copy(&src, &dst, &mut tick).map(|_| ())).await?;
+            }
+            None => {
+                ctx.stage("make work-seed", 0.7).await?;
+                let rootfs = tmp.path().join("rootfs.ext4");
+                let scratch = tmp.path().join("scratch");
+                let dst = seed.clone();
+                blocking(move || {
+                    std::fs::create_dir(&scratch).map_err(|e| {
+                        Error::failed(format!("cannot create {}: {e}", scratch.display()))
+                    })?;
+                    files::make_work_seed(&rootfs, &scratch, &dst)?;
+                    std::fs::remove_dir_all(&scratch).map_err(|e| {
+                        Error::failed(format!("cannot remove {}: {e}", scratch.display()))
+                    })
+                })
+                .await?;
+            }
+        }
+
+        ctx.stage("digest", 0.85).await?;
+        let hashed = seed.clone();
+        let mut tick = ticker(ctx, "sha256", 0, 0.85, 0.95);
+        let sha = blocking(move || files::sha256_file(&hashed, &mut tick)).await?;
+
+        ctx.stage("record", 0.95).await?;
+        tmp.persist(&final_dir)?;
+        let promoted = Image {
+            managed: true,
+            rootfs: final_dir.join("rootfs.ext4"),
+            work_seed: Some(final_dir.join("work-seed.ext4")),
+            work_seed_sha256: sha,
+            ..image
+        };
+        let row = promoted.clone();
+        if let Err(e) = self
+            .on_store("recording the promotion failed", move |s| {
+                s.update_image_files(&row)
+            })
+            .await
+        {
+            let _ = std::fs::remove_dir_all(&final_dir);
+            return Err(e);
+        }
+        tracing::info!(banger_image = %promoted.name, "image promoted");
+        self.publish(JobEvent::ResourceChanged(Resource::Image(
+            promoted.id.clone(),
+        )));
+        Ok(Some(Resource::Image(promoted.id)))
+    }
+
+    /// Delete an image; refused while it is busy (and, once VMs exist,
+    /// while VMs use it). Managed files go with it.
+    pub async fn delete_image(&self, caller: &Caller, reference: &str) -> Result<()> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        let image = self.image(reference).await?;
+        let _claim = self.claim_image(&image.id, &image.name)?;
+        let id = image.id.clone();
+        self.on_store("deleting the image failed", move |s| s.delete_image(&id))
+            .await?;
+        let dir = images_dir(&self.deps.dirs.state).join(&image.id);
+        blocking(move || {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| Error::failed(format!("cannot remove {}: {e}", dir.display())))?;
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(banger_image = %image.name, "image deleted");
+        self.publish(JobEvent::ResourceRemoved(Resource::Image(image.id)));
+        Ok(())
+    }
+
+    /// Give `image` a work-seed if it has none (images registered without
+    /// one, or promoted by an older bangerd): built from its rootfs into
+    /// managed storage and recorded with its digest. VM creation calls this.
+    pub async fn ensure_work_seed(&self, reference: &str) -> Result<Image> {
+        let image = self.image(reference).await?;
+        if image.work_seed.is_some() {
+            return Ok(image);
+        }
+        let _claim = self.claim_image(&image.id, &image.name)?;
+        let dir = images_dir(&self.deps.dirs.state).join(&image.id);
+        let rootfs = image.rootfs.clone();
+        let sha_and_path = blocking(move || {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
+            let scratch = TmpDir::create(dir.join(".tmp-seed"))?;
+            let tmp_seed = scratch.path().join("work-seed.ext4");
+            let tree = scratch.path().join("tree");
+            std::fs::create_dir(&tree)
+                .map_err(|e| Error::failed(format!("cannot create {}: {e}", tree.display())))?;
+            files::make_work_seed(&rootfs, &tree, &tmp_seed)?;
+            let sha = files::sha256_file(&tmp_seed, &mut |_| Ok(()))?;
+            let seed = dir.join("work-seed.ext4");
+            std::fs::rename(&tmp_seed, &seed)
+                .map_err(|e| Error::failed(format!("cannot move the work-seed into place: {e}")))?;
+            Ok((sha, seed))
+        })
+        .await?;
+        let (sha, seed) = sha_and_path;
+        let updated = Image {
+            work_seed: Some(seed),
+            work_seed_sha256: sha,
+            ..image
+        };
+        let row = updated.clone();
+        self.on_store("recording the work-seed failed", move |s| {
+            s.update_image_files(&row)
+        })
+        .await?;
+        tracing::info!(banger_image = %updated.name, "made the missing work-seed");
+        self.publish(JobEvent::ResourceChanged(Resource::Image(
+            updated.id.clone(),
+        )));
+        Ok(updated)
+    }
+
+    fn release_image(&self, id: &str) {
+        self.busy_images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+}
+
+/// Exclusive use of an image; released on drop.
+struct ImageClaim<'a> {
+    core: &'a Core,
+    id: String,
+}
+
+impl ImageClaim<'_> {
+    /// Keep the claim past this value (a job releases it later).
+    fn forget(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for ImageClaim<'_> {
+    fn drop(&mut self) {
+        self.core.release_image(&self.id);
+    }
+}
+
+fn already_exists(what: &str, name: &str) -> Error {
+    Error::new(
+        ErrorKind::AlreadyExists,
+        format!("a {what} named {name} already exists; pick another name or delete it first"),
+    )
+}
+
+fn kernel_in_use(name: &str, users: &[String]) -> Error {
+    let who = if users.is_empty() {
+        "images".to_owned()
+    } else {
+        format!("image(s) {}", users.join(", "))
+    };
+    Error::new(
+        ErrorKind::Busy,
+        format!("kernel {name} is used by {who}; delete those first"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Authorizer, BoxFuture};
+    use crate::config::Config;
+    use crate::core::CoreDeps;
+    use crate::doctor::{BusProbe, HostPaths, NameState};
+    use crate::paths::Dirs;
+
+    #[derive(Debug)]
+    struct AllowAll;
+
+    impl Authorizer for AllowAll {
+        fn authorize<'a>(&'a self, _: &'a Caller, _: Action) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[derive(Debug)]
+    struct NoBus;
+
+    impl BusProbe for NoBus {
+        fn name_state<'a>(&'a self, _: &'a str) -> BoxFuture<'a, NameState> {
+            Box::pin(async { NameState::Absent })
+        }
+    }
+
+    fn core(dir: &Path) -> Arc<Core> {
+        let dirs = Dirs::from_lookup(|var| Some(dir.join(var)));
+        dirs.create().expect("dirs");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::mem::forget(rx);
+        Core::new(
+            Config::default(),
+            CoreDeps {
+                config_file: dirs.config_file(),
+                dirs,
+                store: Arc::new(Store::open_in_memory().expect("store")),
+                authorizer: Arc::new(AllowAll),
+                bus: Arc::new(NoBus),
+                host: HostPaths::default(),
+            },
+            tx,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_missing_work_seed_is_made_lazily_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let inputs = dir.path().join("in");
+        std::fs::create_dir_all(inputs.join("tree/root")).expect("mkdir");
+        std::fs::write(inputs.join("tree/root/.bashrc"), b"alias ll='ls -l'\n").expect("write");
+        std::fs::write(inputs.join("vmlinux"), b"\x7fELF fake").expect("write");
+        let st = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(inputs.join("tree"))
+            .arg(inputs.join("rootfs.ext4"))
+            .arg("16M")
+            .status()
+            .expect("mkfs.ext4");
+        assert!(st.success());
+        // A kernel row straight into the store (kernel import is tested
+        // through the daemon).
+        let kernel = Kernel {
+            id: "00000000000000aa".into(),
+            name: "k".into(),
+            version: String::new(),
+            vmlinux: inputs.join("vmlinux"),
+            bzimage: None,
+            initrd: None,
+            modules: None,
+            sha256: String::new(),
+            size_bytes: 0,
+            created_at: 0,
+            owner_uid: 0,
+        };
+        core.store().insert_kernel(&kernel).expect("kernel");
+        let image = core
+            .register_image(
+                &Caller::root(),
+                ImageRegistration {
+                    name: "old".into(),
+                    rootfs: inputs.join("rootfs.ext4"),
+                    kernel: "k".into(),
+                    work_seed: None,
+                    services: vec![],
+                    init: None,
+                },
+            )
+            .await
+            .expect("register");
+        assert_eq!(image.work_seed, None);
+
+        let seeded = core.ensure_work_seed("old").await.expect("seed");
+        let seed = seeded.work_seed.clone().expect("has a seed now");
+        assert!(seed.starts_with(images_dir(&core.deps.dirs.state).join(&image.id)));
+        assert!(validate::is_ext4(&seed).expect("read"));
+        assert_eq!(seeded.work_seed_sha256.len(), 64);
+        assert_eq!(core.image("old").await.expect("row"), seeded);
+        let mtime = std::fs::metadata(&seed)
+            .expect("meta")
+            .modified()
+            .expect("mtime");
+        let again = core.ensure_work_seed("old").await.expect("again");
+        assert_eq!(again, seeded);
+        assert_eq!(
+            std::fs::metadata(&seed)
+                .expect("meta")
+                .modified()
+                .expect("mtime"),
+            mtime
+        );
+        // No scratch left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(seed.parent().expect("dir"))
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(leftovers, ["work-seed.ext4"]);
+    }
+}

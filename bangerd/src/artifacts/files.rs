@@ -1,0 +1,333 @@
+//! File work for kernels and images: sparse copies with progress, tree
+//! copies, digests and work-seeds. Everything here blocks; callers run it
+//! with `spawn_blocking`. Long loops call `tick` so a cancelled job stops
+//! promptly.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+const CHUNK: usize = 1 << 20;
+
+/// Called with the bytes done so far; an error stops the work.
+pub type Tick<'a> = &'a mut dyn FnMut(u64) -> Result<()>;
+
+fn io(context: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::failed(format!("{context} {}: {e}", path.display()))
+}
+
+/// Copy `src` to the new file `dst`, keeping holes: only the data regions
+/// (found with SEEK_DATA/SEEK_HOLE) are read and written. Returns the
+/// bytes of data copied.
+pub fn sparse_copy(src: &Path, dst: &Path, tick: Tick<'_>) -> Result<u64> {
+    use nix::unistd::{Whence, lseek};
+    let mut from = File::open(src).map_err(|e| io("cannot open", src, e))?;
+    let len = from
+        .metadata()
+        .map_err(|e| io("cannot stat", src, e))?
+        .len();
+    let mut to = File::options()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(|e| io("cannot create", dst, e))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    let mut pos: i64 = 0;
+    let end = i64::try_from(len).unwrap_or(i64::MAX);
+    while pos < end {
+        let data = match lseek(from.as_fd(), pos, Whence::SeekData) {
+            Ok(p) => p,
+            // ENXIO: no data after pos, the rest is a hole.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(Error::failed(format!("cannot seek {}: {e}", src.display()))),
+        };
+        let hole = lseek(from.as_fd(), data, Whence::SeekHole).unwrap_or(end);
+        from.seek(SeekFrom::Start(data as u64))
+            .map_err(|e| io("cannot seek", src, e))?;
+        to.seek(SeekFrom::Start(data as u64))
+            .map_err(|e| io("cannot seek", dst, e))?;
+        let mut left = (hole - data) as u64;
+        while left > 0 {
+            let n = from
+                .read(&mut buf[..CHUNK.min(left as usize)])
+                .map_err(|e| io("cannot read", src, e))?;
+            if n == 0 {
+                break;
+            }
+            to.write_all(&buf[..n])
+                .map_err(|e| io("cannot write", dst, e))?;
+            left -= n as u64;
+            done += n as u64;
+            tick(done)?;
+        }
+        pos = hole;
+    }
+    to.set_len(len).map_err(|e| io("cannot size", dst, e))?;
+    to.sync_all().map_err(|e| io("cannot flush", dst, e))?;
+    Ok(done)
+}
+
+/// Copy the directory tree `src` to the new directory `dst`: directories,
+/// regular files and symlinks (as links); anything else is skipped.
+/// Returns the bytes of file data copied.
+pub fn copy_tree(src: &Path, dst: &Path, tick: Tick<'_>) -> Result<u64> {
+    let mut done = 0;
+    copy_tree_inner(src, dst, &mut done, tick)?;
+    Ok(done)
+}
+
+fn copy_tree_inner(src: &Path, dst: &Path, done: &mut u64, tick: Tick<'_>) -> Result<()> {
+    // create_dir, not create_dir_all: if a cancelled job's directory was
+    // removed under us, this fails instead of recreating it.
+    std::fs::create_dir(dst).map_err(|e| io("cannot create", dst, e))?;
+    let entries = std::fs::read_dir(src).map_err(|e| io("cannot list", src, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io("cannot list", src, e))?;
+        let from = entry.path();
+        let to = dst.join(entry.file_name());
+        let ty = entry.file_type().map_err(|e| io("cannot stat", &from, e))?;
+        if ty.is_dir() {
+            copy_tree_inner(&from, &to, done, tick)?;
+        } else if ty.is_symlink() {
+            let target = std::fs::read_link(&from).map_err(|e| io("cannot read link", &from, e))?;
+            std::os::unix::fs::symlink(&target, &to).map_err(|e| io("cannot link", &to, e))?;
+        } else if ty.is_file() {
+            let n = std::fs::copy(&from, &to).map_err(|e| io("cannot copy", &from, e))?;
+            *done += n;
+            tick(*done)?;
+        }
+    }
+    Ok(())
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path, tick: Tick<'_>) -> Result<String> {
+    let mut f = File::open(path).map_err(|e| io("cannot open", path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io("cannot read", path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        done += n as u64;
+        tick(done)?;
+    }
+    Ok(super::hex(&hasher.finalize()))
+}
+
+/// Bytes of every regular file under `path` (or of `path` itself).
+pub fn disk_usage(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if meta.is_dir() {
+        std::fs::read_dir(path)
+            .map(|entries| entries.flatten().map(|e| disk_usage(&e.path())).sum())
+            .unwrap_or(0)
+    } else if meta.is_file() {
+        meta.len()
+    } else {
+        0
+    }
+}
+
+/// The label of every work disk; guests mount it at /root.
+pub const WORK_LABEL: &str = "banger-work";
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .output()
+        .map_err(|e| Error::unavailable(format!("cannot run {what}: {e}; install e2fsprogs")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(Error::failed(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            stderr.trim()
+        )))
+    }
+}
+
+/// Make a work-seed at `dst` from the `/root` of the ext4 image `rootfs`,
+/// without mounting anything: `debugfs rdump` copies the tree out
+/// (owners and modes kept, as root), `mkfs.ext4 -d` builds the image.
+/// `scratch` is an empty directory for the copy.
+pub fn make_work_seed(rootfs: &Path, scratch: &Path, dst: &Path) -> Result<()> {
+    let tree = scratch.join("root");
+    // debugfs exits 0 even when /root is missing; an empty seed is right then.
+    run(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("rdump /root {}", scratch.display()))
+            .arg(rootfs),
+        "debugfs rdump",
+    )?;
+    if !tree.is_dir() {
+        std::fs::create_dir(&tree).map_err(|e| io("cannot create", &tree, e))?;
+    }
+    // Room for the files plus growth headroom; the VM grows it further.
+    let used = disk_usage(&tree);
+    let size_mib = (used / (1 << 20)) * 2 + 64;
+    run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", WORK_LABEL, "-d"])
+            .arg(&tree)
+            .arg(dst)
+            .arg(format!("{size_mib}M")),
+        "mkfs.ext4",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn no_tick(_: u64) -> Result<()> {
+        Ok(())
+    }
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        let mut f = File::create(&src).expect("create");
+        f.seek(SeekFrom::Start(8 << 20)).expect("seek");
+        f.write_all(b"middle").expect("write");
+        f.set_len(64 << 20).expect("len");
+        drop(f);
+        let dst = dir.path().join("dst");
+        let mut ticks = 0;
+        let copied = sparse_copy(&src, &dst, &mut |_| {
+            ticks += 1;
+            Ok(())
+        })
+        .expect("copy");
+        assert!(
+            copied < 1 << 20,
+            "copied {copied} bytes of a mostly empty file"
+        );
+        assert!(ticks >= 1);
+        let (a, b) = (
+            std::fs::read(&src).expect("read"),
+            std::fs::read(&dst).expect("read"),
+        );
+        assert_eq!(a, b);
+        let blocks = std::fs::metadata(&dst).expect("meta").blocks();
+        assert!(
+            blocks * 512 < 1 << 20,
+            "destination is not sparse: {blocks} blocks"
+        );
+        // The destination must be new.
+        assert!(sparse_copy(&src, &dst, &mut no_tick).is_err());
+    }
+
+    #[test]
+    fn sparse_copy_stops_when_told() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        std::fs::write(&src, vec![1u8; 3 * CHUNK]).expect("write");
+        let err = sparse_copy(&src, &dir.path().join("dst"), &mut |_| {
+            Err(Error::cancelled("cancelled"))
+        })
+        .expect_err("stopped");
+        assert_eq!(err.kind, crate::error::ErrorKind::Cancelled);
+    }
+
+    #[test]
+    fn copy_tree_copies_files_dirs_and_links() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("kernel/drivers")).expect("mkdir");
+        std::fs::write(src.join("modules.dep"), b"dep").expect("write");
+        std::fs::write(src.join("kernel/drivers/a.ko"), b"ko").expect("write");
+        std::os::unix::fs::symlink("/usr/src/linux", src.join("build")).expect("link");
+        let dst = dir.path().join("dst");
+        assert_eq!(copy_tree(&src, &dst, &mut no_tick).expect("copy"), 5);
+        assert_eq!(
+            std::fs::read(dst.join("kernel/drivers/a.ko")).expect("read"),
+            b"ko"
+        );
+        assert_eq!(
+            std::fs::read_link(dst.join("build")).expect("link"),
+            Path::new("/usr/src/linux")
+        );
+        assert_eq!(disk_usage(&dst), 5);
+    }
+
+    #[test]
+    fn sha256_matches_the_known_digest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"abc").expect("write");
+        assert_eq!(
+            sha256_file(&f, &mut no_tick).expect("hash"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn work_seed_holds_the_rootfs_root_with_owners() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("root/.ssh")).expect("mkdir");
+        std::fs::create_dir_all(tree.join("etc")).expect("mkdir");
+        std::fs::write(tree.join("root/.bashrc"), b"export A=1\n").expect("write");
+        std::fs::write(tree.join("etc/hostname"), b"x\n").expect("write");
+        std::os::unix::fs::chown(tree.join("root/.bashrc"), Some(1234), Some(1234)).expect("chown");
+        let rootfs = dir.path().join("rootfs.ext4");
+        run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-d"])
+                .arg(&tree)
+                .arg(&rootfs)
+                .arg("16M"),
+            "mkfs.ext4",
+        )
+        .expect("rootfs");
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir(&scratch).expect("mkdir");
+        let seed = dir.path().join("work-seed.ext4");
+        make_work_seed(&rootfs, &scratch, &seed).expect("seed");
+        assert!(super::super::validate::is_ext4(&seed).expect("read"));
+
+        // Read it back with debugfs: the file, its owner, the label.
+        let out = Command::new("debugfs")
+            .args(["-R", "stat /.bashrc"])
+            .arg(&seed)
+            .output()
+            .expect("debugfs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("User:  1234"), "{text}");
+        let out = Command::new("debugfs")
+            .args(["-R", "ls /"])
+            .arg(&seed)
+            .output()
+            .expect("debugfs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(".ssh") && !text.contains("hostname"),
+            "{text}"
+        );
+        let out = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&seed)
+            .output()
+            .expect("dumpe2fs");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("volume name:   {WORK_LABEL}"))
+        );
+    }
+}
