@@ -671,3 +671,73 @@ fn kernel_and_image_objects_serve_the_checked_in_interfaces() {
         );
     }
 }
+
+/// The real Debian cloud kernel from `scripts/build-test-kernel`: imported
+/// as a bzImage (the vmlinux is extracted), then that vmlinux imported again
+/// as an ELF. Both must look like something Firecracker's loader takes.
+#[test]
+fn real_debian_kernel_imports_as_bzimage_and_as_extracted_elf() {
+    let vmlinuz = banger_testbed::guest_artifact("kernel/vmlinuz", "build-test-kernel");
+    let initrd = banger_testbed::guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let bed = bed("");
+    runtime().block_on(async {
+        let conn = connect(&bed).await;
+        let manager = ManagerProxy::new(&conn).await.unwrap();
+        let mut signals = job_signals(&conn).await;
+        let initrd = Variant::from(initrd.to_string_lossy().into_owned());
+        let job = manager
+            .import_kernel(
+                "debian",
+                &vmlinuz.to_string_lossy(),
+                opts(&[("initrd", initrd)]),
+            )
+            .await
+            .unwrap();
+        let (ok, name, msg, path) = completed(&mut signals, &job).await;
+        assert!(ok, "{name}: {msg}");
+        let kernel = KernelProxy::builder(&conn)
+            .path(path)
+            .build()
+            .await
+            .unwrap();
+        assert!(
+            kernel.version().await.unwrap().starts_with("6.1"),
+            "{}",
+            kernel.version().await.unwrap()
+        );
+        assert_eq!(
+            std::fs::read(kernel.bz_image().await.unwrap()).unwrap(),
+            std::fs::read(&vmlinuz).unwrap()
+        );
+        let vmlinux = kernel.vmlinux().await.unwrap();
+        let out = std::process::Command::new("readelf")
+            .args(["-h", "-l"])
+            .arg(&vmlinux)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        for want in [
+            "ELF64",
+            "Advanced Micro Devices X86-64",
+            "EXEC (Executable file)",
+            "LOAD",
+        ] {
+            assert!(text.contains(want), "readelf lacks {want:?}:\n{text}");
+        }
+
+        let job = manager
+            .import_kernel("debian-elf", &vmlinux, HashMap::new())
+            .await
+            .unwrap();
+        let (ok, name, msg, path) = completed(&mut signals, &job).await;
+        assert!(ok, "{name}: {msg}");
+        let elf = KernelProxy::builder(&conn)
+            .path(path)
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(elf.bz_image().await.unwrap(), "");
+        assert_eq!(elf.sha256().await.unwrap(), kernel.sha256().await.unwrap());
+    });
+}

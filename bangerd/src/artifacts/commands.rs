@@ -91,17 +91,20 @@ fn ticker(
 
 /// Whether `bytes` is a bzImage (else an ELF vmlinux), and its version.
 fn kernel_format(bytes: &[u8]) -> Result<(bool, String)> {
-    // Placeholder until banger-vmlinux lands (same commit series).
-    if bytes.starts_with(b"\x7fELF") {
-        Ok((false, String::new()))
-    } else {
-        Err(Error::invalid("not an ELF vmlinux or a bzImage"))
+    match banger_vmlinux::inspect(bytes) {
+        Ok(banger_vmlinux::KernelImage::Elf(elf)) => {
+            elf.check_firecracker()
+                .map_err(|e| Error::invalid(format!("kernel: {e}")))?;
+            Ok((false, String::new()))
+        }
+        Ok(banger_vmlinux::KernelImage::BzImage(bz)) => Ok((true, bz.version.unwrap_or_default())),
+        Err(e) => Err(Error::invalid(format!("kernel: {e}"))),
     }
 }
 
 fn extract_vmlinux(bytes: &[u8]) -> Result<Vec<u8>> {
-    let _ = bytes;
-    Err(Error::unavailable("vmlinux extraction is not built yet"))
+    banger_vmlinux::extract_vmlinux(bytes)
+        .map_err(|e| Error::invalid(format!("cannot extract a vmlinux from the bzImage: {e}")))
 }
 
 impl Core {

@@ -59,3 +59,25 @@ pub fn mkfs_ext4(dir: &Path, image: &Path, size: &str) -> std::io::Result<()> {
         )))
     }
 }
+
+/// Where the guest builders (`scripts/build-test-kernel`,
+/// `scripts/build-tiny-image`, ...) put their output:
+/// `$BANGER_ARTIFACTS`, else `<repo>/build/guest`.
+pub fn artifacts_dir() -> std::path::PathBuf {
+    std::env::var_os("BANGER_ARTIFACTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/guest"))
+}
+
+/// A built guest artifact, e.g. `kernel/vmlinuz`. Panics with the command
+/// to run when it is missing: tests that need a real kernel or image must
+/// fail, not skip, on a machine that has not built them.
+pub fn guest_artifact(relative: &str, builder: &str) -> std::path::PathBuf {
+    let path = artifacts_dir().join(relative);
+    assert!(
+        path.exists(),
+        "{} is missing: run `sudo scripts/{builder}` (or set BANGER_ARTIFACTS to where it was built)",
+        path.display()
+    );
+    path
+}

@@ -63,7 +63,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use bed::{BANGER_BUS_POLICY, MANAGER_NAME, Options, POLKIT_NAME, TestBed, bus_config};
-pub use fixtures::{mkfs_ext4, tiny_vmlinux};
+pub use fixtures::{artifacts_dir, guest_artifact, mkfs_ext4, tiny_vmlinux};
 pub use journald::{Journald, journal_entries};
 pub use polkit::{RuleGuard, install_polkit_rule};
 pub use spawn::pid_alive;
