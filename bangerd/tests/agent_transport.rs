@@ -1,0 +1,196 @@
+//! bangerd's agent client against the real `banger-agent` binary: over a
+//! unix socket, and through a Firecracker hybrid-vsock socket that follows
+//! Firecracker's contract (`CONNECT <port>\n` → `OK <host_port>\n`, then
+//! the raw stream).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bangerd::os::agent::{AgentConnectError, AgentEndpoint, connect, wait_until_ready};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+const T: Duration = Duration::from_secs(10);
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_agent(socket: &Path) -> Agent {
+    Agent(
+        Command::new(banger_testbed::bin_path("banger-agent"))
+            .arg("--unix")
+            .arg(socket)
+            .arg("--no-power")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn wait_for(path: &Path) {
+    for _ in 0..200 {
+        if path.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{} never appeared", path.display());
+}
+
+/// How the fake Firecracker answers a `CONNECT`.
+#[derive(Clone, Copy, Debug)]
+enum Fc {
+    /// Like Firecracker with a listening guest: OK, then splice.
+    Accept,
+    /// Like Firecracker with nobody listening on the port: close.
+    Close,
+    /// Something that is not Firecracker.
+    Garbage,
+    /// Never answer.
+    Silent,
+}
+
+/// A unix listener at `uds` playing Firecracker's vsock device in front of
+/// the agent's socket `agent`, for guest port `port`.
+fn fake_firecracker(uds: PathBuf, agent: PathBuf, port: u32, mode: Fc) {
+    let listener = UnixListener::bind(&uds).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                reader.read_line(&mut line).await.unwrap();
+                let mut stream = reader.into_inner();
+                let asked: Option<u32> = line
+                    .strip_prefix("CONNECT ")
+                    .and_then(|p| p.trim_end_matches('\n').parse().ok());
+                match mode {
+                    Fc::Accept if asked == Some(port) => {
+                        stream.write_all(b"OK 1073741824\n").await.unwrap();
+                        let mut guest = UnixStream::connect(&agent).await.unwrap();
+                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut guest).await;
+                    }
+                    Fc::Accept | Fc::Close => drop(stream),
+                    Fc::Garbage => {
+                        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+                    }
+                    Fc::Silent => tokio::time::sleep(Duration::from_secs(60)).await,
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn health_and_info_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let _agent = start_agent(&sock);
+    wait_for(&sock).await;
+    let mut conn = connect(&AgentEndpoint::Unix(sock), T).await.unwrap();
+    let health = conn.health(T).await.unwrap();
+    assert_eq!(
+        health.boot_id,
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap()
+            .trim()
+    );
+    let info = conn.info(T).await.unwrap();
+    assert_eq!(info.machine, "x86_64");
+}
+
+#[tokio::test]
+async fn firecracker_hybrid_vsock_handshake_then_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent_sock = dir.path().join("agent.sock");
+    let _agent = start_agent(&agent_sock);
+    wait_for(&agent_sock).await;
+
+    let uds = dir.path().join("v.sock");
+    fake_firecracker(uds.clone(), agent_sock.clone(), 1024, Fc::Accept);
+    let ok = AgentEndpoint::FirecrackerVsock {
+        uds: uds.clone(),
+        port: 1024,
+    };
+    let mut conn = connect(&ok, T).await.unwrap();
+    conn.health(T).await.unwrap();
+    conn.info(T).await.unwrap();
+
+    // The guest does not listen on that port: Firecracker closes.
+    let wrong = AgentEndpoint::FirecrackerVsock { uds, port: 52 };
+    let err = connect(&wrong, T).await.unwrap_err();
+    assert!(
+        matches!(err, AgentConnectError::Handshake { ref answer, .. } if answer == "connection closed"),
+        "{err}"
+    );
+
+    for (mode, check) in [
+        (Fc::Close, "connection closed"),
+        (Fc::Garbage, "HTTP/1.1 400"),
+    ] {
+        let uds = dir.path().join(format!("{mode:?}.sock"));
+        fake_firecracker(uds.clone(), agent_sock.clone(), 1024, mode);
+        let err = connect(&AgentEndpoint::FirecrackerVsock { uds, port: 1024 }, T)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, AgentConnectError::Handshake { answer, .. } if answer.contains(check)),
+            "{mode:?}: {err}"
+        );
+    }
+    let uds = dir.path().join("silent.sock");
+    fake_firecracker(uds.clone(), agent_sock, 1024, Fc::Silent);
+    let err = connect(
+        &AgentEndpoint::FirecrackerVsock { uds, port: 1024 },
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, AgentConnectError::Timeout { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn wait_until_ready_rides_out_a_late_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent_sock = dir.path().join("agent.sock");
+    let uds = dir.path().join("v.sock");
+    // Firecracker is up at once; the guest's agent comes a second later.
+    fake_firecracker(uds.clone(), agent_sock.clone(), 1024, Fc::Accept);
+    let late = {
+        let agent_sock = agent_sock.clone();
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            start_agent(&agent_sock)
+        })
+    };
+    let endpoint = AgentEndpoint::FirecrackerVsock { uds, port: 1024 };
+    // Until then the fake cannot reach the agent and drops the connection.
+    let (mut conn, health, took) = wait_until_ready(&endpoint, T, Duration::from_millis(100))
+        .await
+        .unwrap();
+    let _agent = late.await.unwrap();
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(!health.boot_id.is_empty());
+    conn.info(T).await.unwrap();
+
+    let nothing = AgentEndpoint::Unix(dir.path().join("never.sock"));
+    let err = wait_until_ready(
+        &nothing,
+        Duration::from_millis(500),
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("did not answer within"), "{err}");
+}

@@ -1,0 +1,192 @@
+//! The slow tier: a real guest. The tiny image (scripts/build-tiny-image)
+//! boots the Debian test kernel (scripts/build-test-kernel) under QEMU's
+//! microvm machine with TCG, and bangerd's agent client talks to
+//! banger-agent over virtio-serial: Health, Info, WaitPort(22), SyncTime,
+//! then a clean Shutdown that makes QEMU exit by itself.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use banger_testbed::guest_artifact;
+use bangerd::os::agent::{AgentEndpoint, wait_until_ready};
+
+/// QEMU, killed on drop whatever happens; keeps the console log for
+/// failure messages.
+struct Qemu {
+    child: Child,
+    console: std::path::PathBuf,
+}
+
+impl Qemu {
+    fn console_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sparse_copy(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tiny_image_boots_and_its_agent_answers_over_virtio_serial() {
+    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
+    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let rootfs = guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
+    let seed = guest_artifact("tiny/work-seed.ext4", "build-tiny-image");
+    let qemu_bin = "qemu-system-x86_64";
+    assert!(
+        Command::new(qemu_bin).arg("--version").output().is_ok(),
+        "{qemu_bin} is missing: apt-get install qemu-system-x86 (scripts/install-deps does)"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("rootfs.ext4");
+    let work = dir.path().join("work.ext4");
+    sparse_copy(&rootfs, &disk);
+    sparse_copy(&seed, &work);
+    let sock = dir.path().join("agent.sock");
+    let console = dir.path().join("console.log");
+
+    let t0 = Instant::now();
+    let child = Command::new(qemu_bin)
+        .args([
+            "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "2",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-monitor",
+            "none",
+        ])
+        .arg("-kernel")
+        .arg(&vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-append",
+            "console=ttyS0 root=/dev/vda rw rootfstype=ext4 tsc=unstable init=/sbin/banger-init",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-drive")
+        .arg(format!(
+            "id=root,file={},format=raw,if=none",
+            disk.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=root"])
+        .arg("-drive")
+        .arg(format!(
+            "id=work,file={},format=raw,if=none",
+            work.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=work"])
+        .args(["-device", "virtio-serial-device"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .args([
+            "-device",
+            "virtserialport,chardev=agent,name=org.banger.agent",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut qemu = Qemu { child, console };
+
+    let endpoint = AgentEndpoint::Unix(sock);
+    let ready = wait_until_ready(
+        &endpoint,
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+    )
+    .await;
+    let (mut conn, health, took) = match ready {
+        Ok(r) => r,
+        Err(e) => panic!("{e}\nconsole:\n{}", qemu.console_tail(50)),
+    };
+    eprintln!(
+        "guest boot: agent ready after {took:?} (guest uptime {:.2}s)",
+        health.uptime_secs
+    );
+    assert_eq!(health.boot_id.len(), 36, "{}", health.boot_id);
+    assert_eq!(health.boot_id.matches('-').count(), 4);
+    assert!(health.uptime_secs > 0.0 && health.uptime_secs < 120.0);
+
+    let t = Duration::from_secs(30);
+    let info = conn.info(t).await.unwrap();
+    let version = std::fs::read_to_string(vmlinuz.with_file_name("version")).unwrap_or_default();
+    if !version.trim().is_empty() {
+        assert_eq!(info.kernel_release, version.trim());
+    }
+    assert_eq!(info.os_id.as_deref(), Some("banger-tiny"));
+    assert!(
+        info.memory_total_bytes > 256 << 20,
+        "{}",
+        info.memory_total_bytes
+    );
+    assert!(info.disks.iter().any(|d| d.path == "/"));
+    let root_disk = info.disks.iter().find(|d| d.path == "/root").unwrap();
+    assert!(
+        root_disk.total_bytes > 32 << 20,
+        "the work disk is mounted on /root"
+    );
+
+    let t_port = Instant::now();
+    let waited = conn.wait_port(22, Duration::from_secs(60)).await.unwrap();
+    eprintln!(
+        "guest boot: sshd listening ({waited:?} in the guest, {:?} here)",
+        t_port.elapsed()
+    );
+
+    conn.sync_time(t).await.unwrap();
+
+    let t_down = Instant::now();
+    conn.shutdown(false, t).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = qemu.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not power off\nconsole:\n{}",
+            qemu.console_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "guest boot: powered off in {:?}; {:?} from QEMU start to exit",
+        t_down.elapsed(),
+        t0.elapsed()
+    );
+    assert!(status.success(), "qemu exited with {status}");
+    assert!(
+        qemu.console_tail(200).contains("banger-init: work disk"),
+        "{}",
+        qemu.console_tail(50)
+    );
+}
