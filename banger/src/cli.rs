@@ -350,17 +350,17 @@ impl VmCommand {
     }
 }
 
-/// `banger image ...` (planned; every subcommand fails with exit code 9 for now)
+/// `banger image ...`
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// List images
     List,
     /// Show one image
     Show {
-        /// Image name or id prefix
+        /// Image name, id or unique id prefix
         image: String,
     },
-    /// Pull an image from the catalog or an OCI registry (registry/repo:tag)
+    /// Pull an image from the catalog or an OCI registry (registry/repo:tag) (planned)
     Pull {
         /// Catalog name or OCI reference
         reference: String,
@@ -371,36 +371,41 @@ pub enum ImageCommand {
         #[arg(long)]
         kernel: Option<String>,
     },
-    /// Register an unmanaged image from host paths
+    /// Register an unmanaged image from host paths (nothing is copied)
     Register {
-        /// Image name
+        /// Image name (a DNS label)
         #[arg(long)]
         name: String,
-        /// Root filesystem (ext4)
+        /// Root filesystem (an ext4 image)
         #[arg(long)]
         rootfs: PathBuf,
-        /// Seed of the /root work disk
+        /// Kernel to boot it with (name or id)
+        #[arg(long)]
+        kernel: String,
+        /// Seed of every VM's /root disk (an ext4 image); made from the
+        /// rootfs's /root when left out
         #[arg(long)]
         work_seed: Option<PathBuf>,
-        /// Kernel to boot it with
+        /// A guest service readiness waits for, NAME:PORT (repeatable), e.g. ssh:22
+        #[arg(long = "service", value_name = "NAME:PORT", value_parser = parse_service)]
+        services: Vec<String>,
+        /// The init the kernel starts, e.g. /sbin/banger-init for images without systemd
         #[arg(long)]
-        kernel: Option<String>,
-        /// Initrd
-        #[arg(long)]
-        initrd: Option<PathBuf>,
-        /// Kernel modules directory
-        #[arg(long)]
-        modules: Option<PathBuf>,
+        init: Option<String>,
     },
-    /// Copy an unmanaged image into managed storage
+    /// Copy an unmanaged image into managed storage (a job)
     Promote {
-        /// Image name or id prefix
+        /// Image name, id or unique id prefix
         image: String,
+        /// Print the job's path and return at once
+        #[arg(long)]
+        no_wait: bool,
     },
-    /// Delete an image (refused while VMs use it)
+    /// Delete images (refused while VMs use them)
     Delete {
-        /// Image name or id prefix
-        image: String,
+        /// Image names or ids
+        #[arg(required = true)]
+        images: Vec<String>,
     },
 }
 
@@ -417,39 +422,59 @@ impl ImageCommand {
     }
 }
 
-/// `banger kernel ...` (planned; every subcommand fails with exit code 9 for now)
+/// `NAME:PORT` with a non-empty name and a port in 1..=65535.
+fn parse_service(s: &str) -> Result<String, String> {
+    let (name, port) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not NAME:PORT (e.g. ssh:22)"))?;
+    if name.is_empty() {
+        return Err(format!("{s:?} has no service name (e.g. ssh:22)"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(s.to_owned()),
+        _ => Err(format!("{s:?}: the port must be 1 to 65535")),
+    }
+}
+
+/// `banger kernel ...`
 #[derive(Debug, Subcommand)]
 pub enum KernelCommand {
     /// List kernels
     List,
     /// Show one kernel
     Show {
-        /// Kernel name or id prefix
+        /// Kernel name, id or unique id prefix
         kernel: String,
     },
-    /// Import a kernel (vmlinux or bzImage) with optional initrd and modules
+    /// Import a kernel (an ELF vmlinux or a bzImage) with optional initrd and modules (a job)
     Import {
-        /// Kernel image
-        path: PathBuf,
-        /// Kernel name
+        /// Kernel name (a DNS label)
         #[arg(long)]
         name: String,
-        /// Initrd
+        /// The kernel image: an ELF vmlinux, or a bzImage (vmlinuz) from which
+        /// the vmlinux is extracted
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Initramfs to boot with it
         #[arg(long)]
         initrd: Option<PathBuf>,
-        /// Kernel modules directory
+        /// Its lib/modules/VERSION directory
         #[arg(long)]
         modules: Option<PathBuf>,
+        /// Print the job's path and return at once
+        #[arg(long)]
+        no_wait: bool,
     },
-    /// Pull a kernel from the catalog
+    /// Pull a kernel from the catalog (planned)
     Pull {
         /// Catalog name
         name: String,
     },
-    /// Delete a kernel
+    /// Delete kernels (refused while an image uses them)
     Delete {
-        /// Kernel name or id prefix
-        kernel: String,
+        /// Kernel names or ids
+        #[arg(required = true)]
+        kernels: Vec<String>,
     },
 }
 
@@ -509,6 +534,31 @@ pub enum Action {
     Man {
         dir: Option<PathBuf>,
     },
+    KernelList,
+    KernelShow(String),
+    KernelImport {
+        name: String,
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        modules: Option<PathBuf>,
+        wait: bool,
+    },
+    KernelDelete(Vec<String>),
+    ImageList,
+    ImageShow(String),
+    ImageRegister {
+        name: String,
+        rootfs: PathBuf,
+        kernel: String,
+        work_seed: Option<PathBuf>,
+        services: Vec<String>,
+        init: Option<String>,
+    },
+    ImagePromote {
+        image: String,
+        wait: bool,
+    },
+    ImageDelete(Vec<String>),
     /// A planned command: fails with [`exit::NOT_IMPLEMENTED`].
     NotImplemented(&'static str),
 }
@@ -532,8 +582,46 @@ impl Cli {
             Command::Job(JobCommand::Watch { job }) => Action::JobWatch(job),
             Command::Job(JobCommand::Cancel { job }) => Action::JobCancel(job),
             Command::Vm(c) => Action::NotImplemented(c.name()),
-            Command::Image(c) => Action::NotImplemented(c.name()),
-            Command::Kernel(c) => Action::NotImplemented(c.name()),
+            Command::Image(ImageCommand::List) => Action::ImageList,
+            Command::Image(ImageCommand::Show { image }) => Action::ImageShow(image),
+            Command::Image(ImageCommand::Register {
+                name,
+                rootfs,
+                kernel,
+                work_seed,
+                services,
+                init,
+            }) => Action::ImageRegister {
+                name,
+                rootfs,
+                kernel,
+                work_seed,
+                services,
+                init,
+            },
+            Command::Image(ImageCommand::Promote { image, no_wait }) => Action::ImagePromote {
+                image,
+                wait: !no_wait,
+            },
+            Command::Image(ImageCommand::Delete { images }) => Action::ImageDelete(images),
+            Command::Image(c @ ImageCommand::Pull { .. }) => Action::NotImplemented(c.name()),
+            Command::Kernel(KernelCommand::List) => Action::KernelList,
+            Command::Kernel(KernelCommand::Show { kernel }) => Action::KernelShow(kernel),
+            Command::Kernel(KernelCommand::Import {
+                name,
+                kernel,
+                initrd,
+                modules,
+                no_wait,
+            }) => Action::KernelImport {
+                name,
+                kernel,
+                initrd,
+                modules,
+                wait: !no_wait,
+            },
+            Command::Kernel(KernelCommand::Delete { kernels }) => Action::KernelDelete(kernels),
+            Command::Kernel(c @ KernelCommand::Pull { .. }) => Action::NotImplemented(c.name()),
             Command::Update(_) => Action::NotImplemented("update"),
             Command::SshConfig => Action::NotImplemented("ssh-config"),
             Command::Version => Action::Version,
@@ -651,6 +739,114 @@ mod tests {
     }
 
     #[test]
+    fn kernel_and_image_commands_resolve() {
+        assert_eq!(
+            resolve(&[
+                "kernel",
+                "import",
+                "--name",
+                "k",
+                "--kernel",
+                "vmlinuz",
+                "--initrd",
+                "i",
+                "--no-wait"
+            ])
+            .action,
+            Action::KernelImport {
+                name: "k".into(),
+                kernel: "vmlinuz".into(),
+                initrd: Some("i".into()),
+                modules: None,
+                wait: false,
+            }
+        );
+        assert_eq!(
+            resolve(&["kernel", "delete", "a", "b"]).action,
+            Action::KernelDelete(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(
+            resolve(&[
+                "image",
+                "register",
+                "--name",
+                "t",
+                "--rootfs",
+                "r.ext4",
+                "--kernel",
+                "k",
+                "--service",
+                "ssh:22",
+                "--service",
+                "web:8080"
+            ])
+            .action,
+            Action::ImageRegister {
+                name: "t".into(),
+                rootfs: "r.ext4".into(),
+                kernel: "k".into(),
+                work_seed: None,
+                services: vec!["ssh:22".into(), "web:8080".into()],
+                init: None,
+            }
+        );
+        assert_eq!(
+            resolve(&["image", "promote", "t"]).action,
+            Action::ImagePromote {
+                image: "t".into(),
+                wait: true
+            }
+        );
+        assert_eq!(
+            resolve(&["image", "show", "t", "--json"]).action,
+            Action::ImageShow("t".into())
+        );
+        for bad in [
+            &["kernel", "import", "--name", "k"][..],
+            &["kernel", "delete"],
+            &[
+                "image",
+                "register",
+                "--name",
+                "t",
+                "--rootfs",
+                "r",
+                "--kernel",
+                "k",
+                "--service",
+                "ssh:0",
+            ],
+            &[
+                "image",
+                "register",
+                "--name",
+                "t",
+                "--rootfs",
+                "r",
+                "--kernel",
+                "k",
+                "--service",
+                ":22",
+            ],
+            &[
+                "image",
+                "register",
+                "--name",
+                "t",
+                "--rootfs",
+                "r",
+                "--kernel",
+                "k",
+                "--service",
+                "ssh",
+            ],
+        ] {
+            let argv = std::iter::once("banger").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
     fn planned_commands_resolve_to_not_implemented() {
         for (args, name) in [
             (&["vm", "list"][..], "vm list"),
@@ -658,7 +854,7 @@ mod tests {
             (&["vm", "stop", "a", "b"], "vm stop"),
             (&["vm", "ssh", "box", "--", "uname", "-a"], "vm ssh"),
             (&["image", "pull", "debian-bookworm"], "image pull"),
-            (&["kernel", "list"], "kernel list"),
+            (&["kernel", "pull", "generic"], "kernel pull"),
             (&["update", "--check"], "update"),
             (&["ssh-config"], "ssh-config"),
         ] {

@@ -251,6 +251,252 @@ impl Client {
     }
 }
 
+/// A kernel as the daemon publishes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KernelInfo {
+    pub path: String,
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub vmlinux: String,
+    pub bzimage: String,
+    pub initrd: String,
+    pub modules: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub created_at_usec: u64,
+    pub owner_uid: u32,
+}
+
+/// An image as the daemon publishes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ImageInfo {
+    pub path: String,
+    pub id: String,
+    pub name: String,
+    pub managed: bool,
+    pub rootfs: String,
+    pub rootfs_bytes: u64,
+    pub work_seed: String,
+    pub work_seed_sha256: String,
+    /// The kernel's object path.
+    pub kernel: String,
+    pub services: Vec<(String, u16)>,
+    pub init: String,
+    pub created_at_usec: u64,
+    pub owner_uid: u32,
+}
+
+/// Every kernel and image, from one `GetManagedObjects` call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    pub kernels: Vec<KernelInfo>,
+    pub images: Vec<ImageInfo>,
+}
+
+type Props = HashMap<String, zbus::OwnedVariant>;
+
+fn prop<T>(props: &Props, key: &str) -> T
+where
+    T: TryFrom<zbus::OwnedVariant> + Default,
+{
+    props
+        .get(key)
+        .and_then(|v| v.try_clone().ok())
+        .and_then(|v| T::try_from(v).ok())
+        .unwrap_or_default()
+}
+
+fn path_prop(props: &Props, key: &str) -> String {
+    props
+        .get(key)
+        .and_then(|v| v.try_clone().ok())
+        .and_then(|v| OwnedObjectPath::try_from(v).ok())
+        .map(|p| p.to_string())
+        .unwrap_or_default()
+}
+
+impl KernelInfo {
+    fn from_props(path: &str, p: &Props) -> Self {
+        Self {
+            path: path.to_owned(),
+            id: prop(p, "Id"),
+            name: prop(p, "Name"),
+            version: prop(p, "Version"),
+            vmlinux: prop(p, "Vmlinux"),
+            bzimage: prop(p, "BzImage"),
+            initrd: prop(p, "Initrd"),
+            modules: prop(p, "Modules"),
+            sha256: prop(p, "Sha256"),
+            size_bytes: prop(p, "SizeBytes"),
+            created_at_usec: prop(p, "CreatedAt"),
+            owner_uid: prop(p, "OwnerUID"),
+        }
+    }
+}
+
+impl ImageInfo {
+    fn from_props(path: &str, p: &Props) -> Self {
+        let services: Vec<(String, u16)> = p
+            .get("Services")
+            .and_then(|v| v.try_clone().ok())
+            .and_then(|v| Vec::<(String, u16)>::try_from(v).ok())
+            .unwrap_or_default();
+        Self {
+            path: path.to_owned(),
+            id: prop(p, "Id"),
+            name: prop(p, "Name"),
+            managed: prop(p, "Managed"),
+            rootfs: prop(p, "Rootfs"),
+            rootfs_bytes: prop(p, "RootfsBytes"),
+            work_seed: prop(p, "WorkSeed"),
+            work_seed_sha256: prop(p, "WorkSeedSha256"),
+            kernel: path_prop(p, "Kernel"),
+            services,
+            init: prop(p, "Init"),
+            created_at_usec: prop(p, "CreatedAt"),
+            owner_uid: prop(p, "OwnerUID"),
+        }
+    }
+}
+
+impl Client {
+    /// Every kernel and image (sorted by name).
+    pub async fn catalog(&self) -> Result<Catalog, Failure> {
+        let om = zbus::fdo::ObjectManagerProxy::builder(&self.conn)
+            .destination(banger_dbus::BUS_NAME)
+            .path(banger_dbus::MANAGER_PATH)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(Failure::from_zbus)?;
+        let objects = timed(fdo(om.get_managed_objects())).await?;
+        let mut catalog = Catalog::default();
+        for (path, interfaces) in objects {
+            for (iface, props) in interfaces {
+                match iface.as_str() {
+                    banger_dbus::KERNEL_INTERFACE => catalog
+                        .kernels
+                        .push(KernelInfo::from_props(path.as_str(), &props)),
+                    banger_dbus::IMAGE_INTERFACE => catalog
+                        .images
+                        .push(ImageInfo::from_props(path.as_str(), &props)),
+                    _ => {}
+                }
+            }
+        }
+        catalog.kernels.sort_by(|a, b| a.name.cmp(&b.name));
+        catalog.images.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(catalog)
+    }
+
+    /// Call a Manager method that may need authorization.
+    async fn manager_call<B, R>(
+        &self,
+        method: &str,
+        body: &B,
+        interaction: Interaction,
+    ) -> Result<R, Failure>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+        R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
+    {
+        let manager = self.manager().await?;
+        let proxy = manager.inner();
+        match interaction {
+            // A prompt can take as long as the user needs: no timeout.
+            Interaction::Allowed => proxy
+                .call_with_flags::<_, _, R>(
+                    method,
+                    zbus::proxy::MethodFlags::ALLOW_INTERACTIVE_AUTH,
+                    body,
+                )
+                .await
+                .map_err(Failure::from_zbus)?
+                .ok_or_else(|| Failure::new(Kind::Failed, format!("{method} sent no reply"))),
+            Interaction::NotAllowed => timed(proxy.call::<_, _, R>(method, body)).await,
+        }
+    }
+
+    /// `Manager.ImportKernel`: returns the job.
+    pub async fn import_kernel(
+        &self,
+        name: &str,
+        kernel: &str,
+        initrd: Option<&str>,
+        modules: Option<&str>,
+        interaction: Interaction,
+    ) -> Result<OwnedObjectPath, Failure> {
+        use banger_dbus::options::import_kernel as keys;
+        let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
+        if let Some(i) = initrd {
+            options.insert(keys::INITRD, Variant::from(i));
+        }
+        if let Some(m) = modules {
+            options.insert(keys::MODULES, Variant::from(m));
+        }
+        self.manager_call("ImportKernel", &(name, kernel, options), interaction)
+            .await
+    }
+
+    /// `Manager.DeleteKernel`.
+    pub async fn delete_kernel(
+        &self,
+        kernel: &str,
+        interaction: Interaction,
+    ) -> Result<(), Failure> {
+        self.manager_call("DeleteKernel", &(kernel,), interaction)
+            .await
+    }
+
+    /// `Manager.RegisterImage`: returns the image object.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn register_image(
+        &self,
+        name: &str,
+        rootfs: &str,
+        kernel: &str,
+        work_seed: Option<&str>,
+        services: &[String],
+        init: Option<&str>,
+        interaction: Interaction,
+    ) -> Result<OwnedObjectPath, Failure> {
+        use banger_dbus::options::register_image as keys;
+        let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
+        if let Some(w) = work_seed {
+            options.insert(keys::WORK_SEED, Variant::from(w));
+        }
+        if !services.is_empty() {
+            options.insert(keys::SERVICES, Variant::from(services.to_vec()));
+        }
+        if let Some(i) = init {
+            options.insert(keys::INIT, Variant::from(i));
+        }
+        self.manager_call(
+            "RegisterImage",
+            &(name, rootfs, kernel, options),
+            interaction,
+        )
+        .await
+    }
+
+    /// `Manager.PromoteImage`: returns the job.
+    pub async fn promote_image(
+        &self,
+        image: &str,
+        interaction: Interaction,
+    ) -> Result<OwnedObjectPath, Failure> {
+        self.manager_call("PromoteImage", &(image,), interaction)
+            .await
+    }
+
+    /// `Manager.DeleteImage`.
+    pub async fn delete_image(&self, image: &str, interaction: Interaction) -> Result<(), Failure> {
+        self.manager_call("DeleteImage", &(image,), interaction)
+            .await
+    }
+}
+
 /// Await a call that cannot prompt, with [`CALL_TIMEOUT`].
 async fn timed<T, E>(call: impl Future<Output = Result<T, E>>) -> Result<T, Failure>
 where

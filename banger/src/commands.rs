@@ -8,6 +8,7 @@ use anyhow::Context;
 use banger_dbus::job_state;
 use zbus::OwnedObjectPath;
 
+use crate::artifacts;
 use crate::cli::{Action, Invocation, JobRef, Options};
 use crate::client::{Client, Interaction};
 use crate::exit::{self, Failure, Kind};
@@ -56,6 +57,347 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
         Action::JobWatch(job) => job_watch(opts, job).await,
         Action::JobCancel(job) => job_cancel(opts, job).await,
         Action::Version => version(opts).await,
+        Action::KernelList => kernel_list(opts).await,
+        Action::KernelShow(r) => kernel_show(opts, &r).await,
+        Action::KernelImport {
+            name,
+            kernel,
+            initrd,
+            modules,
+            wait,
+        } => {
+            kernel_import(
+                opts,
+                &name,
+                &kernel,
+                initrd.as_deref(),
+                modules.as_deref(),
+                wait,
+            )
+            .await
+        }
+        Action::KernelDelete(refs) => delete_each(opts, "kernel", refs).await,
+        Action::ImageList => image_list(opts).await,
+        Action::ImageShow(r) => image_show(opts, &r).await,
+        Action::ImageRegister {
+            name,
+            rootfs,
+            kernel,
+            work_seed,
+            services,
+            init,
+        } => {
+            image_register(
+                opts,
+                &name,
+                &rootfs,
+                &kernel,
+                work_seed.as_deref(),
+                &services,
+                init.as_deref(),
+            )
+            .await
+        }
+        Action::ImagePromote { image, wait } => image_promote(opts, &image, wait).await,
+        Action::ImageDelete(refs) => delete_each(opts, "image", refs).await,
+    }
+}
+
+/// `path` made absolute against the current directory (the daemon's is not
+/// the user's), checked to exist so the user hears about a typo first.
+fn host_path(what: &str, path: &std::path::Path) -> Result<String, Failure> {
+    let abs = std::path::absolute(path).map_err(|e| {
+        Failure::new(
+            Kind::InvalidArgument,
+            format!("cannot make {what} path {} absolute: {e}", path.display()),
+        )
+    })?;
+    if !abs.exists() {
+        return Err(Failure::new(
+            Kind::InvalidArgument,
+            format!("{what} {} does not exist", path.display()),
+        ));
+    }
+    abs.to_str().map(str::to_owned).ok_or_else(|| {
+        Failure::new(
+            Kind::InvalidArgument,
+            format!("{what} path {} is not valid UTF-8", abs.display()),
+        )
+    })
+}
+
+async fn kernel_list(opts: Options) -> anyhow::Result<u8> {
+    let catalog = connect(opts).await?.catalog().await?;
+    if opts.json {
+        let all: Vec<_> = catalog.kernels.iter().map(artifacts::kernel_json).collect();
+        emit_json(&all)?;
+    } else {
+        emit(&artifacts::kernels_table(&catalog.kernels))?;
+    }
+    Ok(exit::OK)
+}
+
+async fn kernel_show(opts: Options, reference: &str) -> anyhow::Result<u8> {
+    let catalog = connect(opts).await?.catalog().await?;
+    let k = artifacts::resolve(&catalog.kernels, reference, "kernel")?;
+    if opts.json {
+        emit_json(&artifacts::kernel_json(k))?;
+    } else {
+        emit(&artifacts::kernel_human(k))?;
+    }
+    Ok(exit::OK)
+}
+
+async fn image_list(opts: Options) -> anyhow::Result<u8> {
+    let catalog = connect(opts).await?.catalog().await?;
+    if opts.json {
+        let all: Vec<_> = catalog
+            .images
+            .iter()
+            .map(|i| artifacts::image_json(i, &catalog))
+            .collect();
+        emit_json(&all)?;
+    } else {
+        emit(&artifacts::images_table(&catalog))?;
+    }
+    Ok(exit::OK)
+}
+
+async fn image_show(opts: Options, reference: &str) -> anyhow::Result<u8> {
+    let catalog = connect(opts).await?.catalog().await?;
+    let i = artifacts::resolve(&catalog.images, reference, "image")?;
+    if opts.json {
+        emit_json(&artifacts::image_json(i, &catalog))?;
+    } else {
+        emit(&artifacts::image_human(i, &catalog))?;
+    }
+    Ok(exit::OK)
+}
+
+/// Follow a job that makes a kernel or an image, then print what it made.
+async fn follow_then_show(
+    opts: Options,
+    client: &Client,
+    subscription: &mut Subscription,
+    path: &OwnedObjectPath,
+    started: Instant,
+    what: &str,
+) -> anyhow::Result<u8> {
+    let display = Display::for_stdout(opts.json);
+    if display != Display::Quiet {
+        emit(&format!(
+            "job {} started (Ctrl-C cancels it)",
+            progress::job_label(path.as_str())
+        ))?;
+    }
+    let mut tracker = Tracker::new(path.as_str(), display, Vec::new());
+    let followed = progress::follow(
+        client,
+        subscription,
+        path,
+        &mut tracker,
+        started,
+        opts.verbose,
+    )
+    .await?;
+    let report = match followed {
+        Followed::Completed(report) if report.success => report,
+        _ => {
+            let tracker = Tracker::new(path.as_str(), display, Vec::new());
+            return follow_and_report(client, subscription, path, tracker, started, opts).await;
+        }
+    };
+    let catalog = client.catalog().await?;
+    let made = report.result.clone().unwrap_or_default();
+    if opts.json {
+        let object = match what {
+            "kernel" => catalog
+                .kernels
+                .iter()
+                .find(|k| k.path == made)
+                .map(artifacts::kernel_json),
+            _ => catalog
+                .images
+                .iter()
+                .find(|i| i.path == made)
+                .map(|i| artifacts::image_json(i, &catalog)),
+        };
+        emit_json(&serde_json::json!({
+            "job": output::job_report_json(&report),
+            what: object,
+        }))?;
+    } else {
+        emit(&output::job_report_human(&report))?;
+        let text = match what {
+            "kernel" => catalog
+                .kernels
+                .iter()
+                .find(|k| k.path == made)
+                .map(artifacts::kernel_human),
+            _ => catalog
+                .images
+                .iter()
+                .find(|i| i.path == made)
+                .map(|i| artifacts::image_human(i, &catalog)),
+        };
+        if let Some(text) = text {
+            emit(&text)?;
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn kernel_import(
+    opts: Options,
+    name: &str,
+    kernel: &std::path::Path,
+    initrd: Option<&std::path::Path>,
+    modules: Option<&std::path::Path>,
+    wait: bool,
+) -> anyhow::Result<u8> {
+    let kernel = host_path("kernel", kernel)?;
+    let initrd = initrd.map(|p| host_path("initrd", p)).transpose()?;
+    let modules = modules.map(|p| host_path("modules", p)).transpose()?;
+    let client = connect(opts).await?;
+    let mut subscription = if wait {
+        Some(Subscription::new(&client).await?)
+    } else {
+        None
+    };
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let result = client
+        .import_kernel(
+            name,
+            &kernel,
+            initrd.as_deref(),
+            modules.as_deref(),
+            auth.interaction,
+        )
+        .await;
+    let path = auth
+        .finish(result)
+        .await
+        .with_context(|| format!("cannot import kernel {name}"))?;
+    match subscription.as_mut() {
+        Some(sub) => follow_then_show(opts, &client, sub, &path, started, "kernel").await,
+        None => print_job(opts, &path),
+    }
+}
+
+fn print_job(opts: Options, path: &OwnedObjectPath) -> anyhow::Result<u8> {
+    if opts.json {
+        emit_json(&serde_json::json!({ "job": path.as_str() }))?;
+    } else {
+        emit(path.as_str())?;
+    }
+    Ok(exit::OK)
+}
+
+async fn image_register(
+    opts: Options,
+    name: &str,
+    rootfs: &std::path::Path,
+    kernel: &str,
+    work_seed: Option<&std::path::Path>,
+    services: &[String],
+    init: Option<&str>,
+) -> anyhow::Result<u8> {
+    let rootfs = host_path("rootfs", rootfs)?;
+    let work_seed = work_seed.map(|p| host_path("work-seed", p)).transpose()?;
+    let client = connect(opts).await?;
+    let auth = Authorization::prepare(opts).await;
+    let result = client
+        .register_image(
+            name,
+            &rootfs,
+            kernel,
+            work_seed.as_deref(),
+            services,
+            init,
+            auth.interaction,
+        )
+        .await;
+    let path = auth
+        .finish(result)
+        .await
+        .with_context(|| format!("cannot register image {name}"))?;
+    let catalog = client.catalog().await?;
+    let image = catalog.images.iter().find(|i| i.path == path.as_str());
+    match (opts.json, image) {
+        (true, Some(i)) => emit_json(&artifacts::image_json(i, &catalog))?,
+        (false, Some(i)) => emit(&artifacts::image_human(i, &catalog))?,
+        (true, None) => emit_json(&serde_json::json!({ "path": path.as_str() }))?,
+        (false, None) => emit(path.as_str())?,
+    }
+    Ok(exit::OK)
+}
+
+async fn image_promote(opts: Options, image: &str, wait: bool) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let mut subscription = if wait {
+        Some(Subscription::new(&client).await?)
+    } else {
+        None
+    };
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let result = client.promote_image(image, auth.interaction).await;
+    let path = auth
+        .finish(result)
+        .await
+        .with_context(|| format!("cannot promote image {image}"))?;
+    match subscription.as_mut() {
+        Some(sub) => follow_then_show(opts, &client, sub, &path, started, "image").await,
+        None => print_job(opts, &path),
+    }
+}
+
+/// Delete each of `refs` (kernels or images); report each; fail if any did.
+async fn delete_each(opts: Options, what: &str, refs: Vec<String>) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let auth = Authorization::prepare(opts).await;
+    let mut results = Vec::new();
+    for r in &refs {
+        let result = match what {
+            "kernel" => client.delete_kernel(r, auth.interaction).await,
+            _ => client.delete_image(r, auth.interaction).await,
+        };
+        results.push((r.clone(), result));
+    }
+    let outcome = auth.finish(Ok::<_, Failure>(())).await;
+    outcome?;
+    let mut worst: Option<Failure> = None;
+    let mut json = Vec::new();
+    for (r, result) in results {
+        match result {
+            Ok(()) => {
+                if opts.json {
+                    json.push(serde_json::json!({"ref": r, "deleted": true, "error": null}));
+                } else {
+                    emit(&format!("deleted {what} {r}"))?;
+                }
+            }
+            Err(f) => {
+                if opts.json {
+                    json.push(serde_json::json!({
+                        "ref": r, "deleted": false,
+                        "error": {"name": f.name(), "message": f.to_string()},
+                    }));
+                } else if refs.len() > 1 {
+                    eprintln!("error: cannot delete {what} {r}: {f}");
+                }
+                worst = Some(f);
+            }
+        }
+    }
+    if opts.json {
+        emit_json(&json)?;
+    }
+    match worst {
+        None => Ok(exit::OK),
+        Some(f) if refs.len() == 1 && !opts.json => Err(f.into()),
+        Some(f) => Ok(f.kind().code()),
     }
 }
 

@@ -5,6 +5,7 @@
 //! `main` turns the outcome into an exit code ([`exit`]) and prints errors
 //! with their whole cause chain.
 
+mod artifacts;
 mod cli;
 mod client;
 mod commands;

@@ -509,6 +509,7 @@ mod tests {
                 duration_usec: 3_215,
             }],
             total_usec: 1_500_000,
+            result: None,
         };
         assert_eq!(
             to_json(&job_report_json(&report)),

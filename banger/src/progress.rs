@@ -190,6 +190,8 @@ pub struct JobReport {
     pub stages: Vec<StageTiming>,
     /// Wall time from start to completion.
     pub total_usec: u64,
+    /// The object the job made (e.g. a kernel), if any.
+    pub result: Option<String>,
 }
 
 impl JobReport {
@@ -262,6 +264,8 @@ pub struct Tracker {
     live_line: bool,
     stages: Vec<StageTiming>,
     completed: Option<(bool, Option<RemoteError>)>,
+    /// The object the job made (`Completed`'s result), if any.
+    result: Option<String>,
 }
 
 impl Tracker {
@@ -274,6 +278,7 @@ impl Tracker {
             live_line: false,
             stages,
             completed: None,
+            result: None,
         }
     }
 
@@ -344,7 +349,7 @@ impl Tracker {
                 success,
                 error_name,
                 message,
-                result: _,
+                result,
             } => {
                 if self.display != Display::Quiet {
                     self.end_live_line(&mut text);
@@ -362,6 +367,7 @@ impl Tracker {
                     message,
                 });
                 self.completed = Some((success, error));
+                self.result = (result != "/").then_some(result);
             }
         }
         text
@@ -391,6 +397,7 @@ impl Tracker {
             error,
             stages: self.stages.clone(),
             total_usec,
+            result: self.result.clone(),
         })
     }
 
@@ -412,6 +419,7 @@ impl Tracker {
             error,
             stages,
             total_usec,
+            result: None,
         }
     }
 }

@@ -350,8 +350,8 @@ fn planned_commands_fail_with_9() {
     for args in [
         &["vm", "list"][..],
         &["vm", "create", "--name", "box"],
-        &["image", "list"],
-        &["kernel", "import", "--name", "k", "/tmp/vmlinux"],
+        &["image", "pull", "debian-bookworm"],
+        &["kernel", "pull", "generic-6.1"],
         &["update", "--check"],
     ] {
         let out = run(banger(NO_BUS).args(args));
@@ -988,4 +988,206 @@ fn without_polkit_only_root_may_maintain() {
     let out = run(bed.banger().args(["daemon", "maintain", "--json"]));
     assert!(out.status.success(), "{}", shown(&out));
     assert_eq!(json(&out)["success"], true);
+}
+
+// --- kernels and images ------------------------------------------------------
+
+/// Files for a kernel and an image in a directory everyone can read.
+fn artifact_inputs() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::write(p.join("vmlinux"), banger_testbed::tiny_vmlinux(4096)).expect("vmlinux");
+    std::fs::write(p.join("initrd.img"), b"initrd").expect("initrd");
+    std::fs::create_dir_all(p.join("modules/kernel")).expect("modules");
+    std::fs::write(p.join("modules/modules.dep"), b"").expect("modules.dep");
+    std::fs::create_dir_all(p.join("tree/root")).expect("tree");
+    std::fs::write(p.join("tree/root/.profile"), b"echo hi\n").expect("profile");
+    banger_testbed::mkfs_ext4(&p.join("tree"), &p.join("rootfs.ext4"), "16M").expect("mkfs");
+    for f in ["vmlinux", "initrd.img", "rootfs.ext4"] {
+        std::fs::set_permissions(p.join(f), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    dir
+}
+
+#[test]
+fn kernel_and_image_lifecycle_through_the_cli() {
+    let bed = start(Options::default());
+    let inputs = artifact_inputs();
+    let dir = inputs.path();
+
+    // Relative paths are resolved against banger's own directory.
+    let out = run(bed.banger().current_dir(dir).args([
+        "kernel",
+        "import",
+        "--name",
+        "tiny-k",
+        "--kernel",
+        "vmlinux",
+        "--initrd",
+        "initrd.img",
+        "--modules",
+        "modules",
+    ]));
+    assert!(out.status.success(), "{}", shown(&out));
+    let text = stdout(&out);
+    for stage in [
+        "copy vmlinux",
+        "copy initrd",
+        "copy modules",
+        "digest",
+        "record",
+    ] {
+        assert!(text.contains(&format!("✓ {stage}")), "{text}");
+    }
+    assert!(text.contains("name:     tiny-k"), "{text}");
+
+    let out = run(bed.banger().args(["kernel", "list", "--json"]));
+    let kernels = json(&out);
+    assert_eq!(kernels.as_array().map(Vec::len), Some(1), "{kernels}");
+    let id = kernels[0]["id"].as_str().expect("id").to_owned();
+    assert!(
+        kernels[0]["initrd"]
+            .as_str()
+            .expect("initrd")
+            .ends_with("initrd.img")
+    );
+    let out = run(bed.banger().args(["kernel", "show", &id[..6]]));
+    assert!(stdout(&out).contains("name:     tiny-k"), "{}", shown(&out));
+    let out = run(bed.banger().args(["kernel", "list"]));
+    assert!(
+        stdout(&out).starts_with("NAME    ID            VERSION  SIZE"),
+        "{}",
+        shown(&out)
+    );
+
+    // A taken name, a missing file, a file that is no kernel.
+    let vmlinux = dir.join("vmlinux").display().to_string();
+    let out = run(bed
+        .banger()
+        .args(["kernel", "import", "--name", "tiny-k", "--kernel", &vmlinux]));
+    assert_eq!(out.status.code(), Some(6), "{}", shown(&out));
+    assert!(stderr(&out).contains("already exists"), "{}", shown(&out));
+    let out = run(bed.banger().args([
+        "kernel",
+        "import",
+        "--name",
+        "x",
+        "--kernel",
+        "/nonexistent/vmlinuz",
+    ]));
+    assert_eq!(out.status.code(), Some(6), "{}", shown(&out));
+    assert!(stderr(&out).contains("does not exist"), "{}", shown(&out));
+    let initrd = dir.join("initrd.img").display().to_string();
+    let out = run(bed
+        .banger()
+        .args(["kernel", "import", "--name", "x", "--kernel", &initrd]));
+    assert_eq!(out.status.code(), Some(6), "{}", shown(&out));
+    assert!(
+        stderr(&out).contains("not an ELF vmlinux or a bzImage"),
+        "{}",
+        shown(&out)
+    );
+
+    // Images.
+    let rootfs = dir.join("rootfs.ext4").display().to_string();
+    let out = run(bed.banger().args([
+        "image",
+        "register",
+        "--name",
+        "tiny",
+        "--rootfs",
+        &rootfs,
+        "--kernel",
+        "tiny-k",
+        "--service",
+        "ssh:22",
+        "--init",
+        "/sbin/banger-init",
+        "--json",
+    ]));
+    assert!(out.status.success(), "{}", shown(&out));
+    let image = json(&out);
+    assert_eq!(image["managed"], false);
+    assert_eq!(image["kernel_name"], "tiny-k");
+    assert_eq!(image["services"][0]["port"], 22);
+    let out = run(bed.banger().args([
+        "image",
+        "register",
+        "--name",
+        "bad",
+        "--rootfs",
+        &rootfs,
+        "--kernel",
+        "tiny-k",
+        "--service",
+        "ssh",
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{}", shown(&out));
+
+    let out = run(bed.banger().args(["image", "promote", "tiny", "--json"]));
+    assert!(out.status.success(), "{}", shown(&out));
+    let promoted = json(&out);
+    assert_eq!(promoted["job"]["success"], true, "{promoted}");
+    assert_eq!(promoted["image"]["managed"], true, "{promoted}");
+    let stages: Vec<&str> = promoted["job"]["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .filter_map(|s| s["stage"].as_str())
+        .collect();
+    assert_eq!(
+        stages,
+        ["copy rootfs", "make work-seed", "digest", "record"]
+    );
+    let out = run(bed.banger().args(["image", "list"]));
+    assert!(
+        stdout(&out)
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .contains("yes      tiny-k"),
+        "{}",
+        shown(&out)
+    );
+
+    // The kernel is in use: Busy (7), with the image named.
+    let out = run(bed.banger().args(["kernel", "delete", "tiny-k"]));
+    assert_eq!(out.status.code(), Some(7), "{}", shown(&out));
+    assert!(stderr(&out).contains("tiny"), "{}", shown(&out));
+
+    // Several refs: each reported, the worst code returned.
+    let out = run(bed
+        .banger()
+        .args(["image", "delete", "tiny", "ghost", "--json"]));
+    assert_eq!(out.status.code(), Some(5), "{}", shown(&out));
+    let results = json(&out);
+    assert_eq!(results[0]["deleted"], true, "{results}");
+    assert_eq!(results[1]["deleted"], false, "{results}");
+    let out = run(bed.banger().args(["kernel", "delete", "tiny-k"]));
+    assert!(out.status.success(), "{}", shown(&out));
+    let out = run(bed.banger().args(["kernel", "list"]));
+    assert!(stdout(&out).contains("no kernels"), "{}", shown(&out));
+}
+
+#[test]
+fn users_without_authorization_cannot_import() {
+    let bed = start(Options::default());
+    let inputs = artifact_inputs();
+    let user = TestUser::create().expect("create a test user");
+    let vmlinux = inputs.path().join("vmlinux").display().to_string();
+    let out = run(bed
+        .banger_as(&user)
+        .args(["kernel", "import", "--name", "mine", "--kernel", &vmlinux]));
+    assert_eq!(out.status.code(), Some(4), "{}", shown(&out));
+    assert!(
+        stderr(&out).contains("cannot import kernel mine"),
+        "{}",
+        shown(&out)
+    );
+    // Listing is open to everyone.
+    let out = run(bed.banger_as(&user).args(["kernel", "list", "--json"]));
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(json(&out), serde_json::json!([]));
 }
