@@ -198,25 +198,25 @@ fn sync_time(unix_ns: i64) -> Result<Response, AgentError> {
     Ok(Response::TimeSynced { offset_ns })
 }
 
-/// Take the guest down: through the init system when there is one, with
-/// the reboot syscall as the last resort.
-pub async fn shut_down(reboot: bool) {
+/// Ask the init system to take the guest down. Returns whether it
+/// accepted; then init stops every service, this agent included (SIGTERM).
+pub async fn request_shutdown(reboot: bool) -> bool {
     use tokio::process::Command;
     let verb = if reboot { "reboot" } else { "poweroff" };
     eprintln!("banger-agent: {verb} requested by the host");
     nix::unistd::sync();
-    let via_systemd = Path::new("/run/systemd/system").exists();
-    let asked = if via_systemd {
+    let asked = if Path::new("/run/systemd/system").exists() {
         Command::new("systemctl").arg(verb).status().await
     } else {
         Command::new(verb).status().await
     };
-    if let Ok(st) = &asked
-        && st.success()
-    {
-        // Init is taking the system down and will stop us; give it time.
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    }
+    matches!(asked, Ok(st) if st.success())
+}
+
+/// The last resort when init does not take the guest down: sync and the
+/// reboot syscall.
+pub fn force_shutdown(reboot: bool) {
+    let verb = if reboot { "reboot" } else { "poweroff" };
     eprintln!("banger-agent: init did not {verb}; using the reboot syscall");
     nix::unistd::sync();
     let how = if reboot {

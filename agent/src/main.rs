@@ -19,6 +19,9 @@ use banger_agent_proto::{Request, SERIAL_PORT_NAME, VSOCK_PORT};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
+/// How long init gets to take the guest down before the agent forces it.
+const FORCE_AFTER: Duration = Duration::from_secs(90);
+
 #[derive(Debug, Parser)]
 #[command(name = "banger-agent", version, about = "The banger guest agent")]
 struct Cli {
@@ -201,8 +204,17 @@ async fn run(cli: Cli) -> ExitCode {
                     eprintln!("banger-agent: shutdown requested; exiting (--no-power)");
                     return ExitCode::SUCCESS;
                 }
-                handlers::shut_down(reboot).await;
-                return ExitCode::FAILURE;
+                if handlers::request_shutdown(reboot).await {
+                    // Init stops us with SIGTERM (handled above) as it goes
+                    // down; only if it never does, force it.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(FORCE_AFTER).await;
+                        handlers::force_shutdown(reboot);
+                    });
+                } else {
+                    handlers::force_shutdown(reboot);
+                    return ExitCode::FAILURE;
+                }
             }
             done = tasks.join_next() => match done {
                 // A transport failed (e.g. no vsock in this guest); the
