@@ -70,14 +70,20 @@ banger_cli() {
   return 0
 }
 
-# register CMD...: run a `banger` registration command when a daemon
-# answers; otherwise print it for later. Never fails the build.
+# register KIND NAME CMD...: run the `banger` registration command CMD
+# when a daemon answers and has no KIND (kernel|image) called NAME yet;
+# otherwise say how to do it later. Never fails the build.
 register() {
-  local b
+  local kind=$1 name=$2 b
+  shift 2
   b=$(banger_cli)
   if [[ -z $b ]]; then
     log "no banger daemon answers; register later with:"
     printf '  banger %s\n' "$*" >&2
+    return 0
+  fi
+  if "$b" "$kind" show "$name" >/dev/null 2>&1; then
+    log "$kind $name is already registered"
     return 0
   fi
   if ! "$b" "$@" >&2; then
