@@ -369,6 +369,26 @@ mod tests {
     }
 
     #[test]
+    fn upgrade_from_schema_2_keeps_jobs_and_adds_kernels_and_images() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("banger.db");
+        {
+            let mut conn = Connection::open(&path).expect("open");
+            migrate(&mut conn, &MIGRATIONS[..2]).expect("schema 2");
+            conn.execute(
+                "INSERT INTO jobs (kind, owner_uid, state, started_at) VALUES ('maintain', 0, 'succeeded', 1)",
+                [],
+            )
+            .expect("old job");
+        }
+        let store = Store::open(&path).expect("upgrade");
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+        assert_eq!(store.job(1).expect("query").expect("kept").kind, "maintain");
+        assert!(store.kernels().expect("kernels table").is_empty());
+        assert!(store.images().expect("images table").is_empty());
+    }
+
+    #[test]
     fn newer_store_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("banger.db");
