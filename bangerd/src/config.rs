@@ -51,19 +51,35 @@ impl Default for DaemonConfig {
     }
 }
 
-/// `[network]`: host networking (used by later features; `doctor` checks it now).
+/// `[network]`: host networking for VMs.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
     /// Address of the `.vm` DNS server on the host.
     pub dns_listen: SocketAddr,
+    /// Name of the bridge VMs' TAPs join.
+    pub bridge: String,
+    /// The VMs' IPv4 subnet; its first host address is the bridge's.
+    pub subnet: String,
+    /// Idle TAP devices kept ready so a create does not wait for one.
+    pub tap_pool_size: u32,
 }
 
 impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
             dns_listen: SocketAddr::from(([127, 0, 0, 1], 42069)),
+            bridge: "banger0".into(),
+            subnet: "10.213.42.0/24".into(),
+            tap_pool_size: 2,
         }
+    }
+}
+
+impl NetworkConfig {
+    /// The subnet, parsed (validated when the configuration is loaded).
+    pub fn subnet(&self) -> Result<crate::net::leases::Subnet, crate::error::Error> {
+        crate::net::leases::Subnet::parse(&self.subnet)
     }
 }
 
@@ -189,6 +205,24 @@ impl Config {
         if self.debug.job_stage_delay_ms > 60_000 {
             return Err(invalid("debug.job_stage_delay_ms", "must be at most 60000"));
         }
+        if let Err(e) = self.network.subnet() {
+            return Err(invalid("network.subnet", &e.message));
+        }
+        let b = &self.network.bridge;
+        if b.is_empty()
+            || b.len() > 15
+            || !b
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.')
+        {
+            return Err(invalid(
+                "network.bridge",
+                "must be an interface name: 1-15 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if self.network.tap_pool_size > 64 {
+            return Err(invalid("network.tap_pool_size", "must be at most 64"));
+        }
         for (key, bin) in [
             ("vm.firecracker_bin", &self.vm.firecracker_bin),
             ("vm.qemu_bin", &self.vm.qemu_bin),
@@ -222,6 +256,27 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/banger/bangerd.toml"))
+    }
+
+    #[test]
+    fn network_keys_are_checked() {
+        let c =
+            parse("[network]\nsubnet = \"10.50.0.0/16\"\nbridge = \"br-vm\"\ntap_pool_size = 0\n")
+                .expect("ok");
+        assert_eq!(c.network.subnet().expect("subnet").capacity(), 65_533);
+        for (text, key) in [
+            ("[network]\nsubnet = \"10.50.0.1/16\"\n", "network.subnet"),
+            ("[network]\nsubnet = \"nope\"\n", "network.subnet"),
+            (
+                "[network]\nbridge = \"this-name-is-too-long\"\n",
+                "network.bridge",
+            ),
+            ("[network]\nbridge = \"a b\"\n", "network.bridge"),
+            ("[network]\ntap_pool_size = 1000\n", "network.tap_pool_size"),
+        ] {
+            let e = parse(text).expect_err(text).to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod doctor;
 pub mod error;
 pub mod jobs;
 pub mod logging;
+pub mod net;
 pub mod os;
 pub mod paths;
 pub mod store;

@@ -61,6 +61,12 @@ pub const MIGRATIONS: &[&str] = &[
         owner_uid        INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX images_by_kernel ON images (kernel_id);",
+    // 4: network leases, one per owner (a VM); addresses and MACs unique.
+    "CREATE TABLE leases (
+        owner TEXT PRIMARY KEY NOT NULL,
+        ipv4  TEXT NOT NULL UNIQUE,
+        mac   TEXT NOT NULL UNIQUE
+    ) STRICT;",
 ];
 
 /// The schema version this build writes.
