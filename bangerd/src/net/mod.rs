@@ -3,3 +3,5 @@
 
 pub mod dns;
 pub mod leases;
+pub mod link;
+pub mod pool;

@@ -1,0 +1,196 @@
+//! The bridge and TAPs for real, each test in a fresh network namespace
+//! (the test thread unshares one; netlink sockets and /dev/net/tun bind to
+//! it). What the code made is checked with the real `ip` run inside the
+//! same namespace. Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::process::Command;
+
+use bangerd::error::ErrorKind;
+use bangerd::net::leases::Subnet;
+use bangerd::net::link::{Links, TAP_PREFIX};
+
+/// Run `f` on a runtime whose threads all live in a new network namespace.
+/// The namespace goes away with the thread: nothing leaks into the host.
+fn in_netns<F, Fut>(f: F)
+where
+    F: FnOnce(String) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("unshare a network namespace (root)");
+        let ns = format!(
+            "/proc/{}/task/{}/ns/net",
+            std::process::id(),
+            nix::unistd::gettid()
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(f(ns));
+    })
+    .join()
+    .unwrap();
+}
+
+/// `ip ARGS` inside the namespace at `ns`.
+fn ip(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={ns}"))
+        .arg("ip")
+        .args(args)
+        .output()
+        .expect("nsenter and ip run");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn bridge_and_taps_are_made_attached_owned_and_removed() {
+    in_netns(|ns| async move {
+        let links = Links::connect().unwrap();
+        let subnet = Subnet::parse("10.213.42.0/24").unwrap();
+        let bridge = links.ensure_bridge("banger0", &subnet).await.unwrap();
+        // Idempotent: same index, one address.
+        assert_eq!(
+            links.ensure_bridge("banger0", &subnet).await.unwrap(),
+            bridge
+        );
+        let shown = ip(&ns, &["-4", "addr", "show", "dev", "banger0"]);
+        assert_eq!(shown.matches("inet 10.213.42.1/24").count(), 1, "{shown}");
+        assert!(ip(&ns, &["-d", "link", "show", "banger0"]).contains("bridge"));
+
+        let t0 = format!("{TAP_PREFIX}0");
+        let t1 = format!("{TAP_PREFIX}1");
+        links.create_tap(&t0, 54_321, bridge).await.unwrap();
+        links.create_tap(&t1, 54_322, bridge).await.unwrap();
+        let details = ip(&ns, &["-d", "link", "show", &t0]);
+        assert!(details.contains("master banger0"), "{details}");
+        assert!(
+            details.contains("tap") && details.contains("persist on"),
+            "{details}"
+        );
+        assert!(details.contains("user 54321"), "{details}");
+        assert!(details.contains("vnet_hdr on"), "{details}");
+        assert_eq!(
+            links.bridge_members(bridge).await.unwrap(),
+            vec![t0.clone(), t1.clone()]
+        );
+        // Re-making an existing TAP hands it to a new owner.
+        links.create_tap(&t0, 54_323, bridge).await.unwrap();
+        assert!(ip(&ns, &["-d", "link", "show", &t0]).contains("user 54323"));
+
+        for t in [&t0, &t1] {
+            links.delete(t).await.unwrap();
+        }
+        links.delete("does-not-exist").await.unwrap();
+        assert!(
+            links
+                .names_with_prefix(TAP_PREFIX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        links.delete("banger0").await.unwrap();
+        assert_eq!(links.index_of("banger0").await.unwrap(), None);
+        let left = ip(&ns, &["-o", "link", "show"]);
+        assert_eq!(left.lines().count(), 1, "only lo is left: {left}");
+    });
+}
+
+#[test]
+fn a_subnet_that_overlaps_a_host_route_is_refused() {
+    in_netns(|ns| async move {
+        let links = Links::connect().unwrap();
+        // Someone else's network on another interface.
+        ip(&ns, &["link", "add", "other0", "type", "bridge"]);
+        ip(&ns, &["addr", "add", "10.77.0.5/16", "dev", "other0"]);
+        ip(&ns, &["link", "set", "other0", "up"]);
+        for clashing in ["10.77.3.0/24", "10.76.0.0/16"] {
+            let subnet = Subnet::parse(clashing).unwrap();
+            let expect_clash = clashing.starts_with("10.77");
+            let result = links.ensure_bridge("banger0", &subnet).await;
+            if expect_clash {
+                let err = result.unwrap_err();
+                assert_eq!(err.kind, ErrorKind::InvalidArgument);
+                assert!(
+                    err.message.contains("10.77.0.0/16 via other0"),
+                    "{}",
+                    err.message
+                );
+                assert!(
+                    err.message.contains("pick a free subnet"),
+                    "{}",
+                    err.message
+                );
+                assert_eq!(
+                    links.index_of("banger0").await.unwrap(),
+                    None,
+                    "nothing made"
+                );
+            } else {
+                result.unwrap();
+            }
+        }
+    });
+}
+
+#[test]
+fn the_tap_pool_hands_out_refills_reuses_and_adopts() {
+    use bangerd::net::pool::TapPool;
+    in_netns(|ns| async move {
+        let links = Links::connect().unwrap();
+        let subnet = Subnet::parse("10.213.42.0/24").unwrap();
+        let bridge = links.ensure_bridge("banger0", &subnet).await.unwrap();
+        let pool = TapPool::new(links.clone(), bridge, 2);
+        pool.adopt(&[]).await.unwrap();
+        let (idle, used) = pool.snapshot().await;
+        assert_eq!(idle, ["bgtap0", "bgtap1"]);
+        assert!(used.is_empty());
+
+        let a = pool.acquire(54_321).await.unwrap();
+        assert!(ip(&ns, &["-d", "link", "show", &a]).contains("user 54321"));
+        // The pool refills in the background.
+        let mut refilled = false;
+        for _ in 0..100 {
+            if pool.snapshot().await.0.len() == 2 {
+                refilled = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(refilled, "{:?}", pool.snapshot().await);
+        let b = pool.acquire(54_322).await.unwrap();
+        let c = pool.acquire(54_323).await.unwrap();
+        assert_eq!([&a, &b, &c].iter().collect::<BTreeSet<_>>().len(), 3);
+
+        // Released TAPs return to the pool (owner reset) or go.
+        pool.release(&a).await.unwrap();
+        let details = ip(&ns, &["-d", "link", "show", &a]);
+        assert!(
+            details.contains("user root") || details.contains("user 0"),
+            "{details}"
+        );
+        // A daemon restart: a new pool adopts what exists. c stays in use.
+        let restarted = TapPool::new(links.clone(), bridge, 2);
+        restarted.adopt(std::slice::from_ref(&c)).await.unwrap();
+        let (idle, used) = restarted.snapshot().await;
+        assert_eq!(idle.len(), 2);
+        assert_eq!(used, vec![c.clone()]);
+        let all = links.names_with_prefix("bgtap").await.unwrap();
+        assert_eq!(all.len(), 3, "pool of 2 + c; extras deleted: {all:?}");
+        restarted.release(&c).await.unwrap();
+        restarted.drain().await.unwrap();
+        assert!(links.names_with_prefix("bgtap").await.unwrap().is_empty());
+    });
+}
