@@ -4,4 +4,5 @@
 pub mod dns;
 pub mod leases;
 pub mod link;
+pub mod nat;
 pub mod pool;
