@@ -119,6 +119,8 @@ pub struct HostPaths {
     pub journal_socket: PathBuf,
     /// Exists when systemd is PID 1.
     pub systemd_runtime: PathBuf,
+    /// `net.ipv4.ip_forward`.
+    pub ip_forward: PathBuf,
 }
 
 impl Default for HostPaths {
@@ -130,6 +132,7 @@ impl Default for HostPaths {
             mapper_control: "/dev/mapper/control".into(),
             journal_socket: "/run/systemd/journal/socket".into(),
             systemd_runtime: "/run/systemd/system".into(),
+            ip_forward: "/proc/sys/net/ipv4/ip_forward".into(),
         }
     }
 }
@@ -149,6 +152,7 @@ pub async fn run(
 ) -> Vec<Check> {
     let polkit = bus.name_state(POLKIT_NAME).await;
     let resolved = bus.name_state(RESOLVED_NAME).await;
+    let network = check_network(config).await;
     let config = config.clone();
     let state_dir = state_dir.to_owned();
     let store = store.clone();
@@ -179,7 +183,11 @@ pub async fn run(
             check_systemd(&host.systemd_runtime),
             check_resolved(resolved),
             check_dns_port(config.network.dns_listen),
+            check_ip_forward(&host.ip_forward),
         ]
+        .into_iter()
+        .chain(network)
+        .collect()
     })
     .await
     .unwrap_or_else(|e| {
@@ -189,6 +197,72 @@ pub async fn run(
             "report this as a bug",
         )]
     })
+}
+
+/// `bridge` and `subnet`: read-only netlink questions about this host.
+async fn check_network(config: &Config) -> Vec<Check> {
+    let bridge = config.network.bridge.clone();
+    let subnet = match config.network.subnet() {
+        Ok(s) => s,
+        Err(e) => {
+            return vec![Check::fail(
+                "subnet",
+                e.message,
+                "fix network.subnet in bangerd.toml",
+            )];
+        }
+    };
+    let links = match crate::net::link::Links::connect() {
+        Ok(l) => l,
+        Err(e) => {
+            let hint = "bangerd needs netlink (CAP_NET_ADMIN) for VM networking";
+            return vec![
+                Check::fail("bridge", e.message.clone(), hint),
+                Check::fail("subnet", e.message, hint),
+            ];
+        }
+    };
+    let index = links.index_of(&bridge).await;
+    let bridge_check = match &index {
+        Ok(Some(i)) => Check::pass(
+            "bridge",
+            format!(
+                "{bridge} exists (ifindex {i}), gateway {}",
+                subnet.gateway()
+            ),
+        ),
+        Ok(None) => Check::pass(
+            "bridge",
+            format!("{bridge} does not exist yet; bangerd creates it for the first VM"),
+        ),
+        Err(e) => Check::warn("bridge", e.message.clone(), "check netlink access"),
+    };
+    let subnet_check = match links.route_clash(&subnet, index.ok().flatten()).await {
+        Ok(None) => Check::pass("subnet", format!("{subnet}: no host route overlaps it")),
+        Ok(Some(route)) => Check::fail(
+            "subnet",
+            format!("{subnet} overlaps the host route {route}"),
+            "set network.subnet in bangerd.toml to a network no route uses",
+        ),
+        Err(e) => Check::warn("subnet", e.message, "check netlink access"),
+    };
+    vec![bridge_check, subnet_check]
+}
+
+fn check_ip_forward(path: &Path) -> Check {
+    const NAME: &str = "ip-forward";
+    match std::fs::read_to_string(path).map(|s| s.trim().to_owned()) {
+        Ok(v) if v == "1" => Check::pass(NAME, "IPv4 forwarding is on"),
+        Ok(_) => Check::pass(
+            NAME,
+            "IPv4 forwarding is off; bangerd switches it on when a VM gets NAT",
+        ),
+        Err(e) => Check::warn(
+            NAME,
+            format!("cannot read {}: {e}", path.display()),
+            "VM NAT needs net.ipv4.ip_forward",
+        ),
+    }
 }
 
 fn check_store(store: &Store) -> Check {
@@ -603,6 +677,72 @@ mod tests {
         assert_ne!(check.verdict, Verdict::Fail, "{check:?}");
         let missing = check_reflink(Path::new("/nonexistent/dir"));
         assert_eq!(missing.verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn ip_forward_is_read_truthfully() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("ip_forward");
+        std::fs::write(&f, "1\n").expect("write");
+        assert!(check_ip_forward(&f).detail.contains("is on"));
+        std::fs::write(&f, "0\n").expect("write");
+        assert!(check_ip_forward(&f).detail.contains("switches it on"));
+        assert_eq!(
+            check_ip_forward(&dir.path().join("nope")).verdict,
+            Verdict::Warn
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn network_checks_see_a_clash_in_a_private_namespace() {
+        // A thread in its own network namespace, with a route that
+        // overlaps the default subnet.
+        let checks = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (root)");
+            let ns = format!(
+                "/proc/{}/task/{}/ns/net",
+                std::process::id(),
+                nix::unistd::gettid()
+            );
+            let ip = |args: &[&str]| {
+                let st = std::process::Command::new("nsenter")
+                    .arg(format!("--net={ns}"))
+                    .arg("ip")
+                    .args(args)
+                    .status()
+                    .expect("ip");
+                assert!(st.success(), "ip {args:?}");
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("rt");
+            let before = rt.block_on(check_network(&Config::default()));
+            ip(&["link", "add", "clash0", "type", "bridge"]);
+            ip(&["addr", "add", "10.213.0.1/16", "dev", "clash0"]);
+            ip(&["link", "set", "clash0", "up"]);
+            let after = rt.block_on(check_network(&Config::default()));
+            (before, after)
+        })
+        .join()
+        .expect("thread");
+        let (before, after) = checks;
+        assert_eq!(before.len(), 2);
+        assert!(
+            before.iter().all(|c| c.verdict == Verdict::Pass),
+            "{before:?}"
+        );
+        assert!(
+            before[0].detail.contains("does not exist yet"),
+            "{:?}",
+            before[0]
+        );
+        assert_eq!(after[1].verdict, Verdict::Fail, "{:?}", after[1]);
+        assert!(
+            after[1].detail.contains("10.213.0.0/16 via clash0"),
+            "{:?}",
+            after[1]
+        );
     }
 
     #[test]
