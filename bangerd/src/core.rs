@@ -59,6 +59,8 @@ pub struct Core {
     jobs: Arc<Jobs>,
     /// Images some operation holds exclusively (promote, delete, seeding).
     pub(crate) busy_images: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The `.vm` zone and where it is served, once the DNS server runs.
+    dns: std::sync::Mutex<Option<(crate::net::dns::VmZone, std::net::SocketAddr)>>,
 }
 
 fn job_settings(config: &Config) -> JobSettings {
@@ -81,6 +83,7 @@ impl Core {
             deps,
             jobs,
             busy_images: Default::default(),
+            dns: Default::default(),
         })
     }
 
@@ -115,8 +118,32 @@ impl Core {
             &self.deps.store,
             self.deps.bus.as_ref(),
             &self.deps.host,
+            self.dns_served(),
         )
         .await
+    }
+
+    /// Record that the DNS server answers for `zone` on `addr`.
+    pub fn set_dns(&self, zone: crate::net::dns::VmZone, addr: std::net::SocketAddr) {
+        *self.dns.lock().unwrap_or_else(|p| p.into_inner()) = Some((zone, addr));
+    }
+
+    /// Where the `.vm` DNS server listens, when it runs.
+    pub fn dns_served(&self) -> Option<std::net::SocketAddr> {
+        self.dns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, a)| *a)
+    }
+
+    /// The `.vm` zone, when the DNS server runs.
+    pub fn dns_zone(&self) -> Option<crate::net::dns::VmZone> {
+        self.dns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(z, _)| z.clone())
     }
 
     /// Start store maintenance as a job (action `org.banger.maintain`).

@@ -149,6 +149,7 @@ pub async fn run(
     store: &std::sync::Arc<Store>,
     bus: &dyn BusProbe,
     host: &HostPaths,
+    dns_served: Option<std::net::SocketAddr>,
 ) -> Vec<Check> {
     let polkit = bus.name_state(POLKIT_NAME).await;
     let resolved = bus.name_state(RESOLVED_NAME).await;
@@ -182,7 +183,7 @@ pub async fn run(
             check_journald(&host.journal_socket),
             check_systemd(&host.systemd_runtime),
             check_resolved(resolved),
-            check_dns_port(config.network.dns_listen),
+            check_dns_port(config.network.dns_listen, dns_served),
             check_ip_forward(&host.ip_forward),
         ]
         .into_iter()
@@ -595,8 +596,16 @@ fn check_resolved(state: NameState) -> Check {
     }
 }
 
-fn check_dns_port(addr: std::net::SocketAddr) -> Check {
+fn check_dns_port(addr: std::net::SocketAddr, served: Option<std::net::SocketAddr>) -> Check {
     const NAME: &str = "dns-port";
+    if let Some(ours) = served
+        && (ours == addr || (addr.port() == 0 && ours.ip() == addr.ip()))
+    {
+        return Check::pass(
+            NAME,
+            format!("bangerd serves the .vm zone on {ours} (udp and tcp)"),
+        );
+    }
     let udp = std::net::UdpSocket::bind(addr);
     let tcp = std::net::TcpListener::bind(addr);
     match (udp, tcp) {
@@ -645,7 +654,7 @@ mod tests {
     fn busy_port_fails() {
         let held = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = held.local_addr().expect("addr");
-        assert_eq!(check_dns_port(addr).verdict, Verdict::Fail);
+        assert_eq!(check_dns_port(addr, None).verdict, Verdict::Fail);
         drop(held);
     }
 

@@ -79,6 +79,17 @@ pub struct RunOptions {
     pub log: Option<logging::LogControl>,
 }
 
+fn config_subnet_and_listen(core: &Core) -> Option<(net::leases::Subnet, std::net::SocketAddr)> {
+    let config = core.config();
+    match config.network.subnet() {
+        Ok(s) => Some((s, config.network.dns_listen)),
+        Err(e) => {
+            tracing::warn!("not serving .vm DNS: {e}");
+            None
+        }
+    }
+}
+
 /// Serve on `conn` until [`Control::Shutdown`] arrives (or the channel closes).
 pub async fn run(
     conn: Connection,
@@ -132,6 +143,22 @@ pub async fn run(
         },
         events_tx,
     );
+    // The .vm DNS server on the host. Not being able to serve it is not
+    // fatal: doctor reports it, and everything else still works.
+    let dns = match config_subnet_and_listen(&core) {
+        Some((subnet, listen)) => match net::dns::start(listen, &subnet).await {
+            Ok((server, zone, bound)) => {
+                tracing::info!(address = %bound, "serving the .vm DNS zone");
+                core.set_dns(zone, bound);
+                Some(server)
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                None
+            }
+        },
+        None => None,
+    };
     if let Err(e) = core.clean_up_artifacts().await {
         tracing::error!("cannot clean up after interrupted kernel or image operations: {e}");
     }
@@ -183,6 +210,9 @@ pub async fn run(
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(dns) = dns {
+        dns.shutdown().await;
     }
     drop(core);
     mirror.abort();

@@ -253,8 +253,10 @@ fn root_maintain_job_reports_stages_in_order_then_disappears() {
 
 #[test]
 fn cancel_stops_a_running_job() {
+    // Stages pause 60 s; a cancel must end the job long before that, even
+    // on a loaded machine.
     let bed =
-        TestBed::start(quick_config("[debug]\njob_stage_delay_ms = 10000\n")).expect("test bed");
+        TestBed::start(quick_config("[debug]\njob_stage_delay_ms = 60000\n")).expect("test bed");
     runtime().block_on(async {
         let conn = connect(&bed).await;
         let mut signals = job_signals(&conn).await;
@@ -271,7 +273,7 @@ fn cancel_stops_a_running_job() {
         proxy.cancel().await.expect("cancel");
         let got = collect_until_completed(&mut signals, &job).await;
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(30),
             "cancel did not interrupt the stage"
         );
         assert_eq!(

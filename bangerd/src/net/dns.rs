@@ -221,6 +221,41 @@ pub fn catalog(zone: &VmZone, upstreams: &[std::net::SocketAddr]) -> Result<Cata
     Ok(catalog)
 }
 
+/// Bind UDP and TCP on `addr` and serve the `.vm` zone for `subnet` there,
+/// forwarding other names to the host's upstream resolvers. With port 0
+/// both sockets share one free port. Returns the server, its zone and the
+/// address it listens on.
+pub async fn start(
+    addr: std::net::SocketAddr,
+    subnet: &Subnet,
+) -> Result<(DnsServer, VmZone, std::net::SocketAddr), Error> {
+    let bind_err = |e: std::io::Error| {
+        Error::unavailable(format!(
+            "cannot listen on {addr} for .vm DNS: {e}; free the port or set network.dns_listen"
+        ))
+    };
+    let (udp, tcp, bound) = loop {
+        let udp = tokio::net::UdpSocket::bind(addr).await.map_err(bind_err)?;
+        let bound = udp.local_addr().map_err(bind_err)?;
+        match tokio::net::TcpListener::bind(bound).await {
+            Ok(tcp) => break (udp, tcp, bound),
+            // An ephemeral UDP port whose TCP twin is taken: try another.
+            Err(_) if addr.port() == 0 => continue,
+            Err(e) => return Err(bind_err(e)),
+        }
+    };
+    let zone = VmZone::new(subnet)?;
+    let upstreams: Vec<std::net::SocketAddr> = upstream_resolvers(
+        Path::new("/run/systemd/resolve/resolv.conf"),
+        Path::new("/etc/resolv.conf"),
+    )
+    .into_iter()
+    .map(|ip| std::net::SocketAddr::new(ip, 53))
+    .collect();
+    let server = DnsServer::serve(catalog(&zone, &upstreams)?, vec![udp], vec![tcp]);
+    Ok((server, zone, bound))
+}
+
 /// A running DNS server.
 pub struct DnsServer {
     server: Server<Catalog>,
