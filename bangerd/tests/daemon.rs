@@ -260,7 +260,12 @@ fn cancel_stops_a_running_job() {
     runtime().block_on(async {
         let conn = connect(&bed).await;
         let mut signals = job_signals(&conn).await;
-        let manager = ManagerProxy::new(&conn).await.expect("proxy");
+        // Uncached: each Status read asks the daemon.
+        let manager = ManagerProxy::builder(&conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .expect("proxy");
         let job = manager.maintain(HashMap::new()).await.expect("maintain");
         assert_eq!(manager.status().await.expect("Status"), "1 job running");
         let proxy = JobProxy::builder(&conn)

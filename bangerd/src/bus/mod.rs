@@ -132,9 +132,9 @@ pub async fn mirror_jobs(
     let server = conn.object_server();
     let mut last_status = core.status_line();
     while let Some(event) = events.recv().await {
-        if let Err(e) = mirror_one(&conn, server, &core, &event).await {
-            tracing::warn!("cannot publish job event {event:?}: {e}");
-        }
+        // The core changed before it sent the event, so Status is announced
+        // first: a client that sees Completed and then reads Status gets
+        // the new value.
         let status = core.status_line();
         if status != last_status {
             last_status = status;
@@ -146,6 +146,9 @@ pub async fn mirror_jobs(
                     .status_changed(manager.signal_emitter())
                     .await;
             }
+        }
+        if let Err(e) = mirror_one(&conn, server, &core, &event).await {
+            tracing::warn!("cannot publish job event {event:?}: {e}");
         }
     }
 }
