@@ -77,6 +77,28 @@ pub struct RunOptions {
     pub config: Config,
     /// Lets reloads change the log filter.
     pub log: Option<logging::LogControl>,
+    /// `.vm` DNS sockets passed by systemd (`bangerd.socket`); when empty,
+    /// bangerd binds `network.dns_listen` itself.
+    pub dns_fds: Vec<std::os::fd::OwnedFd>,
+}
+
+/// Serve DNS on the sockets systemd passed, or bind `listen`.
+async fn start_dns(
+    fds: Vec<std::os::fd::OwnedFd>,
+    listen: std::net::SocketAddr,
+    subnet: &net::leases::Subnet,
+) -> Result<(net::dns::DnsServer, net::dns::VmZone, std::net::SocketAddr), error::Error> {
+    if fds.is_empty() {
+        return net::dns::start(listen, subnet).await;
+    }
+    let (udp, tcp) = os::activation::dns_sockets(fds)?;
+    let addr = udp
+        .first()
+        .and_then(|s| s.local_addr().ok())
+        .or_else(|| tcp.first().and_then(|l| l.local_addr().ok()))
+        .unwrap_or(listen);
+    tracing::info!(address = %addr, udp = udp.len(), tcp = tcp.len(), "using the DNS sockets systemd passed");
+    net::dns::serve_on(udp, tcp, subnet).map(|(server, zone)| (server, zone, addr))
 }
 
 fn config_subnet_and_listen(core: &Core) -> Option<(net::leases::Subnet, std::net::SocketAddr)> {
@@ -101,6 +123,7 @@ pub async fn run(
         config_file,
         config,
         log,
+        dns_fds,
     } = options;
     dirs.create().map_err(|source| DaemonError::Dirs {
         path: dirs.state.clone(),
@@ -146,7 +169,7 @@ pub async fn run(
     // The .vm DNS server on the host. Not being able to serve it is not
     // fatal: doctor reports it, and everything else still works.
     let dns = match config_subnet_and_listen(&core) {
-        Some((subnet, listen)) => match net::dns::start(listen, &subnet).await {
+        Some((subnet, listen)) => match start_dns(dns_fds, listen, &subnet).await {
             Ok((server, zone, bound)) => {
                 tracing::info!(address = %bound, "serving the .vm DNS zone");
                 core.set_dns(zone, bound);

@@ -45,6 +45,14 @@ fn main() -> ExitCode {
     }
     let (log, sink) = bangerd::logging::init(&config.daemon.log_level);
     tracing::debug!(?sink, "logging initialised");
+    // Before any other thread exists: this unsets the LISTEN_* variables.
+    let dns_fds = match bangerd::os::activation::take_named("dns") {
+        Ok(fds) => fds,
+        Err(e) => {
+            tracing::warn!("{e}");
+            Vec::new()
+        }
+    };
 
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -56,6 +64,7 @@ fn main() -> ExitCode {
                 config_file,
                 config,
                 log: Some(log),
+                dns_fds,
             }))
         });
     match result {

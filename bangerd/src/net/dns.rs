@@ -244,6 +244,17 @@ pub async fn start(
             Err(e) => return Err(bind_err(e)),
         }
     };
+    let (server, zone) = serve_on(vec![udp], vec![tcp], subnet)?;
+    Ok((server, zone, bound))
+}
+
+/// Serve the `.vm` zone for `subnet` on sockets bound elsewhere (e.g. by
+/// systemd), forwarding other names to the host's upstream resolvers.
+pub fn serve_on(
+    udp: Vec<tokio::net::UdpSocket>,
+    tcp: Vec<tokio::net::TcpListener>,
+    subnet: &Subnet,
+) -> Result<(DnsServer, VmZone), Error> {
     let zone = VmZone::new(subnet)?;
     let upstreams: Vec<std::net::SocketAddr> = upstream_resolvers(
         Path::new("/run/systemd/resolve/resolv.conf"),
@@ -252,8 +263,8 @@ pub async fn start(
     .into_iter()
     .map(|ip| std::net::SocketAddr::new(ip, 53))
     .collect();
-    let server = DnsServer::serve(catalog(&zone, &upstreams)?, vec![udp], vec![tcp]);
-    Ok((server, zone, bound))
+    let server = DnsServer::serve(catalog(&zone, &upstreams)?, udp, tcp);
+    Ok((server, zone))
 }
 
 /// A running DNS server.

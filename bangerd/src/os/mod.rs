@@ -1,5 +1,6 @@
 //! OS backends behind the core's traits.
 
+pub mod activation;
 pub mod agent;
 pub mod notify;
 pub mod polkit;
