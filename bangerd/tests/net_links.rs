@@ -194,3 +194,110 @@ fn the_tap_pool_hands_out_refills_reuses_and_adopts() {
         assert!(links.names_with_prefix("bgtap").await.unwrap().is_empty());
     });
 }
+
+#[test]
+fn a_vm_network_is_attached_and_detached_leaving_nothing() {
+    use bangerd::net::dns::VmZone;
+    use bangerd::net::network::Network;
+    use bangerd::store::Store;
+    use std::sync::Arc;
+    in_netns(|ns| async move {
+        // A /29: five guest addresses, so exhaustion is easy to reach.
+        let subnet = Subnet::parse("10.213.42.0/29").unwrap();
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let zone = VmZone::new(&subnet).unwrap();
+        let net = Network::up(
+            "banger0",
+            subnet,
+            1,
+            store.clone(),
+            Some(zone.clone()),
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+
+        let a = net.attach("vm-a", "alpha", 54_321, true).await.unwrap();
+        let b = net.attach("vm-b", "beta", 54_322, false).await.unwrap();
+        assert_eq!(a.lease.ipv4.to_string(), "10.213.42.2");
+        assert_eq!(
+            a.ip_arg,
+            "10.213.42.2::10.213.42.1:255.255.255.248:alpha:eth0:off:10.213.42.1"
+        );
+        assert!(ip(&ns, &["-d", "link", "show", &a.tap]).contains("user 54321"));
+        assert!(ip(&ns, &["-d", "link", "show", &b.tap]).contains("master banger0"));
+        assert_eq!(zone.lookup("alpha").await, Some(a.lease.ipv4));
+        let nft = |args: &[&str]| {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={ns}"))
+                .arg("nft")
+                .args(args)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let set = nft(&["list", "set", "inet", "banger", "nat_vms"]);
+        assert!(
+            set.contains("10.213.42.2") && !set.contains("10.213.42.3"),
+            "{set}"
+        );
+        net.set_nat(b.lease.ipv4, true).await.unwrap();
+        assert!(nft(&["list", "set", "inet", "banger", "nat_vms"]).contains("10.213.42.3"));
+
+        // Exhaust the subnet: the failing attach leaves no TAP and no lease.
+        for owner in ["c", "d", "e"] {
+            net.attach(owner, owner, 54_330, false).await.unwrap();
+        }
+        // Let the pool's background refill settle first.
+        for _ in 0..100 {
+            if net.pool().snapshot().await.0.len() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let taps_before = links_now(&ns);
+        let err = net
+            .attach("vm-f", "foxtrot", 54_331, true)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unavailable, "{}", err.message);
+        assert_eq!(
+            links_now(&ns),
+            taps_before,
+            "a failed attach changed the links"
+        );
+        assert_eq!(store.leases().unwrap().len(), 5);
+        assert_eq!(zone.lookup("foxtrot").await, None);
+
+        // Detach: name, NAT, TAP (back to the pool or gone) and lease.
+        net.detach("vm-a", "alpha", &a).await.unwrap();
+        assert_eq!(zone.lookup("alpha").await, None);
+        let set = nft(&["list", "set", "inet", "banger", "nat_vms"]);
+        assert!(
+            !set.contains("10.213.42.2") && set.contains("10.213.42.3"),
+            "{set}"
+        );
+        assert!(store.leases().unwrap().iter().all(|l| l.owner != "vm-a"));
+        let (idle, used) = net.pool().snapshot().await;
+        assert!(!used.contains(&a.tap));
+        assert!(idle.len() <= 1, "pool of 1: {idle:?}");
+        // Its address is the next one handed out.
+        let again = net.attach("vm-g", "golf", 54_332, false).await.unwrap();
+        assert_eq!(again.lease.ipv4, a.lease.ipv4);
+    });
+}
+
+/// `ip -o link` names in the namespace, sorted.
+fn links_now(ns: &str) -> Vec<String> {
+    let mut names: Vec<String> = ip(ns, &["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)
+                .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        })
+        .collect();
+    names.sort();
+    names
+}

@@ -5,4 +5,5 @@ pub mod dns;
 pub mod leases;
 pub mod link;
 pub mod nat;
+pub mod network;
 pub mod pool;
