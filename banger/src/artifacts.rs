@@ -388,6 +388,7 @@ mod tests {
         );
         assert!(kernels_table(&[]).contains("banger kernel import"));
         let catalog = Catalog {
+            vms: Vec::new(),
             kernels: ks.clone(),
             images: vec![ImageInfo {
                 path: "/org/banger/Manager/image/11".into(),

@@ -287,11 +287,60 @@ pub struct ImageInfo {
     pub owner_uid: u32,
 }
 
-/// Every kernel and image, from one `GetManagedObjects` call.
+/// A VM as the daemon publishes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VmInfo {
+    pub path: String,
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub owner_uid: u32,
+    pub ipv4: String,
+    pub mac: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_bytes: u64,
+    pub nat: bool,
+    /// The image's object path.
+    pub image: String,
+    /// The kernel's object path.
+    pub kernel: String,
+    pub unit: String,
+    pub disk_method: String,
+    pub created_at_usec: u64,
+    pub last_error: String,
+}
+
+impl VmInfo {
+    fn from_props(path: &str, p: &Props) -> Self {
+        Self {
+            path: path.to_owned(),
+            id: prop(p, "Id"),
+            name: prop(p, "Name"),
+            state: prop(p, "State"),
+            owner_uid: prop(p, "OwnerUID"),
+            ipv4: prop(p, "IPv4"),
+            mac: prop(p, "MAC"),
+            vcpus: prop(p, "VCPUs"),
+            memory_mib: prop(p, "MemoryMiB"),
+            disk_bytes: prop(p, "DiskBytes"),
+            nat: prop(p, "NAT"),
+            image: path_prop(p, "Image"),
+            kernel: path_prop(p, "Kernel"),
+            unit: prop(p, "Unit"),
+            disk_method: prop(p, "DiskMethod"),
+            created_at_usec: prop(p, "CreatedAt"),
+            last_error: prop(p, "LastError"),
+        }
+    }
+}
+
+/// Every kernel, image and VM, from one `GetManagedObjects` call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Catalog {
     pub kernels: Vec<KernelInfo>,
     pub images: Vec<ImageInfo>,
+    pub vms: Vec<VmInfo>,
 }
 
 type Props = HashMap<String, zbus::OwnedVariant>;
@@ -381,13 +430,63 @@ impl Client {
                     banger_dbus::IMAGE_INTERFACE => catalog
                         .images
                         .push(ImageInfo::from_props(path.as_str(), &props)),
+                    banger_dbus::VM_INTERFACE => {
+                        catalog.vms.push(VmInfo::from_props(path.as_str(), &props))
+                    }
                     _ => {}
                 }
             }
         }
         catalog.kernels.sort_by(|a, b| a.name.cmp(&b.name));
         catalog.images.sort_by(|a, b| a.name.cmp(&b.name));
+        catalog.vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(catalog)
+    }
+
+    /// Call a method of the VM at `path` that may need authorization.
+    pub async fn vm_call<B, R>(
+        &self,
+        path: &str,
+        method: &str,
+        body: &B,
+        interaction: Interaction,
+    ) -> Result<R, Failure>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+        R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
+    {
+        let proxy = zbus::Proxy::new(
+            &self.conn,
+            banger_dbus::BUS_NAME,
+            path.to_owned(),
+            banger_dbus::VM_INTERFACE,
+        )
+        .await
+        .map_err(Failure::from_zbus)?;
+        match interaction {
+            Interaction::Allowed => proxy
+                .call_with_flags::<_, _, R>(
+                    method,
+                    zbus::proxy::MethodFlags::ALLOW_INTERACTIVE_AUTH,
+                    body,
+                )
+                .await
+                .map_err(Failure::from_zbus)?
+                .ok_or_else(|| Failure::new(Kind::Failed, format!("{method} sent no reply"))),
+            Interaction::NotAllowed => timed(proxy.call::<_, _, R>(method, body)).await,
+        }
+    }
+
+    /// `Manager.CreateVM`: returns the VM and the job.
+    pub async fn create_vm(
+        &self,
+        name: &str,
+        image: &str,
+        options: HashMap<&str, Variant<'_>>,
+        interaction: Interaction,
+    ) -> Result<(OwnedObjectPath, OwnedObjectPath), Failure> {
+        self.manager_call("CreateVM", &(name, image, options), interaction)
+            .await
     }
 
     /// Call a Manager method that may need authorization.

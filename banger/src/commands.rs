@@ -100,6 +100,8 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
         }
         Action::ImagePromote { image, wait } => image_promote(opts, &image, wait).await,
         Action::ImageDelete(refs) => delete_each(opts, "image", refs).await,
+        Action::Vm(command) => crate::vm::run(opts, command).await,
+        Action::SshConfig => crate::vm::print_ssh_config(),
     }
 }
 
@@ -408,7 +410,7 @@ fn note(opts: Options, message: &str) {
     }
 }
 
-async fn connect(opts: Options) -> Result<Client, Failure> {
+pub(crate) async fn connect(opts: Options) -> Result<Client, Failure> {
     note(
         opts,
         &format!(
@@ -476,8 +478,8 @@ async fn version(opts: Options) -> anyhow::Result<u8> {
 }
 
 /// The authentication agent for one mutating call, and how to make the call.
-struct Authorization {
-    interaction: Interaction,
+pub(crate) struct Authorization {
+    pub(crate) interaction: Interaction,
     agent: Option<Agent>,
     /// Why no agent runs although the user could have been asked.
     no_agent: Option<String>,
@@ -485,7 +487,7 @@ struct Authorization {
 
 impl Authorization {
     /// Start pkttyagent when banger may prompt (a terminal, no `--no-ask-password`).
-    async fn prepare(opts: Options) -> Self {
+    pub(crate) async fn prepare(opts: Options) -> Self {
         if !polkit_agent::can_prompt(opts.ask_password) {
             note(
                 opts,
@@ -520,7 +522,7 @@ impl Authorization {
 
     /// Stop the agent, and explain a permission failure that may come from
     /// the missing agent.
-    async fn finish<T>(self, result: Result<T, Failure>) -> Result<T, Failure> {
+    pub(crate) async fn finish<T>(self, result: Result<T, Failure>) -> Result<T, Failure> {
         if let Some(agent) = self.agent {
             agent.stop().await;
         }
@@ -568,7 +570,7 @@ async fn maintain(opts: Options, vacuum: bool, wait: bool) -> anyhow::Result<u8>
     follow_and_report(&client, subscription, &path, tracker, started, opts).await
 }
 
-async fn follow_and_report(
+pub(crate) async fn follow_and_report(
     client: &Client,
     subscription: &mut Subscription,
     path: &OwnedObjectPath,

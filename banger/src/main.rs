@@ -14,6 +14,7 @@ mod exit;
 mod output;
 mod polkit_agent;
 mod progress;
+mod vm;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

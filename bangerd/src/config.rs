@@ -106,6 +106,33 @@ pub struct VmConfig {
     pub firecracker_bin: PathBuf,
     /// QEMU binary; a bare name is looked up on `PATH`.
     pub qemu_bin: PathBuf,
+    /// QEMU accelerator: `kvm`, `tcg`, or `auto` (see docs/configuration.md).
+    pub accel: Accel,
+    /// Image used when a create names none.
+    pub default_image: String,
+    /// Default vCPUs of a new VM.
+    pub vcpus: u32,
+    /// Default memory of a new VM, in MiB.
+    pub memory_mib: u32,
+    /// Default work disk size of a new VM, in MiB.
+    pub disk_mib: u64,
+    /// How long a start waits for the guest agent and services, in seconds.
+    pub boot_timeout_secs: u64,
+    /// How long a stop waits for a clean shutdown before forcing, in seconds.
+    pub stop_timeout_secs: u64,
+}
+
+/// QEMU accelerator choice.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when it really works here, else TCG.
+    #[default]
+    Auto,
+    /// Always KVM.
+    Kvm,
+    /// Always TCG (software emulation).
+    Tcg,
 }
 
 impl Default for VmConfig {
@@ -114,6 +141,13 @@ impl Default for VmConfig {
             vmm: VmmKind::Auto,
             firecracker_bin: "firecracker".into(),
             qemu_bin: "qemu-system-x86_64".into(),
+            accel: Accel::Auto,
+            default_image: "debian-bookworm".into(),
+            vcpus: 2,
+            memory_mib: 1024,
+            disk_mib: 8192,
+            boot_timeout_secs: 180,
+            stop_timeout_secs: 30,
         }
     }
 }
@@ -191,6 +225,20 @@ impl Config {
             return Err(invalid(
                 "daemon.job_retention_secs",
                 "must be between 1 and 3600",
+            ));
+        }
+        if crate::vm::validate_sizes(self.vm.vcpus, self.vm.memory_mib, self.vm.disk_mib << 20)
+            .is_err()
+        {
+            return Err(invalid(
+                "vm.vcpus, vm.memory_mib or vm.disk_mib",
+                "out of range (1-64 vCPUs, 128 MiB-256 GiB memory, disk at least 64 MiB)",
+            ));
+        }
+        if self.vm.boot_timeout_secs == 0 || self.vm.stop_timeout_secs == 0 {
+            return Err(invalid(
+                "vm.boot_timeout_secs or vm.stop_timeout_secs",
+                "must be at least 1",
             ));
         }
         if self.daemon.job_history_days == 0 {

@@ -61,6 +61,8 @@ pub struct Core {
     pub(crate) busy_images: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The `.vm` zone and where it is served, once the DNS server runs.
     dns: std::sync::Mutex<Option<(crate::net::dns::VmZone, std::net::SocketAddr)>>,
+    /// VM bookkeeping outside the store.
+    vm_runtime: crate::vm::commands::VmRuntime,
 }
 
 fn job_settings(config: &Config) -> JobSettings {
@@ -84,6 +86,7 @@ impl Core {
             jobs,
             busy_images: Default::default(),
             dns: Default::default(),
+            vm_runtime: Default::default(),
         })
     }
 
@@ -95,13 +98,33 @@ impl Core {
             .clone()
     }
 
-    /// One-line summary for `Status` and sd_notify.
+    /// One-line summary for `Status` and sd_notify, e.g. "idle",
+    /// "1 job running" or "2 VMs running, 1 job".
     pub fn status_line(&self) -> String {
-        match self.jobs.running() {
-            0 => "idle".to_owned(),
-            1 => "1 job running".to_owned(),
-            n => format!("{n} jobs running"),
+        let vms = self.running_vms();
+        let jobs = self.jobs.running();
+        match (vms, jobs) {
+            (0, 0) => "idle".to_owned(),
+            (0, 1) => "1 job running".to_owned(),
+            (0, n) => format!("{n} jobs running"),
+            (v, j) => {
+                let v = if v == 1 {
+                    "1 VM running".to_owned()
+                } else {
+                    format!("{v} VMs running")
+                };
+                match j {
+                    0 => v,
+                    1 => format!("{v}, 1 job"),
+                    n => format!("{v}, {n} jobs"),
+                }
+            }
         }
+    }
+
+    /// VM bookkeeping outside the store.
+    pub(crate) fn vm_runtime(&self) -> &crate::vm::commands::VmRuntime {
+        &self.vm_runtime
     }
 
     /// The job registry (read access for front ends).

@@ -251,6 +251,38 @@ impl Jobs {
         F: FnOnce(JobContext) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<Resource>>> + Send + 'static,
     {
+        self.spawn_job(kind, owner_uid, action, false, work).await
+    }
+
+    /// Like [`Jobs::start_with_result`], but cancellation only cancels the
+    /// token: the work is never dropped midway, so it can undo what it
+    /// made before the job completes (it must watch [`JobContext::token`]).
+    pub async fn start_cooperative<F, Fut>(
+        self: &Arc<Self>,
+        kind: &'static str,
+        owner_uid: u32,
+        action: Action,
+        work: F,
+    ) -> Result<JobId>
+    where
+        F: FnOnce(JobContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<Resource>>> + Send + 'static,
+    {
+        self.spawn_job(kind, owner_uid, action, true, work).await
+    }
+
+    async fn spawn_job<F, Fut>(
+        self: &Arc<Self>,
+        kind: &'static str,
+        owner_uid: u32,
+        action: Action,
+        cooperative: bool,
+        work: F,
+    ) -> Result<JobId>
+    where
+        F: FnOnce(JobContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<Resource>>> + Send + 'static,
+    {
         let started_at = SystemTime::now();
         let store = self.store.clone();
         let id = tokio::task::spawn_blocking(move || {
@@ -305,10 +337,20 @@ impl Jobs {
         let span = tracing::info_span!("job", banger_job_id = id, banger_job_kind = kind);
         tokio::spawn(
             async move {
-                let outcome = tokio::select! {
-                    biased;
-                    () = token.cancelled() => Err(Error::cancelled("cancelled")),
-                    r = work(ctx) => r,
+                let outcome = if cooperative {
+                    let r = work(ctx).await;
+                    match r {
+                        Err(e) if token.is_cancelled() && e.kind != ErrorKind::Cancelled => {
+                            Err(Error::cancelled(format!("cancelled ({})", e.message)))
+                        }
+                        r => r,
+                    }
+                } else {
+                    tokio::select! {
+                        biased;
+                        () = token.cancelled() => Err(Error::cancelled("cancelled")),
+                        r = work(ctx) => r,
+                    }
                 };
                 jobs.complete(id, outcome).await;
             }

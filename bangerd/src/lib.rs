@@ -17,6 +17,7 @@ pub mod net;
 pub mod os;
 pub mod paths;
 pub mod store;
+pub mod vm;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -184,6 +185,9 @@ pub async fn run(
     };
     if let Err(e) = core.clean_up_artifacts().await {
         tracing::error!("cannot clean up after interrupted kernel or image operations: {e}");
+    }
+    if let Err(e) = core.reconcile_vms().await {
+        tracing::error!("cannot reconcile VMs with what runs: {e}");
     }
     let mirror = tokio::spawn(bus::mirror_jobs(conn.clone(), core.clone(), events_rx));
 

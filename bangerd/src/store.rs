@@ -67,6 +67,28 @@ pub const MIGRATIONS: &[&str] = &[
         ipv4  TEXT NOT NULL UNIQUE,
         mac   TEXT NOT NULL UNIQUE
     ) STRICT;",
+    // 5: virtual machines. The image cannot go while a VM uses it.
+    "CREATE TABLE vms (
+        id          TEXT PRIMARY KEY NOT NULL,
+        name        TEXT NOT NULL UNIQUE,
+        owner_uid   INTEGER NOT NULL,
+        image_id    TEXT NOT NULL REFERENCES images (id),
+        kernel_id   TEXT NOT NULL REFERENCES kernels (id),
+        vcpus       INTEGER NOT NULL,
+        memory_mib  INTEGER NOT NULL,
+        disk_bytes  INTEGER NOT NULL,
+        nat         INTEGER NOT NULL,
+        state       TEXT NOT NULL,
+        vmm         TEXT NOT NULL,
+        pid         INTEGER,
+        pid_start   INTEGER,
+        tap         TEXT,
+        ssh_keys    TEXT NOT NULL,
+        disk_method TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        last_error  TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX vms_by_image ON vms (image_id);",
 ];
 
 /// The schema version this build writes.

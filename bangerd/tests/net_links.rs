@@ -270,8 +270,19 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
         assert_eq!(store.leases().unwrap().len(), 5);
         assert_eq!(zone.lookup("foxtrot").await, None);
 
-        // Detach: name, NAT, TAP (back to the pool or gone) and lease.
-        net.detach("vm-a", "alpha", &a).await.unwrap();
+        // Detach (a stop): name, NAT and TAP go, the lease stays.
+        net.detach("alpha", a.lease.ipv4, Some(&a.tap))
+            .await
+            .unwrap();
+        assert!(store.leases().unwrap().iter().any(|l| l.owner == "vm-a"));
+        // Adopt (a restart found it running): name and NAT come back.
+        let lease = net.adopt("vm-a", "alpha", true).await.unwrap();
+        assert_eq!(lease, a.lease);
+        assert_eq!(zone.lookup("alpha").await, Some(a.lease.ipv4));
+        // Forget (a delete): everything, the lease too.
+        net.forget("vm-a", "alpha", a.lease.ipv4, None)
+            .await
+            .unwrap();
         assert_eq!(zone.lookup("alpha").await, None);
         let set = nft(&["list", "set", "inet", "banger", "nat_vms"]);
         assert!(

@@ -33,6 +33,10 @@ pub const INTERFACE_XML: &[(&str, &str)] = &[
         names::IMAGE_INTERFACE,
         include_str!("../interfaces/org.banger.Image.xml"),
     ),
+    (
+        names::VM_INTERFACE,
+        include_str!("../interfaces/org.banger.VM.xml"),
+    ),
 ];
 
 /// The bus policy file installed to `/usr/share/dbus-1/system.d/`.

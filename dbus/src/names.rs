@@ -27,10 +27,21 @@ const JOB_PREFIX: &str = "/org/banger/Manager/job/";
 
 const KERNEL_PREFIX: &str = "/org/banger/Manager/kernel/";
 const IMAGE_PREFIX: &str = "/org/banger/Manager/image/";
+const VM_PREFIX: &str = "/org/banger/Manager/vm/";
 
 /// Object path of kernel `id` (ids are lowercase hex, valid in a path).
 pub fn kernel_path(id: &str) -> OwnedObjectPath {
     entity_path(KERNEL_PREFIX, id)
+}
+
+/// Object path of VM `id`.
+pub fn vm_path(id: &str) -> OwnedObjectPath {
+    entity_path(VM_PREFIX, id)
+}
+
+/// The id in a VM object path.
+pub fn parse_vm_path(path: &str) -> Option<&str> {
+    path.strip_prefix(VM_PREFIX).filter(|s| valid_id(s))
 }
 
 /// Object path of image `id`.

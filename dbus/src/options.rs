@@ -23,3 +23,24 @@ pub mod register_image {
     /// `s`: the init the kernel starts (e.g. `/sbin/banger-init`).
     pub const INIT: &str = "init";
 }
+
+/// Keys of `Manager.CreateVM(s name, s image, a{sv} options)`.
+pub mod create_vm {
+    /// `u`: virtual CPUs.
+    pub const VCPUS: &str = "vcpus";
+    /// `u`: memory in MiB.
+    pub const MEMORY_MIB: &str = "memory_mib";
+    /// `t`: size of the work disk (/root) in bytes.
+    pub const DISK_BYTES: &str = "disk_bytes";
+    /// `b`: NAT the VM's traffic to the outside.
+    pub const NAT: &str = "nat";
+    /// `as`: SSH public key lines for root's authorized_keys.
+    pub const SSH_KEYS: &str = "ssh_keys";
+    /// `b`: start the VM once it is made (default true).
+    pub const START: &str = "start";
+}
+
+/// Keys of `VM.Set(a{sv} changes)`.
+pub mod set_vm {
+    pub use super::create_vm::{DISK_BYTES, MEMORY_MIB, NAT, VCPUS};
+}

@@ -553,8 +553,8 @@ impl Core {
         Ok(Some(Resource::Image(promoted.id)))
     }
 
-    /// Delete an image; refused while it is busy (and, once VMs exist,
-    /// while VMs use it). Managed files go with it.
+    /// Delete an image; refused while it is busy or VMs use it. Managed
+    /// files go with it.
     pub async fn delete_image(&self, caller: &Caller, reference: &str) -> Result<()> {
         self.deps
             .authorizer
@@ -562,6 +562,20 @@ impl Core {
             .await?;
         let image = self.image(reference).await?;
         let _claim = self.claim_image(&image.id, &image.name)?;
+        let id = image.id.clone();
+        let users = self
+            .on_store("reading VMs failed", move |s| s.vms_using_image(&id))
+            .await?;
+        if !users.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "image {} is used by vm {}; delete those VMs first",
+                    image.name,
+                    users.join(", ")
+                ),
+            ));
+        }
         let id = image.id.clone();
         self.on_store("deleting the image failed", move |s| s.delete_image(&id))
             .await?;

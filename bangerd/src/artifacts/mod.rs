@@ -112,13 +112,15 @@ pub struct ImageRegistration {
     pub init: Option<String>,
 }
 
-/// Something the front ends publish: a kernel or an image.
+/// Something the front ends publish: a kernel, an image or a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Resource {
     /// Kernel `id`.
     Kernel(String),
     /// Image `id`.
     Image(String),
+    /// VM `id`.
+    Vm(String),
 }
 
 /// A new random id: 16 lowercase hex digits.

@@ -189,6 +189,7 @@ pub fn path_of(r: &Resource) -> OwnedObjectPath {
     match r {
         Resource::Kernel(id) => kernel_path(id),
         Resource::Image(id) => image_path(id),
+        Resource::Vm(id) => banger_dbus::vm_path(id),
     }
 }
 
@@ -221,6 +222,7 @@ pub async fn publish_all(server: &ObjectServer, core: &Arc<Core>) -> zbus::Resul
 pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, r: &Resource) -> zbus::Result<()> {
     let path = path_of(r);
     match r {
+        Resource::Vm(id) => return super::vm::refresh(server, core, id).await,
         Resource::Kernel(id) => match core.kernel(id).await {
             Ok(kernel) => {
                 // Kernels never change after import; only create.
@@ -259,6 +261,7 @@ pub async fn remove(server: &ObjectServer, r: &Resource) -> zbus::Result<()> {
     match r {
         Resource::Kernel(_) => server.remove::<KernelObject, _>(&path).await?,
         Resource::Image(_) => server.remove::<ImageObject, _>(&path).await?,
+        Resource::Vm(id) => return super::vm::remove(server, id).await,
     };
     Ok(())
 }

@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
-use banger_dbus::options::{import_kernel, maintain, register_image};
+use banger_dbus::options::{create_vm, import_kernel, maintain, register_image};
 use banger_dbus::{API_VERSION, DoctorCheck, image_path};
 use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, interface};
 
-use super::options::{Options, bool_opt, only_known, str_opt, strs_opt};
+use super::options::{
+    Options, bool_opt, only_known, opt_bool, str_opt, strs_opt, u32_opt, u64_opt,
+};
 use super::{caller, job, to_wire};
 use crate::artifacts::{ImageRegistration, KernelImport};
 use crate::core::{Core, MaintainOptions, VERSION};
@@ -239,6 +241,64 @@ impl ManagerObject {
             .map_err(to_wire)
     }
 
+    /// Create a VM named `name` (a DNS label) from `image` (name or id;
+    /// empty for the configured default image). Options: "vcpus" (u),
+    /// "memory_mib" (u), "disk_bytes" (t, the work disk), "nat" (b),
+    /// "ssh_keys" (as, public key lines for root), "start" (b, default
+    /// true). Returns the VM object (state creating) and the job; the job's
+    /// stages are resolve image, system disk, work disk, and when starting
+    /// network, vmm start, agent ready and one per image service. A failed
+    /// or cancelled create removes everything it made. polkit action
+    /// org.banger.vm.create.
+    #[zbus(out_args("vm", "job"), name = "CreateVM")]
+    async fn create_vm(
+        &self,
+        name: String,
+        image: String,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(OwnedObjectPath, OwnedObjectPath), banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        only_known(
+            "CreateVM",
+            &options,
+            &[
+                create_vm::VCPUS,
+                create_vm::MEMORY_MIB,
+                create_vm::DISK_BYTES,
+                create_vm::NAT,
+                create_vm::SSH_KEYS,
+                create_vm::START,
+            ],
+        )
+        .map_err(to_wire)?;
+        let req = crate::vm::VmRequest {
+            name,
+            image,
+            vcpus: u32_opt(&options, create_vm::VCPUS).map_err(to_wire)?,
+            memory_mib: u32_opt(&options, create_vm::MEMORY_MIB).map_err(to_wire)?,
+            disk_bytes: u64_opt(&options, create_vm::DISK_BYTES).map_err(to_wire)?,
+            nat: opt_bool(&options, create_vm::NAT).map_err(to_wire)?,
+            ssh_keys: strs_opt(&options, create_vm::SSH_KEYS).map_err(to_wire)?,
+            start: bool_opt(&options, create_vm::START, true).map_err(to_wire)?,
+        };
+        let (vm, job) = self.core.create_vm(&caller, req).await.map_err(to_wire)?;
+        super::artifacts::refresh(
+            conn.object_server(),
+            &self.core,
+            &crate::artifacts::Resource::Vm(vm.clone()),
+        )
+        .await
+        .map_err(|e| {
+            banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
+                "cannot publish the vm: {e}"
+            )))
+        })?;
+        let job = self.published(conn, job).await?;
+        Ok((banger_dbus::vm_path(&vm), job))
+    }
+
     /// Re-read bangerd.toml. A bad file is refused with InvalidArgument
     /// naming the key, and the configuration in force stays. polkit action
     /// org.banger.maintain.
@@ -264,7 +324,8 @@ impl ManagerObject {
         API_VERSION
     }
 
-    /// One-line summary, e.g. "idle" or "1 job running".
+    /// One-line summary, e.g. "idle", "1 job running" or
+    /// "2 VMs running, 1 job".
     #[zbus(property)]
     fn status(&self) -> String {
         self.core.status_line()

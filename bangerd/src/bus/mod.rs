@@ -8,6 +8,7 @@ mod artifacts;
 mod job;
 mod manager;
 mod options;
+mod vm;
 
 use std::sync::Arc;
 
@@ -118,6 +119,7 @@ pub async fn serve(conn: &Connection, core: Arc<Core>) -> zbus::Result<()> {
         .at(MANAGER_PATH, ManagerObject::new(core.clone()))
         .await?;
     artifacts::publish_all(server, &core).await?;
+    vm::publish_all(server, &core).await?;
     conn.request_name(BUS_NAME).await?;
     Ok(())
 }

@@ -44,6 +44,40 @@ pub fn bool_opt(options: &Options, key: &str, default: bool) -> Result<bool> {
     }
 }
 
+/// An optional boolean, `None` when absent.
+pub fn opt_bool(options: &Options, key: &str) -> Result<Option<bool>> {
+    options
+        .contains_key(key)
+        .then(|| bool_opt(options, key, false))
+        .transpose()
+}
+
+/// A `u` option, `None` when absent.
+pub fn u32_opt(options: &Options, key: &str) -> Result<Option<u32>> {
+    match options.get(key) {
+        None => Ok(None),
+        Some(v) => u32::try_from(v).map(Some).map_err(|_| {
+            Error::invalid(format!(
+                "option {key} must be an unsigned 32-bit integer (u), not {}",
+                v.value_signature()
+            ))
+        }),
+    }
+}
+
+/// A `t` option, `None` when absent.
+pub fn u64_opt(options: &Options, key: &str) -> Result<Option<u64>> {
+    match options.get(key) {
+        None => Ok(None),
+        Some(v) => u64::try_from(v).map(Some).map_err(|_| {
+            Error::invalid(format!(
+                "option {key} must be an unsigned 64-bit integer (t), not {}",
+                v.value_signature()
+            ))
+        }),
+    }
+}
+
 /// A string option, `None` when absent. Empty strings are refused.
 pub fn str_opt(options: &Options, key: &str) -> Result<Option<String>> {
     match options.get(key) {

@@ -256,6 +256,17 @@ pub fn serve_on(
     subnet: &Subnet,
 ) -> Result<(DnsServer, VmZone), Error> {
     let zone = VmZone::new(subnet)?;
+    let server = serve_zone(&zone, udp, tcp)?;
+    Ok((server, zone))
+}
+
+/// Serve an existing `zone` on more sockets (e.g. the bridge gateway for
+/// guests), forwarding other names to the host's upstream resolvers.
+pub fn serve_zone(
+    zone: &VmZone,
+    udp: Vec<tokio::net::UdpSocket>,
+    tcp: Vec<tokio::net::TcpListener>,
+) -> Result<DnsServer, Error> {
     let upstreams: Vec<std::net::SocketAddr> = upstream_resolvers(
         Path::new("/run/systemd/resolve/resolv.conf"),
         Path::new("/etc/resolv.conf"),
@@ -263,8 +274,7 @@ pub fn serve_on(
     .into_iter()
     .map(|ip| std::net::SocketAddr::new(ip, 53))
     .collect();
-    let server = DnsServer::serve(catalog(&zone, &upstreams)?, udp, tcp);
-    Ok((server, zone))
+    Ok(DnsServer::serve(catalog(zone, &upstreams)?, udp, tcp))
 }
 
 /// A running DNS server.

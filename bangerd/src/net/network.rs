@@ -83,6 +83,11 @@ impl Network {
         &self.subnet
     }
 
+    /// The `.vm` zone, when DNS is served.
+    pub fn zone(&self) -> Option<&VmZone> {
+        self.zone.as_ref()
+    }
+
     /// The TAP pool.
     pub fn pool(&self) -> &TapPool {
         &self.pool
@@ -160,13 +165,42 @@ impl Network {
         Ok(())
     }
 
-    /// Take back everything [`Network::attach`] gave VM `owner`.
-    pub async fn detach(&self, owner: &str, name: &str, vm: &VmNet) -> Result<(), Error> {
+    /// Take back what [`Network::attach`] gave a VM that stops: its name,
+    /// NAT and TAP. The lease stays (the VM keeps its address).
+    pub async fn detach(&self, name: &str, ipv4: Ipv4Addr, tap: Option<&str>) -> Result<(), Error> {
         if let Some(zone) = &self.zone {
             zone.remove(name).await?;
         }
-        self.set_nat(vm.lease.ipv4, false).await?;
-        self.pool.release(&vm.tap).await?;
+        self.set_nat(ipv4, false).await?;
+        if let Some(tap) = tap {
+            self.pool.release(tap).await?;
+        }
+        Ok(())
+    }
+
+    /// Give a VM that kept running while bangerd was away its name and NAT
+    /// back (its TAP was adopted by [`Network::up`]).
+    pub async fn adopt(&self, owner: &str, name: &str, nat: bool) -> Result<Lease, Error> {
+        let lease = {
+            let (store, owner, subnet) = (self.store.clone(), owner.to_owned(), self.subnet);
+            blocking(move || store.lease(&owner, &subnet).map_err(Error::from)).await?
+        };
+        if let Some(zone) = &self.zone {
+            zone.set(name, lease.ipv4).await?;
+        }
+        self.set_nat(lease.ipv4, nat).await?;
+        Ok(lease)
+    }
+
+    /// Take back everything: [`Network::detach`] and the lease.
+    pub async fn forget(
+        &self,
+        owner: &str,
+        name: &str,
+        ipv4: Ipv4Addr,
+        tap: Option<&str>,
+    ) -> Result<(), Error> {
+        self.detach(name, ipv4, tap).await?;
         let (store, owner) = (self.store.clone(), owner.to_owned());
         blocking(move || {
             store

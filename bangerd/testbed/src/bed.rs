@@ -54,6 +54,9 @@ pub struct Options {
     pub start_daemon: bool,
     /// The daemon's executable; default: [`bin_path`]`("bangerd")`.
     pub bangerd_path: Option<PathBuf>,
+    /// Run bangerd inside this network namespace (`ip netns exec NAME`),
+    /// e.g. one made by [`crate::NetNs`]. Default: the caller's.
+    pub netns: Option<String>,
 }
 
 impl Default for Options {
@@ -64,6 +67,7 @@ impl Default for Options {
             config_toml: None,
             start_daemon: true,
             bangerd_path: None,
+            netns: None,
         }
     }
 }
@@ -91,6 +95,7 @@ pub struct TestBed {
     root: PathBuf,
     address: String,
     bangerd_path: Option<PathBuf>,
+    netns: Option<String>,
     bus: Option<Child>,
     polkitd: Option<Polkitd>,
     daemon: Option<Child>,
@@ -208,6 +213,7 @@ impl TestBed {
             root,
             address,
             bangerd_path: options.bangerd_path.clone(),
+            netns: options.netns.clone(),
             bus: None,
             polkitd: None,
             daemon: None,
@@ -457,7 +463,14 @@ impl TestBed {
             None => bin_path("bangerd"),
         };
         let log = append(&self.daemon_log_path())?;
-        let mut command = Command::new(path);
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str()]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        };
         // Like a systemd service: a clean environment, plus the variables
         // systemd sets from the unit's *Directory= settings.
         command.env_clear();
@@ -606,6 +619,34 @@ impl TestBed {
     }
 }
 
+/// SIGKILL every process whose command line mentions `dir` (a bed's VMMs,
+/// which run in their own sessions and outlive bangerd on purpose).
+pub fn kill_strays(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            crate::spawn::signal_pid(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 impl Drop for TestBed {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -614,6 +655,8 @@ impl Drop for TestBed {
         if let Some(mut daemon) = self.daemon.take() {
             let _ = terminate(&mut daemon, DAEMON_STOP_GRACE);
         }
+        // VMMs outlive bangerd by design; here they must go with the bed.
+        kill_strays(&self.root);
         if let Some(mut polkitd) = self.polkitd.take() {
             polkitd.stop();
         }

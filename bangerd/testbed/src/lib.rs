@@ -54,6 +54,7 @@
 mod bed;
 mod fixtures;
 mod journald;
+mod netns;
 mod polkit;
 mod shared;
 mod spawn;
@@ -62,9 +63,11 @@ mod user;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub use bed::kill_strays;
 pub use bed::{BANGER_BUS_POLICY, MANAGER_NAME, Options, POLKIT_NAME, TestBed, bus_config};
 pub use fixtures::{artifacts_dir, guest_artifact, mkfs_ext4, tiny_vmlinux};
 pub use journald::{Journald, journal_entries};
+pub use netns::NetNs;
 pub use polkit::{RuleGuard, install_polkit_rule};
 pub use spawn::pid_alive;
 pub use user::TestUser;

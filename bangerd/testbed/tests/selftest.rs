@@ -333,6 +333,7 @@ fn daemon_lifecycle_with_the_real_bangerd() {
         start_daemon: true,
         config_toml: Some("[daemon]\njob_retention_secs = 5\n".to_owned()),
         bangerd_path: Some(wrapped_bangerd(wrapper_dir.path())),
+        netns: None,
     })
     .expect("start the test bed");
     assert!(bed.name_has_owner(MANAGER_NAME));

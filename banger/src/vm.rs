@@ -1,0 +1,870 @@
+//! `banger vm ...` and `banger ssh-config`: VM commands, the per-user SSH
+//! key, and what is printed.
+//!
+//! JSON shapes (one value on stdout):
+//! - vm: `{"id", "name", "state", "owner_uid", "ipv4", "mac", "vcpus",
+//!   "memory_mib", "disk_bytes", "nat", "image", "kernel", "unit",
+//!   "disk_method", "created_at_usec", "last_error", "path"}`; `vm list`
+//!   prints an array of them.
+//! - `vm create`/`start`/`stop`/`restart`/`delete` with one VM: the job
+//!   report; with several: `[{"ref", "ok", "job", "error"}]`.
+//! - `vm stats`: `{"cpu_usec", "rss_bytes", "uptime_secs", "guest_kernel",
+//!   "guest_hostname"}`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use zbus::{OwnedObjectPath, Variant};
+
+use crate::artifacts::{self, human_bytes, human_time};
+use crate::cli::{Options, VmCommand, VmSpec};
+use crate::client::{Client, VmInfo};
+use crate::commands::{Authorization, connect, follow_and_report};
+use crate::exit::{self, Failure, Kind};
+use crate::output::{emit, emit_json};
+use crate::progress::{self, Display, Followed, Subscription, Tracker};
+
+impl artifacts::Named for VmInfo {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// `8G`, `512M`, `1T`, `4096K` (binary units; a bare number is bytes).
+pub fn parse_size(text: &str) -> Result<u64, Failure> {
+    let bad = || {
+        Failure::new(
+            Kind::InvalidArgument,
+            format!("{text:?} is not a size: give a number with K, M, G or T (e.g. 8G)"),
+        )
+    };
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Where the CLI keeps the user's SSH key and banger's known hosts.
+pub fn ssh_dir() -> Result<PathBuf, Failure> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .ok_or_else(|| {
+            Failure::new(
+                Kind::Failed,
+                "neither XDG_CONFIG_HOME nor HOME is set: cannot find the banger ssh key",
+            )
+        })?;
+    Ok(base.join("banger").join("ssh"))
+}
+
+/// The user's banger key pair, made on first use. Returns the private
+/// key's path and the public key line.
+pub fn ssh_key() -> Result<(PathBuf, String), Failure> {
+    let dir = ssh_dir()?;
+    let key = dir.join("id_ed25519");
+    let public = dir.join("id_ed25519.pub");
+    if !key.exists() || !public.exists() {
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            Failure::new(
+                Kind::Failed,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        let _ = std::fs::remove_file(&key);
+        let _ = std::fs::remove_file(&public);
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C"])
+            .arg(format!("banger@{host}"))
+            .arg("-f")
+            .arg(&key)
+            .output()
+            .map_err(|e| {
+                Failure::new(
+                    Kind::Unavailable,
+                    format!("cannot run ssh-keygen: {e}; install openssh-client"),
+                )
+            })?;
+        if !out.status.success() {
+            return Err(Failure::new(
+                Kind::Failed,
+                format!(
+                    "ssh-keygen failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+    }
+    let line = std::fs::read_to_string(&public).map_err(|e| {
+        Failure::new(
+            Kind::Failed,
+            format!("cannot read {}: {e}", public.display()),
+        )
+    })?;
+    Ok((key, line.trim().to_owned()))
+}
+
+/// The ssh command line for `vm` (without the remote command).
+pub fn ssh_args(vm: &VmInfo, key: &std::path::Path, dir: &std::path::Path) -> Vec<String> {
+    vec![
+        "-i".into(),
+        key.to_string_lossy().into_owned(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", dir.join("known_hosts").display()),
+        "-o".into(),
+        "StrictHostKeyChecking=accept-new".into(),
+        "-o".into(),
+        format!("HostKeyAlias=banger-{}", vm.id),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+        "-o".into(),
+        "ConnectTimeout=10".into(),
+        format!("root@{}", vm.ipv4),
+    ]
+}
+
+/// The remote command line: one argument is a shell command as given;
+/// several are an argv, quoted so the remote shell sees each one intact
+/// (`banger vm ssh web -- sh -c 'a; b'` runs what it says).
+pub fn remote_command(argv: &[String]) -> String {
+    if let [one] = argv {
+        return one.clone();
+    }
+    argv.iter()
+        .map(|a| {
+            let safe = !a.is_empty()
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b));
+            if safe {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The `Include`-able ssh_config block for `<name>.vm`.
+pub fn ssh_config(dir: &std::path::Path) -> String {
+    format!(
+        "# banger VMs: add `Include {}` to ~/.ssh/config (or paste this)\n\
+         Host *.vm\n\
+         \x20 User root\n\
+         \x20 IdentityFile {}\n\
+         \x20 IdentitiesOnly yes\n\
+         \x20 UserKnownHostsFile {}\n\
+         \x20 StrictHostKeyChecking accept-new\n",
+        dir.join("config").display(),
+        dir.join("id_ed25519").display(),
+        dir.join("known_hosts").display(),
+    )
+}
+
+fn vm_json(vm: &VmInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": vm.id, "name": vm.name, "state": vm.state, "owner_uid": vm.owner_uid,
+        "ipv4": vm.ipv4, "mac": vm.mac, "vcpus": vm.vcpus, "memory_mib": vm.memory_mib,
+        "disk_bytes": vm.disk_bytes, "nat": vm.nat, "image": vm.image, "kernel": vm.kernel,
+        "unit": vm.unit, "disk_method": vm.disk_method, "created_at_usec": vm.created_at_usec,
+        "last_error": vm.last_error, "path": vm.path,
+    })
+}
+
+fn vms_table(vms: &[VmInfo], image_name: impl Fn(&str) -> String) -> String {
+    let mut rows = vec![vec![
+        "NAME".to_owned(),
+        "STATE".to_owned(),
+        "IPV4".to_owned(),
+        "VCPUS".to_owned(),
+        "MEMORY".to_owned(),
+        "DISK".to_owned(),
+        "NAT".to_owned(),
+        "IMAGE".to_owned(),
+        "ID".to_owned(),
+    ]];
+    for v in vms {
+        rows.push(vec![
+            v.name.clone(),
+            v.state.clone(),
+            if v.ipv4.is_empty() {
+                "-".into()
+            } else {
+                v.ipv4.clone()
+            },
+            v.vcpus.to_string(),
+            human_bytes(u64::from(v.memory_mib) << 20),
+            human_bytes(v.disk_bytes),
+            if v.nat { "yes".into() } else { "no".into() },
+            image_name(&v.image),
+            v.id[..v.id.len().min(12)].to_owned(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i + 1 == row.len() {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.pop();
+    out
+}
+
+fn vm_human(v: &VmInfo, image: &str, kernel: &str) -> String {
+    let mut lines = vec![
+        format!("name:        {}", v.name),
+        format!("id:          {}", v.id),
+        format!("state:       {}", v.state),
+        format!(
+            "ipv4:        {}",
+            if v.ipv4.is_empty() { "-" } else { &v.ipv4 }
+        ),
+        format!("dns:         {}.vm", v.name),
+        format!(
+            "mac:         {}",
+            if v.mac.is_empty() { "-" } else { &v.mac }
+        ),
+        format!("vcpus:       {}", v.vcpus),
+        format!(
+            "memory:      {}",
+            human_bytes(u64::from(v.memory_mib) << 20)
+        ),
+        format!("work disk:   {}", human_bytes(v.disk_bytes)),
+        format!(
+            "system disk: {}",
+            if v.disk_method.is_empty() {
+                "-"
+            } else {
+                &v.disk_method
+            }
+        ),
+        format!("nat:         {}", if v.nat { "yes" } else { "no" }),
+        format!("image:       {image}"),
+        format!("kernel:      {kernel}"),
+        format!(
+            "vmm:         {}",
+            if v.unit.is_empty() { "-" } else { &v.unit }
+        ),
+        format!("owner uid:   {}", v.owner_uid),
+        format!("created:     {}", human_time(v.created_at_usec)),
+    ];
+    if !v.last_error.is_empty() {
+        lines.push(format!("last error:  {}", v.last_error));
+    }
+    lines.join("\n")
+}
+
+async fn find(client: &Client, reference: &str) -> Result<VmInfo, Failure> {
+    let catalog = client.catalog().await?;
+    artifacts::resolve(&catalog.vms, reference, "vm").cloned()
+}
+
+/// Run one `banger vm ...` command.
+pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
+    match command {
+        VmCommand::List { all } => list(opts, all).await,
+        VmCommand::Show(r) => show(opts, &r.vm).await,
+        VmCommand::Create(spec) => create(opts, spec, None).await.map(|(code, _)| code),
+        VmCommand::Run { spec, command } => run_vm(opts, spec, command).await,
+        VmCommand::Start(refs) => each_job(opts, "Start", "start", refs.vms).await,
+        VmCommand::Stop(refs) => each_job(opts, "Stop", "stop", refs.vms).await,
+        VmCommand::Restart(refs) => each_job(opts, "Restart", "restart", refs.vms).await,
+        VmCommand::Delete(refs) => each_job(opts, "Delete", "delete", refs.vms).await,
+        VmCommand::Kill { refs, signal } => kill(opts, refs.vms, &signal).await,
+        VmCommand::Set {
+            refs,
+            memory,
+            vcpus,
+            disk_size,
+            nat,
+            no_nat,
+        } => set(opts, refs.vms, memory, vcpus, disk_size, nat, no_nat).await,
+        VmCommand::Stats(r) => stats(opts, &r.vm).await,
+        VmCommand::Ssh { vm, command } => {
+            let client = connect(opts).await?;
+            let info = find(&client, &vm.vm).await?;
+            ssh(&info, &command, opts)
+        }
+        VmCommand::Logs { vm, follow } => logs(opts, &vm.vm, follow).await,
+    }
+}
+
+async fn list(opts: Options, all: bool) -> anyhow::Result<u8> {
+    let catalog = connect(opts).await?.catalog().await?;
+    let me = nix::unistd::getuid().as_raw();
+    let vms: Vec<VmInfo> = catalog
+        .vms
+        .iter()
+        .filter(|v| all || me == 0 || v.owner_uid == me)
+        .cloned()
+        .collect();
+    if opts.json {
+        emit_json(&vms.iter().map(vm_json).collect::<Vec<_>>())?;
+    } else if vms.is_empty() {
+        emit("no VMs; create one with `banger vm run`")?;
+    } else {
+        emit(&vms_table(&vms, |path| {
+            catalog
+                .images
+                .iter()
+                .find(|i| i.path == path)
+                .map(|i| i.name.clone())
+                .unwrap_or_else(|| "-".into())
+        }))?;
+    }
+    Ok(exit::OK)
+}
+
+async fn show(opts: Options, reference: &str) -> anyhow::Result<u8> {
+    let catalog = connect(opts).await?.catalog().await?;
+    let v = artifacts::resolve(&catalog.vms, reference, "vm")?;
+    if opts.json {
+        emit_json(&vm_json(v))?;
+    } else {
+        let image = catalog
+            .images
+            .iter()
+            .find(|i| i.path == v.image)
+            .map_or("-", |i| i.name.as_str());
+        let kernel = catalog
+            .kernels
+            .iter()
+            .find(|k| k.path == v.kernel)
+            .map_or("-", |k| k.name.as_str());
+        emit(&vm_human(v, image, kernel))?;
+    }
+    Ok(exit::OK)
+}
+
+fn random_name() -> String {
+    let mut bytes = [0u8; 3];
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    format!("vm-{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2])
+}
+
+/// Create (and normally start) a VM, following the job. Returns the exit
+/// code and the VM's object path.
+async fn create(
+    opts: Options,
+    spec: VmSpec,
+    name_override: Option<String>,
+) -> anyhow::Result<(u8, Option<String>)> {
+    use banger_dbus::options::create_vm as keys;
+    let name = name_override
+        .or(spec.name.clone())
+        .ok_or_else(|| Failure::new(Kind::InvalidArgument, "give the VM a name with --name"))?;
+    let (_, public) = ssh_key()?;
+    let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
+    if let Some(v) = spec.vcpus {
+        options.insert(keys::VCPUS, Variant::from(v));
+    }
+    if let Some(m) = spec.memory {
+        options.insert(keys::MEMORY_MIB, Variant::from(m));
+    }
+    if let Some(d) = &spec.disk_size {
+        options.insert(keys::DISK_BYTES, Variant::from(parse_size(d)?));
+    }
+    if spec.nat {
+        options.insert(keys::NAT, Variant::from(true));
+    }
+    if spec.no_start {
+        options.insert(keys::START, Variant::from(false));
+    }
+    options.insert(keys::SSH_KEYS, Variant::from(vec![public]));
+    let client = connect(opts).await?;
+    let mut subscription = Subscription::new(&client).await?;
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let result = client
+        .create_vm(
+            &name,
+            spec.image.as_deref().unwrap_or(""),
+            options,
+            auth.interaction,
+        )
+        .await;
+    let (vm, job) = auth
+        .finish(result)
+        .await
+        .with_context(|| format!("cannot create vm {name}"))?;
+    let display = Display::for_stdout(opts.json);
+    if display != Display::Quiet {
+        emit(&format!(
+            "creating vm {name} (job {}; Ctrl-C cancels it)",
+            progress::job_label(job.as_str())
+        ))?;
+    }
+    let tracker = Tracker::new(job.as_str(), display, Vec::new());
+    let code = follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await?;
+    Ok((code, Some(vm.to_string())))
+}
+
+async fn run_vm(opts: Options, spec: VmSpec, command: Vec<String>) -> anyhow::Result<u8> {
+    let name = spec.name.clone().unwrap_or_else(random_name);
+    let (code, vm) = create(opts, spec, Some(name.clone())).await?;
+    if code != exit::OK {
+        return Ok(code);
+    }
+    let client = connect(opts).await?;
+    let info = match vm {
+        Some(path) => client
+            .catalog()
+            .await?
+            .vms
+            .into_iter()
+            .find(|v| v.path == path)
+            .ok_or_else(|| Failure::new(Kind::NotFound, format!("vm {name} vanished")))?,
+        None => find(&client, &name).await?,
+    };
+    ssh(&info, &command, opts)
+}
+
+/// Run the user's ssh to `vm`; its exit code is ours.
+fn ssh(vm: &VmInfo, command: &[String], opts: Options) -> anyhow::Result<u8> {
+    if vm.state != "running" {
+        return Err(Failure::new(
+            Kind::Busy,
+            format!(
+                "vm {} is {}: start it with `banger vm start {}`",
+                vm.name, vm.state, vm.name
+            ),
+        )
+        .into());
+    }
+    let (key, _) = ssh_key()?;
+    let dir = ssh_dir()?;
+    let mut args = ssh_args(vm, &key, &dir);
+    let interactive = command.is_empty();
+    if !interactive {
+        args.push("--".into());
+        args.push(remote_command(command));
+    }
+    if opts.verbose > 0 {
+        eprintln!("banger: ssh {}", args.join(" "));
+    }
+    let status = std::process::Command::new("ssh")
+        .args(&args)
+        .status()
+        .map_err(|e| {
+            Failure::new(
+                Kind::Unavailable,
+                format!("cannot run ssh: {e}; install openssh-client"),
+            )
+        })?;
+    if interactive {
+        eprintln!(
+            "banger: vm {} is still running; `banger vm stop {}` stops it",
+            vm.name, vm.name
+        );
+    }
+    Ok(status
+        .code()
+        .map_or(exit::FAILURE, |c| c.clamp(0, 255) as u8))
+}
+
+/// Start one job per VM (they run concurrently in bangerd) and follow
+/// them; with one VM, live stage lines, with several, a result line each.
+async fn each_job(
+    opts: Options,
+    method: &str,
+    verb: &str,
+    refs: Vec<String>,
+) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let catalog = client.catalog().await?;
+    let mut subscription = Subscription::new(&client).await?;
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let mut jobs: Vec<(String, Result<OwnedObjectPath, Failure>)> = Vec::new();
+    for r in &refs {
+        let result = match artifacts::resolve(&catalog.vms, r, "vm") {
+            Ok(vm) => {
+                client
+                    .vm_call::<_, OwnedObjectPath>(&vm.path, method, &(), auth.interaction)
+                    .await
+            }
+            Err(f) => Err(f),
+        };
+        jobs.push((r.clone(), result));
+    }
+    let _ = auth.finish(Ok::<_, Failure>(())).await;
+    if refs.len() == 1 {
+        let (r, result) = jobs.remove(0);
+        let job = result.with_context(|| format!("cannot {verb} vm {r}"))?;
+        let display = Display::for_stdout(opts.json);
+        let tracker = Tracker::new(job.as_str(), display, Vec::new());
+        return follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await;
+    }
+    // Several: follow them all at once, quietly, then one line each.
+    let follows = jobs.iter().map(|(r, result)| {
+        let client = client.clone();
+        async move {
+            let job = match result {
+                Ok(job) => job.clone(),
+                Err(f) => return (r.clone(), None, Err(f.to_string())),
+            };
+            let mut sub = match Subscription::new(&client).await {
+                Ok(s) => s,
+                Err(f) => return (r.clone(), Some(job), Err(f.to_string())),
+            };
+            let mut tracker = Tracker::new(job.as_str(), Display::Quiet, Vec::new());
+            match progress::follow(&client, &mut sub, &job, &mut tracker, started, 0).await {
+                Ok(Followed::Completed(report)) => match report.failure() {
+                    None => (r.clone(), Some(job), Ok(())),
+                    Some(f) => (r.clone(), Some(job), Err(f.to_string())),
+                },
+                Ok(Followed::Interrupted { .. }) => {
+                    (r.clone(), Some(job), Err("interrupted".into()))
+                }
+                Err(f) => (r.clone(), Some(job), Err(f.to_string())),
+            }
+        }
+    });
+    let results = futures_util::future::join_all(follows).await;
+    let mut failed = false;
+    let mut json = Vec::new();
+    for (r, job, result) in &results {
+        failed |= result.is_err();
+        if opts.json {
+            json.push(serde_json::json!({
+                "ref": r,
+                "ok": result.is_ok(),
+                "job": job.as_ref().map(|j| j.as_str()),
+                "error": result.as_ref().err(),
+            }));
+        } else {
+            match result {
+                Ok(()) => emit(&format!("{r}: {verb} done"))?,
+                Err(e) => eprintln!("error: {r}: cannot {verb}: {e}"),
+            }
+        }
+    }
+    if opts.json {
+        emit_json(&json)?;
+    }
+    Ok(if failed { exit::FAILURE } else { exit::OK })
+}
+
+fn signal_number(name: &str) -> Result<i32, Failure> {
+    if let Ok(n) = name.parse::<i32>() {
+        return Ok(n);
+    }
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse::<nix::sys::signal::Signal>()
+        .map(|s| s as i32)
+        .map_err(|_| {
+            Failure::new(
+                Kind::InvalidArgument,
+                format!("{name:?} is not a signal: give a name like TERM or KILL, or a number"),
+            )
+        })
+}
+
+async fn kill(opts: Options, refs: Vec<String>, signal: &str) -> anyhow::Result<u8> {
+    let number = signal_number(signal)?;
+    let client = connect(opts).await?;
+    let catalog = client.catalog().await?;
+    let auth = Authorization::prepare(opts).await;
+    let mut worst = None;
+    for r in &refs {
+        let result = match artifacts::resolve(&catalog.vms, r, "vm") {
+            Ok(vm) => {
+                client
+                    .vm_call::<_, ()>(&vm.path, "Kill", &(number,), auth.interaction)
+                    .await
+            }
+            Err(f) => Err(f),
+        };
+        match result {
+            Ok(()) => {
+                if !opts.json {
+                    emit(&format!("{r}: sent signal {signal}"))?;
+                }
+            }
+            Err(f) => {
+                eprintln!("error: {r}: {f}");
+                worst = Some(f);
+            }
+        }
+    }
+    let _ = auth.finish(Ok::<_, Failure>(())).await;
+    Ok(worst.map_or(exit::OK, |f| f.kind().code()))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn set(
+    opts: Options,
+    refs: Vec<String>,
+    memory: Option<u32>,
+    vcpus: Option<u32>,
+    disk_size: Option<String>,
+    nat: bool,
+    no_nat: bool,
+) -> anyhow::Result<u8> {
+    use banger_dbus::options::set_vm as keys;
+    let mut changes: HashMap<&str, Variant<'_>> = HashMap::new();
+    if let Some(m) = memory {
+        changes.insert(keys::MEMORY_MIB, Variant::from(m));
+    }
+    if let Some(v) = vcpus {
+        changes.insert(keys::VCPUS, Variant::from(v));
+    }
+    if let Some(d) = &disk_size {
+        changes.insert(keys::DISK_BYTES, Variant::from(parse_size(d)?));
+    }
+    if nat || no_nat {
+        changes.insert(keys::NAT, Variant::from(nat));
+    }
+    if changes.is_empty() {
+        return Err(Failure::new(
+            Kind::InvalidArgument,
+            "nothing to change: give --memory, --vcpus, --disk-size, --nat or --no-nat",
+        )
+        .into());
+    }
+    let client = connect(opts).await?;
+    let catalog = client.catalog().await?;
+    let auth = Authorization::prepare(opts).await;
+    let mut worst = None;
+    for r in &refs {
+        let result = match artifacts::resolve(&catalog.vms, r, "vm") {
+            Ok(vm) => {
+                client
+                    .vm_call::<_, ()>(&vm.path, "Set", &(&changes,), auth.interaction)
+                    .await
+            }
+            Err(f) => Err(f),
+        };
+        match result {
+            Ok(()) => emit(&format!("{r}: changed"))?,
+            Err(f) => {
+                eprintln!("error: {r}: {f}");
+                worst = Some(f);
+            }
+        }
+    }
+    let _ = auth.finish(Ok::<_, Failure>(())).await;
+    Ok(worst.map_or(exit::OK, |f| f.kind().code()))
+}
+
+async fn stats(opts: Options, reference: &str) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let vm = find(&client, reference).await?;
+    let stats: HashMap<String, zbus::OwnedVariant> = client
+        .vm_call(
+            &vm.path,
+            "Stats",
+            &(),
+            crate::client::Interaction::NotAllowed,
+        )
+        .await?;
+    let u = |k: &str| {
+        stats
+            .get(k)
+            .and_then(|v| v.try_clone().ok())
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(0)
+    };
+    let s = |k: &str| {
+        stats
+            .get(k)
+            .and_then(|v| v.try_clone().ok())
+            .and_then(|v| String::try_from(v).ok())
+            .unwrap_or_default()
+    };
+    let uptime = stats
+        .get("uptime_secs")
+        .and_then(|v| v.try_clone().ok())
+        .and_then(|v| f64::try_from(v).ok())
+        .unwrap_or(0.0);
+    if opts.json {
+        emit_json(&serde_json::json!({
+            "cpu_usec": u("cpu_usec"), "rss_bytes": u("rss_bytes"), "uptime_secs": uptime,
+            "guest_kernel": s("guest_kernel"), "guest_hostname": s("guest_hostname"),
+        }))?;
+    } else {
+        emit(&format!(
+            "vm:        {}\nuptime:    {}\ncpu time:  {}\nmemory:    {} resident\nguest:     {} ({})",
+            vm.name,
+            progress::format_duration((uptime * 1e6) as u64),
+            progress::format_duration(u("cpu_usec")),
+            human_bytes(u("rss_bytes")),
+            if s("guest_hostname").is_empty() {
+                "-".to_owned()
+            } else {
+                s("guest_hostname")
+            },
+            if s("guest_kernel").is_empty() {
+                "agent not answering".to_owned()
+            } else {
+                s("guest_kernel")
+            },
+        ))?;
+    }
+    Ok(exit::OK)
+}
+
+async fn logs(opts: Options, reference: &str, follow: bool) -> anyhow::Result<u8> {
+    use std::io::Write;
+    let client = connect(opts).await?;
+    let vm = find(&client, reference).await?;
+    let mut offset = 0u64;
+    let mut out = std::io::stdout();
+    loop {
+        let (data, next): (Vec<u8>, u64) = client
+            .vm_call(
+                &vm.path,
+                "ConsoleLog",
+                &(offset,),
+                crate::client::Interaction::NotAllowed,
+            )
+            .await?;
+        if !data.is_empty() && out.write_all(&data).and_then(|()| out.flush()).is_err() {
+            return Ok(exit::OK);
+        }
+        let more = next > offset && data.len() == 1 << 20;
+        offset = next;
+        if more {
+            continue;
+        }
+        if !follow {
+            return Ok(exit::OK);
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(exit::OK),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// `banger ssh-config`.
+pub fn print_ssh_config() -> anyhow::Result<u8> {
+    let dir = ssh_dir()?;
+    let _ = ssh_key()?;
+    let text = ssh_config(&dir);
+    let _ = std::fs::write(dir.join("config"), &text);
+    emit(text.trim_end())?;
+    Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8G").ok(), Some(8 << 30));
+        assert_eq!(parse_size("512M").ok(), Some(512 << 20));
+        assert_eq!(parse_size("1GiB").ok(), Some(1 << 30));
+        assert_eq!(parse_size("4096").ok(), Some(4096));
+        assert_eq!(parse_size("2t").ok(), Some(2 << 40));
+        for bad in ["", "G", "-1G", "1.5G", "99999999999T", "8X"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn remote_commands_keep_their_arguments() {
+        let argv = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(remote_command(&argv(&["ls -la /"])), "ls -la /");
+        assert_eq!(remote_command(&argv(&["uname", "-a"])), "uname -a");
+        assert_eq!(
+            remote_command(&argv(&["sh", "-c", "echo 'hi'; id"])),
+            "sh -c 'echo '\\''hi'\\''; id'"
+        );
+        assert_eq!(remote_command(&argv(&["echo", ""])), "echo ''");
+    }
+
+    #[test]
+    fn signals() {
+        assert_eq!(signal_number("KILL").ok(), Some(9));
+        assert_eq!(signal_number("sigterm").ok(), Some(15));
+        assert_eq!(signal_number("2").ok(), Some(2));
+        assert!(signal_number("NOPE").is_err());
+    }
+
+    #[test]
+    fn ssh_arguments_pin_the_host_key_to_the_vm() {
+        let vm = VmInfo {
+            path: "/p".into(),
+            id: "abcdef0123456789".into(),
+            name: "web".into(),
+            state: "running".into(),
+            owner_uid: 0,
+            ipv4: "10.0.0.2".into(),
+            mac: String::new(),
+            vcpus: 1,
+            memory_mib: 256,
+            disk_bytes: 0,
+            nat: false,
+            image: String::new(),
+            kernel: String::new(),
+            unit: String::new(),
+            disk_method: String::new(),
+            created_at_usec: 0,
+            last_error: String::new(),
+        };
+        let a = ssh_args(
+            &vm,
+            std::path::Path::new("/k/id"),
+            std::path::Path::new("/k"),
+        )
+        .join(" ");
+        assert!(a.contains("HostKeyAlias=banger-abcdef0123456789"), "{a}");
+        assert!(a.contains("UserKnownHostsFile=/k/known_hosts"), "{a}");
+        assert!(a.ends_with("root@10.0.0.2"), "{a}");
+        let c = ssh_config(std::path::Path::new("/k"));
+        assert!(
+            c.contains("Host *.vm") && c.contains("IdentityFile /k/id_ed25519"),
+            "{c}"
+        );
+        let t = vms_table(&[vm], |_| "tiny".into());
+        assert!(t.starts_with("NAME"), "{t}");
+        assert!(
+            t.contains("web") && t.contains("tiny") && t.contains("256 MiB"),
+            "{t}"
+        );
+    }
+}

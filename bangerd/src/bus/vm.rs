@@ -1,0 +1,376 @@
+//! `org.banger.VM` objects at `/org/banger/Manager/vm/<id>`: a view of one
+//! VM, refreshed when the core says it changed, and its methods.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use banger_dbus::options::set_vm;
+use banger_dbus::vm_path;
+use zbus::OwnedVariant as OwnedValue;
+use zbus::message::Header;
+use zbus::{Connection, ObjectServer, OwnedObjectPath, interface};
+
+use super::options::{Options, only_known, opt_bool, u32_opt, u64_opt};
+use super::{caller, job, to_wire};
+use crate::core::Core;
+use crate::vm::Vm;
+use crate::vm::commands::VmChanges;
+
+/// One VM on the bus.
+#[derive(Debug)]
+pub struct VmObject {
+    core: Arc<Core>,
+    vm: Vm,
+    ipv4: String,
+    mac: String,
+}
+
+impl VmObject {
+    async fn published(
+        &self,
+        conn: &Connection,
+        id: crate::jobs::JobId,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        job::register(conn.object_server(), &self.core, id)
+            .await
+            .map_err(|e| {
+                banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
+                    "cannot publish the job: {e}"
+                )))
+            })?;
+        Ok(banger_dbus::job_path(id))
+    }
+}
+
+/// A virtual machine. Long operations (Start, Stop, Restart, Delete)
+/// return a job at once. polkit: org.banger.vm.manage for one's own VMs,
+/// plus org.banger.vm.manage-others for someone else's.
+#[interface(name = "org.banger.VM")]
+impl VmObject {
+    /// Stable id (16 lowercase hex digits); the last element of the path.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn id(&self) -> String {
+        self.vm.id.clone()
+    }
+
+    /// Unique name, a DNS label; also `<name>.vm` in DNS.
+    #[zbus(property)]
+    fn name(&self) -> String {
+        self.vm.name.clone()
+    }
+
+    /// creating, stopped, starting, running, stopping or deleting.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.vm.state.as_str().to_owned()
+    }
+
+    /// Uid that created it.
+    #[zbus(property(emits_changed_signal = "const"), name = "OwnerUID")]
+    fn owner_uid(&self) -> u32 {
+        self.vm.owner_uid
+    }
+
+    /// Its IPv4 address on the bridge; empty before its first start.
+    #[zbus(property, name = "IPv4")]
+    fn ipv4(&self) -> String {
+        self.ipv4.clone()
+    }
+
+    /// Its MAC address; empty before its first start.
+    #[zbus(property, name = "MAC")]
+    fn mac(&self) -> String {
+        self.mac.clone()
+    }
+
+    /// Virtual CPUs.
+    #[zbus(property, name = "VCPUs")]
+    fn vcpus(&self) -> u32 {
+        self.vm.vcpus
+    }
+
+    /// Memory in MiB.
+    #[zbus(property, name = "MemoryMiB")]
+    fn memory_mib(&self) -> u32 {
+        self.vm.memory_mib
+    }
+
+    /// Size of the work disk (/root) in bytes.
+    #[zbus(property)]
+    fn disk_bytes(&self) -> u64 {
+        self.vm.disk_bytes
+    }
+
+    /// Whether its traffic is NAT'd to the outside.
+    #[zbus(property, name = "NAT")]
+    fn nat(&self) -> bool {
+        self.vm.nat
+    }
+
+    /// Its image's object path.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn image(&self) -> OwnedObjectPath {
+        banger_dbus::image_path(&self.vm.image_id)
+    }
+
+    /// Its kernel's object path.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn kernel(&self) -> OwnedObjectPath {
+        banger_dbus::kernel_path(&self.vm.kernel_id)
+    }
+
+    /// What supervises its VMM: `pid:N (qemu)` for a direct child; empty
+    /// when stopped.
+    #[zbus(property)]
+    fn unit(&self) -> String {
+        match self.vm.pid {
+            Some(pid) => format!("pid:{pid} ({})", self.vm.vmm),
+            None => String::new(),
+        }
+    }
+
+    /// Creation time, microseconds since the Unix epoch.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn created_at(&self) -> u64 {
+        self.vm.created_at.max(0) as u64
+    }
+
+    /// The last failure (a start that did not come up); empty when none.
+    #[zbus(property)]
+    fn last_error(&self) -> String {
+        self.vm.last_error.clone()
+    }
+
+    /// How its system disk was made: reflink, copy or dm.
+    #[zbus(property)]
+    fn disk_method(&self) -> String {
+        self.vm.disk_method.clone()
+    }
+
+    /// Boot a stopped VM: network, VMM, agent, services. Returns the job.
+    #[zbus(out_args("job"))]
+    async fn start(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let id = self
+            .core
+            .start_vm(&caller, &self.vm.id)
+            .await
+            .map_err(to_wire)?;
+        self.published(conn, id).await
+    }
+
+    /// Shut down cleanly (agent, then VMM powerdown), forced after
+    /// vm.stop_timeout_secs. Disks are kept. Returns the job.
+    #[zbus(out_args("job"))]
+    async fn stop(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let id = self
+            .core
+            .stop_vm(&caller, &self.vm.id)
+            .await
+            .map_err(to_wire)?;
+        self.published(conn, id).await
+    }
+
+    /// Stop (if running) and start. Returns the job.
+    #[zbus(out_args("job"))]
+    async fn restart(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let id = self
+            .core
+            .restart_vm(&caller, &self.vm.id)
+            .await
+            .map_err(to_wire)?;
+        self.published(conn, id).await
+    }
+
+    /// Send signal number `signal` to the VMM process (9 kills it at once).
+    async fn kill(
+        &self,
+        signal: i32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        self.core
+            .kill_vm(&caller, &self.vm.id, signal)
+            .await
+            .map_err(to_wire)
+    }
+
+    /// Stop it if it runs, then remove its disks, network, name and record.
+    /// Returns the job.
+    #[zbus(out_args("job"))]
+    async fn delete(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let id = self
+            .core
+            .delete_vm(&caller, &self.vm.id)
+            .await
+            .map_err(to_wire)?;
+        self.published(conn, id).await
+    }
+
+    /// Change it. Keys: "vcpus" (u), "memory_mib" (u), "disk_bytes" (t,
+    /// grows only) on a stopped VM; "nat" (b) any time (also needs
+    /// org.banger.network.configure).
+    async fn set(
+        &self,
+        changes: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        only_known(
+            "Set",
+            &changes,
+            &[
+                set_vm::VCPUS,
+                set_vm::MEMORY_MIB,
+                set_vm::DISK_BYTES,
+                set_vm::NAT,
+            ],
+        )
+        .map_err(to_wire)?;
+        let changes = VmChanges {
+            vcpus: u32_opt(&changes, set_vm::VCPUS).map_err(to_wire)?,
+            memory_mib: u32_opt(&changes, set_vm::MEMORY_MIB).map_err(to_wire)?,
+            disk_bytes: u64_opt(&changes, set_vm::DISK_BYTES).map_err(to_wire)?,
+            nat: opt_bool(&changes, set_vm::NAT).map_err(to_wire)?,
+        };
+        self.core
+            .set_vm(&caller, &self.vm.id, changes)
+            .await
+            .map_err(to_wire)?;
+        Ok(())
+    }
+
+    /// The guest's serial console output from byte `offset` (at most
+    /// 1 MiB) and the offset to ask for next; poll to follow. Only the
+    /// owner (or org.banger.vm.manage-others) may read it.
+    #[zbus(out_args("data", "next"))]
+    async fn console_log(
+        &self,
+        offset: u64,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(Vec<u8>, u64), banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        self.core
+            .vm_console(&caller, &self.vm.id, offset)
+            .await
+            .map_err(to_wire)
+    }
+
+    /// Usage of a running VM: "cpu_usec" (t), "rss_bytes" (t),
+    /// "uptime_secs" (d), and from the guest agent "guest_kernel" (s) and
+    /// "guest_hostname" (s).
+    #[zbus(out_args("stats"))]
+    async fn stats(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<HashMap<String, OwnedValue>, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let s = self
+            .core
+            .vm_stats(&caller, &self.vm.id)
+            .await
+            .map_err(to_wire)?;
+        let mut out = HashMap::new();
+        out.insert("cpu_usec".to_owned(), OwnedValue::from(s.cpu_usec));
+        out.insert("rss_bytes".to_owned(), OwnedValue::from(s.rss_bytes));
+        out.insert("uptime_secs".to_owned(), OwnedValue::from(s.uptime_secs));
+        let text = |t: String| {
+            OwnedValue::try_from(zbus::Variant::from(t)).unwrap_or_else(|_| OwnedValue::from(0u8))
+        };
+        out.insert("guest_kernel".to_owned(), text(s.guest_kernel));
+        out.insert("guest_hostname".to_owned(), text(s.guest_hostname));
+        Ok(out)
+    }
+}
+
+async fn object(core: &Arc<Core>, vm: Vm) -> VmObject {
+    let ipv4 = core
+        .vm_ipv4(&vm.id)
+        .await
+        .map(|ip| ip.to_string())
+        .unwrap_or_default();
+    let mac = core.vm_mac(&vm.id).await.unwrap_or_default();
+    VmObject {
+        core: core.clone(),
+        vm,
+        ipv4,
+        mac,
+    }
+}
+
+/// Publish every VM (at startup).
+pub async fn publish_all(server: &ObjectServer, core: &Arc<Core>) -> zbus::Result<()> {
+    let vms = core
+        .vms()
+        .await
+        .map_err(|e| zbus::Error::Failure(e.message))?;
+    for vm in vms {
+        let path = vm_path(&vm.id);
+        server.at(path, object(core, vm).await).await?;
+    }
+    Ok(())
+}
+
+/// Bring VM `id`'s object in line with the core.
+pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, id: &str) -> zbus::Result<()> {
+    let path = vm_path(id);
+    let Ok(vm) = core.find_vm(id).await.and_then(|vm| {
+        if vm.id == id {
+            Ok(vm)
+        } else {
+            Err(crate::error::Error::not_found("gone"))
+        }
+    }) else {
+        server.remove::<VmObject, _>(&path).await?;
+        return Ok(());
+    };
+    let fresh = object(core, vm).await;
+    if let Ok(iface) = server.interface::<_, VmObject>(&path).await {
+        let emitter = iface.signal_emitter().clone();
+        let mut o = iface.get_mut().await;
+        *o = fresh;
+        o.name_changed(&emitter).await?;
+        o.state_changed(&emitter).await?;
+        o.i_pv4_changed(&emitter).await?;
+        o.m_a_c_changed(&emitter).await?;
+        o.v_c_p_us_changed(&emitter).await?;
+        o.memory_mi_b_changed(&emitter).await?;
+        o.disk_bytes_changed(&emitter).await?;
+        o.n_a_t_changed(&emitter).await?;
+        o.unit_changed(&emitter).await?;
+        o.last_error_changed(&emitter).await?;
+        o.disk_method_changed(&emitter).await?;
+    } else {
+        server.at(&path, fresh).await?;
+    }
+    Ok(())
+}
+
+/// Remove VM `id`'s object.
+pub async fn remove(server: &ObjectServer, id: &str) -> zbus::Result<()> {
+    server.remove::<VmObject, _>(vm_path(id)).await?;
+    Ok(())
+}

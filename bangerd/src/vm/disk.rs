@@ -1,0 +1,381 @@
+//! A VM's disks: the copy-on-write system disk over its image's read-only
+//! rootfs, and the persistent work disk (/root) grown from the image's
+//! work-seed.
+//!
+//! System disk methods, best first: a device-mapper snapshot over loop
+//! devices (where `/dev/mapper/control` exists; the tables are built by
+//! [`snapshot_tables`]), a reflink clone (FICLONE, on btrfs/xfs), and a
+//! sparse copy. [`probe`] says which the state directory allows.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+
+use crate::artifacts::files::{WORK_LABEL, sparse_copy};
+use crate::error::{Error, Result};
+
+/// How a system disk is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskMethod {
+    /// dm-snapshot over loop devices: instant, shares the base.
+    DeviceMapper,
+    /// FICLONE: instant, shares extents until written.
+    Reflink,
+    /// A sparse copy: costs time and space proportional to the data.
+    Copy,
+}
+
+impl DiskMethod {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DeviceMapper => "dm",
+            Self::Reflink => "reflink",
+            Self::Copy => "copy",
+        }
+    }
+}
+
+nix::ioctl_write_int!(ficlone, 0x94, 9);
+
+/// Make `dst` a reflink clone of `src`. Fails (and removes `dst`) where
+/// the filesystem cannot share extents.
+pub fn reflink(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let from = File::open(src)?;
+    let to = File::options().write(true).create_new(true).open(dst)?;
+    // SAFETY: both descriptors are open for the duration of the call, and
+    // FICLONE takes the source descriptor by value.
+    let r = unsafe { ficlone(to.as_raw_fd(), from.as_raw_fd() as nix::libc::c_ulong) };
+    if let Err(e) = r {
+        drop(to);
+        let _ = std::fs::remove_file(dst);
+        return Err(std::io::Error::from(e));
+    }
+    Ok(())
+}
+
+/// Which method the state directory `dir` allows: reflink is tried for
+/// real on a scratch file. Device-mapper snapshots are not used yet even
+/// where dm exists (see `docs/vms.md`), so the answer is reflink or copy.
+pub fn probe(dir: &Path) -> DiskMethod {
+    let a = dir.join(".reflink-probe-a");
+    let b = dir.join(".reflink-probe-b");
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    let ok = std::fs::write(&a, b"banger").is_ok() && reflink(&a, &b).is_ok();
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    if ok {
+        DiskMethod::Reflink
+    } else {
+        DiskMethod::Copy
+    }
+}
+
+/// Make the system disk `dst` from `rootfs`: a reflink where possible,
+/// else a sparse copy. Returns the method used.
+pub fn make_system_disk(rootfs: &Path, dst: &Path) -> Result<DiskMethod> {
+    match reflink(rootfs, dst) {
+        Ok(()) => return Ok(DiskMethod::Reflink),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Error::failed(format!("{} exists already", dst.display())));
+        }
+        Err(_) => {}
+    }
+    sparse_copy(rootfs, dst, &mut |_| Ok(()))?;
+    Ok(DiskMethod::Copy)
+}
+
+fn tool(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
+    let out = cmd
+        .output()
+        .map_err(|e| Error::unavailable(format!("cannot run {what}: {e}; install e2fsprogs")))?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(Error::failed(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Grow the ext4 image `disk` to `bytes` (never shrinks): extend the file
+/// sparsely, check the filesystem, resize it.
+pub fn grow_ext4(disk: &Path, bytes: u64) -> Result<()> {
+    let len = std::fs::metadata(disk)
+        .map_err(|e| Error::failed(format!("cannot read {}: {e}", disk.display())))?
+        .len();
+    if bytes < len {
+        return Err(Error::invalid(format!(
+            "the work disk is {len} bytes; it can grow but not shrink to {bytes}"
+        )));
+    }
+    if bytes == len {
+        return Ok(());
+    }
+    File::options()
+        .write(true)
+        .open(disk)
+        .and_then(|f| f.set_len(bytes))
+        .map_err(|e| Error::failed(format!("cannot grow {}: {e}", disk.display())))?;
+    // e2fsck exits 1 when it fixed something, which is fine here.
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(disk)
+        .output()
+        .map_err(|e| Error::unavailable(format!("cannot run e2fsck: {e}; install e2fsprogs")))?;
+    if !matches!(out.status.code(), Some(0 | 1)) {
+        return Err(Error::failed(format!(
+            "e2fsck of {} failed ({}): {}",
+            disk.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim()
+        )));
+    }
+    tool(Command::new("resize2fs").arg(disk), "resize2fs")?;
+    Ok(())
+}
+
+/// Make the work disk `dst`: a copy of `seed` (or an empty ext4 labelled
+/// banger-work when the image has none), grown to `bytes`, with `keys` as
+/// root's authorized_keys.
+pub fn make_work_disk(seed: Option<&Path>, dst: &Path, bytes: u64, keys: &[String]) -> Result<()> {
+    match seed {
+        Some(seed) => {
+            sparse_copy(seed, dst, &mut |_| Ok(()))?;
+        }
+        None => {
+            tool(
+                Command::new("mkfs.ext4")
+                    .args(["-q", "-F", "-L", WORK_LABEL])
+                    .arg(dst)
+                    .arg("64M"),
+                "mkfs.ext4",
+            )?;
+        }
+    }
+    grow_ext4(dst, bytes)?;
+    if !keys.is_empty() {
+        write_authorized_keys(dst, keys)?;
+    }
+    Ok(())
+}
+
+/// Put `keys` into `/.ssh/authorized_keys` of the ext4 image `disk`
+/// (root's home when mounted at /root), owned by root, mode 0600, without
+/// mounting: debugfs writes the file. Keys already there stay.
+pub fn write_authorized_keys(disk: &Path, keys: &[String]) -> Result<()> {
+    let existing = {
+        let out = tool(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg("cat /.ssh/authorized_keys")
+                .arg(disk),
+            "debugfs",
+        )?;
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut text = existing.clone();
+    for key in keys {
+        if !existing.lines().any(|l| l.trim() == key.trim()) {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(key.trim());
+            text.push('\n');
+        }
+    }
+    let mut file = tempfile::NamedTempFile::new()
+        .map_err(|e| Error::failed(format!("cannot make a temporary file: {e}")))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| Error::failed(format!("cannot write a temporary file: {e}")))?;
+    let script = format!(
+        "mkdir /.ssh\nsif /.ssh mode 040700\nsif /.ssh uid 0\nsif /.ssh gid 0\n\
+         rm /.ssh/authorized_keys\nwrite {} /.ssh/authorized_keys\n\
+         sif /.ssh/authorized_keys mode 0100600\nsif /.ssh/authorized_keys uid 0\n\
+         sif /.ssh/authorized_keys gid 0\n",
+        file.path().display()
+    );
+    let mut commands = tempfile::NamedTempFile::new()
+        .map_err(|e| Error::failed(format!("cannot make a temporary file: {e}")))?;
+    commands
+        .write_all(script.as_bytes())
+        .map_err(|e| Error::failed(format!("cannot write a temporary file: {e}")))?;
+    tool(
+        Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(commands.path())
+            .arg(disk),
+        "debugfs",
+    )?;
+    Ok(())
+}
+
+/// Free bytes on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| Error::failed(format!("cannot stat {}: {e}", dir.display())))?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Refuse a create that would not fit: `needed` bytes on the filesystem of
+/// `dir` (plus 256 MiB to spare).
+pub fn check_space(dir: &Path, needed: u64) -> Result<()> {
+    let free = free_bytes(dir)?;
+    let spare = 256 << 20;
+    if free < needed + spare {
+        return Err(Error::unavailable(format!(
+            "not enough disk space in {}: {} MiB free, {} MiB needed; free some space or delete VMs",
+            dir.display(),
+            free >> 20,
+            (needed + spare) >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// The device-mapper tables of a snapshot system disk, in the kernel's
+/// table format (`start length target args`, lengths in 512-byte sectors):
+/// the origin is a `linear` map of the read-only base loop device, the
+/// disk a persistent (`P`) `snapshot` of it with its exceptions in the
+/// per-VM COW loop device, chunk size 8 sectors (4 KiB).
+pub fn snapshot_tables(base_dev: &str, cow_dev: &str, base_bytes: u64) -> Result<(String, String)> {
+    if base_bytes == 0 || !base_bytes.is_multiple_of(512) {
+        return Err(Error::invalid(format!(
+            "a base image of {base_bytes} bytes is not a whole number of 512-byte sectors"
+        )));
+    }
+    for dev in [base_dev, cow_dev] {
+        if dev.is_empty() || dev.contains(char::is_whitespace) {
+            return Err(Error::invalid(format!(
+                "{dev:?} is not a block device name"
+            )));
+        }
+    }
+    let sectors = base_bytes / 512;
+    Ok((
+        format!("0 {sectors} linear {base_dev} 0"),
+        format!("0 {sectors} snapshot {base_dev} {cow_dev} P 8"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dm_tables_follow_the_kernel_format() {
+        let (origin, snap) = snapshot_tables("/dev/loop3", "/dev/loop4", 1 << 30).expect("tables");
+        assert_eq!(origin, "0 2097152 linear /dev/loop3 0");
+        assert_eq!(snap, "0 2097152 snapshot /dev/loop3 /dev/loop4 P 8");
+        // Each line parses as start, length, target, args.
+        for t in [&origin, &snap] {
+            let f: Vec<&str> = t.split(' ').collect();
+            assert_eq!(f[0], "0");
+            assert_eq!(f[1].parse::<u64>().expect("length") * 512, 1 << 30);
+        }
+        assert!(snapshot_tables("/dev/loop3", "/dev/loop4", 1000).is_err());
+        assert!(snapshot_tables("/dev/loop3", "/dev/lo op4", 4096).is_err());
+        assert!(snapshot_tables("", "/dev/loop4", 4096).is_err());
+    }
+
+    fn mkfs(path: &Path, size: &str) {
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", WORK_LABEL])
+            .arg(path)
+            .arg(size)
+            .status()
+            .expect("mkfs.ext4");
+        assert!(st.success());
+    }
+
+    fn debugfs(disk: &Path, request: &str) -> String {
+        let out = Command::new("debugfs")
+            .arg("-R")
+            .arg(request)
+            .arg(disk)
+            .output()
+            .expect("debugfs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn the_work_disk_is_seeded_grown_and_keyed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seed = dir.path().join("seed.ext4");
+        mkfs(&seed, "16M");
+        let disk = dir.path().join("work.ext4");
+        let keys = vec!["ssh-ed25519 AAAA one@host".to_owned()];
+        make_work_disk(Some(&seed), &disk, 96 << 20, &keys).expect("work disk");
+        assert_eq!(std::fs::metadata(&disk).expect("meta").len(), 96 << 20);
+        let stat = debugfs(&disk, "stats");
+        let blocks: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("Block count:"))
+            .expect("block count")
+            .trim()
+            .parse()
+            .expect("number");
+        let size: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("Block size:"))
+            .expect("block size")
+            .trim()
+            .parse()
+            .expect("number");
+        assert_eq!(blocks * size, 96 << 20, "the filesystem fills the disk");
+        assert_eq!(
+            debugfs(&disk, "cat /.ssh/authorized_keys"),
+            "ssh-ed25519 AAAA one@host\n"
+        );
+        let st = debugfs(&disk, "stat /.ssh/authorized_keys");
+        assert!(st.contains("Mode:  0600"), "{st}");
+        assert!(st.contains("User:     0"), "{st}");
+
+        // Adding a second key keeps the first, once.
+        write_authorized_keys(
+            &disk,
+            &[
+                "ssh-ed25519 AAAA one@host".into(),
+                "ssh-rsa BBBB two".into(),
+            ],
+        )
+        .expect("more keys");
+        assert_eq!(
+            debugfs(&disk, "cat /.ssh/authorized_keys"),
+            "ssh-ed25519 AAAA one@host\nssh-rsa BBBB two\n"
+        );
+        // Shrinking is refused with a clear error; the disk is untouched.
+        let e = grow_ext4(&disk, 32 << 20).expect_err("shrink");
+        assert!(e.message.contains("not shrink"), "{}", e.message);
+        assert_eq!(std::fs::metadata(&disk).expect("meta").len(), 96 << 20);
+    }
+
+    #[test]
+    fn system_disks_copy_where_reflink_is_missing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base.ext4");
+        mkfs(&base, "8M");
+        let disk = dir.path().join("sys.ext4");
+        let method = make_system_disk(&base, &disk).expect("disk");
+        assert_eq!(method, probe(dir.path()));
+        assert_eq!(
+            std::fs::read(&base).expect("base"),
+            std::fs::read(&disk).expect("disk")
+        );
+        assert!(make_system_disk(&base, &disk).is_err(), "never overwrites");
+    }
+
+    #[test]
+    fn space_checks_refuse_the_impossible() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = check_space(dir.path(), u64::MAX / 4).expect_err("too big");
+        assert!(e.message.contains("not enough disk space"), "{}", e.message);
+        check_space(dir.path(), 1).expect("fits");
+    }
+}

@@ -1,0 +1,423 @@
+//! Virtual machines: the record, its explicit state machine, and the
+//! commands on it ([`commands`]). Disks are in [`disk`], VMM drivers in
+//! [`vmm`], VMM processes in [`process`], the store rows in [`store`].
+
+pub mod commands;
+pub mod disk;
+pub mod process;
+pub mod store;
+pub mod vmm;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Where a VM is in its life. Every change goes through
+/// [`VmState::after`], which knows the only legal moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VmState {
+    /// Disks and record being made; not yet startable.
+    Creating,
+    /// Not running; disks kept.
+    Stopped,
+    /// VMM launched, waiting for the guest.
+    Starting,
+    /// The guest is up.
+    Running,
+    /// Shutting down.
+    Stopping,
+    /// Being removed.
+    Deleting,
+}
+
+/// What someone or something does to a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The create job finished making the disks.
+    Created,
+    /// Start asked.
+    Start,
+    /// The guest answered (agent and services ready).
+    Ready,
+    /// Stop asked (graceful, then forced).
+    Stop,
+    /// The VMM process ended (by itself, a kill, or a stop).
+    Exited,
+    /// Delete asked.
+    Delete,
+}
+
+impl VmState {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Deleting => "deleting",
+        }
+    }
+
+    /// Parse a wire name.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "creating" => Self::Creating,
+            "stopped" => Self::Stopped,
+            "starting" => Self::Starting,
+            "running" => Self::Running,
+            "stopping" => Self::Stopping,
+            "deleting" => Self::Deleting,
+            _ => return None,
+        })
+    }
+
+    /// Whether a VMM process belongs to this state.
+    pub fn has_process(self) -> bool {
+        matches!(self, Self::Starting | Self::Running | Self::Stopping)
+    }
+
+    /// The state after `event`, or a Busy/InvalidArgument error that says
+    /// why not and what to do.
+    pub fn after(self, event: VmEvent, name: &str) -> Result<VmState> {
+        use VmEvent as E;
+        use VmState as S;
+        let next = match (self, event) {
+            (S::Creating, E::Created) => S::Stopped,
+            (S::Stopped, E::Start) => S::Starting,
+            (S::Starting, E::Ready) => S::Running,
+            (S::Starting | S::Running, E::Stop) => S::Stopping,
+            (S::Starting | S::Running | S::Stopping, E::Exited) => S::Stopped,
+            (S::Stopped | S::Creating, E::Delete) => S::Deleting,
+            (S::Running, E::Start) => {
+                return Err(Error::new(
+                    crate::error::ErrorKind::Busy,
+                    format!("vm {name} is running already"),
+                ));
+            }
+            (S::Stopped, E::Stop) => {
+                return Err(Error::new(
+                    crate::error::ErrorKind::Busy,
+                    format!("vm {name} is stopped already"),
+                ));
+            }
+            (S::Running | S::Starting | S::Stopping, E::Delete) => {
+                return Err(Error::new(
+                    crate::error::ErrorKind::Busy,
+                    format!(
+                        "vm {name} is {}: stop it first (banger vm stop {name})",
+                        self.as_str()
+                    ),
+                ));
+            }
+            (state, event) => {
+                return Err(Error::new(
+                    crate::error::ErrorKind::Busy,
+                    format!(
+                        "vm {name} is {}: cannot {} it now; wait for the operation on it to end",
+                        state.as_str(),
+                        event.verb()
+                    ),
+                ));
+            }
+        };
+        Ok(next)
+    }
+}
+
+impl VmEvent {
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Created => "finish creating",
+            Self::Start => "start",
+            Self::Ready => "mark ready",
+            Self::Stop => "stop",
+            Self::Exited => "mark exited",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// A VM as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vm {
+    /// Stable id (16 lowercase hex digits).
+    pub id: String,
+    /// Unique name, a DNS label.
+    pub name: String,
+    /// Uid that created it.
+    pub owner_uid: u32,
+    /// Its image's id.
+    pub image_id: String,
+    /// The kernel it boots.
+    pub kernel_id: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Size of the work disk in bytes.
+    pub disk_bytes: u64,
+    /// Whether its traffic is NAT'd to the outside.
+    pub nat: bool,
+    /// Where it is in its life.
+    pub state: VmState,
+    /// Which VMM runs it (`qemu`, `firecracker`); empty before first start.
+    pub vmm: String,
+    /// The VMM process, when one runs.
+    pub pid: Option<u32>,
+    /// The process's start time (clock ticks after boot, from
+    /// `/proc/PID/stat`), so a reused pid is never mistaken for it.
+    pub pid_start: Option<u64>,
+    /// Its TAP while running.
+    pub tap: Option<String>,
+    /// SSH public keys put into root's authorized_keys at create.
+    pub ssh_keys: Vec<String>,
+    /// How the system disk was made (`reflink`, `copy`, `dm`).
+    pub disk_method: String,
+    /// Microseconds since the epoch.
+    pub created_at: i64,
+    /// The last failure, for `show`; empty when none.
+    pub last_error: String,
+}
+
+impl Vm {
+    /// The VM's directory under the state directory: disks, console log.
+    pub fn dir(state: &Path, id: &str) -> PathBuf {
+        vms_dir(state).join(id)
+    }
+}
+
+/// Where VM directories live.
+pub fn vms_dir(state: &Path) -> PathBuf {
+    state.join("vms")
+}
+
+/// Files of one VM (under the state directory) and its sockets (under the
+/// runtime directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    /// The VM's state directory.
+    pub dir: PathBuf,
+    /// Copy-on-write system disk.
+    pub system_disk: PathBuf,
+    /// Persistent work disk (/root).
+    pub work_disk: PathBuf,
+    /// Serial console output of the guest (appended across boots).
+    pub console_log: PathBuf,
+    /// The VMM's own standard output and error.
+    pub vmm_log: PathBuf,
+    /// The VM's runtime directory.
+    pub run: PathBuf,
+    /// The agent's socket (virtio-serial chardev or Firecracker vsock).
+    pub agent_socket: PathBuf,
+    /// The VMM's control socket (QMP or the Firecracker API).
+    pub control_socket: PathBuf,
+}
+
+impl VmPaths {
+    /// Paths of VM `id`.
+    pub fn new(state: &Path, runtime: &Path, id: &str) -> Self {
+        let dir = Vm::dir(state, id);
+        let run = runtime.join("vms").join(id);
+        Self {
+            system_disk: dir.join("system.ext4"),
+            work_disk: dir.join("work.ext4"),
+            console_log: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            agent_socket: run.join("agent.sock"),
+            control_socket: run.join("control.sock"),
+            dir,
+            run,
+        }
+    }
+}
+
+/// What `CreateVM` was asked, before defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmRequest {
+    /// Name (a DNS label).
+    pub name: String,
+    /// Image name or id; empty means the default image.
+    pub image: String,
+    /// Virtual CPUs.
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    pub memory_mib: Option<u32>,
+    /// Work disk size in bytes.
+    pub disk_bytes: Option<u64>,
+    /// NAT on.
+    pub nat: Option<bool>,
+    /// Public keys for root.
+    pub ssh_keys: Vec<String>,
+    /// Start it once created.
+    pub start: bool,
+}
+
+/// Limits checked on every size.
+pub mod limits {
+    /// Fewest / most vCPUs.
+    pub const VCPUS: std::ops::RangeInclusive<u32> = 1..=64;
+    /// Least / most memory in MiB.
+    pub const MEMORY_MIB: std::ops::RangeInclusive<u32> = 128..=262_144;
+    /// Smallest / largest work disk in bytes.
+    pub const DISK_BYTES: std::ops::RangeInclusive<u64> = (64 << 20)..=(16 << 40);
+}
+
+/// Check sizes, keys and the name; the message names the bad value and
+/// the allowed range.
+pub fn validate_sizes(vcpus: u32, memory_mib: u32, disk_bytes: u64) -> Result<()> {
+    if !limits::VCPUS.contains(&vcpus) {
+        return Err(Error::invalid(format!(
+            "vcpus {vcpus} is out of range: give {} to {}",
+            limits::VCPUS.start(),
+            limits::VCPUS.end()
+        )));
+    }
+    if !limits::MEMORY_MIB.contains(&memory_mib) {
+        return Err(Error::invalid(format!(
+            "memory {memory_mib} MiB is out of range: give {} MiB to {} MiB",
+            limits::MEMORY_MIB.start(),
+            limits::MEMORY_MIB.end()
+        )));
+    }
+    if !limits::DISK_BYTES.contains(&disk_bytes) {
+        return Err(Error::invalid(format!(
+            "disk size {disk_bytes} bytes is out of range: give 64 MiB to 16 TiB"
+        )));
+    }
+    Ok(())
+}
+
+/// Check an SSH public key line: `TYPE BASE64 [COMMENT]`, one line.
+pub fn validate_ssh_key(key: &str) -> Result<()> {
+    let mut parts = key.split_whitespace();
+    let kind = parts.next().unwrap_or_default();
+    let blob = parts.next().unwrap_or_default();
+    let known =
+        kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
+    let base64 = !blob.is_empty()
+        && blob
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=');
+    if !known || !base64 || key.contains('\n') || key.len() > 16 * 1024 {
+        return Err(Error::invalid(format!(
+            "{:?} is not an ssh public key line (TYPE BASE64 [COMMENT]); pass the contents of a .pub file",
+            key.chars().take(40).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    const ALL: [VmState; 6] = [
+        VmState::Creating,
+        VmState::Stopped,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Deleting,
+    ];
+    const EVENTS: [VmEvent; 6] = [
+        VmEvent::Created,
+        VmEvent::Start,
+        VmEvent::Ready,
+        VmEvent::Stop,
+        VmEvent::Exited,
+        VmEvent::Delete,
+    ];
+
+    #[test]
+    fn the_legal_moves_and_only_those() {
+        let mut legal = Vec::new();
+        for s in ALL {
+            for e in EVENTS {
+                if let Ok(next) = s.after(e, "x") {
+                    legal.push((s, e, next));
+                }
+            }
+        }
+        use VmEvent as E;
+        use VmState as S;
+        assert_eq!(
+            legal,
+            [
+                (S::Creating, E::Created, S::Stopped),
+                (S::Creating, E::Delete, S::Deleting),
+                (S::Stopped, E::Start, S::Starting),
+                (S::Stopped, E::Delete, S::Deleting),
+                (S::Starting, E::Ready, S::Running),
+                (S::Starting, E::Stop, S::Stopping),
+                (S::Starting, E::Exited, S::Stopped),
+                (S::Running, E::Stop, S::Stopping),
+                (S::Running, E::Exited, S::Stopped),
+                (S::Stopping, E::Exited, S::Stopped),
+            ]
+        );
+    }
+
+    #[test]
+    fn refusals_say_what_to_do() {
+        let e = VmState::Running
+            .after(VmEvent::Delete, "web")
+            .expect_err("refused");
+        assert_eq!(e.kind, ErrorKind::Busy);
+        assert!(e.message.contains("banger vm stop web"), "{}", e.message);
+        let e = VmState::Running
+            .after(VmEvent::Start, "web")
+            .expect_err("refused");
+        assert!(e.message.contains("running already"), "{}", e.message);
+        let e = VmState::Deleting
+            .after(VmEvent::Start, "web")
+            .expect_err("refused");
+        assert!(e.message.contains("is deleting"), "{}", e.message);
+    }
+
+    #[test]
+    fn states_round_trip_and_processes() {
+        for s in ALL {
+            assert_eq!(VmState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(VmState::parse("zombie"), None);
+        let with: Vec<_> = ALL.into_iter().filter(|s| s.has_process()).collect();
+        assert_eq!(
+            with,
+            [VmState::Starting, VmState::Running, VmState::Stopping]
+        );
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(validate_sizes(2, 512, 1 << 30).is_ok());
+        for (v, m, d, word) in [
+            (0, 512, 1 << 30, "vcpus"),
+            (65, 512, 1 << 30, "vcpus"),
+            (1, 64, 1 << 30, "memory"),
+            (1, 512, 1 << 20, "disk size"),
+        ] {
+            let e = validate_sizes(v, m, d).expect_err("refused");
+            assert_eq!(e.kind, ErrorKind::InvalidArgument);
+            assert!(e.message.contains(word), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn ssh_keys_are_checked() {
+        assert!(validate_ssh_key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA me@host").is_ok());
+        assert!(validate_ssh_key("ecdsa-sha2-nistp256 AAAA=").is_ok());
+        for bad in [
+            "",
+            "hello",
+            "ssh-ed25519",
+            "ssh-ed25519 AA\nAA",
+            "rsa AAAA",
+            "ssh-rsa A$",
+        ] {
+            assert!(validate_ssh_key(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! VM rows of the store. Every write is one statement or one transaction.
+
+use rusqlite::{OptionalExtension, Row, params};
+
+use super::{Vm, VmState};
+use crate::store::{Store, StoreError};
+
+fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
+    let state: String = r.get("state")?;
+    let keys: String = r.get("ssh_keys")?;
+    Ok(Vm {
+        id: r.get("id")?,
+        name: r.get("name")?,
+        owner_uid: r.get("owner_uid")?,
+        image_id: r.get("image_id")?,
+        kernel_id: r.get("kernel_id")?,
+        vcpus: r.get("vcpus")?,
+        memory_mib: r.get("memory_mib")?,
+        disk_bytes: r.get::<_, i64>("disk_bytes")?.max(0) as u64,
+        nat: r.get::<_, i64>("nat")? == 1,
+        // An unknown state can only come from a newer bangerd; treat the
+        // VM as stopped so it can at least be deleted.
+        state: VmState::parse(&state).unwrap_or(VmState::Stopped),
+        vmm: r.get("vmm")?,
+        pid: r.get("pid")?,
+        pid_start: r
+            .get::<_, Option<i64>>("pid_start")?
+            .map(|v| v.max(0) as u64),
+        tap: r.get("tap")?,
+        ssh_keys: serde_json::from_str(&keys).unwrap_or_default(),
+        disk_method: r.get("disk_method")?,
+        created_at: r.get("created_at")?,
+        last_error: r.get("last_error")?,
+    })
+}
+
+impl Store {
+    /// Record a new VM. A taken name is a UNIQUE violation.
+    pub fn insert_vm(&self, vm: &Vm) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO vms (id, name, owner_uid, image_id, kernel_id, vcpus, memory_mib,
+                disk_bytes, nat, state, vmm, pid, pid_start, tap, ssh_keys, disk_method,
+                created_at, last_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            params![
+                vm.id,
+                vm.name,
+                vm.owner_uid,
+                vm.image_id,
+                vm.kernel_id,
+                vm.vcpus,
+                vm.memory_mib,
+                vm.disk_bytes as i64,
+                i64::from(vm.nat),
+                vm.state.as_str(),
+                vm.vmm,
+                vm.pid,
+                vm.pid_start.map(|v| v as i64),
+                vm.tap,
+                serde_json::to_string(&vm.ssh_keys).unwrap_or_else(|_| "[]".into()),
+                vm.disk_method,
+                vm.created_at,
+                vm.last_error,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Write every mutable field of `vm` back. Returns whether it existed.
+    pub fn update_vm(&self, vm: &Vm) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE vms SET vcpus = ?2, memory_mib = ?3, disk_bytes = ?4, nat = ?5, state = ?6,
+                vmm = ?7, pid = ?8, pid_start = ?9, tap = ?10, disk_method = ?11,
+                last_error = ?12, name = ?13
+             WHERE id = ?1",
+            params![
+                vm.id,
+                vm.vcpus,
+                vm.memory_mib,
+                vm.disk_bytes as i64,
+                i64::from(vm.nat),
+                vm.state.as_str(),
+                vm.vmm,
+                vm.pid,
+                vm.pid_start.map(|v| v as i64),
+                vm.tap,
+                vm.disk_method,
+                vm.last_error,
+                vm.name,
+            ],
+        )? == 1)
+    }
+
+    /// Every VM, oldest first.
+    pub fn vms(&self) -> Result<Vec<Vm>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT * FROM vms ORDER BY created_at, id")?;
+        let rows = st.query_map([], vm_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One VM by id.
+    pub fn vm(&self, id: &str) -> Result<Option<Vm>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT * FROM vms WHERE id = ?1", [id], vm_row)
+            .optional()?)
+    }
+
+    /// Names of the VMs using image `id`.
+    pub fn vms_using_image(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT name FROM vms WHERE image_id = ?1 ORDER BY name")?;
+        let rows = st.query_map([id], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Remove VM `id` and its lease in one transaction. Returns whether it
+    /// existed.
+    pub fn delete_vm(&self, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM leases WHERE owner = ?1", [id])?;
+        let n = tx.execute("DELETE FROM vms WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifacts::{Image, Kernel};
+    use std::path::PathBuf;
+
+    fn store_with_image() -> Store {
+        let store = Store::open_in_memory().expect("store");
+        store
+            .insert_kernel(&Kernel {
+                id: "k1".into(),
+                name: "k".into(),
+                version: String::new(),
+                vmlinux: PathBuf::from("/k"),
+                bzimage: None,
+                initrd: None,
+                modules: None,
+                sha256: String::new(),
+                size_bytes: 0,
+                created_at: 0,
+                owner_uid: 0,
+            })
+            .expect("kernel");
+        store
+            .insert_image(&Image {
+                id: "i1".into(),
+                name: "i".into(),
+                managed: false,
+                rootfs: PathBuf::from("/r"),
+                rootfs_bytes: 0,
+                work_seed: None,
+                work_seed_sha256: String::new(),
+                kernel_id: "k1".into(),
+                services: vec![],
+                init: None,
+                created_at: 0,
+                owner_uid: 0,
+            })
+            .expect("image");
+        store
+    }
+
+    pub(crate) fn vm(id: &str, name: &str) -> Vm {
+        Vm {
+            id: id.into(),
+            name: name.into(),
+            owner_uid: 1000,
+            image_id: "i1".into(),
+            kernel_id: "k1".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            disk_bytes: 1 << 30,
+            nat: false,
+            state: VmState::Creating,
+            vmm: String::new(),
+            pid: None,
+            pid_start: None,
+            tap: None,
+            ssh_keys: vec!["ssh-ed25519 AAAA a@b".into()],
+            disk_method: String::new(),
+            created_at: 5,
+            last_error: String::new(),
+        }
+    }
+
+    #[test]
+    fn vms_round_trip_update_and_delete_with_their_lease() {
+        let store = store_with_image();
+        let mut a = vm("a1", "web");
+        store.insert_vm(&a).expect("insert");
+        let dup = store.insert_vm(&vm("a2", "web")).expect_err("name taken");
+        assert!(crate::artifacts::store::is_unique_violation(&dup));
+        assert_eq!(store.vm("a1").expect("get"), Some(a.clone()));
+
+        a.state = VmState::Running;
+        a.pid = Some(42);
+        a.pid_start = Some(7);
+        a.tap = Some("bgtap0".into());
+        a.nat = true;
+        assert!(store.update_vm(&a).expect("update"));
+        assert_eq!(store.vms().expect("list"), vec![a.clone()]);
+        assert_eq!(store.vms_using_image("i1").expect("users"), ["web"]);
+
+        let subnet = crate::net::leases::Subnet::parse("10.9.0.0/24").expect("subnet");
+        store.lease("a1", &subnet).expect("lease");
+        assert!(store.delete_vm("a1").expect("delete"));
+        assert!(store.leases().expect("leases").is_empty());
+        assert!(!store.delete_vm("a1").expect("again"));
+    }
+
+    #[test]
+    fn an_image_in_use_cannot_be_deleted() {
+        let store = store_with_image();
+        store.insert_vm(&vm("a1", "web")).expect("insert");
+        let e = store.delete_image("i1").expect_err("in use");
+        assert!(crate::artifacts::store::is_fk_violation(&e), "{e}");
+    }
+}

@@ -1,0 +1,50 @@
+//! Virtual machine monitors behind one trait. [`qemu::Qemu`] runs QEMU's
+//! `microvm` machine; the Firecracker driver is still to come (see the
+//! notes in `docs/vms.md`).
+
+pub mod qemu;
+
+use std::path::PathBuf;
+use std::process::Child;
+
+use super::VmPaths;
+use super::process::ProcessId;
+use crate::auth::BoxFuture;
+use crate::error::Result;
+use crate::os::agent::AgentEndpoint;
+
+/// Everything a VMM needs to boot a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchSpec {
+    /// The kernel to boot (bzImage for QEMU, ELF vmlinux for Firecracker).
+    pub kernel: PathBuf,
+    /// Its initramfs, if any.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// The VM's files and sockets.
+    pub paths: VmPaths,
+    /// The TAP to attach, with the guest MAC.
+    pub net: Option<(String, String)>,
+}
+
+/// A VMM driver.
+pub trait Vmm: Send + Sync + std::fmt::Debug {
+    /// Short name stored with the VM (`qemu`, `firecracker`).
+    fn name(&self) -> &'static str;
+
+    /// Start the VMM for `spec` and have it boot the guest. Returns the
+    /// process (a child of bangerd in its own session).
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<(Child, ProcessId)>>;
+
+    /// Where the guest agent answers.
+    fn agent(&self, paths: &VmPaths) -> AgentEndpoint;
+
+    /// Ask the VMM to make the guest shut down (ACPI powerdown,
+    /// Ctrl-Alt-Del); used when the agent does not answer.
+    fn request_shutdown<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>>;
+}

@@ -1,0 +1,327 @@
+//! QEMU's `microvm` machine: virtio-mmio block and net devices, the agent
+//! on a virtio-serial port, QMP on a unix socket for status and powerdown.
+//! Used where Firecracker is absent or KVM is unusable (`accel = "tcg"`).
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::{LaunchSpec, Vmm};
+use crate::auth::BoxFuture;
+use crate::error::{Error, Result};
+use crate::os::agent::AgentEndpoint;
+use crate::vm::VmPaths;
+use crate::vm::process::{self, ProcessId};
+
+/// The virtio-serial port name the agent listens on.
+pub const AGENT_PORT: &str = "org.banger.agent";
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation: slow, works everywhere.
+    Tcg,
+}
+
+/// The QEMU driver.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// `qemu-system-x86_64`.
+    pub binary: PathBuf,
+    /// The accelerator.
+    pub accel: Accel,
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// A QEMU option value with its commas doubled (QEMU's escape).
+fn esc(p: &Path) -> String {
+    path(p).replace(',', ",,")
+}
+
+impl Qemu {
+    /// The command line for `spec`.
+    pub fn args(&self, spec: &LaunchSpec) -> Vec<String> {
+        let p = &spec.paths;
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", "max"),
+        };
+        push(&[
+            "-name", "banger", "-M", "microvm", "-accel", accel, "-cpu", cpu,
+        ]);
+        push(&[
+            "-m",
+            &spec.memory_mib.to_string(),
+            "-smp",
+            &spec.vcpus.to_string(),
+        ]);
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        push(&["-kernel", &path(&spec.kernel)]);
+        if let Some(initrd) = &spec.initrd {
+            push(&["-initrd", &path(initrd)]);
+        }
+        push(&["-append", &spec.cmdline]);
+        push(&[
+            "-chardev",
+            &format!("file,id=console,path={},append=on", esc(&p.console_log)),
+            "-serial",
+            "chardev:console",
+        ]);
+        for (id, disk) in [("system", &p.system_disk), ("work", &p.work_disk)] {
+            push(&[
+                "-drive",
+                &format!(
+                    "id={id},file={},format=raw,if=none,discard=unmap",
+                    esc(disk)
+                ),
+                "-device",
+                &format!("virtio-blk-device,drive={id}"),
+            ]);
+        }
+        if let Some((tap, mac)) = &spec.net {
+            push(&[
+                "-netdev",
+                &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+                "-device",
+                &format!("virtio-net-device,netdev=net0,mac={mac}"),
+            ]);
+        }
+        push(&[
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            &format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                esc(&p.agent_socket)
+            ),
+            "-device",
+            &format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", esc(&p.control_socket)),
+        ]);
+        a
+    }
+}
+
+/// A QMP session: greeting read, capabilities negotiated.
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Qmp {
+    /// Connect to `socket` and negotiate, within `timeout`.
+    pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self> {
+        let fail = |e: String| Error::failed(format!("qmp {}: {e}", socket.display()));
+        tokio::time::timeout(timeout, async {
+            let stream = UnixStream::connect(socket)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let (r, w) = stream.into_split();
+            let mut qmp = Self {
+                reader: BufReader::new(r),
+                writer: w,
+            };
+            let greeting = qmp.read().await?;
+            if greeting.get("QMP").is_none() {
+                return Err(fail(format!("unexpected greeting {greeting}")));
+            }
+            qmp.execute("qmp_capabilities", None).await?;
+            Ok(qmp)
+        })
+        .await
+        .map_err(|_| fail("no answer".into()))?
+    }
+
+    async fn read(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .await
+            .map_err(|e| Error::failed(format!("qmp read: {e}")))?;
+        if n == 0 {
+            return Err(Error::failed("qmp: QEMU closed the connection"));
+        }
+        serde_json::from_str(&line)
+            .map_err(|e| Error::failed(format!("qmp: bad reply {line:?}: {e}")))
+    }
+
+    /// Run `command`, skipping asynchronous events, and return its result.
+    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let mut msg = json!({ "execute": command });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let mut text = msg.to_string();
+        text.push('\n');
+        self.writer
+            .write_all(text.as_bytes())
+            .await
+            .map_err(|e| Error::failed(format!("qmp write: {e}")))?;
+        loop {
+            let reply = self.read().await?;
+            if reply.get("event").is_some() {
+                continue;
+            }
+            if let Some(r) = reply.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = reply.get("error") {
+                return Err(Error::failed(format!("qmp {command}: {e}")));
+            }
+        }
+    }
+
+    /// `query-status`: `running`, `paused`, `shutdown`, ...
+    pub async fn status(&mut self) -> Result<String> {
+        let r = self.execute("query-status", None).await?;
+        Ok(r.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned())
+    }
+}
+
+impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<(Child, ProcessId)>> {
+        Box::pin(async move {
+            let p = &spec.paths;
+            let _ = std::fs::remove_file(&p.agent_socket);
+            let _ = std::fs::remove_file(&p.control_socket);
+            let (mut child, id) = process::spawn(&self.binary, &self.args(spec), &p.vmm_log)?;
+            // QEMU has parsed its arguments and set up every device once
+            // QMP answers; a bad argument makes it exit before.
+            let started = Instant::now();
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = std::fs::read_to_string(&p.vmm_log).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                    return Err(Error::failed(format!(
+                        "qemu exited at start ({status}): {}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                    )));
+                }
+                if let Ok(mut qmp) = Qmp::connect(&p.control_socket, Duration::from_secs(2)).await
+                    && qmp.status().await.is_ok()
+                {
+                    return Ok((child, id));
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
+                    let _ = child.wait();
+                    return Err(Error::failed("qemu did not answer on QMP within 30 s"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
+    fn agent(&self, paths: &VmPaths) -> AgentEndpoint {
+        AgentEndpoint::Unix(paths.agent_socket.clone())
+    }
+
+    fn request_shutdown<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut qmp = Qmp::connect(&paths.control_socket, Duration::from_secs(2)).await?;
+            qmp.execute("system_powerdown", None).await?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            kernel: "/k/vmlinuz".into(),
+            initrd: Some("/k/initrd.img".into()),
+            cmdline: "console=ttyS0 root=/dev/vda".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            paths: VmPaths::new(Path::new("/s,tate"), Path::new("/run/b"), "abc"),
+            net: Some(("bgtap3".into(), "0a:b6:0a:00:00:02".into())),
+        }
+    }
+
+    #[test]
+    fn the_command_line_has_every_device() {
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+        };
+        let a = q.args(&spec()).join(" ");
+        for want in [
+            "-M microvm -accel tcg -cpu max",
+            "-m 512 -smp 2",
+            "-kernel /k/vmlinuz -initrd /k/initrd.img",
+            "-append console=ttyS0 root=/dev/vda",
+            "file,id=console,path=/s,,tate/vms/abc/console.log,append=on",
+            "id=system,file=/s,,tate/vms/abc/system.ext4,format=raw",
+            "id=work,file=/s,,tate/vms/abc/work.ext4,format=raw",
+            "tap,id=net0,ifname=bgtap3,script=no,downscript=no",
+            "virtio-net-device,netdev=net0,mac=0a:b6:0a:00:00:02",
+            "socket,id=agent,path=/run/b/vms/abc/agent.sock,server=on,wait=off",
+            "virtserialport,chardev=agent,name=org.banger.agent",
+            "-qmp unix:/run/b/vms/abc/control.sock,server=on,wait=off",
+        ] {
+            assert!(a.contains(want), "missing {want:?} in {a}");
+        }
+        // The system disk comes first: it is /dev/vda in the guest.
+        assert!(a.find("id=system").unwrap_or(usize::MAX) < a.find("id=work").unwrap_or(0));
+        let kvm = Qemu {
+            accel: Accel::Kvm,
+            ..q
+        };
+        assert!(kvm.args(&spec()).join(" ").contains("-accel kvm -cpu host"));
+    }
+
+    #[tokio::test]
+    async fn a_real_qemu_answers_qmp_and_a_bad_one_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = spec();
+        s.paths = VmPaths::new(dir.path(), dir.path(), "abc");
+        std::fs::create_dir_all(&s.paths.dir).expect("dir");
+        std::fs::create_dir_all(&s.paths.run).expect("run");
+        s.net = None;
+        std::fs::write(&s.paths.system_disk, vec![0u8; 4096]).expect("disk");
+        std::fs::write(&s.paths.work_disk, vec![0u8; 4096]).expect("disk");
+        // No such kernel: QEMU refuses at start, and the error says why.
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+        };
+        if which("qemu-system-x86_64").is_none() {
+            panic!("qemu-system-x86_64 is missing: run scripts/install-deps");
+        }
+        let e = q.launch(&s).await.expect_err("no kernel");
+        assert!(e.message.contains("qemu exited at start"), "{}", e.message);
+        assert!(e.message.contains("/k/vmlinuz"), "{}", e.message);
+    }
+
+    fn which(name: &str) -> Option<PathBuf> {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|c| c.is_file())
+        })
+    }
+}

@@ -1,0 +1,319 @@
+//! The VM lifecycle end to end, with the real CLI, a real bangerd in its
+//! own network namespace, real QEMU (TCG) guests booted from the tiny
+//! image, and real SSH: create → ssh → stop → start (the work disk kept a
+//! file) → a second VM reached by `.vm` name → bangerd killed with SIGKILL
+//! and restarted (the VMs still run and are listed running) → bad input →
+//! a cancelled create → delete, with nothing left behind. Needs root and
+//! the guest artifacts (scripts/build-test-kernel, scripts/build-tiny-image).
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use banger_testbed::{NetNs, Options, TestBed, bin_path, eventually, guest_artifact};
+
+struct Env {
+    ns: NetNs,
+    bed: TestBed,
+    home: tempfile::TempDir,
+}
+
+impl Env {
+    fn banger(&self, args: &[&str]) -> Command {
+        let mut c = self.ns.command(bin_path("banger"));
+        c.args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", self.bed.bus_address())
+            .env("HOME", self.home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.banger(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "banger {args:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn vms(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["vm", "list", "--json"])).unwrap()
+    }
+
+    fn vm(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["vm", "show", name, "--json"])).unwrap()
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(self.ns.name())
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+fn config() -> String {
+    "[network]\n\
+     tap_pool_size = 1\n\
+     [vm]\n\
+     vmm = \"qemu\"\n\
+     accel = \"tcg\"\n\
+     default_image = \"tiny\"\n\
+     vcpus = 1\n\
+     memory_mib = 256\n\
+     disk_mib = 128\n\
+     boot_timeout_secs = 150\n\
+     stop_timeout_secs = 20\n"
+        .to_owned()
+}
+
+fn setup() -> Env {
+    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
+    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let rootfs = guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
+    let seed = guest_artifact("tiny/work-seed.ext4", "build-tiny-image");
+    let ns = NetNs::new("bgvm");
+    let bed = TestBed::start(Options {
+        config_toml: Some(config()),
+        netns: Some(ns.name().to_owned()),
+        ..Options::default()
+    })
+    .unwrap();
+    let env = Env {
+        ns,
+        bed,
+        home: tempfile::tempdir().unwrap(),
+    };
+    env.ok(&[
+        "kernel",
+        "import",
+        "--name",
+        "test-kernel",
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--kernel",
+        vmlinuz.to_str().unwrap(),
+    ]);
+    env.ok(&[
+        "image",
+        "register",
+        "--name",
+        "tiny",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--work-seed",
+        seed.to_str().unwrap(),
+        "--kernel",
+        "test-kernel",
+        "--service",
+        "ssh:22",
+        "--init",
+        "/sbin/banger-init",
+    ]);
+    env
+}
+
+#[test]
+fn a_vm_lives_and_dies_with_nothing_left_behind() {
+    let env = setup();
+
+    // Create: every stage is reported with its time.
+    let out = env.ok(&["vm", "create", "--name", "alpha", "--nat"]);
+    for stage in [
+        "resolve image",
+        "system disk",
+        "work disk",
+        "network",
+        "vmm start",
+        "agent ready",
+        "ssh ready",
+    ] {
+        assert!(out.contains(stage), "no {stage} in:\n{out}");
+    }
+    let alpha = env.vm("alpha");
+    assert_eq!(alpha["state"], "running", "{alpha}");
+    let alpha_ip = alpha["ipv4"].as_str().unwrap().to_owned();
+    assert!(alpha_ip.starts_with("10.213.42."), "{alpha}");
+
+    // SSH runs a command; the work disk is /root.
+    let out = env.ok(&[
+        "vm",
+        "ssh",
+        "alpha",
+        "--",
+        "sh",
+        "-c",
+        "uname -a; hostname; echo kept > /root/note",
+    ]);
+    assert!(out.contains("Linux") && out.contains("alpha"), "{out}");
+
+    // Stop keeps the disks; start brings the file back.
+    env.ok(&["vm", "stop", "alpha"]);
+    assert_eq!(env.vm("alpha")["state"], "stopped");
+    assert!(!env.ip(&["-o", "addr"]).is_empty());
+    env.ok(&["vm", "start", "alpha"]);
+    let out = env.ok(&["vm", "ssh", "alpha", "--", "cat", "/root/note"]);
+    assert_eq!(out.trim(), "kept");
+    assert_eq!(
+        env.vm("alpha")["ipv4"],
+        alpha_ip.as_str(),
+        "the lease is stable"
+    );
+
+    // A second VM, found by name from the first through the guests' DNS.
+    env.ok(&["vm", "create", "--name", "beta"]);
+    let beta_ip = env.vm("beta")["ipv4"].as_str().unwrap().to_owned();
+    let out = env.ok(&[
+        "vm",
+        "ssh",
+        "alpha",
+        "--",
+        "sh",
+        "-c",
+        "nslookup beta.vm && ping -c 1 -W 5 beta.vm",
+    ]);
+    assert!(out.contains(&beta_ip), "{out}");
+    assert!(out.contains("1 packets received"), "{out}");
+
+    // bangerd killed with SIGKILL: the VMs keep running and are adopted.
+    let pid_before = env.vm("alpha")["unit"].clone();
+    let mut env = env;
+    env.bed.kill_daemon();
+    env.bed.start_daemon().unwrap();
+    let vms = env.vms();
+    assert_eq!(vms.len(), 2);
+    assert!(vms.iter().all(|v| v["state"] == "running"), "{vms:?}");
+    assert_eq!(env.vm("alpha")["unit"], pid_before);
+    let out = env.ok(&["vm", "ssh", "beta", "--", "cat", "/proc/uptime"]);
+    assert!(!out.trim().is_empty());
+
+    // Bad input: typed errors, nothing made.
+    for (args, code, words) in [
+        (
+            &["vm", "create", "--name", "alpha"][..],
+            6,
+            "exists already",
+        ),
+        (
+            &["vm", "create", "--name", "gamma", "--image", "nope"],
+            5,
+            "no image",
+        ),
+        (&["vm", "create", "--name", "Bad_Name"], 6, "vm name"),
+        (
+            &["vm", "create", "--name", "gamma", "--memory", "1"],
+            6,
+            "memory",
+        ),
+        (
+            &["vm", "create", "--name", "gamma", "--disk-size", "lots"],
+            6,
+            "not a size",
+        ),
+        (&["vm", "delete", "nosuchvm"], 5, "no vm"),
+    ] {
+        let out = env.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(words), "{args:?}: {stderr}");
+    }
+    assert_eq!(env.vms().len(), 2);
+
+    // A create cancelled while the guest boots leaves nothing behind.
+    let mut child = env
+        .banger(&["vm", "create", "--name", "gamma"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let booting = eventually(Duration::from_secs(60), || {
+        env.vms()
+            .iter()
+            .any(|v| v["name"] == "gamma" && v["state"] == "starting")
+            .then_some(())
+    });
+    assert!(booting.is_some(), "gamma never started booting");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    let gone = eventually(Duration::from_secs(30), || {
+        (!env.vms().iter().any(|v| v["name"] == "gamma")).then_some(())
+    });
+    assert!(gone.is_some(), "gamma is still there: {:?}", env.vms());
+
+    // Delete both at once: no files, TAPs in use, NAT entries or processes.
+    env.ok(&["vm", "delete", "alpha", "beta"]);
+    assert!(env.vms().is_empty());
+    let vms_dir = env.bed.state_dir().join("vms");
+    let left: Vec<_> = std::fs::read_dir(&vms_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", vms_dir.display());
+    let set = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            env.ns.name(),
+            "nft",
+            "list",
+            "set",
+            "inet",
+            "banger",
+            "nat_vms",
+        ])
+        .output()
+        .unwrap();
+    let set = String::from_utf8_lossy(&set.stdout);
+    assert!(!set.contains("10.213.42."), "{set}");
+    // Only pool TAPs (at most the pool size) remain, none attached to a VM.
+    let taps = env.ip(&["-o", "link", "show", "type", "tun"]);
+    assert!(taps.lines().count() <= 1, "{taps}");
+    let root = env.bed.dir().to_string_lossy().into_owned();
+    let qemus = Command::new("pgrep").args(["-f", &root]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&qemus.stdout).trim().is_empty(),
+        "VMM processes left"
+    );
+}
+
+#[test]
+fn the_vm_interface_matches_its_xml() {
+    let env = setup();
+    env.ok(&["vm", "create", "--name", "xml", "--no-start"]);
+    let path = env.vm("xml")["path"].as_str().unwrap().to_owned();
+    let out = env
+        .bed
+        .busctl(["--xml-interface", "introspect", "org.banger.Manager", &path]);
+    let served =
+        banger_dbus::interface_element(&String::from_utf8_lossy(&out.stdout), "org.banger.VM")
+            .expect("served");
+    let (_, file) = banger_dbus::INTERFACE_XML
+        .iter()
+        .find(|(n, _)| *n == "org.banger.VM")
+        .expect("checked in");
+    assert_eq!(
+        served,
+        banger_dbus::interface_element(file, "org.banger.VM").expect("in file"),
+        "the served org.banger.VM drifted from dbus/interfaces/org.banger.VM.xml; served:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    env.ok(&["vm", "delete", "xml"]);
+    assert!(env.vms().is_empty());
+}
