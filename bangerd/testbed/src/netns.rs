@@ -9,14 +9,16 @@ pub struct NetNs {
 }
 
 impl NetNs {
-    /// A fresh namespace named `<prefix>-<pid>` (an old one of that name,
-    /// left by a killed run, is deleted first).
+    /// A fresh namespace named `<prefix>-<pid>-<n>` (an old one of that
+    /// name, left by a killed run, is deleted first).
     ///
     /// # Panics
     ///
     /// If `ip` fails (package iproute2; needs root).
     pub fn new(prefix: &str) -> Self {
-        let name = format!("{prefix}-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}-{}-{n}", std::process::id());
         let _ = Command::new("ip").args(["netns", "delete", &name]).output();
         let ok = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().expect("run ip");
