@@ -286,7 +286,10 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
     let taps = env.ip(&["-o", "link", "show", "type", "tun"]);
     assert!(taps.lines().count() <= 1, "{taps}");
     let root = env.bed.dir().to_string_lossy().into_owned();
-    let qemus = Command::new("pgrep").args(["-f", &root]).output().unwrap();
+    let qemus = Command::new("pgrep")
+        .args(["-f", &format!("qemu-system.*{root}")])
+        .output()
+        .unwrap();
     assert!(
         String::from_utf8_lossy(&qemus.stdout).trim().is_empty(),
         "VMM processes left"
