@@ -251,6 +251,33 @@ impl Client {
     }
 }
 
+/// Call `method` on `proxy`: with ALLOW_INTERACTIVE_AUTH and no timeout
+/// when a prompt may answer, else with the usual timeout.
+async fn call<B, R>(
+    proxy: &zbus::Proxy<'_>,
+    method: &str,
+    body: &B,
+    interaction: Interaction,
+) -> Result<R, Failure>
+where
+    B: serde::Serialize + zbus::zvariant::DynamicType,
+    R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
+{
+    match interaction {
+        // A prompt can take as long as the user needs: no timeout.
+        Interaction::Allowed => proxy
+            .call_with_flags::<_, _, R>(
+                method,
+                zbus::proxy::MethodFlags::ALLOW_INTERACTIVE_AUTH,
+                body,
+            )
+            .await
+            .map_err(Failure::from_zbus)?
+            .ok_or_else(|| Failure::new(Kind::Failed, format!("{method} sent no reply"))),
+        Interaction::NotAllowed => timed(proxy.call::<_, _, R>(method, body)).await,
+    }
+}
+
 /// A kernel as the daemon publishes it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct KernelInfo {
@@ -463,18 +490,7 @@ impl Client {
         )
         .await
         .map_err(Failure::from_zbus)?;
-        match interaction {
-            Interaction::Allowed => proxy
-                .call_with_flags::<_, _, R>(
-                    method,
-                    zbus::proxy::MethodFlags::ALLOW_INTERACTIVE_AUTH,
-                    body,
-                )
-                .await
-                .map_err(Failure::from_zbus)?
-                .ok_or_else(|| Failure::new(Kind::Failed, format!("{method} sent no reply"))),
-            Interaction::NotAllowed => timed(proxy.call::<_, _, R>(method, body)).await,
-        }
+        call(&proxy, method, body, interaction).await
     }
 
     /// `Manager.CreateVM`: returns the VM and the job.
@@ -501,20 +517,7 @@ impl Client {
         R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
     {
         let manager = self.manager().await?;
-        let proxy = manager.inner();
-        match interaction {
-            // A prompt can take as long as the user needs: no timeout.
-            Interaction::Allowed => proxy
-                .call_with_flags::<_, _, R>(
-                    method,
-                    zbus::proxy::MethodFlags::ALLOW_INTERACTIVE_AUTH,
-                    body,
-                )
-                .await
-                .map_err(Failure::from_zbus)?
-                .ok_or_else(|| Failure::new(Kind::Failed, format!("{method} sent no reply"))),
-            Interaction::NotAllowed => timed(proxy.call::<_, _, R>(method, body)).await,
-        }
+        call(manager.inner(), method, body, interaction).await
     }
 
     /// `Manager.ImportKernel`: returns the job.

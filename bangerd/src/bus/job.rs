@@ -27,6 +27,23 @@ impl JobObject {
     }
 }
 
+/// Make sure job `id`'s object exists before the caller can look at it,
+/// and return its path (what every method that starts a job answers).
+pub async fn published(
+    conn: &zbus::Connection,
+    core: &Arc<Core>,
+    id: JobId,
+) -> Result<zbus::OwnedObjectPath, banger_dbus::Reply> {
+    register(conn.object_server(), core, id)
+        .await
+        .map_err(|e| {
+            banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
+                "cannot publish the job: {e}"
+            )))
+        })?;
+    Ok(banger_dbus::job_path(id))
+}
+
 /// Put job `id` on the bus (no-op when it is already there).
 pub async fn register(server: &ObjectServer, core: &Arc<Core>, id: JobId) -> zbus::Result<()> {
     if core.job(id).is_none() {

@@ -13,7 +13,6 @@ use super::options::{
 use super::{caller, job, to_wire};
 use crate::artifacts::{ImageRegistration, KernelImport};
 use crate::core::{Core, MaintainOptions, VERSION};
-use crate::jobs::JobId;
 
 /// The manager object.
 #[derive(Debug)]
@@ -25,23 +24,6 @@ impl ManagerObject {
     /// Serve `core`.
     pub fn new(core: Arc<Core>) -> Self {
         Self { core }
-    }
-
-    /// Make sure job `id`'s object exists before the caller can look at
-    /// it, and return its path.
-    async fn published(
-        &self,
-        conn: &Connection,
-        id: JobId,
-    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
-        job::register(conn.object_server(), &self.core, id)
-            .await
-            .map_err(|e| {
-                banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
-                    "cannot publish the job: {e}"
-                )))
-            })?;
-        Ok(banger_dbus::job_path(id))
     }
 }
 
@@ -90,7 +72,7 @@ impl ManagerObject {
             .maintain(&caller, options)
             .await
             .map_err(to_wire)?;
-        self.published(conn, id).await
+        job::published(conn, &self.core, id).await
     }
 
     /// Import a kernel into managed storage: `kernel` is the host path of
@@ -131,7 +113,7 @@ impl ManagerObject {
             .import_kernel(&caller, req)
             .await
             .map_err(to_wire)?;
-        self.published(conn, id).await
+        job::published(conn, &self.core, id).await
     }
 
     /// Delete a kernel by name or id, with its managed files. Refused with
@@ -222,7 +204,7 @@ impl ManagerObject {
             .promote_image(&caller, &image)
             .await
             .map_err(to_wire)?;
-        self.published(conn, id).await
+        job::published(conn, &self.core, id).await
     }
 
     /// Delete an image by name or id; managed files go with it. Refused
@@ -295,7 +277,7 @@ impl ManagerObject {
                 "cannot publish the vm: {e}"
             )))
         })?;
-        let job = self.published(conn, job).await?;
+        let job = job::published(conn, &self.core, job).await?;
         Ok((banger_dbus::vm_path(&vm), job))
     }
 

@@ -25,23 +25,6 @@ pub struct VmObject {
     mac: String,
 }
 
-impl VmObject {
-    async fn published(
-        &self,
-        conn: &Connection,
-        id: crate::jobs::JobId,
-    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
-        job::register(conn.object_server(), &self.core, id)
-            .await
-            .map_err(|e| {
-                banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
-                    "cannot publish the job: {e}"
-                )))
-            })?;
-        Ok(banger_dbus::job_path(id))
-    }
-}
-
 /// A virtual machine. Long operations (Start, Stop, Restart, Delete)
 /// return a job at once. polkit: org.banger.vm.manage for one's own VMs,
 /// plus org.banger.vm.manage-others for someone else's.
@@ -160,7 +143,7 @@ impl VmObject {
             .start_vm(&caller, &self.vm.id)
             .await
             .map_err(to_wire)?;
-        self.published(conn, id).await
+        job::published(conn, &self.core, id).await
     }
 
     /// Shut down cleanly (agent, then VMM powerdown), forced after
@@ -177,7 +160,7 @@ impl VmObject {
             .stop_vm(&caller, &self.vm.id)
             .await
             .map_err(to_wire)?;
-        self.published(conn, id).await
+        job::published(conn, &self.core, id).await
     }
 
     /// Stop (if running) and start. Returns the job.
@@ -193,7 +176,7 @@ impl VmObject {
             .restart_vm(&caller, &self.vm.id)
             .await
             .map_err(to_wire)?;
-        self.published(conn, id).await
+        job::published(conn, &self.core, id).await
     }
 
     /// Send signal number `signal` to the VMM process (9 kills it at once).
@@ -224,7 +207,7 @@ impl VmObject {
             .delete_vm(&caller, &self.vm.id)
             .await
             .map_err(to_wire)?;
-        self.published(conn, id).await
+        job::published(conn, &self.core, id).await
     }
 
     /// Change it. Keys: "vcpus" (u), "memory_mib" (u), "disk_bytes" (t,
@@ -307,12 +290,11 @@ impl VmObject {
 }
 
 async fn object(core: &Arc<Core>, vm: Vm) -> VmObject {
-    let ipv4 = core
-        .vm_ipv4(&vm.id)
+    let (ipv4, mac) = core
+        .vm_lease(&vm.id)
         .await
-        .map(|ip| ip.to_string())
+        .map(|l| (l.ipv4.to_string(), l.mac))
         .unwrap_or_default();
-    let mac = core.vm_mac(&vm.id).await.unwrap_or_default();
     VmObject {
         core: core.clone(),
         vm,

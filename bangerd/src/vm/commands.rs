@@ -228,8 +228,8 @@ impl Core {
         }
     }
 
-    /// The lease address of VM `id`, if it has one.
-    pub async fn vm_ipv4(&self, id: &str) -> Option<Ipv4Addr> {
+    /// The lease of VM `id` (address and MAC), if it has one.
+    pub async fn vm_lease(&self, id: &str) -> Option<crate::net::leases::Lease> {
         let store = self.deps.store.clone();
         let id = id.to_owned();
         blocking(move || {
@@ -242,17 +242,11 @@ impl Core {
         .await
         .ok()
         .flatten()
-        .map(|l| l.ipv4)
     }
 
-    /// The lease MAC of VM `id`, if it has one.
-    pub async fn vm_mac(&self, id: &str) -> Option<String> {
-        let store = self.deps.store.clone();
-        let id = id.to_owned();
-        blocking(move || store.leases().map_err(store_err("reading leases failed")))
-            .await
-            .ok()
-            .and_then(|l| l.into_iter().find(|l| l.owner == id).map(|l| l.mac))
+    /// The lease address of VM `id`, if it has one.
+    pub async fn vm_ipv4(&self, id: &str) -> Option<Ipv4Addr> {
+        self.vm_lease(id).await.map(|l| l.ipv4)
     }
 
     /// Callers may act on their own VMs with `vm.manage`; on others' also
@@ -825,6 +819,21 @@ impl Core {
         Ok(())
     }
 
+    /// [`Core::shut_down`] when VM `id` has a VMM process; nothing otherwise.
+    async fn shut_down_if_running(&self, ctx: &JobContext, id: &str) -> Result<()> {
+        let running = self
+            .deps
+            .store
+            .vm(id)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.state.has_process());
+        if running {
+            self.shut_down(ctx, id, 0.0).await?;
+        }
+        Ok(())
+    }
+
     /// Stop a VM as a job.
     pub async fn stop_vm(self: &Arc<Self>, caller: &Caller, reference: &str) -> Result<JobId> {
         let vm = self.find_vm(reference).await?;
@@ -863,16 +872,7 @@ impl Core {
                 Action::VmManage,
                 move |ctx| async move {
                     let _claim = claim;
-                    if core
-                        .deps
-                        .store
-                        .vm(&vm.id)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|v| v.state.has_process())
-                    {
-                        core.shut_down(&ctx, &vm.id, 0.0).await?;
-                    }
+                    core.shut_down_if_running(&ctx, &vm.id).await?;
                     core.boot(&ctx, &vm.id, 0.4).await?;
                     Ok(Some(Resource::Vm(vm.id)))
                 },
@@ -910,16 +910,7 @@ impl Core {
                 Action::VmManage,
                 move |ctx| async move {
                     let _claim = claim;
-                    if core
-                        .deps
-                        .store
-                        .vm(&vm.id)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|v| v.state.has_process())
-                    {
-                        core.shut_down(&ctx, &vm.id, 0.0).await?;
-                    }
+                    core.shut_down_if_running(&ctx, &vm.id).await?;
                     ctx.stage("remove", 0.7).await?;
                     core.transition(&vm.id, VmEvent::Delete, |_| {})?;
                     core.destroy(&vm.id).await?;
