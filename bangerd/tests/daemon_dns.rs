@@ -7,17 +7,7 @@
 use std::process::Command;
 
 use banger_dbus::proxy::ManagerProxy;
-use banger_testbed::{Options, TestBed};
-
-fn free_port() -> u16 {
-    loop {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
+use banger_testbed::{Options, TestBed, free_loopback_port};
 
 fn bed_on(port: u16) -> TestBed {
     TestBed::start(Options {
@@ -50,7 +40,7 @@ fn dns_port_check(bed: &TestBed) -> (String, String) {
 
 #[test]
 fn the_daemon_answers_for_vm_and_doctor_knows_it() {
-    let port = free_port();
+    let port = free_loopback_port().unwrap();
     let bed = bed_on(port);
     let out = Command::new("dig")
         .args([
@@ -115,7 +105,7 @@ impl Drop for Activated {
 /// itself: an answer proves it served the passed socket.
 #[test]
 fn socket_activated_dns() {
-    let port = free_port();
+    let port = free_loopback_port().unwrap();
     let bed = TestBed::start(Options {
         config_toml: Some(format!("[network]\ndns_listen = \"127.0.0.1:{port}\"\n")),
         start_daemon: false,

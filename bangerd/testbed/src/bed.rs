@@ -47,7 +47,8 @@ pub struct Options {
     pub polkit: bool,
     /// Make sure a journald is running ([`Journald::ensure`]). Default: true.
     pub journald: bool,
-    /// Written to `<config_dir>/bangerd.toml`. Default: none.
+    /// Written to `<config_dir>/bangerd.toml`, with `network.dns_listen`
+    /// added on a free loopback port unless it names one. Default: none.
     pub config_toml: Option<String>,
     /// Start bangerd and wait for it to own `org.banger.Manager`. Default:
     /// true.
@@ -204,9 +205,8 @@ impl TestBed {
         for sub in ["state", "cache", "runtime", "config"] {
             fs::create_dir(root.join(sub))?;
         }
-        if let Some(toml) = &options.config_toml {
-            fs::write(root.join("config").join("bangerd.toml"), toml)?;
-        }
+        let toml = with_own_dns_port(options.config_toml.as_deref().unwrap_or(""));
+        fs::write(root.join("config").join("bangerd.toml"), toml)?;
         let address = format!("unix:path={}", root.join("system_bus_socket").display());
         let mut bed = TestBed {
             dir: Some(dir),
@@ -619,6 +619,43 @@ impl TestBed {
     }
 }
 
+/// A loopback port free for both UDP and TCP right now.
+pub fn free_loopback_port() -> io::Result<u16> {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+/// `toml` with `network.dns_listen` on a free loopback port unless it sets
+/// one: beds run side by side, and the default port would make them race
+/// for it (doctor's verdict would then depend on which bed won).
+fn with_own_dns_port(toml: &str) -> String {
+    if toml.contains("dns_listen") {
+        return toml.to_owned();
+    }
+    let port = free_loopback_port().unwrap_or(0);
+    let line = format!("dns_listen = \"127.0.0.1:{port}\"\n");
+    let mut out = String::with_capacity(toml.len() + line.len() + 12);
+    let mut placed = false;
+    for l in toml.lines() {
+        out.push_str(l);
+        out.push('\n');
+        if !placed && l.trim() == "[network]" {
+            out.push_str(&line);
+            placed = true;
+        }
+    }
+    if !placed {
+        out.push_str("[network]\n");
+        out.push_str(&line);
+    }
+    out
+}
+
 /// SIGKILL every process whose command line mentions `dir` (a bed's VMMs,
 /// which run in their own sessions and outlive bangerd on purpose).
 pub fn kill_strays(dir: &Path) {
@@ -655,14 +692,16 @@ impl Drop for TestBed {
         if let Some(mut daemon) = self.daemon.take() {
             let _ = terminate(&mut daemon, DAEMON_STOP_GRACE);
         }
-        // VMMs outlive bangerd by design; here they must go with the bed.
-        kill_strays(&self.root);
         if let Some(mut polkitd) = self.polkitd.take() {
             polkitd.stop();
         }
         if let Some(mut bus) = self.bus.take() {
             let _ = terminate(&mut bus, Duration::from_secs(5));
         }
+        // VMMs outlive bangerd by design; here they must go with the bed.
+        // Last, so that only strays match: polkitd and the bus name the
+        // bed's directory too and are stopped (and reaped) above.
+        kill_strays(&self.root);
         self.journald = None;
         self.policy = None;
         if let Some(dir) = self.dir.take()
@@ -684,6 +723,23 @@ mod tests {
         assert_eq!(tail("a\nb\nc", 2), "b\nc");
         assert_eq!(tail("a\nb\n", 5), "a\nb\n");
         assert_eq!(tail("", 5), "");
+    }
+
+    #[test]
+    fn each_bed_gets_its_own_dns_port() {
+        let added = with_own_dns_port("[daemon]\njob_retention_secs = 5\n");
+        assert!(
+            added.starts_with(
+                "[daemon]\njob_retention_secs = 5\n[network]\ndns_listen = \"127.0.0.1:"
+            )
+        );
+        let table: toml::Table = added.parse().expect("still TOML");
+        assert!(table["network"]["dns_listen"].is_str());
+        let inside = with_own_dns_port("[network]\nsubnet = \"10.9.0.0/24\"\n");
+        let table: toml::Table = inside.parse().expect("still TOML");
+        assert_eq!(table["network"].as_table().map(|t| t.len()), Some(2));
+        let kept = "[network]\ndns_listen = \"127.0.0.1:5353\"\n";
+        assert_eq!(with_own_dns_port(kept), kept);
     }
 
     #[test]

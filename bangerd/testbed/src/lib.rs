@@ -63,8 +63,8 @@ mod user;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use bed::kill_strays;
 pub use bed::{BANGER_BUS_POLICY, MANAGER_NAME, Options, POLKIT_NAME, TestBed, bus_config};
+pub use bed::{free_loopback_port, kill_strays};
 pub use fixtures::{artifacts_dir, guest_artifact, mkfs_ext4, tiny_vmlinux};
 pub use journald::{Journald, journal_entries};
 pub use netns::NetNs;
