@@ -318,6 +318,9 @@ pub enum VmCommand {
     Run {
         #[command(flatten)]
         spec: VmSpec,
+        /// Delete the VM when the session or command ends
+        #[arg(long)]
+        rm: bool,
         /// Command to run instead of a login shell
         #[arg(last = true)]
         command: Vec<String>,

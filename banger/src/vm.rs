@@ -301,7 +301,7 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
         VmCommand::List { all } => list(opts, all).await,
         VmCommand::Show(r) => show(opts, &r.vm).await,
         VmCommand::Create(spec) => create(opts, spec, None).await.map(|(code, _)| code),
-        VmCommand::Run { spec, command } => run_vm(opts, spec, command).await,
+        VmCommand::Run { spec, rm, command } => run_vm(opts, spec, rm, command).await,
         VmCommand::Start(refs) => each_job(opts, "Start", "start", refs.vms).await,
         VmCommand::Stop(refs) => each_job(opts, "Stop", "stop", refs.vms).await,
         VmCommand::Restart(refs) => each_job(opts, "Restart", "restart", refs.vms).await,
@@ -319,7 +319,7 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
         VmCommand::Ssh { vm, command } => {
             let client = connect(opts).await?;
             let info = find(&client, &vm.vm).await?;
-            ssh(&info, &command, opts)
+            ssh(&info, &command, true, opts)
         }
         VmCommand::Logs { vm, follow } => logs(opts, &vm.vm, follow).await,
     }
@@ -436,7 +436,7 @@ async fn create(
     Ok((code, Some(vm.to_string())))
 }
 
-async fn run_vm(opts: Options, spec: VmSpec, command: Vec<String>) -> anyhow::Result<u8> {
+async fn run_vm(opts: Options, spec: VmSpec, rm: bool, command: Vec<String>) -> anyhow::Result<u8> {
     let name = spec.name.clone().unwrap_or_else(random_name);
     let (code, vm) = create(opts, spec, Some(name.clone())).await?;
     if code != exit::OK {
@@ -453,11 +453,54 @@ async fn run_vm(opts: Options, spec: VmSpec, command: Vec<String>) -> anyhow::Re
             .ok_or_else(|| Failure::new(Kind::NotFound, format!("vm {name} vanished")))?,
         None => find(&client, &name).await?,
     };
-    ssh(&info, &command, opts)
+    let code = ssh(&info, &command, !rm, opts);
+    if rm {
+        remove(&client, &info, opts)
+            .await
+            .with_context(|| format!("cannot delete vm {name}: `banger vm delete {name}`"))?;
+    }
+    code
+}
+
+/// Delete `vm` quietly (`vm run --rm`), saying so on stderr.
+async fn remove(client: &Client, vm: &VmInfo, opts: Options) -> anyhow::Result<()> {
+    let mut subscription = Subscription::new(client).await?;
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let result = client
+        .vm_call::<_, OwnedObjectPath>(&vm.path, "Delete", &(), auth.interaction)
+        .await;
+    let job = auth.finish(result).await?;
+    let mut tracker = Tracker::new(job.as_str(), Display::Quiet, Vec::new());
+    let followed = progress::follow(
+        client,
+        &mut subscription,
+        &job,
+        &mut tracker,
+        started,
+        opts.verbose,
+    )
+    .await?;
+    match followed {
+        Followed::Completed(report) => match report.failure() {
+            Some(f) => Err(f.into()),
+            None => {
+                if !opts.json {
+                    eprintln!("banger: deleted vm {}", vm.name);
+                }
+                Ok(())
+            }
+        },
+        Followed::Interrupted { .. } => Err(Failure::new(
+            Kind::Failed,
+            format!("interrupted while vm {} was being deleted", vm.name),
+        )
+        .into()),
+    }
 }
 
 /// Run the user's ssh to `vm`; its exit code is ours.
-fn ssh(vm: &VmInfo, command: &[String], opts: Options) -> anyhow::Result<u8> {
+fn ssh(vm: &VmInfo, command: &[String], remind: bool, opts: Options) -> anyhow::Result<u8> {
     if vm.state != "running" {
         return Err(Failure::new(
             Kind::Busy,
@@ -488,7 +531,7 @@ fn ssh(vm: &VmInfo, command: &[String], opts: Options) -> anyhow::Result<u8> {
                 format!("cannot run ssh: {e}; install openssh-client"),
             )
         })?;
-    if interactive {
+    if interactive && remind {
         eprintln!(
             "banger: vm {} is still running; `banger vm stop {}` stops it",
             vm.name, vm.name

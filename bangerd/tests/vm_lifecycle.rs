@@ -3,7 +3,7 @@
 //! image, and real SSH: create → ssh → stop → start (the work disk kept a
 //! file) → a second VM reached by `.vm` name → bangerd killed with SIGKILL
 //! and restarted (the VMs still run and are listed running) → bad input →
-//! a cancelled create → delete, with nothing left behind. Needs root and
+//! a cancelled create → `vm run --rm` → delete, with nothing left behind. Needs root and
 //! the guest artifacts (scripts/build-test-kernel, scripts/build-tiny-image).
 
 #![allow(clippy::unwrap_used)]
@@ -257,6 +257,24 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
         (!env.vms().iter().any(|v| v["name"] == "gamma")).then_some(())
     });
     assert!(gone.is_some(), "gamma is still there: {:?}", env.vms());
+
+    // `vm run --rm`: the command's output and exit code, then the VM is gone.
+    let out = env.run(&[
+        "vm",
+        "run",
+        "--rm",
+        "--name",
+        "gamma",
+        "--",
+        "sh",
+        "-c",
+        "hostname; exit 3",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gamma"));
+    assert!(stderr.contains("deleted vm gamma"), "{stderr}");
+    assert_eq!(env.vms().len(), 2);
 
     // Delete both at once: no files, TAPs in use, NAT entries or processes.
     env.ok(&["vm", "delete", "alpha", "beta"]);

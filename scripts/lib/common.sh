@@ -66,7 +66,7 @@ banger_cli() {
   local b=${BANGER:-}
   [[ -z $b ]] && b=$(command -v banger || true)
   [[ -z $b && -x $repo/target/debug/banger ]] && b=$repo/target/debug/banger
-  [[ -n $b ]] && "$b" doctor >/dev/null 2>&1 && echo "$b"
+  [[ -n $b ]] && "$b" daemon status >/dev/null 2>&1 && echo "$b"
   return 0
 }
 
