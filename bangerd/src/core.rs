@@ -135,7 +135,7 @@ impl Core {
     /// Run the host checks. Read-only, open to every caller.
     pub async fn doctor(&self, _caller: &Caller) -> Vec<Check> {
         let config = self.config();
-        doctor::run(
+        let mut checks = doctor::run(
             &config,
             &self.deps.dirs.state,
             &self.deps.store,
@@ -143,7 +143,40 @@ impl Core {
             &self.deps.host,
             self.dns_served(),
         )
-        .await
+        .await;
+        // What VMs get: the default image and the accelerator the KVM probe
+        // chose with its kernel (a real boot, cached; see vm::vmm::kvm).
+        let image_name = &config.vm.default_image;
+        let image = self.image(image_name).await.ok();
+        let kernel = match &image {
+            Some(i) => self.kernel(&i.kernel_id).await.ok(),
+            None => None,
+        };
+        let default_image = doctor::check_default_image(
+            image_name,
+            image
+                .as_ref()
+                .zip(kernel.as_ref())
+                .map(|(i, k)| (i.id.as_str(), k.name.as_str())),
+        );
+        let kernel_path = kernel.map(|k| k.bzimage.clone().unwrap_or(k.vmlinux.clone()));
+        let verdict = match (&kernel_path, config.vm.accel) {
+            (Some(path), crate::config::Accel::Auto | crate::config::Accel::Kvm) => {
+                Some(self.kvm_verdict(path).await)
+            }
+            _ => None,
+        };
+        let accel = doctor::check_accel(
+            config.vm.accel,
+            kernel_path.as_deref().zip(verdict.as_ref()),
+            image_name,
+        );
+        let at = checks
+            .iter()
+            .position(|c| c.name == "vmm")
+            .map_or(checks.len(), |i| i + 1);
+        checks.splice(at..at, [accel, default_image]);
+        checks
     }
 
     /// Record that the DNS server answers for `zone` on `addr`.

@@ -189,6 +189,15 @@ pub async fn run(
     if let Err(e) = core.reconcile_vms().await {
         tracing::error!("cannot reconcile VMs with what runs: {e}");
     }
+    // With vm.accel = "auto", probe KVM now so the first create does not wait.
+    if core.config().vm.accel == config::Accel::Auto {
+        let core = core.clone();
+        tokio::spawn(async move {
+            if let Some(kernel) = core.default_kernel().await {
+                core.kvm_verdict(&kernel).await;
+            }
+        });
+    }
     let mirror = tokio::spawn(bus::mirror_jobs(conn.clone(), core.clone(), events_rx));
 
     bus::serve(&conn, core.clone()).await?;

@@ -130,6 +130,29 @@ fn setup() -> Env {
 fn a_vm_lives_and_dies_with_nothing_left_behind() {
     let env = setup();
 
+    // doctor names the default image and what VMs will run under.
+    let doctor: serde_json::Value =
+        serde_json::from_slice(&env.run(&["doctor", "--json"]).stdout).unwrap();
+    let check = |name: &str| {
+        doctor["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} check: {doctor}"))
+    };
+    assert_eq!(check("default-image")["verdict"], "pass", "{doctor}");
+    assert!(
+        check("default-image")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("test-kernel")
+    );
+    assert_eq!(check("accel")["verdict"], "pass", "{doctor}");
+    assert!(check("accel")["detail"].as_str().unwrap().contains("tcg"));
+    assert!(check("vmm")["detail"].as_str().unwrap().contains("qemu"));
+
     // Create: every stage is reported with its time.
     let out = env.ok(&["vm", "create", "--name", "alpha", "--nat"]);
     for stage in [

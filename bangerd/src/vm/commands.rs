@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,7 +17,9 @@ use nix::sys::signal::Signal;
 
 use super::disk;
 use super::process::{ProcessId, Watched};
-use super::vmm::qemu::{Accel, Qemu};
+use super::vmm::Accel;
+use super::vmm::kvm::{self, KvmVerdict};
+use super::vmm::qemu::Qemu;
 use super::vmm::{LaunchSpec, Vmm};
 use super::{Vm, VmEvent, VmPaths, VmRequest, VmState, validate_sizes, validate_ssh_key};
 use crate::artifacts::{Image, Kernel, Resource, validate};
@@ -53,7 +55,13 @@ pub struct VmRuntime {
     guest_dns: Mutex<Option<DnsServer>>,
     /// Watcher task per VM with a process.
     watchers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// The KVM probe's verdict per guest kernel, found once per daemon.
+    kvm_verdicts: Mutex<HashMap<PathBuf, Arc<tokio::sync::OnceCell<KvmVerdict>>>>,
 }
+
+/// How long a guest kernel gets to pass early boot under KVM in the probe
+/// (it takes well under a second where KVM works).
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Holds a VM for one operation; releases it when dropped.
 #[derive(Debug)]
@@ -147,12 +155,7 @@ pub fn choose_vmm(config: &Config) -> Result<Arc<dyn Vmm>> {
                 config.vm.qemu_bin.display()
             ))
         })?;
-        let accel = match config.vm.accel {
-            config::Accel::Kvm => Accel::Kvm,
-            // No KVM probe yet: auto means TCG (see docs/vms.md).
-            config::Accel::Tcg | config::Accel::Auto => Accel::Tcg,
-        };
-        Ok(Arc::new(Qemu { binary, accel }))
+        Ok(Arc::new(Qemu { binary }))
     };
     match config.vm.vmm {
         VmmKind::Qemu | VmmKind::Auto => qemu(),
@@ -163,6 +166,69 @@ pub fn choose_vmm(config: &Config) -> Result<Arc<dyn Vmm>> {
 }
 
 impl Core {
+    /// The accelerator for a VM booting `kernel`: the configured one, or
+    /// for `vm.accel = "auto"` KVM if the probe saw a guest kernel boot
+    /// under it, else software emulation.
+    pub async fn accel_for(&self, kernel: &Path) -> Accel {
+        match self.config().vm.accel {
+            config::Accel::Kvm => Accel::Kvm,
+            config::Accel::Tcg => Accel::Tcg,
+            config::Accel::Auto if self.kvm_verdict(kernel).await.usable() => Accel::Kvm,
+            config::Accel::Auto => Accel::Tcg,
+        }
+    }
+
+    /// Whether `kernel` boots under KVM here ([`kvm::probe`]), probed on
+    /// first use and remembered while the daemon runs.
+    pub async fn kvm_verdict(&self, kernel: &Path) -> KvmVerdict {
+        let cell = self
+            .vm_runtime()
+            .kvm_verdicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kernel.to_owned())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async {
+            let config = self.config();
+            let Some(qemu) = find_program(&config.vm.qemu_bin) else {
+                return KvmVerdict::Unusable(format!(
+                    "{} is not installed, so KVM was not probed",
+                    config.vm.qemu_bin.display()
+                ));
+            };
+            let verdict = kvm::probe(
+                &qemu,
+                kernel,
+                &self.deps.host.kvm,
+                &self.deps.dirs.runtime,
+                KVM_PROBE_TIMEOUT,
+            )
+            .await;
+            match &verdict {
+                KvmVerdict::Usable(t) => tracing::info!(
+                    "KVM probe: {} booted under KVM in {} ms; VMs use KVM",
+                    kernel.display(),
+                    t.as_millis()
+                ),
+                KvmVerdict::Unusable(why) => {
+                    tracing::warn!("KVM probe: {why}; VMs use software emulation (slow)")
+                }
+            }
+            verdict
+        })
+        .await
+        .clone()
+    }
+
+    /// The kernel of the default image, for probes made ahead of need.
+    pub async fn default_kernel(&self) -> Option<PathBuf> {
+        let config = self.config();
+        let image = self.image(&config.vm.default_image).await.ok()?;
+        let kernel = self.kernel(&image.kernel_id).await.ok()?;
+        Some(kernel.bzimage.clone().unwrap_or(kernel.vmlinux.clone()))
+    }
+
     fn rows(&self) -> std::sync::MutexGuard<'_, ()> {
         self.vm_runtime()
             .rows
@@ -567,18 +633,22 @@ impl Core {
         ctx.stage("vmm start", base + step).await?;
         std::fs::create_dir_all(&paths.run)
             .map_err(|e| Error::failed(format!("cannot create {}: {e}", paths.run.display())))?;
+        let kernel_path = kernel
+            .bzimage
+            .clone()
+            .unwrap_or_else(|| kernel.vmlinux.clone());
+        let accel = self.accel_for(&kernel_path).await;
         let spec = LaunchSpec {
-            kernel: kernel
-                .bzimage
-                .clone()
-                .unwrap_or_else(|| kernel.vmlinux.clone()),
+            kernel: kernel_path,
             initrd: kernel.initrd.clone(),
             cmdline: kernel_cmdline(&kernel, &image, &vm.name, &vmnet.ip_arg),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             paths: paths.clone(),
             net: Some((vmnet.tap.clone(), vmnet.lease.mac.clone())),
+            accel,
         };
+        tracing::info!(banger_vm_id = %vm.id, "starting {} under {}", vm.name, accel.as_str());
         let launched = vmm.launch(&spec).await;
         let (child, pid) = match launched {
             Ok(l) => l,

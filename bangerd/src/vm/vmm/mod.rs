@@ -2,6 +2,7 @@
 //! `microvm` machine; the Firecracker driver is still to come (see the
 //! notes in `docs/vms.md`).
 
+pub mod kvm;
 pub mod qemu;
 
 use std::path::PathBuf;
@@ -12,6 +13,25 @@ use super::process::ProcessId;
 use crate::auth::BoxFuture;
 use crate::error::Result;
 use crate::os::agent::AgentEndpoint;
+
+/// Which accelerator a VM runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation (QEMU TCG): slow, works everywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// `kvm` or `tcg`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
 
 /// Everything a VMM needs to boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +50,8 @@ pub struct LaunchSpec {
     pub paths: VmPaths,
     /// The TAP to attach, with the guest MAC.
     pub net: Option<(String, String)>,
+    /// KVM or software emulation.
+    pub accel: Accel,
 }
 
 /// A VMM driver.

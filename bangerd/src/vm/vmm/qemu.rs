@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::{LaunchSpec, Vmm};
+use super::{Accel, LaunchSpec, Vmm};
 use crate::auth::BoxFuture;
 use crate::error::{Error, Result};
 use crate::os::agent::AgentEndpoint;
@@ -20,22 +20,11 @@ use crate::vm::process::{self, ProcessId};
 /// The virtio-serial port name the agent listens on.
 pub const AGENT_PORT: &str = "org.banger.agent";
 
-/// Which accelerator QEMU uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    /// Hardware virtualization.
-    Kvm,
-    /// Software emulation: slow, works everywhere.
-    Tcg,
-}
-
 /// The QEMU driver.
 #[derive(Debug, Clone)]
 pub struct Qemu {
     /// `qemu-system-x86_64`.
     pub binary: PathBuf,
-    /// The accelerator.
-    pub accel: Accel,
 }
 
 fn path(p: &Path) -> String {
@@ -53,7 +42,7 @@ impl Qemu {
         let p = &spec.paths;
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
-        let (accel, cpu) = match self.accel {
+        let (accel, cpu) = match spec.accel {
             Accel::Kvm => ("kvm", "host"),
             Accel::Tcg => ("tcg", "max"),
         };
@@ -259,6 +248,7 @@ mod tests {
             memory_mib: 512,
             paths: VmPaths::new(Path::new("/s,tate"), Path::new("/run/b"), "abc"),
             net: Some(("bgtap3".into(), "0a:b6:0a:00:00:02".into())),
+            accel: Accel::Tcg,
         }
     }
 
@@ -266,7 +256,6 @@ mod tests {
     fn the_command_line_has_every_device() {
         let q = Qemu {
             binary: "qemu-system-x86_64".into(),
-            accel: Accel::Tcg,
         };
         let a = q.args(&spec()).join(" ");
         for want in [
@@ -287,11 +276,11 @@ mod tests {
         }
         // The system disk comes first: it is /dev/vda in the guest.
         assert!(a.find("id=system").unwrap_or(usize::MAX) < a.find("id=work").unwrap_or(0));
-        let kvm = Qemu {
+        let kvm = LaunchSpec {
             accel: Accel::Kvm,
-            ..q
+            ..spec()
         };
-        assert!(kvm.args(&spec()).join(" ").contains("-accel kvm -cpu host"));
+        assert!(q.args(&kvm).join(" ").contains("-accel kvm -cpu host"));
     }
 
     #[tokio::test]
@@ -307,7 +296,6 @@ mod tests {
         // No such kernel: QEMU refuses at start, and the error says why.
         let q = Qemu {
             binary: "qemu-system-x86_64".into(),
-            accel: Accel::Tcg,
         };
         if which("qemu-system-x86_64").is_none() {
             panic!("qemu-system-x86_64 is missing: run scripts/install-deps");
