@@ -425,9 +425,18 @@ fn check_vmm(config: &Config) -> Check {
         format!("{} ({version})", bin.display())
     };
     match (config.vm.vmm, firecracker, qemu) {
-        (VmmKind::Auto | VmmKind::Firecracker, Some(fc), _) => {
+        (VmmKind::Firecracker, Some(fc), _) => {
             Check::pass(NAME, format!("firecracker: {}", describe(&fc)))
         }
+        (VmmKind::Auto, Some(fc), qemu) => Check::pass(
+            NAME,
+            format!(
+                "firecracker where KVM works (see accel): {}; else qemu microvm: {}",
+                describe(&fc),
+                qemu.as_deref()
+                    .map_or_else(|| "not installed".to_owned(), describe)
+            ),
+        ),
         (VmmKind::Firecracker, None, _) => Check::fail(
             NAME,
             format!(
@@ -505,6 +514,11 @@ pub fn check_accel(
             NAME,
             format!("{why}: VMs run under software emulation (slow)"),
             "on a nested or PVM host KVM needs a guest kernel made for it; set vm.accel = \"tcg\" to skip the probe",
+        ),
+        (_, KvmVerdict::NotProbed(why)) => Check::warn(
+            NAME,
+            format!("KVM not probed: {why}"),
+            "install qemu-system-x86: the probe boots the guest kernel under it",
         ),
         (Accel::Kvm, KvmVerdict::Unusable(why)) => Check::fail(
             NAME,

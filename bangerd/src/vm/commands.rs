@@ -18,6 +18,7 @@ use nix::sys::signal::Signal;
 use super::disk;
 use super::process::{ProcessId, Watched};
 use super::vmm::Accel;
+use super::vmm::firecracker::Firecracker;
 use super::vmm::kvm::{self, KvmVerdict};
 use super::vmm::qemu::Qemu;
 use super::vmm::{LaunchSpec, Vmm};
@@ -146,36 +147,119 @@ pub fn find_program(program: &std::path::Path) -> Option<PathBuf> {
     })
 }
 
-/// The VMM the configuration picks, or why none can run.
-pub fn choose_vmm(config: &Config) -> Result<Arc<dyn Vmm>> {
-    let qemu = || -> Result<Arc<dyn Vmm>> {
-        let binary = find_program(&config.vm.qemu_bin).ok_or_else(|| {
-            Error::unavailable(format!(
-                "{} is not installed: apt-get install qemu-system-x86, or set vm.qemu_bin",
-                config.vm.qemu_bin.display()
-            ))
-        })?;
-        Ok(Arc::new(Qemu { binary }))
-    };
+fn qemu_driver(config: &Config) -> Result<Arc<dyn Vmm>> {
+    let binary = find_program(&config.vm.qemu_bin).ok_or_else(|| {
+        Error::unavailable(format!(
+            "{} is not installed: apt-get install qemu-system-x86, or set vm.qemu_bin",
+            config.vm.qemu_bin.display()
+        ))
+    })?;
+    Ok(Arc::new(Qemu { binary }))
+}
+
+fn firecracker_driver(config: &Config) -> Result<Arc<dyn Vmm>> {
+    let binary = find_program(&config.vm.firecracker_bin).ok_or_else(|| {
+        Error::unavailable(format!(
+            "vm.vmm asks for firecracker, and {} is not installed: install it, set vm.firecracker_bin, or set vm.vmm = \"auto\"",
+            config.vm.firecracker_bin.display()
+        ))
+    })?;
+    Ok(Arc::new(Firecracker { binary }))
+}
+
+/// Whether some VMM can run at all with this configuration (a quick check
+/// before a job starts; the choice per boot is [`choose_vmm`]).
+pub fn check_vmm(config: &Config) -> Result<()> {
     match config.vm.vmm {
-        VmmKind::Qemu | VmmKind::Auto => qemu(),
-        VmmKind::Firecracker => Err(Error::unavailable(
-            "the firecracker driver is not in this bangerd yet: set vm.vmm = \"qemu\" in bangerd.toml",
-        )),
+        VmmKind::Firecracker => firecracker_driver(config).map(|_| ()),
+        VmmKind::Qemu => qemu_driver(config).map(|_| ()),
+        VmmKind::Auto => firecracker_driver(config)
+            .or_else(|_| qemu_driver(config))
+            .map(|_| ()),
+    }
+}
+
+/// The driver that runs a VM recorded with VMM `name` (stop, stats, kill).
+pub fn vmm_named(config: &Config, name: &str) -> Result<Arc<dyn Vmm>> {
+    match name {
+        "firecracker" => Ok(Arc::new(Firecracker {
+            binary: find_program(&config.vm.firecracker_bin)
+                .unwrap_or_else(|| config.vm.firecracker_bin.clone()),
+        })),
+        _ => Ok(Arc::new(Qemu {
+            binary: find_program(&config.vm.qemu_bin).unwrap_or_else(|| config.vm.qemu_bin.clone()),
+        })),
+    }
+}
+
+/// Which VMM boots a VM: the configuration's `vm.vmm` and `vm.accel`,
+/// whether firecracker is installed, and the KVM probe's verdict.
+/// `auto` picks Firecracker only where it can run (installed, KVM works);
+/// otherwise QEMU, with KVM where it works and TCG elsewhere.
+pub fn choose_vmm(
+    config: &Config,
+    verdict: impl FnOnce() -> KvmVerdict,
+) -> Result<(Arc<dyn Vmm>, Accel)> {
+    let firecracker_installed = find_program(&config.vm.firecracker_bin).is_some();
+    let wants_kvm = config.vm.accel != config::Accel::Tcg;
+    let (firecracker, kvm) = match (config.vm.vmm, config.vm.accel) {
+        (VmmKind::Firecracker, config::Accel::Tcg) => {
+            return Err(Error::invalid(
+                "firecracker needs KVM, and vm.accel is \"tcg\": set vm.vmm = \"qemu\" or vm.accel = \"auto\"",
+            ));
+        }
+        (VmmKind::Firecracker, config::Accel::Kvm) => (true, true),
+        (VmmKind::Firecracker, config::Accel::Auto) => match verdict() {
+            KvmVerdict::Unusable(why) => {
+                return Err(Error::unavailable(format!(
+                    "firecracker needs KVM, and {why}: set vm.vmm = \"qemu\" to run VMs under software emulation"
+                )));
+            }
+            // Usable, or not probed (no QEMU to probe with): go ahead.
+            _ => (true, true),
+        },
+        (VmmKind::Qemu, config::Accel::Kvm) => (false, true),
+        (_, config::Accel::Tcg) => (false, false),
+        (VmmKind::Qemu, config::Accel::Auto) => (false, verdict().usable()),
+        (VmmKind::Auto, config::Accel::Kvm) => (firecracker_installed, true),
+        (VmmKind::Auto, config::Accel::Auto) => {
+            let usable = wants_kvm && verdict().usable();
+            (firecracker_installed && usable, usable)
+        }
+    };
+    let accel = if kvm { Accel::Kvm } else { Accel::Tcg };
+    if firecracker {
+        Ok((firecracker_driver(config)?, accel))
+    } else {
+        Ok((qemu_driver(config)?, accel))
     }
 }
 
 impl Core {
-    /// The accelerator for a VM booting `kernel`: the configured one, or
-    /// for `vm.accel = "auto"` KVM if the probe saw a guest kernel boot
-    /// under it, else software emulation.
-    pub async fn accel_for(&self, kernel: &Path) -> Accel {
-        match self.config().vm.accel {
-            config::Accel::Kvm => Accel::Kvm,
-            config::Accel::Tcg => Accel::Tcg,
-            config::Accel::Auto if self.kvm_verdict(kernel).await.usable() => Accel::Kvm,
-            config::Accel::Auto => Accel::Tcg,
-        }
+    /// The VMM and accelerator for a VM booting `kernel` ([`choose_vmm`],
+    /// probing KVM with `kernel` when the choice depends on it), and the
+    /// kernel file that VMM boots.
+    pub async fn pick_vmm(&self, kernel: &Kernel) -> Result<(Arc<dyn Vmm>, Accel, PathBuf)> {
+        let config = self.config();
+        let probe_kernel = kernel
+            .bzimage
+            .clone()
+            .unwrap_or_else(|| kernel.vmlinux.clone());
+        let needs_probe = config.vm.accel == config::Accel::Auto;
+        let verdict = if needs_probe {
+            Some(self.kvm_verdict(&probe_kernel).await)
+        } else {
+            None
+        };
+        let (vmm, accel) = choose_vmm(&config, || {
+            verdict.unwrap_or_else(|| KvmVerdict::NotProbed("not needed".into()))
+        })?;
+        let file = if vmm.wants_elf_kernel() {
+            kernel.vmlinux.clone()
+        } else {
+            probe_kernel
+        };
+        Ok((vmm, accel, file))
     }
 
     /// Whether `kernel` boots under KVM here ([`kvm::probe`]), probed on
@@ -192,7 +276,7 @@ impl Core {
         cell.get_or_init(|| async {
             let config = self.config();
             let Some(qemu) = find_program(&config.vm.qemu_bin) else {
-                return KvmVerdict::Unusable(format!(
+                return KvmVerdict::NotProbed(format!(
                     "{} is not installed, so KVM was not probed",
                     config.vm.qemu_bin.display()
                 ));
@@ -214,6 +298,7 @@ impl Core {
                 KvmVerdict::Unusable(why) => {
                     tracing::warn!("KVM probe: {why}; VMs use software emulation (slow)")
                 }
+                KvmVerdict::NotProbed(why) => tracing::warn!("KVM probe: {why}"),
             }
             verdict
         })
@@ -450,7 +535,7 @@ impl Core {
         for key in &req.ssh_keys {
             validate_ssh_key(key)?;
         }
-        choose_vmm(&config)?;
+        check_vmm(&config)?;
         let image_ref = if req.image.is_empty() {
             config.vm.default_image.clone()
         } else {
@@ -614,7 +699,6 @@ impl Core {
     async fn boot_steps(self: &Arc<Self>, ctx: &JobContext, vm: &Vm, base: f64) -> Result<()> {
         let step = (1.0 - base) / 4.0;
         let config = self.config();
-        let vmm = choose_vmm(&config)?;
         let image = self.image(&vm.image_id).await?;
         let kernel = self.kernel(&vm.kernel_id).await?;
         let paths = self.vm_paths(&vm.id);
@@ -633,24 +717,24 @@ impl Core {
         ctx.stage("vmm start", base + step).await?;
         std::fs::create_dir_all(&paths.run)
             .map_err(|e| Error::failed(format!("cannot create {}: {e}", paths.run.display())))?;
-        let kernel_path = kernel
-            .bzimage
-            .clone()
-            .unwrap_or_else(|| kernel.vmlinux.clone());
-        let accel = self.accel_for(&kernel_path).await;
-        let spec = LaunchSpec {
-            kernel: kernel_path,
-            initrd: kernel.initrd.clone(),
-            cmdline: kernel_cmdline(&kernel, &image, &vm.name, &vmnet.ip_arg),
-            vcpus: vm.vcpus,
-            memory_mib: vm.memory_mib,
-            paths: paths.clone(),
-            net: Some((vmnet.tap.clone(), vmnet.lease.mac.clone())),
-            accel,
-        };
-        tracing::info!(banger_vm_id = %vm.id, "starting {} under {}", vm.name, accel.as_str());
-        let launched = vmm.launch(&spec).await;
-        let (child, pid) = match launched {
+        let launched = async {
+            let (vmm, accel, kernel_path) = self.pick_vmm(&kernel).await?;
+            let spec = LaunchSpec {
+                kernel: kernel_path,
+                initrd: kernel.initrd.clone(),
+                cmdline: kernel_cmdline(&kernel, &image, &vm.name, &vmnet.ip_arg),
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
+                paths: paths.clone(),
+                net: Some((vmnet.tap.clone(), vmnet.lease.mac.clone())),
+                accel,
+            };
+            tracing::info!(banger_vm_id = %vm.id, "starting {} with {} under {}", vm.name, vmm.name(), accel.as_str());
+            let (child, pid) = vmm.launch(&spec).await?;
+            Ok::<_, Error>((vmm, child, pid))
+        }
+        .await;
+        let (vmm, child, pid) = match launched {
             Ok(l) => l,
             Err(e) => {
                 let _ = net
@@ -834,7 +918,7 @@ impl Core {
         let vm = self.find_vm(reference).await?;
         self.authorize_vm(caller, &vm).await?;
         vm.state.after(VmEvent::Start, &vm.name)?;
-        choose_vmm(&self.config())?;
+        check_vmm(&self.config())?;
         let claim = self.claim_vm(&vm)?;
         let core = self.clone();
         self.jobs()
@@ -863,7 +947,7 @@ impl Core {
         let grace = Duration::from_secs(config.vm.stop_timeout_secs);
         ctx.stage("shutdown", base).await?;
         let paths = self.vm_paths(id);
-        let vmm = choose_vmm(&config)?;
+        let vmm = vmm_named(&config, &vm.vmm)?;
         let asked =
             match crate::os::agent::connect(&vmm.agent(&paths), Duration::from_secs(3)).await {
                 Ok(mut conn) => conn.shutdown(false, Duration::from_secs(5)).await.is_ok(),
@@ -932,7 +1016,7 @@ impl Core {
         if vm.state != VmState::Running && vm.state != VmState::Stopped {
             vm.state.after(VmEvent::Stop, &vm.name)?;
         }
-        choose_vmm(&self.config())?;
+        check_vmm(&self.config())?;
         let claim = self.claim_vm(&vm)?;
         let core = self.clone();
         self.jobs()
@@ -1150,7 +1234,7 @@ impl Core {
         let mut stats = process_stats(process)
             .ok_or_else(|| Error::new(ErrorKind::Busy, format!("vm {} is not running", vm.name)))?;
         if vm.state == VmState::Running {
-            let vmm = choose_vmm(&self.config())?;
+            let vmm = vmm_named(&self.config(), &vm.vmm)?;
             if let Ok(mut conn) = crate::os::agent::connect(
                 &vmm.agent(&self.vm_paths(&vm.id)),
                 Duration::from_secs(2),
@@ -1342,16 +1426,83 @@ mod tests {
     }
 
     #[test]
-    fn the_vmm_choice_follows_the_configuration() {
-        let mut config = Config::default();
-        config.vm.vmm = VmmKind::Firecracker;
-        let e = choose_vmm(&config).expect_err("no driver");
+    fn the_vmm_choice_follows_the_configuration_and_the_probe() {
+        use crate::vm::vmm::kvm::KvmVerdict;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fc = dir.path().join("firecracker");
+        std::fs::write(&fc, "").expect("fake binary");
+        let usable = || KvmVerdict::Usable(Duration::from_millis(300));
+        let stalled = || KvmVerdict::Unusable("a guest kernel stalled under kvm".into());
+        let unasked = || -> KvmVerdict { panic!("the probe is not needed here") };
+        let pick = |vmm, accel, installed: bool, verdict: &dyn Fn() -> KvmVerdict| {
+            let mut config = Config::default();
+            config.vm.vmm = vmm;
+            config.vm.accel = accel;
+            config.vm.firecracker_bin = if installed {
+                fc.clone()
+            } else {
+                "/nonexistent/firecracker".into()
+            };
+            choose_vmm(&config, verdict).map(|(v, a)| (v.name(), a))
+        };
+        use VmmKind as V;
+        use config::Accel as A;
+        // auto: firecracker only where it is installed and KVM works.
+        assert_eq!(
+            pick(V::Auto, A::Auto, true, &usable).expect("fc"),
+            ("firecracker", Accel::Kvm)
+        );
+        assert_eq!(
+            pick(V::Auto, A::Auto, true, &stalled).expect("tcg"),
+            ("qemu", Accel::Tcg)
+        );
+        assert_eq!(
+            pick(V::Auto, A::Auto, false, &usable).expect("kvm"),
+            ("qemu", Accel::Kvm)
+        );
+        assert_eq!(
+            pick(V::Auto, A::Tcg, true, &unasked).expect("tcg"),
+            ("qemu", Accel::Tcg)
+        );
+        assert_eq!(
+            pick(V::Qemu, A::Tcg, true, &unasked).expect("tcg"),
+            ("qemu", Accel::Tcg)
+        );
+        assert_eq!(
+            pick(V::Qemu, A::Kvm, true, &unasked).expect("kvm"),
+            ("qemu", Accel::Kvm)
+        );
+        assert_eq!(
+            pick(V::Qemu, A::Auto, true, &stalled).expect("tcg"),
+            ("qemu", Accel::Tcg)
+        );
+        // Asked for firecracker: it runs, or the refusal says why.
+        assert_eq!(
+            pick(V::Firecracker, A::Auto, true, &usable).expect("fc"),
+            ("firecracker", Accel::Kvm)
+        );
+        let e = pick(V::Firecracker, A::Auto, true, &stalled).expect_err("no kvm");
         assert_eq!(e.kind, ErrorKind::Unavailable);
-        assert!(e.message.contains("vm.vmm"), "{}", e.message);
+        assert!(
+            e.message.contains("stalled") && e.message.contains("vm.vmm"),
+            "{}",
+            e.message
+        );
+        let e = pick(V::Firecracker, A::Tcg, true, &unasked).expect_err("tcg");
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        let e = pick(V::Firecracker, A::Kvm, false, &unasked).expect_err("missing");
+        assert!(e.message.contains("firecracker_bin"), "{}", e.message);
+        let mut config = Config::default();
         config.vm.vmm = VmmKind::Qemu;
         config.vm.qemu_bin = "/nonexistent/qemu".into();
-        let e = choose_vmm(&config).expect_err("no qemu");
+        let e = check_vmm(&config).expect_err("no qemu");
         assert!(e.message.contains("qemu-system-x86"), "{}", e.message);
+        // A recorded VM finds its own driver whatever the configuration says.
+        assert_eq!(
+            vmm_named(&config, "firecracker").expect("fc").name(),
+            "firecracker"
+        );
+        assert_eq!(vmm_named(&config, "qemu").expect("qemu").name(), "qemu");
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum KvmVerdict {
     Usable(Duration),
     /// Why KVM cannot be used; VMs fall back to software emulation.
     Unusable(String),
+    /// Why there was no probe (no QEMU to run it with, or no need).
+    NotProbed(String),
 }
 
 impl KvmVerdict {
@@ -211,6 +213,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(12), "{kvm:?}");
         match &kvm {
             KvmVerdict::Usable(t) => assert!(*t < Duration::from_secs(8)),
+            KvmVerdict::NotProbed(why) => panic!("QEMU is installed: {why}"),
             KvmVerdict::Unusable(why) => assert!(
                 why.contains("early boot") || why.contains("/dev/kvm") || why.contains("exited"),
                 "{why}"

@@ -1,7 +1,9 @@
-//! Virtual machine monitors behind one trait. [`qemu::Qemu`] runs QEMU's
-//! `microvm` machine; the Firecracker driver is still to come (see the
-//! notes in `docs/vms.md`).
+//! Virtual machine monitors behind one trait: [`firecracker::Firecracker`]
+//! (one process and API socket per VM) and [`qemu::Qemu`] (QEMU's
+//! `microvm` machine, with KVM or TCG). [`kvm::probe`] decides whether KVM
+//! really runs guests here.
 
+pub mod firecracker;
 pub mod kvm;
 pub mod qemu;
 
@@ -69,4 +71,10 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// Ask the VMM to make the guest shut down (ACPI powerdown,
     /// Ctrl-Alt-Del); used when the agent does not answer.
     fn request_shutdown<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>>;
+
+    /// Whether it boots an uncompressed ELF `vmlinux` (Firecracker) rather
+    /// than a bzImage.
+    fn wants_elf_kernel(&self) -> bool {
+        false
+    }
 }

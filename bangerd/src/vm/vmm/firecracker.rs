@@ -1,0 +1,373 @@
+//! Firecracker: one process and one API socket per VM, configured over
+//! HTTP on that socket in the order `reference/firecracker-api.yaml`
+//! (the upstream OpenAPI description) allows, then `InstanceStart`.
+//!
+//! The guest's devices match QEMU `microvm`'s: virtio-mmio block devices
+//! (`/dev/vda` system, `/dev/vdb` work), one virtio-net NIC, the console
+//! on ttyS0. The agent is reached over Firecracker's hybrid vsock: a unix
+//! socket on the host where `CONNECT <port>\n` opens a guest stream.
+//! Graceful stop is `SendCtrlAltDel`.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::UnixStream;
+
+use super::{LaunchSpec, Vmm};
+use crate::auth::BoxFuture;
+use crate::error::{Error, Result};
+use crate::os::agent::AgentEndpoint;
+use crate::vm::VmPaths;
+use crate::vm::process::{self, ProcessId};
+
+/// The guest context id of every VM: each VM has its own vsock device and
+/// socket, so they need not differ (3 is the lowest a guest may have).
+pub const GUEST_CID: u32 = 3;
+
+/// How long a new Firecracker process gets to open its API socket.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The Firecracker driver.
+#[derive(Debug, Clone)]
+pub struct Firecracker {
+    /// The `firecracker` executable.
+    pub binary: PathBuf,
+}
+
+/// One request of the API conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiCall {
+    /// `PUT`, `PATCH` or `GET`.
+    pub method: Method,
+    /// The path, e.g. `/drives/system`.
+    pub path: String,
+    /// The JSON body, if any.
+    pub body: Option<Value>,
+}
+
+impl ApiCall {
+    fn put(path: impl Into<String>, body: Value) -> Self {
+        Self {
+            method: Method::PUT,
+            path: path.into(),
+            body: Some(body),
+        }
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Where Firecracker flushes its metrics (one JSON line a minute).
+pub fn metrics_path(paths: &VmPaths) -> PathBuf {
+    paths.run.join("metrics.json")
+}
+
+/// The VM id Firecracker is started with (`--id`): the VM directory's name.
+fn instance_id(paths: &VmPaths) -> String {
+    paths
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "banger".to_owned())
+}
+
+impl Firecracker {
+    /// The command line: only the API socket and the id; everything else
+    /// goes over the API.
+    pub fn args(&self, spec: &LaunchSpec) -> Vec<String> {
+        vec![
+            "--api-sock".into(),
+            path(&spec.paths.control_socket),
+            "--id".into(),
+            instance_id(&spec.paths),
+        ]
+    }
+
+    /// The configuration sequence for `spec`, in order: logger and
+    /// metrics first (so that what follows is logged), then machine,
+    /// boot source, drives, NIC, vsock, serial, and `InstanceStart`.
+    pub fn configuration(spec: &LaunchSpec) -> Vec<ApiCall> {
+        let p = &spec.paths;
+        let mut boot = json!({
+            "kernel_image_path": path(&spec.kernel),
+            "boot_args": spec.cmdline,
+        });
+        if let Some(initrd) = &spec.initrd {
+            boot["initrd_path"] = json!(path(initrd));
+        }
+        let mut calls = vec![
+            ApiCall::put(
+                "/logger",
+                json!({
+                    "log_path": path(&p.vmm_log),
+                    "level": "Info",
+                    "show_level": true,
+                    "show_log_origin": false,
+                }),
+            ),
+            ApiCall::put(
+                "/metrics",
+                json!({ "metrics_path": path(&metrics_path(p)) }),
+            ),
+            ApiCall::put(
+                "/machine-config",
+                json!({
+                    "vcpu_count": spec.vcpus,
+                    "mem_size_mib": spec.memory_mib,
+                    "smt": false,
+                }),
+            ),
+            ApiCall::put("/boot-source", boot),
+        ];
+        for (id, disk, root) in [
+            ("system", &p.system_disk, true),
+            ("work", &p.work_disk, false),
+        ] {
+            calls.push(ApiCall::put(
+                format!("/drives/{id}"),
+                json!({
+                    "drive_id": id,
+                    "path_on_host": path(disk),
+                    "is_root_device": root,
+                    "is_read_only": false,
+                    "cache_type": "Unsafe",
+                    "io_engine": "Sync",
+                }),
+            ));
+        }
+        if let Some((tap, mac)) = &spec.net {
+            calls.push(ApiCall::put(
+                "/network-interfaces/net0",
+                json!({
+                    "iface_id": "net0",
+                    "host_dev_name": tap,
+                    "guest_mac": mac,
+                }),
+            ));
+        }
+        calls.push(ApiCall::put(
+            "/vsock",
+            json!({
+                "guest_cid": GUEST_CID,
+                "uds_path": path(&p.agent_socket),
+            }),
+        ));
+        calls.push(ApiCall::put(
+            "/serial",
+            json!({ "serial_out_path": path(&p.console_log) }),
+        ));
+        calls.push(ApiCall::put(
+            "/actions",
+            json!({ "action_type": "InstanceStart" }),
+        ));
+        calls
+    }
+}
+
+/// A client of one Firecracker API socket.
+#[derive(Debug, Clone)]
+pub struct Api {
+    socket: PathBuf,
+}
+
+impl Api {
+    /// The API at `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+        }
+    }
+
+    /// Send `call`; a 2xx answer's body (empty for 204), or an error with
+    /// Firecracker's `fault_message`.
+    pub async fn send(&self, call: &ApiCall) -> Result<Bytes> {
+        let what = format!("{} {}", call.method, call.path);
+        let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
+            Error::failed(format!(
+                "cannot reach the firecracker API at {}: {e}",
+                self.socket.display()
+            ))
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Error::failed(format!("firecracker API {what}: {e}")))?;
+        let conn = tokio::spawn(conn);
+        let body = match &call.body {
+            Some(v) => Bytes::from(v.to_string()),
+            None => Bytes::new(),
+        };
+        let mut request = Request::builder()
+            .method(call.method.clone())
+            .uri(&call.path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::ACCEPT, "application/json");
+        if call.body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|e| Error::failed(format!("firecracker API {what}: {e}")))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| Error::failed(format!("firecracker API {what}: {e}")))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| Error::failed(format!("firecracker API {what}: {e}")))?;
+        drop(sender);
+        conn.abort();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        Err(Error::failed(format!(
+            "firecracker refused {what} ({}): {}",
+            status.as_u16(),
+            fault_message(status, &bytes)
+        )))
+    }
+
+    /// `GET /`: the instance's state (`Not started`, `Running`, `Paused`).
+    pub async fn state(&self) -> Result<String> {
+        let body = self
+            .send(&ApiCall {
+                method: Method::GET,
+                path: "/".into(),
+                body: None,
+            })
+            .await?;
+        let info: Value = serde_json::from_slice(&body)
+            .map_err(|e| Error::failed(format!("firecracker GET / answered no JSON: {e}")))?;
+        info.get("state")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| Error::failed(format!("firecracker GET / has no state: {info}")))
+    }
+
+    /// Wait until the API answers `GET /`, for at most `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<String> {
+        let started = Instant::now();
+        loop {
+            match self.state().await {
+                Ok(state) => return Ok(state),
+                Err(e) if started.elapsed() > timeout => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// Send each call in order; stop at the first refusal.
+    pub async fn configure(&self, calls: &[ApiCall]) -> Result<()> {
+        for call in calls {
+            self.send(call).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The `fault_message` of an error body (`Error` in the spec), or the
+/// status when there is none.
+fn fault_message(status: StatusCode, body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("fault_message")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(body).trim().to_owned();
+            if text.is_empty() {
+                status.canonical_reason().unwrap_or("no message").to_owned()
+            } else {
+                text
+            }
+        })
+}
+
+impl Vmm for Firecracker {
+    fn name(&self) -> &'static str {
+        "firecracker"
+    }
+
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<(Child, ProcessId)>> {
+        Box::pin(async move {
+            let p = &spec.paths;
+            let _ = std::fs::remove_file(&p.agent_socket);
+            let _ = std::fs::remove_file(&p.control_socket);
+            // The logger, metrics and serial outputs must exist beforehand.
+            for file in [&p.vmm_log, &metrics_path(p), &p.console_log] {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(file)
+                    .map_err(|e| Error::failed(format!("cannot create {}: {e}", file.display())))?;
+            }
+            let (mut child, id) = process::spawn(&self.binary, &self.args(spec), &p.vmm_log)?;
+            let api = Api::new(&p.control_socket);
+            let configured = async {
+                // The API answers once the socket is bound; a bad start
+                // makes the process exit first.
+                let started = Instant::now();
+                loop {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let log = std::fs::read_to_string(&p.vmm_log).unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                        return Err(Error::failed(format!(
+                            "firecracker exited at start ({status}): {}",
+                            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                        )));
+                    }
+                    match api.state().await {
+                        Ok(_) => break,
+                        Err(e) if started.elapsed() > API_TIMEOUT => return Err(e),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                api.configure(&Self::configuration(spec)).await
+            }
+            .await;
+            match configured {
+                Ok(()) => Ok((child, id)),
+                Err(e) => {
+                    let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
+                    let _ = child.wait();
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn agent(&self, paths: &VmPaths) -> AgentEndpoint {
+        AgentEndpoint::FirecrackerVsock {
+            uds: paths.agent_socket.clone(),
+            port: banger_agent_proto::VSOCK_PORT,
+        }
+    }
+
+    fn request_shutdown<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            Api::new(&paths.control_socket)
+                .send(&ApiCall::put(
+                    "/actions",
+                    json!({ "action_type": "SendCtrlAltDel" }),
+                ))
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn wants_elf_kernel(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests;

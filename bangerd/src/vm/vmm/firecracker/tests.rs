@@ -1,0 +1,695 @@
+//! The Firecracker driver against its contract, `reference/firecracker-api.yaml`:
+//! a checker that reads the upstream OpenAPI file and validates requests
+//! against it, and a server built on that checker that answers the way
+//! the file (and Firecracker's documented pre-boot rules) say. The real
+//! binary is not available here (TESTBED.md); the file is the contract.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use hyper::service::service_fn;
+use serde_yaml_ng::Value as Yaml;
+
+use super::*;
+
+/// The upstream OpenAPI description, parsed.
+struct Spec {
+    doc: Yaml,
+}
+
+impl Spec {
+    fn load() -> Self {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../reference/firecracker-api.yaml");
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+        let doc: Yaml = serde_yaml_ng::from_str(&text).expect("the spec is YAML");
+        assert_eq!(doc["swagger"].as_str(), Some("2.0"));
+        Self { doc }
+    }
+
+    /// The operation for `method` on `path` (templates like
+    /// `/drives/{drive_id}` match), with the path parameters.
+    fn operation(&self, method: &Method, path: &str) -> Option<(&Yaml, HashMap<String, String>)> {
+        let paths = self.doc["paths"].as_mapping()?;
+        for (template, ops) in paths {
+            let template = template.as_str()?;
+            let Some(params) = match_template(template, path) else {
+                continue;
+            };
+            let op = &ops[method.as_str().to_ascii_lowercase().as_str()];
+            if !op.is_null() {
+                return Some((op, params));
+            }
+        }
+        None
+    }
+
+    fn resolve<'a>(&'a self, schema: &'a Yaml) -> &'a Yaml {
+        match schema["$ref"].as_str() {
+            Some(r) => {
+                let name = r.strip_prefix("#/definitions/").expect("local refs only");
+                &self.doc["definitions"][name]
+            }
+            None => schema,
+        }
+    }
+
+    /// Check `body` against the operation's body parameter.
+    fn check_request(&self, op: &Yaml, body: Option<&Value>) -> std::result::Result<(), String> {
+        let param = op["parameters"]
+            .as_sequence()
+            .and_then(|ps| ps.iter().find(|p| p["in"].as_str() == Some("body")));
+        match (param, body) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err("this operation takes no body".into()),
+            (Some(p), None) if p["required"].as_bool() == Some(true) => {
+                Err("the body is required".into())
+            }
+            (Some(_), None) => Ok(()),
+            (Some(p), Some(b)) => self.check(&p["schema"], b, "body"),
+        }
+    }
+
+    /// Validate `value` against `schema` (the subset of JSON Schema the
+    /// file uses). Unknown fields are refused, as Firecracker's
+    /// deserializers do.
+    /// `at` names the value: `body...` for requests (where read-only
+    /// fields may not be sent), `response...` for answers.
+    fn check(&self, schema: &Yaml, value: &Value, at: &str) -> std::result::Result<(), String> {
+        let schema = self.resolve(schema);
+        if let Some(options) = schema["enum"].as_sequence() {
+            let ok = options.iter().any(|o| match (o, value) {
+                (Yaml::String(a), Value::String(b)) => a == b,
+                (Yaml::Number(a), Value::Number(b)) => a.as_i64() == b.as_i64(),
+                _ => false,
+            });
+            if !ok {
+                return Err(format!("{at}: {value} is not one of {options:?}"));
+            }
+        }
+        match schema["type"].as_str() {
+            Some("object") | None if schema["properties"].is_mapping() => {
+                let object = value
+                    .as_object()
+                    .ok_or_else(|| format!("{at}: expected an object, got {value}"))?;
+                for required in schema["required"].as_sequence().into_iter().flatten() {
+                    let key = required.as_str().unwrap_or_default();
+                    if !object.contains_key(key) {
+                        return Err(format!("{at}: missing required field {key}"));
+                    }
+                }
+                for (key, v) in object {
+                    let property = &schema["properties"][key.as_str()];
+                    if !property.is_null() {
+                        if property["readOnly"].as_bool() == Some(true) && at.starts_with("body") {
+                            return Err(format!("{at}.{key} is read-only"));
+                        }
+                        self.check(property, v, &format!("{at}.{key}"))?;
+                    } else if schema["additionalProperties"].is_mapping() {
+                        self.check(&schema["additionalProperties"], v, &format!("{at}.{key}"))?;
+                    } else {
+                        return Err(format!("{at}: unknown field {key}"));
+                    }
+                }
+                Ok(())
+            }
+            Some("object") => value
+                .is_object()
+                .then_some(())
+                .ok_or_else(|| format!("{at}: expected an object")),
+            Some("string") => value
+                .is_string()
+                .then_some(())
+                .ok_or_else(|| format!("{at}: expected a string, got {value}")),
+            Some("boolean") => value
+                .is_boolean()
+                .then_some(())
+                .ok_or_else(|| format!("{at}: expected a boolean, got {value}")),
+            Some("integer") => {
+                let n = value
+                    .as_i64()
+                    .ok_or_else(|| format!("{at}: expected an integer, got {value}"))?;
+                if let Some(min) = schema["minimum"].as_i64()
+                    && n < min
+                {
+                    return Err(format!("{at}: {n} is below the minimum {min}"));
+                }
+                if let Some(max) = schema["maximum"].as_i64()
+                    && n > max
+                {
+                    return Err(format!("{at}: {n} is above the maximum {max}"));
+                }
+                Ok(())
+            }
+            Some("array") => {
+                let items = value
+                    .as_array()
+                    .ok_or_else(|| format!("{at}: expected an array, got {value}"))?;
+                for (i, item) in items.iter().enumerate() {
+                    self.check(&schema["items"], item, &format!("{at}[{i}]"))?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the operation documents `status` (or has a default).
+    fn documents(&self, op: &Yaml, status: u16) -> bool {
+        let responses = &op["responses"];
+        !responses[status as usize].is_null() || !responses["default"].is_null()
+    }
+
+    /// The schema of the operation's answer with `status`.
+    fn response_schema<'a>(&'a self, op: &'a Yaml, status: u16) -> &'a Yaml {
+        let r = &op["responses"][status as usize];
+        if r.is_null() {
+            &op["responses"]["default"]["schema"]
+        } else {
+            &r["schema"]
+        }
+    }
+
+    /// "Pre-boot only" in the operation's summary.
+    fn pre_boot_only(op: &Yaml) -> bool {
+        op["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("Pre-boot only"))
+    }
+}
+
+fn match_template(template: &str, path: &str) -> Option<HashMap<String, String>> {
+    let t: Vec<&str> = template.split('/').collect();
+    let p: Vec<&str> = path.split('/').collect();
+    if t.len() != p.len() {
+        return None;
+    }
+    let mut params = HashMap::new();
+    for (a, b) in t.iter().zip(&p) {
+        if let Some(name) = a.strip_prefix('{').and_then(|n| n.strip_suffix('}')) {
+            if b.is_empty() {
+                return None;
+            }
+            params.insert(name.to_owned(), (*b).to_owned());
+        } else if a != b {
+            return None;
+        }
+    }
+    Some(params)
+}
+
+/// What the spec server saw and how it behaves.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Every request that passed the checks, in order.
+    calls: Vec<ApiCall>,
+    /// Every refusal sent, with its message.
+    refusals: Vec<String>,
+    /// `InstanceStart` succeeded.
+    started: bool,
+    /// PUT /boot-source succeeded.
+    boot_source: bool,
+    /// PUT /metrics succeeded (the spec: a second one is refused).
+    metrics: bool,
+    /// Refuse a PUT to this path with this message (like a real
+    /// Firecracker refusing, e.g., a missing file).
+    fail: Option<(String, String)>,
+}
+
+/// A Firecracker stand-in that checks every request against the spec and
+/// answers as the spec says: 204 for accepted PUT/PATCH, 200 with
+/// `InstanceInfo` for `GET /`, 400 with `Error` otherwise.
+struct SpecServer {
+    socket: PathBuf,
+    seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl SpecServer {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let spec = Arc::new(Spec::load());
+        let shared = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = shared.clone();
+                let spec = spec.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let seen = seen.clone();
+                        let spec = spec.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(&spec, &seen, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            socket,
+            seen,
+            task,
+            _dir: dir,
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().expect("lock")
+    }
+}
+
+impl Drop for SpecServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn reply(
+    spec: &Spec,
+    op: Option<&Yaml>,
+    status: u16,
+    body: Option<Value>,
+) -> hyper::Response<Full<Bytes>> {
+    // The server's own answers must be what the spec documents.
+    if let Some(op) = op {
+        assert!(spec.documents(op, status), "{status} is not documented");
+        if let Some(b) = &body {
+            let schema = spec.response_schema(op, status);
+            if let Err(e) = spec.check(schema, b, "response") {
+                panic!("the server's own answer breaks the spec: {e}");
+            }
+        }
+    }
+    let mut builder = hyper::Response::builder().status(status);
+    if body.is_some() {
+        builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    builder
+        .body(Full::new(
+            body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
+        ))
+        .expect("response")
+}
+
+async fn answer(
+    spec: &Spec,
+    seen: &Mutex<Seen>,
+    req: Request<hyper::body::Incoming>,
+) -> hyper::Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let json_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v == "application/json");
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let refuse = |op: Option<&Yaml>, message: String| {
+        seen.lock().expect("lock").refusals.push(message.clone());
+        reply(spec, op, 400, Some(json!({ "fault_message": message })))
+    };
+    let Some((op, params)) = spec.operation(&method, &path) else {
+        return refuse(
+            None,
+            format!("Invalid request method and/or path: {method} {path}"),
+        );
+    };
+    let body: Option<Value> = if bytes.is_empty() {
+        None
+    } else if !json_type {
+        return refuse(Some(op), "the body must be sent as application/json".into());
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => Some(v),
+            Err(e) => return refuse(Some(op), format!("the body is not JSON: {e}")),
+        }
+    };
+    if let Err(e) = spec.check_request(op, body.as_ref()) {
+        return refuse(Some(op), e);
+    }
+    // Ids in the path and the body must agree (Firecracker checks it).
+    for (param, field) in [("drive_id", "drive_id"), ("iface_id", "iface_id")] {
+        if let (Some(p), Some(b)) = (params.get(param), body.as_ref().and_then(|b| b.get(field)))
+            && b.as_str() != Some(p.as_str())
+        {
+            return refuse(
+                Some(op),
+                format!("the {field} in the path and the body differ"),
+            );
+        }
+    }
+    if method == Method::GET && path == "/" {
+        let state = if seen.lock().expect("lock").started {
+            "Running"
+        } else {
+            "Not started"
+        };
+        return reply(
+            spec,
+            Some(op),
+            200,
+            Some(json!({
+                "app_name": "Firecracker",
+                "id": "anonymous-instance",
+                "state": state,
+                "vmm_version": "1.17.0-dev",
+            })),
+        );
+    }
+    let mut s = seen.lock().expect("lock");
+    if s.started && Spec::pre_boot_only(op) {
+        drop(s);
+        return refuse(
+            Some(op),
+            format!("{path} is pre-boot only and the microVM runs"),
+        );
+    }
+    if let Some((fail_path, message)) = s.fail.clone()
+        && fail_path == path
+    {
+        drop(s);
+        return refuse(Some(op), message);
+    }
+    let action = body
+        .as_ref()
+        .and_then(|b| b.get("action_type"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    match action.as_deref() {
+        Some("InstanceStart") if s.started => {
+            drop(s);
+            return refuse(Some(op), "the microVM is already running".into());
+        }
+        Some("InstanceStart") if !s.boot_source => {
+            drop(s);
+            return refuse(
+                Some(op),
+                "Cannot start microvm without kernel configuration.".into(),
+            );
+        }
+        Some("InstanceStart") => s.started = true,
+        Some("SendCtrlAltDel") if !s.started => {
+            drop(s);
+            return refuse(Some(op), "the microVM is not running".into());
+        }
+        _ => {}
+    }
+    if path == "/metrics" && s.metrics {
+        drop(s);
+        return refuse(Some(op), "Metrics system already initialized".into());
+    }
+    match path.as_str() {
+        "/boot-source" => s.boot_source = true,
+        "/metrics" => s.metrics = true,
+        _ => {}
+    }
+    s.calls.push(ApiCall { method, path, body });
+    drop(s);
+    reply(spec, Some(op), 204, None)
+}
+
+fn spec_for(dir: &Path) -> LaunchSpec {
+    LaunchSpec {
+        kernel: "/k/vmlinux".into(),
+        initrd: Some("/k/initrd.img".into()),
+        cmdline: "console=ttyS0 root=/dev/vda".into(),
+        vcpus: 2,
+        memory_mib: 512,
+        paths: VmPaths::new(dir, dir, "0123456789abcdef"),
+        net: Some(("bgtap3".into(), "0a:b6:0a:00:00:02".into())),
+        accel: super::super::Accel::Kvm,
+    }
+}
+
+#[test]
+fn every_call_of_the_sequence_is_in_the_spec_and_valid() {
+    let spec = Spec::load();
+    let calls = Firecracker::configuration(&spec_for(Path::new("/s")));
+    for call in &calls {
+        let (op, _) = spec
+            .operation(&call.method, &call.path)
+            .unwrap_or_else(|| panic!("{} {} is not in the spec", call.method, call.path));
+        spec.check_request(op, call.body.as_ref())
+            .unwrap_or_else(|e| panic!("{} {}: {e}", call.method, call.path));
+        assert!(spec.documents(op, 204), "{} answers 204", call.path);
+    }
+    let paths: Vec<&str> = calls.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/logger",
+            "/metrics",
+            "/machine-config",
+            "/boot-source",
+            "/drives/system",
+            "/drives/work",
+            "/network-interfaces/net0",
+            "/vsock",
+            "/serial",
+            "/actions",
+        ]
+    );
+    let body = |path: &str| {
+        calls
+            .iter()
+            .find(|c| c.path == path)
+            .and_then(|c| c.body.clone())
+    };
+    assert_eq!(
+        body("/actions"),
+        Some(json!({"action_type": "InstanceStart"}))
+    );
+    assert_eq!(
+        body("/machine-config"),
+        Some(json!({"vcpu_count": 2, "mem_size_mib": 512, "smt": false}))
+    );
+    let boot = body("/boot-source").expect("boot source");
+    assert_eq!(boot["kernel_image_path"], "/k/vmlinux");
+    assert_eq!(boot["initrd_path"], "/k/initrd.img");
+    let system = body("/drives/system").expect("system drive");
+    assert_eq!(system["is_root_device"], true);
+    assert_eq!(
+        system["path_on_host"],
+        "/s/vms/0123456789abcdef/system.ext4"
+    );
+    assert_eq!(body("/drives/work").expect("work")["is_root_device"], false);
+    assert_eq!(
+        body("/vsock").expect("vsock")["uds_path"],
+        "/s/vms/0123456789abcdef/agent.sock"
+    );
+    // Without an initramfs or a NIC, those fields and calls are left out.
+    let mut bare = spec_for(Path::new("/s"));
+    bare.initrd = None;
+    bare.net = None;
+    let calls = Firecracker::configuration(&bare);
+    assert!(
+        calls
+            .iter()
+            .all(|c| !c.path.starts_with("/network-interfaces"))
+    );
+    let boot = calls
+        .iter()
+        .find(|c| c.path == "/boot-source")
+        .expect("boot");
+    assert!(
+        boot.body
+            .as_ref()
+            .is_some_and(|b| b.get("initrd_path").is_none())
+    );
+    // The command line carries only the socket and the id.
+    let fc = Firecracker {
+        binary: "firecracker".into(),
+    };
+    assert_eq!(
+        fc.args(&spec_for(Path::new("/s"))),
+        [
+            "--api-sock",
+            "/s/vms/0123456789abcdef/control.sock",
+            "--id",
+            "0123456789abcdef"
+        ]
+    );
+}
+
+#[test]
+fn the_checker_refuses_what_firecracker_refuses() {
+    let spec = Spec::load();
+    let check = |path: &str, body: Value| {
+        let (op, _) = spec.operation(&Method::PUT, path).expect("operation");
+        spec.check_request(op, Some(&body))
+    };
+    for (path, body, words) in [
+        ("/machine-config", json!({"vcpu_count": 2}), "mem_size_mib"),
+        (
+            "/machine-config",
+            json!({"vcpu_count": 0, "mem_size_mib": 128}),
+            "minimum",
+        ),
+        (
+            "/machine-config",
+            json!({"vcpu_count": 33, "mem_size_mib": 128}),
+            "maximum",
+        ),
+        (
+            "/machine-config",
+            json!({"vcpu_count": "2", "mem_size_mib": 128}),
+            "integer",
+        ),
+        (
+            "/machine-config",
+            json!({"vcpu_count": 2, "mem_size_mib": 128, "cpus": 1}),
+            "unknown field",
+        ),
+        ("/actions", json!({"action_type": "Reboot"}), "not one of"),
+        (
+            "/drives/x",
+            json!({"drive_id": "x", "is_root_device": "yes"}),
+            "boolean",
+        ),
+        (
+            "/vsock",
+            json!({"guest_cid": 2, "uds_path": "/x"}),
+            "minimum",
+        ),
+        (
+            "/boot-source",
+            json!({"boot_args": "x"}),
+            "kernel_image_path",
+        ),
+    ] {
+        let err = check(path, body.clone()).expect_err(&format!("{path} {body}"));
+        assert!(err.contains(words), "{path} {body}: {err}");
+    }
+    assert!(spec.operation(&Method::PUT, "/nope").is_none());
+    assert!(spec.operation(&Method::DELETE, "/drives/x").is_none());
+    assert!(spec.operation(&Method::PATCH, "/drives/x").is_some());
+}
+
+#[tokio::test]
+async fn the_driver_configures_and_stops_a_spec_server() {
+    let server = SpecServer::start().await;
+    let api = Api::new(&server.socket);
+    assert_eq!(
+        api.wait_ready(Duration::from_secs(5)).await.expect("ready"),
+        "Not started"
+    );
+    let spec = spec_for(Path::new("/s"));
+    let calls = Firecracker::configuration(&spec);
+    api.configure(&calls)
+        .await
+        .expect("the spec server accepts the sequence");
+    assert_eq!(
+        server.seen().calls,
+        calls,
+        "refusals: {:?}",
+        server.seen().refusals
+    );
+    assert!(server.seen().refusals.is_empty());
+    assert_eq!(api.state().await.expect("state"), "Running");
+
+    // Again: the sequence stops at the first refusal, which carries the
+    // status and message; pre-boot configuration is refused while it runs.
+    let err = api.configure(&calls).await.expect_err("metrics twice");
+    assert!(
+        err.message
+            .contains("PUT /metrics (400): Metrics system already initialized"),
+        "{}",
+        err.message
+    );
+    let machine = calls
+        .iter()
+        .find(|c| c.path == "/machine-config")
+        .expect("machine");
+    let err = api.send(machine).await.expect_err("pre-boot only");
+    assert!(err.message.contains("pre-boot only"), "{}", err.message);
+
+    // Graceful stop: Ctrl-Alt-Del through the actions endpoint.
+    let fc = Firecracker {
+        binary: "firecracker".into(),
+    };
+    let mut paths = spec.paths.clone();
+    paths.control_socket = server.socket.clone();
+    fc.request_shutdown(&paths).await.expect("SendCtrlAltDel");
+    let last = server.seen().calls.last().cloned().expect("a call");
+    assert_eq!(last.body, Some(json!({"action_type": "SendCtrlAltDel"})));
+}
+
+#[tokio::test]
+async fn a_refusal_stops_the_sequence_and_carries_the_fault_message() {
+    let server = SpecServer::start().await;
+    server.seen().fail = Some((
+        "/drives/work".into(),
+        "Unable to open the block device backing file".into(),
+    ));
+    let api = Api::new(&server.socket);
+    let calls = Firecracker::configuration(&spec_for(Path::new("/s")));
+    let err = api.configure(&calls).await.expect_err("refused");
+    assert!(
+        err.message
+            .contains("firecracker refused PUT /drives/work (400): Unable to open the block device backing file"),
+        "{}",
+        err.message
+    );
+    let sent: Vec<String> = server.seen().calls.iter().map(|c| c.path.clone()).collect();
+    assert_eq!(sent.last().map(String::as_str), Some("/drives/system"));
+    assert!(!server.seen().started);
+    // InstanceStart before any boot source is refused as the real one does.
+    let fresh = SpecServer::start().await;
+    let err = Api::new(&fresh.socket)
+        .send(&ApiCall::put(
+            "/actions",
+            json!({"action_type": "InstanceStart"}),
+        ))
+        .await
+        .expect_err("no kernel");
+    assert!(
+        err.message.contains("without kernel configuration"),
+        "{}",
+        err.message
+    );
+}
+
+#[tokio::test]
+async fn unreachable_apis_and_dead_processes_are_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = Api::new(dir.path().join("none.sock"))
+        .state()
+        .await
+        .expect_err("nothing listens");
+    assert!(
+        err.message.contains("cannot reach the firecracker API"),
+        "{}",
+        err.message
+    );
+
+    // A binary that exits at once: launch says so without waiting out
+    // the API timeout, and leaves no process.
+    let mut spec = spec_for(dir.path());
+    spec.paths = VmPaths::new(dir.path(), dir.path(), "0123456789abcdef");
+    std::fs::create_dir_all(&spec.paths.dir).expect("dir");
+    std::fs::create_dir_all(&spec.paths.run).expect("run");
+    let fc = Firecracker {
+        binary: "/bin/false".into(),
+    };
+    let started = Instant::now();
+    let err = fc.launch(&spec).await.expect_err("exits");
+    assert!(
+        err.message.contains("firecracker exited at start"),
+        "{}",
+        err.message
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        metrics_path(&spec.paths).exists(),
+        "outputs are made before start"
+    );
+}
