@@ -11,7 +11,9 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use banger_testbed::{NetNs, Options, TestBed, bin_path, eventually, guest_artifact};
+use banger_testbed::{
+    NetNs, Options, TestBed, TestUser, bin_path, eventually, guest_artifact,
+};
 
 struct Env {
     ns: NetNs,
@@ -335,6 +337,98 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
         String::from_utf8_lossy(&qemus.stdout).trim().is_empty(),
         "VMM processes left"
     );
+}
+
+/// Runs `banger ARGS` as `user` (no password prompt), returning exit code,
+/// stdout and stderr.
+fn as_user(env: &Env, user: &TestUser, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = env
+        .bed
+        .command_as(user, bin_path("banger"))
+        .arg("--no-ask-password")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A VM belongs to its creator: another user, allowed to manage VMs, may
+/// not touch it without `org.banger.vm.manage-others`, and does not see
+/// it listed; root and a user granted that action may. No guest boots
+/// here (`--no-start`), so this runs in seconds.
+#[test]
+fn someone_elses_vm_is_refused_without_manage_others() {
+    let env = setup();
+    let alice = TestUser::create().unwrap();
+    let bob = TestUser::create().unwrap();
+    let grant = |user: &TestUser, actions: &[&str]| {
+        let list = actions
+            .iter()
+            .map(|a| format!("\"org.banger.{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        env.bed
+            .install_polkit_rule(
+                &format!("10-banger-vm-{}-{}", user.name(), actions.len()),
+                &format!(
+                    "polkit.addRule(function(action, subject) {{ if ([{list}].indexOf(action.id) >= 0 && subject.user == \"{}\") return polkit.Result.YES; }});",
+                    user.name()
+                ),
+            )
+            .unwrap()
+    };
+    let _alice_rule = grant(&alice, &["vm.create", "vm.manage"]);
+    let _bob_rule = grant(&bob, &["vm.create", "vm.manage"]);
+
+    // Rules load asynchronously: wait until alice's create goes through.
+    let created = eventually(Duration::from_secs(10), || {
+        let (code, _, _) = as_user(&env, &alice, &["vm", "create", "--name", "alices", "--no-start"]);
+        (code == Some(0)).then_some(())
+    });
+    assert!(created.is_some(), "alice could not create her VM");
+    let vm = env.vm("alices");
+    assert_eq!(vm["owner_uid"], alice.uid(), "{vm}");
+    assert_eq!(vm["state"], "stopped");
+
+    // Bob: refused with the permission exit code, for every change.
+    for args in [
+        &["vm", "delete", "alices"][..],
+        &["vm", "start", "alices"],
+        &["vm", "set", "alices", "--memory", "512"],
+        &["vm", "kill", "alices"],
+    ] {
+        let (code, _, stderr) = as_user(&env, &bob, args);
+        assert_eq!(code, Some(4), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("not authorized") || stderr.contains("authentication"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let (code, stdout, _) = as_user(&env, &bob, &["vm", "list", "--json"]);
+    assert_eq!(code, Some(0));
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert!(listed.is_empty(), "bob sees {listed:?}");
+    // Nothing changed.
+    let after = env.vm("alices");
+    assert_eq!(after["memory_mib"], vm["memory_mib"]);
+    assert_eq!(after["state"], "stopped");
+
+    // Alice manages her own; bob, once granted manage-others, may too.
+    let (code, _, stderr) = as_user(&env, &alice, &["vm", "set", "alices", "--memory", "320"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(env.vm("alices")["memory_mib"], 320);
+    let _bob_others = grant(&bob, &["vm.create", "vm.manage", "vm.manage-others"]);
+    let deleted = eventually(Duration::from_secs(10), || {
+        let (code, _, _) = as_user(&env, &bob, &["vm", "delete", "alices"]);
+        (code == Some(0)).then_some(())
+    });
+    assert!(deleted.is_some(), "bob with manage-others could not delete it");
+    assert!(env.vms().is_empty());
 }
 
 #[test]
