@@ -1,19 +1,19 @@
 //! The VM lifecycle end to end, with the real CLI, a real bangerd in its
 //! own network namespace, real QEMU (TCG) guests booted from the tiny
 //! image, and real SSH: create → ssh → stop → start (the work disk kept a
-//! file) → a second VM reached by `.vm` name → bangerd killed with SIGKILL
-//! and restarted (the VMs still run and are listed running) → bad input →
-//! a cancelled create → `vm run --rm` → delete, with nothing left behind. Needs root and
-//! the guest artifacts (scripts/build-test-kernel, scripts/build-tiny-image).
+//! file) → a second VM reached by `.vm` name → NAT switched on and off on
+//! a running VM → bangerd killed with SIGKILL and restarted (the VMs still
+//! run and are listed running) → bad input → a cancelled create → `vm run
+//! --rm` → delete, with nothing left behind; and ownership between users.
+//! Needs root and the guest artifacts (scripts/build-test-kernel,
+//! scripts/build-tiny-image).
 
 #![allow(clippy::unwrap_used)]
 
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use banger_testbed::{
-    NetNs, Options, TestBed, TestUser, bin_path, eventually, guest_artifact,
-};
+use banger_testbed::{NetNs, Options, TestBed, TestUser, bin_path, eventually, guest_artifact};
 
 struct Env {
     ns: NetNs,
@@ -54,6 +54,16 @@ impl Env {
 
     fn vm(&self, name: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["vm", "show", name, "--json"])).unwrap()
+    }
+
+    /// The addresses in banger's NAT set, as `nft` lists them.
+    fn nat_set(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.ns.name()])
+            .args(["nft", "list", "set", "inet", "banger", "nat_vms"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn ip(&self, args: &[&str]) -> String {
@@ -213,6 +223,18 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
     assert!(out.contains(&beta_ip), "{out}");
     assert!(out.contains("1 packets received"), "{out}");
 
+    // NAT is switched live: the running VM's address joins and leaves
+    // banger's NAT set, and the VM says so.
+    assert!(env.nat_set().contains(&alpha_ip));
+    assert!(!env.nat_set().contains(&beta_ip));
+    env.ok(&["vm", "set", "beta", "--nat"]);
+    assert_eq!(env.vm("beta")["nat"], true);
+    assert!(env.nat_set().contains(&beta_ip), "{}", env.nat_set());
+    env.ok(&["vm", "set", "beta", "--no-nat"]);
+    assert_eq!(env.vm("beta")["nat"], false);
+    assert!(!env.nat_set().contains(&beta_ip), "{}", env.nat_set());
+    assert!(env.nat_set().contains(&alpha_ip));
+
     // bangerd killed with SIGKILL: the VMs keep running and are adopted.
     let pid_before = env.vm("alpha")["unit"].clone();
     let mut env = env;
@@ -309,21 +331,7 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left in {}: {left:?}", vms_dir.display());
-    let set = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            env.ns.name(),
-            "nft",
-            "list",
-            "set",
-            "inet",
-            "banger",
-            "nat_vms",
-        ])
-        .output()
-        .unwrap();
-    let set = String::from_utf8_lossy(&set.stdout);
+    let set = env.nat_set();
     assert!(!set.contains("10.213.42."), "{set}");
     // Only pool TAPs (at most the pool size) remain, none attached to a VM.
     let taps = env.ip(&["-o", "link", "show", "type", "tun"]);
@@ -387,7 +395,11 @@ fn someone_elses_vm_is_refused_without_manage_others() {
 
     // Rules load asynchronously: wait until alice's create goes through.
     let created = eventually(Duration::from_secs(10), || {
-        let (code, _, _) = as_user(&env, &alice, &["vm", "create", "--name", "alices", "--no-start"]);
+        let (code, _, _) = as_user(
+            &env,
+            &alice,
+            &["vm", "create", "--name", "alices", "--no-start"],
+        );
         (code == Some(0)).then_some(())
     });
     assert!(created.is_some(), "alice could not create her VM");
@@ -427,7 +439,10 @@ fn someone_elses_vm_is_refused_without_manage_others() {
         let (code, _, _) = as_user(&env, &bob, &["vm", "delete", "alices"]);
         (code == Some(0)).then_some(())
     });
-    assert!(deleted.is_some(), "bob with manage-others could not delete it");
+    assert!(
+        deleted.is_some(),
+        "bob with manage-others could not delete it"
+    );
     assert!(env.vms().is_empty());
 }
 

@@ -371,6 +371,68 @@ mod tests {
         assert!(make_system_disk(&base, &disk).is_err(), "never overwrites");
     }
 
+    /// A btrfs filesystem loop-mounted on a temp directory, unmounted and
+    /// removed on drop (the loop device goes with the mount).
+    struct LoopBtrfs {
+        mount: tempfile::TempDir,
+        _image: tempfile::NamedTempFile,
+    }
+
+    impl LoopBtrfs {
+        fn new() -> Self {
+            let image = tempfile::NamedTempFile::new().expect("image file");
+            image.as_file().set_len(256 << 20).expect("size");
+            let out = Command::new("mkfs.btrfs")
+                .arg("-q")
+                .arg(image.path())
+                .output()
+                .expect("mkfs.btrfs runs (btrfs-progs, scripts/install-deps)");
+            assert!(out.status.success(), "mkfs.btrfs: {out:?}");
+            let mount = tempfile::tempdir().expect("mount point");
+            let out = Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(image.path())
+                .arg(mount.path())
+                .output()
+                .expect("mount");
+            assert!(out.status.success(), "mount -o loop: {out:?}");
+            Self {
+                mount,
+                _image: image,
+            }
+        }
+    }
+
+    impl Drop for LoopBtrfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.mount.path()).output();
+        }
+    }
+
+    #[test]
+    fn system_disks_are_reflink_clones_on_btrfs() {
+        let fs = LoopBtrfs::new();
+        let dir = fs.mount.path();
+        assert_eq!(probe(dir), DiskMethod::Reflink);
+        let base = dir.join("base.ext4");
+        mkfs(&base, "64M");
+        let disk = dir.join("sys.ext4");
+        let method = make_system_disk(&base, &disk).expect("disk");
+        assert_eq!(method, DiskMethod::Reflink);
+        let original = std::fs::read(&base).expect("base");
+        assert_eq!(original, std::fs::read(&disk).expect("disk"));
+        // Copy-on-write: writing the clone leaves the image as it was.
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = File::options().write(true).open(&disk).expect("open");
+            f.seek(SeekFrom::Start(1 << 20)).expect("seek");
+            f.write_all(&[0xab; 4096]).expect("write");
+            f.sync_all().expect("sync");
+        }
+        assert_eq!(std::fs::read(&base).expect("base"), original);
+        assert_ne!(std::fs::read(&disk).expect("disk"), original);
+    }
+
     #[test]
     fn space_checks_refuse_the_impossible() {
         let dir = tempfile::tempdir().expect("tempdir");
