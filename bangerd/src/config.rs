@@ -120,6 +120,22 @@ pub struct VmConfig {
     pub boot_timeout_secs: u64,
     /// How long a stop waits for a clean shutdown before forcing, in seconds.
     pub stop_timeout_secs: u64,
+    /// Who runs VMMs: `auto` (systemd units where systemd is PID 1),
+    /// `systemd` or `process` (bangerd's own children).
+    pub supervisor: SupervisorKind,
+}
+
+/// Who runs VMM processes.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SupervisorKind {
+    /// systemd where it is PID 1, else bangerd's own children.
+    #[default]
+    Auto,
+    /// Transient systemd units (fails where systemd is not PID 1).
+    Systemd,
+    /// Children of bangerd in their own sessions.
+    Process,
 }
 
 /// QEMU accelerator choice.
@@ -148,6 +164,7 @@ impl Default for VmConfig {
             disk_mib: 8192,
             boot_timeout_secs: 180,
             stop_timeout_secs: 30,
+            supervisor: SupervisorKind::Auto,
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct CoreDeps {
     pub bus: Arc<dyn BusProbe>,
     /// Host paths for `doctor`.
     pub host: HostPaths,
+    /// Who runs VMM processes.
+    pub supervisor: Arc<dyn crate::vm::supervise::Supervisor>,
 }
 
 /// The daemon's state and the commands on it.
@@ -384,6 +386,7 @@ mod tests {
                 }),
                 bus: Arc::new(NoBus),
                 host: HostPaths::default(),
+                supervisor: Arc::new(crate::vm::supervise::Direct),
             },
             tx,
         );

@@ -155,6 +155,7 @@ pub async fn run(
     );
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let supervisor = supervisor(&config, &conn);
     let core = Core::new(
         config,
         CoreDeps {
@@ -164,6 +165,7 @@ pub async fn run(
             authorizer: Arc::new(os::polkit::Polkit::new(conn.clone())),
             bus: Arc::new(bus::BusNames(conn.clone())),
             host: HostPaths::default(),
+            supervisor,
         },
         events_tx,
     );
@@ -253,4 +255,25 @@ pub async fn run(
     drop(core);
     mirror.abort();
     Ok(())
+}
+
+/// Who runs VMMs: systemd where it is PID 1 (unless `vm.supervisor` says
+/// `process`), else bangerd's own children.
+fn supervisor(config: &Config, conn: &zbus::Connection) -> Arc<dyn vm::supervise::Supervisor> {
+    use config::SupervisorKind;
+    let booted = HostPaths::default().systemd_runtime.exists();
+    match config.vm.supervisor {
+        SupervisorKind::Systemd => {
+            if !booted {
+                tracing::warn!(
+                    "vm.supervisor = \"systemd\" but systemd is not PID 1 here; VMM starts will fail"
+                );
+            }
+            Arc::new(os::systemd::SystemdSupervisor::new(conn.clone()))
+        }
+        SupervisorKind::Auto if booted => {
+            Arc::new(os::systemd::SystemdSupervisor::new(conn.clone()))
+        }
+        SupervisorKind::Auto | SupervisorKind::Process => Arc::new(vm::supervise::Direct),
+    }
 }

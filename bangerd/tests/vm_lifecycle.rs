@@ -446,6 +446,67 @@ fn someone_elses_vm_is_refused_without_manage_others() {
     assert!(env.vms().is_empty());
 }
 
+/// The slow tier: the Debian image (systemd, sshd, opencode) created
+/// through banger under TCG, up to every service it declares, then a
+/// command over SSH and a clean stop and delete. Needs
+/// `scripts/build-debian-image`; `scripts/ci-images` runs it after that.
+#[test]
+#[ignore = "slow tier: needs scripts/build-debian-image; scripts/ci-images runs it"]
+fn the_debian_image_boots_to_sshd_and_its_services() {
+    let env = setup();
+    let rootfs = guest_artifact("debian-bookworm/rootfs.ext4", "build-debian-image");
+    let seed = guest_artifact("debian-bookworm/work-seed.ext4", "build-debian-image");
+    env.ok(&[
+        "image",
+        "register",
+        "--name",
+        "debian-bookworm",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--work-seed",
+        seed.to_str().unwrap(),
+        "--kernel",
+        "test-kernel",
+        "--service",
+        "ssh:22",
+        "--service",
+        "opencode:4096",
+    ]);
+    let out = env.ok(&[
+        "vm",
+        "create",
+        "--name",
+        "deb",
+        "--image",
+        "debian-bookworm",
+        "--vcpus",
+        "2",
+        "--memory",
+        "1024",
+        "--disk-size",
+        "1G",
+    ]);
+    eprintln!("{out}");
+    for stage in ["agent ready", "ssh ready", "opencode ready"] {
+        assert!(out.contains(stage), "no {stage} in:\n{out}");
+    }
+    let out = env.ok(&[
+        "vm",
+        "ssh",
+        "deb",
+        "--",
+        "sh",
+        "-c",
+        "systemctl is-system-running --wait; . /etc/os-release; echo $VERSION_CODENAME; id -un; df --output=target /root | tail -1",
+    ]);
+    assert!(out.contains("bookworm"), "{out}");
+    assert!(out.contains("root"), "{out}");
+    env.ok(&["vm", "stop", "deb"]);
+    assert_eq!(env.vm("deb")["state"], "stopped");
+    env.ok(&["vm", "delete", "deb"]);
+    assert!(env.vms().is_empty());
+}
+
 #[test]
 fn the_vm_interface_matches_its_xml() {
     let env = setup();

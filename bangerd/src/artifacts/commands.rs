@@ -725,6 +725,7 @@ mod tests {
                 authorizer: Arc::new(AllowAll),
                 bus: Arc::new(NoBus),
                 host: HostPaths::default(),
+                supervisor: Arc::new(crate::vm::supervise::Direct),
             },
             tx,
         )

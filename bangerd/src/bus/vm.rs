@@ -102,12 +102,16 @@ impl VmObject {
         banger_dbus::kernel_path(&self.vm.kernel_id)
     }
 
-    /// What supervises its VMM: `pid:N (qemu)` for a direct child; empty
-    /// when stopped.
+    /// What supervises its VMM: the systemd unit
+    /// (`banger-vm-<id>.service`) where systemd runs VMMs, `pid:N (qemu)`
+    /// for a child of bangerd; empty when stopped.
     #[zbus(property)]
     fn unit(&self) -> String {
         match self.vm.pid {
-            Some(pid) => format!("pid:{pid} ({})", self.vm.vmm),
+            Some(pid) => self
+                .core
+                .vm_unit(&self.vm.id)
+                .unwrap_or_else(|| format!("pid:{pid} ({})", self.vm.vmm)),
             None => String::new(),
         }
     }

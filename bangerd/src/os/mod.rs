@@ -4,3 +4,4 @@ pub mod activation;
 pub mod agent;
 pub mod notify;
 pub mod polkit;
+pub mod systemd;

@@ -306,6 +306,11 @@ impl Core {
         .clone()
     }
 
+    /// The systemd unit VM `id`'s VMM runs in, where systemd runs them.
+    pub fn vm_unit(&self, id: &str) -> Option<String> {
+        self.deps.supervisor.unit(id)
+    }
+
     /// The kernel of the default image, for probes made ahead of need.
     pub async fn default_kernel(&self) -> Option<PathBuf> {
         let config = self.config();
@@ -720,6 +725,8 @@ impl Core {
         let launched = async {
             let (vmm, accel, kernel_path) = self.pick_vmm(&kernel).await?;
             let spec = LaunchSpec {
+                id: vm.id.clone(),
+                name: vm.name.clone(),
                 kernel: kernel_path,
                 initrd: kernel.initrd.clone(),
                 cmdline: kernel_cmdline(&kernel, &image, &vm.name, &vmnet.ip_arg),
@@ -730,11 +737,12 @@ impl Core {
                 accel,
             };
             tracing::info!(banger_vm_id = %vm.id, "starting {} with {} under {}", vm.name, vmm.name(), accel.as_str());
-            let (child, pid) = vmm.launch(&spec).await?;
-            Ok::<_, Error>((vmm, child, pid))
+            let supervisor = self.deps.supervisor.as_ref();
+            let (watched, pid) = vmm.launch(&spec, supervisor).await?;
+            Ok::<_, Error>((vmm, watched, pid))
         }
         .await;
-        let (vmm, child, pid) = match launched {
+        let (vmm, watched, pid) = match launched {
             Ok(l) => l,
             Err(e) => {
                 let _ = net
@@ -749,7 +757,7 @@ impl Core {
             v.pid_start = Some(pid.start);
             v.vmm = vmm.name().to_owned();
         });
-        self.watch(&vm.id, pid, Watched::Child(child));
+        self.watch(&vm.id, pid, watched);
         recorded?;
         tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = pid.pid, vmm = vmm.name(), "vmm started");
 
@@ -831,6 +839,16 @@ impl Core {
 
     /// Record that VM `id`'s VMM `pid` ended: stopped, TAP/name/NAT back.
     async fn vmm_exited(&self, id: &str, pid: ProcessId) {
+        // Take the network back *before* the row says stopped: a start can
+        // only begin once it does, and it must not find (or lose to) the
+        // old instance's TAP, address or name on its way out.
+        let current = self.deps.store.vm(id).ok().flatten();
+        if let Some(vm) = current.filter(|v| v.pid == Some(pid.pid))
+            && let (Some(net), Some(ip)) = (self.network_if_up().await, self.vm_ipv4(id).await)
+            && let Err(e) = net.detach(&vm.name, ip, vm.tap.as_deref()).await
+        {
+            tracing::warn!(banger_vm_id = %vm.id, "cannot take back the vm's network: {e}");
+        }
         let result = (|| {
             let _rows = self.rows();
             let store = &self.deps.store;
@@ -840,7 +858,7 @@ impl Core {
             if vm.pid != Some(pid.pid) {
                 return Ok(None);
             }
-            let tap = vm.tap.take();
+            vm.tap = None;
             vm.pid = None;
             vm.pid_start = None;
             vm.state = vm
@@ -850,7 +868,7 @@ impl Core {
             store
                 .update_vm(&vm)
                 .map_err(store_err("recording the vm failed"))?;
-            Ok::<_, Error>(Some((vm, tap)))
+            Ok::<_, Error>(Some(vm))
         })();
         self.vm_runtime()
             .watchers
@@ -858,16 +876,11 @@ impl Core {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         match result {
-            Ok(Some((vm, tap))) => {
+            Ok(Some(vm)) => {
                 // Announce at once: a stop job that saw the row change
                 // completes next, and its Completed must not overtake this.
                 self.announce(id);
                 tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "vmm exited; vm stopped");
-                if let (Some(net), Some(ip)) = (self.network_if_up().await, self.vm_ipv4(id).await)
-                    && let Err(e) = net.detach(&vm.name, ip, tap.as_deref()).await
-                {
-                    tracing::warn!(banger_vm_id = %vm.id, "cannot take back the vm's network: {e}");
-                }
             }
             Ok(None) => {}
             Err(e) => tracing::error!(banger_vm_id = %id, "cannot record the vmm's exit: {e}"),

@@ -6,6 +6,7 @@ pub mod commands;
 pub mod disk;
 pub mod process;
 pub mod store;
+pub mod supervise;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};

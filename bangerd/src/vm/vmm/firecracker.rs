@@ -9,7 +9,6 @@
 //! Graceful stop is `SendCtrlAltDel`.
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
@@ -19,12 +18,13 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::UnixStream;
 
-use super::{LaunchSpec, Vmm};
+use super::{LaunchSpec, Vmm, kill_failed};
 use crate::auth::BoxFuture;
 use crate::error::{Error, Result};
 use crate::os::agent::AgentEndpoint;
 use crate::vm::VmPaths;
-use crate::vm::process::{self, ProcessId};
+use crate::vm::process::{ProcessId, Watched};
+use crate::vm::supervise::{StartRequest, Supervisor};
 
 /// The guest context id of every VM: each VM has its own vsock device and
 /// socket, so they need not differ (3 is the lowest a guest may have).
@@ -70,15 +70,6 @@ pub fn metrics_path(paths: &VmPaths) -> PathBuf {
     paths.run.join("metrics.json")
 }
 
-/// The VM id Firecracker is started with (`--id`): the VM directory's name.
-fn instance_id(paths: &VmPaths) -> String {
-    paths
-        .dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "banger".to_owned())
-}
-
 impl Firecracker {
     /// The command line: only the API socket and the id; everything else
     /// goes over the API.
@@ -87,7 +78,7 @@ impl Firecracker {
             "--api-sock".into(),
             path(&spec.paths.control_socket),
             "--id".into(),
-            instance_id(&spec.paths),
+            spec.id.clone(),
         ]
     }
 
@@ -297,7 +288,11 @@ impl Vmm for Firecracker {
         "firecracker"
     }
 
-    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<(Child, ProcessId)>> {
+    fn launch<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        supervisor: &'a dyn Supervisor,
+    ) -> BoxFuture<'a, Result<(Watched, ProcessId)>> {
         Box::pin(async move {
             let p = &spec.paths;
             let _ = std::fs::remove_file(&p.agent_socket);
@@ -310,18 +305,29 @@ impl Vmm for Firecracker {
                     .open(file)
                     .map_err(|e| Error::failed(format!("cannot create {}: {e}", file.display())))?;
             }
-            let (mut child, id) = process::spawn(&self.binary, &self.args(spec), &p.vmm_log)?;
+            let args = self.args(spec);
+            let (mut watched, id) = supervisor
+                .start(StartRequest {
+                    vm_id: &spec.id,
+                    vm_name: &spec.name,
+                    program: &self.binary,
+                    args: &args,
+                    log: &p.vmm_log,
+                    memory_mib: spec.memory_mib,
+                    vcpus: spec.vcpus,
+                })
+                .await?;
             let api = Api::new(&p.control_socket);
             let configured = async {
                 // The API answers once the socket is bound; a bad start
                 // makes the process exit first.
                 let started = Instant::now();
                 loop {
-                    if let Ok(Some(status)) = child.try_wait() {
+                    if watched.ended() {
                         let log = std::fs::read_to_string(&p.vmm_log).unwrap_or_default();
                         let tail: Vec<&str> = log.lines().rev().take(5).collect();
                         return Err(Error::failed(format!(
-                            "firecracker exited at start ({status}): {}",
+                            "firecracker exited at start: {}",
                             tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
                         )));
                     }
@@ -335,10 +341,9 @@ impl Vmm for Firecracker {
             }
             .await;
             match configured {
-                Ok(()) => Ok((child, id)),
+                Ok(()) => Ok((watched, id)),
                 Err(e) => {
-                    let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
-                    let _ = child.wait();
+                    kill_failed(&mut watched, id);
                     Err(e)
                 }
             }

@@ -8,13 +8,21 @@ pub mod kvm;
 pub mod qemu;
 
 use std::path::PathBuf;
-use std::process::Child;
 
 use super::VmPaths;
-use super::process::ProcessId;
+use super::process::{ProcessId, Watched};
+use super::supervise::Supervisor;
 use crate::auth::BoxFuture;
 use crate::error::Result;
 use crate::os::agent::AgentEndpoint;
+
+/// Kill a VMM that failed at start and reap it if it is bangerd's child.
+pub(crate) fn kill_failed(watched: &mut Watched, id: ProcessId) {
+    let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
+    if let Watched::Child(child) = watched {
+        let _ = child.wait();
+    }
+}
 
 /// Which accelerator a VM runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +46,10 @@ impl Accel {
 /// Everything a VMM needs to boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchSpec {
+    /// The VM's id.
+    pub id: String,
+    /// The VM's name.
+    pub name: String,
     /// The kernel to boot (bzImage for QEMU, ELF vmlinux for Firecracker).
     pub kernel: PathBuf,
     /// Its initramfs, if any.
@@ -61,9 +73,13 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// Short name stored with the VM (`qemu`, `firecracker`).
     fn name(&self) -> &'static str;
 
-    /// Start the VMM for `spec` and have it boot the guest. Returns the
-    /// process (a child of bangerd in its own session).
-    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<(Child, ProcessId)>>;
+    /// Start the VMM for `spec` through `supervisor` and have it boot the
+    /// guest. Returns the process and how to watch it.
+    fn launch<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        supervisor: &'a dyn Supervisor,
+    ) -> BoxFuture<'a, Result<(Watched, ProcessId)>>;
 
     /// Where the guest agent answers.
     fn agent(&self, paths: &VmPaths) -> AgentEndpoint;

@@ -3,19 +3,19 @@
 //! Used where Firecracker is absent or KVM is unusable (`accel = "tcg"`).
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::{Accel, LaunchSpec, Vmm};
+use super::{Accel, LaunchSpec, Vmm, kill_failed};
 use crate::auth::BoxFuture;
 use crate::error::{Error, Result};
 use crate::os::agent::AgentEndpoint;
 use crate::vm::VmPaths;
-use crate::vm::process::{self, ProcessId};
+use crate::vm::process::{ProcessId, Watched};
+use crate::vm::supervise::{StartRequest, Supervisor};
 
 /// The virtio-serial port name the agent listens on.
 pub const AGENT_PORT: &str = "org.banger.agent";
@@ -189,32 +189,46 @@ impl Vmm for Qemu {
         "qemu"
     }
 
-    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<(Child, ProcessId)>> {
+    fn launch<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        supervisor: &'a dyn Supervisor,
+    ) -> BoxFuture<'a, Result<(Watched, ProcessId)>> {
         Box::pin(async move {
             let p = &spec.paths;
             let _ = std::fs::remove_file(&p.agent_socket);
             let _ = std::fs::remove_file(&p.control_socket);
-            let (mut child, id) = process::spawn(&self.binary, &self.args(spec), &p.vmm_log)?;
+            let args = self.args(spec);
+            let (mut watched, id) = supervisor
+                .start(StartRequest {
+                    vm_id: &spec.id,
+                    vm_name: &spec.name,
+                    program: &self.binary,
+                    args: &args,
+                    log: &p.vmm_log,
+                    memory_mib: spec.memory_mib,
+                    vcpus: spec.vcpus,
+                })
+                .await?;
             // QEMU has parsed its arguments and set up every device once
             // QMP answers; a bad argument makes it exit before.
             let started = Instant::now();
             loop {
-                if let Ok(Some(status)) = child.try_wait() {
+                if watched.ended() {
                     let log = std::fs::read_to_string(&p.vmm_log).unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(5).collect();
                     return Err(Error::failed(format!(
-                        "qemu exited at start ({status}): {}",
+                        "qemu exited at start: {}",
                         tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
                     )));
                 }
                 if let Ok(mut qmp) = Qmp::connect(&p.control_socket, Duration::from_secs(2)).await
                     && qmp.status().await.is_ok()
                 {
-                    return Ok((child, id));
+                    return Ok((watched, id));
                 }
                 if started.elapsed() > Duration::from_secs(30) {
-                    let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
-                    let _ = child.wait();
+                    kill_failed(&mut watched, id);
                     return Err(Error::failed("qemu did not answer on QMP within 30 s"));
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -241,6 +255,8 @@ mod tests {
 
     fn spec() -> LaunchSpec {
         LaunchSpec {
+            id: "abc".into(),
+            name: "web".into(),
             kernel: "/k/vmlinuz".into(),
             initrd: Some("/k/initrd.img".into()),
             cmdline: "console=ttyS0 root=/dev/vda".into(),
@@ -300,7 +316,10 @@ mod tests {
         if which("qemu-system-x86_64").is_none() {
             panic!("qemu-system-x86_64 is missing: run scripts/install-deps");
         }
-        let e = q.launch(&s).await.expect_err("no kernel");
+        let e = q
+            .launch(&s, &crate::vm::supervise::Direct)
+            .await
+            .expect_err("no kernel");
         assert!(e.message.contains("qemu exited at start"), "{}", e.message);
         assert!(e.message.contains("/k/vmlinuz"), "{}", e.message);
     }

@@ -419,6 +419,8 @@ async fn answer(
 
 fn spec_for(dir: &Path) -> LaunchSpec {
     LaunchSpec {
+        id: "0123456789abcdef".into(),
+        name: "web".into(),
         kernel: "/k/vmlinux".into(),
         initrd: Some("/k/initrd.img".into()),
         cmdline: "console=ttyS0 root=/dev/vda".into(),
@@ -681,7 +683,10 @@ async fn unreachable_apis_and_dead_processes_are_reported() {
         binary: "/bin/false".into(),
     };
     let started = Instant::now();
-    let err = fc.launch(&spec).await.expect_err("exits");
+    let err = fc
+        .launch(&spec, &crate::vm::supervise::Direct)
+        .await
+        .expect_err("exits");
     assert!(
         err.message.contains("firecracker exited at start"),
         "{}",

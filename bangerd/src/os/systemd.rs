@@ -1,0 +1,215 @@
+//! [`Supervisor`] backed by systemd (`org.freedesktop.systemd1`): each VMM
+//! runs in a transient service `banger-vm-<id>.service` in `banger.slice`,
+//! and the VM is registered with systemd-machined when that runs (so
+//! `machinectl list` shows it). Used where systemd is PID 1.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use zbus::Connection;
+use zbus::{OwnedObjectPath, Variant as Value};
+
+use crate::auth::BoxFuture;
+use crate::error::{Error, Result};
+use crate::vm::process::{ProcessId, Watched};
+use crate::vm::supervise::{StartRequest, Supervisor, UnitProperty, unit_name, unit_properties};
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Systemd {
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, Value<'_>)],
+        aux: &[(&str, Vec<(&str, Value<'_>)>)],
+    ) -> zbus::Result<OwnedObjectPath>;
+
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+
+    fn subscribe(&self) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait SystemdService {
+    #[zbus(property, name = "MainPID")]
+    fn main_pid(&self) -> zbus::Result<u32>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.machine1.Manager",
+    default_service = "org.freedesktop.machine1",
+    default_path = "/org/freedesktop/machine1"
+)]
+trait Machined {
+    fn register_machine(
+        &self,
+        name: &str,
+        id: &[u8],
+        service: &str,
+        class: &str,
+        leader: u32,
+        root_directory: &str,
+    ) -> zbus::Result<OwnedObjectPath>;
+}
+
+/// How long systemd gets to start a unit.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// VMMs as transient systemd services.
+#[derive(Debug, Clone)]
+pub struct SystemdSupervisor {
+    conn: Connection,
+}
+
+impl SystemdSupervisor {
+    /// On `conn`, the system bus systemd is on.
+    pub fn new(conn: Connection) -> Self {
+        Self { conn }
+    }
+
+    async fn start_unit(&self, req: StartRequest<'_>) -> Result<ProcessId> {
+        let fail = |what: &str, e: zbus::Error| {
+            Error::failed(format!(
+                "systemd could not {what} for vm {}: {e}",
+                req.vm_name
+            ))
+        };
+        let name = unit_name(req.vm_id);
+        let manager = SystemdProxy::new(&self.conn)
+            .await
+            .map_err(|e| fail("be reached", e))?;
+        // A failed unit of an earlier run would block the name.
+        let _ = manager.reset_failed_unit(&name).await;
+        let _ = manager.subscribe().await;
+        let mut removed = manager
+            .receive_job_removed()
+            .await
+            .map_err(|e| fail("report jobs", e))?;
+        let props: Vec<(&str, Value<'_>)> = unit_properties(&req)
+            .into_iter()
+            .map(|p| match p {
+                UnitProperty::Str(k, v) => (k, Value::from(v)),
+                UnitProperty::U64(k, v) => (k, Value::from(v)),
+                UnitProperty::ExecStart(program, argv) => {
+                    ("ExecStart", Value::from(vec![(program, argv, false)]))
+                }
+            })
+            .collect();
+        let job = manager
+            .start_transient_unit(&name, "fail", &props, &[])
+            .await
+            .map_err(|e| fail(&format!("start {name}"), e))?;
+        let result = tokio::time::timeout(START_TIMEOUT, async {
+            while let Some(signal) = removed.next().await {
+                if let Ok(args) = signal.args()
+                    && args.job == job
+                {
+                    return Some(args.result);
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        match result.as_deref() {
+            Some("done") => {}
+            Some(other) => {
+                return Err(Error::failed(format!(
+                    "systemd could not start {name} ({other}): see journalctl -u {name} and {}",
+                    req.log.display()
+                )));
+            }
+            None => {
+                return Err(Error::failed(format!(
+                    "systemd did not start {name} within {} s",
+                    START_TIMEOUT.as_secs()
+                )));
+            }
+        }
+        let unit = manager
+            .get_unit(&name)
+            .await
+            .map_err(|e| fail(&format!("find {name}"), e))?;
+        let service = SystemdServiceProxy::builder(&self.conn)
+            .path(unit)
+            .build()
+            .await
+            .map_err(|e| fail("address the unit", e))?;
+        let pid = service
+            .main_pid()
+            .await
+            .map_err(|e| fail(&format!("read the MainPID of {name}"), e))?;
+        ProcessId::of(pid).ok_or_else(|| {
+            Error::failed(format!(
+                "{name} exited at once; see journalctl -u {name} and {}",
+                req.log.display()
+            ))
+        })
+    }
+
+    /// Tell machined about the VM, when it runs; a failure is only logged.
+    async fn register(&self, req: StartRequest<'_>, leader: u32) {
+        let machined = match MachinedProxy::new(&self.conn).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!("systemd-machined not reachable: {e}");
+                return;
+            }
+        };
+        match machined
+            .register_machine(req.vm_name, &[], "banger", "vm", leader, "")
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(banger_vm_id = %req.vm_id, "registered {} with systemd-machined", req.vm_name)
+            }
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown" =>
+            {
+                tracing::debug!("systemd-machined is not installed");
+            }
+            Err(e) => tracing::warn!(
+                banger_vm_id = %req.vm_id,
+                "cannot register {} with systemd-machined: {e}",
+                req.vm_name
+            ),
+        }
+    }
+}
+
+impl Supervisor for SystemdSupervisor {
+    fn name(&self) -> &'static str {
+        "systemd"
+    }
+
+    fn start<'a>(&'a self, req: StartRequest<'a>) -> BoxFuture<'a, Result<(Watched, ProcessId)>> {
+        Box::pin(async move {
+            let id = self.start_unit(req).await?;
+            self.register(req, id.pid).await;
+            Ok((Watched::Adopted(id), id))
+        })
+    }
+
+    fn unit(&self, vm_id: &str) -> Option<String> {
+        Some(unit_name(vm_id))
+    }
+}

@@ -1,0 +1,216 @@
+//! Who runs a VMM process. Where systemd is PID 1, systemd does: each VMM
+//! is a transient unit `banger-vm-<id>.service` in `banger.slice`, with
+//! memory and CPU limits from the VM (`os::systemd::SystemdSupervisor`,
+//! which also registers the VM with systemd-machined when it runs).
+//! Elsewhere bangerd starts the VMM itself as a child in its own session
+//! ([`Direct`]). Either way the VMM never shares bangerd's process group,
+//! so bangerd's death never takes a VM with it, and bangerd finds it again
+//! by pid and start time.
+
+use std::path::Path;
+
+use super::process::{self, ProcessId, Watched};
+use crate::auth::BoxFuture;
+use crate::error::Result;
+
+/// The slice every VM unit goes into.
+pub const SLICE: &str = "banger.slice";
+
+/// What to start, for which VM.
+#[derive(Debug, Clone, Copy)]
+pub struct StartRequest<'a> {
+    /// The VM's id.
+    pub vm_id: &'a str,
+    /// The VM's name.
+    pub vm_name: &'a str,
+    /// The VMM executable.
+    pub program: &'a Path,
+    /// Its arguments.
+    pub args: &'a [String],
+    /// Where its standard output and error are appended.
+    pub log: &'a Path,
+    /// The guest's memory.
+    pub memory_mib: u32,
+    /// The guest's CPUs.
+    pub vcpus: u32,
+}
+
+/// Starts VMM processes.
+pub trait Supervisor: Send + Sync + std::fmt::Debug {
+    /// `systemd` or `process`.
+    fn name(&self) -> &'static str;
+
+    /// Start the VMM; the process and how to watch it.
+    fn start<'a>(&'a self, req: StartRequest<'a>) -> BoxFuture<'a, Result<(Watched, ProcessId)>>;
+
+    /// The unit a VM's VMM runs in, when there is one.
+    fn unit(&self, vm_id: &str) -> Option<String> {
+        let _ = vm_id;
+        None
+    }
+}
+
+/// bangerd's own children, each in a new session.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Direct;
+
+impl Supervisor for Direct {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn start<'a>(&'a self, req: StartRequest<'a>) -> BoxFuture<'a, Result<(Watched, ProcessId)>> {
+        Box::pin(async move {
+            let (child, id) = process::spawn(req.program, req.args, req.log)?;
+            Ok((Watched::Child(child), id))
+        })
+    }
+}
+
+/// The transient unit of VM `vm_id`.
+pub fn unit_name(vm_id: &str) -> String {
+    format!("banger-vm-{vm_id}.service")
+}
+
+/// The unit's `MemoryMax`: the guest's memory plus room for the VMM
+/// itself (page tables, device buffers, QEMU's own heap), an eighth more
+/// and 256 MiB. A guest can use all its memory without the VMM being
+/// killed; a runaway VMM cannot take the host.
+pub fn memory_max_bytes(memory_mib: u32) -> u64 {
+    let mib = u64::from(memory_mib);
+    (mib + mib / 8 + 256) << 20
+}
+
+/// The unit's `CPUQuotaPerSecUSec`: one host CPU per vCPU.
+pub fn cpu_quota_usec(vcpus: u32) -> u64 {
+    u64::from(vcpus) * 1_000_000
+}
+
+/// One property of the transient unit, as plain data (the systemd
+/// supervisor turns these into D-Bus `(sv)` pairs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnitProperty {
+    /// A string property.
+    Str(&'static str, String),
+    /// A `t` property.
+    U64(&'static str, u64),
+    /// `ExecStart`: the program and its whole argv.
+    ExecStart(String, Vec<String>),
+}
+
+/// The properties of `req`'s transient unit.
+pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
+    use UnitProperty::{ExecStart, Str, U64};
+    let program = req.program.to_string_lossy().into_owned();
+    let mut argv = vec![program.clone()];
+    argv.extend(req.args.iter().cloned());
+    let log = req.log.to_string_lossy().into_owned();
+    vec![
+        Str(
+            "Description",
+            format!("banger VM {} ({})", req.vm_name, req.vm_id),
+        ),
+        Str("Slice", SLICE.to_owned()),
+        // `exec`: the start job fails when the program cannot be run.
+        Str("Type", "exec".to_owned()),
+        ExecStart(program, argv),
+        Str("StandardInput", "null".to_owned()),
+        Str("StandardOutputFileToAppend", log.clone()),
+        Str("StandardErrorFileToAppend", log),
+        Str("WorkingDirectory", "/".to_owned()),
+        U64("MemoryMax", memory_max_bytes(req.memory_mib)),
+        U64("CPUQuotaPerSecUSec", cpu_quota_usec(req.vcpus)),
+        // A VMM that exits is done; its unit goes away with it.
+        Str("CollectMode", "inactive-or-failed".to_owned()),
+        // Stopping the unit (systemctl stop) signals QEMU first, then the rest.
+        Str("KillMode", "mixed".to_owned()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_are_named_sized_and_sliced() {
+        assert_eq!(
+            unit_name("0123456789abcdef"),
+            "banger-vm-0123456789abcdef.service"
+        );
+        assert_eq!(memory_max_bytes(1024), (1024 + 128 + 256) << 20);
+        assert_eq!(cpu_quota_usec(2), 2_000_000);
+        let args = vec!["-M".to_owned(), "microvm".to_owned()];
+        let props = unit_properties(&StartRequest {
+            vm_id: "0123456789abcdef",
+            vm_name: "web",
+            program: Path::new("/usr/bin/qemu-system-x86_64"),
+            args: &args,
+            log: Path::new("/var/lib/banger/vms/x/vmm.log"),
+            memory_mib: 512,
+            vcpus: 2,
+        });
+        let find = |name: &str| {
+            props.iter().find(|p| match p {
+                UnitProperty::Str(n, _) | UnitProperty::U64(n, _) => *n == name,
+                UnitProperty::ExecStart(..) => name == "ExecStart",
+            })
+        };
+        assert_eq!(
+            find("ExecStart"),
+            Some(&UnitProperty::ExecStart(
+                "/usr/bin/qemu-system-x86_64".into(),
+                vec![
+                    "/usr/bin/qemu-system-x86_64".into(),
+                    "-M".into(),
+                    "microvm".into()
+                ]
+            ))
+        );
+        assert_eq!(
+            find("Slice"),
+            Some(&UnitProperty::Str("Slice", "banger.slice".into()))
+        );
+        assert_eq!(
+            find("MemoryMax"),
+            Some(&UnitProperty::U64("MemoryMax", (512 + 64 + 256) << 20))
+        );
+        assert_eq!(
+            find("StandardErrorFileToAppend"),
+            Some(&UnitProperty::Str(
+                "StandardErrorFileToAppend",
+                "/var/lib/banger/vms/x/vmm.log".into()
+            ))
+        );
+        assert!(find("Description").is_some_and(|p| format!("{p:?}").contains("web")));
+    }
+
+    #[tokio::test]
+    async fn direct_children_run_in_their_own_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("log");
+        let args = vec!["-c".to_owned(), "echo started; sleep 5".to_owned()];
+        let (mut watched, id) = Direct
+            .start(StartRequest {
+                vm_id: "0123456789abcdef",
+                vm_name: "t",
+                program: Path::new("/bin/sh"),
+                args: &args,
+                log: &log,
+                memory_mib: 128,
+                vcpus: 1,
+            })
+            .await
+            .expect("start");
+        assert!(id.alive());
+        assert!(!watched.ended());
+        let sid =
+            nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(id.pid as i32))).expect("sid");
+        assert_eq!(sid.as_raw(), id.pid as i32, "a session of its own");
+        id.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
+        let ended = banger_testbed::eventually(std::time::Duration::from_secs(5), || {
+            watched.ended().then_some(())
+        });
+        assert!(ended.is_some());
+        assert_eq!(Direct.unit("x"), None);
+    }
+}

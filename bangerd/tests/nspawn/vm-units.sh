@@ -1,0 +1,75 @@
+#!/bin/bash
+# Runs inside a systemd-nspawn container booted by
+# bangerd/tests/systemd_units.rs (as banger-test.service): bangerd under
+# systemd, a VM whose VMM becomes a transient unit, what systemd and
+# machined say about it, a bangerd crash the VM survives, then stop and
+# delete. Writes what it saw to /opt/results (the test reads and judges
+# it) and powers the container off.
+set -uo pipefail
+out=/opt/results
+exec >"$out/log" 2>&1
+set -x
+B=/opt/banger/banger
+export HOME=/root
+step() { echo "$1" >>"$out/steps"; }
+finish() {
+  echo "$1" >"$out/verdict"
+  systemctl poweroff
+  exit 0
+}
+
+mkdir -p /etc/banger
+cat >/etc/banger/bangerd.toml <<'CONF'
+[vm]
+vmm = "qemu"
+accel = "tcg"
+default_image = "tiny"
+vcpus = 1
+memory_mib = 256
+disk_mib = 128
+boot_timeout_secs = 150
+CONF
+
+start_bangerd() {
+  systemd-run --unit=bangerd --collect \
+    -p Type=dbus -p BusName=org.banger.Manager \
+    -p StateDirectory=banger -p CacheDirectory=banger \
+    -p RuntimeDirectory=banger -p RuntimeDirectoryPreserve=yes \
+    -p ConfigurationDirectory=banger \
+    /opt/banger/bangerd
+}
+start_bangerd || finish "bangerd did not start under systemd"
+step "bangerd up"
+
+$B kernel import --name test-kernel --kernel /opt/guest/kernel/vmlinuz \
+  --initrd /opt/guest/kernel/initrd.img || finish "kernel import failed"
+$B image register --name tiny --rootfs /opt/guest/tiny/rootfs.ext4 \
+  --work-seed /opt/guest/tiny/work-seed.ext4 --kernel test-kernel \
+  --service ssh:22 --init /sbin/banger-init || finish "image register failed"
+$B doctor --json >"$out/doctor.json"
+$B vm create --name unitvm || finish "vm create failed"
+step "created"
+$B vm show unitvm --json >"$out/vm.json"
+id=$(jq -r .id "$out/vm.json")
+unit=banger-vm-$id.service
+echo "$unit" >"$out/unit-name"
+systemctl show "$unit" -p ActiveState -p Slice -p MemoryMax -p CPUQuotaPerSecUSec \
+  -p MainPID -p Type >"$out/unit"
+machinectl list --no-legend >"$out/machines" 2>&1
+$B vm ssh unitvm -- uname -r >"$out/ssh" || finish "ssh failed"
+step "ssh"
+
+# bangerd dies; the VM's unit does not.
+systemctl kill -s KILL bangerd
+sleep 1
+systemctl is-active "$unit" >"$out/after-kill"
+systemctl reset-failed bangerd 2>/dev/null
+start_bangerd || finish "bangerd did not come back"
+$B vm show unitvm --json >"$out/vm-after.json"
+step "restarted"
+
+$B vm stop unitvm || finish "vm stop failed"
+systemctl show "$unit" -p ActiveState >"$out/unit-stopped"
+$B vm delete unitvm || finish "vm delete failed"
+step "deleted"
+finish PASS
