@@ -192,6 +192,30 @@ fn the_tap_pool_hands_out_refills_reuses_and_adopts() {
         restarted.release(&c).await.unwrap();
         restarted.drain().await.unwrap();
         assert!(links.names_with_prefix("bgtap").await.unwrap().is_empty());
+
+        // Acquires racing the background refills never pick the same name
+        // (a refill creating bgtapN while an acquire did was EBUSY).
+        let racing = TapPool::new(links.clone(), bridge, 1);
+        racing.adopt(&[]).await.unwrap();
+        let got = futures_util::future::join_all((0..8).map(|i| {
+            let pool = racing.clone();
+            async move { pool.acquire(54_400 + i).await }
+        }))
+        .await;
+        let names: BTreeSet<String> = got.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(names.len(), 8, "{names:?}");
+        for name in &names {
+            racing.release(name).await.unwrap();
+        }
+        racing.drain().await.unwrap();
+        for _ in 0..100 {
+            if links.names_with_prefix("bgtap").await.unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            racing.drain().await.unwrap();
+        }
+        assert!(links.names_with_prefix("bgtap").await.unwrap().is_empty());
     });
 }
 

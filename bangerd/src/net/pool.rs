@@ -22,6 +22,9 @@ const IDLE_OWNER: u32 = 0;
 struct State {
     idle: Vec<String>,
     in_use: BTreeSet<String>,
+    /// Names being created for the pool: reserved, so that a refill and
+    /// an acquire (or two refills) never pick the same one.
+    creating: BTreeSet<String>,
 }
 
 /// The pool.
@@ -68,7 +71,9 @@ impl TapPool {
     }
 
     fn next_name(state: &State) -> String {
-        let taken = |n: &String| state.idle.contains(n) || state.in_use.contains(n);
+        let taken = |n: &String| {
+            state.idle.contains(n) || state.in_use.contains(n) || state.creating.contains(n)
+        };
         (0..)
             .map(|i| format!("{TAP_PREFIX}{i}"))
             .find(|n| !taken(n))
@@ -79,16 +84,18 @@ impl TapPool {
     pub async fn fill(&self) -> Result<(), Error> {
         loop {
             let name = {
-                let state = self.state.lock().await;
-                if state.idle.len() >= self.size {
+                let mut state = self.state.lock().await;
+                if state.idle.len() + state.creating.len() >= self.size {
                     return Ok(());
                 }
-                Self::next_name(&state)
+                let name = Self::next_name(&state);
+                state.creating.insert(name.clone());
+                name
             };
-            self.links
-                .create_tap(&name, IDLE_OWNER, self.bridge)
-                .await?;
+            let made = self.links.create_tap(&name, IDLE_OWNER, self.bridge).await;
             let mut state = self.state.lock().await;
+            state.creating.remove(&name);
+            made?;
             state.idle.push(name);
         }
     }
