@@ -51,6 +51,8 @@ pub struct CoreDeps {
     pub host: HostPaths,
     /// Who runs VMM processes.
     pub supervisor: Arc<dyn crate::vm::supervise::Supervisor>,
+    /// Device-mapper, for snapshot system disks where it exists.
+    pub dm: Arc<dyn crate::vm::snapshot::DeviceMapper>,
 }
 
 /// The daemon's state and the commands on it.
@@ -387,6 +389,7 @@ mod tests {
                 bus: Arc::new(NoBus),
                 host: HostPaths::default(),
                 supervisor: Arc::new(crate::vm::supervise::Direct),
+                dm: Arc::new(crate::vm::snapshot::Absent),
             },
             tx,
         );

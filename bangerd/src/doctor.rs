@@ -547,12 +547,10 @@ pub fn check_default_image(name: &str, found: Option<(&str, &str)>) -> Check {
 fn check_device_mapper(path: &Path) -> Check {
     const NAME: &str = "device-mapper";
     match OpenOptions::new().read(true).write(true).open(path) {
-        // This bangerd does not make dm-snapshot disks yet (docs/vms.md):
-        // say so either way rather than promise them.
         Ok(_) => Check::pass(
             NAME,
             format!(
-                "{} opens; system disks are reflink clones or sparse copies (see reflink), not dm snapshots",
+                "{} opens: system disks are dm snapshots over loop devices (instant, the image shared)",
                 path.display()
             ),
         ),
@@ -584,14 +582,14 @@ fn check_reflink(dir: &Path) -> Check {
         Ok(true) => Check::pass(
             NAME,
             format!(
-                "{} supports reflink (FICLONE): system disks are instant clones",
+                "{} supports reflink (FICLONE): without device-mapper, system disks are instant clones",
                 dir.display()
             ),
         ),
         Ok(false) => Check::warn(
             NAME,
             format!(
-                "{} has no reflink: system disks are sparse copies (time grows with the image's data)",
+                "{} has no reflink: without device-mapper, system disks are sparse copies (time grows with the image's data)",
                 dir.display()
             ),
             "put the state directory on btrfs or xfs for instant copy-on-write clones",

@@ -166,6 +166,7 @@ pub async fn run(
             bus: Arc::new(bus::BusNames(conn.clone())),
             host: HostPaths::default(),
             supervisor,
+            dm: Arc::new(os::dm::Dm),
         },
         events_tx,
     );

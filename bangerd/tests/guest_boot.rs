@@ -84,7 +84,7 @@ async fn tiny_image_boots_and_its_agent_answers_over_virtio_serial() {
         .arg(&initrd)
         .args([
             "-append",
-            "console=ttyS0 root=/dev/vda rw rootfstype=ext4 tsc=unstable init=/sbin/banger-init",
+            "console=ttyS0 root=/dev/vda rw rootfstype=ext4 tsc=unstable tsc_early_khz=2000000 init=/sbin/banger-init",
         ])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))

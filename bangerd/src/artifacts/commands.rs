@@ -726,6 +726,7 @@ mod tests {
                 bus: Arc::new(NoBus),
                 host: HostPaths::default(),
                 supervisor: Arc::new(crate::vm::supervise::Direct),
+                dm: Arc::new(crate::vm::snapshot::Absent),
             },
             tx,
         )

@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod agent;
+pub mod dm;
 pub mod notify;
 pub mod polkit;
 pub mod systemd;

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 
-use super::disk;
+use super::disk::{self, DiskMethod};
 use super::process::{ProcessId, Watched};
+use super::snapshot;
 use super::vmm::Accel;
 use super::vmm::firecracker::Firecracker;
 use super::vmm::kvm::{self, KvmVerdict};
@@ -111,7 +112,13 @@ pub struct VmStats {
 }
 
 /// The kernel command line of a VM.
-pub fn kernel_cmdline(kernel: &Kernel, image: &Image, name: &str, ip_arg: &str) -> String {
+pub fn kernel_cmdline(
+    kernel: &Kernel,
+    image: &Image,
+    name: &str,
+    ip_arg: &str,
+    accel: Accel,
+) -> String {
     let mut args = vec![
         "console=ttyS0".to_owned(),
         "reboot=k".to_owned(),
@@ -129,11 +136,20 @@ pub fn kernel_cmdline(kernel: &Kernel, image: &Image, name: &str, ip_arg: &str) 
     if kernel.initrd.is_none() {
         args.push(format!("ip={ip_arg}"));
     }
+    // Under software emulation on a busy host the kernel's TSC calibration
+    // against the PIT can spin for minutes (TESTBED.md): give it a
+    // frequency instead. Timekeeping does not rest on it (tsc=unstable).
+    if accel == Accel::Tcg {
+        args.push(TCG_TSC_KHZ.to_owned());
+    }
     if let Some(init) = &image.init {
         args.push(format!("init={init}"));
     }
     args.join(" ")
 }
+
+/// The TSC frequency TCG guests are told (`tsc_early_khz`, kernel 5.7+).
+pub const TCG_TSC_KHZ: &str = "tsc_early_khz=2000000";
 
 /// Find a program on PATH (a path with a slash is taken as is).
 pub fn find_program(program: &std::path::Path) -> Option<PathBuf> {
@@ -304,6 +320,33 @@ impl Core {
         })
         .await
         .clone()
+    }
+
+    /// The system disk VM `vm`'s VMM opens: its file, or for a dm
+    /// snapshot the device brought up over the image and its change store.
+    async fn system_disk_up(&self, vm: &Vm, image: &Image) -> Result<PathBuf> {
+        let paths = self.vm_paths(&vm.id);
+        if vm.disk_method != DiskMethod::DeviceMapper.as_str() {
+            return Ok(paths.system_disk);
+        }
+        let dm = self.deps.dm.clone();
+        let (id, base) = (vm.id.clone(), image.rootfs.clone());
+        blocking(move || {
+            snapshot::activate(dm.as_ref(), &id, &base, &paths.system_cow, &paths.loops)
+        })
+        .await
+    }
+
+    /// Take VM `vm`'s snapshot device and loop devices down, if it has any.
+    async fn system_disk_down(&self, vm: &Vm) {
+        if vm.disk_method != DiskMethod::DeviceMapper.as_str() {
+            return;
+        }
+        let dm = self.deps.dm.clone();
+        let (id, loops) = (vm.id.clone(), self.vm_paths(&vm.id).loops);
+        if let Err(e) = blocking(move || snapshot::deactivate(dm.as_ref(), &id, &loops)).await {
+            tracing::warn!(banger_vm_id = %vm.id, "cannot take its system disk down: {e}");
+        }
     }
 
     /// The systemd unit VM `id`'s VMM runs in, where systemd runs them.
@@ -642,11 +685,25 @@ impl Core {
         let paths = self.vm_paths(&vm.id);
 
         ctx.stage("system disk", 0.1).await?;
-        let (rootfs, sys) = (image.rootfs.clone(), paths.system_disk.clone());
+        let (rootfs, sys, cow) = (
+            image.rootfs.clone(),
+            paths.system_disk.clone(),
+            paths.system_cow.clone(),
+        );
         let dir = paths.dir.clone();
+        // A dm snapshot where device-mapper works (constant time), else a
+        // reflink clone, else a sparse copy.
+        let dm = self.deps.dm.available();
         let method = blocking(move || {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
+            if dm {
+                let bytes = std::fs::metadata(&rootfs)
+                    .map_err(|e| Error::failed(format!("cannot read {}: {e}", rootfs.display())))?
+                    .len();
+                snapshot::make_cow(&cow, bytes)?;
+                return Ok(DiskMethod::DeviceMapper);
+            }
             disk::make_system_disk(&rootfs, &sys)
         })
         .await?;
@@ -724,15 +781,17 @@ impl Core {
             .map_err(|e| Error::failed(format!("cannot create {}: {e}", paths.run.display())))?;
         let launched = async {
             let (vmm, accel, kernel_path) = self.pick_vmm(&kernel).await?;
+            let system_disk = self.system_disk_up(vm, &image).await?;
             let spec = LaunchSpec {
                 id: vm.id.clone(),
                 name: vm.name.clone(),
                 kernel: kernel_path,
                 initrd: kernel.initrd.clone(),
-                cmdline: kernel_cmdline(&kernel, &image, &vm.name, &vmnet.ip_arg),
+                cmdline: kernel_cmdline(&kernel, &image, &vm.name, &vmnet.ip_arg, accel),
                 vcpus: vm.vcpus,
                 memory_mib: vm.memory_mib,
                 paths: paths.clone(),
+                system_disk,
                 net: Some((vmnet.tap.clone(), vmnet.lease.mac.clone())),
                 accel,
             };
@@ -749,6 +808,7 @@ impl Core {
                     .detach(&vm.name, vmnet.lease.ipv4, Some(&vmnet.tap))
                     .await;
                 let _ = self.modify(&vm.id, |v| v.tap = None);
+                self.system_disk_down(vm).await;
                 return Err(e);
             }
         };
@@ -848,6 +908,11 @@ impl Core {
             && let Err(e) = net.detach(&vm.name, ip, vm.tap.as_deref()).await
         {
             tracing::warn!(banger_vm_id = %vm.id, "cannot take back the vm's network: {e}");
+        }
+        if let Ok(Some(vm)) = self.deps.store.vm(id)
+            && vm.pid == Some(pid.pid)
+        {
+            self.system_disk_down(&vm).await;
         }
         let result = (|| {
             let _rows = self.rows();
@@ -1103,6 +1168,7 @@ impl Core {
         {
             net.forget(id, &vm.name, ip, vm.tap.as_deref()).await?;
         }
+        self.system_disk_down(&vm).await;
         let paths = self.vm_paths(id);
         for dir in [&paths.dir, &paths.run] {
             match std::fs::remove_dir_all(dir) {
@@ -1291,6 +1357,7 @@ impl Core {
                         }
                         None => {
                             tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "its vmm is gone; marking it stopped");
+                            self.system_disk_down(&vm).await;
                             let _ = self.modify(&vm.id, |v| {
                                 v.state = VmState::Stopped;
                                 v.pid = None;
@@ -1426,16 +1493,29 @@ mod tests {
     #[test]
     fn the_kernel_gets_ip_only_when_its_nic_driver_is_built_in() {
         let ip = "10.0.0.2::10.0.0.1:255.255.255.0:web:eth0:off:10.0.0.1";
-        let with_initrd =
-            kernel_cmdline(&kernel(true), &image(Some("/sbin/banger-init")), "web", ip);
+        let with_initrd = kernel_cmdline(
+            &kernel(true),
+            &image(Some("/sbin/banger-init")),
+            "web",
+            ip,
+            Accel::Kvm,
+        );
         assert!(with_initrd.contains(&format!("banger.ip={ip}")));
         assert!(!with_initrd.contains(" ip="));
         assert!(with_initrd.ends_with("init=/sbin/banger-init"));
         assert!(with_initrd.contains("banger.hostname=web"));
         assert!(with_initrd.starts_with("console=ttyS0 "));
-        let built_in = kernel_cmdline(&kernel(false), &image(None), "web", ip);
+        assert!(
+            !with_initrd.contains("tsc_early_khz"),
+            "KVM calibrates itself"
+        );
+        let built_in = kernel_cmdline(&kernel(false), &image(None), "web", ip, Accel::Tcg);
         assert!(built_in.contains(&format!(" ip={ip}")));
         assert!(!built_in.contains("init="));
+        assert!(
+            built_in.contains(" tsc_early_khz="),
+            "TCG gets its TSC frequency"
+        );
     }
 
     #[test]

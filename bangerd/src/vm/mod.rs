@@ -5,6 +5,7 @@
 pub mod commands;
 pub mod disk;
 pub mod process;
+pub mod snapshot;
 pub mod store;
 pub mod supervise;
 pub mod vmm;
@@ -200,8 +201,12 @@ pub fn vms_dir(state: &Path) -> PathBuf {
 pub struct VmPaths {
     /// The VM's state directory.
     pub dir: PathBuf,
-    /// Copy-on-write system disk.
+    /// Copy-on-write system disk (reflink clone or sparse copy).
     pub system_disk: PathBuf,
+    /// The change store of a device-mapper snapshot system disk.
+    pub system_cow: PathBuf,
+    /// The loop devices under a snapshot system disk while it is up.
+    pub loops: PathBuf,
     /// Persistent work disk (/root).
     pub work_disk: PathBuf,
     /// Serial console output of the guest (appended across boots).
@@ -223,6 +228,8 @@ impl VmPaths {
         let run = runtime.join("vms").join(id);
         Self {
             system_disk: dir.join("system.ext4"),
+            system_cow: dir.join("system.cow"),
+            loops: run.join("loops"),
             work_disk: dir.join("work.ext4"),
             console_log: dir.join("console.log"),
             vmm_log: dir.join("vmm.log"),

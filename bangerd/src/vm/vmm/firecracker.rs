@@ -119,7 +119,7 @@ impl Firecracker {
             ApiCall::put("/boot-source", boot),
         ];
         for (id, disk, root) in [
-            ("system", &p.system_disk, true),
+            ("system", &spec.system_disk, true),
             ("work", &p.work_disk, false),
         ] {
             calls.push(ApiCall::put(

@@ -67,7 +67,12 @@ pub fn probe_args(kernel: &Path, accel: &str, console: &Path) -> Vec<String> {
     .collect();
     a.push(kernel.to_string_lossy().into_owned());
     a.push("-append".into());
-    a.push("console=ttyS0 panic=-1".into());
+    a.push(if accel == "kvm" {
+        "console=ttyS0 panic=-1".into()
+    } else {
+        // As for every TCG boot (vm::commands::TCG_TSC_KHZ).
+        "console=ttyS0 panic=-1 tsc=unstable tsc_early_khz=2000000".into()
+    });
     a.push("-serial".into());
     a.push(format!(
         "file:{}",

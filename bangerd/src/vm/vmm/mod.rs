@@ -62,6 +62,8 @@ pub struct LaunchSpec {
     pub memory_mib: u32,
     /// The VM's files and sockets.
     pub paths: VmPaths,
+    /// The system disk the VMM opens: a file, or a snapshot's device.
+    pub system_disk: PathBuf,
     /// The TAP to attach, with the guest MAC.
     pub net: Option<(String, String)>,
     /// KVM or software emulation.

@@ -67,7 +67,7 @@ impl Qemu {
             "-serial",
             "chardev:console",
         ]);
-        for (id, disk) in [("system", &p.system_disk), ("work", &p.work_disk)] {
+        for (id, disk) in [("system", &spec.system_disk), ("work", &p.work_disk)] {
             push(&[
                 "-drive",
                 &format!(
@@ -263,6 +263,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
             paths: VmPaths::new(Path::new("/s,tate"), Path::new("/run/b"), "abc"),
+            system_disk: "/s,tate/vms/abc/system.ext4".into(),
             net: Some(("bgtap3".into(), "0a:b6:0a:00:00:02".into())),
             accel: Accel::Tcg,
         }
@@ -304,6 +305,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = spec();
         s.paths = VmPaths::new(dir.path(), dir.path(), "abc");
+        s.system_disk = s.paths.system_disk.clone();
         std::fs::create_dir_all(&s.paths.dir).expect("dir");
         std::fs::create_dir_all(&s.paths.run).expect("run");
         s.net = None;
