@@ -53,6 +53,8 @@ pub struct CoreDeps {
     pub supervisor: Arc<dyn crate::vm::supervise::Supervisor>,
     /// Device-mapper, for snapshot system disks where it exists.
     pub dm: Arc<dyn crate::vm::snapshot::DeviceMapper>,
+    /// The host's resolver, told to route `.vm` to the bridge.
+    pub link_dns: Arc<dyn crate::net::resolved::LinkDns>,
 }
 
 /// The daemon's state and the commands on it.
@@ -146,6 +148,7 @@ impl Core {
             self.deps.bus.as_ref(),
             &self.deps.host,
             self.dns_served(),
+            &self.vm_runtime().resolved(),
         )
         .await;
         // What VMs get: the default image and the accelerator the KVM probe
@@ -390,6 +393,7 @@ mod tests {
                 host: HostPaths::default(),
                 supervisor: Arc::new(crate::vm::supervise::Direct),
                 dm: Arc::new(crate::vm::snapshot::Absent),
+                link_dns: Arc::new(crate::net::resolved::NoLinkDns),
             },
             tx,
         );

@@ -150,6 +150,7 @@ pub async fn run(
     bus: &dyn BusProbe,
     host: &HostPaths,
     dns_served: Option<std::net::SocketAddr>,
+    resolved_link: &crate::net::resolved::Registration,
 ) -> Vec<Check> {
     let polkit = bus.name_state(POLKIT_NAME).await;
     let resolved = bus.name_state(RESOLVED_NAME).await;
@@ -158,6 +159,7 @@ pub async fn run(
     let state_dir = state_dir.to_owned();
     let store = store.clone();
     let host = host.clone();
+    let resolved_link = resolved_link.clone();
     tokio::task::spawn_blocking(move || {
         vec![
             check_store(&store),
@@ -182,7 +184,7 @@ pub async fn run(
             check_polkit(polkit),
             check_journald(&host.journal_socket),
             check_systemd(&host.systemd_runtime),
-            check_resolved(resolved),
+            check_resolved(resolved, &resolved_link),
             check_dns_port(config.network.dns_listen, dns_served),
             check_ip_forward(&host.ip_forward),
         ]
@@ -664,16 +666,34 @@ fn check_systemd(runtime: &Path) -> Check {
     }
 }
 
-fn check_resolved(state: NameState) -> Check {
+/// `resolved`: whether `<name>.vm` resolves on the host through
+/// systemd-resolved (see `net::resolved`).
+pub fn check_resolved(state: NameState, link: &crate::net::resolved::Registration) -> Check {
+    use crate::net::resolved::Registration;
     const NAME: &str = "resolved";
-    if state.reachable() {
-        Check::pass(NAME, "systemd-resolved is on the system bus")
-    } else {
-        Check::warn(
+    if !state.reachable() {
+        return Check::warn(
             NAME,
             "systemd-resolved is not on the system bus: the host will not resolve <name>.vm by itself",
             "use systemd-resolved, or point your resolver at banger's DNS for the vm. domain",
-        )
+        );
+    }
+    match link {
+        Registration::Active { bridge, server } => Check::pass(
+            NAME,
+            format!(
+                "systemd-resolved routes ~vm to {server} on {bridge}: <name>.vm resolves on the host"
+            ),
+        ),
+        Registration::Pending | Registration::Absent => Check::pass(
+            NAME,
+            "systemd-resolved is on the system bus; ~vm is registered with it when the bridge comes up (first VM start)",
+        ),
+        Registration::Failed(why) => Check::warn(
+            NAME,
+            format!("systemd-resolved is running but did not take ~vm: {why}"),
+            "see journalctl -u systemd-resolved; resolvectl domain/dns on the bridge do the same by hand",
+        ),
     }
 }
 
@@ -774,6 +794,33 @@ mod tests {
         let c = check_default_image("debian-bookworm", None);
         assert_eq!(c.verdict, Verdict::Warn);
         assert!(c.hint.contains("vm.default_image"));
+    }
+
+    #[test]
+    fn resolved_says_whether_vm_names_resolve_on_the_host() {
+        use crate::net::resolved::Registration;
+        let up = NameState::Owned;
+        let c = check_resolved(
+            up,
+            &Registration::Active {
+                bridge: "banger0".into(),
+                server: std::net::Ipv4Addr::new(10, 213, 42, 1),
+            },
+        );
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert!(c.detail.contains("10.213.42.1 on banger0"), "{c:?}");
+        let c = check_resolved(up, &Registration::Failed("access denied".into()));
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(c.detail.contains("access denied"));
+        assert!(
+            check_resolved(up, &Registration::Pending)
+                .detail
+                .contains("first VM")
+        );
+        assert_eq!(
+            check_resolved(NameState::Absent, &Registration::Pending).verdict,
+            Verdict::Warn
+        );
     }
 
     #[test]

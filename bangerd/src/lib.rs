@@ -167,6 +167,7 @@ pub async fn run(
             host: HostPaths::default(),
             supervisor,
             dm: Arc::new(os::dm::Dm),
+            link_dns: Arc::new(os::resolved::Resolved::new(conn.clone())),
         },
         events_tx,
     );

@@ -3,7 +3,8 @@
 //! bangerd as a service, creates a VM from the tiny image under QEMU TCG
 //! and checks that its VMM is the transient unit `banger-vm-<id>.service`
 //! in `banger.slice` with the VM's memory and CPU limits, that machined
-//! lists it, that SSH works, that killing bangerd leaves the unit running
+//! lists it, that systemd-resolved resolves `<name>.vm` on the host
+//! (bangerd registered `~vm` on the bridge), that SSH works, that killing bangerd leaves the unit running
 //! and the restarted bangerd adopts it, and that stop ends the unit. The
 //! steps run inside the container (`tests/nspawn/vm-units.sh`); this file
 //! boots it and judges what it wrote. Needs root and the guest artifacts.
@@ -137,6 +138,28 @@ fn vmms_run_as_transient_units_under_systemd() {
         read(dir, "ssh").trim().starts_with("6."),
         "{}",
         read(dir, "ssh")
+    );
+
+    // systemd-resolved routes ~vm to the guests' DNS server on the bridge,
+    // so the host resolves the VM's name; doctor says so.
+    let resolved = read(dir, "resolved");
+    assert!(resolved.contains("~vm"), "{resolved}");
+    assert!(resolved.contains("10.213.42.1"), "{resolved}");
+    let query = read(dir, "query");
+    let ip = vm["ipv4"].as_str().unwrap();
+    assert!(query.contains(&format!("unitvm.vm: {ip}")), "{query}");
+    let doctor_up: serde_json::Value = serde_json::from_str(&read(dir, "doctor-up.json")).unwrap();
+    let check = doctor_up["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "resolved")
+        .cloned()
+        .unwrap();
+    assert_eq!(check["verdict"], "pass", "{check}");
+    assert!(
+        check["detail"].as_str().unwrap().contains("routes ~vm"),
+        "{check}"
     );
 
     // Killing bangerd left the unit running; the new bangerd adopted it.

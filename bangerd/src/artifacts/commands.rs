@@ -727,6 +727,7 @@ mod tests {
                 host: HostPaths::default(),
                 supervisor: Arc::new(crate::vm::supervise::Direct),
                 dm: Arc::new(crate::vm::snapshot::Absent),
+                link_dns: Arc::new(crate::net::resolved::NoLinkDns),
             },
             tx,
         )

@@ -7,3 +7,4 @@ pub mod link;
 pub mod nat;
 pub mod network;
 pub mod pool;
+pub mod resolved;

@@ -78,6 +78,11 @@ impl Network {
         })
     }
 
+    /// The bridge's interface index.
+    pub fn bridge_index(&self) -> u32 {
+        self.pool.bridge_index()
+    }
+
     /// The subnet.
     pub fn subnet(&self) -> &Subnet {
         &self.subnet

@@ -37,6 +37,11 @@ pub struct TapPool {
 }
 
 impl TapPool {
+    /// The bridge's interface index.
+    pub fn bridge_index(&self) -> u32 {
+        self.bridge
+    }
+
     /// A pool of `size` idle TAPs on bridge `bridge` (not filled yet).
     pub fn new(links: Links, bridge: u32, size: usize) -> Self {
         Self {

@@ -5,4 +5,5 @@ pub mod agent;
 pub mod dm;
 pub mod notify;
 pub mod polkit;
+pub mod resolved;
 pub mod systemd;

@@ -57,8 +57,20 @@ pub struct VmRuntime {
     guest_dns: Mutex<Option<DnsServer>>,
     /// Watcher task per VM with a process.
     watchers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Whether systemd-resolved routes `.vm` to the bridge.
+    resolved: Mutex<crate::net::resolved::Registration>,
     /// The KVM probe's verdict per guest kernel, found once per daemon.
     kvm_verdicts: Mutex<HashMap<PathBuf, Arc<tokio::sync::OnceCell<KvmVerdict>>>>,
+}
+
+impl VmRuntime {
+    /// What became of the `.vm` registration with systemd-resolved.
+    pub fn resolved(&self) -> crate::net::resolved::Registration {
+        self.resolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// How long a guest kernel gets to pass early boot under KVM in the probe
@@ -550,6 +562,8 @@ impl Core {
                 Err(e) => tracing::warn!("no DNS for guests on {addr}: {e}"),
             }
         }
+        self.register_vm_domain(&net, &config.network.bridge, subnet.gateway())
+            .await;
         let pool = net.pool().clone();
         tokio::spawn(async move {
             if let Err(e) = pool.fill().await {
@@ -558,6 +572,35 @@ impl Core {
         });
         *slot = Some(net.clone());
         Ok(net)
+    }
+
+    /// Tell systemd-resolved, when it runs, to send `.vm` lookups to the
+    /// guests' DNS server on the bridge. Failing is not fatal: doctor says.
+    async fn register_vm_domain(&self, net: &Network, bridge: &str, gateway: Ipv4Addr) {
+        use crate::net::resolved::Registration;
+        let link_dns = &self.deps.link_dns;
+        let registration = if !link_dns.present().await {
+            Registration::Absent
+        } else {
+            match link_dns.register(net.bridge_index(), gateway, "vm").await {
+                Ok(()) => {
+                    tracing::info!("systemd-resolved routes ~vm to {gateway} on {bridge}");
+                    Registration::Active {
+                        bridge: bridge.to_owned(),
+                        server: gateway,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    Registration::Failed(e.message)
+                }
+            }
+        };
+        *self
+            .vm_runtime()
+            .resolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = registration;
     }
 
     async fn network_if_up(&self) -> Option<Network> {

@@ -1,9 +1,9 @@
 #!/bin/bash
 # Runs inside a systemd-nspawn container booted by
 # bangerd/tests/systemd_units.rs (as banger-test.service): bangerd under
-# systemd, a VM whose VMM becomes a transient unit, what systemd and
-# machined say about it, a bangerd crash the VM survives, then stop and
-# delete. Writes what it saw to /opt/results (the test reads and judges
+# systemd, a VM whose VMM becomes a transient unit, what systemd,
+# machined and resolved say about it, a bangerd crash the VM survives,
+# then stop and delete. Writes what it saw to /opt/results (the test reads and judges
 # it) and powers the container off.
 set -uo pipefail
 out=/opt/results
@@ -58,6 +58,10 @@ systemctl show "$unit" -p ActiveState -p Slice -p MemoryMax -p CPUQuotaPerSecUSe
 machinectl list --no-legend >"$out/machines" 2>&1
 $B vm ssh unitvm -- uname -r >"$out/ssh" || finish "ssh failed"
 step "ssh"
+# The host resolves <name>.vm through systemd-resolved.
+resolvectl status banger0 >"$out/resolved" 2>&1
+resolvectl query --cache=no unitvm.vm >"$out/query" 2>&1
+$B doctor --json >"$out/doctor-up.json"
 
 # bangerd dies; the VM's unit does not.
 systemctl kill -s KILL bangerd
