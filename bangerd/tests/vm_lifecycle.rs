@@ -10,6 +10,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -54,6 +55,25 @@ impl Env {
 
     fn vm(&self, name: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["vm", "show", name, "--json"])).unwrap()
+    }
+
+    /// `banger image register` of `rootfs` and `seed` as `name`, booted
+    /// with the test kernel, plus `extra` arguments.
+    fn register_image(&self, name: &str, rootfs: &Path, seed: &Path, extra: &[&str]) {
+        let mut args = vec![
+            "image",
+            "register",
+            "--name",
+            name,
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--work-seed",
+            seed.to_str().unwrap(),
+            "--kernel",
+            "test-kernel",
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args);
     }
 
     /// The addresses in banger's NAT set, as `nft` lists them.
@@ -119,22 +139,12 @@ fn setup() -> Env {
         "--kernel",
         vmlinuz.to_str().unwrap(),
     ]);
-    env.ok(&[
-        "image",
-        "register",
-        "--name",
+    env.register_image(
         "tiny",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "--work-seed",
-        seed.to_str().unwrap(),
-        "--kernel",
-        "test-kernel",
-        "--service",
-        "ssh:22",
-        "--init",
-        "/sbin/banger-init",
-    ]);
+        &rootfs,
+        &seed,
+        &["--service", "ssh:22", "--init", "/sbin/banger-init"],
+    );
     env
 }
 
@@ -456,22 +466,12 @@ fn the_debian_image_boots_to_sshd_and_its_services() {
     let env = setup();
     let rootfs = guest_artifact("debian-bookworm/rootfs.ext4", "build-debian-image");
     let seed = guest_artifact("debian-bookworm/work-seed.ext4", "build-debian-image");
-    env.ok(&[
-        "image",
-        "register",
-        "--name",
+    env.register_image(
         "debian-bookworm",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "--work-seed",
-        seed.to_str().unwrap(),
-        "--kernel",
-        "test-kernel",
-        "--service",
-        "ssh:22",
-        "--service",
-        "opencode:4096",
-    ]);
+        &rootfs,
+        &seed,
+        &["--service", "ssh:22", "--service", "opencode:4096"],
+    );
     let out = env.ok(&[
         "vm",
         "create",

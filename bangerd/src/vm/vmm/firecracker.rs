@@ -18,13 +18,13 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::UnixStream;
 
-use super::{LaunchSpec, Vmm, kill_failed};
+use super::{LaunchSpec, Vmm, exited_at_start, kill_failed, start_process};
 use crate::auth::BoxFuture;
 use crate::error::{Error, Result};
 use crate::os::agent::AgentEndpoint;
 use crate::vm::VmPaths;
 use crate::vm::process::{ProcessId, Watched};
-use crate::vm::supervise::{StartRequest, Supervisor};
+use crate::vm::supervise::Supervisor;
 
 /// The guest context id of every VM: each VM has its own vsock device and
 /// socket, so they need not differ (3 is the lowest a guest may have).
@@ -295,8 +295,6 @@ impl Vmm for Firecracker {
     ) -> BoxFuture<'a, Result<(Watched, ProcessId)>> {
         Box::pin(async move {
             let p = &spec.paths;
-            let _ = std::fs::remove_file(&p.agent_socket);
-            let _ = std::fs::remove_file(&p.control_socket);
             // The logger, metrics and serial outputs must exist beforehand.
             for file in [&p.vmm_log, &metrics_path(p), &p.console_log] {
                 std::fs::OpenOptions::new()
@@ -305,18 +303,8 @@ impl Vmm for Firecracker {
                     .open(file)
                     .map_err(|e| Error::failed(format!("cannot create {}: {e}", file.display())))?;
             }
-            let args = self.args(spec);
-            let (mut watched, id) = supervisor
-                .start(StartRequest {
-                    vm_id: &spec.id,
-                    vm_name: &spec.name,
-                    program: &self.binary,
-                    args: &args,
-                    log: &p.vmm_log,
-                    memory_mib: spec.memory_mib,
-                    vcpus: spec.vcpus,
-                })
-                .await?;
+            let (mut watched, id) =
+                start_process(spec, supervisor, &self.binary, &self.args(spec)).await?;
             let api = Api::new(&p.control_socket);
             let configured = async {
                 // The API answers once the socket is bound; a bad start
@@ -324,12 +312,7 @@ impl Vmm for Firecracker {
                 let started = Instant::now();
                 loop {
                     if watched.ended() {
-                        let log = std::fs::read_to_string(&p.vmm_log).unwrap_or_default();
-                        let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                        return Err(Error::failed(format!(
-                            "firecracker exited at start: {}",
-                            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
-                        )));
+                        return Err(exited_at_start("firecracker", &p.vmm_log));
                     }
                     match api.state().await {
                         Ok(_) => break,

@@ -16,6 +16,40 @@ use crate::auth::BoxFuture;
 use crate::error::Result;
 use crate::os::agent::AgentEndpoint;
 
+/// Start `program args` for `spec` through `supervisor`, after removing
+/// the sockets an earlier run may have left.
+pub(crate) async fn start_process(
+    spec: &LaunchSpec,
+    supervisor: &dyn Supervisor,
+    program: &std::path::Path,
+    args: &[String],
+) -> Result<(Watched, ProcessId)> {
+    let p = &spec.paths;
+    let _ = std::fs::remove_file(&p.agent_socket);
+    let _ = std::fs::remove_file(&p.control_socket);
+    supervisor
+        .start(super::supervise::StartRequest {
+            vm_id: &spec.id,
+            vm_name: &spec.name,
+            program,
+            args,
+            log: &p.vmm_log,
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+        })
+        .await
+}
+
+/// The error for a VMM that exited before it was ready: its last log lines.
+pub(crate) fn exited_at_start(vmm: &str, log: &std::path::Path) -> crate::error::Error {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+    crate::error::Error::failed(format!(
+        "{vmm} exited at start: {}",
+        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+    ))
+}
+
 /// Kill a VMM that failed at start and reap it if it is bangerd's child.
 pub(crate) fn kill_failed(watched: &mut Watched, id: ProcessId) {
     let _ = id.signal(nix::sys::signal::Signal::SIGKILL);

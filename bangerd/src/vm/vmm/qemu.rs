@@ -9,13 +9,13 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::{Accel, LaunchSpec, Vmm, kill_failed};
+use super::{Accel, LaunchSpec, Vmm, exited_at_start, kill_failed, start_process};
 use crate::auth::BoxFuture;
 use crate::error::{Error, Result};
 use crate::os::agent::AgentEndpoint;
 use crate::vm::VmPaths;
 use crate::vm::process::{ProcessId, Watched};
-use crate::vm::supervise::{StartRequest, Supervisor};
+use crate::vm::supervise::Supervisor;
 
 /// The virtio-serial port name the agent listens on.
 pub const AGENT_PORT: &str = "org.banger.agent";
@@ -196,31 +196,14 @@ impl Vmm for Qemu {
     ) -> BoxFuture<'a, Result<(Watched, ProcessId)>> {
         Box::pin(async move {
             let p = &spec.paths;
-            let _ = std::fs::remove_file(&p.agent_socket);
-            let _ = std::fs::remove_file(&p.control_socket);
-            let args = self.args(spec);
-            let (mut watched, id) = supervisor
-                .start(StartRequest {
-                    vm_id: &spec.id,
-                    vm_name: &spec.name,
-                    program: &self.binary,
-                    args: &args,
-                    log: &p.vmm_log,
-                    memory_mib: spec.memory_mib,
-                    vcpus: spec.vcpus,
-                })
-                .await?;
+            let (mut watched, id) =
+                start_process(spec, supervisor, &self.binary, &self.args(spec)).await?;
             // QEMU has parsed its arguments and set up every device once
             // QMP answers; a bad argument makes it exit before.
             let started = Instant::now();
             loop {
                 if watched.ended() {
-                    let log = std::fs::read_to_string(&p.vmm_log).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                    return Err(Error::failed(format!(
-                        "qemu exited at start: {}",
-                        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
-                    )));
+                    return Err(exited_at_start("qemu", &p.vmm_log));
                 }
                 if let Ok(mut qmp) = Qmp::connect(&p.control_socket, Duration::from_secs(2)).await
                     && qmp.status().await.is_ok()
