@@ -204,8 +204,15 @@ fn the_tap_pool_hands_out_refills_reuses_and_adopts() {
         .await;
         let names: BTreeSet<String> = got.into_iter().map(|r| r.unwrap()).collect();
         assert_eq!(names.len(), 8, "{names:?}");
-        for name in &names {
-            racing.release(name).await.unwrap();
+        // Releases racing the refills: a released name is not free until
+        // its TAP is back in the pool or gone.
+        let released = futures_util::future::join_all(names.iter().map(|name| {
+            let pool = racing.clone();
+            async move { pool.release(name).await }
+        }))
+        .await;
+        for r in released {
+            r.unwrap();
         }
         racing.drain().await.unwrap();
         for _ in 0..100 {

@@ -141,18 +141,20 @@ impl TapPool {
     }
 
     /// Give `name` back: kept as an idle TAP when the pool is short,
-    /// deleted otherwise.
+    /// deleted otherwise. The name stays reserved (in use) until then, so
+    /// a refill running meanwhile cannot pick it.
     pub async fn release(&self, name: &str) -> Result<(), Error> {
-        let keep = {
-            let mut state = self.state.lock().await;
-            state.in_use.remove(name);
-            state.idle.len() < self.size
-        };
-        if keep {
-            self.links.set_tap_owner(name, IDLE_OWNER)?;
-            self.state.lock().await.idle.push(name.to_owned());
+        let keep = self.state.lock().await.idle.len() < self.size;
+        let done = if keep {
+            self.links.set_tap_owner(name, IDLE_OWNER)
         } else {
-            self.links.delete(name).await?;
+            self.links.delete(name).await
+        };
+        let mut state = self.state.lock().await;
+        state.in_use.remove(name);
+        done?;
+        if keep {
+            state.idle.push(name.to_owned());
         }
         Ok(())
     }
