@@ -47,6 +47,18 @@ fn property<'a>(show: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// Check `name` of the `banger doctor --json` output saved as `file`.
+fn doctor_check(dir: &Path, file: &str, name: &str) -> serde_json::Value {
+    let doctor: serde_json::Value = serde_json::from_str(&read(dir, file)).unwrap();
+    doctor["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} check in {doctor}"))
+}
+
 #[test]
 fn vmms_run_as_transient_units_under_systemd() {
     guest_artifact("kernel/vmlinuz", "build-test-kernel");
@@ -148,14 +160,7 @@ fn vmms_run_as_transient_units_under_systemd() {
     let query = read(dir, "query");
     let ip = vm["ipv4"].as_str().unwrap();
     assert!(query.contains(&format!("unitvm.vm: {ip}")), "{query}");
-    let doctor_up: serde_json::Value = serde_json::from_str(&read(dir, "doctor-up.json")).unwrap();
-    let check = doctor_up["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "resolved")
-        .cloned()
-        .unwrap();
+    let check = doctor_check(dir, "doctor-up.json", "resolved");
     assert_eq!(check["verdict"], "pass", "{check}");
     assert!(
         check["detail"].as_str().unwrap().contains("routes ~vm"),
@@ -177,13 +182,6 @@ fn vmms_run_as_transient_units_under_systemd() {
     );
 
     // doctor inside saw systemd as PID 1.
-    let doctor: serde_json::Value = serde_json::from_str(&read(dir, "doctor.json")).unwrap();
-    let systemd = doctor["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "systemd")
-        .cloned()
-        .unwrap();
+    let systemd = doctor_check(dir, "doctor.json", "systemd");
     assert_eq!(systemd["verdict"], "pass", "{systemd}");
 }
