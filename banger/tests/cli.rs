@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use banger_testbed::{Options, TestBed, TestUser, eventually};
+use banger_testbed::{Options, TestBed, TestUser, doctor_check, eventually};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -519,13 +519,7 @@ fn doctor_reports_the_host_checks() {
         value["summary"],
         serde_json::json!({"pass": counts[0], "warn": counts[1], "fail": counts[2]})
     );
-    let verdict = |name: &str| {
-        checks
-            .iter()
-            .find(|c| c["name"] == name)
-            .map(|c| c["verdict"].clone())
-            .unwrap_or_else(|| panic!("no {name} check in {value}"))
-    };
+    let verdict = |name: &str| doctor_check(&value, name)["verdict"].clone();
     assert_eq!(verdict("store"), "pass", "{value}");
     assert_eq!(
         verdict("polkit"),
@@ -976,10 +970,7 @@ fn without_polkit_only_root_may_maintain() {
     // The doctor says so too, and root may still maintain.
     let out = run(bed.banger().args(["doctor", "--json"]));
     let value = json(&out);
-    let polkit = value["checks"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == "polkit"))
-        .unwrap_or_else(|| panic!("no polkit check in {value}"));
+    let polkit = doctor_check(&value, "polkit");
     assert_eq!(polkit["verdict"], "fail", "{polkit}");
     assert_eq!(out.status.code(), Some(10), "{}", shown(&out));
 

@@ -50,13 +50,7 @@ fn property<'a>(show: &'a str, key: &str) -> Option<&'a str> {
 /// Check `name` of the `banger doctor --json` output saved as `file`.
 fn doctor_check(dir: &Path, file: &str, name: &str) -> serde_json::Value {
     let doctor: serde_json::Value = serde_json::from_str(&read(dir, file)).unwrap();
-    doctor["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no {name} check in {doctor}"))
+    banger_testbed::doctor_check(&doctor, name)
 }
 
 #[test]

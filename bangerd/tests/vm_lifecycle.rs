@@ -14,7 +14,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use banger_testbed::{NetNs, Options, TestBed, TestUser, bin_path, eventually, guest_artifact};
+use banger_testbed::{
+    NetNs, Options, TestBed, TestUser, bin_path, doctor_check, eventually, guest_artifact,
+};
 
 struct Env {
     ns: NetNs,
@@ -155,15 +157,7 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
     // doctor names the default image and what VMs will run under.
     let doctor: serde_json::Value =
         serde_json::from_slice(&env.run(&["doctor", "--json"]).stdout).unwrap();
-    let check = |name: &str| {
-        doctor["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {name} check: {doctor}"))
-    };
+    let check = |name: &str| doctor_check(&doctor, name);
     assert_eq!(check("default-image")["verdict"], "pass", "{doctor}");
     assert!(
         check("default-image")["detail"]

@@ -72,6 +72,16 @@ pub use polkit::{RuleGuard, install_polkit_rule};
 pub use spawn::pid_alive;
 pub use user::TestUser;
 
+/// The check called `name` in `banger doctor --json` output; panics,
+/// showing the output, when there is none.
+pub fn doctor_check(doctor: &serde_json::Value, name: &str) -> serde_json::Value {
+    doctor["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} check in {doctor}"))
+}
+
 /// Calls `f` until it returns `Some`, every 100 ms, for at most `timeout`
 /// (at least once, and once more at the deadline). Returns the first `Some`,
 /// or `None` if `f` never gave one.
