@@ -647,25 +647,44 @@ fn signal_number(name: &str) -> Result<i32, Failure> {
 
 async fn kill(opts: Options, refs: Vec<String>, signal: &str) -> anyhow::Result<u8> {
     let number = signal_number(signal)?;
+    call_each(opts, &refs, "Kill", &(number,), |r| {
+        if opts.json {
+            Ok(())
+        } else {
+            emit(&format!("{r}: sent signal {signal}"))
+        }
+    })
+    .await
+}
+
+/// Call `method` with `body` on each VM in `refs`, one after the other:
+/// `done` reports a success, a failure is a line on stderr. The exit code
+/// is the last failure's, or OK.
+async fn call_each<B>(
+    opts: Options,
+    refs: &[String],
+    method: &str,
+    body: &B,
+    done: impl Fn(&str) -> std::io::Result<()>,
+) -> anyhow::Result<u8>
+where
+    B: serde::Serialize + zbus::zvariant::DynamicType,
+{
     let client = connect(opts).await?;
     let catalog = client.catalog().await?;
     let auth = Authorization::prepare(opts).await;
     let mut worst = None;
-    for r in &refs {
+    for r in refs {
         let result = match artifacts::resolve(&catalog.vms, r, "vm") {
             Ok(vm) => {
                 client
-                    .vm_call::<_, ()>(&vm.path, "Kill", &(number,), auth.interaction)
+                    .vm_call::<_, ()>(&vm.path, method, body, auth.interaction)
                     .await
             }
             Err(f) => Err(f),
         };
         match result {
-            Ok(()) => {
-                if !opts.json {
-                    emit(&format!("{r}: sent signal {signal}"))?;
-                }
-            }
+            Ok(()) => done(r)?,
             Err(f) => {
                 eprintln!("error: {r}: {f}");
                 worst = Some(f);
@@ -707,29 +726,10 @@ async fn set(
         )
         .into());
     }
-    let client = connect(opts).await?;
-    let catalog = client.catalog().await?;
-    let auth = Authorization::prepare(opts).await;
-    let mut worst = None;
-    for r in &refs {
-        let result = match artifacts::resolve(&catalog.vms, r, "vm") {
-            Ok(vm) => {
-                client
-                    .vm_call::<_, ()>(&vm.path, "Set", &(&changes,), auth.interaction)
-                    .await
-            }
-            Err(f) => Err(f),
-        };
-        match result {
-            Ok(()) => emit(&format!("{r}: changed"))?,
-            Err(f) => {
-                eprintln!("error: {r}: {f}");
-                worst = Some(f);
-            }
-        }
-    }
-    let _ = auth.finish(Ok::<_, Failure>(())).await;
-    Ok(worst.map_or(exit::OK, |f| f.kind().code()))
+    call_each(opts, &refs, "Set", &(&changes,), |r| {
+        emit(&format!("{r}: changed"))
+    })
+    .await
 }
 
 async fn stats(opts: Options, reference: &str) -> anyhow::Result<u8> {
