@@ -154,30 +154,21 @@ impl Core {
         // What VMs get: the default image and the accelerator the KVM probe
         // chose with its kernel (a real boot, cached; see vm::vmm::kvm).
         let image_name = &config.vm.default_image;
-        let image = self.image(image_name).await.ok();
-        let kernel = match &image {
-            Some(i) => self.kernel(&i.kernel_id).await.ok(),
-            None => None,
-        };
+        let found = self.default_image().await;
         let default_image = doctor::check_default_image(
             image_name,
-            image
+            found
                 .as_ref()
-                .zip(kernel.as_ref())
                 .map(|(i, k)| (i.id.as_str(), k.name.as_str())),
         );
-        let kernel_path = kernel.map(|k| k.bzimage.clone().unwrap_or(k.vmlinux.clone()));
-        let verdict = match (&kernel_path, config.vm.accel) {
+        let kernel = found.as_ref().map(|(_, k)| k.boot_file());
+        let verdict = match (kernel, config.vm.accel) {
             (Some(path), crate::config::Accel::Auto | crate::config::Accel::Kvm) => {
                 Some(self.kvm_verdict(path).await)
             }
             _ => None,
         };
-        let accel = doctor::check_accel(
-            config.vm.accel,
-            kernel_path.as_deref().zip(verdict.as_ref()),
-            image_name,
-        );
+        let accel = doctor::check_accel(config.vm.accel, kernel.zip(verdict.as_ref()), image_name);
         let at = checks
             .iter()
             .position(|c| c.name == "vmm")

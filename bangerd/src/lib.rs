@@ -197,8 +197,8 @@ pub async fn run(
     if core.config().vm.accel == config::Accel::Auto {
         let core = core.clone();
         tokio::spawn(async move {
-            if let Some(kernel) = core.default_kernel().await {
-                core.kvm_verdict(&kernel).await;
+            if let Some((_, kernel)) = core.default_image().await {
+                core.kvm_verdict(kernel.boot_file()).await;
             }
         });
     }

@@ -44,6 +44,14 @@ pub struct Kernel {
     pub owner_uid: u32,
 }
 
+impl Kernel {
+    /// The file QEMU (and the KVM probe) boots: the bzImage when there is
+    /// one, else the ELF vmlinux.
+    pub fn boot_file(&self) -> &Path {
+        self.bzimage.as_deref().unwrap_or(&self.vmlinux)
+    }
+}
+
 /// A guest service readiness waits for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {

@@ -229,7 +229,6 @@ pub fn choose_vmm(
     verdict: impl FnOnce() -> KvmVerdict,
 ) -> Result<(Arc<dyn Vmm>, Accel)> {
     let firecracker_installed = find_program(&config.vm.firecracker_bin).is_some();
-    let wants_kvm = config.vm.accel != config::Accel::Tcg;
     let (firecracker, kvm) = match (config.vm.vmm, config.vm.accel) {
         (VmmKind::Firecracker, config::Accel::Tcg) => {
             return Err(Error::invalid(
@@ -251,7 +250,7 @@ pub fn choose_vmm(
         (VmmKind::Qemu, config::Accel::Auto) => (false, verdict().usable()),
         (VmmKind::Auto, config::Accel::Kvm) => (firecracker_installed, true),
         (VmmKind::Auto, config::Accel::Auto) => {
-            let usable = wants_kvm && verdict().usable();
+            let usable = verdict().usable();
             (firecracker_installed && usable, usable)
         }
     };
@@ -269,13 +268,8 @@ impl Core {
     /// kernel file that VMM boots.
     pub async fn pick_vmm(&self, kernel: &Kernel) -> Result<(Arc<dyn Vmm>, Accel, PathBuf)> {
         let config = self.config();
-        let probe_kernel = kernel
-            .bzimage
-            .clone()
-            .unwrap_or_else(|| kernel.vmlinux.clone());
-        let needs_probe = config.vm.accel == config::Accel::Auto;
-        let verdict = if needs_probe {
-            Some(self.kvm_verdict(&probe_kernel).await)
+        let verdict = if config.vm.accel == config::Accel::Auto {
+            Some(self.kvm_verdict(kernel.boot_file()).await)
         } else {
             None
         };
@@ -285,7 +279,7 @@ impl Core {
         let file = if vmm.wants_elf_kernel() {
             kernel.vmlinux.clone()
         } else {
-            probe_kernel
+            kernel.boot_file().to_owned()
         };
         Ok((vmm, accel, file))
     }
@@ -366,12 +360,12 @@ impl Core {
         self.deps.supervisor.unit(id)
     }
 
-    /// The kernel of the default image, for probes made ahead of need.
-    pub async fn default_kernel(&self) -> Option<PathBuf> {
-        let config = self.config();
-        let image = self.image(&config.vm.default_image).await.ok()?;
+    /// The default image (`vm.default_image`) and its kernel, when both
+    /// are registered.
+    pub async fn default_image(&self) -> Option<(Image, Kernel)> {
+        let image = self.image(&self.config().vm.default_image).await.ok()?;
         let kernel = self.kernel(&image.kernel_id).await.ok()?;
-        Some(kernel.bzimage.clone().unwrap_or(kernel.vmlinux.clone()))
+        Some((image, kernel))
     }
 
     fn rows(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -942,19 +936,17 @@ impl Core {
 
     /// Record that VM `id`'s VMM `pid` ended: stopped, TAP/name/NAT back.
     async fn vmm_exited(&self, id: &str, pid: ProcessId) {
-        // Take the network back *before* the row says stopped: a start can
-        // only begin once it does, and it must not find (or lose to) the
-        // old instance's TAP, address or name on its way out.
+        // Take the network and the system disk back *before* the row says
+        // stopped: a start can only begin once it does, and it must not
+        // find (or lose to) the old instance's TAP, address, name or
+        // devices on their way out.
         let current = self.deps.store.vm(id).ok().flatten();
-        if let Some(vm) = current.filter(|v| v.pid == Some(pid.pid))
-            && let (Some(net), Some(ip)) = (self.network_if_up().await, self.vm_ipv4(id).await)
-            && let Err(e) = net.detach(&vm.name, ip, vm.tap.as_deref()).await
-        {
-            tracing::warn!(banger_vm_id = %vm.id, "cannot take back the vm's network: {e}");
-        }
-        if let Ok(Some(vm)) = self.deps.store.vm(id)
-            && vm.pid == Some(pid.pid)
-        {
+        if let Some(vm) = current.filter(|v| v.pid == Some(pid.pid)) {
+            if let (Some(net), Some(ip)) = (self.network_if_up().await, self.vm_ipv4(id).await)
+                && let Err(e) = net.detach(&vm.name, ip, vm.tap.as_deref()).await
+            {
+                tracing::warn!(banger_vm_id = %vm.id, "cannot take back the vm's network: {e}");
+            }
             self.system_disk_down(&vm).await;
         }
         let result = (|| {
