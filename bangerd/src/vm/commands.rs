@@ -18,10 +18,10 @@ use nix::sys::signal::Signal;
 use super::disk::{self, DiskMethod};
 use super::process::{ProcessId, Watched};
 use super::snapshot;
-use super::vmm::Accel;
 use super::vmm::firecracker::Firecracker;
 use super::vmm::kvm::{self, KvmVerdict};
 use super::vmm::qemu::Qemu;
+use super::vmm::{Accel, TCG_TSC_KHZ};
 use super::vmm::{LaunchSpec, Vmm};
 use super::{Vm, VmEvent, VmPaths, VmRequest, VmState, validate_sizes, validate_ssh_key};
 use crate::artifacts::{Image, Kernel, Resource, validate};
@@ -159,9 +159,6 @@ pub fn kernel_cmdline(
     }
     args.join(" ")
 }
-
-/// The TSC frequency TCG guests are told (`tsc_early_khz`, kernel 5.7+).
-pub const TCG_TSC_KHZ: &str = "tsc_early_khz=2000000";
 
 /// Find a program on PATH (a path with a slash is taken as is).
 pub fn find_program(program: &std::path::Path) -> Option<PathBuf> {

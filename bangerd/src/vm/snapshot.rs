@@ -135,8 +135,8 @@ fn detach(device: &Path) -> Result<()> {
     };
     match loop_device.detach() {
         Ok(()) => Ok(()),
-        // ENXIO: nothing attached any more.
-        Err(e) if e.raw_os_error() == Some(6) => Ok(()),
+        // Nothing attached any more.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => Ok(()),
         Err(e) => Err(Error::failed(format!(
             "cannot detach {}: {e}",
             device.display()

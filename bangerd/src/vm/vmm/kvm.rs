@@ -70,8 +70,8 @@ pub fn probe_args(kernel: &Path, accel: &str, console: &Path) -> Vec<String> {
     a.push(if accel == "kvm" {
         "console=ttyS0 panic=-1".into()
     } else {
-        // As for every TCG boot (vm::commands::TCG_TSC_KHZ).
-        "console=ttyS0 panic=-1 tsc=unstable tsc_early_khz=2000000".into()
+        // As for every TCG boot.
+        format!("console=ttyS0 panic=-1 tsc=unstable {}", super::TCG_TSC_KHZ)
     });
     a.push("-serial".into());
     a.push(format!(

@@ -58,6 +58,10 @@ pub(crate) fn kill_failed(watched: &mut Watched, id: ProcessId) {
     }
 }
 
+/// The TSC frequency TCG guests are told (`tsc_early_khz`, kernel 5.7+),
+/// so that they skip calibrating against the emulated PIT.
+pub const TCG_TSC_KHZ: &str = "tsc_early_khz=2000000";
+
 /// Which accelerator a VM runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
