@@ -38,6 +38,9 @@ pub struct DaemonConfig {
     pub job_history_days: u32,
     /// Free space on the state filesystem below which `doctor` warns, in GiB.
     pub min_free_disk_gib: u64,
+    /// Under systemd, exit after this many seconds without jobs, bus calls
+    /// or running VMs (D-Bus and socket activation bring it back); 0 never.
+    pub idle_exit_secs: u64,
 }
 
 impl Default for DaemonConfig {
@@ -47,6 +50,7 @@ impl Default for DaemonConfig {
             job_retention_secs: 10,
             job_history_days: 30,
             min_free_disk_gib: 10,
+            idle_exit_secs: 120,
         }
     }
 }

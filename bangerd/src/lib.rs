@@ -11,6 +11,7 @@ pub mod config;
 pub mod core;
 pub mod doctor;
 pub mod error;
+pub mod idle;
 pub mod jobs;
 pub mod logging;
 pub mod net;
@@ -81,6 +82,9 @@ pub struct RunOptions {
     /// `.vm` DNS sockets passed by systemd (`bangerd.socket`); when empty,
     /// bangerd binds `network.dns_listen` itself.
     pub dns_fds: Vec<std::os::fd::OwnedFd>,
+    /// Something (systemd's D-Bus and socket activation) starts the daemon
+    /// again on demand, so it may exit after `daemon.idle_exit_secs` idle.
+    pub exit_when_idle: bool,
 }
 
 /// Serve DNS on the sockets systemd passed, or bind `listen`.
@@ -125,6 +129,7 @@ pub async fn run(
         config,
         log,
         dns_fds,
+        exit_when_idle,
     } = options;
     dirs.create().map_err(|source| DaemonError::Dirs {
         path: dirs.state.clone(),
@@ -222,7 +227,49 @@ pub async fn run(
         "serving"
     );
 
-    while let Some(request) = control.recv().await {
+    // With WatchdogSec=, ping at half the interval, each time after the
+    // core answered (its store and job locks are free), so a wedged daemon
+    // gets restarted.
+    let watchdog = os::notify::watchdog_interval().map(|interval| {
+        let core = core.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = core.status_line();
+                os::notify::watchdog();
+                tokio::time::sleep(interval / 2).await;
+            }
+        })
+    });
+    let activity = Arc::new(idle::Activity::default());
+    let calls = tokio::spawn(watch_calls(conn.clone(), activity.clone()));
+    let mut last_status = status;
+    loop {
+        let rule = idle::IdleRule::new(core.config().daemon.idle_exit_secs, exit_when_idle);
+        let request = tokio::select! {
+            request = control.recv() => request,
+            () = tokio::time::sleep(rule.tick()) => {
+                // VMs that end on their own change the summary without a job.
+                let status = core.status_line();
+                if status != last_status {
+                    os::notify::status(&status);
+                    last_status = status;
+                }
+                let load = idle::Load {
+                    jobs: core.jobs().running(),
+                    vms: core.running_vms(),
+                    quiet: activity.idle_for(),
+                };
+                if rule.should_exit(load) {
+                    tracing::info!(
+                        idle_secs = load.quiet.as_secs(),
+                        "idle: no job, no call and no running VM; exiting until the next call"
+                    );
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(request) = request else { break };
         match request {
             Control::Shutdown => break,
             Control::Reload => {
@@ -256,7 +303,24 @@ pub async fn run(
     }
     drop(core);
     mirror.abort();
+    calls.abort();
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     Ok(())
+}
+
+/// Every method call addressed to bangerd counts as activity.
+async fn watch_calls(conn: Connection, activity: Arc<idle::Activity>) {
+    use futures_util::StreamExt;
+    let mut messages = zbus::MessageStream::from(&conn);
+    while let Some(message) = messages.next().await {
+        if let Ok(message) = message
+            && message.message_type() == zbus::message::Type::MethodCall
+        {
+            activity.touch();
+        }
+    }
 }
 
 /// Who runs VMMs: systemd where it is PID 1 (unless `vm.supervisor` says

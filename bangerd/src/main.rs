@@ -65,6 +65,7 @@ fn main() -> ExitCode {
                 config,
                 log: Some(log),
                 dns_fds,
+                exit_when_idle: bangerd::idle::started_by_systemd(),
             }))
         });
     match result {

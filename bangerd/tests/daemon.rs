@@ -556,13 +556,27 @@ fn sd_notify_ready_status_and_clean_sigterm() {
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    bed.start_daemon_with_env(&[("NOTIFY_SOCKET", socket_path.to_str().expect("utf-8"))])
-        .expect("start");
+    bed.start_daemon_with_env(&[
+        ("NOTIFY_SOCKET", socket_path.to_str().expect("utf-8")),
+        // WatchdogSec=1s
+        ("WATCHDOG_USEC", "1000000"),
+    ])
+    .expect("start");
     let mut buf = [0u8; 4096];
     let n = socket.recv(&mut buf).expect("a notification");
     let first = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(first.lines().any(|l| l == "READY=1"), "{first}");
     assert!(first.lines().any(|l| l == "STATUS=idle"), "{first}");
+    // Watchdog pings at half the interval: three within two seconds.
+    let started = std::time::Instant::now();
+    let mut pings = 0;
+    while pings < 3 {
+        let n = socket.recv(&mut buf).expect("a watchdog ping");
+        if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+            pings += 1;
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 
     let status = bed.stop_daemon().expect("stop");
     assert!(
@@ -570,8 +584,64 @@ fn sd_notify_ready_status_and_clean_sigterm() {
         "SIGTERM is a clean exit: {status:?}\n{}",
         bed.daemon_log()
     );
-    let n = socket.recv(&mut buf).expect("stopping notification");
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    // Pings may still be queued before it.
+    loop {
+        let n = socket.recv(&mut buf).expect("stopping notification");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+}
+
+#[test]
+fn exits_when_idle_under_systemd_and_not_while_called() {
+    let mut bed = TestBed::start(Options {
+        start_daemon: false,
+        ..quick_config("idle_exit_secs = 2\n")
+    })
+    .expect("test bed");
+    // systemd's mark on the processes it starts: something brings bangerd
+    // back, so it may go.
+    bed.start_daemon_with_env(&[("INVOCATION_ID", "0123456789abcdef0123456789abcdef")])
+        .expect("start");
+    // Calls every half second keep it serving well past the idle time.
+    let rt = runtime();
+    rt.block_on(async {
+        let conn = connect(&bed).await;
+        let manager = ManagerProxy::builder(&conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .expect("proxy");
+        for _ in 0..10 {
+            assert_eq!(manager.status().await.expect("Status"), "idle");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    assert!(
+        bed.name_has_owner(banger_dbus::BUS_NAME),
+        "bangerd left while called:\n{}",
+        bed.daemon_log()
+    );
+    // Then quiet: it exits cleanly (systemd does not restart it).
+    let status = bed
+        .wait_daemon_exit(Duration::from_secs(10))
+        .expect("wait")
+        .unwrap_or_else(|| panic!("still running after 10 s idle:\n{}", bed.daemon_log()));
+    assert!(status.success(), "{status:?}\n{}", bed.daemon_log());
+    assert!(!bed.name_has_owner(banger_dbus::BUS_NAME));
+}
+
+#[test]
+fn does_not_exit_when_idle_without_systemd() {
+    let mut bed = TestBed::start(quick_config("idle_exit_secs = 1\n")).expect("test bed");
+    assert_eq!(
+        bed.wait_daemon_exit(Duration::from_secs(4)).expect("wait"),
+        None,
+        "nothing would start it again:\n{}",
+        bed.daemon_log()
+    );
+    assert!(bed.name_has_owner(banger_dbus::BUS_NAME));
 }
 
 #[test]

@@ -25,6 +25,17 @@ pub fn reloading() {
     send(&[NotifyState::Reloading]);
 }
 
+/// The watchdog interval systemd expects pings within (`WatchdogSec=`),
+/// when it set one for this process.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    daemon::watchdog_enabled(false)
+}
+
+/// Tell the service manager we are alive.
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
+
 fn send(states: &[NotifyState]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;

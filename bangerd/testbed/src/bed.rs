@@ -568,6 +568,19 @@ impl TestBed {
         terminate(&mut daemon, DAEMON_STOP_GRACE)
     }
 
+    /// Waits up to `timeout` for bangerd to exit on its own. Returns its
+    /// exit status, or `None` if it still runs (it is left running).
+    pub fn wait_daemon_exit(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+        let Some(daemon) = self.daemon.as_mut() else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "bangerd is not running"));
+        };
+        let status = wait_timeout(daemon, timeout)?;
+        if status.is_some() {
+            self.daemon = None;
+        }
+        Ok(status)
+    }
+
     /// Kills bangerd with SIGKILL and reaps it. Returns its exit status, or
     /// `None` if it was not running.
     pub fn kill_daemon(&mut self) -> Option<ExitStatus> {
