@@ -33,7 +33,10 @@ impl Activity {
 
     /// How long since the last [`Activity::touch`] (or since start).
     pub fn idle_for(&self) -> Duration {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
     }
 }
 

@@ -576,7 +576,11 @@ fn sd_notify_ready_status_and_clean_sigterm() {
             pings += 1;
         }
     }
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 
     let status = bed.stop_daemon().expect("stop");
     assert!(

@@ -572,7 +572,10 @@ impl TestBed {
     /// exit status, or `None` if it still runs (it is left running).
     pub fn wait_daemon_exit(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
         let Some(daemon) = self.daemon.as_mut() else {
-            return Err(io::Error::new(io::ErrorKind::NotFound, "bangerd is not running"));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "bangerd is not running",
+            ));
         };
         let status = wait_timeout(daemon, timeout)?;
         if status.is_some() {
