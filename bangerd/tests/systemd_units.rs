@@ -12,44 +12,18 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use banger_testbed::{artifacts_dir, bin_path, guest_artifact};
+use banger_testbed::unit_property as property;
+use banger_testbed::{Nspawn, artifacts_dir, bin_path, guest_artifact, nspawn_rootfs};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The container tree, built (or found in the cache) by its script.
-fn rootfs() -> PathBuf {
-    let out = Command::new(repo().join("scripts/build-nspawn-rootfs"))
-        .output()
-        .expect("run scripts/build-nspawn-rootfs");
-    assert!(
-        out.status.success(),
-        "scripts/build-nspawn-rootfs failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(
-        path.join("usr/lib/systemd/systemd").exists() || path.join("lib/systemd/systemd").exists()
-    );
-    path
-}
-
-fn read(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
-}
-
-/// `Key=value` lines of `systemctl show`.
-fn property<'a>(show: &'a str, key: &str) -> Option<&'a str> {
-    show.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-}
-
 /// Check `name` of the `banger doctor --json` output saved as `file`.
 fn doctor_check(dir: &Path, file: &str, name: &str) -> serde_json::Value {
-    let doctor: serde_json::Value = serde_json::from_str(&read(dir, file)).unwrap();
+    let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    let doctor: serde_json::Value = serde_json::from_str(&text).unwrap();
     banger_testbed::doctor_check(&doctor, name)
 }
 
@@ -57,68 +31,38 @@ fn doctor_check(dir: &Path, file: &str, name: &str) -> serde_json::Value {
 fn vmms_run_as_transient_units_under_systemd() {
     guest_artifact("kernel/vmlinuz", "build-test-kernel");
     guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
-    let rootfs = rootfs();
-    let results = tempfile::tempdir().unwrap();
     let bin_dir = bin_path("bangerd").parent().unwrap().to_path_buf();
     let tests = repo().join("bangerd/tests/nspawn");
-    let bind = |flag: &str, from: &Path, to: &str| format!("--{flag}={}:{to}", from.display());
-    let out = Command::new("timeout")
-        .args(["--kill-after=10", "600", "systemd-nspawn"])
-        .args([
-            "--quiet",
-            "--register=no",
-            "--keep-unit",
-            "--volatile=overlay",
-            "--private-network",
-        ])
-        .arg("--directory")
-        .arg(&rootfs)
-        .arg("--machine=banger-test")
-        .arg("--bind=/dev/net/tun")
-        .arg(bind("bind-ro", &bin_dir, "/opt/banger"))
-        .arg(bind("bind-ro", &artifacts_dir(), "/opt/guest"))
-        .arg(bind("bind", results.path(), "/opt/results"))
-        .arg(bind("bind-ro", &tests, "/opt/banger-test"))
-        .arg(bind(
-            "bind-ro",
-            &tests.join("banger-test.service"),
-            "/etc/systemd/system/banger-test.service",
-        ))
-        .arg(bind(
-            "bind-ro",
+    let boot = Nspawn::new(&nspawn_rootfs(), "banger-test", "banger-test.service")
+        .bind_ro(&bin_dir, "/opt/banger")
+        .bind_ro(&artifacts_dir(), "/opt/guest")
+        .bind_ro(&tests, "/opt/banger-test")
+        .unit_file(&tests.join("banger-test.service"))
+        .bind_ro(
             &repo().join("dbus/org.banger.Manager.conf"),
             "/etc/dbus-1/system.d/org.banger.Manager.conf",
-        ))
-        .args(["--boot", "--", "systemd.wants=banger-test.service"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let dir = results.path();
-    let log = read(dir, "log");
-    let verdict = read(dir, "verdict");
-    assert_eq!(
-        verdict.trim(),
-        "PASS",
-        "the container said {verdict:?} (nspawn {}: {})\nsteps:\n{}\nlog:\n{log}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        read(dir, "steps")
-    );
+        )
+        // polkitd runs in the tree: it must know banger's actions.
+        .bind_ro(
+            &repo().join("packaging/org.banger.policy"),
+            "/usr/share/polkit-1/actions/org.banger.policy",
+        );
+    let out = boot.run();
+    boot.assert_passed(&out);
+    let dir = boot.results();
+    let read = |name: &str| boot.read(name);
 
     // The VM's VMM is its own unit, in banger's slice, with its limits.
-    let unit_name = read(dir, "unit-name").trim().to_owned();
-    let vm: serde_json::Value = serde_json::from_str(&read(dir, "vm.json")).unwrap();
+    let unit_name = read("unit-name").trim().to_owned();
+    let vm: serde_json::Value = serde_json::from_str(&read("vm.json")).unwrap();
     assert_eq!(
         unit_name,
         format!("banger-vm-{}.service", vm["id"].as_str().unwrap())
     );
     assert_eq!(vm["unit"], unit_name.as_str(), "{vm}");
     assert_eq!(vm["state"], "running");
-    let unit = read(dir, "unit");
-    eprintln!(
-        "{unit_name}:\n{unit}machinectl list:\n{}",
-        read(dir, "machines")
-    );
+    let unit = read("unit");
+    eprintln!("{unit_name}:\n{unit}machinectl list:\n{}", read("machines"));
     assert_eq!(property(&unit, "ActiveState"), Some("active"), "{unit}");
     assert_eq!(property(&unit, "Slice"), Some("banger.slice"), "{unit}");
     assert_eq!(property(&unit, "Type"), Some("exec"), "{unit}");
@@ -133,25 +77,21 @@ fn vmms_run_as_transient_units_under_systemd() {
     assert!(main_pid > 0, "{unit}");
 
     // machined lists it; SSH reached it.
-    let machines = read(dir, "machines");
+    let machines = read("machines");
     assert!(
         machines
             .lines()
             .any(|l| l.split_whitespace().next() == Some("unitvm")),
         "machinectl list: {machines}"
     );
-    assert!(
-        read(dir, "ssh").trim().starts_with("6."),
-        "{}",
-        read(dir, "ssh")
-    );
+    assert!(read("ssh").trim().starts_with("6."), "{}", read("ssh"));
 
     // systemd-resolved routes ~vm to the guests' DNS server on the bridge,
     // so the host resolves the VM's name; doctor says so.
-    let resolved = read(dir, "resolved");
+    let resolved = read("resolved");
     assert!(resolved.contains("~vm"), "{resolved}");
     assert!(resolved.contains("10.213.42.1"), "{resolved}");
-    let query = read(dir, "query");
+    let query = read("query");
     let ip = vm["ipv4"].as_str().unwrap();
     assert!(query.contains(&format!("unitvm.vm: {ip}")), "{query}");
     let check = doctor_check(dir, "doctor-up.json", "resolved");
@@ -162,13 +102,13 @@ fn vmms_run_as_transient_units_under_systemd() {
     );
 
     // Killing bangerd left the unit running; the new bangerd adopted it.
-    assert_eq!(read(dir, "after-kill").trim(), "active");
-    let after: serde_json::Value = serde_json::from_str(&read(dir, "vm-after.json")).unwrap();
+    assert_eq!(read("after-kill").trim(), "active");
+    let after: serde_json::Value = serde_json::from_str(&read("vm-after.json")).unwrap();
     assert_eq!(after["state"], "running", "{after}");
     assert_eq!(after["unit"], unit_name.as_str());
 
     // Stopping the VM ended its unit.
-    let stopped = read(dir, "unit-stopped");
+    let stopped = read("unit-stopped");
     assert_eq!(
         property(&stopped, "ActiveState"),
         Some("inactive"),

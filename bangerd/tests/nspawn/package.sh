@@ -1,0 +1,123 @@
+#!/bin/bash
+# Runs inside a systemd-nspawn container booted by bangerd/tests/package.rs
+# (as banger-package-test.service): installs the banger .deb and checks it
+# as a Debian user would meet it. D-Bus activation, idle exit, DNS socket
+# activation, journald fields, polkit for a group member in a logind
+# session and for a stranger, a VM booted by the packaged (hardened)
+# bangerd, systemd-analyze, and remove/purge. Writes what it saw to
+# /opt/results (the test judges it) and powers the container off.
+set -uo pipefail
+out=/opt/results
+exec >"$out/log" 2>&1
+set -x
+export HOME=/root
+step() { echo "$1" >>"$out/steps"; }
+finish() {
+  echo "$1" >"$out/verdict"
+  journalctl -u bangerd -o json --no-pager >"$out/journal.json" 2>/dev/null
+  systemctl poweroff
+  exit 0
+}
+# Wait up to $1 seconds for bangerd.service to be inactive.
+wait_inactive() {
+  local i
+  for ((i = 0; i < $1 * 4; i++)); do
+    systemctl is-active --quiet bangerd.service || return 0
+    sleep 0.25
+  done
+  return 1
+}
+# Run a command as user $1 in a PAM login session (pam_systemd: logind).
+as_user() {
+  local user=$1
+  shift
+  systemd-run --quiet --wait --pipe --collect --uid="$user" -p PAMName=login \
+    -E HOME="/home/$user" -E XDG_SESSION_CLASS=user -- "$@"
+}
+
+dpkg -i /opt/pkg/banger.deb >"$out/dpkg-install" 2>&1 || finish "dpkg -i failed"
+step installed
+getent group banger >"$out/group"
+systemctl is-enabled bangerd.socket >"$out/socket-enabled" 2>&1
+systemctl is-active bangerd.socket >"$out/socket-active" 2>&1
+systemd-analyze verify /usr/lib/systemd/system/bangerd.service \
+  /usr/lib/systemd/system/bangerd.socket >"$out/verify" 2>&1
+echo $? >"$out/verify-rc"
+systemd-analyze security --no-pager bangerd.service >"$out/security" 2>&1
+
+# A quick idle exit, and QEMU under TCG for the VM below.
+cat >/etc/banger/bangerd.toml <<'CONF'
+[daemon]
+idle_exit_secs = 3
+[vm]
+vmm = "qemu"
+accel = "tcg"
+default_image = "tiny"
+vcpus = 1
+memory_mib = 256
+disk_mib = 128
+boot_timeout_secs = 150
+CONF
+
+# Nothing runs until someone asks.
+systemctl is-active bangerd.service >"$out/state-before"
+busctl introspect org.banger.Manager /org/banger/Manager >"$out/introspect" 2>&1 ||
+  finish "introspect failed"
+systemctl is-active bangerd.service >"$out/state-introspect"
+systemctl show bangerd.service -p StatusText -p Type -p MainPID >"$out/show-active"
+step "activated by D-Bus"
+t0=$(date +%s.%N)
+wait_inactive 30 || finish "bangerd did not exit when idle"
+awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{print a-b}' >"$out/idle-exit-secs"
+systemctl show bangerd.service -p Result -p NRestarts -p ExecMainStatus >"$out/show-idle"
+step "idle exit"
+
+# A .vm lookup on the socket systemd holds starts it again.
+dig +time=20 +tries=1 @127.0.0.1 -p 42069 nothing-here.vm >"$out/dig" 2>&1
+systemctl is-active bangerd.service >"$out/state-dig"
+wait_inactive 30 || finish "bangerd did not exit when idle after the lookup"
+step "activated by DNS"
+
+banger doctor --json >"$out/doctor.json"
+systemctl is-active bangerd.service >"$out/state-doctor"
+step "activated by doctor"
+
+banger kernel import --name test-kernel --kernel /opt/guest/kernel/vmlinuz \
+  --initrd /opt/guest/kernel/initrd.img || finish "kernel import failed"
+banger image register --name tiny --rootfs /opt/guest/tiny/rootfs.ext4 \
+  --work-seed /opt/guest/tiny/work-seed.ext4 --kernel test-kernel \
+  --service ssh:22 --init /sbin/banger-init || finish "image register failed"
+
+# A member of `banger` in a real logind session, and a stranger.
+useradd --create-home --groups banger alice
+useradd --create-home bob
+as_user alice sh -c 'echo "$XDG_SESSION_ID"; loginctl show-session "$XDG_SESSION_ID" -p Class -p Remote' \
+  >"$out/alice-session" 2>&1
+as_user alice banger vm create --name alicevm >"$out/alice-create" 2>&1
+echo $? >"$out/alice-create-rc"
+as_user alice banger vm show alicevm --json >"$out/alice-vm.json" 2>"$out/alice-vm.err"
+as_user bob banger vm create --name bobvm >"$out/bob-create" 2>&1
+echo $? >"$out/bob-create-rc"
+as_user bob banger vm delete alicevm >"$out/bob-delete" 2>&1
+echo $? >"$out/bob-delete-rc"
+as_user alice banger vm delete alicevm >"$out/alice-delete" 2>&1
+echo $? >"$out/alice-delete-rc"
+# NAT under the hardened unit: the one writable /proc/sys switch and nft.
+banger vm create --name natvm --nat >"$out/nat-create" 2>&1
+echo $? >"$out/nat-create-rc"
+cat /proc/sys/net/ipv4/ip_forward >"$out/ip-forward"
+nft list table inet banger >"$out/nft" 2>&1
+banger vm delete natvm >"$out/nat-delete" 2>&1
+echo $? >"$out/nat-delete-rc"
+banger vm list --all --json >"$out/vms-after.json" 2>&1
+step "users"
+journalctl -u bangerd -o json --no-pager >"$out/journal.json"
+
+# Remove keeps the state, purge drops it.
+dpkg -r banger >"$out/dpkg-remove" 2>&1 || finish "dpkg -r failed"
+ls /var/lib/banger >"$out/state-after-remove" 2>&1
+systemctl is-active bangerd.service >"$out/state-after-remove-unit" 2>&1
+dpkg -P banger >"$out/dpkg-purge" 2>&1 || finish "dpkg -P failed"
+test -e /var/lib/banger && echo present >"$out/state-after-purge" || echo absent >"$out/state-after-purge"
+step "removed"
+finish PASS

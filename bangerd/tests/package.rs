@@ -1,0 +1,168 @@
+//! The Debian package under a real systemd: `scripts/build-deb --debug`
+//! builds the .deb, a Debian tree booted with systemd-nspawn installs it
+//! (`tests/nspawn/package.sh` runs the steps inside and writes what it
+//! saw), and this file judges the results: D-Bus and DNS socket
+//! activation, idle exit, the journal's `BANGER_*` fields, polkit for a
+//! `banger` group member in a logind session and for a stranger, a VM
+//! booted by the packaged bangerd with its hardening, `systemd-analyze
+//! verify`, and remove/purge. Needs root and the guest artifacts.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use banger_testbed::{Nspawn, artifacts_dir, guest_artifact, nspawn_rootfs, unit_property};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The .deb of the debug binaries, in its own directory.
+fn build_deb(out: &Path) -> PathBuf {
+    let run = Command::new(repo().join("scripts/build-deb"))
+        .args(["--debug", "--out"])
+        .arg(out)
+        .output()
+        .expect("run scripts/build-deb");
+    assert!(
+        run.status.success(),
+        "scripts/build-deb failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&run.stdout).trim())
+}
+
+#[test]
+fn the_package_installs_activates_idles_and_authorizes() {
+    guest_artifact("kernel/vmlinuz", "build-test-kernel");
+    guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
+    let debs = tempfile::tempdir().unwrap();
+    let deb = build_deb(debs.path());
+    let tests = repo().join("bangerd/tests/nspawn");
+    let boot = Nspawn::new(
+        &nspawn_rootfs(),
+        "banger-package",
+        "banger-package-test.service",
+    )
+    .bind_ro(&deb, "/opt/pkg/banger.deb")
+    .bind_ro(&artifacts_dir(), "/opt/guest")
+    .bind_ro(&tests, "/opt/banger-test")
+    .unit_file(&tests.join("banger-package-test.service"));
+    let out = boot.run();
+    let read = |name: &str| boot.read(name);
+    eprintln!("systemd-analyze security:\n{}", read("security"));
+    boot.assert_passed(&out);
+
+    // Installed: the group exists, the DNS sockets listen, the units verify.
+    assert!(read("group").starts_with("banger:"), "{}", read("group"));
+    assert_eq!(read("socket-enabled").trim(), "enabled");
+    assert_eq!(read("socket-active").trim(), "active");
+    assert_eq!(
+        read("verify-rc").trim(),
+        "0",
+        "systemd-analyze verify:\n{}",
+        read("verify")
+    );
+
+    // D-Bus activation, then an idle exit that is a clean success.
+    assert_eq!(read("state-before").trim(), "inactive");
+    assert!(
+        read("introspect").contains(".CreateVM"),
+        "{}",
+        read("introspect")
+    );
+    assert_eq!(read("state-introspect").trim(), "active");
+    let active = read("show-active");
+    assert_eq!(unit_property(&active, "Type"), Some("dbus"), "{active}");
+    assert_eq!(
+        unit_property(&active, "StatusText"),
+        Some("idle"),
+        "{active}"
+    );
+    let idle_secs: f64 = read("idle-exit-secs").trim().parse().unwrap();
+    assert!(idle_secs < 15.0, "idle exit took {idle_secs} s");
+    let idle = read("show-idle");
+    assert_eq!(unit_property(&idle, "Result"), Some("success"), "{idle}");
+    assert_eq!(unit_property(&idle, "NRestarts"), Some("0"), "{idle}");
+
+    // A .vm lookup on systemd's socket started it and got an answer.
+    let dig = read("dig");
+    assert!(dig.contains("status: NXDOMAIN"), "{dig}");
+    assert_eq!(read("state-dig").trim(), "active");
+    assert_eq!(read("state-doctor").trim(), "active");
+    let doctor: serde_json::Value = serde_json::from_str(&read("doctor.json")).unwrap();
+    let systemd = banger_testbed::doctor_check(&doctor, "systemd");
+    assert_eq!(systemd["verdict"], "pass", "{systemd}");
+
+    // alice (group banger, logind session) created and deleted her VM,
+    // booted by the packaged bangerd; bob was refused by polkit.
+    let session = read("alice-session");
+    assert!(session.contains("Class=user"), "{session}");
+    assert_eq!(
+        read("alice-create-rc").trim(),
+        "0",
+        "{}",
+        read("alice-create")
+    );
+    let vm: serde_json::Value = serde_json::from_str(&read("alice-vm.json")).unwrap_or_else(|e| {
+        panic!(
+            "vm show: {e}\n{}{}\ncreate:\n{}",
+            read("alice-vm.json"),
+            read("alice-vm.err"),
+            read("alice-create")
+        )
+    });
+    assert_eq!(vm["state"], "running", "{vm}");
+    let bob = read("bob-create");
+    assert_ne!(read("bob-create-rc").trim(), "0", "{bob}");
+    // Polkit wants an administrator's password for a non-member, and
+    // there is no agent to ask it: refused, naming the action.
+    assert!(
+        bob.contains("org.banger.vm.create") && bob.contains("banger` group"),
+        "{bob}"
+    );
+    assert_ne!(read("bob-delete-rc").trim(), "0", "{}", read("bob-delete"));
+    assert_eq!(
+        read("alice-delete-rc").trim(),
+        "0",
+        "{}",
+        read("alice-delete")
+    );
+    // NAT works under the unit's hardening (ip_forward, nftables).
+    assert_eq!(read("nat-create-rc").trim(), "0", "{}", read("nat-create"));
+    assert_eq!(read("ip-forward").trim(), "1");
+    assert!(read("nft").contains("masquerade"), "{}", read("nft"));
+    assert_eq!(read("nat-delete-rc").trim(), "0", "{}", read("nat-delete"));
+    let vms: serde_json::Value = serde_json::from_str(&read("vms-after.json")).unwrap();
+    assert_eq!(vms.as_array().map(Vec::len), Some(0), "{vms}");
+
+    // The journal has bangerd's structured fields.
+    let entries: Vec<serde_json::Value> = read("journal.json")
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let vm_id = vm["id"].as_str().unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["BANGER_VM_ID"] == vm_id && e["BANGER_VM_NAME"] == "alicevm"),
+        "no entry with BANGER_VM_ID={vm_id} among {} entries",
+        entries.len()
+    );
+    assert!(entries.iter().any(|e| e.get("BANGER_JOB_ID").is_some()));
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["SYSLOG_IDENTIFIER"] == "bangerd" || e["_COMM"] != "bangerd")
+    );
+
+    // Remove kept the state and stopped the daemon; purge dropped it.
+    assert!(
+        read("state-after-remove").contains("banger.db"),
+        "{}",
+        read("state-after-remove")
+    );
+    assert_eq!(read("state-after-remove-unit").trim(), "inactive");
+    assert_eq!(read("state-after-purge").trim(), "absent");
+}
