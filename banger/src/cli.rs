@@ -84,15 +84,15 @@ pub enum Command {
     #[command(subcommand)]
     Vm(VmCommand),
 
-    /// Manage root filesystem images (not implemented yet)
+    /// Manage root filesystem images
     #[command(subcommand)]
     Image(ImageCommand),
 
-    /// Manage guest kernels (not implemented yet)
+    /// Manage guest kernels
     #[command(subcommand)]
     Kernel(KernelCommand),
 
-    /// Update banger to the latest signed release (not implemented yet)
+    /// Update banger to the newest signed release (or check, or roll back)
     Update(UpdateArgs),
 
     /// Print an ssh_config block for `<name>.vm` hosts
@@ -470,9 +470,15 @@ impl KernelCommand {
 /// `banger update`
 #[derive(Debug, Args)]
 pub struct UpdateArgs {
-    /// Only check whether a newer release exists
-    #[arg(long)]
+    /// Only check whether a newer release exists; change nothing
+    #[arg(long, conflicts_with = "rollback")]
     pub check: bool,
+    /// Release channel URL instead of the configured `update.channel`
+    #[arg(long, value_name = "URL", conflicts_with = "rollback")]
+    pub channel: Option<String>,
+    /// Return to the binaries installed before the last update
+    #[arg(long)]
+    pub rollback: bool,
 }
 
 /// The resolved command line: what to do and how to talk.
@@ -540,6 +546,12 @@ pub enum Action {
     SshConfig,
     /// A planned command: fails with [`exit::NOT_IMPLEMENTED`].
     NotImplemented(&'static str),
+    /// `banger update`
+    Update {
+        check: bool,
+        channel: Option<String>,
+        rollback: bool,
+    },
 }
 
 impl Cli {
@@ -601,7 +613,15 @@ impl Cli {
             },
             Command::Kernel(KernelCommand::Delete { kernels }) => Action::KernelDelete(kernels),
             Command::Kernel(c @ KernelCommand::Pull { .. }) => Action::NotImplemented(c.name()),
-            Command::Update(_) => Action::NotImplemented("update"),
+            Command::Update(UpdateArgs {
+                check,
+                channel,
+                rollback,
+            }) => Action::Update {
+                check,
+                channel,
+                rollback,
+            },
             Command::SshConfig => Action::SshConfig,
             Command::Version => Action::Version,
             Command::Completions { shell } => Action::Completions(shell),
@@ -830,13 +850,39 @@ mod tests {
         for (args, name) in [
             (&["image", "pull", "debian-bookworm"][..], "image pull"),
             (&["kernel", "pull", "generic"], "kernel pull"),
-            (&["update", "--check"], "update"),
         ] {
             assert_eq!(
                 resolve(args).action,
                 Action::NotImplemented(name),
                 "{args:?}"
             );
+        }
+    }
+
+    #[test]
+    fn update_resolves_and_refuses_contradictions() {
+        assert_eq!(
+            resolve(&["update", "--check", "--channel", "https://x/"]).action,
+            Action::Update {
+                check: true,
+                channel: Some("https://x/".into()),
+                rollback: false,
+            }
+        );
+        assert_eq!(
+            resolve(&["update", "--rollback"]).action,
+            Action::Update {
+                check: false,
+                channel: None,
+                rollback: true,
+            }
+        );
+        for bad in [
+            &["update", "--check", "--rollback"][..],
+            &["update", "--rollback", "--channel", "https://x/"],
+        ] {
+            let argv = std::iter::once("banger").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} parsed");
         }
     }
 

@@ -190,6 +190,41 @@ impl Client {
         }
     }
 
+    /// `Manager.Update(options)`: starts the job, returns its path.
+    pub async fn update(
+        &self,
+        check: bool,
+        channel: Option<&str>,
+        rollback: bool,
+        interaction: Interaction,
+    ) -> Result<OwnedObjectPath, Failure> {
+        use banger_dbus::options::update;
+        let manager = self.manager().await?;
+        let yes = Variant::from(true);
+        let channel = channel.map(Variant::from);
+        let mut options: HashMap<&str, &Variant<'_>> = HashMap::new();
+        if check {
+            options.insert(update::CHECK, &yes);
+        }
+        if rollback {
+            options.insert(update::ROLLBACK, &yes);
+        }
+        if let Some(channel) = &channel {
+            options.insert(update::CHANNEL, channel);
+        }
+        match interaction {
+            Interaction::Allowed => manager.update(options).await.map_err(Failure::from_dbus),
+            Interaction::NotAllowed => {
+                timed(
+                    manager
+                        .inner()
+                        .call::<_, _, OwnedObjectPath>("Update", &DynamicTuple((options,))),
+                )
+                .await
+            }
+        }
+    }
+
     /// `Job.Cancel()`.
     pub async fn cancel(
         &self,

@@ -53,6 +53,11 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
         Action::Doctor => doctor(opts).await,
         Action::DaemonStatus => daemon_status(opts).await,
         Action::Maintain { vacuum, wait } => maintain(opts, vacuum, wait).await,
+        Action::Update {
+            check,
+            channel,
+            rollback,
+        } => update(opts, check, channel.as_deref(), rollback).await,
         Action::JobShow(job) => job_show(opts, job).await,
         Action::JobWatch(job) => job_watch(opts, job).await,
         Action::JobCancel(job) => job_cancel(opts, job).await,
@@ -570,6 +575,57 @@ async fn maintain(opts: Options, vacuum: bool, wait: bool) -> anyhow::Result<u8>
     follow_and_report(&client, subscription, &path, tracker, started, opts).await
 }
 
+/// `banger update`: the job, then (after an install or rollback) the
+/// restarted daemon's version.
+async fn update(
+    opts: Options,
+    check: bool,
+    channel: Option<&str>,
+    rollback: bool,
+) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let mut subscription = Subscription::new(&client).await?;
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let result = client
+        .update(check, channel, rollback, auth.interaction)
+        .await;
+    let what = if rollback {
+        "roll back"
+    } else if check {
+        "check for updates"
+    } else {
+        "update"
+    };
+    let path = auth
+        .finish(result)
+        .await
+        .with_context(|| format!("cannot {what}"))?;
+    let display = Display::for_stdout(opts.json);
+    let mut tracker = Tracker::new(path.as_str(), display, Vec::new());
+    let followed = progress::follow(
+        &client,
+        &mut subscription,
+        &path,
+        &mut tracker,
+        started,
+        opts.verbose,
+    )
+    .await?;
+    let report = match followed {
+        Followed::Completed(report) if report.success => report,
+        other => return report_followed(&path, other, opts),
+    };
+    if opts.json {
+        let mut json = serde_json::to_value(output::job_report_json(&report))?;
+        json["detail"] = serde_json::Value::String(report.detail.clone());
+        emit_json(&json)?;
+    } else {
+        emit(&report.detail)?;
+    }
+    Ok(exit::OK)
+}
+
 pub(crate) async fn follow_and_report(
     client: &Client,
     subscription: &mut Subscription,
@@ -587,6 +643,15 @@ pub(crate) async fn follow_and_report(
         opts.verbose,
     )
     .await?;
+    report_followed(path, followed, opts)
+}
+
+/// Print how following a job ended and pick the exit code.
+fn report_followed(
+    path: &OwnedObjectPath,
+    followed: Followed,
+    opts: Options,
+) -> anyhow::Result<u8> {
     match followed {
         Followed::Completed(report) => report_job(&report, opts),
         Followed::Interrupted {

@@ -510,6 +510,7 @@ mod tests {
             }],
             total_usec: 1_500_000,
             result: None,
+            detail: String::new(),
         };
         assert_eq!(
             to_json(&job_report_json(&report)),

@@ -192,6 +192,8 @@ pub struct JobReport {
     pub total_usec: u64,
     /// The object the job made (e.g. a kernel), if any.
     pub result: Option<String>,
+    /// The last non-empty progress detail seen (e.g. what an update did).
+    pub detail: String,
 }
 
 impl JobReport {
@@ -266,6 +268,8 @@ pub struct Tracker {
     completed: Option<(bool, Option<RemoteError>)>,
     /// The object the job made (`Completed`'s result), if any.
     result: Option<String>,
+    /// The last non-empty progress detail.
+    detail: String,
 }
 
 impl Tracker {
@@ -279,6 +283,7 @@ impl Tracker {
             stages,
             completed: None,
             result: None,
+            detail: String::new(),
         }
     }
 
@@ -307,6 +312,9 @@ impl Tracker {
                 detail,
                 fraction,
             } => {
+                if !detail.is_empty() {
+                    self.detail.clone_from(&detail);
+                }
                 let new_stage = self.current.as_deref() != Some(stage.as_str());
                 match self.display {
                     Display::Quiet => {}
@@ -398,6 +406,7 @@ impl Tracker {
             stages: self.stages.clone(),
             total_usec,
             result: self.result.clone(),
+            detail: self.detail.clone(),
         })
     }
 
@@ -420,6 +429,7 @@ impl Tracker {
             stages,
             total_usec,
             result: None,
+            detail: self.detail.clone(),
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct Config {
     pub network: NetworkConfig,
     /// `[vm]`
     pub vm: VmConfig,
+    /// `[update]`
+    pub update: UpdateConfig,
     /// `[debug]`
     pub debug: DebugConfig,
 }
@@ -173,6 +175,31 @@ impl Default for VmConfig {
     }
 }
 
+/// `[update]`: where `banger update` looks for releases.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateConfig {
+    /// Base URL of the release channel (`manifest.json` and its
+    /// `.minisig` live there). HTTPS, or HTTP to a loopback address only.
+    pub channel: String,
+    /// minisign public keys trusted besides the one built in (base64 key
+    /// lines). Honoured only while this file is owned by root and writable
+    /// by no one else.
+    pub extra_keys: Vec<String>,
+    /// Give up on a download that sends nothing for this many seconds.
+    pub stall_timeout_secs: u64,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        Self {
+            channel: "https://releases.banger.dev/stable/".into(),
+            extra_keys: Vec::new(),
+            stall_timeout_secs: 30,
+        }
+    }
+}
+
 /// `[debug]`: knobs for testing and for developing front ends.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -270,6 +297,20 @@ impl Config {
                 "daemon.log_level",
                 "is not a valid filter (try `info` or `bangerd=debug`)",
             ));
+        }
+        if !(1..=600).contains(&self.update.stall_timeout_secs) {
+            return Err(invalid(
+                "update.stall_timeout_secs",
+                "must be between 1 and 600",
+            ));
+        }
+        if let Err(e) = crate::update::channel_url(&self.update.channel) {
+            return Err(invalid("update.channel", &e.to_string()));
+        }
+        for key in &self.update.extra_keys {
+            if let Err(e) = crate::update::parse_key(key) {
+                return Err(invalid("update.extra_keys", &e.to_string()));
+            }
         }
         if self.debug.job_stage_delay_ms > 60_000 {
             return Err(invalid("debug.job_stage_delay_ms", "must be at most 60000"));

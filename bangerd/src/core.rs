@@ -55,6 +55,10 @@ pub struct CoreDeps {
     pub dm: Arc<dyn crate::vm::snapshot::DeviceMapper>,
     /// The host's resolver, told to route `.vm` to the bridge.
     pub link_dns: Arc<dyn crate::net::resolved::LinkDns>,
+    /// Where `banger update` installs releases.
+    pub releases: banger_release::Releases,
+    /// Restarts the daemon after an update.
+    pub restart: Arc<dyn crate::update::Restart>,
 }
 
 /// The daemon's state and the commands on it.
@@ -385,6 +389,8 @@ mod tests {
                 supervisor: Arc::new(crate::vm::supervise::Direct),
                 dm: Arc::new(crate::vm::snapshot::Absent),
                 link_dns: Arc::new(crate::net::resolved::NoLinkDns),
+                releases: banger_release::Releases::new(dir.path().join("releases")),
+                restart: Arc::new(crate::update::NoRestart),
             },
             tx,
         );

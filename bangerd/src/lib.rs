@@ -18,6 +18,7 @@ pub mod net;
 pub mod os;
 pub mod paths;
 pub mod store;
+pub mod update;
 pub mod vm;
 
 use std::sync::Arc;
@@ -173,6 +174,8 @@ pub async fn run(
             supervisor,
             dm: Arc::new(os::dm::Dm),
             link_dns: Arc::new(os::resolved::Resolved::new(conn.clone())),
+            releases: banger_release::Releases::system(),
+            restart: Arc::new(os::systemd::SelfRestart::new(conn.clone())),
         },
         events_tx,
     );

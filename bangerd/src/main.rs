@@ -27,6 +27,9 @@ struct Args {
 const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
+    // A newer release installed by `banger update` takes over (before any
+    // thread exists, and before LISTEN_FDS are taken: they pass through).
+    banger_release::exec_newest("bangerd", bangerd::core::VERSION);
     let args = Args::parse();
     let dirs = Dirs::from_env();
     let config_file = args.config.unwrap_or_else(|| dirs.config_file());

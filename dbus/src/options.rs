@@ -6,6 +6,16 @@ pub mod maintain {
     pub const VACUUM: &str = "vacuum";
 }
 
+/// Keys of `Manager.Update(a{sv} options)`.
+pub mod update {
+    /// `b`: only report what the channel offers; change nothing.
+    pub const CHECK: &str = "check";
+    /// `s`: release channel URL instead of the configured one.
+    pub const CHANNEL: &str = "channel";
+    /// `b`: return to the set installed before the last update.
+    pub const ROLLBACK: &str = "rollback";
+}
+
 /// Keys of `Manager.ImportKernel(s name, s kernel, a{sv} options)`.
 pub mod import_kernel {
     /// `s`: host path of an initramfs to boot with the kernel.

@@ -21,6 +21,11 @@ pub trait Manager {
     #[zbus(allow_interactive_auth)]
     fn maintain(&self, options: HashMap<&str, &Variant<'_>>) -> Result<OwnedObjectPath, Error>;
 
+    /// Update from the signed release channel (or check, or roll back) as
+    /// a job; returns the job's path.
+    #[zbus(allow_interactive_auth)]
+    fn update(&self, options: HashMap<&str, &Variant<'_>>) -> Result<OwnedObjectPath, Error>;
+
     /// Re-read bangerd.toml; a bad file is refused and the old one stays.
     #[zbus(allow_interactive_auth)]
     fn reload(&self) -> Result<(), Error>;

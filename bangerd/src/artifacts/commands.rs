@@ -728,6 +728,8 @@ mod tests {
                 supervisor: Arc::new(crate::vm::supervise::Direct),
                 dm: Arc::new(crate::vm::snapshot::Absent),
                 link_dns: Arc::new(crate::net::resolved::NoLinkDns),
+                releases: banger_release::Releases::new(dir.join("releases")),
+                restart: Arc::new(crate::update::NoRestart),
             },
             tx,
         )

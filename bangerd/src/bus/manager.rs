@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use banger_dbus::options::{create_vm, import_kernel, maintain, register_image};
+use banger_dbus::options::{create_vm, import_kernel, maintain, register_image, update};
 use banger_dbus::{API_VERSION, DoctorCheck, image_path};
 use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, interface};
@@ -13,6 +13,7 @@ use super::options::{
 use super::{caller, job, to_wire};
 use crate::artifacts::{ImageRegistration, KernelImport};
 use crate::core::{Core, MaintainOptions, VERSION};
+use crate::update::UpdateRequest;
 
 /// The manager object.
 #[derive(Debug)]
@@ -292,6 +293,48 @@ impl ManagerObject {
         let caller = caller(conn, &header).await?;
         self.core.reload_config(&caller).await.map_err(to_wire)?;
         Ok(())
+    }
+
+    /// Update banger from its signed release channel, as a job. Options:
+    /// "check" (b) only report what the channel offers (the job's last
+    /// detail), "channel" (s) a channel URL instead of update.channel,
+    /// "rollback" (b) return to the set before the last update. bangerd
+    /// restarts itself through systemd afterwards; VMs keep running.
+    /// polkit action org.banger.update.
+    #[zbus(out_args("job"))]
+    async fn update(
+        &self,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        only_known(
+            "Update",
+            &options,
+            &[update::CHECK, update::CHANNEL, update::ROLLBACK],
+        )
+        .map_err(to_wire)?;
+        let check = bool_opt(&options, update::CHECK, false).map_err(to_wire)?;
+        let rollback = bool_opt(&options, update::ROLLBACK, false).map_err(to_wire)?;
+        let channel = str_opt(&options, update::CHANNEL).map_err(to_wire)?;
+        let request = match (check, rollback) {
+            (true, true) => {
+                return Err(to_wire(crate::error::Error::invalid(
+                    "Update: \"check\" and \"rollback\" exclude each other",
+                )));
+            }
+            (false, true) if channel.is_some() => {
+                return Err(to_wire(crate::error::Error::invalid(
+                    "Update: a rollback uses no channel; drop \"channel\"",
+                )));
+            }
+            (false, true) => UpdateRequest::Rollback,
+            (true, false) => UpdateRequest::Check { channel },
+            (false, false) => UpdateRequest::Install { channel },
+        };
+        let id = self.core.update(&caller, request).await.map_err(to_wire)?;
+        job::published(conn, &self.core, id).await
     }
 
     /// Version of bangerd.

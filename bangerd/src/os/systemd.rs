@@ -30,6 +30,9 @@ trait Systemd {
 
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
 
+    #[zbus(name = "GetUnitByPID")]
+    fn get_unit_by_pid(&self, pid: u32) -> zbus::Result<OwnedObjectPath>;
+
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
 
     fn subscribe(&self) -> zbus::Result<()>;
@@ -51,6 +54,52 @@ trait Systemd {
 trait SystemdService {
     #[zbus(property, name = "MainPID")]
     fn main_pid(&self) -> zbus::Result<u32>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait SystemdUnit {
+    fn restart(&self, mode: &str) -> zbus::Result<OwnedObjectPath>;
+}
+
+/// Restarts bangerd's own unit (found by pid) after an update.
+#[derive(Debug, Clone)]
+pub struct SelfRestart {
+    conn: Connection,
+}
+
+impl SelfRestart {
+    /// Over `conn`, the system bus.
+    pub fn new(conn: Connection) -> Self {
+        Self { conn }
+    }
+
+    async fn restart_own_unit(&self) -> zbus::Result<()> {
+        let manager = SystemdProxy::new(&self.conn).await?;
+        let path = manager.get_unit_by_pid(std::process::id()).await?;
+        let unit = SystemdUnitProxy::builder(&self.conn)
+            .path(path)
+            .build()
+            .await?;
+        unit.restart("replace").await?;
+        Ok(())
+    }
+}
+
+impl crate::update::Restart for SelfRestart {
+    fn restart(&self) -> BoxFuture<'_, std::result::Result<bool, String>> {
+        Box::pin(async move {
+            if !crate::idle::started_by_systemd() {
+                return Ok(false);
+            }
+            self.restart_own_unit()
+                .await
+                .map(|()| true)
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 #[zbus::proxy(

@@ -111,6 +111,9 @@ fn xml_escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// The releases root variable of `banger-release`.
+const RELEASES_ENV: &str = "BANGER_RELEASES_DIR";
+
 /// The bus configuration for a bus listening on `listen`.
 pub fn bus_config(listen: &str) -> String {
     let policy = fs::canonicalize(BANGER_BUS_POLICY).unwrap_or_else(|_| BANGER_BUS_POLICY.into());
@@ -367,6 +370,7 @@ impl TestBed {
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut command = Command::new(program);
         command.env("DBUS_SYSTEM_BUS_ADDRESS", &self.address);
+        command.env(RELEASES_ENV, self.releases_dir());
         command
     }
 
@@ -375,7 +379,14 @@ impl TestBed {
     pub fn command_as(&self, user: &TestUser, program: impl AsRef<OsStr>) -> Command {
         let mut command = user.command(program);
         command.env("DBUS_SYSTEM_BUS_ADDRESS", &self.address);
+        command.env(RELEASES_ENV, self.releases_dir());
         command
+    }
+
+    /// Where `banger update` installs releases for this bed's daemon and
+    /// CLI (`$BANGER_RELEASES_DIR`), `DIR/releases`; never the host's.
+    pub fn releases_dir(&self) -> PathBuf {
+        self.dir().join("releases")
     }
 
     /// The `banger` CLI ([`bin_path`]`("banger")`) on the test bed's bus.
@@ -493,6 +504,7 @@ impl TestBed {
             .env("CACHE_DIRECTORY", self.cache_dir())
             .env("RUNTIME_DIRECTORY", self.runtime_dir())
             .env("CONFIGURATION_DIRECTORY", self.config_dir())
+            .env(RELEASES_ENV, self.releases_dir())
             .envs(extra.iter().copied())
             .current_dir("/")
             .stdin(Stdio::null())

@@ -1,0 +1,482 @@
+//! Signed self-update (`Manager.Update`, action `org.banger.update`).
+//!
+//! An update fetches the channel's `manifest.json` and its minisign
+//! signature, verifies them against the release key built into this binary
+//! (plus `update.extra_keys` from a root-owned configuration), refuses
+//! anything not newer than the running version, downloads every artifact
+//! into a staging directory beside the releases (size and SHA-256 checked
+//! while streaming), moves the set into place and swaps the `current`
+//! link ([`banger_release::Releases`]). Until that last rename nothing the
+//! binaries run from has changed. The daemon then asks systemd to restart
+//! it; VMs run in their own units and are not touched.
+
+mod fetch;
+mod manifest;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_release::{BINARIES, ReleaseError, Releases, Version};
+use minisign_verify::PublicKey;
+
+pub use fetch::{Fetcher, channel_url, hex};
+pub use manifest::{Artifact, MAX_ARTIFACT_BYTES, Manifest, Verified, parse_key, verify};
+
+use crate::auth::{Action, BoxFuture, Caller};
+use crate::core::{Core, VERSION};
+use crate::error::{Error, Result};
+use crate::jobs::{JobContext, JobId};
+
+/// The release key (`packaging/release-key.pub`), built in.
+pub const RELEASE_KEY: &str = include_str!("../../../packaging/release-key.pub");
+
+/// Largest `manifest.json` accepted.
+const MANIFEST_LIMIT: usize = 256 << 10;
+/// Largest signature file accepted.
+const SIGNATURE_LIMIT: usize = 4 << 10;
+
+/// Why an update was refused or failed. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The channel URL is not acceptable.
+    #[error("bad release channel {url:?}: {why}")]
+    Channel {
+        /// As given.
+        url: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A public key could not be parsed.
+    #[error("{0}")]
+    Key(String),
+    /// `update.extra_keys` came from a file others could have written.
+    #[error(
+        "{}: update.extra_keys is honoured only while the file is owned by root and writable by no one else ({why}); fix its owner and mode, or remove the keys",
+        path.display()
+    )]
+    UntrustedConfig {
+        /// The configuration file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A download failed.
+    #[error("cannot fetch {url}: {why}")]
+    Fetch {
+        /// What was fetched.
+        url: String,
+        /// Why it failed.
+        why: String,
+    },
+    /// The server stopped sending.
+    #[error("{url} sent nothing for {secs} s; the release server stalled, try again later")]
+    Stalled {
+        /// What was fetched.
+        url: String,
+        /// The stall timeout.
+        secs: u64,
+    },
+    /// No trusted key verifies the manifest.
+    #[error(
+        "the release manifest's signature does not verify with banger's release key ({0}); it was not published by banger or it was altered, so nothing was installed"
+    )]
+    Signature(String),
+    /// The signed version and the manifest's disagree.
+    #[error(
+        "the signature vouches for version {signed:?} but the manifest says {manifest:?}; refusing a manifest passed off as another release"
+    )]
+    VersionMismatch {
+        /// `version:` of the trusted comment.
+        signed: String,
+        /// The manifest's `version`.
+        manifest: String,
+    },
+    /// The manifest is malformed.
+    #[error("the release manifest is invalid: {0}")]
+    Manifest(String),
+    /// The channel offers an older release.
+    #[error(
+        "the channel offers {available}, older than the running {running}; refusing a downgrade (`banger update --rollback` returns to the previous set)"
+    )]
+    Downgrade {
+        /// Offered.
+        available: Version,
+        /// Running.
+        running: Version,
+    },
+    /// The channel offers the running release.
+    #[error("banger {0} is already running; nothing to update")]
+    Current(Version),
+    /// An artifact ended early.
+    #[error("{name}: the download stopped after {got} of {expected} bytes; try again")]
+    Truncated {
+        /// Artifact.
+        name: String,
+        /// Promised size.
+        expected: u64,
+        /// Received.
+        got: u64,
+    },
+    /// An artifact is larger than promised.
+    #[error("{name}: more than the {expected} bytes the manifest promises ({got}); refusing it")]
+    TooLarge {
+        /// Artifact.
+        name: String,
+        /// Promised size.
+        expected: u64,
+        /// Received or announced.
+        got: u64,
+    },
+    /// An artifact's digest is wrong.
+    #[error(
+        "{name}: SHA-256 {got} does not match the signed manifest's {expected}; the file was altered or corrupted, nothing was installed"
+    )]
+    Digest {
+        /// Artifact.
+        name: String,
+        /// From the manifest.
+        expected: String,
+        /// Computed.
+        got: String,
+    },
+    /// Nothing to roll back to.
+    #[error("no update is installed, so there is nothing to roll back to")]
+    NothingToRollBack,
+    /// The releases directory.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// A local file operation.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<UpdateError> for Error {
+    fn from(e: UpdateError) -> Self {
+        match e {
+            UpdateError::Channel { .. } | UpdateError::Key(_) => Error::invalid(e.to_string()),
+            UpdateError::UntrustedConfig { .. } => Error::denied(e.to_string()),
+            UpdateError::Fetch { .. } | UpdateError::Stalled { .. } => {
+                Error::unavailable(e.to_string())
+            }
+            _ => Error::failed(e.to_string()),
+        }
+    }
+}
+
+/// What `Manager.Update` was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateRequest {
+    /// Report what the channel offers; change nothing.
+    Check {
+        /// Channel URL instead of `update.channel`.
+        channel: Option<String>,
+    },
+    /// Install the channel's release when it is newer.
+    Install {
+        /// Channel URL instead of `update.channel`.
+        channel: Option<String>,
+    },
+    /// Go back to the set before the last update.
+    Rollback,
+}
+
+/// Restarts the daemon once an update or rollback is in place.
+pub trait Restart: Send + Sync + std::fmt::Debug {
+    /// Ask for a restart; `Ok(false)` when no service manager can do it
+    /// (the daemon was started by hand).
+    fn restart(&self) -> BoxFuture<'_, std::result::Result<bool, String>>;
+}
+
+/// No service manager: updates ask for a restart by hand.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRestart;
+
+impl Restart for NoRestart {
+    fn restart(&self) -> BoxFuture<'_, std::result::Result<bool, String>> {
+        Box::pin(async { Ok(false) })
+    }
+}
+
+/// The keys that may sign a release: the built-in one, and
+/// `update.extra_keys` when `config_file` is root's alone.
+pub fn trusted_keys(
+    extra: &[String],
+    config_file: &Path,
+) -> std::result::Result<Vec<PublicKey>, UpdateError> {
+    let mut keys = vec![parse_key(RELEASE_KEY)?];
+    if extra.is_empty() {
+        return Ok(keys);
+    }
+    banger_release::trusted(config_file).map_err(|e| UpdateError::UntrustedConfig {
+        path: config_file.to_owned(),
+        why: match e {
+            ReleaseError::Untrusted { why, .. } => why,
+            other => other.to_string(),
+        },
+    })?;
+    for key in extra {
+        keys.push(parse_key(key)?);
+    }
+    Ok(keys)
+}
+
+/// The running version.
+pub fn running_version() -> Version {
+    Version::parse(VERSION).unwrap_or_else(|_| Version::new(0, 0, 0))
+}
+
+/// Removes a staging directory unless the release was committed.
+struct StagingGuard(Option<PathBuf>);
+
+impl Drop for StagingGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::result::Result<T, UpdateError> + Send + 'static,
+) -> std::result::Result<T, UpdateError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(UpdateError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+/// Fetch and verify the channel's manifest.
+async fn fetch_manifest(
+    ctx: &JobContext,
+    fetcher: &Fetcher,
+    channel: &reqwest::Url,
+    keys: &[PublicKey],
+) -> std::result::Result<Verified, UpdateError> {
+    let url = |p: &str| {
+        channel.join(p).map_err(|e| UpdateError::Channel {
+            url: channel.to_string(),
+            why: e.to_string(),
+        })
+    };
+    let manifest = fetcher
+        .small(&url("manifest.json")?, MANIFEST_LIMIT)
+        .await?;
+    let signature = fetcher
+        .small(&url("manifest.json.minisig")?, SIGNATURE_LIMIT)
+        .await?;
+    let signature = String::from_utf8(signature)
+        .map_err(|_| UpdateError::Signature("the signature file is not text".into()))?;
+    let _ = ctx.stage("verify signature", 0.1).await;
+    verify(&manifest, &signature, keys)
+}
+
+/// Download, check and install `release`; returns once `current` points
+/// at it.
+async fn install(
+    ctx: &JobContext,
+    fetcher: &Fetcher,
+    channel: &reqwest::Url,
+    releases: &Releases,
+    release: &Verified,
+) -> std::result::Result<(), UpdateError> {
+    let total: u64 = release.artifacts.iter().map(|a| a.size).sum();
+    let staging = releases.staging(&release.version);
+    {
+        let releases = releases.clone();
+        let staging = staging.clone();
+        blocking(move || {
+            releases.create()?;
+            releases.prune()?;
+            let _ = std::fs::remove_dir_all(&staging);
+            std::fs::create_dir(&staging).map_err(|source| UpdateError::Io {
+                path: staging.clone(),
+                source,
+            })
+        })
+        .await?;
+    }
+    let mut guard = StagingGuard(Some(staging.clone()));
+    let mut done = 0u64;
+    for artifact in &release.artifacts {
+        let _ = ctx
+            .stage(
+                &format!("download {}", artifact.name),
+                0.15 + 0.75 * done as f64 / total as f64,
+            )
+            .await;
+        let url = channel
+            .join(&artifact.path)
+            .map_err(|e| UpdateError::Channel {
+                url: channel.to_string(),
+                why: e.to_string(),
+            })?;
+        let base = done;
+        fetcher
+            .artifact(
+                &artifact.name,
+                &url,
+                &staging.join(&artifact.name),
+                artifact.size,
+                &artifact.sha256,
+                |got| {
+                    let fraction = 0.15 + 0.75 * (base + got) as f64 / total as f64;
+                    ctx.progress(
+                        &format!("{} of {} bytes", base + got, total),
+                        fraction,
+                        Some(base + got),
+                    );
+                },
+            )
+            .await?;
+        done += artifact.size;
+    }
+    let _ = ctx.stage("install", 0.9).await;
+    let version = release.version.clone();
+    let releases = releases.clone();
+    blocking(move || {
+        for binary in BINARIES {
+            let path = staging.join(binary);
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| UpdateError::Io { path, source })?;
+        }
+        releases.commit(&version)?;
+        releases.activate(&version)?;
+        releases.prune()?;
+        Ok(())
+    })
+    .await?;
+    guard.0 = None;
+    Ok(())
+}
+
+impl Core {
+    /// Check for, install, or roll back a release, as a job (action
+    /// `org.banger.update`). The job's last detail says what happened.
+    pub async fn update(&self, caller: &Caller, request: UpdateRequest) -> Result<JobId> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::Update)
+            .await?;
+        let config = self.config();
+        let channel = match &request {
+            UpdateRequest::Check { channel } | UpdateRequest::Install { channel } => Some(
+                channel_url(channel.as_deref().unwrap_or(&config.update.channel))?,
+            ),
+            UpdateRequest::Rollback => None,
+        };
+        let keys = trusted_keys(&config.update.extra_keys, &self.deps.config_file)?;
+        let fetcher = Fetcher::new(Duration::from_secs(config.update.stall_timeout_secs))?;
+        let releases = self.deps.releases.clone();
+        let restart = self.deps.restart.clone();
+        let running = running_version();
+        self.jobs()
+            .start(
+                "update",
+                caller.uid,
+                Action::Update,
+                move |ctx| async move {
+                    let to_error = |e: UpdateError| Error::from(e);
+                    let Some(channel) = channel else {
+                        ctx.stage("roll back", 0.0).await?;
+                        let r = releases.clone();
+                        let (from, to) = blocking(move || {
+                            let from = r.current()?.ok_or(UpdateError::NothingToRollBack)?;
+                            Ok((from, r.rollback()?))
+                        })
+                        .await
+                        .map_err(to_error)?;
+                        let to =
+                            to.map_or_else(|| "the packaged release".to_owned(), |v| v.to_string());
+                        tracing::info!(from = %from, to = %to, "rolled back");
+                        return finish(&ctx, restart, &format!("rolled back from {from} to {to}"))
+                            .await;
+                    };
+                    ctx.stage("fetch manifest", 0.0).await?;
+                    let release = fetch_manifest(&ctx, &fetcher, &channel, &keys)
+                        .await
+                        .map_err(to_error)?;
+                    let available = release.version.clone();
+                    if matches!(request, UpdateRequest::Check { .. }) {
+                        let detail = if available > running {
+                            format!("available {available} (running {running})")
+                        } else {
+                            format!("up to date {running} (channel has {available})")
+                        };
+                        ctx.progress(&detail, 1.0, None);
+                        return Ok(());
+                    }
+                    if available < running {
+                        return Err(to_error(UpdateError::Downgrade { available, running }));
+                    }
+                    if available == running {
+                        return Err(to_error(UpdateError::Current(running)));
+                    }
+                    install(&ctx, &fetcher, &channel, &releases, &release)
+                        .await
+                        .map_err(to_error)?;
+                    tracing::info!(from = %running, to = %available, "update installed");
+                    finish(
+                        &ctx,
+                        restart,
+                        &format!("updated from {running} to {available}"),
+                    )
+                    .await
+                },
+            )
+            .await
+    }
+}
+
+/// The last stage: ask for a restart shortly after the job has reported
+/// (a restart inside the job would cut its `Completed` signal off).
+async fn finish(ctx: &JobContext, restart: Arc<dyn Restart>, what: &str) -> Result<()> {
+    ctx.stage("restart", 0.95).await?;
+    let under_systemd = crate::idle::started_by_systemd();
+    if under_systemd {
+        ctx.progress(&format!("{what}; bangerd restarts now"), 1.0, None);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match restart.restart().await {
+                Ok(true) => tracing::info!("restart requested"),
+                Ok(false) => tracing::warn!("no service manager to restart bangerd"),
+                Err(e) => tracing::error!("cannot restart bangerd: {e}; restart it by hand"),
+            }
+        });
+    } else {
+        ctx.progress(&format!("{what}; restart bangerd to run it"), 1.0, None);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_keys_need_a_root_owned_config() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let file = tmp.path().join("bangerd.toml");
+        std::fs::write(&file, "").expect("write");
+        let key = "RWSoWe9kXFMXtvu5gv1Aw+RFeWBhbsKPY8V8eLnjK1IJaW4QZ5jTKG44".to_owned();
+        assert_eq!(trusted_keys(&[], &file).expect("built-in").len(), 1);
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .expect("chmod");
+        let e = trusted_keys(std::slice::from_ref(&key), &file).expect_err("writable");
+        assert!(e.to_string().contains("owned by root"), "{e}");
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .expect("chmod");
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(trusted_keys(&[key], &file).expect("root-owned").len(), 2);
+        }
+    }
+}
