@@ -350,7 +350,6 @@ fn planned_commands_fail_with_9() {
     for args in [
         &["image", "pull", "debian-bookworm"][..],
         &["kernel", "pull", "generic-6.1"],
-        &["update", "--check"],
     ] {
         let out = run(banger(NO_BUS).args(args));
         assert_eq!(out.status.code(), Some(9), "{args:?}: {}", stderr(&out));
@@ -365,7 +364,7 @@ fn planned_commands_fail_with_9() {
 
 #[test]
 fn json_error_shape() {
-    let out = run(banger(NO_BUS).args(["update", "--check", "--json"]));
+    let out = run(banger(NO_BUS).args(["kernel", "pull", "generic", "--json"]));
     assert_eq!(out.status.code(), Some(9));
     let value = json(&out);
     assert_eq!(
@@ -374,7 +373,7 @@ fn json_error_shape() {
     );
     assert_eq!(
         value["error"]["message"],
-        "`banger update` is not implemented yet"
+        "`banger kernel pull` is not implemented yet"
     );
     assert_eq!(value.as_object().map(|o| o.len()), Some(1));
 }
