@@ -181,6 +181,33 @@ async fn image_show(opts: Options, reference: &str) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
+/// Follow the job at `path` to its end. A success is handed back for the
+/// caller to print; a failure or an interruption is reported here, and its
+/// exit code handed back.
+async fn follow_to_success(
+    client: &Client,
+    subscription: &mut Subscription,
+    path: &OwnedObjectPath,
+    display: Display,
+    started: Instant,
+    opts: Options,
+) -> anyhow::Result<Result<JobReport, u8>> {
+    let mut tracker = Tracker::new(path.as_str(), display, Vec::new());
+    let followed = progress::follow(
+        client,
+        subscription,
+        path,
+        &mut tracker,
+        started,
+        opts.verbose,
+    )
+    .await?;
+    match followed {
+        Followed::Completed(report) if report.success => Ok(Ok(report)),
+        other => report_followed(path, other, opts).map(Err),
+    }
+}
+
 /// Follow a job that makes a kernel or an image, then print what it made.
 async fn follow_then_show(
     opts: Options,
@@ -197,22 +224,10 @@ async fn follow_then_show(
             progress::job_label(path.as_str())
         ))?;
     }
-    let mut tracker = Tracker::new(path.as_str(), display, Vec::new());
-    let followed = progress::follow(
-        client,
-        subscription,
-        path,
-        &mut tracker,
-        started,
-        opts.verbose,
-    )
-    .await?;
-    let report = match followed {
-        Followed::Completed(report) if report.success => report,
-        _ => {
-            let tracker = Tracker::new(path.as_str(), display, Vec::new());
-            return follow_and_report(client, subscription, path, tracker, started, opts).await;
-        }
+    let report = match follow_to_success(client, subscription, path, display, started, opts).await?
+    {
+        Ok(report) => report,
+        Err(code) => return Ok(code),
     };
     let catalog = client.catalog().await?;
     let made = report.result.clone().unwrap_or_default();
@@ -602,20 +617,11 @@ async fn update(
         .await
         .with_context(|| format!("cannot {what}"))?;
     let display = Display::for_stdout(opts.json);
-    let mut tracker = Tracker::new(path.as_str(), display, Vec::new());
-    let followed = progress::follow(
-        &client,
-        &mut subscription,
-        &path,
-        &mut tracker,
-        started,
-        opts.verbose,
-    )
-    .await?;
-    let report = match followed {
-        Followed::Completed(report) if report.success => report,
-        other => return report_followed(&path, other, opts),
-    };
+    let report =
+        match follow_to_success(&client, &mut subscription, &path, display, started, opts).await? {
+            Ok(report) => report,
+            Err(code) => return Ok(code),
+        };
     if opts.json {
         let mut json = serde_json::to_value(output::job_report_json(&report))?;
         json["detail"] = serde_json::Value::String(report.detail.clone());
