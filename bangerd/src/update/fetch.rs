@@ -131,7 +131,8 @@ impl Fetcher {
 
     /// Download `url` to `to` (mode 0755), checking that exactly `size`
     /// bytes arrive and that they hash to `sha256`. `progress` sees the
-    /// bytes so far. On error the partial file is removed.
+    /// bytes so far. On error a partial file stays: `to` belongs in a
+    /// staging directory its caller removes.
     pub async fn artifact(
         &self,
         name: &str,
@@ -140,24 +141,6 @@ impl Fetcher {
         size: u64,
         sha256: &str,
         mut progress: impl FnMut(u64),
-    ) -> Result<(), UpdateError> {
-        let result = self
-            .download(name, url, to, size, sha256, &mut progress)
-            .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(to).await;
-        }
-        result
-    }
-
-    async fn download(
-        &self,
-        name: &str,
-        url: &Url,
-        to: &Path,
-        size: u64,
-        sha256: &str,
-        progress: &mut impl FnMut(u64),
     ) -> Result<(), UpdateError> {
         let io = |source| UpdateError::Io {
             path: to.to_owned(),

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use banger_release::{BINARIES, ReleaseError, Releases, Version};
+use banger_release::{ReleaseError, Releases, Version};
 use minisign_verify::PublicKey;
 
 pub use fetch::{Fetcher, channel_url, hex};
@@ -342,13 +342,8 @@ async fn install(
     let _ = ctx.stage("install", 0.9).await;
     let version = release.version.clone();
     let releases = releases.clone();
+    // Each artifact was synced once its digest matched.
     blocking(move || {
-        for binary in BINARIES {
-            let path = staging.join(binary);
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|source| UpdateError::Io { path, source })?;
-        }
         releases.commit(&version)?;
         releases.activate(&version)?;
         releases.prune()?;
