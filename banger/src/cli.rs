@@ -30,7 +30,7 @@ The bus is the one DBUS_SYSTEM_BUS_ADDRESS names, or the default system bus.";
 #[derive(Debug, Parser)]
 #[command(
     name = "banger",
-    version,
+    version = banger_release::VERSION,
     about = ABOUT,
     long_about = LONG_ABOUT,
     after_long_help = exit::exit_codes_help(),

@@ -24,7 +24,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     // A newer release installed by `banger update` takes over.
-    banger_release::exec_newest("banger", env!("CARGO_PKG_VERSION"));
+    banger_release::exec_newest("banger", banger_release::VERSION);
     let args: Vec<OsString> = std::env::args_os().collect();
     let cli = match cli::Cli::try_parse_from(&args) {
         Ok(cli) => cli,

@@ -227,7 +227,7 @@ pub struct VersionsJson {
 /// `banger version --json`.
 pub fn version_json(daemon: &DaemonVersion) -> VersionsJson {
     let banger = VersionJson {
-        version: env!("CARGO_PKG_VERSION").to_owned(),
+        version: banger_release::VERSION.to_owned(),
         api_version: banger_dbus::API_VERSION,
         api_compatible: None,
     };
@@ -259,7 +259,7 @@ pub fn version_json(daemon: &DaemonVersion) -> VersionsJson {
 pub fn version_human(daemon: &DaemonVersion) -> String {
     let cli = format!(
         "{} (D-Bus API {})",
-        env!("CARGO_PKG_VERSION"),
+        banger_release::VERSION,
         banger_dbus::API_VERSION
     );
     let daemon = match daemon {

@@ -25,7 +25,7 @@ async fn on_store<T: Send + 'static>(
 }
 
 /// Daemon version.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const VERSION: &str = banger_release::VERSION;
 
 /// Options of the store-maintenance job.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 /// The banger system service. Normally started by systemd (D-Bus activation);
 /// it owns org.banger.Manager on the system bus.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = bangerd::core::VERSION, about)]
 struct Args {
     /// Configuration file [default: $CONFIGURATION_DIRECTORY/bangerd.toml, else /etc/banger/bangerd.toml]
     #[arg(long, value_name = "FILE")]

@@ -31,6 +31,14 @@ pub use semver::Version;
 /// The binaries a release carries.
 pub const BINARIES: [&str; 3] = ["banger", "bangerd", "banger-agent"];
 
+/// The version these binaries were built as: `BANGER_VERSION` at build
+/// time when set (`scripts/publish-release --version`, the update tests'
+/// second release), else the workspace's version.
+pub const VERSION: &str = match option_env!("BANGER_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// The releases root of a packaged install.
 pub const DEFAULT_ROOT: &str = "/var/lib/banger-releases";
 
@@ -368,6 +376,11 @@ mod tests {
 
     fn read(releases: &Releases, version: &Version, name: &str) -> String {
         std::fs::read_to_string(releases.binary(version, name)).expect("read")
+    }
+
+    #[test]
+    fn the_build_version_is_semver() {
+        assert!(Version::parse(VERSION).is_ok(), "{VERSION}");
     }
 
     #[test]
