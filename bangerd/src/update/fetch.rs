@@ -65,13 +65,10 @@ impl Fetcher {
         let client = reqwest::Client::builder()
             .connect_timeout(stall)
             .read_timeout(stall)
-            .user_agent(concat!("bangerd/", env!("CARGO_PKG_VERSION")))
+            .user_agent(format!("bangerd/{}", crate::core::VERSION))
             .https_only(false)
             .build()
-            .map_err(|e| UpdateError::Fetch {
-                url: String::new(),
-                why: format!("cannot set up HTTP: {e}"),
-            })?;
+            .map_err(|e| UpdateError::Http(chain(&e)))?;
         Ok(Self { client, stall })
     }
 
@@ -99,15 +96,9 @@ impl Fetcher {
                 secs: self.stall.as_secs(),
             };
         }
-        let mut why = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            why = format!("{why}: {s}");
-            source = s.source();
-        }
         UpdateError::Fetch {
             url: url.to_string(),
-            why,
+            why: chain(e),
         }
     }
 
@@ -204,6 +195,17 @@ impl Fetcher {
         file.sync_all().await.map_err(io)?;
         Ok(())
     }
+}
+
+/// An error and its sources, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why = format!("{why}: {s}");
+        source = s.source();
+    }
+    why
 }
 
 /// Lowercase hex of `bytes`.

@@ -61,6 +61,12 @@ pub enum UpdateError {
         /// What is wrong with it.
         why: String,
     },
+    /// The job itself stopped (cancelled): passed through as it is.
+    #[error("{0}")]
+    Job(Box<Error>),
+    /// No HTTP client: most likely no trusted CA certificates.
+    #[error("cannot set up HTTPS ({0}); is the ca-certificates package installed?")]
+    Http(String),
     /// A download failed.
     #[error("cannot fetch {url}: {why}")]
     Fetch {
@@ -160,7 +166,9 @@ pub enum UpdateError {
 impl From<UpdateError> for Error {
     fn from(e: UpdateError) -> Self {
         match e {
+            UpdateError::Job(e) => *e,
             UpdateError::Channel { .. } | UpdateError::Key(_) => Error::invalid(e.to_string()),
+            UpdateError::Http(_) => Error::unavailable(e.to_string()),
             UpdateError::UntrustedConfig { .. } => Error::denied(e.to_string()),
             UpdateError::Fetch { .. } | UpdateError::Stalled { .. } => {
                 Error::unavailable(e.to_string())
@@ -254,6 +262,17 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
+/// Begin a job stage; a cancelled job stops here.
+async fn stage(
+    ctx: &JobContext,
+    name: &str,
+    fraction: f64,
+) -> std::result::Result<(), UpdateError> {
+    ctx.stage(name, fraction)
+        .await
+        .map_err(|e| UpdateError::Job(Box::new(e)))
+}
+
 /// Fetch and verify the channel's manifest.
 async fn fetch_manifest(
     ctx: &JobContext,
@@ -275,7 +294,7 @@ async fn fetch_manifest(
         .await?;
     let signature = String::from_utf8(signature)
         .map_err(|_| UpdateError::Signature("the signature file is not text".into()))?;
-    let _ = ctx.stage("verify signature", 0.1).await;
+    stage(ctx, "verify signature", 0.1).await?;
     verify(&manifest, &signature, keys)
 }
 
@@ -307,12 +326,12 @@ async fn install(
     let mut guard = StagingGuard(Some(staging.clone()));
     let mut done = 0u64;
     for artifact in &release.artifacts {
-        let _ = ctx
-            .stage(
-                &format!("download {}", artifact.name),
-                0.15 + 0.75 * done as f64 / total as f64,
-            )
-            .await;
+        stage(
+            ctx,
+            &format!("download {}", artifact.name),
+            0.15 + 0.75 * done as f64 / total as f64,
+        )
+        .await?;
         let url = channel
             .join(&artifact.path)
             .map_err(|e| UpdateError::Channel {
@@ -339,7 +358,7 @@ async fn install(
             .await?;
         done += artifact.size;
     }
-    let _ = ctx.stage("install", 0.9).await;
+    stage(ctx, "install", 0.9).await?;
     let version = release.version.clone();
     let releases = releases.clone();
     // Each artifact was synced once its digest matched.
@@ -473,5 +492,13 @@ mod tests {
         if nix::unistd::geteuid().is_root() {
             assert_eq!(trusted_keys(&[key], &file).expect("root-owned").len(), 2);
         }
+    }
+
+    #[test]
+    fn a_cancelled_stage_stays_a_cancellation() {
+        let e = Error::from(UpdateError::Job(Box::new(Error::cancelled("cancelled"))));
+        assert_eq!(e.kind, crate::error::ErrorKind::Cancelled);
+        let e = Error::from(UpdateError::Http("no roots".into()));
+        assert!(e.to_string().contains("ca-certificates"), "{e}");
     }
 }
