@@ -10,27 +10,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use banger_testbed::{Nspawn, artifacts_dir, guest_artifact, nspawn_rootfs, unit_property};
+use banger_testbed::{
+    Nspawn, artifacts_dir, build_deb, guest_artifact, nspawn_rootfs, unit_property,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The .deb of the debug binaries, in its own directory.
-fn build_deb(out: &Path) -> PathBuf {
-    let run = Command::new(repo().join("scripts/build-deb"))
-        .args(["--debug", "--out"])
-        .arg(out)
-        .output()
-        .expect("run scripts/build-deb");
-    assert!(
-        run.status.success(),
-        "scripts/build-deb failed:\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&run.stdout).trim())
 }
 
 #[test]

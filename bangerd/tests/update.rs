@@ -13,46 +13,13 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
-use banger_testbed::{Options, TestBed};
+use banger_testbed::{Options, TestBed, keypair, sign_manifest, tree_snapshot as snapshot};
 use sha2::{Digest, Sha256};
 
 const RELEASE: &str = "9.0.0";
-
-fn minisign(args: &[&str]) {
-    let out = Command::new("minisign")
-        .args(args)
-        .output()
-        .expect("run minisign (apt install minisign)");
-    assert!(
-        out.status.success(),
-        "minisign {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A key pair in `dir`; returns (secret key path, public key line).
-fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
-    let secret = dir.join(format!("{name}.key"));
-    let public = dir.join(format!("{name}.pub"));
-    minisign(&[
-        "-G",
-        "-W",
-        "-p",
-        public.to_str().unwrap(),
-        "-s",
-        secret.to_str().unwrap(),
-    ]);
-    let line = std::fs::read_to_string(&public)
-        .unwrap()
-        .lines()
-        .nth(1)
-        .unwrap()
-        .to_owned();
-    (secret, line)
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -87,15 +54,7 @@ fn channel(root: &Path, name: &str, version: &str, signed: &str, key: &Path) -> 
     let manifest = serde_json::json!({ "version": version, "artifacts": artifacts });
     let path = dir.join("manifest.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
-    minisign(&[
-        "-S",
-        "-s",
-        key.to_str().unwrap(),
-        "-t",
-        &format!("version:{signed}"),
-        "-m",
-        path.to_str().unwrap(),
-    ]);
+    sign_manifest(&path, key, signed);
     dir
 }
 
@@ -148,33 +107,6 @@ fn answer(mut stream: TcpStream, root: &Path) {
     let _ = stream.write_all(sent);
 }
 
-/// Every file under `dir` with its contents (symlinks as their targets).
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let kind = entry.file_type().unwrap();
-        if kind.is_symlink() {
-            out.push((
-                path.clone(),
-                std::fs::read_link(&path)
-                    .unwrap()
-                    .into_os_string()
-                    .into_encoded_bytes(),
-            ));
-        } else if kind.is_dir() {
-            out.extend(snapshot(&path));
-        } else {
-            out.push((path.clone(), std::fs::read(&path).unwrap()));
-        }
-    }
-    out.sort();
-    out
-}
-
 fn update(bed: &TestBed, args: &[&str]) -> Output {
     bed.banger()
         .env("BANGER_TEST_MARK", bed.dir().join("handed-over"))
@@ -195,8 +127,9 @@ fn text(out: &Output) -> String {
 #[test]
 fn signed_updates_install_roll_back_and_refuse_bad_releases() {
     let keys = tempfile::tempdir().unwrap();
-    let (key, public) = keypair(keys.path(), "test");
-    let (rogue, _) = keypair(keys.path(), "rogue");
+    let test = keypair(keys.path(), "test");
+    let (key, public) = (test.secret, test.public);
+    let rogue = keypair(keys.path(), "rogue").secret;
     let web = tempfile::tempdir().unwrap();
     let root = web.path();
     channel(root, "good", RELEASE, RELEASE, &key);

@@ -57,6 +57,7 @@ mod journald;
 mod netns;
 mod nspawn;
 mod polkit;
+mod release;
 mod shared;
 mod spawn;
 mod user;
@@ -69,8 +70,9 @@ pub use bed::{free_loopback_port, kill_strays};
 pub use fixtures::{artifacts_dir, guest_artifact, mkfs_ext4, tiny_vmlinux};
 pub use journald::{Journald, journal_entries};
 pub use netns::NetNs;
-pub use nspawn::{Nspawn, nspawn_rootfs, unit_property};
+pub use nspawn::{Nspawn, build_deb, nspawn_rootfs, unit_property};
 pub use polkit::{RuleGuard, install_polkit_rule};
+pub use release::{Keypair, keypair, sign_manifest, tree_snapshot};
 pub use spawn::pid_alive;
 pub use user::TestUser;
 

@@ -38,6 +38,24 @@ pub fn nspawn_rootfs() -> PathBuf {
     path
 }
 
+/// `scripts/build-deb --debug --out DIR`: the .deb of the debug binaries.
+///
+/// # Panics
+/// When the script fails.
+pub fn build_deb(out: &Path) -> PathBuf {
+    let run = Command::new(repo().join("scripts/build-deb"))
+        .args(["--debug", "--out"])
+        .arg(out)
+        .output()
+        .expect("run scripts/build-deb");
+    assert!(
+        run.status.success(),
+        "scripts/build-deb failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&run.stdout).trim())
+}
+
 /// One boot of the container.
 #[derive(Debug)]
 pub struct Nspawn {

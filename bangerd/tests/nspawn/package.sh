@@ -7,17 +7,7 @@
 # bangerd, systemd-analyze, and remove/purge. Writes what it saw to
 # /opt/results (the test judges it) and powers the container off.
 set -uo pipefail
-out=/opt/results
-exec >"$out/log" 2>&1
-set -x
-export HOME=/root
-step() { echo "$1" >>"$out/steps"; }
-finish() {
-  echo "$1" >"$out/verdict"
-  journalctl -u bangerd -o json --no-pager >"$out/journal.json" 2>/dev/null
-  systemctl poweroff
-  exit 0
-}
+. /opt/banger-test/lib.sh
 # Wait up to $1 seconds for bangerd.service to be inactive.
 wait_inactive() {
   local i
@@ -46,18 +36,9 @@ echo $? >"$out/verify-rc"
 systemd-analyze security --no-pager bangerd.service >"$out/security" 2>&1
 
 # A quick idle exit, and QEMU under TCG for the VM below.
-cat >/etc/banger/bangerd.toml <<'CONF'
-[daemon]
+write_config '[daemon]
 idle_exit_secs = 3
-[vm]
-vmm = "qemu"
-accel = "tcg"
-default_image = "tiny"
-vcpus = 1
-memory_mib = 256
-disk_mib = 128
-boot_timeout_secs = 150
-CONF
+'
 
 # Nothing runs until someone asks.
 systemctl is-active bangerd.service >"$out/state-before"
@@ -82,11 +63,7 @@ banger doctor --json >"$out/doctor.json"
 systemctl is-active bangerd.service >"$out/state-doctor"
 step "activated by doctor"
 
-banger kernel import --name test-kernel --kernel /opt/guest/kernel/vmlinuz \
-  --initrd /opt/guest/kernel/initrd.img || finish "kernel import failed"
-banger image register --name tiny --rootfs /opt/guest/tiny/rootfs.ext4 \
-  --work-seed /opt/guest/tiny/work-seed.ext4 --kernel test-kernel \
-  --service ssh:22 --init /sbin/banger-init || finish "image register failed"
+register_guest banger
 
 # A member of `banger` in a real logind session, and a stranger.
 useradd --create-home --groups banger alice

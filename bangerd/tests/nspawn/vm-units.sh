@@ -6,29 +6,10 @@
 # then stop and delete. Writes what it saw to /opt/results (the test reads and judges
 # it) and powers the container off.
 set -uo pipefail
-out=/opt/results
-exec >"$out/log" 2>&1
-set -x
+. /opt/banger-test/lib.sh
 B=/opt/banger/banger
-export HOME=/root
-step() { echo "$1" >>"$out/steps"; }
-finish() {
-  echo "$1" >"$out/verdict"
-  systemctl poweroff
-  exit 0
-}
 
-mkdir -p /etc/banger
-cat >/etc/banger/bangerd.toml <<'CONF'
-[vm]
-vmm = "qemu"
-accel = "tcg"
-default_image = "tiny"
-vcpus = 1
-memory_mib = 256
-disk_mib = 128
-boot_timeout_secs = 150
-CONF
+write_config
 
 start_bangerd() {
   systemd-run --unit=bangerd --collect \
@@ -41,11 +22,7 @@ start_bangerd() {
 start_bangerd || finish "bangerd did not start under systemd"
 step "bangerd up"
 
-$B kernel import --name test-kernel --kernel /opt/guest/kernel/vmlinuz \
-  --initrd /opt/guest/kernel/initrd.img || finish "kernel import failed"
-$B image register --name tiny --rootfs /opt/guest/tiny/rootfs.ext4 \
-  --work-seed /opt/guest/tiny/work-seed.ext4 --kernel test-kernel \
-  --service ssh:22 --init /sbin/banger-init || finish "image register failed"
+register_guest "$B"
 $B doctor --json >"$out/doctor.json"
 $B vm create --name unitvm || finish "vm create failed"
 step "created"
