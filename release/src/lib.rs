@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 
 pub use semver::Version;
 
+pub mod signed;
+
 /// The binaries a release carries.
 pub const BINARIES: [&str; 3] = ["banger", "bangerd", "banger-agent"];
 

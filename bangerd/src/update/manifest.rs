@@ -7,8 +7,8 @@
 
 use std::collections::BTreeSet;
 
+use banger_release::signed::{self, PublicKey};
 use banger_release::{BINARIES, Version};
-use minisign_verify::{PublicKey, Signature};
 use serde::{Deserialize, Serialize};
 
 use super::UpdateError;
@@ -53,13 +53,7 @@ pub struct Verified {
 /// Parse one minisign public key: a bare base64 key line, or a whole
 /// `.pub` file (comment line and key line).
 pub fn parse_key(text: &str) -> Result<PublicKey, UpdateError> {
-    let text = text.trim();
-    let parsed = if text.contains('\n') {
-        PublicKey::decode(text)
-    } else {
-        PublicKey::from_base64(text)
-    };
-    parsed.map_err(|e| UpdateError::Key(format!("not a minisign public key ({e})")))
+    signed::parse_key(text).map_err(|e| UpdateError::Key(e.to_string()))
 }
 
 /// Check `signature` over `manifest` against `keys`, then the manifest
@@ -69,26 +63,11 @@ pub fn verify(
     signature: &str,
     keys: &[PublicKey],
 ) -> Result<Verified, UpdateError> {
-    let signature = Signature::decode(signature)
-        .map_err(|e| UpdateError::Signature(format!("the signature file is malformed ({e})")))?;
-    let mut last = None;
-    let verified = keys
-        .iter()
-        .any(|key| match key.verify(manifest, &signature, false) {
-            Ok(()) => true,
-            Err(e) => {
-                last = Some(e.to_string());
-                false
-            }
-        });
-    if !verified {
-        return Err(UpdateError::Signature(
-            last.unwrap_or_else(|| "no trusted key".into()),
-        ));
-    }
+    let comment = signed::verify(manifest, signature, keys)
+        .map_err(|e| UpdateError::Signature(e.to_string()))?;
     let parsed: Manifest = serde_json::from_slice(manifest)
         .map_err(|e| UpdateError::Manifest(format!("not a banger manifest: {e}")))?;
-    let signed = trusted_field(signature.trusted_comment(), "version");
+    let signed = signed::trusted_field(&comment, "version");
     if signed != Some(parsed.version.as_str()) {
         return Err(UpdateError::VersionMismatch {
             signed: signed.unwrap_or("").to_owned(),
@@ -96,16 +75,6 @@ pub fn verify(
         });
     }
     validate(parsed)
-}
-
-/// The value of `key:value` among the trusted comment's fields (separated
-/// by tabs or spaces).
-fn trusted_field<'a>(comment: &'a str, key: &str) -> Option<&'a str> {
-    comment
-        .split(['\t', ' '])
-        .filter_map(|f| f.split_once(':'))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
 }
 
 fn validate(manifest: Manifest) -> Result<Verified, UpdateError> {
@@ -223,14 +192,6 @@ mod tests {
             let e = validate(m).expect_err(want);
             assert!(e.to_string().contains(want), "{e} lacks {want:?}");
         }
-    }
-
-    #[test]
-    fn trusted_fields_are_found_among_tabs_and_spaces() {
-        let c = "timestamp:1700000000\tfile:manifest.json version:0.2.0";
-        assert_eq!(trusted_field(c, "version"), Some("0.2.0"));
-        assert_eq!(trusted_field(c, "file"), Some("manifest.json"));
-        assert_eq!(trusted_field(c, "channel"), None);
     }
 
     #[test]

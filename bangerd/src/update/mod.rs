@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use banger_release::signed::{PublicKey, RELEASE_KEY};
 use banger_release::{ReleaseError, Releases, Version};
-use minisign_verify::PublicKey;
 
 pub use fetch::{Fetcher, channel_url, hex};
 pub use manifest::{Artifact, MAX_ARTIFACT_BYTES, Manifest, Verified, parse_key, verify};
@@ -27,9 +27,6 @@ use crate::auth::{Action, BoxFuture, Caller};
 use crate::core::{Core, VERSION};
 use crate::error::{Error, Result};
 use crate::jobs::{JobContext, JobId};
-
-/// The release key (`packaging/release-key.pub`), built in.
-pub const RELEASE_KEY: &str = include_str!("../../../packaging/release-key.pub");
 
 /// Largest `manifest.json` accepted.
 const MANIFEST_LIMIT: usize = 256 << 10;
