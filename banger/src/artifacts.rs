@@ -11,6 +11,10 @@
 //!   "created_at_usec", "owner_uid", "path"}`.
 //! - `kernel import` / `image promote`: `{"job": <job report>, "kernel"|"image": ...}`.
 //! - `kernel delete` / `image delete`: `[{"ref", "deleted", "error"}]`.
+//! - `kernel list --available` / `image list --available`: `{"catalog",
+//!   "serial", "source" ("built-in" or "fetched"), "entries": [{"name",
+//!   "version", "arch", "description", "url", "size_bytes", "kernel"
+//!   (images; null for kernels), "min_banger", "installed", "usable"}]}`.
 
 use serde_json::{Value, json};
 
@@ -210,6 +214,96 @@ pub fn kernels_table(kernels: &[KernelInfo]) -> String {
         })
         .collect();
     table(&["NAME", "ID", "VERSION", "SIZE", "CREATED"], &rows)
+}
+
+/// Where a catalog came from, as listings say it.
+fn catalog_source(fetched: bool) -> &'static str {
+    if fetched { "fetched" } else { "built-in" }
+}
+
+/// `kernel list --available --json` / `image list --available --json`.
+pub fn available_json(
+    kind: &str,
+    serial: u64,
+    fetched: bool,
+    entries: &[banger_dbus::CatalogEntry],
+) -> Value {
+    let entries: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "name": e.name,
+                "version": e.version,
+                "arch": e.arch,
+                "description": e.description,
+                "url": e.url,
+                "size_bytes": e.size,
+                "kernel": (!e.kernel.is_empty()).then_some(&e.kernel),
+                "min_banger": e.min_banger,
+                "installed": e.installed,
+                "usable": e.usable,
+            })
+        })
+        .collect();
+    json!({
+        "catalog": kind,
+        "serial": serial,
+        "source": catalog_source(fetched),
+        "entries": entries,
+    })
+}
+
+/// `kernel list --available` / `image list --available` for humans.
+pub fn available_table(
+    kind: &str,
+    serial: u64,
+    fetched: bool,
+    entries: &[banger_dbus::CatalogEntry],
+) -> String {
+    let head = format!(
+        "{kind} catalog serial {serial} ({})",
+        catalog_source(fetched)
+    );
+    if entries.is_empty() {
+        return format!(
+            "{head}: no entries; `banger update --check` fetches a newer catalog from the release channel"
+        );
+    }
+    let images = kind == "images";
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let mut row = vec![e.name.clone(), e.version.clone(), e.arch.clone()];
+            if images {
+                row.push(e.kernel.clone());
+            }
+            row.push(human_bytes(e.size));
+            row.push(
+                match (e.installed, e.usable) {
+                    (true, _) => "installed",
+                    (false, true) => "-",
+                    (false, false) => "needs a newer banger",
+                }
+                .to_owned(),
+            );
+            row.push(e.description.clone());
+            row
+        })
+        .collect();
+    let header: &[&str] = if images {
+        &[
+            "NAME",
+            "VERSION",
+            "ARCH",
+            "KERNEL",
+            "SIZE",
+            "STATE",
+            "DESCRIPTION",
+        ]
+    } else {
+        &["NAME", "VERSION", "ARCH", "SIZE", "STATE", "DESCRIPTION"]
+    };
+    format!("{head}\n{}", table(header, &rows))
 }
 
 /// `kernel show` for humans.

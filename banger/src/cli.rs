@@ -330,8 +330,12 @@ pub enum VmCommand {
 /// `banger image ...`
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// List images
-    List,
+    /// List images (--available: what the image catalog offers)
+    List {
+        /// List the image catalog's entries instead: what `image pull` can fetch
+        #[arg(long)]
+        available: bool,
+    },
     /// Show one image
     Show {
         /// Image name, id or unique id prefix
@@ -389,7 +393,7 @@ pub enum ImageCommand {
 impl ImageCommand {
     fn name(&self) -> &'static str {
         match self {
-            ImageCommand::List => "image list",
+            ImageCommand::List { .. } => "image list",
             ImageCommand::Show { .. } => "image show",
             ImageCommand::Pull { .. } => "image pull",
             ImageCommand::Register { .. } => "image register",
@@ -416,8 +420,12 @@ fn parse_service(s: &str) -> Result<String, String> {
 /// `banger kernel ...`
 #[derive(Debug, Subcommand)]
 pub enum KernelCommand {
-    /// List kernels
-    List,
+    /// List kernels (--available: what the kernel catalog offers)
+    List {
+        /// List the kernel catalog's entries instead: what `kernel pull` can fetch
+        #[arg(long)]
+        available: bool,
+    },
     /// Show one kernel
     Show {
         /// Kernel name, id or unique id prefix
@@ -458,7 +466,7 @@ pub enum KernelCommand {
 impl KernelCommand {
     fn name(&self) -> &'static str {
         match self {
-            KernelCommand::List => "kernel list",
+            KernelCommand::List { .. } => "kernel list",
             KernelCommand::Show { .. } => "kernel show",
             KernelCommand::Import { .. } => "kernel import",
             KernelCommand::Pull { .. } => "kernel pull",
@@ -518,6 +526,8 @@ pub enum Action {
         dir: Option<PathBuf>,
     },
     KernelList,
+    /// `kernel list --available` / `image list --available`: the catalog kind.
+    Available(&'static str),
     KernelShow(String),
     KernelImport {
         name: String,
@@ -573,7 +583,8 @@ impl Cli {
             Command::Job(JobCommand::Watch { job }) => Action::JobWatch(job),
             Command::Job(JobCommand::Cancel { job }) => Action::JobCancel(job),
             Command::Vm(c) => Action::Vm(c),
-            Command::Image(ImageCommand::List) => Action::ImageList,
+            Command::Image(ImageCommand::List { available: false }) => Action::ImageList,
+            Command::Image(ImageCommand::List { available: true }) => Action::Available("images"),
             Command::Image(ImageCommand::Show { image }) => Action::ImageShow(image),
             Command::Image(ImageCommand::Register {
                 name,
@@ -596,7 +607,10 @@ impl Cli {
             },
             Command::Image(ImageCommand::Delete { images }) => Action::ImageDelete(images),
             Command::Image(c @ ImageCommand::Pull { .. }) => Action::NotImplemented(c.name()),
-            Command::Kernel(KernelCommand::List) => Action::KernelList,
+            Command::Kernel(KernelCommand::List { available: false }) => Action::KernelList,
+            Command::Kernel(KernelCommand::List { available: true }) => {
+                Action::Available("kernels")
+            }
             Command::Kernel(KernelCommand::Show { kernel }) => Action::KernelShow(kernel),
             Command::Kernel(KernelCommand::Import {
                 name,

@@ -129,6 +129,16 @@ impl Client {
         timed(manager.doctor()).await
     }
 
+    /// The catalog `kind` ("kernels" or "images") in use: (serial,
+    /// fetched, entries).
+    pub async fn available(
+        &self,
+        kind: &str,
+    ) -> Result<(u64, bool, Vec<banger_dbus::CatalogEntry>), Failure> {
+        let manager = self.manager().await?;
+        timed(manager.list_available(kind)).await
+    }
+
     /// The daemon's version (one property read; starts the daemon if it is activatable).
     pub async fn daemon_version(&self) -> Result<(String, u32), Failure> {
         let manager = self.manager().await?;

@@ -63,6 +63,7 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
         Action::JobCancel(job) => job_cancel(opts, job).await,
         Action::Version => version(opts).await,
         Action::KernelList => kernel_list(opts).await,
+        Action::Available(kind) => available(opts, kind).await,
         Action::KernelShow(r) => kernel_show(opts, &r).await,
         Action::KernelImport {
             name,
@@ -140,6 +141,16 @@ async fn kernel_list(opts: Options) -> anyhow::Result<u8> {
         emit_json(&all)?;
     } else {
         emit(&artifacts::kernels_table(&catalog.kernels))?;
+    }
+    Ok(exit::OK)
+}
+
+async fn available(opts: Options, kind: &str) -> anyhow::Result<u8> {
+    let (serial, fetched, entries) = connect(opts).await?.available(kind).await?;
+    if opts.json {
+        emit_json(&artifacts::available_json(kind, serial, fetched, &entries))?;
+    } else {
+        emit(&artifacts::available_table(kind, serial, fetched, &entries))?;
     }
     Ok(exit::OK)
 }

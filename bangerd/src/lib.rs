@@ -7,6 +7,7 @@
 pub mod artifacts;
 pub mod auth;
 pub mod bus;
+pub mod catalog;
 pub mod config;
 pub mod core;
 pub mod doctor;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use banger_testbed::{Options, TestBed, keypair, sign_manifest, tree_snapshot as snapshot};
+use banger_testbed::{Options, TestBed, keypair, sign, sign_manifest, tree_snapshot as snapshot};
 use sha2::{Digest, Sha256};
 
 const RELEASE: &str = "9.0.0";
@@ -267,4 +267,156 @@ fn signed_updates_install_roll_back_and_refuse_bad_releases() {
         "{}",
         text(&out)
     );
+}
+
+/// `dir/catalog/<kind>.json` with `serial` and one entry, signed by `key`
+/// as `catalog:<signed_kind> serial:<signed_serial>`.
+fn catalog(dir: &Path, kind: &str, serial: u64, signed: &str, key: &Path) {
+    let dir = dir.join("catalog");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut entry = serde_json::json!({
+        "name": if kind == "kernels" { "generic-6-1" } else { "debian-bookworm" },
+        "version": "2026.12.01",
+        "arch": "x86_64",
+        "description": format!("a test {kind} entry, serial {serial}"),
+        "url": "http://127.0.0.1:9/bundle.tar.zst",
+        "size": 4096,
+        "sha256": "ab".repeat(32),
+        "min_banger": "0.1.0",
+    });
+    if kind == "images" {
+        entry["kernel"] = "generic-6-1".into();
+    }
+    let document = serde_json::json!({
+        "schema": 1, "kind": kind, "serial": serial, "entries": [entry],
+    });
+    let path = dir.join(format!("{kind}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&document).unwrap()).unwrap();
+    sign(&path, key, signed);
+}
+
+fn available(bed: &TestBed, kind: &str) -> serde_json::Value {
+    let out = bed
+        .banger()
+        .args([kind, "list", "--available", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn catalogs_are_replaced_only_by_newer_signed_ones() {
+    let keys = tempfile::tempdir().unwrap();
+    let test = keypair(keys.path(), "test");
+    let rogue = keypair(keys.path(), "rogue").secret;
+    let web = tempfile::tempdir().unwrap();
+    let root = web.path();
+    let running = bangerd::core::VERSION;
+    // Channels at the running version: a check offers only their catalogs.
+    let good = channel(root, "good", running, running, &test.secret);
+    catalog(
+        &good,
+        "kernels",
+        5,
+        "catalog:kernels serial:5",
+        &test.secret,
+    );
+    catalog(&good, "images", 3, "catalog:images serial:3", &test.secret);
+    let bad = channel(root, "bad", running, running, &test.secret);
+    catalog(&bad, "kernels", 9, "catalog:kernels serial:9", &rogue);
+    catalog(&bad, "images", 9, "catalog:kernels serial:9", &test.secret);
+    let old = channel(root, "old", running, running, &test.secret);
+    catalog(&old, "kernels", 4, "catalog:kernels serial:4", &test.secret);
+    let port = serve(root.to_owned());
+    let url = |name: &str| format!("http://127.0.0.1:{port}/{name}/");
+    let bed = TestBed::start(Options {
+        config_toml: Some(format!(
+            "[update]\nchannel = \"{}\"\nextra_keys = [\"{}\"]\n",
+            url("good"),
+            test.public
+        )),
+        ..Options::default()
+    })
+    .expect("test bed");
+
+    // The built-in catalogs to begin with, open to everyone.
+    let before = available(&bed, "kernel");
+    assert_eq!(before["source"], "built-in", "{before}");
+    let built_in_serial = before["serial"].as_u64().unwrap();
+    assert!(built_in_serial < 3, "{before}");
+
+    // Refused: a catalog signed by an unknown key, one whose signature
+    // names another kind. The check itself still succeeds.
+    let out = update(&bed, &["--check", "--channel", &url("bad")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    eprintln!("bad catalogs: {said}");
+    assert!(
+        said.contains("kept the kernels catalog") && said.contains("does not verify"),
+        "{said}"
+    );
+    assert!(
+        said.contains("kept the images catalog") && said.contains("passed off as another"),
+        "{said}"
+    );
+    assert_eq!(available(&bed, "kernel"), before);
+
+    // Taken: newer and signed by a trusted key.
+    let out = update(&bed, &["--check"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(&format!("kernels catalog serial {built_in_serial} -> 5"))
+            && said.contains("images catalog serial"),
+        "{said}"
+    );
+    let kernels = available(&bed, "kernel");
+    assert_eq!(kernels["source"], "fetched", "{kernels}");
+    assert_eq!(kernels["serial"], 5);
+    assert_eq!(kernels["entries"][0]["name"], "generic-6-1");
+    assert_eq!(kernels["entries"][0]["installed"], false);
+    assert_eq!(kernels["entries"][0]["usable"], true);
+    assert_eq!(kernels["entries"][0]["kernel"], serde_json::Value::Null);
+    let images = available(&bed, "image");
+    assert_eq!(images["serial"], 3);
+    assert_eq!(images["entries"][0]["kernel"], "generic-6-1");
+    let human = bed
+        .banger()
+        .args(["image", "list", "--available"])
+        .output()
+        .unwrap();
+    let human = text(&human);
+    eprintln!("{human}");
+    assert!(
+        human.contains("images catalog serial 3 (fetched)") && human.contains("debian-bookworm"),
+        "{human}"
+    );
+
+    // Not taken: an older serial, however well signed.
+    let out = update(&bed, &["--check", "--channel", &url("old")]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("catalog serial"), "{}", text(&out));
+    assert_eq!(available(&bed, "kernel")["serial"], 5);
+
+    // A kept catalog altered on disk is ignored: the built-in one is back.
+    let kept = bed.state_dir().join("catalog/kernels.json");
+    let mut bytes = std::fs::read(&kept).unwrap();
+    let at = bytes.iter().position(|b| *b == b'5').unwrap();
+    bytes[at] = b'7';
+    std::fs::write(&kept, bytes).unwrap();
+    assert_eq!(available(&bed, "kernel"), before);
+
+    // An unknown catalog is a clear error.
+    let out = bed.busctl([
+        "call",
+        "org.banger.Manager",
+        "/org/banger/Manager",
+        "org.banger.Manager",
+        "ListAvailable",
+        "s",
+        "firmware",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("unknown catalog"), "{}", text(&out));
 }

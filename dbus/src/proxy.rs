@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use zbus::proxy;
 use zbus::{OwnedObjectPath, Variant};
 
-use crate::{DoctorCheck, Error, ServicePort, StageTiming};
+use crate::{CatalogEntry, DoctorCheck, Error, ServicePort, StageTiming};
 
 /// `org.banger.Manager` at `/org/banger/Manager`.
 #[proxy(
@@ -25,6 +25,9 @@ pub trait Manager {
     /// a job; returns the job's path.
     #[zbus(allow_interactive_auth)]
     fn update(&self, options: HashMap<&str, &Variant<'_>>) -> Result<OwnedObjectPath, Error>;
+
+    /// The kernel or image catalog in use: (serial, fetched, entries).
+    fn list_available(&self, kind: &str) -> Result<(u64, bool, Vec<CatalogEntry>), Error>;
 
     /// Re-read bangerd.toml; a bad file is refused and the old one stays.
     #[zbus(allow_interactive_auth)]

@@ -16,6 +16,31 @@ pub struct DoctorCheck {
     pub hint: String,
 }
 
+/// One entry of `Manager.ListAvailable()`: signature `(ssssstssbb)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct CatalogEntry {
+    /// Name to pull it by.
+    pub name: String,
+    /// Its own version.
+    pub version: String,
+    /// Machine architecture, e.g. `x86_64`.
+    pub arch: String,
+    /// One line for listings.
+    pub description: String,
+    /// The bundle's URL.
+    pub url: String,
+    /// The bundle's size in bytes.
+    pub size: u64,
+    /// Images: the kernel entry it boots with; empty for kernels.
+    pub kernel: String,
+    /// The oldest banger that can use it.
+    pub min_banger: String,
+    /// A kernel or image of that name is registered on this host.
+    pub installed: bool,
+    /// This banger is new enough for it.
+    pub usable: bool,
+}
+
 /// One finished stage of a job, in the `Stages` property: signature `(st)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 pub struct StageTiming {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use banger_dbus::options::{create_vm, import_kernel, maintain, register_image, update};
-use banger_dbus::{API_VERSION, DoctorCheck, image_path};
+use banger_dbus::{API_VERSION, CatalogEntry, DoctorCheck, image_path};
 use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, interface};
 
@@ -335,6 +335,40 @@ impl ManagerObject {
         };
         let id = self.core.update(&caller, request).await.map_err(to_wire)?;
         job::published(conn, &self.core, id).await
+    }
+
+    /// The catalog of `kind` ("kernels" or "images") in use: its serial,
+    /// whether it was fetched from the release channel (else built in),
+    /// and its entries as (name, version, arch, description, url, size,
+    /// kernel, min_banger, installed, usable); kernel is empty for
+    /// kernels. Open to everyone.
+    #[zbus(out_args("serial", "fetched", "entries"))]
+    async fn list_available(
+        &self,
+        kind: &str,
+    ) -> Result<(u64, bool, Vec<CatalogEntry>), banger_dbus::Reply> {
+        let kind = crate::catalog::kind(kind).map_err(to_wire)?;
+        let available = self.core.available(kind).await.map_err(to_wire)?;
+        Ok((
+            available.serial,
+            available.fetched,
+            available
+                .entries
+                .into_iter()
+                .map(|a| CatalogEntry {
+                    name: a.entry.name,
+                    version: a.entry.version,
+                    arch: a.entry.arch,
+                    description: a.entry.description,
+                    url: a.entry.url,
+                    size: a.entry.size,
+                    kernel: a.entry.kernel.unwrap_or_default(),
+                    min_banger: a.entry.min_banger,
+                    installed: a.installed,
+                    usable: a.usable,
+                })
+                .collect(),
+        ))
     }
 
     /// Version of bangerd.

@@ -80,6 +80,11 @@ impl Fetcher {
             .await
             .map_err(|e| self.describe(url, &e))?;
         let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(UpdateError::Missing {
+                url: url.to_string(),
+            });
+        }
         if !status.is_success() {
             return Err(UpdateError::Fetch {
                 url: url.to_string(),

@@ -64,6 +64,12 @@ pub enum UpdateError {
     /// No HTTP client: most likely no trusted CA certificates.
     #[error("cannot set up HTTPS ({0}); is the ca-certificates package installed?")]
     Http(String),
+    /// The server has no such file.
+    #[error("cannot fetch {url}: the server answered 404 Not Found")]
+    Missing {
+        /// What was fetched.
+        url: String,
+    },
     /// A download failed.
     #[error("cannot fetch {url}: {why}")]
     Fetch {
@@ -167,9 +173,9 @@ impl From<UpdateError> for Error {
             UpdateError::Channel { .. } | UpdateError::Key(_) => Error::invalid(e.to_string()),
             UpdateError::Http(_) => Error::unavailable(e.to_string()),
             UpdateError::UntrustedConfig { .. } => Error::denied(e.to_string()),
-            UpdateError::Fetch { .. } | UpdateError::Stalled { .. } => {
-                Error::unavailable(e.to_string())
-            }
+            UpdateError::Fetch { .. }
+            | UpdateError::Missing { .. }
+            | UpdateError::Stalled { .. } => Error::unavailable(e.to_string()),
             _ => Error::failed(e.to_string()),
         }
     }
@@ -389,6 +395,7 @@ impl Core {
         let fetcher = Fetcher::new(Duration::from_secs(config.update.stall_timeout_secs))?;
         let releases = self.deps.releases.clone();
         let restart = self.deps.restart.clone();
+        let state = self.deps.dirs.state.clone();
         let running = running_version();
         self.jobs()
             .start(
@@ -416,6 +423,8 @@ impl Core {
                     let release = fetch_manifest(&ctx, &fetcher, &channel, &keys)
                         .await
                         .map_err(to_error)?;
+                    ctx.stage("refresh catalogs", 0.12).await?;
+                    let catalogs = refresh_catalogs(&fetcher, &channel, &keys, &state).await;
                     let available = release.version.clone();
                     if matches!(request, UpdateRequest::Check { .. }) {
                         let detail = if available > running {
@@ -423,7 +432,7 @@ impl Core {
                         } else {
                             format!("up to date {running} (channel has {available})")
                         };
-                        ctx.progress(&detail, 1.0, None);
+                        ctx.progress(&with_notes(detail, &catalogs), 1.0, None);
                         return Ok(());
                     }
                     if available < running {
@@ -439,13 +448,83 @@ impl Core {
                     finish(
                         &ctx,
                         restart,
-                        &format!("updated from {running} to {available}"),
+                        &with_notes(format!("updated from {running} to {available}"), &catalogs),
                     )
                     .await
                 },
             )
             .await
     }
+}
+
+/// `detail`, then each note, `; `-separated.
+fn with_notes(detail: String, notes: &[String]) -> String {
+    std::iter::once(detail)
+        .chain(notes.iter().cloned())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Offer the channel's catalogs (`catalog/<kind>.json` and its
+/// `.minisig`, both optional) to the state directory: a catalog is kept
+/// when its signature verifies and its serial is higher than the one in
+/// use. Returns notes for the job's detail; a refused catalog does not
+/// fail the update.
+async fn refresh_catalogs(
+    fetcher: &Fetcher,
+    channel: &reqwest::Url,
+    keys: &[PublicKey],
+    state: &Path,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    for kind in banger_catalog::Kind::ALL {
+        let fetched = async {
+            let url = |suffix: &str| {
+                channel
+                    .join(&format!("catalog/{}{suffix}", kind.file_name()))
+                    .map_err(|e| UpdateError::Channel {
+                        url: channel.to_string(),
+                        why: e.to_string(),
+                    })
+            };
+            let document = match fetcher.small(&url("")?, banger_catalog::MAX_BYTES).await {
+                Ok(d) => d,
+                Err(UpdateError::Missing { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let signature = fetcher.small(&url(".minisig")?, SIGNATURE_LIMIT).await?;
+            Ok(Some((
+                document,
+                String::from_utf8_lossy(&signature).into_owned(),
+            )))
+        }
+        .await;
+        let note = match fetched {
+            Ok(None) => continue,
+            Ok(Some((document, signature))) => {
+                let (state, keys) = (state.to_owned(), keys.to_vec());
+                tokio::task::spawn_blocking(move || {
+                    crate::catalog::offer(&state, kind, &document, &signature, &keys)
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match note {
+            Ok(crate::catalog::Offered::Taken { from, to }) => {
+                tracing::info!(catalog = %kind, from, to, "catalog updated");
+                notes.push(format!("{kind} catalog serial {from} -> {to}"));
+            }
+            Ok(crate::catalog::Offered::NotNewer { .. }) => {}
+            Err(why) => {
+                tracing::warn!(catalog = %kind, "catalog refused: {why}");
+                notes.push(format!("kept the {kind} catalog: {why}"));
+            }
+        }
+    }
+    notes
 }
 
 /// The last stage: ask for a restart shortly after the job has reported

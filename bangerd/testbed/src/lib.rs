@@ -72,7 +72,7 @@ pub use journald::{Journald, journal_entries};
 pub use netns::NetNs;
 pub use nspawn::{Nspawn, build_deb, nspawn_rootfs, unit_property};
 pub use polkit::{RuleGuard, install_polkit_rule};
-pub use release::{Keypair, keypair, sign_manifest, tree_snapshot};
+pub use release::{Keypair, keypair, sign, sign_manifest, tree_snapshot};
 pub use spawn::pid_alive;
 pub use user::TestUser;
 

@@ -62,7 +62,15 @@ pub fn keypair(dir: &Path, name: &str) -> Keypair {
 /// # Panics
 /// When minisign fails.
 pub fn sign_manifest(manifest: &Path, secret: &Path, signed_version: &str) {
-    let comment = format!("version:{signed_version}");
+    sign(manifest, secret, &format!("version:{signed_version}"));
+}
+
+/// Signs `file` (writing `<file>.minisig`) with `secret` and the trusted
+/// comment `comment` (a catalog's is `catalog:<kind> serial:<n>`).
+///
+/// # Panics
+/// When minisign fails.
+pub fn sign(file: &Path, secret: &Path, comment: &str) {
     minisign(&[
         "-S".as_ref(),
         "-s".as_ref(),
@@ -70,7 +78,7 @@ pub fn sign_manifest(manifest: &Path, secret: &Path, signed_version: &str) {
         "-t".as_ref(),
         comment.as_ref(),
         "-m".as_ref(),
-        manifest.as_os_str(),
+        file.as_os_str(),
     ]);
 }
 
