@@ -255,13 +255,16 @@ pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, r: &Resource) -> z
     Ok(())
 }
 
-/// Remove the object of `r`.
+/// Remove the object of `r`; one already gone is fine.
 pub async fn remove(server: &ObjectServer, r: &Resource) -> zbus::Result<()> {
     let path = path_of(r);
-    match r {
-        Resource::Kernel(_) => server.remove::<KernelObject, _>(&path).await?,
-        Resource::Image(_) => server.remove::<ImageObject, _>(&path).await?,
+    let removed = match r {
+        Resource::Kernel(_) => server.remove::<KernelObject, _>(&path).await,
+        Resource::Image(_) => server.remove::<ImageObject, _>(&path).await,
         Resource::Vm(id) => return super::vm::remove(server, id).await,
     };
-    Ok(())
+    match removed {
+        Ok(_) | Err(zbus::Error::InterfaceNotFound) => Ok(()),
+        Err(e) => Err(e),
+    }
 }

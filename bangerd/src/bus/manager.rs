@@ -11,7 +11,7 @@ use super::options::{
     Options, bool_opt, only_known, opt_bool, str_opt, strs_opt, u32_opt, u64_opt,
 };
 use super::{caller, job, to_wire};
-use crate::artifacts::{ImageRegistration, KernelImport};
+use crate::artifacts::{ImageRegistration, KernelImport, Resource};
 use crate::core::{Core, MaintainOptions, VERSION};
 use crate::update::UpdateRequest;
 
@@ -126,10 +126,17 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
+        let id = self.core.kernel(&kernel).await.ok().map(|k| k.id);
         self.core
             .delete_kernel(&caller, &kernel)
             .await
-            .map_err(to_wire)
+            .map_err(to_wire)?;
+        // Gone from the bus before the reply, not only when the event
+        // mirror gets to it.
+        if let Some(id) = id {
+            let _ = super::artifacts::remove(conn.object_server(), &Resource::Kernel(id)).await;
+        }
+        Ok(())
     }
 
     /// Record an unmanaged image from host paths: `rootfs` an ext4 image,
@@ -218,10 +225,15 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
+        let id = self.core.image(&image).await.ok().map(|i| i.id);
         self.core
             .delete_image(&caller, &image)
             .await
-            .map_err(to_wire)
+            .map_err(to_wire)?;
+        if let Some(id) = id {
+            let _ = super::artifacts::remove(conn.object_server(), &Resource::Image(id)).await;
+        }
+        Ok(())
     }
 
     /// Create a VM named `name` (a DNS label) from `image` (name or id;
