@@ -341,16 +341,20 @@ pub enum ImageCommand {
         /// Image name, id or unique id prefix
         image: String,
     },
-    /// Pull an image from the catalog or an OCI registry (registry/repo:tag) (planned)
+    /// Pull an image from the catalog (a job: download, unpack, work-seed; its kernel too when
+    /// missing); OCI references (registry/repo:tag) are planned
     Pull {
-        /// Catalog name or OCI reference
+        /// Catalog name (`banger image list --available`), or an OCI reference (planned)
         reference: String,
-        /// Name to register the image under
+        /// Name to register an OCI image under (planned)
         #[arg(long)]
         name: Option<String>,
-        /// Kernel to pair the image with
+        /// Kernel to pair an OCI image with (planned)
         #[arg(long)]
         kernel: Option<String>,
+        /// Print the job's path and return at once
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Register an unmanaged image from host paths (nothing is copied)
     Register {
@@ -390,17 +394,10 @@ pub enum ImageCommand {
     },
 }
 
-impl ImageCommand {
-    fn name(&self) -> &'static str {
-        match self {
-            ImageCommand::List { .. } => "image list",
-            ImageCommand::Show { .. } => "image show",
-            ImageCommand::Pull { .. } => "image pull",
-            ImageCommand::Register { .. } => "image register",
-            ImageCommand::Promote { .. } => "image promote",
-            ImageCommand::Delete { .. } => "image delete",
-        }
-    }
+/// Whether an `image pull` reference names an OCI image
+/// (`registry/repo[:tag|@digest]`) rather than a catalog entry.
+fn is_oci_reference(reference: &str) -> bool {
+    reference.contains(['/', ':', '@'])
 }
 
 /// `NAME:PORT` with a non-empty name and a port in 1..=65535.
@@ -450,10 +447,13 @@ pub enum KernelCommand {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Pull a kernel from the catalog (planned)
+    /// Pull a kernel from the catalog (a job: download with rate and ETA, unpack, record)
     Pull {
-        /// Catalog name
+        /// Catalog name (`banger kernel list --available`)
         name: String,
+        /// Print the job's path and return at once
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Delete kernels (refused while an image uses them)
     Delete {
@@ -461,18 +461,6 @@ pub enum KernelCommand {
         #[arg(required = true)]
         kernels: Vec<String>,
     },
-}
-
-impl KernelCommand {
-    fn name(&self) -> &'static str {
-        match self {
-            KernelCommand::List { .. } => "kernel list",
-            KernelCommand::Show { .. } => "kernel show",
-            KernelCommand::Import { .. } => "kernel import",
-            KernelCommand::Pull { .. } => "kernel pull",
-            KernelCommand::Delete { .. } => "kernel delete",
-        }
-    }
 }
 
 /// `banger update`
@@ -552,6 +540,12 @@ pub enum Action {
         wait: bool,
     },
     ImageDelete(Vec<String>),
+    /// `kernel pull` (image false) / `image pull` of a catalog entry.
+    Pull {
+        image: bool,
+        name: String,
+        wait: bool,
+    },
     Vm(VmCommand),
     SshConfig,
     /// A planned command: fails with [`exit::NOT_IMPLEMENTED`].
@@ -606,7 +600,19 @@ impl Cli {
                 wait: !no_wait,
             },
             Command::Image(ImageCommand::Delete { images }) => Action::ImageDelete(images),
-            Command::Image(c @ ImageCommand::Pull { .. }) => Action::NotImplemented(c.name()),
+            Command::Image(ImageCommand::Pull {
+                reference,
+                name: None,
+                kernel: None,
+                no_wait,
+            }) if !is_oci_reference(&reference) => Action::Pull {
+                image: true,
+                name: reference,
+                wait: !no_wait,
+            },
+            Command::Image(ImageCommand::Pull { .. }) => {
+                Action::NotImplemented("image pull <OCI reference>")
+            }
             Command::Kernel(KernelCommand::List { available: false }) => Action::KernelList,
             Command::Kernel(KernelCommand::List { available: true }) => {
                 Action::Available("kernels")
@@ -626,7 +632,11 @@ impl Cli {
                 wait: !no_wait,
             },
             Command::Kernel(KernelCommand::Delete { kernels }) => Action::KernelDelete(kernels),
-            Command::Kernel(c @ KernelCommand::Pull { .. }) => Action::NotImplemented(c.name()),
+            Command::Kernel(KernelCommand::Pull { name, no_wait }) => Action::Pull {
+                image: false,
+                name,
+                wait: !no_wait,
+            },
             Command::Update(UpdateArgs {
                 check,
                 channel,
@@ -860,17 +870,35 @@ mod tests {
     }
 
     #[test]
-    fn planned_commands_resolve_to_not_implemented() {
-        for (args, name) in [
-            (&["image", "pull", "debian-bookworm"][..], "image pull"),
-            (&["kernel", "pull", "generic"], "kernel pull"),
+    fn pulls_resolve_and_oci_is_still_planned() {
+        let oci = "image pull <OCI reference>";
+        for args in [
+            &["image", "pull", "docker.io/library/debian:bookworm"][..],
+            &["image", "pull", "debian@sha256:00"],
+            &["image", "pull", "debian-bookworm", "--name", "x"],
         ] {
             assert_eq!(
                 resolve(args).action,
-                Action::NotImplemented(name),
+                Action::NotImplemented(oci),
                 "{args:?}"
             );
         }
+        assert_eq!(
+            resolve(&["image", "pull", "debian-bookworm"]).action,
+            Action::Pull {
+                image: true,
+                name: "debian-bookworm".into(),
+                wait: true
+            }
+        );
+        assert_eq!(
+            resolve(&["kernel", "pull", "generic", "--no-wait"]).action,
+            Action::Pull {
+                image: false,
+                name: "generic".into(),
+                wait: false
+            }
+        );
     }
 
     #[test]

@@ -586,6 +586,20 @@ impl Client {
             .await
     }
 
+    /// `Manager.PullKernel` / `Manager.PullImage` (`image` picks which):
+    /// returns the job.
+    pub async fn pull(
+        &self,
+        image: bool,
+        name: &str,
+        interaction: Interaction,
+    ) -> Result<OwnedObjectPath, Failure> {
+        let options: HashMap<&str, Variant<'_>> = HashMap::new();
+        let method = if image { "PullImage" } else { "PullKernel" };
+        self.manager_call(method, &(name, options), interaction)
+            .await
+    }
+
     /// `Manager.DeleteKernel`.
     pub async fn delete_kernel(
         &self,

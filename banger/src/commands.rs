@@ -64,6 +64,7 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
         Action::Version => version(opts).await,
         Action::KernelList => kernel_list(opts).await,
         Action::Available(kind) => available(opts, kind).await,
+        Action::Pull { image, name, wait } => pull(opts, image, &name, wait).await,
         Action::KernelShow(r) => kernel_show(opts, &r).await,
         Action::KernelImport {
             name,
@@ -314,6 +315,27 @@ async fn kernel_import(
         .with_context(|| format!("cannot import kernel {name}"))?;
     match subscription.as_mut() {
         Some(sub) => follow_then_show(opts, &client, sub, &path, started, "kernel").await,
+        None => print_job(opts, &path),
+    }
+}
+
+async fn pull(opts: Options, image: bool, name: &str, wait: bool) -> anyhow::Result<u8> {
+    let what = if image { "image" } else { "kernel" };
+    let client = connect(opts).await?;
+    let mut subscription = if wait {
+        Some(Subscription::new(&client).await?)
+    } else {
+        None
+    };
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let result = client.pull(image, name, auth.interaction).await;
+    let path = auth
+        .finish(result)
+        .await
+        .with_context(|| format!("cannot pull {what} {name}"))?;
+    match subscription.as_mut() {
+        Some(sub) => follow_then_show(opts, &client, sub, &path, started, what).await,
         None => print_job(opts, &path),
     }
 }

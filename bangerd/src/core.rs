@@ -73,6 +73,9 @@ pub struct Core {
     dns: std::sync::Mutex<Option<(crate::net::dns::VmZone, std::net::SocketAddr)>>,
     /// VM bookkeeping outside the store.
     vm_runtime: crate::vm::commands::VmRuntime,
+    /// Running catalog pulls, so a second pull of an entry joins the first.
+    pub(crate) pulls:
+        tokio::sync::Mutex<std::collections::HashMap<(banger_catalog::Kind, String), JobId>>,
 }
 
 fn job_settings(config: &Config) -> JobSettings {
@@ -97,6 +100,7 @@ impl Core {
             busy_images: Default::default(),
             dns: Default::default(),
             vm_runtime: Default::default(),
+            pulls: Default::default(),
         })
     }
 

@@ -152,13 +152,13 @@ fn the_packaged_daemon_updates_restarts_and_rolls_back_under_systemd() {
     // neither the packaged binaries nor the releases root, nor the daemon.
     let before = read("fp-before");
     for (case, why) in [
-        ("tampered", "does not match the signed manifest"),
+        ("tampered", "does not match the signed"),
         ("wrongkey", "does not verify with banger's release key"),
         ("mismatch", "the signature vouches for version"),
         ("downgrade", "refusing a downgrade"),
         ("replay", "already"),
         ("truncated", "the download stopped after"),
-        ("hang", "the release server stalled"),
+        ("hang", "the server stalled"),
     ] {
         let said = read(&format!("refused-{case}"));
         eprintln!("{case}: {}", said.trim());

@@ -10,102 +10,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
 
-use banger_testbed::{Options, TestBed, keypair, sign, sign_manifest, tree_snapshot as snapshot};
-use sha2::{Digest, Sha256};
+use banger_testbed::{FileServer, Options, TestBed, channel, keypair, tree_snapshot as snapshot};
 
 const RELEASE: &str = "9.0.0";
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A channel directory for `version` whose artifacts hold `payload`d
-/// bytes, signed by `key` with trusted comment `version:<signed>`.
-fn channel(root: &Path, name: &str, version: &str, signed: &str, key: &Path) -> PathBuf {
-    let dir = root.join(name);
-    std::fs::create_dir_all(dir.join(version)).unwrap();
-    let mut artifacts = Vec::new();
-    for binary in ["banger", "bangerd", "banger-agent"] {
-        // The CLI hands over to an installed newer `banger`: this one
-        // leaves a mark and runs the real CLI. Padded so a truncated
-        // download is really cut.
-        let mut body = format!(
-            "#!/bin/sh\n# {binary} {version}\necho \"$@\" >>\"${{BANGER_TEST_MARK:-/dev/null}}\"\nexec {} \"$@\"\n",
-            banger_testbed::bin_path(binary).display()
-        );
-        for i in 0..20_000 {
-            body.push_str(&format!("# padding {i}\n"));
-        }
-        let body = body.into_bytes();
-        std::fs::write(dir.join(version).join(binary), &body).unwrap();
-        artifacts.push(serde_json::json!({
-            "name": binary,
-            "path": format!("{version}/{binary}"),
-            "size": body.len(),
-            "sha256": hex(&Sha256::digest(&body)),
-        }));
-    }
-    let manifest = serde_json::json!({ "version": version, "artifacts": artifacts });
-    let path = dir.join("manifest.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
-    sign_manifest(&path, key, signed);
-    dir
-}
-
-/// Serves `root` on loopback. Under `/truncated/` artifacts stop halfway;
-/// under `/hang/` nothing is ever answered.
-fn serve(root: PathBuf) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let root = root.clone();
-            std::thread::spawn(move || answer(stream, &root));
-        }
-    });
-    port
-}
-
-fn answer(mut stream: TcpStream, root: &Path) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
-            break;
-        }
-    }
-    if path.starts_with("/hang/") {
-        std::thread::sleep(Duration::from_secs(60));
-        return;
-    }
-    let Ok(body) = std::fs::read(root.join(path.trim_start_matches('/'))) else {
-        let _ = stream
-            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-        return;
-    };
-    let sent = if path.starts_with("/truncated/") && !path.contains("manifest") {
-        &body[..body.len() / 2]
-    } else {
-        &body[..]
-    };
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(sent);
-}
 
 fn update(bed: &TestBed, args: &[&str]) -> Output {
     bed.banger()
@@ -140,10 +50,12 @@ fn signed_updates_install_roll_back_and_refuse_bad_releases() {
     channel(root, "wrongkey", RELEASE, RELEASE, &rogue);
     channel(root, "mismatch", RELEASE, "9.0.1", &key);
     channel(root, "downgrade", "0.0.1", "0.0.1", &key);
-    channel(root, "truncated", RELEASE, RELEASE, &key);
-    channel(root, "hang", RELEASE, RELEASE, &key);
-    let port = serve(root.to_owned());
-    let url = |name: &str| format!("http://127.0.0.1:{port}/{name}/");
+    // The server breaks the good channel's artifacts under these prefixes.
+    let server = FileServer::start(root.to_owned());
+    let url = |name: &str| match name {
+        "truncated" | "hang" => server.url(&format!("{name}/good/")),
+        _ => server.url(&format!("{name}/")),
+    };
 
     let bed = TestBed::start(Options {
         config_toml: Some(format!(
@@ -158,12 +70,12 @@ fn signed_updates_install_roll_back_and_refuse_bad_releases() {
 
     // Each bad release is refused, says why, and changes nothing.
     for (name, why) in [
-        ("tampered", "does not match the signed manifest"),
+        ("tampered", "does not match the signed"),
         ("wrongkey", "does not verify with banger's release key"),
         ("mismatch", "the signature vouches for version \"9.0.1\""),
         ("downgrade", "refusing a downgrade"),
         ("truncated", "the download stopped after"),
-        ("hang", "the release server stalled"),
+        ("hang", "the server stalled"),
     ] {
         let out = update(&bed, &["--channel", &url(name)]);
         let said = text(&out);
@@ -269,11 +181,8 @@ fn signed_updates_install_roll_back_and_refuse_bad_releases() {
     );
 }
 
-/// `dir/catalog/<kind>.json` with `serial` and one entry, signed by `key`
-/// as `catalog:<signed_kind> serial:<signed_serial>`.
-fn catalog(dir: &Path, kind: &str, serial: u64, signed: &str, key: &Path) {
-    let dir = dir.join("catalog");
-    std::fs::create_dir_all(&dir).unwrap();
+/// One catalog entry of `kind`, for a listing.
+fn entry(kind: &str, serial: u64) -> serde_json::Value {
     let mut entry = serde_json::json!({
         "name": if kind == "kernels" { "generic-6-1" } else { "debian-bookworm" },
         "version": "2026.12.01",
@@ -287,12 +196,13 @@ fn catalog(dir: &Path, kind: &str, serial: u64, signed: &str, key: &Path) {
     if kind == "images" {
         entry["kernel"] = "generic-6-1".into();
     }
-    let document = serde_json::json!({
-        "schema": 1, "kind": kind, "serial": serial, "entries": [entry],
-    });
-    let path = dir.join(format!("{kind}.json"));
-    std::fs::write(&path, serde_json::to_vec_pretty(&document).unwrap()).unwrap();
-    sign(&path, key, signed);
+    entry
+}
+
+/// `dir/catalog/<kind>.json` with `serial` and one entry, signed by `key`
+/// with the trusted comment `signed`.
+fn catalog(dir: &Path, kind: &str, serial: u64, signed: &str, key: &Path) {
+    banger_testbed::catalog(dir, kind, serial, &[entry(kind, serial)], signed, key);
 }
 
 fn available(bed: &TestBed, kind: &str) -> serde_json::Value {
@@ -328,8 +238,8 @@ fn catalogs_are_replaced_only_by_newer_signed_ones() {
     catalog(&bad, "images", 9, "catalog:kernels serial:9", &test.secret);
     let old = channel(root, "old", running, running, &test.secret);
     catalog(&old, "kernels", 4, "catalog:kernels serial:4", &test.secret);
-    let port = serve(root.to_owned());
-    let url = |name: &str| format!("http://127.0.0.1:{port}/{name}/");
+    let server = FileServer::start(root.to_owned());
+    let url = |name: &str| server.url(&format!("{name}/"));
     let bed = TestBed::start(Options {
         config_toml: Some(format!(
             "[update]\nchannel = \"{}\"\nextra_keys = [\"{}\"]\n",

@@ -26,6 +26,23 @@ pub trait Manager {
     #[zbus(allow_interactive_auth)]
     fn update(&self, options: HashMap<&str, &Variant<'_>>) -> Result<OwnedObjectPath, Error>;
 
+    /// Pull a kernel-catalog entry as a job; returns the job's path.
+    #[zbus(allow_interactive_auth)]
+    fn pull_kernel(
+        &self,
+        name: &str,
+        options: HashMap<&str, &Variant<'_>>,
+    ) -> Result<OwnedObjectPath, Error>;
+
+    /// Pull an image-catalog entry (and its kernel) as a job; returns the
+    /// job's path.
+    #[zbus(allow_interactive_auth)]
+    fn pull_image(
+        &self,
+        reference: &str,
+        options: HashMap<&str, &Variant<'_>>,
+    ) -> Result<OwnedObjectPath, Error>;
+
     /// The kernel or image catalog in use: (serial, fetched, entries).
     fn list_available(&self, kind: &str) -> Result<(u64, bool, Vec<CatalogEntry>), Error>;
 

@@ -15,7 +15,9 @@ use crate::jobs::{JobContext, JobEvent, JobId};
 use crate::store::{Store, StoreError, unix_us};
 
 /// Run blocking work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(Error::failed(format!("internal task failed: {e}"))))
@@ -27,21 +29,21 @@ fn store_err(context: &str) -> impl Fn(StoreError) -> Error + '_ {
 
 /// Removes a directory when dropped, unless disarmed: a failed or
 /// cancelled job leaves nothing behind.
-struct TmpDir(Option<PathBuf>);
+pub(super) struct TmpDir(Option<PathBuf>);
 
 impl TmpDir {
-    fn create(path: PathBuf) -> Result<Self> {
+    pub(super) fn create(path: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&path)
             .map_err(|e| Error::failed(format!("cannot create {}: {e}", path.display())))?;
         Ok(Self(Some(path)))
     }
 
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         self.0.as_deref().unwrap_or(Path::new("/nonexistent"))
     }
 
     /// Rename into `dst` and stop guarding.
-    fn persist(mut self, dst: &Path) -> Result<()> {
+    pub(super) fn persist(mut self, dst: &Path) -> Result<()> {
         let src = self.0.take().unwrap_or_default();
         std::fs::rename(&src, dst).map_err(|e| {
             let _ = std::fs::remove_dir_all(&src);
@@ -58,10 +60,29 @@ impl Drop for TmpDir {
     }
 }
 
+/// A kernel staged in a [`TmpDir`] (`vmlinux`, and `vmlinuz`,
+/// `initrd.img`, `modules/` as the flags say), ready to record.
+pub(super) struct StagedKernel {
+    /// Its new id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The version the bzImage header names (empty for an ELF).
+    pub version: String,
+    /// A `vmlinuz` (bzImage) is kept beside the `vmlinux`.
+    pub is_bzimage: bool,
+    /// An `initrd.img` is there.
+    pub initrd: bool,
+    /// A `modules/` tree is there.
+    pub modules: bool,
+    /// Who imported or pulled it.
+    pub uid: u32,
+}
+
 /// A progress callback for blocking work: reports `label` with the bytes
 /// done, mapping them onto `[from, to)` of the job, and stops the work when
 /// the job is cancelled.
-fn ticker(
+pub(super) fn ticker(
     ctx: &JobContext,
     label: &'static str,
     total: u64,
@@ -90,7 +111,7 @@ fn ticker(
 }
 
 /// Whether `bytes` is a bzImage (else an ELF vmlinux), and its version.
-fn kernel_format(bytes: &[u8]) -> Result<(bool, String)> {
+pub(super) fn kernel_format(bytes: &[u8]) -> Result<(bool, String)> {
     match banger_vmlinux::inspect(bytes) {
         Ok(banger_vmlinux::KernelImage::Elf(elf)) => {
             elf.check_firecracker()
@@ -102,17 +123,17 @@ fn kernel_format(bytes: &[u8]) -> Result<(bool, String)> {
     }
 }
 
-fn extract_vmlinux(bytes: &[u8]) -> Result<Vec<u8>> {
+pub(super) fn extract_vmlinux(bytes: &[u8]) -> Result<Vec<u8>> {
     banger_vmlinux::extract_vmlinux(bytes)
         .map_err(|e| Error::invalid(format!("cannot extract a vmlinux from the bzImage: {e}")))
 }
 
 impl Core {
-    fn store(&self) -> &Arc<Store> {
+    pub(super) fn store(&self) -> &Arc<Store> {
         &self.deps.store
     }
 
-    async fn on_store<T: Send + 'static>(
+    pub(super) async fn on_store<T: Send + 'static>(
         &self,
         context: &'static str,
         f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
@@ -159,7 +180,7 @@ impl Core {
             })
     }
 
-    fn publish(&self, event: JobEvent) {
+    pub(super) fn publish(&self, event: JobEvent) {
         self.jobs().send(event);
     }
 
@@ -247,86 +268,124 @@ impl Core {
         let core = self.clone();
         let name = req.name;
         self.jobs()
-            .start_with_result("kernel-import", uid, Action::ImageManage, move |ctx| async move {
-                let id = super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
-                let state = core.deps.dirs.state.clone();
-                let tmp = TmpDir::create(kernels_dir(&state).join(format!(".tmp-{id}")))?;
-                let final_dir = kernels_dir(&state).join(&id);
+            .start_with_result(
+                "kernel-import",
+                uid,
+                Action::ImageManage,
+                move |ctx| async move {
+                    let id = super::new_id()
+                        .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
+                    let state = core.deps.dirs.state.clone();
+                    let tmp = TmpDir::create(kernels_dir(&state).join(format!(".tmp-{id}")))?;
 
-                ctx.stage(if is_bzimage { "extract vmlinux" } else { "copy vmlinux" }, 0.0).await?;
-                let dir = tmp.path().to_owned();
-                blocking(move || {
-                    let vmlinux = if is_bzimage {
-                        let elf = extract_vmlinux(&bytes)?;
-                        std::fs::write(dir.join("vmlinuz"), &bytes)
-                            .map_err(|e| Error::failed(format!("cannot write the bzImage: {e}")))?;
-                        elf
-                    } else {
-                        bytes
-                    };
-                    std::fs::write(dir.join("vmlinux"), &vmlinux)
-                        .map_err(|e| Error::failed(format!("cannot write the vmlinux: {e}")))
-                })
-                .await?;
-
-                if let Some(src) = initrd.clone() {
-                    ctx.stage("copy initrd", 0.3).await?;
-                    let dst = tmp.path().join("initrd.img");
-                    let total = files::disk_usage(&src);
-                    let mut tick = ticker(&ctx, "initrd", total, 0.3, 0.4);
-                    blocking(move || files::sparse_copy(&src, &dst, &mut tick).map(|_| ())).await?;
-                }
-                if let Some(src) = modules.clone() {
-                    ctx.stage("copy modules", 0.4).await?;
-                    let dst = tmp.path().join("modules");
-                    let total = blocking({
-                        let src = src.clone();
-                        move || Ok(files::disk_usage(&src))
+                    ctx.stage(
+                        if is_bzimage {
+                            "extract vmlinux"
+                        } else {
+                            "copy vmlinux"
+                        },
+                        0.0,
+                    )
+                    .await?;
+                    let dir = tmp.path().to_owned();
+                    blocking(move || {
+                        let vmlinux = if is_bzimage {
+                            let elf = extract_vmlinux(&bytes)?;
+                            std::fs::write(dir.join("vmlinuz"), &bytes).map_err(|e| {
+                                Error::failed(format!("cannot write the bzImage: {e}"))
+                            })?;
+                            elf
+                        } else {
+                            bytes
+                        };
+                        std::fs::write(dir.join("vmlinux"), &vmlinux)
+                            .map_err(|e| Error::failed(format!("cannot write the vmlinux: {e}")))
                     })
                     .await?;
-                    let mut tick = ticker(&ctx, "modules", total, 0.4, 0.85);
-                    blocking(move || files::copy_tree(&src, &dst, &mut tick).map(|_| ())).await?;
-                }
 
-                ctx.stage("digest", 0.85).await?;
-                let vmlinux_tmp = tmp.path().join("vmlinux");
-                let mut tick = ticker(&ctx, "sha256", 0, 0.85, 0.95);
-                let sha256 = blocking(move || files::sha256_file(&vmlinux_tmp, &mut tick)).await?;
-                let size_bytes = files::disk_usage(tmp.path());
+                    if let Some(src) = initrd.clone() {
+                        ctx.stage("copy initrd", 0.3).await?;
+                        let dst = tmp.path().join("initrd.img");
+                        let total = files::disk_usage(&src);
+                        let mut tick = ticker(&ctx, "initrd", total, 0.3, 0.4);
+                        blocking(move || files::sparse_copy(&src, &dst, &mut tick).map(|_| ()))
+                            .await?;
+                    }
+                    if let Some(src) = modules.clone() {
+                        ctx.stage("copy modules", 0.4).await?;
+                        let dst = tmp.path().join("modules");
+                        let total = blocking({
+                            let src = src.clone();
+                            move || Ok(files::disk_usage(&src))
+                        })
+                        .await?;
+                        let mut tick = ticker(&ctx, "modules", total, 0.4, 0.85);
+                        blocking(move || files::copy_tree(&src, &dst, &mut tick).map(|_| ()))
+                            .await?;
+                    }
 
-                ctx.stage("record", 0.95).await?;
-                tmp.persist(&final_dir)?;
-                let kernel = Kernel {
-                    id: id.clone(),
-                    name: name.clone(),
-                    version,
-                    vmlinux: final_dir.join("vmlinux"),
-                    bzimage: is_bzimage.then(|| final_dir.join("vmlinuz")),
-                    initrd: initrd.map(|_| final_dir.join("initrd.img")),
-                    modules: modules.map(|_| final_dir.join("modules")),
-                    sha256,
-                    size_bytes,
-                    created_at: unix_us(SystemTime::now()),
-                    owner_uid: uid,
-                };
-                let row = kernel.clone();
-                let store = core.store().clone();
-                let stored = tokio::task::spawn_blocking(move || store.insert_kernel(&row))
-                    .await
-                    .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
-                if let Err(e) = stored {
-                    let _ = std::fs::remove_dir_all(&final_dir);
-                    return Err(if is_unique_violation(&e) {
-                        already_exists("kernel", &name)
-                    } else {
-                        Error::failed_with("recording the kernel failed", &e)
-                    });
-                }
-                tracing::info!(banger_kernel = %name, banger_kernel_id = %id, "kernel imported");
-                core.publish(JobEvent::ResourceChanged(Resource::Kernel(id.clone())));
-                Ok(Some(Resource::Kernel(id)))
-            })
+                    let staged = StagedKernel {
+                        id,
+                        name,
+                        version,
+                        is_bzimage,
+                        initrd: initrd.is_some(),
+                        modules: modules.is_some(),
+                        uid,
+                    };
+                    core.record_kernel(&ctx, tmp, staged).await
+                },
+            )
             .await
+    }
+
+    /// The last stages of a kernel import or pull: digest the vmlinux
+    /// staged in `tmp`, move `tmp` into place and record the kernel.
+    pub(super) async fn record_kernel(
+        &self,
+        ctx: &JobContext,
+        tmp: TmpDir,
+        k: StagedKernel,
+    ) -> Result<Option<Resource>> {
+        let state = self.deps.dirs.state.clone();
+        let final_dir = kernels_dir(&state).join(&k.id);
+        ctx.stage("digest", 0.85).await?;
+        let vmlinux_tmp = tmp.path().join("vmlinux");
+        let mut tick = ticker(ctx, "sha256", 0, 0.85, 0.95);
+        let sha256 = blocking(move || files::sha256_file(&vmlinux_tmp, &mut tick)).await?;
+        let size_bytes = files::disk_usage(tmp.path());
+
+        ctx.stage("record", 0.95).await?;
+        tmp.persist(&final_dir)?;
+        let kernel = Kernel {
+            id: k.id.clone(),
+            name: k.name.clone(),
+            version: k.version,
+            vmlinux: final_dir.join("vmlinux"),
+            bzimage: k.is_bzimage.then(|| final_dir.join("vmlinuz")),
+            initrd: k.initrd.then(|| final_dir.join("initrd.img")),
+            modules: k.modules.then(|| final_dir.join("modules")),
+            sha256,
+            size_bytes,
+            created_at: unix_us(SystemTime::now()),
+            owner_uid: k.uid,
+        };
+        let row = kernel.clone();
+        let store = self.store().clone();
+        let stored = tokio::task::spawn_blocking(move || store.insert_kernel(&row))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+        if let Err(e) = stored {
+            let _ = std::fs::remove_dir_all(&final_dir);
+            return Err(if is_unique_violation(&e) {
+                already_exists("kernel", &k.name)
+            } else {
+                Error::failed_with("recording the kernel failed", &e)
+            });
+        }
+        tracing::info!(banger_kernel = %k.name, banger_kernel_id = %k.id, "kernel recorded");
+        self.publish(JobEvent::ResourceChanged(Resource::Kernel(k.id.clone())));
+        Ok(Some(Resource::Kernel(k.id)))
     }
 
     /// Delete a kernel; refused while an image uses it.
@@ -665,7 +724,7 @@ impl Drop for ImageClaim<'_> {
     }
 }
 
-fn already_exists(what: &str, name: &str) -> Error {
+pub(super) fn already_exists(what: &str, name: &str) -> Error {
     Error::new(
         ErrorKind::AlreadyExists,
         format!("a {what} named {name} already exists; pick another name or delete it first"),

@@ -8,8 +8,10 @@
 //! last, so a crash leaves at worst a directory without a row, which
 //! [`cleanup_orphans`] removes at startup.
 
+pub mod bundle;
 pub mod commands;
 pub mod files;
+pub mod pull;
 pub mod store;
 pub mod validate;
 

@@ -383,6 +383,53 @@ impl ManagerObject {
         ))
     }
 
+    /// Pull the kernel-catalog entry `name` into managed storage, as a
+    /// job: download (bytes, rate, ETA; a dropped connection is resumed),
+    /// size and SHA-256 checked against the signed catalog, unpack,
+    /// record. A pull of an entry already being pulled returns that job.
+    /// No options yet. Its Completed result is the new kernel object.
+    /// polkit action org.banger.image.manage.
+    #[zbus(out_args("job"))]
+    async fn pull_kernel(
+        &self,
+        name: String,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        only_known("PullKernel", &options, &[]).map_err(to_wire)?;
+        let id = self
+            .core
+            .pull_kernel(&caller, &name)
+            .await
+            .map_err(to_wire)?;
+        job::published(conn, &self.core, id).await
+    }
+
+    /// Pull the image-catalog entry `reference` into managed storage, as
+    /// a job, pulling its kernel first when it is missing (stage "pull
+    /// kernel NAME"); otherwise as PullKernel. The image gets its
+    /// work-seed. No options yet. Its Completed result is the new image
+    /// object. polkit action org.banger.image.manage.
+    #[zbus(out_args("job"))]
+    async fn pull_image(
+        &self,
+        reference: String,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        only_known("PullImage", &options, &[]).map_err(to_wire)?;
+        let id = self
+            .core
+            .pull_image(&caller, &reference)
+            .await
+            .map_err(to_wire)?;
+        job::published(conn, &self.core, id).await
+    }
+
     /// Version of bangerd.
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {

@@ -79,7 +79,7 @@ pub enum UpdateError {
         why: String,
     },
     /// The server stopped sending.
-    #[error("{url} sent nothing for {secs} s; the release server stalled, try again later")]
+    #[error("{url} sent nothing for {secs} s; the server stalled, try again later")]
     Stalled {
         /// What was fetched.
         url: String,
@@ -128,7 +128,7 @@ pub enum UpdateError {
         got: u64,
     },
     /// An artifact is larger than promised.
-    #[error("{name}: more than the {expected} bytes the manifest promises ({got}); refusing it")]
+    #[error("{name}: more than the {expected} bytes it was signed for ({got}); refusing it")]
     TooLarge {
         /// Artifact.
         name: String,
@@ -139,7 +139,7 @@ pub enum UpdateError {
     },
     /// An artifact's digest is wrong.
     #[error(
-        "{name}: SHA-256 {got} does not match the signed manifest's {expected}; the file was altered or corrupted, nothing was installed"
+        "{name}: SHA-256 {got} does not match the signed {expected}; the file was altered or corrupted, nothing was installed"
     )]
     Digest {
         /// Artifact.

@@ -53,6 +53,7 @@
 
 mod bed;
 mod fixtures;
+mod http;
 mod journald;
 mod netns;
 mod nspawn;
@@ -68,11 +69,14 @@ use std::time::{Duration, Instant};
 pub use bed::{BANGER_BUS_POLICY, MANAGER_NAME, Options, POLKIT_NAME, TestBed, bus_config};
 pub use bed::{free_loopback_port, kill_strays};
 pub use fixtures::{artifacts_dir, guest_artifact, mkfs_ext4, tiny_vmlinux};
+pub use http::{FileServer, Request};
 pub use journald::{Journald, journal_entries};
 pub use netns::NetNs;
 pub use nspawn::{Nspawn, build_deb, nspawn_rootfs, unit_property};
 pub use polkit::{RuleGuard, install_polkit_rule};
-pub use release::{Keypair, keypair, sign, sign_manifest, tree_snapshot};
+pub use release::{
+    Keypair, catalog, channel, keypair, sha256_hex, sign, sign_manifest, tree_snapshot,
+};
 pub use spawn::pid_alive;
 pub use user::TestUser;
 

@@ -109,3 +109,72 @@ pub fn tree_snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A release channel `root/name` for `version`, signed by `secret` with the
+/// trusted comment `version:<signed>`. Its artifacts are scripts that
+/// append their arguments to `$BANGER_TEST_MARK` and run the real binary
+/// (so a hand-over to them shows), padded to 300 KB so a truncated
+/// download is really cut.
+///
+/// # Panics
+/// On I/O errors or when minisign fails.
+pub fn channel(root: &Path, name: &str, version: &str, signed: &str, secret: &Path) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(dir.join(version)).expect("channel directory");
+    let mut artifacts = Vec::new();
+    for binary in ["banger", "bangerd", "banger-agent"] {
+        let mut body = format!(
+            "#!/bin/sh\n# {binary} {version}\necho \"$@\" >>\"${{BANGER_TEST_MARK:-/dev/null}}\"\nexec {} \"$@\"\n",
+            crate::bin_path(binary).display()
+        );
+        for i in 0..20_000 {
+            body.push_str(&format!("# padding {i}\n"));
+        }
+        let body = body.into_bytes();
+        std::fs::write(dir.join(version).join(binary), &body).expect("artifact");
+        artifacts.push(serde_json::json!({
+            "name": binary,
+            "path": format!("{version}/{binary}"),
+            "size": body.len(),
+            "sha256": sha256_hex(&body),
+        }));
+    }
+    let manifest = serde_json::json!({ "version": version, "artifacts": artifacts });
+    let path = dir.join("manifest.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).expect("json")).expect("manifest");
+    sign_manifest(&path, secret, signed);
+    dir
+}
+
+/// `channel/catalog/<kind>.json` with `serial` and `entries`, signed by
+/// `secret` with the trusted comment `comment` (a good one is
+/// `catalog:<kind> serial:<serial>`).
+///
+/// # Panics
+/// On I/O errors or when minisign fails.
+pub fn catalog(
+    channel: &Path,
+    kind: &str,
+    serial: u64,
+    entries: &[serde_json::Value],
+    comment: &str,
+    secret: &Path,
+) {
+    let dir = channel.join("catalog");
+    std::fs::create_dir_all(&dir).expect("catalog directory");
+    let document = serde_json::json!({
+        "schema": 1, "kind": kind, "serial": serial, "entries": entries,
+    });
+    let path = dir.join(format!("{kind}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&document).expect("json")).expect("catalog");
+    sign(&path, secret, comment);
+}

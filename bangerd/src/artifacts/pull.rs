@@ -1,0 +1,454 @@
+//! `kernel pull` and `image pull` of catalog entries: download the bundle
+//! (a dropped connection resumed, size and SHA-256 checked while it
+//! streams, progress with rate and ETA), unpack it into a staging
+//! directory beside managed storage, and record it; an image's kernel is
+//! pulled first when it is missing. A pull of an entry already being
+//! pulled joins that job. A failed or cancelled pull leaves nothing: the
+//! staging directory goes with the job (and with a restart, see
+//! `clean_up_artifacts`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use banger_catalog::{Entry, Kind};
+
+use super::bundle::{self, Layout};
+use super::commands::{
+    StagedKernel, TmpDir, already_exists, blocking, extract_vmlinux, kernel_format, ticker,
+};
+use super::store::{is_fk_violation, is_unique_violation};
+use super::{Image, Resource, files, images_dir, kernels_dir, validate};
+use crate::auth::{Action, BoxFuture, Caller};
+use crate::core::Core;
+use crate::error::{Error, Result};
+use crate::jobs::{JobContext, JobEvent, JobId, JobState};
+use crate::store::{StoreError, unix_us};
+use crate::update::Fetcher;
+
+/// How often a running download reports.
+const REPORT_EVERY: Duration = Duration::from_millis(250);
+
+fn noun(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Kernels => "kernel",
+        Kind::Images => "image",
+    }
+}
+
+impl Core {
+    /// Pull the kernel-catalog entry `name` as a job (polkit
+    /// `org.banger.image.manage`); joins a pull of it already running.
+    pub async fn pull_kernel(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<JobId> {
+        self.authorize_pull(caller, Kind::Kernels, name).await?;
+        self.start_pull(Kind::Kernels, name, caller.uid).await
+    }
+
+    /// Pull the image-catalog entry `name` (and its kernel when missing)
+    /// as a job (polkit `org.banger.image.manage`); joins a pull of it
+    /// already running.
+    pub async fn pull_image(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<JobId> {
+        self.authorize_pull(caller, Kind::Images, name).await?;
+        self.start_pull(Kind::Images, name, caller.uid).await
+    }
+
+    async fn authorize_pull(&self, caller: &Caller, kind: Kind, name: &str) -> Result<()> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        validate::dns_label(noun(kind), name)
+    }
+
+    /// The usable catalog entry `name` of `kind`.
+    pub(crate) async fn catalog_entry(&self, kind: Kind, name: &str) -> Result<Entry> {
+        let available = self.available(kind).await?;
+        let Some(found) = available.entries.into_iter().find(|a| a.entry.name == name) else {
+            return Err(Error::not_found(format!(
+                "the {} catalog (serial {}) has no {} {name}; `banger {} list --available` lists what it has, `banger update --check` fetches a newer catalog",
+                noun(kind),
+                available.serial,
+                noun(kind),
+                noun(kind)
+            )));
+        };
+        if !found.usable {
+            return Err(Error::invalid(format!(
+                "{} {name} needs banger {} or newer (this is {}); run `banger update` first",
+                noun(kind),
+                found.entry.min_banger,
+                crate::core::VERSION
+            )));
+        }
+        Ok(found.entry)
+    }
+
+    /// Start (or join) the pull of `kind` entry `name` for `uid`; no
+    /// authorization here. (Boxed: an image pull starts its kernel's.)
+    fn start_pull<'a>(
+        self: &'a Arc<Self>,
+        kind: Kind,
+        name: &'a str,
+        uid: u32,
+    ) -> BoxFuture<'a, Result<JobId>> {
+        Box::pin(async move {
+            let mut pulls = self.pulls.lock().await;
+            let key = (kind, name.to_owned());
+            if let Some(id) = pulls.get(&key).copied()
+                && self.jobs().get(id).is_some_and(|j| !j.state.is_final())
+            {
+                tracing::info!(banger_job_id = id, "joining the running pull of {name}");
+                return Ok(id);
+            }
+            let entry = self.catalog_entry(kind, name).await?;
+            let exists = {
+                let name = name.to_owned();
+                self.on_store("reading the store failed", move |s| {
+                    Ok(match kind {
+                        Kind::Kernels => s.kernel(&name)?.is_some(),
+                        Kind::Images => s.image(&name)?.is_some(),
+                    })
+                })
+                .await?
+            };
+            if exists {
+                return Err(already_exists(noun(kind), name));
+            }
+            let core = self.clone();
+            let id =
+                match kind {
+                    Kind::Kernels => self
+                        .jobs()
+                        .start_with_result(
+                            "kernel-pull",
+                            uid,
+                            Action::ImageManage,
+                            move |ctx| async move { core.pull_kernel_job(&ctx, entry, uid).await },
+                        )
+                        .await?,
+                    Kind::Images => self
+                        .jobs()
+                        .start_with_result(
+                            "image-pull",
+                            uid,
+                            Action::ImageManage,
+                            move |ctx| async move { core.pull_image_job(&ctx, entry, uid).await },
+                        )
+                        .await?,
+                };
+            pulls.insert(key, id);
+            Ok(id)
+        })
+    }
+
+    /// Download `entry`'s bundle to `to`, reporting bytes, rate and ETA
+    /// onto `[from, until)` of the job.
+    async fn download(
+        &self,
+        ctx: &JobContext,
+        entry: &Entry,
+        to: &Path,
+        from: f64,
+        until: f64,
+    ) -> Result<()> {
+        ctx.stage("download", from).await?;
+        let url = reqwest::Url::parse(&entry.url)
+            .map_err(|e| Error::invalid(format!("bad bundle URL {}: {e}", entry.url)))?;
+        let stall = Duration::from_secs(self.config().update.stall_timeout_secs);
+        let fetcher = Fetcher::new(stall)?;
+        let started = Instant::now();
+        let mut last: Option<Instant> = None;
+        let size = entry.size;
+        let report = |got: u64| {
+            if got < size && last.is_some_and(|l| l.elapsed() < REPORT_EVERY) {
+                return;
+            }
+            last = Some(Instant::now());
+            let share = got as f64 / size as f64;
+            ctx.progress(
+                &download_detail(got, size, started.elapsed()),
+                from + (until - from) * share,
+                Some(got),
+            );
+        };
+        fetcher
+            .artifact(&entry.name, &url, to, size, &entry.sha256, report)
+            .await?;
+        tracing::info!(
+            bundle = %entry.name,
+            bytes = size,
+            secs = started.elapsed().as_secs_f64(),
+            "bundle downloaded"
+        );
+        Ok(())
+    }
+
+    async fn pull_kernel_job(
+        &self,
+        ctx: &JobContext,
+        entry: Entry,
+        uid: u32,
+    ) -> Result<Option<Resource>> {
+        let id = super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
+        let state = self.deps.dirs.state.clone();
+        let tmp = TmpDir::create(kernels_dir(&state).join(format!(".tmp-{id}")))?;
+        let archive = tmp.path().join(".bundle.tar.zst");
+        self.download(ctx, &entry, &archive, 0.0, 0.6).await?;
+
+        ctx.stage("unpack", 0.6).await?;
+        let dir = tmp.path().to_owned();
+        let mut tick = ticker(ctx, "unpack", 0, 0.6, 0.8);
+        let top = blocking(move || {
+            let top = bundle::unpack(&archive, &dir, Layout::Kernel, &mut tick)?;
+            std::fs::remove_file(&archive)
+                .map_err(|e| Error::failed(format!("cannot remove the bundle: {e}")))?;
+            Ok(top)
+        })
+        .await?;
+
+        ctx.stage("check vmlinux", 0.8).await?;
+        let dir = tmp.path().to_owned();
+        let (is_bzimage, version) = blocking(move || {
+            let shipped = if top.iter().any(|t| t == "vmlinuz") {
+                dir.join("vmlinuz")
+            } else {
+                dir.join("vmlinux")
+            };
+            let bytes = std::fs::read(&shipped)
+                .map_err(|e| Error::failed(format!("cannot read {}: {e}", shipped.display())))?;
+            let (is_bzimage, version) = kernel_format(&bytes)?;
+            let write = |name: &str, data: &[u8]| {
+                std::fs::write(dir.join(name), data)
+                    .map_err(|e| Error::failed(format!("cannot write the {name}: {e}")))
+            };
+            if is_bzimage {
+                // Keep the bzImage as vmlinuz, and the ELF Firecracker needs.
+                write("vmlinuz", &bytes)?;
+                write("vmlinux", &extract_vmlinux(&bytes)?)?;
+            } else if shipped.ends_with("vmlinuz") {
+                std::fs::rename(&shipped, dir.join("vmlinux"))
+                    .map_err(|e| Error::failed(format!("cannot rename the vmlinux: {e}")))?;
+            }
+            Ok((is_bzimage, version))
+        })
+        .await?;
+        let has = |name: &str| tmp.path().join(name).exists();
+        let staged = StagedKernel {
+            id,
+            name: entry.name.clone(),
+            version: if version.is_empty() {
+                entry.version.clone()
+            } else {
+                version
+            },
+            is_bzimage,
+            initrd: has("initrd.img"),
+            modules: has("modules"),
+            uid,
+        };
+        self.record_kernel(ctx, tmp, staged).await
+    }
+
+    /// Waits for the pull job `id` of kernel `name`, mirroring its
+    /// progress, and returns the kernel's id.
+    async fn await_kernel_pull(&self, ctx: &JobContext, id: JobId, name: &str) -> Result<String> {
+        loop {
+            ctx.check_cancelled()?;
+            let Some(job) = self.jobs().get(id) else {
+                break;
+            };
+            match job.state {
+                JobState::Running => {
+                    if !job.detail.is_empty() {
+                        ctx.progress(
+                            &format!("kernel {name}: {}", job.detail),
+                            0.3 * job.progress,
+                            None,
+                        );
+                    }
+                }
+                JobState::Succeeded => break,
+                JobState::Failed | JobState::Cancelled => {
+                    let why = job
+                        .error
+                        .map_or_else(|| job.state.as_str().to_owned(), |e| e.message);
+                    return Err(Error::failed(format!(
+                        "pulling kernel {name} failed: {why}"
+                    )));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.kernel_id(name).await
+    }
+
+    /// The id of the kernel named `name`.
+    async fn kernel_id(&self, name: &str) -> Result<String> {
+        let owned = name.to_owned();
+        let kernel = self
+            .on_store("reading kernels failed", move |s| s.kernel(&owned))
+            .await?;
+        kernel
+            .map(|k| k.id)
+            .ok_or_else(|| Error::failed(format!("kernel {name} is gone after its pull")))
+    }
+
+    async fn pull_image_job(
+        self: &Arc<Self>,
+        ctx: &JobContext,
+        entry: Entry,
+        uid: u32,
+    ) -> Result<Option<Resource>> {
+        let kernel_name = entry.kernel.clone().unwrap_or_default();
+        let kernel = {
+            let name = kernel_name.clone();
+            self.on_store("reading kernels failed", move |s| s.kernel(&name))
+                .await?
+        };
+        let kernel_id = match kernel {
+            Some(k) => k.id,
+            None => {
+                ctx.stage(&format!("pull kernel {kernel_name}"), 0.0)
+                    .await?;
+                match self.start_pull(Kind::Kernels, &kernel_name, uid).await {
+                    Ok(job) => self.await_kernel_pull(ctx, job, &kernel_name).await?,
+                    // Pulled meanwhile by someone else.
+                    Err(e) if e.kind == crate::error::ErrorKind::AlreadyExists => {
+                        self.kernel_id(&kernel_name).await?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+
+        let id = super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
+        let state = self.deps.dirs.state.clone();
+        let tmp = TmpDir::create(images_dir(&state).join(format!(".tmp-{id}")))?;
+        let archive = tmp.path().join(".bundle.tar.zst");
+        self.download(ctx, &entry, &archive, 0.3, 0.7).await?;
+
+        ctx.stage("unpack", 0.7).await?;
+        let dir = tmp.path().to_owned();
+        let mut tick = ticker(ctx, "unpack", entry.size, 0.7, 0.8);
+        let meta = blocking(move || {
+            bundle::unpack(&archive, &dir, Layout::Image, &mut tick)?;
+            std::fs::remove_file(&archive)
+                .map_err(|e| Error::failed(format!("cannot remove the bundle: {e}")))?;
+            validate::ext4_image("the bundle's rootfs", &dir.join("rootfs.ext4"))?;
+            bundle::image_meta(&dir)
+        })
+        .await?;
+        let services = validate::services(&meta.services)?;
+        if let Some(init) = &meta.init {
+            validate::init_path(init)?;
+        }
+
+        let seed = tmp.path().join("work-seed.ext4");
+        if seed.exists() {
+            let seed = seed.clone();
+            blocking(move || validate::ext4_image("the bundle's work-seed", &seed)).await?;
+        } else {
+            ctx.stage("make work-seed", 0.8).await?;
+            let rootfs = tmp.path().join("rootfs.ext4");
+            let scratch = tmp.path().join(".scratch");
+            let dst = seed.clone();
+            blocking(move || {
+                std::fs::create_dir(&scratch).map_err(|e| {
+                    Error::failed(format!("cannot create {}: {e}", scratch.display()))
+                })?;
+                files::make_work_seed(&rootfs, &scratch, &dst)?;
+                std::fs::remove_dir_all(&scratch)
+                    .map_err(|e| Error::failed(format!("cannot remove {}: {e}", scratch.display())))
+            })
+            .await?;
+        }
+
+        ctx.stage("digest", 0.9).await?;
+        let hashed = seed.clone();
+        let mut tick = ticker(ctx, "sha256", 0, 0.9, 0.95);
+        let work_seed_sha256 = blocking(move || files::sha256_file(&hashed, &mut tick)).await?;
+
+        ctx.stage("record", 0.95).await?;
+        let final_dir = images_dir(&state).join(&id);
+        let rootfs_bytes = std::fs::metadata(tmp.path().join("rootfs.ext4"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        tmp.persist(&final_dir)?;
+        let image = Image {
+            id: id.clone(),
+            name: entry.name.clone(),
+            managed: true,
+            rootfs: final_dir.join("rootfs.ext4"),
+            rootfs_bytes,
+            work_seed: Some(final_dir.join("work-seed.ext4")),
+            work_seed_sha256,
+            kernel_id,
+            services,
+            init: meta.init,
+            created_at: unix_us(SystemTime::now()),
+            owner_uid: uid,
+        };
+        let row = image.clone();
+        let store = self.store().clone();
+        let stored = tokio::task::spawn_blocking(move || store.insert_image(&row))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+        if let Err(e) = stored {
+            let _ = std::fs::remove_dir_all(&final_dir);
+            return Err(if is_unique_violation(&e) {
+                already_exists("image", &entry.name)
+            } else if is_fk_violation(&e) {
+                Error::not_found(format!(
+                    "kernel {kernel_name} was deleted meanwhile; pull the image again"
+                ))
+            } else {
+                Error::failed_with("recording the image failed", &e)
+            });
+        }
+        tracing::info!(banger_image = %image.name, banger_image_id = %id, "image pulled");
+        self.publish(JobEvent::ResourceChanged(Resource::Image(id.clone())));
+        Ok(Some(Resource::Image(id)))
+    }
+}
+
+/// "12.0 of 100.0 MiB, 5.1 MiB/s, ETA 17 s".
+pub fn download_detail(got: u64, size: u64, elapsed: Duration) -> String {
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 { got as f64 / secs } else { 0.0 };
+    let eta = if got >= size {
+        "done".to_owned()
+    } else if rate > 0.0 {
+        format!("ETA {} s", ((size - got) as f64 / rate).ceil())
+    } else {
+        "ETA -".to_owned()
+    };
+    format!(
+        "{:.1} of {:.1} MiB, {:.1} MiB/s, {eta}",
+        mib(got),
+        mib(size),
+        rate / f64::from(1 << 20)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_details_give_rate_and_eta() {
+        let mib = 1u64 << 20;
+        assert_eq!(
+            download_detail(10 * mib, 100 * mib, Duration::from_secs(2)),
+            "10.0 of 100.0 MiB, 5.0 MiB/s, ETA 18 s"
+        );
+        assert_eq!(
+            download_detail(100 * mib, 100 * mib, Duration::from_secs(4)),
+            "100.0 of 100.0 MiB, 25.0 MiB/s, done"
+        );
+        assert_eq!(
+            download_detail(0, mib, Duration::ZERO),
+            "0.0 of 1.0 MiB, 0.0 MiB/s, ETA -"
+        );
+    }
+}
