@@ -255,6 +255,19 @@ impl Display {
     }
 }
 
+/// A 20-cell bar with the percentage, e.g. `[#####---------------]  25%`.
+pub fn bar(fraction: f64) -> String {
+    const CELLS: usize = 20;
+    let fraction = fraction.clamp(0.0, 1.0);
+    let full = (fraction * CELLS as f64).round() as usize;
+    format!(
+        "[{}{}] {:>3.0}%",
+        "#".repeat(full),
+        "-".repeat(CELLS - full),
+        fraction * 100.0
+    )
+}
+
 /// The state of a followed job and its display. Pure apart from writing
 /// lines to `out`, so it is tested with a buffer.
 #[derive(Debug)]
@@ -325,12 +338,12 @@ impl Tracker {
                     }
                     Display::Live => {
                         text.push_str(&format!("\r\x1b[2K→ {stage}"));
+                        if fraction > 0.0 && fraction <= 1.0 {
+                            text.push_str(&format!(" {}", bar(fraction)));
+                        }
                         if !detail.is_empty() {
                             text.push_str(": ");
                             text.push_str(&detail);
-                        }
-                        if fraction > 0.0 && fraction <= 1.0 {
-                            text.push_str(&format!(" ({:.0}%)", fraction * 100.0));
                         }
                         self.live_line = true;
                     }
@@ -742,6 +755,14 @@ mod tests {
     }
 
     #[test]
+    fn bars_fill_with_the_fraction() {
+        assert_eq!(bar(0.0), "[--------------------]   0%");
+        assert_eq!(bar(0.5), "[##########----------]  50%");
+        assert_eq!(bar(1.0), "[####################] 100%");
+        assert_eq!(bar(7.0), bar(1.0));
+    }
+
+    #[test]
     fn live_display_rewrites_the_line() {
         let (out, _) = run(
             Display::Live,
@@ -758,7 +779,7 @@ mod tests {
         );
         assert_eq!(
             out,
-            "\r\x1b[2K→ vacuum: copying (25%)\r\x1b[2K✓ vacuum  2 ms\n\
+            "\r\x1b[2K→ vacuum [#####---------------]  25%: copying\r\x1b[2K✓ vacuum  2 ms\n\
              \r\x1b[2K→ checkpoint\r\x1b[2K✗ checkpoint\n"
         );
     }

@@ -391,39 +391,52 @@ async fn create(
         .or(spec.name.clone())
         .ok_or_else(|| Failure::new(Kind::InvalidArgument, "give the VM a name with --name"))?;
     let (_, public) = ssh_key()?;
-    let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
-    if let Some(v) = spec.vcpus {
-        options.insert(keys::VCPUS, Variant::from(v));
-    }
-    if let Some(m) = spec.memory {
-        options.insert(keys::MEMORY_MIB, Variant::from(m));
-    }
-    if let Some(d) = &spec.disk_size {
-        options.insert(keys::DISK_BYTES, Variant::from(parse_size(d)?));
-    }
-    if spec.nat {
-        options.insert(keys::NAT, Variant::from(true));
-    }
-    if spec.no_start {
-        options.insert(keys::START, Variant::from(false));
-    }
-    options.insert(keys::SSH_KEYS, Variant::from(vec![public]));
+    let disk_bytes = spec.disk_size.as_deref().map(parse_size).transpose()?;
+    let options = || {
+        let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
+        if let Some(v) = spec.vcpus {
+            options.insert(keys::VCPUS, Variant::from(v));
+        }
+        if let Some(m) = spec.memory {
+            options.insert(keys::MEMORY_MIB, Variant::from(m));
+        }
+        if let Some(d) = disk_bytes {
+            options.insert(keys::DISK_BYTES, Variant::from(d));
+        }
+        if spec.nat {
+            options.insert(keys::NAT, Variant::from(true));
+        }
+        if spec.no_start {
+            options.insert(keys::START, Variant::from(false));
+        }
+        options.insert(keys::SSH_KEYS, Variant::from(vec![public.clone()]));
+        options
+    };
+    let image = spec.image.as_deref().unwrap_or("");
     let client = connect(opts).await?;
     let mut subscription = Subscription::new(&client).await?;
-    let auth = Authorization::prepare(opts).await;
-    let started = Instant::now();
-    let result = client
-        .create_vm(
-            &name,
-            spec.image.as_deref().unwrap_or(""),
-            options,
-            auth.interaction,
-        )
-        .await;
-    let (vm, job) = auth
-        .finish(result)
-        .await
-        .with_context(|| format!("cannot create vm {name}"))?;
+    let mut started = Instant::now();
+    let attempt = || async {
+        let auth = Authorization::prepare(opts).await;
+        let result = client
+            .create_vm(&name, image, options(), auth.interaction)
+            .await;
+        auth.finish(result).await
+    };
+    let created = match attempt().await {
+        // A missing image the catalog has is pulled, then the create is
+        // tried again.
+        Err(f) if f.kind() == Kind::NotFound => {
+            if pull_missing_image(opts, &client, &mut subscription, image).await? {
+                started = Instant::now();
+                attempt().await
+            } else {
+                Err(f)
+            }
+        }
+        other => other,
+    };
+    let (vm, job) = created.with_context(|| format!("cannot create vm {name}"))?;
     let display = Display::for_stdout(opts.json);
     if display != Display::Quiet {
         emit(&format!(
@@ -434,6 +447,59 @@ async fn create(
     let tracker = Tracker::new(job.as_str(), display, Vec::new());
     let code = follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await?;
     Ok((code, Some(vm.to_string())))
+}
+
+/// After a create failed with NotFound: pull `image` ("" for the
+/// configured default) from the catalog, following the pull job. False
+/// when there is nothing to pull (not in the catalog, or the image is
+/// there and something else was missing).
+async fn pull_missing_image(
+    opts: Options,
+    client: &Client,
+    subscription: &mut Subscription,
+    image: &str,
+) -> anyhow::Result<bool> {
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let result = client.pull(true, image, auth.interaction).await;
+    let job = match auth.finish(result).await {
+        Ok(job) => job,
+        Err(f) if matches!(f.kind(), Kind::NotFound | Kind::InvalidArgument) => return Ok(false),
+        Err(f) => return Err(f).context("the image is missing and pulling it failed"),
+    };
+    let display = Display::for_stdout(opts.json);
+    let what = if image.is_empty() {
+        "the default image"
+    } else {
+        image
+    };
+    if display != Display::Quiet {
+        emit(&format!(
+            "{what} is not here: pulling it from the catalog (job {})",
+            progress::job_label(job.as_str())
+        ))?;
+    }
+    let mut tracker = Tracker::new(job.as_str(), display, Vec::new());
+    let followed = progress::follow(
+        client,
+        subscription,
+        &job,
+        &mut tracker,
+        started,
+        opts.verbose,
+    )
+    .await?;
+    match followed {
+        Followed::Completed(report) => match report.failure() {
+            Some(f) => Err(anyhow::Error::from(f).context(format!("cannot pull {what}"))),
+            None => Ok(true),
+        },
+        Followed::Interrupted { .. } => Err(Failure::new(
+            Kind::Failed,
+            format!("interrupted while {what} was being pulled"),
+        )
+        .into()),
+    }
 }
 
 async fn run_vm(opts: Options, spec: VmSpec, rm: bool, command: Vec<String>) -> anyhow::Result<u8> {

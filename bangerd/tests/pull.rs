@@ -13,9 +13,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use std::process::Stdio;
+
 use banger_testbed::{
-    FileServer, Options, TestBed, artifacts_dir, catalog, channel, guest_artifact, keypair,
-    sha256_hex,
+    FileServer, NetNs, Options, TestBed, artifacts_dir, bin_path, catalog, channel, guest_artifact,
+    keypair, sha256_hex,
 };
 
 fn text(out: &Output) -> String {
@@ -91,6 +93,11 @@ struct Fixture {
 
 /// Bundles, a channel with signed catalogs, and the server.
 fn fixture() -> Fixture {
+    fixture_in(None)
+}
+
+/// [`fixture`] with the server in network namespace `netns`.
+fn fixture_in(netns: Option<&str>) -> Fixture {
     guest_artifact("kernel/vmlinuz", "build-test-kernel");
     guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
     let guest = artifacts_dir();
@@ -98,7 +105,7 @@ fn fixture() -> Fixture {
     let test = keypair(keys.path(), "test");
     let web = tempfile::tempdir().unwrap();
     let root = web.path();
-    let server = FileServer::start(root.to_owned());
+    let server = FileServer::start_in(root.to_owned(), netns);
     std::fs::create_dir_all(root.join("bundles")).unwrap();
     let kernel = bundle(
         &root.join("bundles/kernel.tar.zst"),
@@ -392,4 +399,58 @@ fn a_full_disk_fails_the_pull_and_leaves_nothing() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+#[test]
+fn vm_run_on_a_host_without_images_pulls_them_and_lands_in_the_vm() {
+    let ns = NetNs::new("bgpull");
+    let f = fixture_in(Some(ns.name()));
+    let config = format!(
+        "{}[network]\ntap_pool_size = 1\n[vm]\nvmm = \"qemu\"\naccel = \"tcg\"\n\
+         default_image = \"tiny\"\nvcpus = 1\nmemory_mib = 256\ndisk_mib = 128\n\
+         boot_timeout_secs = 150\n",
+        f.config
+    );
+    let bed = TestBed::start(Options {
+        config_toml: Some(config),
+        netns: Some(ns.name().to_owned()),
+        ..Options::default()
+    })
+    .expect("test bed");
+    let home = tempfile::tempdir().unwrap();
+    let banger = |args: &[&str]| {
+        ns.command(bin_path("banger"))
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bed.bus_address())
+            .env("HOME", home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = banger(&["update", "--check"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let images: serde_json::Value =
+        serde_json::from_slice(&banger(&["--json", "image", "list"]).stdout).unwrap();
+    assert_eq!(images.as_array().map(Vec::len), Some(0), "{images}");
+
+    // No kernel, no image: `vm run` pulls both, shows it, boots, runs.
+    let out = banger(&["vm", "run", "--rm", "--name", "pulled", "--", "uname", "-r"]);
+    let said = text(&out);
+    eprintln!("vm run:\n{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("the default image is not here: pulling it from the catalog"),
+        "{said}"
+    );
+    for stage in ["pull kernel test-kernel", "download", "unpack", "record"] {
+        assert!(said.contains(&format!("✓ {stage}")), "no {stage} in {said}");
+    }
+    let release = std::fs::read_to_string(artifacts_dir().join("kernel/version")).unwrap();
+    assert!(said.contains(release.trim()), "{said}");
+    assert!(said.contains("deleted vm pulled"), "{said}");
+    let image: serde_json::Value =
+        serde_json::from_slice(&banger(&["--json", "image", "show", "tiny"]).stdout).unwrap();
+    assert_eq!(image["managed"], true, "{image}");
+    assert_eq!(image["kernel_name"], "test-kernel", "{image}");
 }

@@ -44,12 +44,17 @@ impl Core {
         self.start_pull(Kind::Kernels, name, caller.uid).await
     }
 
-    /// Pull the image-catalog entry `name` (and its kernel when missing)
-    /// as a job (polkit `org.banger.image.manage`); joins a pull of it
-    /// already running.
+    /// Pull the image-catalog entry `name` ("" for `vm.default_image`)
+    /// and its kernel when missing, as a job (polkit
+    /// `org.banger.image.manage`); joins a pull of it already running.
     pub async fn pull_image(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<JobId> {
-        self.authorize_pull(caller, Kind::Images, name).await?;
-        self.start_pull(Kind::Images, name, caller.uid).await
+        let name = if name.is_empty() {
+            self.config().vm.default_image.clone()
+        } else {
+            name.to_owned()
+        };
+        self.authorize_pull(caller, Kind::Images, &name).await?;
+        self.start_pull(Kind::Images, &name, caller.uid).await
     }
 
     async fn authorize_pull(&self, caller: &Caller, kind: Kind, name: &str) -> Result<()> {

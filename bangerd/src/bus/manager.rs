@@ -407,11 +407,12 @@ impl ManagerObject {
         job::published(conn, &self.core, id).await
     }
 
-    /// Pull the image-catalog entry `reference` into managed storage, as
-    /// a job, pulling its kernel first when it is missing (stage "pull
-    /// kernel NAME"); otherwise as PullKernel. The image gets its
-    /// work-seed. No options yet. Its Completed result is the new image
-    /// object. polkit action org.banger.image.manage.
+    /// Pull the image-catalog entry `reference` ("" for the configured
+    /// default image) into managed storage, as a job, pulling its kernel
+    /// first when it is missing (stage "pull kernel NAME"); otherwise as
+    /// PullKernel. The image gets its work-seed. No options yet. Its
+    /// Completed result is the new image object. polkit action
+    /// org.banger.image.manage.
     #[zbus(out_args("job"))]
     async fn pull_image(
         &self,

@@ -41,17 +41,36 @@ impl FileServer {
     /// # Panics
     /// When no port can be bound.
     pub fn start(root: PathBuf) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-        let port = listener.local_addr().expect("local address").port();
+        Self::start_in(root, None)
+    }
+
+    /// Serve `root` on a free loopback port of the named network
+    /// namespace (`ip netns`), or of the test's own when `None`.
+    ///
+    /// # Panics
+    /// When the namespace cannot be entered or no port can be bound.
+    pub fn start_in(root: PathBuf, netns: Option<&str>) -> Self {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = requests.clone();
         let dropped = Arc::new(Mutex::new(HashSet::new()));
+        let netns = netns.map(|n| PathBuf::from("/run/netns").join(n));
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The serving thread enters the namespace; the listener (and so
+        // every connection) lives there.
         std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                let file = std::fs::File::open(&ns).expect("open the network namespace");
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("enter the network namespace");
+            }
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+            let _ = tx.send(listener.local_addr().expect("local address").port());
             for stream in listener.incoming().flatten() {
                 let (root, seen, dropped) = (root.clone(), seen.clone(), dropped.clone());
                 std::thread::spawn(move || answer(stream, &root, &seen, &dropped));
             }
         });
+        let port = rx.recv().expect("the server thread's port");
         Self { port, requests }
     }
 
