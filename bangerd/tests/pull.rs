@@ -43,6 +43,50 @@ fn bundle(to: &Path, files: &[(&str, PathBuf)]) -> (u64, String) {
     (bytes.len() as u64, sha256_hex(&bytes))
 }
 
+/// `scripts/pack-bundle image DIR` into `web/bundles/tiny.tar.zst`,
+/// signed with `key`: its (size, sha256) from the entry it prints, after
+/// checking the signature with the real minisign.
+fn pack_bundle(dir: &Path, web: &Path, key: &banger_testbed::Keypair) -> (u64, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pack-bundle");
+    let out = Command::new(script)
+        .arg("image")
+        .arg(dir)
+        .args(["--name", "tiny", "--url-base", "https://bundles.example/b"])
+        .args([
+            "--kernel",
+            "test-kernel",
+            "--min-banger",
+            "0.1.0",
+            "--level",
+            "3",
+        ])
+        .arg("--key")
+        .arg(&key.secret)
+        .arg("--out")
+        .arg(web.join("bundles"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pack-bundle: {}", text(&out));
+    let entry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        entry["url"], "https://bundles.example/b/tiny.tar.zst",
+        "{entry}"
+    );
+    assert_eq!(entry["kernel"], "test-kernel", "{entry}");
+    let bundle = web.join("bundles/tiny.tar.zst");
+    let verified = Command::new("minisign")
+        .arg("-Vm")
+        .arg(&bundle)
+        .arg("-p")
+        .arg(&key.public_file)
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", text(&verified));
+    let bytes = std::fs::read(&bundle).unwrap();
+    assert_eq!(entry["sha256"], sha256_hex(&bytes));
+    (entry["size"].as_u64().unwrap(), sha256_hex(&bytes))
+}
+
 /// A catalog entry.
 fn entry(
     name: &str,
@@ -125,7 +169,8 @@ fn fixture_in(netns: Option<&str>) -> Fixture {
         ("work-seed.ext4", guest.join("tiny/work-seed.ext4")),
         ("image.json", meta.clone()),
     ];
-    let tiny = bundle(&root.join("bundles/tiny.tar.zst"), &tiny_files);
+    // The tiny image as scripts/pack-bundle packs it (sparse tar, signed).
+    let tiny = pack_bundle(&guest.join("tiny"), root, &test);
     let mut foreign_files = tiny_files.to_vec();
     foreign_files.push(("etc/passwd", meta));
     let foreign = bundle(&root.join("bundles/foreign.tar.zst"), &foreign_files);

@@ -45,16 +45,51 @@ impl Layout {
     }
 }
 
-/// `image.json` in an image bundle.
+/// `image.json` in an image bundle: the file the image builders write
+/// (`name` and `kernel` are informational; the catalog entry decides).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageMeta {
-    /// Guest services readiness waits for, as `name:port`.
+    /// The image's name where it was built.
     #[serde(default)]
-    pub services: Vec<String>,
+    pub name: Option<String>,
+    /// The kernel it was built for.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// Guest services readiness waits for.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
     /// The init the kernel starts.
     #[serde(default)]
     pub init: Option<String>,
+}
+
+/// A service in `image.json`: `"ssh:22"` or `{"name": "ssh", "port": 22}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ServiceSpec {
+    /// `name:port`.
+    Text(String),
+    /// The builders' form.
+    Object {
+        /// Short name.
+        name: String,
+        /// Guest TCP port.
+        port: u16,
+    },
+}
+
+impl ImageMeta {
+    /// The services as `name:port` (what `validate::services` reads).
+    pub fn service_specs(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .map(|s| match s {
+                ServiceSpec::Text(t) => t.clone(),
+                ServiceSpec::Object { name, port } => format!("{name}:{port}"),
+            })
+            .collect()
+    }
 }
 
 /// Unpack the bundle `archive` into the empty directory `dest`, checking
@@ -358,8 +393,13 @@ mod tests {
         );
         result.expect("unpacked");
         let meta = image_meta(&tmp.path().join("out")).expect("meta");
-        assert_eq!(meta.services, ["ssh:22"]);
+        assert_eq!(meta.service_specs(), ["ssh:22"]);
         assert_eq!(meta.init.as_deref(), Some("/sbin/banger-init"));
+        // The builders' image.json reads too.
+        let built = r#"{"name": "tiny", "kernel": "test-kernel", "init": "/sbin/banger-init",
+                        "services": [{"name": "ssh", "port": 22}]}"#;
+        let meta: ImageMeta = serde_json::from_str(built).expect("builders' form");
+        assert_eq!(meta.service_specs(), ["ssh:22"]);
     }
 
     #[test]

@@ -343,7 +343,7 @@ impl Core {
             bundle::image_meta(&dir)
         })
         .await?;
-        let services = validate::services(&meta.services)?;
+        let services = validate::services(&meta.service_specs())?;
         if let Some(init) = &meta.init {
             validate::init_path(init)?;
         }
