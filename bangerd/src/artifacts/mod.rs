@@ -11,6 +11,7 @@
 pub mod bundle;
 pub mod commands;
 pub mod files;
+pub mod oci;
 pub mod pull;
 pub mod store;
 pub mod validate;
