@@ -342,15 +342,15 @@ pub enum ImageCommand {
         image: String,
     },
     /// Pull an image from the catalog (a job: download, unpack, work-seed; its kernel too when
-    /// missing); OCI references (registry/repo:tag) are planned
+    /// missing) or from an OCI registry (registry/repo[:tag|@digest]: layers applied, ext4 built)
     Pull {
-        /// Catalog name (`banger image list --available`), or an OCI reference (planned)
+        /// Catalog name (`banger image list --available`), or an OCI reference
         reference: String,
-        /// Name to register an OCI image under (planned)
+        /// Name to record an OCI image under [default: repository-tag]
         #[arg(long)]
         name: Option<String>,
-        /// Kernel to pair an OCI image with (planned)
-        #[arg(long)]
+        /// Kernel an OCI image boots with [default: the default image's]
+        #[arg(long, alias = "kernel-ref")]
         kernel: Option<String>,
         /// Print the job's path and return at once
         #[arg(long)]
@@ -397,7 +397,7 @@ pub enum ImageCommand {
 /// Whether an `image pull` reference names an OCI image
 /// (`registry/repo[:tag|@digest]`) rather than a catalog entry.
 fn is_oci_reference(reference: &str) -> bool {
-    reference.contains(['/', ':', '@'])
+    reference.contains('/')
 }
 
 /// `NAME:PORT` with a non-empty name and a port in 1..=65535.
@@ -546,6 +546,13 @@ pub enum Action {
         name: String,
         wait: bool,
     },
+    /// `image pull REGISTRY/REPO[:TAG]`.
+    PullOci {
+        reference: String,
+        name: Option<String>,
+        kernel: Option<String>,
+        wait: bool,
+    },
     Vm(VmCommand),
     SshConfig,
     /// A planned command: fails with [`exit::NOT_IMPLEMENTED`].
@@ -610,8 +617,19 @@ impl Cli {
                 name: reference,
                 wait: !no_wait,
             },
+            Command::Image(ImageCommand::Pull {
+                reference,
+                name,
+                kernel,
+                no_wait,
+            }) if is_oci_reference(&reference) => Action::PullOci {
+                reference,
+                name,
+                kernel,
+                wait: !no_wait,
+            },
             Command::Image(ImageCommand::Pull { .. }) => {
-                Action::NotImplemented("image pull <OCI reference>")
+                Action::NotImplemented("image pull CATALOG-NAME --name/--kernel")
             }
             Command::Kernel(KernelCommand::List { available: false }) => Action::KernelList,
             Command::Kernel(KernelCommand::List { available: true }) => {
@@ -870,19 +888,27 @@ mod tests {
     }
 
     #[test]
-    fn pulls_resolve_and_oci_is_still_planned() {
-        let oci = "image pull <OCI reference>";
-        for args in [
-            &["image", "pull", "docker.io/library/debian:bookworm"][..],
-            &["image", "pull", "debian@sha256:00"],
-            &["image", "pull", "debian-bookworm", "--name", "x"],
-        ] {
-            assert_eq!(
-                resolve(args).action,
-                Action::NotImplemented(oci),
-                "{args:?}"
-            );
-        }
+    fn pulls_resolve_for_catalog_names_and_oci_references() {
+        assert_eq!(
+            resolve(&[
+                "image",
+                "pull",
+                "127.0.0.1:5000/library/debian:bookworm",
+                "--kernel-ref",
+                "k"
+            ])
+            .action,
+            Action::PullOci {
+                reference: "127.0.0.1:5000/library/debian:bookworm".into(),
+                name: None,
+                kernel: Some("k".into()),
+                wait: true
+            }
+        );
+        assert_eq!(
+            resolve(&["image", "pull", "debian-bookworm", "--name", "x"]).action,
+            Action::NotImplemented("image pull CATALOG-NAME --name/--kernel")
+        );
         assert_eq!(
             resolve(&["image", "pull", "debian-bookworm"]).action,
             Action::Pull {

@@ -600,6 +600,26 @@ impl Client {
             .await
     }
 
+    /// `Manager.PullImage` of an OCI reference: returns the job.
+    pub async fn pull_oci(
+        &self,
+        reference: &str,
+        name: Option<&str>,
+        kernel: Option<&str>,
+        interaction: Interaction,
+    ) -> Result<OwnedObjectPath, Failure> {
+        use banger_dbus::options::pull_image as keys;
+        let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
+        if let Some(n) = name {
+            options.insert(keys::NAME, Variant::from(n));
+        }
+        if let Some(k) = kernel {
+            options.insert(keys::KERNEL, Variant::from(k));
+        }
+        self.manager_call("PullImage", &(reference, options), interaction)
+            .await
+    }
+
     /// `Manager.DeleteKernel`.
     pub async fn delete_kernel(
         &self,

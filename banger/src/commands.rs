@@ -65,6 +65,12 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
         Action::KernelList => kernel_list(opts).await,
         Action::Available(kind) => available(opts, kind).await,
         Action::Pull { image, name, wait } => pull(opts, image, &name, wait).await,
+        Action::PullOci {
+            reference,
+            name,
+            kernel,
+            wait,
+        } => pull_oci(opts, &reference, name.as_deref(), kernel.as_deref(), wait).await,
         Action::KernelShow(r) => kernel_show(opts, &r).await,
         Action::KernelImport {
             name,
@@ -336,6 +342,34 @@ async fn pull(opts: Options, image: bool, name: &str, wait: bool) -> anyhow::Res
         .with_context(|| format!("cannot pull {what} {name}"))?;
     match subscription.as_mut() {
         Some(sub) => follow_then_show(opts, &client, sub, &path, started, what).await,
+        None => print_job(opts, &path),
+    }
+}
+
+async fn pull_oci(
+    opts: Options,
+    reference: &str,
+    name: Option<&str>,
+    kernel: Option<&str>,
+    wait: bool,
+) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let mut subscription = if wait {
+        Some(Subscription::new(&client).await?)
+    } else {
+        None
+    };
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let result = client
+        .pull_oci(reference, name, kernel, auth.interaction)
+        .await;
+    let path = auth
+        .finish(result)
+        .await
+        .with_context(|| format!("cannot pull {reference}"))?;
+    match subscription.as_mut() {
+        Some(sub) => follow_then_show(opts, &client, sub, &path, started, "image").await,
         None => print_job(opts, &path),
     }
 }

@@ -348,8 +348,8 @@ fn help_documents_exit_codes() {
 #[test]
 fn planned_commands_fail_with_9() {
     for args in [
-        &["image", "pull", "docker.io/library/debian:bookworm"][..],
-        &["image", "pull", "debian-bookworm", "--kernel", "k"],
+        &["image", "pull", "debian-bookworm", "--kernel", "k"][..],
+        &["image", "pull", "debian-bookworm", "--name", "other"],
     ] {
         let out = run(banger(NO_BUS).args(args));
         assert_eq!(out.status.code(), Some(9), "{args:?}: {}", stderr(&out));
@@ -364,7 +364,7 @@ fn planned_commands_fail_with_9() {
 
 #[test]
 fn json_error_shape() {
-    let out = run(banger(NO_BUS).args(["image", "pull", "registry.example/debian", "--json"]));
+    let out = run(banger(NO_BUS).args(["image", "pull", "debian", "--name", "x", "--json"]));
     assert_eq!(out.status.code(), Some(9));
     let value = json(&out);
     assert_eq!(
@@ -373,7 +373,7 @@ fn json_error_shape() {
     );
     assert_eq!(
         value["error"]["message"],
-        "`banger image pull <OCI reference>` is not implemented yet"
+        "`banger image pull CATALOG-NAME --name/--kernel` is not implemented yet"
     );
     assert_eq!(value.as_object().map(|o| o.len()), Some(1));
 }

@@ -16,6 +16,17 @@ pub mod update {
     pub const ROLLBACK: &str = "rollback";
 }
 
+/// Keys of `Manager.PullImage(s reference, a{sv} options)` for an OCI
+/// reference.
+pub mod pull_image {
+    /// `s`: name to record the image under (default from the repository
+    /// and tag).
+    pub const NAME: &str = "name";
+    /// `s`: kernel (name or id) the image boots with (default the default
+    /// image's).
+    pub const KERNEL: &str = "kernel";
+}
+
 /// Keys of `Manager.ImportKernel(s name, s kernel, a{sv} options)`.
 pub mod import_kernel {
     /// `s`: host path of an initramfs to boot with the kernel.

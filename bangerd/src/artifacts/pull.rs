@@ -348,6 +348,53 @@ impl Core {
             validate::init_path(init)?;
         }
 
+        self.record_image(
+            ctx,
+            tmp,
+            StagedImage {
+                id,
+                name: entry.name.clone(),
+                kernel_id,
+                kernel_name,
+                services,
+                init: meta.init,
+                uid,
+            },
+        )
+        .await
+    }
+}
+
+/// An image staged in a [`TmpDir`] (`rootfs.ext4`, maybe
+/// `work-seed.ext4`), ready to record.
+pub(super) struct StagedImage {
+    /// Its new id (also the staging directory's suffix).
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The kernel it boots with.
+    pub kernel_id: String,
+    /// That kernel's name, for messages.
+    pub kernel_name: String,
+    /// Services readiness waits for.
+    pub services: Vec<super::Service>,
+    /// The init the kernel starts.
+    pub init: Option<String>,
+    /// Who pulled it.
+    pub uid: u32,
+}
+
+impl Core {
+    /// The last stages of an image pull: make the work-seed when the
+    /// staged image has none, digest it, move `tmp` into place and record
+    /// the image.
+    pub(super) async fn record_image(
+        &self,
+        ctx: &JobContext,
+        tmp: TmpDir,
+        i: StagedImage,
+    ) -> Result<Option<Resource>> {
+        let state = self.deps.dirs.state.clone();
         let seed = tmp.path().join("work-seed.ext4");
         if seed.exists() {
             let seed = seed.clone();
@@ -374,24 +421,24 @@ impl Core {
         let work_seed_sha256 = blocking(move || files::sha256_file(&hashed, &mut tick)).await?;
 
         ctx.stage("record", 0.95).await?;
-        let final_dir = images_dir(&state).join(&id);
+        let final_dir = images_dir(&state).join(&i.id);
         let rootfs_bytes = std::fs::metadata(tmp.path().join("rootfs.ext4"))
             .map(|m| m.len())
             .unwrap_or(0);
         tmp.persist(&final_dir)?;
         let image = Image {
-            id: id.clone(),
-            name: entry.name.clone(),
+            id: i.id.clone(),
+            name: i.name.clone(),
             managed: true,
             rootfs: final_dir.join("rootfs.ext4"),
             rootfs_bytes,
             work_seed: Some(final_dir.join("work-seed.ext4")),
             work_seed_sha256,
-            kernel_id,
-            services,
-            init: meta.init,
+            kernel_id: i.kernel_id.clone(),
+            services: i.services,
+            init: i.init,
             created_at: unix_us(SystemTime::now()),
-            owner_uid: uid,
+            owner_uid: i.uid,
         };
         let row = image.clone();
         let store = self.store().clone();
@@ -401,18 +448,19 @@ impl Core {
         if let Err(e) = stored {
             let _ = std::fs::remove_dir_all(&final_dir);
             return Err(if is_unique_violation(&e) {
-                already_exists("image", &entry.name)
+                already_exists("image", &i.name)
             } else if is_fk_violation(&e) {
                 Error::not_found(format!(
-                    "kernel {kernel_name} was deleted meanwhile; pull the image again"
+                    "kernel {} was deleted meanwhile; pull the image again",
+                    i.kernel_name
                 ))
             } else {
                 Error::failed_with("recording the image failed", &e)
             });
         }
-        tracing::info!(banger_image = %image.name, banger_image_id = %id, "image pulled");
-        self.publish(JobEvent::ResourceChanged(Resource::Image(id.clone())));
-        Ok(Some(Resource::Image(id)))
+        tracing::info!(banger_image = %image.name, banger_image_id = %i.id, "image pulled");
+        self.publish(JobEvent::ResourceChanged(Resource::Image(i.id.clone())));
+        Ok(Some(Resource::Image(i.id)))
     }
 }
 

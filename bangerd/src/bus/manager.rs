@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use banger_dbus::options::{create_vm, import_kernel, maintain, register_image, update};
+use banger_dbus::options::{
+    create_vm, import_kernel, maintain, pull_image, register_image, update,
+};
 use banger_dbus::{API_VERSION, CatalogEntry, DoctorCheck, image_path};
 use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, interface};
@@ -410,8 +412,11 @@ impl ManagerObject {
     /// Pull the image-catalog entry `reference` ("" for the configured
     /// default image) into managed storage, as a job, pulling its kernel
     /// first when it is missing (stage "pull kernel NAME"); otherwise as
-    /// PullKernel. The image gets its work-seed. No options yet. Its
-    /// Completed result is the new image object. polkit action
+    /// PullKernel. A reference with a "/" is an OCI image
+    /// (registry/repo[:tag|@digest]): its linux/amd64 layers are fetched,
+    /// applied and made an ext4 image; options "name" (s) and "kernel" (s)
+    /// apply to it only. The image gets its work-seed. Its Completed
+    /// result is the new image object. polkit action
     /// org.banger.image.manage.
     #[zbus(out_args("job"))]
     async fn pull_image(
@@ -422,12 +427,24 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        only_known("PullImage", &options, &[]).map_err(to_wire)?;
-        let id = self
-            .core
-            .pull_image(&caller, &reference)
-            .await
+        let id = if reference.contains('/') {
+            only_known(
+                "PullImage",
+                &options,
+                &[pull_image::NAME, pull_image::KERNEL],
+            )
             .map_err(to_wire)?;
+            let request = crate::artifacts::oci::OciPull {
+                reference,
+                name: str_opt(&options, pull_image::NAME).map_err(to_wire)?,
+                kernel: str_opt(&options, pull_image::KERNEL).map_err(to_wire)?,
+            };
+            self.core.pull_oci(&caller, request).await
+        } else {
+            only_known("PullImage", &options, &[]).map_err(to_wire)?;
+            self.core.pull_image(&caller, &reference).await
+        }
+        .map_err(to_wire)?;
         job::published(conn, &self.core, id).await
     }
 

@@ -1,4 +1,217 @@
-//! OCI images: layers applied onto a root directory (`layers`).
-//! Registry pulls and the ext4 image built from the result follow.
+//! OCI images: `image pull REGISTRY/REPO[:TAG|@DIGEST]`. The registry side
+//! (`registry`: the linux/amd64 manifest and its layer blobs, digests
+//! checked), the layers applied in order onto a staging root (`layers`),
+//! and an ext4 image built from it without a loop mount (`ext4`); then a
+//! work-seed from its `/root`, and the image recorded like any managed one.
 
+pub mod ext4;
 pub mod layers;
+pub mod registry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_catalog::Kind;
+use oci_client::Reference;
+
+use super::commands::{TmpDir, already_exists, blocking, ticker};
+use super::pull::StagedImage;
+use super::{Resource, images_dir, validate};
+use crate::auth::{Action, Caller};
+use crate::core::Core;
+use crate::error::{Error, ErrorKind, Result};
+use crate::jobs::{JobContext, JobId};
+
+/// What `image pull` of an OCI reference was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OciPull {
+    /// `registry/repo[:tag|@digest]`.
+    pub reference: String,
+    /// Name to record the image under; default from the repository and tag.
+    pub name: Option<String>,
+    /// Kernel (name or id) it boots with; default the default image's.
+    pub kernel: Option<String>,
+}
+
+/// `debian-bookworm` for `registry/library/debian:bookworm`: the last
+/// repository segment and the tag (or the digest's start), as a DNS label.
+pub fn default_name(reference: &Reference) -> String {
+    let repo = reference.repository().rsplit('/').next().unwrap_or("image");
+    let suffix = match (reference.tag(), reference.digest()) {
+        (Some(tag), _) => tag.to_owned(),
+        (None, Some(digest)) => digest
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(12)
+            .collect(),
+        (None, None) => "latest".to_owned(),
+    };
+    let mut name: String = format!("{repo}-{suffix}")
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    name.truncate(63);
+    name.trim_matches('-').to_owned()
+}
+
+impl Core {
+    /// Pull an OCI image as a job (polkit `org.banger.image.manage`);
+    /// joins a running pull of the same name.
+    pub async fn pull_oci(self: &Arc<Self>, caller: &Caller, req: OciPull) -> Result<JobId> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        let reference = registry::parse_reference(&req.reference)?;
+        let name = req.name.clone().unwrap_or_else(|| default_name(&reference));
+        validate::dns_label("image", &name)?;
+        let kernel = match &req.kernel {
+            Some(k) => self.kernel(k).await.map_err(|e| match e.kind {
+                ErrorKind::NotFound => Error::not_found(format!(
+                    "there is no kernel {k:?}: pull one (`banger kernel list --available`) or import it first"
+                )),
+                _ => e,
+            })?,
+            None => match self.default_image().await {
+                Some((_, kernel)) => kernel,
+                None => {
+                    return Err(Error::invalid(
+                        "name the kernel the image boots with (`--kernel-ref NAME`); there is no default image to take it from",
+                    ));
+                }
+            },
+        };
+        let mut pulls = self.pulls.lock().await;
+        let key = (Kind::Images, name.clone());
+        if let Some(id) = pulls.get(&key).copied()
+            && self.jobs().get(id).is_some_and(|j| !j.state.is_final())
+        {
+            return Ok(id);
+        }
+        let exists = {
+            let name = name.clone();
+            self.on_store("reading images failed", move |s| s.image(&name))
+                .await?
+                .is_some()
+        };
+        if exists {
+            return Err(already_exists("image", &name));
+        }
+        let core = self.clone();
+        let uid = caller.uid;
+        let job_name = name.clone();
+        let id = self
+            .jobs()
+            .start_with_result(
+                "image-pull",
+                uid,
+                Action::ImageManage,
+                move |ctx| async move {
+                    let staged = StagedImage {
+                        id: super::new_id()
+                            .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?,
+                        name: job_name,
+                        kernel_id: kernel.id,
+                        kernel_name: kernel.name,
+                        services: Vec::new(),
+                        init: None,
+                        uid,
+                    };
+                    core.pull_oci_job(&ctx, reference, staged).await
+                },
+            )
+            .await?;
+        pulls.insert(key, id);
+        Ok(id)
+    }
+
+    async fn pull_oci_job(
+        &self,
+        ctx: &JobContext,
+        reference: Reference,
+        staged: StagedImage,
+    ) -> Result<Option<Resource>> {
+        let state = self.deps.dirs.state.clone();
+        let tmp = TmpDir::create(images_dir(&state).join(format!(".tmp-{}", staged.id)))?;
+        let blobs = tmp.path().join(".layers");
+        let root = tmp.path().join(".root");
+        for dir in [&blobs, &root] {
+            std::fs::create_dir(dir)
+                .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
+        }
+
+        ctx.stage("fetch layers", 0.0).await?;
+        let stall = Duration::from_secs(self.config().update.stall_timeout_secs);
+        let mut report = |done: u64, total: u64| {
+            let share = if total == 0 {
+                1.0
+            } else {
+                done as f64 / total as f64
+            };
+            ctx.progress(
+                &format!(
+                    "{:.1} of {:.1} MiB",
+                    done as f64 / 1048576.0,
+                    total as f64 / 1048576.0
+                ),
+                0.5 * share,
+                Some(done),
+            );
+        };
+        let fetched = registry::fetch(&reference, &blobs, stall, &mut report).await?;
+        tracing::info!(
+            image = %reference,
+            digest = %fetched.digest,
+            layers = fetched.layers.len(),
+            "image layers fetched"
+        );
+
+        ctx.stage("apply layers", 0.5).await?;
+        let mut tick = ticker(ctx, "layers", 0, 0.5, 0.7);
+        let (layers, into) = (fetched.layers.clone(), root.clone());
+        blocking(move || {
+            for (i, blob) in layers.iter().enumerate() {
+                layers::apply(&into, blob, i + 1, &mut tick)?;
+                std::fs::remove_file(blob)
+                    .map_err(|e| Error::failed(format!("cannot remove {}: {e}", blob.display())))?;
+            }
+            Ok(())
+        })
+        .await?;
+
+        ctx.stage("build rootfs", 0.7).await?;
+        let image = tmp.path().join("rootfs.ext4");
+        let (from, to) = (root.clone(), image.clone());
+        blocking(move || {
+            ext4::build(&from, &to)?;
+            std::fs::remove_dir_all(&from)
+                .map_err(|e| Error::failed(format!("cannot remove {}: {e}", from.display())))
+        })
+        .await?;
+        let _ = std::fs::remove_dir(&blobs);
+        self.record_image(ctx, tmp, staged).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_are_dns_labels() {
+        let name = |r: &str| default_name(&registry::parse_reference(r).expect(r));
+        assert_eq!(
+            name("127.0.0.1:5000/library/debian:bookworm"),
+            "debian-bookworm"
+        );
+        assert_eq!(name("127.0.0.1:5000/test/img:V1.2_rc"), "img-v1-2-rc");
+        assert_eq!(name("127.0.0.1:5000/alpine"), "alpine-latest");
+        assert_eq!(
+            name(
+                "127.0.0.1:5000/x@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+            ),
+            "x-0123456789ab"
+        );
+    }
+}

@@ -1,0 +1,428 @@
+//! `banger image pull REGISTRY/REPO:TAG` through the real daemon and bus
+//! from a real registry (`docker-registry`) on loopback, filled with
+//! images built by `umoci` and pushed by `skopeo`: two layers (the second
+//! deletes a file of the first, so it carries a whiteout), a setuid file,
+//! a hard link, a symlink, a file owned by a non-root uid, and a
+//! multi-arch index whose linux/amd64 image must be the one chosen. The
+//! pulled root file system (loop-mounted read-only by the test; bangerd
+//! itself mounts nothing) must hold exactly the source tree. Needs root,
+//! the guest artifacts, docker-registry, umoci and skopeo.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+use banger_testbed::{
+    Options, TestBed, eventually, free_loopback_port, guest_artifact, sha256_hex,
+};
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `docker-registry` on a loopback port, killed on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn registry() -> Registry {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_loopback_port().unwrap();
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .spawn()
+        .expect("run docker-registry (apt install docker-registry)");
+    let up = eventually(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    assert!(up.is_some(), "docker-registry did not listen on {port}");
+    Registry {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+/// An OCI layout `dir` with image `:t` for `arch`: returns the unpacked
+/// bundle whose rootfs is the image's final tree.
+fn umoci_image(dir: &Path, arch: &str, fill: impl Fn(&Path, u8)) -> PathBuf {
+    let layout = dir.to_str().unwrap();
+    run(Command::new("umoci").args(["init", "--layout", layout]));
+    let image = format!("{layout}:t");
+    run(Command::new("umoci").args(["new", "--image", &image]));
+    run(Command::new("umoci").args(["config", "--image", &image, "--architecture", arch]));
+    let bundle = dir.with_extension("bundle");
+    // Two layers: `fill` makes the first tree, then changes it.
+    for step in 0..2u8 {
+        if step == 0 {
+            run(Command::new("umoci")
+                .args(["unpack", "--image", &image])
+                .arg(&bundle));
+        }
+        fill(&bundle.join("rootfs"), step);
+        run(Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle));
+    }
+    bundle.join("rootfs")
+}
+
+fn fill_amd64(root: &Path, step: u8) {
+    let w = |p: &str, body: &str| {
+        let path = root.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    };
+    if step == 0 {
+        w("etc/hostname", "oci\n");
+        w("etc/gone", "the second layer deletes this\n");
+        w("arch", "amd64\n");
+        w("root/.profile", "export BANGER=1\n");
+        w("usr/bin/tool", "#!/bin/sh\necho tool\n");
+        std::fs::set_permissions(
+            root.join("usr/bin/tool"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+        )
+        .unwrap();
+        std::fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool-link")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+        w("home/user/notes", "mine\n");
+        std::os::unix::fs::chown(root.join("home/user"), Some(1000), Some(1000)).unwrap();
+        std::os::unix::fs::chown(root.join("home/user/notes"), Some(1000), Some(1000)).unwrap();
+    } else {
+        std::fs::remove_file(root.join("etc/gone")).unwrap();
+        w("etc/added", "second layer\n");
+    }
+}
+
+/// One entry of a tree, for comparing trees.
+#[derive(Debug, PartialEq, Eq)]
+struct Node {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    content: String,
+}
+
+/// Every entry under `root` (not following symlinks), and the groups of
+/// paths sharing an inode.
+fn tree(root: &Path) -> (BTreeMap<PathBuf, Node>, Vec<Vec<PathBuf>>) {
+    let mut nodes = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            if rel == Path::new("lost+found") {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let (kind, content) = if meta.file_type().is_symlink() {
+                (
+                    "symlink",
+                    std::fs::read_link(&path)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+            } else if meta.is_dir() {
+                stack.push(path.clone());
+                ("dir", String::new())
+            } else {
+                inodes.entry(meta.ino()).or_default().push(rel.clone());
+                ("file", sha256_hex(&std::fs::read(&path).unwrap()))
+            };
+            nodes.insert(
+                rel,
+                Node {
+                    kind,
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                    content,
+                },
+            );
+        }
+    }
+    let mut links: Vec<Vec<PathBuf>> = inodes
+        .into_values()
+        .filter(|v| v.len() > 1)
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect();
+    links.sort();
+    (nodes, links)
+}
+
+/// The image's root file system mounted read-only; unmounted on drop.
+struct Mounted(tempfile::TempDir);
+
+impl Mounted {
+    fn new(image: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        run(Command::new("mount")
+            .args(["-o", "loop,ro"])
+            .arg(image)
+            .arg(dir.path()));
+        Self(dir)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn oci_images_pull_from_a_registry_into_exact_bootable_trees() {
+    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
+    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let source = umoci_image(&work.path().join("amd"), "amd64", fill_amd64);
+    let push = |layout: &str, repo: &str, all: bool| {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--dest-tls-verify=false"]);
+        if all {
+            cmd.arg("--all");
+        }
+        cmd.arg(format!("oci:{}:t", work.path().join(layout).display()))
+            .arg(format!("docker://127.0.0.1:{}/test/{repo}:t", reg.port));
+        run(&mut cmd);
+    };
+    push("amd", "img", false);
+
+    // A multi-arch index: an arm64 image listed first, then the amd64 one.
+    umoci_image(&work.path().join("arm"), "arm64", |root, step| {
+        if step == 0 {
+            std::fs::write(root.join("arch"), "arm64\n").unwrap();
+        }
+    });
+    multi_arch_layout(work.path());
+    push("multi", "multi", true);
+
+    let bed = TestBed::start(Options::default()).expect("test bed");
+    let banger = |args: &[&str]| bed.banger().args(args).output().unwrap();
+    let out = banger(&[
+        "kernel",
+        "import",
+        "--name",
+        "test-kernel",
+        "--kernel",
+        vmlinuz.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let reference = format!("127.0.0.1:{}/test/img:t", reg.port);
+    let out = banger(&[
+        "--json",
+        "image",
+        "pull",
+        &reference,
+        "--kernel-ref",
+        "test-kernel",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let image = &report["image"];
+    assert_eq!(image["name"], "img-t", "{report}");
+    assert_eq!(image["managed"], true, "{report}");
+    assert_eq!(image["kernel_name"], "test-kernel", "{report}");
+    let stages: Vec<&str> = report["job"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "fetch layers",
+            "apply layers",
+            "build rootfs",
+            "make work-seed",
+            "digest",
+            "record"
+        ],
+        "{report}"
+    );
+
+    // Exactly the source tree: types, modes (setuid), owners, contents,
+    // link targets and hard links; the whited-out file is gone.
+    let rootfs = PathBuf::from(image["rootfs"].as_str().unwrap());
+    let mounted = Mounted::new(&rootfs);
+    let (want, want_links) = tree(&source);
+    let (got, got_links) = tree(mounted.0.path());
+    assert_eq!(got, want);
+    assert_eq!(got_links, want_links);
+    assert!(!got.contains_key(Path::new("etc/gone")));
+    assert_eq!(got[Path::new("usr/bin/tool")].mode, 0o4755);
+    assert_eq!(got[Path::new("home/user/notes")].uid, 1000);
+    assert_eq!(
+        want_links,
+        [vec![
+            PathBuf::from("usr/bin/tool"),
+            PathBuf::from("usr/bin/tool-link")
+        ]]
+    );
+    drop(mounted);
+    // Its work-seed is its /root.
+    let seed = PathBuf::from(image["work_seed"].as_str().unwrap());
+    let listing = run(Command::new("debugfs").args(["-R", "ls -l /"]).arg(&seed));
+    assert!(listing.contains(".profile"), "{listing}");
+
+    // From the index, the linux/amd64 image.
+    let multi = format!("127.0.0.1:{}/test/multi:t", reg.port);
+    let out = banger(&[
+        "--json",
+        "image",
+        "pull",
+        &multi,
+        "--kernel-ref",
+        "test-kernel",
+        "--name",
+        "multi",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mounted = Mounted::new(Path::new(report["image"]["rootfs"].as_str().unwrap()));
+    assert_eq!(
+        std::fs::read_to_string(mounted.0.path().join("arch")).unwrap(),
+        "amd64\n"
+    );
+    drop(mounted);
+
+    // Refusals: no such tag, no such kernel, an existing name; nothing left.
+    for (args, why) in [
+        (
+            vec![
+                format!("127.0.0.1:{}/test/img:nope", reg.port),
+                "--kernel-ref".into(),
+                "test-kernel".into(),
+            ],
+            "no such image",
+        ),
+        (
+            vec![
+                reference.clone(),
+                "--kernel-ref".into(),
+                "nonesuch".into(),
+                "--name".into(),
+                "x".into(),
+            ],
+            "there is no kernel",
+        ),
+        (
+            vec![
+                reference.clone(),
+                "--kernel-ref".into(),
+                "test-kernel".into(),
+            ],
+            "already exists",
+        ),
+    ] {
+        let mut all = vec!["image".to_owned(), "pull".to_owned()];
+        all.extend(args);
+        let out = bed.banger().args(&all).output().unwrap();
+        assert!(!out.status.success(), "{all:?}");
+        assert!(text(&out).contains(why), "{all:?}: {}", text(&out));
+    }
+    let images = bed.state_dir().join("images");
+    let staging: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(staging.is_empty(), "{staging:?}");
+}
+
+/// `work/multi`: an OCI layout whose `:t` is an image index of the arm64
+/// image of `work/arm` and the amd64 image of `work/amd`.
+fn multi_arch_layout(work: &Path) {
+    let multi = work.join("multi");
+    let blobs = multi.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(
+        multi.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let mut manifests = Vec::new();
+    for (layout, arch) in [("arm", "arm64"), ("amd", "amd64")] {
+        let from = work.join(layout);
+        for blob in std::fs::read_dir(from.join("blobs/sha256"))
+            .unwrap()
+            .flatten()
+        {
+            let to = blobs.join(blob.file_name());
+            if !to.exists() {
+                std::fs::copy(blob.path(), to).unwrap();
+            }
+        }
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(from.join("index.json")).unwrap()).unwrap();
+        let mut manifest = index["manifests"][0].clone();
+        manifest.as_object_mut().unwrap().remove("annotations");
+        manifest["platform"] = serde_json::json!({ "os": "linux", "architecture": arch });
+        manifests.push(manifest);
+    }
+    let nested = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    }))
+    .unwrap();
+    let digest = sha256_hex(&nested);
+    std::fs::write(blobs.join(&digest), &nested).unwrap();
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{digest}"),
+            "size": nested.len(),
+            "annotations": { "org.opencontainers.image.ref.name": "t" },
+        }],
+    });
+    std::fs::write(multi.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+}
