@@ -60,9 +60,13 @@ fn registry() -> Registry {
         ),
     )
     .unwrap();
+    // Its request log (404s for blobs skopeo probes) stays in its directory.
+    let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
     let child = Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
         .expect("run docker-registry (apt install docker-registry)");
     let up = eventually(Duration::from_secs(20), || {
