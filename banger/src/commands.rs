@@ -298,52 +298,36 @@ async fn kernel_import(
     let kernel = host_path("kernel", kernel)?;
     let initrd = initrd.map(|p| host_path("initrd", p)).transpose()?;
     let modules = modules.map(|p| host_path("modules", p)).transpose()?;
-    let client = connect(opts).await?;
-    let mut subscription = if wait {
-        Some(Subscription::new(&client).await?)
-    } else {
-        None
-    };
-    let auth = Authorization::prepare(opts).await;
-    let started = Instant::now();
-    let result = client
-        .import_kernel(
-            name,
-            &kernel,
-            initrd.as_deref(),
-            modules.as_deref(),
-            auth.interaction,
-        )
-        .await;
-    let path = auth
-        .finish(result)
-        .await
-        .with_context(|| format!("cannot import kernel {name}"))?;
-    match subscription.as_mut() {
-        Some(sub) => follow_then_show(opts, &client, sub, &path, started, "kernel").await,
-        None => print_job(opts, &path),
-    }
+    start_then_show(
+        opts,
+        wait,
+        "kernel",
+        format!("cannot import kernel {name}"),
+        async |client, interaction| {
+            client
+                .import_kernel(
+                    name,
+                    &kernel,
+                    initrd.as_deref(),
+                    modules.as_deref(),
+                    interaction,
+                )
+                .await
+        },
+    )
+    .await
 }
 
 async fn pull(opts: Options, image: bool, name: &str, wait: bool) -> anyhow::Result<u8> {
     let what = if image { "image" } else { "kernel" };
-    let client = connect(opts).await?;
-    let mut subscription = if wait {
-        Some(Subscription::new(&client).await?)
-    } else {
-        None
-    };
-    let auth = Authorization::prepare(opts).await;
-    let started = Instant::now();
-    let result = client.pull(image, name, auth.interaction).await;
-    let path = auth
-        .finish(result)
-        .await
-        .with_context(|| format!("cannot pull {what} {name}"))?;
-    match subscription.as_mut() {
-        Some(sub) => follow_then_show(opts, &client, sub, &path, started, what).await,
-        None => print_job(opts, &path),
-    }
+    start_then_show(
+        opts,
+        wait,
+        what,
+        format!("cannot pull {what} {name}"),
+        async |client, interaction| client.pull(image, name, interaction).await,
+    )
+    .await
 }
 
 async fn pull_oci(
@@ -353,7 +337,28 @@ async fn pull_oci(
     kernel: Option<&str>,
     wait: bool,
 ) -> anyhow::Result<u8> {
+    start_then_show(
+        opts,
+        wait,
+        "image",
+        format!("cannot pull {reference}"),
+        async |client, interaction| client.pull_oci(reference, name, kernel, interaction).await,
+    )
+    .await
+}
+
+/// Start a job that makes a `what` ("kernel" or "image") with `call`;
+/// with `wait`, follow it and show what it made, else print its path.
+/// `failed` is the context of a refused start.
+async fn start_then_show(
+    opts: Options,
+    wait: bool,
+    what: &str,
+    failed: String,
+    call: impl AsyncFnOnce(&Client, Interaction) -> Result<OwnedObjectPath, Failure>,
+) -> anyhow::Result<u8> {
     let client = connect(opts).await?;
+    // Subscribe before the call, so not one signal of the job is missed.
     let mut subscription = if wait {
         Some(Subscription::new(&client).await?)
     } else {
@@ -361,15 +366,10 @@ async fn pull_oci(
     };
     let auth = Authorization::prepare(opts).await;
     let started = Instant::now();
-    let result = client
-        .pull_oci(reference, name, kernel, auth.interaction)
-        .await;
-    let path = auth
-        .finish(result)
-        .await
-        .with_context(|| format!("cannot pull {reference}"))?;
+    let result = call(&client, auth.interaction).await;
+    let path = auth.finish(result).await.context(failed)?;
     match subscription.as_mut() {
-        Some(sub) => follow_then_show(opts, &client, sub, &path, started, "image").await,
+        Some(sub) => follow_then_show(opts, &client, sub, &path, started, what).await,
         None => print_job(opts, &path),
     }
 }
@@ -423,23 +423,14 @@ async fn image_register(
 }
 
 async fn image_promote(opts: Options, image: &str, wait: bool) -> anyhow::Result<u8> {
-    let client = connect(opts).await?;
-    let mut subscription = if wait {
-        Some(Subscription::new(&client).await?)
-    } else {
-        None
-    };
-    let auth = Authorization::prepare(opts).await;
-    let started = Instant::now();
-    let result = client.promote_image(image, auth.interaction).await;
-    let path = auth
-        .finish(result)
-        .await
-        .with_context(|| format!("cannot promote image {image}"))?;
-    match subscription.as_mut() {
-        Some(sub) => follow_then_show(opts, &client, sub, &path, started, "image").await,
-        None => print_job(opts, &path),
-    }
+    start_then_show(
+        opts,
+        wait,
+        "image",
+        format!("cannot promote image {image}"),
+        async |client, interaction| client.promote_image(image, interaction).await,
+    )
+    .await
 }
 
 /// Delete each of `refs` (kernels or images); report each; fail if any did.
