@@ -66,7 +66,7 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Check whether this host can run banger VMs
     ///
-    /// Asks bangerd to run its host checks (KVM, VMM, TUN, bridge, nftables,
+    /// Asks bangerd to run its host checks (KVM, VMM, guest agent, TUN, bridge, nftables,
     /// loop, device-mapper, reflink, polkit, journald, systemd, resolved, DNS
     /// port, disk space, default image) and prints pass/warn/fail with a hint
     /// per problem. Exits with 10 when any check fails.

@@ -129,6 +129,8 @@ pub struct VmConfig {
     /// Who runs VMMs: `auto` (systemd units where systemd is PID 1),
     /// `systemd` or `process` (bangerd's own children).
     pub supervisor: SupervisorKind,
+    /// The static banger-agent put into images pulled from registries.
+    pub agent_bin: PathBuf,
 }
 
 /// Who runs VMM processes.
@@ -171,6 +173,7 @@ impl Default for VmConfig {
             boot_timeout_secs: 180,
             stop_timeout_secs: 30,
             supervisor: SupervisorKind::Auto,
+            agent_bin: "/usr/libexec/banger/banger-agent".into(),
         }
     }
 }

@@ -166,6 +166,7 @@ pub async fn run(
             check_disk_space(&state_dir, config.daemon.min_free_disk_gib),
             check_kvm(&host.kvm),
             check_vmm(&config),
+            check_guest_agent(&config.vm.agent_bin),
             check_char_device(
                 "tun",
                 &host.tun,
@@ -546,6 +547,25 @@ pub fn check_default_image(name: &str, found: Option<(&str, &str)>) -> Check {
     }
 }
 
+/// The static agent registry images get (`image pull REGISTRY/REPO`).
+fn check_guest_agent(path: &Path) -> Check {
+    const NAME: &str = "guest-agent";
+    match crate::artifacts::oci::boot::check_agent(path) {
+        Ok(()) => Check::pass(
+            NAME,
+            format!(
+                "{} is a static x86-64 executable; images pulled from registries get it",
+                path.display()
+            ),
+        ),
+        Err(e) => Check::warn(
+            NAME,
+            e.message,
+            "pulls from OCI registries are refused until vm.agent_bin names a static banger-agent; catalog images and imported ones are unaffected",
+        ),
+    }
+}
+
 fn check_device_mapper(path: &Path) -> Check {
     const NAME: &str = "device-mapper";
     match OpenOptions::new().read(true).write(true).open(path) {
@@ -794,6 +814,18 @@ mod tests {
         let c = check_default_image("debian-bookworm", None);
         assert_eq!(c.verdict, Verdict::Warn);
         assert!(c.hint.contains("vm.default_image"));
+    }
+
+    #[test]
+    fn a_missing_or_dynamic_guest_agent_is_a_warning() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = check_guest_agent(&dir.path().join("banger-agent"));
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(c.detail.contains("cannot be opened"), "{}", c.detail);
+        assert!(c.hint.contains("vm.agent_bin"), "{}", c.hint);
+        let script = dir.path().join("script");
+        std::fs::write(&script, "#!/bin/sh\n").expect("write");
+        assert_eq!(check_guest_agent(&script).verdict, Verdict::Warn);
     }
 
     #[test]

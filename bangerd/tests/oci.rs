@@ -17,7 +17,7 @@ use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use banger_testbed::{
-    Options, TestBed, eventually, free_loopback_port, guest_artifact, sha256_hex,
+    NetNs, Options, TestBed, eventually, free_loopback_port, guest_artifact, sha256_hex,
 };
 
 fn text(out: &Output) -> String {
@@ -49,8 +49,16 @@ impl Drop for Registry {
 }
 
 fn registry() -> Registry {
+    registry_in(None)
+}
+
+/// A registry on loopback: the host's, or that of `ns`.
+fn registry_in(ns: Option<&NetNs>) -> Registry {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_loopback_port().unwrap();
+    let port = match ns {
+        Some(_) => 5000,
+        None => free_loopback_port().unwrap(),
+    };
     let config = dir.path().join("config.yml");
     std::fs::write(
         &config,
@@ -62,7 +70,11 @@ fn registry() -> Registry {
     .unwrap();
     // Its request log (404s for blobs skopeo probes) stays in its directory.
     let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-    let child = Command::new("docker-registry")
+    let mut cmd = match ns {
+        Some(ns) => ns.command("docker-registry"),
+        None => Command::new("docker-registry"),
+    };
+    let child = cmd
         .arg("serve")
         .arg(&config)
         .stdout(log.try_clone().unwrap())
@@ -70,7 +82,16 @@ fn registry() -> Registry {
         .spawn()
         .expect("run docker-registry (apt install docker-registry)");
     let up = eventually(Duration::from_secs(20), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+        let mut cmd = match ns {
+            Some(ns) => ns.command("bash"),
+            None => Command::new("bash"),
+        };
+        cmd.args(["-c", &probe])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            .then_some(())
     });
     assert!(up.is_some(), "docker-registry did not listen on {port}");
     Registry {
@@ -115,6 +136,12 @@ fn fill_amd64(root: &Path, step: u8) {
         w("etc/gone", "the second layer deletes this\n");
         w("arch", "amd64\n");
         w("root/.profile", "export BANGER=1\n");
+        w("usr/bin/sh", "#!/bin/false\n");
+        std::fs::set_permissions(
+            root.join("usr/bin/sh"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         w("usr/bin/tool", "#!/bin/sh\necho tool\n");
         std::fs::set_permissions(
             root.join("usr/bin/tool"),
@@ -243,7 +270,12 @@ fn oci_images_pull_from_a_registry_into_exact_bootable_trees() {
     multi_arch_layout(work.path());
     push("multi", "multi", true);
 
-    let bed = TestBed::start(Options::default()).expect("test bed");
+    let agent = guest_artifact("banger-agent", "build-agent");
+    let bed = TestBed::start(Options {
+        config_toml: Some(format!("[vm]\nagent_bin = \"{}\"\n", agent.display())),
+        ..Options::default()
+    })
+    .expect("test bed");
     let banger = |args: &[&str]| bed.banger().args(args).output().unwrap();
     let out = banger(&[
         "kernel",
@@ -283,6 +315,7 @@ fn oci_images_pull_from_a_registry_into_exact_bootable_trees() {
         [
             "fetch layers",
             "apply layers",
+            "first-boot wrapper",
             "build rootfs",
             "make work-seed",
             "digest",
@@ -291,12 +324,67 @@ fn oci_images_pull_from_a_registry_into_exact_bootable_trees() {
         "{report}"
     );
 
+    // It boots through the first-boot wrapper and has an SSH server.
+    assert_eq!(image["init"], "/usr/lib/banger/first-boot", "{report}");
+    assert_eq!(
+        image["services"],
+        serde_json::json!([{"name": "ssh", "port": 22}]),
+        "{report}"
+    );
+
     // Exactly the source tree: types, modes (setuid), owners, contents,
-    // link targets and hard links; the whited-out file is gone.
+    // link targets and hard links; the whited-out file is gone. Besides
+    // it, only what banger adds to boot it: the wrapper, the agent, its
+    // unit and the masked units.
     let rootfs = PathBuf::from(image["rootfs"].as_str().unwrap());
     let mounted = Mounted::new(&rootfs);
     let (want, want_links) = tree(&source);
-    let (got, got_links) = tree(mounted.0.path());
+    let (mut got, got_links) = tree(mounted.0.path());
+    let added: Vec<PathBuf> = got
+        .keys()
+        .filter(|p| !want.contains_key(*p))
+        .cloned()
+        .collect();
+    for p in &added {
+        assert!(
+            ["usr/lib", "usr/sbin", "etc/systemd"]
+                .iter()
+                .any(|prefix| p.starts_with(prefix)),
+            "unexpected {p:?} in the pulled image"
+        );
+    }
+    let node = |got: &BTreeMap<PathBuf, Node>, p: &str| {
+        got.get(Path::new(p))
+            .unwrap_or_else(|| panic!("no {p} in {added:?}"))
+            .content
+            .clone()
+    };
+    assert_eq!(
+        node(&got, "usr/sbin/banger-agent"),
+        sha256_hex(&std::fs::read(&agent).unwrap())
+    );
+    assert_eq!(
+        node(&got, "usr/lib/banger/first-boot"),
+        sha256_hex(
+            &std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/banger-first-boot")
+            )
+            .unwrap()
+        )
+    );
+    assert_eq!(got[Path::new("usr/lib/banger/first-boot")].mode, 0o755);
+    assert_eq!(
+        node(
+            &got,
+            "etc/systemd/system/sysinit.target.wants/banger-agent.service"
+        ),
+        "/etc/systemd/system/banger-agent.service"
+    );
+    assert_eq!(
+        node(&got, "etc/systemd/system/systemd-firstboot.service"),
+        "/dev/null"
+    );
+    got.retain(|p, _| !added.contains(p));
     assert_eq!(got, want);
     assert_eq!(got_links, want_links);
     assert!(!got.contains_key(Path::new("etc/gone")));

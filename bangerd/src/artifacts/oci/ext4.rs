@@ -32,14 +32,20 @@ fn measure(root: &Path) -> std::io::Result<(u64, u64)> {
     Ok((bytes, entries))
 }
 
+/// Free room in a registry image's root file system: its first boot may
+/// install systemd and an SSH server, and the package lists of a full
+/// distribution take a few hundred MiB. The file is sparse, so room
+/// costs nothing until it is used.
+pub const ROOM_FOR_PACKAGES: u64 = 1 << 30;
+
 /// Build `image` (a new file) holding `root`: its size is the tree's
-/// content plus a quarter and 128 MiB of room, in 4 MiB steps; inodes
-/// for twice the entries. Returns the image's size.
-pub fn build(root: &Path, image: &Path) -> Result<u64> {
+/// content plus a quarter and `room` bytes, in 4 MiB steps; inodes for
+/// twice the entries and then some. Returns the image's size.
+pub fn build(root: &Path, image: &Path, room: u64) -> Result<u64> {
     let (bytes, entries) = measure(root)
         .map_err(|e| Error::failed(format!("cannot measure {}: {e}", root.display())))?;
     const STEP: u64 = 4 << 20;
-    let size = (bytes + bytes / 4 + (128 << 20)).div_ceil(STEP) * STEP;
+    let size = (bytes + bytes / 4 + room).div_ceil(STEP) * STEP;
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -48,7 +54,7 @@ pub fn build(root: &Path, image: &Path) -> Result<u64> {
     file.set_len(size)
         .map_err(|e| Error::failed(format!("cannot size {}: {e}", image.display())))?;
     drop(file);
-    let inodes = (entries * 2 + 16_384).to_string();
+    let inodes = (entries * 2 + 32_768).to_string();
     let out = Command::new("mkfs.ext4")
         .args([
             "-q", "-F", "-t", "ext4", "-b", "4096", "-N", &inodes, "-L", "rootfs", "-d",
@@ -104,7 +110,7 @@ mod tests {
         std::os::unix::fs::chown(root.join("owned"), Some(1000), Some(1001)).expect("chown");
         std::os::unix::fs::symlink("bin/tool", root.join("sym")).expect("symlink");
         let image = tmp.path().join("rootfs.ext4");
-        let size = build(&root, &image).expect("built");
+        let size = build(&root, &image, 128 << 20).expect("built");
         assert!(size >= 128 << 20 && size.is_multiple_of(4 << 20), "{size}");
 
         let tool = debugfs(&image, "stat /bin/tool");

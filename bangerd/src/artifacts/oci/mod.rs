@@ -1,9 +1,11 @@
 //! OCI images: `image pull REGISTRY/REPO[:TAG|@DIGEST]`. The registry side
 //! (`registry`: the linux/amd64 manifest and its layer blobs, digests
 //! checked), the layers applied in order onto a staging root (`layers`),
-//! and an ext4 image built from it without a loop mount (`ext4`); then a
+//! the first-boot wrapper, agent and unit masks put in (`boot`), and an
+//! ext4 image built from it without a loop mount (`ext4`); then a
 //! work-seed from its `/root`, and the image recorded like any managed one.
 
+pub mod boot;
 pub mod ext4;
 pub mod layers;
 pub mod registry;
@@ -16,7 +18,7 @@ use oci_client::Reference;
 
 use super::commands::{TmpDir, already_exists, blocking, ticker};
 use super::pull::StagedImage;
-use super::{Resource, images_dir, validate};
+use super::{Resource, Service, images_dir, validate};
 use crate::auth::{Action, Caller};
 use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
@@ -82,6 +84,8 @@ impl Core {
                 }
             },
         };
+        let agent = self.config().vm.agent_bin.clone();
+        boot::check_agent(&agent)?;
         let mut pulls = self.pulls.lock().await;
         let key = (Kind::Images, name.clone());
         if let Some(id) = pulls.get(&key).copied()
@@ -114,11 +118,14 @@ impl Core {
                         name: job_name,
                         kernel_id: kernel.id,
                         kernel_name: kernel.name,
-                        services: Vec::new(),
-                        init: None,
+                        services: vec![Service {
+                            name: "ssh".into(),
+                            port: 22,
+                        }],
+                        init: Some(boot::INIT_PATH.to_owned()),
                         uid,
                     };
-                    core.pull_oci_job(&ctx, reference, staged).await
+                    core.pull_oci_job(&ctx, reference, staged, agent).await
                 },
             )
             .await?;
@@ -131,6 +138,7 @@ impl Core {
         ctx: &JobContext,
         reference: Reference,
         staged: StagedImage,
+        agent: std::path::PathBuf,
     ) -> Result<Option<Resource>> {
         let state = self.deps.dirs.state.clone();
         let tmp = TmpDir::create(images_dir(&state).join(format!(".tmp-{}", staged.id)))?;
@@ -180,11 +188,15 @@ impl Core {
         })
         .await?;
 
-        ctx.stage("build rootfs", 0.7).await?;
+        ctx.stage("first-boot wrapper", 0.7).await?;
+        let into = root.clone();
+        blocking(move || boot::prepare(&into, &agent)).await?;
+
+        ctx.stage("build rootfs", 0.72).await?;
         let image = tmp.path().join("rootfs.ext4");
         let (from, to) = (root.clone(), image.clone());
         blocking(move || {
-            ext4::build(&from, &to)?;
+            ext4::build(&from, &to, ext4::ROOM_FOR_PACKAGES)?;
             std::fs::remove_dir_all(&from)
                 .map_err(|e| Error::failed(format!("cannot remove {}: {e}", from.display())))
         })
