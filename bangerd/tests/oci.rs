@@ -518,3 +518,162 @@ fn multi_arch_layout(work: &Path) {
     });
     std::fs::write(multi.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
 }
+
+/// A child process killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The slow tier (scripts/ci-images): Debian as its container image is
+/// (scripts/build-oci-debian: no init, no systemd, no SSH server) pushed
+/// to a registry, pulled by banger and booted under QEMU. The first-boot
+/// wrapper mounts what a VM needs, installs systemd, udev and
+/// openssh-server with the guest's own apt (from a repository served in
+/// the test's namespace, where the image's apt source points), and execs
+/// systemd, which starts the agent and sshd; `vm ssh` then runs commands.
+/// A second boot skips the install.
+#[test]
+#[ignore = "slow: boots a registry image and installs packages under TCG (scripts/ci-images)"]
+fn a_debian_registry_image_boots_through_the_first_boot_wrapper() {
+    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
+    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let agent = guest_artifact("banger-agent", "build-agent");
+    let layout = guest_artifact("oci-debian/layout", "build-oci-debian");
+    let repo = guest_artifact("oci-debian/repo", "build-oci-debian");
+    let ns = NetNs::new("bgoci");
+    let reg = registry_in(Some(&ns));
+    let reference = format!("127.0.0.1:{}/library/debian:bookworm", reg.port);
+    run(ns
+        .command("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:bookworm", layout.display()))
+        .arg(format!("docker://{reference}")));
+    // The image's apt source: http://10.213.42.1:8080/ (the bridge).
+    let _apt = Killed(
+        ns.command("python3")
+            .args([
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+            ])
+            .arg(&repo)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let bed = TestBed::start(Options {
+        config_toml: Some(format!(
+            "[network]\ntap_pool_size = 1\n\
+             [vm]\nvmm = \"qemu\"\naccel = \"tcg\"\nagent_bin = \"{}\"\n\
+             boot_timeout_secs = 900\nstop_timeout_secs = 60\n",
+            agent.display()
+        )),
+        netns: Some(ns.name().to_owned()),
+        ..Options::default()
+    })
+    .expect("test bed");
+    let home = tempfile::tempdir().unwrap();
+    let call = |args: &[&str]| {
+        ns.command(banger_testbed::bin_path("banger"))
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bed.bus_address())
+            .env("HOME", home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let banger = |args: &[&str]| {
+        let out = call(args);
+        if !out.status.success() {
+            // The guest's console says why a boot went wrong.
+            let logs = call(&["vm", "logs", "oci"]);
+            let console = String::from_utf8_lossy(&logs.stdout);
+            let lines: Vec<&str> = console.lines().collect();
+            let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+            panic!(
+                "banger {args:?}: {}\n---- the last lines of the console ----\n{tail}",
+                text(&out)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    banger(&[
+        "kernel",
+        "import",
+        "--name",
+        "test-kernel",
+        "--kernel",
+        vmlinuz.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
+    eprintln!(
+        "{}",
+        banger(&["image", "pull", &reference, "--kernel-ref", "test-kernel"])
+    );
+
+    let out = banger(&[
+        "vm",
+        "create",
+        "--name",
+        "oci",
+        "--image",
+        "debian-bookworm",
+        "--vcpus",
+        "2",
+        "--memory",
+        "1024",
+        "--disk-size",
+        "1G",
+    ]);
+    eprintln!("{out}");
+    for stage in ["agent ready", "ssh ready"] {
+        assert!(out.contains(stage), "no {stage} in:\n{out}");
+    }
+    let check = "systemctl is-system-running --wait; \
+                 cat /proc/1/comm; \
+                 dpkg-query -W -f='${Status}\\n' openssh-server; \
+                 test -e /var/lib/banger/first-boot.done && echo first-boot-done; \
+                 systemctl is-active banger-agent.service; \
+                 systemctl is-enabled systemd-firstboot.service; \
+                 findmnt -n -o SOURCE /root; hostname";
+    let out = banger(&["vm", "ssh", "oci", "--", "sh", "-c", check]);
+    eprintln!("{out}");
+    for want in [
+        "running",
+        "systemd",
+        "install ok installed",
+        "first-boot-done",
+        "active",
+        "masked",
+        "/dev/vdb",
+        "oci",
+    ] {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
+    // Packages went into the VM's system disk: installed once, kept.
+    banger(&["vm", "stop", "oci"]);
+    let out = banger(&["vm", "start", "oci"]);
+    assert!(out.contains("ssh ready"), "{out}");
+    let out = banger(&[
+        "vm",
+        "ssh",
+        "oci",
+        "--",
+        "sh",
+        "-c",
+        "grep -c 'Setting up openssh-server' /var/log/banger-first-boot.log",
+    ]);
+    assert_eq!(out.trim(), "1", "installed more than once: {out}");
+    banger(&["vm", "delete", "oci"]);
+}
