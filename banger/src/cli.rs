@@ -352,6 +352,15 @@ pub enum ImageCommand {
         /// Kernel an OCI image boots with [default: the default image's]
         #[arg(long, alias = "kernel-ref")]
         kernel: Option<String>,
+        /// Registry username for an OCI pull (the password or token comes from --password-stdin)
+        #[arg(long, requires = "password_stdin")]
+        username: Option<String>,
+        /// Read the registry password or token from standard input
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+        /// Registry auth file to read the login from [default: podman's, then docker's]
+        #[arg(long, value_name = "PATH", conflicts_with = "username")]
+        authfile: Option<PathBuf>,
         /// Print the job's path and return at once
         #[arg(long)]
         no_wait: bool,
@@ -396,6 +405,17 @@ pub enum ImageCommand {
 
 /// Whether an `image pull` reference names an OCI image
 /// (`registry/repo[:tag|@digest]`) rather than a catalog entry.
+/// Where an OCI pull's registry login comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginSource {
+    /// `--username U --password-stdin`.
+    Stdin(String),
+    /// `--authfile PATH`.
+    AuthFile(PathBuf),
+    /// podman's and docker's auth files, if they hold one; else anonymous.
+    Stored,
+}
+
 fn is_oci_reference(reference: &str) -> bool {
     reference.contains('/')
 }
@@ -551,6 +571,7 @@ pub enum Action {
         reference: String,
         name: Option<String>,
         kernel: Option<String>,
+        login: LoginSource,
         wait: bool,
     },
     Vm(VmCommand),
@@ -611,6 +632,9 @@ impl Cli {
                 reference,
                 name: None,
                 kernel: None,
+                username: None,
+                password_stdin: false,
+                authfile: None,
                 no_wait,
             }) if !is_oci_reference(&reference) => Action::Pull {
                 image: true,
@@ -621,16 +645,24 @@ impl Cli {
                 reference,
                 name,
                 kernel,
+                username,
+                authfile,
                 no_wait,
+                ..
             }) if is_oci_reference(&reference) => Action::PullOci {
                 reference,
                 name,
                 kernel,
+                login: match (username, authfile) {
+                    (Some(username), _) => LoginSource::Stdin(username),
+                    (None, Some(path)) => LoginSource::AuthFile(path),
+                    (None, None) => LoginSource::Stored,
+                },
                 wait: !no_wait,
             },
-            Command::Image(ImageCommand::Pull { .. }) => {
-                Action::NotImplemented("image pull CATALOG-NAME --name/--kernel")
-            }
+            Command::Image(ImageCommand::Pull { .. }) => Action::NotImplemented(
+                "image pull CATALOG-NAME --name/--kernel/--username/--authfile",
+            ),
             Command::Kernel(KernelCommand::List { available: false }) => Action::KernelList,
             Command::Kernel(KernelCommand::List { available: true }) => {
                 Action::Available("kernels")
@@ -681,6 +713,7 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn resolve(args: &[&str]) -> Invocation {
         let argv = std::iter::once("banger").chain(args.iter().copied());
@@ -902,12 +935,39 @@ mod tests {
                 reference: "127.0.0.1:5000/library/debian:bookworm".into(),
                 name: None,
                 kernel: Some("k".into()),
+                login: LoginSource::Stored,
                 wait: true
             }
         );
+        let reference = "ghcr.io/o/r:1";
+        assert!(matches!(
+            resolve(&["image", "pull", reference, "--username", "u", "--password-stdin"]).action,
+            Action::PullOci { login: LoginSource::Stdin(u), .. } if u == "u"
+        ));
+        assert!(matches!(
+            resolve(&["image", "pull", reference, "--authfile", "/a.json"]).action,
+            Action::PullOci { login: LoginSource::AuthFile(p), .. } if p == Path::new("/a.json")
+        ));
+        for bad in [
+            &["image", "pull", reference, "--username", "u"][..],
+            &["image", "pull", reference, "--password-stdin"],
+            &[
+                "image",
+                "pull",
+                reference,
+                "--username",
+                "u",
+                "--password-stdin",
+                "--authfile",
+                "/a",
+            ],
+        ] {
+            let argv = std::iter::once("banger").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} parsed");
+        }
         assert_eq!(
             resolve(&["image", "pull", "debian-bookworm", "--name", "x"]).action,
-            Action::NotImplemented("image pull CATALOG-NAME --name/--kernel")
+            Action::NotImplemented("image pull CATALOG-NAME --name/--kernel/--username/--authfile")
         );
         assert_eq!(
             resolve(&["image", "pull", "debian-bookworm"]).action,

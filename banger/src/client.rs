@@ -606,6 +606,7 @@ impl Client {
         reference: &str,
         name: Option<&str>,
         kernel: Option<&str>,
+        login: Option<&crate::registry_auth::Login>,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
         use banger_dbus::options::pull_image as keys;
@@ -615,6 +616,10 @@ impl Client {
         }
         if let Some(k) = kernel {
             options.insert(keys::KERNEL, Variant::from(k));
+        }
+        if let Some(l) = login {
+            options.insert(keys::USERNAME, Variant::from(l.username.as_str()));
+            options.insert(keys::PASSWORD, Variant::from(l.password.as_str()));
         }
         self.manager_call("PullImage", &(reference, options), interaction)
             .await

@@ -69,8 +69,19 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
             reference,
             name,
             kernel,
+            login,
             wait,
-        } => pull_oci(opts, &reference, name.as_deref(), kernel.as_deref(), wait).await,
+        } => {
+            pull_oci(
+                opts,
+                &reference,
+                name.as_deref(),
+                kernel.as_deref(),
+                login,
+                wait,
+            )
+            .await
+        }
         Action::KernelShow(r) => kernel_show(opts, &r).await,
         Action::KernelImport {
             name,
@@ -335,14 +346,39 @@ async fn pull_oci(
     reference: &str,
     name: Option<&str>,
     kernel: Option<&str>,
+    login: crate::cli::LoginSource,
     wait: bool,
 ) -> anyhow::Result<u8> {
+    use crate::cli::LoginSource;
+    use crate::registry_auth as ra;
+    let login = match login {
+        LoginSource::Stdin(username) => {
+            let password = ra::password_from(std::io::stdin().lock())
+                .context("cannot read the password from standard input")?;
+            Some(ra::Login { username, password })
+        }
+        LoginSource::AuthFile(path) => {
+            let login = ra::stored_login(reference, std::slice::from_ref(&path), true)?;
+            if login.is_none() {
+                anyhow::bail!(
+                    "{} has no login for the registry of {reference}; log in with `podman login --authfile {0}`, or pass --username and --password-stdin",
+                    path.display()
+                );
+            }
+            login
+        }
+        LoginSource::Stored => ra::stored_login(reference, &ra::auth_files(None), false)?,
+    };
     start_then_show(
         opts,
         wait,
         "image",
         format!("cannot pull {reference}"),
-        async |client, interaction| client.pull_oci(reference, name, kernel, interaction).await,
+        async |client, interaction| {
+            client
+                .pull_oci(reference, name, kernel, login.as_ref(), interaction)
+                .await
+        },
     )
     .await
 }

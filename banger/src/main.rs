@@ -14,6 +14,7 @@ mod exit;
 mod output;
 mod polkit_agent;
 mod progress;
+mod registry_auth;
 mod vm;
 
 use std::ffi::OsString;

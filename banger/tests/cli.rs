@@ -373,7 +373,7 @@ fn json_error_shape() {
     );
     assert_eq!(
         value["error"]["message"],
-        "`banger image pull CATALOG-NAME --name/--kernel` is not implemented yet"
+        "`banger image pull CATALOG-NAME --name/--kernel/--username/--authfile` is not implemented yet"
     );
     assert_eq!(value.as_object().map(|o| o.len()), Some(1));
 }

@@ -17,7 +17,8 @@ use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use banger_testbed::{
-    NetNs, Options, TestBed, eventually, free_loopback_port, guest_artifact, sha256_hex,
+    NetNs, Options, TestBed, eventually, free_loopback_port, guest_artifact, journal_entries,
+    sha256_hex,
 };
 
 fn text(out: &Output) -> String {
@@ -49,11 +50,12 @@ impl Drop for Registry {
 }
 
 fn registry() -> Registry {
-    registry_in(None)
+    registry_in(None, "")
 }
 
-/// A registry on loopback: the host's, or that of `ns`.
-fn registry_in(ns: Option<&NetNs>) -> Registry {
+/// A registry on loopback: the host's, or that of `ns`; `extra` is more
+/// of its YAML configuration (an `auth:` section).
+fn registry_in(ns: Option<&NetNs>, extra: &str) -> Registry {
     let dir = tempfile::tempdir().unwrap();
     let port = match ns {
         Some(_) => 5000,
@@ -63,7 +65,7 @@ fn registry_in(ns: Option<&NetNs>) -> Registry {
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
             dir.path().join("store").display()
         ),
     )
@@ -519,6 +521,245 @@ fn multi_arch_layout(work: &Path) {
     std::fs::write(multi.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
 }
 
+/// A registry behind token auth (docker-registry `auth: token`, with the
+/// test's token service in `tests/registry/token-server.py` signing JWTs
+/// with an openssl key): an anonymous pull and a wrong password are
+/// refused with what to do; the login from a docker auth file and one
+/// from `--username` with `--password-stdin` both pull; the token
+/// service saw the username, and the password is in no log.
+#[test]
+fn a_registry_behind_token_auth_takes_the_right_login_only() {
+    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
+    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let agent = guest_artifact("banger-agent", "build-agent");
+    const PASSWORD: &str = "tok-3f9a c0de";
+    let work = tempfile::tempdir().unwrap();
+    let (key, cert) = (work.path().join("key.pem"), work.path().join("cert.pem"));
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=banger-test-tokens", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null()));
+    let token_port = free_loopback_port().unwrap();
+    let token_log = work.path().join("tokens.jsonl");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/registry/token-server.py");
+    let _tokens = Killed(
+        Command::new("python3")
+            .arg(&script)
+            .arg(token_port.to_string())
+            .args([&key, &cert])
+            .args(["banger-test-tokens", "dev", PASSWORD])
+            .arg(&token_log)
+            .spawn()
+            .unwrap(),
+    );
+    let listening = eventually(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", token_port))
+            .ok()
+            .map(|_| ())
+    });
+    assert!(listening.is_some(), "the token service did not listen");
+    let reg = registry_in(
+        None,
+        &format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{token_port}/token\n    \
+             service: banger-test-registry\n    issuer: banger-test-tokens\n    \
+             rootcertbundle: {}\n",
+            cert.display()
+        ),
+    );
+    umoci_image(&work.path().join("amd"), "amd64", fill_amd64);
+    let reference = format!("127.0.0.1:{}/team/private:t", reg.port);
+    run(Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false", "--dest-creds"])
+        .arg(format!("dev:{PASSWORD}"))
+        .arg(format!("oci:{}:t", work.path().join("amd").display()))
+        .arg(format!("docker://{reference}")));
+
+    let mut bed = TestBed::start(Options {
+        config_toml: Some(format!("[vm]\nagent_bin = \"{}\"\n", agent.display())),
+        start_daemon: false,
+        ..Options::default()
+    })
+    .expect("test bed");
+    // Everything logged, oci-client's and reqwest's requests included.
+    bed.start_daemon_with_env(&[("RUST_LOG", "debug")])
+        .expect("bangerd");
+    let pid = bed.daemon_pid().expect("pid");
+    let home = tempfile::tempdir().unwrap();
+    let banger = |args: &[&str], stdin: Option<&str>| {
+        let mut cmd = bed.banger();
+        cmd.args(args)
+            .env("HOME", home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("DOCKER_CONFIG")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            std::io::Write::write_all(&mut input, text.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    };
+    let out = banger(
+        &[
+            "kernel",
+            "import",
+            "--name",
+            "test-kernel",
+            "--kernel",
+            vmlinuz.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let pull = |extra: &[&str], stdin: Option<&str>| {
+        let mut args = vec!["--json", "image", "pull", reference.as_str()];
+        args.extend_from_slice(&["--kernel-ref", "test-kernel"]);
+        args.extend_from_slice(extra);
+        banger(&args, stdin)
+    };
+    let refused = |out: &Output, says: &str| {
+        assert!(!out.status.success(), "pulled: {}", text(out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let error = &report["error"];
+        assert_eq!(
+            error["name"], "org.banger.Error.PermissionDenied",
+            "{report}"
+        );
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(says), "{report}");
+    };
+
+    // Bad logins on the bus itself: refused before any job.
+    for (args, says) in [
+        (&["1", "username", "s", "dev"][..], "go together"),
+        (&["2", "username", "s", "d:v", "password", "s", "x"], "':'"),
+        (
+            &["2", "username", "s", "dev", "password", "s", "a\nb"],
+            "control",
+        ),
+        (
+            &["2", "username", "s", "dev", "password", "u", "7"],
+            "must be a string",
+        ),
+    ] {
+        let mut argv = vec![
+            "call",
+            "org.banger.Manager",
+            "/org/banger/Manager",
+            "org.banger.Manager",
+            "PullImage",
+            "sa{sv}",
+            reference.as_str(),
+        ];
+        argv.extend_from_slice(args);
+        let out = bed.busctl(argv);
+        let said = text(&out);
+        assert!(!out.status.success(), "{args:?}: {said}");
+        assert!(said.contains(says), "{args:?}: {said}");
+    }
+
+    // Anonymous: refused, with how to log in.
+    refused(&pull(&[], None), "podman login");
+    // A wrong password: refused, naming the user.
+    let out = pull(&["--username", "dev", "--password-stdin"], Some("wrong\n"));
+    refused(&out, "refused the credentials of \"dev\"");
+    // Nothing of either is left.
+    let images = bed
+        .banger()
+        .args(["--json", "image", "list"])
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&images.stdout).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    let leftovers: Vec<_> = std::fs::read_dir(bed.state_dir().join("images"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // The login docker or podman stored: a docker auth file in $HOME.
+    let docker = home.path().join(".docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let auth = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("dev:{PASSWORD}"))
+    };
+    std::fs::write(
+        docker.join("config.json"),
+        serde_json::json!({"auths": {format!("http://127.0.0.1:{}", reg.port): {"auth": auth}}})
+            .to_string(),
+    )
+    .unwrap();
+    let out = pull(&["--name", "from-file"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    // --username with the password (a token with a space) on stdin.
+    std::fs::remove_dir_all(&docker).unwrap();
+    let out = pull(
+        &[
+            "--name",
+            "from-stdin",
+            "--username",
+            "dev",
+            "--password-stdin",
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["image"]["name"], "from-stdin", "{report}");
+
+    // The token service saw dev refused once and granted since; the
+    // password went nowhere else.
+    let seen = std::fs::read_to_string(&token_log).unwrap();
+    let lines: Vec<serde_json::Value> = seen
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["user"] == "dev" && l["granted"] == false),
+        "{seen}"
+    );
+    assert!(
+        lines.iter().any(|l| l["user"] == "dev"
+            && l["granted"] == true
+            && l["scope"][0] == "repository:team/private:pull"),
+        "{seen}"
+    );
+    let pid_filter = format!("_PID={pid}");
+    let logged = || {
+        let mut all = bed.daemon_log();
+        for entry in journal_entries(&["SYSLOG_IDENTIFIER=bangerd", &pid_filter]) {
+            all.push_str(entry["MESSAGE"].as_str().unwrap_or_default());
+            all.push('\n');
+        }
+        all
+    };
+    let log = eventually(Duration::from_secs(10), || {
+        let log = logged();
+        log.contains("image layers fetched").then_some(log)
+    })
+    .expect("bangerd's log of the pulls");
+    assert!(!log.contains(PASSWORD), "the password is in bangerd's log");
+    assert!(
+        !log.contains(&auth),
+        "the encoded login is in bangerd's log"
+    );
+}
+
 /// A child process killed on drop.
 struct Killed(Child);
 
@@ -546,7 +787,7 @@ fn a_debian_registry_image_boots_through_the_first_boot_wrapper() {
     let layout = guest_artifact("oci-debian/layout", "build-oci-debian");
     let repo = guest_artifact("oci-debian/repo", "build-oci-debian");
     let ns = NetNs::new("bgoci");
-    let reg = registry_in(Some(&ns));
+    let reg = registry_in(Some(&ns), "");
     let reference = format!("127.0.0.1:{}/library/debian:bookworm", reg.port);
     run(ns
         .command("skopeo")

@@ -25,6 +25,11 @@ pub mod pull_image {
     /// `s`: kernel (name or id) the image boots with (default the default
     /// image's).
     pub const KERNEL: &str = "kernel";
+    /// `s`: registry username; with [`PASSWORD`], the pull sends both to
+    /// the registry's token service (or as basic auth); anonymous without.
+    pub const USERNAME: &str = "username";
+    /// `s`: registry password or access token; only with [`USERNAME`].
+    pub const PASSWORD: &str = "password";
 }
 
 /// Keys of `Manager.ImportKernel(s name, s kernel, a{sv} options)`.

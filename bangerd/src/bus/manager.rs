@@ -414,8 +414,9 @@ impl ManagerObject {
     /// first when it is missing (stage "pull kernel NAME"); otherwise as
     /// PullKernel. A reference with a "/" is an OCI image
     /// (registry/repo[:tag|@digest]): its linux/amd64 layers are fetched,
-    /// applied and made an ext4 image; options "name" (s) and "kernel" (s)
-    /// apply to it only. The image gets its work-seed. Its Completed
+    /// applied and made an ext4 image; options "name" (s), "kernel" (s),
+    /// and "username" (s) with "password" (s) for a registry that wants
+    /// credentials, apply to it only. The image gets its work-seed. Its Completed
     /// result is the new image object. polkit action
     /// org.banger.image.manage.
     #[zbus(out_args("job"))]
@@ -431,13 +432,32 @@ impl ManagerObject {
             only_known(
                 "PullImage",
                 &options,
-                &[pull_image::NAME, pull_image::KERNEL],
+                &[
+                    pull_image::NAME,
+                    pull_image::KERNEL,
+                    pull_image::USERNAME,
+                    pull_image::PASSWORD,
+                ],
             )
             .map_err(to_wire)?;
+            let username = str_opt(&options, pull_image::USERNAME).map_err(to_wire)?;
+            let password = str_opt(&options, pull_image::PASSWORD).map_err(to_wire)?;
+            let credentials = match (username, password) {
+                (None, None) => None,
+                (Some(u), Some(p)) => {
+                    Some(crate::artifacts::oci::registry::Credentials::new(u, p).map_err(to_wire)?)
+                }
+                _ => {
+                    return Err(to_wire(crate::error::Error::invalid(
+                        "PullImage: options \"username\" and \"password\" go together",
+                    )));
+                }
+            };
             let request = crate::artifacts::oci::OciPull {
                 reference,
                 name: str_opt(&options, pull_image::NAME).map_err(to_wire)?,
                 kernel: str_opt(&options, pull_image::KERNEL).map_err(to_wire)?,
+                credentials,
             };
             self.core.pull_oci(&caller, request).await
         } else {

@@ -33,6 +33,8 @@ pub struct OciPull {
     pub name: Option<String>,
     /// Kernel (name or id) it boots with; default the default image's.
     pub kernel: Option<String>,
+    /// Registry credentials; anonymous without.
+    pub credentials: Option<registry::Credentials>,
 }
 
 /// `debian-bookworm` for `registry/library/debian:bookworm`: the last
@@ -105,6 +107,7 @@ impl Core {
         let core = self.clone();
         let uid = caller.uid;
         let job_name = name.clone();
+        let credentials = req.credentials;
         let id = self
             .jobs()
             .start_with_result(
@@ -125,7 +128,8 @@ impl Core {
                         init: Some(boot::INIT_PATH.to_owned()),
                         uid,
                     };
-                    core.pull_oci_job(&ctx, reference, staged, agent).await
+                    core.pull_oci_job(&ctx, reference, credentials, staged, agent)
+                        .await
                 },
             )
             .await?;
@@ -137,6 +141,7 @@ impl Core {
         &self,
         ctx: &JobContext,
         reference: Reference,
+        credentials: Option<registry::Credentials>,
         staged: StagedImage,
         agent: std::path::PathBuf,
     ) -> Result<Option<Resource>> {
@@ -167,7 +172,8 @@ impl Core {
                 Some(done),
             );
         };
-        let fetched = registry::fetch(&reference, &blobs, stall, &mut report).await?;
+        let fetched =
+            registry::fetch(&reference, credentials.as_ref(), &blobs, stall, &mut report).await?;
         tracing::info!(
             image = %reference,
             digest = %fetched.digest,

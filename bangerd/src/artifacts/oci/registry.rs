@@ -1,8 +1,11 @@
 //! Fetching an image from an OCI registry (oci-client): the manifest for
 //! linux/amd64 (chosen from an index when the reference names one), then
 //! every layer blob into a directory, each checked against its size and
-//! digest. Anonymous access, and the bearer tokens registries hand out to
-//! anonymous pulls; plain HTTP only to a loopback registry.
+//! digest. Anonymous access (with the bearer tokens registries hand out
+//! to anonymous pulls), or a username and password or token that the
+//! registry's token service (or its basic auth) takes; plain HTTP only to
+//! a loopback registry, and credentials never sent in clear text to
+//! anything else.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,6 +36,66 @@ pub struct Fetched {
     pub layers: Vec<PathBuf>,
 }
 
+/// A username and password (or access token) for a registry. Its Debug
+/// never shows the password; it is kept only for the one pull.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    username: String,
+    password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Check and take a username and password: both non-empty, no
+    /// control characters, a username without `:` (HTTP basic auth joins
+    /// them with one), at most 256 and 16384 bytes.
+    pub fn new(username: String, password: String) -> Result<Self> {
+        let bad = |what: &str, why: &str| {
+            Err(Error::invalid(format!(
+                "the registry {what} {why}; pass the username and password (or token) the registry gave you"
+            )))
+        };
+        if username.is_empty() {
+            return bad("username", "is empty");
+        }
+        if username.len() > 256 {
+            return bad("username", "is longer than 256 bytes");
+        }
+        if username.contains(':') {
+            return bad("username", "contains ':'");
+        }
+        if password.is_empty() {
+            return bad("password", "is empty");
+        }
+        if password.len() > 16 * 1024 {
+            return bad("password", "is longer than 16 KiB");
+        }
+        if username.chars().any(char::is_control) {
+            return bad("username", "contains control characters");
+        }
+        if password.chars().any(char::is_control) {
+            return bad(
+                "password",
+                "contains control characters (a trailing newline from a file?)",
+            );
+        }
+        Ok(Self { username, password })
+    }
+
+    /// The username (never the password).
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+}
+
 /// Parse `registry/repo[:tag|@digest]`.
 pub fn parse_reference(text: &str) -> Result<Reference> {
     text.parse::<Reference>().map_err(|e| {
@@ -55,7 +118,71 @@ fn loopback(registry: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn pull_failed(reference: &Reference, e: &oci_client::errors::OciDistributionError) -> Error {
+/// A registry URL's host and port part: `host[:port]` of `url`.
+fn url_host(url: &str) -> Option<String> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let host = parsed.host_str()?.to_owned();
+    Some(match parsed.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    })
+}
+
+/// The `realm` of a `WWW-Authenticate: Bearer realm="…",…` challenge.
+fn bearer_realm(header: &str) -> Option<String> {
+    let rest = header.trim_start();
+    let params = rest
+        .get(..6)
+        .filter(|s| s.eq_ignore_ascii_case("bearer"))
+        .map(|_| &rest[6..])?;
+    let at = params.find("realm=")?;
+    let value = &params[at + "realm=".len()..];
+    let value = value.strip_prefix('"')?;
+    Some(value[..value.find('"')?].to_owned())
+}
+
+/// Before credentials leave the host: ask the registry where its token
+/// service is, and refuse one reached over plain HTTP anywhere but
+/// loopback (oci-client would send the password there as it is).
+async fn check_token_service(registry: &str, scheme: &str, stall: Duration) -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .connect_timeout(stall)
+        .timeout(stall * 2)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| Error::failed(format!("cannot make an HTTP client: {e}")))?;
+    let url = format!("{scheme}://{registry}/v2/");
+    let res = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| Error::unavailable(format!("cannot reach the registry at {url}: {e}")))?;
+    let Some(realm) = res
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|h| h.to_str().ok())
+        .and_then(bearer_realm)
+    else {
+        return Ok(());
+    };
+    let clear = realm
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"));
+    if clear && !url_host(&realm).is_some_and(|h| loopback(&h)) {
+        return Err(Error::denied(format!(
+            "{registry} sends clients to the token service {realm} over plain HTTP; \
+             banger does not send credentials there unencrypted"
+        )));
+    }
+    Ok(())
+}
+
+fn pull_failed(
+    reference: &Reference,
+    credentials: Option<&Credentials>,
+    e: &oci_client::errors::OciDistributionError,
+) -> Error {
     use oci_client::errors::OciDistributionError as E;
     let mut why = e.to_string();
     let mut source = std::error::Error::source(e);
@@ -80,17 +207,27 @@ fn pull_failed(reference: &Reference, e: &oci_client::errors::OciDistributionErr
         ));
     }
     match e {
-        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => Error::denied(format!(
-            "{reference}: the registry refused an anonymous pull ({why})"
-        )),
+        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => match credentials {
+            None => Error::denied(format!(
+                "{reference}: the registry refused an anonymous pull ({why}); \
+                 log in with `podman login` or `docker login`, or pass --username and --password-stdin"
+            )),
+            Some(c) => Error::denied(format!(
+                "{reference}: the registry refused the credentials of {:?} ({why}); \
+                 check the username and password or token, and that it may pull this repository",
+                c.username()
+            )),
+        },
         _ => Error::unavailable(format!("{reference}: cannot pull from the registry: {why}")),
     }
 }
 
-/// Fetch `reference`'s linux/amd64 manifest and its layers into `dir`.
-/// `progress` sees (bytes so far, total bytes) after each layer.
+/// Fetch `reference`'s linux/amd64 manifest and its layers into `dir`,
+/// anonymously or with `credentials`. `progress` sees (bytes so far,
+/// total bytes) after each layer.
 pub async fn fetch(
     reference: &Reference,
+    credentials: Option<&Credentials>,
     dir: &Path,
     stall: Duration,
     progress: &mut (dyn FnMut(u64, u64) + Send),
@@ -98,10 +235,10 @@ pub async fn fetch(
     // reqwest is built without a default TLS provider; ring is ours.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let registry = reference.resolve_registry().to_owned();
-    let protocol = if loopback(&registry) {
-        ClientProtocol::HttpsExcept(vec![registry.clone()])
+    let (protocol, scheme) = if loopback(&registry) {
+        (ClientProtocol::HttpsExcept(vec![registry.clone()]), "http")
     } else {
-        ClientProtocol::Https
+        (ClientProtocol::Https, "https")
     };
     let client = Client::new(ClientConfig {
         protocol,
@@ -110,11 +247,17 @@ pub async fn fetch(
         connect_timeout: Some(stall),
         ..ClientConfig::default()
     });
-    let auth = RegistryAuth::Anonymous;
+    let auth = match credentials {
+        Some(c) => {
+            check_token_service(&registry, scheme, stall).await?;
+            RegistryAuth::Basic(c.username.clone(), c.password.clone())
+        }
+        None => RegistryAuth::Anonymous,
+    };
     let (manifest, digest) = client
         .pull_image_manifest(reference, &auth)
         .await
-        .map_err(|e| pull_failed(reference, &e))?;
+        .map_err(|e| pull_failed(reference, credentials, &e))?;
     let total: u64 = manifest
         .layers
         .iter()
@@ -137,7 +280,7 @@ pub async fn fetch(
         client
             .pull_blob(reference, layer, file)
             .await
-            .map_err(|e| pull_failed(reference, &e))?;
+            .map_err(|e| pull_failed(reference, credentials, &e))?;
         check_blob(
             &path,
             &layer.digest,
@@ -201,5 +344,87 @@ mod tests {
         assert!(!loopback("registry.example:5000"));
         assert!(!loopback("10.0.0.1"));
         assert!(parse_reference("not a reference!").is_err());
+    }
+
+    #[test]
+    fn credentials_are_checked_and_never_shown() {
+        let c = Credentials::new("dev".into(), "s3cret-token".into()).expect("fine");
+        assert_eq!(c.username(), "dev");
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+        for (user, pass, why) in [
+            ("", "p", "empty"),
+            ("dev", "", "empty"),
+            ("a:b", "p", "':'"),
+            ("dev", "line\n", "control"),
+            ("d\u{7}", "p", "control"),
+        ] {
+            let e = Credentials::new(user.into(), pass.into()).expect_err(why);
+            assert_eq!(e.kind, crate::error::ErrorKind::InvalidArgument, "{e:?}");
+            assert!(e.message.contains(why), "{why}: {e:?}");
+        }
+        assert!(Credentials::new("x".repeat(257), "p".into()).is_err());
+        assert!(Credentials::new("dev".into(), "p".repeat(16 * 1024 + 1)).is_err());
+    }
+
+    #[test]
+    fn the_token_service_is_read_from_the_challenge() {
+        assert_eq!(
+            bearer_realm(r#"Bearer realm="https://auth.example/token",service="registry""#),
+            Some("https://auth.example/token".to_owned())
+        );
+        assert_eq!(
+            bearer_realm(r#"bearer service="r",realm="http://127.0.0.1:9/t""#),
+            Some("http://127.0.0.1:9/t".to_owned())
+        );
+        assert_eq!(bearer_realm(r#"Basic realm="registry""#), None);
+        assert_eq!(bearer_realm("Bearer"), None);
+        assert_eq!(
+            url_host("http://127.0.0.1:9/t").as_deref(),
+            Some("127.0.0.1:9")
+        );
+        assert_eq!(
+            url_host("https://auth.example/token").as_deref(),
+            Some("auth.example")
+        );
+    }
+
+    /// A registry whose challenge names a plain-HTTP token service that is
+    /// not on loopback is refused before any credentials go out; one on
+    /// loopback is fine. A real HTTP server on loopback answers /v2/.
+    #[tokio::test]
+    async fn credentials_never_go_to_a_clear_text_token_service() {
+        async fn serve(challenge: &'static str) -> std::net::SocketAddr {
+            use tokio::io::AsyncWriteExt;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = listener.accept().await {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let reply = format!(
+                        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {challenge}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                }
+            });
+            addr
+        }
+        let stall = Duration::from_secs(5);
+        let far = serve(r#"Bearer realm="http://auth.example/token",service="r""#).await;
+        let e = check_token_service(&far.to_string(), "http", stall)
+            .await
+            .expect_err("clear text");
+        assert_eq!(e.kind, crate::error::ErrorKind::PermissionDenied, "{e:?}");
+        assert!(e.message.contains("unencrypted"), "{e:?}");
+        let near = serve(r#"Bearer realm="http://127.0.0.1:1/token",service="r""#).await;
+        check_token_service(&near.to_string(), "http", stall)
+            .await
+            .expect("loopback token service");
+        let tls = serve(r#"Bearer realm="https://auth.example/token""#).await;
+        check_token_service(&tls.to_string(), "http", stall)
+            .await
+            .expect("https token service");
     }
 }
