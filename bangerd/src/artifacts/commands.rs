@@ -566,18 +566,8 @@ impl Core {
             None => {
                 ctx.stage("make work-seed", 0.7).await?;
                 let rootfs = tmp.path().join("rootfs.ext4");
-                let scratch = tmp.path().join("scratch");
                 let dst = seed.clone();
-                blocking(move || {
-                    std::fs::create_dir(&scratch).map_err(|e| {
-                        Error::failed(format!("cannot create {}: {e}", scratch.display()))
-                    })?;
-                    files::make_work_seed(&rootfs, &scratch, &dst)?;
-                    std::fs::remove_dir_all(&scratch).map_err(|e| {
-                        Error::failed(format!("cannot remove {}: {e}", scratch.display()))
-                    })
-                })
-                .await?;
+                blocking(move || files::make_work_seed(&rootfs, &dst)).await?;
             }
         }
 
@@ -668,10 +658,7 @@ impl Core {
                 .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
             let scratch = TmpDir::create(dir.join(".tmp-seed"))?;
             let tmp_seed = scratch.path().join("work-seed.ext4");
-            let tree = scratch.path().join("tree");
-            std::fs::create_dir(&tree)
-                .map_err(|e| Error::failed(format!("cannot create {}: {e}", tree.display())))?;
-            files::make_work_seed(&rootfs, &tree, &tmp_seed)?;
+            files::make_work_seed(&rootfs, &tmp_seed)?;
             let sha = files::sha256_file(&tmp_seed, &mut |_| Ok(()))?;
             let seed = dir.join("work-seed.ext4");
             std::fs::rename(&tmp_seed, &seed)

@@ -163,8 +163,21 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 /// Make a work-seed at `dst` from the `/root` of the ext4 image `rootfs`,
 /// without mounting anything: `debugfs rdump` copies the tree out
 /// (owners and modes kept, as root), `mkfs.ext4 -d` builds the image.
-/// `scratch` is an empty directory for the copy.
-pub fn make_work_seed(rootfs: &Path, scratch: &Path, dst: &Path) -> Result<()> {
+/// The copy goes to a scratch directory beside `dst`, removed afterwards
+/// whether or not the seed was made.
+pub fn make_work_seed(rootfs: &Path, dst: &Path) -> Result<()> {
+    let name = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let scratch = dst.with_file_name(format!(".{name}.scratch"));
+    std::fs::create_dir(&scratch).map_err(|e| io("cannot create", &scratch, e))?;
+    let made = seed_from(rootfs, &scratch, dst);
+    let removed = std::fs::remove_dir_all(&scratch).map_err(|e| io("cannot remove", &scratch, e));
+    made.and(removed)
+}
+
+fn seed_from(rootfs: &Path, scratch: &Path, dst: &Path) -> Result<()> {
     let tree = scratch.join("root");
     // debugfs exits 0 even when /root is missing; an empty seed is right then.
     run(
@@ -297,11 +310,23 @@ mod tests {
             "mkfs.ext4",
         )
         .expect("rootfs");
-        let scratch = dir.path().join("scratch");
-        std::fs::create_dir(&scratch).expect("mkdir");
         let seed = dir.path().join("work-seed.ext4");
-        make_work_seed(&rootfs, &scratch, &seed).expect("seed");
+        make_work_seed(&rootfs, &seed).expect("seed");
         assert!(super::super::validate::is_ext4(&seed).expect("read"));
+        // Its scratch copy is gone, even after a failure.
+        let names = |d: &Path| -> Vec<_> {
+            std::fs::read_dir(d)
+                .expect("ls")
+                .flatten()
+                .map(|e| e.file_name())
+                .collect()
+        };
+        assert_eq!(names(dir.path()).len(), 3, "{:?}", names(dir.path()));
+        // mkfs.ext4 cannot make an image over a directory.
+        let taken = dir.path().join("taken");
+        std::fs::create_dir(&taken).expect("mkdir");
+        make_work_seed(&rootfs, &taken).expect_err("a directory");
+        assert_eq!(names(dir.path()).len(), 4, "{:?}", names(dir.path()));
 
         // Read it back with debugfs: the file, its owner, the label.
         let out = Command::new("debugfs")

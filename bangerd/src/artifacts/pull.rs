@@ -402,17 +402,8 @@ impl Core {
         } else {
             ctx.stage("make work-seed", 0.8).await?;
             let rootfs = tmp.path().join("rootfs.ext4");
-            let scratch = tmp.path().join(".scratch");
             let dst = seed.clone();
-            blocking(move || {
-                std::fs::create_dir(&scratch).map_err(|e| {
-                    Error::failed(format!("cannot create {}: {e}", scratch.display()))
-                })?;
-                files::make_work_seed(&rootfs, &scratch, &dst)?;
-                std::fs::remove_dir_all(&scratch)
-                    .map_err(|e| Error::failed(format!("cannot remove {}: {e}", scratch.display())))
-            })
-            .await?;
+            blocking(move || files::make_work_seed(&rootfs, &dst)).await?;
         }
 
         ctx.stage("digest", 0.9).await?;
