@@ -35,6 +35,24 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `banger kernel import` of the test kernel (build-test-kernel) as
+/// `test-kernel`.
+fn test_kernel_import() -> Vec<String> {
+    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
+    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let mut args: Vec<String> = ["kernel", "import", "--name", "test-kernel", "--kernel"]
+        .map(String::from)
+        .into();
+    args.push(vmlinuz.display().to_string());
+    args.push("--initrd".into());
+    args.push(initrd.display().to_string());
+    args
+}
+
+fn argv(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// A `docker-registry` on a loopback port, killed on drop.
 struct Registry {
     child: Child,
@@ -246,8 +264,7 @@ impl Drop for Mounted {
 
 #[test]
 fn oci_images_pull_from_a_registry_into_exact_bootable_trees() {
-    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
-    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let kernel_import = test_kernel_import();
     let reg = registry();
     let work = tempfile::tempdir().unwrap();
     let source = umoci_image(&work.path().join("amd"), "amd64", fill_amd64);
@@ -279,16 +296,7 @@ fn oci_images_pull_from_a_registry_into_exact_bootable_trees() {
     })
     .expect("test bed");
     let banger = |args: &[&str]| bed.banger().args(args).output().unwrap();
-    let out = banger(&[
-        "kernel",
-        "import",
-        "--name",
-        "test-kernel",
-        "--kernel",
-        vmlinuz.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-    ]);
+    let out = banger(&argv(&kernel_import));
     assert!(out.status.success(), "{}", text(&out));
 
     let reference = format!("127.0.0.1:{}/test/img:t", reg.port);
@@ -529,8 +537,7 @@ fn multi_arch_layout(work: &Path) {
 /// service saw the username, and the password is in no log.
 #[test]
 fn a_registry_behind_token_auth_takes_the_right_login_only() {
-    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
-    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let kernel_import = test_kernel_import();
     let agent = guest_artifact("banger-agent", "build-agent");
     const PASSWORD: &str = "tok-3f9a c0de";
     let work = tempfile::tempdir().unwrap();
@@ -610,19 +617,7 @@ fn a_registry_behind_token_auth_takes_the_right_login_only() {
         drop(input);
         child.wait_with_output().unwrap()
     };
-    let out = banger(
-        &[
-            "kernel",
-            "import",
-            "--name",
-            "test-kernel",
-            "--kernel",
-            vmlinuz.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-        ],
-        None,
-    );
+    let out = banger(&argv(&kernel_import), None);
     assert!(out.status.success(), "{}", text(&out));
     let pull = |extra: &[&str], stdin: Option<&str>| {
         let mut args = vec!["--json", "image", "pull", reference.as_str()];
@@ -781,8 +776,7 @@ impl Drop for Killed {
 #[test]
 #[ignore = "slow: boots a registry image and installs packages under TCG (scripts/ci-images)"]
 fn a_debian_registry_image_boots_through_the_first_boot_wrapper() {
-    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
-    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let kernel_import = test_kernel_import();
     let agent = guest_artifact("banger-agent", "build-agent");
     let layout = guest_artifact("oci-debian/layout", "build-oci-debian");
     let repo = guest_artifact("oci-debian/repo", "build-oci-debian");
@@ -848,16 +842,7 @@ fn a_debian_registry_image_boots_through_the_first_boot_wrapper() {
         }
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    banger(&[
-        "kernel",
-        "import",
-        "--name",
-        "test-kernel",
-        "--kernel",
-        vmlinuz.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-    ]);
+    banger(&argv(&kernel_import));
     eprintln!(
         "{}",
         banger(&["image", "pull", &reference, "--kernel-ref", "test-kernel"])
