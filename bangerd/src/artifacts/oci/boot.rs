@@ -441,4 +441,183 @@ mod tests {
             );
         }
     }
+
+    /// Run `snippet` in `sh` (dash on Debian, the strictest POSIX shell
+    /// here) after sourcing the wrapper's functions; `dir` holds the
+    /// script and whatever the snippet needs. Returns stdout.
+    fn wrapper_sh(dir: &Path, snippet: &str) -> String {
+        let script = dir.join("first-boot");
+        std::fs::write(&script, FIRST_BOOT).expect("write");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(". {}; {snippet}", script.display()))
+            .env("BANGER_FIRST_BOOT_SOURCED", "1")
+            .current_dir(dir)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{snippet}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn the_wrapper_knows_the_families_by_id_then_id_like() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        let cases = [
+            ("ID=debian", "debian"),
+            ("ID=ubuntu\nID_LIKE=debian", "debian"),
+            ("ID=alpine", "alpine"),
+            ("ID=fedora", "fedora"),
+            ("ID=\"rocky\"\nID_LIKE=\"rhel centos fedora\"", "fedora"),
+            ("ID=arch", "arch"),
+            (
+                "ID=\"opensuse-tumbleweed\"\nID_LIKE=\"opensuse suse\"",
+                "suse",
+            ),
+            ("ID=sles", "suse"),
+            // Unknown ID, known ID_LIKE: the fallback.
+            ("ID=pop\nID_LIKE=\"ubuntu debian\"", "debian"),
+            ("ID=linuxmint\nID_LIKE=ubuntu", "debian"),
+            ("ID=endeavouros\nID_LIKE=arch", "arch"),
+            ("ID=postmarketos\nID_LIKE=alpine", "alpine"),
+            ("ID=nixos", "none"),
+            ("NAME=nothing", "none"),
+        ];
+        for (i, (release, want)) in cases.iter().enumerate() {
+            let file = d.join(format!("os-release-{i}"));
+            std::fs::write(&file, format!("{release}\n")).expect("write");
+            let got = wrapper_sh(d, &format!("family {} || echo none", file.display()));
+            assert_eq!(got.trim(), *want, "{release}");
+        }
+        let got = wrapper_sh(d, "family ./no-such-file || echo none");
+        assert_eq!(got.trim(), "none");
+    }
+
+    #[test]
+    fn the_wrapper_turns_netmasks_into_prefixes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for (mask, want) in [
+            ("255.255.255.0", "24"),
+            ("255.255.0.0", "16"),
+            ("255.255.255.252", "30"),
+            ("255.255.240.0", "20"),
+            ("255.128.0.0", "9"),
+            ("255.255.255.255", "32"),
+            ("", "24"),
+            ("nonsense", "24"),
+            ("255.255.7.0", "24"),
+        ] {
+            let got = wrapper_sh(dir.path(), &format!("prefix_of '{mask}'"));
+            assert_eq!(got.trim(), want, "{mask:?}");
+        }
+    }
+
+    /// A long install keeps the console busy (the host reboots a guest
+    /// whose console is silent for 30 s before its agent answers): the
+    /// package manager's output and a heartbeat reach the console, the
+    /// output the log too, and its exit status comes back.
+    #[test]
+    fn a_long_install_keeps_the_console_busy_and_keeps_its_status() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        let bin = d.join("bin");
+        std::fs::create_dir(&bin).expect("bin");
+        let apk = bin.join("apk");
+        std::fs::write(
+            &apk,
+            "#!/bin/sh\necho fetching\nsleep 2.5\necho broken >&2\nexit 7\n",
+        )
+        .expect("apk");
+        std::fs::set_permissions(&apk, std::fs::Permissions::from_mode(0o755)).expect("mode");
+        let got = wrapper_sh(
+            d,
+            &format!(
+                "PATH={}:$PATH; console=./console; log=./log; rc_file=./rc; beat_secs=1; \
+                 install_loudly alpine; echo status=$?",
+                bin.display()
+            ),
+        );
+        assert_eq!(got.trim(), "status=7");
+        let console = std::fs::read_to_string(d.join("console")).expect("console");
+        assert!(
+            console.contains("fetching") && console.contains("broken"),
+            "{console}"
+        );
+        assert!(
+            console.contains("first boot: still installing"),
+            "{console}"
+        );
+        let log = std::fs::read_to_string(d.join("log")).expect("log");
+        assert_eq!(log, "fetching\nbroken\n");
+        assert!(!d.join("rc").exists());
+    }
+
+    /// Each family's package manager is asked for systemd and an SSH
+    /// server (fake package managers on PATH record their arguments);
+    /// apt runs with a policy-rc.d that stops services from starting,
+    /// which is gone afterwards, and finishes a cut-short dpkg first.
+    #[test]
+    fn the_wrapper_asks_each_package_manager_for_systemd_and_sshd() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        let bin = d.join("bin");
+        std::fs::create_dir(&bin).expect("bin");
+        let fake = |name: &str| {
+            let body = format!(
+                "#!/bin/sh\necho \"{name} $* policy=$([ -x \"$POLICY\" ] && \"$POLICY\"; echo $?)\" >>\"$CALLS\"\n"
+            );
+            let path = bin.join(name);
+            std::fs::write(&path, body).expect("fake");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("mode");
+        };
+        for name in [
+            "dpkg", "apt-get", "apk", "microdnf", "yum", "pacman", "zypper",
+        ] {
+            fake(name);
+        }
+        let calls = d.join("calls");
+        let policy = d.join("policy-rc.d");
+        let run = |family: &str| {
+            let _ = std::fs::remove_file(&calls);
+            wrapper_sh(
+                d,
+                &format!(
+                    "PATH={}:$PATH; policy_rc_d={}; export CALLS={} POLICY={}; install_packages {family}",
+                    bin.display(),
+                    policy.display(),
+                    calls.display(),
+                    policy.display()
+                ),
+            );
+            std::fs::read_to_string(&calls).expect("calls")
+        };
+        assert_eq!(
+            run("debian"),
+            "dpkg --configure -a policy=101\n\
+             apt-get update policy=101\n\
+             apt-get install -y --no-install-recommends systemd systemd-sysv udev openssh-server policy=101\n"
+        );
+        assert!(!policy.exists(), "policy-rc.d left behind");
+        assert_eq!(
+            run("alpine"),
+            "apk add --no-cache openssh-server policy=1\n"
+        );
+        // No dnf here: microdnf is next.
+        assert_eq!(
+            run("fedora"),
+            "microdnf install -y systemd openssh-server policy=1\n"
+        );
+        assert_eq!(
+            run("arch"),
+            "pacman -Sy --noconfirm --needed systemd openssh policy=1\n"
+        );
+        assert_eq!(
+            run("suse"),
+            "zypper --non-interactive install --no-recommends systemd openssh-server policy=1\n"
+        );
+    }
 }
