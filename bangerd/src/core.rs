@@ -73,7 +73,8 @@ pub struct Core {
     dns: std::sync::Mutex<Option<(crate::net::dns::VmZone, std::net::SocketAddr)>>,
     /// VM bookkeeping outside the store.
     vm_runtime: crate::vm::commands::VmRuntime,
-    /// Running catalog pulls, so a second pull of an entry joins the first.
+    /// Running catalog and registry pulls, so a second pull of an entry
+    /// joins the first; finished ones are dropped at the next pull.
     pub(crate) pulls:
         tokio::sync::Mutex<std::collections::HashMap<(banger_catalog::Kind, String), JobId>>,
 }

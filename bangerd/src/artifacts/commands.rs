@@ -856,4 +856,42 @@ mod tests {
             .collect();
         assert_eq!(leftovers, ["work-seed.ext4"]);
     }
+
+    /// The pulls map keeps only running pulls: a finished one is dropped
+    /// at the next lookup, a running one is found and kept.
+    #[tokio::test]
+    async fn finished_pulls_leave_the_pulls_map() {
+        use banger_catalog::Kind as Catalog;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let running = core
+            .jobs()
+            .start("image-pull", 0, Action::ImageManage, |_| async move {
+                let _ = held.await;
+                Ok(())
+            })
+            .await
+            .expect("running job");
+        let done = core
+            .jobs()
+            .start("image-pull", 0, Action::ImageManage, |_| async { Ok(()) })
+            .await
+            .expect("done job");
+        for _ in 0..200 {
+            if core.jobs().get(done).is_some_and(|j| j.state.is_final()) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let (a, b) = (
+            (Catalog::Images, "a".to_owned()),
+            (Catalog::Images, "b".to_owned()),
+        );
+        let mut pulls = std::collections::HashMap::from([(a.clone(), running), (b.clone(), done)]);
+        assert_eq!(core.running_pull(&mut pulls, &b), None);
+        assert_eq!(pulls.len(), 1, "{pulls:?}");
+        assert_eq!(core.running_pull(&mut pulls, &a), Some(running));
+        let _ = release.send(());
+    }
 }

@@ -88,6 +88,18 @@ impl Core {
         Ok(found.entry)
     }
 
+    /// The running pull of `key`, after dropping the finished ones from
+    /// `pulls` (so the map holds only running pulls).
+    pub(crate) fn running_pull(
+        &self,
+        pulls: &mut std::collections::HashMap<(Kind, String), JobId>,
+        key: &(Kind, String),
+    ) -> Option<JobId> {
+        let jobs = self.jobs();
+        pulls.retain(|_, id| jobs.get(*id).is_some_and(|j| !j.state.is_final()));
+        pulls.get(key).copied()
+    }
+
     /// Start (or join) the pull of `kind` entry `name` for `uid`; no
     /// authorization here. (Boxed: an image pull starts its kernel's.)
     fn start_pull<'a>(
@@ -99,9 +111,7 @@ impl Core {
         Box::pin(async move {
             let mut pulls = self.pulls.lock().await;
             let key = (kind, name.to_owned());
-            if let Some(id) = pulls.get(&key).copied()
-                && self.jobs().get(id).is_some_and(|j| !j.state.is_final())
-            {
+            if let Some(id) = self.running_pull(&mut pulls, &key) {
                 tracing::info!(banger_job_id = id, "joining the running pull of {name}");
                 return Ok(id);
             }

@@ -90,9 +90,7 @@ impl Core {
         boot::check_agent(&agent)?;
         let mut pulls = self.pulls.lock().await;
         let key = (Kind::Images, name.clone());
-        if let Some(id) = pulls.get(&key).copied()
-            && self.jobs().get(id).is_some_and(|j| !j.state.is_final())
-        {
+        if let Some(id) = self.running_pull(&mut pulls, &key) {
             return Ok(id);
         }
         let exists = {
