@@ -16,18 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
+use banger_testbed::output_text as text;
 use banger_testbed::{
     NetNs, Options, TestBed, eventually, free_loopback_port, guest_artifact, journal_entries,
     sha256_hex,
 };
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));

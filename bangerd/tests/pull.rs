@@ -15,18 +15,11 @@ use std::process::{Command, Output};
 
 use std::process::Stdio;
 
+use banger_testbed::output_text as text;
 use banger_testbed::{
     FileServer, NetNs, Options, TestBed, artifacts_dir, bin_path, catalog, channel, guest_artifact,
     keypair, sha256_hex,
 };
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// A tar + zstd bundle at `to` of (name in the archive, file).
 fn bundle(to: &Path, files: &[(&str, PathBuf)]) -> (u64, String) {

@@ -13,6 +13,7 @@
 use std::path::Path;
 use std::process::Output;
 
+use banger_testbed::output_text as text;
 use banger_testbed::{FileServer, Options, TestBed, channel, keypair, tree_snapshot as snapshot};
 
 const RELEASE: &str = "9.0.0";
@@ -24,14 +25,6 @@ fn update(bed: &TestBed, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

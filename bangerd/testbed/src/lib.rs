@@ -80,6 +80,15 @@ pub use release::{
 pub use spawn::pid_alive;
 pub use user::TestUser;
 
+/// A finished command's stdout and then stderr, for assertion messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// The check called `name` in `banger doctor --json` output; panics,
 /// showing the output, when there is none.
 pub fn doctor_check(doctor: &serde_json::Value, name: &str) -> serde_json::Value {
