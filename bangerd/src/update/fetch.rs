@@ -44,7 +44,8 @@ pub fn channel_url(text: &str) -> Result<Url, UpdateError> {
     Ok(url)
 }
 
-fn is_loopback(url: &Url) -> bool {
+/// Whether `url`'s host is a loopback address (or `localhost`).
+pub fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(a)) => a.is_loopback(),
         Some(url::Host::Ipv6(a)) => a.is_loopback(),
@@ -109,6 +110,26 @@ impl Fetcher {
             url: url.to_string(),
             why: chain(e),
         }
+    }
+
+    /// Header `name` of the answer to a GET of `url`, whatever its status
+    /// (a registry's 401 challenge, say); the body is not read.
+    pub async fn header(
+        &self,
+        url: &Url,
+        name: reqwest::header::HeaderName,
+    ) -> Result<Option<String>, UpdateError> {
+        let response = self
+            .client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| self.describe(url, &e))?;
+        Ok(response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned))
     }
 
     /// A small document (manifest, signature), refused past `limit` bytes.

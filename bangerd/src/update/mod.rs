@@ -20,7 +20,7 @@ use std::time::Duration;
 use banger_release::signed::{PublicKey, RELEASE_KEY};
 use banger_release::{ReleaseError, Releases, Version};
 
-pub use fetch::{Fetcher, channel_url, hex};
+pub use fetch::{Fetcher, channel_url, hex, is_loopback};
 pub use manifest::{Artifact, MAX_ARTIFACT_BYTES, Manifest, Verified, parse_key, verify};
 
 use crate::auth::{Action, BoxFuture, Caller};

@@ -107,25 +107,8 @@ pub fn parse_reference(text: &str) -> Result<Reference> {
 
 /// Whether `registry` (`host[:port]`) is a loopback address.
 fn loopback(registry: &str) -> bool {
-    let host = match registry.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => registry,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// A registry URL's host and port part: `host[:port]` of `url`.
-fn url_host(url: &str) -> Option<String> {
-    let parsed = reqwest::Url::parse(url).ok()?;
-    let host = parsed.host_str()?.to_owned();
-    Some(match parsed.port() {
-        Some(p) => format!("{host}:{p}"),
-        None => host,
-    })
+    reqwest::Url::parse(&format!("http://{registry}/"))
+        .is_ok_and(|u| crate::update::is_loopback(&u))
 }
 
 /// The `realm` of a `WWW-Authenticate: Bearer realm="…",…` challenge.
@@ -145,31 +128,18 @@ fn bearer_realm(header: &str) -> Option<String> {
 /// service is, and refuse one reached over plain HTTP anywhere but
 /// loopback (oci-client would send the password there as it is).
 async fn check_token_service(registry: &str, scheme: &str, stall: Duration) -> Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .connect_timeout(stall)
-        .timeout(stall * 2)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| Error::failed(format!("cannot make an HTTP client: {e}")))?;
-    let url = format!("{scheme}://{registry}/v2/");
-    let res = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| Error::unavailable(format!("cannot reach the registry at {url}: {e}")))?;
-    let Some(realm) = res
-        .headers()
-        .get(reqwest::header::WWW_AUTHENTICATE)
-        .and_then(|h| h.to_str().ok())
-        .and_then(bearer_realm)
-    else {
+    let url = reqwest::Url::parse(&format!("{scheme}://{registry}/v2/"))
+        .map_err(|e| Error::invalid(format!("{registry} is not a registry address: {e}")))?;
+    let challenge = crate::update::Fetcher::new(stall)?
+        .header(&url, reqwest::header::WWW_AUTHENTICATE)
+        .await?;
+    let Some(realm) = challenge.as_deref().and_then(bearer_realm) else {
         return Ok(());
     };
-    let clear = realm
-        .get(..7)
-        .is_some_and(|s| s.eq_ignore_ascii_case("http://"));
-    if clear && !url_host(&realm).is_some_and(|h| loopback(&h)) {
+    // A realm that is no URL is no place oci-client can send anything.
+    let clear = reqwest::Url::parse(&realm)
+        .is_ok_and(|u| u.scheme() == "http" && !crate::update::is_loopback(&u));
+    if clear {
         return Err(Error::denied(format!(
             "{registry} sends clients to the token service {realm} over plain HTTP; \
              banger does not send credentials there unencrypted"
@@ -378,14 +348,6 @@ mod tests {
         );
         assert_eq!(bearer_realm(r#"Basic realm="registry""#), None);
         assert_eq!(bearer_realm("Bearer"), None);
-        assert_eq!(
-            url_host("http://127.0.0.1:9/t").as_deref(),
-            Some("127.0.0.1:9")
-        );
-        assert_eq!(
-            url_host("https://auth.example/token").as_deref(),
-            Some("auth.example")
-        );
     }
 
     /// A registry whose challenge names a plain-HTTP token service that is
