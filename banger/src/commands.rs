@@ -367,7 +367,7 @@ async fn pull_oci(
             }
             login
         }
-        LoginSource::Stored => ra::stored_login(reference, &ra::auth_files(None), false)?,
+        LoginSource::Stored => ra::stored_login(reference, &ra::auth_files(), false)?,
     };
     start_then_show(
         opts,

@@ -162,11 +162,8 @@ pub fn lookup(
     }
 }
 
-/// The auth files to look in, in order.
-pub fn auth_files(authfile: Option<&Path>) -> Vec<PathBuf> {
-    if let Some(p) = authfile {
-        return vec![p.to_owned()];
-    }
+/// The auth files to look in, in order, when no `--authfile` is named.
+pub fn auth_files() -> Vec<PathBuf> {
     let env = |k: &str| {
         std::env::var_os(k)
             .filter(|v| !v.is_empty())
