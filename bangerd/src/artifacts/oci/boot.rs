@@ -263,15 +263,19 @@ pub fn prepare(root: &Path, agent: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// An executable (mode 0755) file at `path` holding `body`.
+    fn executable(path: &Path, body: &str) {
+        std::fs::write(path, body).expect("write");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("mode");
+    }
+
     fn tree() -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("tmp");
         let r = dir.path();
         std::fs::create_dir_all(r.join("usr/bin")).expect("usr/bin");
         std::fs::create_dir_all(r.join("usr/lib")).expect("usr/lib");
         std::os::unix::fs::symlink("usr/bin", r.join("bin")).expect("bin");
-        std::fs::write(r.join("usr/bin/sh"), "#!/bin/false\n").expect("sh");
-        std::fs::set_permissions(r.join("usr/bin/sh"), std::fs::Permissions::from_mode(0o755))
-            .expect("mode");
+        executable(&r.join("usr/bin/sh"), "#!/bin/false\n");
         dir
     }
 
@@ -527,12 +531,10 @@ mod tests {
         let bin = d.join("bin");
         std::fs::create_dir(&bin).expect("bin");
         let apk = bin.join("apk");
-        std::fs::write(
+        executable(
             &apk,
             "#!/bin/sh\necho fetching\nsleep 2.5\necho broken >&2\nexit 7\n",
-        )
-        .expect("apk");
-        std::fs::set_permissions(&apk, std::fs::Permissions::from_mode(0o755)).expect("mode");
+        );
         let got = wrapper_sh(
             d,
             &format!(
@@ -570,9 +572,7 @@ mod tests {
             let body = format!(
                 "#!/bin/sh\necho \"{name} $* policy=$([ -x \"$POLICY\" ] && \"$POLICY\"; echo $?)\" >>\"$CALLS\"\n"
             );
-            let path = bin.join(name);
-            std::fs::write(&path, body).expect("fake");
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("mode");
+            executable(&bin.join(name), &body);
         };
         for name in [
             "dpkg", "apt-get", "apk", "microdnf", "yum", "pacman", "zypper",
