@@ -60,6 +60,32 @@ publish() {
   rm -rf "$2.old"
 }
 
+# bookworm_tree DIR MIRROR [INCLUDE]: a debootstrapped (minbase) Debian
+# bookworm in the new directory DIR, with INCLUDE's packages (comma
+# separated). The tree is cached as a tarball keyed by MIRROR and
+# INCLUDE, so only the first build downloads it.
+bookworm_tree() {
+  local dir=$1 mirror=$2 include=${3:-}
+  local base
+  base=$cache/debian-bookworm-base-$(echo "$mirror $include" | sha256sum | cut -c1-12).tar
+  if [[ ! -f $base ]]; then
+    log "debootstrap bookworm from $mirror (cached afterwards)"
+    # Beside DIR, so the caller's clean-up of DIR's parent takes it too.
+    local work=$dir.debootstrap
+    mkdir -p "$work"
+    debootstrap --variant=minbase ${include:+--include="$include"} bookworm "$work/root" "$mirror" >"$work/log" 2>&1 || {
+      tail -n 30 "$work/log" >&2
+      rm -rf "$work"
+      die "debootstrap failed (log above)"
+    }
+    tar -C "$work/root" --numeric-owner -cf "$base.part" .
+    mv "$base.part" "$base"
+    rm -rf "$work"
+  fi
+  mkdir -p "$dir"
+  tar -C "$dir" --numeric-owner -xf "$base"
+}
+
 # banger_cli: the banger binary to register outputs with, if a daemon
 # answers; empty otherwise.
 banger_cli() {
