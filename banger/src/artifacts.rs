@@ -27,6 +27,8 @@ pub trait Named {
     fn name(&self) -> &str;
     /// Its id.
     fn id(&self) -> &str;
+    /// Who owns it.
+    fn owner_uid(&self) -> u32;
 }
 
 impl Named for KernelInfo {
@@ -35,6 +37,9 @@ impl Named for KernelInfo {
     }
     fn id(&self) -> &str {
         &self.id
+    }
+    fn owner_uid(&self) -> u32 {
+        self.owner_uid
     }
 }
 
@@ -45,30 +50,30 @@ impl Named for ImageInfo {
     fn id(&self) -> &str {
         &self.id
     }
+    fn owner_uid(&self) -> u32 {
+        self.owner_uid
+    }
 }
 
-/// Find `reference` among `items`: an exact name, an exact id, or a unique
-/// id prefix. `what` is "kernel" or "image".
+/// Find `reference` among `items`: the one item whose name is
+/// `reference` or whose id is or starts with it. More than one is an
+/// error that lists them (with their owners), never a silent pick: a name
+/// and another item's id prefix, or two items' ids. `what` is "kernel",
+/// "image" or "vm".
 pub fn resolve<'a, T: Named>(
     items: &'a [T],
     reference: &str,
     what: &str,
 ) -> Result<&'a T, Failure> {
-    if let Some(hit) = items
-        .iter()
-        .find(|i| i.name() == reference || i.id() == reference)
-    {
-        return Ok(hit);
-    }
-    let prefixed: Vec<&T> = if reference.is_empty() {
+    let hits: Vec<&T> = if reference.is_empty() {
         Vec::new()
     } else {
         items
             .iter()
-            .filter(|i| i.id().starts_with(reference))
+            .filter(|i| i.name() == reference || i.id().starts_with(reference))
             .collect()
     };
-    match prefixed.as_slice() {
+    match hits.as_slice() {
         [one] => Ok(one),
         [] => Err(Failure::new(
             Kind::NotFound,
@@ -77,12 +82,12 @@ pub fn resolve<'a, T: Named>(
         many => {
             let names: Vec<String> = many
                 .iter()
-                .map(|i| format!("{} ({})", i.name(), i.id()))
+                .map(|i| format!("{} (id {}, uid {})", i.name(), i.id(), i.owner_uid()))
                 .collect();
             Err(Failure::new(
                 Kind::InvalidArgument,
                 format!(
-                    "{reference:?} matches several {what}s: {}; give more of the id or the name",
+                    "{reference:?} is ambiguous: it matches {what}s {}; give the full id",
                     names.join(", ")
                 ),
             ))
@@ -441,7 +446,8 @@ mod tests {
         let e = resolve(&ks, "0123", "kernel").expect_err("ambiguous");
         assert_eq!(e.kind(), Kind::InvalidArgument);
         assert!(
-            e.to_string().contains("a (0123aaaa)") && e.to_string().contains("b (0123bbbb)"),
+            e.to_string().contains("a (id 0123aaaa, uid 0)")
+                && e.to_string().contains("b (id 0123bbbb, uid 0)"),
             "{e}"
         );
         let e = resolve(&ks, "zz", "kernel").expect_err("none");
@@ -450,6 +456,33 @@ mod tests {
         assert_eq!(
             resolve(&ks, "", "kernel").expect_err("empty").kind(),
             Kind::NotFound
+        );
+    }
+
+    /// A name (of an older daemon, before all-hex names were refused) that
+    /// is also another owner's id prefix or id: never a silent pick.
+    #[test]
+    fn a_name_that_is_another_items_id_or_prefix_is_ambiguous() {
+        let mut mine = kernel("mine", "0123aaaa00000000");
+        mine.owner_uid = 1000;
+        let mut theirs = kernel("0123aaaa00000000", "ffff000000000000");
+        theirs.owner_uid = 1001;
+        let mut prefixy = kernel("0123", "eeee000000000000");
+        prefixy.owner_uid = 1001;
+        let ks = vec![mine, theirs, prefixy];
+        for reference in ["0123aaaa00000000", "0123"] {
+            let e = resolve(&ks, reference, "kernel").expect_err(reference);
+            assert_eq!(e.kind(), Kind::InvalidArgument);
+            assert!(
+                e.to_string().contains("ambiguous")
+                    && e.to_string().contains("uid 1000")
+                    && e.to_string().contains("uid 1001"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            resolve(&ks, "mine", "kernel").expect("name").owner_uid,
+            1000
         );
     }
 

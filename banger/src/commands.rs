@@ -375,8 +375,18 @@ async fn pull_oci(
         "image",
         format!("cannot pull {reference}"),
         async |client, interaction| {
+            let kernel = match kernel {
+                Some(k) => Some(kernel_id(client, k).await?),
+                None => None,
+            };
             client
-                .pull_oci(reference, name, kernel, login.as_ref(), interaction)
+                .pull_oci(
+                    reference,
+                    name,
+                    kernel.as_deref(),
+                    login.as_ref(),
+                    interaction,
+                )
                 .await
         },
     )
@@ -431,12 +441,13 @@ async fn image_register(
     let rootfs = host_path("rootfs", rootfs)?;
     let work_seed = work_seed.map(|p| host_path("work-seed", p)).transpose()?;
     let client = connect(opts).await?;
+    let kernel = kernel_id(&client, kernel).await?;
     let auth = Authorization::prepare(opts).await;
     let result = client
         .register_image(
             name,
             &rootfs,
-            kernel,
+            &kernel,
             work_seed.as_deref(),
             services,
             init,
@@ -464,20 +475,44 @@ async fn image_promote(opts: Options, image: &str, wait: bool) -> anyhow::Result
         wait,
         "image",
         format!("cannot promote image {image}"),
-        async |client, interaction| client.promote_image(image, interaction).await,
+        async |client, interaction| {
+            let id = image_id(client, image).await?;
+            client.promote_image(&id, interaction).await
+        },
     )
     .await
+}
+
+/// The id of the kernel `reference` names (see [`artifacts::resolve`]).
+pub(crate) async fn kernel_id(client: &Client, reference: &str) -> Result<String, Failure> {
+    let catalog = client.catalog().await?;
+    artifacts::resolve(&catalog.kernels, reference, "kernel").map(|k| k.id.clone())
+}
+
+/// The id of the image `reference` names (see [`artifacts::resolve`]).
+pub(crate) async fn image_id(client: &Client, reference: &str) -> Result<String, Failure> {
+    let catalog = client.catalog().await?;
+    artifacts::resolve(&catalog.images, reference, "image").map(|i| i.id.clone())
 }
 
 /// Delete each of `refs` (kernels or images); report each; fail if any did.
 async fn delete_each(opts: Options, what: &str, refs: Vec<String>) -> anyhow::Result<u8> {
     let client = connect(opts).await?;
+    let catalog = client.catalog().await?;
     let auth = Authorization::prepare(opts).await;
     let mut results = Vec::new();
     for r in &refs {
+        // The daemon is given the id the reference resolves to, never the
+        // reference itself.
         let result = match what {
-            "kernel" => client.delete_kernel(r, auth.interaction).await,
-            _ => client.delete_image(r, auth.interaction).await,
+            "kernel" => match artifacts::resolve(&catalog.kernels, r, what) {
+                Ok(k) => client.delete_kernel(&k.id, auth.interaction).await,
+                Err(f) => Err(f),
+            },
+            _ => match artifacts::resolve(&catalog.images, r, what) {
+                Ok(i) => client.delete_image(&i.id, auth.interaction).await,
+                Err(f) => Err(f),
+            },
         };
         results.push((r.clone(), result));
     }

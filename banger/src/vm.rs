@@ -33,6 +33,9 @@ impl artifacts::Named for VmInfo {
     fn id(&self) -> &str {
         &self.id
     }
+    fn owner_uid(&self) -> u32 {
+        self.owner_uid
+    }
 }
 
 /// `8G`, `512M`, `1T`, `4096K` (binary units; a bare number is bytes).
@@ -412,8 +415,18 @@ async fn create(
         options.insert(keys::SSH_KEYS, Variant::from(vec![public.clone()]));
         options
     };
-    let image = spec.image.as_deref().unwrap_or("");
     let client = connect(opts).await?;
+    // The daemon is given the image's id; a name no image has yet goes as
+    // it is, so a NotFound can pull it from the catalog.
+    let image = match spec.image.as_deref() {
+        None => String::new(),
+        Some(reference) => match crate::commands::image_id(&client, reference).await {
+            Ok(id) => id,
+            Err(f) if f.kind() == Kind::NotFound => reference.to_owned(),
+            Err(f) => return Err(f.into()),
+        },
+    };
+    let image = image.as_str();
     let mut subscription = Subscription::new(&client).await?;
     let mut started = Instant::now();
     let attempt = || async {

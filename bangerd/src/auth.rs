@@ -40,8 +40,11 @@ pub enum Action {
     VmManage,
     /// Do that to other users' VMs.
     VmManageOthers,
-    /// Import, pull, promote and delete images and kernels.
+    /// Import, pull, promote and delete one's own images and kernels.
     ImageManage,
+    /// Use, change and delete other users' images and kernels, and make,
+    /// replace or delete system ones (catalog names, the default image).
+    ImageManageOthers,
     /// Change host networking (NAT, bridge).
     NetworkConfigure,
     /// Update banger.
@@ -52,11 +55,12 @@ pub enum Action {
 
 impl Action {
     /// Every action, in policy-file order.
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 8] = [
         Action::VmCreate,
         Action::VmManage,
         Action::VmManageOthers,
         Action::ImageManage,
+        Action::ImageManageOthers,
         Action::NetworkConfigure,
         Action::Update,
         Action::Maintain,
@@ -69,6 +73,7 @@ impl Action {
             Self::VmManage => "org.banger.vm.manage",
             Self::VmManageOthers => "org.banger.vm.manage-others",
             Self::ImageManage => "org.banger.image.manage",
+            Self::ImageManageOthers => "org.banger.image.manage-others",
             Self::NetworkConfigure => "org.banger.network.configure",
             Self::Update => "org.banger.update",
             Self::Maintain => "org.banger.maintain",
@@ -82,6 +87,7 @@ impl Action {
             Self::VmManage => "manage your VMs",
             Self::VmManageOthers => "manage other users' VMs",
             Self::ImageManage => "manage images and kernels",
+            Self::ImageManageOthers => "manage other users' and system images and kernels",
             Self::NetworkConfigure => "configure host networking",
             Self::Update => "update banger",
             Self::Maintain => "run daemon maintenance",

@@ -239,7 +239,7 @@ fn validate(catalog: &Catalog) -> Result<(), String> {
         let name = &e.name;
         if !dns_label(name) {
             return Err(format!(
-                "{noun} name {name:?} is not a DNS label (1-63 of a-z, 0-9, inner -)"
+                "{noun} name {name:?} is not a DNS label bangerd accepts (1-63 of a-z, 0-9, inner -, not hex digits only)"
             ));
         }
         if !names.insert(name.as_str()) {
@@ -297,8 +297,11 @@ fn validate(catalog: &Catalog) -> Result<(), String> {
     Ok(())
 }
 
+/// A DNS label that is not all hex digits (bangerd's rule for names, so
+/// no catalog name can pass for an id).
 fn dns_label(name: &str) -> bool {
-    !name.is_empty()
+    !name.bytes().all(|b| b.is_ascii_hexdigit())
+        && !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()

@@ -123,11 +123,16 @@ fn a_signed_catalog_verifies_and_tampering_is_refused() {
 #[test]
 fn entries_are_validated() {
     type Break = fn(&mut Catalog);
-    let cases: [(Kind, Break, &str); 14] = [
+    let cases: [(Kind, Break, &str); 15] = [
         (Kind::Kernels, |c| c.schema = 2, "schema 2"),
         (
             Kind::Kernels,
             |c| c.entries[0].name = "Bad_Name".into(),
+            "not a DNS label",
+        ),
+        (
+            Kind::Kernels,
+            |c| c.entries[0].name = "deadbeef".into(),
             "not a DNS label",
         ),
         (

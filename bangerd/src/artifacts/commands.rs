@@ -156,28 +156,56 @@ impl Core {
         self.on_store("listing images failed", Store::images).await
     }
 
-    /// The kernel named or numbered `reference`.
+    /// The kernel a user's `reference` names: by id when it has the shape
+    /// of one ([`super::is_id`]), else by name; never one for the other.
     pub async fn kernel(&self, reference: &str) -> Result<Kernel> {
         let r = reference.to_owned();
-        self.on_store("reading kernels failed", move |s| s.kernel(&r))
-            .await?
-            .ok_or_else(|| {
-                Error::not_found(format!(
-                    "there is no kernel {reference:?}; see `banger kernel list`"
-                ))
-            })
+        let found = if super::is_id(reference) {
+            self.on_store("reading kernels failed", move |s| s.kernel_by_id(&r))
+                .await?
+        } else {
+            self.on_store("reading kernels failed", move |s| s.kernel_by_name(&r))
+                .await?
+        };
+        found.ok_or_else(|| {
+            Error::not_found(format!(
+                "there is no kernel {reference:?}; see `banger kernel list`"
+            ))
+        })
     }
 
-    /// The image named or numbered `reference`.
+    /// The kernel with id `id` (internal references).
+    pub async fn kernel_by_id(&self, id: &str) -> Result<Kernel> {
+        let r = id.to_owned();
+        self.on_store("reading kernels failed", move |s| s.kernel_by_id(&r))
+            .await?
+            .ok_or_else(|| Error::not_found(format!("there is no kernel with id {id}")))
+    }
+
+    /// The image a user's `reference` names: by id when it has the shape
+    /// of one, else by name; never one for the other.
     pub async fn image(&self, reference: &str) -> Result<Image> {
         let r = reference.to_owned();
-        self.on_store("reading images failed", move |s| s.image(&r))
+        let found = if super::is_id(reference) {
+            self.on_store("reading images failed", move |s| s.image_by_id(&r))
+                .await?
+        } else {
+            self.on_store("reading images failed", move |s| s.image_by_name(&r))
+                .await?
+        };
+        found.ok_or_else(|| {
+            Error::not_found(format!(
+                "there is no image {reference:?}; see `banger image list`"
+            ))
+        })
+    }
+
+    /// The image with id `id` (internal references).
+    pub async fn image_by_id(&self, id: &str) -> Result<Image> {
+        let r = id.to_owned();
+        self.on_store("reading images failed", move |s| s.image_by_id(&r))
             .await?
-            .ok_or_else(|| {
-                Error::not_found(format!(
-                    "there is no image {reference:?}; see `banger image list`"
-                ))
-            })
+            .ok_or_else(|| Error::not_found(format!("there is no image with id {id}")))
     }
 
     pub(super) fn publish(&self, event: JobEvent) {
@@ -233,7 +261,9 @@ impl Core {
             .authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
-        validate::dns_label("kernel", &req.name)?;
+        validate::name("kernel", &req.name)?;
+        self.authorize_name(caller, banger_catalog::Kind::Kernels, &req.name)
+            .await?;
         let uid = caller.uid;
         let checked = blocking(move || {
             let reader = Reader::for_uid(uid);
@@ -258,7 +288,7 @@ impl Core {
         let (_kernel, initrd, modules, bytes, is_bzimage, version) = checked;
         let name = req.name.clone();
         if self
-            .on_store("reading kernels failed", move |s| s.kernel(&name))
+            .on_store("reading kernels failed", move |s| s.kernel_by_name(&name))
             .await?
             .is_some()
         {
@@ -395,6 +425,7 @@ impl Core {
             .authorize(caller, Action::ImageManage)
             .await?;
         let kernel = self.kernel(reference).await?;
+        self.authorize_change(caller, &kernel).await?;
         let id = kernel.id.clone();
         let users = self
             .on_store("reading images failed", move |s| s.images_using_kernel(&id))
@@ -432,12 +463,15 @@ impl Core {
             .authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
-        validate::dns_label("image", &req.name)?;
+        validate::name("image", &req.name)?;
         let services = validate::services(&req.services)?;
         if let Some(init) = &req.init {
             validate::init_path(init)?;
         }
+        self.authorize_name(caller, banger_catalog::Kind::Images, &req.name)
+            .await?;
         let kernel = self.kernel(&req.kernel).await?;
+        self.authorize_use(caller, &kernel).await?;
         let uid = caller.uid;
         let (rootfs, work_seed, rootfs_bytes) = {
             let rootfs = req.rootfs.clone();
@@ -511,6 +545,7 @@ impl Core {
             .authorize(caller, Action::ImageManage)
             .await?;
         let image = self.image(reference).await?;
+        self.authorize_change(caller, &image).await?;
         if image.managed {
             return Err(Error::invalid(format!(
                 "image {} is already managed; nothing to promote",
@@ -610,6 +645,7 @@ impl Core {
             .authorize(caller, Action::ImageManage)
             .await?;
         let image = self.image(reference).await?;
+        self.authorize_change(caller, &image).await?;
         let _claim = self.claim_image(&image.id, &image.name)?;
         let id = image.id.clone();
         let users = self
@@ -645,8 +681,8 @@ impl Core {
     /// Give `image` a work-seed if it has none (images registered without
     /// one, or promoted by an older bangerd): built from its rootfs into
     /// managed storage and recorded with its digest. VM creation calls this.
-    pub async fn ensure_work_seed(&self, reference: &str) -> Result<Image> {
-        let image = self.image(reference).await?;
+    pub async fn ensure_work_seed(&self, image_id: &str) -> Result<Image> {
+        let image = self.image_by_id(image_id).await?;
         if image.work_seed.is_some() {
             return Ok(image);
         }
@@ -829,7 +865,7 @@ mod tests {
             .expect("register");
         assert_eq!(image.work_seed, None);
 
-        let seeded = core.ensure_work_seed("old").await.expect("seed");
+        let seeded = core.ensure_work_seed(&image.id).await.expect("seed");
         let seed = seeded.work_seed.clone().expect("has a seed now");
         assert!(seed.starts_with(images_dir(&core.deps.dirs.state).join(&image.id)));
         assert!(validate::is_ext4(&seed).expect("read"));
@@ -839,7 +875,7 @@ mod tests {
             .expect("meta")
             .modified()
             .expect("mtime");
-        let again = core.ensure_work_seed("old").await.expect("again");
+        let again = core.ensure_work_seed(&image.id).await.expect("again");
         assert_eq!(again, seeded);
         assert_eq!(
             std::fs::metadata(&seed)

@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod commands;
 pub mod files;
 pub mod oci;
+pub mod owner;
 pub mod pull;
 pub mod store;
 pub mod validate;
@@ -134,6 +135,16 @@ pub enum Resource {
     Vm(String),
 }
 
+/// Whether `text` has the shape of an id (16 lowercase hex digits). No
+/// name can have it ([`validate::name`]), so a reference of this shape is
+/// looked up by id only and any other by name only.
+pub fn is_id(text: &str) -> bool {
+    text.len() == 16
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// A new random id: 16 lowercase hex digits.
 pub fn new_id() -> std::io::Result<String> {
     use std::io::Read;
@@ -207,6 +218,16 @@ mod tests {
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         );
         assert_ne!(a, b);
+        assert!(is_id(&a));
+        for not in [
+            "",
+            "0123456789abcde",
+            "0123456789ABCDEF",
+            "0123456789abcdeg",
+            "debian-bookworm",
+        ] {
+            assert!(!is_id(not), "{not}");
+        }
         assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
     }
 

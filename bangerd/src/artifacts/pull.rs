@@ -17,6 +17,7 @@ use super::bundle::{self, Layout};
 use super::commands::{
     StagedKernel, TmpDir, already_exists, blocking, extract_vmlinux, kernel_format, ticker,
 };
+use super::owner::SYSTEM_UID;
 use super::store::{is_fk_violation, is_unique_violation};
 use super::{Image, Resource, files, images_dir, kernels_dir, validate};
 use crate::auth::{Action, BoxFuture, Caller};
@@ -62,7 +63,7 @@ impl Core {
             .authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
-        validate::dns_label(noun(kind), name)
+        validate::name(noun(kind), name)
     }
 
     /// The usable catalog entry `name` of `kind`.
@@ -120,8 +121,8 @@ impl Core {
                 let name = name.to_owned();
                 self.on_store("reading the store failed", move |s| {
                     Ok(match kind {
-                        Kind::Kernels => s.kernel(&name)?.is_some(),
-                        Kind::Images => s.image(&name)?.is_some(),
+                        Kind::Kernels => s.kernel_by_name(&name)?.is_some(),
+                        Kind::Images => s.image_by_name(&name)?.is_some(),
                     })
                 })
                 .await?
@@ -130,27 +131,28 @@ impl Core {
                 return Err(already_exists(noun(kind), name));
             }
             let core = self.clone();
-            let id =
-                match kind {
-                    Kind::Kernels => self
-                        .jobs()
+            let id = match kind {
+                Kind::Kernels => {
+                    self.jobs()
                         .start_with_result(
                             "kernel-pull",
                             uid,
                             Action::ImageManage,
-                            move |ctx| async move { core.pull_kernel_job(&ctx, entry, uid).await },
+                            move |ctx| async move { core.pull_kernel_job(&ctx, entry).await },
                         )
-                        .await?,
-                    Kind::Images => self
-                        .jobs()
+                        .await?
+                }
+                Kind::Images => {
+                    self.jobs()
                         .start_with_result(
                             "image-pull",
                             uid,
                             Action::ImageManage,
                             move |ctx| async move { core.pull_image_job(&ctx, entry, uid).await },
                         )
-                        .await?,
-                };
+                        .await?
+                }
+            };
             pulls.insert(key, id);
             Ok(id)
         })
@@ -198,12 +200,7 @@ impl Core {
         Ok(())
     }
 
-    async fn pull_kernel_job(
-        &self,
-        ctx: &JobContext,
-        entry: Entry,
-        uid: u32,
-    ) -> Result<Option<Resource>> {
+    async fn pull_kernel_job(&self, ctx: &JobContext, entry: Entry) -> Result<Option<Resource>> {
         let id = super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
         let state = self.deps.dirs.state.clone();
         let tmp = TmpDir::create(kernels_dir(&state).join(format!(".tmp-{id}")))?;
@@ -259,7 +256,8 @@ impl Core {
             is_bzimage,
             initrd: has("initrd.img"),
             modules: has("modules"),
-            uid,
+            // Vouched for by the catalog's signature, not the caller.
+            uid: SYSTEM_UID,
         };
         self.record_kernel(ctx, tmp, staged).await
     }
@@ -301,9 +299,10 @@ impl Core {
     async fn kernel_id(&self, name: &str) -> Result<String> {
         let owned = name.to_owned();
         let kernel = self
-            .on_store("reading kernels failed", move |s| s.kernel(&owned))
+            .on_store("reading kernels failed", move |s| s.kernel_by_name(&owned))
             .await?;
         kernel
+            .filter(|k| k.owner_uid == SYSTEM_UID)
             .map(|k| k.id)
             .ok_or_else(|| Error::failed(format!("kernel {name} is gone after its pull")))
     }
@@ -317,11 +316,18 @@ impl Core {
         let kernel_name = entry.kernel.clone().unwrap_or_default();
         let kernel = {
             let name = kernel_name.clone();
-            self.on_store("reading kernels failed", move |s| s.kernel(&name))
+            self.on_store("reading kernels failed", move |s| s.kernel_by_name(&name))
                 .await?
         };
         let kernel_id = match kernel {
-            Some(k) => k.id,
+            Some(k) if k.owner_uid == SYSTEM_UID => k.id,
+            Some(k) => {
+                return Err(Error::failed(format!(
+                    "kernel {kernel_name}, which the catalog's image {} boots, belongs to uid {}, not the system; \
+                     an administrator must delete it so the catalog's kernel can be pulled",
+                    entry.name, k.owner_uid
+                )));
+            }
             None => {
                 ctx.stage(&format!("pull kernel {kernel_name}"), 0.0)
                     .await?;
@@ -368,7 +374,8 @@ impl Core {
                 kernel_name,
                 services,
                 init: meta.init,
-                uid,
+                // Vouched for by the catalog's signature, not the caller.
+                uid: SYSTEM_UID,
             },
         )
         .await

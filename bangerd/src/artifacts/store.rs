@@ -105,15 +105,19 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// The kernel whose name or id is `reference`.
-    pub fn kernel(&self, reference: &str) -> Result<Option<Kernel>, StoreError> {
+    /// The kernel with id `id`.
+    pub fn kernel_by_id(&self, id: &str) -> Result<Option<Kernel>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT * FROM kernels WHERE name = ?1 OR id = ?1",
-                [reference],
-                kernel_row,
-            )
+            .query_row("SELECT * FROM kernels WHERE id = ?1", [id], kernel_row)
+            .optional()?)
+    }
+
+    /// The kernel named `name`.
+    pub fn kernel_by_name(&self, name: &str) -> Result<Option<Kernel>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT * FROM kernels WHERE name = ?1", [name], kernel_row)
             .optional()?)
     }
 
@@ -176,15 +180,19 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// The image whose name or id is `reference`.
-    pub fn image(&self, reference: &str) -> Result<Option<Image>, StoreError> {
+    /// The image with id `id`.
+    pub fn image_by_id(&self, id: &str) -> Result<Option<Image>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT * FROM images WHERE name = ?1 OR id = ?1",
-                [reference],
-                image_row,
-            )
+            .query_row("SELECT * FROM images WHERE id = ?1", [id], image_row)
+            .optional()?)
+    }
+
+    /// The image named `name`.
+    pub fn image_by_name(&self, name: &str) -> Result<Option<Image>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT * FROM images WHERE name = ?1", [name], image_row)
             .optional()?)
     }
 
@@ -250,14 +258,19 @@ mod tests {
         let store = Store::open_in_memory().expect("store");
         let k = kernel("k1", "test");
         store.insert_kernel(&k).expect("insert");
-        assert_eq!(store.kernel("test").expect("q"), Some(k.clone()));
-        assert_eq!(store.kernel("k1").expect("q"), Some(k.clone()));
+        assert_eq!(store.kernel_by_name("test").expect("q"), Some(k.clone()));
+        assert_eq!(store.kernel_by_id("k1").expect("q"), Some(k.clone()));
+        // Never one for the other.
+        assert_eq!(store.kernel_by_name("k1").expect("q"), None);
+        assert_eq!(store.kernel_by_id("test").expect("q"), None);
         let dup = store.insert_kernel(&kernel("k2", "test")).expect_err("dup");
         assert!(is_unique_violation(&dup), "{dup}");
 
         let mut i = image("i1", "tiny", "k1");
         store.insert_image(&i).expect("insert");
-        assert_eq!(store.image("tiny").expect("q"), Some(i.clone()));
+        assert_eq!(store.image_by_name("tiny").expect("q"), Some(i.clone()));
+        assert_eq!(store.image_by_id("i1").expect("q"), Some(i.clone()));
+        assert_eq!(store.image_by_name("i1").expect("q"), None);
         let orphan = store
             .insert_image(&image("i2", "x", "nokernel"))
             .expect_err("fk");

@@ -15,22 +15,30 @@ use crate::error::{Error, Result};
 /// The ext4 superblock magic, at byte 0x38 of the superblock at 1024.
 const EXT4_MAGIC_OFFSET: u64 = 1024 + 0x38;
 
-/// A DNS label: 1-63 of `a-z0-9-`, not starting or ending with `-`.
-pub fn dns_label(what: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
+/// A name of a VM, image or kernel: a DNS label (1-63 of `a-z0-9-`, not
+/// starting or ending with `-`) with at least one character that is not a
+/// hex digit. Ids are hex and the CLI accepts id prefixes, so an all-hex
+/// name could be mistaken for another object's id; such names are refused.
+pub fn name(what: &str, name: &str) -> Result<()> {
+    let label = !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
+    if !label {
+        return Err(Error::invalid(format!(
             "{what} name {name:?} is not a DNS label: use 1-63 lowercase letters, digits and inner hyphens"
-        )))
+        )));
     }
+    if name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::invalid(format!(
+            "{what} name {name:?} is made of hex digits only, so it could be taken for an id: \
+             add a letter from g to z or a hyphen"
+        )));
+    }
+    Ok(())
 }
 
 /// Who is asking, for file access checks.
@@ -226,13 +234,26 @@ mod tests {
     use crate::error::ErrorKind;
 
     #[test]
-    fn dns_labels() {
-        for ok in ["a", "dev-1", "x0", &"a".repeat(63)] {
-            dns_label("image", ok).expect(ok);
+    fn names_are_dns_labels_that_cannot_pass_for_ids() {
+        for ok in [
+            "x",
+            "dev-1",
+            "x0",
+            "debian-bookworm",
+            "0-1",
+            &"z".repeat(63),
+        ] {
+            name("image", ok).expect(ok);
         }
-        for bad in ["", "-a", "a-", "A", "a.b", "a_b", &"a".repeat(64), "ü"] {
-            let e = dns_label("image", bad).expect_err(bad);
+        for bad in ["", "-a", "a-", "A", "a.b", "a_b", &"z".repeat(64), "ü"] {
+            let e = name("image", bad).expect_err(bad);
             assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        }
+        // An id, an id prefix, any all-hex word: refused.
+        for hex in ["0123456789abcdef", "ab", "cafe", "7", "deadbeef00"] {
+            let e = name("image", hex).expect_err(hex);
+            assert_eq!(e.kind, ErrorKind::InvalidArgument);
+            assert!(e.message.contains("hex digits"), "{}", e.message);
         }
     }
 

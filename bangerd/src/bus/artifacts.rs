@@ -223,7 +223,7 @@ pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, r: &Resource) -> z
     let path = path_of(r);
     match r {
         Resource::Vm(id) => return super::vm::refresh(server, core, id).await,
-        Resource::Kernel(id) => match core.kernel(id).await {
+        Resource::Kernel(id) => match core.kernel_by_id(id).await {
             Ok(kernel) => {
                 // Kernels never change after import; only create.
                 server.at(&path, KernelObject { kernel }).await?;
@@ -232,7 +232,7 @@ pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, r: &Resource) -> z
                 server.remove::<KernelObject, _>(&path).await?;
             }
         },
-        Resource::Image(id) => match core.image(id).await {
+        Resource::Image(id) => match core.image_by_id(id).await {
             Ok(image) => {
                 if let Ok(iface) = server.interface::<_, ImageObject>(&path).await {
                     let emitter = iface.signal_emitter().clone();

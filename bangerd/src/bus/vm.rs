@@ -323,13 +323,7 @@ pub async fn publish_all(server: &ObjectServer, core: &Arc<Core>) -> zbus::Resul
 /// Bring VM `id`'s object in line with the core.
 pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, id: &str) -> zbus::Result<()> {
     let path = vm_path(id);
-    let Ok(vm) = core.find_vm(id).await.and_then(|vm| {
-        if vm.id == id {
-            Ok(vm)
-        } else {
-            Err(crate::error::Error::not_found("gone"))
-        }
-    }) else {
+    let Ok(vm) = core.vm_by_id(id).await else {
         server.remove::<VmObject, _>(&path).await?;
         return Ok(());
     };

@@ -361,7 +361,7 @@ impl Core {
     /// are registered.
     pub async fn default_image(&self) -> Option<(Image, Kernel)> {
         let image = self.image(&self.config().vm.default_image).await.ok()?;
-        let kernel = self.kernel(&image.kernel_id).await.ok()?;
+        let kernel = self.kernel_by_id(&image.kernel_id).await.ok()?;
         Some((image, kernel))
     }
 
@@ -405,29 +405,16 @@ impl Core {
         blocking(move || store.vms().map_err(store_err("reading VMs failed"))).await
     }
 
-    /// One VM by name, id or unique id prefix.
-    pub async fn find_vm(&self, reference: &str) -> Result<Vm> {
-        let vms = self.vms().await?;
-        if let Some(vm) = vms
-            .iter()
-            .find(|v| v.name == reference || v.id == reference)
-        {
-            return Ok(vm.clone());
-        }
-        let hits: Vec<&Vm> = if reference.len() >= 2 {
-            vms.iter().filter(|v| v.id.starts_with(reference)).collect()
-        } else {
-            Vec::new()
-        };
-        match hits.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => Err(Error::not_found(format!(
-                "there is no vm {reference:?}; see banger vm list"
-            ))),
-            _ => Err(Error::invalid(format!(
-                "{reference:?} matches several VMs; give more of the id or the name"
-            ))),
-        }
+    /// VM `id`, by id only (the bus addresses VMs by id; names are the
+    /// CLI's to resolve).
+    pub async fn vm_by_id(&self, id: &str) -> Result<Vm> {
+        let store = self.deps.store.clone();
+        let key = id.to_owned();
+        blocking(move || store.vm(&key).map_err(store_err("reading VMs failed")))
+            .await?
+            .ok_or_else(|| {
+                Error::not_found(format!("there is no vm with id {id}; see banger vm list"))
+            })
     }
 
     /// The lease of VM `id` (address and MAC), if it has one.
@@ -608,7 +595,7 @@ impl Core {
             .authorizer
             .authorize(caller, Action::VmCreate)
             .await?;
-        validate::dns_label("vm name", &req.name)?;
+        validate::name("vm name", &req.name)?;
         let config = self.config();
         let vcpus = req.vcpus.unwrap_or(config.vm.vcpus);
         let memory_mib = req.memory_mib.unwrap_or(config.vm.memory_mib);
@@ -629,7 +616,8 @@ impl Core {
             )),
             _ => e,
         })?;
-        let kernel = self.kernel(&image.kernel_id).await?;
+        self.authorize_use(caller, &image).await?;
+        let kernel = self.kernel_by_id(&image.kernel_id).await?;
         // The system disk costs up to the rootfs's data, the work disk its seed.
         let needed = crate::artifacts::files::disk_usage(&image.rootfs)
             + image
@@ -795,8 +783,8 @@ impl Core {
     async fn boot_steps(self: &Arc<Self>, ctx: &JobContext, vm: &Vm, base: f64) -> Result<()> {
         let step = (1.0 - base) / 4.0;
         let config = self.config();
-        let image = self.image(&vm.image_id).await?;
-        let kernel = self.kernel(&vm.kernel_id).await?;
+        let image = self.image_by_id(&vm.image_id).await?;
+        let kernel = self.kernel_by_id(&vm.kernel_id).await?;
         let paths = self.vm_paths(&vm.id);
 
         ctx.stage("network", base).await?;
@@ -1024,8 +1012,8 @@ impl Core {
     }
 
     /// Start a stopped VM as a job.
-    pub async fn start_vm(self: &Arc<Self>, caller: &Caller, reference: &str) -> Result<JobId> {
-        let vm = self.find_vm(reference).await?;
+    pub async fn start_vm(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<JobId> {
+        let vm = self.vm_by_id(id).await?;
         self.authorize_vm(caller, &vm).await?;
         vm.state.after(VmEvent::Start, &vm.name)?;
         check_vmm(&self.config())?;
@@ -1099,8 +1087,8 @@ impl Core {
     }
 
     /// Stop a VM as a job.
-    pub async fn stop_vm(self: &Arc<Self>, caller: &Caller, reference: &str) -> Result<JobId> {
-        let vm = self.find_vm(reference).await?;
+    pub async fn stop_vm(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<JobId> {
+        let vm = self.vm_by_id(id).await?;
         self.authorize_vm(caller, &vm).await?;
         vm.state.after(VmEvent::Stop, &vm.name)?;
         let claim = self.claim_vm(&vm)?;
@@ -1120,8 +1108,8 @@ impl Core {
     }
 
     /// Stop (if running) and start again, as one job.
-    pub async fn restart_vm(self: &Arc<Self>, caller: &Caller, reference: &str) -> Result<JobId> {
-        let vm = self.find_vm(reference).await?;
+    pub async fn restart_vm(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<JobId> {
+        let vm = self.vm_by_id(id).await?;
         self.authorize_vm(caller, &vm).await?;
         if vm.state != VmState::Running && vm.state != VmState::Stopped {
             vm.state.after(VmEvent::Stop, &vm.name)?;
@@ -1145,8 +1133,8 @@ impl Core {
     }
 
     /// Send `signal` (a number) to a running VM's VMM.
-    pub async fn kill_vm(&self, caller: &Caller, reference: &str, signal: i32) -> Result<()> {
-        let vm = self.find_vm(reference).await?;
+    pub async fn kill_vm(&self, caller: &Caller, id: &str, signal: i32) -> Result<()> {
+        let vm = self.vm_by_id(id).await?;
         self.authorize_vm(caller, &vm).await?;
         let signal = Signal::try_from(signal)
             .map_err(|_| Error::invalid(format!("{signal} is not a signal number")))?;
@@ -1162,8 +1150,8 @@ impl Core {
 
     /// Delete a VM as a job: stop it if it runs, then remove its network,
     /// disks, sockets and record.
-    pub async fn delete_vm(self: &Arc<Self>, caller: &Caller, reference: &str) -> Result<JobId> {
-        let vm = self.find_vm(reference).await?;
+    pub async fn delete_vm(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<JobId> {
+        let vm = self.vm_by_id(id).await?;
         self.authorize_vm(caller, &vm).await?;
         let claim = self.claim_vm(&vm)?;
         let core = self.clone();
@@ -1232,10 +1220,10 @@ impl Core {
     pub async fn set_vm(
         self: &Arc<Self>,
         caller: &Caller,
-        reference: &str,
+        id: &str,
         changes: VmChanges,
     ) -> Result<Vm> {
-        let vm = self.find_vm(reference).await?;
+        let vm = self.vm_by_id(id).await?;
         self.authorize_vm(caller, &vm).await?;
         let sizes =
             changes.vcpus.is_some() || changes.memory_mib.is_some() || changes.disk_bytes.is_some();
@@ -1293,15 +1281,15 @@ impl Core {
         })
     }
 
-    /// Up to 1 MiB of VM `reference`'s console log from byte `offset`, and
+    /// Up to 1 MiB of VM `id`'s console log from byte `offset`, and
     /// the offset after it. Only its owner (or `manage-others`) may read it.
     pub async fn vm_console(
         &self,
         caller: &Caller,
-        reference: &str,
+        id: &str,
         offset: u64,
     ) -> Result<(Vec<u8>, u64)> {
-        let vm = self.find_vm(reference).await?;
+        let vm = self.vm_by_id(id).await?;
         if caller.uid != vm.owner_uid && caller.uid != 0 {
             self.deps
                 .authorizer
@@ -1332,8 +1320,8 @@ impl Core {
     }
 
     /// CPU and memory of the VMM process and what the agent says.
-    pub async fn vm_stats(&self, caller: &Caller, reference: &str) -> Result<VmStats> {
-        let vm = self.find_vm(reference).await?;
+    pub async fn vm_stats(&self, caller: &Caller, id: &str) -> Result<VmStats> {
+        let vm = self.vm_by_id(id).await?;
         let _ = caller;
         let (Some(pid), Some(start)) = (vm.pid, vm.pid_start) else {
             return Err(Error::new(

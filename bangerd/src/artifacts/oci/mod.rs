@@ -69,7 +69,8 @@ impl Core {
             .await?;
         let reference = registry::parse_reference(&req.reference)?;
         let name = req.name.clone().unwrap_or_else(|| default_name(&reference));
-        validate::dns_label("image", &name)?;
+        validate::name("image", &name)?;
+        self.authorize_name(caller, Kind::Images, &name).await?;
         let kernel = match &req.kernel {
             Some(k) => self.kernel(k).await.map_err(|e| match e.kind {
                 ErrorKind::NotFound => Error::not_found(format!(
@@ -86,16 +87,21 @@ impl Core {
                 }
             },
         };
+        self.authorize_use(caller, &kernel).await?;
         let agent = self.config().vm.agent_bin.clone();
         boot::check_agent(&agent)?;
         let mut pulls = self.pulls.lock().await;
-        let key = (Kind::Images, name.clone());
+        // Joined only by the same caller asking for the same thing.
+        let key = (
+            Kind::Images,
+            format!("{name} {} uid {}", req.reference, caller.uid),
+        );
         if let Some(id) = self.running_pull(&mut pulls, &key) {
             return Ok(id);
         }
         let exists = {
             let name = name.clone();
-            self.on_store("reading images failed", move |s| s.image(&name))
+            self.on_store("reading images failed", move |s| s.image_by_name(&name))
                 .await?
                 .is_some()
         };

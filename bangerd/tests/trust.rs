@@ -1,0 +1,483 @@
+//! The line between users, on the real test bed: two members of group
+//! `banger` (alice and bob) under the shipped polkit rules, and a stranger
+//! (carol). Each attack here once worked; each is refused now with a typed
+//! error, and the refused call leaves nothing behind. Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use banger_testbed::{Options, RuleGuard, TestBed, TestUser, eventually, mkfs_ext4, tiny_vmlinux};
+
+/// The CLI's exit codes (banger/src/exit.rs).
+const PERMISSION: i32 = 4;
+const NOT_FOUND: i32 = 5;
+const INVALID_ARGUMENT: i32 = 6;
+
+struct Bed {
+    bed: TestBed,
+    alice: TestUser,
+    bob: TestUser,
+    carol: TestUser,
+    _rules: RuleGuard,
+    /// Root's inputs (a kernel), readable by everyone.
+    inputs: tempfile::TempDir,
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+impl Bed {
+    fn start() -> Self {
+        let bed = TestBed::start(Options {
+            config_toml: Some("[daemon]\njob_retention_secs = 30\n".into()),
+            ..Options::default()
+        })
+        .unwrap();
+        let alice = TestUser::create_in_group("banger").unwrap();
+        let bob = TestUser::create_in_group("banger").unwrap();
+        let carol = TestUser::create().unwrap();
+        let rules = bed
+            .install_polkit_rule(
+                &format!("50-banger-trust-{}", alice.name()),
+                include_str!("../../packaging/50-banger.rules"),
+            )
+            .unwrap();
+        let inputs = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(inputs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(inputs.path().join("vmlinux"), tiny_vmlinux(4096)).unwrap();
+        std::fs::set_permissions(
+            inputs.path().join("vmlinux"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let b = Self {
+            bed,
+            alice,
+            bob,
+            carol,
+            _rules: rules,
+            inputs,
+        };
+        // A system kernel everyone may build images on.
+        b.root_ok(&[
+            "kernel",
+            "import",
+            "--name",
+            "base-kernel",
+            "--kernel",
+            b.inputs.path().join("vmlinux").to_str().unwrap(),
+        ]);
+        // The rules file loads asynchronously: wait until it grants alice
+        // (asked about a process of hers).
+        let mut sleeper = b.alice.command("sleep").arg("60").spawn().unwrap();
+        let granted = eventually(Duration::from_secs(15), || {
+            let out = b
+                .bed
+                .command("pkcheck")
+                .args(["--action-id", "org.banger.image.manage", "--process"])
+                .arg(sleeper.id().to_string())
+                .output()
+                .ok()?;
+            out.status.success().then_some(())
+        });
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        assert!(granted.is_some(), "polkit did not load the rules");
+        b
+    }
+
+    fn root(&self, args: &[&str]) -> Output {
+        self.bed
+            .banger()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn root_ok(&self, args: &[&str]) -> String {
+        let out = self.root(args);
+        assert!(out.status.success(), "banger {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn run_as(&self, user: &TestUser, args: &[&str]) -> Output {
+        self.bed
+            .banger_as(user)
+            .arg("--no-ask-password")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn ok_as(&self, user: &TestUser, args: &[&str]) -> String {
+        let out = self.run_as(user, args);
+        assert!(
+            out.status.success(),
+            "{} banger {args:?}: {}",
+            user.name(),
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `args` as `user` fails with exit code `code`, saying `needle`.
+    fn refused(&self, user: &TestUser, args: &[&str], code: i32, needle: &str) {
+        let out = self.run_as(user, args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{} banger {args:?}: {}",
+            user.name(),
+            text(&out)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{needle:?} not in: {}", text(&out));
+    }
+
+    /// An ext4 rootfs owned by `user` in their home.
+    fn rootfs_of(&self, user: &TestUser, name: &str) -> PathBuf {
+        let tree = user.home().join(format!("{name}-tree"));
+        std::fs::create_dir_all(tree.join("root")).unwrap();
+        std::fs::write(tree.join("owner"), user.name()).unwrap();
+        let image = user.home().join(format!("{name}.ext4"));
+        mkfs_ext4(&tree, &image, "16M").unwrap();
+        chown(&image, user);
+        image
+    }
+
+    /// `user` registers their own image `name` on the system kernel.
+    fn image_of(&self, user: &TestUser, name: &str) -> serde_json::Value {
+        let rootfs = self.rootfs_of(user, name);
+        self.ok_as(
+            user,
+            &[
+                "image",
+                "register",
+                "--name",
+                name,
+                "--rootfs",
+                rootfs.to_str().unwrap(),
+                "--kernel",
+                "base-kernel",
+            ],
+        );
+        self.image(name).expect("registered")
+    }
+
+    fn image(&self, name: &str) -> Option<serde_json::Value> {
+        let list = self.root_ok(&["image", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .cloned()
+    }
+
+    fn kernel(&self, name: &str) -> Option<serde_json::Value> {
+        let list = self.root_ok(&["kernel", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .cloned()
+    }
+
+    fn vms(&self) -> Vec<serde_json::Value> {
+        let list = self.root_ok(&["vm", "list", "--all", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&list)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+fn chown(path: &Path, user: &TestUser) {
+    std::os::unix::fs::chown(path, Some(user.uid()), Some(user.gid())).unwrap();
+}
+
+/// No name can pass for an id or an id prefix: a member once registered
+/// an image named after another user's image id, and that user's next
+/// `vm run --image <id>` booted the attacker's rootfs (lookups were
+/// `name = ?1 OR id = ?1`). Now such names are refused, lookups by id
+/// never see names, and the owner's id reference gets the owner's image.
+#[test]
+fn names_that_could_pass_for_ids_are_refused() {
+    let b = Bed::start();
+    let alices = b.image_of(&b.alice, "alices");
+    let alice_id = alices["id"].as_str().unwrap().to_owned();
+
+    // bob: an image named alice's id, or any all-hex word.
+    let bobs_rootfs = b.rootfs_of(&b.bob, "bobs");
+    for name in [alice_id.as_str(), &alice_id[..4], "cafe"] {
+        b.refused(
+            &b.bob,
+            &[
+                "image",
+                "register",
+                "--name",
+                name,
+                "--rootfs",
+                bobs_rootfs.to_str().unwrap(),
+                "--kernel",
+                "base-kernel",
+            ],
+            INVALID_ARGUMENT,
+            "hex digits",
+        );
+    }
+    // The same for kernels and VMs.
+    b.refused(
+        &b.bob,
+        &[
+            "kernel",
+            "import",
+            "--name",
+            "deadbeef",
+            "--kernel",
+            b.inputs.path().join("vmlinux").to_str().unwrap(),
+        ],
+        INVALID_ARGUMENT,
+        "hex digits",
+    );
+    b.refused(
+        &b.bob,
+        &[
+            "vm",
+            "create",
+            "--name",
+            &alice_id,
+            "--image",
+            "alices",
+            "--no-start",
+        ],
+        INVALID_ARGUMENT,
+        "hex digits",
+    );
+    // Nothing was made by the refusals.
+    let list = b.root_ok(&["image", "list", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&list)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "{list}"
+    );
+    assert!(b.kernel("deadbeef").is_none());
+    assert!(b.vms().is_empty());
+
+    // alice's VM from her image's id is made from her image.
+    b.ok_as(
+        &b.alice,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "alices-vm",
+            "--image",
+            &alice_id,
+            "--no-start",
+        ],
+    );
+    let vms = b.vms();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(vms[0]["image"], alices["path"], "{vms:?}");
+
+    // Over the bus directly, an id-shaped reference is looked up by id
+    // only: a name never answers it.
+    let out = b
+        .bed
+        .command_as(&b.bob, "busctl")
+        .args([
+            "--system",
+            "call",
+            "org.banger.Manager",
+            "/org/banger/Manager",
+            "org.banger.Manager",
+            "CreateVM",
+            "ssa{sv}",
+            "bobs-vm",
+            "0123456789abcdef",
+            "1",
+            "start",
+            "b",
+            "false",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no image"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Images and kernels belong to who made them: another member can
+/// neither delete, promote nor boot them, and the system kernel is no
+/// member's to delete. A stranger can make none.
+#[test]
+fn others_images_and_kernels_are_not_theirs() {
+    let b = Bed::start();
+    b.image_of(&b.alice, "alices");
+    let kernel_file = b.alice.home().join("vmlinux");
+    std::fs::write(&kernel_file, tiny_vmlinux(4096)).unwrap();
+    chown(&kernel_file, &b.alice);
+    b.ok_as(
+        &b.alice,
+        &[
+            "kernel",
+            "import",
+            "--name",
+            "alices-kernel",
+            "--kernel",
+            kernel_file.to_str().unwrap(),
+        ],
+    );
+    let k = b.kernel("alices-kernel").expect("alice's kernel");
+    assert_eq!(k["owner_uid"], b.alice.uid());
+
+    for args in [
+        &["image", "delete", "alices"][..],
+        &["image", "promote", "alices"],
+        &["kernel", "delete", "alices-kernel"],
+        &["kernel", "delete", "base-kernel"],
+    ] {
+        b.refused(&b.bob, args, PERMISSION, "belongs to");
+    }
+    b.refused(
+        &b.bob,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "bobs-vm",
+            "--image",
+            "alices",
+            "--no-start",
+        ],
+        PERMISSION,
+        "belongs to",
+    );
+    // bob's image on alice's kernel: refused too.
+    let bobs_rootfs = b.rootfs_of(&b.bob, "bobs");
+    b.refused(
+        &b.bob,
+        &[
+            "image",
+            "register",
+            "--name",
+            "bobs",
+            "--rootfs",
+            bobs_rootfs.to_str().unwrap(),
+            "--kernel",
+            "alices-kernel",
+        ],
+        PERMISSION,
+        "belongs to",
+    );
+    // carol is not a member: she may not even register.
+    let carols_rootfs = b.rootfs_of(&b.carol, "carols");
+    b.refused(
+        &b.carol,
+        &[
+            "image",
+            "register",
+            "--name",
+            "carols",
+            "--rootfs",
+            carols_rootfs.to_str().unwrap(),
+            "--kernel",
+            "base-kernel",
+        ],
+        PERMISSION,
+        "",
+    );
+    // Everything is as it was.
+    assert!(b.image("alices").is_some());
+    assert!(b.image("bobs").is_none() && b.image("carols").is_none());
+    assert!(b.kernel("alices-kernel").is_some() && b.kernel("base-kernel").is_some());
+    assert!(b.vms().is_empty());
+
+    // Their owner may; root may delete anyone's.
+    b.ok_as(&b.alice, &["image", "delete", "alices"]);
+    b.ok_as(&b.alice, &["kernel", "delete", "alices-kernel"]);
+    b.root_ok(&["kernel", "delete", "base-kernel"]);
+}
+
+/// The default image's name (and every catalog name) is the system's:
+/// a member who registers `debian-bookworm` first would have every
+/// user's `vm run` boot their rootfs. Only an administrator may.
+#[test]
+fn the_default_image_name_cannot_be_squatted() {
+    let b = Bed::start();
+    let rootfs = b.rootfs_of(&b.bob, "squat");
+    b.refused(
+        &b.bob,
+        &[
+            "image",
+            "register",
+            "--name",
+            "debian-bookworm",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            "base-kernel",
+        ],
+        PERMISSION,
+        "reserved",
+    );
+    assert!(b.image("debian-bookworm").is_none());
+    // A create without --image finds no default image, not bob's.
+    b.refused(
+        &b.alice,
+        &["vm", "create", "--name", "alices-vm", "--no-start"],
+        NOT_FOUND,
+        "debian-bookworm",
+    );
+    assert!(b.vms().is_empty());
+
+    // Root may make it; it is then the system's, no member's to delete.
+    let root_rootfs = b.inputs.path().join("root.ext4");
+    let tree = b.inputs.path().join("tree");
+    std::fs::create_dir_all(tree.join("root")).unwrap();
+    mkfs_ext4(&tree, &root_rootfs, "16M").unwrap();
+    b.root_ok(&[
+        "image",
+        "register",
+        "--name",
+        "debian-bookworm",
+        "--rootfs",
+        root_rootfs.to_str().unwrap(),
+        "--kernel",
+        "base-kernel",
+    ]);
+    assert_eq!(b.image("debian-bookworm").unwrap()["owner_uid"], 0);
+    b.refused(
+        &b.bob,
+        &["image", "delete", "debian-bookworm"],
+        PERMISSION,
+        "belongs to the system",
+    );
+    // Members boot it.
+    b.ok_as(
+        &b.alice,
+        &["vm", "create", "--name", "alices-vm", "--no-start"],
+    );
+}
