@@ -413,9 +413,13 @@ async fn start_then_show(
     let auth = Authorization::prepare(opts).await;
     let started = Instant::now();
     let result = call(&client, auth.interaction).await;
-    let path = auth.finish(result).await.context(failed)?;
+    let path = auth.finish(result).await.context(failed.clone())?;
     match subscription.as_mut() {
-        Some(sub) => follow_then_show(opts, &client, sub, &path, started, what).await,
+        // The job's own error names none of the caller's arguments (job
+        // signals reach every user): `failed` says what this was.
+        Some(sub) => follow_then_show(opts, &client, sub, &path, started, what)
+            .await
+            .context(failed),
         None => print_job(opts, &path),
     }
 }

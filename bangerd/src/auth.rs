@@ -40,6 +40,8 @@ pub enum Action {
     VmManage,
     /// Do that to other users' VMs.
     VmManageOthers,
+    /// Give one's VMs NAT to the outside (at create or with Set).
+    VmNat,
     /// Import, pull, promote and delete one's own images and kernels.
     ImageManage,
     /// Use, change and delete other users' images and kernels, and make,
@@ -55,10 +57,11 @@ pub enum Action {
 
 impl Action {
     /// Every action, in policy-file order.
-    pub const ALL: [Action; 8] = [
+    pub const ALL: [Action; 9] = [
         Action::VmCreate,
         Action::VmManage,
         Action::VmManageOthers,
+        Action::VmNat,
         Action::ImageManage,
         Action::ImageManageOthers,
         Action::NetworkConfigure,
@@ -72,6 +75,7 @@ impl Action {
             Self::VmCreate => "org.banger.vm.create",
             Self::VmManage => "org.banger.vm.manage",
             Self::VmManageOthers => "org.banger.vm.manage-others",
+            Self::VmNat => "org.banger.vm.nat",
             Self::ImageManage => "org.banger.image.manage",
             Self::ImageManageOthers => "org.banger.image.manage-others",
             Self::NetworkConfigure => "org.banger.network.configure",
@@ -86,6 +90,7 @@ impl Action {
             Self::VmCreate => "create VMs",
             Self::VmManage => "manage your VMs",
             Self::VmManageOthers => "manage other users' VMs",
+            Self::VmNat => "give VMs NAT to the outside",
             Self::ImageManage => "manage images and kernels",
             Self::ImageManageOthers => "manage other users' and system images and kernels",
             Self::NetworkConfigure => "configure host networking",

@@ -38,6 +38,17 @@ pub struct Error {
 }
 
 impl Error {
+    /// This error with every non-empty `words` replaced by `instead` in its
+    /// message: a job's error goes out in a `Completed` signal every user
+    /// on the bus receives, so the caller's arguments (a registry, a
+    /// repository, a username) are taken out; the caller knows them.
+    pub fn redacted(mut self, words: &[&str], instead: &str) -> Self {
+        for w in words.iter().filter(|w| !w.is_empty()) {
+            self.message = self.message.replace(w, instead);
+        }
+        self
+    }
+
     /// An error of `kind`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {

@@ -896,3 +896,141 @@ fn a_debian_registry_image_boots_through_the_first_boot_wrapper() {
     assert_eq!(out.trim(), "1", "installed more than once: {out}");
     banger(&["vm", "delete", "oci"]);
 }
+
+/// Registry pulls on a shared host: a member cannot take the default
+/// image's name through a pull (by `--name`, or by a repository whose
+/// derived name it is), and a pull's job shows no one the caller's
+/// registry or repository, not even in its failure (job signals reach
+/// every user on the bus).
+#[test]
+fn registry_pulls_squat_no_name_and_show_no_arguments() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    umoci_image(&work.path().join("amd"), "amd64", fill_amd64);
+    for repo in ["private-team/secret-repo:t", "test/debian:bookworm"] {
+        run(Command::new("skopeo")
+            .args(["copy", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:t", work.path().join("amd").display()))
+            .arg(format!("docker://127.0.0.1:{}/{repo}", reg.port)));
+    }
+    let agent = guest_artifact("banger-agent", "build-agent");
+    let bed = TestBed::start(Options {
+        config_toml: Some(format!(
+            "[daemon]\njob_retention_secs = 30\n[vm]\nagent_bin = \"{}\"\n",
+            agent.display()
+        )),
+        ..Options::default()
+    })
+    .expect("test bed");
+    let member = banger_testbed::TestUser::create_in_group("banger").unwrap();
+    let _rules = bed
+        .install_polkit_rule(
+            &format!("50-banger-oci-{}", member.name()),
+            include_str!("../../packaging/50-banger.rules"),
+        )
+        .unwrap();
+    let inputs = tempfile::tempdir().unwrap();
+    let vmlinux = inputs.path().join("vmlinux");
+    std::fs::write(&vmlinux, banger_testbed::tiny_vmlinux(4096)).unwrap();
+    let out = bed
+        .banger()
+        .args(["kernel", "import", "--name", "base-kernel", "--kernel"])
+        .arg(&vmlinux)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let as_member = |args: &[&str]| {
+        bed.banger_as(&member)
+            .arg("--no-ask-password")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    // Squats: refused, by an explicit name and by a derived one.
+    let squats = [
+        vec![
+            format!("127.0.0.1:{}/private-team/secret-repo:t", reg.port),
+            "--name".into(),
+            "debian-bookworm".into(),
+        ],
+        vec![format!("127.0.0.1:{}/test/debian:bookworm", reg.port)],
+    ];
+    for squat in &squats {
+        let refused = eventually(Duration::from_secs(15), || {
+            let mut args = vec!["image", "pull"];
+            args.extend(squat.iter().map(String::as_str));
+            args.extend(["--kernel-ref", "base-kernel"]);
+            let out = as_member(&args);
+            // 4: permission (the rules may still be loading: 4 too).
+            (out.status.code() == Some(4)
+                && String::from_utf8_lossy(&out.stderr).contains("reserved"))
+            .then_some(())
+        });
+        assert!(refused.is_some(), "the squat {squat:?} was not refused");
+    }
+    let images = bed
+        .banger()
+        .args(["image", "list", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&images.stdout).trim(), "[]");
+
+    // A failed pull: its job's signals and properties never name the
+    // registry or repository, while the member's CLI does.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen = rt.block_on(async {
+        let conn = zbus::connection::Builder::address(bed.bus_address())
+            .build()
+            .await
+            .unwrap();
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .path_namespace(banger_dbus::MANAGER_PATH)
+            .build()
+            .unwrap();
+        let mut stream = zbus::MessageStream::for_match_rule(rule, &conn, None)
+            .await
+            .unwrap();
+        let reference = format!("127.0.0.1:{}/private-team/no-such-repo:t", reg.port);
+        let out = tokio::task::spawn_blocking({
+            let cmd = bed
+                .banger_as(&member)
+                .args(["image", "pull", &reference, "--kernel-ref", "base-kernel"])
+                .output();
+            move || cmd
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no-such-repo"),
+            "{}",
+            text(&out)
+        );
+        let mut seen = Vec::new();
+        use futures_util::StreamExt;
+        while let Ok(Some(Ok(msg))) =
+            tokio::time::timeout(Duration::from_millis(500), stream.next()).await
+        {
+            seen.push(msg.body().data().to_vec());
+        }
+        seen
+    });
+    assert!(
+        seen.len() >= 2,
+        "the pull's job sent too few signals: {}",
+        seen.len()
+    );
+    for body in &seen {
+        let body = String::from_utf8_lossy(body);
+        assert!(
+            !body.contains("private-team") && !body.contains("no-such-repo"),
+            "a signal every user receives names the caller's repository: {body:?}"
+        );
+    }
+}

@@ -481,3 +481,223 @@ fn the_default_image_name_cannot_be_squatted() {
         &["vm", "create", "--name", "alices-vm", "--no-start"],
     );
 }
+
+impl Bed {
+    /// `busctl --system ARGS` as `user`.
+    fn busctl_as(&self, user: &TestUser, args: &[&str]) -> Output {
+        self.bed
+            .command_as(user, "busctl")
+            .arg("--system")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// The served introspection XML of `path`.
+    fn introspect(&self, path: &str) -> String {
+        let out = self
+            .bed
+            .busctl(["--xml-interface", "introspect", "org.banger.Manager", path]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn vm(&self, name: &str) -> serde_json::Value {
+        self.vms()
+            .into_iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no vm {name}"))
+    }
+}
+
+/// A polkit rule granting `user` exactly `actions` (`org.banger.` left
+/// out).
+fn grant(bed: &TestBed, user: &TestUser, actions: &[&str]) -> RuleGuard {
+    let list = actions
+        .iter()
+        .map(|a| format!("\"org.banger.{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    bed.install_polkit_rule(
+        &format!("10-banger-trust-{}", user.name()),
+        &format!(
+            "polkit.addRule(function(action, subject) {{ if ([{list}].indexOf(action.id) >= 0 && subject.user == \"{}\") return polkit.Result.YES; }});",
+            user.name()
+        ),
+    )
+    .unwrap()
+}
+
+/// A refusal by polkit as a bus error: `PermissionDenied`, or
+/// `InteractiveAuthorizationRequired` where an administrator could say yes.
+fn denied_by_polkit(out: &Output) -> bool {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    !out.status.success()
+        && (stderr.contains("not authorized to")
+            || stderr.contains("Interactive authentication required"))
+}
+
+/// NAT is asked for when a create wants it (it used to be asked only by
+/// `Set`), `Set` checks it before it grows the disk, and another user's
+/// `Stats` and `ConsoleLog` are refused (`Stats` had no check at all).
+#[test]
+fn every_vm_method_asks_before_it_acts() {
+    let b = Bed::start();
+    // dave may create and manage VMs, but not give them NAT.
+    let dave = TestUser::create().unwrap();
+    let _rule = grant(&b.bed, &dave, &["vm.create", "vm.manage"]);
+    let tree = b.inputs.path().join("tree");
+    std::fs::create_dir_all(tree.join("root")).unwrap();
+    let sys = b.inputs.path().join("sys.ext4");
+    mkfs_ext4(&tree, &sys, "16M").unwrap();
+    b.root_ok(&[
+        "image",
+        "register",
+        "--name",
+        "system-image",
+        "--rootfs",
+        sys.to_str().unwrap(),
+        "--kernel",
+        "base-kernel",
+    ]);
+    let made = eventually(Duration::from_secs(15), || {
+        let out = b.run_as(
+            &dave,
+            &[
+                "vm",
+                "create",
+                "--name",
+                "daves",
+                "--image",
+                "system-image",
+                "--no-start",
+            ],
+        );
+        out.status.success().then_some(())
+    });
+    assert!(made.is_some(), "dave could not create a VM");
+    b.refused(
+        &dave,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "daves-nat",
+            "--image",
+            "system-image",
+            "--no-start",
+            "--nat",
+        ],
+        PERMISSION,
+        "",
+    );
+    assert_eq!(b.vms().len(), 1, "the refused create left a VM");
+
+    // Set: the disk must not grow when the NAT half is refused.
+    let before = b.vm("daves")["disk_bytes"].as_u64().unwrap();
+    b.refused(
+        &dave,
+        &["vm", "set", "daves", "--disk-size", "2G", "--nat"],
+        PERMISSION,
+        "",
+    );
+    let vm = b.vm("daves");
+    assert_eq!(vm["disk_bytes"].as_u64().unwrap(), before, "{vm}");
+    assert_eq!(vm["nat"], false, "{vm}");
+    // Members of banger have NAT by the shipped rules.
+    b.ok_as(
+        &b.alice,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "alices-nat",
+            "--image",
+            "system-image",
+            "--no-start",
+            "--nat",
+        ],
+    );
+
+    // bob reads neither the usage nor the console of dave's VM.
+    let path = vm["path"].as_str().unwrap();
+    for (method, signature, args) in [("Stats", "", &[][..]), ("ConsoleLog", "t", &["0"][..])] {
+        let mut call = vec!["call", "org.banger.Manager", path, "org.banger.VM", method];
+        if !signature.is_empty() {
+            call.push(signature);
+        }
+        call.extend_from_slice(args);
+        let out = b.busctl_as(&b.bob, &call);
+        assert!(denied_by_polkit(&out), "{method}: {}", text(&out));
+        // The owner gets past the check (the VM is not running).
+        let out = b.busctl_as(&dave, &call);
+        assert!(
+            !denied_by_polkit(&out),
+            "{method} of the owner: {}",
+            text(&out)
+        );
+    }
+}
+
+/// Every method bangerd serves has a line in docs/dbus-api.md's table of
+/// actions and ownership rules, so none ships unauthorized by oversight.
+#[test]
+fn every_served_method_is_in_the_authorization_table() {
+    let b = Bed::start();
+    b.image_of(&b.alice, "alices");
+    b.ok_as(
+        &b.alice,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "alices-vm",
+            "--image",
+            "alices",
+            "--no-start",
+        ],
+    );
+    let vm = b.vm("alices-vm")["path"].as_str().unwrap().to_owned();
+    let image = b.image("alices").unwrap()["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let kernel = b.kernel("base-kernel").unwrap()["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A job object, alive for the retention time.
+    let job = b
+        .root_ok(&["daemon", "maintain", "--no-wait", "--json"])
+        .trim()
+        .to_owned();
+    let job: serde_json::Value = serde_json::from_str(&job).unwrap();
+    let job = job["job"].as_str().unwrap().to_owned();
+
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/dbus-api.md"))
+            .unwrap();
+    let mut seen = Vec::new();
+    for (path, interface) in [
+        ("/org/banger/Manager", "org.banger.Manager"),
+        (vm.as_str(), "org.banger.VM"),
+        (image.as_str(), "org.banger.Image"),
+        (kernel.as_str(), "org.banger.Kernel"),
+        (job.as_str(), "org.banger.Job"),
+    ] {
+        let xml = b.introspect(path);
+        let element = banger_dbus::interface_element(&xml, interface)
+            .unwrap_or_else(|| panic!("{interface} not served at {path}"));
+        let short = interface.trim_start_matches("org.banger.");
+        for part in element.split("<method name=\"").skip(1) {
+            let method = part.split('"').next().unwrap();
+            let row = format!("| `{short}.{method}` |");
+            assert!(
+                doc.contains(&row),
+                "{interface}.{method} is served but has no line in docs/dbus-api.md's authorization table"
+            );
+            seen.push(format!("{short}.{method}"));
+        }
+    }
+    assert!(seen.len() >= 20, "too few methods found: {seen:?}");
+}

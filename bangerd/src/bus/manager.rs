@@ -246,7 +246,7 @@ impl ManagerObject {
     /// stages are resolve image, system disk, work disk, and when starting
     /// network, vmm start, agent ready and one per image service. A failed
     /// or cancelled create removes everything it made. polkit action
-    /// org.banger.vm.create.
+    /// org.banger.vm.create, and org.banger.vm.nat with "nat".
     #[zbus(out_args("vm", "job"), name = "CreateVM")]
     async fn create_vm(
         &self,

@@ -216,7 +216,7 @@ impl VmObject {
 
     /// Change it. Keys: "vcpus" (u), "memory_mib" (u), "disk_bytes" (t,
     /// grows only) on a stopped VM; "nat" (b) any time (also needs
-    /// org.banger.network.configure).
+    /// org.banger.vm.nat).
     async fn set(
         &self,
         changes: Options,

@@ -454,6 +454,18 @@ impl Core {
         Ok(())
     }
 
+    /// Reading a VM's console or usage: its owner, root, or a caller with
+    /// `vm.manage-others`.
+    async fn authorize_read_vm(&self, caller: &Caller, vm: &Vm) -> Result<()> {
+        if caller.uid != vm.owner_uid && caller.uid != 0 {
+            self.deps
+                .authorizer
+                .authorize(caller, Action::VmManageOthers)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Apply `event` to VM `id` (and `change` to the row) under the row
     /// lock. Returns the new row.
     fn transition(&self, id: &str, event: VmEvent, change: impl FnOnce(&mut Vm)) -> Result<Vm> {
@@ -595,6 +607,12 @@ impl Core {
             .authorizer
             .authorize(caller, Action::VmCreate)
             .await?;
+        if req.nat == Some(true) {
+            self.deps
+                .authorizer
+                .authorize(caller, Action::VmNat)
+                .await?;
+        }
         validate::name("vm name", &req.name)?;
         let config = self.config();
         let vcpus = req.vcpus.unwrap_or(config.vm.vcpus);
@@ -1224,7 +1242,16 @@ impl Core {
         changes: VmChanges,
     ) -> Result<Vm> {
         let vm = self.vm_by_id(id).await?;
+        // Everything the call may change is authorized before anything
+        // changes.
         self.authorize_vm(caller, &vm).await?;
+        let nat_change = changes.nat.filter(|nat| *nat != vm.nat);
+        if nat_change.is_some() {
+            self.deps
+                .authorizer
+                .authorize(caller, Action::VmNat)
+                .await?;
+        }
         let sizes =
             changes.vcpus.is_some() || changes.memory_mib.is_some() || changes.disk_bytes.is_some();
         if changes == VmChanges::default() {
@@ -1258,18 +1285,11 @@ impl Core {
             let work = self.vm_paths(&vm.id).work_disk;
             blocking(move || disk::grow_ext4(&work, disk_bytes)).await?;
         }
-        if let Some(nat) = changes.nat
-            && nat != vm.nat
+        if let Some(nat) = nat_change
+            && vm.state.has_process()
+            && let Some(ip) = self.vm_ipv4(&vm.id).await
         {
-            self.deps
-                .authorizer
-                .authorize(caller, Action::NetworkConfigure)
-                .await?;
-            if vm.state.has_process()
-                && let Some(ip) = self.vm_ipv4(&vm.id).await
-            {
-                self.network().await?.set_nat(ip, nat).await?;
-            }
+            self.network().await?.set_nat(ip, nat).await?;
         }
         self.modify(&vm.id, |v| {
             v.vcpus = vcpus;
@@ -1290,12 +1310,7 @@ impl Core {
         offset: u64,
     ) -> Result<(Vec<u8>, u64)> {
         let vm = self.vm_by_id(id).await?;
-        if caller.uid != vm.owner_uid && caller.uid != 0 {
-            self.deps
-                .authorizer
-                .authorize(caller, Action::VmManageOthers)
-                .await?;
-        }
+        self.authorize_read_vm(caller, &vm).await?;
         let log = self.vm_paths(&vm.id).console_log;
         blocking(move || {
             use std::io::{Read, Seek, SeekFrom};
@@ -1322,7 +1337,7 @@ impl Core {
     /// CPU and memory of the VMM process and what the agent says.
     pub async fn vm_stats(&self, caller: &Caller, id: &str) -> Result<VmStats> {
         let vm = self.vm_by_id(id).await?;
-        let _ = caller;
+        self.authorize_read_vm(caller, &vm).await?;
         let (Some(pid), Some(start)) = (vm.pid, vm.pid_start) else {
             return Err(Error::new(
                 ErrorKind::Busy,

@@ -132,8 +132,21 @@ impl Core {
                         init: Some(boot::INIT_PATH.to_owned()),
                         uid,
                     };
-                    core.pull_oci_job(&ctx, reference, credentials, staged, agent)
+                    // Job errors are broadcast: no registry, repository or
+                    // login of the caller's in them.
+                    let words = [
+                        reference.whole(),
+                        reference.registry().to_owned(),
+                        reference.repository().to_owned(),
+                        credentials
+                            .as_ref()
+                            .map(|c| c.username().to_owned())
+                            .unwrap_or_default(),
+                    ];
+                    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+                    core.pull_oci_job(&ctx, reference.clone(), credentials, staged, agent)
                         .await
+                        .map_err(|e| e.redacted(&words, "<the image>"))
                 },
             )
             .await?;
