@@ -270,6 +270,11 @@ mod tests {
         }
     }
 
+    /// The loop devices still bound to `file`. A detach while another
+    /// process has the device open (here: a parallel test's `mount -o
+    /// loop` scanning for overlaps) is deferred by the kernel to the last
+    /// close and shows as the autoclear flag, which [`attach`] never
+    /// sets: such a device is already on its way out and is not counted.
     fn loops_on(file: &Path) -> Vec<String> {
         std::fs::read_dir("/sys/block")
             .expect("sysfs")
@@ -277,7 +282,8 @@ mod tests {
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-                (Path::new(backing.trim()) == file).then_some(name)
+                let autoclear = std::fs::read_to_string(e.path().join("loop/autoclear")).ok()?;
+                (Path::new(backing.trim()) == file && autoclear.trim() == "0").then_some(name)
             })
             .collect()
     }
