@@ -565,25 +565,30 @@ impl Client {
         call(manager.inner(), method, body, interaction).await
     }
 
-    /// `Manager.ImportKernel`: returns the job.
-    pub async fn import_kernel(
+    /// `Manager.ImportKernelFd`: returns the job.
+    pub async fn import_kernel_fd(
         &self,
         name: &str,
-        kernel: &str,
-        initrd: Option<&str>,
-        modules: Option<&str>,
+        kernel: &std::fs::File,
+        initrd: Option<&std::fs::File>,
+        modules: Option<&std::fs::File>,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
-        use banger_dbus::options::import_kernel as keys;
+        use banger_dbus::options::import_kernel_fd as keys;
+        use std::os::fd::AsFd;
         let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
-        if let Some(i) = initrd {
-            options.insert(keys::INITRD, Variant::from(i));
+        if let Some(f) = initrd {
+            options.insert(keys::INITRD, Variant::from(zbus::Fd::from(f.as_fd())));
         }
-        if let Some(m) = modules {
-            options.insert(keys::MODULES, Variant::from(m));
+        if let Some(f) = modules {
+            options.insert(keys::MODULES, Variant::from(zbus::Fd::from(f.as_fd())));
         }
-        self.manager_call("ImportKernel", &(name, kernel, options), interaction)
-            .await
+        self.manager_call(
+            "ImportKernelFd",
+            &(name, zbus::Fd::from(kernel.as_fd()), options),
+            interaction,
+        )
+        .await
     }
 
     /// `Manager.PullKernel` / `Manager.PullImage` (`image` picks which):
@@ -635,22 +640,23 @@ impl Client {
             .await
     }
 
-    /// `Manager.RegisterImage`: returns the image object.
+    /// `Manager.ImportImageFd`: returns the job.
     #[allow(clippy::too_many_arguments)]
-    pub async fn register_image(
+    pub async fn import_image_fd(
         &self,
         name: &str,
-        rootfs: &str,
+        rootfs: &std::fs::File,
         kernel: &str,
-        work_seed: Option<&str>,
+        work_seed: Option<&std::fs::File>,
         services: &[String],
         init: Option<&str>,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
-        use banger_dbus::options::register_image as keys;
+        use banger_dbus::options::import_image_fd as keys;
+        use std::os::fd::AsFd;
         let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
         if let Some(w) = work_seed {
-            options.insert(keys::WORK_SEED, Variant::from(w));
+            options.insert(keys::WORK_SEED, Variant::from(zbus::Fd::from(w.as_fd())));
         }
         if !services.is_empty() {
             options.insert(keys::SERVICES, Variant::from(services.to_vec()));
@@ -659,8 +665,8 @@ impl Client {
             options.insert(keys::INIT, Variant::from(i));
         }
         self.manager_call(
-            "RegisterImage",
-            &(name, rootfs, kernel, options),
+            "ImportImageFd",
+            &(name, zbus::Fd::from(rootfs.as_fd()), kernel, options),
             interaction,
         )
         .await

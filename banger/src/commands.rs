@@ -131,27 +131,6 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
 
 /// `path` made absolute against the current directory (the daemon's is not
 /// the user's), checked to exist so the user hears about a typo first.
-fn host_path(what: &str, path: &std::path::Path) -> Result<String, Failure> {
-    let abs = std::path::absolute(path).map_err(|e| {
-        Failure::new(
-            Kind::InvalidArgument,
-            format!("cannot make {what} path {} absolute: {e}", path.display()),
-        )
-    })?;
-    if !abs.exists() {
-        return Err(Failure::new(
-            Kind::InvalidArgument,
-            format!("{what} {} does not exist", path.display()),
-        ));
-    }
-    abs.to_str().map(str::to_owned).ok_or_else(|| {
-        Failure::new(
-            Kind::InvalidArgument,
-            format!("{what} path {} is not valid UTF-8", abs.display()),
-        )
-    })
-}
-
 async fn kernel_list(opts: Options) -> anyhow::Result<u8> {
     let catalog = connect(opts).await?.catalog().await?;
     if opts.json {
@@ -306,9 +285,11 @@ async fn kernel_import(
     modules: Option<&std::path::Path>,
     wait: bool,
 ) -> anyhow::Result<u8> {
-    let kernel = host_path("kernel", kernel)?;
-    let initrd = initrd.map(|p| host_path("initrd", p)).transpose()?;
-    let modules = modules.map(|p| host_path("modules", p)).transpose()?;
+    // Opened here, as the caller: bangerd reads the descriptors and never
+    // opens a path of ours.
+    let kernel = open_input("kernel", kernel)?;
+    let initrd = initrd.map(|p| open_input("initrd", p)).transpose()?;
+    let modules = modules.map(modules_archive).transpose()?;
     start_then_show(
         opts,
         wait,
@@ -316,17 +297,79 @@ async fn kernel_import(
         format!("cannot import kernel {name}"),
         async |client, interaction| {
             client
-                .import_kernel(
+                .import_kernel_fd(
                     name,
                     &kernel,
-                    initrd.as_deref(),
-                    modules.as_deref(),
+                    initrd.as_ref(),
+                    modules.as_ref(),
                     interaction,
                 )
                 .await
         },
     )
     .await
+}
+
+/// `path` opened for reading, as the user running banger.
+fn open_input(what: &str, path: &std::path::Path) -> Result<std::fs::File, Failure> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            Kind::Permission
+        } else {
+            Kind::InvalidArgument
+        };
+        Failure::new(kind, format!("cannot open {what} {}: {e}", path.display()))
+    })?;
+    let meta = file.metadata().map_err(|e| {
+        Failure::new(
+            Kind::InvalidArgument,
+            format!("cannot stat {what} {}: {e}", path.display()),
+        )
+    })?;
+    if !meta.is_file() {
+        return Err(Failure::new(
+            Kind::InvalidArgument,
+            format!("{what} {} is not a regular file", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// The modules directory `dir` as an uncompressed tar in an unlinked
+/// temporary file, written with the rights of the user running banger
+/// (symlinks stored as links, never followed): bangerd unpacks the
+/// archive and never walks a directory of ours.
+fn modules_archive(dir: &std::path::Path) -> Result<std::fs::File, Failure> {
+    use std::io::Seek;
+    let failed = |e: &dyn std::fmt::Display| {
+        let text = e.to_string();
+        let kind = if text.contains("ermission denied") {
+            Kind::Permission
+        } else {
+            Kind::InvalidArgument
+        };
+        Failure::new(
+            kind,
+            format!(
+                "cannot read the modules directory {}: {text}",
+                dir.display()
+            ),
+        )
+    };
+    if !dir.is_dir() {
+        return Err(Failure::new(
+            Kind::InvalidArgument,
+            format!("modules {} is not a directory", dir.display()),
+        ));
+    }
+    let file = tempfile::tempfile().map_err(|e| failed(&e))?;
+    let mut builder = tar::Builder::new(file);
+    builder.follow_symlinks(false);
+    builder.mode(tar::HeaderMode::Deterministic);
+    builder.append_dir_all(".", dir).map_err(|e| failed(&e))?;
+    let mut file = builder.into_inner().map_err(|e| failed(&e))?;
+    file.rewind().map_err(|e| failed(&e))?;
+    Ok(file)
 }
 
 async fn pull(opts: Options, image: bool, name: &str, wait: bool) -> anyhow::Result<u8> {
@@ -442,35 +485,29 @@ async fn image_register(
     services: &[String],
     init: Option<&str>,
 ) -> anyhow::Result<u8> {
-    let rootfs = host_path("rootfs", rootfs)?;
-    let work_seed = work_seed.map(|p| host_path("work-seed", p)).transpose()?;
-    let client = connect(opts).await?;
-    let kernel = kernel_id(&client, kernel).await?;
-    let auth = Authorization::prepare(opts).await;
-    let result = client
-        .register_image(
-            name,
-            &rootfs,
-            &kernel,
-            work_seed.as_deref(),
-            services,
-            init,
-            auth.interaction,
-        )
-        .await;
-    let path = auth
-        .finish(result)
-        .await
-        .with_context(|| format!("cannot register image {name}"))?;
-    let catalog = client.catalog().await?;
-    let image = catalog.images.iter().find(|i| i.path == path.as_str());
-    match (opts.json, image) {
-        (true, Some(i)) => emit_json(&artifacts::image_json(i, &catalog))?,
-        (false, Some(i)) => emit(&artifacts::image_human(i, &catalog))?,
-        (true, None) => emit_json(&serde_json::json!({ "path": path.as_str() }))?,
-        (false, None) => emit(path.as_str())?,
-    }
-    Ok(exit::OK)
+    let rootfs = open_input("rootfs", rootfs)?;
+    let work_seed = work_seed.map(|p| open_input("work-seed", p)).transpose()?;
+    start_then_show(
+        opts,
+        true,
+        "image",
+        format!("cannot register image {name}"),
+        async |client, interaction| {
+            let kernel = kernel_id(client, kernel).await?;
+            client
+                .import_image_fd(
+                    name,
+                    &rootfs,
+                    &kernel,
+                    work_seed.as_ref(),
+                    services,
+                    init,
+                    interaction,
+                )
+                .await
+        },
+    )
+    .await
 }
 
 async fn image_promote(opts: Options, image: &str, wait: bool) -> anyhow::Result<u8> {

@@ -32,6 +32,8 @@ pub const UNAVAILABLE: u8 = 8;
 pub const NOT_IMPLEMENTED: u8 = 9;
 /// `banger doctor` reported at least one failed check.
 pub const DOCTOR_FAILED: u8 = 10;
+/// A per-user quota or a size cap would be exceeded.
+pub const LIMIT: u8 = 11;
 /// Interrupted by Ctrl-C (a followed job was cancelled).
 pub const INTERRUPTED: u8 = 130;
 
@@ -57,6 +59,10 @@ pub const EXIT_CODES: &[(u8, &str)] = &[
     ),
     (NOT_IMPLEMENTED, "not implemented yet"),
     (DOCTOR_FAILED, "`banger doctor` reported failed checks"),
+    (
+        LIMIT,
+        "a limit would be exceeded (a per-user quota or a size cap)",
+    ),
     (
         INTERRUPTED,
         "interrupted (Ctrl-C); a followed job was cancelled",
@@ -96,6 +102,8 @@ pub enum Kind {
     NotImplemented,
     /// Ctrl-C.
     Interrupted,
+    /// A quota or size cap.
+    Limit,
 }
 
 impl Kind {
@@ -111,6 +119,7 @@ impl Kind {
             Kind::Unavailable => UNAVAILABLE,
             Kind::NotImplemented => NOT_IMPLEMENTED,
             Kind::Interrupted => INTERRUPTED,
+            Kind::Limit => LIMIT,
         }
     }
 
@@ -126,6 +135,7 @@ impl Kind {
             Kind::Unavailable => "org.banger.Cli.Error.Unavailable",
             Kind::NotImplemented => "org.banger.Cli.Error.NotImplemented",
             Kind::Interrupted => "org.banger.Cli.Error.Interrupted",
+            Kind::Limit => "org.banger.Cli.Error.LimitExceeded",
         }
     }
 
@@ -138,6 +148,7 @@ impl Kind {
                 "Busy" => Kind::Busy,
                 "PermissionDenied" => Kind::Permission,
                 "Unavailable" => Kind::Unavailable,
+                "LimitExceeded" => Kind::Limit,
                 // Failed, Cancelled and any name added later.
                 _ => Kind::Failed,
             };

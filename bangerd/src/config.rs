@@ -24,6 +24,8 @@ pub struct Config {
     pub vm: VmConfig,
     /// `[update]`
     pub update: UpdateConfig,
+    /// `[limits]`
+    pub limits: LimitsConfig,
     /// `[debug]`
     pub debug: DebugConfig,
 }
@@ -203,6 +205,60 @@ impl Default for UpdateConfig {
     }
 }
 
+/// `[limits]`: per-user quotas and size caps. A quota of 0 means none.
+/// Root is never limited; holders of `org.banger.vm.manage-others` are
+/// not either while `exempt_admins` is true.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// VMs one uid may have (running or not).
+    pub max_vms: u32,
+    /// VMs one uid may have running at once.
+    pub max_running_vms: u32,
+    /// vCPUs of one VM.
+    pub max_vcpus_per_vm: u32,
+    /// vCPUs of one uid's running VMs together.
+    pub max_vcpus: u32,
+    /// Memory of one uid's running VMs together, in MiB.
+    pub max_memory_mib: u64,
+    /// Disk one uid may hold, in GiB: the work disks of its VMs and the
+    /// images and kernels it owns.
+    pub max_disk_gib: u64,
+    /// Whether `org.banger.vm.manage-others` holders are exempt.
+    pub exempt_admins: bool,
+    /// Largest kernel file an import takes, in MiB.
+    pub kernel_max_mib: u64,
+    /// Largest initramfs an import takes, in MiB.
+    pub initrd_max_mib: u64,
+    /// Largest modules archive (all files together) an import takes, in MiB.
+    pub modules_max_mib: u64,
+    /// Largest image an import or pull makes (rootfs, work-seed, or all of
+    /// an OCI image's layers), in GiB.
+    pub image_max_gib: u64,
+    /// A VM's console log is rotated past this size, in MiB (one old
+    /// generation is kept).
+    pub console_log_max_mib: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_vms: 50,
+            max_running_vms: 10,
+            max_vcpus_per_vm: 16,
+            max_vcpus: 32,
+            max_memory_mib: 32768,
+            max_disk_gib: 500,
+            exempt_admins: true,
+            kernel_max_mib: 256,
+            initrd_max_mib: 1024,
+            modules_max_mib: 2048,
+            image_max_gib: 64,
+            console_log_max_mib: 8,
+        }
+    }
+}
+
 /// `[debug]`: knobs for testing and for developing front ends.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -313,6 +369,18 @@ impl Config {
         for key in &self.update.extra_keys {
             if let Err(e) = crate::update::parse_key(key) {
                 return Err(invalid("update.extra_keys", &e.to_string()));
+            }
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.kernel_max_mib", l.kernel_max_mib),
+            ("limits.initrd_max_mib", l.initrd_max_mib),
+            ("limits.modules_max_mib", l.modules_max_mib),
+            ("limits.image_max_gib", l.image_max_gib),
+            ("limits.console_log_max_mib", l.console_log_max_mib),
+        ] {
+            if !(1..=1 << 20).contains(&value) {
+                return Err(invalid(key, "must be between 1 and 1048576"));
             }
         }
         if self.debug.job_stage_delay_ms > 60_000 {

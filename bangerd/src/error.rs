@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Failed,
     /// The operation was cancelled.
     Cancelled,
+    /// A quota or size cap would be exceeded.
+    LimitExceeded,
 }
 
 /// An error answered by the core: a kind and a message for humans that says
@@ -38,13 +40,19 @@ pub struct Error {
 }
 
 impl Error {
-    /// This error with every non-empty `words` replaced by `instead` in its
-    /// message: a job's error goes out in a `Completed` signal every user
-    /// on the bus receives, so the caller's arguments (a registry, a
-    /// repository, a username) are taken out; the caller knows them.
-    pub fn redacted(mut self, words: &[&str], instead: &str) -> Self {
-        for w in words.iter().filter(|w| !w.is_empty()) {
-            self.message = self.message.replace(w, instead);
+    /// `LimitExceeded`: `what` would be `wanted`, over the limit `limit`
+    /// (the config key that sets it); the message says so.
+    pub fn limit(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::LimitExceeded, message)
+    }
+
+    /// This error with each non-empty word of `words` replaced by its
+    /// stand-in in the message: a job's error goes out in a `Completed`
+    /// signal every user on the bus receives, so the caller's arguments (a
+    /// registry, a repository) are taken out; the caller knows them.
+    pub fn redacted(mut self, words: &[(&str, &str)]) -> Self {
+        for (word, instead) in words.iter().filter(|(w, _)| !w.is_empty()) {
+            self.message = self.message.replace(word, instead);
         }
         self
     }

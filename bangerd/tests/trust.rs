@@ -16,6 +16,7 @@ use banger_testbed::{Options, RuleGuard, TestBed, TestUser, eventually, mkfs_ext
 const PERMISSION: i32 = 4;
 const NOT_FOUND: i32 = 5;
 const INVALID_ARGUMENT: i32 = 6;
+const LIMIT: i32 = 11;
 
 struct Bed {
     bed: TestBed,
@@ -700,4 +701,232 @@ fn every_served_method_is_in_the_authorization_table() {
         }
     }
     assert!(seen.len() >= 20, "too few methods found: {seen:?}");
+}
+
+/// A root-only file with `marker` in it, in a directory everyone can
+/// search.
+fn root_only(bed: &Bed, name: &str, marker: &[u8]) -> PathBuf {
+    let path = bed.inputs.path().join(name);
+    let mut data = marker.repeat(64);
+    data.resize(64 << 10, b'#');
+    std::fs::write(&path, data).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Whether any file under `dir` holds `marker`.
+fn tree_holds(dir: &Path, marker: &[u8]) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let ty = e.file_type().unwrap();
+        if ty.is_dir() {
+            tree_holds(&e.path(), marker)
+        } else if ty.is_file() {
+            file_holds(&e.path(), marker)
+        } else {
+            false
+        }
+    })
+}
+
+/// Whether the data regions of `path` hold `marker`. VM disks are
+/// sparse and gigabytes long; only their written extents are read.
+fn file_holds(path: &Path, marker: &[u8]) -> bool {
+    use nix::unistd::{Whence, lseek};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as i64;
+    let mut at = 0i64;
+    while at < len {
+        let Ok(start) = lseek(&f, at, Whence::SeekData) else {
+            return false; // no data past `at`
+        };
+        let end = lseek(&f, start, Whence::SeekHole).unwrap();
+        // Overlap the regions by a marker's length so no match is split.
+        let from = (start - marker.len() as i64).max(0);
+        f.seek(SeekFrom::Start(from as u64)).unwrap();
+        let mut region = Vec::with_capacity((end - from) as usize);
+        (&mut f)
+            .take((end - from) as u64)
+            .read_to_end(&mut region)
+            .unwrap();
+        if region.windows(marker.len()).any(|w| w == marker) {
+            return true;
+        }
+        at = end;
+    }
+    false
+}
+
+/// Root never opens a path a member named: files reach bangerd as
+/// descriptors the member's own CLI opened, and what bangerd keeps is
+/// copied while it holds them. Once, a member registered an image from a
+/// file in their home, swapped it for a symlink to a root-only file, and
+/// their next VM's disk held that file's bytes; a symlink at registration
+/// or a `--modules` tree did the same.
+#[test]
+fn files_arrive_as_descriptors_and_are_copied_at_once() {
+    let b = Bed::start();
+    let marker = b"ROOT-ONLY-MARKER-7c1d";
+    let secret = root_only(&b, "secret", marker);
+
+    // A symlink swapped in after the registration changes nothing.
+    let rootfs = b.rootfs_of(&b.alice, "alices");
+    b.ok_as(
+        &b.alice,
+        &[
+            "image",
+            "register",
+            "--name",
+            "alices",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            "base-kernel",
+        ],
+    );
+    assert_eq!(b.image("alices").unwrap()["managed"], true);
+    std::fs::remove_file(&rootfs).unwrap();
+    std::os::unix::fs::symlink(&secret, &rootfs).unwrap();
+    b.ok_as(
+        &b.alice,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "alices-vm",
+            "--image",
+            "alices",
+            "--no-start",
+        ],
+    );
+    let state = b.bed.state_dir();
+    assert!(
+        !tree_holds(&state, marker),
+        "a root-only file's bytes reached bangerd's state"
+    );
+
+    // A symlink to a root-only file at registration: the CLI, running
+    // as alice, cannot open it, so nothing reaches bangerd.
+    let link = b.alice.home().join("link.ext4");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    b.refused(
+        &b.alice,
+        &[
+            "image",
+            "register",
+            "--name",
+            "linked",
+            "--rootfs",
+            link.to_str().unwrap(),
+            "--kernel",
+            "base-kernel",
+        ],
+        PERMISSION,
+        "Permission denied",
+    );
+    assert!(b.image("linked").is_none());
+
+    // Modules: a root-only file in the tree stops the CLI; a symlink to
+    // one is stored as a link, which bangerd does not keep; `/etc` as a
+    // modules tree is read as alice, so its secrets stay out.
+    let kernel = b.alice.home().join("vmlinux");
+    std::fs::write(&kernel, tiny_vmlinux(4096)).unwrap();
+    chown(&kernel, &b.alice);
+    let modules = b.alice.home().join("modules");
+    std::fs::create_dir_all(modules.join("kernel")).unwrap();
+    std::fs::write(modules.join("modules.dep"), b"").unwrap();
+    std::fs::write(modules.join("kernel/virtio.ko"), b"ko").unwrap();
+    std::os::unix::fs::symlink(&secret, modules.join("kernel/evil.ko")).unwrap();
+    for entry in ["", "kernel", "modules.dep", "kernel/virtio.ko"] {
+        chown(&modules.join(entry), &b.alice);
+    }
+    let import = |name: &str, modules: &Path| {
+        b.run_as(
+            &b.alice,
+            &[
+                "kernel",
+                "import",
+                "--name",
+                name,
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--modules",
+                modules.to_str().unwrap(),
+            ],
+        )
+    };
+    let out = import("linked-modules", &modules);
+    assert!(out.status.success(), "{}", text(&out));
+    let k = b.kernel("linked-modules").unwrap();
+    let kept = PathBuf::from(k["modules"].as_str().unwrap());
+    assert!(kept.join("kernel/virtio.ko").is_file());
+    assert!(!kept.join("kernel/evil.ko").exists());
+    assert!(!tree_holds(&state, marker));
+
+    std::fs::copy(&secret, modules.join("kernel/secret.ko")).unwrap();
+    std::fs::set_permissions(
+        modules.join("kernel/secret.ko"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let out = import("secret-modules", &modules);
+    assert_eq!(out.status.code(), Some(PERMISSION), "{}", text(&out));
+    let out = import("etc-modules", Path::new("/etc"));
+    assert_eq!(out.status.code(), Some(PERMISSION), "{}", text(&out));
+    assert!(b.kernel("secret-modules").is_none() && b.kernel("etc-modules").is_none());
+    assert!(!tree_holds(&state, marker));
+    let kernels = std::fs::read_dir(state.join("kernels")).unwrap().count();
+    assert_eq!(kernels, 2, "only base-kernel and linked-modules");
+
+    // A path where a descriptor belongs is refused by its type.
+    let out = b.busctl_as(
+        &b.alice,
+        &[
+            "call",
+            "org.banger.Manager",
+            "/org/banger/Manager",
+            "org.banger.Manager",
+            "ImportKernelFd",
+            "ssa{sv}",
+            "by-path",
+            kernel.to_str().unwrap(),
+            "0",
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+}
+
+/// A sparse file the size of RAM once took the host down: kernel import
+/// read it whole into memory. Now its size is checked against the cap
+/// (`limits.kernel_max_mib`) with fstat before anything is read.
+#[test]
+fn a_huge_sparse_kernel_is_refused_by_size() {
+    let b = Bed::start();
+    let huge = b.alice.home().join("huge");
+    let f = std::fs::File::create(&huge).unwrap();
+    let mut head = tiny_vmlinux(4096);
+    head.truncate(4096);
+    std::io::Write::write_all(&mut &f, &head).unwrap();
+    f.set_len(20 << 30).unwrap();
+    drop(f);
+    chown(&huge, &b.alice);
+    b.refused(
+        &b.alice,
+        &[
+            "kernel",
+            "import",
+            "--name",
+            "huge",
+            "--kernel",
+            huge.to_str().unwrap(),
+        ],
+        LIMIT,
+        "limits.kernel_max_mib",
+    );
+    assert!(b.kernel("huge").is_none());
+    // Still serving.
+    b.ok_as(&b.alice, &["image", "list"]);
 }

@@ -30,6 +30,10 @@ pub enum Error {
     Failed(String),
     /// The operation was cancelled (a job's `Completed` carries this name).
     Cancelled(String),
+    /// A limit would be exceeded: a per-user quota (VMs, vCPUs, memory,
+    /// disk) or a size cap on an import or pull. The message names the
+    /// limit and its value.
+    LimitExceeded(String),
 }
 
 /// Name of the standard error for "a prompt would be needed but is not allowed".

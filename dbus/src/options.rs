@@ -40,6 +40,26 @@ pub mod import_kernel {
     pub const MODULES: &str = "modules";
 }
 
+/// Keys of `Manager.ImportKernelFd(s name, h kernel, a{sv} options)`.
+pub mod import_kernel_fd {
+    /// `h`: an initramfs to boot with the kernel, opened for reading.
+    pub const INITRD: &str = "initrd";
+    /// `h`: an uncompressed tar of the kernel's `lib/modules/<version>`
+    /// directory's contents, in a regular file (the CLI writes one as the
+    /// caller).
+    pub const MODULES: &str = "modules";
+}
+
+/// Keys of `Manager.ImportImageFd(s name, h rootfs, s kernel, a{sv} options)`.
+pub mod import_image_fd {
+    /// `h`: an ext4 image holding the rootfs's `/root`, opened for reading.
+    pub const WORK_SEED: &str = "work_seed";
+    /// `as`: guest services readiness waits for, each `name:port`.
+    pub const SERVICES: &str = "services";
+    /// `s`: the init the kernel starts (e.g. `/sbin/banger-init`).
+    pub const INIT: &str = "init";
+}
+
 /// Keys of `Manager.RegisterImage(s name, s rootfs, s kernel, a{sv} options)`.
 pub mod register_image {
     /// `s`: host path of an ext4 image holding the rootfs's `/root`.

@@ -60,6 +60,27 @@ pub trait Manager {
         options: HashMap<&str, &Variant<'_>>,
     ) -> Result<OwnedObjectPath, Error>;
 
+    /// Import a kernel from descriptors (`initrd` and `modules` options are
+    /// descriptors too); returns the job, whose result is the kernel.
+    #[zbus(allow_interactive_auth)]
+    fn import_kernel_fd(
+        &self,
+        name: &str,
+        kernel: zbus::Fd<'_>,
+        options: HashMap<&str, &Variant<'_>>,
+    ) -> Result<OwnedObjectPath, Error>;
+
+    /// Import an image from descriptors into managed storage; returns the
+    /// job, whose result is the image.
+    #[zbus(allow_interactive_auth)]
+    fn import_image_fd(
+        &self,
+        name: &str,
+        rootfs: zbus::Fd<'_>,
+        kernel: &str,
+        options: HashMap<&str, &Variant<'_>>,
+    ) -> Result<OwnedObjectPath, Error>;
+
     /// Delete a kernel (by name or id); refused while an image uses it.
     #[zbus(allow_interactive_auth)]
     fn delete_kernel(&self, kernel: &str) -> Result<(), Error>;

@@ -272,7 +272,7 @@ pub fn image_meta(dir: &Path) -> Result<ImageMeta> {
 }
 
 /// `path` as plain relative components (no root, no `..`), else `None`.
-fn checked_path(path: &Path) -> Option<PathBuf> {
+pub(super) fn checked_path(path: &Path) -> Option<PathBuf> {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {

@@ -7,7 +7,10 @@ use std::time::SystemTime;
 use super::files;
 use super::store::{is_fk_violation, is_unique_violation};
 use super::validate::{self, Kind, Reader};
-use super::{Image, ImageRegistration, Kernel, KernelImport, Resource, images_dir, kernels_dir};
+use super::{
+    Image, ImageImport, ImageRegistration, Kernel, KernelImport, Modules, Resource, images_dir,
+    kernels_dir,
+};
 use crate::auth::{Action, Caller};
 use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
@@ -107,6 +110,20 @@ pub(super) fn ticker(
             );
         }
         Ok(())
+    }
+}
+
+/// From a kernel file's first bytes: whether it is a bzImage (`HdrS` at
+/// 0x202), an ELF (false), or neither (`InvalidArgument`).
+pub(super) fn kernel_magic(head: &[u8]) -> Result<bool> {
+    if head.starts_with(b"\x7fELF") {
+        Ok(false)
+    } else if head.get(0x202..0x206) == Some(b"HdrS") {
+        Ok(true)
+    } else {
+        Err(Error::invalid(
+            "the kernel is neither an ELF vmlinux nor an x86 bzImage",
+        ))
     }
 }
 
@@ -250,8 +267,62 @@ impl Core {
         Ok(())
     }
 
-    /// Import a kernel as a job (action `org.banger.image.manage`). The
-    /// arguments are checked before the job starts; its result is the kernel.
+    /// `ImportKernel` with host paths: root only, since bangerd never
+    /// opens a path another caller named (they pass descriptors to
+    /// [`Core::import_kernel`]). Root's files are opened, then imported
+    /// as descriptors are.
+    pub async fn import_kernel_paths(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: String,
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        modules: Option<PathBuf>,
+    ) -> Result<JobId> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        only_root_names_paths(
+            caller,
+            "ImportKernel",
+            "ImportKernelFd",
+            "banger kernel import",
+        )?;
+        let opened = blocking(move || {
+            let root = Reader::for_uid(0);
+            let open = |what: &str, path: &Path| {
+                let path = validate::host_path(what, path, Kind::File, &root)?;
+                std::fs::File::open(&path)
+                    .map_err(|e| Error::invalid(format!("{what} {}: {e}", path.display())))
+            };
+            let kernel = open("kernel", &kernel)?;
+            let initrd = initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
+            let modules = modules
+                .as_deref()
+                .map(|p| validate::host_path("modules", p, Kind::Dir, &root).map(Modules::Dir))
+                .transpose()?;
+            Ok((kernel, initrd, modules))
+        })
+        .await?;
+        let (kernel, initrd, modules) = opened;
+        self.import_kernel(
+            caller,
+            KernelImport {
+                name,
+                kernel,
+                initrd,
+                modules,
+            },
+        )
+        .await
+    }
+
+    /// Import a kernel as a job (action `org.banger.image.manage`) from
+    /// the descriptors in `req`. What can be checked is checked before
+    /// the job starts (name, regular files, size caps, the kernel's magic,
+    /// free space); the job copies, then validates and extracts the copy.
+    /// Its result is the kernel.
     pub async fn import_kernel(
         self: &Arc<Self>,
         caller: &Caller,
@@ -265,38 +336,76 @@ impl Core {
         self.authorize_name(caller, banger_catalog::Kind::Kernels, &req.name)
             .await?;
         let uid = caller.uid;
+        let limits = self.config().limits.clone();
+        let KernelImport {
+            name,
+            kernel,
+            initrd,
+            modules,
+        } = req;
         let checked = blocking(move || {
-            let reader = Reader::for_uid(uid);
-            let kernel = validate::host_path("kernel", &req.kernel, Kind::File, &reader)?;
-            let initrd = req
-                .initrd
-                .as_deref()
-                .map(|p| validate::host_path("initrd", p, Kind::File, &reader))
-                .transpose()?;
-            let modules = req
-                .modules
-                .as_deref()
-                .map(|p| validate::host_path("modules", p, Kind::Dir, &reader))
-                .transpose()?;
-            let bytes = std::fs::read(&kernel).map_err(|e| {
-                Error::invalid(format!("kernel {} cannot be read: {e}", kernel.display()))
-            })?;
-            let (is_bzimage, version) = kernel_format(&bytes)?;
-            Ok((kernel, initrd, modules, bytes, is_bzimage, version))
+            let mib = |m: u64| m.saturating_mul(1 << 20);
+            let kernel_len = files::checked_input(
+                "the kernel",
+                &kernel,
+                mib(limits.kernel_max_mib),
+                "limits.kernel_max_mib",
+            )?;
+            let is_bzimage = kernel_magic(&files::head(&kernel, 0x206)?)?;
+            let initrd_len = initrd
+                .as_ref()
+                .map(|f| {
+                    files::checked_input(
+                        "the initrd",
+                        f,
+                        mib(limits.initrd_max_mib),
+                        "limits.initrd_max_mib",
+                    )
+                })
+                .transpose()?
+                .unwrap_or(0);
+            let modules_len = match &modules {
+                Some(Modules::Tar(f)) => files::checked_input(
+                    "the modules archive",
+                    f,
+                    mib(limits.modules_max_mib),
+                    "limits.modules_max_mib",
+                )?,
+                Some(Modules::Dir(dir)) => files::disk_usage(dir),
+                None => 0,
+            };
+            Ok((
+                kernel,
+                kernel_len,
+                is_bzimage,
+                initrd,
+                initrd_len,
+                modules,
+                modules_len,
+            ))
         })
         .await?;
-        let (_kernel, initrd, modules, bytes, is_bzimage, version) = checked;
-        let name = req.name.clone();
+        let (kernel, kernel_len, is_bzimage, initrd, initrd_len, modules, modules_len) = checked;
+        let owned = name.clone();
         if self
-            .on_store("reading kernels failed", move |s| s.kernel_by_name(&name))
+            .on_store("reading kernels failed", move |s| s.kernel_by_name(&owned))
             .await?
             .is_some()
         {
-            return Err(already_exists("kernel", &req.name));
+            return Err(already_exists("kernel", &name));
         }
+        // The kernel twice (a bzImage and its vmlinux), its initrd, modules.
+        let needed = kernel_len
+            .saturating_mul(if is_bzimage { 6 } else { 2 })
+            .saturating_add(initrd_len)
+            .saturating_add(modules_len);
+        let state = self.deps.dirs.state.clone();
+        std::fs::create_dir_all(kernels_dir(&state))
+            .map_err(|e| Error::failed(format!("cannot create the kernel directory: {e}")))?;
+        crate::vm::disk::check_space(&kernels_dir(&state), needed)?;
+        let modules_cap = self.config().limits.modules_max_mib.saturating_mul(1 << 20);
 
         let core = self.clone();
-        let name = req.name;
         self.jobs()
             .start_with_result(
                 "kernel-import",
@@ -305,7 +414,6 @@ impl Core {
                 move |ctx| async move {
                     let id = super::new_id()
                         .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
-                    let state = core.deps.dirs.state.clone();
                     let tmp = TmpDir::create(kernels_dir(&state).join(format!(".tmp-{id}")))?;
 
                     ctx.stage(
@@ -318,40 +426,67 @@ impl Core {
                     )
                     .await?;
                     let dir = tmp.path().to_owned();
-                    blocking(move || {
-                        let vmlinux = if is_bzimage {
-                            let elf = extract_vmlinux(&bytes)?;
-                            std::fs::write(dir.join("vmlinuz"), &bytes).map_err(|e| {
-                                Error::failed(format!("cannot write the bzImage: {e}"))
-                            })?;
-                            elf
+                    let mut tick = ticker(&ctx, "kernel", kernel_len, 0.0, 0.2);
+                    let version = blocking(move || {
+                        let copy = dir.join(".kernel");
+                        files::sparse_copy_file(
+                            &kernel,
+                            "the kernel",
+                            kernel_len,
+                            &copy,
+                            &mut tick,
+                        )?;
+                        // The copy is what is kept, so the copy is checked.
+                        let bytes = std::fs::read(&copy)
+                            .map_err(|e| Error::failed(format!("cannot read the copy: {e}")))?;
+                        let (bz, version) = kernel_format(&bytes)?;
+                        if bz != is_bzimage {
+                            return Err(Error::invalid("the kernel changed while it was copied"));
+                        }
+                        if bz {
+                            std::fs::write(dir.join("vmlinux"), extract_vmlinux(&bytes)?).map_err(
+                                |e| Error::failed(format!("cannot write the vmlinux: {e}")),
+                            )?;
+                            std::fs::rename(&copy, dir.join("vmlinuz"))
                         } else {
-                            bytes
-                        };
-                        std::fs::write(dir.join("vmlinux"), &vmlinux)
-                            .map_err(|e| Error::failed(format!("cannot write the vmlinux: {e}")))
+                            std::fs::rename(&copy, dir.join("vmlinux"))
+                        }
+                        .map_err(|e| Error::failed(format!("cannot keep the kernel: {e}")))?;
+                        Ok(version)
                     })
                     .await?;
 
-                    if let Some(src) = initrd.clone() {
+                    let has_initrd = initrd.is_some();
+                    if let Some(src) = initrd {
                         ctx.stage("copy initrd", 0.3).await?;
                         let dst = tmp.path().join("initrd.img");
-                        let total = files::disk_usage(&src);
-                        let mut tick = ticker(&ctx, "initrd", total, 0.3, 0.4);
-                        blocking(move || files::sparse_copy(&src, &dst, &mut tick).map(|_| ()))
-                            .await?;
-                    }
-                    if let Some(src) = modules.clone() {
-                        ctx.stage("copy modules", 0.4).await?;
-                        let dst = tmp.path().join("modules");
-                        let total = blocking({
-                            let src = src.clone();
-                            move || Ok(files::disk_usage(&src))
+                        let mut tick = ticker(&ctx, "initrd", initrd_len, 0.3, 0.4);
+                        blocking(move || {
+                            files::sparse_copy_file(&src, "the initrd", initrd_len, &dst, &mut tick)
+                                .map(|_| ())
                         })
                         .await?;
-                        let mut tick = ticker(&ctx, "modules", total, 0.4, 0.85);
-                        blocking(move || files::copy_tree(&src, &dst, &mut tick).map(|_| ()))
-                            .await?;
+                    }
+                    let has_modules = modules.is_some();
+                    if let Some(src) = modules {
+                        ctx.stage("copy modules", 0.4).await?;
+                        let dst = tmp.path().join("modules");
+                        let mut tick = ticker(&ctx, "modules", modules_len, 0.4, 0.85);
+                        blocking(move || match src {
+                            Modules::Tar(file) => files::unpack_modules(
+                                &file,
+                                modules_len,
+                                &dst,
+                                modules_cap,
+                                "limits.modules_max_mib",
+                                &mut tick,
+                            )
+                            .map(|_| ()),
+                            Modules::Dir(dir) => {
+                                files::copy_tree(&dir, &dst, &mut tick).map(|_| ())
+                            }
+                        })
+                        .await?;
                     }
 
                     let staged = StagedKernel {
@@ -359,8 +494,8 @@ impl Core {
                         name,
                         version,
                         is_bzimage,
-                        initrd: initrd.is_some(),
-                        modules: modules.is_some(),
+                        initrd: has_initrd,
+                        modules: has_modules,
                         uid,
                     };
                     core.record_kernel(&ctx, tmp, staged).await
@@ -457,12 +592,19 @@ impl Core {
         Ok(())
     }
 
-    /// Register an unmanaged image from host paths.
+    /// Register an unmanaged image from host paths: root only (everyone
+    /// else imports from descriptors with [`Core::import_image`]).
     pub async fn register_image(&self, caller: &Caller, req: ImageRegistration) -> Result<Image> {
         self.deps
             .authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
+        only_root_names_paths(
+            caller,
+            "RegisterImage",
+            "ImportImageFd",
+            "banger image register",
+        )?;
         validate::name("image", &req.name)?;
         let services = validate::services(&req.services)?;
         if let Some(init) = &req.init {
@@ -534,6 +676,125 @@ impl Core {
         Ok(image)
     }
 
+    /// Import an image from the descriptors in `req` into managed storage,
+    /// as a job (action `org.banger.image.manage`): the rootfs and the
+    /// work-seed (made from the rootfs's `/root` when there is none) are
+    /// copied, the copies checked and recorded. Its result is the image.
+    pub async fn import_image(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: ImageImport,
+    ) -> Result<JobId> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        validate::name("image", &req.name)?;
+        let services = validate::services(&req.services)?;
+        if let Some(init) = &req.init {
+            validate::init_path(init)?;
+        }
+        self.authorize_name(caller, banger_catalog::Kind::Images, &req.name)
+            .await?;
+        let kernel = self.kernel(&req.kernel).await?;
+        self.authorize_use(caller, &kernel).await?;
+        let cap = self.config().limits.image_max_gib.saturating_mul(1 << 30);
+        let ImageImport {
+            name,
+            rootfs,
+            work_seed,
+            init,
+            ..
+        } = req;
+        let checked = blocking(move || {
+            let ext4 = |what: &str, file: &std::fs::File| -> Result<(u64, u64)> {
+                let len = files::checked_input(what, file, cap, "limits.image_max_gib")?;
+                if !validate::has_ext4_magic(&files::head(file, 1 << 11)?) {
+                    return Err(Error::invalid(format!(
+                        "{what} is not an ext4 filesystem image: build it with mkfs.ext4"
+                    )));
+                }
+                use std::os::unix::fs::MetadataExt;
+                let used = file.metadata().map(|m| m.blocks() * 512).unwrap_or(len);
+                Ok((len, used.min(len)))
+            };
+            let (rootfs_len, rootfs_used) = ext4("the rootfs", &rootfs)?;
+            let seed = work_seed
+                .map(|f| ext4("the work-seed", &f).map(|sizes| (f, sizes)))
+                .transpose()?;
+            Ok((rootfs, rootfs_len, rootfs_used, seed))
+        })
+        .await?;
+        let (rootfs, rootfs_len, rootfs_used, seed) = checked;
+        let owned = name.clone();
+        if self
+            .on_store("reading images failed", move |s| s.image_by_name(&owned))
+            .await?
+            .is_some()
+        {
+            return Err(already_exists("image", &name));
+        }
+        let state = self.deps.dirs.state.clone();
+        std::fs::create_dir_all(images_dir(&state))
+            .map_err(|e| Error::failed(format!("cannot create the image directory: {e}")))?;
+        let needed = rootfs_used + seed.as_ref().map_or(64 << 20, |(_, (_, used))| *used);
+        crate::vm::disk::check_space(&images_dir(&state), needed)?;
+
+        let core = self.clone();
+        let uid = caller.uid;
+        self.jobs()
+            .start_with_result(
+                "image-import",
+                uid,
+                Action::ImageManage,
+                move |ctx| async move {
+                    let id = super::new_id()
+                        .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
+                    let tmp = TmpDir::create(images_dir(&state).join(format!(".tmp-{id}")))?;
+                    ctx.stage("copy rootfs", 0.0).await?;
+                    let dst = tmp.path().join("rootfs.ext4");
+                    let mut tick = ticker(&ctx, "rootfs", rootfs_used, 0.0, 0.6);
+                    blocking(move || {
+                        files::sparse_copy_file(
+                            &rootfs,
+                            "the rootfs",
+                            rootfs_len,
+                            &dst,
+                            &mut tick,
+                        )?;
+                        // The copy is what is kept, so the copy is checked.
+                        validate::ext4_image("the rootfs", &dst)
+                    })
+                    .await?;
+                    if let Some((file, (len, used))) = seed {
+                        ctx.stage("copy work-seed", 0.6).await?;
+                        let dst = tmp.path().join("work-seed.ext4");
+                        let mut tick = ticker(&ctx, "work-seed", used, 0.6, 0.8);
+                        blocking(move || {
+                            files::sparse_copy_file(&file, "the work-seed", len, &dst, &mut tick)?;
+                            validate::ext4_image("the work-seed", &dst)
+                        })
+                        .await?;
+                    }
+                    core.record_image(
+                        &ctx,
+                        tmp,
+                        super::pull::StagedImage {
+                            id,
+                            name,
+                            kernel_id: kernel.id,
+                            kernel_name: kernel.name,
+                            services,
+                            init,
+                            uid,
+                        },
+                    )
+                    .await
+                },
+            )
+            .await
+    }
+
     /// Copy an unmanaged image into managed storage, as a job.
     pub async fn promote_image(
         self: &Arc<Self>,
@@ -552,6 +813,7 @@ impl Core {
                 image.name
             )));
         }
+        paths_of_root(&image)?;
         // Claimed for the whole job; released when the job's work ends.
         self.claim_image(&image.id, &image.name)?.forget();
         let core = self.clone();
@@ -745,6 +1007,30 @@ impl Drop for ImageClaim<'_> {
     fn drop(&mut self) {
         self.core.release_image(&self.id);
     }
+}
+
+/// Refuse an unmanaged image whose paths someone other than root named
+/// (registered by an older bangerd): bangerd opens those only for root.
+pub(crate) fn paths_of_root(image: &Image) -> Result<()> {
+    if image.managed || image.owner_uid == super::owner::SYSTEM_UID {
+        return Ok(());
+    }
+    Err(Error::denied(format!(
+        "image {} points at files uid {} named, and bangerd opens paths only for root: \
+         register it again (banger image register copies it through descriptors) and delete this one",
+        image.name, image.owner_uid
+    )))
+}
+
+/// Refuse a caller other than root a method that takes host paths.
+fn only_root_names_paths(caller: &Caller, method: &str, instead: &str, cli: &str) -> Result<()> {
+    if caller.uid == 0 {
+        return Ok(());
+    }
+    Err(Error::denied(format!(
+        "{method} takes host paths, and bangerd opens paths only for root: \
+         open the files yourself and pass their descriptors to {instead} ({cli} does)"
+    )))
 }
 
 pub(super) fn already_exists(what: &str, name: &str) -> Error {

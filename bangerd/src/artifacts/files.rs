@@ -26,12 +26,30 @@ fn io(context: &str, path: &Path, e: std::io::Error) -> Error {
 /// (found with SEEK_DATA/SEEK_HOLE) are read and written. Returns the
 /// bytes of data copied.
 pub fn sparse_copy(src: &Path, dst: &Path, tick: Tick<'_>) -> Result<u64> {
-    use nix::unistd::{Whence, lseek};
-    let mut from = File::open(src).map_err(|e| io("cannot open", src, e))?;
+    let from = File::open(src).map_err(|e| io("cannot open", src, e))?;
     let len = from
         .metadata()
         .map_err(|e| io("cannot stat", src, e))?
         .len();
+    sparse_copy_file(&from, &src.display().to_string(), len, dst, tick)
+}
+
+/// Copy the first `len` bytes of the open file `from` (called `what` in
+/// errors) to the new file `dst`, keeping holes. Never reads past `len`,
+/// however the file grows meanwhile; a file that shrinks leaves zeros.
+/// Returns the bytes of data copied.
+pub fn sparse_copy_file(
+    from: &File,
+    what: &str,
+    len: u64,
+    dst: &Path,
+    tick: Tick<'_>,
+) -> Result<u64> {
+    use nix::unistd::{Whence, lseek};
+    use std::os::unix::fs::FileExt;
+    let failed = |doing: &str, e: &dyn std::fmt::Display| {
+        Error::failed(format!("cannot {doing} {what}: {e}"))
+    };
     let mut to = File::options()
         .write(true)
         .create_new(true)
@@ -41,29 +59,30 @@ pub fn sparse_copy(src: &Path, dst: &Path, tick: Tick<'_>) -> Result<u64> {
     let mut done = 0u64;
     let mut pos: i64 = 0;
     let end = i64::try_from(len).unwrap_or(i64::MAX);
-    while pos < end {
+    'regions: while pos < end {
         let data = match lseek(from.as_fd(), pos, Whence::SeekData) {
-            Ok(p) => p,
+            Ok(p) => p.min(end),
             // ENXIO: no data after pos, the rest is a hole.
             Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(Error::failed(format!("cannot seek {}: {e}", src.display()))),
+            Err(e) => return Err(failed("seek", &e)),
         };
-        let hole = lseek(from.as_fd(), data, Whence::SeekHole).unwrap_or(end);
-        from.seek(SeekFrom::Start(data as u64))
-            .map_err(|e| io("cannot seek", src, e))?;
+        let hole = lseek(from.as_fd(), data, Whence::SeekHole)
+            .unwrap_or(end)
+            .min(end);
         to.seek(SeekFrom::Start(data as u64))
             .map_err(|e| io("cannot seek", dst, e))?;
-        let mut left = (hole - data) as u64;
-        while left > 0 {
+        let mut at = data as u64;
+        while at < hole as u64 {
+            let want = CHUNK.min((hole as u64 - at) as usize);
             let n = from
-                .read(&mut buf[..CHUNK.min(left as usize)])
-                .map_err(|e| io("cannot read", src, e))?;
+                .read_at(&mut buf[..want], at)
+                .map_err(|e| failed("read", &e))?;
             if n == 0 {
-                break;
+                break 'regions;
             }
             to.write_all(&buf[..n])
                 .map_err(|e| io("cannot write", dst, e))?;
-            left -= n as u64;
+            at += n as u64;
             done += n as u64;
             tick(done)?;
         }
@@ -72,6 +91,150 @@ pub fn sparse_copy(src: &Path, dst: &Path, tick: Tick<'_>) -> Result<u64> {
     to.set_len(len).map_err(|e| io("cannot size", dst, e))?;
     to.sync_all().map_err(|e| io("cannot flush", dst, e))?;
     Ok(done)
+}
+
+/// What a caller's descriptor holds, checked before any work: a regular
+/// file (`fstat`) of at most `max` bytes, the cap set by config key
+/// `key`. Returns its length.
+pub fn checked_input(what: &str, file: &File, max: u64, key: &str) -> Result<u64> {
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::invalid(format!("{what}: cannot stat the descriptor: {e}")))?;
+    if !meta.is_file() {
+        return Err(Error::invalid(format!(
+            "{what} is not a regular file: pass a descriptor of a file opened for reading"
+        )));
+    }
+    if meta.len() > max {
+        return Err(Error::limit(format!(
+            "{what} is {} bytes, more than {key} allows ({} bytes); an administrator can raise it in bangerd.toml",
+            meta.len(),
+            max
+        )));
+    }
+    Ok(meta.len())
+}
+
+/// Up to `n` bytes from the start of `file` (fewer when it is shorter).
+pub fn head(file: &File, n: usize) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        let read = file
+            .read_at(&mut buf[got..], got as u64)
+            .map_err(|e| Error::invalid(format!("cannot read the descriptor: {e}")))?;
+        if read == 0 {
+            break;
+        }
+        got += read;
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Unpack the modules archive `from` (an uncompressed tar of a
+/// `lib/modules/<version>` directory's contents, `len` bytes) into the new
+/// directory `dst`. Only directories and regular files at plain relative
+/// paths are written (mode 0755/0644); links, devices and the like are
+/// skipped. Their sizes together may not pass `max` (config key `key`).
+/// Returns the bytes of file data written.
+pub fn unpack_modules(
+    from: &File,
+    len: u64,
+    dst: &Path,
+    max: u64,
+    key: &str,
+    tick: Tick<'_>,
+) -> Result<u64> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let bad = |why: String| Error::invalid(format!("the modules archive {why}"));
+    std::fs::create_dir(dst).map_err(|e| io("cannot create", dst, e))?;
+    let reader = std::io::BufReader::new(PositionedReader {
+        file: from,
+        at: 0,
+        end: len,
+    });
+    let mut archive = tar::Archive::new(reader);
+    let entries = archive
+        .entries()
+        .map_err(|e| bad(format!("is not a tar archive ({e})")))?;
+    let mut done = 0u64;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| bad(format!("cannot be read ({e})")))?;
+        let path = entry
+            .path()
+            .map_err(|e| bad(format!("has an unreadable path ({e})")))?
+            .into_owned();
+        let Some(relative) = super::bundle::checked_path(&path) else {
+            return Err(bad(format!(
+                "has {}, which is not a plain relative path",
+                path.display()
+            )));
+        };
+        if relative.as_os_str().is_empty() {
+            continue; // "./"
+        }
+        let target = dst.join(&relative);
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&target)
+                .map_err(|e| io("cannot create", &target, e))?;
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        let size = entry.size();
+        done = done.saturating_add(size);
+        if done > max {
+            return Err(Error::limit(format!(
+                "the modules archive holds more than {key} allows ({max} bytes of files); an administrator can raise it in bangerd.toml"
+            )));
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(|e| io("cannot create", parent, e))?;
+        }
+        let mut out = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&target)
+            .map_err(|e| io("cannot create", &target, e))?;
+        std::io::copy(&mut entry, &mut out)
+            .map_err(|e| bad(format!("is cut short at {} ({e})", path.display())))?;
+        tick(done)?;
+    }
+    Ok(done)
+}
+
+/// Reads `file` from `at` to `end` with `pread`, leaving the descriptor's
+/// offset (shared with the caller) alone.
+struct PositionedReader<'a> {
+    file: &'a File,
+    at: u64,
+    end: u64,
+}
+
+impl Read for PositionedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let left = self.end.saturating_sub(self.at);
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
 }
 
 /// Copy the directory tree `src` to the new directory `dst`: directories,

@@ -94,17 +94,46 @@ pub struct Image {
     pub owner_uid: u32,
 }
 
-/// What `ImportKernel` was asked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What `ImportKernelFd` (or root's `ImportKernel`) was asked. The files
+/// are open descriptors: bangerd reads what the caller opened, never a
+/// path a caller named.
+#[derive(Debug)]
 pub struct KernelImport {
     /// Name for the kernel.
     pub name: String,
     /// ELF vmlinux or bzImage.
-    pub kernel: PathBuf,
+    pub kernel: std::fs::File,
     /// Optional initramfs.
-    pub initrd: Option<PathBuf>,
-    /// Optional modules directory.
-    pub modules: Option<PathBuf>,
+    pub initrd: Option<std::fs::File>,
+    /// Optional modules.
+    pub modules: Option<Modules>,
+}
+
+/// A kernel's modules as they arrive.
+#[derive(Debug)]
+pub enum Modules {
+    /// An uncompressed tar of the `lib/modules/<version>` directory's
+    /// contents, written by the caller's own process.
+    Tar(std::fs::File),
+    /// A directory root named (root's path-taking `ImportKernel` only).
+    Dir(PathBuf),
+}
+
+/// What `ImportImageFd` was asked: copied into managed storage.
+#[derive(Debug)]
+pub struct ImageImport {
+    /// Name for the image.
+    pub name: String,
+    /// The rootfs ext4 image.
+    pub rootfs: std::fs::File,
+    /// Kernel name or id.
+    pub kernel: String,
+    /// Optional work-seed ext4 image.
+    pub work_seed: Option<std::fs::File>,
+    /// `name:port` strings.
+    pub services: Vec<String>,
+    /// The init to start.
+    pub init: Option<String>,
 }
 
 /// What `RegisterImage` was asked.

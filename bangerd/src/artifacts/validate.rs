@@ -150,6 +150,13 @@ pub fn host_path(what: &str, path: &Path, kind: Kind, reader: &Reader) -> Result
     Ok(canonical)
 }
 
+/// Whether `head` (a file's first bytes) holds an ext2/3/4 superblock.
+pub fn has_ext4_magic(head: &[u8]) -> bool {
+    let at = EXT4_MAGIC_OFFSET as usize;
+    head.get(at..at + 2)
+        .is_some_and(|m| u16::from_le_bytes([m[0], m[1]]) == 0xEF53)
+}
+
 /// Whether the file at `path` holds an ext2/3/4 superblock.
 pub fn is_ext4(path: &Path) -> std::io::Result<bool> {
     use std::io::{Read, Seek, SeekFrom};

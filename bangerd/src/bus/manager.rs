@@ -3,17 +3,18 @@
 use std::sync::Arc;
 
 use banger_dbus::options::{
-    create_vm, import_kernel, maintain, pull_image, register_image, update,
+    create_vm, import_image_fd, import_kernel, import_kernel_fd, maintain, pull_image,
+    register_image, update,
 };
 use banger_dbus::{API_VERSION, CatalogEntry, DoctorCheck, image_path};
 use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, interface};
 
 use super::options::{
-    Options, bool_opt, only_known, opt_bool, str_opt, strs_opt, u32_opt, u64_opt,
+    Options, bool_opt, fd_opt, only_known, opt_bool, str_opt, strs_opt, u32_opt, u64_opt,
 };
 use super::{caller, job, to_wire};
-use crate::artifacts::{ImageRegistration, KernelImport, Resource};
+use crate::artifacts::{ImageImport, ImageRegistration, KernelImport, Modules, Resource};
 use crate::core::{Core, MaintainOptions, VERSION};
 use crate::update::UpdateRequest;
 
@@ -78,13 +79,12 @@ impl ManagerObject {
         job::published(conn, &self.core, id).await
     }
 
-    /// Import a kernel into managed storage: `kernel` is the host path of
-    /// an ELF vmlinux or a bzImage (an ELF vmlinux is extracted from it for
-    /// Firecracker). Options: "initrd" (s) host path of an initramfs,
-    /// "modules" (s) host path of its lib/modules/VERSION directory. Paths
-    /// must be absolute and readable by the caller. Returns the job; its
-    /// Completed result is the new kernel object. polkit action
-    /// org.banger.image.manage.
+    /// Import a kernel into managed storage from host paths: `kernel` an
+    /// ELF vmlinux or a bzImage. Options: "initrd" (s), "modules" (s, its
+    /// lib/modules/VERSION directory). bangerd opens paths for root only:
+    /// everyone else passes descriptors with ImportKernelFd (banger kernel
+    /// import does). Returns the job; its Completed result is the new
+    /// kernel object. polkit action org.banger.image.manage.
     #[zbus(out_args("job"))]
     async fn import_kernel(
         &self,
@@ -101,19 +101,100 @@ impl ManagerObject {
             &[import_kernel::INITRD, import_kernel::MODULES],
         )
         .map_err(to_wire)?;
+        let initrd = str_opt(&options, import_kernel::INITRD).map_err(to_wire)?;
+        let modules = str_opt(&options, import_kernel::MODULES).map_err(to_wire)?;
+        let id = self
+            .core
+            .import_kernel_paths(
+                &caller,
+                name,
+                kernel.into(),
+                initrd.map(Into::into),
+                modules.map(Into::into),
+            )
+            .await
+            .map_err(to_wire)?;
+        job::published(conn, &self.core, id).await
+    }
+
+    /// Import a kernel into managed storage from descriptors the caller
+    /// opened: `kernel` an ELF vmlinux or a bzImage (an ELF vmlinux is
+    /// extracted from it for Firecracker). Options: "initrd" (h) an
+    /// initramfs, "modules" (h) an uncompressed tar of its
+    /// lib/modules/VERSION directory's contents in a regular file. Sizes
+    /// are capped (limits.*). Returns the job; its Completed result is the
+    /// new kernel object. polkit action org.banger.image.manage.
+    #[zbus(out_args("job"))]
+    async fn import_kernel_fd(
+        &self,
+        name: String,
+        kernel: zbus::OwnedFd,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        only_known(
+            "ImportKernelFd",
+            &options,
+            &[import_kernel_fd::INITRD, import_kernel_fd::MODULES],
+        )
+        .map_err(to_wire)?;
         let req = KernelImport {
             name,
-            kernel: kernel.into(),
-            initrd: str_opt(&options, import_kernel::INITRD)
+            kernel: std::fs::File::from(std::os::fd::OwnedFd::from(kernel)),
+            initrd: fd_opt(&options, import_kernel_fd::INITRD).map_err(to_wire)?,
+            modules: fd_opt(&options, import_kernel_fd::MODULES)
                 .map_err(to_wire)?
-                .map(Into::into),
-            modules: str_opt(&options, import_kernel::MODULES)
-                .map_err(to_wire)?
-                .map(Into::into),
+                .map(Modules::Tar),
         };
         let id = self
             .core
             .import_kernel(&caller, req)
+            .await
+            .map_err(to_wire)?;
+        job::published(conn, &self.core, id).await
+    }
+
+    /// Import an image into managed storage from descriptors the caller
+    /// opened: `rootfs` an ext4 image, `kernel` a kernel name or id.
+    /// Options: "work_seed" (h) an ext4 image of the rootfs's /root (made
+    /// from the rootfs when absent), "services" (as) guest services
+    /// readiness waits for as name:port, "init" (s) the init the kernel
+    /// starts. Returns the job; its Completed result is the image object.
+    /// polkit action org.banger.image.manage.
+    #[zbus(out_args("job"))]
+    async fn import_image_fd(
+        &self,
+        name: String,
+        rootfs: zbus::OwnedFd,
+        kernel: String,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        only_known(
+            "ImportImageFd",
+            &options,
+            &[
+                import_image_fd::WORK_SEED,
+                import_image_fd::SERVICES,
+                import_image_fd::INIT,
+            ],
+        )
+        .map_err(to_wire)?;
+        let req = ImageImport {
+            name,
+            rootfs: std::fs::File::from(std::os::fd::OwnedFd::from(rootfs)),
+            kernel,
+            work_seed: fd_opt(&options, import_image_fd::WORK_SEED).map_err(to_wire)?,
+            services: strs_opt(&options, import_image_fd::SERVICES).map_err(to_wire)?,
+            init: str_opt(&options, import_image_fd::INIT).map_err(to_wire)?,
+        };
+        let id = self
+            .core
+            .import_image(&caller, req)
             .await
             .map_err(to_wire)?;
         job::published(conn, &self.core, id).await
@@ -145,7 +226,8 @@ impl ManagerObject {
     /// `kernel` a kernel name or id. Options: "work_seed" (s) host path of
     /// an ext4 image of the rootfs's /root, "services" (as) guest services
     /// readiness waits for as name:port, "init" (s) the init the kernel
-    /// starts. Returns the image object. polkit action
+    /// starts. Root only: everyone else imports with ImportImageFd (banger
+    /// image register does). Returns the image object. polkit action
     /// org.banger.image.manage.
     #[zbus(out_args("image"))]
     async fn register_image(

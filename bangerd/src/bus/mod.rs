@@ -42,6 +42,7 @@ pub fn to_wire(e: Error) -> Reply {
         ErrorKind::Unavailable => W::Unavailable(e.message),
         ErrorKind::Failed => W::Failed(e.message),
         ErrorKind::Cancelled => W::Cancelled(e.message),
+        ErrorKind::LimitExceeded => W::LimitExceeded(e.message),
     };
     Reply::Banger(wire)
 }

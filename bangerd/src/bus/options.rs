@@ -103,6 +103,27 @@ pub fn str_opt(options: &Options, key: &str) -> Result<Option<String>> {
     }
 }
 
+/// A descriptor option (`h`), as a file of this process, `None` when absent.
+pub fn fd_opt(options: &Options, key: &str) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsFd;
+    match options.get(key) {
+        None => Ok(None),
+        Some(v) => {
+            let fd = <&zbus::Fd<'_>>::try_from(v).map_err(|_| {
+                Error::invalid(format!(
+                    "option {key} must be a file descriptor (h), not {}: pass an open file, not a path",
+                    v.value_signature()
+                ))
+            })?;
+            let owned = fd
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::failed(format!("cannot keep descriptor {key}: {e}")))?;
+            Ok(Some(std::fs::File::from(owned)))
+        }
+    }
+}
+
 /// A string-array option, empty when absent.
 pub fn strs_opt(options: &Options, key: &str) -> Result<Vec<String>> {
     match options.get(key) {

@@ -635,6 +635,7 @@ impl Core {
             _ => e,
         })?;
         self.authorize_use(caller, &image).await?;
+        crate::artifacts::commands::paths_of_root(&image)?;
         let kernel = self.kernel_by_id(&image.kernel_id).await?;
         // The system disk costs up to the rootfs's data, the work disk its seed.
         let needed = crate::artifacts::files::disk_usage(&image.rootfs)

@@ -134,19 +134,19 @@ impl Core {
                     };
                     // Job errors are broadcast: no registry, repository or
                     // login of the caller's in them.
-                    let words = [
+                    let (whole, registry, repository) = (
                         reference.whole(),
                         reference.registry().to_owned(),
                         reference.repository().to_owned(),
-                        credentials
-                            .as_ref()
-                            .map(|c| c.username().to_owned())
-                            .unwrap_or_default(),
+                    );
+                    let words = [
+                        (whole.as_str(), "the image"),
+                        (registry.as_str(), "<registry>"),
+                        (repository.as_str(), "<repository>"),
                     ];
-                    let words: Vec<&str> = words.iter().map(String::as_str).collect();
                     core.pull_oci_job(&ctx, reference.clone(), credentials, staged, agent)
                         .await
-                        .map_err(|e| e.redacted(&words, "<the image>"))
+                        .map_err(|e| e.redacted(&words))
                 },
             )
             .await?;

@@ -182,10 +182,9 @@ fn pull_failed(
                 "{reference}: the registry refused an anonymous pull ({why}); \
                  log in with `podman login` or `docker login`, or pass --username and --password-stdin"
             )),
-            Some(c) => Error::denied(format!(
-                "{reference}: the registry refused the credentials of {:?} ({why}); \
-                 check the username and password or token, and that it may pull this repository",
-                c.username()
+            Some(_) => Error::denied(format!(
+                "{reference}: the registry refused the credentials given ({why}); \
+                 check the username and password or token, and that it may pull this repository"
             )),
         },
         _ => Error::unavailable(format!("{reference}: cannot pull from the registry: {why}")),
