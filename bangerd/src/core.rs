@@ -148,7 +148,7 @@ impl Core {
     }
 
     /// Run the host checks. Read-only, open to every caller.
-    pub async fn doctor(&self, _caller: &Caller) -> Vec<Check> {
+    pub async fn doctor(&self, caller: &Caller) -> Vec<Check> {
         let config = self.config();
         let mut checks = doctor::run(
             &config,
@@ -183,6 +183,19 @@ impl Core {
             .position(|c| c.name == "vmm")
             .map_or(checks.len(), |i| i + 1);
         checks.splice(at..at, [accel, default_image]);
+        if self.quota_applies(caller).await {
+            match self.usage_of(caller.uid, None) {
+                Ok(usage) => checks.push(doctor::check_limits(&config.limits, Some(&usage))),
+                Err(e) => checks.push(doctor::Check {
+                    name: "limits",
+                    verdict: doctor::Verdict::Warn,
+                    detail: format!("cannot count what you hold: {e}"),
+                    hint: "see journalctl -u bangerd".into(),
+                }),
+            }
+        } else {
+            checks.push(doctor::check_limits(&config.limits, None));
+        }
         checks
     }
 

@@ -739,6 +739,66 @@ fn check_dns_port(addr: std::net::SocketAddr, served: Option<std::net::SocketAdd
     }
 }
 
+/// The caller's usage against the per-user `[limits]`: `None` when the
+/// caller is exempt (root, or `vm.manage-others` with
+/// `limits.exempt_admins`). Warns at a cap, since the next create or start
+/// of that kind will be refused.
+pub fn check_limits(
+    limits: &crate::config::LimitsConfig,
+    usage: Option<&crate::vm::quota::Usage>,
+) -> Check {
+    let Some(u) = usage else {
+        return Check::pass("limits", "you are exempt from the per-user limits");
+    };
+    const GIB: f64 = (1u64 << 30) as f64;
+    let detail = format!(
+        "you have {} of {} VMs, {} of {} running, {} of {} vCPUs and {} of {} MiB running, {:.1} of {} GiB of disk",
+        u.vms,
+        limits.max_vms,
+        u.running,
+        limits.max_running_vms,
+        u.vcpus,
+        limits.max_vcpus,
+        u.memory_mib,
+        limits.max_memory_mib,
+        u.disk_bytes as f64 / GIB,
+        limits.max_disk_gib
+    );
+    // A cap of 0 is none.
+    let at = |value: u64, cap: u64| cap != 0 && value >= cap;
+    let full: Vec<&str> = [
+        (at(u.vms.into(), limits.max_vms.into()), "limits.max_vms"),
+        (
+            at(u.running.into(), limits.max_running_vms.into()),
+            "limits.max_running_vms",
+        ),
+        (
+            at(u.vcpus.into(), limits.max_vcpus.into()),
+            "limits.max_vcpus",
+        ),
+        (
+            at(u.memory_mib, limits.max_memory_mib),
+            "limits.max_memory_mib",
+        ),
+        (
+            at(u.disk_bytes, limits.max_disk_gib.saturating_mul(1 << 30)),
+            "limits.max_disk_gib",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(at, name)| at.then_some(name))
+    .collect();
+    if full.is_empty() {
+        Check::pass("limits", detail)
+    } else {
+        Check::warn(
+            "limits",
+            format!("{detail}; at {}", full.join(", ")),
+            "stop or delete VMs (or images) you no longer need, or ask an admin to raise [limits] in bangerd.toml",
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -955,5 +1015,29 @@ mod tests {
     fn absent_polkit_is_a_failure() {
         assert_eq!(check_polkit(NameState::Absent).verdict, Verdict::Fail);
         assert_eq!(check_polkit(NameState::Activatable).verdict, Verdict::Pass);
+    }
+
+    #[test]
+    fn limits_pass_below_the_caps_and_warn_at_one() {
+        use crate::vm::quota::Usage;
+        let limits = crate::config::LimitsConfig::default();
+        assert_eq!(check_limits(&limits, None).verdict, Verdict::Pass);
+        let some = Usage {
+            vms: 3,
+            running: 1,
+            vcpus: 2,
+            memory_mib: 1024,
+            disk_bytes: 24 << 30,
+        };
+        let c = check_limits(&limits, Some(&some));
+        assert_eq!(c.verdict, Verdict::Pass, "{c:?}");
+        assert!(c.detail.contains("3 of 50 VMs") && c.detail.contains("24.0 of 500 GiB"));
+        let full = Usage {
+            running: limits.max_running_vms,
+            ..some
+        };
+        let c = check_limits(&limits, Some(&full));
+        assert_eq!(c.verdict, Verdict::Warn, "{c:?}");
+        assert!(c.detail.ends_with("at limits.max_running_vms"), "{c:?}");
     }
 }

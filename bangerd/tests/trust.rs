@@ -39,8 +39,13 @@ fn text(out: &Output) -> String {
 
 impl Bed {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// A bed whose bangerd.toml also holds `extra`.
+    fn start_with(extra: &str) -> Self {
         let bed = TestBed::start(Options {
-            config_toml: Some("[daemon]\njob_retention_secs = 30\n".into()),
+            config_toml: Some(format!("[daemon]\njob_retention_secs = 30\n{extra}")),
             ..Options::default()
         })
         .unwrap();
@@ -929,4 +934,112 @@ fn a_huge_sparse_kernel_is_refused_by_size() {
     assert!(b.kernel("huge").is_none());
     // Still serving.
     b.ok_as(&b.alice, &["image", "list"]);
+}
+
+/// One member could once fill the host: nothing limited how many VMs,
+/// vCPUs, memory or disk a uid took. Now `[limits]` does, per uid, and
+/// says which limit and what to do; nothing is made when it says no, and
+/// one user's usage does not count against another. Root is exempt.
+#[test]
+fn per_user_limits_refuse_before_anything_is_made() {
+    let b = Bed::start_with(
+        "[limits]\nmax_vms = 2\nmax_vcpus_per_vm = 2\nmax_memory_mib = 768\nmax_disk_gib = 3\n",
+    );
+    b.image_of(&b.alice, "alices");
+    let create = |user: &TestUser, name: &str, more: &[&str]| {
+        let mut args = vec![
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--image",
+            "alices",
+            "--no-start",
+        ];
+        args.extend_from_slice(more);
+        b.run_as(user, &args)
+    };
+    let limited = |out: Output, needle: &str| {
+        assert_eq!(out.status.code(), Some(LIMIT), "{}", text(&out));
+        assert!(text(&out).contains(needle), "{needle}: {}", text(&out));
+    };
+    let names = || {
+        b.vms()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+
+    let ok = create(&b.alice, "one", &["--disk-size", "1G", "--memory", "1024"]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    limited(
+        create(&b.alice, "big", &["--vcpus", "3", "--disk-size", "64M"]),
+        "limits.max_vcpus_per_vm",
+    );
+    // 1 GiB + 16 MiB of image held; 2 GiB more is past 3 GiB.
+    limited(
+        create(&b.alice, "two", &["--disk-size", "2G"]),
+        "limits.max_disk_gib",
+    );
+    let ok = create(&b.alice, "two", &["--disk-size", "1G"]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    limited(
+        create(&b.alice, "three", &["--disk-size", "64M"]),
+        "limits.max_vms",
+    );
+    assert_eq!(names(), ["one", "two"], "a refused create made nothing");
+
+    // Growing a disk past the limit changes nothing.
+    b.refused(
+        &b.alice,
+        &["vm", "set", "one", "--disk-size", "2G"],
+        LIMIT,
+        "limits.max_disk_gib",
+    );
+    assert_eq!(b.vm("one")["disk_bytes"], 1u64 << 30);
+    // Starting a VM whose memory is past what alice may run is refused by
+    // the call itself, and the VM stays stopped.
+    b.refused(
+        &b.alice,
+        &["vm", "start", "one"],
+        LIMIT,
+        "limits.max_memory_mib",
+    );
+    assert_eq!(b.vm("one")["state"], "stopped");
+
+    // Doctor tells alice where she stands.
+    let doctor = b.run_as(&b.alice, &["doctor", "--json"]);
+    let doctor = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    assert!(
+        doctor.contains("you have 2 of 2 VMs") && doctor.contains("limits.max_vms"),
+        "{doctor}"
+    );
+
+    // Bob's count is his own; root is not held to the limits at all.
+    b.image_of(&b.bob, "bobs");
+    b.ok_as(
+        &b.bob,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "bob-one",
+            "--image",
+            "bobs",
+            "--no-start",
+            "--disk-size",
+            "1G",
+        ],
+    );
+    b.root_ok(&[
+        "vm",
+        "create",
+        "--name",
+        "root-one",
+        "--image",
+        "alices",
+        "--no-start",
+        "--vcpus",
+        "3",
+    ]);
 }

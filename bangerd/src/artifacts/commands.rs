@@ -403,6 +403,13 @@ impl Core {
         std::fs::create_dir_all(kernels_dir(&state))
             .map_err(|e| Error::failed(format!("cannot create the kernel directory: {e}")))?;
         crate::vm::disk::check_space(&kernels_dir(&state), needed)?;
+        if self.quota_applies(caller).await {
+            let demand = crate::vm::quota::Demand {
+                disk_bytes: kernel_len + initrd_len + modules_len,
+                ..Default::default()
+            };
+            self.check_quota(uid, &demand, None, &format!("kernel {name}"))?;
+        }
         let modules_cap = self.config().limits.modules_max_mib.saturating_mul(1 << 20);
 
         let core = self.clone();
@@ -739,6 +746,13 @@ impl Core {
             .map_err(|e| Error::failed(format!("cannot create the image directory: {e}")))?;
         let needed = rootfs_used + seed.as_ref().map_or(64 << 20, |(_, (_, used))| *used);
         crate::vm::disk::check_space(&images_dir(&state), needed)?;
+        if self.quota_applies(caller).await {
+            let demand = crate::vm::quota::Demand {
+                disk_bytes: rootfs_len,
+                ..Default::default()
+            };
+            self.check_quota(caller.uid, &demand, None, &format!("image {name}"))?;
+        }
 
         let core = self.clone();
         let uid = caller.uid;

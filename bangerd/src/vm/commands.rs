@@ -17,6 +17,7 @@ use nix::sys::signal::Signal;
 
 use super::disk::{self, DiskMethod};
 use super::process::{ProcessId, Watched};
+use super::quota::{self, Demand, Usage};
 use super::snapshot;
 use super::vmm::firecracker::Firecracker;
 use super::vmm::kvm::{self, KvmVerdict};
@@ -466,9 +467,69 @@ impl Core {
         Ok(())
     }
 
+    /// Whether `caller` is held to the per-user `[limits]`: root never,
+    /// `vm.manage-others` holders not while `limits.exempt_admins` (asked
+    /// without a prompt: an exemption is never worth one).
+    pub(crate) async fn quota_applies(&self, caller: &Caller) -> bool {
+        if caller.uid == 0 {
+            return false;
+        }
+        if !self.config().limits.exempt_admins {
+            return true;
+        }
+        let quiet = Caller {
+            allow_interactive: false,
+            ..caller.clone()
+        };
+        self.deps
+            .authorizer
+            .authorize(&quiet, Action::VmManageOthers)
+            .await
+            .is_err()
+    }
+
+    /// Check `add` against what `uid` holds (leaving VM `skip` out). Call
+    /// with the row lock held so that two calls cannot both take the
+    /// last slot.
+    pub(crate) fn check_quota(
+        &self,
+        uid: u32,
+        add: &Demand,
+        skip: Option<&str>,
+        what: &str,
+    ) -> Result<()> {
+        let usage = self.usage_of(uid, skip)?;
+        quota::check(&self.config().limits, &usage, add, what)
+    }
+
+    /// What `uid` holds now, leaving VM `skip` out.
+    pub fn usage_of(&self, uid: u32, skip: Option<&str>) -> Result<Usage> {
+        let store = &self.deps.store;
+        let vms = store.vms().map_err(store_err("reading the vms failed"))?;
+        let images = store
+            .images()
+            .map_err(store_err("reading the images failed"))?;
+        let kernels = store
+            .kernels()
+            .map_err(store_err("reading the kernels failed"))?;
+        Ok(Usage::of(uid, &vms, &images, &kernels, skip))
+    }
+
     /// Apply `event` to VM `id` (and `change` to the row) under the row
     /// lock. Returns the new row.
     fn transition(&self, id: &str, event: VmEvent, change: impl FnOnce(&mut Vm)) -> Result<Vm> {
+        self.transition_if(id, event, |_| Ok(()), change)
+    }
+
+    /// [`Core::transition`] when `guard` accepts the row (checked under
+    /// the same lock).
+    fn transition_if(
+        &self,
+        id: &str,
+        event: VmEvent,
+        guard: impl FnOnce(&Vm) -> Result<()>,
+        change: impl FnOnce(&mut Vm),
+    ) -> Result<Vm> {
         let _rows = self.rows();
         let store = &self.deps.store;
         let mut vm = store
@@ -476,6 +537,7 @@ impl Core {
             .map_err(store_err("reading the vm failed"))?
             .ok_or_else(|| Error::not_found(format!("vm {id} is gone")))?;
         vm.state = vm.state.after(event, &vm.name)?;
+        guard(&vm)?;
         change(&mut vm);
         store
             .update_vm(&vm)
@@ -500,6 +562,23 @@ impl Core {
         drop(_rows);
         self.announce(id);
         Ok(vm)
+    }
+
+    /// Where VM `id`'s console log is.
+    pub fn console_log_path(&self, id: &str) -> PathBuf {
+        self.vm_paths(id).console_log
+    }
+
+    /// Drop job history older than `days`; returns how many went.
+    pub async fn prune_job_history(&self, days: u32) -> Result<usize> {
+        let cutoff = SystemTime::now() - Duration::from_secs(u64::from(days) * 86_400);
+        let store = self.deps.store.clone();
+        blocking(move || {
+            store
+                .prune_jobs(unix_us(cutoff))
+                .map_err(store_err("pruning the job history failed"))
+        })
+        .await
     }
 
     fn vm_paths(&self, id: &str) -> VmPaths {
@@ -613,12 +692,13 @@ impl Core {
                 .authorize(caller, Action::VmNat)
                 .await?;
         }
-        validate::name("vm name", &req.name)?;
+        validate::name("vm", &req.name)?;
         let config = self.config();
         let vcpus = req.vcpus.unwrap_or(config.vm.vcpus);
         let memory_mib = req.memory_mib.unwrap_or(config.vm.memory_mib);
         let disk_bytes = req.disk_bytes.unwrap_or(config.vm.disk_mib << 20);
         validate_sizes(vcpus, memory_mib, disk_bytes)?;
+        let quota = self.quota_applies(caller).await;
         for key in &req.ssh_keys {
             validate_ssh_key(key)?;
         }
@@ -671,11 +751,21 @@ impl Core {
             last_error: String::new(),
         };
         {
-            let store = self.deps.store.clone();
+            let core = self.clone();
             let row = vm.clone();
             let name = req.name.clone();
+            let demand = Demand {
+                vm: true,
+                run: req.start.then_some((vcpus, memory_mib)),
+                vcpus_per_vm: vcpus,
+                disk_bytes,
+            };
             blocking(move || {
-                store.insert_vm(&row).map_err(|e| {
+                let _rows = core.rows();
+                if quota {
+                    core.check_quota(row.owner_uid, &demand, None, &format!("vm {name}"))?;
+                }
+                core.deps.store.insert_vm(&row).map_err(|e| {
                     if crate::artifacts::store::is_unique_violation(&e) {
                         Error::new(
                             ErrorKind::AlreadyExists,
@@ -699,7 +789,7 @@ impl Core {
             .jobs()
             .start_cooperative("create-vm", caller.uid, Action::VmCreate, move |ctx| async move {
                 let _claim = claim;
-                let made = core.build_vm(&ctx, &vm, start).await;
+                let made = core.build_vm(&ctx, &vm, start, quota).await;
                 match made {
                     Ok(()) => Ok(Some(Resource::Vm(vm.id.clone()))),
                     Err(e) => {
@@ -720,7 +810,13 @@ impl Core {
         }
     }
 
-    async fn build_vm(self: &Arc<Self>, ctx: &JobContext, vm: &Vm, start: bool) -> Result<()> {
+    async fn build_vm(
+        self: &Arc<Self>,
+        ctx: &JobContext,
+        vm: &Vm,
+        start: bool,
+        quota: bool,
+    ) -> Result<()> {
         ctx.stage("resolve image", 0.0).await?;
         let image = self.ensure_work_seed(&vm.image_id).await?;
         let paths = self.vm_paths(&vm.id);
@@ -763,28 +859,62 @@ impl Core {
             v.disk_method = method.as_str().to_owned();
         })?;
         if start {
-            self.boot(ctx, &vm.id, 0.3).await?;
+            self.boot(ctx, &vm.id, 0.3, quota).await?;
         }
         Ok(())
     }
 
     /// Boot VM `id` (Stopped): network, VMM, agent, services. On failure
     /// the VM is stopped again and the error recorded.
-    async fn boot(self: &Arc<Self>, ctx: &JobContext, id: &str, base: f64) -> Result<()> {
-        let mut result = self.boot_once(ctx, id, base).await;
+    /// With `quota`, the owner's `[limits]` are checked at the moment
+    /// the VM turns Starting.
+    async fn boot(
+        self: &Arc<Self>,
+        ctx: &JobContext,
+        id: &str,
+        base: f64,
+        quota: bool,
+    ) -> Result<()> {
+        let mut result = self.boot_once(ctx, id, base, quota).await;
         // A guest whose console went silent before its agent answered is
         // stuck (seen under TCG: "tsc: Unable to calibrate against PIT");
         // one fresh boot gets it going.
         if matches!(&result, Err(e) if e.message.starts_with(STALLED)) {
             tracing::warn!(banger_vm_id = %id, "the guest stalled while booting; booting it again");
             ctx.progress("the guest stalled; booting it again", base, None);
-            result = self.boot_once(ctx, id, base).await;
+            result = self.boot_once(ctx, id, base, quota).await;
         }
         result
     }
 
-    async fn boot_once(self: &Arc<Self>, ctx: &JobContext, id: &str, base: f64) -> Result<()> {
-        let vm = self.transition(id, VmEvent::Start, |v| v.last_error.clear())?;
+    async fn boot_once(
+        self: &Arc<Self>,
+        ctx: &JobContext,
+        id: &str,
+        base: f64,
+        quota: bool,
+    ) -> Result<()> {
+        let vm = self.transition_if(
+            id,
+            VmEvent::Start,
+            |vm| {
+                if !quota {
+                    return Ok(());
+                }
+                let demand = Demand {
+                    run: Some((vm.vcpus, vm.memory_mib)),
+                    vcpus_per_vm: vm.vcpus,
+                    ..Demand::default()
+                };
+                self.check_quota(
+                    vm.owner_uid,
+                    &demand,
+                    Some(&vm.id),
+                    &format!("vm {}", vm.name),
+                )
+            },
+            |v| v.last_error.clear(),
+        )?;
         let result = self.boot_steps(ctx, &vm, base).await;
         if let Err(e) = &result {
             self.halt(id).await;
@@ -1036,6 +1166,23 @@ impl Core {
         self.authorize_vm(caller, &vm).await?;
         vm.state.after(VmEvent::Start, &vm.name)?;
         check_vmm(&self.config())?;
+        // Checked here so the call itself says no, and again when the VM
+        // turns Starting (another start may have come between).
+        let quota = self.quota_applies(caller).await;
+        if quota {
+            let demand = Demand {
+                run: Some((vm.vcpus, vm.memory_mib)),
+                vcpus_per_vm: vm.vcpus,
+                ..Demand::default()
+            };
+            let _rows = self.rows();
+            self.check_quota(
+                vm.owner_uid,
+                &demand,
+                Some(&vm.id),
+                &format!("vm {}", vm.name),
+            )?;
+        }
         let claim = self.claim_vm(&vm)?;
         let core = self.clone();
         self.jobs()
@@ -1045,7 +1192,7 @@ impl Core {
                 Action::VmManage,
                 move |ctx| async move {
                     let _claim = claim;
-                    core.boot(&ctx, &vm.id, 0.0).await?;
+                    core.boot(&ctx, &vm.id, 0.0, quota).await?;
                     Ok(Some(Resource::Vm(vm.id)))
                 },
             )
@@ -1134,6 +1281,7 @@ impl Core {
             vm.state.after(VmEvent::Stop, &vm.name)?;
         }
         check_vmm(&self.config())?;
+        let quota = self.quota_applies(caller).await;
         let claim = self.claim_vm(&vm)?;
         let core = self.clone();
         self.jobs()
@@ -1144,7 +1292,7 @@ impl Core {
                 move |ctx| async move {
                     let _claim = claim;
                     core.shut_down_if_running(&ctx, &vm.id).await?;
-                    core.boot(&ctx, &vm.id, 0.4).await?;
+                    core.boot(&ctx, &vm.id, 0.4, quota).await?;
                     Ok(Some(Resource::Vm(vm.id)))
                 },
             )
@@ -1269,6 +1417,15 @@ impl Core {
                 "the work disk of {} is {} bytes; it can grow but not shrink",
                 vm.name, vm.disk_bytes
             )));
+        }
+        if self.quota_applies(caller).await {
+            let demand = Demand {
+                vcpus_per_vm: changes.vcpus.unwrap_or(0),
+                disk_bytes: disk_bytes - vm.disk_bytes,
+                ..Demand::default()
+            };
+            let _rows = self.rows();
+            self.check_quota(vm.owner_uid, &demand, None, &format!("vm {}", vm.name))?;
         }
         let _claim = self.claim_vm(&vm)?;
         if sizes && vm.state != VmState::Stopped {

@@ -5,6 +5,7 @@
 pub mod commands;
 pub mod disk;
 pub mod process;
+pub mod quota;
 pub mod snapshot;
 pub mod store;
 pub mod supervise;
