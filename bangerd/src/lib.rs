@@ -12,6 +12,7 @@ pub mod config;
 pub mod core;
 pub mod doctor;
 pub mod error;
+pub mod housekeeping;
 pub mod idle;
 pub mod jobs;
 pub mod logging;
@@ -244,6 +245,7 @@ pub async fn run(
             }
         })
     });
+    let housekeeping = tokio::spawn(housekeeping::run(core.clone()));
     let activity = Arc::new(idle::Activity::default());
     let calls = tokio::spawn(watch_calls(conn.clone(), activity.clone()));
     let mut last_status = status;
@@ -308,6 +310,7 @@ pub async fn run(
     drop(core);
     mirror.abort();
     calls.abort();
+    housekeeping.abort();
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
