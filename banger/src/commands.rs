@@ -313,12 +313,21 @@ async fn kernel_import(
 /// `path` opened for reading, as the user running banger.
 fn open_input(what: &str, path: &std::path::Path) -> Result<std::fs::File, Failure> {
     let file = std::fs::File::open(path).map_err(|e| {
-        let kind = if e.kind() == std::io::ErrorKind::PermissionDenied {
-            Kind::Permission
-        } else {
-            Kind::InvalidArgument
-        };
-        Failure::new(kind, format!("cannot open {what} {}: {e}", path.display()))
+        let shown = path.display();
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => Failure::new(
+                Kind::Permission,
+                format!("cannot open {what} {shown}: {e}; banger reads it as you, so you need to be able to read it"),
+            ),
+            std::io::ErrorKind::NotFound => Failure::new(
+                Kind::InvalidArgument,
+                format!("{what} {shown} does not exist; check the path"),
+            ),
+            _ => Failure::new(
+                Kind::InvalidArgument,
+                format!("cannot open {what} {shown}: {e}"),
+            ),
+        }
     })?;
     let meta = file.metadata().map_err(|e| {
         Failure::new(

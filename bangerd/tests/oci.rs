@@ -1034,3 +1034,118 @@ fn registry_pulls_squat_no_name_and_show_no_arguments() {
         );
     }
 }
+
+/// Re-tag `repo:t` on the loopback registry at `port` as `repo:tag` with
+/// its manifest changed by `edit` (the registry checks that blobs exist,
+/// not their sizes, as a hostile registry would not either).
+fn retag(port: u16, repo: &str, tag: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // reqwest is built without a default TLS provider (plain HTTP here).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}/v2/{repo}/manifests");
+        let got = client
+            .get(format!("{base}/t"))
+            .header(
+                "Accept",
+                "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(got.status().is_success(), "{got:?}");
+        let media = got.headers()["content-type"].to_str().unwrap().to_owned();
+        let mut manifest: serde_json::Value = got.json().await.unwrap();
+        edit(&mut manifest);
+        let put = client
+            .put(format!("{base}/{tag}"))
+            .header("Content-Type", media)
+            .body(serde_json::to_vec(&manifest).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert!(put.status().is_success(), "{put:?}");
+    });
+}
+
+/// A registry could once send any number of bytes for a layer and list
+/// layers of any size: the pull wrote until the disk was full. Now the
+/// manifest's sizes are held to limits.image_max_gib before anything is
+/// fetched, and a layer is cut off at the size its manifest gives.
+#[test]
+fn a_registry_cannot_send_more_than_its_manifest_or_the_limit_says() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    umoci_image(&work.path().join("amd"), "amd64", fill_amd64);
+    run(Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:t", work.path().join("amd").display()))
+        .arg(format!("docker://127.0.0.1:{}/test/img:t", reg.port)));
+    // The first layer said to be one byte short of what it is, and one
+    // said to be 2 GiB.
+    retag(reg.port, "test/img", "short", |m| {
+        let size = m["layers"][0]["size"].as_u64().unwrap();
+        m["layers"][0]["size"] = (size - 1).into();
+    });
+    retag(reg.port, "test/img", "huge", |m| {
+        m["layers"][0]["size"] = (2u64 << 30).into();
+    });
+    let agent = guest_artifact("banger-agent", "build-agent");
+    let bed = TestBed::start(Options {
+        config_toml: Some(format!(
+            "[limits]\nimage_max_gib = 1\n[vm]\nagent_bin = \"{}\"\n",
+            agent.display()
+        )),
+        ..Options::default()
+    })
+    .expect("test bed");
+    let inputs = tempfile::tempdir().unwrap();
+    let vmlinux = inputs.path().join("vmlinux");
+    std::fs::write(&vmlinux, banger_testbed::tiny_vmlinux(4096)).unwrap();
+    let out = bed
+        .banger()
+        .args(["kernel", "import", "--name", "base-kernel", "--kernel"])
+        .arg(&vmlinux)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let pull = |tag: &str| {
+        bed.banger()
+            .args(["image", "pull", "--kernel-ref", "base-kernel", "--name"])
+            .arg(format!("img-{tag}"))
+            .arg(format!("127.0.0.1:{}/test/img:{tag}", reg.port))
+            .output()
+            .unwrap()
+    };
+
+    let out = pull("huge");
+    assert_eq!(out.status.code(), Some(11), "{}", text(&out));
+    assert!(
+        text(&out).contains("limits.image_max_gib"),
+        "{}",
+        text(&out)
+    );
+
+    let out = pull("short");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("more than the") && text(&out).contains("bytes the manifest says"),
+        "{}",
+        text(&out)
+    );
+
+    // Neither left an image behind.
+    let images = bed
+        .banger()
+        .args(["image", "list", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&images.stdout).trim(), "[]");
+    // The honest tag still pulls.
+    let out = pull("t");
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -189,8 +189,16 @@ impl Core {
                 Some(done),
             );
         };
-        let fetched =
-            registry::fetch(&reference, credentials.as_ref(), &blobs, stall, &mut report).await?;
+        let max_bytes = self.config().limits.image_max_gib.saturating_mul(1 << 30);
+        let fetched = registry::fetch(
+            &reference,
+            credentials.as_ref(),
+            &blobs,
+            stall,
+            max_bytes,
+            &mut report,
+        )
+        .await?;
         tracing::info!(
             image = %reference,
             digest = %fetched.digest,

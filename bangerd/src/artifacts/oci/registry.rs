@@ -193,12 +193,17 @@ fn pull_failed(
 
 /// Fetch `reference`'s linux/amd64 manifest and its layers into `dir`,
 /// anonymously or with `credentials`. `progress` sees (bytes so far,
-/// total bytes) after each layer.
+/// total bytes) after each layer. An image whose layers the manifest
+/// says are more than `max_bytes` together is refused before a byte of
+/// them is fetched, and a registry that sends more bytes for a layer than
+/// the manifest says is cut off at that size: a hostile registry cannot
+/// fill the disk.
 pub async fn fetch(
     reference: &Reference,
     credentials: Option<&Credentials>,
     dir: &Path,
     stall: Duration,
+    max_bytes: u64,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<Fetched> {
     // reqwest is built without a default TLS provider; ring is ours.
@@ -227,11 +232,22 @@ pub async fn fetch(
         .pull_image_manifest(reference, &auth)
         .await
         .map_err(|e| pull_failed(reference, credentials, &e))?;
-    let total: u64 = manifest
-        .layers
-        .iter()
-        .map(|l| u64::try_from(l.size).unwrap_or(0))
-        .sum();
+    let mut total = 0u64;
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        let size = u64::try_from(layer.size).map_err(|_| {
+            Error::invalid(format!(
+                "{reference}: layer {} has a negative size in the manifest",
+                i + 1
+            ))
+        })?;
+        total = total.saturating_add(size);
+    }
+    if total > max_bytes {
+        return Err(Error::limit(format!(
+            "{reference}: its layers are {total} bytes, more than the {} GiB an image may have here (limits.image_max_gib)",
+            max_bytes >> 30
+        )));
+    }
     let mut done = 0u64;
     let mut layers = Vec::new();
     for (i, layer) in manifest.layers.iter().enumerate() {
@@ -243,25 +259,80 @@ pub async fn fetch(
             )));
         }
         let path = dir.join(format!("layer-{i}"));
+        let size = u64::try_from(layer.size).unwrap_or(0);
         let file = tokio::fs::File::create(&path)
             .await
             .map_err(|e| Error::failed(format!("cannot create {}: {e}", path.display())))?;
-        client
-            .pull_blob(reference, layer, file)
+        let mut out = Capped::new(file, size);
+        let pulled = client.pull_blob(reference, layer, &mut out).await;
+        if out.overflowed {
+            return Err(Error::failed(format!(
+                "{reference}: layer {}: the registry sent more than the {size} bytes the manifest says; refused",
+                i + 1
+            )));
+        }
+        pulled.map_err(|e| pull_failed(reference, credentials, &e))?;
+        check_blob(&path, &layer.digest, size)
             .await
-            .map_err(|e| pull_failed(reference, credentials, &e))?;
-        check_blob(
-            &path,
-            &layer.digest,
-            u64::try_from(layer.size).unwrap_or(u64::MAX),
-        )
-        .await
-        .map_err(|why| Error::failed(format!("{reference}: layer {}: {why}", i + 1)))?;
-        done += u64::try_from(layer.size).unwrap_or(0);
+            .map_err(|why| Error::failed(format!("{reference}: layer {}: {why}", i + 1)))?;
+        done += size;
         progress(done, total);
         layers.push(path);
     }
     Ok(Fetched { digest, layers })
+}
+
+/// A writer that takes at most `cap` bytes: a write past it fails (and
+/// sets `overflowed`), which ends the download.
+struct Capped<W> {
+    inner: W,
+    left: u64,
+    overflowed: bool,
+}
+
+impl<W> Capped<W> {
+    fn new(inner: W, cap: u64) -> Self {
+        Self {
+            inner,
+            left: cap,
+            overflowed: false,
+        }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Capped<W> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.len() as u64 > this.left {
+            this.overflowed = true;
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "more bytes than the manifest says",
+            )));
+        }
+        let written = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &written {
+            this.left -= *n as u64;
+        }
+        written
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Whether the file at `path` has `size` bytes and hashes to `digest`
