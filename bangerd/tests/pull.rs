@@ -202,6 +202,8 @@ fn fixture_in(netns: Option<&str>) -> Fixture {
             image("cut", "truncated/bundles/tiny.tar.zst", tiny.0, &tiny.1),
             image("stalled", "hang/bundles/tiny.tar.zst", tiny.0, &tiny.1),
             image("foreign", "bundles/foreign.tar.zst", foreign.0, &foreign.1),
+            // Past limits.image_max_gib where it is 1: never fetched.
+            image("huge", "bundles/tiny.tar.zst", 2 << 30, &tiny.1),
             future,
         ],
         "catalog:images serial:2",
@@ -243,7 +245,7 @@ fn pull(bed: &TestBed, name: &str) -> Output {
 fn catalog_pulls_bring_kernel_and_image_and_refuse_bad_bundles() {
     let f = fixture();
     let bed = TestBed::start(Options {
-        config_toml: Some(f.config.clone()),
+        config_toml: Some(format!("{}[limits]\nimage_max_gib = 1\n", f.config)),
         ..Options::default()
     })
     .expect("test bed");
@@ -326,6 +328,9 @@ fn catalog_pulls_bring_kernel_and_image_and_refuse_bad_bundles() {
     assert_eq!(image["kernel_name"], "test-kernel", "{image}");
     assert_eq!(image["init"], "/sbin/banger-init", "{image}");
     assert_eq!(image["services"][0]["port"], 22, "{image}");
+    // Catalog names are the system's, whoever pulled them.
+    assert_eq!(image["owner_uid"], 0, "{image}");
+    assert_eq!(kernel["owner_uid"], 0, "{kernel}");
     let rootfs = PathBuf::from(image["rootfs"].as_str().unwrap());
     assert!(rootfs.starts_with(&state), "{}", rootfs.display());
     assert_eq!(
@@ -370,6 +375,7 @@ fn catalog_pulls_bring_kernel_and_image_and_refuse_bad_bundles() {
         ("stalled", "stalled"),
         ("foreign", "unexpected \\\"etc\\\""),
         ("future", "needs banger 99.0.0"),
+        ("huge", "limits.image_max_gib"),
         ("nonesuch", "has no image nonesuch"),
     ] {
         let out = pull(&bed, name);

@@ -169,6 +169,13 @@ impl Core {
         until: f64,
     ) -> Result<()> {
         ctx.stage("download", from).await?;
+        let max_gib = self.config().limits.image_max_gib;
+        if entry.size > max_gib.saturating_mul(1 << 30) {
+            return Err(Error::limit(format!(
+                "bundle {} is {} bytes, more than the {max_gib} GiB a pull may bring here (limits.image_max_gib)",
+                entry.name, entry.size
+            )));
+        }
         let url = reqwest::Url::parse(&entry.url)
             .map_err(|e| Error::invalid(format!("bad bundle URL {}: {e}", entry.url)))?;
         let stall = Duration::from_secs(self.config().update.stall_timeout_secs);
