@@ -943,7 +943,7 @@ fn a_huge_sparse_kernel_is_refused_by_size() {
 #[test]
 fn per_user_limits_refuse_before_anything_is_made() {
     let b = Bed::start_with(
-        "[limits]\nmax_vms = 2\nmax_vcpus_per_vm = 2\nmax_memory_mib = 768\nmax_disk_gib = 3\n",
+        "[limits]\nmax_vms = 2\nmax_vcpus_per_vm = 2\nmax_vcpus = 1\nmax_memory_mib = 768\nmax_disk_gib = 3\n",
     );
     b.image_of(&b.alice, "alices");
     let create = |user: &TestUser, name: &str, more: &[&str]| {
@@ -970,7 +970,11 @@ fn per_user_limits_refuse_before_anything_is_made() {
             .collect::<Vec<_>>()
     };
 
-    let ok = create(&b.alice, "one", &["--disk-size", "1G", "--memory", "1024"]);
+    let ok = create(
+        &b.alice,
+        "one",
+        &["--disk-size", "1G", "--vcpus", "1", "--memory", "1024"],
+    );
     assert!(ok.status.success(), "{}", text(&ok));
     limited(
         create(&b.alice, "big", &["--vcpus", "3", "--disk-size", "64M"]),
@@ -981,7 +985,11 @@ fn per_user_limits_refuse_before_anything_is_made() {
         create(&b.alice, "two", &["--disk-size", "2G"]),
         "limits.max_disk_gib",
     );
-    let ok = create(&b.alice, "two", &["--disk-size", "1G"]);
+    let ok = create(
+        &b.alice,
+        "two",
+        &["--disk-size", "1G", "--vcpus", "2", "--memory", "512"],
+    );
     assert!(ok.status.success(), "{}", text(&ok));
     limited(
         create(&b.alice, "three", &["--disk-size", "64M"]),
@@ -1006,6 +1014,14 @@ fn per_user_limits_refuse_before_anything_is_made() {
         "limits.max_memory_mib",
     );
     assert_eq!(b.vm("one")["state"], "stopped");
+    // Two vCPUs where alice may run one.
+    b.refused(
+        &b.alice,
+        &["vm", "start", "two"],
+        LIMIT,
+        "limits.max_vcpus)",
+    );
+    assert_eq!(b.vm("two")["state"], "stopped");
 
     // Doctor tells alice where she stands.
     let doctor = b.run_as(&b.alice, &["doctor", "--json"]);

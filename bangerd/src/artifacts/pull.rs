@@ -176,6 +176,9 @@ impl Core {
                 entry.name, entry.size
             )));
         }
+        if let Some(dir) = to.parent() {
+            crate::vm::disk::check_room(dir, entry.size, &format!("bundle {}", entry.name))?;
+        }
         let url = reqwest::Url::parse(&entry.url)
             .map_err(|e| Error::invalid(format!("bad bundle URL {}: {e}", entry.url)))?;
         let stall = Duration::from_secs(self.config().update.stall_timeout_secs);

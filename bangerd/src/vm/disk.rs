@@ -239,6 +239,22 @@ pub fn check_space(dir: &Path, needed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Fail with Unavailable unless `dir`'s filesystem has room for `needed`
+/// bytes of `what` (a download about to start: no spare is asked for,
+/// since what follows it is checked or fails cleanly on its own).
+pub fn check_room(dir: &Path, needed: u64, what: &str) -> Result<()> {
+    let free = free_bytes(dir)?;
+    if free < needed {
+        return Err(Error::unavailable(format!(
+            "not enough disk space in {} for {what}: {} MiB free, {} MiB needed; free some space or delete VMs and images",
+            dir.display(),
+            free >> 20,
+            needed.div_ceil(1 << 20)
+        )));
+    }
+    Ok(())
+}
+
 /// The device-mapper tables of a snapshot system disk, in the kernel's
 /// table format (`start length target args`, lengths in 512-byte sectors):
 /// the origin is a `linear` map of the read-only base loop device, the
@@ -267,6 +283,15 @@ pub fn snapshot_tables(base_dev: &str, cow_dev: &str, base_bytes: u64) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn room_is_checked_against_the_real_free_space() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        check_room(dir.path(), 1, "a byte").expect("a byte fits");
+        let e = check_room(dir.path(), u64::MAX / 2, "the layers").expect_err("too much");
+        assert_eq!(e.kind, crate::error::ErrorKind::Unavailable, "{e}");
+        assert!(e.message.contains("for the layers"), "{e}");
+    }
 
     #[test]
     fn dm_tables_follow_the_kernel_format() {

@@ -248,6 +248,7 @@ pub async fn fetch(
             max_bytes >> 30
         )));
     }
+    crate::vm::disk::check_room(dir, total, "the image's layers")?;
     let mut done = 0u64;
     let mut layers = Vec::new();
     for (i, layer) in manifest.layers.iter().enumerate() {
