@@ -498,3 +498,59 @@ fn vm_run_on_a_host_without_images_pulls_them_and_lands_in_the_vm() {
     assert_eq!(image["managed"], true, "{image}");
     assert_eq!(image["kernel_name"], "test-kernel", "{image}");
 }
+
+/// Catalog names are the system's: a member may pull one (the catalog is
+/// signed, so what arrives is what the administrator trusted), but what
+/// lands is owned by the system, not by them, so they cannot delete or
+/// replace it, and no one else's `vm run` can be steered by it.
+#[test]
+fn a_members_catalog_pull_is_the_systems() {
+    let f = fixture();
+    let bed = TestBed::start(Options {
+        config_toml: Some(f.config.clone()),
+        ..Options::default()
+    })
+    .expect("test bed");
+    take_catalogs(&bed);
+    let member = banger_testbed::TestUser::create_in_group("banger").unwrap();
+    let _rules = bed
+        .install_polkit_rule(
+            &format!("50-banger-pull-{}", member.name()),
+            include_str!("../../packaging/50-banger.rules"),
+        )
+        .unwrap();
+    let as_member = |args: &[&str]| {
+        bed.banger_as(&member)
+            .arg("--no-ask-password")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // The rules file loads asynchronously: wait until it grants the pull.
+    let pulled = banger_testbed::eventually(std::time::Duration::from_secs(15), || {
+        let out = as_member(&["--json", "image", "pull", "tiny"]);
+        (out.status.code() != Some(4)).then_some(out)
+    })
+    .expect("the rules never granted the pull");
+    assert!(pulled.status.success(), "{}", text(&pulled));
+    for what in ["image", "kernel"] {
+        let name = if what == "image" {
+            "tiny"
+        } else {
+            "test-kernel"
+        };
+        let out = as_member(&["--json", what, "show", name]);
+        assert!(out.status.success(), "{}", text(&out));
+        let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(shown["owner_uid"], 0, "{shown}");
+        let out = as_member(&[what, "delete", name]);
+        assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    }
+    let out = bed
+        .banger()
+        .args(["image", "show", "tiny"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
