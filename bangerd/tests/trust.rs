@@ -902,6 +902,11 @@ fn files_arrive_as_descriptors_and_are_copied_at_once() {
         ],
     );
     assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("expected `(sha{sv})`"),
+        "the error says a descriptor is wanted: {}",
+        text(&out)
+    );
 }
 
 /// A sparse file the size of RAM once took the host down: kernel import
