@@ -7,13 +7,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// File name looked up in the configuration directory.
 pub const FILE_NAME: &str = "bangerd.toml";
 
 /// The whole configuration.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[daemon]`
@@ -31,7 +31,7 @@ pub struct Config {
 }
 
 /// `[daemon]`: the service itself.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `bangerd=debug`.
@@ -60,7 +60,7 @@ impl Default for DaemonConfig {
 }
 
 /// `[network]`: host networking for VMs.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
     /// Address of the `.vm` DNS server on the host.
@@ -92,7 +92,7 @@ impl NetworkConfig {
 }
 
 /// Which VMM to use.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum VmmKind {
     /// Firecracker when found, else QEMU.
@@ -105,7 +105,7 @@ pub enum VmmKind {
 }
 
 /// `[vm]`: virtual machine monitors.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmConfig {
     /// `auto`, `firecracker` or `qemu`.
@@ -136,7 +136,7 @@ pub struct VmConfig {
 }
 
 /// Who runs VMM processes.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SupervisorKind {
     /// systemd where it is PID 1, else bangerd's own children.
@@ -149,7 +149,7 @@ pub enum SupervisorKind {
 }
 
 /// QEMU accelerator choice.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// KVM when it really works here, else TCG.
@@ -181,7 +181,7 @@ impl Default for VmConfig {
 }
 
 /// `[update]`: where `banger update` looks for releases.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpdateConfig {
     /// Base URL of the release channel (`manifest.json` and its
@@ -208,7 +208,7 @@ impl Default for UpdateConfig {
 /// `[limits]`: per-user quotas and size caps. A quota of 0 means none.
 /// Root is never limited; holders of `org.banger.vm.manage-others` are
 /// not either while `exempt_admins` is true.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// VMs one uid may have (running or not).
@@ -260,7 +260,7 @@ impl Default for LimitsConfig {
 }
 
 /// `[debug]`: knobs for testing and for developing front ends.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DebugConfig {
     /// Pause added at the start of every job stage, in milliseconds. Makes
@@ -539,5 +539,36 @@ mod sample_tests {
         let parsed =
             Config::parse(sample, Path::new("packaging/bangerd.toml")).expect("sample parses");
         assert_eq!(parsed, Config::default());
+    }
+
+    /// ... and leaves none out: every key the daemon knows is in it.
+    #[test]
+    fn shipped_sample_holds_every_key() {
+        fn keys(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    let name = format!("{prefix}{k}");
+                    if v.is_table() {
+                        keys(&format!("{name}."), v, out);
+                    } else {
+                        out.push(name);
+                    }
+                }
+            }
+        }
+        let sample: toml::Value =
+            toml::from_str(include_str!("../../packaging/bangerd.toml")).expect("sample");
+        let defaults = toml::Value::try_from(Config::default()).expect("defaults serialize");
+        let (mut have, mut want) = (Vec::new(), Vec::new());
+        keys("", &sample, &mut have);
+        keys("", &defaults, &mut want);
+        have.sort();
+        want.sort();
+        let missing: Vec<_> = want.iter().filter(|k| !have.contains(k)).collect();
+        assert!(
+            missing.is_empty(),
+            "packaging/bangerd.toml lacks {missing:?}"
+        );
+        assert_eq!(have, want);
     }
 }
