@@ -372,23 +372,6 @@ fn check_kvm(path: &Path) -> Check {
     }
 }
 
-/// Look `bin` up like a shell would: a path with a slash as is, else on `PATH`.
-pub fn find_program(bin: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        p.metadata()
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    if bin.components().count() > 1 {
-        return executable(bin).then(|| bin.to_owned());
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(bin))
-        .find(|p| executable(p))
-}
-
 /// First line of `bin --version`, with a timeout.
 fn program_version(bin: &Path) -> Option<String> {
     let mut child = Command::new(bin)
@@ -421,8 +404,17 @@ fn program_version(bin: &Path) -> Option<String> {
 
 fn check_vmm(config: &Config) -> Check {
     const NAME: &str = "vmm";
-    let firecracker = find_program(&config.vm.firecracker_bin);
-    let qemu = find_program(&config.vm.qemu_bin);
+    // Whether a VM could start is the lifecycle's own decision, with its
+    // own message: doctor and create cannot disagree.
+    if let Err(e) = crate::vm::commands::check_vmm(config) {
+        return Check::fail(
+            NAME,
+            e.message,
+            "install qemu-system-x86 (or firecracker), or point vm.qemu_bin / vm.firecracker_bin at an executable",
+        );
+    }
+    let firecracker = crate::os::program::find(&config.vm.firecracker_bin);
+    let qemu = crate::os::program::find(&config.vm.qemu_bin);
     let describe = |bin: &Path| {
         let version = program_version(bin).unwrap_or_else(|| "version unknown".into());
         format!("{} ({version})", bin.display())
@@ -626,7 +618,7 @@ fn check_reflink(dir: &Path) -> Check {
 
 fn check_nftables() -> Check {
     const NAME: &str = "nftables";
-    match find_program(Path::new("nft")) {
+    match crate::os::program::find(Path::new("nft")) {
         Some(nft) => Check::pass(
             NAME,
             program_version(&nft).unwrap_or_else(|| format!("{} (version unknown)", nft.display())),
@@ -922,18 +914,11 @@ mod tests {
         config.vm.qemu_bin = "/nonexistent/qemu".into();
         assert_eq!(check_vmm(&config).verdict, Verdict::Fail);
         config.vm.vmm = VmmKind::Firecracker;
-        assert!(check_vmm(&config).detail.contains("not found"));
+        assert!(check_vmm(&config).detail.contains("was not found"));
         // `sh` exists everywhere; stand it in for qemu to exercise the found path.
         config.vm.vmm = VmmKind::Qemu;
         config.vm.qemu_bin = "sh".into();
         assert_eq!(check_vmm(&config).verdict, Verdict::Pass);
-    }
-
-    #[test]
-    fn find_program_honours_slashes() {
-        assert!(find_program(Path::new("sh")).is_some());
-        assert!(find_program(Path::new("/nonexistent/sh")).is_none());
-        assert!(find_program(Path::new("definitely-not-a-banger-program")).is_none());
     }
 
     #[test]
@@ -1039,5 +1024,38 @@ mod tests {
         let c = check_limits(&limits, Some(&full));
         assert_eq!(c.verdict, Verdict::Warn, "{c:?}");
         assert!(c.detail.ends_with("at limits.max_running_vms"), "{c:?}");
+    }
+
+    /// doctor and create share one decision: a `qemu_bin` that is no
+    /// executable fails doctor's check with the very message create
+    /// refuses with (create once took it and failed at spawn).
+    #[test]
+    fn doctor_and_create_agree_on_the_vmm() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let qemu = dir.path().join("qemu-system-x86_64");
+        std::fs::write(&qemu, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mut config = Config::default();
+        config.vm.firecracker_bin = dir.path().join("firecracker");
+        config.vm.qemu_bin = qemu.clone();
+        for vmm in [VmmKind::Auto, VmmKind::Qemu, VmmKind::Firecracker] {
+            config.vm.vmm = vmm;
+            let refused = crate::vm::commands::check_vmm(&config).expect_err("refused");
+            let check = check_vmm(&config);
+            assert_eq!(check.verdict, Verdict::Fail, "{vmm:?}");
+            assert_eq!(check.detail, refused.message, "{vmm:?}");
+        }
+        config.vm.vmm = VmmKind::Qemu;
+        assert!(
+            check_vmm(&config)
+                .detail
+                .contains("is not an executable file"),
+            "{:?}",
+            check_vmm(&config)
+        );
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        crate::vm::commands::check_vmm(&config).expect("executable now");
+        assert_ne!(check_vmm(&config).verdict, Verdict::Fail);
     }
 }

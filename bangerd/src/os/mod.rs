@@ -5,5 +5,6 @@ pub mod agent;
 pub mod dm;
 pub mod notify;
 pub mod polkit;
+pub mod program;
 pub mod resolved;
 pub mod systemd;

@@ -33,6 +33,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobEvent, JobId};
 use crate::net::dns::DnsServer;
 use crate::net::network::Network;
+use crate::os::program;
 use crate::store::{StoreError, unix_us};
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -161,33 +162,23 @@ pub fn kernel_cmdline(
     args.join(" ")
 }
 
-/// Find a program on PATH (a path with a slash is taken as is).
-pub fn find_program(program: &std::path::Path) -> Option<PathBuf> {
-    if program.components().count() > 1 {
-        return program.is_file().then(|| program.to_owned());
-    }
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(program))
-            .find(|c| c.is_file())
-    })
-}
-
 fn qemu_driver(config: &Config) -> Result<Arc<dyn Vmm>> {
-    let binary = find_program(&config.vm.qemu_bin).ok_or_else(|| {
+    let binary = program::find(&config.vm.qemu_bin).ok_or_else(|| {
         Error::unavailable(format!(
-            "{} is not installed: apt-get install qemu-system-x86, or set vm.qemu_bin",
-            config.vm.qemu_bin.display()
+            "{} {}: apt-get install qemu-system-x86, or set vm.qemu_bin",
+            config.vm.qemu_bin.display(),
+            program::why_missing(&config.vm.qemu_bin)
         ))
     })?;
     Ok(Arc::new(Qemu { binary }))
 }
 
 fn firecracker_driver(config: &Config) -> Result<Arc<dyn Vmm>> {
-    let binary = find_program(&config.vm.firecracker_bin).ok_or_else(|| {
+    let binary = program::find(&config.vm.firecracker_bin).ok_or_else(|| {
         Error::unavailable(format!(
-            "vm.vmm asks for firecracker, and {} is not installed: install it, set vm.firecracker_bin, or set vm.vmm = \"auto\"",
-            config.vm.firecracker_bin.display()
+            "vm.vmm asks for firecracker, and {} {}: install it, set vm.firecracker_bin, or set vm.vmm = \"auto\"",
+            config.vm.firecracker_bin.display(),
+            program::why_missing(&config.vm.firecracker_bin)
         ))
     })?;
     Ok(Arc::new(Firecracker { binary }))
@@ -209,11 +200,12 @@ pub fn check_vmm(config: &Config) -> Result<()> {
 pub fn vmm_named(config: &Config, name: &str) -> Result<Arc<dyn Vmm>> {
     match name {
         "firecracker" => Ok(Arc::new(Firecracker {
-            binary: find_program(&config.vm.firecracker_bin)
+            binary: program::find(&config.vm.firecracker_bin)
                 .unwrap_or_else(|| config.vm.firecracker_bin.clone()),
         })),
         _ => Ok(Arc::new(Qemu {
-            binary: find_program(&config.vm.qemu_bin).unwrap_or_else(|| config.vm.qemu_bin.clone()),
+            binary: program::find(&config.vm.qemu_bin)
+                .unwrap_or_else(|| config.vm.qemu_bin.clone()),
         })),
     }
 }
@@ -226,7 +218,7 @@ pub fn choose_vmm(
     config: &Config,
     verdict: impl FnOnce() -> KvmVerdict,
 ) -> Result<(Arc<dyn Vmm>, Accel)> {
-    let firecracker_installed = find_program(&config.vm.firecracker_bin).is_some();
+    let firecracker_installed = program::find(&config.vm.firecracker_bin).is_some();
     let (firecracker, kvm) = match (config.vm.vmm, config.vm.accel) {
         (VmmKind::Firecracker, config::Accel::Tcg) => {
             return Err(Error::invalid(
@@ -295,7 +287,7 @@ impl Core {
             .clone();
         cell.get_or_init(|| async {
             let config = self.config();
-            let Some(qemu) = find_program(&config.vm.qemu_bin) else {
+            let Some(qemu) = program::find(&config.vm.qemu_bin) else {
                 return KvmVerdict::NotProbed(format!(
                     "{} is not installed, so KVM was not probed",
                     config.vm.qemu_bin.display()
@@ -1717,6 +1709,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let fc = dir.path().join("firecracker");
         std::fs::write(&fc, "").expect("fake binary");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&fc, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
         let usable = || KvmVerdict::Usable(Duration::from_millis(300));
         let stalled = || KvmVerdict::Unusable("a guest kernel stalled under kvm".into());
         let unasked = || -> KvmVerdict { panic!("the probe is not needed here") };
