@@ -40,8 +40,8 @@ pub struct Error {
 }
 
 impl Error {
-    /// `LimitExceeded`: `what` would be `wanted`, over the limit `limit`
-    /// (the config key that sets it); the message says so.
+    /// `LimitExceeded`; the message names the limit (its config key), the
+    /// numbers and what to do.
     pub fn limit(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::LimitExceeded, message)
     }

@@ -871,12 +871,12 @@ impl Core {
         // A guest whose console went silent before its agent answered is
         // stuck (seen under TCG: "tsc: Unable to calibrate against PIT");
         // one fresh boot gets it going.
-        if matches!(&result, Err(e) if e.message.starts_with(STALLED)) {
+        if matches!(&result, Err(BootError::Stalled(_))) {
             tracing::warn!(banger_vm_id = %id, "the guest stalled while booting; booting it again");
             ctx.progress("the guest stalled; booting it again", base, None);
             result = self.boot_once(ctx, id, base, quota).await;
         }
-        result
+        result.map_err(BootError::into_error)
     }
 
     async fn boot_once(
@@ -885,7 +885,7 @@ impl Core {
         id: &str,
         base: f64,
         quota: bool,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), BootError> {
         let vm = self.transition_if(
             id,
             VmEvent::Start,
@@ -910,7 +910,7 @@ impl Core {
         let result = self.boot_steps(ctx, &vm, base).await;
         if let Err(e) = &result {
             self.halt(id).await;
-            let message = e.message.clone();
+            let message = e.error().message.clone();
             let _ = self.modify(id, |v| {
                 if v.state == VmState::Starting && v.pid.is_none() {
                     v.state = VmState::Stopped;
@@ -921,7 +921,12 @@ impl Core {
         result
     }
 
-    async fn boot_steps(self: &Arc<Self>, ctx: &JobContext, vm: &Vm, base: f64) -> Result<()> {
+    async fn boot_steps(
+        self: &Arc<Self>,
+        ctx: &JobContext,
+        vm: &Vm,
+        base: f64,
+    ) -> std::result::Result<(), BootError> {
         let step = (1.0 - base) / 4.0;
         let config = self.config();
         let image = self.image_by_id(&vm.image_id).await?;
@@ -936,7 +941,7 @@ impl Core {
             let _ = net
                 .detach(&vm.name, vmnet.lease.ipv4, Some(&vmnet.tap))
                 .await;
-            return Err(e);
+            return Err(e.into());
         }
 
         ctx.stage("vmm start", base + step).await?;
@@ -972,7 +977,7 @@ impl Core {
                     .await;
                 let _ = self.modify(&vm.id, |v| v.tap = None);
                 self.system_disk_down(vm).await;
-                return Err(e);
+                return Err(e.into());
             }
         };
         let recorded = self.modify(&vm.id, |v| {
@@ -988,13 +993,13 @@ impl Core {
         let deadline = Instant::now() + Duration::from_secs(config.vm.boot_timeout_secs);
         let endpoint = vmm.agent(&paths);
         let waited = tokio::select! {
-            () = ctx.token().cancelled() => return Err(Error::cancelled("cancelled")),
+            () = ctx.token().cancelled() => return Err(Error::cancelled("cancelled").into()),
             () = console_silence(&paths.console_log, STALL_AFTER) => {
-                return Err(Error::failed(format!(
-                    "{STALLED}: no console output for {}s before the agent answered; see banger vm logs {}",
+                return Err(BootError::Stalled(Error::failed(format!(
+                    "the guest stalled while booting: no console output for {}s before the agent answered; see banger vm logs {}",
                     STALL_AFTER.as_secs(),
                     vm.name
-                )));
+                ))));
             }
             r = crate::os::agent::wait_until_ready(
                 &endpoint,
@@ -1023,7 +1028,7 @@ impl Core {
                 .await?;
             let left = deadline.saturating_duration_since(Instant::now());
             let waited = tokio::select! {
-                () = ctx.token().cancelled() => return Err(Error::cancelled("cancelled")),
+                () = ctx.token().cancelled() => return Err(Error::cancelled("cancelled").into()),
                 r = conn.wait_port(service.port, left.max(Duration::from_secs(1))) => r,
             };
             waited.map_err(|e| {
@@ -1575,8 +1580,33 @@ impl Core {
     }
 }
 
-/// How a boot that stalled starts its error message.
-const STALLED: &str = "the guest stalled while booting";
+/// Why one boot attempt failed: a stall (console silent before the
+/// agent answered, worth one more boot) or anything else.
+#[derive(Debug)]
+enum BootError {
+    Stalled(Error),
+    Failed(Error),
+}
+
+impl BootError {
+    fn error(&self) -> &Error {
+        match self {
+            Self::Stalled(e) | Self::Failed(e) => e,
+        }
+    }
+
+    fn into_error(self) -> Error {
+        match self {
+            Self::Stalled(e) | Self::Failed(e) => e,
+        }
+    }
+}
+
+impl From<Error> for BootError {
+    fn from(e: Error) -> Self {
+        Self::Failed(e)
+    }
+}
 /// Console silence before the agent answers that counts as a stall.
 const STALL_AFTER: Duration = Duration::from_secs(30);
 
