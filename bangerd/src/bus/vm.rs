@@ -108,10 +108,10 @@ impl VmObject {
     #[zbus(property)]
     fn unit(&self) -> String {
         match self.vm.pid {
-            Some(pid) => self
-                .core
-                .vm_unit(&self.vm.id)
-                .unwrap_or_else(|| format!("pid:{pid} ({})", self.vm.vmm)),
+            Some(pid) => self.core.vm_unit(&self.vm.id).unwrap_or_else(|| {
+                let vmm = self.vm.vmm.map_or("vmm", |d| d.as_str());
+                format!("pid:{pid} ({vmm})")
+            }),
             None => String::new(),
         }
     }
@@ -131,7 +131,9 @@ impl VmObject {
     /// How its system disk was made: reflink, copy or dm.
     #[zbus(property)]
     fn disk_method(&self) -> String {
-        self.vm.disk_method.clone()
+        self.vm
+            .disk_method
+            .map_or(String::new(), |m| m.as_str().to_owned())
     }
 
     /// Boot a stopped VM: network, VMM, agent, services. Returns the job.

@@ -197,13 +197,13 @@ pub fn check_vmm(config: &Config) -> Result<()> {
 }
 
 /// The driver that runs a VM recorded with VMM `name` (stop, stats, kill).
-pub fn vmm_named(config: &Config, name: &str) -> Result<Arc<dyn Vmm>> {
-    match name {
-        "firecracker" => Ok(Arc::new(Firecracker {
+pub fn vmm_named(config: &Config, driver: Option<super::VmmDriver>) -> Result<Arc<dyn Vmm>> {
+    match driver {
+        Some(super::VmmDriver::Firecracker) => Ok(Arc::new(Firecracker {
             binary: program::find(&config.vm.firecracker_bin)
                 .unwrap_or_else(|| config.vm.firecracker_bin.clone()),
         })),
-        _ => Ok(Arc::new(Qemu {
+        Some(super::VmmDriver::Qemu) | None => Ok(Arc::new(Qemu {
             binary: program::find(&config.vm.qemu_bin)
                 .unwrap_or_else(|| config.vm.qemu_bin.clone()),
         })),
@@ -322,7 +322,7 @@ impl Core {
     /// snapshot the device brought up over the image and its change store.
     async fn system_disk_up(&self, vm: &Vm, image: &Image) -> Result<PathBuf> {
         let paths = self.vm_paths(&vm.id);
-        if vm.disk_method != DiskMethod::DeviceMapper.as_str() {
+        if vm.disk_method != Some(DiskMethod::DeviceMapper) {
             return Ok(paths.system_disk);
         }
         let dm = self.deps.dm.clone();
@@ -335,7 +335,7 @@ impl Core {
 
     /// Take VM `vm`'s snapshot device and loop devices down, if it has any.
     async fn system_disk_down(&self, vm: &Vm) {
-        if vm.disk_method != DiskMethod::DeviceMapper.as_str() {
+        if vm.disk_method != Some(DiskMethod::DeviceMapper) {
             return;
         }
         let dm = self.deps.dm.clone();
@@ -733,12 +733,12 @@ impl Core {
             disk_bytes,
             nat: req.nat.unwrap_or(false),
             state: VmState::Creating,
-            vmm: String::new(),
+            vmm: None,
             pid: None,
             pid_start: None,
             tap: None,
             ssh_keys: req.ssh_keys.clone(),
-            disk_method: String::new(),
+            disk_method: None,
             created_at: unix_us(SystemTime::now()),
             last_error: String::new(),
         };
@@ -848,7 +848,7 @@ impl Core {
         blocking(move || disk::make_work_disk(seed.as_deref(), &work, bytes, &keys)).await?;
         ctx.check_cancelled()?;
         self.transition(&vm.id, VmEvent::Created, |v| {
-            v.disk_method = method.as_str().to_owned();
+            v.disk_method = Some(method);
         })?;
         if start {
             self.boot(ctx, &vm.id, 0.3, quota).await?;
@@ -983,7 +983,7 @@ impl Core {
         let recorded = self.modify(&vm.id, |v| {
             v.pid = Some(pid.pid);
             v.pid_start = Some(pid.start);
-            v.vmm = vmm.name().to_owned();
+            v.vmm = Some(vmm.driver());
         });
         self.watch(&vm.id, pid, watched);
         recorded?;
@@ -1208,7 +1208,7 @@ impl Core {
         let grace = Duration::from_secs(config.vm.stop_timeout_secs);
         ctx.stage("shutdown", base).await?;
         let paths = self.vm_paths(id);
-        let vmm = vmm_named(&config, &vm.vmm)?;
+        let vmm = vmm_named(&config, vm.vmm)?;
         let asked =
             match crate::os::agent::connect(&vmm.agent(&paths), Duration::from_secs(3)).await {
                 Ok(mut conn) => conn.shutdown(false, Duration::from_secs(5)).await.is_ok(),
@@ -1503,7 +1503,7 @@ impl Core {
         let mut stats = process_stats(process)
             .ok_or_else(|| Error::new(ErrorKind::Busy, format!("vm {} is not running", vm.name)))?;
         if vm.state == VmState::Running {
-            let vmm = vmm_named(&self.config(), &vm.vmm)?;
+            let vmm = vmm_named(&self.config(), vm.vmm)?;
             if let Ok(mut conn) = crate::os::agent::connect(
                 &vmm.agent(&self.vm_paths(&vm.id)),
                 Duration::from_secs(2),
@@ -1811,10 +1811,17 @@ mod tests {
         assert!(e.message.contains("qemu-system-x86"), "{}", e.message);
         // A recorded VM finds its own driver whatever the configuration says.
         assert_eq!(
-            vmm_named(&config, "firecracker").expect("fc").name(),
+            vmm_named(&config, Some(crate::vm::VmmDriver::Firecracker))
+                .expect("fc")
+                .name(),
             "firecracker"
         );
-        assert_eq!(vmm_named(&config, "qemu").expect("qemu").name(), "qemu");
+        assert_eq!(
+            vmm_named(&config, Some(crate::vm::VmmDriver::Qemu))
+                .expect("qemu")
+                .name(),
+            "qemu"
+        );
     }
 
     #[test]
@@ -1835,5 +1842,18 @@ mod tests {
         assert_eq!(DiskMethod::Reflink.as_str(), "reflink");
         assert_eq!(DiskMethod::Copy.as_str(), "copy");
         assert_eq!(DiskMethod::DeviceMapper.as_str(), "dm");
+        for m in [
+            DiskMethod::Reflink,
+            DiskMethod::Copy,
+            DiskMethod::DeviceMapper,
+        ] {
+            assert_eq!(DiskMethod::parse(m.as_str()), Some(m));
+        }
+        assert_eq!(DiskMethod::parse(""), None);
+        use crate::vm::VmmDriver;
+        for d in [VmmDriver::Qemu, VmmDriver::Firecracker] {
+            assert_eq!(VmmDriver::parse(d.as_str()), Some(d));
+        }
+        assert_eq!(VmmDriver::parse("cloud-hypervisor"), None);
     }
 }

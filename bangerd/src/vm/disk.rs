@@ -36,6 +36,13 @@ impl DiskMethod {
             Self::Copy => "copy",
         }
     }
+
+    /// The method named `name` (its wire name), if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::DeviceMapper, Self::Reflink, Self::Copy]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
 }
 
 nix::ioctl_write_int!(ficlone, 0x94, 9);

@@ -165,8 +165,8 @@ pub struct Vm {
     pub nat: bool,
     /// Where it is in its life.
     pub state: VmState,
-    /// Which VMM runs it (`qemu`, `firecracker`); empty before first start.
-    pub vmm: String,
+    /// Which VMM runs it; `None` before its first start.
+    pub vmm: Option<VmmDriver>,
     /// The VMM process, when one runs.
     pub pid: Option<u32>,
     /// The process's start time (clock ticks after boot, from
@@ -176,8 +176,8 @@ pub struct Vm {
     pub tap: Option<String>,
     /// SSH public keys put into root's authorized_keys at create.
     pub ssh_keys: Vec<String>,
-    /// How the system disk was made (`reflink`, `copy`, `dm`).
-    pub disk_method: String,
+    /// How the system disk was made; `None` until it is.
+    pub disk_method: Option<disk::DiskMethod>,
     /// Microseconds since the epoch.
     pub created_at: i64,
     /// The last failure, for `show`; empty when none.
@@ -261,6 +261,35 @@ pub struct VmRequest {
     pub ssh_keys: Vec<String>,
     /// Start it once created.
     pub start: bool,
+}
+
+/// The VMM a VM was started with (recorded, so stop and stats reach the
+/// same driver whatever the configuration says later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmDriver {
+    /// QEMU (`microvm`).
+    Qemu,
+    /// Firecracker.
+    Firecracker,
+}
+
+impl VmmDriver {
+    /// Stored and wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Qemu => "qemu",
+            Self::Firecracker => "firecracker",
+        }
+    }
+
+    /// The driver named `name`, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "qemu" => Some(Self::Qemu),
+            "firecracker" => Some(Self::Firecracker),
+            _ => None,
+        }
+    }
 }
 
 /// Limits checked on every size.

@@ -21,14 +21,16 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         // An unknown state can only come from a newer bangerd; treat the
         // VM as stopped so it can at least be deleted.
         state: VmState::parse(&state).unwrap_or(VmState::Stopped),
-        vmm: r.get("vmm")?,
+        // Empty before the first start; an unknown name (a newer
+        // bangerd's) reads as none, so the VM can still be deleted.
+        vmm: super::VmmDriver::parse(&r.get::<_, String>("vmm")?),
         pid: r.get("pid")?,
         pid_start: r
             .get::<_, Option<i64>>("pid_start")?
             .map(|v| v.max(0) as u64),
         tap: r.get("tap")?,
         ssh_keys: serde_json::from_str(&keys).unwrap_or_default(),
-        disk_method: r.get("disk_method")?,
+        disk_method: super::disk::DiskMethod::parse(&r.get::<_, String>("disk_method")?),
         created_at: r.get("created_at")?,
         last_error: r.get("last_error")?,
     })
@@ -53,12 +55,12 @@ impl Store {
                 vm.disk_bytes as i64,
                 i64::from(vm.nat),
                 vm.state.as_str(),
-                vm.vmm,
+                vm.vmm.map_or("", |d| d.as_str()),
                 vm.pid,
                 vm.pid_start.map(|v| v as i64),
                 vm.tap,
                 serde_json::to_string(&vm.ssh_keys).unwrap_or_else(|_| "[]".into()),
-                vm.disk_method,
+                vm.disk_method.map_or("", |m| m.as_str()),
                 vm.created_at,
                 vm.last_error,
             ],
@@ -80,11 +82,11 @@ impl Store {
                 vm.disk_bytes as i64,
                 i64::from(vm.nat),
                 vm.state.as_str(),
-                vm.vmm,
+                vm.vmm.map_or("", |d| d.as_str()),
                 vm.pid,
                 vm.pid_start.map(|v| v as i64),
                 vm.tap,
-                vm.disk_method,
+                vm.disk_method.map_or("", |m| m.as_str()),
                 vm.last_error,
                 vm.name,
             ],
@@ -181,12 +183,12 @@ mod tests {
             disk_bytes: 1 << 30,
             nat: false,
             state: VmState::Creating,
-            vmm: String::new(),
+            vmm: None,
             pid: None,
             pid_start: None,
             tap: None,
             ssh_keys: vec!["ssh-ed25519 AAAA a@b".into()],
-            disk_method: String::new(),
+            disk_method: None,
             created_at: 5,
             last_error: String::new(),
         }

@@ -284,8 +284,8 @@ fn fault_message(status: StatusCode, body: &[u8]) -> String {
 }
 
 impl Vmm for Firecracker {
-    fn name(&self) -> &'static str {
-        "firecracker"
+    fn driver(&self) -> crate::vm::VmmDriver {
+        crate::vm::VmmDriver::Firecracker
     }
 
     fn launch<'a>(

@@ -110,8 +110,13 @@ pub struct LaunchSpec {
 
 /// A VMM driver.
 pub trait Vmm: Send + Sync + std::fmt::Debug {
-    /// Short name stored with the VM (`qemu`, `firecracker`).
-    fn name(&self) -> &'static str;
+    /// Which driver this is (stored with the VM).
+    fn driver(&self) -> super::VmmDriver;
+
+    /// Short name (`qemu`, `firecracker`).
+    fn name(&self) -> &'static str {
+        self.driver().as_str()
+    }
 
     /// Start the VMM for `spec` through `supervisor` and have it boot the
     /// guest. Returns the process and how to watch it.

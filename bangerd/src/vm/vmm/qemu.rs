@@ -185,8 +185,8 @@ impl Qmp {
 }
 
 impl Vmm for Qemu {
-    fn name(&self) -> &'static str {
-        "qemu"
+    fn driver(&self) -> crate::vm::VmmDriver {
+        crate::vm::VmmDriver::Qemu
     }
 
     fn launch<'a>(
