@@ -183,6 +183,22 @@ impl Core {
             .position(|c| c.name == "vmm")
             .map_or(checks.len(), |i| i + 1);
         checks.splice(at..at, [accel, default_image]);
+        // System disks: the lifecycle's own decision (device-mapper as
+        // create asks it, the reflink probe of vm::disk).
+        let dm = self.deps.dm.clone();
+        let control = self.deps.host.mapper_control.clone();
+        let state = self.deps.dirs.state.clone();
+        let disks = tokio::task::spawn_blocking(move || {
+            doctor::check_disks(dm.available(), &control, &state)
+        })
+        .await;
+        if let Ok(disks) = disks {
+            let at = checks
+                .iter()
+                .position(|c| c.name == "loop")
+                .map_or(checks.len(), |i| i + 1);
+            checks.splice(at..at, disks);
+        }
         if self.quota_applies(caller).await {
             match self.usage_of(caller.uid, None) {
                 Ok(usage) => checks.push(doctor::check_limits(&config.limits, Some(&usage))),

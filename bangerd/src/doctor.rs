@@ -179,8 +179,6 @@ pub async fn run(
                 "loop devices for disk images",
                 "modprobe loop",
             ),
-            check_device_mapper(&host.mapper_control),
-            check_reflink(&state_dir),
             check_nftables(),
             check_polkit(polkit),
             check_journald(&host.journal_socket),
@@ -321,8 +319,6 @@ mod ioctls {
     // KVM_GET_API_VERSION and KVM_CREATE_VM from <linux/kvm.h>.
     nix::ioctl_none!(kvm_get_api_version, 0xAE, 0x00);
     nix::ioctl_write_int_bad!(kvm_create_vm, nix::request_code_none!(0xAE, 0x01));
-    // FICLONE from <linux/fs.h>: _IOW(0x94, 9, int).
-    nix::ioctl_write_int!(ficlone, 0x94, 9);
 }
 
 fn check_kvm(path: &Path) -> Check {
@@ -558,62 +554,59 @@ fn check_guest_agent(path: &Path) -> Check {
     }
 }
 
-fn check_device_mapper(path: &Path) -> Check {
-    const NAME: &str = "device-mapper";
-    match OpenOptions::new().read(true).write(true).open(path) {
-        Ok(_) => Check::pass(
-            NAME,
+/// How system disks are made here, as two checks ("device-mapper" and
+/// "reflink") over the lifecycle's own decision: `dm_available` is the
+/// `DeviceMapper::available` create asks, and the reflink probe is
+/// `vm::disk`'s, so doctor says what create will do.
+pub fn check_disks(dm_available: bool, control: &Path, state_dir: &Path) -> [Check; 2] {
+    use crate::vm::disk::{self, DiskMethod};
+    let dm = if dm_available {
+        Check::pass(
+            "device-mapper",
             format!(
-                "{} opens: system disks are dm snapshots over loop devices (instant, the image shared)",
-                path.display()
+                "{} works: system disks are dm snapshots over loop devices (instant, the image shared)",
+                control.display()
             ),
-        ),
-        Err(e) => Check::pass(
-            NAME,
+        )
+    } else {
+        Check::pass(
+            "device-mapper",
             format!(
-                "{} unavailable ({e}); not needed: system disks are reflink clones or sparse copies (see reflink)",
-                path.display()
+                "{} does not work here; not needed: system disks are reflink clones or sparse copies (see reflink)",
+                control.display()
             ),
-        ),
-    }
-}
-
-fn check_reflink(dir: &Path) -> Check {
-    const NAME: &str = "reflink";
-    let probe = || -> std::io::Result<bool> {
-        use std::io::Write;
-        let mut src = tempfile::NamedTempFile::new_in(dir)?;
-        src.write_all(&[0x5a; 4096])?;
-        src.flush()?;
-        let dst = tempfile::NamedTempFile::new_in(dir)?;
-        // SAFETY: both fds are open regular files we own; FICLONE takes the
-        // source fd by value and changes nothing but the destination file.
-        let cloned =
-            unsafe { ioctls::ficlone(dst.as_file().as_raw_fd(), src.as_file().as_raw_fd() as _) };
-        Ok(cloned.is_ok())
+        )
     };
-    match probe() {
+    const NAME: &str = "reflink";
+    let reflink = match disk::reflink_works(state_dir) {
+        Err(e) => Check::fail(
+            NAME,
+            format!("cannot write a probe file in {}: {e}", state_dir.display()),
+            "check the state directory",
+        ),
+        Ok(_) if disk::planned_method(dm_available, state_dir) == DiskMethod::DeviceMapper => {
+            Check::pass(
+                NAME,
+                "not needed: system disks are dm snapshots (see device-mapper)",
+            )
+        }
         Ok(true) => Check::pass(
             NAME,
             format!(
-                "{} supports reflink (FICLONE): without device-mapper, system disks are instant clones",
-                dir.display()
+                "{} supports reflink (FICLONE): system disks are instant clones",
+                state_dir.display()
             ),
         ),
         Ok(false) => Check::warn(
             NAME,
             format!(
-                "{} has no reflink: without device-mapper, system disks are sparse copies (time grows with the image's data)",
-                dir.display()
+                "{} has no reflink: system disks are sparse copies (time grows with the image's data)",
+                state_dir.display()
             ),
             "put the state directory on btrfs or xfs for instant copy-on-write clones",
         ),
-        Err(e) => Check::fail(
-            NAME,
-            format!("cannot write a probe file in {}: {e}", dir.display()),
-            "check the state directory",
-        ),
-    }
+    };
+    [dm, reflink]
 }
 
 fn check_nftables() -> Check {
@@ -805,10 +798,20 @@ mod tests {
         );
         assert_eq!(check.verdict, Verdict::Fail);
         assert!(check.hint.contains("modprobe tun"));
-        // Not used for disks yet, so its absence is no problem; said so.
-        let dm = check_device_mapper(Path::new("/nonexistent/control"));
+        // Without device-mapper, disks are clones or copies; said so.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let [dm, reflink] = check_disks(false, Path::new("/nonexistent/control"), dir.path());
         assert_eq!(dm.verdict, Verdict::Pass);
         assert!(dm.detail.contains("not needed"), "{dm:?}");
+        let planned = crate::vm::disk::planned_method(false, dir.path());
+        assert_eq!(
+            reflink.verdict == Verdict::Pass,
+            planned == crate::vm::disk::DiskMethod::Reflink,
+            "{reflink:?} vs {planned:?}"
+        );
+        let [dm, reflink] = check_disks(true, Path::new("/dev/mapper/control"), dir.path());
+        assert!(dm.detail.contains("dm snapshots"), "{dm:?}");
+        assert!(reflink.detail.contains("not needed"), "{reflink:?}");
         let kvm = check_kvm(Path::new("/nonexistent/kvm"));
         assert_eq!(kvm.verdict, Verdict::Warn);
     }
@@ -924,9 +927,13 @@ mod tests {
     #[test]
     fn reflink_probe_runs_on_a_real_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let check = check_reflink(dir.path());
+        let [_, check] = check_disks(false, Path::new("/dev/mapper/control"), dir.path());
         assert_ne!(check.verdict, Verdict::Fail, "{check:?}");
-        let missing = check_reflink(Path::new("/nonexistent/dir"));
+        let [_, missing] = check_disks(
+            false,
+            Path::new("/dev/mapper/control"),
+            Path::new("/nonexistent/dir"),
+        );
         assert_eq!(missing.verdict, Verdict::Fail);
     }
 

@@ -67,17 +67,35 @@ pub fn reflink(src: &Path, dst: &Path) -> std::io::Result<()> {
 /// real on a scratch file. Device-mapper snapshots are not used yet even
 /// where dm exists (see `docs/vms.md`), so the answer is reflink or copy.
 pub fn probe(dir: &Path) -> DiskMethod {
+    if reflink_works(dir).unwrap_or(false) {
+        DiskMethod::Reflink
+    } else {
+        DiskMethod::Copy
+    }
+}
+
+/// Whether files in `dir` can be reflinked (FICLONE of a probe file);
+/// an error when no probe file can be written there.
+pub fn reflink_works(dir: &Path) -> std::io::Result<bool> {
     let a = dir.join(".reflink-probe-a");
     let b = dir.join(".reflink-probe-b");
     let _ = std::fs::remove_file(&a);
     let _ = std::fs::remove_file(&b);
-    let ok = std::fs::write(&a, b"banger").is_ok() && reflink(&a, &b).is_ok();
+    let written = std::fs::write(&a, b"banger");
+    let ok = written.is_ok() && reflink(&a, &b).is_ok();
     let _ = std::fs::remove_file(&a);
     let _ = std::fs::remove_file(&b);
-    if ok {
-        DiskMethod::Reflink
+    written.map(|()| ok)
+}
+
+/// The method a new VM's system disk gets in `dir`: a dm snapshot where
+/// device-mapper works, else what [`probe`] finds. `doctor` reports this
+/// and create makes it, so the two cannot disagree.
+pub fn planned_method(dm_available: bool, dir: &Path) -> DiskMethod {
+    if dm_available {
+        DiskMethod::DeviceMapper
     } else {
-        DiskMethod::Copy
+        probe(dir)
     }
 }
 
