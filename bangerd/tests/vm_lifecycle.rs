@@ -470,7 +470,7 @@ fn the_debian_image_boots_to_sshd_and_its_services() {
         "vm",
         "create",
         "--name",
-        "deb",
+        "debian-vm",
         "--image",
         "debian-bookworm",
         "--vcpus",
@@ -487,7 +487,7 @@ fn the_debian_image_boots_to_sshd_and_its_services() {
     let out = env.ok(&[
         "vm",
         "ssh",
-        "deb",
+        "debian-vm",
         "--",
         "sh",
         "-c",
@@ -495,9 +495,9 @@ fn the_debian_image_boots_to_sshd_and_its_services() {
     ]);
     assert!(out.contains("bookworm"), "{out}");
     assert!(out.contains("root"), "{out}");
-    env.ok(&["vm", "stop", "deb"]);
-    assert_eq!(env.vm("deb")["state"], "stopped");
-    env.ok(&["vm", "delete", "deb"]);
+    env.ok(&["vm", "stop", "debian-vm"]);
+    assert_eq!(env.vm("debian-vm")["state"], "stopped");
+    env.ok(&["vm", "delete", "debian-vm"]);
     assert!(env.vms().is_empty());
 }
 
