@@ -178,6 +178,23 @@ impl Core {
             _ => None,
         };
         let accel = doctor::check_accel(config.vm.accel, kernel.zip(verdict.as_ref()), image_name);
+        // And what create would pick with that verdict: the lifecycle's own
+        // decision, reported only when it needs no probe doctor lacks.
+        let probe_missing = std::cell::Cell::new(false);
+        let choice = crate::vm::commands::check_vmm(&config)
+            .ok()
+            .map(|()| {
+                crate::vm::commands::choose_vmm(&config, || match &verdict {
+                    Some(v) => v.clone(),
+                    None => {
+                        probe_missing.set(true);
+                        crate::vm::vmm::kvm::KvmVerdict::NotProbed(String::new())
+                    }
+                })
+                .map(|(vmm, accel)| (vmm.name(), accel))
+            })
+            .filter(|_| !probe_missing.get());
+        let accel = doctor::with_choice(accel, choice);
         let at = checks
             .iter()
             .position(|c| c.name == "vmm")

@@ -519,6 +519,33 @@ pub fn check_accel(
     }
 }
 
+/// The `accel` check with create's own choice of VMM and accelerator
+/// (`vm::commands::choose_vmm`) folded in: its refusal (e.g. Firecracker
+/// with `vm.accel = "tcg"`) fails the check with create's message, its
+/// pick is named. `None`: no choice to report (no probe to decide with).
+pub fn with_choice(
+    check: Check,
+    choice: Option<crate::error::Result<(&str, crate::vm::vmm::Accel)>>,
+) -> Check {
+    match choice {
+        None => check,
+        Some(Err(e)) => Check::fail(
+            check.name,
+            e.message,
+            "set vm.vmm and vm.accel in bangerd.toml to a pair this host can run",
+        ),
+        Some(Ok(_)) if check.verdict == Verdict::Fail => check,
+        Some(Ok((vmm, accel))) => Check {
+            detail: format!(
+                "{}; new VMs boot with {vmm} under {}",
+                check.detail,
+                accel.as_str()
+            ),
+            ..check
+        },
+    }
+}
+
 /// `default-image`: whether `vm create` without `--image` has an image.
 pub fn check_default_image(name: &str, found: Option<(&str, &str)>) -> Check {
     const NAME: &str = "default-image";
@@ -1064,5 +1091,36 @@ mod tests {
         std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         crate::vm::commands::check_vmm(&config).expect("executable now");
         assert_ne!(check_vmm(&config).verdict, Verdict::Fail);
+    }
+
+    /// doctor reports create's own VMM choice: a pair create refuses
+    /// (Firecracker under `tcg`) fails the check with create's words, and
+    /// what create picks is named.
+    #[test]
+    fn the_accel_check_carries_creates_choice() {
+        use crate::config::Accel;
+        use crate::vm::commands::choose_vmm;
+        use crate::vm::vmm::kvm::KvmVerdict;
+        let mut config = Config::default();
+        config.vm.vmm = VmmKind::Firecracker;
+        config.vm.accel = Accel::Tcg;
+        let refused = choose_vmm(&config, || KvmVerdict::NotProbed(String::new()))
+            .map(|(v, a)| (v.name(), a))
+            .expect_err("firecracker under tcg");
+        let plain = check_accel(Accel::Tcg, None, "tiny");
+        assert_eq!(plain.verdict, Verdict::Pass, "alone it saw no problem");
+        let c = with_choice(plain.clone(), Some(Err(refused.clone())));
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert_eq!(c.detail, refused.message);
+        let c = with_choice(
+            plain.clone(),
+            Some(Ok(("qemu", crate::vm::vmm::Accel::Tcg))),
+        );
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert!(
+            c.detail.ends_with("new VMs boot with qemu under tcg"),
+            "{c:?}"
+        );
+        assert_eq!(with_choice(plain.clone(), None), plain);
     }
 }
