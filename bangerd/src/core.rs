@@ -3,7 +3,7 @@
 //! the wire.
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::auth::{Action, Authorizer, Caller};
 use crate::config::Config;
@@ -279,9 +279,7 @@ impl Core {
                 }
 
                 ctx.stage("prune job history", 1.0 / steps).await?;
-                let cutoff = SystemTime::now() - Duration::from_secs(u64::from(history_days) * 86_400);
-                let cutoff_us = crate::store::unix_us(cutoff);
-                let pruned = on_store(&store, move |s| s.prune_jobs(cutoff_us))
+                let pruned = on_store(&store, move |s| s.prune_jobs_older_than(history_days))
                     .await
                     .map_err(|e| Error::failed_with("pruning job history failed", &e))?;
                 ctx.progress(&format!("{pruned} old jobs removed"), 2.0 / steps, None);

@@ -270,6 +270,14 @@ impl Store {
         )?)
     }
 
+    /// Delete finished jobs that ended more than `days` days ago; returns
+    /// how many.
+    pub fn prune_jobs_older_than(&self, days: u32) -> Result<usize, StoreError> {
+        let cutoff =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(u64::from(days) * 86_400);
+        self.prune_jobs(unix_us(cutoff))
+    }
+
     /// One job row.
     pub fn job(&self, id: u64) -> Result<Option<JobRow>, StoreError> {
         Ok(self

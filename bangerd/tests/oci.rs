@@ -929,16 +929,7 @@ fn registry_pulls_squat_no_name_and_show_no_arguments() {
             include_str!("../../packaging/50-banger.rules"),
         )
         .unwrap();
-    let inputs = tempfile::tempdir().unwrap();
-    let vmlinux = inputs.path().join("vmlinux");
-    std::fs::write(&vmlinux, banger_testbed::tiny_vmlinux(4096)).unwrap();
-    let out = bed
-        .banger()
-        .args(["kernel", "import", "--name", "base-kernel", "--kernel"])
-        .arg(&vmlinux)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    import_base_kernel(&bed);
     let as_member = |args: &[&str]| {
         bed.banger_as(&member)
             .arg("--no-ask-password")
@@ -1035,6 +1026,21 @@ fn registry_pulls_squat_no_name_and_show_no_arguments() {
     }
 }
 
+/// `base-kernel`: a tiny ELF vmlinux root imports, for pulls that need a
+/// kernel but never boot.
+fn import_base_kernel(bed: &TestBed) {
+    let inputs = tempfile::tempdir().unwrap();
+    let vmlinux = inputs.path().join("vmlinux");
+    std::fs::write(&vmlinux, banger_testbed::tiny_vmlinux(4096)).unwrap();
+    let out = bed
+        .banger()
+        .args(["kernel", "import", "--name", "base-kernel", "--kernel"])
+        .arg(&vmlinux)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 /// Re-tag `repo:t` on the loopback registry at `port` as `repo:tag` with
 /// its manifest changed by `edit` (the registry checks that blobs exist,
 /// not their sizes, as a hostile registry would not either).
@@ -1103,16 +1109,7 @@ fn a_registry_cannot_send_more_than_its_manifest_or_the_limit_says() {
         ..Options::default()
     })
     .expect("test bed");
-    let inputs = tempfile::tempdir().unwrap();
-    let vmlinux = inputs.path().join("vmlinux");
-    std::fs::write(&vmlinux, banger_testbed::tiny_vmlinux(4096)).unwrap();
-    let out = bed
-        .banger()
-        .args(["kernel", "import", "--name", "base-kernel", "--kernel"])
-        .arg(&vmlinux)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    import_base_kernel(&bed);
     let pull = |tag: &str| {
         bed.banger()
             .args(["image", "pull", "--kernel-ref", "base-kernel", "--name"])

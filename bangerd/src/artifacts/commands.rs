@@ -16,6 +16,7 @@ use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobEvent, JobId};
 use crate::store::{Store, StoreError, unix_us};
+use crate::vm::quota::Demand;
 
 /// Run blocking work off the async threads.
 pub(super) async fn blocking<T: Send + 'static>(
@@ -337,6 +338,7 @@ impl Core {
             .await?;
         let uid = caller.uid;
         let limits = self.config().limits.clone();
+        let modules_cap = limits.modules_max_mib.saturating_mul(1 << 20);
         let KernelImport {
             name,
             kernel,
@@ -403,14 +405,9 @@ impl Core {
         std::fs::create_dir_all(kernels_dir(&state))
             .map_err(|e| Error::failed(format!("cannot create the kernel directory: {e}")))?;
         crate::vm::disk::check_space(&kernels_dir(&state), needed)?;
-        if self.quota_applies(caller).await {
-            let demand = crate::vm::quota::Demand {
-                disk_bytes: kernel_len + initrd_len + modules_len,
-                ..Default::default()
-            };
-            self.check_quota(uid, &demand, None, &format!("kernel {name}"))?;
-        }
-        let modules_cap = self.config().limits.modules_max_mib.saturating_mul(1 << 20);
+        let demand = Demand::disk(kernel_len + initrd_len + modules_len);
+        self.enforce_quota(caller, uid, &demand, None, &format!("kernel {name}"))
+            .await?;
 
         let core = self.clone();
         self.jobs()
@@ -746,13 +743,9 @@ impl Core {
             .map_err(|e| Error::failed(format!("cannot create the image directory: {e}")))?;
         let needed = rootfs_used + seed.as_ref().map_or(64 << 20, |(_, (_, used))| *used);
         crate::vm::disk::check_space(&images_dir(&state), needed)?;
-        if self.quota_applies(caller).await {
-            let demand = crate::vm::quota::Demand {
-                disk_bytes: rootfs_len,
-                ..Default::default()
-            };
-            self.check_quota(caller.uid, &demand, None, &format!("image {name}"))?;
-        }
+        let demand = Demand::disk(rootfs_len);
+        self.enforce_quota(caller, caller.uid, &demand, None, &format!("image {name}"))
+            .await?;
 
         let core = self.clone();
         let uid = caller.uid;

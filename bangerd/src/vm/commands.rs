@@ -483,15 +483,26 @@ impl Core {
     /// Check `add` against what `uid` holds (leaving VM `skip` out). Call
     /// with the row lock held so that two calls cannot both take the
     /// last slot.
-    pub(crate) fn check_quota(
+    fn check_quota(&self, uid: u32, add: &Demand, skip: Option<&str>, what: &str) -> Result<()> {
+        let usage = self.usage_of(uid, skip)?;
+        quota::check(&self.config().limits, &usage, add, what)
+    }
+
+    /// [`Core::check_quota`] under the row lock, unless `caller` is
+    /// exempt ([`Core::quota_applies`]).
+    pub(crate) async fn enforce_quota(
         &self,
+        caller: &Caller,
         uid: u32,
         add: &Demand,
         skip: Option<&str>,
         what: &str,
     ) -> Result<()> {
-        let usage = self.usage_of(uid, skip)?;
-        quota::check(&self.config().limits, &usage, add, what)
+        if self.quota_applies(caller).await {
+            let _rows = self.rows();
+            self.check_quota(uid, add, skip, what)?;
+        }
+        Ok(())
     }
 
     /// What `uid` holds now, leaving VM `skip` out.
@@ -563,11 +574,10 @@ impl Core {
 
     /// Drop job history older than `days`; returns how many went.
     pub async fn prune_job_history(&self, days: u32) -> Result<usize> {
-        let cutoff = SystemTime::now() - Duration::from_secs(u64::from(days) * 86_400);
         let store = self.deps.store.clone();
         blocking(move || {
             store
-                .prune_jobs(unix_us(cutoff))
+                .prune_jobs_older_than(days)
                 .map_err(store_err("pruning the job history failed"))
         })
         .await
@@ -893,14 +903,9 @@ impl Core {
                 if !quota {
                     return Ok(());
                 }
-                let demand = Demand {
-                    run: Some((vm.vcpus, vm.memory_mib)),
-                    vcpus_per_vm: vm.vcpus,
-                    ..Demand::default()
-                };
                 self.check_quota(
                     vm.owner_uid,
-                    &demand,
+                    &Demand::start(vm.vcpus, vm.memory_mib),
                     Some(&vm.id),
                     &format!("vm {}", vm.name),
                 )
@@ -1167,15 +1172,10 @@ impl Core {
         // turns Starting (another start may have come between).
         let quota = self.quota_applies(caller).await;
         if quota {
-            let demand = Demand {
-                run: Some((vm.vcpus, vm.memory_mib)),
-                vcpus_per_vm: vm.vcpus,
-                ..Demand::default()
-            };
             let _rows = self.rows();
             self.check_quota(
                 vm.owner_uid,
-                &demand,
+                &Demand::start(vm.vcpus, vm.memory_mib),
                 Some(&vm.id),
                 &format!("vm {}", vm.name),
             )?;
@@ -1415,15 +1415,18 @@ impl Core {
                 vm.name, vm.disk_bytes
             )));
         }
-        if self.quota_applies(caller).await {
-            let demand = Demand {
-                vcpus_per_vm: changes.vcpus.unwrap_or(0),
-                disk_bytes: disk_bytes - vm.disk_bytes,
-                ..Demand::default()
-            };
-            let _rows = self.rows();
-            self.check_quota(vm.owner_uid, &demand, None, &format!("vm {}", vm.name))?;
-        }
+        let demand = Demand {
+            vcpus_per_vm: changes.vcpus.unwrap_or(0),
+            ..Demand::disk(disk_bytes - vm.disk_bytes)
+        };
+        self.enforce_quota(
+            caller,
+            vm.owner_uid,
+            &demand,
+            None,
+            &format!("vm {}", vm.name),
+        )
+        .await?;
         let _claim = self.claim_vm(&vm)?;
         if sizes && vm.state != VmState::Stopped {
             return Err(Error::new(

@@ -73,6 +73,25 @@ pub struct Demand {
     pub disk_bytes: u64,
 }
 
+impl Demand {
+    /// Starting a VM of `vcpus` and `memory_mib`.
+    pub fn start(vcpus: u32, memory_mib: u32) -> Self {
+        Self {
+            run: Some((vcpus, memory_mib)),
+            vcpus_per_vm: vcpus,
+            ..Self::default()
+        }
+    }
+
+    /// `bytes` more disk (an import, a grown work disk).
+    pub fn disk(bytes: u64) -> Self {
+        Self {
+            disk_bytes: bytes,
+            ..Self::default()
+        }
+    }
+}
+
 const GIB: u64 = 1 << 30;
 
 /// Whether `value` passes `cap`; a cap of 0 means none.
