@@ -32,9 +32,11 @@ impl AgentProc {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // The socket file appears at bind(), a moment before listen():
+        // wait until a connection is accepted, not until the file exists.
         let start = Instant::now();
-        while !socket.exists() {
-            assert!(start.elapsed() < T, "agent did not create its socket");
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(start.elapsed() < T, "agent did not listen on its socket");
             std::thread::sleep(Duration::from_millis(20));
         }
         Self {
