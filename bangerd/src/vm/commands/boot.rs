@@ -1,0 +1,346 @@
+//! Booting a VM: its kernel command line, its system disk, and the boot
+//! steps with the retry after a stalled early boot.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::artifacts::{Image, Kernel};
+use crate::core::Core;
+use crate::error::{Error, Result};
+use crate::jobs::JobContext;
+use crate::vm::disk::DiskMethod;
+use crate::vm::quota::Demand;
+use crate::vm::snapshot;
+use crate::vm::vmm::LaunchSpec;
+use crate::vm::vmm::{Accel, TCG_TSC_KHZ};
+use crate::vm::{Vm, VmEvent, VmState};
+
+use super::blocking;
+
+/// The kernel command line of a VM.
+pub fn kernel_cmdline(
+    kernel: &Kernel,
+    image: &Image,
+    name: &str,
+    ip_arg: &str,
+    accel: Accel,
+) -> String {
+    let mut args = vec![
+        "console=ttyS0".to_owned(),
+        "reboot=k".to_owned(),
+        "panic=1".to_owned(),
+        "root=/dev/vda".to_owned(),
+        "rw".to_owned(),
+        "rootfstype=ext4".to_owned(),
+        "tsc=unstable".to_owned(),
+        format!("banger.hostname={name}"),
+        format!("banger.ip={ip_arg}"),
+    ];
+    // With an initramfs the NIC driver is a module: the kernel's own ip=
+    // would wait minutes for it, so only banger.ip= (read by the guest's
+    // init) is given then.
+    if kernel.initrd.is_none() {
+        args.push(format!("ip={ip_arg}"));
+    }
+    // Under software emulation on a busy host the kernel's TSC calibration
+    // against the PIT can spin for minutes (TESTBED.md): give it a
+    // frequency instead. Timekeeping does not rest on it (tsc=unstable).
+    if accel == Accel::Tcg {
+        args.push(TCG_TSC_KHZ.to_owned());
+    }
+    if let Some(init) = &image.init {
+        args.push(format!("init={init}"));
+    }
+    args.join(" ")
+}
+
+impl Core {
+    /// The system disk VM `vm`'s VMM opens: its file, or for a dm
+    /// snapshot the device brought up over the image and its change store.
+    async fn system_disk_up(&self, vm: &Vm, image: &Image) -> Result<PathBuf> {
+        let paths = self.vm_paths(&vm.id);
+        if vm.disk_method != Some(DiskMethod::DeviceMapper) {
+            return Ok(paths.system_disk);
+        }
+        let dm = self.deps.dm.clone();
+        let (id, base) = (vm.id.clone(), image.rootfs.clone());
+        blocking(move || {
+            snapshot::activate(dm.as_ref(), &id, &base, &paths.system_cow, &paths.loops)
+        })
+        .await
+    }
+
+    /// Take VM `vm`'s snapshot device and loop devices down, if it has any.
+    pub(super) async fn system_disk_down(&self, vm: &Vm) {
+        if vm.disk_method != Some(DiskMethod::DeviceMapper) {
+            return;
+        }
+        let dm = self.deps.dm.clone();
+        let (id, loops) = (vm.id.clone(), self.vm_paths(&vm.id).loops);
+        if let Err(e) = blocking(move || snapshot::deactivate(dm.as_ref(), &id, &loops)).await {
+            tracing::warn!(banger_vm_id = %vm.id, "cannot take its system disk down: {e}");
+        }
+    }
+
+    /// Boot VM `id` (Stopped): network, VMM, agent, services. On failure
+    /// the VM is stopped again and the error recorded.
+    /// With `quota`, the owner's `[limits]` are checked at the moment
+    /// the VM turns Starting.
+    pub(super) async fn boot(
+        self: &Arc<Self>,
+        ctx: &JobContext,
+        id: &str,
+        base: f64,
+        quota: bool,
+    ) -> Result<()> {
+        let mut result = self.boot_once(ctx, id, base, quota).await;
+        // A guest whose console went silent before its agent answered is
+        // stuck (seen under TCG: "tsc: Unable to calibrate against PIT");
+        // one fresh boot gets it going.
+        if matches!(&result, Err(BootError::Stalled(_))) {
+            tracing::warn!(banger_vm_id = %id, "the guest stalled while booting; booting it again");
+            ctx.progress("the guest stalled; booting it again", base, None);
+            result = self.boot_once(ctx, id, base, quota).await;
+        }
+        result.map_err(BootError::into_error)
+    }
+
+    async fn boot_once(
+        self: &Arc<Self>,
+        ctx: &JobContext,
+        id: &str,
+        base: f64,
+        quota: bool,
+    ) -> std::result::Result<(), BootError> {
+        let vm = self.transition_if(
+            id,
+            VmEvent::Start,
+            |vm| {
+                if !quota {
+                    return Ok(());
+                }
+                self.check_quota(
+                    vm.owner_uid,
+                    &Demand::start(vm.vcpus, vm.memory_mib),
+                    Some(&vm.id),
+                    &format!("vm {}", vm.name),
+                )
+            },
+            |v| v.last_error.clear(),
+        )?;
+        let result = self.boot_steps(ctx, &vm, base).await;
+        if let Err(e) = &result {
+            self.halt(id).await;
+            let message = e.error().message.clone();
+            let _ = self.modify(id, |v| {
+                if v.state == VmState::Starting && v.pid.is_none() {
+                    v.state = VmState::Stopped;
+                }
+                v.last_error = message;
+            });
+        }
+        result
+    }
+
+    async fn boot_steps(
+        self: &Arc<Self>,
+        ctx: &JobContext,
+        vm: &Vm,
+        base: f64,
+    ) -> std::result::Result<(), BootError> {
+        let step = (1.0 - base) / 4.0;
+        let config = self.config();
+        let image = self.image_by_id(&vm.image_id).await?;
+        let kernel = self.kernel_by_id(&vm.kernel_id).await?;
+        let paths = self.vm_paths(&vm.id);
+
+        ctx.stage("network", base).await?;
+        let net = self.network().await?;
+        let vmnet = net.attach(&vm.id, &vm.name, 0, vm.nat).await?;
+        let tap = vmnet.tap.clone();
+        if let Err(e) = self.modify(&vm.id, |v| v.tap = Some(tap.clone())) {
+            let _ = net
+                .detach(&vm.name, vmnet.lease.ipv4, Some(&vmnet.tap))
+                .await;
+            return Err(e.into());
+        }
+
+        ctx.stage("vmm start", base + step).await?;
+        std::fs::create_dir_all(&paths.run)
+            .map_err(|e| Error::failed(format!("cannot create {}: {e}", paths.run.display())))?;
+        let launched = async {
+            let (vmm, accel, kernel_path) = self.pick_vmm(&kernel).await?;
+            let system_disk = self.system_disk_up(vm, &image).await?;
+            let spec = LaunchSpec {
+                id: vm.id.clone(),
+                name: vm.name.clone(),
+                kernel: kernel_path,
+                initrd: kernel.initrd.clone(),
+                cmdline: kernel_cmdline(&kernel, &image, &vm.name, &vmnet.ip_arg, accel),
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
+                paths: paths.clone(),
+                system_disk,
+                net: Some((vmnet.tap.clone(), vmnet.lease.mac.clone())),
+                accel,
+            };
+            tracing::info!(banger_vm_id = %vm.id, "starting {} with {} under {}", vm.name, vmm.name(), accel.as_str());
+            let supervisor = self.deps.supervisor.as_ref();
+            let (watched, pid) = vmm.launch(&spec, supervisor).await?;
+            Ok::<_, Error>((vmm, watched, pid))
+        }
+        .await;
+        let (vmm, watched, pid) = match launched {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = net
+                    .detach(&vm.name, vmnet.lease.ipv4, Some(&vmnet.tap))
+                    .await;
+                let _ = self.modify(&vm.id, |v| v.tap = None);
+                self.system_disk_down(vm).await;
+                return Err(e.into());
+            }
+        };
+        let recorded = self.modify(&vm.id, |v| {
+            v.pid = Some(pid.pid);
+            v.pid_start = Some(pid.start);
+            v.vmm = Some(vmm.driver());
+        });
+        self.watch(&vm.id, pid, watched);
+        recorded?;
+        tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = pid.pid, vmm = vmm.name(), "vmm started");
+
+        ctx.stage("agent ready", base + 2.0 * step).await?;
+        let deadline = Instant::now() + Duration::from_secs(config.vm.boot_timeout_secs);
+        let endpoint = vmm.agent(&paths);
+        let waited = tokio::select! {
+            () = ctx.token().cancelled() => return Err(Error::cancelled("cancelled").into()),
+            () = console_silence(&paths.console_log, STALL_AFTER) => {
+                return Err(BootError::Stalled(Error::failed(format!(
+                    "the guest stalled while booting: no console output for {}s before the agent answered; see banger vm logs {}",
+                    STALL_AFTER.as_secs(),
+                    vm.name
+                ))));
+            }
+            r = crate::os::agent::wait_until_ready(
+                &endpoint,
+                Duration::from_secs(config.vm.boot_timeout_secs),
+                Duration::from_millis(200),
+            ) => r,
+        };
+        let (mut conn, health, took) = waited.map_err(|e| {
+            Error::failed(format!(
+                "the guest agent did not answer: {e}; see banger vm logs {}",
+                vm.name
+            ))
+        })?;
+        ctx.progress(
+            &format!(
+                "agent {} after {:.1}s",
+                health.agent_version,
+                took.as_secs_f64()
+            ),
+            base + 3.0 * step,
+            None,
+        );
+
+        for service in &image.services {
+            ctx.stage(&format!("{} ready", service.name), base + 3.0 * step)
+                .await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let waited = tokio::select! {
+                () = ctx.token().cancelled() => return Err(Error::cancelled("cancelled").into()),
+                r = conn.wait_port(service.port, left.max(Duration::from_secs(1))) => r,
+            };
+            waited.map_err(|e| {
+                Error::failed(format!(
+                    "{} (port {}) did not come up in the guest: {e}; see banger vm logs {}",
+                    service.name, service.port, vm.name
+                ))
+            })?;
+        }
+        drop(conn);
+        self.transition(&vm.id, VmEvent::Ready, |_| {})?;
+        tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "vm running");
+        Ok(())
+    }
+}
+
+/// Why one boot attempt failed: a stall (console silent before the
+/// agent answered, worth one more boot) or anything else.
+#[derive(Debug)]
+enum BootError {
+    Stalled(Error),
+    Failed(Error),
+}
+
+impl BootError {
+    fn error(&self) -> &Error {
+        match self {
+            Self::Stalled(e) | Self::Failed(e) => e,
+        }
+    }
+
+    fn into_error(self) -> Error {
+        match self {
+            Self::Stalled(e) | Self::Failed(e) => e,
+        }
+    }
+}
+
+impl From<Error> for BootError {
+    fn from(e: Error) -> Self {
+        Self::Failed(e)
+    }
+}
+/// Console silence before the agent answers that counts as a stall.
+const STALL_AFTER: Duration = Duration::from_secs(30);
+
+/// Returns once `log` has not grown for `quiet`.
+async fn console_silence(log: &std::path::Path, quiet: Duration) {
+    let mut last = (0u64, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let len = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+        if len != last.0 {
+            last = (len, Instant::now());
+        } else if last.1.elapsed() >= quiet {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::commands::tests::{image, kernel};
+
+    #[test]
+    fn the_kernel_gets_ip_only_when_its_nic_driver_is_built_in() {
+        let ip = "10.0.0.2::10.0.0.1:255.255.255.0:web:eth0:off:10.0.0.1";
+        let with_initrd = kernel_cmdline(
+            &kernel(true),
+            &image(Some("/sbin/banger-init")),
+            "web",
+            ip,
+            Accel::Kvm,
+        );
+        assert!(with_initrd.contains(&format!("banger.ip={ip}")));
+        assert!(!with_initrd.contains(" ip="));
+        assert!(with_initrd.ends_with("init=/sbin/banger-init"));
+        assert!(with_initrd.contains("banger.hostname=web"));
+        assert!(with_initrd.starts_with("console=ttyS0 "));
+        assert!(
+            !with_initrd.contains("tsc_early_khz"),
+            "KVM calibrates itself"
+        );
+        let built_in = kernel_cmdline(&kernel(false), &image(None), "web", ip, Accel::Tcg);
+        assert!(built_in.contains(&format!(" ip={ip}")));
+        assert!(!built_in.contains("init="));
+        assert!(
+            built_in.contains(" tsc_early_khz="),
+            "TCG gets its TSC frequency"
+        );
+    }
+}

@@ -1,0 +1,507 @@
+//! The VM lifecycle jobs: create, start, stop, restart, kill, delete, set.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::signal::Signal;
+
+use crate::artifacts::{Resource, validate};
+use crate::auth::{Action, Caller};
+use crate::core::Core;
+use crate::error::{Error, ErrorKind, Result};
+use crate::jobs::{JobContext, JobEvent, JobId};
+use crate::store::unix_us;
+use crate::vm::disk::{self, DiskMethod};
+use crate::vm::process::ProcessId;
+use crate::vm::quota::Demand;
+use crate::vm::snapshot;
+use crate::vm::{Vm, VmEvent, VmRequest, VmState, validate_sizes, validate_ssh_key};
+
+use super::{VmChanges, blocking, check_vmm, store_err, vmm_named};
+
+impl Core {
+    /// Start a create job. Returns the new VM's id and the job.
+    pub async fn create_vm(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: VmRequest,
+    ) -> Result<(String, JobId)> {
+        self.deps
+            .authorizer
+            .authorize(caller, Action::VmCreate)
+            .await?;
+        if req.nat == Some(true) {
+            self.deps
+                .authorizer
+                .authorize(caller, Action::VmNat)
+                .await?;
+        }
+        validate::name("vm", &req.name)?;
+        let config = self.config();
+        let vcpus = req.vcpus.unwrap_or(config.vm.vcpus);
+        let memory_mib = req.memory_mib.unwrap_or(config.vm.memory_mib);
+        let disk_bytes = req.disk_bytes.unwrap_or(config.vm.disk_mib << 20);
+        validate_sizes(vcpus, memory_mib, disk_bytes)?;
+        let quota = self.quota_applies(caller).await;
+        for key in &req.ssh_keys {
+            validate_ssh_key(key)?;
+        }
+        check_vmm(&config)?;
+        let image_ref = if req.image.is_empty() {
+            config.vm.default_image.clone()
+        } else {
+            req.image.clone()
+        };
+        let image = self.image(&image_ref).await.map_err(|e| match e.kind {
+            ErrorKind::NotFound => Error::not_found(format!(
+                "there is no image {image_ref:?}; see banger image list, or register one"
+            )),
+            _ => e,
+        })?;
+        self.authorize_use(caller, &image).await?;
+        crate::artifacts::commands::paths_of_root(&image)?;
+        let kernel = self.kernel_by_id(&image.kernel_id).await?;
+        // The system disk costs up to the rootfs's data, the work disk its seed.
+        let needed = crate::artifacts::files::disk_usage(&image.rootfs)
+            + image
+                .work_seed
+                .as_deref()
+                .map(crate::artifacts::files::disk_usage)
+                .unwrap_or(64 << 20);
+        std::fs::create_dir_all(crate::vm::vms_dir(&self.deps.dirs.state))
+            .map_err(|e| Error::failed(format!("cannot create the VM directory: {e}")))?;
+        disk::check_space(&self.deps.dirs.state, needed)?;
+
+        let id = crate::artifacts::new_id()
+            .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
+        let vm = Vm {
+            id: id.clone(),
+            name: req.name.clone(),
+            owner_uid: caller.uid,
+            image_id: image.id.clone(),
+            kernel_id: kernel.id.clone(),
+            vcpus,
+            memory_mib,
+            disk_bytes,
+            nat: req.nat.unwrap_or(false),
+            state: VmState::Creating,
+            vmm: None,
+            pid: None,
+            pid_start: None,
+            tap: None,
+            ssh_keys: req.ssh_keys.clone(),
+            disk_method: None,
+            created_at: unix_us(SystemTime::now()),
+            last_error: String::new(),
+        };
+        {
+            let core = self.clone();
+            let row = vm.clone();
+            let name = req.name.clone();
+            let demand = Demand {
+                vm: true,
+                run: req.start.then_some((vcpus, memory_mib)),
+                vcpus_per_vm: vcpus,
+                disk_bytes,
+            };
+            blocking(move || {
+                let _rows = core.rows();
+                if quota {
+                    core.check_quota(row.owner_uid, &demand, None, &format!("vm {name}"))?;
+                }
+                core.deps.store.insert_vm(&row).map_err(|e| {
+                    if crate::artifacts::store::is_unique_violation(&e) {
+                        Error::new(
+                            ErrorKind::AlreadyExists,
+                            format!(
+                                "a vm named {name} exists already; pick another name or delete it"
+                            ),
+                        )
+                    } else {
+                        Error::failed_with("recording the vm failed", &e)
+                    }
+                })
+            })
+            .await?;
+        }
+        self.announce(&id);
+        tracing::info!(banger_vm_id = %id, banger_vm_name = %vm.name, "creating vm");
+        let core = self.clone();
+        let claim = self.claim_vm(&vm)?;
+        let start = req.start;
+        let job = self
+            .jobs()
+            .start_cooperative("create-vm", caller.uid, Action::VmCreate, move |ctx| async move {
+                let _claim = claim;
+                let made = core.build_vm(&ctx, &vm, start, quota).await;
+                match made {
+                    Ok(()) => Ok(Some(Resource::Vm(vm.id.clone()))),
+                    Err(e) => {
+                        tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "create failed, removing what it made: {e}");
+                        if let Err(c) = core.destroy(&vm.id).await {
+                            tracing::error!(banger_vm_id = %vm.id, "cleanup after a failed create failed: {c}");
+                        }
+                        Err(e)
+                    }
+                }
+            });
+        match job.await {
+            Ok(job) => Ok((id, job)),
+            Err(e) => {
+                let _ = self.destroy(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build_vm(
+        self: &Arc<Self>,
+        ctx: &JobContext,
+        vm: &Vm,
+        start: bool,
+        quota: bool,
+    ) -> Result<()> {
+        ctx.stage("resolve image", 0.0).await?;
+        let image = self.ensure_work_seed(&vm.image_id).await?;
+        let paths = self.vm_paths(&vm.id);
+
+        ctx.stage("system disk", 0.1).await?;
+        let (rootfs, sys, cow) = (
+            image.rootfs.clone(),
+            paths.system_disk.clone(),
+            paths.system_cow.clone(),
+        );
+        let dir = paths.dir.clone();
+        // A dm snapshot where device-mapper works (constant time), else a
+        // reflink clone, else a sparse copy.
+        let dm = self.deps.dm.available();
+        let method = blocking(move || {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
+            if dm {
+                let bytes = std::fs::metadata(&rootfs)
+                    .map_err(|e| Error::failed(format!("cannot read {}: {e}", rootfs.display())))?
+                    .len();
+                snapshot::make_cow(&cow, bytes)?;
+                return Ok(DiskMethod::DeviceMapper);
+            }
+            disk::make_system_disk(&rootfs, &sys)
+        })
+        .await?;
+        ctx.progress(method.as_str(), 0.2, None);
+
+        ctx.stage("work disk", 0.2).await?;
+        let (seed, work, bytes, keys) = (
+            image.work_seed.clone(),
+            paths.work_disk.clone(),
+            vm.disk_bytes,
+            vm.ssh_keys.clone(),
+        );
+        blocking(move || disk::make_work_disk(seed.as_deref(), &work, bytes, &keys)).await?;
+        ctx.check_cancelled()?;
+        self.transition(&vm.id, VmEvent::Created, |v| {
+            v.disk_method = Some(method);
+        })?;
+        if start {
+            self.boot(ctx, &vm.id, 0.3, quota).await?;
+        }
+        Ok(())
+    }
+
+    /// Start a stopped VM as a job.
+    pub async fn start_vm(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<JobId> {
+        let vm = self.vm_by_id(id).await?;
+        self.authorize_vm(caller, &vm).await?;
+        vm.state.after(VmEvent::Start, &vm.name)?;
+        check_vmm(&self.config())?;
+        // Checked here so the call itself says no, and again when the VM
+        // turns Starting (another start may have come between).
+        let quota = self.quota_applies(caller).await;
+        if quota {
+            let _rows = self.rows();
+            self.check_quota(
+                vm.owner_uid,
+                &Demand::start(vm.vcpus, vm.memory_mib),
+                Some(&vm.id),
+                &format!("vm {}", vm.name),
+            )?;
+        }
+        let claim = self.claim_vm(&vm)?;
+        let core = self.clone();
+        self.jobs()
+            .start_cooperative(
+                "start-vm",
+                caller.uid,
+                Action::VmManage,
+                move |ctx| async move {
+                    let _claim = claim;
+                    core.boot(&ctx, &vm.id, 0.0, quota).await?;
+                    Ok(Some(Resource::Vm(vm.id)))
+                },
+            )
+            .await
+    }
+
+    /// Stop: ask the agent for a clean shutdown, then the VMM, then kill.
+    async fn shut_down(&self, ctx: &JobContext, id: &str, base: f64) -> Result<()> {
+        let vm = self.transition(id, VmEvent::Stop, |_| {})?;
+        let (Some(pid), Some(start)) = (vm.pid, vm.pid_start) else {
+            self.transition(id, VmEvent::Exited, |_| {})?;
+            return Ok(());
+        };
+        let process = ProcessId { pid, start };
+        let config = self.config();
+        let grace = Duration::from_secs(config.vm.stop_timeout_secs);
+        ctx.stage("shutdown", base).await?;
+        let paths = self.vm_paths(id);
+        let vmm = vmm_named(&config, vm.vmm)?;
+        let asked =
+            match crate::os::agent::connect(&vmm.agent(&paths), Duration::from_secs(3)).await {
+                Ok(mut conn) => conn.shutdown(false, Duration::from_secs(5)).await.is_ok(),
+                Err(_) => false,
+            };
+        if !asked {
+            let _ = vmm.request_shutdown(&paths).await;
+        }
+        if !self.wait_recorded(id, process, grace).await {
+            ctx.stage("force", base + 0.5).await?;
+            tracing::warn!(banger_vm_id = %id, "the guest did not shut down within {grace:?}; killing its vmm");
+            let _ = process.signal(Signal::SIGKILL);
+            if !self
+                .wait_recorded(id, process, Duration::from_secs(15))
+                .await
+            {
+                return Err(Error::failed(format!(
+                    "the vmm (pid {pid}) of vm {} did not exit even after SIGKILL",
+                    vm.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Core::shut_down`] when VM `id` has a VMM process; nothing otherwise.
+    async fn shut_down_if_running(&self, ctx: &JobContext, id: &str) -> Result<()> {
+        let running = self
+            .deps
+            .store
+            .vm(id)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.state.has_process());
+        if running {
+            self.shut_down(ctx, id, 0.0).await?;
+        }
+        Ok(())
+    }
+
+    /// Stop a VM as a job.
+    pub async fn stop_vm(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<JobId> {
+        let vm = self.vm_by_id(id).await?;
+        self.authorize_vm(caller, &vm).await?;
+        vm.state.after(VmEvent::Stop, &vm.name)?;
+        let claim = self.claim_vm(&vm)?;
+        let core = self.clone();
+        self.jobs()
+            .start_cooperative(
+                "stop-vm",
+                caller.uid,
+                Action::VmManage,
+                move |ctx| async move {
+                    let _claim = claim;
+                    core.shut_down(&ctx, &vm.id, 0.0).await?;
+                    Ok(Some(Resource::Vm(vm.id)))
+                },
+            )
+            .await
+    }
+
+    /// Stop (if running) and start again, as one job.
+    pub async fn restart_vm(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<JobId> {
+        let vm = self.vm_by_id(id).await?;
+        self.authorize_vm(caller, &vm).await?;
+        if vm.state != VmState::Running && vm.state != VmState::Stopped {
+            vm.state.after(VmEvent::Stop, &vm.name)?;
+        }
+        check_vmm(&self.config())?;
+        let quota = self.quota_applies(caller).await;
+        let claim = self.claim_vm(&vm)?;
+        let core = self.clone();
+        self.jobs()
+            .start_cooperative(
+                "restart-vm",
+                caller.uid,
+                Action::VmManage,
+                move |ctx| async move {
+                    let _claim = claim;
+                    core.shut_down_if_running(&ctx, &vm.id).await?;
+                    core.boot(&ctx, &vm.id, 0.4, quota).await?;
+                    Ok(Some(Resource::Vm(vm.id)))
+                },
+            )
+            .await
+    }
+
+    /// Send `signal` (a number) to a running VM's VMM.
+    pub async fn kill_vm(&self, caller: &Caller, id: &str, signal: i32) -> Result<()> {
+        let vm = self.vm_by_id(id).await?;
+        self.authorize_vm(caller, &vm).await?;
+        let signal = Signal::try_from(signal)
+            .map_err(|_| Error::invalid(format!("{signal} is not a signal number")))?;
+        let (Some(pid), Some(start)) = (vm.pid, vm.pid_start) else {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("vm {} is not running", vm.name),
+            ));
+        };
+        tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, ?signal, "signalling the vmm");
+        ProcessId { pid, start }.signal(signal)
+    }
+
+    /// Delete a VM as a job: stop it if it runs, then remove its network,
+    /// disks, sockets and record.
+    pub async fn delete_vm(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<JobId> {
+        let vm = self.vm_by_id(id).await?;
+        self.authorize_vm(caller, &vm).await?;
+        let claim = self.claim_vm(&vm)?;
+        let core = self.clone();
+        self.jobs()
+            .start_cooperative(
+                "delete-vm",
+                caller.uid,
+                Action::VmManage,
+                move |ctx| async move {
+                    let _claim = claim;
+                    core.shut_down_if_running(&ctx, &vm.id).await?;
+                    ctx.stage("remove", 0.7).await?;
+                    core.transition(&vm.id, VmEvent::Delete, |_| {})?;
+                    core.destroy(&vm.id).await?;
+                    Ok(None)
+                },
+            )
+            .await
+    }
+
+    /// Remove everything of VM `id`: process, network, files, row, lease.
+    pub(super) async fn destroy(&self, id: &str) -> Result<()> {
+        self.halt(id).await;
+        let Some(vm) = self
+            .deps
+            .store
+            .vm(id)
+            .map_err(store_err("reading the vm failed"))?
+        else {
+            return Ok(());
+        };
+        if let Some(ip) = self.vm_ipv4(id).await
+            && let Some(net) = self.network_if_up().await
+        {
+            net.forget(id, &vm.name, ip, vm.tap.as_deref()).await?;
+        }
+        self.system_disk_down(&vm).await;
+        let paths = self.vm_paths(id);
+        for dir in [&paths.dir, &paths.run] {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::failed(format!(
+                        "cannot remove {}: {e}",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        let store = self.deps.store.clone();
+        let owned = id.to_owned();
+        blocking(move || {
+            store
+                .delete_vm(&owned)
+                .map_err(store_err("removing the vm failed"))
+        })
+        .await?;
+        tracing::info!(banger_vm_id = %id, banger_vm_name = %vm.name, "vm deleted");
+        self.jobs()
+            .send(JobEvent::ResourceRemoved(Resource::Vm(id.to_owned())));
+        Ok(())
+    }
+
+    /// Change a VM's sizes (stopped only) or NAT (any time).
+    pub async fn set_vm(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+        changes: VmChanges,
+    ) -> Result<Vm> {
+        let vm = self.vm_by_id(id).await?;
+        // Everything the call may change is authorized before anything
+        // changes.
+        self.authorize_vm(caller, &vm).await?;
+        let nat_change = changes.nat.filter(|nat| *nat != vm.nat);
+        if nat_change.is_some() {
+            self.deps
+                .authorizer
+                .authorize(caller, Action::VmNat)
+                .await?;
+        }
+        let sizes =
+            changes.vcpus.is_some() || changes.memory_mib.is_some() || changes.disk_bytes.is_some();
+        if changes == VmChanges::default() {
+            return Err(Error::invalid(
+                "nothing to change: give vcpus, memory_mib, disk_bytes or nat",
+            ));
+        }
+        let vcpus = changes.vcpus.unwrap_or(vm.vcpus);
+        let memory = changes.memory_mib.unwrap_or(vm.memory_mib);
+        let disk_bytes = changes.disk_bytes.unwrap_or(vm.disk_bytes);
+        validate_sizes(vcpus, memory, disk_bytes)?;
+        if disk_bytes < vm.disk_bytes {
+            return Err(Error::invalid(format!(
+                "the work disk of {} is {} bytes; it can grow but not shrink",
+                vm.name, vm.disk_bytes
+            )));
+        }
+        let demand = Demand {
+            vcpus_per_vm: changes.vcpus.unwrap_or(0),
+            ..Demand::disk(disk_bytes - vm.disk_bytes)
+        };
+        self.enforce_quota(
+            caller,
+            vm.owner_uid,
+            &demand,
+            None,
+            &format!("vm {}", vm.name),
+        )
+        .await?;
+        let _claim = self.claim_vm(&vm)?;
+        if sizes && vm.state != VmState::Stopped {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "vm {} is {}: stop it to change vcpus, memory or disk size (banger vm stop {})",
+                    vm.name,
+                    vm.state.as_str(),
+                    vm.name
+                ),
+            ));
+        }
+        if disk_bytes > vm.disk_bytes {
+            let work = self.vm_paths(&vm.id).work_disk;
+            blocking(move || disk::grow_ext4(&work, disk_bytes)).await?;
+        }
+        if let Some(nat) = nat_change
+            && vm.state.has_process()
+            && let Some(ip) = self.vm_ipv4(&vm.id).await
+        {
+            self.network().await?.set_nat(ip, nat).await?;
+        }
+        self.modify(&vm.id, |v| {
+            v.vcpus = vcpus;
+            v.memory_mib = memory;
+            v.disk_bytes = disk_bytes;
+            if let Some(nat) = changes.nat {
+                v.nat = nat;
+            }
+        })
+    }
+}

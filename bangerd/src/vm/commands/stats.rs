@@ -1,0 +1,149 @@
+//! Console logs and resource use of VMs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::auth::Caller;
+use crate::core::Core;
+use crate::error::{Error, ErrorKind, Result};
+use crate::vm::VmState;
+use crate::vm::process::ProcessId;
+
+use super::{blocking, vmm_named};
+
+/// Resource usage of a running VM.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VmStats {
+    /// CPU time of the VMM process, microseconds.
+    pub cpu_usec: u64,
+    /// Resident memory of the VMM process, bytes.
+    pub rss_bytes: u64,
+    /// Seconds since the VMM started.
+    pub uptime_secs: f64,
+    /// The guest's kernel release, from the agent; empty when it does not answer.
+    pub guest_kernel: String,
+    /// The guest's hostname, from the agent.
+    pub guest_hostname: String,
+}
+
+impl Core {
+    /// Where VM `id`'s console log is.
+    pub fn console_log_path(&self, id: &str) -> PathBuf {
+        self.vm_paths(id).console_log
+    }
+
+    /// Up to 1 MiB of VM `id`'s console log from byte `offset`, and
+    /// the offset after it. Only its owner (or `manage-others`) may read it.
+    pub async fn vm_console(
+        &self,
+        caller: &Caller,
+        id: &str,
+        offset: u64,
+    ) -> Result<(Vec<u8>, u64)> {
+        let vm = self.vm_by_id(id).await?;
+        self.authorize_read_vm(caller, &vm).await?;
+        let log = self.vm_paths(&vm.id).console_log;
+        blocking(move || {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut file = match std::fs::File::open(&log) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+                Err(e) => return Err(Error::failed(format!("cannot read the console log: {e}"))),
+            };
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            // A log shorter than the offset was started anew: from the top.
+            let from = if offset > len { 0 } else { offset };
+            file.seek(SeekFrom::Start(from))
+                .map_err(|e| Error::failed(format!("cannot read the console log: {e}")))?;
+            let mut data = Vec::new();
+            file.take(1 << 20)
+                .read_to_end(&mut data)
+                .map_err(|e| Error::failed(format!("cannot read the console log: {e}")))?;
+            let next = from + data.len() as u64;
+            Ok((data, next))
+        })
+        .await
+    }
+
+    /// CPU and memory of the VMM process and what the agent says.
+    pub async fn vm_stats(&self, caller: &Caller, id: &str) -> Result<VmStats> {
+        let vm = self.vm_by_id(id).await?;
+        self.authorize_read_vm(caller, &vm).await?;
+        let (Some(pid), Some(start)) = (vm.pid, vm.pid_start) else {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("vm {} is not running", vm.name),
+            ));
+        };
+        let process = ProcessId { pid, start };
+        let mut stats = process_stats(process)
+            .ok_or_else(|| Error::new(ErrorKind::Busy, format!("vm {} is not running", vm.name)))?;
+        if vm.state == VmState::Running {
+            let vmm = vmm_named(&self.config(), vm.vmm)?;
+            if let Ok(mut conn) = crate::os::agent::connect(
+                &vmm.agent(&self.vm_paths(&vm.id)),
+                Duration::from_secs(2),
+            )
+            .await
+                && let Ok(info) = conn.info(Duration::from_secs(2)).await
+            {
+                stats.guest_kernel = info.kernel_release;
+                stats.guest_hostname = info.hostname;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// CPU time, resident memory and uptime of a process, from /proc.
+fn process_stats(p: ProcessId) -> Option<VmStats> {
+    if !p.alive() {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.pid)).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid)).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(VmStats {
+        cpu_usec: (utime + stime) * 1_000_000 / ticks,
+        rss_bytes: rss_kib * 1024,
+        uptime_secs: (uptime - p.start as f64 / ticks as f64).max(0.0),
+        ..VmStats::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_stats_of_a_live_process() {
+        let me = ProcessId::of(std::process::id()).expect("me");
+        let s = process_stats(me).expect("stats");
+        assert!(s.rss_bytes > 0);
+        assert!(s.uptime_secs >= 0.0);
+        let gone = ProcessId {
+            pid: me.pid,
+            start: me.start + 1,
+        };
+        assert!(process_stats(gone).is_none());
+    }
+}
