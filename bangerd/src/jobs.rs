@@ -13,10 +13,20 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::artifacts::Resource;
 use crate::auth::Action;
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{JobRowState, Store, unix_us};
+
+/// Something the front ends publish: a kernel, an image or a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Resource {
+    /// Kernel `id`.
+    Kernel(String),
+    /// Image `id`.
+    Image(String),
+    /// VM `id`.
+    Vm(String),
+}
 
 /// A job number; also the last part of its object path.
 pub type JobId = u64;

@@ -171,7 +171,7 @@ pub async fn run(
             config_file,
             store: Arc::new(store),
             authorizer: Arc::new(os::polkit::Polkit::new(conn.clone())),
-            bus: Arc::new(bus::BusNames(conn.clone())),
+            bus: Arc::new(os::bus_names::BusNames(conn.clone())),
             host: HostPaths::default(),
             supervisor,
             dm: Arc::new(os::dm::Dm),

@@ -8,13 +8,12 @@ use super::files;
 use super::store::{is_fk_violation, is_unique_violation};
 use super::validate::{self, Kind, Reader};
 use super::{
-    Image, ImageImport, ImageRegistration, Kernel, KernelImport, Modules, Resource, images_dir,
-    kernels_dir,
+    Image, ImageImport, ImageRegistration, Kernel, KernelImport, Modules, images_dir, kernels_dir,
 };
 use crate::auth::{Action, Caller};
 use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
-use crate::jobs::{JobContext, JobEvent, JobId};
+use crate::jobs::{JobContext, JobEvent, JobId, Resource};
 use crate::store::{Store, StoreError, unix_us};
 use crate::vm::quota::Demand;
 

@@ -153,17 +153,6 @@ pub struct ImageRegistration {
     pub init: Option<String>,
 }
 
-/// Something the front ends publish: a kernel, an image or a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Resource {
-    /// Kernel `id`.
-    Kernel(String),
-    /// Image `id`.
-    Image(String),
-    /// VM `id`.
-    Vm(String),
-}
-
 /// Whether `text` has the shape of an id (16 lowercase hex digits). No
 /// name can have it ([`validate::name`]), so a reference of this shape is
 /// looked up by id only and any other by name only.

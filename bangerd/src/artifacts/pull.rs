@@ -19,10 +19,11 @@ use super::commands::{
 };
 use super::owner::SYSTEM_UID;
 use super::store::{is_fk_violation, is_unique_violation};
-use super::{Image, Resource, files, images_dir, kernels_dir, validate};
+use super::{Image, files, images_dir, kernels_dir, validate};
 use crate::auth::{Action, BoxFuture, Caller};
 use crate::core::Core;
 use crate::error::{Error, Result};
+use crate::jobs::Resource;
 use crate::jobs::{JobContext, JobEvent, JobId, JobState};
 use crate::store::{StoreError, unix_us};
 use crate::update::Fetcher;

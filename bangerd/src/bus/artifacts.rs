@@ -6,8 +6,9 @@ use std::sync::Arc;
 use banger_dbus::{ServicePort, image_path, kernel_path};
 use zbus::{ObjectServer, OwnedObjectPath, interface};
 
-use crate::artifacts::{Image, Kernel, Resource};
+use crate::artifacts::{Image, Kernel};
 use crate::core::Core;
+use crate::jobs::Resource;
 
 fn text(p: &Option<std::path::PathBuf>) -> String {
     p.as_ref()

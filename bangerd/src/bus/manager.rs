@@ -14,8 +14,9 @@ use super::options::{
     Options, bool_opt, fd_opt, only_known, opt_bool, str_opt, strs_opt, u32_opt, u64_opt,
 };
 use super::{caller, job, to_wire};
-use crate::artifacts::{ImageImport, ImageRegistration, KernelImport, Modules, Resource};
+use crate::artifacts::{ImageImport, ImageRegistration, KernelImport, Modules};
 use crate::core::{Core, MaintainOptions, VERSION};
+use crate::jobs::Resource;
 use crate::update::UpdateRequest;
 
 /// The manager object.
@@ -269,7 +270,7 @@ impl ManagerObject {
         super::artifacts::refresh(
             conn.object_server(),
             &self.core,
-            &crate::artifacts::Resource::Image(image.id.clone()),
+            &crate::jobs::Resource::Image(image.id.clone()),
         )
         .await
         .map_err(|e| {
@@ -366,7 +367,7 @@ impl ManagerObject {
         super::artifacts::refresh(
             conn.object_server(),
             &self.core,
-            &crate::artifacts::Resource::Vm(vm.clone()),
+            &crate::jobs::Resource::Vm(vm.clone()),
         )
         .await
         .map_err(|e| {

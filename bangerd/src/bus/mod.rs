@@ -2,7 +2,9 @@
 //! [`Caller`]s and plain arguments, core results into replies, and job events
 //! into objects, signals and `PropertiesChanged`.
 //!
-//! Invariant: this is the only module (with `os::polkit`) that sees zbus types.
+//! Invariant: this is the only module (with the `os` adapters that talk to
+//! other services: `os::polkit`, `os::resolved`, `os::bus_names`) that sees
+//! zbus types.
 
 mod artifacts;
 mod job;
@@ -18,9 +20,8 @@ use zbus::Connection;
 use zbus::message::{Flags, Header};
 use zbus::names::BusName;
 
-use crate::auth::{BoxFuture, Caller};
+use crate::auth::Caller;
 use crate::core::Core;
-use crate::doctor::{BusProbe, NameState};
 use crate::error::{Error, ErrorKind};
 use crate::jobs::JobEvent;
 
@@ -80,36 +81,6 @@ pub async fn caller(conn: &Connection, header: &Header<'_>) -> Result<Caller, Re
             .flags()
             .contains(Flags::ALLOW_INTERACTIVE_AUTH),
     })
-}
-
-/// Whether `name` is owned or activatable on `conn`'s bus.
-pub async fn name_state(conn: &Connection, name: &str) -> NameState {
-    let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else {
-        return NameState::Unknown;
-    };
-    let Ok(bus_name) = BusName::try_from(name) else {
-        return NameState::Unknown;
-    };
-    match dbus.name_has_owner(bus_name).await {
-        Ok(true) => return NameState::Owned,
-        Ok(false) => {}
-        Err(_) => return NameState::Unknown,
-    }
-    match dbus.list_activatable_names().await {
-        Ok(names) if names.iter().any(|n| n.as_str() == name) => NameState::Activatable,
-        Ok(_) => NameState::Absent,
-        Err(_) => NameState::Unknown,
-    }
-}
-
-/// [`BusProbe`] on a live connection.
-#[derive(Debug, Clone)]
-pub struct BusNames(pub Connection);
-
-impl BusProbe for BusNames {
-    fn name_state<'a>(&'a self, name: &'a str) -> BoxFuture<'a, NameState> {
-        Box::pin(name_state(&self.0, name))
-    }
 }
 
 /// Register the manager and ObjectManager, then take the well-known name.

@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod agent;
+pub mod bus_names;
 pub mod dm;
 pub mod notify;
 pub mod polkit;

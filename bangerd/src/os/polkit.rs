@@ -30,7 +30,7 @@ impl Polkit {
                 Err(Error::denied("caller has no bus name to authorize"))
             };
         };
-        if !crate::bus::name_state(&self.conn, POLKIT_NAME)
+        if !crate::os::bus_names::name_state(&self.conn, POLKIT_NAME)
             .await
             .reachable()
         {
@@ -141,7 +141,7 @@ fn without_polkit(caller: &Caller, action: Action) -> Result<()> {
 
 /// Whether polkit can be reached on `conn`.
 pub async fn available(conn: &Connection) -> bool {
-    crate::bus::name_state(conn, POLKIT_NAME).await != NameState::Absent
+    crate::os::bus_names::name_state(conn, POLKIT_NAME).await != NameState::Absent
 }
 
 #[cfg(test)]

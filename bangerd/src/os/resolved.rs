@@ -42,7 +42,7 @@ const AF_INET: i32 = 2;
 impl LinkDns for Resolved {
     fn present<'a>(&'a self) -> BoxFuture<'a, bool> {
         Box::pin(async move {
-            crate::bus::name_state(&self.conn, RESOLVED_NAME)
+            crate::os::bus_names::name_state(&self.conn, RESOLVED_NAME)
                 .await
                 .reachable()
         })

@@ -70,7 +70,7 @@ impl Fetcher {
         let client = reqwest::Client::builder()
             .connect_timeout(stall)
             .read_timeout(stall)
-            .user_agent(format!("bangerd/{}", crate::core::VERSION))
+            .user_agent(format!("bangerd/{}", banger_release::VERSION))
             .https_only(false)
             .build()
             .map_err(|e| UpdateError::Http(chain(&e)))?;

@@ -18,10 +18,11 @@ use oci_client::Reference;
 
 use super::commands::{TmpDir, already_exists, blocking, ticker};
 use super::pull::StagedImage;
-use super::{Resource, Service, images_dir, validate};
+use super::{Service, images_dir, validate};
 use crate::auth::{Action, Caller};
 use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
+use crate::jobs::Resource;
 use crate::jobs::{JobContext, JobId};
 
 /// What `image pull` of an OCI reference was asked.

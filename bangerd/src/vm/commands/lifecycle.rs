@@ -5,10 +5,11 @@ use std::time::{Duration, SystemTime};
 
 use nix::sys::signal::Signal;
 
-use crate::artifacts::{Resource, validate};
+use crate::artifacts::validate;
 use crate::auth::{Action, Caller};
 use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
+use crate::jobs::Resource;
 use crate::jobs::{JobContext, JobEvent, JobId};
 use crate::store::unix_us;
 use crate::vm::disk::{self, DiskMethod};
