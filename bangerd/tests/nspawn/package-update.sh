@@ -1,6 +1,6 @@
 #!/bin/bash
 # Runs inside a systemd-nspawn container booted by
-# bangerd/tests/package_update.rs (as banger-package-update-test.service):
+# bangerd/tests/it/package_update.rs (as banger-package-update-test.service):
 # the banger .deb (version A) installed, a running VM, and a release
 # channel on loopback (channel-server.py over /opt/channel) holding
 # version B and broken variants of it. Each broken release is refused and

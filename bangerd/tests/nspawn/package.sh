@@ -1,5 +1,5 @@
 #!/bin/bash
-# Runs inside a systemd-nspawn container booted by bangerd/tests/package.rs
+# Runs inside a systemd-nspawn container booted by bangerd/tests/it/package.rs
 # (as banger-package-test.service): installs the banger .deb and checks it
 # as a Debian user would meet it. D-Bus activation, idle exit, DNS socket
 # activation, journald fields, polkit for a group member in a logind

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Runs inside a systemd-nspawn container booted by
-# bangerd/tests/systemd_units.rs (as banger-test.service): bangerd under
+# bangerd/tests/it/systemd_units.rs (as banger-test.service): bangerd under
 # systemd, a VM whose VMM becomes a transient unit, what systemd,
 # machined and resolved say about it, a bangerd crash the VM survives,
 # then stop and delete. Writes what it saw to /opt/results (the test reads and judges

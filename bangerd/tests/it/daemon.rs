@@ -365,7 +365,7 @@ fn polkit_decides_for_other_users() {
 fn the_shipped_rules_file_grants_the_banger_group_everyday_actions_only() {
     let bed = TestBed::start(quick_config("")).expect("test bed");
     let member = TestUser::create_in_group("banger").expect("member");
-    let rules = include_str!("../../packaging/50-banger.rules");
+    let rules = include_str!("../../../packaging/50-banger.rules");
     let _rule = bed
         .install_polkit_rule(&format!("50-banger-{}", member.name()), rules)
         .expect("install the shipped rules");

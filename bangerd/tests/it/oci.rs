@@ -926,7 +926,7 @@ fn registry_pulls_squat_no_name_and_show_no_arguments() {
     let _rules = bed
         .install_polkit_rule(
             &format!("50-banger-oci-{}", member.name()),
-            include_str!("../../packaging/50-banger.rules"),
+            include_str!("../../../packaging/50-banger.rules"),
         )
         .unwrap();
     import_base_kernel(&bed);

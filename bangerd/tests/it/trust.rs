@@ -55,7 +55,7 @@ impl Bed {
         let rules = bed
             .install_polkit_rule(
                 &format!("50-banger-trust-{}", alice.name()),
-                include_str!("../../packaging/50-banger.rules"),
+                include_str!("../../../packaging/50-banger.rules"),
             )
             .unwrap();
         let inputs = tempfile::tempdir().unwrap();

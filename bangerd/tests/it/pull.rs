@@ -516,7 +516,7 @@ fn a_members_catalog_pull_is_the_systems() {
     let _rules = bed
         .install_polkit_rule(
             &format!("50-banger-pull-{}", member.name()),
-            include_str!("../../packaging/50-banger.rules"),
+            include_str!("../../../packaging/50-banger.rules"),
         )
         .unwrap();
     let as_member = |args: &[&str]| {

@@ -1,0 +1,22 @@
+//! The daemon's integration tests, one module per area, in one binary
+//! (one link of the daemon instead of one per file). Most need root and
+//! start a real private system bus with polkitd, journald and bangerd
+//! (`banger-testbed`); tests in different modules run concurrently, so
+//! each one names what it creates after its process and a counter.
+
+mod agent_transport;
+mod artifacts;
+mod daemon;
+mod daemon_dns;
+mod dns;
+mod guest_boot;
+mod net_links;
+mod net_nat;
+mod oci;
+mod package;
+mod package_update;
+mod pull;
+mod systemd_units;
+mod trust;
+mod update;
+mod vm_lifecycle;
