@@ -173,14 +173,31 @@ fn the_tap_pool_hands_out_refills_reuses_and_adopts() {
         let b = pool.acquire(54_322).await.unwrap();
         let c = pool.acquire(54_323).await.unwrap();
         assert_eq!([&a, &b, &c].iter().collect::<BTreeSet<_>>().len(), 3);
+        // Let the background refill after b and c finish, so what a
+        // release does below does not depend on how fast it runs.
+        let mut full = false;
+        for _ in 0..100 {
+            if pool.snapshot().await.0.len() == 2 {
+                full = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(full, "{:?}", pool.snapshot().await);
 
-        // Released TAPs return to the pool (owner reset) or go.
+        // A released TAP goes when the pool is full...
         pool.release(&a).await.unwrap();
-        let details = ip(&ns, &["-d", "link", "show", &a]);
+        let all = links.names_with_prefix("bgtap").await.unwrap();
+        assert!(!all.contains(&a), "{a} kept in a full pool: {all:?}");
+        // ... and returns to the pool, its owner reset, when it is short.
+        pool.drain().await.unwrap();
+        pool.release(&b).await.unwrap();
+        let details = ip(&ns, &["-d", "link", "show", &b]);
         assert!(
             details.contains("user root") || details.contains("user 0"),
             "{details}"
         );
+        assert_eq!(pool.snapshot().await.0, vec![b.clone()]);
         // A daemon restart: a new pool adopts what exists. c stays in use.
         let restarted = TapPool::new(links.clone(), bridge, 2);
         restarted.adopt(std::slice::from_ref(&c)).await.unwrap();
