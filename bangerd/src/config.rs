@@ -12,6 +12,30 @@ use serde::{Deserialize, Serialize};
 /// File name looked up in the configuration directory.
 pub const FILE_NAME: &str = "bangerd.toml";
 
+/// The configuration in force, shared by the core and its services: a
+/// reload swaps it for all of them at once.
+#[derive(Debug, Clone, Default)]
+pub struct SharedConfig(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Config>>>);
+
+impl SharedConfig {
+    /// Shares `config`.
+    pub fn new(config: Config) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(
+            std::sync::Arc::new(config),
+        )))
+    }
+
+    /// The configuration in force now.
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Put `config` in force.
+    pub fn set(&self, config: std::sync::Arc<Config>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

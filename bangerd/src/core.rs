@@ -2,11 +2,11 @@
 //! methods with a [`Caller`] and plain Rust types; nothing here knows about
 //! the wire.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::{Action, Authorizer, Caller};
-use crate::config::Config;
+use crate::config::{Config, SharedConfig};
 use crate::doctor::{self, BusProbe, Check, HostPaths};
 use crate::error::{Error, Result};
 use crate::jobs::{JobId, JobSettings, JobSnapshot, Jobs};
@@ -64,9 +64,11 @@ pub struct CoreDeps {
 /// The daemon's state and the commands on it.
 #[derive(Debug)]
 pub struct Core {
-    config: RwLock<Arc<Config>>,
+    config: SharedConfig,
     pub(crate) deps: CoreDeps,
     jobs: Arc<Jobs>,
+    /// Releases of banger itself.
+    updates: crate::update::Updates,
     /// Images some operation holds exclusively (promote, delete, seeding).
     pub(crate) busy_images: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The `.vm` zone and where it is served, once the DNS server runs.
@@ -94,10 +96,21 @@ impl Core {
         events: tokio::sync::mpsc::UnboundedSender<crate::jobs::JobEvent>,
     ) -> Arc<Self> {
         let jobs = Jobs::new(deps.store.clone(), events, job_settings(&config));
+        let config = SharedConfig::new(config);
+        let updates = crate::update::Updates {
+            config: config.clone(),
+            config_file: deps.config_file.clone(),
+            state: deps.dirs.state.clone(),
+            authorizer: deps.authorizer.clone(),
+            releases: deps.releases.clone(),
+            restart: deps.restart.clone(),
+            jobs: jobs.clone(),
+        };
         Arc::new(Self {
-            config: RwLock::new(Arc::new(config)),
+            config,
             deps,
             jobs,
+            updates,
             busy_images: Default::default(),
             dns: Default::default(),
             vm_runtime: Default::default(),
@@ -107,10 +120,12 @@ impl Core {
 
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.config.get()
+    }
+
+    /// Releases of banger itself (`Manager.Update`).
+    pub fn updates(&self) -> &crate::update::Updates {
+        &self.updates
     }
 
     /// One-line summary for `Status` and sd_notify, e.g. "idle",
@@ -342,7 +357,7 @@ impl Core {
         let path = &self.deps.config_file;
         let config = Arc::new(Config::load(path).map_err(|e| Error::invalid(e.to_string()))?);
         self.jobs.set_settings(job_settings(&config));
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config.clone();
+        self.config.set(config.clone());
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(config)
     }

@@ -430,7 +430,12 @@ impl ManagerObject {
             (true, false) => UpdateRequest::Check { channel },
             (false, false) => UpdateRequest::Install { channel },
         };
-        let id = self.core.update(&caller, request).await.map_err(to_wire)?;
+        let id = self
+            .core
+            .updates()
+            .update(&caller, request)
+            .await
+            .map_err(to_wire)?;
         job::published(conn, &self.core, id).await
     }
 

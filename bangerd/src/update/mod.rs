@@ -23,9 +23,11 @@ use banger_release::{ReleaseError, Releases, Version};
 pub use fetch::{Fetcher, channel_url, hex, is_loopback};
 pub use manifest::{Artifact, MAX_ARTIFACT_BYTES, Manifest, Verified, parse_key, verify};
 
+use crate::auth::Authorizer;
 use crate::auth::{Action, BoxFuture, Caller};
-use crate::core::{Core, VERSION};
+use crate::config::SharedConfig;
 use crate::error::{Error, Result};
+use crate::jobs::Jobs;
 use crate::jobs::{JobContext, JobId};
 
 /// Largest `manifest.json` accepted.
@@ -240,7 +242,7 @@ pub fn trusted_keys(
 
 /// The running version.
 pub fn running_version() -> Version {
-    Version::parse(VERSION).unwrap_or_else(|_| Version::new(0, 0, 0))
+    Version::parse(banger_release::VERSION).unwrap_or_else(|_| Version::new(0, 0, 0))
 }
 
 /// Removes a staging directory unless the release was committed.
@@ -376,28 +378,46 @@ async fn install(
     Ok(())
 }
 
-impl Core {
+/// Releases: check, install and roll back banger itself. Owns what that
+/// needs and nothing else; the daemon root builds it and the front end
+/// calls it.
+#[derive(Debug)]
+pub struct Updates {
+    /// The configuration in force (channel, keys, timeouts).
+    pub config: SharedConfig,
+    /// The configuration file: extra keys count only when root owns it.
+    pub config_file: PathBuf,
+    /// The state directory (catalogs fetched with a release).
+    pub state: PathBuf,
+    /// Decides who may update.
+    pub authorizer: Arc<dyn Authorizer>,
+    /// Where releases are installed.
+    pub releases: Releases,
+    /// Restarts the daemon after an install or rollback.
+    pub restart: Arc<dyn Restart>,
+    /// Runs the update as a job.
+    pub jobs: Arc<Jobs>,
+}
+
+impl Updates {
     /// Check for, install, or roll back a release, as a job (action
     /// `org.banger.update`). The job's last detail says what happened.
     pub async fn update(&self, caller: &Caller, request: UpdateRequest) -> Result<JobId> {
-        self.deps
-            .authorizer
-            .authorize(caller, Action::Update)
-            .await?;
-        let config = self.config();
+        self.authorizer.authorize(caller, Action::Update).await?;
+        let config = self.config.get();
         let channel = match &request {
             UpdateRequest::Check { channel } | UpdateRequest::Install { channel } => Some(
                 channel_url(channel.as_deref().unwrap_or(&config.update.channel))?,
             ),
             UpdateRequest::Rollback => None,
         };
-        let keys = trusted_keys(&config.update.extra_keys, &self.deps.config_file)?;
+        let keys = trusted_keys(&config.update.extra_keys, &self.config_file)?;
         let fetcher = Fetcher::new(Duration::from_secs(config.update.stall_timeout_secs))?;
-        let releases = self.deps.releases.clone();
-        let restart = self.deps.restart.clone();
-        let state = self.deps.dirs.state.clone();
+        let releases = self.releases.clone();
+        let restart = self.restart.clone();
+        let state = self.state.clone();
         let running = running_version();
-        self.jobs()
+        self.jobs
             .start(
                 "update",
                 caller.uid,
