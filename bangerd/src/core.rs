@@ -71,8 +71,8 @@ pub struct Core {
     updates: crate::update::Updates,
     /// Images some operation holds exclusively (promote, delete, seeding).
     pub(crate) busy_images: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// The `.vm` zone and where it is served, once the DNS server runs.
-    dns: std::sync::Mutex<Option<(crate::net::dns::VmZone, std::net::SocketAddr)>>,
+    /// The host network the VMs share.
+    net: crate::net::host::HostNetwork,
     /// VM bookkeeping outside the store.
     vm_runtime: crate::vm::commands::VmRuntime,
     /// Running catalog and registry pulls, so a second pull of an entry
@@ -106,13 +106,14 @@ impl Core {
             restart: deps.restart.clone(),
             jobs: jobs.clone(),
         };
+        let net = crate::net::host::HostNetwork::new(deps.store.clone(), deps.link_dns.clone());
         Arc::new(Self {
             config,
+            net,
             deps,
             jobs,
             updates,
             busy_images: Default::default(),
-            dns: Default::default(),
             vm_runtime: Default::default(),
             pulls: Default::default(),
         })
@@ -171,8 +172,8 @@ impl Core {
             &self.deps.store,
             self.deps.bus.as_ref(),
             &self.deps.host,
-            self.dns_served(),
-            &self.vm_runtime().resolved(),
+            self.net.dns_served(),
+            &self.net.resolved(),
         )
         .await;
         // What VMs get: the default image and the accelerator the KVM probe
@@ -249,25 +250,12 @@ impl Core {
 
     /// Record that the DNS server answers for `zone` on `addr`.
     pub fn set_dns(&self, zone: crate::net::dns::VmZone, addr: std::net::SocketAddr) {
-        *self.dns.lock().unwrap_or_else(|p| p.into_inner()) = Some((zone, addr));
+        self.net.set_dns(zone, addr);
     }
 
-    /// Where the `.vm` DNS server listens, when it runs.
-    pub fn dns_served(&self) -> Option<std::net::SocketAddr> {
-        self.dns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(_, a)| *a)
-    }
-
-    /// The `.vm` zone, when the DNS server runs.
-    pub fn dns_zone(&self) -> Option<crate::net::dns::VmZone> {
-        self.dns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(z, _)| z.clone())
+    /// The host network the VMs share.
+    pub fn net(&self) -> &crate::net::host::HostNetwork {
+        &self.net
     }
 
     /// Start store maintenance as a job (action `org.banger.maintain`).

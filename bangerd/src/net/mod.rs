@@ -1,7 +1,8 @@
-//! Host networking for VMs: leases (addresses and MACs), and (coming with
-//! the rest of the networking work) the bridge, TAPs, NAT and `.vm` DNS.
+//! Host networking for VMs: leases (addresses and MACs), the bridge, TAPs,
+//! NAT and `.vm` DNS; [`host::HostNetwork`] is the service over them.
 
 pub mod dns;
+pub mod host;
 pub mod leases;
 pub mod link;
 pub mod nat;

@@ -360,3 +360,38 @@ fn links_now(ns: &str) -> Vec<String> {
     names.sort();
     names
 }
+
+#[test]
+fn the_host_network_comes_up_once_for_concurrent_callers() {
+    use bangerd::net::host::{HostNetwork, InUse, Settings};
+    use bangerd::net::resolved::{NoLinkDns, Registration};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    in_netns(|ns| async move {
+        let store = Arc::new(bangerd::store::Store::open_in_memory().unwrap());
+        let net = HostNetwork::new(store, Arc::new(NoLinkDns));
+        assert!(net.if_up().await.is_none());
+        assert_eq!(net.resolved(), Registration::Pending);
+        let settings = Settings {
+            bridge: "banger0".into(),
+            subnet: Subnet::parse("10.213.42.0/24").unwrap(),
+            tap_pool_size: 1,
+        };
+        // Two callers at once: one bring-up, and only it asks what
+        // running VMs hold.
+        let asked = AtomicUsize::new(0);
+        let in_use = || async {
+            asked.fetch_add(1, Ordering::SeqCst);
+            Ok(InUse::default())
+        };
+        let (a, b) = tokio::join!(net.up(&settings, in_use()), net.up(&settings, in_use()));
+        assert_eq!(a.unwrap().bridge_index(), b.unwrap().bridge_index());
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        assert!(net.if_up().await.is_some());
+        let addr = ip(&ns, &["-br", "addr", "show", "banger0"]);
+        assert!(addr.contains("10.213.42.1/24"), "{addr}");
+        // No resolved here: recorded for doctor, not an error.
+        assert_eq!(net.resolved(), Registration::Absent);
+        assert!(net.lease_of("no-such-vm").await.is_none());
+    });
+}

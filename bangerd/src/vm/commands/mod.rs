@@ -32,8 +32,6 @@ use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::JobEvent;
 use crate::jobs::Resource;
-use crate::net::dns::DnsServer;
-use crate::net::network::Network;
 use crate::store::StoreError;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -53,26 +51,10 @@ pub struct VmRuntime {
     busy: Mutex<HashSet<String>>,
     /// Serializes read-modify-write of VM rows.
     rows: Mutex<()>,
-    /// Host networking, once the first VM needed it.
-    network: tokio::sync::Mutex<Option<Network>>,
-    /// The `.vm` DNS server on the bridge, for guests.
-    guest_dns: Mutex<Option<DnsServer>>,
     /// Watcher task per VM with a process.
     watchers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
-    /// Whether systemd-resolved routes `.vm` to the bridge.
-    resolved: Mutex<crate::net::resolved::Registration>,
     /// The KVM probe's verdict per guest kernel, found once per daemon.
     kvm_verdicts: Mutex<HashMap<PathBuf, Arc<tokio::sync::OnceCell<KvmVerdict>>>>,
-}
-
-impl VmRuntime {
-    /// What became of the `.vm` registration with systemd-resolved.
-    pub fn resolved(&self) -> crate::net::resolved::Registration {
-        self.resolved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
 }
 
 /// Holds a VM for one operation; releases it when dropped.
