@@ -1,0 +1,492 @@
+//! What VMs get here: the VMM and accelerator (create's own decision),
+//! the default image, system disks, and the caller's limits.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::config::{Config, VmmKind};
+
+use super::{Check, Verdict};
+
+/// First line of `bin --version`, with a timeout.
+pub(super) fn program_version(bin: &Path) -> Option<String> {
+    let mut child = Command::new(bin)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let output = child.wait_with_output().ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_owned())
+}
+
+pub(super) fn check_vmm(config: &Config) -> Check {
+    const NAME: &str = "vmm";
+    // Whether a VM could start is the lifecycle's own decision, with its
+    // own message: doctor and create cannot disagree.
+    if let Err(e) = crate::vm::commands::check_vmm(config) {
+        return Check::fail(
+            NAME,
+            e.message,
+            "install qemu-system-x86 (or firecracker), or point vm.qemu_bin / vm.firecracker_bin at an executable",
+        );
+    }
+    let firecracker = crate::os::program::find(&config.vm.firecracker_bin);
+    let qemu = crate::os::program::find(&config.vm.qemu_bin);
+    let describe = |bin: &Path| {
+        let version = program_version(bin).unwrap_or_else(|| "version unknown".into());
+        format!("{} ({version})", bin.display())
+    };
+    match (config.vm.vmm, firecracker, qemu) {
+        (VmmKind::Firecracker, Some(fc), _) => {
+            Check::pass(NAME, format!("firecracker: {}", describe(&fc)))
+        }
+        (VmmKind::Auto, Some(fc), qemu) => Check::pass(
+            NAME,
+            format!(
+                "firecracker where KVM works (see accel): {}; else qemu microvm: {}",
+                describe(&fc),
+                qemu.as_deref()
+                    .map_or_else(|| "not installed".to_owned(), describe)
+            ),
+        ),
+        (VmmKind::Firecracker, None, _) => Check::fail(
+            NAME,
+            format!(
+                "vm.vmm is \"firecracker\" but {} was not found",
+                config.vm.firecracker_bin.display()
+            ),
+            "install firecracker or set vm.firecracker_bin, or set vm.vmm = \"auto\"",
+        ),
+        (VmmKind::Auto, None, Some(q)) => Check::warn(
+            NAME,
+            format!(
+                "firecracker not found; using qemu microvm: {}",
+                describe(&q)
+            ),
+            "install firecracker for faster VMs where KVM works",
+        ),
+        (VmmKind::Qemu, _, Some(q)) => Check::pass(NAME, format!("qemu microvm: {}", describe(&q))),
+        (_, _, None) => Check::fail(
+            NAME,
+            "neither firecracker nor qemu-system-x86_64 was found".to_owned(),
+            "install firecracker, or qemu-system-x86 (apt install qemu-system-x86)",
+        ),
+    }
+}
+
+/// `accel`: what VMs will run under, from the configuration and the KVM
+/// probe's verdict on the default image's kernel (`None`: no such kernel).
+pub fn check_accel(
+    accel: crate::config::Accel,
+    probe: Option<(&Path, &crate::vm::vmm::kvm::KvmVerdict)>,
+    default_image: &str,
+) -> Check {
+    use crate::config::Accel;
+    use crate::vm::vmm::kvm::KvmVerdict;
+    const NAME: &str = "accel";
+    let Some((kernel, verdict)) = probe else {
+        return match accel {
+            Accel::Tcg => Check::pass(NAME, "vm.accel = \"tcg\": VMs run under software emulation"),
+            _ => Check::warn(
+                NAME,
+                format!(
+                    "KVM not probed: the default image {default_image:?} or its kernel is not registered"
+                ),
+                "register or pull the default image (or set vm.default_image); the probe boots its kernel",
+            ),
+        };
+    };
+    match (accel, verdict) {
+        (Accel::Tcg, _) => {
+            Check::pass(NAME, "vm.accel = \"tcg\": VMs run under software emulation")
+        }
+        (_, KvmVerdict::Usable(t)) => Check::pass(
+            NAME,
+            format!(
+                "{} booted under KVM in {} ms: VMs use KVM",
+                kernel.display(),
+                t.as_millis()
+            ),
+        ),
+        (Accel::Auto, KvmVerdict::Unusable(why)) => Check::warn(
+            NAME,
+            format!("{why}: VMs run under software emulation (slow)"),
+            "on a nested or PVM host KVM needs a guest kernel made for it; set vm.accel = \"tcg\" to skip the probe",
+        ),
+        (_, KvmVerdict::NotProbed(why)) => Check::warn(
+            NAME,
+            format!("KVM not probed: {why}"),
+            "install qemu-system-x86: the probe boots the guest kernel under it",
+        ),
+        (Accel::Kvm, KvmVerdict::Unusable(why)) => Check::fail(
+            NAME,
+            format!("vm.accel = \"kvm\" but {why}"),
+            "VMs would hang at boot: set vm.accel = \"auto\" or \"tcg\" in bangerd.toml",
+        ),
+    }
+}
+
+/// The `accel` check with create's own choice of VMM and accelerator
+/// (`vm::commands::choose_vmm`) folded in: its refusal (e.g. Firecracker
+/// with `vm.accel = "tcg"`) fails the check with create's message, its
+/// pick is named. `None`: no choice to report (no probe to decide with).
+pub fn with_choice(
+    check: Check,
+    choice: Option<crate::error::Result<(&str, crate::vm::vmm::Accel)>>,
+) -> Check {
+    match choice {
+        None => check,
+        Some(Err(e)) => Check::fail(
+            check.name,
+            e.message,
+            "set vm.vmm and vm.accel in bangerd.toml to a pair this host can run",
+        ),
+        Some(Ok(_)) if check.verdict == Verdict::Fail => check,
+        Some(Ok((vmm, accel))) => Check {
+            detail: format!(
+                "{}; new VMs boot with {vmm} under {}",
+                check.detail,
+                accel.as_str()
+            ),
+            ..check
+        },
+    }
+}
+
+/// `default-image`: whether `vm create` without `--image` has an image.
+pub fn check_default_image(name: &str, found: Option<(&str, &str)>) -> Check {
+    const NAME: &str = "default-image";
+    match found {
+        Some((id, kernel)) => Check::pass(
+            NAME,
+            format!("{name} (id {id}, kernel {kernel}) for `vm create` without --image"),
+        ),
+        None => Check::warn(
+            NAME,
+            format!("vm.default_image is {name:?}, and there is no such image"),
+            "register one (scripts/build-tiny-image or build-debian-image), or set vm.default_image in bangerd.toml",
+        ),
+    }
+}
+
+/// How system disks are made here, as two checks ("device-mapper" and
+/// "reflink") over the lifecycle's own decision: `dm_available` is the
+/// `DeviceMapper::available` create asks, and the reflink probe is
+/// `vm::disk`'s, so doctor says what create will do.
+pub fn check_disks(dm_available: bool, control: &Path, state_dir: &Path) -> [Check; 2] {
+    use crate::vm::disk::{self, DiskMethod};
+    let dm = if dm_available {
+        Check::pass(
+            "device-mapper",
+            format!(
+                "{} works: system disks are dm snapshots over loop devices (instant, the image shared)",
+                control.display()
+            ),
+        )
+    } else {
+        Check::pass(
+            "device-mapper",
+            format!(
+                "{} does not work here; not needed: system disks are reflink clones or sparse copies (see reflink)",
+                control.display()
+            ),
+        )
+    };
+    const NAME: &str = "reflink";
+    let reflink = match disk::reflink_works(state_dir) {
+        Err(e) => Check::fail(
+            NAME,
+            format!("cannot write a probe file in {}: {e}", state_dir.display()),
+            "check the state directory",
+        ),
+        Ok(_) if disk::planned_method(dm_available, state_dir) == DiskMethod::DeviceMapper => {
+            Check::pass(
+                NAME,
+                "not needed: system disks are dm snapshots (see device-mapper)",
+            )
+        }
+        Ok(true) => Check::pass(
+            NAME,
+            format!(
+                "{} supports reflink (FICLONE): system disks are instant clones",
+                state_dir.display()
+            ),
+        ),
+        Ok(false) => Check::warn(
+            NAME,
+            format!(
+                "{} has no reflink: system disks are sparse copies (time grows with the image's data)",
+                state_dir.display()
+            ),
+            "put the state directory on btrfs or xfs for instant copy-on-write clones",
+        ),
+    };
+    [dm, reflink]
+}
+
+/// The caller's usage against the per-user `[limits]`: `None` when the
+/// caller is exempt (root, or `vm.manage-others` with
+/// `limits.exempt_admins`). Warns at a cap, since the next create or start
+/// of that kind will be refused.
+pub fn check_limits(
+    limits: &crate::config::LimitsConfig,
+    usage: Option<&crate::vm::quota::Usage>,
+) -> Check {
+    let Some(u) = usage else {
+        return Check::pass("limits", "you are exempt from the per-user limits");
+    };
+    const GIB: f64 = (1u64 << 30) as f64;
+    let detail = format!(
+        "you have {} of {} VMs, {} of {} running, {} of {} vCPUs and {} of {} MiB running, {:.1} of {} GiB of disk",
+        u.vms,
+        limits.max_vms,
+        u.running,
+        limits.max_running_vms,
+        u.vcpus,
+        limits.max_vcpus,
+        u.memory_mib,
+        limits.max_memory_mib,
+        u.disk_bytes as f64 / GIB,
+        limits.max_disk_gib
+    );
+    // A cap of 0 is none.
+    let at = |value: u64, cap: u64| cap != 0 && value >= cap;
+    let full: Vec<&str> = [
+        (at(u.vms.into(), limits.max_vms.into()), "limits.max_vms"),
+        (
+            at(u.running.into(), limits.max_running_vms.into()),
+            "limits.max_running_vms",
+        ),
+        (
+            at(u.vcpus.into(), limits.max_vcpus.into()),
+            "limits.max_vcpus",
+        ),
+        (
+            at(u.memory_mib, limits.max_memory_mib),
+            "limits.max_memory_mib",
+        ),
+        (
+            at(u.disk_bytes, limits.max_disk_gib.saturating_mul(1 << 30)),
+            "limits.max_disk_gib",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(at, name)| at.then_some(name))
+    .collect();
+    if full.is_empty() {
+        Check::pass("limits", detail)
+    } else {
+        Check::warn(
+            "limits",
+            format!("{detail}; at {}", full.join(", ")),
+            "stop or delete VMs (or images) you no longer need, or ask an admin to raise [limits] in bangerd.toml",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doctor::Verdict;
+    use crate::doctor::host::{check_char_device, check_kvm};
+
+    #[test]
+    fn missing_devices_fail_with_a_hint() {
+        let check = check_char_device(
+            "tun",
+            Path::new("/nonexistent/tun"),
+            "TAP devices",
+            "modprobe tun",
+        );
+        assert_eq!(check.verdict, Verdict::Fail);
+        assert!(check.hint.contains("modprobe tun"));
+        // Without device-mapper, disks are clones or copies; said so.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let [dm, reflink] = check_disks(false, Path::new("/nonexistent/control"), dir.path());
+        assert_eq!(dm.verdict, Verdict::Pass);
+        assert!(dm.detail.contains("not needed"), "{dm:?}");
+        let planned = crate::vm::disk::planned_method(false, dir.path());
+        assert_eq!(
+            reflink.verdict == Verdict::Pass,
+            planned == crate::vm::disk::DiskMethod::Reflink,
+            "{reflink:?} vs {planned:?}"
+        );
+        let [dm, reflink] = check_disks(true, Path::new("/dev/mapper/control"), dir.path());
+        assert!(dm.detail.contains("dm snapshots"), "{dm:?}");
+        assert!(reflink.detail.contains("not needed"), "{reflink:?}");
+        let kvm = check_kvm(Path::new("/nonexistent/kvm"));
+        assert_eq!(kvm.verdict, Verdict::Warn);
+    }
+
+    #[test]
+    fn the_accelerator_follows_the_probe_and_the_configuration() {
+        use crate::config::Accel;
+        use crate::vm::vmm::kvm::KvmVerdict;
+        let k = Path::new("/k/vmlinuz");
+        let ok = KvmVerdict::Usable(std::time::Duration::from_millis(420));
+        let stalled = KvmVerdict::Unusable("a guest kernel did not get through early boot".into());
+        let c = check_accel(Accel::Auto, Some((k, &ok)), "tiny");
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert!(
+            c.detail.contains("420 ms") && c.detail.contains("use KVM"),
+            "{c:?}"
+        );
+        let c = check_accel(Accel::Auto, Some((k, &stalled)), "tiny");
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(c.detail.contains("early boot") && c.detail.contains("software emulation"));
+        let c = check_accel(Accel::Kvm, Some((k, &stalled)), "tiny");
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(c.hint.contains("vm.accel"), "{c:?}");
+        assert_eq!(check_accel(Accel::Tcg, None, "tiny").verdict, Verdict::Pass);
+        let c = check_accel(Accel::Auto, None, "tiny");
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(c.detail.contains("\"tiny\""), "{c:?}");
+    }
+
+    #[test]
+    fn the_default_image_is_named_or_missed() {
+        let c = check_default_image("tiny", Some(("abc123", "test-kernel")));
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert!(c.detail.contains("test-kernel"));
+        let c = check_default_image("debian-bookworm", None);
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(c.hint.contains("vm.default_image"));
+    }
+
+    #[test]
+    fn missing_vmm_fails_and_named_one_is_found() {
+        let mut config = Config::default();
+        config.vm.firecracker_bin = "/nonexistent/firecracker".into();
+        config.vm.qemu_bin = "/nonexistent/qemu".into();
+        assert_eq!(check_vmm(&config).verdict, Verdict::Fail);
+        config.vm.vmm = VmmKind::Firecracker;
+        assert!(check_vmm(&config).detail.contains("was not found"));
+        // `sh` exists everywhere; stand it in for qemu to exercise the found path.
+        config.vm.vmm = VmmKind::Qemu;
+        config.vm.qemu_bin = "sh".into();
+        assert_eq!(check_vmm(&config).verdict, Verdict::Pass);
+    }
+
+    #[test]
+    fn reflink_probe_runs_on_a_real_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let [_, check] = check_disks(false, Path::new("/dev/mapper/control"), dir.path());
+        assert_ne!(check.verdict, Verdict::Fail, "{check:?}");
+        let [_, missing] = check_disks(
+            false,
+            Path::new("/dev/mapper/control"),
+            Path::new("/nonexistent/dir"),
+        );
+        assert_eq!(missing.verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn limits_pass_below_the_caps_and_warn_at_one() {
+        use crate::vm::quota::Usage;
+        let limits = crate::config::LimitsConfig::default();
+        assert_eq!(check_limits(&limits, None).verdict, Verdict::Pass);
+        let some = Usage {
+            vms: 3,
+            running: 1,
+            vcpus: 2,
+            memory_mib: 1024,
+            disk_bytes: 24 << 30,
+        };
+        let c = check_limits(&limits, Some(&some));
+        assert_eq!(c.verdict, Verdict::Pass, "{c:?}");
+        assert!(c.detail.contains("3 of 50 VMs") && c.detail.contains("24.0 of 500 GiB"));
+        let full = Usage {
+            running: limits.max_running_vms,
+            ..some
+        };
+        let c = check_limits(&limits, Some(&full));
+        assert_eq!(c.verdict, Verdict::Warn, "{c:?}");
+        assert!(c.detail.ends_with("at limits.max_running_vms"), "{c:?}");
+    }
+
+    /// doctor and create share one decision: a `qemu_bin` that is no
+    /// executable fails doctor's check with the very message create
+    /// refuses with (create once took it and failed at spawn).
+
+    #[test]
+    fn doctor_and_create_agree_on_the_vmm() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let qemu = dir.path().join("qemu-system-x86_64");
+        std::fs::write(&qemu, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mut config = Config::default();
+        config.vm.firecracker_bin = dir.path().join("firecracker");
+        config.vm.qemu_bin = qemu.clone();
+        for vmm in [VmmKind::Auto, VmmKind::Qemu, VmmKind::Firecracker] {
+            config.vm.vmm = vmm;
+            let refused = crate::vm::commands::check_vmm(&config).expect_err("refused");
+            let check = check_vmm(&config);
+            assert_eq!(check.verdict, Verdict::Fail, "{vmm:?}");
+            assert_eq!(check.detail, refused.message, "{vmm:?}");
+        }
+        config.vm.vmm = VmmKind::Qemu;
+        assert!(
+            check_vmm(&config)
+                .detail
+                .contains("is not an executable file"),
+            "{:?}",
+            check_vmm(&config)
+        );
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        crate::vm::commands::check_vmm(&config).expect("executable now");
+        assert_ne!(check_vmm(&config).verdict, Verdict::Fail);
+    }
+
+    /// doctor reports create's own VMM choice: a pair create refuses
+    /// (Firecracker under `tcg`) fails the check with create's words, and
+    /// what create picks is named.
+
+    #[test]
+    fn the_accel_check_carries_creates_choice() {
+        use crate::config::Accel;
+        use crate::vm::commands::choose_vmm;
+        use crate::vm::vmm::kvm::KvmVerdict;
+        let mut config = Config::default();
+        config.vm.vmm = VmmKind::Firecracker;
+        config.vm.accel = Accel::Tcg;
+        let refused = choose_vmm(&config, || KvmVerdict::NotProbed(String::new()))
+            .map(|(v, a)| (v.name(), a))
+            .expect_err("firecracker under tcg");
+        let plain = check_accel(Accel::Tcg, None, "tiny");
+        assert_eq!(plain.verdict, Verdict::Pass, "alone it saw no problem");
+        let c = with_choice(plain.clone(), Some(Err(refused.clone())));
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert_eq!(c.detail, refused.message);
+        let c = with_choice(
+            plain.clone(),
+            Some(Ok(("qemu", crate::vm::vmm::Accel::Tcg))),
+        );
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert!(
+            c.detail.ends_with("new VMs boot with qemu under tcg"),
+            "{c:?}"
+        );
+        assert_eq!(with_choice(plain.clone(), None), plain);
+    }
+}
