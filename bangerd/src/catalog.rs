@@ -11,7 +11,6 @@ use banger_catalog::{Catalog, CatalogError, Entry, Kind};
 use banger_release::signed::PublicKey;
 use serde::{Deserialize, Serialize};
 
-use crate::core::Core;
 use crate::error::{Error, Result};
 
 /// A fetched catalog as kept on disk.
@@ -153,30 +152,39 @@ pub struct Available {
     pub entries: Vec<AvailableEntry>,
 }
 
-impl Core {
+/// The catalogs in use, as a service: the keys they are checked with and
+/// what each offers. Knows no store: callers say what is installed.
+#[derive(Debug)]
+pub struct Catalogs {
+    /// The configuration in force (extra keys).
+    pub config: crate::config::SharedConfig,
+    /// The configuration file: extra keys count only when root owns it.
+    pub config_file: PathBuf,
+    /// The state directory, where fetched catalogs are kept.
+    pub state: PathBuf,
+}
+
+impl Catalogs {
     /// The keys catalogs and releases are checked with; when the config's
     /// extra keys are not trustworthy, the built-in key alone (logged).
-    pub(crate) fn catalog_keys(&self) -> Vec<PublicKey> {
-        let config = self.config();
-        crate::update::trusted_keys(&config.update.extra_keys, &self.deps.config_file)
-            .unwrap_or_else(|e| {
+    pub fn keys(&self) -> Vec<PublicKey> {
+        let config = self.config.get();
+        crate::update::trusted_keys(&config.update.extra_keys, &self.config_file).unwrap_or_else(
+            |e| {
                 tracing::warn!("catalogs: only the built-in key is trusted: {e}");
-                crate::update::trusted_keys(&[], &self.deps.config_file).unwrap_or_default()
-            })
+                crate::update::trusted_keys(&[], &self.config_file).unwrap_or_default()
+            },
+        )
     }
 
-    /// The catalog of `kind` in use, with what is installed. Open to
-    /// everyone.
-    pub async fn available(&self, kind: Kind) -> Result<Available> {
-        let keys = self.catalog_keys();
-        let state = self.deps.dirs.state.clone();
+    /// The catalog of `kind` in use, each entry marked installed when its
+    /// name is in `installed`. Open to everyone.
+    pub async fn available(&self, kind: Kind, installed: &[String]) -> Result<Available> {
+        let keys = self.keys();
+        let state = self.state.clone();
         let (catalog, fetched) = tokio::task::spawn_blocking(move || load(&state, kind, &keys))
             .await
             .map_err(|e| Error::failed(e.to_string()))??;
-        let installed: Vec<String> = match kind {
-            Kind::Kernels => self.kernels().await?.into_iter().map(|k| k.name).collect(),
-            Kind::Images => self.images().await?.into_iter().map(|i| i.name).collect(),
-        };
         let running = crate::update::running_version();
         Ok(Available {
             kind,

@@ -69,6 +69,8 @@ pub struct Core {
     jobs: Arc<Jobs>,
     /// Releases of banger itself.
     updates: crate::update::Updates,
+    /// The kernel and image catalogs in use.
+    catalogs: crate::catalog::Catalogs,
     /// Images some operation holds exclusively (promote, delete, seeding).
     pub(crate) busy_images: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The host network the VMs share.
@@ -106,6 +108,11 @@ impl Core {
             restart: deps.restart.clone(),
             jobs: jobs.clone(),
         };
+        let catalogs = crate::catalog::Catalogs {
+            config: config.clone(),
+            config_file: deps.config_file.clone(),
+            state: deps.dirs.state.clone(),
+        };
         let net = crate::net::host::HostNetwork::new(deps.store.clone(), deps.link_dns.clone());
         Arc::new(Self {
             config,
@@ -113,6 +120,7 @@ impl Core {
             deps,
             jobs,
             updates,
+            catalogs,
             busy_images: Default::default(),
             vm_runtime: Default::default(),
             pulls: Default::default(),
@@ -122,6 +130,11 @@ impl Core {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         self.config.get()
+    }
+
+    /// The kernel and image catalogs in use.
+    pub fn catalogs(&self) -> &crate::catalog::Catalogs {
+        &self.catalogs
     }
 
     /// Releases of banger itself (`Manager.Update`).

@@ -67,6 +67,15 @@ impl Core {
         validate::name(noun(kind), name)
     }
 
+    /// The catalog of `kind` in use, with what is installed here.
+    pub async fn available(&self, kind: Kind) -> Result<crate::catalog::Available> {
+        let installed: Vec<String> = match kind {
+            Kind::Kernels => self.kernels().await?.into_iter().map(|k| k.name).collect(),
+            Kind::Images => self.images().await?.into_iter().map(|i| i.name).collect(),
+        };
+        self.catalogs().available(kind, &installed).await
+    }
+
     /// The usable catalog entry `name` of `kind`.
     pub(crate) async fn catalog_entry(&self, kind: Kind, name: &str) -> Result<Entry> {
         let available = self.available(kind).await?;
