@@ -5,13 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::artifacts::{Artifacts, ArtifactsDeps};
 use crate::auth::{Action, Authorizer, Caller};
 use crate::config::{Config, SharedConfig};
 use crate::doctor::{self, BusProbe, Check, HostPaths};
 use crate::error::{Error, Result};
 use crate::jobs::{JobId, JobSettings, JobSnapshot, Jobs};
+use crate::net::host::HostNetwork;
 use crate::paths::Dirs;
 use crate::store::{Store, StoreError};
+use crate::vm::commands::{Vms, VmsDeps};
+use crate::vm::quota::Quotas;
 
 /// Run a blocking store call off the async threads.
 async fn on_store<T: Send + 'static>(
@@ -61,26 +65,23 @@ pub struct CoreDeps {
     pub restart: Arc<dyn crate::update::Restart>,
 }
 
-/// The daemon's state and the commands on it.
+/// The daemon root: composes the services and runs the commands that
+/// belong to none of them (doctor, maintenance, jobs, configuration).
 #[derive(Debug)]
 pub struct Core {
     config: SharedConfig,
-    pub(crate) deps: CoreDeps,
+    deps: CoreDeps,
     jobs: Arc<Jobs>,
     /// Releases of banger itself.
     updates: crate::update::Updates,
-    /// The kernel and image catalogs in use.
-    catalogs: crate::catalog::Catalogs,
-    /// Images some operation holds exclusively (promote, delete, seeding).
-    pub(crate) busy_images: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The per-user limits.
+    quotas: Arc<Quotas>,
     /// The host network the VMs share.
-    net: crate::net::host::HostNetwork,
-    /// VM bookkeeping outside the store.
-    vm_runtime: crate::vm::commands::VmRuntime,
-    /// Running catalog and registry pulls, so a second pull of an entry
-    /// joins the first; finished ones are dropped at the next pull.
-    pub(crate) pulls:
-        tokio::sync::Mutex<std::collections::HashMap<(banger_catalog::Kind, String), JobId>>,
+    net: Arc<HostNetwork>,
+    /// Kernels, images and their catalogs.
+    artifacts: Arc<Artifacts>,
+    /// The VMs.
+    vms: Arc<Vms>,
 }
 
 fn job_settings(config: &Config) -> JobSettings {
@@ -108,22 +109,47 @@ impl Core {
             restart: deps.restart.clone(),
             jobs: jobs.clone(),
         };
-        let catalogs = crate::catalog::Catalogs {
+        let quotas = Arc::new(Quotas::new(
+            config.clone(),
+            deps.store.clone(),
+            deps.authorizer.clone(),
+        ));
+        let artifacts = Arc::new(Artifacts::new(ArtifactsDeps {
             config: config.clone(),
-            config_file: deps.config_file.clone(),
             state: deps.dirs.state.clone(),
-        };
-        let net = crate::net::host::HostNetwork::new(deps.store.clone(), deps.link_dns.clone());
+            store: deps.store.clone(),
+            authorizer: deps.authorizer.clone(),
+            jobs: jobs.clone(),
+            catalogs: crate::catalog::Catalogs {
+                config: config.clone(),
+                config_file: deps.config_file.clone(),
+                state: deps.dirs.state.clone(),
+            },
+            quotas: quotas.clone(),
+        }));
+        let net = Arc::new(HostNetwork::new(deps.store.clone(), deps.link_dns.clone()));
+        let vms = Arc::new(Vms::new(VmsDeps {
+            config: config.clone(),
+            dirs: deps.dirs.clone(),
+            store: deps.store.clone(),
+            authorizer: deps.authorizer.clone(),
+            jobs: jobs.clone(),
+            artifacts: artifacts.clone(),
+            quotas: quotas.clone(),
+            net: net.clone(),
+            supervisor: deps.supervisor.clone(),
+            dm: deps.dm.clone(),
+            host: deps.host.clone(),
+        }));
         Arc::new(Self {
             config,
-            net,
             deps,
             jobs,
             updates,
-            catalogs,
-            busy_images: Default::default(),
-            vm_runtime: Default::default(),
-            pulls: Default::default(),
+            quotas,
+            net,
+            artifacts,
+            vms,
         })
     }
 
@@ -134,7 +160,7 @@ impl Core {
 
     /// The kernel and image catalogs in use.
     pub fn catalogs(&self) -> &crate::catalog::Catalogs {
-        &self.catalogs
+        self.artifacts.catalogs()
     }
 
     /// Releases of banger itself (`Manager.Update`).
@@ -142,10 +168,20 @@ impl Core {
         &self.updates
     }
 
+    /// Kernels and images.
+    pub fn artifacts(&self) -> &Arc<Artifacts> {
+        &self.artifacts
+    }
+
+    /// The VMs.
+    pub fn vms(&self) -> &Arc<Vms> {
+        &self.vms
+    }
+
     /// One-line summary for `Status` and sd_notify, e.g. "idle",
     /// "1 job running" or "2 VMs running, 1 job".
     pub fn status_line(&self) -> String {
-        let vms = self.running_vms();
+        let vms = self.vms.running_vms();
         let jobs = self.jobs.running();
         match (vms, jobs) {
             (0, 0) => "idle".to_owned(),
@@ -164,11 +200,6 @@ impl Core {
                 }
             }
         }
-    }
-
-    /// VM bookkeeping outside the store.
-    pub(crate) fn vm_runtime(&self) -> &crate::vm::commands::VmRuntime {
-        &self.vm_runtime
     }
 
     /// The job registry (read access for front ends).
@@ -192,7 +223,7 @@ impl Core {
         // What VMs get: the default image and the accelerator the KVM probe
         // chose with its kernel (a real boot, cached; see vm::vmm::kvm).
         let image_name = &config.vm.default_image;
-        let found = self.default_image().await;
+        let found = self.artifacts.default_image().await;
         let default_image = doctor::check_default_image(
             image_name,
             found
@@ -202,7 +233,7 @@ impl Core {
         let kernel = found.as_ref().map(|(_, k)| k.boot_file());
         let verdict = match (kernel, config.vm.accel) {
             (Some(path), crate::config::Accel::Auto | crate::config::Accel::Kvm) => {
-                Some(self.kvm_verdict(path).await)
+                Some(self.vms.kvm_verdict(path).await)
             }
             _ => None,
         };
@@ -245,8 +276,8 @@ impl Core {
                 .map_or(checks.len(), |i| i + 1);
             checks.splice(at..at, disks);
         }
-        if self.quota_applies(caller).await {
-            match self.usage_of(caller.uid, None) {
+        if self.quotas.applies(caller).await {
+            match self.quotas.usage_of(caller.uid, None) {
                 Ok(usage) => checks.push(doctor::check_limits(&config.limits, Some(&usage))),
                 Err(e) => checks.push(doctor::Check {
                     name: "limits",
@@ -267,8 +298,15 @@ impl Core {
     }
 
     /// The host network the VMs share.
-    pub fn net(&self) -> &crate::net::host::HostNetwork {
+    pub fn net(&self) -> &HostNetwork {
         &self.net
+    }
+
+    /// Drop job history older than `days`; returns how many went.
+    pub async fn prune_job_history(&self, days: u32) -> Result<usize> {
+        on_store(&self.deps.store, move |s| s.prune_jobs_older_than(days))
+            .await
+            .map_err(|e| Error::failed_with("pruning the job history failed", &e))
     }
 
     /// Start store maintenance as a job (action `org.banger.maintain`).

@@ -119,11 +119,13 @@ async fn rotate_consoles(core: &Arc<Core>) {
         .limits
         .console_log_max_mib
         .saturating_mul(1 << 20);
-    let Ok(vms) = core.vms().await else { return };
+    let Ok(vms) = core.vms().list().await else {
+        return;
+    };
     let logs: Vec<_> = vms
         .into_iter()
         .filter(|v| v.state.has_process())
-        .map(|v| (v.id.clone(), core.console_log_path(&v.id), v.pid))
+        .map(|v| (v.id.clone(), core.vms().console_log_path(&v.id), v.pid))
         .collect();
     let done = tokio::task::spawn_blocking(move || {
         for (id, log, pid) in logs {

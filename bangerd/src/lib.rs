@@ -197,18 +197,18 @@ pub async fn run(
         },
         None => None,
     };
-    if let Err(e) = core.clean_up_artifacts().await {
+    if let Err(e) = core.artifacts().clean_up_artifacts().await {
         tracing::error!("cannot clean up after interrupted kernel or image operations: {e}");
     }
-    if let Err(e) = core.reconcile_vms().await {
+    if let Err(e) = core.vms().reconcile_vms().await {
         tracing::error!("cannot reconcile VMs with what runs: {e}");
     }
     // With vm.accel = "auto", probe KVM now so the first create does not wait.
     if core.config().vm.accel == config::Accel::Auto {
         let core = core.clone();
         tokio::spawn(async move {
-            if let Some((_, kernel)) = core.default_image().await {
-                core.kvm_verdict(kernel.boot_file()).await;
+            if let Some((_, kernel)) = core.artifacts().default_image().await {
+                core.vms().kvm_verdict(kernel.boot_file()).await;
             }
         });
     }
@@ -262,7 +262,7 @@ pub async fn run(
                 }
                 let load = idle::Load {
                     jobs: core.jobs().running(),
-                    vms: core.running_vms(),
+                    vms: core.vms().running_vms(),
                     quiet: activity.idle_for(),
                 };
                 if rule.should_exit(load) {

@@ -17,6 +17,8 @@ pub mod pull;
 pub mod store;
 pub mod validate;
 
+pub use commands::{Artifacts, ArtifactsDeps};
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};

@@ -16,8 +16,8 @@
 use banger_catalog::Kind;
 
 use super::{Image, Kernel};
+use crate::artifacts::Artifacts;
 use crate::auth::{Action, Caller};
-use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The owner of system artifacts.
@@ -60,9 +60,8 @@ impl Owned for Image {
 /// Ask for `org.banger.image.manage-others`, saying why in the refusal.
 /// Keeps the error's kind, so `InteractiveAuthorizationRequired` still
 /// tells a client to retry with a prompt.
-async fn as_admin(core: &Core, caller: &Caller, why: String) -> Result<()> {
-    core.deps
-        .authorizer
+async fn as_admin(core: &Artifacts, caller: &Caller, why: String) -> Result<()> {
+    core.authorizer
         .authorize(caller, Action::ImageManageOthers)
         .await
         .map_err(|e| match e.kind {
@@ -79,7 +78,7 @@ async fn as_admin(core: &Core, caller: &Caller, why: String) -> Result<()> {
         })
 }
 
-impl Core {
+impl Artifacts {
     /// Whether `name` is reserved for a system artifact of `kind`: a name
     /// the catalog in use lists (for images, also their kernels' names),
     /// or, for images, `vm.default_image`.

@@ -20,8 +20,8 @@ use super::commands::{
 use super::owner::SYSTEM_UID;
 use super::store::{is_fk_violation, is_unique_violation};
 use super::{Image, files, images_dir, kernels_dir, validate};
+use crate::artifacts::Artifacts;
 use crate::auth::{Action, BoxFuture, Caller};
-use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::jobs::Resource;
 use crate::jobs::{JobContext, JobEvent, JobId, JobState};
@@ -38,7 +38,7 @@ fn noun(kind: Kind) -> &'static str {
     }
 }
 
-impl Core {
+impl Artifacts {
     /// Pull the kernel-catalog entry `name` as a job (polkit
     /// `org.banger.image.manage`); joins a pull of it already running.
     pub async fn pull_kernel(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<JobId> {
@@ -60,8 +60,7 @@ impl Core {
     }
 
     async fn authorize_pull(&self, caller: &Caller, kind: Kind, name: &str) -> Result<()> {
-        self.deps
-            .authorizer
+        self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
         validate::name(noun(kind), name)
@@ -222,7 +221,7 @@ impl Core {
 
     async fn pull_kernel_job(&self, ctx: &JobContext, entry: Entry) -> Result<Option<Resource>> {
         let id = super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
-        let state = self.deps.dirs.state.clone();
+        let state = self.state.clone();
         let tmp = TmpDir::create(kernels_dir(&state).join(format!(".tmp-{id}")))?;
         let archive = tmp.path().join(".bundle.tar.zst");
         self.download(ctx, &entry, &archive, 0.0, 0.6).await?;
@@ -363,7 +362,7 @@ impl Core {
         };
 
         let id = super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
-        let state = self.deps.dirs.state.clone();
+        let state = self.state.clone();
         let tmp = TmpDir::create(images_dir(&state).join(format!(".tmp-{id}")))?;
         let archive = tmp.path().join(".bundle.tar.zst");
         self.download(ctx, &entry, &archive, 0.3, 0.7).await?;
@@ -421,7 +420,7 @@ pub(super) struct StagedImage {
     pub uid: u32,
 }
 
-impl Core {
+impl Artifacts {
     /// The last stages of an image pull: make the work-seed when the
     /// staged image has none, digest it, move `tmp` into place and record
     /// the image.
@@ -431,7 +430,7 @@ impl Core {
         tmp: TmpDir,
         i: StagedImage,
     ) -> Result<Option<Resource>> {
-        let state = self.deps.dirs.state.clone();
+        let state = self.state.clone();
         let seed = tmp.path().join("work-seed.ext4");
         if seed.exists() {
             let seed = seed.clone();

@@ -197,6 +197,7 @@ pub fn path_of(r: &Resource) -> OwnedObjectPath {
 /// Publish every kernel and image the core has (at startup).
 pub async fn publish_all(server: &ObjectServer, core: &Arc<Core>) -> zbus::Result<()> {
     let kernels = core
+        .artifacts()
         .kernels()
         .await
         .map_err(|e| zbus::Error::Failure(e.message))?;
@@ -206,6 +207,7 @@ pub async fn publish_all(server: &ObjectServer, core: &Arc<Core>) -> zbus::Resul
             .await?;
     }
     let images = core
+        .artifacts()
         .images()
         .await
         .map_err(|e| zbus::Error::Failure(e.message))?;
@@ -224,7 +226,7 @@ pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, r: &Resource) -> z
     let path = path_of(r);
     match r {
         Resource::Vm(id) => return super::vm::refresh(server, core, id).await,
-        Resource::Kernel(id) => match core.kernel_by_id(id).await {
+        Resource::Kernel(id) => match core.artifacts().kernel_by_id(id).await {
             Ok(kernel) => {
                 // Kernels never change after import; only create.
                 server.at(&path, KernelObject { kernel }).await?;
@@ -233,7 +235,7 @@ pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, r: &Resource) -> z
                 server.remove::<KernelObject, _>(&path).await?;
             }
         },
-        Resource::Image(id) => match core.image_by_id(id).await {
+        Resource::Image(id) => match core.artifacts().image_by_id(id).await {
             Ok(image) => {
                 if let Ok(iface) = server.interface::<_, ImageObject>(&path).await {
                     let emitter = iface.signal_emitter().clone();

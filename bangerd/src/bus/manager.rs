@@ -106,6 +106,7 @@ impl ManagerObject {
         let modules = str_opt(&options, import_kernel::MODULES).map_err(to_wire)?;
         let id = self
             .core
+            .artifacts()
             .import_kernel_paths(
                 &caller,
                 name,
@@ -151,6 +152,7 @@ impl ManagerObject {
         };
         let id = self
             .core
+            .artifacts()
             .import_kernel(&caller, req)
             .await
             .map_err(to_wire)?;
@@ -195,6 +197,7 @@ impl ManagerObject {
         };
         let id = self
             .core
+            .artifacts()
             .import_image(&caller, req)
             .await
             .map_err(to_wire)?;
@@ -210,8 +213,15 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        let id = self.core.kernel(&kernel).await.ok().map(|k| k.id);
+        let id = self
+            .core
+            .artifacts()
+            .kernel(&kernel)
+            .await
+            .ok()
+            .map(|k| k.id);
         self.core
+            .artifacts()
             .delete_kernel(&caller, &kernel)
             .await
             .map_err(to_wire)?;
@@ -263,6 +273,7 @@ impl ManagerObject {
         };
         let image = self
             .core
+            .artifacts()
             .register_image(&caller, req)
             .await
             .map_err(to_wire)?;
@@ -294,6 +305,7 @@ impl ManagerObject {
         let caller = caller(conn, &header).await?;
         let id = self
             .core
+            .artifacts()
             .promote_image(&caller, &image)
             .await
             .map_err(to_wire)?;
@@ -310,8 +322,9 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        let id = self.core.image(&image).await.ok().map(|i| i.id);
+        let id = self.core.artifacts().image(&image).await.ok().map(|i| i.id);
         self.core
+            .artifacts()
             .delete_image(&caller, &image)
             .await
             .map_err(to_wire)?;
@@ -363,7 +376,12 @@ impl ManagerObject {
             ssh_keys: strs_opt(&options, create_vm::SSH_KEYS).map_err(to_wire)?,
             start: bool_opt(&options, create_vm::START, true).map_err(to_wire)?,
         };
-        let (vm, job) = self.core.create_vm(&caller, req).await.map_err(to_wire)?;
+        let (vm, job) = self
+            .core
+            .vms()
+            .create_vm(&caller, req)
+            .await
+            .map_err(to_wire)?;
         super::artifacts::refresh(
             conn.object_server(),
             &self.core,
@@ -450,7 +468,12 @@ impl ManagerObject {
         kind: &str,
     ) -> Result<(u64, bool, Vec<CatalogEntry>), banger_dbus::Reply> {
         let kind = crate::catalog::kind(kind).map_err(to_wire)?;
-        let available = self.core.available(kind).await.map_err(to_wire)?;
+        let available = self
+            .core
+            .artifacts()
+            .available(kind)
+            .await
+            .map_err(to_wire)?;
         Ok((
             available.serial,
             available.fetched,
@@ -491,6 +514,7 @@ impl ManagerObject {
         only_known("PullKernel", &options, &[]).map_err(to_wire)?;
         let id = self
             .core
+            .artifacts()
             .pull_kernel(&caller, &name)
             .await
             .map_err(to_wire)?;
@@ -547,10 +571,10 @@ impl ManagerObject {
                 kernel: str_opt(&options, pull_image::KERNEL).map_err(to_wire)?,
                 credentials,
             };
-            self.core.pull_oci(&caller, request).await
+            self.core.artifacts().pull_oci(&caller, request).await
         } else {
             only_known("PullImage", &options, &[]).map_err(to_wire)?;
-            self.core.pull_image(&caller, &reference).await
+            self.core.artifacts().pull_image(&caller, &reference).await
         }
         .map_err(to_wire)?;
         job::published(conn, &self.core, id).await

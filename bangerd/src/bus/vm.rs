@@ -108,7 +108,7 @@ impl VmObject {
     #[zbus(property)]
     fn unit(&self) -> String {
         match self.vm.pid {
-            Some(pid) => self.core.vm_unit(&self.vm.id).unwrap_or_else(|| {
+            Some(pid) => self.core.vms().vm_unit(&self.vm.id).unwrap_or_else(|| {
                 let vmm = self.vm.vmm.map_or("vmm", |d| d.as_str());
                 format!("pid:{pid} ({vmm})")
             }),
@@ -146,6 +146,7 @@ impl VmObject {
         let caller = caller(conn, &header).await?;
         let id = self
             .core
+            .vms()
             .start_vm(&caller, &self.vm.id)
             .await
             .map_err(to_wire)?;
@@ -163,6 +164,7 @@ impl VmObject {
         let caller = caller(conn, &header).await?;
         let id = self
             .core
+            .vms()
             .stop_vm(&caller, &self.vm.id)
             .await
             .map_err(to_wire)?;
@@ -179,6 +181,7 @@ impl VmObject {
         let caller = caller(conn, &header).await?;
         let id = self
             .core
+            .vms()
             .restart_vm(&caller, &self.vm.id)
             .await
             .map_err(to_wire)?;
@@ -194,6 +197,7 @@ impl VmObject {
     ) -> Result<(), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         self.core
+            .vms()
             .kill_vm(&caller, &self.vm.id, signal)
             .await
             .map_err(to_wire)
@@ -210,6 +214,7 @@ impl VmObject {
         let caller = caller(conn, &header).await?;
         let id = self
             .core
+            .vms()
             .delete_vm(&caller, &self.vm.id)
             .await
             .map_err(to_wire)?;
@@ -244,6 +249,7 @@ impl VmObject {
             nat: opt_bool(&changes, set_vm::NAT).map_err(to_wire)?,
         };
         self.core
+            .vms()
             .set_vm(&caller, &self.vm.id, changes)
             .await
             .map_err(to_wire)?;
@@ -262,6 +268,7 @@ impl VmObject {
     ) -> Result<(Vec<u8>, u64), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         self.core
+            .vms()
             .vm_console(&caller, &self.vm.id, offset)
             .await
             .map_err(to_wire)
@@ -279,6 +286,7 @@ impl VmObject {
         let caller = caller(conn, &header).await?;
         let s = self
             .core
+            .vms()
             .vm_stats(&caller, &self.vm.id)
             .await
             .map_err(to_wire)?;
@@ -297,6 +305,7 @@ impl VmObject {
 
 async fn object(core: &Arc<Core>, vm: Vm) -> VmObject {
     let (ipv4, mac) = core
+        .vms()
         .vm_lease(&vm.id)
         .await
         .map(|l| (l.ipv4.to_string(), l.mac))
@@ -313,6 +322,7 @@ async fn object(core: &Arc<Core>, vm: Vm) -> VmObject {
 pub async fn publish_all(server: &ObjectServer, core: &Arc<Core>) -> zbus::Result<()> {
     let vms = core
         .vms()
+        .list()
         .await
         .map_err(|e| zbus::Error::Failure(e.message))?;
     for vm in vms {
@@ -325,7 +335,7 @@ pub async fn publish_all(server: &ObjectServer, core: &Arc<Core>) -> zbus::Resul
 /// Bring VM `id`'s object in line with the core.
 pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, id: &str) -> zbus::Result<()> {
     let path = vm_path(id);
-    let Ok(vm) = core.vm_by_id(id).await else {
+    let Ok(vm) = core.vms().vm_by_id(id).await else {
         server.remove::<VmObject, _>(&path).await?;
         return Ok(());
     };

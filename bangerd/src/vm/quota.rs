@@ -1,14 +1,20 @@
 //! Per-user quotas (`[limits]` in bangerd.toml): how many VMs a uid may
 //! have, how many may run, the vCPUs and memory its running VMs take
 //! together, and the disk it holds (its VMs' work disks plus the images
-//! and kernels it owns). Pure arithmetic over the store's rows; the
-//! caller decides who is exempt (root, and `vm.manage-others` holders
-//! when `limits.exempt_admins`) and holds the row lock so that two calls
-//! cannot both take the last slot.
+//! and kernels it owns). [`Usage`], [`Demand`] and [`check`] are pure
+//! arithmetic over the store's rows; [`Quotas`] is the service both the
+//! VM and the artifact commands ask: it decides who is exempt (root, and
+//! `vm.manage-others` holders when `limits.exempt_admins`) and owns the
+//! ledger lock, under which VM rows change and usage is checked, so that
+//! two calls cannot both take the last slot.
+
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::artifacts::{Image, Kernel};
-use crate::config::LimitsConfig;
+use crate::auth::{Action, Authorizer, Caller};
+use crate::config::{LimitsConfig, SharedConfig};
 use crate::error::{Error, Result};
+use crate::store::Store;
 
 use super::Vm;
 
@@ -149,6 +155,103 @@ pub fn check(limits: &LimitsConfig, usage: &Usage, add: &Demand, what: &str) -> 
         }
     }
     Ok(())
+}
+
+/// Proof that the ledger lock is held ([`Quotas::lock`]).
+pub type Held<'a> = MutexGuard<'a, ()>;
+
+/// The per-user limits in force, checked against the store.
+#[derive(Debug)]
+pub struct Quotas {
+    config: SharedConfig,
+    store: Arc<Store>,
+    authorizer: Arc<dyn Authorizer>,
+    /// Held while VM rows change and while usage is checked.
+    ledger: Mutex<()>,
+}
+
+impl Quotas {
+    /// Limits from `config`'s `[limits]`, usage from `store`.
+    pub fn new(config: SharedConfig, store: Arc<Store>, authorizer: Arc<dyn Authorizer>) -> Self {
+        Self {
+            config,
+            store,
+            authorizer,
+            ledger: Mutex::new(()),
+        }
+    }
+
+    /// Take the ledger lock: VM rows change under it, and a check made
+    /// under it cannot race another for the last slot.
+    pub fn lock(&self) -> Held<'_> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `caller` is held to the limits: root never,
+    /// `vm.manage-others` holders not while `limits.exempt_admins` (asked
+    /// without a prompt: an exemption is never worth one).
+    pub async fn applies(&self, caller: &Caller) -> bool {
+        if caller.uid == 0 {
+            return false;
+        }
+        if !self.config.get().limits.exempt_admins {
+            return true;
+        }
+        let quiet = Caller {
+            allow_interactive: false,
+            ..caller.clone()
+        };
+        self.authorizer
+            .authorize(&quiet, Action::VmManageOthers)
+            .await
+            .is_err()
+    }
+
+    /// Check `add` against what `uid` holds (leaving VM `skip` out), with
+    /// the ledger lock held.
+    pub fn check(
+        &self,
+        _held: &Held<'_>,
+        uid: u32,
+        add: &Demand,
+        skip: Option<&str>,
+        what: &str,
+    ) -> Result<()> {
+        let usage = self.usage_of(uid, skip)?;
+        check(&self.config.get().limits, &usage, add, what)
+    }
+
+    /// [`Quotas::check`] under the ledger lock, unless `caller` is exempt
+    /// ([`Quotas::applies`]).
+    pub async fn enforce(
+        &self,
+        caller: &Caller,
+        uid: u32,
+        add: &Demand,
+        skip: Option<&str>,
+        what: &str,
+    ) -> Result<()> {
+        if self.applies(caller).await {
+            let held = self.lock();
+            self.check(&held, uid, add, skip, what)?;
+        }
+        Ok(())
+    }
+
+    /// What `uid` holds now, leaving VM `skip` out.
+    pub fn usage_of(&self, uid: u32, skip: Option<&str>) -> Result<Usage> {
+        let failed = |context: &'static str| move |e| Error::failed_with(context, &e);
+        let vms = self.store.vms().map_err(failed("reading the vms failed"))?;
+        let images = self
+            .store
+            .images()
+            .map_err(failed("reading the images failed"))?;
+        let kernels = self
+            .store
+            .kernels()
+            .map_err(failed("reading the kernels failed"))?;
+        Ok(Usage::of(uid, &vms, &images, &kernels, skip))
+    }
 }
 
 #[cfg(test)]

@@ -7,23 +7,22 @@ use std::time::SystemTime;
 use super::{
     ImageClaim, TmpDir, already_exists, blocking, only_root_names_paths, paths_of_root, ticker,
 };
+use crate::artifacts::Artifacts;
 use crate::artifacts::files;
 use crate::artifacts::store::{is_fk_violation, is_unique_violation};
 use crate::artifacts::validate::{self, Kind, Reader};
 use crate::artifacts::{Image, ImageImport, ImageRegistration, images_dir};
 use crate::auth::{Action, Caller};
-use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobEvent, JobId, Resource};
 use crate::store::{StoreError, unix_us};
 use crate::vm::quota::Demand;
 
-impl Core {
+impl Artifacts {
     /// Register an unmanaged image from host paths: root only (everyone
-    /// else imports from descriptors with [`Core::import_image`]).
+    /// else imports from descriptors with [`Artifacts::import_image`]).
     pub async fn register_image(&self, caller: &Caller, req: ImageRegistration) -> Result<Image> {
-        self.deps
-            .authorizer
+        self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
         only_root_names_paths(
@@ -113,8 +112,7 @@ impl Core {
         caller: &Caller,
         req: ImageImport,
     ) -> Result<JobId> {
-        self.deps
-            .authorizer
+        self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
         validate::name("image", &req.name)?;
@@ -162,13 +160,14 @@ impl Core {
         {
             return Err(already_exists("image", &name));
         }
-        let state = self.deps.dirs.state.clone();
+        let state = self.state.clone();
         std::fs::create_dir_all(images_dir(&state))
             .map_err(|e| Error::failed(format!("cannot create the image directory: {e}")))?;
         let needed = rootfs_used + seed.as_ref().map_or(64 << 20, |(_, (_, used))| *used);
         crate::vm::disk::check_space(&images_dir(&state), needed)?;
         let demand = Demand::disk(rootfs_len);
-        self.enforce_quota(caller, caller.uid, &demand, None, &format!("image {name}"))
+        self.quotas
+            .enforce(caller, caller.uid, &demand, None, &format!("image {name}"))
             .await?;
 
         let core = self.clone();
@@ -232,8 +231,7 @@ impl Core {
         caller: &Caller,
         reference: &str,
     ) -> Result<JobId> {
-        self.deps
-            .authorizer
+        self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
         let image = self.image(reference).await?;
@@ -272,7 +270,7 @@ impl Core {
     }
 
     async fn promote(&self, ctx: &JobContext, image: Image) -> Result<Option<Resource>> {
-        let state = self.deps.dirs.state.clone();
+        let state = self.state.clone();
         let tmp = TmpDir::create(images_dir(&state).join(format!(".tmp-{}", image.id)))?;
         let final_dir = images_dir(&state).join(&image.id);
 
@@ -333,8 +331,7 @@ impl Core {
     /// Delete an image; refused while it is busy or VMs use it. Managed
     /// files go with it.
     pub async fn delete_image(&self, caller: &Caller, reference: &str) -> Result<()> {
-        self.deps
-            .authorizer
+        self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
         let image = self.image(reference).await?;
@@ -357,7 +354,7 @@ impl Core {
         let id = image.id.clone();
         self.on_store("deleting the image failed", move |s| s.delete_image(&id))
             .await?;
-        let dir = images_dir(&self.deps.dirs.state).join(&image.id);
+        let dir = images_dir(&self.state).join(&image.id);
         blocking(move || {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)
@@ -380,7 +377,7 @@ impl Core {
             return Ok(image);
         }
         let _claim = self.claim_image(&image.id, &image.name)?;
-        let dir = images_dir(&self.deps.dirs.state).join(&image.id);
+        let dir = images_dir(&self.state).join(&image.id);
         let rootfs = image.rootfs.clone();
         let sha_and_path = blocking(move || {
             std::fs::create_dir_all(&dir)

@@ -8,21 +8,21 @@ use super::{
     StagedKernel, TmpDir, already_exists, blocking, extract_vmlinux, kernel_format, kernel_magic,
     only_root_names_paths, ticker,
 };
+use crate::artifacts::Artifacts;
 use crate::artifacts::files;
 use crate::artifacts::store::{is_fk_violation, is_unique_violation};
 use crate::artifacts::validate::{self, Kind, Reader};
 use crate::artifacts::{Kernel, KernelImport, Modules, kernels_dir};
 use crate::auth::{Action, Caller};
-use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobEvent, JobId, Resource};
 use crate::store::{StoreError, unix_us};
 use crate::vm::quota::Demand;
 
-impl Core {
+impl Artifacts {
     /// `ImportKernel` with host paths: root only, since bangerd never
     /// opens a path another caller named (they pass descriptors to
-    /// [`Core::import_kernel`]). Root's files are opened, then imported
+    /// [`Artifacts::import_kernel`]). Root's files are opened, then imported
     /// as descriptors are.
     pub async fn import_kernel_paths(
         self: &Arc<Self>,
@@ -32,8 +32,7 @@ impl Core {
         initrd: Option<PathBuf>,
         modules: Option<PathBuf>,
     ) -> Result<JobId> {
-        self.deps
-            .authorizer
+        self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
         only_root_names_paths(
@@ -81,8 +80,7 @@ impl Core {
         caller: &Caller,
         req: KernelImport,
     ) -> Result<JobId> {
-        self.deps
-            .authorizer
+        self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
         validate::name("kernel", &req.name)?;
@@ -153,12 +151,13 @@ impl Core {
             .saturating_mul(if is_bzimage { 6 } else { 2 })
             .saturating_add(initrd_len)
             .saturating_add(modules_len);
-        let state = self.deps.dirs.state.clone();
+        let state = self.state.clone();
         std::fs::create_dir_all(kernels_dir(&state))
             .map_err(|e| Error::failed(format!("cannot create the kernel directory: {e}")))?;
         crate::vm::disk::check_space(&kernels_dir(&state), needed)?;
         let demand = Demand::disk(kernel_len + initrd_len + modules_len);
-        self.enforce_quota(caller, uid, &demand, None, &format!("kernel {name}"))
+        self.quotas
+            .enforce(caller, uid, &demand, None, &format!("kernel {name}"))
             .await?;
 
         let core = self.clone();
@@ -268,7 +267,7 @@ impl Core {
         tmp: TmpDir,
         k: StagedKernel,
     ) -> Result<Option<Resource>> {
-        let state = self.deps.dirs.state.clone();
+        let state = self.state.clone();
         let final_dir = kernels_dir(&state).join(&k.id);
         ctx.stage("digest", 0.85).await?;
         let vmlinux_tmp = tmp.path().join("vmlinux");
@@ -311,8 +310,7 @@ impl Core {
 
     /// Delete a kernel; refused while an image uses it.
     pub async fn delete_kernel(&self, caller: &Caller, reference: &str) -> Result<()> {
-        self.deps
-            .authorizer
+        self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
         let kernel = self.kernel(reference).await?;
@@ -334,7 +332,7 @@ impl Core {
             Err(e) if is_fk_violation(&e) => return Err(kernel_in_use(&kernel.name, &[])),
             Err(e) => return Err(Error::failed_with("deleting the kernel failed", &e)),
         }
-        let dir = kernels_dir(&self.deps.dirs.state).join(&kernel.id);
+        let dir = kernels_dir(&self.state).join(&kernel.id);
         blocking(move || {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)

@@ -6,12 +6,56 @@ mod kernels;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
 use super::{Image, Kernel};
-use crate::auth::Caller;
-use crate::core::Core;
+use crate::auth::{Authorizer, Caller};
+use crate::catalog::Catalogs;
+use crate::config::{Config, SharedConfig};
 use crate::error::{Error, ErrorKind, Result};
-use crate::jobs::{JobContext, JobEvent};
+use crate::jobs::{JobContext, JobEvent, JobId, Jobs};
 use crate::store::{Store, StoreError};
+use crate::vm::quota::Quotas;
+
+/// The kernels and images: their rows, their files, imports, pulls and
+/// the catalogs they come from. Defined here; its commands live in one
+/// file per concern (kernels, images, `pull`, `oci`, `owner`).
+#[derive(Debug)]
+pub struct Artifacts {
+    pub(super) config: SharedConfig,
+    /// The state directory (kernels/ and images/ under it).
+    pub(super) state: PathBuf,
+    pub(super) store: Arc<Store>,
+    pub(super) authorizer: Arc<dyn Authorizer>,
+    pub(super) jobs: Arc<Jobs>,
+    pub(super) catalogs: Catalogs,
+    pub(super) quotas: Arc<Quotas>,
+    /// Images some operation holds exclusively (promote, delete, seeding).
+    pub(super) busy_images: Mutex<HashSet<String>>,
+    /// Running catalog and registry pulls, so a second pull of an entry
+    /// joins the first; finished ones are dropped at the next pull.
+    pub(super) pulls: tokio::sync::Mutex<HashMap<(banger_catalog::Kind, String), JobId>>,
+}
+
+/// What [`Artifacts`] is made of.
+#[derive(Debug)]
+pub struct ArtifactsDeps {
+    /// The configuration in force.
+    pub config: SharedConfig,
+    /// The state directory.
+    pub state: PathBuf,
+    /// The open store.
+    pub store: Arc<Store>,
+    /// Decides who may do what.
+    pub authorizer: Arc<dyn Authorizer>,
+    /// Where imports and pulls run.
+    pub jobs: Arc<Jobs>,
+    /// The kernel and image catalogs in use.
+    pub catalogs: Catalogs,
+    /// The per-user limits.
+    pub quotas: Arc<Quotas>,
+}
 
 /// Run blocking work off the async threads.
 pub(super) async fn blocking<T: Send + 'static>(
@@ -141,9 +185,45 @@ pub(super) fn extract_vmlinux(bytes: &[u8]) -> Result<Vec<u8>> {
         .map_err(|e| Error::invalid(format!("cannot extract a vmlinux from the bzImage: {e}")))
 }
 
-impl Core {
+impl Artifacts {
+    /// The service made of `deps`.
+    pub fn new(deps: ArtifactsDeps) -> Self {
+        Self {
+            config: deps.config,
+            state: deps.state,
+            store: deps.store,
+            authorizer: deps.authorizer,
+            jobs: deps.jobs,
+            catalogs: deps.catalogs,
+            quotas: deps.quotas,
+            busy_images: Mutex::default(),
+            pulls: tokio::sync::Mutex::default(),
+        }
+    }
+
+    pub(super) fn config(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
+    pub(super) fn jobs(&self) -> &Arc<Jobs> {
+        &self.jobs
+    }
+
+    /// The kernel and image catalogs in use.
+    pub fn catalogs(&self) -> &Catalogs {
+        &self.catalogs
+    }
+
     pub(super) fn store(&self) -> &Arc<Store> {
-        &self.deps.store
+        &self.store
+    }
+
+    /// The default image (`vm.default_image`) and its kernel, when both
+    /// are registered.
+    pub async fn default_image(&self) -> Option<(Image, Kernel)> {
+        let image = self.image(&self.config().vm.default_image).await.ok()?;
+        let kernel = self.kernel_by_id(&image.kernel_id).await.ok()?;
+        Some((image, kernel))
     }
 
     pub(super) async fn on_store<T: Send + 'static>(
@@ -254,7 +334,7 @@ impl Core {
             .into_iter()
             .map(|i| i.id)
             .collect::<Vec<_>>();
-        let state = self.deps.dirs.state.clone();
+        let state = self.state.clone();
         let removed =
             blocking(move || Ok(super::cleanup_orphans(&state, &kernels, &images))).await?;
         for path in removed {
@@ -273,7 +353,7 @@ impl Core {
 
 /// Exclusive use of an image; released on drop.
 struct ImageClaim<'a> {
-    core: &'a Core,
+    core: &'a Artifacts,
     id: String,
 }
 
@@ -325,11 +405,7 @@ pub(super) fn already_exists(what: &str, name: &str) -> Error {
 mod tests {
     use super::*;
     use crate::artifacts::{ImageRegistration, images_dir, validate};
-    use crate::auth::{Action, Authorizer, BoxFuture};
-    use crate::config::Config;
-    use crate::core::CoreDeps;
-    use crate::doctor::{BusProbe, HostPaths, NameState};
-    use crate::paths::Dirs;
+    use crate::auth::{Action, BoxFuture};
 
     #[derive(Debug)]
     struct AllowAll;
@@ -340,43 +416,39 @@ mod tests {
         }
     }
 
-    #[derive(Debug)]
-    struct NoBus;
-
-    impl BusProbe for NoBus {
-        fn name_state<'a>(&'a self, _: &'a str) -> BoxFuture<'a, NameState> {
-            Box::pin(async { NameState::Absent })
-        }
-    }
-
-    fn core(dir: &Path) -> Arc<Core> {
-        let dirs = Dirs::from_lookup(|var| Some(dir.join(var)));
-        dirs.create().expect("dirs");
+    /// The artifacts service alone, on an in-memory store.
+    fn artifacts(dir: &Path) -> Arc<Artifacts> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         std::mem::forget(rx);
-        Core::new(
-            Config::default(),
-            CoreDeps {
-                config_file: dirs.config_file(),
-                dirs,
-                store: Arc::new(Store::open_in_memory().expect("store")),
-                authorizer: Arc::new(AllowAll),
-                bus: Arc::new(NoBus),
-                host: HostPaths::default(),
-                supervisor: Arc::new(crate::vm::supervise::Direct),
-                dm: Arc::new(crate::vm::snapshot::Absent),
-                link_dns: Arc::new(crate::net::resolved::NoLinkDns),
-                releases: banger_release::Releases::new(dir.join("releases")),
-                restart: Arc::new(crate::update::NoRestart),
+        let store = Arc::new(Store::open_in_memory().expect("store"));
+        let config = SharedConfig::new(Config::default());
+        let authorizer: Arc<dyn Authorizer> = Arc::new(AllowAll);
+        Arc::new(Artifacts::new(ArtifactsDeps {
+            config: config.clone(),
+            state: dir.join("state"),
+            store: store.clone(),
+            authorizer: authorizer.clone(),
+            jobs: Jobs::new(
+                store.clone(),
+                tx,
+                crate::jobs::JobSettings {
+                    retention: std::time::Duration::from_secs(10),
+                    stage_delay: std::time::Duration::ZERO,
+                },
+            ),
+            catalogs: Catalogs {
+                config: config.clone(),
+                config_file: dir.join("bangerd.toml"),
+                state: dir.join("state"),
             },
-            tx,
-        )
+            quotas: Arc::new(Quotas::new(config, store, authorizer)),
+        }))
     }
 
     #[tokio::test]
     async fn a_missing_work_seed_is_made_lazily_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path());
+        let core = artifacts(dir.path());
         let inputs = dir.path().join("in");
         std::fs::create_dir_all(inputs.join("tree/root")).expect("mkdir");
         std::fs::write(inputs.join("tree/root/.bashrc"), b"alias ll='ls -l'\n").expect("write");
@@ -423,7 +495,7 @@ mod tests {
 
         let seeded = core.ensure_work_seed(&image.id).await.expect("seed");
         let seed = seeded.work_seed.clone().expect("has a seed now");
-        assert!(seed.starts_with(images_dir(&core.deps.dirs.state).join(&image.id)));
+        assert!(seed.starts_with(images_dir(&core.state).join(&image.id)));
         assert!(validate::is_ext4(&seed).expect("read"));
         assert_eq!(seeded.work_seed_sha256.len(), 64);
         assert_eq!(core.image("old").await.expect("row"), seeded);
@@ -455,7 +527,7 @@ mod tests {
     async fn finished_pulls_leave_the_pulls_map() {
         use banger_catalog::Kind as Catalog;
         let dir = tempfile::tempdir().expect("tempdir");
-        let core = core(dir.path());
+        let core = artifacts(dir.path());
         let (release, held) = tokio::sync::oneshot::channel::<()>();
         let running = core
             .jobs()

@@ -19,8 +19,8 @@ use oci_client::Reference;
 use super::commands::{TmpDir, already_exists, blocking, ticker};
 use super::pull::StagedImage;
 use super::{Service, images_dir, validate};
+use crate::artifacts::Artifacts;
 use crate::auth::{Action, Caller};
-use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::Resource;
 use crate::jobs::{JobContext, JobId};
@@ -60,12 +60,11 @@ pub fn default_name(reference: &Reference) -> String {
     name.trim_matches('-').to_owned()
 }
 
-impl Core {
+impl Artifacts {
     /// Pull an OCI image as a job (polkit `org.banger.image.manage`);
     /// joins a running pull of the same name.
     pub async fn pull_oci(self: &Arc<Self>, caller: &Caller, req: OciPull) -> Result<JobId> {
-        self.deps
-            .authorizer
+        self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
         let reference = registry::parse_reference(&req.reference)?;
@@ -163,7 +162,7 @@ impl Core {
         staged: StagedImage,
         agent: std::path::PathBuf,
     ) -> Result<Option<Resource>> {
-        let state = self.deps.dirs.state.clone();
+        let state = self.state.clone();
         let tmp = TmpDir::create(images_dir(&state).join(format!(".tmp-{}", staged.id)))?;
         let blobs = tmp.path().join(".layers");
         let root = tmp.path().join(".root");

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::Vms;
 use crate::artifacts::{Image, Kernel};
-use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::jobs::JobContext;
 use crate::vm::disk::DiskMethod;
@@ -55,7 +55,7 @@ pub fn kernel_cmdline(
     args.join(" ")
 }
 
-impl Core {
+impl Vms {
     /// The system disk VM `vm`'s VMM opens: its file, or for a dm
     /// snapshot the device brought up over the image and its change store.
     async fn system_disk_up(&self, vm: &Vm, image: &Image) -> Result<PathBuf> {
@@ -63,7 +63,7 @@ impl Core {
         if vm.disk_method != Some(DiskMethod::DeviceMapper) {
             return Ok(paths.system_disk);
         }
-        let dm = self.deps.dm.clone();
+        let dm = self.dm.clone();
         let (id, base) = (vm.id.clone(), image.rootfs.clone());
         blocking(move || {
             snapshot::activate(dm.as_ref(), &id, &base, &paths.system_cow, &paths.loops)
@@ -76,7 +76,7 @@ impl Core {
         if vm.disk_method != Some(DiskMethod::DeviceMapper) {
             return;
         }
-        let dm = self.deps.dm.clone();
+        let dm = self.dm.clone();
         let (id, loops) = (vm.id.clone(), self.vm_paths(&vm.id).loops);
         if let Err(e) = blocking(move || snapshot::deactivate(dm.as_ref(), &id, &loops)).await {
             tracing::warn!(banger_vm_id = %vm.id, "cannot take its system disk down: {e}");
@@ -116,11 +116,12 @@ impl Core {
         let vm = self.transition_if(
             id,
             VmEvent::Start,
-            |vm| {
+            |held, vm| {
                 if !quota {
                     return Ok(());
                 }
-                self.check_quota(
+                self.quotas.check(
+                    held,
                     vm.owner_uid,
                     &Demand::start(vm.vcpus, vm.memory_mib),
                     Some(&vm.id),
@@ -151,8 +152,8 @@ impl Core {
     ) -> std::result::Result<(), BootError> {
         let step = (1.0 - base) / 4.0;
         let config = self.config();
-        let image = self.image_by_id(&vm.image_id).await?;
-        let kernel = self.kernel_by_id(&vm.kernel_id).await?;
+        let image = self.artifacts.image_by_id(&vm.image_id).await?;
+        let kernel = self.artifacts.kernel_by_id(&vm.kernel_id).await?;
         let paths = self.vm_paths(&vm.id);
 
         ctx.stage("network", base).await?;
@@ -186,7 +187,7 @@ impl Core {
                 accel,
             };
             tracing::info!(banger_vm_id = %vm.id, "starting {} with {} under {}", vm.name, vmm.name(), accel.as_str());
-            let supervisor = self.deps.supervisor.as_ref();
+            let supervisor = self.supervisor.as_ref();
             let (watched, pid) = vmm.launch(&spec, supervisor).await?;
             Ok::<_, Error>((vmm, watched, pid))
         }

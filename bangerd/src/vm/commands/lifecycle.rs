@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime};
 
 use nix::sys::signal::Signal;
 
+use super::Vms;
 use crate::artifacts::validate;
 use crate::auth::{Action, Caller};
-use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::Resource;
 use crate::jobs::{JobContext, JobEvent, JobId};
@@ -20,22 +20,16 @@ use crate::vm::{Vm, VmEvent, VmRequest, VmState, validate_sizes, validate_ssh_ke
 
 use super::{VmChanges, blocking, check_vmm, store_err, vmm_named};
 
-impl Core {
+impl Vms {
     /// Start a create job. Returns the new VM's id and the job.
     pub async fn create_vm(
         self: &Arc<Self>,
         caller: &Caller,
         req: VmRequest,
     ) -> Result<(String, JobId)> {
-        self.deps
-            .authorizer
-            .authorize(caller, Action::VmCreate)
-            .await?;
+        self.authorizer.authorize(caller, Action::VmCreate).await?;
         if req.nat == Some(true) {
-            self.deps
-                .authorizer
-                .authorize(caller, Action::VmNat)
-                .await?;
+            self.authorizer.authorize(caller, Action::VmNat).await?;
         }
         validate::name("vm", &req.name)?;
         let config = self.config();
@@ -43,7 +37,7 @@ impl Core {
         let memory_mib = req.memory_mib.unwrap_or(config.vm.memory_mib);
         let disk_bytes = req.disk_bytes.unwrap_or(config.vm.disk_mib << 20);
         validate_sizes(vcpus, memory_mib, disk_bytes)?;
-        let quota = self.quota_applies(caller).await;
+        let quota = self.quotas.applies(caller).await;
         for key in &req.ssh_keys {
             validate_ssh_key(key)?;
         }
@@ -53,15 +47,19 @@ impl Core {
         } else {
             req.image.clone()
         };
-        let image = self.image(&image_ref).await.map_err(|e| match e.kind {
-            ErrorKind::NotFound => Error::not_found(format!(
-                "there is no image {image_ref:?}; see banger image list, or register one"
-            )),
-            _ => e,
-        })?;
-        self.authorize_use(caller, &image).await?;
+        let image = self
+            .artifacts
+            .image(&image_ref)
+            .await
+            .map_err(|e| match e.kind {
+                ErrorKind::NotFound => Error::not_found(format!(
+                    "there is no image {image_ref:?}; see banger image list, or register one"
+                )),
+                _ => e,
+            })?;
+        self.artifacts.authorize_use(caller, &image).await?;
         crate::artifacts::commands::paths_of_root(&image)?;
-        let kernel = self.kernel_by_id(&image.kernel_id).await?;
+        let kernel = self.artifacts.kernel_by_id(&image.kernel_id).await?;
         // The system disk costs up to the rootfs's data, the work disk its seed.
         let needed = crate::artifacts::files::disk_usage(&image.rootfs)
             + image
@@ -69,9 +67,9 @@ impl Core {
                 .as_deref()
                 .map(crate::artifacts::files::disk_usage)
                 .unwrap_or(64 << 20);
-        std::fs::create_dir_all(crate::vm::vms_dir(&self.deps.dirs.state))
+        std::fs::create_dir_all(crate::vm::vms_dir(&self.dirs.state))
             .map_err(|e| Error::failed(format!("cannot create the VM directory: {e}")))?;
-        disk::check_space(&self.deps.dirs.state, needed)?;
+        disk::check_space(&self.dirs.state, needed)?;
 
         let id = crate::artifacts::new_id()
             .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
@@ -106,11 +104,17 @@ impl Core {
                 disk_bytes,
             };
             blocking(move || {
-                let _rows = core.rows();
+                let held = core.quotas.lock();
                 if quota {
-                    core.check_quota(row.owner_uid, &demand, None, &format!("vm {name}"))?;
+                    core.quotas.check(
+                        &held,
+                        row.owner_uid,
+                        &demand,
+                        None,
+                        &format!("vm {name}"),
+                    )?;
                 }
-                core.deps.store.insert_vm(&row).map_err(|e| {
+                core.store.insert_vm(&row).map_err(|e| {
                     if crate::artifacts::store::is_unique_violation(&e) {
                         Error::new(
                             ErrorKind::AlreadyExists,
@@ -163,7 +167,7 @@ impl Core {
         quota: bool,
     ) -> Result<()> {
         ctx.stage("resolve image", 0.0).await?;
-        let image = self.ensure_work_seed(&vm.image_id).await?;
+        let image = self.artifacts.ensure_work_seed(&vm.image_id).await?;
         let paths = self.vm_paths(&vm.id);
 
         ctx.stage("system disk", 0.1).await?;
@@ -175,7 +179,7 @@ impl Core {
         let dir = paths.dir.clone();
         // A dm snapshot where device-mapper works (constant time), else a
         // reflink clone, else a sparse copy.
-        let dm = self.deps.dm.available();
+        let dm = self.dm.available();
         let method = blocking(move || {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
@@ -217,10 +221,11 @@ impl Core {
         check_vmm(&self.config())?;
         // Checked here so the call itself says no, and again when the VM
         // turns Starting (another start may have come between).
-        let quota = self.quota_applies(caller).await;
+        let quota = self.quotas.applies(caller).await;
         if quota {
-            let _rows = self.rows();
-            self.check_quota(
+            let held = self.quotas.lock();
+            self.quotas.check(
+                &held,
                 vm.owner_uid,
                 &Demand::start(vm.vcpus, vm.memory_mib),
                 Some(&vm.id),
@@ -281,10 +286,9 @@ impl Core {
         Ok(())
     }
 
-    /// [`Core::shut_down`] when VM `id` has a VMM process; nothing otherwise.
+    /// [`Vms::shut_down`] when VM `id` has a VMM process; nothing otherwise.
     async fn shut_down_if_running(&self, ctx: &JobContext, id: &str) -> Result<()> {
         let running = self
-            .deps
             .store
             .vm(id)
             .ok()
@@ -325,7 +329,7 @@ impl Core {
             vm.state.after(VmEvent::Stop, &vm.name)?;
         }
         check_vmm(&self.config())?;
-        let quota = self.quota_applies(caller).await;
+        let quota = self.quotas.applies(caller).await;
         let claim = self.claim_vm(&vm)?;
         let core = self.clone();
         self.jobs()
@@ -387,7 +391,6 @@ impl Core {
     pub(super) async fn destroy(&self, id: &str) -> Result<()> {
         self.halt(id).await;
         let Some(vm) = self
-            .deps
             .store
             .vm(id)
             .map_err(store_err("reading the vm failed"))?
@@ -413,7 +416,7 @@ impl Core {
                 }
             }
         }
-        let store = self.deps.store.clone();
+        let store = self.store.clone();
         let owned = id.to_owned();
         blocking(move || {
             store
@@ -440,10 +443,7 @@ impl Core {
         self.authorize_vm(caller, &vm).await?;
         let nat_change = changes.nat.filter(|nat| *nat != vm.nat);
         if nat_change.is_some() {
-            self.deps
-                .authorizer
-                .authorize(caller, Action::VmNat)
-                .await?;
+            self.authorizer.authorize(caller, Action::VmNat).await?;
         }
         let sizes =
             changes.vcpus.is_some() || changes.memory_mib.is_some() || changes.disk_bytes.is_some();
@@ -466,14 +466,15 @@ impl Core {
             vcpus_per_vm: changes.vcpus.unwrap_or(0),
             ..Demand::disk(disk_bytes - vm.disk_bytes)
         };
-        self.enforce_quota(
-            caller,
-            vm.owner_uid,
-            &demand,
-            None,
-            &format!("vm {}", vm.name),
-        )
-        .await?;
+        self.quotas
+            .enforce(
+                caller,
+                vm.owner_uid,
+                &demand,
+                None,
+                &format!("vm {}", vm.name),
+            )
+            .await?;
         let _claim = self.claim_vm(&vm)?;
         if sizes && vm.state != VmState::Stopped {
             return Err(Error::new(

@@ -23,16 +23,20 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use super::quota::{self, Demand, Usage};
+use super::quota::{Held, Quotas};
+use super::snapshot::DeviceMapper;
+use super::supervise::Supervisor;
 use super::vmm::kvm::KvmVerdict;
 use super::{Vm, VmEvent, VmPaths};
-use crate::artifacts::{Image, Kernel};
-use crate::auth::{Action, Caller};
-use crate::core::Core;
+use crate::artifacts::Artifacts;
+use crate::auth::{Action, Authorizer, Caller};
+use crate::config::{Config, SharedConfig};
+use crate::doctor::HostPaths;
 use crate::error::{Error, ErrorKind, Result};
-use crate::jobs::JobEvent;
-use crate::jobs::Resource;
-use crate::store::StoreError;
+use crate::jobs::{JobEvent, Jobs, Resource};
+use crate::net::host::HostNetwork;
+use crate::paths::Dirs;
+use crate::store::{Store, StoreError};
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
@@ -44,13 +48,57 @@ fn store_err(context: &'static str) -> impl Fn(StoreError) -> Error {
     move |e| Error::failed_with(context, &e)
 }
 
-/// The daemon's VM bookkeeping that is not in the store.
+/// The VMs: their rows, their VMM processes and the jobs that change
+/// them. Defined here; its commands live in one file per concern
+/// (lifecycle, boot, VMM choice, watcher, reconcile, network, stats).
+#[derive(Debug)]
+pub struct Vms {
+    config: SharedConfig,
+    dirs: Dirs,
+    store: Arc<Store>,
+    authorizer: Arc<dyn Authorizer>,
+    jobs: Arc<Jobs>,
+    artifacts: Arc<Artifacts>,
+    quotas: Arc<Quotas>,
+    net: Arc<HostNetwork>,
+    supervisor: Arc<dyn Supervisor>,
+    dm: Arc<dyn DeviceMapper>,
+    host: HostPaths,
+    runtime: VmRuntime,
+}
+
+/// What [`Vms`] is made of.
+#[derive(Debug)]
+pub struct VmsDeps {
+    /// The configuration in force.
+    pub config: SharedConfig,
+    /// Where things live.
+    pub dirs: Dirs,
+    /// The open store.
+    pub store: Arc<Store>,
+    /// Decides who may do what.
+    pub authorizer: Arc<dyn Authorizer>,
+    /// Where lifecycle operations run.
+    pub jobs: Arc<Jobs>,
+    /// The kernels and images VMs boot.
+    pub artifacts: Arc<Artifacts>,
+    /// The per-user limits (and the lock VM rows change under).
+    pub quotas: Arc<Quotas>,
+    /// The host network the VMs share.
+    pub net: Arc<HostNetwork>,
+    /// Who runs VMM processes.
+    pub supervisor: Arc<dyn Supervisor>,
+    /// Device-mapper, for snapshot system disks where it exists.
+    pub dm: Arc<dyn DeviceMapper>,
+    /// Host device paths (`/dev/kvm`).
+    pub host: HostPaths,
+}
+
+/// The VM bookkeeping that is not in the store.
 #[derive(Debug, Default)]
-pub struct VmRuntime {
+struct VmRuntime {
     /// VMs an operation holds.
     busy: Mutex<HashSet<String>>,
-    /// Serializes read-modify-write of VM rows.
-    rows: Mutex<()>,
     /// Watcher task per VM with a process.
     watchers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// The KVM probe's verdict per guest kernel, found once per daemon.
@@ -60,14 +108,14 @@ pub struct VmRuntime {
 /// Holds a VM for one operation; releases it when dropped.
 #[derive(Debug)]
 pub struct Claim {
-    core: Arc<Core>,
+    vms: Arc<Vms>,
     id: String,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.core
-            .vm_runtime()
+        self.vms
+            .runtime
             .busy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -88,25 +136,36 @@ pub struct VmChanges {
     pub nat: Option<bool>,
 }
 
-impl Core {
+impl Vms {
+    /// The service made of `deps`.
+    pub fn new(deps: VmsDeps) -> Self {
+        Self {
+            config: deps.config,
+            dirs: deps.dirs,
+            store: deps.store,
+            authorizer: deps.authorizer,
+            jobs: deps.jobs,
+            artifacts: deps.artifacts,
+            quotas: deps.quotas,
+            net: deps.net,
+            supervisor: deps.supervisor,
+            dm: deps.dm,
+            host: deps.host,
+            runtime: VmRuntime::default(),
+        }
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
+    fn jobs(&self) -> &Arc<Jobs> {
+        &self.jobs
+    }
+
     /// The systemd unit VM `id`'s VMM runs in, where systemd runs them.
     pub fn vm_unit(&self, id: &str) -> Option<String> {
-        self.deps.supervisor.unit(id)
-    }
-
-    /// The default image (`vm.default_image`) and its kernel, when both
-    /// are registered.
-    pub async fn default_image(&self) -> Option<(Image, Kernel)> {
-        let image = self.image(&self.config().vm.default_image).await.ok()?;
-        let kernel = self.kernel_by_id(&image.kernel_id).await.ok()?;
-        Some((image, kernel))
-    }
-
-    fn rows(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.vm_runtime()
-            .rows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.supervisor.unit(id)
     }
 
     fn announce(&self, id: &str) {
@@ -116,11 +175,7 @@ impl Core {
 
     /// Hold VM `vm` for one operation, or fail with Busy.
     pub fn claim_vm(self: &Arc<Self>, vm: &Vm) -> Result<Claim> {
-        let mut busy = self
-            .vm_runtime()
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut busy = self.runtime.busy.lock().unwrap_or_else(|p| p.into_inner());
         if !busy.insert(vm.id.clone()) {
             return Err(Error::new(
                 ErrorKind::Busy,
@@ -131,21 +186,21 @@ impl Core {
             ));
         }
         Ok(Claim {
-            core: self.clone(),
+            vms: self.clone(),
             id: vm.id.clone(),
         })
     }
 
     /// Every VM.
-    pub async fn vms(&self) -> Result<Vec<Vm>> {
-        let store = self.deps.store.clone();
+    pub async fn list(&self) -> Result<Vec<Vm>> {
+        let store = self.store.clone();
         blocking(move || store.vms().map_err(store_err("reading VMs failed"))).await
     }
 
     /// VM `id`, by id only (the bus addresses VMs by id; names are the
     /// CLI's to resolve).
     pub async fn vm_by_id(&self, id: &str) -> Result<Vm> {
-        let store = self.deps.store.clone();
+        let store = self.store.clone();
         let key = id.to_owned();
         blocking(move || store.vm(&key).map_err(store_err("reading VMs failed")))
             .await?
@@ -157,13 +212,9 @@ impl Core {
     /// Callers may act on their own VMs with `vm.manage`; on others' also
     /// with `vm.manage-others`.
     async fn authorize_vm(&self, caller: &Caller, vm: &Vm) -> Result<()> {
-        self.deps
-            .authorizer
-            .authorize(caller, Action::VmManage)
-            .await?;
+        self.authorizer.authorize(caller, Action::VmManage).await?;
         if caller.uid != vm.owner_uid && caller.uid != 0 {
-            self.deps
-                .authorizer
+            self.authorizer
                 .authorize(caller, Action::VmManageOthers)
                 .await?;
         }
@@ -174,109 +225,49 @@ impl Core {
     /// `vm.manage-others`.
     async fn authorize_read_vm(&self, caller: &Caller, vm: &Vm) -> Result<()> {
         if caller.uid != vm.owner_uid && caller.uid != 0 {
-            self.deps
-                .authorizer
+            self.authorizer
                 .authorize(caller, Action::VmManageOthers)
                 .await?;
         }
         Ok(())
     }
 
-    /// Whether `caller` is held to the per-user `[limits]`: root never,
-    /// `vm.manage-others` holders not while `limits.exempt_admins` (asked
-    /// without a prompt: an exemption is never worth one).
-    pub(crate) async fn quota_applies(&self, caller: &Caller) -> bool {
-        if caller.uid == 0 {
-            return false;
-        }
-        if !self.config().limits.exempt_admins {
-            return true;
-        }
-        let quiet = Caller {
-            allow_interactive: false,
-            ..caller.clone()
-        };
-        self.deps
-            .authorizer
-            .authorize(&quiet, Action::VmManageOthers)
-            .await
-            .is_err()
-    }
-
-    /// Check `add` against what `uid` holds (leaving VM `skip` out). Call
-    /// with the row lock held so that two calls cannot both take the
-    /// last slot.
-    fn check_quota(&self, uid: u32, add: &Demand, skip: Option<&str>, what: &str) -> Result<()> {
-        let usage = self.usage_of(uid, skip)?;
-        quota::check(&self.config().limits, &usage, add, what)
-    }
-
-    /// [`Core::check_quota`] under the row lock, unless `caller` is
-    /// exempt ([`Core::quota_applies`]).
-    pub(crate) async fn enforce_quota(
-        &self,
-        caller: &Caller,
-        uid: u32,
-        add: &Demand,
-        skip: Option<&str>,
-        what: &str,
-    ) -> Result<()> {
-        if self.quota_applies(caller).await {
-            let _rows = self.rows();
-            self.check_quota(uid, add, skip, what)?;
-        }
-        Ok(())
-    }
-
-    /// What `uid` holds now, leaving VM `skip` out.
-    pub fn usage_of(&self, uid: u32, skip: Option<&str>) -> Result<Usage> {
-        let store = &self.deps.store;
-        let vms = store.vms().map_err(store_err("reading the vms failed"))?;
-        let images = store
-            .images()
-            .map_err(store_err("reading the images failed"))?;
-        let kernels = store
-            .kernels()
-            .map_err(store_err("reading the kernels failed"))?;
-        Ok(Usage::of(uid, &vms, &images, &kernels, skip))
-    }
-
     /// Apply `event` to VM `id` (and `change` to the row) under the row
     /// lock. Returns the new row.
     fn transition(&self, id: &str, event: VmEvent, change: impl FnOnce(&mut Vm)) -> Result<Vm> {
-        self.transition_if(id, event, |_| Ok(()), change)
+        self.transition_if(id, event, |_, _| Ok(()), change)
     }
 
-    /// [`Core::transition`] when `guard` accepts the row (checked under
+    /// [`Vms::transition`] when `guard` accepts the row (checked under
     /// the same lock).
     fn transition_if(
         &self,
         id: &str,
         event: VmEvent,
-        guard: impl FnOnce(&Vm) -> Result<()>,
+        guard: impl FnOnce(&Held<'_>, &Vm) -> Result<()>,
         change: impl FnOnce(&mut Vm),
     ) -> Result<Vm> {
-        let _rows = self.rows();
-        let store = &self.deps.store;
+        let held = self.quotas.lock();
+        let store = &self.store;
         let mut vm = store
             .vm(id)
             .map_err(store_err("reading the vm failed"))?
             .ok_or_else(|| Error::not_found(format!("vm {id} is gone")))?;
         vm.state = vm.state.after(event, &vm.name)?;
-        guard(&vm)?;
+        guard(&held, &vm)?;
         change(&mut vm);
         store
             .update_vm(&vm)
             .map_err(store_err("recording the vm failed"))?;
-        drop(_rows);
+        drop(held);
         self.announce(id);
         Ok(vm)
     }
 
     /// Change the row of VM `id` without a state change.
     fn modify(&self, id: &str, change: impl FnOnce(&mut Vm)) -> Result<Vm> {
-        let _rows = self.rows();
-        let store = &self.deps.store;
+        let _rows = self.quotas.lock();
+        let store = &self.store;
         let mut vm = store
             .vm(id)
             .map_err(store_err("reading the vm failed"))?
@@ -290,25 +281,14 @@ impl Core {
         Ok(vm)
     }
 
-    /// Drop job history older than `days`; returns how many went.
-    pub async fn prune_job_history(&self, days: u32) -> Result<usize> {
-        let store = self.deps.store.clone();
-        blocking(move || {
-            store
-                .prune_jobs_older_than(days)
-                .map_err(store_err("pruning the job history failed"))
-        })
-        .await
-    }
-
     fn vm_paths(&self, id: &str) -> VmPaths {
-        VmPaths::new(&self.deps.dirs.state, &self.deps.dirs.runtime, id)
+        VmPaths::new(&self.dirs.state, &self.dirs.runtime, id)
     }
 }
 
 #[cfg(test)]
 pub(super) mod tests {
-    use super::*;
+    use crate::artifacts::{Image, Kernel};
     use crate::vm::disk::DiskMethod;
 
     pub(super) fn kernel(initrd: bool) -> Kernel {

@@ -3,15 +3,15 @@
 
 use std::net::Ipv4Addr;
 
-use crate::core::Core;
+use super::Vms;
 use crate::error::Result;
 use crate::net::host::{InUse, Settings};
 use crate::net::network::Network;
 
-impl Core {
+impl Vms {
     /// The lease of VM `id` (address and MAC), if it has one.
     pub async fn vm_lease(&self, id: &str) -> Option<crate::net::leases::Lease> {
-        self.net().lease_of(id).await
+        self.net.lease_of(id).await
     }
 
     /// The lease address of VM `id`, if it has one.
@@ -28,13 +28,13 @@ impl Core {
             subnet: config.network.subnet()?,
             tap_pool_size: config.network.tap_pool_size as usize,
         };
-        self.net().up(&settings, self.in_use()).await
+        self.net.up(&settings, self.in_use()).await
     }
 
     /// What running VMs hold on the network.
     async fn in_use(&self) -> Result<InUse> {
         let mut held = InUse::default();
-        for vm in self.vms().await?.iter().filter(|v| v.state.has_process()) {
+        for vm in self.list().await?.iter().filter(|v| v.state.has_process()) {
             held.taps.extend(vm.tap.clone());
             if vm.nat
                 && let Some(ip) = self.vm_ipv4(&vm.id).await
@@ -46,6 +46,6 @@ impl Core {
     }
 
     pub(super) async fn network_if_up(&self) -> Option<Network> {
-        self.net().if_up().await
+        self.net.if_up().await
     }
 }

@@ -2,17 +2,17 @@
 
 use std::sync::Arc;
 
-use crate::core::Core;
+use super::Vms;
 use crate::error::Result;
 use crate::vm::VmState;
 use crate::vm::process::{ProcessId, Watched};
 
-impl Core {
+impl Vms {
     /// Make the store agree with reality after a (re)start: finish
     /// interrupted creates and deletes, adopt VMMs that still run, mark
     /// the others stopped, and bring the network up for the running ones.
     pub async fn reconcile_vms(self: &Arc<Self>) -> Result<()> {
-        let vms = self.vms().await?;
+        let vms = self.list().await?;
         let mut adopted = Vec::new();
         for vm in vms {
             match vm.state {
@@ -62,8 +62,7 @@ impl Core {
 
     /// How many VMs run (for the status line).
     pub fn running_vms(&self) -> usize {
-        self.deps
-            .store
+        self.store
             .vms()
             .map(|v| v.iter().filter(|v| v.state == VmState::Running).count())
             .unwrap_or(0)

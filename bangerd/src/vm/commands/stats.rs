@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::Vms;
 use crate::auth::Caller;
-use crate::core::Core;
 use crate::error::{Error, ErrorKind, Result};
 use crate::vm::VmState;
 use crate::vm::process::ProcessId;
@@ -26,7 +26,7 @@ pub struct VmStats {
     pub guest_hostname: String,
 }
 
-impl Core {
+impl Vms {
     /// Where VM `id`'s console log is.
     pub fn console_log_path(&self, id: &str) -> PathBuf {
         self.vm_paths(id).console_log

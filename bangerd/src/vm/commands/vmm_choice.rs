@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Vms;
 use crate::artifacts::Kernel;
 use crate::config::{self, Config, VmmKind};
-use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::os::program;
 use crate::vm::vmm::Accel;
@@ -110,7 +110,7 @@ pub fn choose_vmm(
     }
 }
 
-impl Core {
+impl Vms {
     /// The VMM and accelerator for a VM booting `kernel` ([`choose_vmm`],
     /// probing KVM with `kernel` when the choice depends on it), and the
     /// kernel file that VMM boots.
@@ -136,7 +136,7 @@ impl Core {
     /// first use and remembered while the daemon runs.
     pub async fn kvm_verdict(&self, kernel: &Path) -> KvmVerdict {
         let cell = self
-            .vm_runtime()
+            .runtime
             .kvm_verdicts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -154,8 +154,8 @@ impl Core {
             let verdict = kvm::probe(
                 &qemu,
                 kernel,
-                &self.deps.host.kvm,
-                &self.deps.dirs.runtime,
+                &self.host.kvm,
+                &self.dirs.runtime,
                 KVM_PROBE_TIMEOUT,
             )
             .await;

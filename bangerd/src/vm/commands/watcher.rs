@@ -5,14 +5,14 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::core::Core;
+use super::Vms;
 use crate::error::Error;
 use crate::vm::process::{ProcessId, Watched};
 use crate::vm::{VmEvent, VmState};
 
 use super::store_err;
 
-impl Core {
+impl Vms {
     /// Watch VMM process `pid` of VM `id` until it ends, then record it.
     pub(super) fn watch(self: &Arc<Self>, id: &str, pid: ProcessId, mut watched: Watched) {
         let core = self.clone();
@@ -24,7 +24,7 @@ impl Core {
             core.vmm_exited(&vm_id, pid).await;
         });
         if let Some(old) = self
-            .vm_runtime()
+            .runtime
             .watchers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -40,7 +40,7 @@ impl Core {
         // stopped: a start can only begin once it does, and it must not
         // find (or lose to) the old instance's TAP, address, name or
         // devices on their way out.
-        let current = self.deps.store.vm(id).ok().flatten();
+        let current = self.store.vm(id).ok().flatten();
         if let Some(vm) = current.filter(|v| v.pid == Some(pid.pid)) {
             if let (Some(net), Some(ip)) = (self.network_if_up().await, self.vm_ipv4(id).await)
                 && let Err(e) = net.detach(&vm.name, ip, vm.tap.as_deref()).await
@@ -50,8 +50,8 @@ impl Core {
             self.system_disk_down(&vm).await;
         }
         let result = (|| {
-            let _rows = self.rows();
-            let store = &self.deps.store;
+            let _rows = self.quotas.lock();
+            let store = &self.store;
             let Some(mut vm) = store.vm(id).map_err(store_err("reading the vm failed"))? else {
                 return Ok(None);
             };
@@ -70,7 +70,7 @@ impl Core {
                 .map_err(store_err("recording the vm failed"))?;
             Ok::<_, Error>(Some(vm))
         })();
-        self.vm_runtime()
+        self.runtime
             .watchers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -89,7 +89,7 @@ impl Core {
 
     /// Kill VM `id`'s VMM, if any, and wait until its end is recorded.
     pub(super) async fn halt(&self, id: &str) {
-        let Ok(Some(vm)) = self.deps.store.vm(id) else {
+        let Ok(Some(vm)) = self.store.vm(id) else {
             return;
         };
         let (Some(pid), Some(start)) = (vm.pid, vm.pid_start) else {
@@ -111,13 +111,13 @@ impl Core {
     ) -> bool {
         let until = Instant::now() + timeout;
         while Instant::now() < until {
-            match self.deps.store.vm(id) {
+            match self.store.vm(id) {
                 Ok(Some(vm)) if vm.pid == Some(process.pid) => {}
                 _ => return true,
             }
             if !process.alive()
                 && !self
-                    .vm_runtime()
+                    .runtime
                     .watchers
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
