@@ -169,10 +169,10 @@ impl Catalogs {
     /// extra keys are not trustworthy, the built-in key alone (logged).
     pub fn keys(&self) -> Vec<PublicKey> {
         let config = self.config.get();
-        crate::update::trusted_keys(&config.update.extra_keys, &self.config_file).unwrap_or_else(
+        crate::channel::trusted_keys(&config.update.extra_keys, &self.config_file).unwrap_or_else(
             |e| {
                 tracing::warn!("catalogs: only the built-in key is trusted: {e}");
-                crate::update::trusted_keys(&[], &self.config_file).unwrap_or_default()
+                crate::channel::trusted_keys(&[], &self.config_file).unwrap_or_default()
             },
         )
     }
@@ -185,7 +185,7 @@ impl Catalogs {
         let (catalog, fetched) = tokio::task::spawn_blocking(move || load(&state, kind, &keys))
             .await
             .map_err(|e| Error::failed(e.to_string()))??;
-        let running = crate::update::running_version();
+        let running = banger_release::running_version();
         Ok(Available {
             kind,
             serial: catalog.serial,

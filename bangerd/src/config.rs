@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// File name looked up in the configuration directory.
-pub const FILE_NAME: &str = "bangerd.toml";
+pub const FILE_NAME: &str = crate::paths::CONFIG_FILE_NAME;
 
 /// The configuration in force, shared by the core and its services: a
 /// reload swaps it for all of them at once.
@@ -358,7 +358,7 @@ impl Config {
                 "must be between 1 and 3600",
             ));
         }
-        if crate::vm::validate_sizes(self.vm.vcpus, self.vm.memory_mib, self.vm.disk_mib << 20)
+        if crate::shape::validate_sizes(self.vm.vcpus, self.vm.memory_mib, self.vm.disk_mib << 20)
             .is_err()
         {
             return Err(invalid(
@@ -387,11 +387,11 @@ impl Config {
                 "must be between 1 and 600",
             ));
         }
-        if let Err(e) = crate::update::channel_url(&self.update.channel) {
+        if let Err(e) = crate::channel::channel_url(&self.update.channel) {
             return Err(invalid("update.channel", &e.to_string()));
         }
         for key in &self.update.extra_keys {
-            if let Err(e) = crate::update::parse_key(key) {
+            if let Err(e) = crate::channel::parse_key(key) {
                 return Err(invalid("update.extra_keys", &e.to_string()));
             }
         }

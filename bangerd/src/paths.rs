@@ -50,7 +50,7 @@ impl Dirs {
 
     /// The configuration file.
     pub fn config_file(&self) -> PathBuf {
-        self.config.join(crate::config::FILE_NAME)
+        self.config.join(CONFIG_FILE_NAME)
     }
 
     /// Create the directories bangerd writes to (systemd does this for the
@@ -69,6 +69,43 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
+}
+
+/// The configuration file's name in the configuration directory.
+pub const CONFIG_FILE_NAME: &str = "bangerd.toml";
+
+/// Host paths the daemon and its checks look at; overridable so tests
+/// can point them elsewhere.
+#[derive(Debug, Clone)]
+pub struct HostPaths {
+    /// `/dev/kvm`.
+    pub kvm: PathBuf,
+    /// `/dev/net/tun`.
+    pub tun: PathBuf,
+    /// `/dev/loop-control`.
+    pub loop_control: PathBuf,
+    /// `/dev/mapper/control`.
+    pub mapper_control: PathBuf,
+    /// journald's native socket.
+    pub journal_socket: PathBuf,
+    /// Exists when systemd is PID 1.
+    pub systemd_runtime: PathBuf,
+    /// `net.ipv4.ip_forward`.
+    pub ip_forward: PathBuf,
+}
+
+impl Default for HostPaths {
+    fn default() -> Self {
+        Self {
+            kvm: "/dev/kvm".into(),
+            tun: "/dev/net/tun".into(),
+            loop_control: "/dev/loop-control".into(),
+            mapper_control: "/dev/mapper/control".into(),
+            journal_socket: "/run/systemd/journal/socket".into(),
+            systemd_runtime: "/run/systemd/system".into(),
+            ip_forward: "/proc/sys/net/ipv4/ip_forward".into(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,11 @@ pub mod signed;
 /// The binaries a release carries.
 pub const BINARIES: [&str; 3] = ["banger", "bangerd", "banger-agent"];
 
+/// The running build's version ([`VERSION`]; 0.0.0 if it does not parse).
+pub fn running_version() -> Version {
+    Version::parse(VERSION).unwrap_or_else(|_| Version::new(0, 0, 0))
+}
+
 /// The version these binaries were built as: `BANGER_VERSION` at build
 /// time when set (`scripts/publish-release --version`, the update tests'
 /// second release), else the workspace's version.

@@ -17,7 +17,7 @@ pub mod pull;
 pub mod store;
 pub mod validate;
 
-pub use commands::{Artifacts, ArtifactsDeps};
+pub use commands::{Artifacts, ArtifactsDeps, DiskQuota};
 
 use std::path::{Path, PathBuf};
 

@@ -92,7 +92,7 @@ impl Artifacts {
                 "{} {name} needs banger {} or newer (this is {}); run `banger update` first",
                 noun(kind),
                 found.entry.min_banger,
-                crate::core::VERSION
+                banger_release::VERSION
             )));
         }
         Ok(found.entry)
@@ -186,7 +186,7 @@ impl Artifacts {
             )));
         }
         if let Some(dir) = to.parent() {
-            crate::vm::disk::check_room(dir, entry.size, &format!("bundle {}", entry.name))?;
+            crate::space::check_room(dir, entry.size, &format!("bundle {}", entry.name))?;
         }
         let url = reqwest::Url::parse(&entry.url)
             .map_err(|e| Error::invalid(format!("bad bundle URL {}: {e}", entry.url)))?;

@@ -12,7 +12,7 @@ use host::*;
 pub use network::*;
 pub use vms::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::auth::BoxFuture;
 use crate::config::Config;
@@ -108,44 +108,12 @@ pub trait BusProbe: Send + Sync + std::fmt::Debug {
     fn name_state<'a>(&'a self, name: &'a str) -> BoxFuture<'a, NameState>;
 }
 
-/// Host paths the checks look at; overridable so the checks can be tested.
-#[derive(Debug, Clone)]
-pub struct HostPaths {
-    /// `/dev/kvm`.
-    pub kvm: PathBuf,
-    /// `/dev/net/tun`.
-    pub tun: PathBuf,
-    /// `/dev/loop-control`.
-    pub loop_control: PathBuf,
-    /// `/dev/mapper/control`.
-    pub mapper_control: PathBuf,
-    /// journald's native socket.
-    pub journal_socket: PathBuf,
-    /// Exists when systemd is PID 1.
-    pub systemd_runtime: PathBuf,
-    /// `net.ipv4.ip_forward`.
-    pub ip_forward: PathBuf,
-}
-
-impl Default for HostPaths {
-    fn default() -> Self {
-        Self {
-            kvm: "/dev/kvm".into(),
-            tun: "/dev/net/tun".into(),
-            loop_control: "/dev/loop-control".into(),
-            mapper_control: "/dev/mapper/control".into(),
-            journal_socket: "/run/systemd/journal/socket".into(),
-            systemd_runtime: "/run/systemd/system".into(),
-            ip_forward: "/proc/sys/net/ipv4/ip_forward".into(),
-        }
-    }
-}
+pub use crate::paths::HostPaths;
 
 /// Bus names the checks ask about.
 pub const POLKIT_NAME: &str = "org.freedesktop.PolicyKit1";
 
-/// systemd-resolved's bus name.
-pub const RESOLVED_NAME: &str = "org.freedesktop.resolve1";
+pub use crate::net::resolved::RESOLVED_NAME;
 
 /// Run every check. Bus questions first (async), the rest on a blocking thread.
 pub async fn run(

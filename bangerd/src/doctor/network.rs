@@ -76,7 +76,7 @@ pub(super) fn check_ip_forward(path: &Path) -> Check {
 
 pub(super) fn check_nftables() -> Check {
     const NAME: &str = "nftables";
-    match crate::os::program::find(Path::new("nft")) {
+    match crate::program::find(Path::new("nft")) {
         Some(nft) => Check::pass(
             NAME,
             program_version(&nft).unwrap_or_else(|| format!("{} (version unknown)", nft.display())),

@@ -50,8 +50,8 @@ pub(super) fn check_vmm(config: &Config) -> Check {
             "install qemu-system-x86 (or firecracker), or point vm.qemu_bin / vm.firecracker_bin at an executable",
         );
     }
-    let firecracker = crate::os::program::find(&config.vm.firecracker_bin);
-    let qemu = crate::os::program::find(&config.vm.qemu_bin);
+    let firecracker = crate::program::find(&config.vm.firecracker_bin);
+    let qemu = crate::program::find(&config.vm.qemu_bin);
     let describe = |bin: &Path| {
         let version = program_version(bin).unwrap_or_else(|| "version unknown".into());
         format!("{} ({version})", bin.display())

@@ -9,6 +9,9 @@ use std::net::Ipv4Addr;
 use crate::auth::BoxFuture;
 use crate::error::{Error, Result};
 
+/// systemd-resolved's bus name.
+pub const RESOLVED_NAME: &str = "org.freedesktop.resolve1";
+
 /// A resolver that takes per-link DNS settings.
 pub trait LinkDns: Send + Sync + std::fmt::Debug {
     /// Whether it runs (systemd-resolved on the bus).

@@ -1,11 +1,9 @@
 //! OS backends behind the core's traits.
 
 pub mod activation;
-pub mod agent;
 pub mod bus_names;
 pub mod dm;
 pub mod notify;
 pub mod polkit;
-pub mod program;
 pub mod resolved;
 pub mod systemd;

@@ -7,9 +7,9 @@ use std::net::Ipv4Addr;
 use zbus::Connection;
 
 use crate::auth::BoxFuture;
-use crate::doctor::RESOLVED_NAME;
 use crate::error::{Error, Result};
 use crate::net::resolved::LinkDns;
+use crate::net::resolved::RESOLVED_NAME;
 
 #[zbus::proxy(
     interface = "org.freedesktop.resolve1.Manager",

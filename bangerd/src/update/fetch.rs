@@ -10,49 +10,11 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::UpdateError;
+pub use crate::channel::{channel_url, is_loopback};
 
 /// How many times a dropped download is resumed before it counts as
 /// truncated.
 pub const RESUMES: u32 = 3;
-
-/// Validate a channel URL: `https://…`, or `http://` to a loopback
-/// address (tests, local mirrors). Returns it with a trailing `/`, so
-/// relative paths resolve inside it.
-pub fn channel_url(text: &str) -> Result<Url, UpdateError> {
-    let bad = |why: &str| UpdateError::Channel {
-        url: text.to_owned(),
-        why: why.to_owned(),
-    };
-    let mut url = Url::parse(text).map_err(|e| bad(&e.to_string()))?;
-    match url.scheme() {
-        "https" => {}
-        "http" if is_loopback(&url) => {}
-        "http" => {
-            return Err(bad(
-                "plain HTTP is allowed to loopback addresses only; use https",
-            ));
-        }
-        _ => return Err(bad("the scheme must be https")),
-    }
-    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
-        return Err(bad("no query, fragment or credentials allowed"));
-    }
-    if !url.path().ends_with('/') {
-        let path = format!("{}/", url.path());
-        url.set_path(&path);
-    }
-    Ok(url)
-}
-
-/// Whether `url`'s host is a loopback address (or `localhost`).
-pub fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(a)) => a.is_loopback(),
-        Some(url::Host::Ipv6(a)) => a.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    }
-}
 
 /// An HTTP client for one update.
 #[derive(Debug, Clone)]
@@ -312,29 +274,6 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn channel_urls_are_https_or_loopback_http() {
-        assert_eq!(
-            channel_url("https://releases.example/stable")
-                .expect("https")
-                .as_str(),
-            "https://releases.example/stable/"
-        );
-        channel_url("http://127.0.0.1:8080/").expect("loopback");
-        channel_url("http://[::1]/ch/").expect("loopback v6");
-        channel_url("http://localhost/").expect("localhost");
-        for (bad, why) in [
-            ("http://releases.example/", "loopback addresses only"),
-            ("ftp://127.0.0.1/", "must be https"),
-            ("https://u:p@releases.example/", "credentials"),
-            ("https://releases.example/?x=1", "query"),
-            ("releases", "relative URL"),
-        ] {
-            let e = channel_url(bad).expect_err(bad);
-            assert!(e.to_string().contains(why), "{bad}: {e}");
-        }
-    }
 
     use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;

@@ -53,7 +53,7 @@ pub struct Verified {
 /// Parse one minisign public key: a bare base64 key line, or a whole
 /// `.pub` file (comment line and key line).
 pub fn parse_key(text: &str) -> Result<PublicKey, UpdateError> {
-    signed::parse_key(text).map_err(|e| UpdateError::Key(e.to_string()))
+    crate::channel::parse_key(text).map_err(UpdateError::from)
 }
 
 /// Check `signature` over `manifest` against `keys`, then the manifest

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use banger_release::signed::{PublicKey, RELEASE_KEY};
+use banger_release::signed::PublicKey;
 use banger_release::{ReleaseError, Releases, Version};
 
 pub use fetch::{Fetcher, channel_url, hex, is_loopback};
@@ -25,6 +25,7 @@ pub use manifest::{Artifact, MAX_ARTIFACT_BYTES, Manifest, Verified, parse_key, 
 
 use crate::auth::Authorizer;
 use crate::auth::{Action, BoxFuture, Caller};
+use crate::channel::ChannelError;
 use crate::config::SharedConfig;
 use crate::error::{Error, Result};
 use crate::jobs::Jobs;
@@ -38,28 +39,9 @@ const SIGNATURE_LIMIT: usize = 4 << 10;
 /// Why an update was refused or failed. Each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
-    /// The channel URL is not acceptable.
-    #[error("bad release channel {url:?}: {why}")]
-    Channel {
-        /// As given.
-        url: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// A public key could not be parsed.
-    #[error("{0}")]
-    Key(String),
-    /// `update.extra_keys` came from a file others could have written.
-    #[error(
-        "{}: update.extra_keys is honoured only while the file is owned by root and writable by no one else ({why}); fix its owner and mode, or remove the keys",
-        path.display()
-    )]
-    UntrustedConfig {
-        /// The configuration file.
-        path: PathBuf,
-        /// What is wrong with it.
-        why: String,
-    },
+    /// The channel's URL or keys are not acceptable.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
     /// The job itself stopped (cancelled): passed through as it is.
     #[error("{0}")]
     Job(Box<Error>),
@@ -172,9 +154,8 @@ impl From<UpdateError> for Error {
     fn from(e: UpdateError) -> Self {
         match e {
             UpdateError::Job(e) => *e,
-            UpdateError::Channel { .. } | UpdateError::Key(_) => Error::invalid(e.to_string()),
+            UpdateError::Channel(e) => e.into(),
             UpdateError::Http(_) => Error::unavailable(e.to_string()),
-            UpdateError::UntrustedConfig { .. } => Error::denied(e.to_string()),
             UpdateError::Fetch { .. }
             | UpdateError::Missing { .. }
             | UpdateError::Stalled { .. } => Error::unavailable(e.to_string()),
@@ -217,33 +198,8 @@ impl Restart for NoRestart {
     }
 }
 
-/// The keys that may sign a release: the built-in one, and
-/// `update.extra_keys` when `config_file` is root's alone.
-pub fn trusted_keys(
-    extra: &[String],
-    config_file: &Path,
-) -> std::result::Result<Vec<PublicKey>, UpdateError> {
-    let mut keys = vec![parse_key(RELEASE_KEY)?];
-    if extra.is_empty() {
-        return Ok(keys);
-    }
-    banger_release::trusted(config_file).map_err(|e| UpdateError::UntrustedConfig {
-        path: config_file.to_owned(),
-        why: match e {
-            ReleaseError::Untrusted { why, .. } => why,
-            other => other.to_string(),
-        },
-    })?;
-    for key in extra {
-        keys.push(parse_key(key)?);
-    }
-    Ok(keys)
-}
-
-/// The running version.
-pub fn running_version() -> Version {
-    Version::parse(banger_release::VERSION).unwrap_or_else(|_| Version::new(0, 0, 0))
-}
+pub use crate::channel::trusted_keys;
+pub use banger_release::running_version;
 
 /// Removes a staging directory unless the release was committed.
 struct StagingGuard(Option<PathBuf>);
@@ -286,7 +242,7 @@ async fn fetch_manifest(
     keys: &[PublicKey],
 ) -> std::result::Result<Verified, UpdateError> {
     let url = |p: &str| {
-        channel.join(p).map_err(|e| UpdateError::Channel {
+        channel.join(p).map_err(|e| ChannelError::Url {
             url: channel.to_string(),
             why: e.to_string(),
         })
@@ -339,7 +295,7 @@ async fn install(
         .await?;
         let url = channel
             .join(&artifact.path)
-            .map_err(|e| UpdateError::Channel {
+            .map_err(|e| ChannelError::Url {
                 url: channel.to_string(),
                 why: e.to_string(),
             })?;
@@ -502,7 +458,7 @@ async fn refresh_catalogs(
             let url = |suffix: &str| {
                 channel
                     .join(&format!("catalog/{}{suffix}", kind.file_name()))
-                    .map_err(|e| UpdateError::Channel {
+                    .map_err(|e| ChannelError::Url {
                         url: channel.to_string(),
                         why: e.to_string(),
                     })
@@ -571,24 +527,6 @@ async fn finish(ctx: &JobContext, restart: Arc<dyn Restart>, what: &str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn extra_keys_need_a_root_owned_config() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let file = tmp.path().join("bangerd.toml");
-        std::fs::write(&file, "").expect("write");
-        let key = "RWSoWe9kXFMXtvu5gv1Aw+RFeWBhbsKPY8V8eLnjK1IJaW4QZ5jTKG44".to_owned();
-        assert_eq!(trusted_keys(&[], &file).expect("built-in").len(), 1);
-        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o666))
-            .expect("chmod");
-        let e = trusted_keys(std::slice::from_ref(&key), &file).expect_err("writable");
-        assert!(e.to_string().contains("owned by root"), "{e}");
-        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .expect("chmod");
-        if nix::unistd::geteuid().is_root() {
-            assert_eq!(trusted_keys(&[key], &file).expect("root-owned").len(), 2);
-        }
-    }
 
     #[test]
     fn a_cancelled_stage_stays_a_cancellation() {

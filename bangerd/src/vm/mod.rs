@@ -2,6 +2,7 @@
 //! commands on it ([`commands`]). Disks are in [`disk`], VMM drivers in
 //! [`vmm`], VMM processes in [`process`], the store rows in [`store`].
 
+pub mod agent;
 pub mod commands;
 pub mod disk;
 pub mod process;
@@ -292,40 +293,7 @@ impl VmmDriver {
     }
 }
 
-/// Limits checked on every size.
-pub mod limits {
-    /// Fewest / most vCPUs.
-    pub const VCPUS: std::ops::RangeInclusive<u32> = 1..=64;
-    /// Least / most memory in MiB.
-    pub const MEMORY_MIB: std::ops::RangeInclusive<u32> = 128..=262_144;
-    /// Smallest / largest work disk in bytes.
-    pub const DISK_BYTES: std::ops::RangeInclusive<u64> = (64 << 20)..=(16 << 40);
-}
-
-/// Check sizes, keys and the name; the message names the bad value and
-/// the allowed range.
-pub fn validate_sizes(vcpus: u32, memory_mib: u32, disk_bytes: u64) -> Result<()> {
-    if !limits::VCPUS.contains(&vcpus) {
-        return Err(Error::invalid(format!(
-            "vcpus {vcpus} is out of range: give {} to {}",
-            limits::VCPUS.start(),
-            limits::VCPUS.end()
-        )));
-    }
-    if !limits::MEMORY_MIB.contains(&memory_mib) {
-        return Err(Error::invalid(format!(
-            "memory {memory_mib} MiB is out of range: give {} MiB to {} MiB",
-            limits::MEMORY_MIB.start(),
-            limits::MEMORY_MIB.end()
-        )));
-    }
-    if !limits::DISK_BYTES.contains(&disk_bytes) {
-        return Err(Error::invalid(format!(
-            "disk size {disk_bytes} bytes is out of range: give 64 MiB to 16 TiB"
-        )));
-    }
-    Ok(())
-}
+pub use crate::shape::validate_sizes;
 
 /// Check an SSH public key line: `TYPE BASE64 [COMMENT]`, one line.
 pub fn validate_ssh_key(key: &str) -> Result<()> {
@@ -426,21 +394,6 @@ mod tests {
             with,
             [VmState::Starting, VmState::Running, VmState::Stopping]
         );
-    }
-
-    #[test]
-    fn sizes_are_checked() {
-        assert!(validate_sizes(2, 512, 1 << 30).is_ok());
-        for (v, m, d, word) in [
-            (0, 512, 1 << 30, "vcpus"),
-            (65, 512, 1 << 30, "vcpus"),
-            (1, 64, 1 << 30, "memory"),
-            (1, 512, 1 << 20, "disk size"),
-        ] {
-            let e = validate_sizes(v, m, d).expect_err("refused");
-            assert_eq!(e.kind, ErrorKind::InvalidArgument);
-            assert!(e.message.contains(word), "{}", e.message);
-        }
     }
 
     #[test]

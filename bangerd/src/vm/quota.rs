@@ -254,6 +254,21 @@ impl Quotas {
     }
 }
 
+impl crate::artifacts::DiskQuota for Quotas {
+    fn enforce_disk<'a>(
+        &'a self,
+        caller: &'a Caller,
+        uid: u32,
+        bytes: u64,
+        what: &'a str,
+    ) -> crate::auth::BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.enforce(caller, uid, &Demand::disk(bytes), None, what)
+                .await
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use banger_testbed::guest_artifact;
-use bangerd::os::agent::{AgentEndpoint, wait_until_ready};
+use bangerd::vm::agent::{AgentEndpoint, wait_until_ready};
 
 /// QEMU, killed on drop whatever happens; keeps the console log for
 /// failure messages.

@@ -16,7 +16,6 @@ use crate::auth::{Action, Caller};
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobEvent, JobId, Resource};
 use crate::store::{StoreError, unix_us};
-use crate::vm::quota::Demand;
 
 impl Artifacts {
     /// Register an unmanaged image from host paths: root only (everyone
@@ -164,10 +163,9 @@ impl Artifacts {
         std::fs::create_dir_all(images_dir(&state))
             .map_err(|e| Error::failed(format!("cannot create the image directory: {e}")))?;
         let needed = rootfs_used + seed.as_ref().map_or(64 << 20, |(_, (_, used))| *used);
-        crate::vm::disk::check_space(&images_dir(&state), needed)?;
-        let demand = Demand::disk(rootfs_len);
+        crate::space::check_space(&images_dir(&state), needed)?;
         self.quotas
-            .enforce(caller, caller.uid, &demand, None, &format!("image {name}"))
+            .enforce_disk(caller, caller.uid, rootfs_len, &format!("image {name}"))
             .await?;
 
         let core = self.clone();

@@ -17,7 +17,6 @@ use crate::auth::{Action, Caller};
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobEvent, JobId, Resource};
 use crate::store::{StoreError, unix_us};
-use crate::vm::quota::Demand;
 
 impl Artifacts {
     /// `ImportKernel` with host paths: root only, since bangerd never
@@ -154,10 +153,14 @@ impl Artifacts {
         let state = self.state.clone();
         std::fs::create_dir_all(kernels_dir(&state))
             .map_err(|e| Error::failed(format!("cannot create the kernel directory: {e}")))?;
-        crate::vm::disk::check_space(&kernels_dir(&state), needed)?;
-        let demand = Demand::disk(kernel_len + initrd_len + modules_len);
+        crate::space::check_space(&kernels_dir(&state), needed)?;
         self.quotas
-            .enforce(caller, uid, &demand, None, &format!("kernel {name}"))
+            .enforce_disk(
+                caller,
+                uid,
+                kernel_len + initrd_len + modules_len,
+                &format!("kernel {name}"),
+            )
             .await?;
 
         let core = self.clone();

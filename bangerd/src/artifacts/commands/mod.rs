@@ -10,13 +10,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use super::{Image, Kernel};
-use crate::auth::{Authorizer, Caller};
+use crate::auth::{Authorizer, BoxFuture, Caller};
 use crate::catalog::Catalogs;
 use crate::config::{Config, SharedConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobEvent, JobId, Jobs};
 use crate::store::{Store, StoreError};
-use crate::vm::quota::Quotas;
 
 /// The kernels and images: their rows, their files, imports, pulls and
 /// the catalogs they come from. Defined here; its commands live in one
@@ -30,12 +29,27 @@ pub struct Artifacts {
     pub(super) authorizer: Arc<dyn Authorizer>,
     pub(super) jobs: Arc<Jobs>,
     pub(super) catalogs: Catalogs,
-    pub(super) quotas: Arc<Quotas>,
+    pub(super) quotas: Arc<dyn DiskQuota>,
     /// Images some operation holds exclusively (promote, delete, seeding).
     pub(super) busy_images: Mutex<HashSet<String>>,
     /// Running catalog and registry pulls, so a second pull of an entry
     /// joins the first; finished ones are dropped at the next pull.
     pub(super) pulls: tokio::sync::Mutex<HashMap<(banger_catalog::Kind, String), JobId>>,
+}
+
+/// The per-user limits as the artifact commands meet them: disk an
+/// import adds to what its owner holds (`vm::quota::Quotas` is the real
+/// one; defined here so that artifacts know no VM).
+pub trait DiskQuota: Send + Sync + std::fmt::Debug {
+    /// Fail with `LimitExceeded` unless `uid` may hold `bytes` more for
+    /// `what`, or `caller` is exempt.
+    fn enforce_disk<'a>(
+        &'a self,
+        caller: &'a Caller,
+        uid: u32,
+        bytes: u64,
+        what: &'a str,
+    ) -> BoxFuture<'a, Result<()>>;
 }
 
 /// What [`Artifacts`] is made of.
@@ -54,7 +68,7 @@ pub struct ArtifactsDeps {
     /// The kernel and image catalogs in use.
     pub catalogs: Catalogs,
     /// The per-user limits.
-    pub quotas: Arc<Quotas>,
+    pub quotas: Arc<dyn DiskQuota>,
 }
 
 /// Run blocking work off the async threads.
@@ -405,7 +419,8 @@ pub(super) fn already_exists(what: &str, name: &str) -> Error {
 mod tests {
     use super::*;
     use crate::artifacts::{ImageRegistration, images_dir, validate};
-    use crate::auth::{Action, BoxFuture};
+    use crate::auth::Action;
+    use crate::vm::quota::Quotas;
 
     #[derive(Debug)]
     struct AllowAll;

@@ -108,7 +108,7 @@ pub fn parse_reference(text: &str) -> Result<Reference> {
 /// Whether `registry` (`host[:port]`) is a loopback address.
 fn loopback(registry: &str) -> bool {
     reqwest::Url::parse(&format!("http://{registry}/"))
-        .is_ok_and(|u| crate::update::is_loopback(&u))
+        .is_ok_and(|u| crate::channel::is_loopback(&u))
 }
 
 /// The `realm` of a `WWW-Authenticate: Bearer realm="…",…` challenge.
@@ -138,7 +138,7 @@ async fn check_token_service(registry: &str, scheme: &str, stall: Duration) -> R
     };
     // A realm that is no URL is no place oci-client can send anything.
     let clear = reqwest::Url::parse(&realm)
-        .is_ok_and(|u| u.scheme() == "http" && !crate::update::is_loopback(&u));
+        .is_ok_and(|u| u.scheme() == "http" && !crate::channel::is_loopback(&u));
     if clear {
         return Err(Error::denied(format!(
             "{registry} sends clients to the token service {realm} over plain HTTP; \
@@ -248,7 +248,7 @@ pub async fn fetch(
             max_bytes >> 30
         )));
     }
-    crate::vm::disk::check_room(dir, total, "the image's layers")?;
+    crate::space::check_room(dir, total, "the image's layers")?;
     let mut done = 0u64;
     let mut layers = Vec::new();
     for (i, layer) in manifest.layers.iter().enumerate() {

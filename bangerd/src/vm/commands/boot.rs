@@ -224,7 +224,7 @@ impl Vms {
                     vm.name
                 ))));
             }
-            r = crate::os::agent::wait_until_ready(
+            r = crate::vm::agent::wait_until_ready(
                 &endpoint,
                 Duration::from_secs(config.vm.boot_timeout_secs),
                 Duration::from_millis(200),

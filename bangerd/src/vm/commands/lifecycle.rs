@@ -69,7 +69,7 @@ impl Vms {
                 .unwrap_or(64 << 20);
         std::fs::create_dir_all(crate::vm::vms_dir(&self.dirs.state))
             .map_err(|e| Error::failed(format!("cannot create the VM directory: {e}")))?;
-        disk::check_space(&self.dirs.state, needed)?;
+        crate::space::check_space(&self.dirs.state, needed)?;
 
         let id = crate::artifacts::new_id()
             .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
@@ -262,7 +262,7 @@ impl Vms {
         let paths = self.vm_paths(id);
         let vmm = vmm_named(&config, vm.vmm)?;
         let asked =
-            match crate::os::agent::connect(&vmm.agent(&paths), Duration::from_secs(3)).await {
+            match crate::vm::agent::connect(&vmm.agent(&paths), Duration::from_secs(3)).await {
                 Ok(mut conn) => conn.shutdown(false, Duration::from_secs(5)).await.is_ok(),
                 Err(_) => false,
             };

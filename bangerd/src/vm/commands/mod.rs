@@ -31,11 +31,10 @@ use super::{Vm, VmEvent, VmPaths};
 use crate::artifacts::Artifacts;
 use crate::auth::{Action, Authorizer, Caller};
 use crate::config::{Config, SharedConfig};
-use crate::doctor::HostPaths;
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobEvent, Jobs, Resource};
 use crate::net::host::HostNetwork;
-use crate::paths::Dirs;
+use crate::paths::{Dirs, HostPaths};
 use crate::store::{Store, StoreError};
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

@@ -80,7 +80,7 @@ impl Vms {
             .ok_or_else(|| Error::new(ErrorKind::Busy, format!("vm {} is not running", vm.name)))?;
         if vm.state == VmState::Running {
             let vmm = vmm_named(&self.config(), vm.vmm)?;
-            if let Ok(mut conn) = crate::os::agent::connect(
+            if let Ok(mut conn) = crate::vm::agent::connect(
                 &vmm.agent(&self.vm_paths(&vm.id)),
                 Duration::from_secs(2),
             )

@@ -9,7 +9,7 @@ use super::Vms;
 use crate::artifacts::Kernel;
 use crate::config::{self, Config, VmmKind};
 use crate::error::{Error, Result};
-use crate::os::program;
+use crate::program;
 use crate::vm::vmm::Accel;
 use crate::vm::vmm::Vmm;
 use crate::vm::vmm::firecracker::Firecracker;

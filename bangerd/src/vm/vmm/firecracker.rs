@@ -21,8 +21,8 @@ use tokio::net::UnixStream;
 use super::{LaunchSpec, Vmm, exited_at_start, kill_failed, start_process};
 use crate::auth::BoxFuture;
 use crate::error::{Error, Result};
-use crate::os::agent::AgentEndpoint;
 use crate::vm::VmPaths;
+use crate::vm::agent::AgentEndpoint;
 use crate::vm::process::{ProcessId, Watched};
 use crate::vm::supervise::Supervisor;
 

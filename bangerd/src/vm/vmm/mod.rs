@@ -14,7 +14,7 @@ use super::process::{ProcessId, Watched};
 use super::supervise::Supervisor;
 use crate::auth::BoxFuture;
 use crate::error::Result;
-use crate::os::agent::AgentEndpoint;
+use crate::vm::agent::AgentEndpoint;
 
 /// Start `program args` for `spec` through `supervisor`, after removing
 /// the sockets an earlier run may have left.
