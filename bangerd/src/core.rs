@@ -57,6 +57,8 @@ pub struct CoreDeps {
     pub supervisor: Arc<dyn crate::vm::supervise::Supervisor>,
     /// Device-mapper, for snapshot system disks where it exists.
     pub dm: Arc<dyn crate::vm::snapshot::DeviceMapper>,
+    /// Reaches the guests' agents.
+    pub agent: Arc<dyn crate::vm::agent::GuestAgent>,
     /// The host's resolver, told to route `.vm` to the bridge.
     pub link_dns: Arc<dyn crate::net::resolved::LinkDns>,
     /// Where `banger update` installs releases.
@@ -139,6 +141,7 @@ impl Core {
             net: net.clone(),
             supervisor: deps.supervisor.clone(),
             dm: deps.dm.clone(),
+            agent: deps.agent.clone(),
             host: deps.host.clone(),
         }));
         Arc::new(Self {
@@ -491,6 +494,7 @@ mod tests {
                 host: HostPaths::default(),
                 supervisor: Arc::new(crate::vm::supervise::Direct),
                 dm: Arc::new(crate::vm::snapshot::Absent),
+                agent: Arc::new(crate::vm::agent::HostAgent),
                 link_dns: Arc::new(crate::net::resolved::NoLinkDns),
                 releases: banger_release::Releases::new(dir.path().join("releases")),
                 restart: Arc::new(crate::update::NoRestart),

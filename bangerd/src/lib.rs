@@ -181,6 +181,7 @@ pub async fn run(
             host: HostPaths::default(),
             supervisor,
             dm: Arc::new(os::dm::Dm),
+            agent: Arc::new(vm::agent::HostAgent),
             link_dns: Arc::new(os::resolved::Resolved::new(conn.clone())),
             releases: banger_release::Releases::system(),
             restart: Arc::new(os::systemd::SelfRestart::new(conn.clone())),

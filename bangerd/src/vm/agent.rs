@@ -1,382 +1,124 @@
-//! Host side of the guest agent: dialing it over each transport.
-//!
-//! - [`AgentEndpoint::Unix`]: a unix socket that is the agent's byte
-//!   stream, e.g. QEMU's `-chardev socket` behind the virtio-serial port
-//!   `org.banger.agent` (or the agent's own `--unix` in tests).
-//! - [`AgentEndpoint::FirecrackerVsock`]: Firecracker's hybrid vsock. The
-//!   VM's vsock device is a unix socket on the host (`uds_path` of
-//!   `PUT /vsock`); a host-initiated connection writes `CONNECT <port>\n`
-//!   and Firecracker answers `OK <host_port>\n` once the guest accepted.
-//! - [`AgentEndpoint::Vsock`]: plain AF_VSOCK (QEMU with vhost-vsock).
-//!
-//! The protocol itself is `banger_agent_proto`; this module only makes the
-//! stream.
+//! The guest agent as the VM commands use it: [`GuestAgent`] (wait for
+//! it, connect) and [`AgentSession`] (the requests the lifecycle makes).
+//! [`HostAgent`] is the real one, over `banger_agent_host`'s transports;
+//! the agent transport and guest boot tests run it against a real agent.
 
-use std::path::PathBuf;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use banger_agent_proto::Health;
-use banger_agent_proto::client::{Client, ClientError};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::UnixStream;
+pub use banger_agent_host::{AgentConn, AgentConnectError, AgentEndpoint, AgentWaitError};
+use banger_agent_proto::client::ClientError;
+use banger_agent_proto::{Health, Info};
 
-/// Where a VM's agent answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AgentEndpoint {
-    /// A unix socket carrying the agent's stream.
-    Unix(PathBuf),
-    /// Firecracker's hybrid vsock socket and the guest port.
-    FirecrackerVsock {
-        /// The VM's vsock unix socket.
-        uds: PathBuf,
-        /// The agent's vsock port in the guest.
-        port: u32,
-    },
-    /// AF_VSOCK to a guest context id.
-    Vsock {
-        /// The guest's CID.
-        cid: u32,
-        /// The agent's port.
-        port: u32,
-    },
+use crate::auth::BoxFuture;
+
+/// One open connection to a guest's agent.
+pub trait AgentSession: Send {
+    /// The guest's kernel, hostname and the like.
+    fn info(&mut self, timeout: Duration) -> BoxFuture<'_, Result<Info, ClientError>>;
+    /// Wait up to `wait` until something listens on TCP `port` in the
+    /// guest; returns how long that took.
+    fn wait_port(
+        &mut self,
+        port: u16,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Duration, ClientError>>;
+    /// Ask the guest to power off (or reboot).
+    fn shutdown(
+        &mut self,
+        reboot: bool,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<(), ClientError>>;
 }
 
-impl std::fmt::Display for AgentEndpoint {
+/// An agent that answered `Health`.
+pub struct Ready {
+    /// The connection it answered on.
+    pub session: Box<dyn AgentSession>,
+    /// What it said.
+    pub health: Health,
+    /// How long waiting took.
+    pub took: Duration,
+}
+
+impl std::fmt::Debug for Ready {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AgentEndpoint::Unix(p) => write!(f, "unix socket {}", p.display()),
-            AgentEndpoint::FirecrackerVsock { uds, port } => {
-                write!(f, "firecracker vsock {} port {port}", uds.display())
-            }
-            AgentEndpoint::Vsock { cid, port } => write!(f, "vsock cid {cid} port {port}"),
-        }
+        f.debug_struct("Ready")
+            .field("health", &self.health)
+            .field("took", &self.took)
+            .finish_non_exhaustive()
     }
 }
 
-/// Why the agent could not be reached.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentConnectError {
-    /// The socket file is not there (the VMM has not made it yet?).
-    #[error("{endpoint}: the socket does not exist; is the VM running?")]
-    Missing {
-        /// Where.
-        endpoint: String,
-    },
-    /// Nobody accepts on it.
-    #[error("{endpoint}: connection refused; the VMM is not listening")]
-    Refused {
-        /// Where.
-        endpoint: String,
-    },
-    /// Firecracker answered the `CONNECT` with something else than `OK`.
-    #[error(
-        "{endpoint}: the vsock handshake was refused ({answer:?}); the guest agent is not listening yet"
-    )]
-    Handshake {
-        /// Where.
-        endpoint: String,
-        /// What came back, truncated.
-        answer: String,
-    },
-    /// Connecting took too long.
-    #[error("{endpoint}: no connection within {secs:.1}s")]
-    Timeout {
-        /// Where.
-        endpoint: String,
-        /// The limit.
-        secs: f64,
-    },
-    /// Any other I/O failure.
-    #[error("{endpoint}: {source}")]
-    Io {
-        /// Where.
-        endpoint: String,
-        /// Why.
-        source: std::io::Error,
-    },
+/// Reaching the agent of a guest.
+pub trait GuestAgent: Send + Sync + std::fmt::Debug {
+    /// Keep connecting (every `poll`) until the agent at `endpoint`
+    /// answers `Health` or `overall` runs out.
+    fn wait_ready<'a>(
+        &'a self,
+        endpoint: &'a AgentEndpoint,
+        overall: Duration,
+        poll: Duration,
+    ) -> BoxFuture<'a, Result<Ready, AgentWaitError>>;
+    /// One connection within `timeout`.
+    fn connect<'a>(
+        &'a self,
+        endpoint: &'a AgentEndpoint,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn AgentSession>, AgentConnectError>>;
 }
 
-/// Waiting for an agent failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentWaitError {
-    /// Nothing answered before the deadline; the last failure is kept.
-    #[error("the guest agent did not answer within {secs:.0}s (last: {last})")]
-    Timeout {
-        /// The deadline.
-        secs: f64,
-        /// The last error seen.
-        last: String,
-    },
-}
+impl AgentSession for AgentConn {
+    fn info(&mut self, timeout: Duration) -> BoxFuture<'_, Result<Info, ClientError>> {
+        Box::pin(AgentConn::info(self, timeout))
+    }
 
-/// A connected stream to an agent, whatever the transport.
-#[derive(Debug)]
-pub enum AgentStream {
-    /// Unix socket (serial chardev, Firecracker vsock after the handshake).
-    Unix(UnixStream),
-    /// AF_VSOCK.
-    Vsock(tokio_vsock::VsockStream),
-}
+    fn wait_port(
+        &mut self,
+        port: u16,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Duration, ClientError>> {
+        Box::pin(AgentConn::wait_port(self, port, wait))
+    }
 
-impl AsyncRead for AgentStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            AgentStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            AgentStream::Vsock(s) => Pin::new(s).poll_read(cx, buf),
-        }
+    fn shutdown(
+        &mut self,
+        reboot: bool,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        Box::pin(AgentConn::shutdown(self, reboot, timeout))
     }
 }
 
-impl AsyncWrite for AgentStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            AgentStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-            AgentStream::Vsock(s) => Pin::new(s).poll_write(cx, buf),
-        }
+/// The real agent: `banger_agent_host` over the endpoint's transport.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostAgent;
+
+impl GuestAgent for HostAgent {
+    fn wait_ready<'a>(
+        &'a self,
+        endpoint: &'a AgentEndpoint,
+        overall: Duration,
+        poll: Duration,
+    ) -> BoxFuture<'a, Result<Ready, AgentWaitError>> {
+        Box::pin(async move {
+            let (conn, health, took) =
+                banger_agent_host::wait_until_ready(endpoint, overall, poll).await?;
+            Ok(Ready {
+                session: Box::new(conn),
+                health,
+                took,
+            })
+        })
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            AgentStream::Unix(s) => Pin::new(s).poll_flush(cx),
-            AgentStream::Vsock(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            AgentStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-            AgentStream::Vsock(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-/// A protocol client on an agent stream.
-pub type AgentConn = Client<AgentStream>;
-
-/// The longest handshake line accepted (`OK 4294967295\n` is 14 bytes).
-const MAX_HANDSHAKE_LINE: usize = 64;
-
-async fn connect_unix(path: &PathBuf, endpoint: &str) -> Result<UnixStream, AgentConnectError> {
-    UnixStream::connect(path).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => AgentConnectError::Missing {
-            endpoint: endpoint.to_owned(),
-        },
-        std::io::ErrorKind::ConnectionRefused => AgentConnectError::Refused {
-            endpoint: endpoint.to_owned(),
-        },
-        _ => AgentConnectError::Io {
-            endpoint: endpoint.to_owned(),
-            source: e,
-        },
-    })
-}
-
-/// Firecracker's host-initiated vsock handshake on a connected socket:
-/// send `CONNECT <port>\n`, expect `OK <host_port>\n`. Reads byte by byte
-/// so nothing after the newline (protocol data) is consumed.
-pub async fn firecracker_handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    port: u32,
-    endpoint: &str,
-) -> Result<u32, AgentConnectError> {
-    let io = |source| AgentConnectError::Io {
-        endpoint: endpoint.to_owned(),
-        source,
-    };
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .await
-        .map_err(io)?;
-    let mut line = Vec::with_capacity(16);
-    loop {
-        let mut byte = [0u8; 1];
-        let n = stream.read(&mut byte).await.map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
-        if line.len() > MAX_HANDSHAKE_LINE {
-            break;
-        }
-    }
-    let text = String::from_utf8_lossy(&line).into_owned();
-    let host_port = text
-        .strip_prefix("OK ")
-        .and_then(|p| p.trim().parse::<u32>().ok());
-    host_port.ok_or_else(|| AgentConnectError::Handshake {
-        endpoint: endpoint.to_owned(),
-        answer: if text.is_empty() {
-            "connection closed".to_owned()
-        } else {
-            text.chars().take(MAX_HANDSHAKE_LINE).collect()
-        },
-    })
-}
-
-/// Open a stream to the agent at `endpoint` within `timeout`.
-pub async fn connect(
-    endpoint: &AgentEndpoint,
-    timeout: Duration,
-) -> Result<AgentConn, AgentConnectError> {
-    let name = endpoint.to_string();
-    let dial = async {
-        match endpoint {
-            AgentEndpoint::Unix(path) => Ok(AgentStream::Unix(connect_unix(path, &name).await?)),
-            AgentEndpoint::FirecrackerVsock { uds, port } => {
-                let mut s = connect_unix(uds, &name).await?;
-                firecracker_handshake(&mut s, *port, &name).await?;
-                Ok(AgentStream::Unix(s))
-            }
-            AgentEndpoint::Vsock { cid, port } => {
-                let addr = tokio_vsock::VsockAddr::new(*cid, *port);
-                tokio_vsock::VsockStream::connect(addr)
-                    .await
-                    .map(AgentStream::Vsock)
-                    .map_err(|source| AgentConnectError::Io {
-                        endpoint: name.clone(),
-                        source,
-                    })
-            }
-        }
-    };
-    match tokio::time::timeout(timeout, dial).await {
-        Ok(r) => r.map(Client::new),
-        Err(_) => Err(AgentConnectError::Timeout {
-            endpoint: name.clone(),
-            secs: timeout.as_secs_f64(),
-        }),
-    }
-}
-
-/// Keep connecting and asking `Health` until the agent answers or
-/// `overall` runs out. For QEMU's chardev socket the connection succeeds
-/// as soon as QEMU runs and the answer comes once the guest's agent
-/// starts; for Firecracker the `CONNECT` fails until the guest listens.
-/// Returns the connection, the health and how long it took.
-pub async fn wait_until_ready(
-    endpoint: &AgentEndpoint,
-    overall: Duration,
-    poll: Duration,
-) -> Result<(AgentConn, Health, Duration), AgentWaitError> {
-    let start = Instant::now();
-    let mut last = String::from("nothing tried yet");
-    loop {
-        let left = overall.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            return Err(AgentWaitError::Timeout {
-                secs: overall.as_secs_f64(),
-                last,
-            });
-        }
-        let attempt = left.min(Duration::from_secs(5));
-        match connect(endpoint, attempt).await {
-            Ok(mut conn) => {
-                // One Health per connection; on serial, an answer may take
-                // as long as the guest needs to boot.
-                let wait = left
-                    .min(Duration::from_secs(10))
-                    .max(Duration::from_millis(100));
-                match conn.health(wait).await {
-                    Ok(h) => return Ok((conn, h, start.elapsed())),
-                    Err(ClientError::Timeout { .. }) => {
-                        last = "connected, but the agent did not answer yet".to_owned();
-                        continue;
-                    }
-                    Err(e) => last = e.to_string(),
-                }
-            }
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(poll.min(overall.saturating_sub(start.elapsed()))).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn handshake_accepts_ok_and_leaves_the_rest() {
-        let (mut host, mut fc) = tokio::io::duplex(256);
-        let server = tokio::spawn(async move {
-            let mut buf = [0u8; 13];
-            fc.read_exact(&mut buf).await.expect("read");
-            assert_eq!(&buf, b"CONNECT 1024\n");
-            fc.write_all(b"OK 1073741824\nPROTOCOL")
-                .await
-                .expect("write");
-            fc
-        });
-        let port = firecracker_handshake(&mut host, 1024, "t")
-            .await
-            .expect("ok");
-        assert_eq!(port, 1_073_741_824);
-        let mut rest = [0u8; 8];
-        host.read_exact(&mut rest).await.expect("rest");
-        assert_eq!(&rest, b"PROTOCOL");
-        drop(server.await);
-    }
-
-    #[tokio::test]
-    async fn handshake_refusals_are_typed() {
-        for answer in [&b""[..], b"NOPE\n", b"OK notanumber\n", &[b'x'; 200][..]] {
-            let (mut host, mut fc) = tokio::io::duplex(1024);
-            let answer = answer.to_vec();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 13];
-                let _ = fc.read_exact(&mut buf).await;
-                let _ = fc.write_all(&answer).await;
-            });
-            let err = firecracker_handshake(&mut host, 1024, "t")
-                .await
-                .expect_err("refused");
-            match err {
-                AgentConnectError::Handshake { answer, .. } => {
-                    assert!(answer.len() <= MAX_HANDSHAKE_LINE)
-                }
-                other => panic!("{other}"),
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn missing_and_refused_sockets_are_typed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let missing = AgentEndpoint::Unix(dir.path().join("nope.sock"));
-        assert!(matches!(
-            connect(&missing, Duration::from_secs(1)).await,
-            Err(AgentConnectError::Missing { .. })
-        ));
-        let path = dir.path().join("dead.sock");
-        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
-        let dead = AgentEndpoint::FirecrackerVsock {
-            uds: path,
-            port: 1024,
-        };
-        assert!(matches!(
-            connect(&dead, Duration::from_secs(1)).await,
-            Err(AgentConnectError::Refused { .. })
-        ));
-        let err = wait_until_ready(
-            &missing,
-            Duration::from_millis(300),
-            Duration::from_millis(50),
-        )
-        .await
-        .expect_err("times out");
-        assert!(err.to_string().contains("does not exist"), "{err}");
+    fn connect<'a>(
+        &'a self,
+        endpoint: &'a AgentEndpoint,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn AgentSession>, AgentConnectError>> {
+        Box::pin(async move {
+            let conn = banger_agent_host::connect(endpoint, timeout).await?;
+            Ok(Box::new(conn) as Box<dyn AgentSession>)
+        })
     }
 }

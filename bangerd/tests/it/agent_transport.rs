@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bangerd::vm::agent::{AgentConnectError, AgentEndpoint, connect, wait_until_ready};
+use banger_agent_host::{AgentConnectError, AgentEndpoint, connect, wait_until_ready};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 

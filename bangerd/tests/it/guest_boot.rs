@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use banger_agent_host::{AgentEndpoint, wait_until_ready};
 use banger_testbed::guest_artifact;
-use bangerd::vm::agent::{AgentEndpoint, wait_until_ready};
 
 /// QEMU, killed on drop whatever happens; keeps the console log for
 /// failure messages.

@@ -9,6 +9,7 @@ use super::Vms;
 use crate::artifacts::{Image, Kernel};
 use crate::error::{Error, Result};
 use crate::jobs::JobContext;
+use crate::vm::agent::Ready;
 use crate::vm::disk::DiskMethod;
 use crate::vm::quota::Demand;
 use crate::vm::snapshot;
@@ -224,13 +225,17 @@ impl Vms {
                     vm.name
                 ))));
             }
-            r = crate::vm::agent::wait_until_ready(
+            r = self.agent.wait_ready(
                 &endpoint,
                 Duration::from_secs(config.vm.boot_timeout_secs),
                 Duration::from_millis(200),
             ) => r,
         };
-        let (mut conn, health, took) = waited.map_err(|e| {
+        let Ready {
+            session: mut conn,
+            health,
+            took,
+        } = waited.map_err(|e| {
             Error::failed(format!(
                 "the guest agent did not answer: {e}; see banger vm logs {}",
                 vm.name

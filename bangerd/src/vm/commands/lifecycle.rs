@@ -261,11 +261,14 @@ impl Vms {
         ctx.stage("shutdown", base).await?;
         let paths = self.vm_paths(id);
         let vmm = vmm_named(&config, vm.vmm)?;
-        let asked =
-            match crate::vm::agent::connect(&vmm.agent(&paths), Duration::from_secs(3)).await {
-                Ok(mut conn) => conn.shutdown(false, Duration::from_secs(5)).await.is_ok(),
-                Err(_) => false,
-            };
+        let asked = match self
+            .agent
+            .connect(&vmm.agent(&paths), Duration::from_secs(3))
+            .await
+        {
+            Ok(mut conn) => conn.shutdown(false, Duration::from_secs(5)).await.is_ok(),
+            Err(_) => false,
+        };
         if !asked {
             let _ = vmm.request_shutdown(&paths).await;
         }

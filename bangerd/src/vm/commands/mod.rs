@@ -23,6 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use super::agent::GuestAgent;
 use super::quota::{Held, Quotas};
 use super::snapshot::DeviceMapper;
 use super::supervise::Supervisor;
@@ -62,6 +63,7 @@ pub struct Vms {
     net: Arc<HostNetwork>,
     supervisor: Arc<dyn Supervisor>,
     dm: Arc<dyn DeviceMapper>,
+    agent: Arc<dyn GuestAgent>,
     host: HostPaths,
     runtime: VmRuntime,
 }
@@ -89,6 +91,8 @@ pub struct VmsDeps {
     pub supervisor: Arc<dyn Supervisor>,
     /// Device-mapper, for snapshot system disks where it exists.
     pub dm: Arc<dyn DeviceMapper>,
+    /// Reaches the guests' agents.
+    pub agent: Arc<dyn GuestAgent>,
     /// Host device paths (`/dev/kvm`).
     pub host: HostPaths,
 }
@@ -149,6 +153,7 @@ impl Vms {
             net: deps.net,
             supervisor: deps.supervisor,
             dm: deps.dm,
+            agent: deps.agent,
             host: deps.host,
             runtime: VmRuntime::default(),
         }

@@ -80,11 +80,10 @@ impl Vms {
             .ok_or_else(|| Error::new(ErrorKind::Busy, format!("vm {} is not running", vm.name)))?;
         if vm.state == VmState::Running {
             let vmm = vmm_named(&self.config(), vm.vmm)?;
-            if let Ok(mut conn) = crate::vm::agent::connect(
-                &vmm.agent(&self.vm_paths(&vm.id)),
-                Duration::from_secs(2),
-            )
-            .await
+            if let Ok(mut conn) = self
+                .agent
+                .connect(&vmm.agent(&self.vm_paths(&vm.id)), Duration::from_secs(2))
+                .await
                 && let Ok(info) = conn.info(Duration::from_secs(2)).await
             {
                 stats.guest_kernel = info.kernel_release;
@@ -132,7 +131,29 @@ fn process_stats(p: ProcessId) -> Option<VmStats> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{image, kernel};
     use super::*;
+    use crate::auth::{Action, Authorizer, BoxFuture};
+    use crate::config::Config;
+    use crate::core::{Core, CoreDeps};
+    use crate::doctor::{BusProbe, HostPaths, NameState};
+    use crate::store::Store;
+    use crate::vm::agent::{
+        AgentConnectError, AgentEndpoint, AgentSession, AgentWaitError, GuestAgent, Ready,
+    };
+    use crate::vm::{Vm, VmmDriver};
+    use banger_agent_proto::Info;
+    use banger_agent_proto::client::ClientError;
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    struct NoBus;
+
+    impl BusProbe for NoBus {
+        fn name_state<'a>(&'a self, _: &'a str) -> BoxFuture<'a, NameState> {
+            Box::pin(async { NameState::Absent })
+        }
+    }
 
     #[test]
     fn process_stats_of_a_live_process() {
@@ -145,5 +166,145 @@ mod tests {
             start: me.start + 1,
         };
         assert!(process_stats(gone).is_none());
+    }
+
+    /// Answers `Info` with fixed values and records where it was asked.
+    #[derive(Debug, Default)]
+    struct FakeAgent {
+        asked: std::sync::Mutex<Vec<String>>,
+    }
+
+    struct FakeSession;
+
+    impl AgentSession for FakeSession {
+        fn info(&mut self, _: Duration) -> BoxFuture<'_, Result<Info, ClientError>> {
+            Box::pin(async {
+                Ok(Info {
+                    kernel_release: "6.1.0-fake".into(),
+                    kernel_version: String::new(),
+                    machine: "x86_64".into(),
+                    hostname: "fake-guest".into(),
+                    os_id: None,
+                    os_pretty_name: None,
+                    memory_total_bytes: 0,
+                    memory_available_bytes: 0,
+                    disks: vec![],
+                })
+            })
+        }
+
+        fn wait_port(
+            &mut self,
+            _: u16,
+            _: Duration,
+        ) -> BoxFuture<'_, Result<Duration, ClientError>> {
+            Box::pin(async { Ok(Duration::ZERO) })
+        }
+
+        fn shutdown(&mut self, _: bool, _: Duration) -> BoxFuture<'_, Result<(), ClientError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    impl GuestAgent for FakeAgent {
+        fn wait_ready<'a>(
+            &'a self,
+            _: &'a AgentEndpoint,
+            overall: Duration,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<Ready, AgentWaitError>> {
+            Box::pin(async move {
+                Err(AgentWaitError::Timeout {
+                    secs: overall.as_secs_f64(),
+                    last: "fake".into(),
+                })
+            })
+        }
+
+        fn connect<'a>(
+            &'a self,
+            endpoint: &'a AgentEndpoint,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<Box<dyn AgentSession>, AgentConnectError>> {
+            self.asked.lock().expect("lock").push(endpoint.to_string());
+            Box::pin(async { Ok(Box::new(FakeSession) as Box<dyn AgentSession>) })
+        }
+    }
+
+    #[derive(Debug)]
+    struct AllowAll;
+
+    impl Authorizer for AllowAll {
+        fn authorize<'a>(&'a self, _: &'a Caller, _: Action) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// The stats of a running VM carry what the VMs service's agent says:
+    /// the lifecycle reaches guests only through the `GuestAgent` it was
+    /// given (this process stands in for the VMM).
+    #[tokio::test]
+    async fn stats_ask_the_agent_the_service_was_given() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dirs = crate::paths::Dirs::from_lookup(|var| Some(dir.path().join(var)));
+        dirs.create().expect("dirs");
+        let store = Arc::new(Store::open_in_memory().expect("store"));
+        let agent = Arc::new(FakeAgent::default());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::mem::forget(rx);
+        let core = Core::new(
+            Config::default(),
+            CoreDeps {
+                config_file: dirs.config_file(),
+                dirs,
+                store: store.clone(),
+                authorizer: Arc::new(AllowAll),
+                bus: Arc::new(NoBus),
+                host: HostPaths::default(),
+                supervisor: Arc::new(crate::vm::supervise::Direct),
+                dm: Arc::new(crate::vm::snapshot::Absent),
+                agent: agent.clone(),
+                link_dns: Arc::new(crate::net::resolved::NoLinkDns),
+                releases: banger_release::Releases::new(dir.path().join("releases")),
+                restart: Arc::new(crate::update::NoRestart),
+            },
+            tx,
+        );
+        store.insert_kernel(&kernel(false)).expect("kernel");
+        store.insert_image(&image(None)).expect("image");
+        let me = ProcessId::of(std::process::id()).expect("me");
+        let vm = Vm {
+            id: "00000000000000v1".into(),
+            name: "web".into(),
+            owner_uid: 0,
+            image_id: "i".into(),
+            kernel_id: "k".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            disk_bytes: 64 << 20,
+            nat: false,
+            state: VmState::Running,
+            vmm: Some(VmmDriver::Qemu),
+            pid: Some(me.pid),
+            pid_start: Some(me.start),
+            tap: None,
+            ssh_keys: vec![],
+            disk_method: None,
+            created_at: 0,
+            last_error: String::new(),
+        };
+        store.insert_vm(&vm).expect("vm");
+
+        let stats = core
+            .vms()
+            .vm_stats(&Caller::root(), &vm.id)
+            .await
+            .expect("stats");
+        assert_eq!(stats.guest_kernel, "6.1.0-fake");
+        assert_eq!(stats.guest_hostname, "fake-guest");
+        assert!(stats.rss_bytes > 0);
+        let asked = agent.asked.lock().expect("lock").clone();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert!(asked[0].contains(&vm.id), "{asked:?}");
     }
 }
