@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use banger_dbus::proxy::{JobProxy, ManagerProxy};
+use banger_dbus::proxy::{
+    JobProxy, JobQuietProxy, ManagerProxy, ManagerQuietProxy, VmProxy, VmQuietProxy,
+};
 use banger_dbus::{DoctorCheck, StageTiming};
 use zbus::proxy::CacheProperties;
-use zbus::{Connection, DynamicTuple, OwnedObjectPath, Variant};
+use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::exit::{Failure, Kind};
 
@@ -26,6 +28,50 @@ pub enum Interaction {
     /// Do not set it: polkit answers at once, the daemon replies
     /// `InteractiveAuthorizationRequired` when it would have to ask.
     NotAllowed,
+}
+
+/// Call `method(args)` through the proxy `interaction` picks: the one
+/// with ALLOW_INTERACTIVE_AUTH and no timeout (a prompt takes as long as
+/// the user does), or the quiet one with [`CALL_TIMEOUT`]. `$loud` and
+/// `$quiet` are futures that build the proxies.
+macro_rules! authorized {
+    ($interaction:expr, $loud:expr, $quiet:expr, $method:ident($($arg:expr),* $(,)?)) => {
+        match $interaction {
+            Interaction::Allowed => $loud
+                .await?
+                .$method($($arg),*)
+                .await
+                .map_err(Failure::from_dbus),
+            Interaction::NotAllowed => timed($quiet.await?.$method($($arg),*)).await,
+        }
+    };
+}
+
+/// The `a{sv}` of an options map, as the proxies take it.
+fn borrowed<'a>(options: &'a HashMap<&'a str, Variant<'a>>) -> HashMap<&'a str, &'a Variant<'a>> {
+    options.iter().map(|(k, v)| (*k, v)).collect()
+}
+
+/// A VM method that starts a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmJob {
+    /// `VM.Start`.
+    Start,
+    /// `VM.Stop`.
+    Stop,
+    /// `VM.Restart`.
+    Restart,
+    /// `VM.Delete`.
+    Delete,
+}
+
+/// A VM method that changes it at once.
+#[derive(Debug, Clone, Copy)]
+pub enum VmChange<'a> {
+    /// `VM.Kill(signal)`.
+    Kill(i32),
+    /// `VM.Set(changes)`.
+    Set(&'a HashMap<&'a str, Variant<'a>>),
 }
 
 /// The address banger connects to, as the user would recognize it.
@@ -113,6 +159,41 @@ impl Client {
             .map_err(Failure::from_zbus)
     }
 
+    async fn manager_quiet(&self) -> Result<ManagerQuietProxy<'static>, Failure> {
+        ManagerQuietProxy::builder(&self.conn)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(Failure::from_zbus)
+    }
+
+    async fn vm(&self, path: &str) -> Result<VmProxy<'static>, Failure> {
+        VmProxy::builder(&self.conn)
+            .path(path.to_owned())
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(Failure::from_zbus)
+    }
+
+    async fn vm_quiet(&self, path: &str) -> Result<VmQuietProxy<'static>, Failure> {
+        VmQuietProxy::builder(&self.conn)
+            .path(path.to_owned())
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(Failure::from_zbus)
+    }
+
+    async fn job_quiet(&self, path: &OwnedObjectPath) -> Result<JobQuietProxy<'static>, Failure> {
+        JobQuietProxy::builder(&self.conn)
+            .path(path.clone())
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(Failure::from_zbus)
+    }
+
     /// A proxy for the job at `path`.
     pub async fn job(&self, path: &OwnedObjectPath) -> Result<JobProxy<'static>, Failure> {
         JobProxy::builder(&self.conn)
@@ -179,25 +260,17 @@ impl Client {
         vacuum: bool,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
-        let manager = self.manager().await?;
         let yes = Variant::from(true);
         let mut options: HashMap<&str, &Variant<'_>> = HashMap::new();
         if vacuum {
             options.insert(banger_dbus::options::maintain::VACUUM, &yes);
         }
-        match interaction {
-            // The proxy method carries ALLOW_INTERACTIVE_AUTH; a prompt can
-            // take as long as the user needs, so no timeout here.
-            Interaction::Allowed => manager.maintain(options).await.map_err(Failure::from_dbus),
-            Interaction::NotAllowed => {
-                timed(
-                    manager
-                        .inner()
-                        .call::<_, _, OwnedObjectPath>("Maintain", &DynamicTuple((options,))),
-                )
-                .await
-            }
-        }
+        authorized!(
+            interaction,
+            self.manager(),
+            self.manager_quiet(),
+            maintain(options)
+        )
     }
 
     /// `Manager.Update(options)`: starts the job, returns its path.
@@ -209,7 +282,6 @@ impl Client {
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
         use banger_dbus::options::update;
-        let manager = self.manager().await?;
         let yes = Variant::from(true);
         let channel = channel.map(Variant::from);
         let mut options: HashMap<&str, &Variant<'_>> = HashMap::new();
@@ -222,17 +294,12 @@ impl Client {
         if let Some(channel) = &channel {
             options.insert(update::CHANNEL, channel);
         }
-        match interaction {
-            Interaction::Allowed => manager.update(options).await.map_err(Failure::from_dbus),
-            Interaction::NotAllowed => {
-                timed(
-                    manager
-                        .inner()
-                        .call::<_, _, OwnedObjectPath>("Update", &DynamicTuple((options,))),
-                )
-                .await
-            }
-        }
+        authorized!(
+            interaction,
+            self.manager(),
+            self.manager_quiet(),
+            update(options)
+        )
     }
 
     /// `Job.Cancel()`.
@@ -241,11 +308,7 @@ impl Client {
         path: &OwnedObjectPath,
         interaction: Interaction,
     ) -> Result<(), Failure> {
-        let job = self.job(path).await?;
-        let result = match interaction {
-            Interaction::Allowed => job.cancel().await.map_err(Failure::from_dbus),
-            Interaction::NotAllowed => timed(job.inner().call::<_, _, ()>("Cancel", &())).await,
-        };
+        let result = authorized!(interaction, self.job(path), self.job_quiet(path), cancel());
         result.map_err(|f| job_not_found(f, path))
     }
 
@@ -293,33 +356,6 @@ impl Client {
             cancelable,
             stages,
         })
-    }
-}
-
-/// Call `method` on `proxy`: with ALLOW_INTERACTIVE_AUTH and no timeout
-/// when a prompt may answer, else with the usual timeout.
-async fn call<B, R>(
-    proxy: &zbus::Proxy<'_>,
-    method: &str,
-    body: &B,
-    interaction: Interaction,
-) -> Result<R, Failure>
-where
-    B: serde::Serialize + zbus::zvariant::DynamicType,
-    R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
-{
-    match interaction {
-        // A prompt can take as long as the user needs: no timeout.
-        Interaction::Allowed => proxy
-            .call_with_flags::<_, _, R>(
-                method,
-                zbus::proxy::MethodFlags::ALLOW_INTERACTIVE_AUTH,
-                body,
-            )
-            .await
-            .map_err(Failure::from_zbus)?
-            .ok_or_else(|| Failure::new(Kind::Failed, format!("{method} sent no reply"))),
-        Interaction::NotAllowed => timed(proxy.call::<_, _, R>(method, body)).await,
     }
 }
 
@@ -515,27 +551,46 @@ impl Client {
         Ok(catalog)
     }
 
-    /// Call a method of the VM at `path` that may need authorization.
-    pub async fn vm_call<B, R>(
+    /// Start job `job` of the VM at `path`; returns the job.
+    pub async fn vm_job(
         &self,
         path: &str,
-        method: &str,
-        body: &B,
+        job: VmJob,
         interaction: Interaction,
-    ) -> Result<R, Failure>
-    where
-        B: serde::Serialize + zbus::zvariant::DynamicType,
-        R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
-    {
-        let proxy = zbus::Proxy::new(
-            &self.conn,
-            banger_dbus::BUS_NAME,
-            path.to_owned(),
-            banger_dbus::VM_INTERFACE,
-        )
-        .await
-        .map_err(Failure::from_zbus)?;
-        call(&proxy, method, body, interaction).await
+    ) -> Result<OwnedObjectPath, Failure> {
+        let (loud, quiet) = (self.vm(path), self.vm_quiet(path));
+        match job {
+            VmJob::Start => authorized!(interaction, loud, quiet, start()),
+            VmJob::Stop => authorized!(interaction, loud, quiet, stop()),
+            VmJob::Restart => authorized!(interaction, loud, quiet, restart()),
+            VmJob::Delete => authorized!(interaction, loud, quiet, delete()),
+        }
+    }
+
+    /// Make `change` to the VM at `path`.
+    pub async fn vm_change(
+        &self,
+        path: &str,
+        change: VmChange<'_>,
+        interaction: Interaction,
+    ) -> Result<(), Failure> {
+        let (loud, quiet) = (self.vm(path), self.vm_quiet(path));
+        match change {
+            VmChange::Kill(signal) => authorized!(interaction, loud, quiet, kill(signal)),
+            VmChange::Set(changes) => {
+                authorized!(interaction, loud, quiet, set(borrowed(changes)))
+            }
+        }
+    }
+
+    /// `VM.ConsoleLog(offset)`: up to 1 MiB and the next offset.
+    pub async fn vm_console_log(&self, path: &str, offset: u64) -> Result<(Vec<u8>, u64), Failure> {
+        timed(self.vm_quiet(path).await?.console_log(offset)).await
+    }
+
+    /// `VM.Stats()`.
+    pub async fn vm_stats(&self, path: &str) -> Result<HashMap<String, OwnedVariant>, Failure> {
+        timed(self.vm_quiet(path).await?.stats()).await
     }
 
     /// `Manager.CreateVM`: returns the VM and the job.
@@ -546,23 +601,13 @@ impl Client {
         options: HashMap<&str, Variant<'_>>,
         interaction: Interaction,
     ) -> Result<(OwnedObjectPath, OwnedObjectPath), Failure> {
-        self.manager_call("CreateVM", &(name, image, options), interaction)
-            .await
-    }
-
-    /// Call a Manager method that may need authorization.
-    async fn manager_call<B, R>(
-        &self,
-        method: &str,
-        body: &B,
-        interaction: Interaction,
-    ) -> Result<R, Failure>
-    where
-        B: serde::Serialize + zbus::zvariant::DynamicType,
-        R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
-    {
-        let manager = self.manager().await?;
-        call(manager.inner(), method, body, interaction).await
+        let options = borrowed(&options);
+        authorized!(
+            interaction,
+            self.manager(),
+            self.manager_quiet(),
+            create_vm(name, image, options)
+        )
     }
 
     /// `Manager.ImportKernelFd`: returns the job.
@@ -583,12 +628,13 @@ impl Client {
         if let Some(f) = modules {
             options.insert(keys::MODULES, Variant::from(zbus::Fd::from(f.as_fd())));
         }
-        self.manager_call(
-            "ImportKernelFd",
-            &(name, zbus::Fd::from(kernel.as_fd()), options),
+        let options = borrowed(&options);
+        authorized!(
             interaction,
+            self.manager(),
+            self.manager_quiet(),
+            import_kernel_fd(name, zbus::Fd::from(kernel.as_fd()), options)
         )
-        .await
     }
 
     /// `Manager.PullKernel` / `Manager.PullImage` (`image` picks which):
@@ -599,10 +645,12 @@ impl Client {
         name: &str,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
-        let options: HashMap<&str, Variant<'_>> = HashMap::new();
-        let method = if image { "PullImage" } else { "PullKernel" };
-        self.manager_call(method, &(name, options), interaction)
-            .await
+        let (loud, quiet) = (self.manager(), self.manager_quiet());
+        if image {
+            authorized!(interaction, loud, quiet, pull_image(name, HashMap::new()))
+        } else {
+            authorized!(interaction, loud, quiet, pull_kernel(name, HashMap::new()))
+        }
     }
 
     /// `Manager.PullImage` of an OCI reference: returns the job.
@@ -626,8 +674,13 @@ impl Client {
             options.insert(keys::USERNAME, Variant::from(l.username.as_str()));
             options.insert(keys::PASSWORD, Variant::from(l.password.as_str()));
         }
-        self.manager_call("PullImage", &(reference, options), interaction)
-            .await
+        let options = borrowed(&options);
+        authorized!(
+            interaction,
+            self.manager(),
+            self.manager_quiet(),
+            pull_image(reference, options)
+        )
     }
 
     /// `Manager.DeleteKernel`.
@@ -636,8 +689,12 @@ impl Client {
         kernel: &str,
         interaction: Interaction,
     ) -> Result<(), Failure> {
-        self.manager_call("DeleteKernel", &(kernel,), interaction)
-            .await
+        authorized!(
+            interaction,
+            self.manager(),
+            self.manager_quiet(),
+            delete_kernel(kernel)
+        )
     }
 
     /// `Manager.ImportImageFd`: returns the job.
@@ -664,12 +721,13 @@ impl Client {
         if let Some(i) = init {
             options.insert(keys::INIT, Variant::from(i));
         }
-        self.manager_call(
-            "ImportImageFd",
-            &(name, zbus::Fd::from(rootfs.as_fd()), kernel, options),
+        let options = borrowed(&options);
+        authorized!(
             interaction,
+            self.manager(),
+            self.manager_quiet(),
+            import_image_fd(name, zbus::Fd::from(rootfs.as_fd()), kernel, options)
         )
-        .await
     }
 
     /// `Manager.PromoteImage`: returns the job.
@@ -678,14 +736,22 @@ impl Client {
         image: &str,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
-        self.manager_call("PromoteImage", &(image,), interaction)
-            .await
+        authorized!(
+            interaction,
+            self.manager(),
+            self.manager_quiet(),
+            promote_image(image)
+        )
     }
 
     /// `Manager.DeleteImage`.
     pub async fn delete_image(&self, image: &str, interaction: Interaction) -> Result<(), Failure> {
-        self.manager_call("DeleteImage", &(image,), interaction)
-            .await
+        authorized!(
+            interaction,
+            self.manager(),
+            self.manager_quiet(),
+            delete_image(image)
+        )
     }
 }
 

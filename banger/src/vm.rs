@@ -20,7 +20,7 @@ use zbus::{OwnedObjectPath, Variant};
 
 use crate::artifacts::{self, human_bytes, human_time};
 use crate::cli::{Options, VmCommand, VmSpec};
-use crate::client::{Client, VmInfo};
+use crate::client::{Client, VmChange, VmInfo, VmJob};
 use crate::commands::{Authorization, connect, follow_and_report};
 use crate::exit::{self, Failure, Kind};
 use crate::output::{emit, emit_json};
@@ -305,10 +305,10 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
         VmCommand::Show(r) => show(opts, &r.vm).await,
         VmCommand::Create(spec) => create(opts, spec, None).await.map(|(code, _)| code),
         VmCommand::Run { spec, rm, command } => run_vm(opts, spec, rm, command).await,
-        VmCommand::Start(refs) => each_job(opts, "Start", "start", refs.vms).await,
-        VmCommand::Stop(refs) => each_job(opts, "Stop", "stop", refs.vms).await,
-        VmCommand::Restart(refs) => each_job(opts, "Restart", "restart", refs.vms).await,
-        VmCommand::Delete(refs) => each_job(opts, "Delete", "delete", refs.vms).await,
+        VmCommand::Start(refs) => each_job(opts, VmJob::Start, "start", refs.vms).await,
+        VmCommand::Stop(refs) => each_job(opts, VmJob::Stop, "stop", refs.vms).await,
+        VmCommand::Restart(refs) => each_job(opts, VmJob::Restart, "restart", refs.vms).await,
+        VmCommand::Delete(refs) => each_job(opts, VmJob::Delete, "delete", refs.vms).await,
         VmCommand::Kill { refs, signal } => kill(opts, refs.vms, &signal).await,
         VmCommand::Set {
             refs,
@@ -547,7 +547,7 @@ async fn remove(client: &Client, vm: &VmInfo, opts: Options) -> anyhow::Result<(
     let auth = Authorization::prepare(opts).await;
     let started = Instant::now();
     let result = client
-        .vm_call::<_, OwnedObjectPath>(&vm.path, "Delete", &(), auth.interaction)
+        .vm_job(&vm.path, VmJob::Delete, auth.interaction)
         .await;
     let job = auth.finish(result).await?;
     let mut tracker = Tracker::new(job.as_str(), Display::Quiet, Vec::new());
@@ -623,12 +623,7 @@ fn ssh(vm: &VmInfo, command: &[String], remind: bool, opts: Options) -> anyhow::
 
 /// Start one job per VM (they run concurrently in bangerd) and follow
 /// them; with one VM, live stage lines, with several, a result line each.
-async fn each_job(
-    opts: Options,
-    method: &str,
-    verb: &str,
-    refs: Vec<String>,
-) -> anyhow::Result<u8> {
+async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> anyhow::Result<u8> {
     let client = connect(opts).await?;
     let catalog = client.catalog().await?;
     let mut subscription = Subscription::new(&client).await?;
@@ -637,11 +632,7 @@ async fn each_job(
     let mut jobs: Vec<(String, Result<OwnedObjectPath, Failure>)> = Vec::new();
     for r in &refs {
         let result = match artifacts::resolve(&catalog.vms, r, "vm") {
-            Ok(vm) => {
-                client
-                    .vm_call::<_, OwnedObjectPath>(&vm.path, method, &(), auth.interaction)
-                    .await
-            }
+            Ok(vm) => client.vm_job(&vm.path, job, auth.interaction).await,
             Err(f) => Err(f),
         };
         jobs.push((r.clone(), result));
@@ -726,7 +717,7 @@ fn signal_number(name: &str) -> Result<i32, Failure> {
 
 async fn kill(opts: Options, refs: Vec<String>, signal: &str) -> anyhow::Result<u8> {
     let number = signal_number(signal)?;
-    call_each(opts, &refs, "Kill", &(number,), |r| {
+    call_each(opts, &refs, VmChange::Kill(number), |r| {
         if opts.json {
             Ok(())
         } else {
@@ -739,27 +730,19 @@ async fn kill(opts: Options, refs: Vec<String>, signal: &str) -> anyhow::Result<
 /// Call `method` with `body` on each VM in `refs`, one after the other:
 /// `done` reports a success, a failure is a line on stderr. The exit code
 /// is the last failure's, or OK.
-async fn call_each<B>(
+async fn call_each(
     opts: Options,
     refs: &[String],
-    method: &str,
-    body: &B,
+    change: VmChange<'_>,
     done: impl Fn(&str) -> std::io::Result<()>,
-) -> anyhow::Result<u8>
-where
-    B: serde::Serialize + zbus::zvariant::DynamicType,
-{
+) -> anyhow::Result<u8> {
     let client = connect(opts).await?;
     let catalog = client.catalog().await?;
     let auth = Authorization::prepare(opts).await;
     let mut worst = None;
     for r in refs {
         let result = match artifacts::resolve(&catalog.vms, r, "vm") {
-            Ok(vm) => {
-                client
-                    .vm_call::<_, ()>(&vm.path, method, body, auth.interaction)
-                    .await
-            }
+            Ok(vm) => client.vm_change(&vm.path, change, auth.interaction).await,
             Err(f) => Err(f),
         };
         match result {
@@ -805,7 +788,7 @@ async fn set(
         )
         .into());
     }
-    call_each(opts, &refs, "Set", &(&changes,), |r| {
+    call_each(opts, &refs, VmChange::Set(&changes), |r| {
         emit(&format!("{r}: changed"))
     })
     .await
@@ -814,14 +797,7 @@ async fn set(
 async fn stats(opts: Options, reference: &str) -> anyhow::Result<u8> {
     let client = connect(opts).await?;
     let vm = find(&client, reference).await?;
-    let stats: HashMap<String, zbus::OwnedVariant> = client
-        .vm_call(
-            &vm.path,
-            "Stats",
-            &(),
-            crate::client::Interaction::NotAllowed,
-        )
-        .await?;
+    let stats = client.vm_stats(&vm.path).await?;
     let u = |k: &str| {
         stats
             .get(k)
@@ -875,14 +851,7 @@ async fn logs(opts: Options, reference: &str, follow: bool) -> anyhow::Result<u8
     let mut offset = 0u64;
     let mut out = std::io::stdout();
     loop {
-        let (data, next): (Vec<u8>, u64) = client
-            .vm_call(
-                &vm.path,
-                "ConsoleLog",
-                &(offset,),
-                crate::client::Interaction::NotAllowed,
-            )
-            .await?;
+        let (data, next) = client.vm_console_log(&vm.path, offset).await?;
         if !data.is_empty() && out.write_all(&data).and_then(|()| out.flush()).is_err() {
             return Ok(exit::OK);
         }

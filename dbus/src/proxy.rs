@@ -7,114 +7,144 @@ use zbus::{OwnedObjectPath, Variant};
 
 use crate::{CatalogEntry, DoctorCheck, Error, ServicePort, StageTiming};
 
-/// `org.banger.Manager` at `/org/banger/Manager`.
-#[proxy(
-    interface = "org.banger.Manager",
-    default_service = "org.banger.Manager",
-    default_path = "/org/banger/Manager"
-)]
-pub trait Manager {
-    /// Run the host checks and return them.
-    fn doctor(&self) -> Result<Vec<DoctorCheck>, Error>;
+macro_rules! manager_proxy {
+    ($(#[$outer:meta])* $name:ident $(, #[$auth:meta])?) => {
+        $(#[$outer])*
+        #[proxy(
+            interface = "org.banger.Manager",
+            default_service = "org.banger.Manager",
+            default_path = "/org/banger/Manager"
+        )]
+        pub trait $name {
+            /// Run the host checks and return them.
+            fn doctor(&self) -> Result<Vec<DoctorCheck>, Error>;
 
-    /// Start store maintenance as a job; returns the job's path.
-    #[zbus(allow_interactive_auth)]
-    fn maintain(&self, options: HashMap<&str, &Variant<'_>>) -> Result<OwnedObjectPath, Error>;
+            /// Start store maintenance as a job; returns the job's path.
+            $(#[$auth])?
+            fn maintain(&self, options: HashMap<&str, &Variant<'_>>) -> Result<OwnedObjectPath, Error>;
 
-    /// Update from the signed release channel (or check, or roll back) as
-    /// a job; returns the job's path.
-    #[zbus(allow_interactive_auth)]
-    fn update(&self, options: HashMap<&str, &Variant<'_>>) -> Result<OwnedObjectPath, Error>;
+            /// Update from the signed release channel (or check, or roll back) as
+            /// a job; returns the job's path.
+            $(#[$auth])?
+            fn update(&self, options: HashMap<&str, &Variant<'_>>) -> Result<OwnedObjectPath, Error>;
 
-    /// Pull a kernel-catalog entry as a job; returns the job's path.
-    #[zbus(allow_interactive_auth)]
-    fn pull_kernel(
-        &self,
-        name: &str,
-        options: HashMap<&str, &Variant<'_>>,
-    ) -> Result<OwnedObjectPath, Error>;
+            /// Pull a kernel-catalog entry as a job; returns the job's path.
+            $(#[$auth])?
+            fn pull_kernel(
+                &self,
+                name: &str,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<OwnedObjectPath, Error>;
 
-    /// Pull an image-catalog entry (and its kernel) as a job; returns the
-    /// job's path.
-    #[zbus(allow_interactive_auth)]
-    fn pull_image(
-        &self,
-        reference: &str,
-        options: HashMap<&str, &Variant<'_>>,
-    ) -> Result<OwnedObjectPath, Error>;
+            /// Pull an image-catalog entry (and its kernel) as a job; returns the
+            /// job's path.
+            $(#[$auth])?
+            fn pull_image(
+                &self,
+                reference: &str,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<OwnedObjectPath, Error>;
 
-    /// The kernel or image catalog in use: (serial, fetched, entries).
-    fn list_available(&self, kind: &str) -> Result<(u64, bool, Vec<CatalogEntry>), Error>;
+            /// The kernel or image catalog in use: (serial, fetched, entries).
+            fn list_available(&self, kind: &str) -> Result<(u64, bool, Vec<CatalogEntry>), Error>;
 
-    /// Re-read bangerd.toml; a bad file is refused and the old one stays.
-    #[zbus(allow_interactive_auth)]
-    fn reload(&self) -> Result<(), Error>;
+            /// Record a VM from an image and create its disks as a job (and boot
+            /// it unless `options` say `start = false`); returns the VM and the job.
+            $(#[$auth])?
+            #[zbus(name = "CreateVM")]
+            fn create_vm(
+                &self,
+                name: &str,
+                image: &str,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<(OwnedObjectPath, OwnedObjectPath), Error>;
 
-    /// Import a kernel (ELF vmlinux or bzImage) from a host path into
-    /// managed storage; returns the job, whose result is the kernel object.
-    #[zbus(allow_interactive_auth)]
-    fn import_kernel(
-        &self,
-        name: &str,
-        kernel: &str,
-        options: HashMap<&str, &Variant<'_>>,
-    ) -> Result<OwnedObjectPath, Error>;
+            /// Re-read bangerd.toml; a bad file is refused and the old one stays.
+            $(#[$auth])?
+            fn reload(&self) -> Result<(), Error>;
 
-    /// Import a kernel from descriptors (`initrd` and `modules` options are
-    /// descriptors too); returns the job, whose result is the kernel.
-    #[zbus(allow_interactive_auth)]
-    fn import_kernel_fd(
-        &self,
-        name: &str,
-        kernel: zbus::Fd<'_>,
-        options: HashMap<&str, &Variant<'_>>,
-    ) -> Result<OwnedObjectPath, Error>;
+            /// Import a kernel (ELF vmlinux or bzImage) from a host path into
+            /// managed storage; returns the job, whose result is the kernel object.
+            $(#[$auth])?
+            fn import_kernel(
+                &self,
+                name: &str,
+                kernel: &str,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<OwnedObjectPath, Error>;
 
-    /// Import an image from descriptors into managed storage; returns the
-    /// job, whose result is the image.
-    #[zbus(allow_interactive_auth)]
-    fn import_image_fd(
-        &self,
-        name: &str,
-        rootfs: zbus::Fd<'_>,
-        kernel: &str,
-        options: HashMap<&str, &Variant<'_>>,
-    ) -> Result<OwnedObjectPath, Error>;
+            /// Import a kernel from descriptors (`initrd` and `modules` options are
+            /// descriptors too); returns the job, whose result is the kernel.
+            $(#[$auth])?
+            fn import_kernel_fd(
+                &self,
+                name: &str,
+                kernel: zbus::Fd<'_>,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<OwnedObjectPath, Error>;
 
-    /// Delete a kernel (by name or id); refused while an image uses it.
-    #[zbus(allow_interactive_auth)]
-    fn delete_kernel(&self, kernel: &str) -> Result<(), Error>;
+            /// Import an image from descriptors into managed storage; returns the
+            /// job, whose result is the image.
+            $(#[$auth])?
+            fn import_image_fd(
+                &self,
+                name: &str,
+                rootfs: zbus::Fd<'_>,
+                kernel: &str,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<OwnedObjectPath, Error>;
 
-    /// Record an unmanaged image from host paths; returns the image object.
-    #[zbus(allow_interactive_auth)]
-    fn register_image(
-        &self,
-        name: &str,
-        rootfs: &str,
-        kernel: &str,
-        options: HashMap<&str, &Variant<'_>>,
-    ) -> Result<OwnedObjectPath, Error>;
+            /// Delete a kernel (by name or id); refused while an image uses it.
+            $(#[$auth])?
+            fn delete_kernel(&self, kernel: &str) -> Result<(), Error>;
 
-    /// Copy an image into managed storage; returns the job.
-    #[zbus(allow_interactive_auth)]
-    fn promote_image(&self, image: &str) -> Result<OwnedObjectPath, Error>;
+            /// Record an unmanaged image from host paths; returns the image object.
+            $(#[$auth])?
+            fn register_image(
+                &self,
+                name: &str,
+                rootfs: &str,
+                kernel: &str,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<OwnedObjectPath, Error>;
 
-    /// Delete an image (by name or id); refused while VMs use it.
-    #[zbus(allow_interactive_auth)]
-    fn delete_image(&self, image: &str) -> Result<(), Error>;
+            /// Copy an image into managed storage; returns the job.
+            $(#[$auth])?
+            fn promote_image(&self, image: &str) -> Result<OwnedObjectPath, Error>;
 
-    /// Daemon version.
-    #[zbus(property(emits_changed_signal = "const"))]
-    fn version(&self) -> zbus::Result<String>;
+            /// Delete an image (by name or id); refused while VMs use it.
+            $(#[$auth])?
+            fn delete_image(&self, image: &str) -> Result<(), Error>;
 
-    /// API version.
-    #[zbus(property(emits_changed_signal = "const"), name = "ApiVersion")]
-    fn api_version(&self) -> zbus::Result<u32>;
+            /// Daemon version.
+            #[zbus(property(emits_changed_signal = "const"))]
+            fn version(&self) -> zbus::Result<String>;
 
-    /// One-line status summary.
-    #[zbus(property)]
-    fn status(&self) -> zbus::Result<String>;
+            /// API version.
+            #[zbus(property(emits_changed_signal = "const"), name = "ApiVersion")]
+            fn api_version(&self) -> zbus::Result<u32>;
+
+            /// One-line status summary.
+            #[zbus(property)]
+            fn status(&self) -> zbus::Result<String>;
+        }
+    };
 }
+
+manager_proxy!(
+    /// `org.banger.Manager` at `/org/banger/Manager`. Calls that may need
+    /// authorization carry ALLOW_INTERACTIVE_AUTH: a polkit agent may
+    /// prompt, so they may take as long as the user does.
+    Manager,
+    #[zbus(allow_interactive_auth)]
+);
+
+manager_proxy!(
+    /// [`ManagerProxy`] without ALLOW_INTERACTIVE_AUTH: polkit answers at
+    /// once, and the daemon replies `InteractiveAuthorizationRequired`
+    /// where it would have to ask (`--no-ask-password`, no terminal).
+    ManagerQuiet
+);
 
 /// `org.banger.Job` at `/org/banger/Manager/job/<n>`.
 #[proxy(
@@ -181,6 +211,17 @@ pub trait Job {
         message: &str,
         result: OwnedObjectPath,
     ) -> zbus::Result<()>;
+}
+
+/// `Job.Cancel` without ALLOW_INTERACTIVE_AUTH (see [`ManagerQuietProxy`]).
+#[proxy(
+    interface = "org.banger.Job",
+    default_service = "org.banger.Manager",
+    assume_defaults = false
+)]
+pub trait JobQuiet {
+    /// Ask the job to stop; it completes as cancelled.
+    fn cancel(&self) -> Result<(), Error>;
 }
 
 /// `org.banger.Kernel` at `/org/banger/Manager/kernel/<id>`.
@@ -268,4 +309,139 @@ pub trait Image {
     /// Uid that registered it.
     #[zbus(property(emits_changed_signal = "const"), name = "OwnerUID")]
     fn owner_uid(&self) -> zbus::Result<u32>;
+}
+
+macro_rules! vm_proxy {
+    ($(#[$outer:meta])* $name:ident $(, #[$auth:meta])?) => {
+        $(#[$outer])*
+        #[proxy(
+            interface = "org.banger.VM",
+            default_service = "org.banger.Manager",
+            assume_defaults = false
+        )]
+        pub trait $name {
+            /// Boot it; returns the job.
+            $(#[$auth])?
+            fn start(&self) -> Result<OwnedObjectPath, Error>;
+
+            /// Shut it down cleanly (forced after `vm.stop_timeout_secs`);
+            /// returns the job.
+            $(#[$auth])?
+            fn stop(&self) -> Result<OwnedObjectPath, Error>;
+
+            /// Stop (if running) and start; returns the job.
+            $(#[$auth])?
+            fn restart(&self) -> Result<OwnedObjectPath, Error>;
+
+            /// Send signal number `signal` to the VMM process.
+            $(#[$auth])?
+            fn kill(&self, signal: i32) -> Result<(), Error>;
+
+            /// Stop it if it runs, then remove everything of it; returns the
+            /// job.
+            $(#[$auth])?
+            fn delete(&self) -> Result<OwnedObjectPath, Error>;
+
+            /// Change it (keys in [`crate::options::set_vm`]).
+            $(#[$auth])?
+            fn set(&self, changes: HashMap<&str, &Variant<'_>>) -> Result<(), Error>;
+
+            /// Up to 1 MiB of the serial console from byte `offset`, and the
+            /// offset to ask for next.
+            fn console_log(&self, offset: u64) -> Result<(Vec<u8>, u64), Error>;
+
+            /// Usage of a running VM (keys in the interface XML).
+            fn stats(&self) -> Result<HashMap<String, zbus::OwnedVariant>, Error>;
+
+            /// Stable id (lowercase hex).
+            #[zbus(property(emits_changed_signal = "const"))]
+            fn id(&self) -> zbus::Result<String>;
+            /// Name (a DNS label).
+            #[zbus(property)]
+            fn name(&self) -> zbus::Result<String>;
+            /// `creating`, `stopped`, `starting`, `running`, `stopping` or
+            /// `failed`.
+            #[zbus(property)]
+            fn state(&self) -> zbus::Result<String>;
+            /// Uid that owns it.
+            #[zbus(property(emits_changed_signal = "const"), name = "OwnerUID")]
+            fn owner_uid(&self) -> zbus::Result<u32>;
+        }
+    };
+}
+
+vm_proxy!(
+    /// `org.banger.VM` at `/org/banger/Manager/vm/<id>`. Calls that may
+    /// need authorization carry ALLOW_INTERACTIVE_AUTH.
+    Vm,
+    #[zbus(allow_interactive_auth)]
+);
+
+vm_proxy!(
+    /// [`VmProxy`] without ALLOW_INTERACTIVE_AUTH.
+    VmQuiet
+);
+
+#[cfg(test)]
+mod tests {
+    /// The D-Bus name zbus gives a proxy method: its own `name = "…"`, or
+    /// the snake-case name in PascalCase.
+    fn wire_name(fn_name: &str, attrs: &str) -> String {
+        if let Some(at) = attrs.find("name = \"") {
+            let rest = &attrs[at + 8..];
+            return rest[..rest.find('"').expect("closing quote")].to_owned();
+        }
+        fn_name
+            .split('_')
+            .map(|w| {
+                let mut c = w.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// Every method a proxy here declares is a method of its interface's
+    /// checked-in XML, under the name zbus sends (a proxy cannot call a
+    /// method the daemon does not serve, e.g. `CreateVm` for `CreateVM`).
+    #[test]
+    fn proxy_methods_are_served_methods() {
+        let source = include_str!("proxy.rs");
+        let source = &source[..source.find("#[cfg(test)]").expect("tests")];
+        let mut checked = 0;
+        for block in source.split("#[proxy(").skip(1) {
+            let interface = block
+                .split("interface = \"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .expect("interface");
+            let xml = crate::INTERFACE_XML
+                .iter()
+                .find(|(name, _)| *name == interface)
+                .map(|(_, xml)| *xml)
+                .expect("checked-in XML");
+            let body = &block[..block.find("\n}").unwrap_or(block.len())];
+            let mut attrs = String::new();
+            for line in body.lines().map(str::trim) {
+                if line.starts_with("#[zbus(") {
+                    attrs.push_str(line);
+                } else if let Some(rest) = line.strip_prefix("fn ") {
+                    let name = &rest[..rest.find('(').expect("(")];
+                    if !attrs.contains("property") && !attrs.contains("signal") {
+                        let wire = wire_name(name, &attrs);
+                        assert!(
+                            xml.contains(&format!("<method name=\"{wire}\">")),
+                            "{interface} serves no method {wire} (proxy fn {name})"
+                        );
+                        checked += 1;
+                    }
+                    attrs.clear();
+                } else if !line.starts_with("///") && !line.starts_with("$(") {
+                    attrs.clear();
+                }
+            }
+        }
+        assert!(checked >= 25, "only {checked} methods found");
+    }
 }
