@@ -71,7 +71,7 @@ pub enum VmChange<'a> {
     /// `VM.Kill(signal)`.
     Kill(i32),
     /// `VM.Set(changes)`.
-    Set(&'a HashMap<&'a str, Variant<'a>>),
+    Set(&'a banger_dbus::options::SetVm),
 }
 
 /// The address banger connects to, as the user would recognize it.
@@ -260,16 +260,12 @@ impl Client {
         vacuum: bool,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
-        let yes = Variant::from(true);
-        let mut options: HashMap<&str, &Variant<'_>> = HashMap::new();
-        if vacuum {
-            options.insert(banger_dbus::options::maintain::VACUUM, &yes);
-        }
+        let dict = banger_dbus::options::Maintain { vacuum }.to_dict();
         authorized!(
             interaction,
             self.manager(),
             self.manager_quiet(),
-            maintain(options)
+            maintain(borrowed(&dict))
         )
     }
 
@@ -281,24 +277,17 @@ impl Client {
         rollback: bool,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
-        use banger_dbus::options::update;
-        let yes = Variant::from(true);
-        let channel = channel.map(Variant::from);
-        let mut options: HashMap<&str, &Variant<'_>> = HashMap::new();
-        if check {
-            options.insert(update::CHECK, &yes);
-        }
-        if rollback {
-            options.insert(update::ROLLBACK, &yes);
-        }
-        if let Some(channel) = &channel {
-            options.insert(update::CHANNEL, channel);
-        }
+        let options = banger_dbus::options::Update {
+            check,
+            channel: channel.map(str::to_owned),
+            rollback,
+        };
+        let dict = options.to_dict();
         authorized!(
             interaction,
             self.manager(),
             self.manager_quiet(),
-            update(options)
+            update(borrowed(&dict))
         )
     }
 
@@ -578,7 +567,8 @@ impl Client {
         match change {
             VmChange::Kill(signal) => authorized!(interaction, loud, quiet, kill(signal)),
             VmChange::Set(changes) => {
-                authorized!(interaction, loud, quiet, set(borrowed(changes)))
+                let dict = changes.to_dict();
+                authorized!(interaction, loud, quiet, set(borrowed(&dict)))
             }
         }
     }
@@ -598,10 +588,11 @@ impl Client {
         &self,
         name: &str,
         image: &str,
-        options: HashMap<&str, Variant<'_>>,
+        options: &banger_dbus::options::CreateVm,
         interaction: Interaction,
     ) -> Result<(OwnedObjectPath, OwnedObjectPath), Failure> {
-        let options = borrowed(&options);
+        let dict = options.to_dict();
+        let options = borrowed(&dict);
         authorized!(
             interaction,
             self.manager(),
@@ -619,16 +610,13 @@ impl Client {
         modules: Option<&std::fs::File>,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
-        use banger_dbus::options::import_kernel_fd as keys;
         use std::os::fd::AsFd;
-        let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
-        if let Some(f) = initrd {
-            options.insert(keys::INITRD, Variant::from(zbus::Fd::from(f.as_fd())));
-        }
-        if let Some(f) = modules {
-            options.insert(keys::MODULES, Variant::from(zbus::Fd::from(f.as_fd())));
-        }
-        let options = borrowed(&options);
+        let options = banger_dbus::options::ImportKernelFd {
+            initrd: initrd.map(dup).transpose()?,
+            modules: modules.map(dup).transpose()?,
+        };
+        let dict = options.to_dict();
+        let options = borrowed(&dict);
         authorized!(
             interaction,
             self.manager(),
@@ -646,10 +634,11 @@ impl Client {
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
         let (loud, quiet) = (self.manager(), self.manager_quiet());
+        let dict = banger_dbus::options::NoOptions.to_dict();
         if image {
-            authorized!(interaction, loud, quiet, pull_image(name, HashMap::new()))
+            authorized!(interaction, loud, quiet, pull_image(name, borrowed(&dict)))
         } else {
-            authorized!(interaction, loud, quiet, pull_kernel(name, HashMap::new()))
+            authorized!(interaction, loud, quiet, pull_kernel(name, borrowed(&dict)))
         }
     }
 
@@ -662,19 +651,13 @@ impl Client {
         login: Option<&crate::registry_auth::Login>,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
-        use banger_dbus::options::pull_image as keys;
-        let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
-        if let Some(n) = name {
-            options.insert(keys::NAME, Variant::from(n));
-        }
-        if let Some(k) = kernel {
-            options.insert(keys::KERNEL, Variant::from(k));
-        }
-        if let Some(l) = login {
-            options.insert(keys::USERNAME, Variant::from(l.username.as_str()));
-            options.insert(keys::PASSWORD, Variant::from(l.password.as_str()));
-        }
-        let options = borrowed(&options);
+        let options = banger_dbus::options::PullOci {
+            name: name.map(str::to_owned),
+            kernel: kernel.map(str::to_owned),
+            login: login.map(|l| (l.username.clone(), l.password.clone())),
+        };
+        let dict = options.to_dict();
+        let options = borrowed(&dict);
         authorized!(
             interaction,
             self.manager(),
@@ -709,19 +692,14 @@ impl Client {
         init: Option<&str>,
         interaction: Interaction,
     ) -> Result<OwnedObjectPath, Failure> {
-        use banger_dbus::options::import_image_fd as keys;
         use std::os::fd::AsFd;
-        let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
-        if let Some(w) = work_seed {
-            options.insert(keys::WORK_SEED, Variant::from(zbus::Fd::from(w.as_fd())));
-        }
-        if !services.is_empty() {
-            options.insert(keys::SERVICES, Variant::from(services.to_vec()));
-        }
-        if let Some(i) = init {
-            options.insert(keys::INIT, Variant::from(i));
-        }
-        let options = borrowed(&options);
+        let options = banger_dbus::options::ImportImageFd {
+            work_seed: work_seed.map(dup).transpose()?,
+            services: services.to_vec(),
+            init: init.map(str::to_owned),
+        };
+        let dict = options.to_dict();
+        let options = borrowed(&dict);
         authorized!(
             interaction,
             self.manager(),
@@ -753,6 +731,16 @@ impl Client {
             delete_image(image)
         )
     }
+}
+
+/// A second descriptor of `file`, for an options struct to own.
+fn dup(file: &std::fs::File) -> Result<std::fs::File, Failure> {
+    file.try_clone().map_err(|e| {
+        Failure::new(
+            Kind::Failed,
+            format!("cannot pass an open file to bangerd: {e}"),
+        )
+    })
 }
 
 /// Await a call that cannot prompt, with [`CALL_TIMEOUT`].

@@ -11,12 +11,11 @@
 //! - `vm stats`: `{"cpu_usec", "rss_bytes", "uptime_secs", "guest_kernel",
 //!   "guest_hostname"}`.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use zbus::{OwnedObjectPath, Variant};
+use zbus::OwnedObjectPath;
 
 use crate::artifacts::{self, human_bytes, human_time};
 use crate::cli::{Options, VmCommand, VmSpec};
@@ -389,31 +388,18 @@ async fn create(
     spec: VmSpec,
     name_override: Option<String>,
 ) -> anyhow::Result<(u8, Option<String>)> {
-    use banger_dbus::options::create_vm as keys;
     let name = name_override
         .or(spec.name.clone())
         .ok_or_else(|| Failure::new(Kind::InvalidArgument, "give the VM a name with --name"))?;
     let (_, public) = ssh_key()?;
     let disk_bytes = spec.disk_size.as_deref().map(parse_size).transpose()?;
-    let options = || {
-        let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
-        if let Some(v) = spec.vcpus {
-            options.insert(keys::VCPUS, Variant::from(v));
-        }
-        if let Some(m) = spec.memory {
-            options.insert(keys::MEMORY_MIB, Variant::from(m));
-        }
-        if let Some(d) = disk_bytes {
-            options.insert(keys::DISK_BYTES, Variant::from(d));
-        }
-        if spec.nat {
-            options.insert(keys::NAT, Variant::from(true));
-        }
-        if spec.no_start {
-            options.insert(keys::START, Variant::from(false));
-        }
-        options.insert(keys::SSH_KEYS, Variant::from(vec![public.clone()]));
-        options
+    let options = banger_dbus::options::CreateVm {
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory,
+        disk_bytes,
+        nat: spec.nat.then_some(true),
+        ssh_keys: vec![public.clone()],
+        start: !spec.no_start,
     };
     let client = connect(opts).await?;
     // The daemon is given the image's id; a name no image has yet goes as
@@ -432,7 +418,7 @@ async fn create(
     let attempt = || async {
         let auth = Authorization::prepare(opts).await;
         let result = client
-            .create_vm(&name, image, options(), auth.interaction)
+            .create_vm(&name, image, &options, auth.interaction)
             .await;
         auth.finish(result).await
     };
@@ -767,20 +753,12 @@ async fn set(
     nat: bool,
     no_nat: bool,
 ) -> anyhow::Result<u8> {
-    use banger_dbus::options::set_vm as keys;
-    let mut changes: HashMap<&str, Variant<'_>> = HashMap::new();
-    if let Some(m) = memory {
-        changes.insert(keys::MEMORY_MIB, Variant::from(m));
-    }
-    if let Some(v) = vcpus {
-        changes.insert(keys::VCPUS, Variant::from(v));
-    }
-    if let Some(d) = &disk_size {
-        changes.insert(keys::DISK_BYTES, Variant::from(parse_size(d)?));
-    }
-    if nat || no_nat {
-        changes.insert(keys::NAT, Variant::from(nat));
-    }
+    let changes = banger_dbus::options::SetVm {
+        vcpus,
+        memory_mib: memory,
+        disk_bytes: disk_size.as_deref().map(parse_size).transpose()?,
+        nat: (nat || no_nat).then_some(nat),
+    };
     if changes.is_empty() {
         return Err(Failure::new(
             Kind::InvalidArgument,

@@ -1,4 +1,230 @@
-//! Option keys of `a{sv}` arguments.
+//! The `a{sv}` arguments: their keys, one struct per method that takes
+//! them, and the one parser both sides use. Clients build a struct and
+//! send [`to_dict`](CreateVm::to_dict); the daemon [`parse`](CreateVm::parse)s
+//! what arrives, refusing unknown keys and wrong types with an
+//! [`OptionError`] that names the key.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use zbus::{OwnedVariant, Variant};
+
+/// Options as they arrive.
+pub type Dict = HashMap<String, OwnedVariant>;
+
+/// Options as a client sends them (values may borrow from the struct).
+pub type DictOut<'a> = HashMap<&'static str, Variant<'a>>;
+
+/// Why options were refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OptionError {
+    /// Keys the method does not take.
+    Unknown {
+        /// The method, e.g. `Maintain`.
+        method: &'static str,
+        /// The unknown keys, sorted.
+        keys: Vec<String>,
+        /// The keys it takes.
+        known: &'static [&'static str],
+    },
+    /// A value of the wrong type.
+    WrongType {
+        /// The key.
+        key: &'static str,
+        /// What it must be, e.g. `a boolean (b)`.
+        want: &'static str,
+        /// The signature it had.
+        got: String,
+    },
+    /// An empty string where one was given.
+    Empty {
+        /// The key.
+        key: &'static str,
+    },
+    /// Two options that go together, one without the other.
+    Pair {
+        /// The method.
+        method: &'static str,
+        /// The two keys.
+        keys: [&'static str; 2],
+    },
+    /// A descriptor this process could not keep (the daemon's fault, not
+    /// the caller's).
+    Descriptor {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        why: String,
+    },
+}
+
+impl std::fmt::Display for OptionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unknown {
+                method,
+                keys,
+                known,
+            } => {
+                let known = if known.is_empty() {
+                    "it takes none".to_owned()
+                } else {
+                    format!("known options: {}", known.join(", "))
+                };
+                write!(
+                    f,
+                    "unknown option {} for {method}; {known}",
+                    keys.join(", ")
+                )
+            }
+            Self::WrongType { key, want, got } => {
+                write!(f, "option {key} must be {want}, not {got}")?;
+                if *want == FD {
+                    write!(f, ": pass an open file, not a path")?;
+                }
+                Ok(())
+            }
+            Self::Empty { key } => write!(f, "option {key} is empty; leave it out instead"),
+            Self::Pair { method, keys } => write!(
+                f,
+                "{method}: options \"{}\" and \"{}\" go together",
+                keys[0], keys[1]
+            ),
+            Self::Descriptor { key, why } => write!(f, "cannot keep descriptor {key}: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for OptionError {}
+
+const FD: &str = "a file descriptor (h)";
+
+/// Reads one method's options.
+struct Reader<'a> {
+    dict: &'a Dict,
+}
+
+impl<'a> Reader<'a> {
+    /// Refuse keys not in `known`.
+    fn new(
+        method: &'static str,
+        dict: &'a Dict,
+        known: &'static [&'static str],
+    ) -> Result<Self, OptionError> {
+        let mut keys: Vec<String> = dict
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        if !keys.is_empty() {
+            keys.sort_unstable();
+            return Err(OptionError::Unknown {
+                method,
+                keys,
+                known,
+            });
+        }
+        Ok(Self { dict })
+    }
+
+    fn get<T>(
+        &self,
+        key: &'static str,
+        want: &'static str,
+        convert: impl FnOnce(&OwnedVariant) -> Option<T>,
+    ) -> Result<Option<T>, OptionError> {
+        match self.dict.get(key) {
+            None => Ok(None),
+            Some(v) => convert(v).map(Some).ok_or_else(|| OptionError::WrongType {
+                key,
+                want,
+                got: v.value_signature().to_string(),
+            }),
+        }
+    }
+
+    fn bool(&self, key: &'static str) -> Result<Option<bool>, OptionError> {
+        self.get(key, "a boolean (b)", |v| bool::try_from(v).ok())
+    }
+
+    fn u32(&self, key: &'static str) -> Result<Option<u32>, OptionError> {
+        self.get(key, "an unsigned 32-bit integer (u)", |v| {
+            u32::try_from(v).ok()
+        })
+    }
+
+    fn u64(&self, key: &'static str) -> Result<Option<u64>, OptionError> {
+        self.get(key, "an unsigned 64-bit integer (t)", |v| {
+            u64::try_from(v).ok()
+        })
+    }
+
+    /// A non-empty string.
+    fn string(&self, key: &'static str) -> Result<Option<String>, OptionError> {
+        let s = self.get(key, "a string (s)", |v| {
+            v.try_clone().ok().and_then(|v| String::try_from(v).ok())
+        })?;
+        if s.as_deref() == Some("") {
+            return Err(OptionError::Empty { key });
+        }
+        Ok(s)
+    }
+
+    fn strings(&self, key: &'static str) -> Result<Vec<String>, OptionError> {
+        Ok(self
+            .get(key, "an array of strings (as)", |v| {
+                v.try_clone()
+                    .ok()
+                    .and_then(|v| Vec::<String>::try_from(v).ok())
+            })?
+            .unwrap_or_default())
+    }
+
+    /// A descriptor, as a file of this process.
+    fn file(&self, key: &'static str) -> Result<Option<File>, OptionError> {
+        let Some(fd) = self.get(key, FD, |v| {
+            <&zbus::Fd<'_>>::try_from(v)
+                .ok()
+                .map(|fd| fd.as_fd().try_clone_to_owned())
+        })?
+        else {
+            return Ok(None);
+        };
+        fd.map(|fd| Some(File::from(fd)))
+            .map_err(|e| OptionError::Descriptor {
+                key,
+                why: e.to_string(),
+            })
+    }
+}
+
+/// Adds the set fields of a struct to a [`DictOut`].
+struct Writer<'a>(DictOut<'a>);
+
+impl<'a> Writer<'a> {
+    fn new() -> Self {
+        Self(HashMap::new())
+    }
+
+    fn put(mut self, key: &'static str, value: Option<Variant<'a>>) -> Self {
+        if let Some(v) = value {
+            self.0.insert(key, v);
+        }
+        self
+    }
+
+    fn file(self, key: &'static str, file: Option<&'a File>) -> Self {
+        self.put(key, file.map(|f| Variant::from(zbus::Fd::from(f.as_fd()))))
+    }
+
+    fn strings(self, key: &'static str, values: &[String]) -> Self {
+        self.put(
+            key,
+            (!values.is_empty()).then(|| Variant::from(values.to_vec())),
+        )
+    }
+}
 
 /// Keys of `Manager.Maintain(a{sv} options)`.
 pub mod maintain {
@@ -89,4 +315,583 @@ pub mod create_vm {
 /// Keys of `VM.Set(a{sv} changes)`.
 pub mod set_vm {
     pub use super::create_vm::{DISK_BYTES, MEMORY_MIB, NAT, VCPUS};
+}
+
+/// Options of a method that takes none (`Manager.PullKernel`, a catalog
+/// `Manager.PullImage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoOptions;
+
+impl NoOptions {
+    /// Refuse any key.
+    pub fn parse(method: &'static str, dict: &Dict) -> Result<Self, OptionError> {
+        Reader::new(method, dict, &[])?;
+        Ok(Self)
+    }
+
+    /// The empty dictionary.
+    pub fn to_dict(&self) -> DictOut<'static> {
+        HashMap::new()
+    }
+}
+
+/// `Manager.Maintain` options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Maintain {
+    /// [`maintain::VACUUM`].
+    pub vacuum: bool,
+}
+
+impl Maintain {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new("Maintain", dict, &[maintain::VACUUM])?;
+        Ok(Self {
+            vacuum: r.bool(maintain::VACUUM)?.unwrap_or(false),
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'static> {
+        Writer::new()
+            .put(maintain::VACUUM, self.vacuum.then(|| Variant::from(true)))
+            .0
+    }
+}
+
+/// `Manager.Update` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Update {
+    /// [`update::CHECK`].
+    pub check: bool,
+    /// [`update::CHANNEL`].
+    pub channel: Option<String>,
+    /// [`update::ROLLBACK`].
+    pub rollback: bool,
+}
+
+impl Update {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "Update",
+            dict,
+            &[update::CHECK, update::CHANNEL, update::ROLLBACK],
+        )?;
+        Ok(Self {
+            check: r.bool(update::CHECK)?.unwrap_or(false),
+            channel: r.string(update::CHANNEL)?,
+            rollback: r.bool(update::ROLLBACK)?.unwrap_or(false),
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'_> {
+        Writer::new()
+            .put(update::CHECK, self.check.then(|| Variant::from(true)))
+            .put(update::CHANNEL, self.channel.as_deref().map(Variant::from))
+            .put(update::ROLLBACK, self.rollback.then(|| Variant::from(true)))
+            .0
+    }
+}
+
+/// `Manager.PullImage` options for an OCI reference.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PullOci {
+    /// [`pull_image::NAME`].
+    pub name: Option<String>,
+    /// [`pull_image::KERNEL`].
+    pub kernel: Option<String>,
+    /// [`pull_image::USERNAME`] and [`pull_image::PASSWORD`], together.
+    pub login: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for PullOci {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullOci")
+            .field("name", &self.name)
+            .field("kernel", &self.kernel)
+            .field(
+                "login",
+                &self.login.as_ref().map(|(u, _)| (u, "<redacted>")),
+            )
+            .finish()
+    }
+}
+
+impl PullOci {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "PullImage",
+            dict,
+            &[
+                pull_image::NAME,
+                pull_image::KERNEL,
+                pull_image::USERNAME,
+                pull_image::PASSWORD,
+            ],
+        )?;
+        let login = match (
+            r.string(pull_image::USERNAME)?,
+            r.string(pull_image::PASSWORD)?,
+        ) {
+            (None, None) => None,
+            (Some(u), Some(p)) => Some((u, p)),
+            _ => {
+                return Err(OptionError::Pair {
+                    method: "PullImage",
+                    keys: [pull_image::USERNAME, pull_image::PASSWORD],
+                });
+            }
+        };
+        Ok(Self {
+            name: r.string(pull_image::NAME)?,
+            kernel: r.string(pull_image::KERNEL)?,
+            login,
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'_> {
+        let login = self.login.as_ref();
+        Writer::new()
+            .put(pull_image::NAME, self.name.as_deref().map(Variant::from))
+            .put(
+                pull_image::KERNEL,
+                self.kernel.as_deref().map(Variant::from),
+            )
+            .put(
+                pull_image::USERNAME,
+                login.map(|(u, _)| Variant::from(u.as_str())),
+            )
+            .put(
+                pull_image::PASSWORD,
+                login.map(|(_, p)| Variant::from(p.as_str())),
+            )
+            .0
+    }
+}
+
+/// `Manager.ImportKernel` options (root's host paths).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportKernel {
+    /// [`import_kernel::INITRD`].
+    pub initrd: Option<String>,
+    /// [`import_kernel::MODULES`].
+    pub modules: Option<String>,
+}
+
+impl ImportKernel {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "ImportKernel",
+            dict,
+            &[import_kernel::INITRD, import_kernel::MODULES],
+        )?;
+        Ok(Self {
+            initrd: r.string(import_kernel::INITRD)?,
+            modules: r.string(import_kernel::MODULES)?,
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'_> {
+        Writer::new()
+            .put(
+                import_kernel::INITRD,
+                self.initrd.as_deref().map(Variant::from),
+            )
+            .put(
+                import_kernel::MODULES,
+                self.modules.as_deref().map(Variant::from),
+            )
+            .0
+    }
+}
+
+/// `Manager.ImportKernelFd` options (descriptors).
+#[derive(Debug, Default)]
+pub struct ImportKernelFd {
+    /// [`import_kernel_fd::INITRD`].
+    pub initrd: Option<File>,
+    /// [`import_kernel_fd::MODULES`].
+    pub modules: Option<File>,
+}
+
+impl ImportKernelFd {
+    /// Read what arrived (the daemon keeps its own copies of the
+    /// descriptors).
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "ImportKernelFd",
+            dict,
+            &[import_kernel_fd::INITRD, import_kernel_fd::MODULES],
+        )?;
+        Ok(Self {
+            initrd: r.file(import_kernel_fd::INITRD)?,
+            modules: r.file(import_kernel_fd::MODULES)?,
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'_> {
+        Writer::new()
+            .file(import_kernel_fd::INITRD, self.initrd.as_ref())
+            .file(import_kernel_fd::MODULES, self.modules.as_ref())
+            .0
+    }
+}
+
+/// `Manager.ImportImageFd` options.
+#[derive(Debug, Default)]
+pub struct ImportImageFd {
+    /// [`import_image_fd::WORK_SEED`].
+    pub work_seed: Option<File>,
+    /// [`import_image_fd::SERVICES`].
+    pub services: Vec<String>,
+    /// [`import_image_fd::INIT`].
+    pub init: Option<String>,
+}
+
+impl ImportImageFd {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "ImportImageFd",
+            dict,
+            &[
+                import_image_fd::WORK_SEED,
+                import_image_fd::SERVICES,
+                import_image_fd::INIT,
+            ],
+        )?;
+        Ok(Self {
+            work_seed: r.file(import_image_fd::WORK_SEED)?,
+            services: r.strings(import_image_fd::SERVICES)?,
+            init: r.string(import_image_fd::INIT)?,
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'_> {
+        Writer::new()
+            .file(import_image_fd::WORK_SEED, self.work_seed.as_ref())
+            .strings(import_image_fd::SERVICES, &self.services)
+            .put(
+                import_image_fd::INIT,
+                self.init.as_deref().map(Variant::from),
+            )
+            .0
+    }
+}
+
+/// `Manager.RegisterImage` options (root's host paths).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegisterImage {
+    /// [`register_image::WORK_SEED`].
+    pub work_seed: Option<String>,
+    /// [`register_image::SERVICES`].
+    pub services: Vec<String>,
+    /// [`register_image::INIT`].
+    pub init: Option<String>,
+}
+
+impl RegisterImage {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "RegisterImage",
+            dict,
+            &[
+                register_image::WORK_SEED,
+                register_image::SERVICES,
+                register_image::INIT,
+            ],
+        )?;
+        Ok(Self {
+            work_seed: r.string(register_image::WORK_SEED)?,
+            services: r.strings(register_image::SERVICES)?,
+            init: r.string(register_image::INIT)?,
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'_> {
+        Writer::new()
+            .put(
+                register_image::WORK_SEED,
+                self.work_seed.as_deref().map(Variant::from),
+            )
+            .strings(register_image::SERVICES, &self.services)
+            .put(
+                register_image::INIT,
+                self.init.as_deref().map(Variant::from),
+            )
+            .0
+    }
+}
+
+/// `Manager.CreateVM` options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateVm {
+    /// [`create_vm::VCPUS`]; the configured default when absent.
+    pub vcpus: Option<u32>,
+    /// [`create_vm::MEMORY_MIB`].
+    pub memory_mib: Option<u32>,
+    /// [`create_vm::DISK_BYTES`].
+    pub disk_bytes: Option<u64>,
+    /// [`create_vm::NAT`].
+    pub nat: Option<bool>,
+    /// [`create_vm::SSH_KEYS`].
+    pub ssh_keys: Vec<String>,
+    /// [`create_vm::START`] (default true).
+    pub start: bool,
+}
+
+impl Default for CreateVm {
+    fn default() -> Self {
+        Self {
+            vcpus: None,
+            memory_mib: None,
+            disk_bytes: None,
+            nat: None,
+            ssh_keys: Vec::new(),
+            start: true,
+        }
+    }
+}
+
+impl CreateVm {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "CreateVM",
+            dict,
+            &[
+                create_vm::VCPUS,
+                create_vm::MEMORY_MIB,
+                create_vm::DISK_BYTES,
+                create_vm::NAT,
+                create_vm::SSH_KEYS,
+                create_vm::START,
+            ],
+        )?;
+        Ok(Self {
+            vcpus: r.u32(create_vm::VCPUS)?,
+            memory_mib: r.u32(create_vm::MEMORY_MIB)?,
+            disk_bytes: r.u64(create_vm::DISK_BYTES)?,
+            nat: r.bool(create_vm::NAT)?,
+            ssh_keys: r.strings(create_vm::SSH_KEYS)?,
+            start: r.bool(create_vm::START)?.unwrap_or(true),
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'_> {
+        Writer::new()
+            .put(create_vm::VCPUS, self.vcpus.map(Variant::from))
+            .put(create_vm::MEMORY_MIB, self.memory_mib.map(Variant::from))
+            .put(create_vm::DISK_BYTES, self.disk_bytes.map(Variant::from))
+            .put(create_vm::NAT, self.nat.map(Variant::from))
+            .strings(create_vm::SSH_KEYS, &self.ssh_keys)
+            .put(
+                create_vm::START,
+                (!self.start).then(|| Variant::from(false)),
+            )
+            .0
+    }
+}
+
+/// `VM.Set` changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetVm {
+    /// [`set_vm::VCPUS`].
+    pub vcpus: Option<u32>,
+    /// [`set_vm::MEMORY_MIB`].
+    pub memory_mib: Option<u32>,
+    /// [`set_vm::DISK_BYTES`].
+    pub disk_bytes: Option<u64>,
+    /// [`set_vm::NAT`].
+    pub nat: Option<bool>,
+}
+
+impl SetVm {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "Set",
+            dict,
+            &[
+                set_vm::VCPUS,
+                set_vm::MEMORY_MIB,
+                set_vm::DISK_BYTES,
+                set_vm::NAT,
+            ],
+        )?;
+        Ok(Self {
+            vcpus: r.u32(set_vm::VCPUS)?,
+            memory_mib: r.u32(set_vm::MEMORY_MIB)?,
+            disk_bytes: r.u64(set_vm::DISK_BYTES)?,
+            nat: r.bool(set_vm::NAT)?,
+        })
+    }
+
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'static> {
+        Writer::new()
+            .put(set_vm::VCPUS, self.vcpus.map(Variant::from))
+            .put(set_vm::MEMORY_MIB, self.memory_mib.map(Variant::from))
+            .put(set_vm::DISK_BYTES, self.disk_bytes.map(Variant::from))
+            .put(set_vm::NAT, self.nat.map(Variant::from))
+            .0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the daemon receives for `out`.
+    fn received(out: &DictOut<'_>) -> Dict {
+        out.iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    OwnedVariant::try_from(v.try_clone().expect("clone")).expect("owned"),
+                )
+            })
+            .collect()
+    }
+
+    fn dict(pairs: &[(&str, Variant<'static>)]) -> Dict {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    OwnedVariant::try_from(v.try_clone().expect("clone")).expect("owned"),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn structs_survive_the_wire() {
+        let create = CreateVm {
+            vcpus: Some(2),
+            memory_mib: Some(512),
+            disk_bytes: Some(1 << 30),
+            nat: Some(true),
+            ssh_keys: vec!["ssh-ed25519 AAAA me".into()],
+            start: false,
+        };
+        assert_eq!(CreateVm::parse(&received(&create.to_dict())), Ok(create));
+        assert_eq!(
+            CreateVm::parse(&received(&CreateVm::default().to_dict())),
+            Ok(CreateVm::default())
+        );
+        let set = SetVm {
+            nat: Some(false),
+            ..SetVm::default()
+        };
+        assert_eq!(SetVm::parse(&received(&set.to_dict())), Ok(set));
+        let update = Update {
+            check: true,
+            channel: Some("https://releases.example/stable".into()),
+            rollback: false,
+        };
+        assert_eq!(Update::parse(&received(&update.to_dict())), Ok(update));
+        let pull = PullOci {
+            name: Some("deb".into()),
+            kernel: None,
+            login: Some(("me".into(), "secret".into())),
+        };
+        assert_eq!(PullOci::parse(&received(&pull.to_dict())), Ok(pull.clone()));
+        assert!(!format!("{pull:?}").contains("secret"));
+        let register = RegisterImage {
+            work_seed: Some("/srv/seed.ext4".into()),
+            services: vec!["ssh:22".into()],
+            init: None,
+        };
+        assert_eq!(
+            RegisterImage::parse(&received(&register.to_dict())),
+            Ok(register)
+        );
+        let maintain = Maintain { vacuum: true };
+        assert_eq!(
+            Maintain::parse(&received(&maintain.to_dict())),
+            Ok(maintain)
+        );
+    }
+
+    #[test]
+    fn descriptors_arrive_as_files() {
+        use std::io::{Read, Write};
+        let mut f = tempfile_in_tmp();
+        f.write_all(b"initrd").expect("write");
+        let sent = ImportKernelFd {
+            initrd: Some(f),
+            modules: None,
+        };
+        let got = ImportKernelFd::parse(&received(&sent.to_dict())).expect("parse");
+        assert!(got.modules.is_none());
+        let mut initrd = got.initrd.expect("initrd");
+        use std::io::Seek;
+        initrd.rewind().expect("rewind");
+        let mut text = String::new();
+        initrd.read_to_string(&mut text).expect("read");
+        assert_eq!(text, "initrd");
+        let e = ImportKernelFd::parse(&dict(&[(
+            import_kernel_fd::INITRD,
+            Variant::from("/boot/initrd"),
+        )]))
+        .expect_err("a path");
+        assert!(e.to_string().contains("not a path"), "{e}");
+    }
+
+    fn tempfile_in_tmp() -> File {
+        let path = std::env::temp_dir().join(format!("banger-dbus-opt-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("temp file");
+        std::fs::remove_file(&path).expect("unlink");
+        f
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_named() {
+        let e = Maintain::parse(&dict(&[("vacum", Variant::from(true))])).expect_err("unknown");
+        assert_eq!(
+            e.to_string(),
+            "unknown option vacum for Maintain; known options: vacuum"
+        );
+        let e = NoOptions::parse("PullKernel", &dict(&[("x", Variant::from(1u32))]))
+            .expect_err("none taken");
+        assert!(e.to_string().ends_with("it takes none"), "{e}");
+        let e = Maintain::parse(&dict(&[("vacuum", Variant::from("yes"))])).expect_err("type");
+        assert_eq!(e.to_string(), "option vacuum must be a boolean (b), not s");
+        let e = CreateVm::parse(&dict(&[("vcpus", Variant::from(2u64))])).expect_err("type");
+        assert!(e.to_string().contains("(u)"), "{e}");
+        let e = Update::parse(&dict(&[("channel", Variant::from(""))])).expect_err("empty");
+        assert!(e.to_string().contains("empty"), "{e}");
+        let e = RegisterImage::parse(&dict(&[("services", Variant::from("ssh:22"))]))
+            .expect_err("type");
+        assert!(e.to_string().contains("(as)"), "{e}");
+        let e = PullOci::parse(&dict(&[("username", Variant::from("me"))])).expect_err("pair");
+        assert_eq!(
+            e.to_string(),
+            "PullImage: options \"username\" and \"password\" go together"
+        );
+    }
 }

@@ -2,17 +2,12 @@
 
 use std::sync::Arc;
 
-use banger_dbus::options::{
-    create_vm, import_image_fd, import_kernel, import_kernel_fd, maintain, pull_image,
-    register_image, update,
-};
+use banger_dbus::options as opts;
 use banger_dbus::{API_VERSION, CatalogEntry, DoctorCheck, image_path};
 use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, interface};
 
-use super::options::{
-    Options, bool_opt, fd_opt, only_known, opt_bool, str_opt, strs_opt, u32_opt, u64_opt,
-};
+use super::options::{Options, parsed};
 use super::{caller, job, to_wire};
 use crate::artifacts::{ImageImport, ImageRegistration, KernelImport, Modules};
 use crate::core::{Core, MaintainOptions, VERSION};
@@ -68,9 +63,8 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        only_known("Maintain", &options, &[maintain::VACUUM]).map_err(to_wire)?;
         let options = MaintainOptions {
-            vacuum: bool_opt(&options, maintain::VACUUM, false).map_err(to_wire)?,
+            vacuum: parsed(opts::Maintain::parse(&options))?.vacuum,
         };
         let id = self
             .core
@@ -96,14 +90,7 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        only_known(
-            "ImportKernel",
-            &options,
-            &[import_kernel::INITRD, import_kernel::MODULES],
-        )
-        .map_err(to_wire)?;
-        let initrd = str_opt(&options, import_kernel::INITRD).map_err(to_wire)?;
-        let modules = str_opt(&options, import_kernel::MODULES).map_err(to_wire)?;
+        let opts::ImportKernel { initrd, modules } = parsed(opts::ImportKernel::parse(&options))?;
         let id = self
             .core
             .artifacts()
@@ -136,19 +123,13 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        only_known(
-            "ImportKernelFd",
-            &options,
-            &[import_kernel_fd::INITRD, import_kernel_fd::MODULES],
-        )
-        .map_err(to_wire)?;
+        let opts::ImportKernelFd { initrd, modules } =
+            parsed(opts::ImportKernelFd::parse(&options))?;
         let req = KernelImport {
             name,
             kernel: std::fs::File::from(std::os::fd::OwnedFd::from(kernel)),
-            initrd: fd_opt(&options, import_kernel_fd::INITRD).map_err(to_wire)?,
-            modules: fd_opt(&options, import_kernel_fd::MODULES)
-                .map_err(to_wire)?
-                .map(Modules::Tar),
+            initrd,
+            modules: modules.map(Modules::Tar),
         };
         let id = self
             .core
@@ -177,23 +158,18 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        only_known(
-            "ImportImageFd",
-            &options,
-            &[
-                import_image_fd::WORK_SEED,
-                import_image_fd::SERVICES,
-                import_image_fd::INIT,
-            ],
-        )
-        .map_err(to_wire)?;
+        let opts::ImportImageFd {
+            work_seed,
+            services,
+            init,
+        } = parsed(opts::ImportImageFd::parse(&options))?;
         let req = ImageImport {
             name,
             rootfs: std::fs::File::from(std::os::fd::OwnedFd::from(rootfs)),
             kernel,
-            work_seed: fd_opt(&options, import_image_fd::WORK_SEED).map_err(to_wire)?,
-            services: strs_opt(&options, import_image_fd::SERVICES).map_err(to_wire)?,
-            init: str_opt(&options, import_image_fd::INIT).map_err(to_wire)?,
+            work_seed,
+            services,
+            init,
         };
         let id = self
             .core
@@ -251,25 +227,18 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        only_known(
-            "RegisterImage",
-            &options,
-            &[
-                register_image::WORK_SEED,
-                register_image::SERVICES,
-                register_image::INIT,
-            ],
-        )
-        .map_err(to_wire)?;
+        let opts::RegisterImage {
+            work_seed,
+            services,
+            init,
+        } = parsed(opts::RegisterImage::parse(&options))?;
         let req = ImageRegistration {
             name,
             rootfs: rootfs.into(),
             kernel,
-            work_seed: str_opt(&options, register_image::WORK_SEED)
-                .map_err(to_wire)?
-                .map(Into::into),
-            services: strs_opt(&options, register_image::SERVICES).map_err(to_wire)?,
-            init: str_opt(&options, register_image::INIT).map_err(to_wire)?,
+            work_seed: work_seed.map(Into::into),
+            services,
+            init,
         };
         let image = self
             .core
@@ -353,28 +322,16 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(OwnedObjectPath, OwnedObjectPath), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        only_known(
-            "CreateVM",
-            &options,
-            &[
-                create_vm::VCPUS,
-                create_vm::MEMORY_MIB,
-                create_vm::DISK_BYTES,
-                create_vm::NAT,
-                create_vm::SSH_KEYS,
-                create_vm::START,
-            ],
-        )
-        .map_err(to_wire)?;
+        let o = parsed(opts::CreateVm::parse(&options))?;
         let req = crate::vm::VmRequest {
             name,
             image,
-            vcpus: u32_opt(&options, create_vm::VCPUS).map_err(to_wire)?,
-            memory_mib: u32_opt(&options, create_vm::MEMORY_MIB).map_err(to_wire)?,
-            disk_bytes: u64_opt(&options, create_vm::DISK_BYTES).map_err(to_wire)?,
-            nat: opt_bool(&options, create_vm::NAT).map_err(to_wire)?,
-            ssh_keys: strs_opt(&options, create_vm::SSH_KEYS).map_err(to_wire)?,
-            start: bool_opt(&options, create_vm::START, true).map_err(to_wire)?,
+            vcpus: o.vcpus,
+            memory_mib: o.memory_mib,
+            disk_bytes: o.disk_bytes,
+            nat: o.nat,
+            ssh_keys: o.ssh_keys,
+            start: o.start,
         };
         let (vm, job) = self
             .core
@@ -424,15 +381,11 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        only_known(
-            "Update",
-            &options,
-            &[update::CHECK, update::CHANNEL, update::ROLLBACK],
-        )
-        .map_err(to_wire)?;
-        let check = bool_opt(&options, update::CHECK, false).map_err(to_wire)?;
-        let rollback = bool_opt(&options, update::ROLLBACK, false).map_err(to_wire)?;
-        let channel = str_opt(&options, update::CHANNEL).map_err(to_wire)?;
+        let opts::Update {
+            check,
+            channel,
+            rollback,
+        } = parsed(opts::Update::parse(&options))?;
         let request = match (check, rollback) {
             (true, true) => {
                 return Err(to_wire(crate::error::Error::invalid(
@@ -511,7 +464,7 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        only_known("PullKernel", &options, &[]).map_err(to_wire)?;
+        parsed(opts::NoOptions::parse("PullKernel", &options))?;
         let id = self
             .core
             .artifacts()
@@ -541,39 +494,22 @@ impl ManagerObject {
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         let id = if reference.contains('/') {
-            only_known(
-                "PullImage",
-                &options,
-                &[
-                    pull_image::NAME,
-                    pull_image::KERNEL,
-                    pull_image::USERNAME,
-                    pull_image::PASSWORD,
-                ],
-            )
-            .map_err(to_wire)?;
-            let username = str_opt(&options, pull_image::USERNAME).map_err(to_wire)?;
-            let password = str_opt(&options, pull_image::PASSWORD).map_err(to_wire)?;
-            let credentials = match (username, password) {
-                (None, None) => None,
-                (Some(u), Some(p)) => {
+            let o = parsed(opts::PullOci::parse(&options))?;
+            let credentials = match o.login {
+                None => None,
+                Some((u, p)) => {
                     Some(crate::artifacts::oci::registry::Credentials::new(u, p).map_err(to_wire)?)
-                }
-                _ => {
-                    return Err(to_wire(crate::error::Error::invalid(
-                        "PullImage: options \"username\" and \"password\" go together",
-                    )));
                 }
             };
             let request = crate::artifacts::oci::OciPull {
                 reference,
-                name: str_opt(&options, pull_image::NAME).map_err(to_wire)?,
-                kernel: str_opt(&options, pull_image::KERNEL).map_err(to_wire)?,
+                name: o.name,
+                kernel: o.kernel,
                 credentials,
             };
             self.core.artifacts().pull_oci(&caller, request).await
         } else {
-            only_known("PullImage", &options, &[]).map_err(to_wire)?;
+            parsed(opts::NoOptions::parse("PullImage", &options))?;
             self.core.artifacts().pull_image(&caller, &reference).await
         }
         .map_err(to_wire)?;

@@ -4,13 +4,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use banger_dbus::options::set_vm;
 use banger_dbus::vm_path;
 use zbus::OwnedVariant as OwnedValue;
 use zbus::message::Header;
 use zbus::{Connection, ObjectServer, OwnedObjectPath, interface};
 
-use super::options::{Options, only_known, opt_bool, u32_opt, u64_opt};
+use super::options::{Options, parsed};
 use super::{caller, job, to_wire};
 use crate::core::Core;
 use crate::vm::Vm;
@@ -231,22 +230,12 @@ impl VmObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        only_known(
-            "Set",
-            &changes,
-            &[
-                set_vm::VCPUS,
-                set_vm::MEMORY_MIB,
-                set_vm::DISK_BYTES,
-                set_vm::NAT,
-            ],
-        )
-        .map_err(to_wire)?;
+        let o = parsed(banger_dbus::options::SetVm::parse(&changes))?;
         let changes = VmChanges {
-            vcpus: u32_opt(&changes, set_vm::VCPUS).map_err(to_wire)?,
-            memory_mib: u32_opt(&changes, set_vm::MEMORY_MIB).map_err(to_wire)?,
-            disk_bytes: u64_opt(&changes, set_vm::DISK_BYTES).map_err(to_wire)?,
-            nat: opt_bool(&changes, set_vm::NAT).map_err(to_wire)?,
+            vcpus: o.vcpus,
+            memory_mib: o.memory_mib,
+            disk_bytes: o.disk_bytes,
+            nat: o.nat,
         };
         self.core
             .vms()
