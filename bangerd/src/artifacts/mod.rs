@@ -8,9 +8,8 @@
 //! last, so a crash leaves at worst a directory without a row, which
 //! [`cleanup_orphans`] removes at startup.
 
-pub mod bundle;
+pub use banger_formats::{bundle, files, hex};
 pub mod commands;
-pub mod files;
 pub mod oci;
 pub mod owner;
 pub mod pull;
@@ -171,17 +170,6 @@ pub fn new_id() -> std::io::Result<String> {
     let mut bytes = [0u8; 8];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(hex(&bytes))
-}
-
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// Where managed kernels live.

@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::artifacts::Service;
 use crate::error::{Error, Result};
 
-/// The ext4 superblock magic, at byte 0x38 of the superblock at 1024.
-const EXT4_MAGIC_OFFSET: u64 = 1024 + 0x38;
+use banger_formats::ext4::EXT4_MAGIC_OFFSET;
 
 /// A name of a VM, image or kernel: a DNS label (1-63 of `a-z0-9-`, not
 /// starting or ending with `-`) with at least one character that is not a
@@ -157,18 +156,7 @@ pub fn has_ext4_magic(head: &[u8]) -> bool {
         .is_some_and(|m| u16::from_le_bytes([m[0], m[1]]) == 0xEF53)
 }
 
-/// Whether the file at `path` holds an ext2/3/4 superblock.
-pub fn is_ext4(path: &Path) -> std::io::Result<bool> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
-    if f.metadata()?.len() < EXT4_MAGIC_OFFSET + 2 {
-        return Ok(false);
-    }
-    f.seek(SeekFrom::Start(EXT4_MAGIC_OFFSET))?;
-    let mut magic = [0u8; 2];
-    f.read_exact(&mut magic)?;
-    Ok(u16::from_le_bytes(magic) == 0xEF53)
-}
+pub use banger_formats::ext4::is_ext4;
 
 /// Check `path` (already validated as a file) is an ext4 image.
 pub fn ext4_image(what: &str, path: &Path) -> Result<()> {

@@ -6,8 +6,7 @@
 //! work-seed from its `/root`, and the image recorded like any managed one.
 
 pub mod boot;
-pub mod ext4;
-pub mod layers;
+pub use banger_formats::{ext4, layers};
 pub mod registry;
 
 use std::sync::Arc;

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use crate::error::{Error, Result};
+use banger_error::{Error, Result};
 
 /// Bytes of content and number of entries under `root` (not following
 /// symlinks; hard links counted once).
@@ -77,6 +77,22 @@ pub fn build(root: &Path, image: &Path, room: u64) -> Result<u64> {
         )));
     }
     Ok(size)
+}
+
+/// The ext4 superblock magic, at byte 0x38 of the superblock at 1024.
+pub const EXT4_MAGIC_OFFSET: u64 = 1024 + 0x38;
+
+/// Whether the file at `path` holds an ext2/3/4 superblock.
+pub fn is_ext4(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    if f.metadata()?.len() < EXT4_MAGIC_OFFSET + 2 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::Start(EXT4_MAGIC_OFFSET))?;
+    let mut magic = [0u8; 2];
+    f.read_exact(&mut magic)?;
+    Ok(u16::from_le_bytes(magic) == 0xEF53)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use banger_error::{Error, Result};
 
 const CHUNK: usize = 1 << 20;
 
@@ -166,7 +166,7 @@ pub fn unpack_modules(
             .path()
             .map_err(|e| bad(format!("has an unreadable path ({e})")))?
             .into_owned();
-        let Some(relative) = super::bundle::checked_path(&path) else {
+        let Some(relative) = crate::bundle::checked_path(&path) else {
             return Err(bad(format!(
                 "has {}, which is not a plain relative path",
                 path.display()
@@ -285,7 +285,7 @@ pub fn sha256_file(path: &Path, tick: Tick<'_>) -> Result<String> {
         done += n as u64;
         tick(done)?;
     }
-    Ok(super::hex(&hasher.finalize()))
+    Ok(crate::hex(&hasher.finalize()))
 }
 
 /// Bytes of every regular file under `path` (or of `path` itself).
@@ -419,7 +419,7 @@ mod tests {
             Err(Error::cancelled("cancelled"))
         })
         .expect_err("stopped");
-        assert_eq!(err.kind, crate::error::ErrorKind::Cancelled);
+        assert_eq!(err.kind, banger_error::ErrorKind::Cancelled);
     }
 
     #[test]
@@ -475,7 +475,7 @@ mod tests {
         .expect("rootfs");
         let seed = dir.path().join("work-seed.ext4");
         make_work_seed(&rootfs, &seed).expect("seed");
-        assert!(super::super::validate::is_ext4(&seed).expect("read"));
+        assert!(crate::ext4::is_ext4(&seed).expect("read"));
         // Its scratch copy is gone, even after a failure.
         let names = |d: &Path| -> Vec<_> {
             std::fs::read_dir(d)

@@ -14,7 +14,7 @@
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::{Error, Result};
+use banger_error::{Error, Result};
 
 /// The prefix of a whiteout file.
 const WHITEOUT: &str = ".wh.";

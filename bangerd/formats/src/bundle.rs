@@ -15,7 +15,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use banger_error::{Error, Result};
 
 /// What a bundle holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

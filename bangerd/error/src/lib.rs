@@ -1,0 +1,112 @@
+//! The core's error type: what every command of the internal API can answer.
+//!
+//! Front ends map these kinds to their own wire errors (the D-Bus layer to
+//! `org.banger.Error.*`); the core never sees wire types.
+
+/// Kind of failure, stable across front ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The thing does not exist.
+    NotFound,
+    /// An argument is malformed, unknown or out of range.
+    InvalidArgument,
+    /// A thing with that name already exists.
+    AlreadyExists,
+    /// Busy with another operation.
+    Busy,
+    /// The caller may not do this.
+    PermissionDenied,
+    /// Polkit would have to ask, and the caller did not allow a prompt.
+    InteractiveAuthorizationRequired,
+    /// Something needed is missing on this host.
+    Unavailable,
+    /// The operation failed.
+    Failed,
+    /// The operation was cancelled.
+    Cancelled,
+    /// A quota or size cap would be exceeded.
+    LimitExceeded,
+}
+
+/// An error answered by the core: a kind and a message for humans that says
+/// what to do (lowercase, no trailing period).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// What failed and what to do about it.
+    pub message: String,
+}
+
+impl Error {
+    /// `LimitExceeded`; the message names the limit (its config key), the
+    /// numbers and what to do.
+    pub fn limit(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::LimitExceeded, message)
+    }
+
+    /// This error with each non-empty word of `words` replaced by its
+    /// stand-in in the message: a job's error goes out in a `Completed`
+    /// signal every user on the bus receives, so the caller's arguments (a
+    /// registry, a repository) are taken out; the caller knows them.
+    pub fn redacted(mut self, words: &[(&str, &str)]) -> Self {
+        for (word, instead) in words.iter().filter(|(w, _)| !w.is_empty()) {
+            self.message = self.message.replace(word, instead);
+        }
+        self
+    }
+
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// `NotFound`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    /// `InvalidArgument`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+
+    /// `PermissionDenied`.
+    pub fn denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::PermissionDenied, message)
+    }
+
+    /// `Unavailable`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
+    }
+
+    /// `Failed`.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Failed, message)
+    }
+
+    /// `Cancelled`.
+    pub fn cancelled(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Cancelled, message)
+    }
+
+    /// `Failed`, with the whole cause chain of `err` after `context`.
+    pub fn failed_with(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut message = format!("{context}: {err}");
+        let mut source = err.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::failed(message)
+    }
+}
+
+/// Result of a core command.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,21 @@
+//! `banger-formats`: the file formats banger reads from users, registries
+//! and catalogs, parsed without knowing the daemon: catalog bundles
+//! ([`bundle`]), OCI layers applied onto a root ([`layers`]), sparse and
+//! checked copies and module trees ([`files`]), ext4 images written with
+//! `mkfs.ext4 -d` ([`ext4`]).
+
+pub mod bundle;
+pub mod ext4;
+pub mod files;
+pub mod layers;
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
