@@ -19,7 +19,7 @@ pub mod jobs;
 #[cfg(test)]
 mod layers;
 pub mod logging;
-pub mod net;
+pub use banger_net as net;
 pub mod os;
 pub mod paths;
 pub mod program;

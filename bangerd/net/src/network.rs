@@ -16,8 +16,8 @@ use super::leases::{Lease, Subnet};
 use super::link::Links;
 use super::nat::Nat;
 use super::pool::TapPool;
-use crate::error::Error;
-use crate::store::Store;
+use crate::leases::LeaseStore;
+use banger_error::Error;
 
 /// What a VM got.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +34,7 @@ pub struct VmNet {
 #[derive(Debug, Clone)]
 pub struct Network {
     subnet: Subnet,
-    store: Arc<Store>,
+    store: Arc<dyn LeaseStore>,
     pool: TapPool,
     nat: Nat,
     zone: Option<VmZone>,
@@ -57,7 +57,7 @@ impl Network {
         bridge: &str,
         subnet: Subnet,
         pool_size: usize,
-        store: Arc<Store>,
+        store: Arc<dyn LeaseStore>,
         zone: Option<VmZone>,
         in_use: &[String],
         nat_vms: &[Ipv4Addr],

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use nftables::schema::Nftables;
 use serde_json::{Value, json};
 
-use crate::error::Error;
+use banger_error::Error;
 
 /// The table's name (family `inet`).
 pub const TABLE: &str = "banger";

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use super::link::{Links, TAP_PREFIX};
-use crate::error::Error;
+use banger_error::Error;
 
 /// Idle TAPs belong to root until handed out.
 const IDLE_OWNER: u32 = 0;

@@ -16,7 +16,7 @@ use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
 
 use super::leases::Subnet;
-use crate::error::{Error, ErrorKind};
+use banger_error::{Error, ErrorKind};
 
 /// Prefix of every TAP banger makes (`bgtap<n>`), so leftovers can be told
 /// from anyone else's devices.

@@ -8,11 +8,8 @@
 
 use std::net::Ipv4Addr;
 
+use banger_error::{Error, ErrorKind};
 use ipnet::Ipv4Net;
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
-
-use crate::error::{Error, ErrorKind};
-use crate::store::{Store, StoreError};
 
 /// The subnet banger's VMs live in, and its gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +42,11 @@ impl Subnet {
     /// The network.
     pub fn net(&self) -> Ipv4Net {
         self.net
+    }
+
+    /// Whether `ip` is in the subnet.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.net.contains(&ip)
     }
 
     /// The gateway: the first host address, on the bridge.
@@ -112,101 +114,30 @@ pub fn mac_for(ip: Ipv4Addr) -> String {
     format!("0a:b6:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
-impl Store {
-    /// The lease of `owner`, making one if it has none. Stable: asking again
-    /// returns the same lease.
-    pub fn lease(&self, owner: &str, subnet: &Subnet) -> Result<Lease, LeaseError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(StoreError::from)?;
-        let existing: Option<(String, String)> = tx
-            .query_row(
-                "SELECT ipv4, mac FROM leases WHERE owner = ?1",
-                [owner],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(StoreError::from)?;
-        if let Some((ip, mac)) = existing {
-            let ipv4: Ipv4Addr = ip.parse().map_err(|_| LeaseError::Corrupt(ip.clone()))?;
-            if subnet.net.contains(&ipv4) {
-                return Ok(Lease {
-                    owner: owner.to_owned(),
-                    ipv4,
-                    mac,
-                });
-            }
-            // The subnet changed: this lease is no longer valid.
-            tx.execute("DELETE FROM leases WHERE owner = ?1", [owner])
-                .map_err(StoreError::from)?;
-        }
-        let used: Vec<u32> = {
-            let mut st = tx
-                .prepare("SELECT ipv4 FROM leases")
-                .map_err(StoreError::from)?;
-            let rows = st
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(StoreError::from)?;
-            let mut used = Vec::new();
-            for row in rows {
-                if let Ok(ip) = row.map_err(StoreError::from)?.parse::<Ipv4Addr>() {
-                    used.push(u32::from(ip));
-                }
-            }
-            used
-        };
-        let free =
-            subnet
-                .guest_range()
-                .find(|a| !used.contains(a))
-                .ok_or(LeaseError::Exhausted {
-                    subnet: *subnet,
-                    in_use: used.len(),
-                })?;
-        let ipv4 = Ipv4Addr::from(free);
-        let mac = mac_for(ipv4);
-        tx.execute(
-            "INSERT INTO leases (owner, ipv4, mac) VALUES (?1, ?2, ?3)",
-            params![owner, ipv4.to_string(), mac],
-        )
-        .map_err(StoreError::from)?;
-        tx.commit().map_err(StoreError::from)?;
-        Ok(Lease {
-            owner: owner.to_owned(),
-            ipv4,
-            mac,
+/// The lowest address of `subnet` VMs may get that `used` does not hold.
+pub fn first_free(subnet: &Subnet, used: &[Ipv4Addr]) -> Result<Ipv4Addr, LeaseError> {
+    let used: std::collections::BTreeSet<u32> = used.iter().map(|a| u32::from(*a)).collect();
+    subnet
+        .guest_range()
+        .find(|a| !used.contains(a))
+        .map(Ipv4Addr::from)
+        .ok_or(LeaseError::Exhausted {
+            subnet: *subnet,
+            in_use: used.len(),
         })
-    }
+}
 
+/// Where leases are kept (the daemon's store). Calls block: run them off
+/// the async executor.
+pub trait LeaseStore: Send + Sync + std::fmt::Debug {
+    /// The lease of `owner`, making one with [`first_free`] if it has none
+    /// or if its address is outside `subnet`. Stable: asking again returns
+    /// the same lease.
+    fn lease(&self, owner: &str, subnet: &Subnet) -> Result<Lease, LeaseError>;
+    /// The lease `owner` holds, if any.
+    fn lease_of(&self, owner: &str) -> Result<Option<Lease>, LeaseError>;
     /// Give `owner`'s lease back. Returns whether it had one.
-    pub fn release_lease(&self, owner: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM leases WHERE owner = ?1", [owner])?
-            == 1)
-    }
-
-    /// Every lease.
-    pub fn leases(&self) -> Result<Vec<Lease>, StoreError> {
-        let conn = self.conn();
-        let mut st = conn.prepare("SELECT owner, ipv4, mac FROM leases ORDER BY owner")?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (owner, ip, mac) = row?;
-            if let Ok(ipv4) = ip.parse() {
-                out.push(Lease { owner, ipv4, mac });
-            }
-        }
-        Ok(out)
-    }
+    fn release_lease(&self, owner: &str) -> Result<bool, LeaseError>;
 }
 
 /// Why no lease could be given.
@@ -226,8 +157,8 @@ pub enum LeaseError {
     #[error("the store holds a bad lease address {0:?}")]
     Corrupt(String),
     /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    #[error("the lease store failed: {0}")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl From<LeaseError> for Error {
@@ -278,24 +209,20 @@ mod tests {
     }
 
     #[test]
-    fn leases_are_stable_skip_reserved_reuse_and_run_out() {
-        let store = Store::open_in_memory().expect("store");
+    fn first_free_skips_reserved_and_held_addresses_and_runs_out() {
         let s = Subnet::parse("10.9.0.0/29").expect("subnet");
-        let a = store.lease("a", &s).expect("a");
+        let ip = |d| Ipv4Addr::new(10, 9, 0, d);
         assert_eq!(
-            a.ipv4,
-            Ipv4Addr::new(10, 9, 0, 2),
+            first_free(&s, &[]).expect("empty"),
+            ip(2),
             "gateway .1 and network .0 are skipped"
         );
-        assert_eq!(a.mac, "0a:b6:0a:09:00:02");
-        assert_eq!(store.lease("a", &s).expect("again"), a, "stable");
-        let b = store.lease("b", &s).expect("b");
-        assert_eq!(b.ipv4, Ipv4Addr::new(10, 9, 0, 3));
-        for owner in ["c", "d", "e"] {
-            store.lease(owner, &s).expect(owner);
-        }
-        // .2-.6 are taken; .7 is the broadcast address.
-        let err = store.lease("f", &s).expect_err("exhausted");
+        assert_eq!(
+            first_free(&s, &[ip(2), ip(4)]).expect("gap"),
+            ip(3),
+            "lowest free first"
+        );
+        let err = first_free(&s, &[ip(2), ip(3), ip(4), ip(5), ip(6)]).expect_err("full");
         assert!(
             matches!(err, LeaseError::Exhausted { in_use: 5, .. }),
             "{err}"
@@ -303,22 +230,7 @@ mod tests {
         let e = Error::from(err);
         assert_eq!(e.kind, ErrorKind::Unavailable);
         assert!(e.message.contains("network.subnet"), "{}", e.message);
-
-        assert!(store.release_lease("b").expect("release"));
-        assert!(!store.release_lease("b").expect("twice"));
-        assert_eq!(
-            store.lease("f", &s).expect("f").ipv4,
-            b.ipv4,
-            "freed address reused"
-        );
-        assert_eq!(store.leases().expect("all").len(), 5);
-
-        // A new subnet: old leases are replaced on demand.
-        let s2 = Subnet::parse("10.10.0.0/24").expect("subnet");
-        assert_eq!(
-            store.lease("a", &s2).expect("moved").ipv4,
-            Ipv4Addr::new(10, 10, 0, 2)
-        );
+        assert_eq!(mac_for(ip(2)), "0a:b6:0a:09:00:02");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! transaction each (`PRAGMA user_version` is the schema version). A store
 //! written by a newer bangerd is refused rather than guessed at.
 
+mod leases;
+
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 

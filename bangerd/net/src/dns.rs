@@ -24,7 +24,7 @@ use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
 
 use super::leases::Subnet;
-use crate::error::Error;
+use banger_error::Error;
 
 /// TTL of VM records: short, VMs come and go.
 const TTL: u32 = 5;

@@ -10,12 +10,12 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use crate::error::Result;
-use crate::net::dns::{DnsServer, VmZone};
-use crate::net::leases::{Lease, Subnet};
-use crate::net::network::Network;
-use crate::net::resolved::{LinkDns, Registration};
-use crate::store::Store;
+use crate::dns::{DnsServer, VmZone};
+use crate::leases::LeaseStore;
+use crate::leases::{Lease, Subnet};
+use crate::network::Network;
+use crate::resolved::{LinkDns, Registration};
+use banger_error::Result;
 
 /// How the network is laid out (from `[network]`).
 #[derive(Debug, Clone)]
@@ -40,7 +40,7 @@ pub struct InUse {
 /// The host network service.
 #[derive(Debug)]
 pub struct HostNetwork {
-    store: Arc<Store>,
+    store: Arc<dyn LeaseStore>,
     link_dns: Arc<dyn LinkDns>,
     /// The bridge, pool and NAT, once the first VM needed them.
     network: tokio::sync::Mutex<Option<Network>>,
@@ -59,7 +59,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl HostNetwork {
     /// A network service over `store` (leases) telling `link_dns` (the
     /// host's resolver) where `.vm` names are answered.
-    pub fn new(store: Arc<Store>, link_dns: Arc<dyn LinkDns>) -> Self {
+    pub fn new(store: Arc<dyn LeaseStore>, link_dns: Arc<dyn LinkDns>) -> Self {
         Self {
             store,
             link_dns,
@@ -94,12 +94,10 @@ impl HostNetwork {
     pub async fn lease_of(&self, owner: &str) -> Option<Lease> {
         let store = self.store.clone();
         let owner = owner.to_owned();
-        tokio::task::spawn_blocking(move || {
-            store.leases().ok()?.into_iter().find(|l| l.owner == owner)
-        })
-        .await
-        .ok()
-        .flatten()
+        tokio::task::spawn_blocking(move || store.lease_of(&owner).ok().flatten())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The network when it is up.
@@ -159,7 +157,7 @@ impl HostNetwork {
             Ok::<_, std::io::Error>((udp, tcp))
         };
         match bound.await {
-            Ok((udp, tcp)) => match crate::net::dns::serve_zone(zone, vec![udp], vec![tcp]) {
+            Ok((udp, tcp)) => match crate::dns::serve_zone(zone, vec![udp], vec![tcp]) {
                 Ok(server) => {
                     tracing::info!(address = %addr, "serving .vm DNS to guests");
                     *lock(&self.guest_dns) = Some(server);

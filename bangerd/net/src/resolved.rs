@@ -6,8 +6,8 @@
 
 use std::net::Ipv4Addr;
 
-use crate::auth::BoxFuture;
-use crate::error::{Error, Result};
+use crate::BoxFuture;
+use banger_error::{Error, Result};
 
 /// systemd-resolved's bus name.
 pub const RESOLVED_NAME: &str = "org.freedesktop.resolve1";
