@@ -1,16 +1,16 @@
 //! Virtual machines: the record, its explicit state machine, and the
 //! commands on it ([`commands`]). Disks are in [`disk`], VMM drivers in
-//! [`vmm`], VMM processes in [`process`], the store rows in [`store`].
+//! [`vmm`] (crate `banger-vmm`), VMM processes in [`process`], the store rows in [`store`].
 
 pub mod agent;
 pub mod commands;
 pub mod disk;
-pub mod process;
 pub mod quota;
 pub mod snapshot;
 pub mod store;
-pub mod supervise;
-pub mod vmm;
+
+pub use banger_vmm as vmm;
+pub use banger_vmm::{VmPaths, VmmDriver, process, supervise, vms_dir};
 
 use std::path::{Path, PathBuf};
 
@@ -192,57 +192,6 @@ impl Vm {
     }
 }
 
-/// Where VM directories live.
-pub fn vms_dir(state: &Path) -> PathBuf {
-    state.join("vms")
-}
-
-/// Files of one VM (under the state directory) and its sockets (under the
-/// runtime directory).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmPaths {
-    /// The VM's state directory.
-    pub dir: PathBuf,
-    /// Copy-on-write system disk (reflink clone or sparse copy).
-    pub system_disk: PathBuf,
-    /// The change store of a device-mapper snapshot system disk.
-    pub system_cow: PathBuf,
-    /// The loop devices under a snapshot system disk while it is up.
-    pub loops: PathBuf,
-    /// Persistent work disk (/root).
-    pub work_disk: PathBuf,
-    /// Serial console output of the guest (appended across boots).
-    pub console_log: PathBuf,
-    /// The VMM's own standard output and error.
-    pub vmm_log: PathBuf,
-    /// The VM's runtime directory.
-    pub run: PathBuf,
-    /// The agent's socket (virtio-serial chardev or Firecracker vsock).
-    pub agent_socket: PathBuf,
-    /// The VMM's control socket (QMP or the Firecracker API).
-    pub control_socket: PathBuf,
-}
-
-impl VmPaths {
-    /// Paths of VM `id`.
-    pub fn new(state: &Path, runtime: &Path, id: &str) -> Self {
-        let dir = Vm::dir(state, id);
-        let run = runtime.join("vms").join(id);
-        Self {
-            system_disk: dir.join("system.ext4"),
-            system_cow: dir.join("system.cow"),
-            loops: run.join("loops"),
-            work_disk: dir.join("work.ext4"),
-            console_log: dir.join("console.log"),
-            vmm_log: dir.join("vmm.log"),
-            agent_socket: run.join("agent.sock"),
-            control_socket: run.join("control.sock"),
-            dir,
-            run,
-        }
-    }
-}
-
 /// What `CreateVM` was asked, before defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmRequest {
@@ -262,35 +211,6 @@ pub struct VmRequest {
     pub ssh_keys: Vec<String>,
     /// Start it once created.
     pub start: bool,
-}
-
-/// The VMM a VM was started with (recorded, so stop and stats reach the
-/// same driver whatever the configuration says later).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmmDriver {
-    /// QEMU (`microvm`).
-    Qemu,
-    /// Firecracker.
-    Firecracker,
-}
-
-impl VmmDriver {
-    /// Stored and wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Qemu => "qemu",
-            Self::Firecracker => "firecracker",
-        }
-    }
-
-    /// The driver named `name`, if any.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "qemu" => Some(Self::Qemu),
-            "firecracker" => Some(Self::Firecracker),
-            _ => None,
-        }
-    }
 }
 
 pub use crate::shape::validate_sizes;

@@ -9,9 +9,9 @@
 
 use std::path::Path;
 
-use super::process::{self, ProcessId, Watched};
-use crate::auth::BoxFuture;
-use crate::error::Result;
+use crate::BoxFuture;
+use crate::process::{self, ProcessId, Watched};
+use banger_error::Result;
 
 /// The slice every VM unit goes into.
 pub const SLICE: &str = "banger.slice";

@@ -19,7 +19,8 @@ struct Spec {
 
 impl Spec {
     fn load() -> Self {
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../reference/firecracker-api.yaml");
+        let file =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/firecracker-api.yaml");
         let text = std::fs::read_to_string(&file)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
         let doc: Yaml = serde_yaml_ng::from_str(&text).expect("the spec is YAML");
@@ -685,7 +686,7 @@ async fn unreachable_apis_and_dead_processes_are_reported() {
     };
     let started = Instant::now();
     let err = fc
-        .launch(&spec, &crate::vm::supervise::Direct)
+        .launch(&spec, &crate::supervise::Direct)
         .await
         .expect_err("exits");
     assert!(

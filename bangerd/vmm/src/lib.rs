@@ -1,20 +1,31 @@
 //! Virtual machine monitors behind one trait: [`firecracker::Firecracker`]
 //! (one process and API socket per VM) and [`qemu::Qemu`] (QEMU's
 //! `microvm` machine, with KVM or TCG). [`kvm::probe`] decides whether KVM
-//! really runs guests here.
+//! really runs guests here. Who runs the VMM process is a
+//! [`supervise::Supervisor`]; [`process`] finds it again by pid and start
+//! time.
+//!
+//! It knows no VM record, store or daemon: a [`LaunchSpec`] says
+//! everything a boot needs.
 
 pub mod firecracker;
 pub mod kvm;
+pub mod process;
 pub mod qemu;
+pub mod supervise;
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
-use super::VmPaths;
-use super::process::{ProcessId, Watched};
-use super::supervise::Supervisor;
-use crate::auth::BoxFuture;
-use crate::error::Result;
-use crate::vm::agent::AgentEndpoint;
+use banger_agent_host::AgentEndpoint;
+use banger_error::Result;
+
+use crate::process::{ProcessId, Watched};
+use crate::supervise::Supervisor;
+
+/// A boxed future, for the object-safe traits here.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Start `program args` for `spec` through `supervisor`, after removing
 /// the sockets an earlier run may have left.
@@ -28,7 +39,7 @@ pub(crate) async fn start_process(
     let _ = std::fs::remove_file(&p.agent_socket);
     let _ = std::fs::remove_file(&p.control_socket);
     supervisor
-        .start(super::supervise::StartRequest {
+        .start(crate::supervise::StartRequest {
             vm_id: &spec.id,
             vm_name: &spec.name,
             program,
@@ -41,10 +52,10 @@ pub(crate) async fn start_process(
 }
 
 /// The error for a VMM that exited before it was ready: its last log lines.
-pub(crate) fn exited_at_start(vmm: &str, log: &std::path::Path) -> crate::error::Error {
+pub(crate) fn exited_at_start(vmm: &str, log: &std::path::Path) -> banger_error::Error {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let tail: Vec<&str> = text.lines().rev().take(5).collect();
-    crate::error::Error::failed(format!(
+    banger_error::Error::failed(format!(
         "{vmm} exited at start: {}",
         tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
     ))
@@ -111,7 +122,7 @@ pub struct LaunchSpec {
 /// A VMM driver.
 pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// Which driver this is (stored with the VM).
-    fn driver(&self) -> super::VmmDriver;
+    fn driver(&self) -> crate::VmmDriver;
 
     /// Short name (`qemu`, `firecracker`).
     fn name(&self) -> &'static str {
@@ -137,5 +148,85 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// than a bzImage.
     fn wants_elf_kernel(&self) -> bool {
         false
+    }
+}
+
+/// Where VM directories live.
+pub fn vms_dir(state: &Path) -> PathBuf {
+    state.join("vms")
+}
+
+/// Files of one VM (under the state directory) and its sockets (under the
+/// runtime directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    /// The VM's state directory.
+    pub dir: PathBuf,
+    /// Copy-on-write system disk (reflink clone or sparse copy).
+    pub system_disk: PathBuf,
+    /// The change store of a device-mapper snapshot system disk.
+    pub system_cow: PathBuf,
+    /// The loop devices under a snapshot system disk while it is up.
+    pub loops: PathBuf,
+    /// Persistent work disk (/root).
+    pub work_disk: PathBuf,
+    /// Serial console output of the guest (appended across boots).
+    pub console_log: PathBuf,
+    /// The VMM's own standard output and error.
+    pub vmm_log: PathBuf,
+    /// The VM's runtime directory.
+    pub run: PathBuf,
+    /// The agent's socket (virtio-serial chardev or Firecracker vsock).
+    pub agent_socket: PathBuf,
+    /// The VMM's control socket (QMP or the Firecracker API).
+    pub control_socket: PathBuf,
+}
+
+impl VmPaths {
+    /// Paths of VM `id`.
+    pub fn new(state: &Path, runtime: &Path, id: &str) -> Self {
+        let dir = vms_dir(state).join(id);
+        let run = runtime.join("vms").join(id);
+        Self {
+            system_disk: dir.join("system.ext4"),
+            system_cow: dir.join("system.cow"),
+            loops: run.join("loops"),
+            work_disk: dir.join("work.ext4"),
+            console_log: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            agent_socket: run.join("agent.sock"),
+            control_socket: run.join("control.sock"),
+            dir,
+            run,
+        }
+    }
+}
+
+/// The VMM a VM was started with (recorded, so stop and stats reach the
+/// same driver whatever the configuration says later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmDriver {
+    /// QEMU (`microvm`).
+    Qemu,
+    /// Firecracker.
+    Firecracker,
+}
+
+impl VmmDriver {
+    /// Stored and wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Qemu => "qemu",
+            Self::Firecracker => "firecracker",
+        }
+    }
+
+    /// The driver named `name`, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "qemu" => Some(Self::Qemu),
+            "firecracker" => Some(Self::Firecracker),
+            _ => None,
+        }
     }
 }

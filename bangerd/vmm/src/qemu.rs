@@ -10,12 +10,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::{Accel, LaunchSpec, Vmm, exited_at_start, kill_failed, start_process};
-use crate::auth::BoxFuture;
-use crate::error::{Error, Result};
-use crate::vm::VmPaths;
-use crate::vm::agent::AgentEndpoint;
-use crate::vm::process::{ProcessId, Watched};
-use crate::vm::supervise::Supervisor;
+use crate::BoxFuture;
+use crate::VmPaths;
+use crate::process::{ProcessId, Watched};
+use crate::supervise::Supervisor;
+use banger_agent_host::AgentEndpoint;
+use banger_error::{Error, Result};
 
 /// The virtio-serial port name the agent listens on.
 pub const AGENT_PORT: &str = "org.banger.agent";
@@ -185,8 +185,8 @@ impl Qmp {
 }
 
 impl Vmm for Qemu {
-    fn driver(&self) -> crate::vm::VmmDriver {
-        crate::vm::VmmDriver::Qemu
+    fn driver(&self) -> crate::VmmDriver {
+        crate::VmmDriver::Qemu
     }
 
     fn launch<'a>(
@@ -302,7 +302,7 @@ mod tests {
             panic!("qemu-system-x86_64 is missing: run scripts/install-deps");
         }
         let e = q
-            .launch(&s, &crate::vm::supervise::Direct)
+            .launch(&s, &crate::supervise::Direct)
             .await
             .expect_err("no kernel");
         assert!(e.message.contains("qemu exited at start"), "{}", e.message);

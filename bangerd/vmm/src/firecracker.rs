@@ -19,12 +19,12 @@ use serde_json::{Value, json};
 use tokio::net::UnixStream;
 
 use super::{LaunchSpec, Vmm, exited_at_start, kill_failed, start_process};
-use crate::auth::BoxFuture;
-use crate::error::{Error, Result};
-use crate::vm::VmPaths;
-use crate::vm::agent::AgentEndpoint;
-use crate::vm::process::{ProcessId, Watched};
-use crate::vm::supervise::Supervisor;
+use crate::BoxFuture;
+use crate::VmPaths;
+use crate::process::{ProcessId, Watched};
+use crate::supervise::Supervisor;
+use banger_agent_host::AgentEndpoint;
+use banger_error::{Error, Result};
 
 /// The guest context id of every VM: each VM has its own vsock device and
 /// socket, so they need not differ (3 is the lowest a guest may have).
@@ -284,8 +284,8 @@ fn fault_message(status: StatusCode, body: &[u8]) -> String {
 }
 
 impl Vmm for Firecracker {
-    fn driver(&self) -> crate::vm::VmmDriver {
-        crate::vm::VmmDriver::Firecracker
+    fn driver(&self) -> crate::VmmDriver {
+        crate::VmmDriver::Firecracker
     }
 
     fn launch<'a>(

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::error::{Error, Result};
+use banger_error::{Error, Result};
 
 /// A running VMM process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +171,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let e =
             spawn(Path::new("/nonexistent/qemu"), &[], &dir.path().join("l")).expect_err("missing");
-        assert_eq!(e.kind, crate::error::ErrorKind::Unavailable);
+        assert_eq!(e.kind, banger_error::ErrorKind::Unavailable);
     }
 }
