@@ -27,13 +27,15 @@ impl JobObject {
     }
 }
 
-/// Make sure job `id`'s object exists before the caller can look at it,
-/// and return its path (what every method that starts a job answers).
-pub async fn published(
+/// What every method that starts a job answers: the wire error when the
+/// job could not start, else the job's path, once its object exists (so
+/// the caller can look at it at once).
+pub async fn answer(
     conn: &zbus::Connection,
     core: &Arc<Core>,
-    id: JobId,
+    started: crate::error::Result<JobId>,
 ) -> Result<zbus::OwnedObjectPath, banger_dbus::Reply> {
+    let id = started.map_err(super::to_wire)?;
     register(conn.object_server(), core, id)
         .await
         .map_err(|e| {

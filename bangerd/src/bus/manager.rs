@@ -66,12 +66,7 @@ impl ManagerObject {
         let options = MaintainOptions {
             vacuum: parsed(opts::Maintain::parse(&options))?.vacuum,
         };
-        let id = self
-            .core
-            .maintain(&caller, options)
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(conn, &self.core, self.core.maintain(&caller, options).await).await
     }
 
     /// Import a kernel into managed storage from host paths: `kernel` an
@@ -91,19 +86,21 @@ impl ManagerObject {
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         let opts::ImportKernel { initrd, modules } = parsed(opts::ImportKernel::parse(&options))?;
-        let id = self
-            .core
-            .artifacts()
-            .import_kernel_paths(
-                &caller,
-                name,
-                kernel.into(),
-                initrd.map(Into::into),
-                modules.map(Into::into),
-            )
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(
+            conn,
+            &self.core,
+            self.core
+                .artifacts()
+                .import_kernel_paths(
+                    &caller,
+                    name,
+                    kernel.into(),
+                    initrd.map(Into::into),
+                    modules.map(Into::into),
+                )
+                .await,
+        )
+        .await
     }
 
     /// Import a kernel into managed storage from descriptors the caller
@@ -131,13 +128,12 @@ impl ManagerObject {
             initrd,
             modules: modules.map(Modules::Tar),
         };
-        let id = self
-            .core
-            .artifacts()
-            .import_kernel(&caller, req)
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(
+            conn,
+            &self.core,
+            self.core.artifacts().import_kernel(&caller, req).await,
+        )
+        .await
     }
 
     /// Import an image into managed storage from descriptors the caller
@@ -171,13 +167,12 @@ impl ManagerObject {
             services,
             init,
         };
-        let id = self
-            .core
-            .artifacts()
-            .import_image(&caller, req)
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(
+            conn,
+            &self.core,
+            self.core.artifacts().import_image(&caller, req).await,
+        )
+        .await
     }
 
     /// Delete a kernel by name or id, with its managed files. Refused with
@@ -272,13 +267,12 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        let id = self
-            .core
-            .artifacts()
-            .promote_image(&caller, &image)
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(
+            conn,
+            &self.core,
+            self.core.artifacts().promote_image(&caller, &image).await,
+        )
+        .await
     }
 
     /// Delete an image by name or id; managed files go with it. Refused
@@ -350,7 +344,7 @@ impl ManagerObject {
                 "cannot publish the vm: {e}"
             )))
         })?;
-        let job = job::published(conn, &self.core, job).await?;
+        let job = job::answer(conn, &self.core, Ok(job)).await?;
         Ok((banger_dbus::vm_path(&vm), job))
     }
 
@@ -401,13 +395,12 @@ impl ManagerObject {
             (true, false) => UpdateRequest::Check { channel },
             (false, false) => UpdateRequest::Install { channel },
         };
-        let id = self
-            .core
-            .updates()
-            .update(&caller, request)
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(
+            conn,
+            &self.core,
+            self.core.updates().update(&caller, request).await,
+        )
+        .await
     }
 
     /// The catalog of `kind` ("kernels" or "images") in use: its serial,
@@ -465,13 +458,12 @@ impl ManagerObject {
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         parsed(opts::NoOptions::parse("PullKernel", &options))?;
-        let id = self
-            .core
-            .artifacts()
-            .pull_kernel(&caller, &name)
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(
+            conn,
+            &self.core,
+            self.core.artifacts().pull_kernel(&caller, &name).await,
+        )
+        .await
     }
 
     /// Pull the image-catalog entry `reference` ("" for the configured
@@ -493,7 +485,7 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        let id = if reference.contains('/') {
+        let started = if reference.contains('/') {
             let o = parsed(opts::PullOci::parse(&options))?;
             let credentials = match o.login {
                 None => None,
@@ -511,9 +503,8 @@ impl ManagerObject {
         } else {
             parsed(opts::NoOptions::parse("PullImage", &options))?;
             self.core.artifacts().pull_image(&caller, &reference).await
-        }
-        .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        };
+        job::answer(conn, &self.core, started).await
     }
 
     /// Version of bangerd.

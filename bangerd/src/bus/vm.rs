@@ -143,13 +143,12 @@ impl VmObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        let id = self
-            .core
-            .vms()
-            .start_vm(&caller, &self.vm.id)
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(
+            conn,
+            &self.core,
+            self.core.vms().start_vm(&caller, &self.vm.id).await,
+        )
+        .await
     }
 
     /// Shut down cleanly (agent, then VMM powerdown), forced after
@@ -161,13 +160,12 @@ impl VmObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        let id = self
-            .core
-            .vms()
-            .stop_vm(&caller, &self.vm.id)
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(
+            conn,
+            &self.core,
+            self.core.vms().stop_vm(&caller, &self.vm.id).await,
+        )
+        .await
     }
 
     /// Stop (if running) and start. Returns the job.
@@ -178,13 +176,12 @@ impl VmObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        let id = self
-            .core
-            .vms()
-            .restart_vm(&caller, &self.vm.id)
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(
+            conn,
+            &self.core,
+            self.core.vms().restart_vm(&caller, &self.vm.id).await,
+        )
+        .await
     }
 
     /// Send signal number `signal` to the VMM process (9 kills it at once).
@@ -211,13 +208,12 @@ impl VmObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        let id = self
-            .core
-            .vms()
-            .delete_vm(&caller, &self.vm.id)
-            .await
-            .map_err(to_wire)?;
-        job::published(conn, &self.core, id).await
+        job::answer(
+            conn,
+            &self.core,
+            self.core.vms().delete_vm(&caller, &self.vm.id).await,
+        )
+        .await
     }
 
     /// Change it. Keys: "vcpus" (u), "memory_mib" (u), "disk_bytes" (t,
