@@ -15,6 +15,7 @@ mod output;
 mod polkit_agent;
 mod progress;
 mod registry_auth;
+mod session;
 mod vm;
 
 use std::ffi::OsString;

@@ -20,10 +20,10 @@ use zbus::OwnedObjectPath;
 use crate::artifacts::{self, human_bytes, human_time};
 use crate::cli::{Options, VmCommand, VmSpec};
 use crate::client::{Client, VmChange, VmInfo, VmJob};
-use crate::commands::{Authorization, connect, follow_and_report};
 use crate::exit::{self, Failure, Kind};
 use crate::output::{emit, emit_json};
 use crate::progress::{self, Display, Followed, Subscription, Tracker};
+use crate::session::{Authorization, connect, follow_and_report};
 
 impl artifacts::Named for VmInfo {
     fn name(&self) -> &str {
@@ -406,7 +406,7 @@ async fn create(
     // it is, so a NotFound can pull it from the catalog.
     let image = match spec.image.as_deref() {
         None => String::new(),
-        Some(reference) => match crate::commands::image_id(&client, reference).await {
+        Some(reference) => match crate::session::image_id(&client, reference).await {
             Ok(id) => id,
             Err(f) if f.kind() == Kind::NotFound => reference.to_owned(),
             Err(f) => return Err(f.into()),

@@ -1,5 +1,5 @@
-//! The daemon's top-level modules form no import circle: each depends
-//! only on modules below it, as crates would. Read from the sources (test
+//! No crate's top-level modules form an import circle: each depends only
+//! on modules below it, as crates would. Read from the sources (test
 //! code left out), so a new arrow that closes a circle fails here and
 //! names the files that make it.
 
@@ -79,24 +79,20 @@ fn circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
         .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
 }
 
-#[test]
-fn top_level_modules_form_no_circle() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// The top-level modules of the crate whose sources are `src`, and the
+/// circle between them, if any, with the files that make each step.
+fn circle_in(src: &Path) -> (BTreeSet<String>, Option<String>) {
     let mut files = Vec::new();
-    sources(&src, &mut files);
+    sources(src, &mut files);
     let modules: BTreeSet<String> = files
         .iter()
-        .map(|f| module_of(&src, f))
+        .map(|f| module_of(src, f))
         .filter(|m| m != "lib" && m != "main")
         .collect();
-    assert!(
-        modules.contains("vm") && modules.contains("core"),
-        "{modules:?}"
-    );
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut why: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for file in &files {
-        let from = module_of(&src, file);
+        let from = module_of(src, file);
         if !modules.contains(&from) {
             continue;
         }
@@ -104,7 +100,7 @@ fn top_level_modules_form_no_circle() {
         let code = text.split("#[cfg(test)]").next().unwrap_or_default();
         for to in arrows(code, &modules) {
             if to != from {
-                let rel = file.strip_prefix(&src).expect("under src");
+                let rel = file.strip_prefix(src).expect("under src");
                 why.entry((from.clone(), to.clone()))
                     .or_default()
                     .insert(rel.display().to_string());
@@ -112,7 +108,7 @@ fn top_level_modules_form_no_circle() {
             }
         }
     }
-    if let Some(found) = circle(&graph) {
+    let found = circle(&graph).map(|found| {
         let steps: Vec<String> = found
             .windows(2)
             .map(|w| {
@@ -120,7 +116,43 @@ fn top_level_modules_form_no_circle() {
                 format!("{} -> {} ({files:?})", w[0], w[1])
             })
             .collect();
-        panic!("an import circle:\n{}", steps.join("\n"));
+        steps.join("\n")
+    });
+    (modules, found)
+}
+
+#[test]
+fn top_level_modules_form_no_circle() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let (modules, found) = circle_in(&src);
+    assert!(
+        modules.contains("vm") && modules.contains("core"),
+        "{modules:?}"
+    );
+    if let Some(steps) = found {
+        panic!("an import circle in bangerd:\n{steps}");
+    }
+}
+
+#[test]
+fn no_workspace_crate_has_an_import_circle() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest: toml::Table = std::fs::read_to_string(root.join("Cargo.toml"))
+        .expect("read the workspace manifest")
+        .parse()
+        .expect("parse the workspace manifest");
+    let members = manifest["workspace"]["members"]
+        .as_array()
+        .expect("workspace.members");
+    assert!(members.len() > 5, "{members:?}");
+    for member in members {
+        let member = member.as_str().expect("a path");
+        let src = root.join(member).join("src");
+        assert!(src.is_dir(), "{member} has no src/");
+        let (_, found) = circle_in(&src);
+        if let Some(steps) = found {
+            panic!("an import circle in {member}:\n{steps}");
+        }
     }
 }
 
