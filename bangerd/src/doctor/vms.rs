@@ -427,7 +427,6 @@ mod tests {
     /// doctor and create share one decision: a `qemu_bin` that is no
     /// executable fails doctor's check with the very message create
     /// refuses with (create once took it and failed at spawn).
-
     #[test]
     fn doctor_and_create_agree_on_the_vmm() {
         use std::os::unix::fs::PermissionsExt;
