@@ -7,6 +7,7 @@
 pub mod bundle;
 pub mod ext4;
 pub mod files;
+pub mod initramfs;
 pub mod layers;
 
 /// Lowercase hex of `bytes`.
