@@ -475,12 +475,36 @@ pub enum KernelCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Build a kernel from the host's Debian archive (a job: apt update, download, unpack,
+    /// modules, initramfs, record); nothing is installed on the host
+    Build {
+        /// Where the kernel comes from: the host's apt sources
+        #[arg(long, value_enum, default_value_t = KernelSource::Debian)]
+        from: KernelSource,
+        /// Kernel name (a DNS label); default debian-CODENAME of this host
+        #[arg(long)]
+        name: Option<String>,
+        /// The kernel image package; default the release's cloud kernel (what
+        /// linux-image-cloud-amd64 depends on)
+        #[arg(long)]
+        package: Option<String>,
+        /// Print the job's path and return at once
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Delete kernels (refused while an image uses them)
     Delete {
         /// Kernel names or ids
         #[arg(required = true)]
         kernels: Vec<String>,
     },
+}
+
+/// Where `kernel build` takes a kernel from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelSource {
+    /// Debian's cloud kernel, through the host's apt sources and mirrors
+    Debian,
 }
 
 /// `banger update`
@@ -545,6 +569,12 @@ pub enum Action {
         wait: bool,
     },
     KernelDelete(Vec<String>),
+    /// `kernel build`.
+    KernelBuild {
+        name: Option<String>,
+        package: Option<String>,
+        wait: bool,
+    },
     ImageList,
     ImageShow(String),
     ImageRegister {
@@ -682,6 +712,16 @@ impl Cli {
                 wait: !no_wait,
             },
             Command::Kernel(KernelCommand::Delete { kernels }) => Action::KernelDelete(kernels),
+            Command::Kernel(KernelCommand::Build {
+                from: KernelSource::Debian,
+                name,
+                package,
+                no_wait,
+            }) => Action::KernelBuild {
+                name,
+                package,
+                wait: !no_wait,
+            },
             Command::Kernel(KernelCommand::Pull { name, no_wait }) => Action::Pull {
                 image: false,
                 name,

@@ -642,6 +642,27 @@ impl Client {
         }
     }
 
+    /// `Manager.BuildKernel` from Debian: returns the job.
+    pub async fn build_kernel(
+        &self,
+        name: &str,
+        package: Option<&str>,
+        interaction: Interaction,
+    ) -> Result<OwnedObjectPath, Failure> {
+        let options = banger_dbus::options::BuildKernel {
+            from: Some("debian".to_owned()),
+            package: package.map(str::to_owned),
+        };
+        let dict = options.to_dict();
+        let options = borrowed(&dict);
+        authorized!(
+            interaction,
+            self.manager(),
+            self.manager_quiet(),
+            build_kernel(name, options)
+        )
+    }
+
     /// `Manager.PullImage` of an OCI reference: returns the job.
     pub async fn pull_oci(
         &self,

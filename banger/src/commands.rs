@@ -68,6 +68,11 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
         Action::KernelList => kernel_list(opts).await,
         Action::Available(kind) => available(opts, kind).await,
         Action::Pull { image, name, wait } => pull(opts, image, &name, wait).await,
+        Action::KernelBuild {
+            name,
+            package,
+            wait,
+        } => kernel_build(opts, name, package, wait).await,
         Action::PullOci {
             reference,
             name,
@@ -392,6 +397,33 @@ async fn pull(opts: Options, image: bool, name: &str, wait: bool) -> anyhow::Res
         what,
         format!("cannot pull {what} {name}"),
         async |client, interaction| client.pull(image, name, interaction).await,
+    )
+    .await
+}
+
+async fn kernel_build(
+    opts: Options,
+    name: Option<String>,
+    package: Option<String>,
+    wait: bool,
+) -> anyhow::Result<u8> {
+    let label = name
+        .clone()
+        .unwrap_or_else(|| "from the Debian archive".to_owned());
+    start_then_show(
+        opts,
+        wait,
+        "kernel",
+        format!("cannot build kernel {label}"),
+        async |client, interaction| {
+            client
+                .build_kernel(
+                    name.as_deref().unwrap_or(""),
+                    package.as_deref(),
+                    interaction,
+                )
+                .await
+        },
     )
     .await
 }

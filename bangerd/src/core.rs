@@ -119,6 +119,7 @@ impl Core {
         let artifacts = Arc::new(Artifacts::new(ArtifactsDeps {
             config: config.clone(),
             state: deps.dirs.state.clone(),
+            cache: deps.dirs.cache.clone(),
             store: deps.store.clone(),
             authorizer: deps.authorizer.clone(),
             jobs: jobs.clone(),

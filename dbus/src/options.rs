@@ -258,6 +258,16 @@ pub mod pull_image {
     pub const PASSWORD: &str = "password";
 }
 
+/// Keys of `Manager.BuildKernel(s name, a{sv} options)`.
+pub mod build_kernel {
+    /// `s`: where the kernel comes from; only `debian` (the host's apt
+    /// sources), the default.
+    pub const FROM: &str = "from";
+    /// `s`: the kernel image package (default: what
+    /// `linux-image-cloud-amd64` depends on).
+    pub const PACKAGE: &str = "package";
+}
+
 /// Keys of `Manager.ImportKernel(s name, s kernel, a{sv} options)`.
 pub mod import_kernel {
     /// `s`: host path of an initramfs to boot with the kernel.
@@ -468,6 +478,41 @@ impl PullOci {
             .put(
                 pull_image::PASSWORD,
                 login.map(|(_, p)| Variant::from(p.as_str())),
+            )
+            .0
+    }
+}
+
+/// `Manager.BuildKernel` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildKernel {
+    /// [`build_kernel::FROM`].
+    pub from: Option<String>,
+    /// [`build_kernel::PACKAGE`].
+    pub package: Option<String>,
+}
+
+impl BuildKernel {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "BuildKernel",
+            dict,
+            &[build_kernel::FROM, build_kernel::PACKAGE],
+        )?;
+        Ok(Self {
+            from: r.string(build_kernel::FROM)?,
+            package: r.string(build_kernel::PACKAGE)?,
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'_> {
+        Writer::new()
+            .put(build_kernel::FROM, self.from.as_deref().map(Variant::from))
+            .put(
+                build_kernel::PACKAGE,
+                self.package.as_deref().map(Variant::from),
             )
             .0
     }
@@ -828,6 +873,15 @@ mod tests {
         assert_eq!(
             Maintain::parse(&received(&maintain.to_dict())),
             Ok(maintain)
+        );
+        let build = BuildKernel {
+            from: Some("debian".into()),
+            package: Some("linux-image-6.1.0-57-cloud-amd64".into()),
+        };
+        assert_eq!(BuildKernel::parse(&received(&build.to_dict())), Ok(build));
+        assert_eq!(
+            BuildKernel::parse(&received(&BuildKernel::default().to_dict())),
+            Ok(BuildKernel::default())
         );
     }
 

@@ -36,6 +36,15 @@ macro_rules! manager_proxy {
                 options: HashMap<&str, &Variant<'_>>,
             ) -> Result<OwnedObjectPath, Error>;
 
+            /// Build a kernel from the host's Debian archive as a job; returns
+            /// the job's path.
+            $(#[$auth])?
+            fn build_kernel(
+                &self,
+                name: &str,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<OwnedObjectPath, Error>;
+
             /// Pull an image-catalog entry (and its kernel) as a job; returns the
             /// job's path.
             $(#[$auth])?

@@ -9,6 +9,7 @@
 //! [`cleanup_orphans`] removes at startup.
 
 pub use banger_formats::{bundle, files, hex};
+pub mod build;
 pub mod commands;
 pub mod oci;
 pub mod owner;

@@ -466,6 +466,45 @@ impl ManagerObject {
         .await
     }
 
+    /// Build a kernel from the host's Debian archive into managed storage,
+    /// as a job: its apt sources (banger's own package lists, the host's
+    /// left alone), the package (option "package" (s), default what
+    /// linux-image-cloud-amd64 depends on) downloaded with its size and
+    /// SHA-256 from the signed indexes, unpacked, a small initramfs made
+    /// (virtio, vsock, virtiofs and console modules), recorded as a system
+    /// kernel named `name` ("" for debian-CODENAME). Option "from" (s)
+    /// is "debian", the only source. No package is installed on the
+    /// host. Its Completed result is the new kernel object. polkit action
+    /// org.banger.image.manage.
+    #[zbus(out_args("job"))]
+    async fn build_kernel(
+        &self,
+        name: String,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let o = parsed(opts::BuildKernel::parse(&options))?;
+        if let Some(from) = o.from.as_deref()
+            && from != "debian"
+        {
+            return Err(to_wire(crate::error::Error::invalid(format!(
+                "BuildKernel option from is {from:?}; the only source is \"debian\""
+            ))));
+        }
+        let request = crate::artifacts::build::KernelBuild {
+            name,
+            package: o.package,
+        };
+        job::answer(
+            conn,
+            &self.core,
+            self.core.artifacts().build_kernel(&caller, request).await,
+        )
+        .await
+    }
+
     /// Pull the image-catalog entry `reference` ("" for the configured
     /// default image) into managed storage, as a job, pulling its kernel
     /// first when it is missing (stage "pull kernel NAME"); otherwise as

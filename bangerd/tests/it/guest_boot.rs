@@ -15,13 +15,13 @@ use banger_testbed::guest_artifact;
 
 /// QEMU, killed on drop whatever happens; keeps the console log for
 /// failure messages.
-struct Qemu {
-    child: Child,
+pub(crate) struct Qemu {
+    pub(crate) child: Child,
     console: std::path::PathBuf,
 }
 
 impl Qemu {
-    fn console_tail(&self, lines: usize) -> String {
+    pub(crate) fn console_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.console).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
@@ -45,10 +45,10 @@ fn sparse_copy(from: &Path, to: &Path) {
     assert!(st.success());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tiny_image_boots_and_its_agent_answers_over_virtio_serial() {
-    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
-    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+/// Boot the tiny image (copies of its disks in `dir`) with `vmlinuz` and
+/// `initrd` under QEMU microvm with TCG; the agent's socket is
+/// `dir/agent.sock`.
+pub(crate) fn boot_tiny(vmlinuz: &Path, initrd: &Path, dir: &Path) -> Qemu {
     let rootfs = guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
     let seed = guest_artifact("tiny/work-seed.ext4", "build-tiny-image");
     let qemu_bin = "qemu-system-x86_64";
@@ -56,16 +56,12 @@ async fn tiny_image_boots_and_its_agent_answers_over_virtio_serial() {
         Command::new(qemu_bin).arg("--version").output().is_ok(),
         "{qemu_bin} is missing: apt-get install qemu-system-x86 (scripts/install-deps does)"
     );
-
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("rootfs.ext4");
-    let work = dir.path().join("work.ext4");
+    let disk = dir.join("rootfs.ext4");
+    let work = dir.join("work.ext4");
     sparse_copy(&rootfs, &disk);
     sparse_copy(&seed, &work);
-    let sock = dir.path().join("agent.sock");
-    let console = dir.path().join("console.log");
-
-    let t0 = Instant::now();
+    let sock = dir.join("agent.sock");
+    let console = dir.join("console.log");
     let child = Command::new(qemu_bin)
         .args([
             "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "2",
@@ -79,9 +75,9 @@ async fn tiny_image_boots_and_its_agent_answers_over_virtio_serial() {
             "none",
         ])
         .arg("-kernel")
-        .arg(&vmlinuz)
+        .arg(vmlinuz)
         .arg("-initrd")
-        .arg(&initrd)
+        .arg(initrd)
         .args([
             "-append",
             "console=ttyS0 root=/dev/vda rw rootfstype=ext4 tsc=unstable tsc_early_khz=2000000 init=/sbin/banger-init",
@@ -115,7 +111,17 @@ async fn tiny_image_boots_and_its_agent_answers_over_virtio_serial() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut qemu = Qemu { child, console };
+    Qemu { child, console }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tiny_image_boots_and_its_agent_answers_over_virtio_serial() {
+    let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
+    let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let t0 = Instant::now();
+    let mut qemu = boot_tiny(&vmlinuz, &initrd, dir.path());
 
     let endpoint = AgentEndpoint::Unix(sock);
     let ready = wait_until_ready(

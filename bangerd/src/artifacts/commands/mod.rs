@@ -25,6 +25,8 @@ pub struct Artifacts {
     pub(super) config: SharedConfig,
     /// The state directory (kernels/ and images/ under it).
     pub(super) state: PathBuf,
+    /// The cache directory (kernel builds' apt state and downloads).
+    pub(super) cache: PathBuf,
     pub(super) store: Arc<Store>,
     pub(super) authorizer: Arc<dyn Authorizer>,
     pub(super) jobs: Arc<Jobs>,
@@ -35,6 +37,8 @@ pub struct Artifacts {
     /// Running catalog and registry pulls, so a second pull of an entry
     /// joins the first; finished ones are dropped at the next pull.
     pub(super) pulls: tokio::sync::Mutex<HashMap<(banger_catalog::Kind, String), JobId>>,
+    /// Kernel builds share banger's apt lists: one uses apt at a time.
+    pub(super) apt: tokio::sync::Mutex<()>,
 }
 
 /// The per-user limits as the artifact commands meet them: disk an
@@ -59,6 +63,8 @@ pub struct ArtifactsDeps {
     pub config: SharedConfig,
     /// The state directory.
     pub state: PathBuf,
+    /// The cache directory.
+    pub cache: PathBuf,
     /// The open store.
     pub store: Arc<Store>,
     /// Decides who may do what.
@@ -205,6 +211,7 @@ impl Artifacts {
         Self {
             config: deps.config,
             state: deps.state,
+            cache: deps.cache,
             store: deps.store,
             authorizer: deps.authorizer,
             jobs: deps.jobs,
@@ -212,6 +219,7 @@ impl Artifacts {
             quotas: deps.quotas,
             busy_images: Mutex::default(),
             pulls: tokio::sync::Mutex::default(),
+            apt: tokio::sync::Mutex::default(),
         }
     }
 
@@ -441,6 +449,7 @@ mod tests {
         Arc::new(Artifacts::new(ArtifactsDeps {
             config: config.clone(),
             state: dir.join("state"),
+            cache: dir.join("cache"),
             store: store.clone(),
             authorizer: authorizer.clone(),
             jobs: Jobs::new(

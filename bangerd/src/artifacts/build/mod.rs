@@ -1,0 +1,223 @@
+//! Kernels made here from the distribution's archive, for hosts no
+//! catalog serves: `BuildKernel` fetches Debian's cloud kernel package
+//! through the host's apt sources ([`apt`]), unpacks it, makes the small
+//! initramfs VMs boot with ([`initrd`]) and records a system kernel, as
+//! a pull does. No package is installed on the host.
+
+pub mod apt;
+pub mod initrd;
+
+use std::sync::Arc;
+
+use super::commands::{
+    StagedKernel, TmpDir, already_exists, blocking, extract_vmlinux, kernel_format,
+};
+use super::owner::SYSTEM_UID;
+use super::validate;
+use crate::artifacts::{Artifacts, kernels_dir};
+use crate::auth::{Action, Caller};
+use crate::error::{Error, Result};
+use crate::jobs::{JobContext, JobId, Resource};
+
+/// The metapackage that names the release's current cloud kernel.
+pub const CLOUD_KERNEL: &str = "linux-image-cloud-amd64";
+
+/// What `BuildKernel` was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelBuild {
+    /// The name to record the kernel under.
+    pub name: String,
+    /// The kernel image package; `None` for the release's cloud kernel.
+    pub package: Option<String>,
+}
+
+/// The name a built kernel gets when none is given: `debian-<codename>`
+/// from the host's os-release (`debian-bookworm`), else `debian-cloud`.
+pub fn default_name(os_release: &str) -> String {
+    let codename = os_release.lines().find_map(|l| {
+        l.strip_prefix("VERSION_CODENAME=")
+            .map(|v| v.trim().trim_matches('"').to_owned())
+    });
+    match codename {
+        Some(c) if !c.is_empty() && validate::name("kernel", &format!("debian-{c}")).is_ok() => {
+            format!("debian-{c}")
+        }
+        _ => "debian-cloud".to_owned(),
+    }
+}
+
+impl Artifacts {
+    /// Build a kernel from the host's Debian archive as a job (action
+    /// `org.banger.image.manage`); its result is the kernel, a system
+    /// kernel like a catalog pull's. Name and package are checked before
+    /// the job starts.
+    pub async fn build_kernel(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: KernelBuild,
+    ) -> Result<JobId> {
+        self.authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        let name = if req.name.is_empty() {
+            let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+            default_name(&os)
+        } else {
+            req.name
+        };
+        validate::name("kernel", &name)?;
+        if let Some(p) = &req.package
+            && !apt::valid_package(p)
+        {
+            return Err(Error::invalid(format!(
+                "{p:?} is no package name (lowercase letters, digits, '+', '-' and '.')"
+            )));
+        }
+        self.authorize_name(caller, banger_catalog::Kind::Kernels, &name)
+            .await?;
+        let exists = {
+            let name = name.clone();
+            self.on_store("reading the store failed", move |s| {
+                Ok(s.kernel_by_name(&name)?.is_some())
+            })
+            .await?
+        };
+        if exists {
+            return Err(already_exists("kernel", &name));
+        }
+        let core = self.clone();
+        let package = req.package;
+        self.jobs()
+            .start_with_result(
+                "kernel-build",
+                caller.uid,
+                Action::ImageManage,
+                move |ctx| async move { core.build_kernel_job(&ctx, name, package).await },
+            )
+            .await
+    }
+
+    async fn build_kernel_job(
+        &self,
+        ctx: &JobContext,
+        name: String,
+        package: Option<String>,
+    ) -> Result<Option<Resource>> {
+        let apt = apt::Apt::new(self.cache.join("apt"));
+        ctx.stage("apt update", 0.0).await?;
+        let apt_held = self.apt.lock().await;
+        apt.update().await?;
+
+        ctx.stage("resolve package", 0.08).await?;
+        let package = match package {
+            Some(p) => p,
+            None => apt.resolve(CLOUD_KERNEL).await?,
+        };
+        let want = apt.locate(&package).await?;
+        ctx.progress(&format!("{package}: {}", want.file), 0.09, None);
+
+        ctx.stage(&format!("download {package}"), 0.1).await?;
+        let max_mib = self.config().limits.kernel_max_mib.saturating_mul(4);
+        if want.size > max_mib.saturating_mul(1 << 20) {
+            return Err(Error::limit(format!(
+                "{} is {} bytes, more than a kernel package may be here",
+                want.file, want.size
+            )));
+        }
+        crate::space::check_room(&self.cache, want.size.saturating_mul(4), "the kernel build")?;
+        let tick = super::commands::ticker(ctx, "download", want.size, 0.1, 0.5);
+        let deb = apt.download(&package, &want, tick).await?;
+        drop(apt_held);
+
+        let id = super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
+        let work = TmpDir::create(self.cache.join(format!("kernel-build-{id}")))?;
+        let tmp = TmpDir::create(kernels_dir(&self.state).join(format!(".tmp-{id}")))?;
+
+        ctx.stage("unpack", 0.5).await?;
+        let tree = work.path().join("pkg");
+        initrd::unpack(&deb, &tree).await?;
+        let version = {
+            let tree = tree.clone();
+            blocking(move || initrd::version_in(&tree)).await?
+        };
+
+        ctx.stage("modules", 0.6).await?;
+        let order = initrd::modules(&tree, &version).await?;
+        ctx.progress(
+            &format!("{} modules for the initramfs", order.len()),
+            0.65,
+            None,
+        );
+
+        ctx.stage("initramfs", 0.7).await?;
+        {
+            let (tree, version, stage) =
+                (tree.clone(), version.clone(), work.path().join("initramfs"));
+            let out = tmp.path().join("initrd.img");
+            blocking(move || initrd::make(&tree, &version, &order, &stage, &out)).await?;
+        }
+
+        ctx.stage("check vmlinux", 0.8).await?;
+        let dir = tmp.path().to_owned();
+        let (is_bzimage, header_version) = blocking(move || {
+            let vmlinuz = tree.join("boot").join(format!("vmlinuz-{version}"));
+            let bytes = std::fs::read(&vmlinuz)
+                .map_err(|e| Error::failed(format!("cannot read {}: {e}", vmlinuz.display())))?;
+            let (is_bzimage, header_version) = kernel_format(&bytes)?;
+            let write = |name: &str, data: &[u8]| {
+                std::fs::write(dir.join(name), data)
+                    .map_err(|e| Error::failed(format!("cannot write the {name}: {e}")))
+            };
+            if is_bzimage {
+                write("vmlinuz", &bytes)?;
+                write("vmlinux", &extract_vmlinux(&bytes)?)?;
+            } else {
+                write("vmlinux", &bytes)?;
+            }
+            let modules = tree.join("lib/modules").join(&version);
+            std::fs::rename(&modules, dir.join("modules"))
+                .map_err(|e| Error::failed(format!("cannot move the modules: {e}")))?;
+            Ok((is_bzimage, header_version))
+        })
+        .await?;
+        drop(work);
+        let staged = StagedKernel {
+            id,
+            name,
+            version: if header_version.is_empty() {
+                package
+                    .strip_prefix("linux-image-")
+                    .unwrap_or(&package)
+                    .to_owned()
+            } else {
+                header_version
+            },
+            is_bzimage,
+            initrd: true,
+            modules: true,
+            // Vouched for by the distribution's signed archive.
+            uid: SYSTEM_UID,
+        };
+        self.record_kernel(ctx, tmp, staged).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_name_follows_the_release() {
+        assert_eq!(
+            default_name(
+                "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nVERSION_CODENAME=bookworm\nID=debian\n"
+            ),
+            "debian-bookworm"
+        );
+        assert_eq!(default_name("ID=debian\n"), "debian-cloud");
+        assert_eq!(
+            default_name("VERSION_CODENAME=\"Bad Name!\"\n"),
+            "debian-cloud"
+        );
+    }
+}
