@@ -125,6 +125,23 @@ pub(super) fn check_char_device(name: &'static str, path: &Path, what: &str, fix
 }
 
 /// The static agent registry images get (`image pull REGISTRY/REPO`).
+/// `kernel-build`: whether `banger kernel build` can make a kernel from
+/// the host's Debian archive (the build's own precondition).
+pub(super) fn check_kernel_build() -> Check {
+    const NAME: &str = "kernel-build";
+    match crate::artifacts::build::readiness() {
+        Ok(()) => Check::pass(
+            NAME,
+            "banger kernel build can make a kernel from the host's Debian archive",
+        ),
+        Err(e) => Check::warn(
+            NAME,
+            e.message,
+            "needed only where no catalog serves a kernel: install what it names",
+        ),
+    }
+}
+
 pub(super) fn check_guest_agent(path: &Path) -> Check {
     const NAME: &str = "guest-agent";
     match crate::artifacts::oci::boot::check_agent(path) {
@@ -194,6 +211,13 @@ pub(super) fn check_systemd(runtime: &Path) -> Check {
 mod tests {
     use super::*;
     use crate::doctor::{NameState, Verdict};
+
+    #[test]
+    fn kernel_builds_pass_where_they_can_run() {
+        // scripts/install-deps installs kmod and busybox-static.
+        let check = check_kernel_build();
+        assert_eq!(check.verdict, super::super::Verdict::Pass, "{check:?}");
+    }
 
     #[test]
     fn a_regular_file_is_not_kvm() {

@@ -224,6 +224,11 @@ pub fn make(tree: &Path, version: &str, order: &[String], stage: &Path, out: &Pa
     Ok(())
 }
 
+/// Whether [`BUSYBOX`] is there and static.
+pub fn busybox_is_static() -> bool {
+    std::fs::read(BUSYBOX).is_ok_and(|b| is_static_elf(&b))
+}
+
 /// Whether `bytes` is a 64-bit ELF program with no program interpreter
 /// (`PT_INTERP`): one that runs without a dynamic loader.
 fn is_static_elf(bytes: &[u8]) -> bool {

@@ -46,6 +46,46 @@ pub fn default_name(os_release: &str) -> String {
     }
 }
 
+/// The programs a kernel build runs, with what to install for each.
+const PROGRAMS: &[(&str, &str)] = &[
+    ("apt-get", "apt"),
+    ("apt-cache", "apt"),
+    ("dpkg-deb", "dpkg"),
+    ("depmod", "kmod"),
+    ("modprobe", "kmod"),
+];
+
+/// Whether a kernel build can run here: its programs and a static
+/// busybox. The one answer both `BuildKernel` (before its job starts)
+/// and `doctor` give.
+pub fn readiness() -> Result<()> {
+    readiness_with(
+        |p| crate::program::find(std::path::Path::new(p)).is_some(),
+        initrd::busybox_is_static(),
+    )
+}
+
+/// [`readiness`] with `found` saying whether a program is there.
+fn readiness_with(found: impl Fn(&str) -> bool, static_busybox: bool) -> Result<()> {
+    let mut missing: Vec<&str> = PROGRAMS
+        .iter()
+        .filter(|(p, _)| !found(p))
+        .map(|(_, package)| *package)
+        .collect();
+    if !static_busybox {
+        missing.push("busybox-static");
+    }
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::unavailable(format!(
+        "kernel builds need {} here: apt install {}",
+        missing.join(", "),
+        missing.join(" ")
+    )))
+}
+
 impl Artifacts {
     /// Build a kernel from the host's Debian archive as a job (action
     /// `org.banger.image.manage`); its result is the kernel, a system
@@ -75,6 +115,7 @@ impl Artifacts {
         }
         self.authorize_name(caller, banger_catalog::Kind::Kernels, &name)
             .await?;
+        blocking(readiness).await?;
         let exists = {
             let name = name.clone();
             self.on_store("reading the store failed", move |s| {
@@ -205,6 +246,20 @@ impl Artifacts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_names_what_to_install() {
+        assert!(readiness_with(|_| true, true).is_ok());
+        let e =
+            readiness_with(|p| !matches!(p, "depmod" | "modprobe"), false).expect_err("missing");
+        assert_eq!(e.kind, crate::error::ErrorKind::Unavailable);
+        assert_eq!(
+            e.message,
+            "kernel builds need kmod, busybox-static here: apt install kmod busybox-static"
+        );
+        // This host has them (scripts/install-deps).
+        readiness().expect("kernel builds can run on the test host");
+    }
 
     #[test]
     fn the_default_name_follows_the_release() {
