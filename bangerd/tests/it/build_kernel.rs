@@ -181,3 +181,78 @@ async fn a_kernel_built_from_the_archive_is_recorded_and_boots() {
         text(&out)
     );
 }
+
+/// The entries of `dir` whose names start with `prefix`.
+fn named(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_kernel_build_leaves_nothing() {
+    use banger_dbus::proxy::{JobProxy, ManagerProxy};
+    // Slow stages, so the cancel lands while the package is unpacked and
+    // its initramfs is being made.
+    let bed = TestBed::start(Options {
+        config_toml: Some("[debug]\njob_stage_delay_ms = 1500\n".to_owned()),
+        ..Options::default()
+    })
+    .expect("test bed");
+    let conn = zbus::connection::Builder::address(bed.bus_address())
+        .build()
+        .await
+        .unwrap();
+    let manager = ManagerProxy::new(&conn).await.unwrap();
+    let job_path = manager
+        .build_kernel("doomed", std::collections::HashMap::new())
+        .await
+        .unwrap();
+    let job = JobProxy::builder(&conn)
+        .path(job_path.clone())
+        .build()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let stage = job.stage().await.unwrap();
+        if stage == "initramfs" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the build never reached its initramfs stage (at {stage:?}, state {:?})",
+            job.state().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        named(&bed.cache_dir(), "kernel-build-").len(),
+        1,
+        "mid-build"
+    );
+    job.cancel().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while job.state().await.map(|s| s == "running").unwrap_or(false) {
+        assert!(Instant::now() < deadline, "the cancel did not end the job");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(job.state().await.unwrap(), "cancelled");
+    // A moment for the blocking step the cancel interrupted to unwind.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(named(&bed.cache_dir(), "kernel-build-").is_empty());
+    assert!(named(&bed.state_dir().join("kernels"), ".tmp-").is_empty());
+    assert!(
+        bed.banger()
+            .args(["kernel", "show", "doomed"])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap()
+    );
+}

@@ -32,14 +32,12 @@ pub const WANT: &[&str] = &[
 /// Modules a kernel must have (built in or as modules) to boot a VM.
 pub const REQUIRED: &[&str] = &["virtio_blk", "virtio_console", "virtio_mmio"];
 
-async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
-    let out = tokio::process::Command::new(program)
+fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
+    let out = std::process::Command::new(program)
         .args(args)
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
-        .kill_on_drop(true)
         .output()
-        .await
         .map_err(|e| {
             Error::unavailable(format!(
                 "cannot run {program}: {e}; {}",
@@ -65,12 +63,11 @@ fn install_hint(program: &str) -> &'static str {
 }
 
 /// Unpack the package `deb` into `into` (`dpkg-deb -x`).
-pub async fn unpack(deb: &Path, into: &Path) -> Result<()> {
+pub fn unpack(deb: &Path, into: &Path) -> Result<()> {
     run(
         "dpkg-deb",
         &["-x".as_ref(), deb.as_os_str(), into.as_os_str()],
-    )
-    .await?;
+    )?;
     Ok(())
 }
 
@@ -101,25 +98,22 @@ pub fn version_in(tree: &Path) -> Result<String> {
 /// Index the modules of `tree` (`depmod -b`), then list the module files
 /// (relative to `lib/modules/VERSION`) the initramfs loads, in load order.
 /// Fails when a [`REQUIRED`] module is neither a module nor built in.
-pub async fn modules(tree: &Path, version: &str) -> Result<Vec<String>> {
+pub fn modules(tree: &Path, version: &str) -> Result<Vec<String>> {
     run(
         "depmod",
         &["-b".as_ref(), tree.as_os_str(), version.as_ref()],
-    )
-    .await?;
+    )?;
     let base = tree.join("lib/modules").join(version);
     let builtin = std::fs::read_to_string(base.join("modules.builtin")).unwrap_or_default();
     let mut order: Vec<String> = Vec::new();
     let mut missing = Vec::new();
     for m in WANT {
-        let shown = tokio::process::Command::new("modprobe")
+        let shown = std::process::Command::new("modprobe")
             .args(["-d".as_ref(), tree.as_os_str()])
             .args(["-S", version, "--show-depends", m])
             .env("LC_ALL", "C")
             .stdin(Stdio::null())
-            .kill_on_drop(true)
             .output()
-            .await
             .map_err(|e| {
                 Error::unavailable(format!(
                     "cannot run modprobe: {e}; {}",

@@ -171,19 +171,38 @@ impl Artifacts {
         drop(apt_held);
 
         let id = super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
-        let work = TmpDir::create(self.cache.join(format!("kernel-build-{id}")))?;
-        let tmp = TmpDir::create(kernels_dir(&self.state).join(format!(".tmp-{id}")))?;
+        // Each blocking step holds the directories it writes into: a
+        // cancel ends the job at once, and the directories go when the step
+        // that was running (and the programs it waits for) is done, so
+        // nothing writes into them after they are removed.
+        let work = Arc::new(TmpDir::create(
+            self.cache.join(format!("kernel-build-{id}")),
+        )?);
+        let tmp = Arc::new(TmpDir::create(
+            kernels_dir(&self.state).join(format!(".tmp-{id}")),
+        )?);
+        let tree = work.path().join("pkg");
 
         ctx.stage("unpack", 0.5).await?;
-        let tree = work.path().join("pkg");
-        initrd::unpack(&deb, &tree).await?;
         let version = {
-            let tree = tree.clone();
-            blocking(move || initrd::version_in(&tree)).await?
+            let (tree, held) = (tree.clone(), work.clone());
+            blocking(move || {
+                let _held = held;
+                initrd::unpack(&deb, &tree)?;
+                initrd::version_in(&tree)
+            })
+            .await?
         };
 
         ctx.stage("modules", 0.6).await?;
-        let order = initrd::modules(&tree, &version).await?;
+        let order = {
+            let (tree, version, held) = (tree.clone(), version.clone(), work.clone());
+            blocking(move || {
+                let _held = held;
+                initrd::modules(&tree, &version)
+            })
+            .await?
+        };
         ctx.progress(
             &format!("{} modules for the initramfs", order.len()),
             0.65,
@@ -192,15 +211,21 @@ impl Artifacts {
 
         ctx.stage("initramfs", 0.7).await?;
         {
-            let (tree, version, stage) =
-                (tree.clone(), version.clone(), work.path().join("initramfs"));
-            let out = tmp.path().join("initrd.img");
-            blocking(move || initrd::make(&tree, &version, &order, &stage, &out)).await?;
+            let (tree, version, held) =
+                (tree.clone(), version.clone(), (work.clone(), tmp.clone()));
+            let stage = held.0.path().join("initramfs");
+            let out = held.1.path().join("initrd.img");
+            blocking(move || {
+                let _held = held;
+                initrd::make(&tree, &version, &order, &stage, &out)
+            })
+            .await?;
         }
 
         ctx.stage("check vmlinux", 0.8).await?;
-        let dir = tmp.path().to_owned();
+        let held = (work.clone(), tmp.clone());
         let (is_bzimage, header_version) = blocking(move || {
+            let dir = held.1.path();
             let vmlinuz = tree.join("boot").join(format!("vmlinuz-{version}"));
             let bytes = std::fs::read(&vmlinuz)
                 .map_err(|e| Error::failed(format!("cannot read {}: {e}", vmlinuz.display())))?;
@@ -218,10 +243,14 @@ impl Artifacts {
             let modules = tree.join("lib/modules").join(&version);
             std::fs::rename(&modules, dir.join("modules"))
                 .map_err(|e| Error::failed(format!("cannot move the modules: {e}")))?;
+            drop(held);
             Ok((is_bzimage, header_version))
         })
         .await?;
         drop(work);
+        // Every step is done: this is the last holder.
+        let tmp = Arc::into_inner(tmp)
+            .ok_or_else(|| Error::failed("the kernel's staging directory is still in use"))?;
         let staged = StagedKernel {
             id,
             name,
