@@ -365,6 +365,23 @@ pub enum ImageCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Build an image from a recipe here (a job: its kernel first when missing, the Debian
+    /// base system, agent, configure, root filesystem, work-seed); the package ships the
+    /// debian-bookworm recipe
+    Build {
+        /// Recipe name (a directory under images.recipes)
+        recipe: String,
+        /// Name to record the image under [default: the recipe's]
+        #[arg(long)]
+        name: Option<String>,
+        /// Kernel it boots [default: the one `banger kernel build` makes, built first when
+        /// missing]
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Print the job's path and return at once
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Register an unmanaged image from host paths (nothing is copied)
     Register {
         /// Image name (a DNS label)
@@ -569,6 +586,13 @@ pub enum Action {
         wait: bool,
     },
     KernelDelete(Vec<String>),
+    /// `image build`.
+    ImageBuild {
+        recipe: String,
+        name: Option<String>,
+        kernel: Option<String>,
+        wait: bool,
+    },
     /// `kernel build`.
     KernelBuild {
         name: Option<String>,
@@ -712,6 +736,17 @@ impl Cli {
                 wait: !no_wait,
             },
             Command::Kernel(KernelCommand::Delete { kernels }) => Action::KernelDelete(kernels),
+            Command::Image(ImageCommand::Build {
+                recipe,
+                name,
+                kernel,
+                no_wait,
+            }) => Action::ImageBuild {
+                recipe,
+                name,
+                kernel,
+                wait: !no_wait,
+            },
             Command::Kernel(KernelCommand::Build {
                 from: KernelSource::Debian,
                 name,

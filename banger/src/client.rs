@@ -642,6 +642,28 @@ impl Client {
         }
     }
 
+    /// `Manager.BuildImage` of `recipe`: returns the job.
+    pub async fn build_image(
+        &self,
+        recipe: &str,
+        name: Option<&str>,
+        kernel: Option<&str>,
+        interaction: Interaction,
+    ) -> Result<OwnedObjectPath, Failure> {
+        let options = banger_dbus::options::BuildImage {
+            name: name.map(str::to_owned),
+            kernel: kernel.map(str::to_owned),
+        };
+        let dict = options.to_dict();
+        let options = borrowed(&dict);
+        authorized!(
+            interaction,
+            self.manager(),
+            self.manager_quiet(),
+            build_image(recipe, options)
+        )
+    }
+
     /// `Manager.BuildKernel` from Debian: returns the job.
     pub async fn build_kernel(
         &self,

@@ -68,6 +68,12 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
         Action::KernelList => kernel_list(opts).await,
         Action::Available(kind) => available(opts, kind).await,
         Action::Pull { image, name, wait } => pull(opts, image, &name, wait).await,
+        Action::ImageBuild {
+            recipe,
+            name,
+            kernel,
+            wait,
+        } => image_build(opts, recipe, name, kernel, wait).await,
         Action::KernelBuild {
             name,
             package,
@@ -397,6 +403,27 @@ async fn pull(opts: Options, image: bool, name: &str, wait: bool) -> anyhow::Res
         what,
         format!("cannot pull {what} {name}"),
         async |client, interaction| client.pull(image, name, interaction).await,
+    )
+    .await
+}
+
+async fn image_build(
+    opts: Options,
+    recipe: String,
+    name: Option<String>,
+    kernel: Option<String>,
+    wait: bool,
+) -> anyhow::Result<u8> {
+    start_then_show(
+        opts,
+        wait,
+        "image",
+        format!("cannot build image {}", name.as_deref().unwrap_or(&recipe)),
+        async |client, interaction| {
+            client
+                .build_image(&recipe, name.as_deref(), kernel.as_deref(), interaction)
+                .await
+        },
     )
     .await
 }

@@ -423,10 +423,10 @@ async fn create(
         auth.finish(result).await
     };
     let created = match attempt().await {
-        // A missing image the catalog has is pulled, then the create is
-        // tried again.
+        // A missing image the catalog has is pulled (one with a recipe
+        // here is built), then the create is tried again.
         Err(f) if f.kind() == Kind::NotFound => {
-            if pull_missing_image(opts, &client, &mut subscription, image).await? {
+            if fetch_missing_image(opts, &client, &mut subscription, image).await? {
                 started = Instant::now();
                 attempt().await
             } else {
@@ -448,33 +448,54 @@ async fn create(
     Ok((code, Some(vm.to_string())))
 }
 
-/// After a create failed with NotFound: pull `image` ("" for the
-/// configured default) from the catalog, following the pull job. False
-/// when there is nothing to pull (not in the catalog, or the image is
-/// there and something else was missing).
-async fn pull_missing_image(
+/// After a create failed with NotFound: bring `image` ("" for the
+/// configured default): pull it from the catalog, or, where no catalog
+/// has it, build it here from its recipe (its kernel too); the job is
+/// followed. False when neither can (not in the catalog and no recipe, or
+/// the image is there and something else was missing).
+async fn fetch_missing_image(
     opts: Options,
     client: &Client,
     subscription: &mut Subscription,
     image: &str,
 ) -> anyhow::Result<bool> {
-    let auth = Authorization::prepare(opts).await;
-    let started = Instant::now();
-    let result = client.pull(true, image, auth.interaction).await;
-    let job = match auth.finish(result).await {
-        Ok(job) => job,
-        Err(f) if matches!(f.kind(), Kind::NotFound | Kind::InvalidArgument) => return Ok(false),
-        Err(f) => return Err(f).context("the image is missing and pulling it failed"),
-    };
-    let display = Display::for_stdout(opts.json);
     let what = if image.is_empty() {
         "the default image"
     } else {
         image
     };
+    let auth = Authorization::prepare(opts).await;
+    let started = Instant::now();
+    let result = client.pull(true, image, auth.interaction).await;
+    let (job, how, later, doing) = match auth.finish(result).await {
+        Ok(job) => (job, "pulling it from the catalog", "", "pull"),
+        Err(f) if f.kind() == Kind::InvalidArgument => return Ok(false),
+        Err(f) if f.kind() == Kind::NotFound => {
+            let auth = Authorization::prepare(opts).await;
+            let result = client
+                .build_image(image, None, None, auth.interaction)
+                .await;
+            match auth.finish(result).await {
+                Ok(job) => (
+                    job,
+                    "no catalog has it, so it is built here from its recipe",
+                    "; minutes the first time, seconds later",
+                    "build",
+                ),
+                Err(f) if matches!(f.kind(), Kind::NotFound | Kind::InvalidArgument) => {
+                    return Ok(false);
+                }
+                Err(f) => {
+                    return Err(f).context(format!("{what} is missing and building it failed"));
+                }
+            }
+        }
+        Err(f) => return Err(f).context(format!("{what} is missing and pulling it failed")),
+    };
+    let display = Display::for_stdout(opts.json);
     if display != Display::Quiet {
         emit(&format!(
-            "{what} is not here: pulling it from the catalog (job {})",
+            "{what} is not here: {how} (job {}{later})",
             progress::job_label(job.as_str())
         ))?;
     }
@@ -490,12 +511,12 @@ async fn pull_missing_image(
     .await?;
     match followed {
         Followed::Completed(report) => match report.failure() {
-            Some(f) => Err(anyhow::Error::from(f).context(format!("cannot pull {what}"))),
+            Some(f) => Err(anyhow::Error::from(f).context(format!("cannot {doing} {what}"))),
             None => Ok(true),
         },
         Followed::Interrupted { .. } => Err(Failure::new(
             Kind::Failed,
-            format!("interrupted while {what} was being pulled"),
+            format!("interrupted while {what} was being made ({doing})"),
         )
         .into()),
     }

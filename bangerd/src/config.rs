@@ -50,6 +50,8 @@ pub struct Config {
     pub update: UpdateConfig,
     /// `[limits]`
     pub limits: LimitsConfig,
+    /// `[images]`
+    pub images: ImagesConfig,
     /// `[debug]`
     pub debug: DebugConfig,
 }
@@ -283,6 +285,26 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[images]`: images built here from a recipe (`banger image build`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Where the recipes are: a directory per image, with its package
+    /// list, configure script and image.json.
+    pub recipes: PathBuf,
+    /// The Debian mirror images are bootstrapped from.
+    pub mirror: String,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            recipes: "/usr/share/banger/images".into(),
+            mirror: "http://deb.debian.org/debian".into(),
+        }
+    }
+}
+
 /// `[debug]`: knobs for testing and for developing front ends.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -428,6 +450,24 @@ impl Config {
         if self.network.tap_pool_size > 64 {
             return Err(invalid("network.tap_pool_size", "must be at most 64"));
         }
+        if !self.images.recipes.is_absolute() {
+            return Err(invalid("images.recipes", "must be an absolute path"));
+        }
+        let mirror = url::Url::parse(&self.images.mirror).ok();
+        if !mirror
+            .as_ref()
+            .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            || self
+                .images
+                .mirror
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "images.mirror",
+                "must be an http or https URL of a Debian mirror, like http://deb.debian.org/debian",
+            ));
+        }
         for (key, bin) in [
             ("vm.firecracker_bin", &self.vm.firecracker_bin),
             ("vm.qemu_bin", &self.vm.qemu_bin),
@@ -478,6 +518,15 @@ mod tests {
             ),
             ("[network]\nbridge = \"a b\"\n", "network.bridge"),
             ("[network]\ntap_pool_size = 1000\n", "network.tap_pool_size"),
+            ("[images]\nrecipes = \"images\"\n", "images.recipes"),
+            (
+                "[images]\nmirror = \"ftp://deb.debian.org/debian\"\n",
+                "images.mirror",
+            ),
+            (
+                "[images]\nmirror = \"http://deb.debian.org/debian -o x\"\n",
+                "images.mirror",
+            ),
         ] {
             let e = parse(text).expect_err(text).to_string();
             assert!(e.contains(key), "{text}: {e}");

@@ -212,6 +212,36 @@ impl Core {
     }
 
     /// Run the host checks. Read-only, open to every caller.
+    /// Where `vm create` would get the image `name` it does not have:
+    /// the catalog's pull, else a build from its recipe (when builds can
+    /// run here), the same order `vm create` tries them in.
+    async fn image_fallback(
+        &self,
+        config: &crate::config::Config,
+        name: &str,
+    ) -> doctor::ImageFallback {
+        use crate::artifacts::build::image;
+        if self
+            .artifacts
+            .catalog_entry(banger_catalog::Kind::Images, name)
+            .await
+            .is_ok()
+        {
+            return doctor::ImageFallback::Catalog;
+        }
+        let recipes = config.images.recipes.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || match image::recipe(&recipes, &name) {
+            Err(_) => doctor::ImageFallback::Nothing,
+            Ok(_) => match image::readiness() {
+                Ok(()) => doctor::ImageFallback::Recipe(recipes.display().to_string()),
+                Err(e) => doctor::ImageFallback::Unbuildable(e.message),
+            },
+        })
+        .await
+        .unwrap_or(doctor::ImageFallback::Nothing)
+    }
+
     pub async fn doctor(&self, caller: &Caller) -> Vec<Check> {
         let config = self.config();
         let mut checks = doctor::run(
@@ -228,11 +258,17 @@ impl Core {
         // chose with its kernel (a real boot, cached; see vm::vmm::kvm).
         let image_name = &config.vm.default_image;
         let found = self.artifacts.default_image().await;
+        let fallback = if found.is_some() {
+            doctor::ImageFallback::Nothing
+        } else {
+            self.image_fallback(&config, image_name).await
+        };
         let default_image = doctor::check_default_image(
             image_name,
             found
                 .as_ref()
                 .map(|(i, k)| (i.id.as_str(), k.name.as_str())),
+            &fallback,
         );
         let kernel = found.as_ref().map(|(_, k)| k.boot_file());
         let verdict = match (kernel, config.vm.accel) {

@@ -268,6 +268,15 @@ pub mod build_kernel {
     pub const PACKAGE: &str = "package";
 }
 
+/// Keys of `Manager.BuildImage(s recipe, a{sv} options)`.
+pub mod build_image {
+    /// `s`: name to record the image under (default the recipe's).
+    pub const NAME: &str = "name";
+    /// `s`: kernel (name) the image boots with (default the one `kernel
+    /// build` makes, built first when missing).
+    pub const KERNEL: &str = "kernel";
+}
+
 /// Keys of `Manager.ImportKernel(s name, s kernel, a{sv} options)`.
 pub mod import_kernel {
     /// `s`: host path of an initramfs to boot with the kernel.
@@ -513,6 +522,41 @@ impl BuildKernel {
             .put(
                 build_kernel::PACKAGE,
                 self.package.as_deref().map(Variant::from),
+            )
+            .0
+    }
+}
+
+/// `Manager.BuildImage` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildImage {
+    /// [`build_image::NAME`].
+    pub name: Option<String>,
+    /// [`build_image::KERNEL`].
+    pub kernel: Option<String>,
+}
+
+impl BuildImage {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "BuildImage",
+            dict,
+            &[build_image::NAME, build_image::KERNEL],
+        )?;
+        Ok(Self {
+            name: r.string(build_image::NAME)?,
+            kernel: r.string(build_image::KERNEL)?,
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'_> {
+        Writer::new()
+            .put(build_image::NAME, self.name.as_deref().map(Variant::from))
+            .put(
+                build_image::KERNEL,
+                self.kernel.as_deref().map(Variant::from),
             )
             .0
     }
@@ -879,6 +923,11 @@ mod tests {
             package: Some("linux-image-6.1.0-57-cloud-amd64".into()),
         };
         assert_eq!(BuildKernel::parse(&received(&build.to_dict())), Ok(build));
+        let image = BuildImage {
+            name: Some("dev".into()),
+            kernel: Some("debian-bookworm".into()),
+        };
+        assert_eq!(BuildImage::parse(&received(&image.to_dict())), Ok(image));
         assert_eq!(
             BuildKernel::parse(&received(&BuildKernel::default().to_dict())),
             Ok(BuildKernel::default())

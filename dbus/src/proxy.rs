@@ -45,6 +45,15 @@ macro_rules! manager_proxy {
                 options: HashMap<&str, &Variant<'_>>,
             ) -> Result<OwnedObjectPath, Error>;
 
+            /// Build an image from a recipe (and its kernel when missing) as a
+            /// job; returns the job's path.
+            $(#[$auth])?
+            fn build_image(
+                &self,
+                recipe: &str,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<OwnedObjectPath, Error>;
+
             /// Pull an image-catalog entry (and its kernel) as a job; returns the
             /// job's path.
             $(#[$auth])?

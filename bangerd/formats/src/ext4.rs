@@ -38,10 +38,15 @@ fn measure(root: &Path) -> std::io::Result<(u64, u64)> {
 /// costs nothing until it is used.
 pub const ROOM_FOR_PACKAGES: u64 = 1 << 30;
 
-/// Build `image` (a new file) holding `root`: its size is the tree's
-/// content plus a quarter and `room` bytes, in 4 MiB steps; inodes for
-/// twice the entries and then some. Returns the image's size.
+/// Build `image` (a new file) holding `root`, labelled `rootfs`: its size
+/// is the tree's content plus a quarter and `room` bytes, in 4 MiB steps;
+/// inodes for twice the entries and then some. Returns the image's size.
 pub fn build(root: &Path, image: &Path, room: u64) -> Result<u64> {
+    build_labelled(root, image, room, "rootfs")
+}
+
+/// [`build`] with the file system label `label`.
+pub fn build_labelled(root: &Path, image: &Path, room: u64, label: &str) -> Result<u64> {
     let (bytes, entries) = measure(root)
         .map_err(|e| Error::failed(format!("cannot measure {}: {e}", root.display())))?;
     const STEP: u64 = 4 << 20;
@@ -57,7 +62,7 @@ pub fn build(root: &Path, image: &Path, room: u64) -> Result<u64> {
     let inodes = (entries * 2 + 32_768).to_string();
     let out = Command::new("mkfs.ext4")
         .args([
-            "-q", "-F", "-t", "ext4", "-b", "4096", "-N", &inodes, "-L", "rootfs", "-d",
+            "-q", "-F", "-t", "ext4", "-b", "4096", "-N", &inodes, "-L", label, "-d",
         ])
         .arg(root)
         .arg(image)

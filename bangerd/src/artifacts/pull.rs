@@ -281,9 +281,15 @@ impl Artifacts {
         self.record_kernel(ctx, tmp, staged).await
     }
 
-    /// Waits for the pull job `id` of kernel `name`, mirroring its
-    /// progress, and returns the kernel's id.
-    async fn await_kernel_pull(&self, ctx: &JobContext, id: JobId, name: &str) -> Result<String> {
+    /// Waits for the job `id` (a pull or build, `doing` says which) of
+    /// kernel `name`, mirroring its progress, and returns the kernel's id.
+    pub(super) async fn await_kernel_job(
+        &self,
+        ctx: &JobContext,
+        id: JobId,
+        name: &str,
+        doing: &str,
+    ) -> Result<String> {
         loop {
             ctx.check_cancelled()?;
             let Some(job) = self.jobs().get(id) else {
@@ -305,7 +311,7 @@ impl Artifacts {
                         .error
                         .map_or_else(|| job.state.as_str().to_owned(), |e| e.message);
                     return Err(Error::failed(format!(
-                        "pulling kernel {name} failed: {why}"
+                        "{doing} kernel {name} failed: {why}"
                     )));
                 }
             }
@@ -315,7 +321,7 @@ impl Artifacts {
     }
 
     /// The id of the kernel named `name`.
-    async fn kernel_id(&self, name: &str) -> Result<String> {
+    pub(super) async fn kernel_id(&self, name: &str) -> Result<String> {
         let owned = name.to_owned();
         let kernel = self
             .on_store("reading kernels failed", move |s| s.kernel_by_name(&owned))
@@ -323,7 +329,7 @@ impl Artifacts {
         kernel
             .filter(|k| k.owner_uid == SYSTEM_UID)
             .map(|k| k.id)
-            .ok_or_else(|| Error::failed(format!("kernel {name} is gone after its pull")))
+            .ok_or_else(|| Error::failed(format!("kernel {name} is gone after it was made")))
     }
 
     async fn pull_image_job(
@@ -351,7 +357,10 @@ impl Artifacts {
                 ctx.stage(&format!("pull kernel {kernel_name}"), 0.0)
                     .await?;
                 match self.start_pull(Kind::Kernels, &kernel_name, uid).await {
-                    Ok(job) => self.await_kernel_pull(ctx, job, &kernel_name).await?,
+                    Ok(job) => {
+                        self.await_kernel_job(ctx, job, &kernel_name, "pulling")
+                            .await?
+                    }
                     // Pulled meanwhile by someone else.
                     Err(e) if e.kind == crate::error::ErrorKind::AlreadyExists => {
                         self.kernel_id(&kernel_name).await?

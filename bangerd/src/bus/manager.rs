@@ -505,6 +505,41 @@ impl ManagerObject {
         .await
     }
 
+    /// Build an image from the recipe `recipe` (a directory under
+    /// images.recipes; the package ships debian-bookworm; "" for the
+    /// configured default image) into managed
+    /// storage, as a job: the kernel it boots (option "kernel" (s),
+    /// default the one BuildKernel makes here) built first when missing
+    /// (stage "build kernel NAME"), the recipe's Debian suite and
+    /// packages bootstrapped from images.mirror (cached per suite, mirror
+    /// and packages), banger-agent and the kernel's modules put in, the
+    /// recipe's configure run, the root filesystem and its work-seed made
+    /// and a system image recorded under option "name" (s, default the
+    /// recipe's). Its Completed result is the new image object. polkit
+    /// action org.banger.image.manage.
+    #[zbus(out_args("job"))]
+    async fn build_image(
+        &self,
+        recipe: String,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let o = parsed(opts::BuildImage::parse(&options))?;
+        let request = crate::artifacts::build::image::ImageBuild {
+            recipe,
+            name: o.name,
+            kernel: o.kernel,
+        };
+        job::answer(
+            conn,
+            &self.core,
+            self.core.artifacts().build_image(&caller, request).await,
+        )
+        .await
+    }
+
     /// Pull the image-catalog entry `reference` ("" for the configured
     /// default image) into managed storage, as a job, pulling its kernel
     /// first when it is missing (stage "pull kernel NAME"); otherwise as

@@ -173,17 +173,54 @@ pub fn with_choice(
     }
 }
 
-/// `default-image`: whether `vm create` without `--image` has an image.
-pub fn check_default_image(name: &str, found: Option<(&str, &str)>) -> Check {
+/// Where `vm create` gets the default image when it is not here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageFallback {
+    /// The image catalog has it: create pulls it.
+    Catalog,
+    /// A recipe for it is in this directory and builds can run here.
+    Recipe(String),
+    /// A recipe is there, but builds cannot run here: why.
+    Unbuildable(String),
+    /// Neither.
+    Nothing,
+}
+
+/// `default-image`: whether `vm create` without `--image` has an image,
+/// here or from where it would come.
+pub fn check_default_image(
+    name: &str,
+    found: Option<(&str, &str)>,
+    fallback: &ImageFallback,
+) -> Check {
     const NAME: &str = "default-image";
-    match found {
-        Some((id, kernel)) => Check::pass(
+    match (found, fallback) {
+        (Some((id, kernel)), _) => Check::pass(
             NAME,
             format!("{name} (id {id}, kernel {kernel}) for `vm create` without --image"),
         ),
-        None => Check::warn(
+        (None, ImageFallback::Catalog) => Check::pass(
             NAME,
-            format!("vm.default_image is {name:?}, and there is no such image"),
+            format!(
+                "{name} is not here yet: the first `vm create` pulls it from the image catalog"
+            ),
+        ),
+        (None, ImageFallback::Recipe(dir)) => Check::pass(
+            NAME,
+            format!(
+                "{name} is not here yet: the first `vm create` builds it from its recipe in {dir} (minutes the first time)"
+            ),
+        ),
+        (None, ImageFallback::Unbuildable(why)) => Check::warn(
+            NAME,
+            format!("{name} is not here, no catalog has it, and its recipe cannot be built: {why}"),
+            "install what it names, or set vm.default_image in bangerd.toml",
+        ),
+        (None, ImageFallback::Nothing) => Check::warn(
+            NAME,
+            format!(
+                "vm.default_image is {name:?}, and there is no such image, catalog entry or recipe"
+            ),
             "register one (scripts/build-tiny-image or build-debian-image), or set vm.default_image in bangerd.toml",
         ),
     }
@@ -365,12 +402,33 @@ mod tests {
 
     #[test]
     fn the_default_image_is_named_or_missed() {
-        let c = check_default_image("tiny", Some(("abc123", "test-kernel")));
+        let c = check_default_image(
+            "tiny",
+            Some(("abc123", "test-kernel")),
+            &ImageFallback::Nothing,
+        );
         assert_eq!(c.verdict, Verdict::Pass);
         assert!(c.detail.contains("test-kernel"));
-        let c = check_default_image("debian-bookworm", None);
+        let c = check_default_image("debian-bookworm", None, &ImageFallback::Nothing);
         assert_eq!(c.verdict, Verdict::Warn);
         assert!(c.hint.contains("vm.default_image"));
+        let c = check_default_image("debian-bookworm", None, &ImageFallback::Catalog);
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert!(c.detail.contains("pulls it"), "{c:?}");
+        let c = check_default_image(
+            "debian-bookworm",
+            None,
+            &ImageFallback::Recipe("/usr/share/banger/images".into()),
+        );
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert!(c.detail.contains("builds it from its recipe"), "{c:?}");
+        let c = check_default_image(
+            "debian-bookworm",
+            None,
+            &ImageFallback::Unbuildable("apt install debootstrap".into()),
+        );
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(c.detail.contains("apt install debootstrap"), "{c:?}");
     }
 
     #[test]

@@ -51,6 +51,20 @@ fn sparse_copy(from: &Path, to: &Path) {
 pub(crate) fn boot_tiny(vmlinuz: &Path, initrd: &Path, dir: &Path) -> Qemu {
     let rootfs = guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
     let seed = guest_artifact("tiny/work-seed.ext4", "build-tiny-image");
+    boot(vmlinuz, initrd, &rootfs, &seed, "/sbin/banger-init", dir)
+}
+
+/// Boot copies (in `dir`) of `rootfs` and the work disk `seed` with
+/// `vmlinuz` and `initrd`, starting `init`, under QEMU microvm with TCG;
+/// the agent's socket is `dir/agent.sock`.
+pub(crate) fn boot(
+    vmlinuz: &Path,
+    initrd: &Path,
+    rootfs: &Path,
+    seed: &Path,
+    init: &str,
+    dir: &Path,
+) -> Qemu {
     let qemu_bin = "qemu-system-x86_64";
     assert!(
         Command::new(qemu_bin).arg("--version").output().is_ok(),
@@ -58,8 +72,8 @@ pub(crate) fn boot_tiny(vmlinuz: &Path, initrd: &Path, dir: &Path) -> Qemu {
     );
     let disk = dir.join("rootfs.ext4");
     let work = dir.join("work.ext4");
-    sparse_copy(&rootfs, &disk);
-    sparse_copy(&seed, &work);
+    sparse_copy(rootfs, &disk);
+    sparse_copy(seed, &work);
     let sock = dir.join("agent.sock");
     let console = dir.join("console.log");
     let child = Command::new(qemu_bin)
@@ -78,10 +92,10 @@ pub(crate) fn boot_tiny(vmlinuz: &Path, initrd: &Path, dir: &Path) -> Qemu {
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 root=/dev/vda rw rootfstype=ext4 tsc=unstable tsc_early_khz=2000000 init=/sbin/banger-init",
-        ])
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 root=/dev/vda rw rootfstype=ext4 tsc=unstable tsc_early_khz=2000000 init={init}"
+        ))
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-drive")

@@ -6,6 +6,7 @@
 
 mod agent_transport;
 mod artifacts;
+mod build_image;
 mod build_kernel;
 mod daemon;
 mod daemon_dns;

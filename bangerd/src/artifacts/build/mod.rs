@@ -5,6 +5,7 @@
 //! a pull does. No package is installed on the host.
 
 pub mod apt;
+pub mod image;
 pub mod initrd;
 
 use std::sync::Arc;
@@ -115,6 +116,17 @@ impl Artifacts {
         }
         self.authorize_name(caller, banger_catalog::Kind::Kernels, &name)
             .await?;
+        self.start_kernel_build(name, req.package, caller.uid).await
+    }
+
+    /// Start building kernel `name` from `package` (default the cloud
+    /// kernel) for `uid`; no authorization here.
+    pub(super) async fn start_kernel_build(
+        self: &Arc<Self>,
+        name: String,
+        package: Option<String>,
+        uid: u32,
+    ) -> Result<JobId> {
         blocking(readiness).await?;
         let exists = {
             let name = name.clone();
@@ -127,11 +139,10 @@ impl Artifacts {
             return Err(already_exists("kernel", &name));
         }
         let core = self.clone();
-        let package = req.package;
         self.jobs()
             .start_with_result(
                 "kernel-build",
-                caller.uid,
+                uid,
                 Action::ImageManage,
                 move |ctx| async move { core.build_kernel_job(&ctx, name, package).await },
             )

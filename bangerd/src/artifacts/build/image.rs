@@ -1,0 +1,476 @@
+//! Images built here from a recipe (`BuildImage`, `banger image build`):
+//! a recipe is a directory under `images.recipes` (the package ships
+//! `debian-bookworm`) with its Debian suite, package list, configure script
+//! and image.json. The job bootstraps the suite with those packages from
+//! `images.mirror` (`debootstrap --variant=minbase`; the tree is cached as
+//! a tarball keyed by suite, mirror and packages, so later builds skip
+//! it), puts banger-agent and the kernel's modules in, runs the recipe's
+//! `configure`, makes the ext4 root filesystem and its work-seed, and
+//! records a system image. The kernel it boots is built first (see
+//! [`super`]) when it is not here.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::apt::valid_package;
+use crate::artifacts::commands::{TmpDir, already_exists, blocking};
+use crate::artifacts::owner::SYSTEM_UID;
+use crate::artifacts::pull::StagedImage;
+use crate::artifacts::{Artifacts, bundle, images_dir, validate};
+use crate::auth::{Action, Caller};
+use crate::error::{Error, Result};
+use crate::jobs::{JobContext, JobId, Resource};
+
+/// The agent's unit, installed beside the agent.
+const AGENT_UNIT: &str = include_str!("../../../../agent/banger-agent.service");
+
+/// What `BuildImage` was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageBuild {
+    /// The recipe (a directory name under `images.recipes`); "" for
+    /// `vm.default_image`.
+    pub recipe: String,
+    /// The name to record the image under (default the recipe's).
+    pub name: Option<String>,
+    /// The kernel it boots (default the kernel `kernel build` makes here,
+    /// built first when missing).
+    pub kernel: Option<String>,
+}
+
+/// A recipe, read and checked.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The Debian suite (`bookworm`).
+    pub suite: String,
+    /// Packages on top of minbase.
+    pub packages: Vec<String>,
+    /// Services readiness waits for, `name:port`.
+    pub services: Vec<crate::artifacts::Service>,
+    /// The init the kernel starts.
+    pub init: Option<String>,
+}
+
+/// Read recipe `name` under `recipes`.
+pub fn recipe(recipes: &Path, name: &str) -> Result<Recipe> {
+    validate::name("recipe", name)?;
+    let dir = recipes.join(name);
+    if !dir.is_dir() {
+        let mut known: Vec<String> = std::fs::read_dir(recipes)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().join("configure").is_file())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        known.sort();
+        return Err(Error::not_found(format!(
+            "there is no image recipe {name} in {} (there: {})",
+            recipes.display(),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        )));
+    }
+    let read = |file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .map_err(|e| Error::invalid(format!("recipe {name} has no readable {file}: {e}")))
+    };
+    let suite = read("suite")?.trim().to_owned();
+    if !valid_package(&suite) {
+        return Err(Error::invalid(format!(
+            "recipe {name}: bad suite {suite:?}"
+        )));
+    }
+    let packages: Vec<String> = read("packages")?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if let Some(bad) = packages.iter().find(|p| !valid_package(p)) {
+        return Err(Error::invalid(format!(
+            "recipe {name}: bad package name {bad:?}"
+        )));
+    }
+    if crate::program::find(&dir.join("configure")).is_none() {
+        return Err(Error::invalid(format!(
+            "recipe {name} has no executable configure"
+        )));
+    }
+    let meta = bundle::image_meta(&dir)?;
+    let services = validate::services(&meta.service_specs())?;
+    if let Some(init) = &meta.init {
+        validate::init_path(init)?;
+    }
+    Ok(Recipe {
+        dir,
+        suite,
+        packages,
+        services,
+        init: meta.init,
+    })
+}
+
+/// Whether an image build can run here: debootstrap, and what a kernel
+/// build needs (its kernel may have to be built first). The one answer
+/// `BuildImage` (before its job starts) and `doctor` give.
+pub fn readiness() -> Result<()> {
+    let kernel = super::readiness();
+    if crate::program::find(Path::new("debootstrap")).is_none() {
+        let more = kernel
+            .err()
+            .map(|e| format!("; {}", e.message))
+            .unwrap_or_default();
+        return Err(Error::unavailable(format!(
+            "image builds need debootstrap here: apt install debootstrap{more}"
+        )));
+    }
+    kernel
+}
+
+/// The cached base tree of `recipe` from `mirror`: keyed by what goes in.
+fn base_key(recipe: &Recipe, mirror: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(format!(
+        "{} {mirror} {}",
+        recipe.suite,
+        recipe.packages.join(",")
+    ));
+    crate::artifacts::hex(&h.finalize())[..16].to_owned()
+}
+
+/// Run `cmd`, keeping its output; fails with its last lines.
+fn run(what: &str, cmd: &mut std::process::Command) -> Result<()> {
+    let out = cmd
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::unavailable(format!("cannot run {what}: {e}")))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tail: Vec<&str> = text.lines().rev().take(8).collect();
+    Err(Error::failed(format!(
+        "{what} failed: {}",
+        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+    )))
+}
+
+/// Bootstrap `recipe` into `tarball` (made beside it, renamed into place).
+fn bootstrap(recipe: &Recipe, mirror: &str, work: &Path, tarball: &Path) -> Result<()> {
+    let tree = work.join("bootstrap");
+    let mut cmd = std::process::Command::new("debootstrap");
+    cmd.arg("--variant=minbase");
+    if !recipe.packages.is_empty() {
+        cmd.arg(format!("--include={}", recipe.packages.join(",")));
+    }
+    cmd.arg(&recipe.suite).arg(&tree).arg(mirror);
+    run("debootstrap", &mut cmd)?;
+    let part = tarball.with_extension("part");
+    run(
+        "tar",
+        std::process::Command::new("tar")
+            .arg("-C")
+            .arg(&tree)
+            .args(["--numeric-owner", "-cf"])
+            .arg(&part)
+            .arg("."),
+    )?;
+    std::fs::rename(&part, tarball)
+        .map_err(|e| Error::failed(format!("cannot keep the base tree: {e}")))?;
+    let _ = std::fs::remove_dir_all(&tree);
+    Ok(())
+}
+
+impl Artifacts {
+    /// Build an image from a recipe as a job (action
+    /// `org.banger.image.manage`); its result is the image, a system
+    /// image. The recipe, names and kernel are checked before the job
+    /// starts.
+    pub async fn build_image(self: &Arc<Self>, caller: &Caller, req: ImageBuild) -> Result<JobId> {
+        self.authorizer
+            .authorize(caller, Action::ImageManage)
+            .await?;
+        let recipes = self.config().images.recipes.clone();
+        // "" is the configured default image, as for a pull.
+        let recipe_name = if req.recipe.is_empty() {
+            self.config().vm.default_image.clone()
+        } else {
+            req.recipe
+        };
+        let recipe = {
+            let name = recipe_name.clone();
+            blocking(move || recipe(&recipes, &name)).await?
+        };
+        let name = req.name.unwrap_or(recipe_name);
+        validate::name("image", &name)?;
+        self.authorize_name(caller, banger_catalog::Kind::Images, &name)
+            .await?;
+        let kernel = match req.kernel {
+            Some(k) => k,
+            None => {
+                let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+                super::default_name(&os)
+            }
+        };
+        validate::name("kernel", &kernel)?;
+        let (image_exists, kernel_row) = {
+            let (name, kernel) = (name.clone(), kernel.clone());
+            self.on_store("reading the store failed", move |s| {
+                Ok((
+                    s.image_by_name(&name)?.is_some(),
+                    s.kernel_by_name(&kernel)?,
+                ))
+            })
+            .await?
+        };
+        if image_exists {
+            return Err(already_exists("image", &name));
+        }
+        if let Some(k) = &kernel_row
+            && k.owner_uid != SYSTEM_UID
+            && k.owner_uid != caller.uid
+        {
+            return Err(Error::denied(format!(
+                "kernel {kernel} belongs to uid {}; build with your own or a system kernel",
+                k.owner_uid
+            )));
+        }
+        blocking(readiness).await?;
+        let core = self.clone();
+        let uid = caller.uid;
+        self.jobs()
+            .start_with_result("image-build", uid, Action::ImageManage, move |ctx| async move {
+                core.build_image_job(&ctx, recipe, name, kernel, uid).await
+            })
+            .await
+    }
+
+    async fn build_image_job(
+        self: &Arc<Self>,
+        ctx: &JobContext,
+        recipe: Recipe,
+        name: String,
+        kernel_name: String,
+        uid: u32,
+    ) -> Result<Option<Resource>> {
+        let kernel_id = match self.kernel_id_any(&kernel_name).await? {
+            Some(id) => id,
+            None => {
+                ctx.stage(&format!("build kernel {kernel_name}"), 0.0)
+                    .await?;
+                let job = self
+                    .start_kernel_build(kernel_name.clone(), None, uid)
+                    .await?;
+                self.await_kernel_job(ctx, job, &kernel_name, "building")
+                    .await?
+            }
+        };
+        let kernel = {
+            let id = kernel_id.clone();
+            self.on_store("reading kernels failed", move |s| s.kernel_by_id(&id))
+                .await?
+                .ok_or_else(|| Error::not_found(format!("kernel {kernel_name} is gone")))?
+        };
+
+        let id = crate::artifacts::new_id()
+            .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
+        // As in a kernel build, each blocking step holds the directories
+        // it writes into, so a cancel leaves nothing behind.
+        let work = Arc::new(TmpDir::create(
+            self.cache.join(format!("image-build-{id}")),
+        )?);
+        let tmp = Arc::new(TmpDir::create(
+            images_dir(&self.state).join(format!(".tmp-{id}")),
+        )?);
+        let root = work.path().join("root");
+
+        ctx.stage("base system", 0.3).await?;
+        let mirror = self.config().images.mirror.clone();
+        let bases = self.cache.join("images");
+        let tarball = bases.join(format!(
+            "{}-{}.tar",
+            recipe.suite,
+            base_key(&recipe, &mirror)
+        ));
+        {
+            let (recipe, root, tarball, held) =
+                (recipe.clone(), root.clone(), tarball, work.clone());
+            let _build = self.apt.lock().await;
+            if !tarball.exists() {
+                ctx.progress(
+                    &format!(
+                        "debootstrap {} from {mirror} (cached afterwards)",
+                        recipe.suite
+                    ),
+                    0.3,
+                    None,
+                );
+            }
+            blocking(move || {
+                std::fs::create_dir_all(&bases)
+                    .map_err(|e| Error::failed(format!("cannot make {}: {e}", bases.display())))?;
+                if !tarball.exists() {
+                    bootstrap(&recipe, &mirror, held.path(), &tarball)?;
+                }
+                std::fs::create_dir_all(&root)
+                    .map_err(|e| Error::failed(format!("cannot make the tree: {e}")))?;
+                run(
+                    "tar",
+                    std::process::Command::new("tar")
+                        .arg("-C")
+                        .arg(&root)
+                        .args(["--numeric-owner", "-xf"])
+                        .arg(&tarball),
+                )
+            })
+            .await?;
+        }
+
+        ctx.stage("agent", 0.55).await?;
+        {
+            let agent = self.config().vm.agent_bin.clone();
+            let (root, held) = (root.clone(), work.clone());
+            blocking(move || {
+                let _held = held;
+                let io = |what: &str, e: std::io::Error| Error::failed(format!("{what}: {e}"));
+                std::fs::copy(&agent, root.join("usr/sbin/banger-agent")).map_err(|e| {
+                    Error::unavailable(format!(
+                        "cannot copy the guest agent {} ({e}); see `banger doctor`",
+                        agent.display()
+                    ))
+                })?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(
+                    root.join("usr/sbin/banger-agent"),
+                    std::fs::Permissions::from_mode(0o755),
+                )
+                .map_err(|e| io("cannot chmod the agent", e))?;
+                std::fs::write(
+                    root.join("etc/systemd/system/banger-agent.service"),
+                    AGENT_UNIT,
+                )
+                .map_err(|e| io("cannot write the agent's unit", e))?;
+                if let Some(modules) = &kernel.modules {
+                    let release = kernel.version.split_whitespace().next().unwrap_or_default();
+                    if !release.is_empty() {
+                        std::fs::create_dir_all(root.join("lib/modules"))
+                            .map_err(|e| io("cannot make /lib/modules", e))?;
+                        let to = root.join("lib/modules").join(release);
+                        run(
+                            "cp",
+                            std::process::Command::new("cp")
+                                .arg("-a")
+                                .arg(modules)
+                                .arg(&to),
+                        )?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        }
+
+        ctx.stage("configure", 0.6).await?;
+        {
+            let (root, dir, held) = (root.clone(), recipe.dir.clone(), work.clone());
+            blocking(move || {
+                let _held = held;
+                run(
+                    "the recipe's configure",
+                    std::process::Command::new(dir.join("configure")).arg(&root),
+                )
+            })
+            .await?;
+        }
+
+        ctx.stage("build rootfs", 0.7).await?;
+        {
+            let held = (work.clone(), tmp.clone());
+            let image = tmp.path().join("rootfs.ext4");
+            blocking(move || {
+                let _held = held;
+                // The label the recipes' fstab names.
+                banger_formats::ext4::build_labelled(
+                    &root,
+                    &image,
+                    banger_formats::ext4::ROOM_FOR_PACKAGES,
+                    "banger-root",
+                )
+                .map(|_| ())
+            })
+            .await?;
+        }
+        drop(work);
+        let tmp = Arc::into_inner(tmp)
+            .ok_or_else(|| Error::failed("the image's staging directory is still in use"))?;
+        self.record_image(
+            ctx,
+            tmp,
+            StagedImage {
+                id,
+                name,
+                kernel_id,
+                kernel_name: kernel.name,
+                services: recipe.services,
+                init: recipe.init,
+                // Built from the distribution's archive and banger's recipe.
+                uid: SYSTEM_UID,
+            },
+        )
+        .await
+    }
+
+    /// The id of kernel `name` when there is one.
+    async fn kernel_id_any(&self, name: &str) -> Result<Option<String>> {
+        let name = name.to_owned();
+        self.on_store("reading kernels failed", move |s| {
+            Ok(s.kernel_by_name(&name)?.map(|k| k.id))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_recipe_reads_and_bad_ones_are_refused() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
+        let r = recipe(&shipped, "debian-bookworm").expect("the shipped recipe");
+        assert_eq!(r.suite, "bookworm");
+        assert!(r.packages.contains(&"openssh-server".to_owned()));
+        assert!(r.services.iter().any(|s| s.port == 22));
+        assert_eq!(r.init.as_deref(), Some("/sbin/init"));
+        let e = recipe(&shipped, "nope").expect_err("missing");
+        assert_eq!(e.kind, crate::error::ErrorKind::NotFound);
+        assert!(e.message.contains("debian-bookworm"), "{}", e.message);
+        assert!(recipe(&shipped, "../etc").is_err());
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = dir.path().join("broken");
+        std::fs::create_dir(&bad).expect("dir");
+        std::fs::write(bad.join("suite"), "bookworm\n").expect("suite");
+        std::fs::write(bad.join("packages"), "openssh-server\n--option\n").expect("packages");
+        let e = recipe(dir.path(), "broken").expect_err("bad package");
+        assert!(e.message.contains("--option"), "{}", e.message);
+
+        let same = base_key(&r, "http://deb.debian.org/debian");
+        assert_eq!(same, base_key(&r, "http://deb.debian.org/debian"));
+        assert_ne!(same, base_key(&r, "http://mirror.example/debian"));
+    }
+}
