@@ -169,16 +169,104 @@ fn run(what: &str, cmd: &mut std::process::Command) -> Result<()> {
     )))
 }
 
-/// Bootstrap `recipe` into `tarball` (made beside it, renamed into place).
-fn bootstrap(recipe: &Recipe, mirror: &str, work: &Path, tarball: &Path) -> Result<()> {
-    let tree = work.join("bootstrap");
-    let mut cmd = std::process::Command::new("debootstrap");
-    cmd.arg("--variant=minbase");
-    if !recipe.packages.is_empty() {
-        cmd.arg(format!("--include={}", recipe.packages.join(",")));
+/// What debootstrap's `I:` lines say about its packages: how many it
+/// has dealt with, and what it is doing now.
+#[derive(Debug, Default)]
+struct BootstrapProgress {
+    retrieved: u64,
+    installed: u64,
+}
+
+impl BootstrapProgress {
+    /// Take in one line; the detail to show for it, if any.
+    fn line(&mut self, line: &str) -> Option<String> {
+        let rest = line.strip_prefix("I: ")?;
+        let (verb, what) = rest.split_once(' ').unwrap_or((rest, ""));
+        match verb {
+            "Retrieving" => self.retrieved += 1,
+            "Unpacking" | "Configuring" => self.installed += 1,
+            _ => {}
+        }
+        let what = what.split_whitespace().next().unwrap_or_default();
+        Some(format!(
+            "debootstrap: {} {what} ({} packages fetched, {} unpack and configure steps)",
+            verb.to_lowercase(),
+            self.retrieved,
+            self.installed
+        ))
     }
-    cmd.arg(&recipe.suite).arg(&tree).arg(mirror);
-    run("debootstrap", &mut cmd)?;
+
+    /// A share of the stage that only grows and never reaches 1: the
+    /// package count is not known up front.
+    fn share(&self) -> f64 {
+        let done = (self.retrieved + self.installed) as f64;
+        done / (done + 200.0)
+    }
+}
+
+/// Bootstrap `recipe` into `tarball` (made beside it, renamed into
+/// place), telling `report` what debootstrap is doing (detail, share of
+/// the work); `report` failing (the job was cancelled) stops debootstrap.
+fn bootstrap(
+    recipe: &Recipe,
+    mirror: &str,
+    work: &Path,
+    tarball: &Path,
+    report: &mut dyn FnMut(&str, f64) -> Result<()>,
+) -> Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let tree = work.join("bootstrap");
+    let mut args = vec!["--variant=minbase".to_owned()];
+    if !recipe.packages.is_empty() {
+        args.push(format!("--include={}", recipe.packages.join(",")));
+    }
+    // Its messages go to stderr: one stream, read as it comes.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "exec debootstrap \"$@\" 2>&1", "debootstrap"])
+        .args(&args)
+        .arg(&recipe.suite)
+        .arg(&tree)
+        .arg(mirror)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| Error::unavailable(format!("cannot run debootstrap: {e}")))?;
+    let mut progress = BootstrapProgress::default();
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut stopped = None;
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if let Some(detail) = progress.line(&line)
+                && let Err(e) = report(&detail, progress.share())
+            {
+                // Stop debootstrap and what it runs, then wait for them.
+                let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
+                stopped = Some(e);
+                break;
+            }
+            tail.push_back(line);
+            if tail.len() > 8 {
+                tail.pop_front();
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::failed(format!("cannot wait for debootstrap: {e}")))?;
+    if let Some(e) = stopped {
+        return Err(e);
+    }
+    if !status.success() {
+        return Err(Error::failed(format!(
+            "debootstrap failed ({status}): {}",
+            Vec::from(tail).join(" / ")
+        )));
+    }
     let part = tarball.with_extension("part");
     run(
         "tar",
@@ -320,11 +408,17 @@ impl Artifacts {
                     None,
                 );
             }
+            let ctx = ctx.clone();
             blocking(move || {
                 std::fs::create_dir_all(&bases)
                     .map_err(|e| Error::failed(format!("cannot make {}: {e}", bases.display())))?;
                 if !tarball.exists() {
-                    bootstrap(&recipe, &mirror, held.path(), &tarball)?;
+                    let mut report = |detail: &str, share: f64| {
+                        ctx.check_cancelled()?;
+                        ctx.progress(detail, 0.3 + 0.25 * share, None);
+                        Ok(())
+                    };
+                    bootstrap(&recipe, &mirror, held.path(), &tarball, &mut report)?;
                 }
                 std::fs::create_dir_all(&root)
                     .map_err(|e| Error::failed(format!("cannot make the tree: {e}")))?;
@@ -468,6 +562,20 @@ mod tests {
         std::fs::write(bad.join("packages"), "openssh-server\n--option\n").expect("packages");
         let e = recipe(dir.path(), "broken").expect_err("bad package");
         assert!(e.message.contains("--option"), "{}", e.message);
+
+        let mut p = BootstrapProgress::default();
+        assert_eq!(p.line("W: no lines but I: count"), None);
+        assert!(
+            p.line("I: Retrieving libc6 2.36-9+deb12u13")
+                .expect("shown")
+                .contains("retrieving libc6 (1 packages fetched")
+        );
+        p.line("I: Configuring libc6...");
+        assert_eq!((p.retrieved, p.installed), (1, 1));
+        let s = p.share();
+        assert!(s > 0.0 && s < 1.0);
+        p.line("I: Retrieving bash");
+        assert!(p.share() > s, "the share only grows");
 
         let same = base_key(&r, "http://deb.debian.org/debian");
         assert_eq!(same, base_key(&r, "http://deb.debian.org/debian"));
