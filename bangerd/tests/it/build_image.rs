@@ -180,6 +180,14 @@ async fn the_debian_recipe_builds_its_kernel_and_an_image_that_boots() {
     );
     assert!(debugfs(&rootfs, "stat /usr/lib/banger/firstboot").contains("Mode:  0755"));
 
+    // Nothing of either build's tree is left.
+    let staging: Vec<_> = std::fs::read_dir(bed.state_dir().join("images"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .collect();
+    assert!(staging.is_empty(), "{staging:?}");
+
     // One cached base system served both builds.
     let cached: Vec<_> = std::fs::read_dir(bed.cache_dir().join("images"))
         .unwrap()

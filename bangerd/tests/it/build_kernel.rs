@@ -102,13 +102,12 @@ async fn a_kernel_built_from_the_archive_is_recorded_and_boots() {
     }
 
     // Nothing of the build is left over, and the host's apt is untouched.
-    let leftovers: Vec<String> = std::fs::read_dir(bed.cache_dir())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("kernel-build-"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(
+        named(&bed.cache_dir(), ""),
+        ["apt"],
+        "only apt's state is kept"
+    );
+    assert!(named(&bed.state_dir().join("kernels"), ".tmp-").is_empty());
     assert!(bed.cache_dir().join("apt/lists").is_dir());
     assert_eq!(
         ["/var/lib/apt/lists", "/var/lib/dpkg/status"].map(modified),
@@ -232,10 +231,15 @@ async fn a_cancelled_kernel_build_leaves_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        named(&bed.cache_dir(), "kernel-build-").len(),
-        1,
-        "mid-build"
+    // Mid-build, the unpacked package is inside the staging directory.
+    let staging = named(&bed.state_dir().join("kernels"), ".tmp-");
+    assert_eq!(staging.len(), 1, "mid-build: {staging:?}");
+    assert!(
+        bed.state_dir()
+            .join("kernels")
+            .join(&staging[0])
+            .join(".build/pkg")
+            .is_dir()
     );
     job.cancel().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -246,7 +250,11 @@ async fn a_cancelled_kernel_build_leaves_nothing() {
     assert_eq!(job.state().await.unwrap(), "cancelled");
     // A moment for the blocking step the cancel interrupted to unwind.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(named(&bed.cache_dir(), "kernel-build-").is_empty());
+    assert_eq!(
+        named(&bed.cache_dir(), ""),
+        ["apt"],
+        "only apt's state is kept"
+    );
     assert!(named(&bed.state_dir().join("kernels"), ".tmp-").is_empty());
     assert!(
         bed.banger()

@@ -376,15 +376,15 @@ impl Artifacts {
 
         let id = crate::artifacts::new_id()
             .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
-        // As in a kernel build, each blocking step holds the directories
-        // it writes into, so a cancel leaves nothing behind.
-        let work = Arc::new(TmpDir::create(
-            self.cache.join(format!("image-build-{id}")),
-        )?);
+        // As in a kernel build, the tree is made inside the staging
+        // directory (under `.build`, gone before the image is recorded),
+        // and each blocking step holds that directory, so neither a cancel
+        // nor a crash leaves anything behind.
         let tmp = Arc::new(TmpDir::create(
             images_dir(&self.state).join(format!(".tmp-{id}")),
         )?);
-        let root = work.path().join("root");
+        let work = tmp.path().join(".build");
+        let root = work.join("root");
 
         ctx.stage("base system", 0.3).await?;
         let mirror = self.config().images.mirror.clone();
@@ -395,8 +395,13 @@ impl Artifacts {
             base_key(&recipe, &mirror)
         ));
         {
-            let (recipe, root, tarball, held) =
-                (recipe.clone(), root.clone(), tarball, work.clone());
+            let (recipe, root, tarball, work, held) = (
+                recipe.clone(),
+                root.clone(),
+                tarball,
+                work.clone(),
+                tmp.clone(),
+            );
             let _build = self.apt.lock().await;
             if !tarball.exists() {
                 ctx.progress(
@@ -410,15 +415,19 @@ impl Artifacts {
             }
             let ctx = ctx.clone();
             blocking(move || {
-                std::fs::create_dir_all(&bases)
-                    .map_err(|e| Error::failed(format!("cannot make {}: {e}", bases.display())))?;
+                let _held = held;
+                for dir in [&bases, &work] {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        Error::failed(format!("cannot make {}: {e}", dir.display()))
+                    })?;
+                }
                 if !tarball.exists() {
                     let mut report = |detail: &str, share: f64| {
                         ctx.check_cancelled()?;
                         ctx.progress(detail, 0.3 + 0.25 * share, None);
                         Ok(())
                     };
-                    bootstrap(&recipe, &mirror, held.path(), &tarball, &mut report)?;
+                    bootstrap(&recipe, &mirror, &work, &tarball, &mut report)?;
                 }
                 std::fs::create_dir_all(&root)
                     .map_err(|e| Error::failed(format!("cannot make the tree: {e}")))?;
@@ -437,7 +446,7 @@ impl Artifacts {
         ctx.stage("agent", 0.55).await?;
         {
             let agent = self.config().vm.agent_bin.clone();
-            let (root, held) = (root.clone(), work.clone());
+            let (root, held) = (root.clone(), tmp.clone());
             blocking(move || {
                 let _held = held;
                 let io = |what: &str, e: std::io::Error| Error::failed(format!("{what}: {e}"));
@@ -480,7 +489,7 @@ impl Artifacts {
 
         ctx.stage("configure", 0.6).await?;
         {
-            let (root, dir, held) = (root.clone(), recipe.dir.clone(), work.clone());
+            let (root, dir, held) = (root.clone(), recipe.dir.clone(), tmp.clone());
             blocking(move || {
                 let _held = held;
                 run(
@@ -493,7 +502,7 @@ impl Artifacts {
 
         ctx.stage("build rootfs", 0.7).await?;
         {
-            let held = (work.clone(), tmp.clone());
+            let held = tmp.clone();
             let image = tmp.path().join("rootfs.ext4");
             blocking(move || {
                 let _held = held;
@@ -503,12 +512,12 @@ impl Artifacts {
                     &image,
                     banger_formats::ext4::ROOM_FOR_PACKAGES,
                     "banger-root",
-                )
-                .map(|_| ())
+                )?;
+                std::fs::remove_dir_all(&work)
+                    .map_err(|e| Error::failed(format!("cannot remove the image's tree: {e}")))
             })
             .await?;
         }
-        drop(work);
         let tmp = Arc::into_inner(tmp)
             .ok_or_else(|| Error::failed("the image's staging directory is still in use"))?;
         self.record_image(

@@ -182,23 +182,27 @@ impl Artifacts {
         drop(apt_held);
 
         let id = super::new_id().map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
-        // Each blocking step holds the directories it writes into: a
-        // cancel ends the job at once, and the directories go when the step
-        // that was running (and the programs it waits for) is done, so
-        // nothing writes into them after they are removed.
-        let work = Arc::new(TmpDir::create(
-            self.cache.join(format!("kernel-build-{id}")),
-        )?);
+        // Everything is made inside the staging directory (the unpacked
+        // package under `.build`, which goes before the kernel is
+        // recorded): one file system, so the pieces kept are renamed into
+        // place, and a crash leaves only a `.tmp-` directory, which startup
+        // removes. Each blocking step holds the directory: a cancel ends
+        // the job at once, and the directory goes when the step that was
+        // running (and the programs it waits for) is done, so nothing
+        // writes into it after it is removed.
         let tmp = Arc::new(TmpDir::create(
             kernels_dir(&self.state).join(format!(".tmp-{id}")),
         )?);
-        let tree = work.path().join("pkg");
+        let work = tmp.path().join(".build");
+        let tree = work.join("pkg");
 
         ctx.stage("unpack", 0.5).await?;
         let version = {
-            let (tree, held) = (tree.clone(), work.clone());
+            let (tree, held) = (tree.clone(), tmp.clone());
             blocking(move || {
                 let _held = held;
+                std::fs::create_dir_all(&tree)
+                    .map_err(|e| Error::failed(format!("cannot make {}: {e}", tree.display())))?;
                 initrd::unpack(&deb, &tree)?;
                 initrd::version_in(&tree)
             })
@@ -207,7 +211,7 @@ impl Artifacts {
 
         ctx.stage("modules", 0.6).await?;
         let order = {
-            let (tree, version, held) = (tree.clone(), version.clone(), work.clone());
+            let (tree, version, held) = (tree.clone(), version.clone(), tmp.clone());
             blocking(move || {
                 let _held = held;
                 initrd::modules(&tree, &version)
@@ -222,10 +226,9 @@ impl Artifacts {
 
         ctx.stage("initramfs", 0.7).await?;
         {
-            let (tree, version, held) =
-                (tree.clone(), version.clone(), (work.clone(), tmp.clone()));
-            let stage = held.0.path().join("initramfs");
-            let out = held.1.path().join("initrd.img");
+            let (tree, version, held) = (tree.clone(), version.clone(), tmp.clone());
+            let stage = work.join("initramfs");
+            let out = held.path().join("initrd.img");
             blocking(move || {
                 let _held = held;
                 initrd::make(&tree, &version, &order, &stage, &out)
@@ -234,9 +237,9 @@ impl Artifacts {
         }
 
         ctx.stage("check vmlinux", 0.8).await?;
-        let held = (work.clone(), tmp.clone());
+        let held = tmp.clone();
         let (is_bzimage, header_version) = blocking(move || {
-            let dir = held.1.path();
+            let dir = held.path();
             let vmlinuz = tree.join("boot").join(format!("vmlinuz-{version}"));
             let bytes = std::fs::read(&vmlinuz)
                 .map_err(|e| Error::failed(format!("cannot read {}: {e}", vmlinuz.display())))?;
@@ -254,11 +257,12 @@ impl Artifacts {
             let modules = tree.join("lib/modules").join(&version);
             std::fs::rename(&modules, dir.join("modules"))
                 .map_err(|e| Error::failed(format!("cannot move the modules: {e}")))?;
+            std::fs::remove_dir_all(&work)
+                .map_err(|e| Error::failed(format!("cannot remove the unpacked package: {e}")))?;
             drop(held);
             Ok((is_bzimage, header_version))
         })
         .await?;
-        drop(work);
         // Every step is done: this is the last holder.
         let tmp = Arc::into_inner(tmp)
             .ok_or_else(|| Error::failed("the kernel's staging directory is still in use"))?;
