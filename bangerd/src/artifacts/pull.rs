@@ -14,9 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use banger_catalog::{Entry, Kind};
 
 use super::bundle::{self, Layout};
-use super::commands::{
-    StagedKernel, TmpDir, already_exists, blocking, extract_vmlinux, kernel_format, ticker,
-};
+use super::commands::{StagedKernel, TmpDir, already_exists, blocking, place_kernel, ticker};
 use super::owner::SYSTEM_UID;
 use super::store::{is_fk_violation, is_unique_violation};
 use super::{Image, files, images_dir, kernels_dir, validate};
@@ -245,22 +243,7 @@ impl Artifacts {
             } else {
                 dir.join("vmlinux")
             };
-            let bytes = std::fs::read(&shipped)
-                .map_err(|e| Error::failed(format!("cannot read {}: {e}", shipped.display())))?;
-            let (is_bzimage, version) = kernel_format(&bytes)?;
-            let write = |name: &str, data: &[u8]| {
-                std::fs::write(dir.join(name), data)
-                    .map_err(|e| Error::failed(format!("cannot write the {name}: {e}")))
-            };
-            if is_bzimage {
-                // Keep the bzImage as vmlinuz, and the ELF Firecracker needs.
-                write("vmlinuz", &bytes)?;
-                write("vmlinux", &extract_vmlinux(&bytes)?)?;
-            } else if shipped.ends_with("vmlinuz") {
-                std::fs::rename(&shipped, dir.join("vmlinux"))
-                    .map_err(|e| Error::failed(format!("cannot rename the vmlinux: {e}")))?;
-            }
-            Ok((is_bzimage, version))
+            place_kernel(&dir, &shipped)
         })
         .await?;
         let has = |name: &str| tmp.path().join(name).exists();

@@ -10,9 +10,7 @@ pub mod initrd;
 
 use std::sync::Arc;
 
-use super::commands::{
-    StagedKernel, TmpDir, already_exists, blocking, extract_vmlinux, kernel_format,
-};
+use super::commands::{StagedKernel, TmpDir, already_exists, blocking, place_kernel};
 use super::owner::SYSTEM_UID;
 use super::validate;
 use crate::artifacts::{Artifacts, kernels_dir};
@@ -241,26 +239,14 @@ impl Artifacts {
         let (is_bzimage, header_version) = blocking(move || {
             let dir = held.path();
             let vmlinuz = tree.join("boot").join(format!("vmlinuz-{version}"));
-            let bytes = std::fs::read(&vmlinuz)
-                .map_err(|e| Error::failed(format!("cannot read {}: {e}", vmlinuz.display())))?;
-            let (is_bzimage, header_version) = kernel_format(&bytes)?;
-            let write = |name: &str, data: &[u8]| {
-                std::fs::write(dir.join(name), data)
-                    .map_err(|e| Error::failed(format!("cannot write the {name}: {e}")))
-            };
-            if is_bzimage {
-                write("vmlinuz", &bytes)?;
-                write("vmlinux", &extract_vmlinux(&bytes)?)?;
-            } else {
-                write("vmlinux", &bytes)?;
-            }
+            let placed = place_kernel(dir, &vmlinuz)?;
             let modules = tree.join("lib/modules").join(&version);
             std::fs::rename(&modules, dir.join("modules"))
                 .map_err(|e| Error::failed(format!("cannot move the modules: {e}")))?;
             std::fs::remove_dir_all(&work)
                 .map_err(|e| Error::failed(format!("cannot remove the unpacked package: {e}")))?;
             drop(held);
-            Ok((is_bzimage, header_version))
+            Ok(placed)
         })
         .await?;
         // Every step is done: this is the last holder.

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::{
-    StagedKernel, TmpDir, already_exists, blocking, extract_vmlinux, kernel_format, kernel_magic,
-    only_root_names_paths, ticker,
+    StagedKernel, TmpDir, already_exists, blocking, kernel_magic, only_root_names_paths,
+    place_kernel, ticker,
 };
 use crate::artifacts::Artifacts;
 use crate::artifacts::files;
@@ -194,22 +194,12 @@ impl Artifacts {
                             &copy,
                             &mut tick,
                         )?;
-                        // The copy is what is kept, so the copy is checked.
-                        let bytes = std::fs::read(&copy)
-                            .map_err(|e| Error::failed(format!("cannot read the copy: {e}")))?;
-                        let (bz, version) = kernel_format(&bytes)?;
+                        // The copy is what is kept, so the copy is checked
+                        // (a failure drops the staging directory with it).
+                        let (bz, version) = place_kernel(&dir, &copy)?;
                         if bz != is_bzimage {
                             return Err(Error::invalid("the kernel changed while it was copied"));
                         }
-                        if bz {
-                            std::fs::write(dir.join("vmlinux"), extract_vmlinux(&bytes)?).map_err(
-                                |e| Error::failed(format!("cannot write the vmlinux: {e}")),
-                            )?;
-                            std::fs::rename(&copy, dir.join("vmlinuz"))
-                        } else {
-                            std::fs::rename(&copy, dir.join("vmlinux"))
-                        }
-                        .map_err(|e| Error::failed(format!("cannot keep the kernel: {e}")))?;
                         Ok(version)
                     })
                     .await?;

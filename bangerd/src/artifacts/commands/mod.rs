@@ -200,9 +200,27 @@ pub(super) fn kernel_format(bytes: &[u8]) -> Result<(bool, String)> {
     }
 }
 
-pub(super) fn extract_vmlinux(bytes: &[u8]) -> Result<Vec<u8>> {
+fn extract_vmlinux(bytes: &[u8]) -> Result<Vec<u8>> {
     banger_vmlinux::extract_vmlinux(bytes)
         .map_err(|e| Error::invalid(format!("cannot extract a vmlinux from the bzImage: {e}")))
+}
+
+/// Put the kernel image `file`, staged on `dir`'s file system, where
+/// managed storage keeps it in `dir`: a bzImage as `vmlinuz` with the ELF
+/// `vmlinux` Firecracker needs extracted beside it, an ELF as `vmlinux`.
+/// Returns whether it is a bzImage and the version its header names.
+pub(super) fn place_kernel(dir: &Path, file: &Path) -> Result<(bool, String)> {
+    let bytes = std::fs::read(file)
+        .map_err(|e| Error::failed(format!("cannot read {}: {e}", file.display())))?;
+    let (is_bzimage, version) = kernel_format(&bytes)?;
+    let keep = dir.join(if is_bzimage { "vmlinuz" } else { "vmlinux" });
+    std::fs::rename(file, &keep)
+        .map_err(|e| Error::failed(format!("cannot keep the kernel: {e}")))?;
+    if is_bzimage {
+        std::fs::write(dir.join("vmlinux"), extract_vmlinux(&bytes)?)
+            .map_err(|e| Error::failed(format!("cannot write the vmlinux: {e}")))?;
+    }
+    Ok((is_bzimage, version))
 }
 
 impl Artifacts {
