@@ -14,7 +14,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use banger_agent_host::{AgentEndpoint, wait_until_ready};
 use banger_testbed::output_text as text;
 use banger_testbed::{Options, TestBed, doctor_check, guest_artifact};
 
@@ -210,16 +209,13 @@ async fn the_debian_recipe_builds_its_kernel_and_an_image_that_boots() {
         "/sbin/init",
         dir.path(),
     );
-    let ready = wait_until_ready(
-        &AgentEndpoint::Unix(dir.path().join("agent.sock")),
-        Duration::from_secs(240),
-        Duration::from_millis(200),
-    )
-    .await;
-    let (mut conn, _, _) = match ready {
-        Ok(r) => r,
-        Err(e) => panic!("{e}\nconsole:\n{}", qemu.console_tail(60)),
-    };
+    let (mut conn, _, _) = qemu
+        .agent(
+            dir.path(),
+            Duration::from_secs(240),
+            Duration::from_millis(200),
+        )
+        .await;
     let info = conn.info(Duration::from_secs(30)).await.unwrap();
     eprintln!(
         "built image booted to its agent in {:?} ({} {})",

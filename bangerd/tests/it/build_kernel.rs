@@ -12,7 +12,6 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use banger_agent_host::{AgentEndpoint, wait_until_ready};
 use banger_testbed::output_text as text;
 use banger_testbed::{Options, TestBed, guest_artifact};
 
@@ -118,17 +117,13 @@ async fn a_kernel_built_from_the_archive_is_recorded_and_boots() {
     let dir = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     let mut qemu = boot_tiny(&bzimage, &initrd, dir.path());
-    let endpoint = AgentEndpoint::Unix(dir.path().join("agent.sock"));
-    let ready = wait_until_ready(
-        &endpoint,
-        Duration::from_secs(150),
-        Duration::from_millis(100),
-    )
-    .await;
-    let (mut conn, _, _) = match ready {
-        Ok(r) => r,
-        Err(e) => panic!("{e}\nconsole:\n{}", qemu.console_tail(50)),
-    };
+    let (mut conn, _, _) = qemu
+        .agent(
+            dir.path(),
+            Duration::from_secs(150),
+            Duration::from_millis(100),
+        )
+        .await;
     let info = conn.info(Duration::from_secs(30)).await.unwrap();
     eprintln!(
         "built kernel {} booted to the agent in {:?}",

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use banger_agent_host::{AgentEndpoint, wait_until_ready};
+use banger_agent_host::{AgentConn, AgentEndpoint, wait_until_ready};
+use banger_agent_proto::Health;
 use banger_testbed::guest_artifact;
 
 /// QEMU, killed on drop whatever happens; keeps the console log for
@@ -21,6 +22,22 @@ pub(crate) struct Qemu {
 }
 
 impl Qemu {
+    /// Wait up to `wait` (trying every `poll`) for the agent on the socket
+    /// [`boot`] made in `dir` to answer; fails the test with the console's
+    /// last lines when it does not.
+    pub(crate) async fn agent(
+        &self,
+        dir: &Path,
+        wait: Duration,
+        poll: Duration,
+    ) -> (AgentConn, Health, Duration) {
+        let endpoint = AgentEndpoint::Unix(dir.join("agent.sock"));
+        match wait_until_ready(&endpoint, wait, poll).await {
+            Ok(ready) => ready,
+            Err(e) => panic!("{e}\nconsole:\n{}", self.console_tail(50)),
+        }
+    }
+
     pub(crate) fn console_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.console).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
@@ -133,21 +150,16 @@ async fn tiny_image_boots_and_its_agent_answers_over_virtio_serial() {
     let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
     let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("agent.sock");
     let t0 = Instant::now();
     let mut qemu = boot_tiny(&vmlinuz, &initrd, dir.path());
 
-    let endpoint = AgentEndpoint::Unix(sock);
-    let ready = wait_until_ready(
-        &endpoint,
-        Duration::from_secs(120),
-        Duration::from_millis(100),
-    )
-    .await;
-    let (mut conn, health, took) = match ready {
-        Ok(r) => r,
-        Err(e) => panic!("{e}\nconsole:\n{}", qemu.console_tail(50)),
-    };
+    let (mut conn, health, took) = qemu
+        .agent(
+            dir.path(),
+            Duration::from_secs(120),
+            Duration::from_millis(100),
+        )
+        .await;
     eprintln!(
         "guest boot: agent ready after {took:?} (guest uptime {:.2}s)",
         health.uptime_secs
