@@ -454,18 +454,20 @@ impl Config {
             return Err(invalid("images.recipes", "must be an absolute path"));
         }
         let mirror = url::Url::parse(&self.images.mirror).ok();
-        if !mirror
-            .as_ref()
-            .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            || self
-                .images
-                .mirror
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control())
+        if !mirror.as_ref().is_some_and(|u| match u.scheme() {
+            "http" | "https" => u.host().is_some(),
+            // A mirror on this host's disk (an offline host's).
+            "file" => u.host().is_none() && u.path().len() > 1,
+            _ => false,
+        }) || self
+            .images
+            .mirror
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
         {
             return Err(invalid(
                 "images.mirror",
-                "must be an http or https URL of a Debian mirror, like http://deb.debian.org/debian",
+                "must be an http, https or file URL of a Debian mirror, like http://deb.debian.org/debian or file:///srv/debian",
             ));
         }
         for (key, bin) in [
@@ -509,6 +511,8 @@ mod tests {
             parse("[network]\nsubnet = \"10.50.0.0/16\"\nbridge = \"br-vm\"\ntap_pool_size = 0\n")
                 .expect("ok");
         assert_eq!(c.network.subnet().expect("subnet").capacity(), 65_533);
+        let local = parse("[images]\nmirror = \"file:///srv/debian\"\n").expect("a local mirror");
+        assert_eq!(local.images.mirror, "file:///srv/debian");
         for (text, key) in [
             ("[network]\nsubnet = \"10.50.0.1/16\"\n", "network.subnet"),
             ("[network]\nsubnet = \"nope\"\n", "network.subnet"),
@@ -527,6 +531,8 @@ mod tests {
                 "[images]\nmirror = \"http://deb.debian.org/debian -o x\"\n",
                 "images.mirror",
             ),
+            ("[images]\nmirror = \"file://host/srv\"\n", "images.mirror"),
+            ("[images]\nmirror = \"file:///\"\n", "images.mirror"),
         ] {
             let e = parse(text).expect_err(text).to_string();
             assert!(e.contains(key), "{text}: {e}");
