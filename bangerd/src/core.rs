@@ -55,6 +55,8 @@ pub struct CoreDeps {
     pub host: HostPaths,
     /// Who runs VMM processes.
     pub supervisor: Arc<dyn crate::vm::supervise::Supervisor>,
+    /// Who runs the privileged steps of image builds.
+    pub steps: Arc<dyn crate::artifacts::build::steps::StepRunner>,
     /// Device-mapper, for snapshot system disks where it exists.
     pub dm: Arc<dyn crate::vm::snapshot::DeviceMapper>,
     /// Reaches the guests' agents.
@@ -129,6 +131,7 @@ impl Core {
                 state: deps.dirs.state.clone(),
             },
             quotas: quotas.clone(),
+            steps: deps.steps.clone(),
         }));
         let net = Arc::new(HostNetwork::new(deps.store.clone(), deps.link_dns.clone()));
         let vms = Arc::new(Vms::new(VmsDeps {
@@ -530,6 +533,7 @@ mod tests {
                 bus: Arc::new(NoBus),
                 host: HostPaths::default(),
                 supervisor: Arc::new(crate::vm::supervise::Direct),
+                steps: Arc::new(crate::artifacts::build::steps::Direct),
                 dm: Arc::new(crate::vm::snapshot::Absent),
                 agent: Arc::new(crate::vm::agent::HostAgent),
                 link_dns: Arc::new(crate::net::resolved::NoLinkDns),

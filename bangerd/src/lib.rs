@@ -170,6 +170,12 @@ pub async fn run(
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let supervisor = supervisor(&config, &conn);
+    // Image builds' steps go where VMMs go.
+    let steps: Arc<dyn artifacts::build::steps::StepRunner> = if supervisor.name() == "systemd" {
+        Arc::new(os::systemd::SystemdSteps::new(conn.clone()))
+    } else {
+        Arc::new(artifacts::build::steps::Direct)
+    };
     let core = Core::new(
         config,
         CoreDeps {
@@ -180,6 +186,7 @@ pub async fn run(
             bus: Arc::new(os::bus_names::BusNames(conn.clone())),
             host: HostPaths::default(),
             supervisor,
+            steps,
             dm: Arc::new(os::dm::Dm),
             agent: Arc::new(vm::agent::HostAgent),
             link_dns: Arc::new(os::resolved::Resolved::new(conn.clone())),

@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use zbus::Connection;
 use zbus::{OwnedObjectPath, Variant as Value};
 
+use crate::artifacts::build::steps;
 use crate::auth::BoxFuture;
 use crate::error::{Error, Result};
 use crate::vm::process::{ProcessId, Watched};
@@ -34,6 +35,8 @@ trait Systemd {
     fn get_unit_by_pid(&self, pid: u32) -> zbus::Result<OwnedObjectPath>;
 
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
 
     fn subscribe(&self) -> zbus::Result<()>;
 
@@ -119,6 +122,19 @@ trait Machined {
     ) -> zbus::Result<OwnedObjectPath>;
 }
 
+/// One unit property as the `(sv)` pair `StartTransientUnit` takes.
+fn property(p: UnitProperty) -> (&'static str, Value<'static>) {
+    match p {
+        UnitProperty::Str(k, v) => (k, Value::from(v)),
+        UnitProperty::U64(k, v) => (k, Value::from(v)),
+        UnitProperty::Bool(k, v) => (k, Value::from(v)),
+        UnitProperty::Strs(k, v) => (k, Value::from(v)),
+        UnitProperty::ExecStart(program, argv) => {
+            ("ExecStart", Value::from(vec![(program, argv, false)]))
+        }
+    }
+}
+
 /// How long systemd gets to start a unit.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -152,16 +168,8 @@ impl SystemdSupervisor {
             .receive_job_removed()
             .await
             .map_err(|e| fail("report jobs", e))?;
-        let props: Vec<(&str, Value<'_>)> = unit_properties(&req)
-            .into_iter()
-            .map(|p| match p {
-                UnitProperty::Str(k, v) => (k, Value::from(v)),
-                UnitProperty::U64(k, v) => (k, Value::from(v)),
-                UnitProperty::ExecStart(program, argv) => {
-                    ("ExecStart", Value::from(vec![(program, argv, false)]))
-                }
-            })
-            .collect();
+        let props: Vec<(&str, Value<'_>)> =
+            unit_properties(&req).into_iter().map(property).collect();
         let job = manager
             .start_transient_unit(&name, "fail", &props, &[])
             .await
@@ -260,5 +268,90 @@ impl Supervisor for SystemdSupervisor {
 
     fn unit(&self, vm_id: &str) -> Option<String> {
         Some(unit_name(vm_id))
+    }
+}
+
+/// Image builds' privileged steps as transient oneshot services
+/// `banger-build-<id>-<step>.service`, with the rights
+/// [`steps::unit_properties`] gives them and their output on the pipe
+/// bangerd reads.
+#[derive(Debug, Clone)]
+pub struct SystemdSteps {
+    conn: Connection,
+}
+
+impl SystemdSteps {
+    /// On `conn`, the system bus systemd is on.
+    pub fn new(conn: Connection) -> Self {
+        Self { conn }
+    }
+}
+
+impl steps::StepRunner for SystemdSteps {
+    fn name(&self) -> &'static str {
+        "systemd"
+    }
+
+    fn start<'a>(
+        &'a self,
+        step: &'a steps::Step,
+        output: std::os::fd::OwnedFd,
+    ) -> BoxFuture<'a, Result<steps::Running>> {
+        Box::pin(async move {
+            let name = steps::unit_name(step);
+            let fail = |what: &str, e: zbus::Error| {
+                Error::failed(format!("systemd could not {what} for {}: {e}", step.what))
+            };
+            let manager = SystemdProxy::new(&self.conn)
+                .await
+                .map_err(|e| fail("be reached", e))?;
+            let _ = manager.reset_failed_unit(&name).await;
+            let _ = manager.subscribe().await;
+            let mut removed = manager
+                .receive_job_removed()
+                .await
+                .map_err(|e| fail("report jobs", e))?;
+            let mut props: Vec<(&str, Value<'_>)> = steps::unit_properties(step)
+                .into_iter()
+                .map(property)
+                .collect();
+            props.push((
+                "StandardOutputFileDescriptor",
+                Value::Fd(zbus::Fd::from(&output)),
+            ));
+            props.push((
+                "StandardErrorFileDescriptor",
+                Value::Fd(zbus::Fd::from(&output)),
+            ));
+            // A oneshot's start job ends when its process does.
+            let job = manager
+                .start_transient_unit(&name, "fail", &props, &[])
+                .await
+                .map_err(|e| fail(&format!("start {name}"), e))?;
+            drop(props);
+            drop(output);
+            let unit = name.clone();
+            let done: BoxFuture<'static, std::result::Result<(), String>> = Box::pin(async move {
+                while let Some(signal) = removed.next().await {
+                    if let Ok(args) = signal.args()
+                        && args.job == job
+                    {
+                        return match args.result.as_str() {
+                            "done" => Ok(()),
+                            other => Err(format!("{other}; see journalctl -u {unit}")),
+                        };
+                    }
+                }
+                Err(format!("systemd stopped reporting on {unit}"))
+            });
+            let stop = Box::new(move || -> BoxFuture<'static, ()> {
+                Box::pin(async move {
+                    if let Err(e) = manager.stop_unit(&name, "replace").await {
+                        tracing::warn!("cannot stop {name}: {e}");
+                    }
+                })
+            });
+            Ok(steps::Running { done, stop })
+        })
     }
 }

@@ -94,6 +94,10 @@ pub enum UnitProperty {
     Str(&'static str, String),
     /// A `t` property.
     U64(&'static str, u64),
+    /// A `b` property.
+    Bool(&'static str, bool),
+    /// An `as` property.
+    Strs(&'static str, Vec<String>),
     /// `ExecStart`: the program and its whole argv.
     ExecStart(String, Vec<String>),
 }
@@ -151,7 +155,10 @@ mod tests {
         });
         let find = |name: &str| {
             props.iter().find(|p| match p {
-                UnitProperty::Str(n, _) | UnitProperty::U64(n, _) => *n == name,
+                UnitProperty::Str(n, _)
+                | UnitProperty::U64(n, _)
+                | UnitProperty::Bool(n, _)
+                | UnitProperty::Strs(n, _) => *n == name,
                 UnitProperty::ExecStart(..) => name == "ExecStart",
             })
         };

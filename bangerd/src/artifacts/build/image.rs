@@ -6,7 +6,9 @@
 //! a tarball keyed by suite, mirror and packages, so later builds skip
 //! it), puts banger-agent and the kernel's modules in, runs the recipe's
 //! `configure`, makes the ext4 root filesystem and its work-seed, and
-//! records a system image. The kernel it boots is built first (see
+//! records a system image. debootstrap, the unpacking of its tree and
+//! `configure` need more rights than bangerd has: they run as
+//! [`super::steps`]. The kernel it boots is built first (see
 //! [`super`]) when it is not here.
 
 use std::path::{Path, PathBuf};
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::apt::valid_package;
+use super::steps::{self, Step};
 use crate::artifacts::commands::{TmpDir, already_exists, blocking};
 use crate::artifacts::owner::SYSTEM_UID;
 use crate::artifacts::pull::StagedImage;
@@ -204,82 +207,46 @@ impl BootstrapProgress {
     }
 }
 
-/// Bootstrap `recipe` into `tarball` (made beside it, renamed into
-/// place), telling `report` what debootstrap is doing (detail, share of
-/// the work); `report` failing (the job was cancelled) stops debootstrap.
-fn bootstrap(
+/// The debootstrap step that makes `recipe`'s base tree in `tree`.
+fn bootstrap_step(
+    id: &str,
     recipe: &Recipe,
     mirror: &str,
     work: &Path,
-    tarball: &Path,
-    report: &mut dyn FnMut(&str, f64) -> Result<()>,
-) -> Result<()> {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let tree = work.join("bootstrap");
+    tree: &Path,
+) -> Result<Step> {
     let mut args = vec!["--variant=minbase".to_owned()];
     if !recipe.packages.is_empty() {
         args.push(format!("--include={}", recipe.packages.join(",")));
     }
-    // Its messages go to stderr: one stream, read as it comes.
-    let mut child = std::process::Command::new("sh")
-        .args(["-c", "exec debootstrap \"$@\" 2>&1", "debootstrap"])
-        .args(&args)
-        .arg(&recipe.suite)
-        .arg(&tree)
-        .arg(mirror)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| Error::unavailable(format!("cannot run debootstrap: {e}")))?;
-    let mut progress = BootstrapProgress::default();
-    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    let mut stopped = None;
-    if let Some(out) = child.stdout.take() {
-        for line in std::io::BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if let Some(detail) = progress.line(&line)
-                && let Err(e) = report(&detail, progress.share())
-            {
-                // Stop debootstrap and what it runs, then wait for them.
-                let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
-                stopped = Some(e);
-                break;
-            }
-            tail.push_back(line);
-            if tail.len() > 8 {
-                tail.pop_front();
-            }
-        }
-    }
-    let status = child
-        .wait()
-        .map_err(|e| Error::failed(format!("cannot wait for debootstrap: {e}")))?;
-    if let Some(e) = stopped {
-        return Err(e);
-    }
-    if !status.success() {
-        return Err(Error::failed(format!(
-            "debootstrap failed ({status}): {}",
-            Vec::from(tail).join(" / ")
-        )));
-    }
+    args.push(recipe.suite.clone());
+    args.push(tree.to_string_lossy().into_owned());
+    args.push(mirror.to_owned());
+    Ok(Step {
+        id: format!("{id}-debootstrap"),
+        what: "debootstrap".to_owned(),
+        program: steps::program("debootstrap")?,
+        args,
+        writable: vec![work.to_owned()],
+    })
+}
+
+/// Keep the tree debootstrap made as `tarball` (written beside it,
+/// renamed into place), and remove the tree.
+fn keep_base(tree: &Path, tarball: &Path) -> Result<()> {
     let part = tarball.with_extension("part");
     run(
         "tar",
         std::process::Command::new("tar")
             .arg("-C")
-            .arg(&tree)
+            .arg(tree)
             .args(["--numeric-owner", "-cf"])
             .arg(&part)
             .arg("."),
     )?;
     std::fs::rename(&part, tarball)
         .map_err(|e| Error::failed(format!("cannot keep the base tree: {e}")))?;
-    let _ = std::fs::remove_dir_all(&tree);
+    let _ = std::fs::remove_dir_all(tree);
     Ok(())
 }
 
@@ -394,54 +361,79 @@ impl Artifacts {
             recipe.suite,
             base_key(&recipe, &mirror)
         ));
+        let _build = self.apt.lock().await;
         {
-            let (recipe, root, tarball, work, held) = (
-                recipe.clone(),
-                root.clone(),
-                tarball,
-                work.clone(),
-                tmp.clone(),
-            );
-            let _build = self.apt.lock().await;
-            if !tarball.exists() {
-                ctx.progress(
-                    &format!(
-                        "debootstrap {} from {mirror} (cached afterwards)",
-                        recipe.suite
-                    ),
-                    0.3,
-                    None,
-                );
-            }
-            let ctx = ctx.clone();
+            let (bases, work) = (bases.clone(), work.clone());
             blocking(move || {
-                let _held = held;
                 for dir in [&bases, &work] {
                     std::fs::create_dir_all(dir).map_err(|e| {
                         Error::failed(format!("cannot make {}: {e}", dir.display()))
                     })?;
                 }
-                if !tarball.exists() {
-                    let mut report = |detail: &str, share: f64| {
-                        ctx.check_cancelled()?;
-                        ctx.progress(detail, 0.3 + 0.25 * share, None);
-                        Ok(())
-                    };
-                    bootstrap(&recipe, &mirror, &work, &tarball, &mut report)?;
-                }
-                std::fs::create_dir_all(&root)
-                    .map_err(|e| Error::failed(format!("cannot make the tree: {e}")))?;
-                run(
-                    "tar",
-                    std::process::Command::new("tar")
-                        .arg("-C")
-                        .arg(&root)
-                        .args(["--numeric-owner", "-xf"])
-                        .arg(&tarball),
-                )
+                Ok(())
             })
             .await?;
         }
+        if !tarball.exists() {
+            ctx.progress(
+                &format!(
+                    "debootstrap {} from {mirror} (cached afterwards)",
+                    recipe.suite
+                ),
+                0.3,
+                None,
+            );
+            let tree = work.join("bootstrap");
+            let step = bootstrap_step(&id, &recipe, &mirror, &work, &tree)?;
+            let mut progress = BootstrapProgress::default();
+            steps::run(
+                &*self.steps,
+                &step,
+                &mut |line| {
+                    if let Some(detail) = progress.line(line) {
+                        ctx.progress(&detail, 0.3 + 0.25 * progress.share(), None);
+                    }
+                    Ok(())
+                },
+                &|| ctx.check_cancelled(),
+            )
+            .await?;
+            let (tarball, held) = (tarball.clone(), tmp.clone());
+            blocking(move || {
+                let _held = held;
+                keep_base(&tree, &tarball)
+            })
+            .await?;
+        }
+        // Unpacked as a step too: the tree has setuid files, which
+        // bangerd's own unit may not make (RestrictSUIDSGID).
+        {
+            let (dir, held) = (root.clone(), tmp.clone());
+            blocking(move || {
+                let _held = held;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| Error::failed(format!("cannot make the tree: {e}")))
+            })
+            .await?;
+            let step = Step {
+                id: format!("{id}-unpack"),
+                what: "unpacking the base tree".to_owned(),
+                program: steps::program("tar")?,
+                args: vec![
+                    "-C".to_owned(),
+                    root.to_string_lossy().into_owned(),
+                    "--numeric-owner".to_owned(),
+                    "-xpf".to_owned(),
+                    tarball.to_string_lossy().into_owned(),
+                ],
+                writable: vec![work.clone()],
+            };
+            steps::run(&*self.steps, &step, &mut |_| Ok(()), &|| {
+                ctx.check_cancelled()
+            })
+            .await?;
+        }
+        drop(_build);
 
         ctx.stage("agent", 0.55).await?;
         {
@@ -489,14 +481,22 @@ impl Artifacts {
 
         ctx.stage("configure", 0.6).await?;
         {
-            let (root, dir, held) = (root.clone(), recipe.dir.clone(), tmp.clone());
-            blocking(move || {
-                let _held = held;
-                run(
-                    "the recipe's configure",
-                    std::process::Command::new(dir.join("configure")).arg(&root),
-                )
-            })
+            let step = Step {
+                id: format!("{id}-configure"),
+                what: "the recipe's configure".to_owned(),
+                program: recipe.dir.join("configure"),
+                args: vec![root.to_string_lossy().into_owned()],
+                writable: vec![work.clone()],
+            };
+            steps::run(
+                &*self.steps,
+                &step,
+                &mut |line| {
+                    ctx.progress(&format!("configure: {line}"), 0.6, None);
+                    Ok(())
+                },
+                &|| ctx.check_cancelled(),
+            )
             .await?;
         }
 

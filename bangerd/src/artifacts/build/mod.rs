@@ -7,6 +7,7 @@
 pub mod apt;
 pub mod image;
 pub mod initrd;
+pub mod steps;
 
 use std::sync::Arc;
 

@@ -39,6 +39,8 @@ pub struct Artifacts {
     pub(super) pulls: tokio::sync::Mutex<HashMap<(banger_catalog::Kind, String), JobId>>,
     /// Kernel builds share banger's apt lists: one uses apt at a time.
     pub(super) apt: tokio::sync::Mutex<()>,
+    /// Runs image builds' privileged steps.
+    pub(super) steps: Arc<dyn crate::artifacts::build::steps::StepRunner>,
 }
 
 /// The per-user limits as the artifact commands meet them: disk an
@@ -75,6 +77,8 @@ pub struct ArtifactsDeps {
     pub catalogs: Catalogs,
     /// The per-user limits.
     pub quotas: Arc<dyn DiskQuota>,
+    /// Runs image builds' privileged steps.
+    pub steps: Arc<dyn crate::artifacts::build::steps::StepRunner>,
 }
 
 /// Run blocking work off the async threads.
@@ -238,6 +242,7 @@ impl Artifacts {
             busy_images: Mutex::default(),
             pulls: tokio::sync::Mutex::default(),
             apt: tokio::sync::Mutex::default(),
+            steps: deps.steps,
         }
     }
 
@@ -484,6 +489,7 @@ mod tests {
                 state: dir.join("state"),
             },
             quotas: Arc::new(Quotas::new(config, store, authorizer)),
+            steps: Arc::new(crate::artifacts::build::steps::Direct),
         }))
     }
 

@@ -262,6 +262,7 @@ mod tests {
                 bus: Arc::new(NoBus),
                 host: HostPaths::default(),
                 supervisor: Arc::new(crate::vm::supervise::Direct),
+                steps: Arc::new(crate::artifacts::build::steps::Direct),
                 dm: Arc::new(crate::vm::snapshot::Absent),
                 agent: agent.clone(),
                 link_dns: Arc::new(crate::net::resolved::NoLinkDns),

@@ -1,0 +1,381 @@
+//! The steps of an image build that need more than bangerd's own rights:
+//! debootstrap and the recipe's `configure` chroot into the tree, make
+//! device nodes, mount /proc in it and set file capabilities, none of
+//! which the hardened `bangerd.service` may do. Where systemd is PID 1
+//! each step runs in its own transient unit with exactly those rights
+//! and only the build's directory writable (`os::systemd::SystemdSteps`,
+//! properties from [`unit_properties`]); elsewhere bangerd runs it as a
+//! child in its own process group ([`Direct`]). Either way the step's
+//! output comes back through a pipe, line by line ([`run`]), and a
+//! cancelled job stops the step and everything it started.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+
+use crate::auth::BoxFuture;
+use crate::error::{Error, Result};
+use banger_vmm::supervise::UnitProperty;
+
+/// One step to run.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Unique among running steps: the build's id and the step
+    /// (`<id>-debootstrap`); names the unit.
+    pub id: String,
+    /// What it is, for messages (`debootstrap`).
+    pub what: String,
+    /// The program, an absolute path.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// The only paths it may write (the build's directory).
+    pub writable: Vec<PathBuf>,
+}
+
+/// A started step.
+pub struct Running {
+    /// Resolves when the step has ended: `Err` says how it failed.
+    pub done: BoxFuture<'static, std::result::Result<(), String>>,
+    /// Stops the step and all it started; `done` resolves afterwards.
+    pub stop: Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").finish_non_exhaustive()
+    }
+}
+
+/// Runs build steps.
+pub trait StepRunner: Send + Sync + std::fmt::Debug {
+    /// `systemd` or `process`.
+    fn name(&self) -> &'static str;
+
+    /// Start `step` with its standard output and error on `output`.
+    fn start<'a>(&'a self, step: &'a Step, output: OwnedFd) -> BoxFuture<'a, Result<Running>>;
+}
+
+/// The unit a step runs in.
+pub fn unit_name(step: &Step) -> String {
+    format!("banger-build-{}.service", step.id)
+}
+
+/// Capabilities a step keeps, by number (`linux/capability.h`): files
+/// owned and moded as the packages say (chown, fowner, fsetid,
+/// dac_override, dac_read_search), maintainer scripts that switch users
+/// (setuid, setgid, kill), `chroot`, device nodes (mknod), /proc and
+/// /sys mounted in the tree (sys_admin), and file capabilities
+/// (`setcap` in iputils-ping's postinst: setfcap).
+const STEP_CAPABILITIES: &[(&str, u32)] = &[
+    ("CAP_CHOWN", 0),
+    ("CAP_DAC_OVERRIDE", 1),
+    ("CAP_DAC_READ_SEARCH", 2),
+    ("CAP_FOWNER", 3),
+    ("CAP_FSETID", 4),
+    ("CAP_KILL", 5),
+    ("CAP_SETGID", 6),
+    ("CAP_SETUID", 7),
+    ("CAP_SYS_CHROOT", 18),
+    ("CAP_SYS_ADMIN", 21),
+    ("CAP_MKNOD", 27),
+    ("CAP_SETFCAP", 31),
+];
+
+/// The properties of `step`'s transient unit, but for its output (the
+/// systemd runner adds the pipe): a oneshot whose start job ends when
+/// the step does, with no time limit (a debootstrap over a slow mirror
+/// takes minutes), the rights in `STEP_CAPABILITIES`, the system
+/// read-only but for the build's directory, homes read-only, its own
+/// /tmp, no kernel tunables, modules, logs, clock or cgroups to touch.
+pub fn unit_properties(step: &Step) -> Vec<UnitProperty> {
+    use UnitProperty::{Bool, ExecStart, Str, Strs, U64};
+    let program = step.program.to_string_lossy().into_owned();
+    let mut argv = vec![program.clone()];
+    argv.extend(step.args.iter().cloned());
+    let caps = STEP_CAPABILITIES
+        .iter()
+        .fold(0u64, |set, (_, bit)| set | (1u64 << bit));
+    vec![
+        Str(
+            "Description",
+            format!("banger image build: {} ({})", step.what, step.id),
+        ),
+        Str("Slice", banger_vmm::supervise::SLICE.to_owned()),
+        Str("Type", "oneshot".to_owned()),
+        ExecStart(program, argv),
+        U64("TimeoutStartUSec", u64::MAX),
+        Str("StandardInput", "null".to_owned()),
+        Str("WorkingDirectory", "/".to_owned()),
+        Strs("Environment", vec!["LC_ALL=C".to_owned()]),
+        Str("CollectMode", "inactive-or-failed".to_owned()),
+        U64("CapabilityBoundingSet", caps),
+        Bool("NoNewPrivileges", true),
+        Str("ProtectSystem", "strict".to_owned()),
+        Strs(
+            "ReadWritePaths",
+            step.writable
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect(),
+        ),
+        Str("ProtectHome", "read-only".to_owned()),
+        Bool("PrivateTmp", true),
+        Bool("ProtectKernelTunables", true),
+        Bool("ProtectKernelModules", true),
+        Bool("ProtectKernelLogs", true),
+        Bool("ProtectControlGroups", true),
+        Bool("ProtectClock", true),
+        Bool("RestrictRealtime", true),
+        Bool("LockPersonality", true),
+    ]
+}
+
+/// Run `step` with `runner` to its end. Each line of its output goes to
+/// `line`, and `check` is asked twice a second whether to go on; either
+/// failing (the job was cancelled) stops the step, and that error is the
+/// result. A step that fails is an error with its last lines.
+pub async fn run(
+    runner: &dyn StepRunner,
+    step: &Step,
+    line: &mut (dyn FnMut(&str) -> Result<()> + Send),
+    check: &(dyn Fn() -> Result<()> + Sync),
+) -> Result<()> {
+    let (tx, rx) = tokio::net::unix::pipe::pipe()
+        .map_err(|e| Error::failed(format!("cannot make a pipe for {}: {e}", step.what)))?;
+    let tx = tx
+        .into_blocking_fd()
+        .map_err(|e| Error::failed(format!("cannot make a pipe for {}: {e}", step.what)))?;
+    check()?;
+    let Running { mut done, stop } = runner.start(step, tx).await?;
+    let mut stop = Some(stop);
+    let mut lines = tokio::io::BufReader::new(rx).lines();
+    let mut tail = VecDeque::new();
+    let mut keep = |l: String| {
+        tail.push_back(l);
+        if tail.len() > 8 {
+            tail.pop_front();
+        }
+    };
+    let mut stopped: Option<Error> = None;
+    let mut open = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let end = loop {
+        let outcome = tokio::select! {
+            next = lines.next_line(), if open => match next {
+                Ok(Some(l)) => {
+                    let r = if stopped.is_none() { line(&l) } else { Ok(()) };
+                    keep(l);
+                    r
+                }
+                _ => {
+                    open = false;
+                    Ok(())
+                }
+            },
+            _ = tick.tick() => if stopped.is_none() { check() } else { Ok(()) },
+            end = &mut done => break end,
+        };
+        if let Err(e) = outcome {
+            stopped = Some(e);
+            if let Some(stop) = stop.take() {
+                stop().await;
+            }
+        }
+    };
+    // What is still in the pipe belongs in the message.
+    while open {
+        match tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await {
+            Ok(Ok(Some(l))) => keep(l),
+            _ => open = false,
+        }
+    }
+    if let Some(e) = stopped {
+        return Err(e);
+    }
+    end.map_err(|why| {
+        Error::failed(format!(
+            "{} failed ({why}): {}",
+            step.what,
+            Vec::from(tail).join(" / ")
+        ))
+    })
+}
+
+/// Steps as bangerd's children, each in its own process group.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Direct;
+
+impl StepRunner for Direct {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn start<'a>(&'a self, step: &'a Step, output: OwnedFd) -> BoxFuture<'a, Result<Running>> {
+        Box::pin(async move {
+            let cannot = |e: std::io::Error| {
+                Error::unavailable(format!(
+                    "cannot run {} ({}): {e}",
+                    step.what,
+                    step.program.display()
+                ))
+            };
+            let err = output.try_clone().map_err(cannot)?;
+            // The command holds the pipe's write end until it is dropped:
+            // only the child may keep it open, or the output never ends.
+            let mut child = {
+                let mut cmd = tokio::process::Command::new(&step.program);
+                cmd.args(&step.args)
+                    .env("LC_ALL", "C")
+                    .current_dir("/")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::from(output))
+                    .stderr(Stdio::from(err))
+                    .process_group(0)
+                    .kill_on_drop(true);
+                cmd.spawn().map_err(cannot)?
+            };
+            let group = child
+                .id()
+                .and_then(|id| i32::try_from(id).ok())
+                .map(nix::unistd::Pid::from_raw);
+            let done: BoxFuture<'static, std::result::Result<(), String>> = Box::pin(async move {
+                let status = child.wait().await.map_err(|e| e.to_string())?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(status.to_string())
+                }
+            });
+            let stop = Box::new(move || -> BoxFuture<'static, ()> {
+                Box::pin(async move {
+                    if let Some(group) = group {
+                        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+                    }
+                })
+            });
+            Ok(Running { done, stop })
+        })
+    }
+}
+
+/// `name` on the PATH, as the absolute path a unit needs.
+pub fn program(name: &str) -> Result<PathBuf> {
+    crate::program::find(Path::new(name))
+        .ok_or_else(|| Error::unavailable(format!("{name} is not installed here")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(script: &str, dir: &Path) -> Step {
+        Step {
+            id: "t-1".to_owned(),
+            what: "the test step".to_owned(),
+            program: PathBuf::from("/bin/sh"),
+            args: vec!["-c".to_owned(), script.to_owned()],
+            writable: vec![dir.to_owned()],
+        }
+    }
+
+    #[tokio::test]
+    async fn output_comes_line_by_line_and_failures_carry_the_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seen = Vec::new();
+        run(
+            &Direct,
+            &step("echo one; echo two >&2; echo three", dir.path()),
+            &mut |l| {
+                seen.push(l.to_owned());
+                Ok(())
+            },
+            &|| Ok(()),
+        )
+        .await
+        .expect("runs");
+        assert_eq!(seen, ["one", "two", "three"]);
+
+        let e = run(
+            &Direct,
+            &step("echo it broke >&2; exit 3", dir.path()),
+            &mut |_| Ok(()),
+            &|| Ok(()),
+        )
+        .await
+        .expect_err("fails");
+        assert!(
+            e.message
+                .contains("the test step failed (exit status: 3): it broke"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancel_stops_the_step_and_what_it_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("grandchild");
+        // A grandchild that would write the marker if it outlived the stop.
+        let script = format!("(sleep 2; touch {}) & echo started; wait", marker.display());
+        let cancelled = std::sync::atomic::AtomicBool::new(false);
+        let t0 = std::time::Instant::now();
+        let e = run(
+            &Direct,
+            &step(&script, dir.path()),
+            &mut |_| {
+                cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            },
+            &|| {
+                if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+                    Err(Error::cancelled("cancelled"))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .expect_err("cancelled");
+        assert_eq!(e.kind, crate::error::ErrorKind::Cancelled);
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(!marker.exists(), "the step's child outlived the cancel");
+    }
+
+    #[test]
+    fn units_get_the_rights_of_a_bootstrap_and_no_more() {
+        let s = step("true", Path::new("/var/lib/banger/images/.tmp-x"));
+        let props = unit_properties(&s);
+        assert_eq!(unit_name(&s), "banger-build-t-1.service");
+        let caps = props
+            .iter()
+            .find_map(|p| match p {
+                UnitProperty::U64("CapabilityBoundingSet", v) => Some(*v),
+                _ => None,
+            })
+            .expect("a bounding set");
+        // chroot, mknod and setfcap, which bangerd's own unit lacks; no
+        // module loading, raw I/O, network administration or ptrace.
+        for bit in [18, 27, 31] {
+            assert_ne!(caps & (1 << bit), 0, "cap {bit}");
+        }
+        for bit in [12, 16, 17, 19] {
+            assert_eq!(caps & (1 << bit), 0, "cap {bit}");
+        }
+        assert!(props.contains(&UnitProperty::Strs(
+            "ReadWritePaths",
+            vec!["/var/lib/banger/images/.tmp-x".to_owned()]
+        )));
+        assert!(props.contains(&UnitProperty::Str("ProtectSystem", "strict".to_owned())));
+        assert!(props.contains(&UnitProperty::Str("Type", "oneshot".to_owned())));
+        assert!(props.contains(&UnitProperty::ExecStart(
+            "/bin/sh".to_owned(),
+            vec!["/bin/sh".to_owned(), "-c".to_owned(), "true".to_owned()]
+        )));
+    }
+}
