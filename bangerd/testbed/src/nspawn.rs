@@ -38,6 +38,29 @@ pub fn nspawn_rootfs() -> PathBuf {
     path
 }
 
+/// The partial Debian mirror `scripts/build-local-mirror` makes (cached):
+/// the signed index and the packages a fresh banger host needs.
+///
+/// # Panics
+/// When the script fails.
+pub fn local_mirror() -> PathBuf {
+    let out = Command::new(repo().join("scripts/build-local-mirror"))
+        .output()
+        .expect("run scripts/build-local-mirror");
+    assert!(
+        out.status.success(),
+        "scripts/build-local-mirror failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        path.join("dists/bookworm/InRelease").is_file(),
+        "{} is not a mirror",
+        path.display()
+    );
+    path
+}
+
 /// `scripts/build-deb --debug --out DIR`: the .deb of the debug binaries.
 ///
 /// # Panics

@@ -16,6 +16,7 @@ mod net_links;
 mod net_nat;
 mod oci;
 mod package;
+mod package_fresh;
 mod package_update;
 mod pull;
 mod systemd_units;
