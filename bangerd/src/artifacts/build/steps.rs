@@ -166,6 +166,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let end = loop {
         let outcome = tokio::select! {
+            biased;
             next = lines.next_line(), if open => match next {
                 Ok(Some(l)) => {
                     let r = if stopped.is_none() { line(&l) } else { Ok(()) };
@@ -187,10 +188,19 @@ pub async fn run(
             }
         }
     };
-    // What is still in the pipe belongs in the message.
+    // The step has ended; what it wrote last may still be in the pipe
+    // (its end is read until it closes, or stays quiet for a moment: a
+    // unit's copy of the pipe can outlive its process briefly).
     while open {
         match tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await {
-            Ok(Ok(Some(l))) => keep(l),
+            Ok(Ok(Some(l))) => {
+                if stopped.is_none()
+                    && let Err(e) = line(&l)
+                {
+                    stopped = Some(e);
+                }
+                keep(l);
+            }
             _ => open = false,
         }
     }
