@@ -294,6 +294,22 @@ pub struct ImagesConfig {
     pub recipes: PathBuf,
     /// The Debian mirror images are bootstrapped from.
     pub mirror: String,
+    /// Where local builds (`kernel build`, `image build`, and `vm create`
+    /// falling back to them) take their packages from; `none` turns them
+    /// off.
+    pub build_from: BuildFrom,
+}
+
+/// `images.build_from`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildFrom {
+    /// The Debian archive: apt's sources for kernels, `images.mirror`
+    /// for images.
+    #[default]
+    Debian,
+    /// No local builds: images come from catalogs and registries only.
+    None,
 }
 
 impl Default for ImagesConfig {
@@ -301,6 +317,7 @@ impl Default for ImagesConfig {
         Self {
             recipes: "/usr/share/banger/images".into(),
             mirror: "http://deb.debian.org/debian".into(),
+            build_from: BuildFrom::Debian,
         }
     }
 }
@@ -513,6 +530,10 @@ mod tests {
         assert_eq!(c.network.subnet().expect("subnet").capacity(), 65_533);
         let local = parse("[images]\nmirror = \"file:///srv/debian\"\n").expect("a local mirror");
         assert_eq!(local.images.mirror, "file:///srv/debian");
+        assert_eq!(local.images.build_from, BuildFrom::Debian);
+        let off = parse("[images]\nbuild_from = \"none\"\n").expect("builds off");
+        assert_eq!(off.images.build_from, BuildFrom::None);
+        assert!(parse("[images]\nbuild_from = \"ubuntu\"\n").is_err());
         for (text, key) in [
             ("[network]\nsubnet = \"10.50.0.1/16\"\n", "network.subnet"),
             ("[network]\nsubnet = \"nope\"\n", "network.subnet"),

@@ -234,9 +234,10 @@ impl Core {
         }
         let recipes = config.images.recipes.clone();
         let name = name.to_owned();
+        let on = crate::artifacts::build::enabled(&config.images);
         tokio::task::spawn_blocking(move || match image::recipe(&recipes, &name) {
             Err(_) => doctor::ImageFallback::Nothing,
-            Ok(_) => match image::readiness() {
+            Ok(_) => match on.and_then(|()| image::readiness()) {
                 Ok(()) => doctor::ImageFallback::Recipe(recipes.display().to_string()),
                 Err(e) => doctor::ImageFallback::Unbuildable(e.message),
             },

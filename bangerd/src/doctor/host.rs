@@ -127,8 +127,14 @@ pub(super) fn check_char_device(name: &'static str, path: &Path, what: &str, fix
 /// The static agent registry images get (`image pull REGISTRY/REPO`).
 /// `kernel-build`: whether `banger kernel build` can make a kernel from
 /// the host's Debian archive (the build's own precondition).
-pub(super) fn check_kernel_build() -> Check {
+pub(super) fn check_kernel_build(images: &crate::config::ImagesConfig) -> Check {
     const NAME: &str = "kernel-build";
+    if crate::artifacts::build::enabled(images).is_err() {
+        return Check::pass(
+            NAME,
+            "local kernel and image builds are off (images.build_from = \"none\")",
+        );
+    }
     match crate::artifacts::build::readiness() {
         Ok(()) => Check::pass(
             NAME,
@@ -215,8 +221,13 @@ mod tests {
     #[test]
     fn kernel_builds_pass_where_they_can_run() {
         // scripts/install-deps installs kmod and busybox-static.
-        let check = check_kernel_build();
+        let mut images = crate::config::ImagesConfig::default();
+        let check = check_kernel_build(&images);
         assert_eq!(check.verdict, super::super::Verdict::Pass, "{check:?}");
+        assert!(check.detail.contains("can make a kernel"), "{check:?}");
+        images.build_from = crate::config::BuildFrom::None;
+        let check = check_kernel_build(&images);
+        assert!(check.detail.contains("are off"), "{check:?}");
     }
 
     #[test]

@@ -153,7 +153,7 @@ pub async fn run(
                 "modprobe loop",
             ),
             check_nftables(),
-            check_kernel_build(),
+            check_kernel_build(&config.images),
             check_polkit(polkit),
             check_journald(&host.journal_socket),
             check_systemd(&host.systemd_runtime),

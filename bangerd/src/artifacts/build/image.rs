@@ -259,6 +259,7 @@ impl Artifacts {
         self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
+        super::enabled(&self.config().images)?;
         let recipes = self.config().images.recipes.clone();
         // "" is the configured default image, as for a pull.
         let recipe_name = if req.recipe.is_empty() {

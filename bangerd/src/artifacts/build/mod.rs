@@ -55,6 +55,17 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("modprobe", "kmod"),
 ];
 
+/// Whether local builds are on (`images.build_from`); the refusal says
+/// how to turn them on.
+pub fn enabled(config: &crate::config::ImagesConfig) -> Result<()> {
+    match config.build_from {
+        crate::config::BuildFrom::Debian => Ok(()),
+        crate::config::BuildFrom::None => Err(Error::unavailable(
+            "local kernel and image builds are off here (images.build_from = \"none\" in bangerd.toml); set it to \"debian\" to build from the Debian archive",
+        )),
+    }
+}
+
 /// Whether a kernel build can run here: its programs and a static
 /// busybox. The one answer both `BuildKernel` (before its job starts)
 /// and `doctor` give.
@@ -99,6 +110,7 @@ impl Artifacts {
         self.authorizer
             .authorize(caller, Action::ImageManage)
             .await?;
+        enabled(&self.config().images)?;
         let name = if req.name.is_empty() {
             let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
             default_name(&os)

@@ -464,10 +464,15 @@ mod tests {
 
     /// The artifacts service alone, on an in-memory store.
     fn artifacts(dir: &Path) -> Arc<Artifacts> {
+        artifacts_with(dir, Config::default())
+    }
+
+    /// [`artifacts`] with `config`.
+    fn artifacts_with(dir: &Path, config: Config) -> Arc<Artifacts> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         std::mem::forget(rx);
         let store = Arc::new(Store::open_in_memory().expect("store"));
-        let config = SharedConfig::new(Config::default());
+        let config = SharedConfig::new(config);
         let authorizer: Arc<dyn Authorizer> = Arc::new(AllowAll);
         Arc::new(Artifacts::new(ArtifactsDeps {
             config: config.clone(),
@@ -491,6 +496,40 @@ mod tests {
             quotas: Arc::new(Quotas::new(config, store, authorizer)),
             steps: Arc::new(crate::artifacts::build::steps::Direct),
         }))
+    }
+
+    #[tokio::test]
+    async fn builds_are_refused_when_configured_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default();
+        config.images.build_from = crate::config::BuildFrom::None;
+        let core = artifacts_with(dir.path(), config);
+        let caller = Caller::root();
+        let kernel = core
+            .build_kernel(
+                &caller,
+                crate::artifacts::build::KernelBuild {
+                    name: "k".into(),
+                    package: None,
+                },
+            )
+            .await
+            .expect_err("kernel builds are off");
+        let image = core
+            .build_image(
+                &caller,
+                crate::artifacts::build::image::ImageBuild {
+                    recipe: "debian-bookworm".into(),
+                    name: None,
+                    kernel: None,
+                },
+            )
+            .await
+            .expect_err("image builds are off");
+        for e in [kernel, image] {
+            assert_eq!(e.kind, ErrorKind::Unavailable);
+            assert!(e.message.contains("build_from"), "{}", e.message);
+        }
     }
 
     #[tokio::test]
