@@ -3,8 +3,8 @@
 //! `debian-bookworm`) with its Debian suite, package list, configure script
 //! and image.json. The job bootstraps the suite with those packages from
 //! `images.mirror` (`debootstrap --variant=minbase`; the tree is cached as
-//! a tarball keyed by suite, mirror and packages, so later builds skip
-//! it), puts banger-agent and the kernel's modules in, runs the recipe's
+//! a tarball keyed by suite, mirror, packages and the mirror's release
+//! file, so later builds skip it until the suite's packages change), puts banger-agent and the kernel's modules in, runs the recipe's
 //! `configure`, makes the ext4 root filesystem and its work-seed, and
 //! records a system image. debootstrap, the unpacking of its tree and
 //! `configure` need more rights than bangerd has: they run as
@@ -148,6 +148,85 @@ fn base_key(recipe: &Recipe, mirror: &str) -> String {
         recipe.packages.join(",")
     ));
     crate::artifacts::hex(&h.finalize())[..16].to_owned()
+}
+
+/// The SHA-256 of `mirror`'s release file for `suite` (`InRelease`, else
+/// `Release`): it changes whenever a package of the suite does, so with
+/// [`base_key`] it keys the cached base tree by the package versions in
+/// it. Only hashed here; debootstrap checks its signature.
+async fn release_digest(mirror: &str, suite: &str) -> Result<String> {
+    let base = mirror.trim_end_matches('/');
+    let mut failures = Vec::new();
+    for file in ["InRelease", "Release"] {
+        let url = format!("{base}/dists/{suite}/{file}");
+        let body = match url.strip_prefix("file://") {
+            Some(path) => tokio::fs::read(path).await.map_err(|e| e.to_string()),
+            None => fetch(&url).await,
+        };
+        match body {
+            Ok(bytes) => return Ok(crate::artifacts::hex(&Sha256::digest(&bytes))),
+            Err(e) => failures.push(format!("{url}: {e}")),
+        }
+    }
+    Err(Error::unavailable(format!(
+        "cannot read the mirror's release file ({}); check images.mirror and the network",
+        failures.join("; ")
+    )))
+}
+
+/// `url`'s body, over HTTP(S).
+async fn fetch(url: &str) -> std::result::Result<Vec<u8>, String> {
+    // reqwest is built without a default TLS provider; ring is ours.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(20))
+        .timeout(std::time::Duration::from_secs(60))
+        .user_agent(format!("bangerd/{}", banger_release::VERSION))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("the server answered {}", response.status()));
+    }
+    response
+        .bytes()
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|e| e.to_string())
+}
+
+/// The cached base trees of `recipe` from `mirror` in `bases`: the one
+/// for the mirror's current release (`release` is its digest, `None`
+/// when the mirror cannot be read), and the others, oldest first. A
+/// tarball is `SUITE-RECIPEKEY-RELEASEKEY.tar`.
+fn base_tarballs(
+    bases: &Path,
+    recipe: &Recipe,
+    mirror: &str,
+    release: Option<&str>,
+) -> (Option<PathBuf>, Vec<PathBuf>) {
+    let prefix = format!("{}-{}-", recipe.suite, base_key(recipe, mirror));
+    let current = release.map(|r| bases.join(format!("{prefix}{}.tar", &r[..16.min(r.len())])));
+    let mut others: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(bases)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.starts_with(&prefix) && name.ends_with(".tar")
+                })
+                .map(|e| e.path())
+                .filter(|p| Some(p) != current.as_ref())
+                .map(|p| {
+                    let t = std::fs::metadata(&p)
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH);
+                    (t, p)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    others.sort();
+    (current, others.into_iter().map(|(_, p)| p).collect())
 }
 
 /// Run `cmd`, keeping its output; fails with its last lines.
@@ -357,11 +436,31 @@ impl Artifacts {
         ctx.stage("base system", 0.3).await?;
         let mirror = self.config().images.mirror.clone();
         let bases = self.cache.join("images");
-        let tarball = bases.join(format!(
-            "{}-{}.tar",
-            recipe.suite,
-            base_key(&recipe, &mirror)
-        ));
+        // Keyed by the mirror's release: a point release or security
+        // update in the suite makes a new base; an unreachable mirror
+        // falls back to the newest one here.
+        let release = release_digest(&mirror, &recipe.suite).await;
+        let (current, older) = {
+            let (bases, recipe, mirror) = (bases.clone(), recipe.clone(), mirror.clone());
+            let release = release.as_ref().ok().cloned();
+            blocking(move || Ok(base_tarballs(&bases, &recipe, &mirror, release.as_deref())))
+                .await?
+        };
+        let tarball = match (current, release) {
+            (Some(t), _) => t,
+            (None, Err(e)) => match older.last() {
+                Some(t) => {
+                    ctx.progress(
+                        &format!("{}; using the base tree cached before", e.message),
+                        0.3,
+                        None,
+                    );
+                    t.clone()
+                }
+                None => return Err(e),
+            },
+            (None, Ok(_)) => return Err(Error::failed("no name for the base tree")),
+        };
         let _build = self.apt.lock().await;
         {
             let (bases, work) = (bases.clone(), work.clone());
@@ -402,7 +501,12 @@ impl Artifacts {
             let (tarball, held) = (tarball.clone(), tmp.clone());
             blocking(move || {
                 let _held = held;
-                keep_base(&tree, &tarball)
+                keep_base(&tree, &tarball)?;
+                // Bases of earlier releases are not used again.
+                for old in older {
+                    let _ = std::fs::remove_file(old);
+                }
+                Ok(())
             })
             .await?;
         }
@@ -590,5 +694,43 @@ mod tests {
         let same = base_key(&r, "http://deb.debian.org/debian");
         assert_eq!(same, base_key(&r, "http://deb.debian.org/debian"));
         assert_ne!(same, base_key(&r, "http://mirror.example/debian"));
+    }
+
+    #[tokio::test]
+    async fn cached_bases_follow_the_mirrors_release() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
+        let r = recipe(&shipped, "debian-bookworm").expect("the shipped recipe");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mirror = format!("file://{}", dir.path().join("mirror").display());
+        let dists = dir.path().join("mirror/dists/bookworm");
+        std::fs::create_dir_all(&dists).expect("dists");
+
+        // No release file: a clear error naming the mirror.
+        let e = release_digest(&mirror, "bookworm").await.expect_err("none");
+        assert_eq!(e.kind, crate::error::ErrorKind::Unavailable);
+        assert!(e.message.contains("images.mirror"), "{}", e.message);
+
+        // Release falls back after InRelease; a new release, a new key.
+        std::fs::write(dists.join("Release"), "Date: one\n").expect("release");
+        let one = release_digest(&mirror, "bookworm").await.expect("release");
+        std::fs::write(dists.join("InRelease"), "Date: two\n").expect("inrelease");
+        let two = release_digest(&mirror, "bookworm")
+            .await
+            .expect("inrelease");
+        assert_ne!(one, two);
+
+        let bases = dir.path().join("bases");
+        std::fs::create_dir_all(&bases).expect("bases");
+        let (first, older) = base_tarballs(&bases, &r, &mirror, Some(&one));
+        let first = first.expect("a name");
+        assert!(older.is_empty());
+        std::fs::write(&first, b"tar").expect("tarball");
+        std::fs::write(bases.join("bookworm-unrelated.tar"), b"tar").expect("other");
+        let (second, older) = base_tarballs(&bases, &r, &mirror, Some(&two));
+        assert_ne!(second.expect("a name"), first);
+        assert_eq!(older, vec![first.clone()], "the earlier release's base");
+        // The mirror unreachable: no current name, the earlier base is there.
+        let (none, older) = base_tarballs(&bases, &r, &mirror, None);
+        assert_eq!((none, older), (None, vec![first]));
     }
 }
