@@ -74,6 +74,11 @@ impl FileServer {
         Self { port, requests }
     }
 
+    /// The loopback port it serves on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// `http://127.0.0.1:PORT/<path>`.
     pub fn url(&self, path: &str) -> String {
         format!(

@@ -15,9 +15,61 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use banger_testbed::output_text as text;
-use banger_testbed::{Options, TestBed, doctor_check, guest_artifact};
+use banger_testbed::{FileServer, Options, TestBed, doctor_check, guest_artifact};
 
-use crate::guest_boot::boot;
+use crate::guest_boot::{GUEST_FORWARD, boot_with};
+
+/// One line of the recipe's tools.list, with its package fetched into the
+/// cache `scripts/build-debian-image` uses (and checked).
+struct Tool {
+    name: String,
+    version: String,
+    sha256: String,
+    member: String,
+    package: std::path::PathBuf,
+}
+
+/// The recipe's pinned tools, fetched once from their URLs.
+fn tool_packages() -> Vec<Tool> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cache = std::env::var_os("BANGER_CACHE")
+        .map_or_else(|| repo.join("build/cache"), Into::into)
+        .join("tools");
+    std::fs::create_dir_all(&cache).unwrap();
+    let list = std::fs::read_to_string(repo.join("images/debian-bookworm/tools.list")).unwrap();
+    list.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (name, version, url, sha256, member) = (f[0], f[1], f[2], f[3], f[4]);
+            let package = cache.join(format!("{name}-{version}.tgz"));
+            if !package.exists() {
+                let part = package.with_extension("part");
+                let out = Command::new("curl")
+                    .args(["-fsSL", "--retry", "2", "-o"])
+                    .arg(&part)
+                    .arg(url)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "curl {url}: {}", text(&out));
+                std::fs::rename(&part, &package).unwrap();
+            }
+            let sum = Command::new("sha256sum").arg(&package).output().unwrap();
+            assert!(
+                String::from_utf8_lossy(&sum.stdout).starts_with(sha256),
+                "{} is not the pinned {name} {version}",
+                package.display()
+            );
+            Tool {
+                name: name.into(),
+                version: version.into(),
+                sha256: sha256.into(),
+                member: member.into(),
+                package,
+            }
+        })
+        .collect()
+}
 
 /// `debugfs -R REQUEST IMAGE`'s output; fails the test when it fails.
 fn debugfs(image: &Path, request: &str) -> String {
@@ -178,6 +230,13 @@ async fn the_debian_recipe_builds_its_kernel_and_an_image_that_boots() {
             .contains("banger-agent.service")
     );
     assert!(debugfs(&rootfs, "stat /usr/lib/banger/firstboot").contains("Mode:  0755"));
+    assert!(debugfs(&rootfs, "stat /usr/lib/banger/tools").contains("Mode:  0755"));
+    assert!(
+        debugfs(&rootfs, "ls /etc/systemd/system/multi-user.target.wants")
+            .contains("banger-tools.service")
+    );
+    // debootstrap's downloads are not kept in the image.
+    assert!(!debugfs(&rootfs, "ls /var/cache/apt/archives").contains(".deb"));
 
     // Nothing of either build's tree is left.
     let staging: Vec<_> = std::fs::read_dir(bed.state_dir().join("images"))
@@ -198,16 +257,64 @@ async fn the_debian_recipe_builds_its_kernel_and_an_image_that_boots() {
         "{cached:?}"
     );
 
-    // It boots with the kernel built for it.
+    // It boots with the kernel built for it, and at its first boot with
+    // network installs the recipe's tools from the URLs its tools.list
+    // names: here a loopback server with the pinned packages, the only
+    // address the guest reaches; mise is offered with a wrong digest, so
+    // it must not be installed.
+    let tools = tool_packages();
+    let served = tempfile::tempdir().unwrap();
+    let mut list = String::new();
+    for t in &tools {
+        std::fs::copy(&t.package, served.path().join(format!("{}.tgz", t.name))).unwrap();
+        let sha = if t.name == "mise" {
+            "0".repeat(64)
+        } else {
+            t.sha256.clone()
+        };
+        list.push_str(&format!(
+            "{} {} http://{GUEST_FORWARD}/{}.tgz {sha} {}\n",
+            t.name, t.version, t.name, t.member
+        ));
+    }
+    let server = FileServer::start(served.path().to_owned());
     let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("with-local-tools.ext4");
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&rootfs)
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let list_file = dir.path().join("tools.list");
+    std::fs::write(&list_file, list).unwrap();
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .args(["-R", "rm /usr/lib/banger/tools.list"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .args([
+            "-R",
+            &format!("write {} /usr/lib/banger/tools.list", list_file.display()),
+        ])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
     let t_boot = Instant::now();
-    let mut qemu = boot(
+    let mut qemu = boot_with(
         Path::new(kernel["bzimage"].as_str().unwrap()),
         Path::new(kernel["initrd"].as_str().unwrap()),
-        &rootfs,
+        &image,
         &seed,
         "/sbin/init",
         dir.path(),
+        Some(server.port()),
     );
     let (mut conn, _, _) = qemu
         .agent(
@@ -226,8 +333,35 @@ async fn the_debian_recipe_builds_its_kernel_and_an_image_that_boots() {
     assert_eq!(info.os_id.as_deref(), Some("debian"));
     assert_eq!(info.kernel_release, release);
     assert!(info.disks.iter().any(|d| d.path == "/root"), "{info:?}");
-    let _ = conn.shutdown(false, Duration::from_secs(10)).await;
-    let _ = qemu.child.kill();
+    let t_tools = Instant::now();
+    let waited = conn.wait_port(4096, Duration::from_secs(300)).await;
+    eprintln!(
+        "opencode from banger-tools.service listening after {:?}: {waited:?}",
+        t_tools.elapsed()
+    );
+    assert!(
+        waited.is_ok(),
+        "opencode did not listen: {waited:?}\nrequests: {:?}\nconsole:\n{}",
+        server.requests(),
+        qemu.console_tail(40)
+    );
+    let fetched: Vec<String> = server.requests().into_iter().map(|r| r.path).collect();
+    assert!(
+        fetched.iter().any(|p| p == "/opencode.tgz") && fetched.iter().any(|p| p == "/mise.tgz"),
+        "{fetched:?}"
+    );
+    conn.shutdown(false, Duration::from_secs(30)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while qemu.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the guest did not power off");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // opencode is in; mise, whose digest did not match, is not, so the
+    // next boot tries again.
+    let booted = dir.path().join("rootfs.ext4");
+    assert!(debugfs(&booted, "stat /usr/local/bin/opencode").contains("Mode:  0755"));
+    assert!(!debugfs(&booted, "ls -l /usr/local/bin").contains("mise"));
+    assert!(!debugfs(&booted, "ls -l /var/lib/banger").contains("tools.done"));
 
     // A recipe that is not there is named with the ones that are.
     let out = bed

@@ -82,6 +82,26 @@ pub(crate) fn boot(
     init: &str,
     dir: &Path,
 ) -> Qemu {
+    boot_with(vmlinuz, initrd, rootfs, seed, init, dir, None)
+}
+
+/// The address at which a guest of [`boot_with`] reaches the host's
+/// loopback port it was given.
+pub(crate) const GUEST_FORWARD: &str = "10.0.2.100:80";
+
+/// [`boot`], with a NIC on QEMU's user-mode network when `forward` names
+/// a loopback port of this host: the guest gets an address by DHCP and
+/// reaches that port as [`GUEST_FORWARD`], and nothing else
+/// (`restrict=on`).
+pub(crate) fn boot_with(
+    vmlinuz: &Path,
+    initrd: &Path,
+    rootfs: &Path,
+    seed: &Path,
+    init: &str,
+    dir: &Path,
+    forward: Option<u16>,
+) -> Qemu {
     let qemu_bin = "qemu-system-x86_64";
     assert!(
         Command::new(qemu_bin).arg("--version").output().is_ok(),
@@ -137,6 +157,18 @@ pub(crate) fn boot(
             "-device",
             "virtserialport,chardev=agent,name=org.banger.agent",
         ])
+        .args(forward.map_or_else(Vec::new, |port| {
+            vec![
+                "-netdev".to_owned(),
+                // `cmd:` runs once per guest connection (a `tcp:` target
+                // is one connection opened at start, shared by all).
+                format!(
+                    "user,id=net0,restrict=on,guestfwd=tcp:{GUEST_FORWARD}-cmd:bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}; cat <&3 & cat >&3; wait'"
+                ),
+                "-device".to_owned(),
+                "virtio-net-device,netdev=net0".to_owned(),
+            ]
+        }))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

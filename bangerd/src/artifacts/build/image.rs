@@ -252,11 +252,14 @@ fn run(what: &str, cmd: &mut std::process::Command) -> Result<()> {
 }
 
 /// What debootstrap's `I:` lines say about its packages: how many it
-/// has dealt with, and what it is doing now.
+/// has dealt with and what it is doing now, and how many bytes of
+/// packages it has fetched so far.
 #[derive(Debug, Default)]
 struct BootstrapProgress {
     retrieved: u64,
     installed: u64,
+    bytes: u64,
+    doing: String,
 }
 
 impl BootstrapProgress {
@@ -270,12 +273,30 @@ impl BootstrapProgress {
             _ => {}
         }
         let what = what.split_whitespace().next().unwrap_or_default();
-        Some(format!(
-            "debootstrap: {} {what} ({} packages fetched, {} unpack and configure steps)",
-            verb.to_lowercase(),
-            self.retrieved,
-            self.installed
-        ))
+        self.doing = format!("{} {what}", verb.to_lowercase());
+        Some(self.detail())
+    }
+
+    /// Take in the bytes fetched so far; the detail to show when that
+    /// changed what is shown.
+    fn fetched(&mut self, bytes: u64) -> Option<String> {
+        if bytes == self.bytes || self.doing.is_empty() {
+            return None;
+        }
+        self.bytes = bytes;
+        Some(self.detail())
+    }
+
+    fn detail(&self) -> String {
+        let bytes = if self.bytes > 0 {
+            format!(", {:.1} MiB", self.bytes as f64 / f64::from(1u32 << 20))
+        } else {
+            String::new()
+        };
+        format!(
+            "debootstrap: {} ({} packages fetched{bytes}, {} unpack and configure steps)",
+            self.doing, self.retrieved, self.installed
+        )
     }
 
     /// A share of the stage that only grows and never reaches 1: the
@@ -284,6 +305,19 @@ impl BootstrapProgress {
         let done = (self.retrieved + self.installed) as f64;
         done / (done + 200.0)
     }
+}
+
+/// The bytes of the .deb files in `dir` (0 when there is none).
+fn debs_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".deb"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// The debootstrap step that makes `recipe`'s base tree in `tree`.
@@ -313,6 +347,15 @@ fn bootstrap_step(
 /// Keep the tree debootstrap made as `tarball` (written beside it,
 /// renamed into place), and remove the tree.
 fn keep_base(tree: &Path, tarball: &Path) -> Result<()> {
+    // The downloaded packages are installed now: not in the image.
+    let archives = tree.join("var/cache/apt/archives");
+    if let Ok(dir) = std::fs::read_dir(&archives) {
+        for e in dir.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().ends_with(".deb") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let part = tarball.with_extension("part");
     run(
         "tar",
@@ -485,17 +528,32 @@ impl Artifacts {
             );
             let tree = work.join("bootstrap");
             let step = bootstrap_step(&id, &recipe, &mirror, &work, &tree)?;
-            let mut progress = BootstrapProgress::default();
+            // The packages debootstrap has downloaded are in the tree's
+            // apt cache: their sizes are the bytes fetched so far.
+            let archives = tree.join("var/cache/apt/archives");
+            let progress = std::sync::Mutex::new(BootstrapProgress::default());
+            let show = |p: &BootstrapProgress, detail: &str| {
+                ctx.progress(detail, 0.3 + 0.25 * p.share(), Some(p.bytes));
+            };
             steps::run(
                 &*self.steps,
                 &step,
                 &mut |line| {
-                    if let Some(detail) = progress.line(line) {
-                        ctx.progress(&detail, 0.3 + 0.25 * progress.share(), None);
+                    let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(detail) = p.line(line) {
+                        show(&p, &detail);
                     }
                     Ok(())
                 },
-                &|| ctx.check_cancelled(),
+                &|| {
+                    ctx.check_cancelled()?;
+                    let bytes = debs_size(&archives);
+                    let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(detail) = p.fetched(bytes) {
+                        show(&p, &detail);
+                    }
+                    Ok(())
+                },
             )
             .await?;
             let (tarball, held) = (tarball.clone(), tmp.clone());
@@ -690,6 +748,17 @@ mod tests {
         assert!(s > 0.0 && s < 1.0);
         p.line("I: Retrieving bash");
         assert!(p.share() > s, "the share only grows");
+        let shown = p.fetched(3 << 20).expect("bytes changed");
+        assert!(
+            shown.contains("retrieving bash (2 packages fetched, 3.0 MiB"),
+            "{shown}"
+        );
+        assert_eq!(p.fetched(3 << 20), None, "nothing new");
+        assert!(
+            p.line("I: Unpacking bash")
+                .expect("shown")
+                .contains("3.0 MiB")
+        );
 
         let same = base_key(&r, "http://deb.debian.org/debian");
         assert_eq!(same, base_key(&r, "http://deb.debian.org/debian"));
