@@ -148,6 +148,39 @@ pub(super) fn check_kernel_build(images: &crate::config::ImagesConfig) -> Check 
     }
 }
 
+/// `image-build`: how `banger image build` makes a base system here:
+/// unprivileged (mmdebstrap in a user namespace, as banger-build) or as
+/// root (debootstrap), and what the first lacks.
+pub(super) fn check_image_build(images: &crate::config::ImagesConfig) -> Check {
+    use crate::artifacts::build::image::{BUILD_USER, Bootstrap, bootstrapper};
+    const NAME: &str = "image-build";
+    if crate::artifacts::build::enabled(images).is_err() {
+        return Check::pass(
+            NAME,
+            "local kernel and image builds are off (images.build_from = \"none\")",
+        );
+    }
+    match bootstrapper() {
+        Ok(Bootstrap::Unshare { .. }) => Check::pass(
+            NAME,
+            format!(
+                "image builds make their base system without privilege \
+                 (mmdebstrap --mode=unshare as {BUILD_USER})"
+            ),
+        ),
+        Ok(Bootstrap::Root { why, .. }) => Check::warn(
+            NAME,
+            format!("image builds run debootstrap as root (in a confined unit of its own): {why}"),
+            "for unprivileged builds do what it says; builds work either way",
+        ),
+        Err(e) => Check::warn(
+            NAME,
+            e.message,
+            "needed only where no catalog serves the default image: install what it names",
+        ),
+    }
+}
+
 pub(super) fn check_guest_agent(path: &Path) -> Check {
     const NAME: &str = "guest-agent";
     match crate::artifacts::oci::boot::check_agent(path) {
@@ -227,6 +260,24 @@ mod tests {
         assert!(check.detail.contains("can make a kernel"), "{check:?}");
         images.build_from = crate::config::BuildFrom::None;
         let check = check_kernel_build(&images);
+        assert!(check.detail.contains("are off"), "{check:?}");
+    }
+
+    #[test]
+    fn image_builds_are_unprivileged_where_the_host_allows() {
+        // scripts/install-deps installs mmdebstrap and uidmap and makes
+        // the banger-build account, as the package does.
+        let mut images = crate::config::ImagesConfig::default();
+        let check = check_image_build(&images);
+        assert_eq!(check.verdict, super::super::Verdict::Pass, "{check:?}");
+        assert!(
+            check
+                .detail
+                .contains("mmdebstrap --mode=unshare as banger-build"),
+            "{check:?}"
+        );
+        images.build_from = crate::config::BuildFrom::None;
+        let check = check_image_build(&images);
         assert!(check.detail.contains("are off"), "{check:?}");
     }
 

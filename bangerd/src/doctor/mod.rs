@@ -154,6 +154,7 @@ pub async fn run(
             ),
             check_nftables(),
             check_kernel_build(&config.images),
+            check_image_build(&config.images),
             check_polkit(polkit),
             check_journald(&host.journal_socket),
             check_systemd(&host.systemd_runtime),

@@ -296,6 +296,7 @@ impl steps::StepRunner for SystemdSteps {
         &'a self,
         step: &'a steps::Step,
         output: std::os::fd::OwnedFd,
+        stdout: Option<std::os::fd::OwnedFd>,
     ) -> BoxFuture<'a, Result<steps::Running>> {
         Box::pin(async move {
             let name = steps::unit_name(step);
@@ -317,7 +318,7 @@ impl steps::StepRunner for SystemdSteps {
                 .collect();
             props.push((
                 "StandardOutputFileDescriptor",
-                Value::Fd(zbus::Fd::from(&output)),
+                Value::Fd(zbus::Fd::from(stdout.as_ref().unwrap_or(&output))),
             ));
             props.push((
                 "StandardErrorFileDescriptor",
@@ -330,6 +331,7 @@ impl steps::StepRunner for SystemdSteps {
                 .map_err(|e| fail(&format!("start {name}"), e))?;
             drop(props);
             drop(output);
+            drop(stdout);
             let unit = name.clone();
             let done: BoxFuture<'static, std::result::Result<(), String>> = Box::pin(async move {
                 while let Some(signal) = removed.next().await {

@@ -81,3 +81,64 @@ pub fn guest_artifact(relative: &str, builder: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// One line of the recipe's tools.list, with its package fetched into the
+/// cache `scripts/build-debian-image` uses (and checked).
+#[derive(Debug, Clone)]
+pub struct Tool {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub member: String,
+    pub package: std::path::PathBuf,
+}
+
+/// The recipe's pinned tools, fetched once from their URLs.
+pub fn tool_packages() -> Vec<Tool> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cache = std::env::var_os("BANGER_CACHE")
+        .map_or_else(|| repo.join("build/cache"), Into::into)
+        .join("tools");
+    std::fs::create_dir_all(&cache).expect("the tools cache");
+    let list = std::fs::read_to_string(repo.join("images/debian-bookworm/tools.list"))
+        .expect("the recipe's tools.list");
+    list.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (name, version, url, sha256, member) = (f[0], f[1], f[2], f[3], f[4]);
+            let package = cache.join(format!("{name}-{version}.tgz"));
+            if !package.exists() {
+                let part = package.with_extension("part");
+                let out = Command::new("curl")
+                    .args(["-fsSL", "--retry", "2", "-o"])
+                    .arg(&part)
+                    .arg(url)
+                    .output()
+                    .expect("run curl");
+                assert!(
+                    out.status.success(),
+                    "curl {url}: {}",
+                    crate::output_text(&out)
+                );
+                std::fs::rename(&part, &package).expect("keep the package");
+            }
+            let sum = Command::new("sha256sum")
+                .arg(&package)
+                .output()
+                .expect("run sha256sum");
+            assert!(
+                String::from_utf8_lossy(&sum.stdout).starts_with(sha256),
+                "{} is not the pinned {name} {version}",
+                package.display()
+            );
+            Tool {
+                name: name.into(),
+                version: version.into(),
+                sha256: sha256.into(),
+                member: member.into(),
+                package,
+            }
+        })
+        .collect()
+}

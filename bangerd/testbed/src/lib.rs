@@ -68,7 +68,7 @@ use std::time::{Duration, Instant};
 
 pub use bed::{BANGER_BUS_POLICY, MANAGER_NAME, Options, POLKIT_NAME, TestBed, bus_config};
 pub use bed::{free_loopback_port, kill_strays};
-pub use fixtures::{artifacts_dir, guest_artifact, mkfs_ext4, tiny_vmlinux};
+pub use fixtures::{Tool, artifacts_dir, guest_artifact, mkfs_ext4, tiny_vmlinux, tool_packages};
 pub use http::{FileServer, Request};
 pub use journald::{Journald, journal_entries};
 pub use netns::NetNs;

@@ -15,61 +15,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use banger_testbed::output_text as text;
-use banger_testbed::{FileServer, Options, TestBed, doctor_check, guest_artifact};
+use banger_testbed::{FileServer, Options, TestBed, doctor_check, guest_artifact, tool_packages};
 
 use crate::guest_boot::{GUEST_FORWARD, boot_with};
-
-/// One line of the recipe's tools.list, with its package fetched into the
-/// cache `scripts/build-debian-image` uses (and checked).
-struct Tool {
-    name: String,
-    version: String,
-    sha256: String,
-    member: String,
-    package: std::path::PathBuf,
-}
-
-/// The recipe's pinned tools, fetched once from their URLs.
-fn tool_packages() -> Vec<Tool> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cache = std::env::var_os("BANGER_CACHE")
-        .map_or_else(|| repo.join("build/cache"), Into::into)
-        .join("tools");
-    std::fs::create_dir_all(&cache).unwrap();
-    let list = std::fs::read_to_string(repo.join("images/debian-bookworm/tools.list")).unwrap();
-    list.lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (name, version, url, sha256, member) = (f[0], f[1], f[2], f[3], f[4]);
-            let package = cache.join(format!("{name}-{version}.tgz"));
-            if !package.exists() {
-                let part = package.with_extension("part");
-                let out = Command::new("curl")
-                    .args(["-fsSL", "--retry", "2", "-o"])
-                    .arg(&part)
-                    .arg(url)
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "curl {url}: {}", text(&out));
-                std::fs::rename(&part, &package).unwrap();
-            }
-            let sum = Command::new("sha256sum").arg(&package).output().unwrap();
-            assert!(
-                String::from_utf8_lossy(&sum.stdout).starts_with(sha256),
-                "{} is not the pinned {name} {version}",
-                package.display()
-            );
-            Tool {
-                name: name.into(),
-                version: version.into(),
-                sha256: sha256.into(),
-                member: member.into(),
-                package,
-            }
-        })
-        .collect()
-}
 
 /// `debugfs -R REQUEST IMAGE`'s output; fails the test when it fails.
 fn debugfs(image: &Path, request: &str) -> String {
@@ -103,6 +51,14 @@ async fn the_debian_recipe_builds_its_kernel_and_an_image_that_boots() {
         let out = bed.banger().args(["--json", "doctor"]).output().unwrap();
         serde_json::from_slice(&out.stdout).unwrap()
     };
+    // The base system is made without privilege (scripts/install-deps
+    // made the account as the package does).
+    let how = doctor_check(&doctor(), "image-build");
+    assert_eq!(how["verdict"], "pass", "{how}");
+    assert!(
+        how["detail"].as_str().unwrap().contains("mmdebstrap"),
+        "{how}"
+    );
     let before = doctor_check(&doctor(), "default-image");
     assert_eq!(before["verdict"], "pass", "{before}");
     assert!(

@@ -58,7 +58,7 @@ fn a_fresh_host_builds_and_boots_the_default_image_from_a_mirror() {
 
     // apt took the package's recommends from the mirror.
     let recommends = read("recommends");
-    for p in ["debootstrap", "busybox-static", "kmod"] {
+    for p in ["mmdebstrap", "uidmap", "busybox-static", "kmod"] {
         assert!(
             recommends.contains(&format!("{p} install ok installed")),
             "{recommends}\n{}",
@@ -66,9 +66,28 @@ fn a_fresh_host_builds_and_boots_the_default_image_from_a_mirror() {
         );
     }
 
-    // Before: nothing here, and doctor says the image will be built.
+    // The postinst made the unprivileged build account, with its ids.
+    let user = read("build-user");
+    assert!(
+        user.contains("banger-build:x:")
+            && user.contains("/etc/subuid:banger-build:")
+            && user.contains("/etc/subgid:banger-build:"),
+        "{user}"
+    );
+
+    // Before: nothing here, and doctor says the image will be built,
+    // with a base system made without privilege.
     let before: serde_json::Value = serde_json::from_str(&read("doctor-before.json"))
         .unwrap_or_else(|e| panic!("doctor: {e}\n{}", read("doctor-before.err")));
+    let check = doctor_check(&before, "image-build");
+    assert_eq!(check["verdict"], "pass", "{check}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("mmdebstrap --mode=unshare as banger-build"),
+        "{check}"
+    );
     let check = doctor_check(&before, "default-image");
     assert_eq!(check["verdict"], "pass", "{check}");
     assert!(
@@ -94,10 +113,17 @@ fn a_fresh_host_builds_and_boots_the_default_image_from_a_mirror() {
     ] {
         assert!(out1.contains(stage), "no {stage:?} in:\n{out1}");
     }
-    // debootstrap, the unpacking of its tree and configure ran to the end
-    // in their own units, not in bangerd's.
+    // The base system (mmdebstrap, unprivileged), the unpacking of its
+    // tree and configure ran to the end in their own units, not in
+    // bangerd's.
     let units = read("build-units");
-    for step in ["debootstrap", "unpack", "configure"] {
+    assert!(
+        units
+            .lines()
+            .any(|l| l.contains("-bootstrap.service") && l.contains("mmdebstrap")),
+        "{units}"
+    );
+    for step in ["bootstrap", "unpack", "configure"] {
         assert!(
             units
                 .lines()

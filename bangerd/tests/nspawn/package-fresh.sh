@@ -26,7 +26,9 @@ apt-get install -y /opt/pkg/banger.deb >"$out/apt-install" 2>&1 || {
   finish "apt-get install ./banger.deb failed"
 }
 step installed
-dpkg-query -W -f='${Package} ${Status}\n' debootstrap busybox-static kmod >"$out/recommends" 2>&1
+dpkg-query -W -f='${Package} ${Status}\n' mmdebstrap uidmap busybox-static kmod >"$out/recommends" 2>&1
+# The account the base system is made as, without privilege.
+{ getent passwd banger-build; grep '^banger-build:' /etc/subuid /etc/subgid; } >"$out/build-user" 2>&1
 
 # QEMU under TCG (no KVM in the container) with room for Debian; the
 # image's packages come from the same mirror.

@@ -1,14 +1,17 @@
 //! Images built here from a recipe (`BuildImage`, `banger image build`):
 //! a recipe is a directory under `images.recipes` (the package ships
 //! `debian-bookworm`) with its Debian suite, package list, configure script
-//! and image.json. The job bootstraps the suite with those packages from
-//! `images.mirror` (`debootstrap --variant=minbase`; the tree is cached as
-//! a tarball keyed by suite, mirror, packages and the mirror's release
-//! file, so later builds skip it until the suite's packages change), puts banger-agent and the kernel's modules in, runs the recipe's
-//! `configure`, makes the ext4 root filesystem and its work-seed, and
-//! records a system image. debootstrap, the unpacking of its tree and
-//! `configure` need more rights than bangerd has: they run as
-//! [`super::steps`]. The kernel it boots is built first (see
+//! and image.json. The job makes the suite's base system with those
+//! packages from `images.mirror`: `mmdebstrap --mode=unshare` as
+//! [`BUILD_USER`], without privilege, where the host allows, else
+//! `debootstrap` as root ([`bootstrapper`]). The tree is cached as a
+//! tarball keyed by suite, mirror, packages, tool and the mirror's
+//! release file, so later builds skip it until the suite's packages
+//! change. Then it puts banger-agent and the kernel's modules in, runs
+//! the recipe's `configure`, makes the ext4 root filesystem and its
+//! work-seed, and records a system image. The bootstrap, the unpacking
+//! of its tree and `configure` need other rights than bangerd's: they
+//! run as [`super::steps`]. The kernel it boots is built first (see
 //! [`super`]) when it is not here.
 
 use std::path::{Path, PathBuf};
@@ -122,28 +125,127 @@ pub fn recipe(recipes: &Path, name: &str) -> Result<Recipe> {
     })
 }
 
-/// Whether an image build can run here: debootstrap, and what a kernel
-/// build needs (its kernel may have to be built first). The one answer
-/// `BuildImage` (before its job starts) and `doctor` give.
+/// The account unprivileged bootstraps run as; the package makes it,
+/// with subordinate ids (`useradd --system --add-subids-for-system`).
+pub const BUILD_USER: &str = "banger-build";
+
+/// How the base tree is made here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// `mmdebstrap --mode=unshare` as [`BUILD_USER`], without privilege:
+    /// packages are fetched, unpacked and configured by root of a user
+    /// namespace that maps to the account's subordinate ids.
+    Unshare {
+        program: PathBuf,
+        user: steps::Account,
+    },
+    /// `debootstrap` as root (in its own confined unit under systemd);
+    /// `why` says what the unprivileged way lacks here.
+    Root { program: PathBuf, why: String },
+}
+
+impl Bootstrap {
+    /// The tool's name, for messages.
+    pub fn tool(&self) -> &'static str {
+        match self {
+            Bootstrap::Unshare { .. } => "mmdebstrap",
+            Bootstrap::Root { .. } => "debootstrap",
+        }
+    }
+}
+
+/// How this host makes base trees: unprivileged where it can.
+pub fn bootstrapper() -> Result<Bootstrap> {
+    let why = match unshare_ready() {
+        Ok(b) => return Ok(b),
+        Err(why) => why,
+    };
+    match crate::program::find(Path::new("debootstrap")) {
+        Some(program) => Ok(Bootstrap::Root { program, why }),
+        None => Err(Error::unavailable(format!(
+            "image builds need mmdebstrap (unprivileged) or debootstrap here: \
+             apt install mmdebstrap uidmap ({why})"
+        ))),
+    }
+}
+
+/// `mmdebstrap --mode=unshare` as [`BUILD_USER`], or what it lacks.
+fn unshare_ready() -> std::result::Result<Bootstrap, String> {
+    let program = crate::program::find(Path::new("mmdebstrap"))
+        .ok_or("mmdebstrap is not installed: apt install mmdebstrap uidmap")?;
+    for tool in ["newuidmap", "newgidmap"] {
+        crate::program::find(Path::new(tool))
+            .ok_or(format!("{tool} is not installed: apt install uidmap"))?;
+    }
+    let user = nix::unistd::User::from_name(BUILD_USER)
+        .ok()
+        .flatten()
+        .ok_or(format!(
+            "there is no {BUILD_USER} account (the package makes it: dpkg-reconfigure banger)"
+        ))?;
+    let account = steps::Account {
+        name: BUILD_USER.to_owned(),
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    };
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if !has_subids(&text, &account.name, account.uid) {
+            return Err(format!(
+                "{BUILD_USER} has no subordinate ids in {file}: \
+                 usermod --add-subuids N-M --add-subgids N-M {BUILD_USER} (65536 of each)"
+            ));
+        }
+    }
+    let sysctl = |name: &str| {
+        std::fs::read_to_string(Path::new("/proc/sys").join(name))
+            .ok()
+            .map(|v| v.trim().to_owned())
+    };
+    if sysctl("user/max_user_namespaces").as_deref() == Some("0")
+        || sysctl("kernel/unprivileged_userns_clone").as_deref() == Some("0")
+        || sysctl("kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1")
+    {
+        return Err("this kernel does not let unprivileged users make user namespaces".to_owned());
+    }
+    Ok(Bootstrap::Unshare {
+        program,
+        user: account,
+    })
+}
+
+/// Whether `/etc/subuid` (or subgid) text gives `name` (or `uid`) a
+/// range of at least 65536 ids, what a Debian tree's ids need.
+fn has_subids(text: &str, name: &str, uid: u32) -> bool {
+    text.lines().any(|line| {
+        let mut f = line.trim().split(':');
+        let (Some(who), Some(_start), Some(count)) = (f.next(), f.next(), f.next()) else {
+            return false;
+        };
+        (who == name || who == uid.to_string()) && count.parse::<u64>().is_ok_and(|c| c >= 65536)
+    })
+}
+
+/// Whether an image build can run here: a bootstrapper, and what a
+/// kernel build needs (its kernel may have to be built first). The one
+/// answer `BuildImage` (before its job starts) and `doctor` give.
 pub fn readiness() -> Result<()> {
     let kernel = super::readiness();
-    if crate::program::find(Path::new("debootstrap")).is_none() {
+    if let Err(e) = bootstrapper() {
         let more = kernel
             .err()
             .map(|e| format!("; {}", e.message))
             .unwrap_or_default();
-        return Err(Error::unavailable(format!(
-            "image builds need debootstrap here: apt install debootstrap{more}"
-        )));
+        return Err(Error::unavailable(format!("{}{more}", e.message)));
     }
     kernel
 }
 
 /// The cached base tree of `recipe` from `mirror`: keyed by what goes in.
-fn base_key(recipe: &Recipe, mirror: &str) -> String {
+fn base_key(recipe: &Recipe, mirror: &str, tool: &str) -> String {
     let mut h = Sha256::new();
     h.update(format!(
-        "{} {mirror} {}",
+        "{} {mirror} {} {tool}",
         recipe.suite,
         recipe.packages.join(",")
     ));
@@ -203,9 +305,10 @@ fn base_tarballs(
     bases: &Path,
     recipe: &Recipe,
     mirror: &str,
+    tool: &str,
     release: Option<&str>,
 ) -> (Option<PathBuf>, Vec<PathBuf>) {
-    let prefix = format!("{}-{}-", recipe.suite, base_key(recipe, mirror));
+    let prefix = format!("{}-{}-", recipe.suite, base_key(recipe, mirror, tool));
     let current = release.map(|r| bases.join(format!("{prefix}{}.tar", &r[..16.min(r.len())])));
     let mut others: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(bases)
         .map(|d| {
@@ -251,20 +354,67 @@ fn run(what: &str, cmd: &mut std::process::Command) -> Result<()> {
     )))
 }
 
-/// What debootstrap's `I:` lines say about its packages: how many it
+/// What the bootstrapper's output says about its packages: how many it
 /// has dealt with and what it is doing now, and how many bytes of
-/// packages it has fetched so far.
+/// packages it has fetched so far. debootstrap's `I:` lines name each
+/// package; mmdebstrap's (`--verbose`) are apt's `Get:` lines, with
+/// sizes, and dpkg's.
 #[derive(Debug, Default)]
 struct BootstrapProgress {
+    tool: &'static str,
     retrieved: u64,
     installed: u64,
     bytes: u64,
     doing: String,
 }
 
+/// The bytes an apt `Get:` line ends with (`[37.6 kB]`).
+fn apt_size(line: &str) -> Option<u64> {
+    let inside = line.trim_end().strip_suffix(']')?;
+    let (_, inside) = inside.rsplit_once('[')?;
+    let (number, unit) = inside.split_once(' ')?;
+    let number: f64 = number.replace(',', "").parse().ok()?;
+    let scale = match unit {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        _ => return None,
+    };
+    Some((number * scale) as u64)
+}
+
 impl BootstrapProgress {
+    fn new(tool: &'static str) -> Self {
+        Self {
+            tool,
+            ..Self::default()
+        }
+    }
+
     /// Take in one line; the detail to show for it, if any.
     fn line(&mut self, line: &str) -> Option<String> {
+        if let Some(rest) = line.strip_prefix("Get:") {
+            // Get:N URL SUITE/COMPONENT ARCH PACKAGE ARCH VERSION [SIZE]
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            self.bytes += apt_size(line).unwrap_or(0);
+            self.doing = match fields.get(4) {
+                Some(package) if fields.len() >= 8 => {
+                    self.retrieved += 1;
+                    format!("fetching {package}")
+                }
+                _ => "fetching the package lists".to_owned(),
+            };
+            return Some(self.detail());
+        }
+        for (prefix, verb) in [("Unpacking ", "unpacking"), ("Setting up ", "setting up")] {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                let package = rest.split([':', ' ']).next().unwrap_or_default();
+                self.installed += 1;
+                self.doing = format!("{verb} {package}");
+                return Some(self.detail());
+            }
+        }
         let rest = line.strip_prefix("I: ")?;
         let (verb, what) = rest.split_once(' ').unwrap_or((rest, ""));
         match verb {
@@ -272,8 +422,13 @@ impl BootstrapProgress {
             "Unpacking" | "Configuring" => self.installed += 1,
             _ => {}
         }
-        let what = what.split_whitespace().next().unwrap_or_default();
-        self.doing = format!("{} {what}", verb.to_lowercase());
+        if verb.starts_with(|c: char| c.is_ascii_lowercase()) {
+            // mmdebstrap's phases: "I: running apt-get update..."
+            self.doing = rest.trim_end_matches('.').to_owned();
+        } else {
+            let what = what.split_whitespace().next().unwrap_or_default();
+            self.doing = format!("{} {what}", verb.to_lowercase());
+        }
         Some(self.detail())
     }
 
@@ -294,8 +449,8 @@ impl BootstrapProgress {
             String::new()
         };
         format!(
-            "debootstrap: {} ({} packages fetched{bytes}, {} unpack and configure steps)",
-            self.doing, self.retrieved, self.installed
+            "{}: {} ({} packages fetched{bytes}, {} unpack and configure steps)",
+            self.tool, self.doing, self.retrieved, self.installed
         )
     }
 
@@ -320,28 +475,52 @@ fn debs_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The debootstrap step that makes `recipe`'s base tree in `tree`.
+/// The step that makes `recipe`'s base tree: as a tarball on its
+/// standard output (mmdebstrap), or in `tree` (debootstrap).
 fn bootstrap_step(
     id: &str,
+    how: &Bootstrap,
     recipe: &Recipe,
     mirror: &str,
     work: &Path,
     tree: &Path,
-) -> Result<Step> {
+) -> Step {
     let mut args = vec!["--variant=minbase".to_owned()];
     if !recipe.packages.is_empty() {
         args.push(format!("--include={}", recipe.packages.join(",")));
     }
-    args.push(recipe.suite.clone());
-    args.push(tree.to_string_lossy().into_owned());
-    args.push(mirror.to_owned());
-    Ok(Step {
-        id: format!("{id}-debootstrap"),
-        what: "debootstrap".to_owned(),
-        program: steps::program("debootstrap")?,
+    let (program, user, target, writable) = match how {
+        Bootstrap::Unshare { program, user } => {
+            args.splice(
+                0..0,
+                ["--mode=unshare", "--format=tar", "--verbose"].map(str::to_owned),
+            );
+            // Nothing of the host's but its private /var/tmp and the
+            // tarball's descriptor.
+            (program, Some(user.clone()), "-".to_owned(), Vec::new())
+        }
+        Bootstrap::Root { program, .. } => (
+            program,
+            None,
+            tree.to_string_lossy().into_owned(),
+            vec![work.to_owned()],
+        ),
+    };
+    // apt in mmdebstrap's chroot cannot see a file:// mirror's files:
+    // copy:// has apt copy them in, as debootstrap does.
+    let mirror = match (how, mirror.strip_prefix("file://")) {
+        (Bootstrap::Unshare { .. }, Some(path)) => format!("copy://{path}"),
+        _ => mirror.to_owned(),
+    };
+    args.extend([recipe.suite.clone(), target, mirror]);
+    Step {
+        id: format!("{id}-bootstrap"),
+        what: how.tool().to_owned(),
+        program: program.clone(),
         args,
-        writable: vec![work.to_owned()],
-    })
+        writable,
+        user,
+    }
 }
 
 /// Keep the tree debootstrap made as `tarball` (written beside it,
@@ -482,12 +661,22 @@ impl Artifacts {
         // Keyed by the mirror's release: a point release or security
         // update in the suite makes a new base; an unreachable mirror
         // falls back to the newest one here.
+        let how = blocking(bootstrapper).await?;
         let release = release_digest(&mirror, &recipe.suite).await;
         let (current, older) = {
             let (bases, recipe, mirror) = (bases.clone(), recipe.clone(), mirror.clone());
             let release = release.as_ref().ok().cloned();
-            blocking(move || Ok(base_tarballs(&bases, &recipe, &mirror, release.as_deref())))
-                .await?
+            let tool = how.tool();
+            blocking(move || {
+                Ok(base_tarballs(
+                    &bases,
+                    &recipe,
+                    &mirror,
+                    tool,
+                    release.as_deref(),
+                ))
+            })
+            .await?
         };
         let tarball = match (current, release) {
             (Some(t), _) => t,
@@ -518,26 +707,61 @@ impl Artifacts {
             .await?;
         }
         if !tarball.exists() {
+            let how_detail = match &how {
+                Bootstrap::Unshare { user, .. } => format!("unprivileged, as {}", user.name),
+                Bootstrap::Root { why, .. } => format!("as root: {why}"),
+            };
             ctx.progress(
                 &format!(
-                    "debootstrap {} from {mirror} (cached afterwards)",
+                    "{} {} from {mirror} ({how_detail}; cached afterwards)",
+                    how.tool(),
                     recipe.suite
                 ),
                 0.3,
                 None,
             );
             let tree = work.join("bootstrap");
-            let step = bootstrap_step(&id, &recipe, &mirror, &work, &tree)?;
-            // The packages debootstrap has downloaded are in the tree's
-            // apt cache: their sizes are the bytes fetched so far.
-            let archives = tree.join("var/cache/apt/archives");
-            let progress = std::sync::Mutex::new(BootstrapProgress::default());
+            let step = bootstrap_step(&id, &how, &recipe, &mirror, &work, &tree);
+            // debootstrap's downloaded packages are in the tree's apt
+            // cache: their sizes are the bytes fetched so far
+            // (mmdebstrap's lines say so themselves).
+            let archives = match how {
+                Bootstrap::Root { .. } => Some(tree.join("var/cache/apt/archives")),
+                Bootstrap::Unshare { .. } => None,
+            };
+            // mmdebstrap's tarball, written beside its final name (as
+            // root, 0600; the step only gets the descriptor).
+            let part = tarball.with_extension("part");
+            let stdout = match how {
+                Bootstrap::Unshare { .. } => {
+                    let part = part.clone();
+                    Some(
+                        blocking(move || {
+                            use std::os::unix::fs::OpenOptionsExt;
+                            std::fs::OpenOptions::new()
+                                .write(true)
+                                .create(true)
+                                .truncate(true)
+                                .mode(0o600)
+                                .open(&part)
+                                .map(std::os::fd::OwnedFd::from)
+                                .map_err(|e| {
+                                    Error::failed(format!("cannot make {}: {e}", part.display()))
+                                })
+                        })
+                        .await?,
+                    )
+                }
+                Bootstrap::Root { .. } => None,
+            };
+            let progress = std::sync::Mutex::new(BootstrapProgress::new(how.tool()));
             let show = |p: &BootstrapProgress, detail: &str| {
                 ctx.progress(detail, 0.3 + 0.25 * p.share(), Some(p.bytes));
             };
-            steps::run(
+            let ran = steps::run_to(
                 &*self.steps,
                 &step,
+                stdout,
                 &mut |line| {
                     let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(detail) = p.line(line) {
@@ -547,19 +771,31 @@ impl Artifacts {
                 },
                 &|| {
                     ctx.check_cancelled()?;
-                    let bytes = debs_size(&archives);
-                    let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(detail) = p.fetched(bytes) {
-                        show(&p, &detail);
+                    if let Some(archives) = &archives {
+                        let bytes = debs_size(archives);
+                        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(detail) = p.fetched(bytes) {
+                            show(&p, &detail);
+                        }
                     }
                     Ok(())
                 },
             )
-            .await?;
+            .await;
             let (tarball, held) = (tarball.clone(), tmp.clone());
+            let unshared = matches!(how, Bootstrap::Unshare { .. });
             blocking(move || {
                 let _held = held;
-                keep_base(&tree, &tarball)?;
+                if let Err(e) = ran {
+                    let _ = std::fs::remove_file(&part);
+                    return Err(e);
+                }
+                if unshared {
+                    std::fs::rename(&part, &tarball)
+                        .map_err(|e| Error::failed(format!("cannot keep the base tree: {e}")))?;
+                } else {
+                    keep_base(&tree, &tarball)?;
+                }
                 // Bases of earlier releases are not used again.
                 for old in older {
                     let _ = std::fs::remove_file(old);
@@ -590,6 +826,7 @@ impl Artifacts {
                     tarball.to_string_lossy().into_owned(),
                 ],
                 writable: vec![work.clone()],
+                user: None,
             };
             steps::run(&*self.steps, &step, &mut |_| Ok(()), &|| {
                 ctx.check_cancelled()
@@ -650,6 +887,7 @@ impl Artifacts {
                 program: recipe.dir.join("configure"),
                 args: vec![root.to_string_lossy().into_owned()],
                 writable: vec![work.clone()],
+                user: None,
             };
             steps::run(
                 &*self.steps,
@@ -735,7 +973,7 @@ mod tests {
         let e = recipe(dir.path(), "broken").expect_err("bad package");
         assert!(e.message.contains("--option"), "{}", e.message);
 
-        let mut p = BootstrapProgress::default();
+        let mut p = BootstrapProgress::new("debootstrap");
         assert_eq!(p.line("W: no lines but I: count"), None);
         assert!(
             p.line("I: Retrieving libc6 2.36-9+deb12u13")
@@ -760,9 +998,94 @@ mod tests {
                 .contains("3.0 MiB")
         );
 
-        let same = base_key(&r, "http://deb.debian.org/debian");
-        assert_eq!(same, base_key(&r, "http://deb.debian.org/debian"));
-        assert_ne!(same, base_key(&r, "http://mirror.example/debian"));
+        // mmdebstrap --verbose: apt's lines carry the sizes.
+        let mut p = BootstrapProgress::new("mmdebstrap");
+        let shown = p.line("I: running apt-get update...").expect("shown");
+        assert!(
+            shown.starts_with("mmdebstrap: running apt-get update ("),
+            "{shown}"
+        );
+        p.line("Get:2 http://deb.debian.org/debian bookworm/main amd64 Packages [8790 kB]");
+        assert_eq!((p.retrieved, p.bytes), (0, 8_790_000));
+        let shown = p
+            .line(
+                "Get:1 file:/opt/mirror bookworm/main amd64 libc6 amd64 2.36-9+deb12u14 [2,757 kB]",
+            )
+            .expect("shown");
+        assert!(
+            shown.contains("fetching libc6 (1 packages fetched, 11.0 MiB"),
+            "{shown}"
+        );
+        p.line("Unpacking libc6:amd64 (2.36-9+deb12u14) ...");
+        let shown = p.line("Setting up bash (5.2.15-2+b7) ...").expect("shown");
+        assert!(
+            shown.contains("setting up bash (1 packages fetched"),
+            "{shown}"
+        );
+        assert_eq!(p.installed, 2);
+        assert_eq!(p.line("dpkg: warning: something else"), None);
+        assert_eq!(apt_size("Get:3 x y z [512 B]"), Some(512));
+        assert_eq!(apt_size("Get:3 x y z [1.5 MB]"), Some(1_500_000));
+        assert_eq!(apt_size("no size"), None);
+
+        // The bootstrap steps: mmdebstrap as the account, its tarball on
+        // stdout, apt copying a file:// mirror's packages into its chroot;
+        // debootstrap as root into the tree.
+        let user = steps::Account {
+            name: BUILD_USER.to_owned(),
+            uid: 999,
+            gid: 999,
+        };
+        let unshare = Bootstrap::Unshare {
+            program: PathBuf::from("/usr/bin/mmdebstrap"),
+            user: user.clone(),
+        };
+        let (work, tree) = (Path::new("/w"), Path::new("/w/tree"));
+        let s = bootstrap_step("b1", &unshare, &r, "file:///srv/mirror", work, tree);
+        assert_eq!(s.user, Some(user));
+        assert!(s.writable.is_empty());
+        assert_eq!(
+            &s.args[..3],
+            ["--mode=unshare", "--format=tar", "--verbose"]
+        );
+        assert_eq!(
+            &s.args[s.args.len() - 3..],
+            ["bookworm", "-", "copy:///srv/mirror"]
+        );
+        let root = Bootstrap::Root {
+            program: PathBuf::from("/usr/sbin/debootstrap"),
+            why: String::new(),
+        };
+        let s = bootstrap_step("b1", &root, &r, "file:///srv/mirror", work, tree);
+        assert_eq!(s.user, None);
+        assert_eq!(s.writable, [work]);
+        assert_eq!(
+            &s.args[s.args.len() - 3..],
+            ["bookworm", "/w/tree", "file:///srv/mirror"]
+        );
+        assert_eq!(s.id, "b1-bootstrap");
+
+        let subuid = "alice:100000:65536\n# comment\n999:165536:65536\nshort:300000:100\n";
+        assert!(has_subids(subuid, "alice", 1000));
+        assert!(has_subids(subuid, "banger-build", 999), "by uid");
+        assert!(!has_subids(subuid, "short", 1001), "too few ids");
+        assert!(!has_subids(subuid, "bob", 1002));
+        assert!(!has_subids("", "alice", 1000));
+
+        let same = base_key(&r, "http://deb.debian.org/debian", "mmdebstrap");
+        assert_eq!(
+            same,
+            base_key(&r, "http://deb.debian.org/debian", "mmdebstrap")
+        );
+        assert_ne!(
+            same,
+            base_key(&r, "http://mirror.example/debian", "mmdebstrap")
+        );
+        // A tree debootstrap made is not one mmdebstrap made.
+        assert_ne!(
+            same,
+            base_key(&r, "http://deb.debian.org/debian", "debootstrap")
+        );
     }
 
     #[tokio::test]
@@ -790,16 +1113,16 @@ mod tests {
 
         let bases = dir.path().join("bases");
         std::fs::create_dir_all(&bases).expect("bases");
-        let (first, older) = base_tarballs(&bases, &r, &mirror, Some(&one));
+        let (first, older) = base_tarballs(&bases, &r, &mirror, "mmdebstrap", Some(&one));
         let first = first.expect("a name");
         assert!(older.is_empty());
         std::fs::write(&first, b"tar").expect("tarball");
         std::fs::write(bases.join("bookworm-unrelated.tar"), b"tar").expect("other");
-        let (second, older) = base_tarballs(&bases, &r, &mirror, Some(&two));
+        let (second, older) = base_tarballs(&bases, &r, &mirror, "mmdebstrap", Some(&two));
         assert_ne!(second.expect("a name"), first);
         assert_eq!(older, vec![first.clone()], "the earlier release's base");
         // The mirror unreachable: no current name, the earlier base is there.
-        let (none, older) = base_tarballs(&bases, &r, &mirror, None);
+        let (none, older) = base_tarballs(&bases, &r, &mirror, "mmdebstrap", None);
         assert_eq!((none, older), (None, vec![first]));
     }
 }

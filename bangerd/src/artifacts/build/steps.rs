@@ -35,6 +35,20 @@ pub struct Step {
     pub args: Vec<String>,
     /// The only paths it may write (the build's directory).
     pub writable: Vec<PathBuf>,
+    /// The unprivileged account it runs as, with no capabilities and a
+    /// private temporary directory of its own (`TMPDIR`); `None` runs it
+    /// as root with [`STEP_CAPABILITIES`].
+    pub user: Option<Account>,
+}
+
+/// A system account a step may run as: `banger-build`, which has
+/// subordinate ids for the user namespace `mmdebstrap --mode=unshare`
+/// makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A started step.
@@ -56,8 +70,14 @@ pub trait StepRunner: Send + Sync + std::fmt::Debug {
     /// `systemd` or `process`.
     fn name(&self) -> &'static str;
 
-    /// Start `step` with its standard output and error on `output`.
-    fn start<'a>(&'a self, step: &'a Step, output: OwnedFd) -> BoxFuture<'a, Result<Running>>;
+    /// Start `step` with its standard error on `output`, and its
+    /// standard output there too or, when given, on `stdout`.
+    fn start<'a>(
+        &'a self,
+        step: &'a Step,
+        output: OwnedFd,
+        stdout: Option<OwnedFd>,
+    ) -> BoxFuture<'a, Result<Running>>;
 }
 
 /// The unit a step runs in.
@@ -97,10 +117,20 @@ pub fn unit_properties(step: &Step) -> Vec<UnitProperty> {
     let program = step.program.to_string_lossy().into_owned();
     let mut argv = vec![program.clone()];
     argv.extend(step.args.iter().cloned());
+    // An account's step has none of them on the host: they bound what
+    // newuidmap/newgidmap (setuid) and the root of its user namespace
+    // may have, the latter over that namespace's files only.
     let caps = STEP_CAPABILITIES
         .iter()
         .fold(0u64, |set, (_, bit)| set | (1u64 << bit));
-    vec![
+    let mut env = vec!["LC_ALL=C".to_owned()];
+    if step.user.is_some() {
+        // On disk, private to the unit and removed with it, even when
+        // the step is killed: the user namespace's files (owned by
+        // subordinate ids) never outlive it.
+        env.push("TMPDIR=/var/tmp".to_owned());
+    }
+    let mut props = vec![
         Str(
             "Description",
             format!("banger image build: {} ({})", step.what, step.id),
@@ -111,10 +141,9 @@ pub fn unit_properties(step: &Step) -> Vec<UnitProperty> {
         U64("TimeoutStartUSec", u64::MAX),
         Str("StandardInput", "null".to_owned()),
         Str("WorkingDirectory", "/".to_owned()),
-        Strs("Environment", vec!["LC_ALL=C".to_owned()]),
+        Strs("Environment", env),
         Str("CollectMode", "inactive-or-failed".to_owned()),
         U64("CapabilityBoundingSet", caps),
-        Bool("NoNewPrivileges", true),
         Str("ProtectSystem", "strict".to_owned()),
         Strs(
             "ReadWritePaths",
@@ -125,14 +154,33 @@ pub fn unit_properties(step: &Step) -> Vec<UnitProperty> {
         ),
         Str("ProtectHome", "read-only".to_owned()),
         Bool("PrivateTmp", true),
-        Bool("ProtectKernelTunables", true),
-        Bool("ProtectKernelModules", true),
-        Bool("ProtectKernelLogs", true),
-        Bool("ProtectControlGroups", true),
-        Bool("ProtectClock", true),
-        Bool("RestrictRealtime", true),
-        Bool("LockPersonality", true),
-    ]
+    ];
+    match &step.user {
+        Some(user) => props.extend([
+            Str("User", user.name.clone()),
+            Str("Group", user.name.clone()),
+            // newuidmap and newgidmap map its subordinate ids: setuid
+            // programs, so privileges may not be frozen, and nothing
+            // that freezes them for a user's unit may be set (systemd's
+            // seccomp-based settings: ProtectClock, RestrictRealtime,
+            // LockPersonality...). The user namespace mounts its own
+            // /proc and /sys, which the kernel allows only while the
+            // unit's are not masked in parts (ProtectKernelTunables and
+            // friends). This account may write none of it anyway.
+            Bool("NoNewPrivileges", false),
+        ]),
+        None => props.extend([
+            Bool("NoNewPrivileges", true),
+            Bool("ProtectKernelTunables", true),
+            Bool("ProtectKernelModules", true),
+            Bool("ProtectKernelLogs", true),
+            Bool("ProtectControlGroups", true),
+            Bool("ProtectClock", true),
+            Bool("RestrictRealtime", true),
+            Bool("LockPersonality", true),
+        ]),
+    }
+    props
 }
 
 /// Run `step` with `runner` to its end. Each line of its output goes to
@@ -145,13 +193,26 @@ pub async fn run(
     line: &mut (dyn FnMut(&str) -> Result<()> + Send),
     check: &(dyn Fn() -> Result<()> + Sync),
 ) -> Result<()> {
+    run_to(runner, step, None, line, check).await
+}
+
+/// [`run`], with the step's standard output on `stdout` (a file
+/// bangerd opened: mmdebstrap writes its tarball there), its standard
+/// error still line by line.
+pub async fn run_to(
+    runner: &dyn StepRunner,
+    step: &Step,
+    stdout: Option<OwnedFd>,
+    line: &mut (dyn FnMut(&str) -> Result<()> + Send),
+    check: &(dyn Fn() -> Result<()> + Sync),
+) -> Result<()> {
     let (tx, rx) = tokio::net::unix::pipe::pipe()
         .map_err(|e| Error::failed(format!("cannot make a pipe for {}: {e}", step.what)))?;
     let tx = tx
         .into_blocking_fd()
         .map_err(|e| Error::failed(format!("cannot make a pipe for {}: {e}", step.what)))?;
     check()?;
-    let Running { mut done, stop } = runner.start(step, tx).await?;
+    let Running { mut done, stop } = runner.start(step, tx, stdout).await?;
     let mut stop = Some(stop);
     let mut lines = tokio::io::BufReader::new(rx).lines();
     let mut tail = VecDeque::new();
@@ -225,7 +286,12 @@ impl StepRunner for Direct {
         "process"
     }
 
-    fn start<'a>(&'a self, step: &'a Step, output: OwnedFd) -> BoxFuture<'a, Result<Running>> {
+    fn start<'a>(
+        &'a self,
+        step: &'a Step,
+        output: OwnedFd,
+        stdout: Option<OwnedFd>,
+    ) -> BoxFuture<'a, Result<Running>> {
         Box::pin(async move {
             let cannot = |e: std::io::Error| {
                 Error::unavailable(format!(
@@ -235,6 +301,17 @@ impl StepRunner for Direct {
                 ))
             };
             let err = output.try_clone().map_err(cannot)?;
+            let out = match stdout {
+                Some(fd) => fd,
+                None => output,
+            };
+            // The user's own temporary directory, removed when the step
+            // has ended (by root: the user namespace's files belong to
+            // subordinate ids).
+            let scratch = match &step.user {
+                Some(user) => Some(scratch_for(step, user).map_err(cannot)?),
+                None => None,
+            };
             // The command holds the pipe's write end until it is dropped:
             // only the child may keep it open, or the output never ends.
             let mut child = {
@@ -243,10 +320,19 @@ impl StepRunner for Direct {
                     .env("LC_ALL", "C")
                     .current_dir("/")
                     .stdin(Stdio::null())
-                    .stdout(Stdio::from(output))
+                    .stdout(Stdio::from(out))
                     .stderr(Stdio::from(err))
                     .process_group(0)
                     .kill_on_drop(true);
+                if let (Some(user), Some(dir)) = (&step.user, &scratch) {
+                    // std drops the supplementary groups with the uid.
+                    cmd.uid(user.uid)
+                        .gid(user.gid)
+                        .env("TMPDIR", dir.path())
+                        .env("HOME", dir.path())
+                        .env("USER", &user.name)
+                        .env("LOGNAME", &user.name);
+                }
                 cmd.spawn().map_err(cannot)?
             };
             let group = child
@@ -254,7 +340,11 @@ impl StepRunner for Direct {
                 .and_then(|id| i32::try_from(id).ok())
                 .map(nix::unistd::Pid::from_raw);
             let done: BoxFuture<'static, std::result::Result<(), String>> = Box::pin(async move {
-                let status = child.wait().await.map_err(|e| e.to_string())?;
+                let status = child.wait().await.map_err(|e| e.to_string());
+                if let Some(dir) = scratch {
+                    let _ = tokio::task::spawn_blocking(move || drop(dir)).await;
+                }
+                let status = status?;
                 if status.success() {
                     Ok(())
                 } else {
@@ -271,6 +361,20 @@ impl StepRunner for Direct {
             Ok(Running { done, stop })
         })
     }
+}
+
+/// A fresh directory only `user` may write, for `step`'s `TMPDIR`;
+/// removed when dropped. Others may pass through it (not list it): the
+/// root of mmdebstrap's user namespace is another uid on the host, and
+/// works in a directory of its own inside.
+fn scratch_for(step: &Step, user: &Account) -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("banger-{}-", step.id))
+        .tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid))?;
+    Ok(dir)
 }
 
 /// `name` on the PATH, as the absolute path a unit needs.
@@ -290,6 +394,7 @@ mod tests {
             program: PathBuf::from("/bin/sh"),
             args: vec!["-c".to_owned(), script.to_owned()],
             writable: vec![dir.to_owned()],
+            user: None,
         }
     }
 
@@ -387,5 +492,103 @@ mod tests {
             "/bin/sh".to_owned(),
             vec!["/bin/sh".to_owned(), "-c".to_owned(), "true".to_owned()]
         )));
+    }
+
+    fn nobody() -> Account {
+        Account {
+            name: "nobody".to_owned(),
+            uid: 65534,
+            gid: 65534,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_as_a_user_runs_unprivileged_with_its_own_tmpdir_and_stdout() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "bangerd's unit tests run as root (as bangerd does)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = step(
+            "id -u; id -G; echo \"$TMPDIR\"; touch \"$TMPDIR/made\" && echo wrote; \
+             touch /etc/banger-step-test 2>/dev/null && echo escaped; echo on-stderr >&2",
+            dir.path(),
+        );
+        s.user = Some(nobody());
+        let out_path = dir.path().join("stdout");
+        let out = std::fs::File::create(&out_path).expect("stdout file");
+        let mut seen = Vec::new();
+        run_to(
+            &Direct,
+            &s,
+            Some(out.into()),
+            &mut |l| {
+                seen.push(l.to_owned());
+                Ok(())
+            },
+            &|| Ok(()),
+        )
+        .await
+        .expect("runs");
+        assert_eq!(seen, ["on-stderr"]);
+        let out = std::fs::read_to_string(&out_path).expect("stdout");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        assert_eq!(lines[0], "65534", "{out}");
+        // No supplementary group of root's is kept.
+        assert_eq!(lines[1], "65534", "{out}");
+        assert!(lines[2].contains("banger-t-1-"), "{out}");
+        assert_eq!(lines[3], "wrote", "{out}");
+        assert!(!Path::new("/etc/banger-step-test").exists());
+        assert!(
+            !Path::new(lines[2]).exists(),
+            "the step's TMPDIR outlived it"
+        );
+    }
+
+    #[test]
+    fn a_users_unit_has_no_capabilities_but_may_map_its_ids() {
+        let mut s = step("true", Path::new("/var/lib/banger/images/.tmp-x"));
+        s.user = Some(nobody());
+        let props = unit_properties(&s);
+        // No capability of its own (it is not root), but newuidmap needs
+        // setuid/setgid and its namespace's root the rest.
+        let caps = props
+            .iter()
+            .find_map(|p| match p {
+                UnitProperty::U64("CapabilityBoundingSet", v) => Some(*v),
+                _ => None,
+            })
+            .expect("a bounding set");
+        for bit in [6, 7, 18] {
+            assert_ne!(caps & (1 << bit), 0, "cap {bit}");
+        }
+        for bit in [12, 16, 17, 19] {
+            assert_eq!(caps & (1 << bit), 0, "cap {bit}");
+        }
+        assert!(props.contains(&UnitProperty::Str("User", "nobody".to_owned())));
+        assert!(props.contains(&UnitProperty::Bool("NoNewPrivileges", false)));
+        assert!(props.contains(&UnitProperty::Bool("PrivateTmp", true)));
+        // Nothing that would freeze privileges for a user's unit.
+        for implies_nnp in ["ProtectClock", "RestrictRealtime", "LockPersonality"] {
+            assert!(
+                !props
+                    .iter()
+                    .any(|p| matches!(p, UnitProperty::Bool(n, true) if *n == implies_nnp)),
+                "{implies_nnp}"
+            );
+        }
+        assert!(props.contains(&UnitProperty::Strs(
+            "Environment",
+            vec!["LC_ALL=C".to_owned(), "TMPDIR=/var/tmp".to_owned()]
+        )));
+        // Root's steps keep their privileges frozen.
+        let root = unit_properties(&step("true", Path::new("/x")));
+        assert!(root.contains(&UnitProperty::Bool("NoNewPrivileges", true)));
+        assert!(
+            !root
+                .iter()
+                .any(|p| matches!(p, UnitProperty::Str("User", _)))
+        );
     }
 }
