@@ -2,20 +2,23 @@
 //! no network, whose only package source is a local Debian mirror (the
 //! archive's signed index and the packages needed, from
 //! `scripts/build-local-mirror`), installs the .deb with `apt-get install
-//! ./banger.deb` and runs `banger vm run -- cat /etc/os-release` with no
-//! kernel, no image and an empty catalog (`tests/nspawn/package-fresh.sh`
-//! runs the steps inside). The packaged, hardened bangerd builds the
-//! kernel and the debian-bookworm image from the mirror (debootstrap and
-//! configure in their own transient units), boots it and the command
-//! prints bookworm, with the stages of both builds shown; a second run
-//! builds nothing. Needs root, the Debian mirror (to fill the local one)
-//! and the nspawn tree.
+//! ./banger.deb` and runs `banger vm run --nat -- cat /etc/os-release`
+//! with no kernel, no image and an empty catalog
+//! (`tests/nspawn/package-fresh.sh` runs the steps inside). The packaged,
+//! hardened bangerd builds the kernel and the debian-bookworm image from
+//! the mirror (mmdebstrap without privilege, unpack and configure in
+//! their own transient units), boots it and the command prints bookworm,
+//! with the stages of both builds shown; at its first boot the VM
+//! installs opencode through banger's NAT from a namespace standing in
+//! for the internet, and it listens; a second run builds nothing. Needs
+//! root, the Debian mirror (to fill the local one), opencode's pinned
+//! package and the nspawn tree.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 
-use banger_testbed::{Nspawn, build_deb, doctor_check, local_mirror, nspawn_rootfs};
+use banger_testbed::{Nspawn, build_deb, doctor_check, local_mirror, nspawn_rootfs, tool_packages};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -26,6 +29,14 @@ fn a_fresh_host_builds_and_boots_the_default_image_from_a_mirror() {
     let mirror = local_mirror();
     let debs = tempfile::tempdir().unwrap();
     let deb = build_deb(debs.path());
+    // The pinned opencode package, served inside the container at the
+    // address its tools.list is rewritten to name.
+    let tools = tempfile::tempdir().unwrap();
+    let opencode = tool_packages()
+        .into_iter()
+        .find(|t| t.name == "opencode")
+        .expect("opencode in the recipe's tools.list");
+    std::fs::copy(&opencode.package, tools.path().join("opencode.tgz")).unwrap();
     let tests = repo().join("bangerd/tests/nspawn");
     let boot = Nspawn::new(
         &nspawn_rootfs(),
@@ -34,6 +45,7 @@ fn a_fresh_host_builds_and_boots_the_default_image_from_a_mirror() {
     )
     .bind_ro(&deb, "/opt/pkg/banger.deb")
     .bind_ro(&mirror, "/opt/mirror")
+    .bind_ro(tools.path(), "/opt/tools")
     .bind_ro(&tests, "/opt/banger-test")
     .unit_file(&tests.join("banger-package-fresh-test.service"))
     .timeout_secs(1800);
@@ -132,6 +144,32 @@ fn a_fresh_host_builds_and_boots_the_default_image_from_a_mirror() {
             "{step}:\n{units}"
         );
     }
+    // At its first boot the VM, with --nat, fetched opencode through
+    // banger's NAT from the "internet" namespace, checked its digest,
+    // installed and started it.
+    eprintln!(
+        "opencode listening after {} s:\n{}\n{}",
+        read("opencode-secs").trim(),
+        read("tools-journal"),
+        read("http.log")
+    );
+    assert_eq!(
+        read("opencode-rc").trim(),
+        "0",
+        "{}\n{}",
+        read("opencode"),
+        read("tools-journal")
+    );
+    assert!(
+        read("tools-journal").contains(&format!("installed opencode {}", opencode.version)),
+        "{}",
+        read("tools-journal")
+    );
+    assert!(
+        read("http.log").contains("GET /opencode.tgz"),
+        "{}",
+        read("http.log")
+    );
     let images: serde_json::Value = serde_json::from_str(&read("images.json")).unwrap();
     assert!(
         images

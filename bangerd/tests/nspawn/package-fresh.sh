@@ -30,6 +30,28 @@ dpkg-query -W -f='${Package} ${Status}\n' mmdebstrap uidmap busybox-static kmod 
 # The account the base system is made as, without privilege.
 { getent passwd banger-build; grep '^banger-build:' /etc/subuid /etc/subgid; } >"$out/build-user" 2>&1
 
+# The internet, as far as the VMs know: a namespace behind a veth at
+# 192.0.2.1 (TEST-NET-1, the container's default route) serving the
+# pinned opencode package (bound at /opt/tools) over HTTP. The recipe's
+# tools.list names it there, so a VM with --nat installs opencode at its
+# first boot through banger's NAT, and nothing leaves the container.
+ip netns add inet
+ip link add inet0 type veth peer name inet1 netns inet
+ip addr add 192.0.2.2/24 dev inet0
+ip link set inet0 up
+ip -n inet addr add 192.0.2.1/24 dev inet1
+ip -n inet link set inet1 up
+ip -n inet link set lo up
+ip route add default via 192.0.2.1
+ip netns exec inet python3 -m http.server --bind 192.0.2.1 --directory /opt/tools 80 \
+  >"$out/http.log" 2>&1 &
+list=/usr/share/banger/images/debian-bookworm/tools.list
+awk -v sha="$(sha256sum /opt/tools/opencode.tgz | cut -d' ' -f1)" \
+  '$1 == "opencode" { print $1, $2, "http://192.0.2.1/opencode.tgz", sha, $5 }' \
+  "$list" >"$list.new"
+mv "$list.new" "$list"
+cp "$list" "$out/tools.list"
+
 # QEMU under TCG (no KVM in the container) with room for Debian; the
 # image's packages come from the same mirror.
 mkdir -p /etc/banger
@@ -47,10 +69,22 @@ CONF
 banger doctor --json >"$out/doctor-before.json" 2>"$out/doctor-before.err"
 
 t0=$(now)
-banger vm run --name first -- cat /etc/os-release >"$out/run1" 2>"$out/run1.err"
+banger vm run --name first --nat -- cat /etc/os-release >"$out/run1" 2>"$out/run1.err"
 echo $? >"$out/run1-rc"
 since "$t0" >"$out/run1-secs"
 step "first vm run"
+# Its first boot with network installs opencode (banger-tools.service),
+# which then listens on 4096.
+t0=$(now)
+# shellcheck disable=SC2016
+banger vm ssh first -- sh -c 'for i in $(seq 600); do
+    ss -Hltn "sport = :4096" | grep -q . && exit 0; sleep 1; done; exit 1' >"$out/opencode" 2>&1
+echo $? >"$out/opencode-rc"
+since "$t0" >"$out/opencode-secs"
+banger vm ssh first -- journalctl -b -u banger-tools.service -u opencode.service --no-pager \
+  >"$out/tools-journal" 2>&1
+banger vm stop first >"$out/stop-first" 2>&1
+step "opencode"
 journalctl --no-pager -o short-monotonic -u 'banger-build-*' >"$out/build-units" 2>&1
 banger kernel list --json >"$out/kernels.json" 2>&1
 banger image list --json >"$out/images.json" 2>&1
