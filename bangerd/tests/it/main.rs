@@ -12,6 +12,7 @@ mod daemon;
 mod daemon_dns;
 mod dns;
 mod guest_boot;
+mod kvm_probe;
 mod net_links;
 mod net_nat;
 mod oci;

@@ -119,14 +119,31 @@ pub async fn boot_probe(
     };
     let console = dir.path().join("console");
     let started = Instant::now();
-    let mut child = match tokio::process::Command::new(qemu)
-        .args(probe_args(kernel, accel, &console))
+    let mut cmd = tokio::process::Command::new(qemu);
+    cmd.args(probe_args(kernel, accel, &console))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-    {
+        .kill_on_drop(true);
+    // The probe dies with the daemon, even a killed one (kill_on_drop
+    // needs the daemon alive): a probe left behind would spin forever on
+    // a host whose KVM hangs the guest. The signal follows the thread
+    // that forks it, a runtime thread that lives as long as the daemon.
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs between fork and exec and only makes the
+    // async-signal-safe system calls prctl(2) and getppid(2); its errors
+    // are made from raw error numbers, which does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The daemon may have died before prctl took effect.
+            if nix::unistd::getppid() != parent {
+                return Err(nix::errno::Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             return KvmVerdict::Unusable(format!("cannot run {}: {e}", qemu.display()));

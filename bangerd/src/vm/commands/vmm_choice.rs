@@ -132,8 +132,11 @@ impl Vms {
         Ok((vmm, accel, file))
     }
 
-    /// Whether `kernel` boots under KVM here ([`kvm::probe`]), probed on
-    /// first use and remembered while the daemon runs.
+    /// Whether `kernel` boots under KVM here ([`kvm::probe`]): remembered
+    /// while the daemon runs, and across restarts in
+    /// `$CACHE_DIRECTORY/kvm-probe.json` for as long as the host kernel,
+    /// its KVM modules, QEMU and the guest kernel stay the same
+    /// ([`probe_key`]); probed only when none of that knows.
     pub async fn kvm_verdict(&self, kernel: &Path) -> KvmVerdict {
         let cell = self
             .runtime
@@ -151,6 +154,42 @@ impl Vms {
                     config.vm.qemu_bin.display()
                 ));
             };
+            // A device that cannot be opened is not remembered: that
+            // changes with a module load or a permission.
+            let memory = self.dirs.cache.join(PROBE_MEMORY);
+            let key = {
+                let (qemu, kernel, kvm) = (qemu.clone(), kernel.to_owned(), self.host.kvm.clone());
+                tokio::task::spawn_blocking(move || {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&kvm)
+                        .ok()
+                        .and_then(|_| probe_key(&qemu, &kernel))
+                })
+                .await
+                .ok()
+                .flatten()
+            };
+            if let Some(key) = &key {
+                let (memory, key) = (memory.clone(), key.clone());
+                let kept = tokio::task::spawn_blocking(move || recall(&memory, &key))
+                    .await
+                    .ok()
+                    .flatten();
+                if let Some(verdict) = kept {
+                    tracing::info!(
+                        "KVM probe: {} was probed before on this host, kernel and QEMU: {}",
+                        kernel.display(),
+                        if verdict.usable() {
+                            "VMs use KVM"
+                        } else {
+                            "VMs use software emulation"
+                        }
+                    );
+                    return verdict;
+                }
+            }
             let verdict = kvm::probe(
                 &qemu,
                 kernel,
@@ -159,6 +198,16 @@ impl Vms {
                 KVM_PROBE_TIMEOUT,
             )
             .await;
+            if let Some(key) = key
+                && !matches!(verdict, KvmVerdict::NotProbed(_))
+            {
+                let kept = verdict.clone();
+                let done =
+                    tokio::task::spawn_blocking(move || remember(&memory, &key, &kept)).await;
+                if let Ok(Err(e)) = done {
+                    tracing::warn!("cannot remember the KVM probe's verdict: {e}");
+                }
+            }
             match &verdict {
                 KvmVerdict::Usable(t) => tracing::info!(
                     "KVM probe: {} booted under KVM in {} ms; VMs use KVM",
@@ -175,6 +224,104 @@ impl Vms {
         .await
         .clone()
     }
+}
+
+/// The file under `$CACHE_DIRECTORY` that keeps earlier probes' verdicts.
+const PROBE_MEMORY: &str = "kvm-probe.json";
+
+/// A remembered verdict.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Kept {
+    usable: bool,
+    /// How long the kernel took to pass early boot (when usable).
+    millis: u64,
+    /// Why not (when not).
+    why: String,
+}
+
+/// What a probe's verdict depends on, hashed: the host kernel (release
+/// and build), its KVM modules (each `/sys/module/kvm*` with its
+/// `srcversion`, or built in), and the QEMU binary and guest kernel file
+/// (path, size and modification time). `None` when one cannot be read.
+fn probe_key(qemu: &Path, kernel: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in ["/proc/sys/kernel/osrelease", "/proc/sys/kernel/version"] {
+        h.update(std::fs::read(f).ok()?);
+    }
+    let mut modules: Vec<String> = std::fs::read_dir("/sys/module")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("kvm"))
+        .map(|n| {
+            let version = std::fs::read_to_string(format!("/sys/module/{n}/srcversion"))
+                .unwrap_or_else(|_| "built-in".to_owned());
+            format!("{n}={}", version.trim())
+        })
+        .collect();
+    modules.sort();
+    h.update(modules.join(" "));
+    for file in [qemu, kernel] {
+        let m = std::fs::metadata(file).ok()?;
+        let mtime = m
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        h.update(format!(
+            "\n{} {} {}",
+            file.display(),
+            m.len(),
+            mtime.as_nanos()
+        ));
+    }
+    Some(crate::artifacts::hex(&h.finalize()))
+}
+
+/// The verdict kept under `key` in `memory`, if any.
+fn recall(memory: &Path, key: &str) -> Option<KvmVerdict> {
+    let text = std::fs::read_to_string(memory).ok()?;
+    let kept: std::collections::BTreeMap<String, Kept> = serde_json::from_str(&text).ok()?;
+    let k = kept.get(key)?;
+    Some(if k.usable {
+        KvmVerdict::Usable(Duration::from_millis(k.millis))
+    } else {
+        KvmVerdict::Unusable(k.why.clone())
+    })
+}
+
+/// Keep `verdict` under `key` in `memory` (written beside it and renamed
+/// into place; other keys kept, so a host with two kernels probes each
+/// once).
+fn remember(memory: &Path, key: &str, verdict: &KvmVerdict) -> std::io::Result<()> {
+    let mut kept: std::collections::BTreeMap<String, Kept> = std::fs::read_to_string(memory)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let entry = match verdict {
+        KvmVerdict::Usable(t) => Kept {
+            usable: true,
+            millis: u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
+            why: String::new(),
+        },
+        KvmVerdict::Unusable(why) => Kept {
+            usable: false,
+            millis: 0,
+            why: why.clone(),
+        },
+        KvmVerdict::NotProbed(_) => return Ok(()),
+    };
+    kept.insert(key.to_owned(), entry);
+    if let Some(dir) = memory.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let part = memory.with_extension("json.part");
+    std::fs::write(
+        &part,
+        serde_json::to_vec_pretty(&kept).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&part, memory)
 }
 
 #[cfg(test)]
@@ -271,5 +418,48 @@ mod tests {
                 .name(),
             "qemu"
         );
+    }
+
+    #[test]
+    fn probe_verdicts_are_remembered_by_what_decides_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (qemu, kernel) = (dir.path().join("qemu"), dir.path().join("vmlinuz"));
+        std::fs::write(&qemu, "qemu").expect("qemu");
+        std::fs::write(&kernel, "kernel").expect("kernel");
+        let key = probe_key(&qemu, &kernel).expect("a key on this host");
+        assert_eq!(probe_key(&qemu, &kernel).as_deref(), Some(key.as_str()));
+        let memory = dir.path().join("cache/kvm-probe.json");
+        assert_eq!(recall(&memory, &key), None);
+        remember(&memory, &key, &KvmVerdict::Unusable("it hung".into())).expect("kept");
+        remember(
+            &memory,
+            "other",
+            &KvmVerdict::Usable(Duration::from_millis(420)),
+        )
+        .expect("kept");
+        remember(&memory, "none", &KvmVerdict::NotProbed("no qemu".into())).expect("kept");
+        assert_eq!(
+            recall(&memory, &key),
+            Some(KvmVerdict::Unusable("it hung".into()))
+        );
+        assert_eq!(
+            recall(&memory, "other"),
+            Some(KvmVerdict::Usable(Duration::from_millis(420)))
+        );
+        assert_eq!(recall(&memory, "none"), None, "no probe, nothing kept");
+        // Another guest kernel (or a new QEMU) is probed anew.
+        std::fs::write(&kernel, "another kernel").expect("kernel");
+        assert_ne!(probe_key(&qemu, &kernel).as_deref(), Some(key.as_str()));
+        assert_eq!(probe_key(&qemu, &dir.path().join("gone")), None);
+        // A damaged file is no memory, and is replaced.
+        std::fs::write(&memory, "{not json").expect("damage");
+        assert_eq!(recall(&memory, "other"), None);
+        remember(
+            &memory,
+            "other",
+            &KvmVerdict::Usable(Duration::from_millis(1)),
+        )
+        .expect("kept");
+        assert!(recall(&memory, "other").is_some());
     }
 }
