@@ -15,6 +15,21 @@ use crate::error::{Error, Result};
 use crate::vm::process::{ProcessId, Watched};
 use crate::vm::supervise::{StartRequest, Supervisor, UnitProperty, unit_name, unit_properties};
 
+/// A unit as `ListUnits*` lists it: name, description, load, active and
+/// sub state, followed unit, object path, job id, type and path.
+type ListedUnit = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    OwnedObjectPath,
+    u32,
+    String,
+    OwnedObjectPath,
+);
+
 #[zbus::proxy(
     interface = "org.freedesktop.systemd1.Manager",
     default_service = "org.freedesktop.systemd1",
@@ -30,6 +45,13 @@ trait Systemd {
     ) -> zbus::Result<OwnedObjectPath>;
 
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<Vec<ListedUnit>>;
 
     #[zbus(name = "GetUnitByPID")]
     fn get_unit_by_pid(&self, pid: u32) -> zbus::Result<OwnedObjectPath>;
@@ -268,6 +290,44 @@ impl Supervisor for SystemdSupervisor {
 
     fn unit(&self, vm_id: &str) -> Option<String> {
         Some(unit_name(vm_id))
+    }
+
+    fn running<'a>(
+        &'a self,
+        _runs: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<Vec<(String, ProcessId)>>> {
+        Box::pin(async move {
+            let fail = |e: zbus::Error| {
+                Error::failed(format!("systemd could not list banger's VM units: {e}"))
+            };
+            let manager = SystemdProxy::new(&self.conn).await.map_err(fail)?;
+            let units = manager
+                .list_units_by_patterns(
+                    &["active", "activating", "deactivating", "reloading"],
+                    &["banger-vm-*.service"],
+                )
+                .await
+                .map_err(fail)?;
+            let mut running = Vec::new();
+            for (name, _, _, _, _, _, path, _, _, _) in units {
+                let Some(id) = name
+                    .strip_prefix("banger-vm-")
+                    .and_then(|n| n.strip_suffix(".service"))
+                else {
+                    continue;
+                };
+                let service = SystemdServiceProxy::builder(&self.conn)
+                    .path(path)
+                    .build()
+                    .await
+                    .map_err(fail)?;
+                let pid = service.main_pid().await.map_err(fail)?;
+                if let Some(process) = ProcessId::of(pid).filter(ProcessId::alive) {
+                    running.push((id.to_owned(), process));
+                }
+            }
+            Ok(running)
+        })
     }
 }
 

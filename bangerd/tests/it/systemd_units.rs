@@ -5,7 +5,9 @@
 //! in `banger.slice` with the VM's memory and CPU limits, that machined
 //! lists it, that systemd-resolved resolves `<name>.vm` on the host
 //! (bangerd registered `~vm` on the bridge), that SSH works, that killing bangerd leaves the unit running
-//! and the restarted bangerd adopts it, and that stop ends the unit. The
+//! and the restarted bangerd adopts it, that a unit whose start the store
+//! never recorded is stopped by the next bangerd, and that stop ends the
+//! unit. The
 //! steps run inside the container (`tests/nspawn/vm-units.sh`); this file
 //! boots it and judges what it wrote. Needs root and the guest artifacts.
 
@@ -106,6 +108,19 @@ fn vmms_run_as_transient_units_under_systemd() {
     let after: serde_json::Value = serde_json::from_str(&read("vm-after.json")).unwrap();
     assert_eq!(after["state"], "running", "{after}");
     assert_eq!(after["unit"], unit_name.as_str());
+
+    // A start cut short by a crash left a unit the store had no pid for:
+    // the next bangerd stopped it and recorded the VM stopped.
+    let orphan = read("unit-orphan");
+    assert!(
+        matches!(
+            property(&orphan, "ActiveState"),
+            Some("inactive" | "failed")
+        ),
+        "{orphan}"
+    );
+    let vm_orphan: serde_json::Value = serde_json::from_str(&read("vm-orphan.json")).unwrap();
+    assert_eq!(vm_orphan["state"], "stopped", "{vm_orphan}");
 
     // Stopping the VM ended its unit.
     let stopped = read("unit-stopped");

@@ -3,7 +3,9 @@
 //! image, and real SSH: create → ssh → stop → start (the work disk kept a
 //! file) → a second VM reached by `.vm` name → NAT switched on and off on
 //! a running VM → bangerd killed with SIGKILL and restarted (the VMs still
-//! run and are listed running) → bad input → a cancelled create → `vm run
+//! run and are listed running) → VMMs the store does not account for (a
+//! start cut short, a VM recorded stopped) stopped by the next bangerd →
+//! bad input → a cancelled create → `vm run
 //! --rm` → delete, with nothing left behind; and ownership between users.
 //! Needs root and the guest artifacts (scripts/build-test-kernel,
 //! scripts/build-tiny-image).
@@ -248,6 +250,69 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
     assert_eq!(vms.len(), 2);
     assert!(vms.iter().all(|v| v["state"] == "running"), "{vms:?}");
     assert_eq!(env.vm("alpha")["unit"], pid_before);
+    let out = env.ok(&["vm", "ssh", "beta", "--", "cat", "/proc/uptime"]);
+    assert!(!out.trim().is_empty());
+
+    // A crash between starting a VMM and recording it, as the store then
+    // reads: alpha's row says starting with no pid, beta's says stopped,
+    // while both VMMs run. The restarted bangerd finds them by what runs,
+    // stops both and records them stopped; they start again on request.
+    let vmm_of = |env: &Env, name: &str| -> Option<u32> {
+        let id = env.vm(name)["id"].as_str().unwrap().to_owned();
+        let runs = env.bed.runtime_dir().join("vms").join(&id);
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("{}/", runs.display())])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .map(|l| l.trim().parse().unwrap())
+    };
+    let (alpha_vmm, beta_vmm) = (
+        vmm_of(&env, "alpha").unwrap(),
+        vmm_of(&env, "beta").unwrap(),
+    );
+    env.bed.kill_daemon();
+    {
+        let db = rusqlite::Connection::open(env.bed.state_dir().join("banger.db")).unwrap();
+        let n = db
+            .execute(
+                "UPDATE vms SET state = 'starting', pid = NULL, pid_start = NULL WHERE name = 'alpha'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+        let n = db
+            .execute(
+                "UPDATE vms SET state = 'stopped', pid = NULL, pid_start = NULL WHERE name = 'beta'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    env.bed.start_daemon().unwrap();
+    let gone = |pid: u32| {
+        !Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .is_empty()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || Some(()).filter(|()| gone(
+            alpha_vmm
+        ) && gone(
+            beta_vmm
+        )))
+        .is_some(),
+        "VMMs the store did not account for still run: {alpha_vmm} {beta_vmm}"
+    );
+    for name in ["alpha", "beta"] {
+        let vm = env.vm(name);
+        assert_eq!(vm["state"], "stopped", "{vm}");
+    }
+    env.ok(&["vm", "start", "alpha"]);
+    env.ok(&["vm", "start", "beta"]);
     let out = env.ok(&["vm", "ssh", "beta", "--", "cat", "/proc/uptime"]);
     assert!(!out.trim().is_empty());
 

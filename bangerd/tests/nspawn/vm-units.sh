@@ -2,7 +2,8 @@
 # Runs inside a systemd-nspawn container booted by
 # bangerd/tests/it/systemd_units.rs (as banger-test.service): bangerd under
 # systemd, a VM whose VMM becomes a transient unit, what systemd,
-# machined and resolved say about it, a bangerd crash the VM survives,
+# machined and resolved say about it, a bangerd crash the VM survives, a
+# crash that cut a start short (the unit stopped by the next bangerd),
 # then stop and delete. Writes what it saw to /opt/results (the test reads and judges
 # it) and powers the container off.
 set -uo pipefail
@@ -48,6 +49,33 @@ systemctl reset-failed bangerd 2>/dev/null
 start_bangerd || finish "bangerd did not come back"
 $B vm show unitvm --json >"$out/vm-after.json"
 step "restarted"
+
+# A crash between starting the VMM's unit and recording its pid, as the
+# store then reads: the row says starting, with no pid, while the unit
+# runs. The next bangerd stops the unit it cannot account for and records
+# the VM stopped; it starts again on request.
+systemctl kill -s KILL bangerd
+sleep 1
+systemctl reset-failed bangerd 2>/dev/null
+python3 - "$id" <<'PY' || finish "cannot edit the store"
+import sqlite3, sys
+db = sqlite3.connect("/var/lib/banger/banger.db")
+n = db.execute(
+    "UPDATE vms SET state = 'starting', pid = NULL, pid_start = NULL WHERE id = ?",
+    (sys.argv[1],),
+).rowcount
+db.commit()
+sys.exit(0 if n == 1 else 1)
+PY
+start_bangerd || finish "bangerd did not come back after the cut-short start"
+for _ in $(seq 100); do
+  systemctl is-active --quiet "$unit" || break
+  sleep 0.2
+done
+systemctl show "$unit" -p ActiveState >"$out/unit-orphan"
+$B vm show unitvm --json >"$out/vm-orphan.json"
+$B vm start unitvm || finish "vm start after the cut-short start failed"
+step "cut-short start"
 
 $B vm stop unitvm || finish "vm stop failed"
 systemctl show "$unit" -p ActiveState >"$out/unit-stopped"

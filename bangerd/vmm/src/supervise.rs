@@ -48,6 +48,53 @@ pub trait Supervisor: Send + Sync + std::fmt::Debug {
         let _ = vm_id;
         None
     }
+
+    /// The VMMs running now, by VM id, whatever the store says: what a
+    /// restarted bangerd checks its records against (a crash between
+    /// starting a VMM and recording its pid leaves one it has no record
+    /// of). `runs` is the directory of the VMs' runtime directories
+    /// (`<runtime>/vms`), which every VMM's arguments name.
+    fn running<'a>(&'a self, runs: &'a Path) -> BoxFuture<'a, Result<Vec<(String, ProcessId)>>>;
+}
+
+/// The VM id a process with arguments `args` runs for: the directory
+/// under `runs` one of them names (`.../vms/<id>/control.sock`).
+pub fn vm_of(args: &[String], runs: &Path) -> Option<String> {
+    let prefix = format!("{}/", runs.display());
+    args.iter().find_map(|a| {
+        let at = a.find(&prefix)?;
+        let id = a[at + prefix.len()..].split('/').next()?;
+        let plausible = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        // Only a path below the VM's directory, not a name that starts
+        // with the id.
+        (plausible && a[at + prefix.len() + id.len()..].starts_with('/')).then(|| id.to_owned())
+    })
+}
+
+/// The processes whose arguments name a VM's runtime directory under
+/// `runs` (see [`vm_of`]): a direct supervisor's VMMs, found by what
+/// they were started with.
+pub fn processes_under(runs: &Path) -> Vec<(String, ProcessId)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let id = vm_of(&args, runs)?;
+            let process = ProcessId::of(pid).filter(ProcessId::alive)?;
+            Some((id, process))
+        })
+        .collect()
 }
 
 /// bangerd's own children, each in a new session.
@@ -63,6 +110,15 @@ impl Supervisor for Direct {
         Box::pin(async move {
             let (child, id) = process::spawn(req.program, req.args, req.log)?;
             Ok((Watched::Child(child), id))
+        })
+    }
+
+    fn running<'a>(&'a self, runs: &'a Path) -> BoxFuture<'a, Result<Vec<(String, ProcessId)>>> {
+        let runs = runs.to_owned();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || processes_under(&runs))
+                .await
+                .map_err(|e| banger_error::Error::failed(format!("cannot list processes: {e}")))
         })
     }
 }
@@ -219,5 +275,70 @@ mod tests {
         });
         assert!(ended.is_some());
         assert_eq!(Direct.unit("x"), None);
+    }
+
+    #[test]
+    fn a_vmm_is_known_by_the_runtime_directory_its_arguments_name() {
+        let runs = Path::new("/run/banger/vms");
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            vm_of(
+                &args(&[
+                    "-qmp",
+                    "unix:/run/banger/vms/0123abcd/control.sock,server=on"
+                ]),
+                runs
+            )
+            .as_deref(),
+            Some("0123abcd")
+        );
+        assert_eq!(
+            vm_of(
+                &args(&["--api-sock", "/run/banger/vms/ff00/control.sock"]),
+                runs
+            )
+            .as_deref(),
+            Some("ff00")
+        );
+        // The directory itself, another runtime directory, odd names.
+        assert_eq!(vm_of(&args(&["/run/banger/vms/"]), runs), None);
+        assert_eq!(vm_of(&args(&["/run/banger/vms/abc"]), runs), None);
+        assert_eq!(vm_of(&args(&["/run/other/vms/abc/x"]), runs), None);
+        assert_eq!(vm_of(&args(&["/run/banger/vms/a b/x"]), runs), None);
+        assert_eq!(vm_of(&args(&["/run/banger/vms/../x"]), runs), None);
+    }
+
+    #[tokio::test]
+    async fn the_direct_supervisor_finds_the_vmms_that_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runs = dir.path().join("vms");
+        let log = dir.path().join("log");
+        // A process started as a VMM is: its arguments name its socket
+        // (tail complains about the missing file and follows /dev/null).
+        let args = vec![
+            "-f".to_owned(),
+            "/dev/null".to_owned(),
+            format!("{}/beef01/control.sock", runs.display()),
+        ];
+        let (mut watched, id) = Direct
+            .start(StartRequest {
+                vm_id: "beef01",
+                vm_name: "v",
+                program: Path::new("/usr/bin/tail"),
+                args: &args,
+                log: &log,
+                memory_mib: 64,
+                vcpus: 1,
+            })
+            .await
+            .expect("started");
+        let seen = Direct.running(&runs).await.expect("listed");
+        assert_eq!(seen, [("beef01".to_owned(), id)]);
+        id.signal(nix::sys::signal::Signal::SIGKILL)
+            .expect("killed");
+        while !watched.ended() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(Direct.running(&runs).await.expect("listed").is_empty());
     }
 }

@@ -1,6 +1,10 @@
 //! Reconciliation: a restarted bangerd made consistent with what runs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 
 use super::Vms;
 use crate::error::Result;
@@ -11,27 +15,73 @@ impl Vms {
     /// Make the store agree with reality after a (re)start: finish
     /// interrupted creates and deletes, adopt VMMs that still run, mark
     /// the others stopped, and bring the network up for the running ones.
+    /// What runs is asked of the supervisor too, not only of the recorded
+    /// pids: a VMM whose start was never recorded (a crash between
+    /// starting it and writing its pid), one of a VM recorded stopped, and
+    /// one of no VM at all are stopped, so no VMM runs that the store
+    /// does not account for.
     pub async fn reconcile_vms(self: &Arc<Self>) -> Result<()> {
         let vms = self.list().await?;
+        let runs = self.dirs.runtime.join("vms");
+        let mut seen: HashMap<String, ProcessId> = match self.supervisor.running(&runs).await {
+            Ok(running) => running.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!("cannot list the VMMs that run: {e}");
+                HashMap::new()
+            }
+        };
         let mut adopted = Vec::new();
         for vm in vms {
+            let unrecorded = seen.remove(&vm.id);
             match vm.state {
                 VmState::Creating | VmState::Deleting => {
                     tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, state = vm.state.as_str(), "removing a vm an earlier run left half made");
+                    if let Some(p) = unrecorded {
+                        self.stop_unaccounted(&vm.id, p).await;
+                    }
                     if let Err(e) = self.destroy(&vm.id).await {
                         tracing::error!(banger_vm_id = %vm.id, "cannot remove it: {e}");
                     }
                 }
-                VmState::Stopped => {}
+                VmState::Stopped => {
+                    if let Some(p) = unrecorded {
+                        tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = p.pid, "a vmm runs for a vm recorded stopped; stopping it");
+                        self.stop_unaccounted(&vm.id, p).await;
+                    }
+                }
                 VmState::Starting | VmState::Running | VmState::Stopping => {
-                    let process = match (vm.pid, vm.pid_start) {
+                    let recorded = match (vm.pid, vm.pid_start) {
                         (Some(pid), Some(start)) => Some(ProcessId { pid, start }),
                         _ => None,
+                    }
+                    .filter(ProcessId::alive);
+                    // A VMM found but not recorded is adopted only when
+                    // its start finished (the VM was running); a start cut
+                    // short is stopped: its job failed.
+                    let process = match (recorded, unrecorded) {
+                        (Some(p), other) => {
+                            if let Some(o) = other.filter(|o| *o != p) {
+                                tracing::warn!(banger_vm_id = %vm.id, pid = o.pid, "a second vmm runs for this vm; stopping it");
+                                self.stop_unaccounted(&vm.id, o).await;
+                            }
+                            Some(p)
+                        }
+                        (None, Some(p)) if vm.state != VmState::Starting => Some(p),
+                        (None, Some(p)) => {
+                            tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = p.pid, "its start was cut short; stopping the vmm it left");
+                            self.stop_unaccounted(&vm.id, p).await;
+                            None
+                        }
+                        (None, None) => None,
                     };
-                    match process.filter(ProcessId::alive) {
+                    match process {
                         Some(p) => {
                             tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = p.pid, "adopting a running vm");
-                            let _ = self.modify(&vm.id, |v| v.state = VmState::Running);
+                            let _ = self.modify(&vm.id, |v| {
+                                v.state = VmState::Running;
+                                v.pid = Some(p.pid);
+                                v.pid_start = Some(p.start);
+                            });
                             self.watch(&vm.id, p, Watched::Adopted(p));
                             adopted.push(vm);
                         }
@@ -49,6 +99,11 @@ impl Vms {
                 }
             }
         }
+        // VMMs of no VM at all (its row is gone).
+        for (id, p) in seen {
+            tracing::warn!(banger_vm_id = %id, pid = p.pid, "a vmm runs for a vm banger has no record of; stopping it");
+            self.stop_unaccounted(&id, p).await;
+        }
         if !adopted.is_empty() {
             let net = self.network().await?;
             for vm in adopted {
@@ -58,6 +113,19 @@ impl Vms {
             }
         }
         Ok(())
+    }
+
+    /// Stop a VMM the store does not account for, and wait (15 s at most)
+    /// until it is gone.
+    async fn stop_unaccounted(&self, id: &str, process: ProcessId) {
+        if let Err(e) = process.signal(Signal::SIGKILL) {
+            tracing::warn!(banger_vm_id = %id, pid = process.pid, "cannot stop it: {e}");
+            return;
+        }
+        let until = Instant::now() + Duration::from_secs(15);
+        while process.alive() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// How many VMs run (for the status line).
