@@ -20,6 +20,17 @@ start_bangerd() {
     -p ConfigurationDirectory=banger \
     /opt/banger/bangerd
 }
+# Kill bangerd with SIGKILL and wait until its unit is gone: systemd-run
+# cannot reuse the name while the dead unit is still loaded.
+kill_bangerd() {
+  systemctl kill -s KILL bangerd
+  for _ in $(seq 100); do
+    [ "$(systemctl show -p LoadState --value bangerd)" = not-found ] && return 0
+    systemctl reset-failed bangerd 2>/dev/null
+    sleep 0.1
+  done
+  return 1
+}
 start_bangerd || finish "bangerd did not start under systemd"
 step "bangerd up"
 
@@ -42,10 +53,8 @@ resolvectl query --cache=no unitvm.vm >"$out/query" 2>&1
 $B doctor --json >"$out/doctor-up.json"
 
 # bangerd dies; the VM's unit does not.
-systemctl kill -s KILL bangerd
-sleep 1
+kill_bangerd || finish "bangerd's unit did not go away"
 systemctl is-active "$unit" >"$out/after-kill"
-systemctl reset-failed bangerd 2>/dev/null
 start_bangerd || finish "bangerd did not come back"
 $B vm show unitvm --json >"$out/vm-after.json"
 step "restarted"
@@ -54,9 +63,7 @@ step "restarted"
 # store then reads: the row says starting, with no pid, while the unit
 # runs. The next bangerd stops the unit it cannot account for and records
 # the VM stopped; it starts again on request.
-systemctl kill -s KILL bangerd
-sleep 1
-systemctl reset-failed bangerd 2>/dev/null
+kill_bangerd || finish "bangerd's unit did not go away"
 python3 - "$id" <<'PY' || finish "cannot edit the store"
 import sqlite3, sys
 db = sqlite3.connect("/var/lib/banger/banger.db")
