@@ -89,6 +89,58 @@ trait SystemdUnit {
     fn restart(&self, mode: &str) -> zbus::Result<OwnedObjectPath>;
 }
 
+/// A transient unit systemd was asked to start: its manager, and the
+/// start job with the stream that reports its end.
+struct Starting {
+    manager: SystemdProxy<'static>,
+    job: OwnedObjectPath,
+    removed: JobRemovedStream,
+}
+
+impl Starting {
+    /// Ask systemd to start transient unit `name` with `props` (a failed
+    /// unit of that name from an earlier run is reset first). On error,
+    /// what could not be done, for the message.
+    async fn unit(
+        conn: &Connection,
+        name: &str,
+        props: &[(&str, Value<'_>)],
+    ) -> std::result::Result<Self, (String, zbus::Error)> {
+        let manager = SystemdProxy::new(conn)
+            .await
+            .map_err(|e| ("be reached".to_owned(), e))?;
+        let _ = manager.reset_failed_unit(name).await;
+        let _ = manager.subscribe().await;
+        // Subscribed before the start, so its end cannot be missed.
+        let removed = manager
+            .receive_job_removed()
+            .await
+            .map_err(|e| ("report jobs".to_owned(), e))?;
+        let job = manager
+            .start_transient_unit(name, "fail", props, &[])
+            .await
+            .map_err(|e| (format!("start {name}"), e))?;
+        Ok(Self {
+            manager,
+            job,
+            removed,
+        })
+    }
+
+    /// How the start job ended (`done`, `failed`, ...); `None` when
+    /// systemd stopped reporting.
+    async fn result(&mut self) -> Option<String> {
+        while let Some(signal) = self.removed.next().await {
+            if let Ok(args) = signal.args()
+                && args.job == self.job
+            {
+                return Some(args.result);
+            }
+        }
+        None
+    }
+}
+
 /// Restarts bangerd's own unit (found by pid) after an update.
 #[derive(Debug, Clone)]
 pub struct SelfRestart {
@@ -180,35 +232,16 @@ impl SystemdSupervisor {
             ))
         };
         let name = unit_name(req.vm_id);
-        let manager = SystemdProxy::new(&self.conn)
-            .await
-            .map_err(|e| fail("be reached", e))?;
-        // A failed unit of an earlier run would block the name.
-        let _ = manager.reset_failed_unit(&name).await;
-        let _ = manager.subscribe().await;
-        let mut removed = manager
-            .receive_job_removed()
-            .await
-            .map_err(|e| fail("report jobs", e))?;
         let props: Vec<(&str, Value<'_>)> =
             unit_properties(&req).into_iter().map(property).collect();
-        let job = manager
-            .start_transient_unit(&name, "fail", &props, &[])
+        let mut starting = Starting::unit(&self.conn, &name, &props)
             .await
-            .map_err(|e| fail(&format!("start {name}"), e))?;
-        let result = tokio::time::timeout(START_TIMEOUT, async {
-            while let Some(signal) = removed.next().await {
-                if let Ok(args) = signal.args()
-                    && args.job == job
-                {
-                    return Some(args.result);
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten();
+            .map_err(|(what, e)| fail(&what, e))?;
+        let result = tokio::time::timeout(START_TIMEOUT, starting.result())
+            .await
+            .ok()
+            .flatten();
+        let manager = starting.manager;
         match result.as_deref() {
             Some("done") => {}
             Some(other) => {
@@ -363,15 +396,6 @@ impl steps::StepRunner for SystemdSteps {
             let fail = |what: &str, e: zbus::Error| {
                 Error::failed(format!("systemd could not {what} for {}: {e}", step.what))
             };
-            let manager = SystemdProxy::new(&self.conn)
-                .await
-                .map_err(|e| fail("be reached", e))?;
-            let _ = manager.reset_failed_unit(&name).await;
-            let _ = manager.subscribe().await;
-            let mut removed = manager
-                .receive_job_removed()
-                .await
-                .map_err(|e| fail("report jobs", e))?;
             let mut props: Vec<(&str, Value<'_>)> = steps::unit_properties(step)
                 .into_iter()
                 .map(property)
@@ -385,26 +409,20 @@ impl steps::StepRunner for SystemdSteps {
                 Value::Fd(zbus::Fd::from(&output)),
             ));
             // A oneshot's start job ends when its process does.
-            let job = manager
-                .start_transient_unit(&name, "fail", &props, &[])
+            let mut starting = Starting::unit(&self.conn, &name, &props)
                 .await
-                .map_err(|e| fail(&format!("start {name}"), e))?;
+                .map_err(|(what, e)| fail(&what, e))?;
             drop(props);
             drop(output);
             drop(stdout);
+            let manager = starting.manager.clone();
             let unit = name.clone();
             let done: BoxFuture<'static, std::result::Result<(), String>> = Box::pin(async move {
-                while let Some(signal) = removed.next().await {
-                    if let Ok(args) = signal.args()
-                        && args.job == job
-                    {
-                        return match args.result.as_str() {
-                            "done" => Ok(()),
-                            other => Err(format!("{other}; see journalctl -u {unit}")),
-                        };
-                    }
+                match starting.result().await.as_deref() {
+                    Some("done") => Ok(()),
+                    Some(other) => Err(format!("{other}; see journalctl -u {unit}")),
+                    None => Err(format!("systemd stopped reporting on {unit}")),
                 }
-                Err(format!("systemd stopped reporting on {unit}"))
             });
             let stop = Box::new(move || -> BoxFuture<'static, ()> {
                 Box::pin(async move {
