@@ -245,12 +245,44 @@ pub enum Display {
 impl Display {
     /// `Quiet` with `--json`, else `Live` on a terminal and `Lines` otherwise.
     pub fn for_stdout(json: bool) -> Self {
+        Self::for_stream(json, Stream::Stdout)
+    }
+
+    /// [`Display::for_stdout`] for progress written on `stream`.
+    pub fn for_stream(json: bool, stream: Stream) -> Self {
+        let terminal = match stream {
+            Stream::Stdout => std::io::stdout().is_terminal(),
+            Stream::Stderr => std::io::stderr().is_terminal(),
+        };
         if json {
             Display::Quiet
-        } else if std::io::stdout().is_terminal() {
+        } else if terminal {
             Display::Live
         } else {
             Display::Lines
+        }
+    }
+}
+
+/// Where progress and a job's summary go: stdout, or stderr when stdout
+/// carries something else (the output of `vm run -- CMD`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stream {
+    #[default]
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    /// Write `text` (and a newline it lacks) to the stream and flush.
+    pub fn write(self, text: &[u8]) -> std::io::Result<()> {
+        fn to(out: &mut dyn Write, text: &[u8]) -> std::io::Result<()> {
+            out.write_all(text)?;
+            out.flush()
+        }
+        match self {
+            Stream::Stdout => to(&mut std::io::stdout().lock(), text),
+            Stream::Stderr => to(&mut std::io::stderr().lock(), text),
         }
     }
 }
@@ -283,6 +315,8 @@ pub struct Tracker {
     result: Option<String>,
     /// The last non-empty progress detail.
     detail: String,
+    /// Where it writes.
+    stream: Stream,
 }
 
 impl Tracker {
@@ -297,7 +331,26 @@ impl Tracker {
             completed: None,
             result: None,
             detail: String::new(),
+            stream: Stream::Stdout,
         }
+    }
+
+    /// The same, writing on `stream`.
+    pub fn on(mut self, stream: Stream) -> Self {
+        self.stream = stream;
+        self
+    }
+
+    /// Where it writes.
+    pub fn stream(&self) -> Stream {
+        self.stream
+    }
+
+    /// [`Tracker::clear`] on its stream; a closed one is ignored.
+    pub fn clear_out(&mut self) {
+        let mut text = Vec::new();
+        let _ = self.clear(&mut text);
+        let _ = self.stream.write(&text);
     }
 
     /// Whether `Completed` was seen.
@@ -460,7 +513,8 @@ pub enum Followed {
     },
 }
 
-/// Follow the job at `path` until it completes, printing stages on stdout.
+/// Follow the job at `path` until it completes, printing stages on the
+/// tracker's stream.
 /// `started` is when the job started (for the total). Ctrl-C cancels the job.
 pub async fn follow(
     client: &Client,
@@ -493,7 +547,7 @@ pub async fn follow(
         tokio::select! {
             event = subscription.next_for(path.as_str(), verbose) => {
                 let Some(event) = event else {
-                    let _ = tracker.clear(&mut std::io::stdout());
+                    tracker.clear_out();
                     return Err(Failure::new(
                         Kind::Unreachable,
                         format!("lost the connection to the system bus while following job {job}: \
@@ -507,7 +561,7 @@ pub async fn follow(
                 }
             }
             _ = &mut ctrl_c => {
-                let _ = tracker.clear(&mut std::io::stdout());
+                tracker.clear_out();
                 return Ok(interrupted(client, subscription, path, tracker, started, verbose).await);
             }
             _ = poll.tick() => {
@@ -528,14 +582,14 @@ pub async fn follow(
                         // give it one more period before making do without it.
                         if ended_state.is_some() {
                             let stages = client.job_stages(path).await.unwrap_or_default();
-                            let _ = tracker.clear(&mut std::io::stdout());
+                            tracker.clear_out();
                             let report = tracker.ended(&state, stages, usec(started.elapsed()));
                             return Ok(Followed::Completed(report));
                         }
                         ended_state = Some(state);
                     }
                     Err(f) if f.kind() == Kind::NotFound => {
-                        let _ = tracker.clear(&mut std::io::stdout());
+                        tracker.clear_out();
                         return Err(Failure::new(
                             Kind::Failed,
                             format!("job {job} disappeared before banger saw it complete: \
@@ -543,7 +597,7 @@ pub async fn follow(
                         ));
                     }
                     Err(f) if f.kind() == Kind::Unreachable => {
-                        let _ = tracker.clear(&mut std::io::stdout());
+                        tracker.clear_out();
                         return Err(Failure::new(
                             Kind::Unreachable,
                             format!("bangerd went away while job {job} was running: \
@@ -563,10 +617,10 @@ pub async fn follow(
 }
 
 fn print_event(tracker: &mut Tracker, event: JobEvent) {
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    // A closed stdout must not stop the job from being followed.
-    let _ = tracker.apply(event, &mut out);
+    let mut text = Vec::new();
+    let _ = tracker.apply(event, &mut text);
+    // A closed stream must not stop the job from being followed.
+    let _ = tracker.stream.write(&text);
 }
 
 async fn interrupted(

@@ -11,7 +11,7 @@ use crate::artifacts;
 use crate::cli::Options;
 use crate::client::{Client, Interaction};
 use crate::exit::{self, Failure, Kind};
-use crate::output::{self, emit, emit_json};
+use crate::output::{self, emit_json};
 use crate::polkit_agent::{self, Agent};
 use crate::progress::{self, Followed, JobReport, Subscription, Tracker};
 
@@ -120,7 +120,10 @@ pub async fn follow_and_report(
         opts.verbose,
     )
     .await?;
-    report_followed(path, followed, opts)
+    match followed {
+        Followed::Completed(report) => report_job_on(&report, opts, tracker.stream()),
+        other => report_followed(path, other, opts),
+    }
 }
 
 /// Print how following a job ended and pick the exit code.
@@ -170,10 +173,24 @@ pub fn report_followed(
 /// Print how a job ended; its error becomes the exit code (also when
 /// stdout is gone: the job's result matters more than the printing).
 pub fn report_job(report: &JobReport, opts: Options) -> anyhow::Result<u8> {
+    report_job_on(report, opts, progress::Stream::Stdout)
+}
+
+/// [`report_job`], its human summary on `stream` (JSON always goes to
+/// stdout).
+pub fn report_job_on(
+    report: &JobReport,
+    opts: Options,
+    stream: progress::Stream,
+) -> anyhow::Result<u8> {
     let printed = if opts.json {
         emit_json(&output::job_report_json(report))
     } else {
-        emit(&output::job_report_human(report))
+        let mut text = output::job_report_human(report);
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        stream.write(text.as_bytes())
     };
     match report.failure() {
         // The JSON object already carries the error: one object on stdout.

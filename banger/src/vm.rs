@@ -22,7 +22,7 @@ use crate::cli::{Options, VmCommand, VmSpec};
 use crate::client::{Client, VmChange, VmInfo, VmJob};
 use crate::exit::{self, Failure, Kind};
 use crate::output::{emit, emit_json};
-use crate::progress::{self, Display, Followed, Subscription, Tracker};
+use crate::progress::{self, Display, Followed, Stream, Subscription, Tracker};
 use crate::session::{Authorization, connect, follow_and_report};
 
 impl artifacts::Named for VmInfo {
@@ -302,7 +302,9 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
     match command {
         VmCommand::List { all } => list(opts, all).await,
         VmCommand::Show(r) => show(opts, &r.vm).await,
-        VmCommand::Create(spec) => create(opts, spec, None).await.map(|(code, _)| code),
+        VmCommand::Create(spec) => create(opts, spec, None, Stream::Stdout)
+            .await
+            .map(|(code, _)| code),
         VmCommand::Run { spec, rm, command } => run_vm(opts, spec, rm, command).await,
         VmCommand::Start(refs) => each_job(opts, VmJob::Start, "start", refs.vms).await,
         VmCommand::Stop(refs) => each_job(opts, VmJob::Stop, "stop", refs.vms).await,
@@ -381,12 +383,13 @@ fn random_name() -> String {
     format!("vm-{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2])
 }
 
-/// Create (and normally start) a VM, following the job. Returns the exit
-/// code and the VM's object path.
+/// Create (and normally start) a VM, following the job, its progress on
+/// `stream`. Returns the exit code and the VM's object path.
 async fn create(
     opts: Options,
     spec: VmSpec,
     name_override: Option<String>,
+    stream: Stream,
 ) -> anyhow::Result<(u8, Option<String>)> {
     let name = name_override
         .or(spec.name.clone())
@@ -426,7 +429,7 @@ async fn create(
         // A missing image the catalog has is pulled (one with a recipe
         // here is built), then the create is tried again.
         Err(f) if f.kind() == Kind::NotFound => {
-            if fetch_missing_image(opts, &client, &mut subscription, image).await? {
+            if fetch_missing_image(opts, &client, &mut subscription, image, stream).await? {
                 started = Instant::now();
                 attempt().await
             } else {
@@ -436,14 +439,17 @@ async fn create(
         other => other,
     };
     let (vm, job) = created.with_context(|| format!("cannot create vm {name}"))?;
-    let display = Display::for_stdout(opts.json);
+    let display = Display::for_stream(opts.json, stream);
     if display != Display::Quiet {
-        emit(&format!(
-            "creating vm {name} (job {}; Ctrl-C cancels it)",
-            progress::job_label(job.as_str())
-        ))?;
+        stream.write(
+            format!(
+                "creating vm {name} (job {}; Ctrl-C cancels it)\n",
+                progress::job_label(job.as_str())
+            )
+            .as_bytes(),
+        )?;
     }
-    let tracker = Tracker::new(job.as_str(), display, Vec::new());
+    let tracker = Tracker::new(job.as_str(), display, Vec::new()).on(stream);
     let code = follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await?;
     Ok((code, Some(vm.to_string())))
 }
@@ -458,6 +464,7 @@ async fn fetch_missing_image(
     client: &Client,
     subscription: &mut Subscription,
     image: &str,
+    stream: Stream,
 ) -> anyhow::Result<bool> {
     let what = if image.is_empty() {
         "the default image"
@@ -492,14 +499,17 @@ async fn fetch_missing_image(
         }
         Err(f) => return Err(f).context(format!("{what} is missing and pulling it failed")),
     };
-    let display = Display::for_stdout(opts.json);
+    let display = Display::for_stream(opts.json, stream);
     if display != Display::Quiet {
-        emit(&format!(
-            "{what} is not here: {how} (job {}{later})",
-            progress::job_label(job.as_str())
-        ))?;
+        stream.write(
+            format!(
+                "{what} is not here: {how} (job {}{later})\n",
+                progress::job_label(job.as_str())
+            )
+            .as_bytes(),
+        )?;
     }
-    let mut tracker = Tracker::new(job.as_str(), display, Vec::new());
+    let mut tracker = Tracker::new(job.as_str(), display, Vec::new()).on(stream);
     let followed = progress::follow(
         client,
         subscription,
@@ -524,7 +534,13 @@ async fn fetch_missing_image(
 
 async fn run_vm(opts: Options, spec: VmSpec, rm: bool, command: Vec<String>) -> anyhow::Result<u8> {
     let name = spec.name.clone().unwrap_or_else(random_name);
-    let (code, vm) = create(opts, spec, Some(name.clone())).await?;
+    // With a command, stdout is the command's: progress goes to stderr.
+    let stream = if command.is_empty() {
+        Stream::Stdout
+    } else {
+        Stream::Stderr
+    };
+    let (code, vm) = create(opts, spec, Some(name.clone()), stream).await?;
     if code != exit::OK {
         return Ok(code);
     }

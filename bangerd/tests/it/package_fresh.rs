@@ -111,11 +111,12 @@ fn a_fresh_host_builds_and_boots_the_default_image_from_a_mirror() {
     );
 
     // The first run built both, with their stages shown, and ran the
-    // command in the guest.
-    // (Progress goes to stdout, before the command's output.)
+    // command in the guest: its output alone on stdout, banger's
+    // progress on stderr.
     let (out1, err1) = (read("run1"), read("run1.err"));
     assert_eq!(read("run1-rc").trim(), "0", "{out1}\n{err1}");
     assert!(out1.contains("VERSION_CODENAME=bookworm"), "{out1}\n{err1}");
+    assert!(out1.starts_with("PRETTY_NAME="), "{out1}");
     for stage in [
         "no catalog has it, so it is built here from its recipe",
         "build kernel debian-bookworm",
@@ -123,7 +124,7 @@ fn a_fresh_host_builds_and_boots_the_default_image_from_a_mirror() {
         "configure",
         "build rootfs",
     ] {
-        assert!(out1.contains(stage), "no {stage:?} in:\n{out1}");
+        assert!(err1.contains(stage), "no {stage:?} in:\n{err1}");
     }
     // The base system (mmdebstrap, unprivileged), the unpacking of its
     // tree and configure ran to the end in their own units, not in
@@ -184,7 +185,8 @@ fn a_fresh_host_builds_and_boots_the_default_image_from_a_mirror() {
     let (out2, err2) = (read("run2"), read("run2.err"));
     assert_eq!(read("run2-rc").trim(), "0", "{out2}\n{err2}");
     assert!(out2.contains("VERSION_CODENAME=bookworm"), "{out2}\n{err2}");
-    assert!(!out2.contains("base system"), "{out2}");
+    assert!(out2.starts_with("PRETTY_NAME="), "{out2}");
+    assert!(!err2.contains("base system"), "{err2}");
     let (first, second): (f64, f64) = (
         read("run1-secs").trim().parse().unwrap(),
         read("run2-secs").trim().parse().unwrap(),

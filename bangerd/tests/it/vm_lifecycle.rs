@@ -388,7 +388,10 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("gamma"));
+    // stdout is the command's alone; banger's progress went to stderr.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "gamma\n", "{stderr}");
+    assert!(stderr.contains("creating vm gamma"), "{stderr}");
+    assert!(stderr.contains("✓ agent ready"), "{stderr}");
     assert!(stderr.contains("deleted vm gamma"), "{stderr}");
     assert_eq!(env.vms().len(), 2);
 
