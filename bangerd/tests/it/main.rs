@@ -8,6 +8,7 @@ mod agent_transport;
 mod artifacts;
 mod build_image;
 mod build_kernel;
+mod crash;
 mod daemon;
 mod daemon_dns;
 mod dns;

@@ -20,14 +20,14 @@ use banger_testbed::{
     NetNs, Options, TestBed, TestUser, bin_path, doctor_check, eventually, guest_artifact,
 };
 
-struct Env {
-    ns: NetNs,
-    bed: TestBed,
+pub(crate) struct Env {
+    pub(crate) ns: NetNs,
+    pub(crate) bed: TestBed,
     home: tempfile::TempDir,
 }
 
 impl Env {
-    fn banger(&self, args: &[&str]) -> Command {
+    pub(crate) fn banger(&self, args: &[&str]) -> Command {
         let mut c = self.ns.command(bin_path("banger"));
         c.args(args)
             .env("DBUS_SYSTEM_BUS_ADDRESS", self.bed.bus_address())
@@ -37,11 +37,11 @@ impl Env {
         c
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         self.banger(args).output().unwrap()
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
             out.status.success(),
@@ -53,11 +53,11 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn vms(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn vms(&self) -> Vec<serde_json::Value> {
         serde_json::from_str(&self.ok(&["vm", "list", "--json"])).unwrap()
     }
 
-    fn vm(&self, name: &str) -> serde_json::Value {
+    pub(crate) fn vm(&self, name: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["vm", "show", name, "--json"])).unwrap()
     }
 
@@ -81,7 +81,7 @@ impl Env {
     }
 
     /// The addresses in banger's NAT set, as `nft` lists them.
-    fn nat_set(&self) -> String {
+    pub(crate) fn nat_set(&self) -> String {
         let out = Command::new("ip")
             .args(["netns", "exec", self.ns.name()])
             .args(["nft", "list", "set", "inet", "banger", "nat_vms"])
@@ -90,7 +90,7 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn ip(&self, args: &[&str]) -> String {
+    pub(crate) fn ip(&self, args: &[&str]) -> String {
         let out = Command::new("ip")
             .arg("-n")
             .arg(self.ns.name())
@@ -117,13 +117,18 @@ fn config() -> String {
 }
 
 fn setup() -> Env {
+    setup_with("")
+}
+
+/// [`setup`] with `extra` appended to the configuration.
+pub(crate) fn setup_with(extra: &str) -> Env {
     let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
     let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
     let rootfs = guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
     let seed = guest_artifact("tiny/work-seed.ext4", "build-tiny-image");
     let ns = NetNs::new("bgvm");
     let bed = TestBed::start(Options {
-        config_toml: Some(config()),
+        config_toml: Some(config() + extra),
         netns: Some(ns.name().to_owned()),
         ..Options::default()
     })

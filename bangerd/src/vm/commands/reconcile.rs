@@ -31,7 +31,13 @@ impl Vms {
             }
         };
         let mut adopted = Vec::new();
+        // Whether the last run may have left TAPs or NAT elements behind
+        // (it died with a VM on its way somewhere, or a VMM ran that it
+        // had not recorded): then the network is brought up now, which
+        // keeps only what the VMs that run hold.
+        let mut sweep = !seen.is_empty();
         for vm in vms {
+            sweep |= vm.state != VmState::Stopped;
             let unrecorded = seen.remove(&vm.id);
             match vm.state {
                 VmState::Creating | VmState::Deleting => {
@@ -104,7 +110,7 @@ impl Vms {
             tracing::warn!(banger_vm_id = %id, pid = p.pid, "a vmm runs for a vm banger has no record of; stopping it");
             self.stop_unaccounted(&id, p).await;
         }
-        if !adopted.is_empty() {
+        if !adopted.is_empty() || sweep {
             let net = self.network().await?;
             for vm in adopted {
                 if let Err(e) = net.adopt(&vm.id, &vm.name, vm.nat).await {

@@ -1,0 +1,232 @@
+//! A daemon killed at any moment restarts consistent: bangerd killed with
+//! SIGKILL at the start of every stage of `vm create` (which starts the
+//! VM), `vm start`, `vm stop` and `vm delete`, with the real CLI, bangerd
+//! in its own network namespace and real QEMU (TCG) guests. After each
+//! restart: every VM is stopped or running, a VMM runs exactly for the
+//! running ones, and nothing is left without an owner (VM directories,
+//! TAPs beyond the pool, NAT set elements, loop and device-mapper
+//! devices); the VM can then be deleted, leaving nothing either. The
+//! `debug.job_stage_delay_ms` aid holds each stage open for the kill.
+//! Needs root and the guest artifacts (scripts/build-test-kernel,
+//! scripts/build-tiny-image).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::vm_lifecycle::{Env, setup_with};
+
+/// The TAPs the pool keeps (tap_pool_size in vm_lifecycle's config).
+const POOL: usize = 1;
+
+/// What is wrong with the host and the store now, if anything.
+fn inconsistencies(env: &Env) -> Vec<String> {
+    let mut wrong = Vec::new();
+    let vms = env.vms();
+    let running: BTreeSet<String> = vms
+        .iter()
+        .filter(|v| v["state"] == "running")
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    let all: BTreeSet<String> = vms
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    for v in &vms {
+        if v["state"] != "running" && v["state"] != "stopped" {
+            wrong.push(format!("vm {} is {}", v["name"], v["state"]));
+        }
+    }
+    // A VMM runs exactly for the running VMs.
+    let runs = env.bed.runtime_dir().join("vms");
+    let vmms: BTreeSet<String> = banger_vmm::supervise::processes_under(&runs)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    if vmms != running {
+        wrong.push(format!(
+            "VMMs run for {vmms:?}, running VMs are {running:?}"
+        ));
+    }
+    // Every VM directory has its VM.
+    let dirs: BTreeSet<String> = std::fs::read_dir(env.bed.state_dir().join("vms"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !dirs.is_subset(&all) {
+        wrong.push(format!("VM directories {dirs:?}, VMs {all:?}"));
+    }
+    // TAPs: the pool's and the running VMs'.
+    let taps = env.ip(&["-o", "link", "show", "type", "tun"]);
+    if taps.lines().count() > POOL + running.len() {
+        wrong.push(format!("TAPs left:\n{taps}"));
+    }
+    // NAT: only running VMs' addresses.
+    let set = env.nat_set();
+    for v in &vms {
+        let ip = v["ipv4"].as_str().unwrap_or_default();
+        if !ip.is_empty() && v["state"] != "running" && set.contains(&format!("{ip},"))
+            || !ip.is_empty() && v["state"] != "running" && set.contains(&format!("{ip} "))
+        {
+            wrong.push(format!(
+                "{ip} of stopped vm {} is in the NAT set",
+                v["name"]
+            ));
+        }
+    }
+    // Loop and device-mapper devices: only under running VMs.
+    let root = env.bed.dir().to_string_lossy().into_owned();
+    let loops = Command::new("losetup").arg("-a").output().unwrap();
+    let loops = String::from_utf8_lossy(&loops.stdout).into_owned();
+    let ours = loops.lines().filter(|l| l.contains(&root)).count();
+    if running.is_empty() && ours > 0 {
+        wrong.push(format!("loop devices left:\n{loops}"));
+    }
+    let dm = Command::new("dmsetup").args(["ls"]).output();
+    if let Ok(dm) = dm {
+        let dm = String::from_utf8_lossy(&dm.stdout).into_owned();
+        for line in dm.lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if let Some(id) = all.iter().find(|id| name.contains(id.as_str()))
+                && !running.contains(id)
+            {
+                wrong.push(format!("device-mapper device {name} of a VM not running"));
+            }
+        }
+    }
+    wrong
+}
+
+/// The stages `banger ARGS` (a job) goes through, from its JSON report.
+fn stages(env: &Env, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = env.ok(&all);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let job = if report["job"].is_object() {
+        &report["job"]
+    } else {
+        &report
+    };
+    job["stages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no stages in {report}"))
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Run `banger ARGS` and kill bangerd with SIGKILL once the CLI shows
+/// stage `stage` (whose start the stage delay holds open).
+fn kill_at(env: &mut Env, args: &[&str], stage: &str) {
+    let mut child = env
+        .banger(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let want = format!("→ {stage}");
+    let until = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.trim() == want => break,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("banger {args:?} never showed {want}:\n{}", seen.join("\n")),
+        }
+    }
+    env.bed.kill_daemon();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_daemon_killed_at_any_stage_restarts_consistent() {
+    let mut env = setup_with("[debug]\njob_stage_delay_ms = 1500\n");
+    let exists = |env: &Env| env.vms().iter().any(|v| v["name"] == "crash");
+    // The stages of each operation, from one that is not interrupted.
+    let create = stages(&env, &["vm", "create", "--name", "crash", "--nat"]);
+    let stop = stages(&env, &["vm", "stop", "crash"]);
+    let start = stages(&env, &["vm", "start", "crash"]);
+    let delete = stages(&env, &["vm", "delete", "crash"]);
+    eprintln!("create {create:?}\nstart {start:?}\nstop {stop:?}\ndelete {delete:?}");
+    assert!(
+        create.len() >= 5 && !start.is_empty(),
+        "{create:?} {start:?}"
+    );
+
+    let cases: Vec<(&str, Vec<&str>, &Vec<String>, &str)> = vec![
+        (
+            "create",
+            vec!["vm", "create", "--name", "crash", "--nat"],
+            &create,
+            "none",
+        ),
+        ("start", vec!["vm", "start", "crash"], &start, "stopped"),
+        ("stop", vec!["vm", "stop", "crash"], &stop, "running"),
+        ("delete", vec!["vm", "delete", "crash"], &delete, "running"),
+    ];
+    let mut report = Vec::new();
+    for (op, args, op_stages, before) in cases {
+        for stage in op_stages {
+            // The VM as the operation expects it.
+            match before {
+                "stopped" => {
+                    env.ok(&["vm", "create", "--name", "crash", "--nat", "--no-start"]);
+                }
+                "running" => {
+                    env.ok(&["vm", "create", "--name", "crash", "--nat"]);
+                }
+                _ => {}
+            }
+            kill_at(&mut env, &args, stage);
+            env.bed.start_daemon().unwrap();
+            let wrong = inconsistencies(&env);
+            let state = env
+                .vms()
+                .iter()
+                .find(|v| v["name"] == "crash")
+                .map_or("gone".to_owned(), |v| {
+                    v["state"].as_str().unwrap().to_owned()
+                });
+            eprintln!("{op} killed at {stage:?}: vm {state}; {wrong:?}");
+            assert!(
+                wrong.is_empty(),
+                "{op} killed at {stage:?}:\n{}",
+                wrong.join("\n")
+            );
+            // Whatever is left can be deleted, and leaves nothing.
+            if exists(&env) {
+                env.ok(&["vm", "delete", "crash"]);
+            }
+            let wrong = inconsistencies(&env);
+            assert!(
+                wrong.is_empty(),
+                "after deleting what {op} killed at {stage:?} left:\n{}",
+                wrong.join("\n")
+            );
+            assert!(env.vms().is_empty());
+            report.push(format!("{op}@{stage}: {state}"));
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
