@@ -56,6 +56,14 @@ impl Qemu {
             &spec.vcpus.to_string(),
         ]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        // QEMU's own seccomp filter: no obsolete system calls, no setuid
+        // and friends, no new processes, no scheduler or affinity
+        // changes. A device model taken over by the guest, or anyone on
+        // the QMP socket (`migrate exec:`), cannot start a program.
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
         push(&["-kernel", &path(&spec.kernel)]);
         if let Some(initrd) = &spec.initrd {
             push(&["-initrd", &path(initrd)]);
@@ -271,6 +279,7 @@ mod tests {
             "socket,id=agent,path=/run/b/vms/abc/agent.sock,server=on,wait=off",
             "virtserialport,chardev=agent,name=org.banger.agent",
             "-qmp unix:/run/b/vms/abc/control.sock,server=on,wait=off",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");
         }
@@ -307,6 +316,54 @@ mod tests {
             .expect_err("no kernel");
         assert!(e.message.contains("qemu exited at start"), "{}", e.message);
         assert!(e.message.contains("/k/vmlinuz"), "{}", e.message);
+    }
+
+    /// QEMU asked to start a program (QMP `migrate` to `exec:`, which a
+    /// QEMU without the sandbox runs as its own user) is killed by its
+    /// seccomp filter instead, and the program never runs.
+    #[tokio::test]
+    async fn the_sandbox_keeps_qemu_from_starting_programs() {
+        let kernel = banger_testbed::guest_artifact("kernel/vmlinuz", "build-test-kernel");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = spec();
+        s.kernel = kernel;
+        s.initrd = None;
+        s.memory_mib = 128;
+        s.vcpus = 1;
+        s.paths = VmPaths::new(dir.path(), dir.path(), "abc");
+        s.system_disk = s.paths.system_disk.clone();
+        std::fs::create_dir_all(&s.paths.dir).expect("dir");
+        std::fs::create_dir_all(&s.paths.run).expect("run");
+        s.net = None;
+        std::fs::write(&s.paths.system_disk, vec![0u8; 4096]).expect("disk");
+        std::fs::write(&s.paths.work_disk, vec![0u8; 4096]).expect("disk");
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+        };
+        let (mut watched, id) = q
+            .launch(&s, &crate::supervise::Direct)
+            .await
+            .expect("qemu starts");
+        let marker = dir.path().join("escaped");
+        let mut qmp = Qmp::connect(&s.paths.control_socket, Duration::from_secs(5))
+            .await
+            .expect("qmp");
+        let _ = qmp
+            .execute(
+                "migrate",
+                Some(json!({ "uri": format!("exec:touch {}", marker.display()) })),
+            )
+            .await;
+        let until = Instant::now() + Duration::from_secs(10);
+        while !watched.ended() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ended = watched.ended();
+        if !ended {
+            let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
+        }
+        assert!(!marker.exists(), "QEMU started a program");
+        assert!(ended, "QEMU went on after trying to start a program");
     }
 
     fn which(name: &str) -> Option<PathBuf> {
