@@ -97,6 +97,14 @@ pub struct NetworkConfig {
     pub subnet: String,
     /// Idle TAP devices kept ready so a create does not wait for one.
     pub tap_pool_size: u32,
+    /// Whether guests may reach each other (off: each guest sees only the
+    /// gateway).
+    pub guest_to_guest: bool,
+    /// Ports on the gateway (TCP and UDP) guests may reach besides DNS.
+    pub host_ports: Vec<u16>,
+    /// Networks (CIDR) VMs with NAT may reach although the host is
+    /// attached to them or they are link-local (169.254.0.0/16).
+    pub nat_allow: Vec<String>,
 }
 
 impl Default for NetworkConfig {
@@ -106,6 +114,9 @@ impl Default for NetworkConfig {
             bridge: "banger0".into(),
             subnet: "10.213.42.0/24".into(),
             tap_pool_size: 2,
+            guest_to_guest: false,
+            host_ports: Vec::new(),
+            nat_allow: Vec::new(),
         }
     }
 }
@@ -114,6 +125,18 @@ impl NetworkConfig {
     /// The subnet, parsed (validated when the configuration is loaded).
     pub fn subnet(&self) -> Result<crate::net::leases::Subnet, crate::error::Error> {
         crate::net::leases::Subnet::parse(&self.subnet)
+    }
+
+    /// `nat_allow`, parsed (validated when the configuration is loaded).
+    pub fn nat_allow(&self) -> Result<Vec<ipnet::Ipv4Net>, String> {
+        self.nat_allow
+            .iter()
+            .map(|n| {
+                n.parse::<ipnet::Ipv4Net>()
+                    .map(|n| n.trunc())
+                    .map_err(|_| format!("`{n}` is not an IPv4 network such as 192.168.1.0/24"))
+            })
+            .collect()
     }
 }
 
@@ -467,6 +490,15 @@ impl Config {
         if self.network.tap_pool_size > 64 {
             return Err(invalid("network.tap_pool_size", "must be at most 64"));
         }
+        if let Err(e) = self.network.nat_allow() {
+            return Err(invalid("network.nat_allow", &e));
+        }
+        if self.network.host_ports.contains(&0) {
+            return Err(invalid(
+                "network.host_ports",
+                "must be ports from 1 to 65535",
+            ));
+        }
         if !self.images.recipes.is_absolute() {
             return Err(invalid("images.recipes", "must be an absolute path"));
         }
@@ -528,6 +560,17 @@ mod tests {
             parse("[network]\nsubnet = \"10.50.0.0/16\"\nbridge = \"br-vm\"\ntap_pool_size = 0\n")
                 .expect("ok");
         assert_eq!(c.network.subnet().expect("subnet").capacity(), 65_533);
+        assert!(!c.network.guest_to_guest);
+        let open = parse(
+            "[network]\nguest_to_guest = true\nhost_ports = [3142]\nnat_allow = [\"192.168.1.7/24\"]\n",
+        )
+        .expect("exceptions");
+        assert!(open.network.guest_to_guest);
+        assert_eq!(open.network.host_ports, [3142]);
+        assert_eq!(
+            open.network.nat_allow().expect("nets")[0].to_string(),
+            "192.168.1.0/24"
+        );
         let local = parse("[images]\nmirror = \"file:///srv/debian\"\n").expect("a local mirror");
         assert_eq!(local.images.mirror, "file:///srv/debian");
         assert_eq!(local.images.build_from, BuildFrom::Debian);
@@ -543,6 +586,15 @@ mod tests {
             ),
             ("[network]\nbridge = \"a b\"\n", "network.bridge"),
             ("[network]\ntap_pool_size = 1000\n", "network.tap_pool_size"),
+            (
+                "[network]\nnat_allow = [\"192.168.1.0\"]\n",
+                "network.nat_allow",
+            ),
+            (
+                "[network]\nnat_allow = [\"fd00::/8\"]\n",
+                "network.nat_allow",
+            ),
+            ("[network]\nhost_ports = [0]\n", "network.host_ports"),
             ("[images]\nrecipes = \"images\"\n", "images.recipes"),
             (
                 "[images]\nmirror = \"ftp://deb.debian.org/debian\"\n",

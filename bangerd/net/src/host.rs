@@ -11,6 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use crate::dns::{DnsServer, VmZone};
+use crate::firewall::{Guest, Policy};
 use crate::leases::LeaseStore;
 use crate::leases::{Lease, Subnet};
 use crate::network::Network;
@@ -26,6 +27,25 @@ pub struct Settings {
     pub subnet: Subnet,
     /// Idle TAPs kept ready.
     pub tap_pool_size: usize,
+    /// Whether guests may reach each other.
+    pub guest_to_guest: bool,
+    /// Host ports on the gateway guests may reach besides DNS.
+    pub host_ports: Vec<u16>,
+    /// Networks NAT may reach although the host is attached to them.
+    pub nat_allow: Vec<ipnet::Ipv4Net>,
+}
+
+impl Settings {
+    /// The firewall policy these settings ask for.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            bridge: self.bridge.clone(),
+            gateway: self.subnet.gateway(),
+            guest_to_guest: self.guest_to_guest,
+            host_ports: self.host_ports.clone(),
+            nat_allow: self.nat_allow.clone(),
+        }
+    }
 }
 
 /// What running VMs hold when the network comes up (after a restart).
@@ -33,6 +53,8 @@ pub struct Settings {
 pub struct InUse {
     /// Their TAPs, adopted by the pool.
     pub taps: Vec<String>,
+    /// Their TAPs with their addresses, for the firewall.
+    pub guests: Vec<Guest>,
     /// The addresses of those with NAT.
     pub nat_ips: Vec<Ipv4Addr>,
 }
@@ -122,13 +144,12 @@ impl HostNetwork {
         let in_use = in_use.await?;
         let zone = self.dns_zone();
         let net = Network::up(
-            &settings.bridge,
+            settings.policy(),
             settings.subnet,
             settings.tap_pool_size,
             self.store.clone(),
             zone.clone(),
-            &in_use.taps,
-            &in_use.nat_ips,
+            &in_use,
         )
         .await?;
         let gateway = settings.subnet.gateway();

@@ -9,10 +9,10 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub mod dns;
+pub mod firewall;
 pub mod host;
 pub mod leases;
 pub mod link;
-pub mod nat;
 pub mod network;
 pub mod pool;
 pub mod resolved;

@@ -133,6 +133,55 @@ impl Links {
         Ok(None)
     }
 
+    /// The networks the host is directly attached to (main-table routes of
+    /// link scope with no gateway), other than those on `except` (the
+    /// bridge). NAT keeps guests out of them.
+    pub async fn host_networks(&self, except: Option<u32>) -> Result<Vec<ipnet::Ipv4Net>, Error> {
+        use rtnetlink::packet_route::route::{RouteHeader, RouteScope, RouteType};
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut nets = Vec::new();
+        while let Some(route) = routes
+            .try_next()
+            .await
+            .map_err(|e| nl("cannot list routes", e))?
+        {
+            let h = &route.header;
+            if h.destination_prefix_length == 0
+                || h.scope != RouteScope::Link
+                || h.kind != RouteType::Unicast
+            {
+                continue;
+            }
+            let mut table = u32::from(h.table);
+            let (mut dst, mut oif, mut via) = (None, None, false);
+            for attr in &route.attributes {
+                match attr {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Gateway(_) => via = true,
+                    RouteAttribute::Table(t) => table = *t,
+                    _ => {}
+                }
+            }
+            if table != u32::from(RouteHeader::RT_TABLE_MAIN)
+                || via
+                || (except.is_some() && oif == except)
+            {
+                continue;
+            }
+            if let Some(net) =
+                dst.and_then(|d| ipnet::Ipv4Net::new(d, h.destination_prefix_length).ok())
+            {
+                nets.push(net.trunc());
+            }
+        }
+        Ok(nets)
+    }
+
     async fn name_of(&self, index: u32) -> Option<String> {
         let mut links = self.handle.link().get().match_index(index).execute();
         let link = links.try_next().await.ok()??;

@@ -3,18 +3,19 @@
 //! takes all of it back. A failed attach undoes what it did.
 //!
 //! The VM lifecycle calls these; this module only composes `leases`,
-//! `link`/`pool`, `nat` and `dns`.
+//! `link`/`pool`, `firewall` and `dns`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
 use super::dns::VmZone;
+use super::firewall::{Firewall, Guest, Policy};
+use super::host::InUse;
 use super::leases::{Lease, Subnet};
 use super::link::Links;
-use super::nat::Nat;
 use super::pool::TapPool;
 use crate::leases::LeaseStore;
 use banger_error::Error;
@@ -36,9 +37,19 @@ pub struct Network {
     subnet: Subnet,
     store: Arc<dyn LeaseStore>,
     pool: TapPool,
-    nat: Nat,
+    links: Links,
+    firewall: Firewall,
     zone: Option<VmZone>,
-    nat_set: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+    held: Arc<Mutex<Held>>,
+}
+
+/// What the firewall lets through: the guests on their TAPs, and which
+/// addresses have NAT.
+#[derive(Debug, Default)]
+struct Held {
+    /// TAP → the guest's address.
+    guests: BTreeMap<String, Ipv4Addr>,
+    nat: BTreeSet<Ipv4Addr>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -50,32 +61,40 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Network {
-    /// Bring up the bridge, adopt and fill the TAP pool (`in_use` are the
-    /// TAPs VMs hold) and apply NAT for `nat_vms`, in the calling thread's
-    /// network namespace.
+    /// Bring up the bridge, adopt and fill the TAP pool (`in_use` says
+    /// what running VMs hold) and apply the firewall (`policy`) for them,
+    /// in the calling thread's network namespace.
     pub async fn up(
-        bridge: &str,
+        policy: Policy,
         subnet: Subnet,
         pool_size: usize,
         store: Arc<dyn LeaseStore>,
         zone: Option<VmZone>,
-        in_use: &[String],
-        nat_vms: &[Ipv4Addr],
+        in_use: &InUse,
     ) -> Result<Self, Error> {
         let links = Links::connect()?;
-        let index = links.ensure_bridge(bridge, &subnet).await?;
-        let pool = TapPool::new(links, index, pool_size);
-        pool.adopt(in_use).await?;
-        let nat = Nat::new(bridge);
-        nat.apply(nat_vms).await?;
-        Ok(Self {
+        let index = links.ensure_bridge(&policy.bridge, &subnet).await?;
+        let pool = TapPool::new(links.clone(), index, pool_size);
+        pool.adopt(&in_use.taps).await?;
+        let held = Held {
+            guests: in_use
+                .guests
+                .iter()
+                .map(|g| (g.tap.clone(), g.ipv4))
+                .collect(),
+            nat: in_use.nat_ips.iter().copied().collect(),
+        };
+        let net = Self {
             subnet,
             store,
             pool,
-            nat,
+            links,
+            firewall: Firewall::new(policy),
             zone,
-            nat_set: Arc::new(Mutex::new(nat_vms.iter().copied().collect())),
-        })
+            held: Arc::new(Mutex::new(held)),
+        };
+        net.change(|_| true).await?;
+        Ok(net)
     }
 
     /// The bridge's interface index.
@@ -98,9 +117,25 @@ impl Network {
         &self.pool
     }
 
-    async fn apply_nat(&self) -> Result<(), Error> {
-        let set: Vec<Ipv4Addr> = self.nat_set.lock().await.iter().copied().collect();
-        self.nat.apply(&set).await
+    /// Change what the firewall holds with `f` and, when it says it
+    /// changed something, apply the whole firewall (the lock is held
+    /// through the apply, so applies never overtake each other).
+    async fn change(&self, f: impl FnOnce(&mut Held) -> bool) -> Result<(), Error> {
+        let mut held = self.held.lock().await;
+        if !f(&mut held) {
+            return Ok(());
+        }
+        let guests: Vec<Guest> = held
+            .guests
+            .iter()
+            .map(|(tap, ip)| Guest {
+                tap: tap.clone(),
+                ipv4: *ip,
+            })
+            .collect();
+        let nat: Vec<Ipv4Addr> = held.nat.iter().copied().collect();
+        let host = self.links.host_networks(Some(self.bridge_index())).await?;
+        self.firewall.apply(&guests, &nat, &host).await
     }
 
     /// Give VM `owner` (named `name`, its VMM running as `uid`) its
@@ -132,11 +167,16 @@ impl Network {
                 return Err(e);
             }
         };
+        let ip = lease.ipv4;
         let result = async {
-            if nat {
-                self.nat_set.lock().await.insert(lease.ipv4);
-                self.apply_nat().await?;
-            }
+            self.change(|h| {
+                h.guests.insert(tap.clone(), ip);
+                if nat {
+                    h.nat.insert(ip);
+                }
+                true
+            })
+            .await?;
             if let Some(zone) = &self.zone {
                 zone.set(name, lease.ipv4).await?;
             }
@@ -144,9 +184,12 @@ impl Network {
         }
         .await;
         if let Err(e) = result {
-            if nat && self.nat_set.lock().await.remove(&lease.ipv4) {
-                let _ = self.apply_nat().await;
-            }
+            let _ = self
+                .change(|h| {
+                    let gone = h.guests.remove(&tap).is_some();
+                    (nat && h.nat.remove(&ip)) || gone
+                })
+                .await;
             if let Some(zone) = &self.zone {
                 let _ = zone.remove(name).await;
             }
@@ -160,32 +203,47 @@ impl Network {
 
     /// Switch NAT for `ip` on or off.
     pub async fn set_nat(&self, ip: Ipv4Addr, on: bool) -> Result<(), Error> {
-        let changed = {
-            let mut set = self.nat_set.lock().await;
-            if on { set.insert(ip) } else { set.remove(&ip) }
-        };
-        if changed {
-            self.apply_nat().await?;
-        }
-        Ok(())
+        self.change(|h| {
+            if on {
+                h.nat.insert(ip)
+            } else {
+                h.nat.remove(&ip)
+            }
+        })
+        .await
     }
 
     /// Take back what [`Network::attach`] gave a VM that stops: its name,
-    /// NAT and TAP. The lease stays (the VM keeps its address).
+    /// NAT, its place in the firewall and TAP. The lease stays (the VM
+    /// keeps its address).
     pub async fn detach(&self, name: &str, ipv4: Ipv4Addr, tap: Option<&str>) -> Result<(), Error> {
         if let Some(zone) = &self.zone {
             zone.remove(name).await?;
         }
-        self.set_nat(ipv4, false).await?;
+        self.change(|h| {
+            let nat = h.nat.remove(&ipv4);
+            let before = h.guests.len();
+            h.guests
+                .retain(|t, ip| *ip != ipv4 && tap.is_none_or(|tap| tap != t));
+            nat || h.guests.len() != before
+        })
+        .await?;
         if let Some(tap) = tap {
             self.pool.release(tap).await?;
         }
         Ok(())
     }
 
-    /// Give a VM that kept running while bangerd was away its name and NAT
-    /// back (its TAP was adopted by [`Network::up`]).
-    pub async fn adopt(&self, owner: &str, name: &str, nat: bool) -> Result<Lease, Error> {
+    /// Give a VM that kept running while bangerd was away its name, NAT
+    /// and place in the firewall back (its TAP was adopted by
+    /// [`Network::up`]).
+    pub async fn adopt(
+        &self,
+        owner: &str,
+        name: &str,
+        nat: bool,
+        tap: Option<&str>,
+    ) -> Result<Lease, Error> {
         let lease = {
             let (store, owner, subnet) = (self.store.clone(), owner.to_owned(), self.subnet);
             blocking(move || store.lease(&owner, &subnet).map_err(Error::from)).await?
@@ -193,7 +251,19 @@ impl Network {
         if let Some(zone) = &self.zone {
             zone.set(name, lease.ipv4).await?;
         }
-        self.set_nat(lease.ipv4, nat).await?;
+        let ip = lease.ipv4;
+        self.change(|h| {
+            let mut changed = if nat {
+                h.nat.insert(ip)
+            } else {
+                h.nat.remove(&ip)
+            };
+            if let Some(tap) = tap {
+                changed |= h.guests.insert(tap.to_owned(), ip) != Some(ip);
+            }
+            changed
+        })
+        .await?;
         Ok(lease)
     }
 

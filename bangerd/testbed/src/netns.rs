@@ -38,6 +38,27 @@ impl NetNs {
         &self.name
     }
 
+    /// Run `f` on a thread inside the namespace (sockets it opens stay
+    /// there).
+    ///
+    /// # Panics
+    ///
+    /// If the namespace cannot be entered, or `f` panics.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("the namespace");
+            nix::sched::setns(
+                std::os::fd::AsFd::as_fd(&file),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .expect("setns");
+            f()
+        })
+        .join()
+        .expect("the thread in the namespace")
+    }
+
     /// `ip netns exec NAME program`.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");

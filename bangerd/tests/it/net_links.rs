@@ -15,7 +15,7 @@ use bangerd::net::link::{Links, TAP_PREFIX};
 
 /// Run `f` on a runtime whose threads all live in a new network namespace.
 /// The namespace goes away with the thread: nothing leaks into the host.
-fn in_netns<F, Fut>(f: F)
+pub(crate) fn in_netns<F, Fut>(f: F)
 where
     F: FnOnce(String) -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
@@ -255,13 +255,12 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
         let store = Arc::new(Store::open_in_memory().unwrap());
         let zone = VmZone::new(&subnet).unwrap();
         let net = Network::up(
-            "banger0",
+            bangerd::net::firewall::Policy::isolated("banger0", subnet.gateway()),
             subnet,
             1,
             store.clone(),
             Some(zone.clone()),
-            &[],
-            &[],
+            &Default::default(),
         )
         .await
         .unwrap();
@@ -292,6 +291,12 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
         );
         net.set_nat(b.lease.ipv4, true).await.unwrap();
         assert!(nft(&["list", "set", "inet", "banger", "nat_vms"]).contains("10.213.42.3"));
+        // Each guest may send from its own TAP, MAC and address only.
+        let guests = nft(&["list", "set", "bridge", "banger", "guests"]);
+        for v in [&a, &b] {
+            let element = format!("\"{}\" . {} . {}", v.tap, v.lease.mac, v.lease.ipv4);
+            assert!(guests.contains(&element), "{element} in {guests}");
+        }
 
         // Exhaust the subnet: the failing attach leaves no TAP and no lease.
         for owner in ["c", "d", "e"] {
@@ -323,10 +328,18 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
             .await
             .unwrap();
         assert!(store.leases().unwrap().iter().any(|l| l.owner == "vm-a"));
-        // Adopt (a restart found it running): name and NAT come back.
-        let lease = net.adopt("vm-a", "alpha", true).await.unwrap();
+        let guests = nft(&["list", "set", "bridge", "banger", "guests"]);
+        assert!(!guests.contains(&a.lease.mac), "{guests}");
+        // Adopt (a restart found it running): name, NAT and its place in
+        // the firewall come back.
+        let lease = net
+            .adopt("vm-a", "alpha", true, Some(&a.tap))
+            .await
+            .unwrap();
         assert_eq!(lease, a.lease);
         assert_eq!(zone.lookup("alpha").await, Some(a.lease.ipv4));
+        let guests = nft(&["list", "set", "bridge", "banger", "guests"]);
+        assert!(guests.contains(&a.lease.mac), "{guests}");
         // Forget (a delete): everything, the lease too.
         net.forget("vm-a", "alpha", a.lease.ipv4, None)
             .await
@@ -337,6 +350,8 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
             !set.contains("10.213.42.2") && set.contains("10.213.42.3"),
             "{set}"
         );
+        let guests = nft(&["list", "set", "bridge", "banger", "guests"]);
+        assert!(!guests.contains(&a.lease.mac), "{guests}");
         assert!(store.leases().unwrap().iter().all(|l| l.owner != "vm-a"));
         let (idle, used) = net.pool().snapshot().await;
         assert!(!used.contains(&a.tap));
@@ -376,6 +391,9 @@ fn the_host_network_comes_up_once_for_concurrent_callers() {
             bridge: "banger0".into(),
             subnet: Subnet::parse("10.213.42.0/24").unwrap(),
             tap_pool_size: 1,
+            guest_to_guest: false,
+            host_ports: Vec::new(),
+            nat_allow: Vec::new(),
         };
         // Two callers at once: one bring-up, and only it asks what
         // running VMs hold.

@@ -781,7 +781,8 @@ fn a_debian_registry_image_boots_through_the_first_boot_wrapper() {
         .args(["copy", "--dest-tls-verify=false"])
         .arg(format!("oci:{}:bookworm", layout.display()))
         .arg(format!("docker://{reference}")));
-    // The image's apt source: http://10.213.42.1:8080/ (the bridge).
+    // The image's apt source: http://10.213.42.1:8080/ (the bridge; the
+    // firewall opens that host port to guests through `host_ports`).
     let _apt = Killed(
         ns.command("python3")
             .args([
@@ -800,7 +801,7 @@ fn a_debian_registry_image_boots_through_the_first_boot_wrapper() {
     );
     let bed = TestBed::start(Options {
         config_toml: Some(format!(
-            "[network]\ntap_pool_size = 1\n\
+            "[network]\ntap_pool_size = 1\nhost_ports = [8080]\n\
              [vm]\nvmm = \"qemu\"\naccel = \"tcg\"\nagent_bin = \"{}\"\n\
              boot_timeout_secs = 900\nstop_timeout_secs = 60\n",
             agent.display()

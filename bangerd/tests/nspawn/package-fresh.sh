@@ -30,19 +30,22 @@ dpkg-query -W -f='${Package} ${Status}\n' mmdebstrap uidmap busybox-static kmod 
 # The account the base system is made as, without privilege.
 { getent passwd banger-build; grep '^banger-build:' /etc/subuid /etc/subgid; } >"$out/build-user" 2>&1
 
-# The internet, as far as the VMs know: a namespace behind a veth at
-# 192.0.2.1 (TEST-NET-1, the container's default route) serving the
-# pinned opencode package (bound at /opt/tools) over HTTP. The recipe's
-# tools.list names it there, so a VM with --nat installs opencode at its
-# first boot through banger's NAT, and nothing leaves the container.
+# The internet, as far as the VMs know: a namespace behind a router link
+# (198.51.100.0/30: the container's default route, a network the host is
+# attached to, which banger's NAT keeps guests out of) with 192.0.2.1
+# (TEST-NET-1) behind it, serving the pinned opencode package (bound at
+# /opt/tools) over HTTP. The recipe's tools.list names it there, so a VM
+# with --nat installs opencode at its first boot through banger's NAT, and
+# nothing leaves the container.
 ip netns add inet
 ip link add inet0 type veth peer name inet1 netns inet
-ip addr add 192.0.2.2/24 dev inet0
+ip addr add 198.51.100.2/30 dev inet0
 ip link set inet0 up
-ip -n inet addr add 192.0.2.1/24 dev inet1
+ip -n inet addr add 198.51.100.1/30 dev inet1
+ip -n inet addr add 192.0.2.1/32 dev lo
 ip -n inet link set inet1 up
 ip -n inet link set lo up
-ip route add default via 192.0.2.1
+ip route add default via 198.51.100.1
 ip netns exec inet python3 -m http.server --bind 192.0.2.1 --directory /opt/tools 80 \
   >"$out/http.log" 2>&1 &
 list=/usr/share/banger/images/debian-bookworm/tools.list

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use super::Vms;
 use crate::error::Result;
+use crate::net::firewall::Guest;
 use crate::net::host::{InUse, Settings};
 use crate::net::network::Network;
 
@@ -27,6 +28,12 @@ impl Vms {
             bridge: config.network.bridge.clone(),
             subnet: config.network.subnet()?,
             tap_pool_size: config.network.tap_pool_size as usize,
+            guest_to_guest: config.network.guest_to_guest,
+            host_ports: config.network.host_ports.clone(),
+            nat_allow: config
+                .network
+                .nat_allow()
+                .map_err(crate::error::Error::invalid)?,
         };
         self.net.up(&settings, self.in_use()).await
     }
@@ -36,9 +43,16 @@ impl Vms {
         let mut held = InUse::default();
         for vm in self.list().await?.iter().filter(|v| v.state.has_process()) {
             held.taps.extend(vm.tap.clone());
-            if vm.nat
-                && let Some(ip) = self.vm_ipv4(&vm.id).await
-            {
+            let Some(ip) = self.vm_ipv4(&vm.id).await else {
+                continue;
+            };
+            if let Some(tap) = &vm.tap {
+                held.guests.push(Guest {
+                    tap: tap.clone(),
+                    ipv4: ip,
+                });
+            }
+            if vm.nat {
                 held.nat_ips.push(ip);
             }
         }
