@@ -68,7 +68,7 @@ fn inconsistencies(env: &Env) -> Vec<String> {
         wrong.push(format!("TAPs left:\n{taps}"));
     }
     // NAT: only running VMs' addresses.
-    let set = env.nat_set();
+    let set = env.nft(&["list", "set", "inet", "banger", "nat_vms"]);
     for v in &vms {
         let ip = v["ipv4"].as_str().unwrap_or_default();
         if !ip.is_empty() && v["state"] != "running" && set.contains(&format!("{ip},"))
@@ -77,6 +77,40 @@ fn inconsistencies(env: &Env) -> Vec<String> {
             wrong.push(format!(
                 "{ip} of stopped vm {} is in the NAT set",
                 v["name"]
+            ));
+        }
+    }
+    // The firewall lets only running VMs' MACs send; `.vm` names only for
+    // running VMs.
+    let guests = env.nft(&["list", "set", "bridge", "banger", "guests"]);
+    let listen = std::fs::read_to_string(env.bed.config_path()).unwrap();
+    let port = listen
+        .lines()
+        .find_map(|l| l.strip_prefix("dns_listen = \"127.0.0.1:"))
+        .and_then(|p| p.strip_suffix('"'))
+        .expect("the bed's dns_listen")
+        .to_owned();
+    for v in &vms {
+        let (name, mac) = (
+            v["name"].as_str().unwrap(),
+            v["mac"].as_str().unwrap_or_default(),
+        );
+        let running = v["state"] == "running";
+        if !running && !mac.is_empty() && guests.contains(mac) {
+            wrong.push(format!("{mac} of stopped vm {name} may send on the bridge"));
+        }
+        let answer = env
+            .ns
+            .command("dig")
+            .args(["+short", "+time=2", "+tries=2", "-p", &port, "@127.0.0.1"])
+            .arg(format!("{name}.vm"))
+            .output()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer.stdout).trim().to_owned();
+        if running == answer.is_empty() {
+            wrong.push(format!(
+                "{name}.vm answers {answer:?} while the vm is {}",
+                v["state"]
             ));
         }
     }

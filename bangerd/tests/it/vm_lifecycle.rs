@@ -82,11 +82,12 @@ impl Env {
 
     /// The addresses in banger's NAT set, as `nft` lists them.
     pub(crate) fn nat_set(&self) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", self.ns.name()])
-            .args(["nft", "list", "set", "inet", "banger", "nat_vms"])
-            .output()
-            .unwrap();
+        self.nft(&["list", "set", "inet", "banger", "nat_vms"])
+    }
+
+    /// `nft ARGS` in the bed's namespace: its output, empty on failure.
+    pub(crate) fn nft(&self, args: &[&str]) -> String {
+        let out = self.ns.command("nft").args(args).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
