@@ -203,6 +203,10 @@ fn property(p: UnitProperty) -> (&'static str, Value<'static>) {
         UnitProperty::U64(k, v) => (k, Value::from(v)),
         UnitProperty::Bool(k, v) => (k, Value::from(v)),
         UnitProperty::Strs(k, v) => (k, Value::from(v)),
+        UnitProperty::U32(k, v) => (k, Value::from(v)),
+        UnitProperty::I32(k, v) => (k, Value::from(v)),
+        UnitProperty::Pairs(k, v) => (k, Value::from(v)),
+        UnitProperty::Filter(k, allow, list) => (k, Value::from((allow, list))),
         UnitProperty::ExecStart(program, argv) => {
             ("ExecStart", Value::from(vec![(program, argv, false)]))
         }

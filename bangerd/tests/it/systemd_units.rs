@@ -87,6 +87,27 @@ fn vmms_run_as_transient_units_under_systemd() {
         "machinectl list: {machines}"
     );
     assert!(read("ssh").trim().starts_with("6."), "{}", read("ssh"));
+    // The VM boots inside its sandbox: no capability, no new privileges,
+    // a seccomp filter, and systemd's exposure score at most 4.0.
+    let status = read("vmm-status");
+    for line in [
+        "CapEff:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+        "NoNewPrivs:\t1",
+        "Seccomp:\t2",
+    ] {
+        assert!(status.contains(line), "{line} in\n{status}");
+    }
+    let security = read("vm-security");
+    eprintln!("systemd-analyze security {unit_name}:\n{security}");
+    let exposure: f64 = security
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for ").nth(1))
+        .and_then(|rest| rest.split(": ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure in:\n{security}"));
+    assert!(exposure <= 4.0, "exposure {exposure}:\n{security}");
 
     // systemd-resolved routes ~vm to the guests' DNS server on the bridge,
     // so the host resolves the VM's name; doctor says so.

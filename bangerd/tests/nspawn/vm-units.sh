@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs inside a systemd-nspawn container booted by
 # bangerd/tests/it/systemd_units.rs (as banger-test.service): bangerd under
-# systemd, a VM whose VMM becomes a transient unit, what systemd,
+# systemd, a VM whose VMM becomes a sandboxed transient unit, what systemd,
 # machined and resolved say about it, a bangerd crash the VM survives, a
 # crash that cut a start short (the unit stopped by the next bangerd),
 # then stop and delete. Writes what it saw to /opt/results (the test reads and judges
@@ -47,6 +47,10 @@ systemctl show "$unit" -p ActiveState -p Slice -p MemoryMax -p CPUQuotaPerSecUSe
 machinectl list --no-legend >"$out/machines" 2>&1
 $B vm ssh unitvm -- uname -r >"$out/ssh" || finish "ssh failed"
 step "ssh"
+# The VMM's sandbox, as systemd scores it and as the kernel holds it.
+systemd-analyze security --no-pager "$unit" >"$out/vm-security" 2>&1
+vmm=$(systemctl show -p MainPID --value "$unit")
+grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' "/proc/$vmm/status" >"$out/vmm-status" 2>&1
 # The host resolves <name>.vm through systemd-resolved.
 resolvectl status banger0 >"$out/resolved" 2>&1
 resolvectl query --cache=no unitvm.vm >"$out/query" 2>&1

@@ -47,6 +47,8 @@ pub(crate) async fn start_process(
             log: &p.vmm_log,
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
+            writable: &[p.dir.clone(), p.run.clone()],
+            jit: spec.accel == Accel::Tcg,
         })
         .await
 }

@@ -55,8 +55,9 @@ impl ProcessId {
     }
 }
 
-/// Start `program` with `args` in a new session (its own process group),
-/// stdin from /dev/null, stdout and stderr appended to `log`.
+/// Start `program` with `args` in a new session (its own process group)
+/// with `no_new_privs` set, stdin from /dev/null, stdout and stderr
+/// appended to `log`.
 pub fn spawn(program: &Path, args: &[String], log: &Path) -> Result<(Child, ProcessId)> {
     let out = std::fs::File::options()
         .create(true)
@@ -72,10 +73,13 @@ pub fn spawn(program: &Path, args: &[String], log: &Path) -> Result<(Child, Proc
         .stdout(out)
         .stderr(err)
         .current_dir("/");
-    // SAFETY: setsid is async-signal-safe and touches no memory.
+    // SAFETY: setsid and prctl are async-signal-safe system calls and
+    // touch no memory. The VMM gets a session of its own and can never gain
+    // privileges (setuid programs, file capabilities) after exec.
     unsafe {
         cmd.pre_exec(|| {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            nix::sys::prctl::set_no_new_privs().map_err(std::io::Error::from)?;
             Ok(())
         });
     }

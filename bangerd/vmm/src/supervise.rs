@@ -7,7 +7,7 @@
 //! so bangerd's death never takes a VM with it, and bangerd finds it again
 //! by pid and start time.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::BoxFuture;
 use crate::process::{self, ProcessId, Watched};
@@ -33,6 +33,12 @@ pub struct StartRequest<'a> {
     pub memory_mib: u32,
     /// The guest's CPUs.
     pub vcpus: u32,
+    /// The directories the VMM writes (the VM's state and runtime
+    /// directories); the rest of the file system is read-only to it.
+    pub writable: &'a [PathBuf],
+    /// Whether the VMM generates code at run time (QEMU's TCG), so it
+    /// needs writable and executable memory.
+    pub jit: bool,
 }
 
 /// Starts VMM processes.
@@ -154,13 +160,34 @@ pub enum UnitProperty {
     Bool(&'static str, bool),
     /// An `as` property.
     Strs(&'static str, Vec<String>),
+    /// A `u` property.
+    U32(&'static str, u32),
+    /// An `i` property.
+    I32(&'static str, i32),
+    /// An `a(ss)` property (`DeviceAllow`).
+    Pairs(&'static str, Vec<(String, String)>),
+    /// A `(bas)` property: an allow-list (true) or deny-list (false).
+    Filter(&'static str, bool, Vec<String>),
     /// `ExecStart`: the program and its whole argv.
     ExecStart(String, Vec<String>),
 }
 
+/// The devices a VMM may open: KVM, TAPs, vhost, and the loop and
+/// device-mapper devices system disks are made of. Everything else under
+/// `/dev` is closed to it (`DevicePolicy=closed` keeps the harmless
+/// pseudo-devices).
+pub const VMM_DEVICES: [&str; 6] = [
+    "/dev/kvm",
+    "/dev/net/tun",
+    "/dev/vhost-vsock",
+    "/dev/vhost-net",
+    "block-loop",
+    "block-device-mapper",
+];
+
 /// The properties of `req`'s transient unit.
 pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
-    use UnitProperty::{ExecStart, Str, U64};
+    use UnitProperty::{Bool, ExecStart, Filter, I32, Pairs, Str, Strs, U32, U64};
     let program = req.program.to_string_lossy().into_owned();
     let mut argv = vec![program.clone()];
     argv.extend(req.args.iter().cloned());
@@ -184,7 +211,67 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
         Str("CollectMode", "inactive-or-failed".to_owned()),
         // Stopping the unit (systemctl stop) signals QEMU first, then the rest.
         Str("KillMode", "mixed".to_owned()),
+        // The sandbox (docs/security.md): the VMM reads the system, writes
+        // only its VM's directories, opens only the devices a VM needs,
+        // keeps no capability and makes no namespace, socket other than a
+        // unix one or privileged system call.
+        Bool("NoNewPrivileges", true),
+        Str("ProtectSystem", "strict".to_owned()),
+        Strs(
+            "ReadWritePaths",
+            req.writable
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect(),
+        ),
+        Str("ProtectHome", "yes".to_owned()),
+        Bool("PrivateTmp", true),
+        Bool("PrivateIPC", true),
+        Str("DevicePolicy", "closed".to_owned()),
+        Pairs(
+            "DeviceAllow",
+            VMM_DEVICES
+                .iter()
+                .map(|d| ((*d).to_owned(), "rw".to_owned()))
+                .collect(),
+        ),
+        U64("CapabilityBoundingSet", 0),
+        U64("RestrictNamespaces", 0),
+        Filter("RestrictAddressFamilies", true, vec!["AF_UNIX".to_owned()]),
+        // `seccomp` (in no group of systemd 252): QEMU's `-sandbox` and
+        // Firecracker install filters of their own on top of this one.
+        Filter(
+            "SystemCallFilter",
+            true,
+            vec!["@system-service".to_owned(), "seccomp".to_owned()],
+        ),
+        Filter(
+            "SystemCallFilter",
+            false,
+            vec!["@privileged".to_owned(), "@resources".to_owned()],
+        ),
+        // A refused call fails (QEMU probes io_uring and the like) rather
+        // than killing the VM.
+        I32("SystemCallErrorNumber", libc_eperm()),
+        Strs("SystemCallArchitectures", vec!["native".to_owned()]),
+        Bool("MemoryDenyWriteExecute", !req.jit),
+        Bool("LockPersonality", true),
+        Bool("RestrictRealtime", true),
+        Bool("RestrictSUIDSGID", true),
+        Bool("ProtectKernelTunables", true),
+        Bool("ProtectKernelModules", true),
+        Bool("ProtectKernelLogs", true),
+        Bool("ProtectControlGroups", true),
+        Bool("ProtectClock", true),
+        Bool("ProtectHostname", true),
+        Str("ProtectProc", "invisible".to_owned()),
+        Str("KeyringMode", "private".to_owned()),
+        U32("UMask", 0o077),
     ]
+}
+
+fn libc_eperm() -> i32 {
+    nix::errno::Errno::EPERM as i32
 }
 
 #[cfg(test)]
@@ -200,7 +287,11 @@ mod tests {
         assert_eq!(memory_max_bytes(1024), (1024 + 128 + 256) << 20);
         assert_eq!(cpu_quota_usec(2), 2_000_000);
         let args = vec!["-M".to_owned(), "microvm".to_owned()];
-        let props = unit_properties(&StartRequest {
+        let writable = [
+            PathBuf::from("/var/lib/banger/vms/x"),
+            PathBuf::from("/run/banger/vms/x"),
+        ];
+        let request = |jit| StartRequest {
             vm_id: "0123456789abcdef",
             vm_name: "web",
             program: Path::new("/usr/bin/qemu-system-x86_64"),
@@ -208,16 +299,44 @@ mod tests {
             log: Path::new("/var/lib/banger/vms/x/vmm.log"),
             memory_mib: 512,
             vcpus: 2,
-        });
-        let find = |name: &str| {
-            props.iter().find(|p| match p {
-                UnitProperty::Str(n, _)
-                | UnitProperty::U64(n, _)
-                | UnitProperty::Bool(n, _)
-                | UnitProperty::Strs(n, _) => *n == name,
-                UnitProperty::ExecStart(..) => name == "ExecStart",
-            })
+            writable: &writable,
+            jit,
         };
+        let props = unit_properties(&request(false));
+        let name_of = |p: &UnitProperty| match p {
+            UnitProperty::Str(n, _)
+            | UnitProperty::U64(n, _)
+            | UnitProperty::U32(n, _)
+            | UnitProperty::I32(n, _)
+            | UnitProperty::Bool(n, _)
+            | UnitProperty::Strs(n, _)
+            | UnitProperty::Pairs(n, _)
+            | UnitProperty::Filter(n, ..) => *n,
+            UnitProperty::ExecStart(..) => "ExecStart",
+        };
+        let find = |name: &str| props.iter().find(|p| name_of(p) == name);
+        // The sandbox: no capability, writes only in the VM's directories,
+        // W^X unless the VMM compiles code at run time.
+        assert_eq!(
+            find("CapabilityBoundingSet"),
+            Some(&UnitProperty::U64("CapabilityBoundingSet", 0))
+        );
+        assert_eq!(
+            find("ReadWritePaths"),
+            Some(&UnitProperty::Strs(
+                "ReadWritePaths",
+                vec!["/var/lib/banger/vms/x".into(), "/run/banger/vms/x".into()]
+            ))
+        );
+        assert_eq!(
+            find("MemoryDenyWriteExecute"),
+            Some(&UnitProperty::Bool("MemoryDenyWriteExecute", true))
+        );
+        assert!(
+            unit_properties(&request(true))
+                .contains(&UnitProperty::Bool("MemoryDenyWriteExecute", false))
+        );
+        assert!(find("DeviceAllow").is_some_and(|p| format!("{p:?}").contains("/dev/kvm")));
         assert_eq!(
             find("ExecStart"),
             Some(&UnitProperty::ExecStart(
@@ -261,6 +380,8 @@ mod tests {
                 log: &log,
                 memory_mib: 128,
                 vcpus: 1,
+                writable: &[],
+                jit: false,
             })
             .await
             .expect("start");
@@ -269,6 +390,8 @@ mod tests {
         let sid =
             nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(id.pid as i32))).expect("sid");
         assert_eq!(sid.as_raw(), id.pid as i32, "a session of its own");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", id.pid)).expect("status");
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
         id.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
         let ended = banger_testbed::eventually(std::time::Duration::from_secs(5), || {
             watched.ended().then_some(())
@@ -329,6 +452,8 @@ mod tests {
                 log: &log,
                 memory_mib: 64,
                 vcpus: 1,
+                writable: &[],
+                jit: false,
             })
             .await
             .expect("started");
