@@ -72,7 +72,7 @@ pub use fixtures::{Tool, artifacts_dir, guest_artifact, mkfs_ext4, tiny_vmlinux,
 pub use http::{FileServer, Request};
 pub use journald::{Journald, journal_entries};
 pub use netns::NetNs;
-pub use nspawn::{Nspawn, build_deb, local_mirror, nspawn_rootfs, unit_property};
+pub use nspawn::{Nspawn, build_deb, exposure, local_mirror, nspawn_rootfs, unit_property};
 pub use polkit::{RuleGuard, install_polkit_rule};
 pub use release::{
     Keypair, catalog, channel, keypair, sha256_hex, sign, sign_manifest, tree_snapshot,

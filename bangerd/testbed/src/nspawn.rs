@@ -182,6 +182,22 @@ impl Nspawn {
     }
 }
 
+/// The overall exposure `systemd-analyze security UNIT` reports
+/// (`→ Overall exposure level for UNIT: 1.5 OK`).
+///
+/// # Panics
+///
+/// If the report has no such line.
+pub fn exposure(report: &str) -> f64 {
+    report
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for ").nth(1))
+        .and_then(|rest| rest.split(": ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure in:\n{report}"))
+}
+
 /// `Key=value` lines of `systemctl show`: the value of `key`.
 pub fn unit_property<'a>(show: &'a str, key: &str) -> Option<&'a str> {
     show.lines()

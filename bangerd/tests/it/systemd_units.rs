@@ -100,13 +100,7 @@ fn vmms_run_as_transient_units_under_systemd() {
     }
     let security = read("vm-security");
     eprintln!("systemd-analyze security {unit_name}:\n{security}");
-    let exposure: f64 = security
-        .lines()
-        .find_map(|l| l.split("Overall exposure level for ").nth(1))
-        .and_then(|rest| rest.split(": ").nth(1))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no overall exposure in:\n{security}"));
+    let exposure = banger_testbed::exposure(&security);
     assert!(exposure <= 4.0, "exposure {exposure}:\n{security}");
 
     // systemd-resolved routes ~vm to the guests' DNS server on the bridge,
