@@ -95,6 +95,29 @@ fn add(family: &str, what: &str, body: Value) -> Value {
     json!({"add": {what: body}})
 }
 
+/// Commands that drop both tables whether or not they exist (add, then
+/// delete).
+fn drop_tables() -> Vec<Value> {
+    ["inet", "bridge"]
+        .into_iter()
+        .flat_map(|family| {
+            [
+                add(family, "table", json!({"name": TABLE})),
+                json!({"delete": {"table": {"family": family, "name": TABLE}}}),
+            ]
+        })
+        .collect()
+}
+
+/// Elements `elems` into set `name` of our table of `family`.
+fn elements(family: &str, name: &str, elems: Value) -> Value {
+    add(
+        family,
+        "element",
+        json!({"table": TABLE, "name": name, "elem": elems}),
+    )
+}
+
 fn rule(family: &str, chain: &str, expr: Value) -> Value {
     add(
         family,
@@ -163,11 +186,8 @@ impl Firewall {
         let p = &self.policy;
         let b = p.bridge.as_str();
         let taps = format!("{TAP_PREFIX}*");
-        let mut cmds = Vec::new();
+        let mut cmds = drop_tables();
         for family in ["inet", "bridge"] {
-            // add + delete: drop the old table whether or not it exists.
-            cmds.push(add(family, "table", json!({"name": TABLE})));
-            cmds.push(json!({"delete": {"table": {"family": family, "name": TABLE}}}));
             cmds.push(add(family, "table", json!({"name": TABLE})));
         }
 
@@ -213,11 +233,7 @@ impl Firewall {
                 .iter()
                 .map(|g| json!({"concat": [g.tap, mac_for(g.ipv4), g.ipv4.to_string()]}))
                 .collect();
-            cmds.push(add(
-                br,
-                "element",
-                json!({"table": TABLE, "name": "guests", "elem": elems}),
-            ));
+            cmds.push(elements(br, "guests", json!(elems)));
         }
 
         // inet: the host, and NAT.
@@ -315,33 +331,16 @@ impl Firewall {
         ports.extend(&p.host_ports);
         ports.sort_unstable();
         ports.dedup();
-        cmds.push(add(
-            inet,
-            "element",
-            json!({"table": TABLE, "name": "host_ports", "elem": ports}),
-        ));
+        cmds.push(elements(inet, "host_ports", json!(ports)));
         let mut block = vec![LINK_LOCAL];
         block.extend(host_networks);
-        cmds.push(add(
-            inet,
-            "element",
-            json!({"table": TABLE, "name": "nat_block", "elem": prefixes(&block)}),
-        ));
+        cmds.push(elements(inet, "nat_block", json!(prefixes(&block))));
         if !p.nat_allow.is_empty() {
-            cmds.push(add(
-                inet,
-                "element",
-                json!({"table": TABLE, "name": "nat_allow",
-                "elem": prefixes(&p.nat_allow)}),
-            ));
+            cmds.push(elements(inet, "nat_allow", json!(prefixes(&p.nat_allow))));
         }
         if !nat.is_empty() {
             let elems: Vec<String> = nat.iter().map(ToString::to_string).collect();
-            cmds.push(add(
-                inet,
-                "element",
-                json!({"table": TABLE, "name": "nat_vms", "elem": elems}),
-            ));
+            cmds.push(elements(inet, "nat_vms", json!(elems)));
         }
         json!({"nftables": cmds})
     }
@@ -356,15 +355,8 @@ impl Firewall {
         nat: &[Ipv4Addr],
         host_networks: &[Ipv4Net],
     ) -> Result<(), Error> {
-        let doc: Nftables = serde_json::from_value(self.document(guests, nat, host_networks))
-            .map_err(|e| Error::failed(format!("bad nftables document: {e}")))?;
-        nftables::helper::apply_ruleset_with_args_async(
-            &doc,
-            Some(self.nft.as_os_str()),
-            std::iter::empty::<&str>(),
-        )
-        .await
-        .map_err(|e| Error::failed(format!("cannot apply banger's nftables tables: {e}")))?;
+        self.run(self.document(guests, nat, host_networks), "apply")
+            .await?;
         if !nat.is_empty() {
             enable_forwarding(&self.ip_forward)?;
         }
@@ -373,12 +365,14 @@ impl Firewall {
 
     /// Remove both tables (networking torn down, or uninstall).
     pub async fn remove(&self) -> Result<(), Error> {
-        let mut cmds = Vec::new();
-        for family in ["inet", "bridge"] {
-            cmds.push(add(family, "table", json!({"name": TABLE})));
-            cmds.push(json!({"delete": {"table": {"family": family, "name": TABLE}}}));
-        }
-        let doc: Nftables = serde_json::from_value(json!({ "nftables": cmds }))
+        self.run(json!({ "nftables": drop_tables() }), "remove")
+            .await
+    }
+
+    /// Run the nft JSON document `doc` in one transaction; `verb` says
+    /// what it does, for the error.
+    async fn run(&self, doc: Value, verb: &str) -> Result<(), Error> {
+        let doc: Nftables = serde_json::from_value(doc)
             .map_err(|e| Error::failed(format!("bad nftables document: {e}")))?;
         nftables::helper::apply_ruleset_with_args_async(
             &doc,
@@ -386,7 +380,7 @@ impl Firewall {
             std::iter::empty::<&str>(),
         )
         .await
-        .map_err(|e| Error::failed(format!("cannot remove banger's nftables tables: {e}")))
+        .map_err(|e| Error::failed(format!("cannot {verb} banger's nftables tables: {e}")))
     }
 }
 
