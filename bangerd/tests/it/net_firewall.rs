@@ -10,48 +10,18 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::AsFd;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use banger_testbed::NetNs;
 use bangerd::net::firewall::{Firewall, Guest, Policy};
 use bangerd::net::leases::{Subnet, mac_for};
 use bangerd::net::link::Links;
 
-/// A named network namespace (`ip netns add`), deleted on drop.
-struct NamedNs(String);
-
-impl NamedNs {
-    fn new(role: &str) -> Self {
-        let name = format!("bgt-{role}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run("ip", &["netns", "add", &name]);
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        Self(name)
-    }
-
-    /// Run `f` on a thread inside this namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.0)
-    }
-}
-
-impl Drop for NamedNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// `/run/netns/NAME` of `ns`, for `nsenter --net=`.
+fn path(ns: &NetNs) -> String {
+    format!("/run/netns/{}", ns.name())
 }
 
 fn run(program: &str, args: &[&str]) -> String {
@@ -114,9 +84,9 @@ fn listen(addr: &str) -> TcpListener {
 
 #[test]
 fn guests_are_confined_and_nat_lets_them_out_only_while_on() {
-    let g1 = NamedNs::new("g1");
-    let g2 = NamedNs::new("g2");
-    let upstream = NamedNs::new("up");
+    let g1 = NetNs::new("bgt-g1");
+    let g2 = NetNs::new("bgt-g2");
+    let upstream = NetNs::new("bgt-up");
 
     crate::net_links::in_netns(move |host| async move {
         scenario(&host, &g1, &g2, &upstream).await;
@@ -125,16 +95,25 @@ fn guests_are_confined_and_nat_lets_them_out_only_while_on() {
 
 /// Put guest namespace `g` on the bridge as `tap` with `ip` and its
 /// lease's MAC.
-fn add_guest(host: &str, g: &NamedNs, tap: &str, ip: Ipv4Addr) {
+fn add_guest(host: &str, g: &NetNs, tap: &str, ip: Ipv4Addr) {
     inside(
         host,
         "ip",
         &[
-            "link", "add", tap, "type", "veth", "peer", "name", "eth0", "netns", &g.0,
+            "link",
+            "add",
+            tap,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            g.name(),
         ],
     );
     inside(host, "ip", &["link", "set", tap, "master", "bgfw0", "up"]);
-    let n = g.0.as_str();
+    let n = g.name();
     // No duplicate address detection: the link-local address is usable
     // at once (the router advertisement needs one).
     run(
@@ -163,9 +142,9 @@ fn add_guest(host: &str, g: &NamedNs, tap: &str, ip: Ipv4Addr) {
     );
 }
 
-async fn scenario(host: &str, g1: &NamedNs, g2: &NamedNs, upstream: &NamedNs) {
+async fn scenario(host: &str, g1: &NetNs, g2: &NetNs, upstream: &NetNs) {
     let (a, b) = (Ipv4Addr::new(10, 213, 42, 2), Ipv4Addr::new(10, 213, 42, 3));
-    let (ga, gb, u) = (g1.path(), g2.path(), upstream.0.as_str());
+    let (ga, gb, u) = (path(g1), path(g2), upstream.name());
     // A table of somebody else's that must survive everything.
     inside(host, "nft", &["add", "table", "ip", "someone_else"]);
     inside(host, "nft", &["add", "chain", "ip", "someone_else", "keep"]);
@@ -281,7 +260,15 @@ async fn scenario(host: &str, g1: &NamedNs, g2: &NamedNs, upstream: &NamedNs) {
     // No address or MAC but its own.
     run(
         "ip",
-        &["-n", &g1.0, "addr", "add", "10.213.42.9/24", "dev", "eth0"],
+        &[
+            "-n",
+            g1.name(),
+            "addr",
+            "add",
+            "10.213.42.9/24",
+            "dev",
+            "eth0",
+        ],
     );
     assert!(
         !reaches(&ga, Some("10.213.42.9"), "10.213.42.1", 53),
@@ -291,7 +278,7 @@ async fn scenario(host: &str, g1: &NamedNs, g2: &NamedNs, upstream: &NamedNs) {
         "ip",
         &[
             "-n",
-            &g1.0,
+            g1.name(),
             "link",
             "set",
             "eth0",
@@ -302,7 +289,15 @@ async fn scenario(host: &str, g1: &NamedNs, g2: &NamedNs, upstream: &NamedNs) {
     assert!(!reaches(&ga, None, "10.213.42.1", 53), "a spoofed MAC");
     run(
         "ip",
-        &["-n", &g1.0, "link", "set", "eth0", "address", &mac_for(a)],
+        &[
+            "-n",
+            g1.name(),
+            "link",
+            "set",
+            "eth0",
+            "address",
+            &mac_for(a),
+        ],
     );
     assert!(reaches(&ga, None, "10.213.42.1", 53), "its own again");
     // A guest on another guest's TAP is nobody.
