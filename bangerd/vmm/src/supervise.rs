@@ -252,7 +252,7 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
         ),
         // A refused call fails (QEMU probes io_uring and the like) rather
         // than killing the VM.
-        I32("SystemCallErrorNumber", libc_eperm()),
+        I32("SystemCallErrorNumber", nix::errno::Errno::EPERM as i32),
         Strs("SystemCallArchitectures", vec!["native".to_owned()]),
         Bool("MemoryDenyWriteExecute", !req.jit),
         Bool("LockPersonality", true),
@@ -268,10 +268,6 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
         Str("KeyringMode", "private".to_owned()),
         U32("UMask", 0o077),
     ]
-}
-
-fn libc_eperm() -> i32 {
-    nix::errno::Errno::EPERM as i32
 }
 
 #[cfg(test)]
