@@ -57,6 +57,8 @@ pub struct CoreDeps {
     pub supervisor: Arc<dyn crate::vm::supervise::Supervisor>,
     /// Who runs the privileged steps of image builds.
     pub steps: Arc<dyn crate::artifacts::build::steps::StepRunner>,
+    /// Runs e2fsprogs on users' and guests' file systems (sandboxed).
+    pub tools: Arc<dyn banger_formats::tool::Tools>,
     /// Device-mapper, for snapshot system disks where it exists.
     pub dm: Arc<dyn crate::vm::snapshot::DeviceMapper>,
     /// Reaches the guests' agents.
@@ -132,6 +134,7 @@ impl Core {
             },
             quotas: quotas.clone(),
             steps: deps.steps.clone(),
+            tools: deps.tools.clone(),
         }));
         let net = Arc::new(HostNetwork::new(deps.store.clone(), deps.link_dns.clone()));
         let vms = Arc::new(Vms::new(VmsDeps {
@@ -145,6 +148,7 @@ impl Core {
             net: net.clone(),
             supervisor: deps.supervisor.clone(),
             dm: deps.dm.clone(),
+            tools: deps.tools.clone(),
             agent: deps.agent.clone(),
             host: deps.host.clone(),
         }));
@@ -535,6 +539,7 @@ mod tests {
                 host: HostPaths::default(),
                 supervisor: Arc::new(crate::vm::supervise::Direct),
                 steps: Arc::new(crate::artifacts::build::steps::Direct),
+                tools: Arc::new(banger_formats::tool::Unconfined),
                 dm: Arc::new(crate::vm::snapshot::Absent),
                 agent: Arc::new(crate::vm::agent::HostAgent),
                 link_dns: Arc::new(crate::net::resolved::NoLinkDns),

@@ -176,6 +176,7 @@ pub async fn run(
     } else {
         Arc::new(artifacts::build::steps::Direct)
     };
+    let tools = Arc::new(os::sandbox::Sandboxed::current(steps.clone()));
     let core = Core::new(
         config,
         CoreDeps {
@@ -187,6 +188,7 @@ pub async fn run(
             host: HostPaths::default(),
             supervisor,
             steps,
+            tools,
             dm: Arc::new(os::dm::Dm),
             agent: Arc::new(vm::agent::HostAgent),
             link_dns: Arc::new(os::resolved::Resolved::new(conn.clone())),

@@ -27,6 +27,16 @@ struct Args {
 const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
+    // `bangerd sandbox-exec SPEC`: the tool sandbox's helper, run by
+    // bangerd itself (see bangerd::os::sandbox), single-threaded.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let [_, mode, spec] = argv.as_slice()
+        && mode == bangerd::os::sandbox::HELPER_ARG
+        && let Some(spec) = spec.to_str()
+    {
+        let code = bangerd::os::sandbox::exec(spec);
+        return ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX));
+    }
     // A newer release installed by `banger update` takes over (before any
     // thread exists, and before LISTEN_FDS are taken: they pass through).
     banger_release::exec_newest("bangerd", bangerd::core::VERSION);

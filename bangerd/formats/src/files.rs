@@ -7,11 +7,12 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
 use banger_error::{Error, Result};
+
+use crate::tool::{Tool, Tools};
 
 const CHUNK: usize = 1 << 20;
 
@@ -307,69 +308,71 @@ pub fn disk_usage(path: &Path) -> u64 {
 /// The label of every work disk; guests mount it at /root.
 pub const WORK_LABEL: &str = "banger-work";
 
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .output()
-        .map_err(|e| Error::unavailable(format!("cannot run {what}: {e}; install e2fsprogs")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(Error::failed(format!(
-            "{what} failed ({}): {}",
-            out.status,
-            stderr.trim()
-        )))
-    }
-}
-
-/// Make a work-seed at `dst` from the `/root` of the ext4 image `rootfs`,
-/// without mounting anything: `debugfs rdump` copies the tree out
-/// (owners and modes kept, as root), `mkfs.ext4 -d` builds the image.
-/// The copy goes to a scratch directory beside `dst`, removed afterwards
-/// whether or not the seed was made.
-pub fn make_work_seed(rootfs: &Path, dst: &Path) -> Result<()> {
+/// Make a work-seed at `dst` (a new file) from the `/root` of the ext4
+/// image `rootfs`, without mounting anything: `debugfs rdump` copies the
+/// tree out (owners and modes kept), `mkfs.ext4 -d` builds the image, both
+/// through `tools` (the image is a user's: bangerd sandboxes them). The
+/// copy goes to a scratch directory beside `dst`, removed afterwards
+/// whether or not the seed was made; so is `dst` when it was not.
+pub fn make_work_seed(tools: &dyn Tools, rootfs: &Path, dst: &Path) -> Result<()> {
     let name = dst
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let scratch = dst.with_file_name(format!(".{name}.scratch"));
     std::fs::create_dir(&scratch).map_err(|e| io("cannot create", &scratch, e))?;
-    let made = seed_from(rootfs, &scratch, dst);
+    let made = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(|e| io("cannot create", dst, e))
+        .and_then(|_| {
+            seed_from(tools, rootfs, &scratch, dst).inspect_err(|_| {
+                let _ = std::fs::remove_file(dst);
+            })
+        });
     let removed = std::fs::remove_dir_all(&scratch).map_err(|e| io("cannot remove", &scratch, e));
     made.and(removed)
 }
 
-fn seed_from(rootfs: &Path, scratch: &Path, dst: &Path) -> Result<()> {
+fn seed_from(tools: &dyn Tools, rootfs: &Path, scratch: &Path, dst: &Path) -> Result<()> {
     let tree = scratch.join("root");
     // debugfs exits 0 even when /root is missing; an empty seed is right then.
-    run(
-        Command::new("debugfs")
+    // No file in the image is larger than the image (sparse ones would
+    // be written out in full).
+    let image_bytes = std::fs::metadata(rootfs)
+        .map_err(|e| io("cannot stat", rootfs, e))?
+        .len();
+    tools.check(
+        &Tool::new("debugfs")
             .arg("-R")
             .arg(format!("rdump /root {}", scratch.display()))
-            .arg(rootfs),
-        "debugfs rdump",
+            .reads(rootfs)
+            .read_write(scratch)
+            .max_file_bytes(image_bytes),
     )?;
-    if !tree.is_dir() {
-        std::fs::create_dir(&tree).map_err(|e| io("cannot create", &tree, e))?;
-    }
+    let mkfs = Tool::new("mkfs.ext4").args(["-q", "-F", "-L", WORK_LABEL]);
+    let (mkfs, used) = match std::fs::symlink_metadata(&tree) {
+        Ok(meta) if meta.is_dir() => (mkfs.arg("-d").reads(&tree), disk_usage(&tree)),
+        // Nothing to copy: an empty file system, its root the tool's own.
+        _ => (mkfs, 0),
+    };
     // Room for the files plus growth headroom; the VM grows it further.
-    let used = disk_usage(&tree);
     let size_mib = (used / (1 << 20)) * 2 + 64;
-    run(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", WORK_LABEL, "-d"])
-            .arg(&tree)
-            .arg(dst)
-            .arg(format!("{size_mib}M")),
-        "mkfs.ext4",
-    )
+    tools.check(
+        &mkfs
+            .writes(dst)
+            .arg(format!("{size_mib}M"))
+            .max_file_bytes(size_mib << 20),
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+    use std::process::Command;
 
     fn no_tick(_: u64) -> Result<()> {
         Ok(())
@@ -464,17 +467,16 @@ mod tests {
         std::fs::write(tree.join("etc/hostname"), b"x\n").expect("write");
         std::os::unix::fs::chown(tree.join("root/.bashrc"), Some(1234), Some(1234)).expect("chown");
         let rootfs = dir.path().join("rootfs.ext4");
-        run(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-d"])
-                .arg(&tree)
-                .arg(&rootfs)
-                .arg("16M"),
-            "mkfs.ext4",
-        )
-        .expect("rootfs");
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&rootfs)
+            .arg("16M")
+            .status()
+            .expect("mkfs.ext4");
+        assert!(st.success());
         let seed = dir.path().join("work-seed.ext4");
-        make_work_seed(&rootfs, &seed).expect("seed");
+        make_work_seed(&crate::tool::Unconfined, &rootfs, &seed).expect("seed");
         assert!(crate::ext4::is_ext4(&seed).expect("read"));
         // Its scratch copy is gone, even after a failure.
         let names = |d: &Path| -> Vec<_> {
@@ -488,7 +490,7 @@ mod tests {
         // mkfs.ext4 cannot make an image over a directory.
         let taken = dir.path().join("taken");
         std::fs::create_dir(&taken).expect("mkdir");
-        make_work_seed(&rootfs, &taken).expect_err("a directory");
+        make_work_seed(&crate::tool::Unconfined, &rootfs, &taken).expect_err("a directory");
         assert_eq!(names(dir.path()).len(), 4, "{:?}", names(dir.path()));
 
         // Read it back with debugfs: the file, its owner, the label.

@@ -2,13 +2,15 @@
 //! and catalogs, parsed without knowing the daemon: catalog bundles
 //! ([`bundle`]), OCI layers applied onto a root ([`layers`]), sparse and
 //! checked copies and module trees ([`files`]), ext4 images written with
-//! `mkfs.ext4 -d` ([`ext4`]).
+//! `mkfs.ext4 -d` ([`ext4`]), and the e2fsprogs tools run on such data
+//! through [`tool::Tools`].
 
 pub mod bundle;
 pub mod ext4;
 pub mod files;
 pub mod initramfs;
 pub mod layers;
+pub mod tool;
 
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {

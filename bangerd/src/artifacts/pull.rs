@@ -431,7 +431,8 @@ impl Artifacts {
             ctx.stage("make work-seed", 0.8).await?;
             let rootfs = tmp.path().join("rootfs.ext4");
             let dst = seed.clone();
-            blocking(move || files::make_work_seed(&rootfs, &dst)).await?;
+            let tools = self.tools.clone();
+            blocking(move || files::make_work_seed(&*tools, &rootfs, &dst)).await?;
         }
 
         ctx.stage("digest", 0.9).await?;

@@ -6,4 +6,5 @@ pub mod dm;
 pub mod notify;
 pub mod polkit;
 pub mod resolved;
+pub mod sandbox;
 pub mod systemd;

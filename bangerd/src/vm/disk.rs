@@ -11,10 +11,10 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
 
 use crate::artifacts::files::{WORK_LABEL, sparse_copy};
 use crate::error::{Error, Result};
+use banger_formats::tool::{Tool, Tools};
 
 /// How a system disk is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,24 +113,10 @@ pub fn make_system_disk(rootfs: &Path, dst: &Path) -> Result<DiskMethod> {
     Ok(DiskMethod::Copy)
 }
 
-fn tool(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
-    let out = cmd
-        .output()
-        .map_err(|e| Error::unavailable(format!("cannot run {what}: {e}; install e2fsprogs")))?;
-    if out.status.success() {
-        Ok(out)
-    } else {
-        Err(Error::failed(format!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
-}
-
 /// Grow the ext4 image `disk` to `bytes` (never shrinks): extend the file
-/// sparsely, check the filesystem, resize it.
-pub fn grow_ext4(disk: &Path, bytes: u64) -> Result<()> {
+/// sparsely, check the filesystem, resize it. The guest writes this file
+/// system: `tools` runs e2fsck and resize2fs (bangerd's sandbox them).
+pub fn grow_ext4(tools: &dyn Tools, disk: &Path, bytes: u64) -> Result<()> {
     let len = std::fs::metadata(disk)
         .map_err(|e| Error::failed(format!("cannot read {}: {e}", disk.display())))?
         .len();
@@ -148,59 +134,70 @@ pub fn grow_ext4(disk: &Path, bytes: u64) -> Result<()> {
         .and_then(|f| f.set_len(bytes))
         .map_err(|e| Error::failed(format!("cannot grow {}: {e}", disk.display())))?;
     // e2fsck exits 1 when it fixed something, which is fine here.
-    let out = Command::new("e2fsck")
-        .args(["-f", "-p"])
-        .arg(disk)
-        .output()
-        .map_err(|e| Error::unavailable(format!("cannot run e2fsck: {e}; install e2fsprogs")))?;
-    if !matches!(out.status.code(), Some(0 | 1)) {
-        return Err(Error::failed(format!(
-            "e2fsck of {} failed ({}): {}",
-            disk.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim()
-        )));
-    }
-    tool(Command::new("resize2fs").arg(disk), "resize2fs")?;
+    tools
+        .run(
+            &Tool::new("e2fsck")
+                .args(["-f", "-p"])
+                .writes(disk)
+                .max_file_bytes(bytes),
+        )?
+        .expect_codes(&format!("e2fsck of {}", disk.display()), &[0, 1])?;
+    tools.check(&Tool::new("resize2fs").writes(disk).max_file_bytes(bytes))?;
     Ok(())
 }
 
-/// Make the work disk `dst`: a copy of `seed` (or an empty ext4 labelled
-/// banger-work when the image has none), grown to `bytes`, with `keys` as
-/// root's authorized_keys.
-pub fn make_work_disk(seed: Option<&Path>, dst: &Path, bytes: u64, keys: &[String]) -> Result<()> {
+/// Make the work disk `dst` (a new file): a copy of `seed` (or an empty
+/// ext4 labelled banger-work when the image has none), grown to `bytes`,
+/// with `keys` as root's authorized_keys.
+pub fn make_work_disk(
+    tools: &dyn Tools,
+    seed: Option<&Path>,
+    dst: &Path,
+    bytes: u64,
+    keys: &[String],
+) -> Result<()> {
     match seed {
         Some(seed) => {
             sparse_copy(seed, dst, &mut |_| Ok(()))?;
         }
         None => {
-            tool(
-                Command::new("mkfs.ext4")
+            File::options()
+                .write(true)
+                .create_new(true)
+                .open(dst)
+                .map_err(|e| Error::failed(format!("cannot create {}: {e}", dst.display())))?;
+            tools.check(
+                &Tool::new("mkfs.ext4")
                     .args(["-q", "-F", "-L", WORK_LABEL])
-                    .arg(dst)
-                    .arg("64M"),
-                "mkfs.ext4",
+                    .writes(dst)
+                    .arg("64M")
+                    .max_file_bytes(64 << 20),
             )?;
         }
     }
-    grow_ext4(dst, bytes)?;
+    grow_ext4(tools, dst, bytes)?;
     if !keys.is_empty() {
-        write_authorized_keys(dst, keys)?;
+        write_authorized_keys(tools, dst, keys)?;
     }
     Ok(())
 }
 
 /// Put `keys` into `/.ssh/authorized_keys` of the ext4 image `disk`
 /// (root's home when mounted at /root), owned by root, mode 0600, without
-/// mounting: debugfs writes the file. Keys already there stay.
-pub fn write_authorized_keys(disk: &Path, keys: &[String]) -> Result<()> {
+/// mounting: debugfs, through `tools`, writes the file. Keys already
+/// there stay. Its inputs are files beside `disk` (a sandbox sees them;
+/// a temporary directory may be private to bangerd), removed afterwards.
+pub fn write_authorized_keys(tools: &dyn Tools, disk: &Path, keys: &[String]) -> Result<()> {
+    let disk_bytes = std::fs::metadata(disk)
+        .map_err(|e| Error::failed(format!("cannot read {}: {e}", disk.display())))?
+        .len();
     let existing = {
-        let out = tool(
-            Command::new("debugfs")
+        let out = tools.check(
+            &Tool::new("debugfs")
                 .arg("-R")
                 .arg("cat /.ssh/authorized_keys")
-                .arg(disk),
-            "debugfs",
+                .reads(disk)
+                .max_file_bytes(disk_bytes),
         )?;
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
@@ -214,10 +211,17 @@ pub fn write_authorized_keys(disk: &Path, keys: &[String]) -> Result<()> {
             text.push('\n');
         }
     }
-    let mut file = tempfile::NamedTempFile::new()
-        .map_err(|e| Error::failed(format!("cannot make a temporary file: {e}")))?;
-    file.write_all(text.as_bytes())
-        .map_err(|e| Error::failed(format!("cannot write a temporary file: {e}")))?;
+    let beside = disk.parent().unwrap_or(Path::new("/"));
+    let temp = |contents: &[u8]| -> Result<tempfile::NamedTempFile> {
+        let mut file = tempfile::Builder::new()
+            .prefix(".keys-")
+            .tempfile_in(beside)
+            .map_err(|e| Error::failed(format!("cannot make a temporary file: {e}")))?;
+        file.write_all(contents)
+            .map_err(|e| Error::failed(format!("cannot write a temporary file: {e}")))?;
+        Ok(file)
+    };
+    let file = temp(text.as_bytes())?;
     let script = format!(
         "mkdir /.ssh\nsif /.ssh mode 040700\nsif /.ssh uid 0\nsif /.ssh gid 0\n\
          rm /.ssh/authorized_keys\nwrite {} /.ssh/authorized_keys\n\
@@ -225,18 +229,15 @@ pub fn write_authorized_keys(disk: &Path, keys: &[String]) -> Result<()> {
          sif /.ssh/authorized_keys gid 0\n",
         file.path().display()
     );
-    let mut commands = tempfile::NamedTempFile::new()
-        .map_err(|e| Error::failed(format!("cannot make a temporary file: {e}")))?;
-    commands
-        .write_all(script.as_bytes())
-        .map_err(|e| Error::failed(format!("cannot write a temporary file: {e}")))?;
-    tool(
-        Command::new("debugfs")
+    let commands = temp(script.as_bytes())?;
+    tools.check(
+        &Tool::new("debugfs")
             .arg("-w")
             .arg("-f")
-            .arg(commands.path())
-            .arg(disk),
-        "debugfs",
+            .reads(commands.path())
+            .writes(disk)
+            .read_only(file.path())
+            .max_file_bytes(disk_bytes),
     )?;
     Ok(())
 }
@@ -269,6 +270,8 @@ pub fn snapshot_tables(base_dev: &str, cow_dev: &str, base_bytes: u64) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use banger_formats::tool::Unconfined;
+    use std::process::Command;
 
     #[test]
     fn dm_tables_follow_the_kernel_format() {
@@ -313,7 +316,7 @@ mod tests {
         mkfs(&seed, "16M");
         let disk = dir.path().join("work.ext4");
         let keys = vec!["ssh-ed25519 AAAA one@host".to_owned()];
-        make_work_disk(Some(&seed), &disk, 96 << 20, &keys).expect("work disk");
+        make_work_disk(&Unconfined, Some(&seed), &disk, 96 << 20, &keys).expect("work disk");
         assert_eq!(std::fs::metadata(&disk).expect("meta").len(), 96 << 20);
         let stat = debugfs(&disk, "stats");
         let blocks: u64 = stat
@@ -341,6 +344,7 @@ mod tests {
 
         // Adding a second key keeps the first, once.
         write_authorized_keys(
+            &Unconfined,
             &disk,
             &[
                 "ssh-ed25519 AAAA one@host".into(),
@@ -353,7 +357,7 @@ mod tests {
             "ssh-ed25519 AAAA one@host\nssh-rsa BBBB two\n"
         );
         // Shrinking is refused with a clear error; the disk is untouched.
-        let e = grow_ext4(&disk, 32 << 20).expect_err("shrink");
+        let e = grow_ext4(&Unconfined, &disk, 32 << 20).expect_err("shrink");
         assert!(e.message.contains("not shrink"), "{}", e.message);
         assert_eq!(std::fs::metadata(&disk).expect("meta").len(), 96 << 20);
     }

@@ -22,6 +22,7 @@ mod package;
 mod package_fresh;
 mod package_update;
 mod pull;
+mod sandbox;
 mod systemd_units;
 mod trust;
 mod update;

@@ -95,6 +95,18 @@ fn the_package_installs_activates_idles_and_authorizes() {
         "{}",
         read("alice-create")
     );
+    // Her work disk was checked and grown by e2fsprogs in their own
+    // sandboxed units, which ran to the end.
+    let tools = read("tool-units");
+    for tool in ["e2fsck", "resize2fs"] {
+        assert!(
+            tools
+                .lines()
+                .any(|l| l.contains("Finished banger-tool-")
+                    && l.contains(&format!("banger: {tool} "))),
+            "{tool}:\n{tools}"
+        );
+    }
     let vm: serde_json::Value = serde_json::from_str(&read("alice-vm.json")).unwrap_or_else(|e| {
         panic!(
             "vm show: {e}\n{}{}\ncreate:\n{}",

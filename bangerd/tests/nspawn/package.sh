@@ -89,6 +89,8 @@ echo $? >"$out/nat-delete-rc"
 banger vm list --all --json >"$out/vms-after.json" 2>&1
 step "users"
 journalctl -u bangerd -o json --no-pager >"$out/journal.json"
+# e2fsprogs on the VMs' disks ran in their own units (os::sandbox).
+journalctl --no-pager -u 'banger-tool-*' >"$out/tool-units" 2>&1
 
 # Remove keeps the state, purge drops it.
 dpkg -r banger >"$out/dpkg-remove" 2>&1 || finish "dpkg -r failed"

@@ -21,10 +21,14 @@ start_bangerd() {
     /opt/banger/bangerd
 }
 # Kill bangerd with SIGKILL and wait until its unit is gone: systemd-run
-# cannot reuse the name while the dead unit is still loaded.
+# cannot reuse the name while the dead unit is still loaded. The signal
+# goes to its main process with kill(2): `systemctl kill` also walks the
+# unit's cgroup, which systemd 252 sometimes fails to read ("Failed to
+# send signal SIGKILL to auxiliary processes: Input/output error").
 kill_bangerd() {
-  systemctl kill -s KILL bangerd
-  for _ in $(seq 100); do
+  pid=$(systemctl show -p MainPID --value bangerd)
+  [ "${pid:-0}" -gt 0 ] && kill -KILL "$pid"
+  for _ in $(seq 300); do
     [ "$(systemctl show -p LoadState --value bangerd)" = not-found ] && return 0
     systemctl reset-failed bangerd 2>/dev/null
     sleep 0.1

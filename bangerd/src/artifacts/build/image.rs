@@ -514,7 +514,7 @@ fn bootstrap_step(
     };
     args.extend([recipe.suite.clone(), target, mirror]);
     Step {
-        id: format!("{id}-bootstrap"),
+        id: format!("build-{id}-bootstrap"),
         what: how.tool().to_owned(),
         program: program.clone(),
         args,
@@ -815,7 +815,7 @@ impl Artifacts {
             })
             .await?;
             let step = Step {
-                id: format!("{id}-unpack"),
+                id: format!("build-{id}-unpack"),
                 what: "unpacking the base tree".to_owned(),
                 program: steps::program("tar")?,
                 args: vec![
@@ -882,7 +882,7 @@ impl Artifacts {
         ctx.stage("configure", 0.6).await?;
         {
             let step = Step {
-                id: format!("{id}-configure"),
+                id: format!("build-{id}-configure"),
                 what: "the recipe's configure".to_owned(),
                 program: recipe.dir.join("configure"),
                 args: vec![root.to_string_lossy().into_owned()],
@@ -1063,7 +1063,7 @@ mod tests {
             &s.args[s.args.len() - 3..],
             ["bookworm", "/w/tree", "file:///srv/mirror"]
         );
-        assert_eq!(s.id, "b1-bootstrap");
+        assert_eq!(s.id, "build-b1-bootstrap");
 
         let subuid = "alice:100000:65536\n# comment\n999:165536:65536\nshort:300000:100\n";
         assert!(has_subids(subuid, "alice", 1000));

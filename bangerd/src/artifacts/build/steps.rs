@@ -8,6 +8,9 @@
 //! child in its own process group ([`Direct`]). Either way the step's
 //! output comes back through a pipe, line by line ([`run`]), and a
 //! cancelled job stops the step and everything it started.
+//!
+//! The file system tools' sandbox (`os::sandbox`) runs through the same
+//! runners: making namespaces is one more thing bangerd's unit may not do.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -24,8 +27,9 @@ use banger_vmm::supervise::UnitProperty;
 /// One step to run.
 #[derive(Debug, Clone)]
 pub struct Step {
-    /// Unique among running steps: the build's id and the step
-    /// (`<id>-debootstrap`); names the unit.
+    /// Unique among running steps; names the unit (`banger-<id>`): an
+    /// image build's step is `build-<build id>-<step>`, a sandboxed
+    /// tool's `tool-<pid>-<n>`.
     pub id: String,
     /// What it is, for messages (`debootstrap`).
     pub what: String,
@@ -82,7 +86,7 @@ pub trait StepRunner: Send + Sync + std::fmt::Debug {
 
 /// The unit a step runs in.
 pub fn unit_name(step: &Step) -> String {
-    format!("banger-build-{}.service", step.id)
+    format!("banger-{}.service", step.id)
 }
 
 /// Capabilities a step keeps, by number (`linux/capability.h`): files
@@ -133,7 +137,7 @@ pub fn unit_properties(step: &Step) -> Vec<UnitProperty> {
     let mut props = vec![
         Str(
             "Description",
-            format!("banger image build: {} ({})", step.what, step.id),
+            format!("banger: {} ({})", step.what, step.id),
         ),
         Str("Slice", banger_vmm::supervise::SLICE.to_owned()),
         Str("Type", "oneshot".to_owned()),
@@ -466,7 +470,7 @@ mod tests {
     fn units_get_the_rights_of_a_bootstrap_and_no_more() {
         let s = step("true", Path::new("/var/lib/banger/images/.tmp-x"));
         let props = unit_properties(&s);
-        assert_eq!(unit_name(&s), "banger-build-t-1.service");
+        assert_eq!(unit_name(&s), "banger-t-1.service");
         let caps = props
             .iter()
             .find_map(|p| match p {

@@ -291,7 +291,8 @@ impl Artifacts {
                 ctx.stage("make work-seed", 0.7).await?;
                 let rootfs = tmp.path().join("rootfs.ext4");
                 let dst = seed.clone();
-                blocking(move || files::make_work_seed(&rootfs, &dst)).await?;
+                let tools = self.tools.clone();
+                blocking(move || files::make_work_seed(&*tools, &rootfs, &dst)).await?;
             }
         }
 
@@ -377,12 +378,13 @@ impl Artifacts {
         let _claim = self.claim_image(&image.id, &image.name)?;
         let dir = images_dir(&self.state).join(&image.id);
         let rootfs = image.rootfs.clone();
+        let tools = self.tools.clone();
         let sha_and_path = blocking(move || {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
             let scratch = TmpDir::create(dir.join(".tmp-seed"))?;
             let tmp_seed = scratch.path().join("work-seed.ext4");
-            files::make_work_seed(&rootfs, &tmp_seed)?;
+            files::make_work_seed(&*tools, &rootfs, &tmp_seed)?;
             let sha = files::sha256_file(&tmp_seed, &mut |_| Ok(()))?;
             let seed = dir.join("work-seed.ext4");
             std::fs::rename(&tmp_seed, &seed)

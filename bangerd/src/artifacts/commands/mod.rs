@@ -41,6 +41,8 @@ pub struct Artifacts {
     pub(super) apt: tokio::sync::Mutex<()>,
     /// Runs image builds' privileged steps.
     pub(super) steps: Arc<dyn crate::artifacts::build::steps::StepRunner>,
+    /// Runs e2fsprogs on users' images (sandboxed).
+    pub(super) tools: Arc<dyn banger_formats::tool::Tools>,
 }
 
 /// The per-user limits as the artifact commands meet them: disk an
@@ -79,6 +81,8 @@ pub struct ArtifactsDeps {
     pub quotas: Arc<dyn DiskQuota>,
     /// Runs image builds' privileged steps.
     pub steps: Arc<dyn crate::artifacts::build::steps::StepRunner>,
+    /// Runs e2fsprogs on users' images (sandboxed).
+    pub tools: Arc<dyn banger_formats::tool::Tools>,
 }
 
 /// Run blocking work off the async threads.
@@ -243,6 +247,7 @@ impl Artifacts {
             pulls: tokio::sync::Mutex::default(),
             apt: tokio::sync::Mutex::default(),
             steps: deps.steps,
+            tools: deps.tools,
         }
     }
 
@@ -495,6 +500,7 @@ mod tests {
             },
             quotas: Arc::new(Quotas::new(config, store, authorizer)),
             steps: Arc::new(crate::artifacts::build::steps::Direct),
+            tools: Arc::new(banger_formats::tool::Unconfined),
         }))
     }
 

@@ -202,7 +202,9 @@ impl Vms {
             vm.disk_bytes,
             vm.ssh_keys.clone(),
         );
-        blocking(move || disk::make_work_disk(seed.as_deref(), &work, bytes, &keys)).await?;
+        let tools = self.tools.clone();
+        blocking(move || disk::make_work_disk(&*tools, seed.as_deref(), &work, bytes, &keys))
+            .await?;
         ctx.check_cancelled()?;
         self.transition(&vm.id, VmEvent::Created, |v| {
             v.disk_method = Some(method);
@@ -492,7 +494,8 @@ impl Vms {
         }
         if disk_bytes > vm.disk_bytes {
             let work = self.vm_paths(&vm.id).work_disk;
-            blocking(move || disk::grow_ext4(&work, disk_bytes)).await?;
+            let tools = self.tools.clone();
+            blocking(move || disk::grow_ext4(&*tools, &work, disk_bytes)).await?;
         }
         if let Some(nat) = nat_change
             && vm.state.has_process()

@@ -37,6 +37,7 @@ use crate::jobs::{JobEvent, Jobs, Resource};
 use crate::net::host::HostNetwork;
 use crate::paths::{Dirs, HostPaths};
 use crate::store::{Store, StoreError};
+use banger_formats::tool::Tools;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
@@ -63,6 +64,7 @@ pub struct Vms {
     net: Arc<HostNetwork>,
     supervisor: Arc<dyn Supervisor>,
     dm: Arc<dyn DeviceMapper>,
+    tools: Arc<dyn Tools>,
     agent: Arc<dyn GuestAgent>,
     host: HostPaths,
     runtime: VmRuntime,
@@ -91,6 +93,8 @@ pub struct VmsDeps {
     pub supervisor: Arc<dyn Supervisor>,
     /// Device-mapper, for snapshot system disks where it exists.
     pub dm: Arc<dyn DeviceMapper>,
+    /// Runs e2fsprogs on the guests' work disks (sandboxed).
+    pub tools: Arc<dyn Tools>,
     /// Reaches the guests' agents.
     pub agent: Arc<dyn GuestAgent>,
     /// Host device paths (`/dev/kvm`).
@@ -153,6 +157,7 @@ impl Vms {
             net: deps.net,
             supervisor: deps.supervisor,
             dm: deps.dm,
+            tools: deps.tools,
             agent: deps.agent,
             host: deps.host,
             runtime: VmRuntime::default(),

@@ -263,6 +263,7 @@ mod tests {
                 host: HostPaths::default(),
                 supervisor: Arc::new(crate::vm::supervise::Direct),
                 steps: Arc::new(crate::artifacts::build::steps::Direct),
+                tools: Arc::new(banger_formats::tool::Unconfined),
                 dm: Arc::new(crate::vm::snapshot::Absent),
                 agent: agent.clone(),
                 link_dns: Arc::new(crate::net::resolved::NoLinkDns),

@@ -1,0 +1,162 @@
+//! Running the e2fsprogs tools on data a user or a guest controls. A
+//! crafted file system is parsed by `e2fsck`, `resize2fs`, `debugfs` and
+//! `mkfs.ext4 -d`; none of them may do so with privilege. Callers say
+//! which files a tool needs ([`Tool::files`]) and hand the tool to a
+//! [`Tools`]: bangerd's (`os::sandbox`) runs it without capabilities, in
+//! a user namespace of its own, with no network and a mount namespace in
+//! which those files are the only ones of the host's data it can see, at
+//! the paths the arguments name. [`Unconfined`] runs it as the caller,
+//! for tests of what the tools make.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use banger_error::{Error, Result};
+
+/// A file or directory a tool may see, at its own path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct File {
+    pub path: PathBuf,
+    /// Whether the tool may write it (else it is mounted read-only).
+    pub writable: bool,
+}
+
+/// One run of a tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tool {
+    /// The program's name on the PATH (`e2fsck`).
+    pub program: String,
+    pub args: Vec<String>,
+    /// Every file it reads or writes; nothing else of the host's data is
+    /// there for it.
+    pub files: Vec<File>,
+    /// No file it writes may grow past this (`RLIMIT_FSIZE`): a crafted
+    /// file system's huge sparse file stops there.
+    pub max_file_bytes: Option<u64>,
+}
+
+impl Tool {
+    pub fn new(program: &str) -> Self {
+        Tool {
+            program: program.to_owned(),
+            args: Vec::new(),
+            files: Vec::new(),
+            max_file_bytes: None,
+        }
+    }
+
+    /// Limit every file it writes to `bytes`.
+    pub fn max_file_bytes(mut self, bytes: u64) -> Self {
+        self.max_file_bytes = Some(bytes);
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// `path` as an argument, readable by the tool.
+    pub fn reads(mut self, path: &std::path::Path) -> Self {
+        self.args.push(path.to_string_lossy().into_owned());
+        self.read_only(path)
+    }
+
+    /// `path` as an argument, writable by the tool.
+    pub fn writes(mut self, path: &std::path::Path) -> Self {
+        self.args.push(path.to_string_lossy().into_owned());
+        self.read_write(path)
+    }
+
+    /// `path` readable by the tool, not an argument.
+    pub fn read_only(mut self, path: &std::path::Path) -> Self {
+        self.files.push(File {
+            path: path.to_owned(),
+            writable: false,
+        });
+        self
+    }
+
+    /// `path` writable by the tool, not an argument.
+    pub fn read_write(mut self, path: &std::path::Path) -> Self {
+        self.files.push(File {
+            path: path.to_owned(),
+            writable: true,
+        });
+        self
+    }
+}
+
+/// What a tool did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    /// Its exit code; `None` when a signal ended it.
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// The output, or an error with what the tool said when it exited
+    /// with anything but one of `ok`.
+    pub fn expect_codes(self, what: &str, ok: &[i32]) -> Result<Output> {
+        if self.code.is_some_and(|c| ok.contains(&c)) {
+            return Ok(self);
+        }
+        let said = if self.stderr.iter().all(u8::is_ascii_whitespace) {
+            &self.stdout
+        } else {
+            &self.stderr
+        };
+        Err(Error::failed(format!(
+            "{what} failed ({}): {}",
+            self.code
+                .map_or_else(|| "killed".to_owned(), |c| format!("exit status {c}")),
+            String::from_utf8_lossy(said).trim()
+        )))
+    }
+}
+
+/// Runs tools. Blocking: callers are on a blocking thread already.
+pub trait Tools: Send + Sync + std::fmt::Debug {
+    fn run(&self, tool: &Tool) -> Result<Output>;
+
+    /// Run `tool`, an error unless it exits 0.
+    fn check(&self, tool: &Tool) -> Result<Output> {
+        self.run(tool)?.expect_codes(&tool.program, &[0])
+    }
+}
+
+/// Runs a tool as the caller, with everything the caller may reach: for
+/// tests, never for bangerd's work on a user's or a guest's data.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unconfined;
+
+impl Tools for Unconfined {
+    fn run(&self, tool: &Tool) -> Result<Output> {
+        let out = Command::new(&tool.program)
+            .args(&tool.args)
+            .env("LC_ALL", "C")
+            .output()
+            .map_err(|e| {
+                Error::unavailable(format!(
+                    "cannot run {}: {e}; install e2fsprogs",
+                    tool.program
+                ))
+            })?;
+        Ok(Output {
+            code: out.status.code(),
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
+    }
+}
