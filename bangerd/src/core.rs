@@ -59,6 +59,8 @@ pub struct CoreDeps {
     pub steps: Arc<dyn crate::artifacts::build::steps::StepRunner>,
     /// Runs e2fsprogs on users' and guests' file systems (sandboxed).
     pub tools: Arc<dyn banger_formats::tool::Tools>,
+    /// bangerd's own binary: the tools' sandbox and OCI layers run it.
+    pub helper: std::path::PathBuf,
     /// Device-mapper, for snapshot system disks where it exists.
     pub dm: Arc<dyn crate::vm::snapshot::DeviceMapper>,
     /// Reaches the guests' agents.
@@ -135,6 +137,7 @@ impl Core {
             quotas: quotas.clone(),
             steps: deps.steps.clone(),
             tools: deps.tools.clone(),
+            helper: deps.helper.clone(),
         }));
         let net = Arc::new(HostNetwork::new(deps.store.clone(), deps.link_dns.clone()));
         let vms = Arc::new(Vms::new(VmsDeps {
@@ -540,6 +543,7 @@ mod tests {
                 supervisor: Arc::new(crate::vm::supervise::Direct),
                 steps: Arc::new(crate::artifacts::build::steps::Direct),
                 tools: Arc::new(banger_formats::tool::Unconfined),
+                helper: std::path::PathBuf::from("bangerd"),
                 dm: Arc::new(crate::vm::snapshot::Absent),
                 agent: Arc::new(crate::vm::agent::HostAgent),
                 link_dns: Arc::new(crate::net::resolved::NoLinkDns),

@@ -176,7 +176,10 @@ pub async fn run(
     } else {
         Arc::new(artifacts::build::steps::Direct)
     };
-    let tools = Arc::new(os::sandbox::Sandboxed::current(steps.clone()));
+    // bangerd's own binary runs the tools' sandbox and applies OCI layers.
+    let helper = std::env::current_exe()
+        .unwrap_or_else(|_| std::path::PathBuf::from("/usr/libexec/banger/bangerd"));
+    let tools = Arc::new(os::sandbox::Sandboxed::new(steps.clone(), helper.clone()));
     let core = Core::new(
         config,
         CoreDeps {
@@ -189,6 +192,7 @@ pub async fn run(
             supervisor,
             steps,
             tools,
+            helper,
             dm: Arc::new(os::dm::Dm),
             agent: Arc::new(vm::agent::HostAgent),
             link_dns: Arc::new(os::resolved::Resolved::new(conn.clone())),

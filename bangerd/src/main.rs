@@ -37,6 +37,14 @@ fn main() -> ExitCode {
         let code = bangerd::os::sandbox::exec(spec);
         return ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX));
     }
+    // `bangerd layers-apply SPEC`: an OCI pull's layers, in a step.
+    if let [_, mode, spec] = argv.as_slice()
+        && mode == bangerd::artifacts::oci::unpack::HELPER_ARG
+        && let Some(spec) = spec.to_str()
+    {
+        let code = bangerd::artifacts::oci::unpack::exec(spec);
+        return ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX));
+    }
     // A newer release installed by `banger update` takes over (before any
     // thread exists, and before LISTEN_FDS are taken: they pass through).
     banger_release::exec_newest("bangerd", bangerd::core::VERSION);

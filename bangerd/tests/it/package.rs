@@ -4,19 +4,114 @@
 //! saw), and this file judges the results: D-Bus and DNS socket
 //! activation, idle exit, the journal's `BANGER_*` fields, polkit for a
 //! `banger` group member in a logind session and for a stranger, a VM
-//! booted by the packaged bangerd with its hardening, `systemd-analyze
-//! verify`, and remove/purge. Needs root and the guest artifacts.
+//! booted by the packaged bangerd with its hardening, an OCI image with
+//! a setuid file and a file capability pulled from a registry and
+//! booted, `systemd-analyze verify`, and remove/purge. Needs root, the
+//! guest artifacts, docker-registry, umoci, skopeo and setcap.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use banger_testbed::{
-    Nspawn, artifacts_dir, build_deb, guest_artifact, nspawn_rootfs, unit_property,
+    Nspawn, artifacts_dir, build_deb, eventually, free_loopback_port, guest_artifact,
+    nspawn_rootfs, unit_property,
 };
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        banger_testbed::output_text(&out)
+    );
+}
+
+/// A registry's storage (docker-registry's `filesystem` driver) holding
+/// `test/caps:t`: the tiny image's tree plus `/usr/local/bin/suid`
+/// (mode 4755) and `/opt/cap/cat`, its busybox with `cap_net_raw+ep`
+/// (a `security.capability` xattr), built by umoci and pushed by skopeo
+/// to a docker-registry on loopback. The container serves it with a
+/// registry of its own.
+fn caps_registry(dir: &Path) -> PathBuf {
+    let layout = dir.join("layout");
+    let image = format!("{}:t", layout.display());
+    run(Command::new("umoci")
+        .arg("init")
+        .arg("--layout")
+        .arg(&layout));
+    run(Command::new("umoci").args(["new", "--image", &image]));
+    run(Command::new("umoci").args(["config", "--image", &image, "--architecture", "amd64"]));
+    let bundle = dir.join("bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle));
+    let root = bundle.join("rootfs");
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", root.display()))
+        .arg(guest_artifact("tiny/rootfs.ext4", "build-tiny-image")));
+    std::fs::create_dir_all(root.join("usr/local/bin")).unwrap();
+    std::fs::write(root.join("usr/local/bin/suid"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        root.join("usr/local/bin/suid"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("opt/cap")).unwrap();
+    std::fs::copy(root.join("bin/busybox"), root.join("opt/cap/cat")).unwrap();
+    run(Command::new("setcap")
+        .arg("cap_net_raw+ep")
+        .arg(root.join("opt/cap/cat")));
+    run(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle));
+
+    let store = dir.join("store");
+    let port = free_loopback_port().unwrap();
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+    let mut registry = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("run docker-registry (apt install docker-registry)");
+    let up = eventually(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let pushed = up.map(|_| {
+        Command::new("skopeo")
+            .args(["copy", "--dest-tls-verify=false"])
+            .arg(format!("oci:{image}"))
+            .arg(format!("docker://127.0.0.1:{port}/test/caps:t"))
+            .output()
+            .unwrap()
+    });
+    let _ = registry.kill();
+    let _ = registry.wait();
+    let pushed = pushed.expect("docker-registry did not listen");
+    assert!(
+        pushed.status.success(),
+        "{}",
+        banger_testbed::output_text(&pushed)
+    );
+    store
 }
 
 #[test]
@@ -26,12 +121,19 @@ fn the_package_installs_activates_idles_and_authorizes() {
     let debs = tempfile::tempdir().unwrap();
     let deb = build_deb(debs.path());
     let tests = repo().join("bangerd/tests/nspawn");
+    let oci = tempfile::tempdir().unwrap();
+    let store = caps_registry(oci.path());
     let boot = Nspawn::new(
         &nspawn_rootfs(),
         "banger-package",
         "banger-package-test.service",
     )
     .bind_ro(&deb, "/opt/pkg/banger.deb")
+    .bind_ro(&store, "/opt/registry")
+    .bind_ro(
+        Path::new("/usr/bin/docker-registry"),
+        "/usr/local/bin/docker-registry",
+    )
     .bind_ro(&artifacts_dir(), "/opt/guest")
     .bind_ro(&tests, "/opt/banger-test")
     .unit_file(&tests.join("banger-package-test.service"));
@@ -107,6 +209,35 @@ fn the_package_installs_activates_idles_and_authorizes() {
             "{tool}:\n{tools}"
         );
     }
+    // The OCI image's setuid file and file capability survived the pull
+    // under the hardened unit (its layers went on in their own unit) and
+    // work in the guest.
+    assert_eq!(read("caps-pull-rc").trim(), "0", "{}", read("caps-pull"));
+    assert!(
+        read("pull-units")
+            .lines()
+            .any(|l| l.contains("Finished banger-pull-") && l.contains("apply layers")),
+        "{}",
+        read("pull-units")
+    );
+    assert_eq!(
+        read("caps-create-rc").trim(),
+        "0",
+        "{}",
+        read("caps-create")
+    );
+    assert_eq!(read("caps-suid").trim(), "4755", "{}", read("caps-suid"));
+    let cap = |status: &str, field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {field} in {status}"))
+    };
+    let (capable, plain) = (read("caps-status"), read("plain-status"));
+    assert_eq!(cap(&capable, "CapEff:"), "0000000000002000", "{capable}");
+    assert_eq!(cap(&capable, "CapPrm:"), "0000000000002000", "{capable}");
+    assert_eq!(cap(&plain, "CapEff:"), "0000000000000000", "{plain}");
     let vm: serde_json::Value = serde_json::from_str(&read("alice-vm.json")).unwrap_or_else(|e| {
         panic!(
             "vm show: {e}\n{}{}\ncreate:\n{}",

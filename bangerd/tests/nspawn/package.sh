@@ -92,6 +92,42 @@ journalctl -u bangerd -o json --no-pager >"$out/journal.json"
 # e2fsprogs on the VMs' disks ran in their own units (os::sandbox).
 journalctl --no-pager -u 'banger-tool-*' >"$out/tool-units" 2>&1
 
+# An OCI image with a setuid file and a file capability (made by the
+# test: /usr/local/bin/suid 4755, /opt/cap/cat with cap_net_raw+ep),
+# pulled from a registry on loopback through the packaged bangerd, its
+# layers applied in a unit of their own; then booted.
+cp -a /opt/registry /var/tmp/registry
+cat >/var/tmp/registry.yml <<'EOF'
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: /var/tmp/registry
+http:
+  addr: 127.0.0.1:5000
+EOF
+docker-registry serve /var/tmp/registry.yml >/var/tmp/registry.log 2>&1 &
+for _ in $(seq 100); do
+  (exec 3<>/dev/tcp/127.0.0.1/5000) 2>/dev/null && break
+  sleep 0.1
+done
+banger image pull 127.0.0.1:5000/test/caps:t --kernel test-kernel --name caps \
+  >"$out/caps-pull" 2>&1
+echo $? >"$out/caps-pull-rc"
+banger vm create --image caps --name capsvm >"$out/caps-create" 2>&1
+echo $? >"$out/caps-create-rc"
+banger vm ssh capsvm -- stat -c %a /usr/local/bin/suid >"$out/caps-suid" 2>&1
+# As nobody, the capable copy of cat has cap_net_raw (bit 13) from its
+# file capability alone.
+banger vm ssh capsvm -- "su -s /bin/sh nobody -c '/opt/cap/cat /proc/self/status'" \
+  >"$out/caps-status" 2>&1
+banger vm ssh capsvm -- "su -s /bin/sh nobody -c 'cat /proc/self/status'" \
+  >"$out/plain-status" 2>&1
+banger vm delete capsvm >"$out/caps-delete" 2>&1
+journalctl --no-pager -u 'banger-pull-*' >"$out/pull-units" 2>&1
+step "oci caps"
+
 # Remove keeps the state, purge drops it.
 dpkg -r banger >"$out/dpkg-remove" 2>&1 || finish "dpkg -r failed"
 ls /var/lib/banger >"$out/state-after-remove" 2>&1

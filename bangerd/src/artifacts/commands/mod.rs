@@ -43,6 +43,8 @@ pub struct Artifacts {
     pub(super) steps: Arc<dyn crate::artifacts::build::steps::StepRunner>,
     /// Runs e2fsprogs on users' images (sandboxed).
     pub(super) tools: Arc<dyn banger_formats::tool::Tools>,
+    /// bangerd's own binary, which applies OCI layers in a step.
+    pub(super) helper: PathBuf,
 }
 
 /// The per-user limits as the artifact commands meet them: disk an
@@ -83,6 +85,9 @@ pub struct ArtifactsDeps {
     pub steps: Arc<dyn crate::artifacts::build::steps::StepRunner>,
     /// Runs e2fsprogs on users' images (sandboxed).
     pub tools: Arc<dyn banger_formats::tool::Tools>,
+    /// bangerd's own binary, which applies OCI layers in a step
+    /// (`oci::unpack`).
+    pub helper: PathBuf,
 }
 
 /// Run blocking work off the async threads.
@@ -248,6 +253,7 @@ impl Artifacts {
             apt: tokio::sync::Mutex::default(),
             steps: deps.steps,
             tools: deps.tools,
+            helper: deps.helper,
         }
     }
 
@@ -501,6 +507,7 @@ mod tests {
             quotas: Arc::new(Quotas::new(config, store, authorizer)),
             steps: Arc::new(crate::artifacts::build::steps::Direct),
             tools: Arc::new(banger_formats::tool::Unconfined),
+            helper: PathBuf::from("bangerd"),
         }))
     }
 

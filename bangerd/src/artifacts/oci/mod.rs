@@ -8,6 +8,7 @@
 pub mod boot;
 pub use banger_formats::{ext4, layers};
 pub mod registry;
+pub mod unpack;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,15 +208,15 @@ impl Artifacts {
 
         ctx.stage("apply layers", 0.5).await?;
         let mut tick = ticker(ctx, "layers", 0, 0.5, 0.7);
-        let (layers, into) = (fetched.layers.clone(), root.clone());
-        blocking(move || {
-            for (i, blob) in layers.iter().enumerate() {
-                layers::apply(&into, blob, i + 1, &mut tick)?;
-                std::fs::remove_file(blob)
-                    .map_err(|e| Error::failed(format!("cannot remove {}: {e}", blob.display())))?;
-            }
-            Ok(())
-        })
+        unpack::apply(
+            &*self.steps,
+            &self.helper,
+            &staged.id,
+            &root,
+            &fetched.layers,
+            &mut |_, bytes| tick(bytes),
+            &|| ctx.check_cancelled(),
+        )
         .await?;
 
         ctx.stage("first-boot wrapper", 0.7).await?;

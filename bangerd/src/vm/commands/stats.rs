@@ -264,6 +264,7 @@ mod tests {
                 supervisor: Arc::new(crate::vm::supervise::Direct),
                 steps: Arc::new(crate::artifacts::build::steps::Direct),
                 tools: Arc::new(banger_formats::tool::Unconfined),
+                helper: std::path::PathBuf::from("bangerd"),
                 dm: Arc::new(crate::vm::snapshot::Absent),
                 agent: agent.clone(),
                 link_dns: Arc::new(crate::net::resolved::NoLinkDns),
