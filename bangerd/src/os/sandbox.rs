@@ -30,7 +30,7 @@
 //! scratch copy) belong to ids in the range; their caller removes them.
 
 use std::ffi::CString;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -109,14 +109,6 @@ impl Sandboxed {
             helper,
             runtime: tokio::runtime::Handle::current(),
         }
-    }
-
-    /// With the running binary as the helper (the packaged path when
-    /// the kernel cannot say which that is).
-    pub fn current(steps: Arc<dyn StepRunner>) -> Self {
-        let exe = std::env::current_exe()
-            .unwrap_or_else(|_| PathBuf::from("/usr/libexec/banger/bangerd"));
-        Self::new(steps, exe)
     }
 }
 
@@ -215,44 +207,20 @@ impl Tools for Sandboxed {
                 .collect(),
             user: None,
         };
-        let mut stdout = tempfile::tempfile()
-            .map_err(|e| Error::failed(format!("cannot make a temporary file: {e}")))?;
-        let out_fd = OwnedFd::from(
-            stdout
-                .try_clone()
-                .map_err(|e| Error::failed(format!("cannot make a temporary file: {e}")))?,
-        );
-        // The helper appends the tool's status after the tool has ended.
-        nix::fcntl::fcntl(
-            out_fd.as_fd(),
-            nix::fcntl::FcntlArg::F_SETFL(OFlag::O_APPEND),
-        )
-        .map_err(|e| Error::failed(format!("cannot set up a temporary file: {e}")))?;
         let lent = Lent::lend(&spec.files)?;
-        let mut stderr = Vec::new();
-        let ended = self.runtime.block_on(steps::run_to(
-            self.steps.as_ref(),
-            &step,
-            Some(out_fd),
-            &mut |line| {
-                stderr.extend_from_slice(line.as_bytes());
-                stderr.push(b'\n');
-                Ok(())
-            },
-            &|| Ok(()),
-        ));
+        // The helper appends the tool's status after the tool has ended.
+        let captured =
+            self.runtime
+                .block_on(steps::capture(self.steps.as_ref(), &step, &|| Ok(())));
         drop(lent);
+        let (ended, captured) = captured?;
         ended.map_err(|e| {
             Error::failed(format!(
                 "cannot run {} in its sandbox: {}",
                 tool.program, e.message
             ))
         })?;
-        let mut out = Vec::new();
-        stdout
-            .rewind()
-            .and_then(|()| stdout.read_to_end(&mut out))
-            .map_err(|e| Error::failed(format!("cannot read {}'s output: {e}", tool.program)))?;
+        let mut out = captured.stdout;
         let code = split_status(&mut out).ok_or_else(|| {
             Error::failed(format!(
                 "{} ended without the sandbox saying how",
@@ -262,7 +230,7 @@ impl Tools for Sandboxed {
         Ok(Output {
             code,
             stdout: out,
-            stderr,
+            stderr: captured.stderr.into_bytes(),
         })
     }
 }

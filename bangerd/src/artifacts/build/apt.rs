@@ -4,12 +4,15 @@
 //! host's apt knows and never installs a package. apt's update hooks are
 //! cleared in banger's configuration file (they belong to the host's own
 //! lists), and downloads run in apt's `_apt` sandbox where that user
-//! exists.
+//! exists. apt runs as a step (a transient unit under systemd): switching
+//! to `_apt` takes `CAP_SETUID` and `CAP_SETGID`, which bangerd's own unit
+//! does without.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::steps::{self, Step, StepRunner};
 use crate::error::{Error, Result};
 
 /// One package file apt would download.
@@ -25,11 +28,15 @@ pub struct Download {
     pub sha256: String,
 }
 
-/// apt with banger's lists and cache under one directory.
+/// apt with banger's lists and cache under one directory, run by a
+/// step runner.
 #[derive(Debug, Clone)]
 pub struct Apt {
     dir: PathBuf,
+    steps: Arc<dyn StepRunner>,
 }
+
+static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The archive's name for a package is plain: no option can hide in it.
 pub fn valid_package(name: &str) -> bool {
@@ -42,9 +49,10 @@ pub fn valid_package(name: &str) -> bool {
 }
 
 impl Apt {
-    /// apt with its state under `dir` (made on first use).
-    pub fn new(dir: PathBuf) -> Self {
-        Self { dir }
+    /// apt with its state under `dir` (made on first use), run by
+    /// `steps`.
+    pub fn new(dir: PathBuf, steps: Arc<dyn StepRunner>) -> Self {
+        Self { dir, steps }
     }
 
     /// Where downloaded packages are kept between builds.
@@ -99,33 +107,42 @@ impl Apt {
         Ok(path)
     }
 
+    /// Run `program` (apt-get or apt-cache) with banger's configuration,
+    /// in `cwd` when given (`env --chdir`: a step starts in `/`); its
+    /// standard output.
     async fn run(&self, program: &str, args: &[&str], cwd: Option<&Path>) -> Result<String> {
         let conf = self.prepare()?;
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.arg("-c")
-            .arg(&conf)
-            .arg("-q")
-            .args(args)
-            .env("LC_ALL", "C")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(cwd) = cwd {
-            cmd.current_dir(cwd);
-        }
-        let out = cmd.output().await.map_err(|e| {
-            Error::unavailable(format!(
-                "cannot run {program}: {e}; kernel builds need apt (Debian)"
-            ))
-        })?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
+        let missing = |e: Error| {
+            Error::unavailable(format!("{}; kernel builds need apt (Debian)", e.message))
+        };
+        let apt = steps::program(program).map_err(missing)?;
+        let mut argv: Vec<String> = cwd
+            .map(|cwd| format!("--chdir={}", cwd.display()))
+            .into_iter()
+            .collect();
+        argv.extend(["LC_ALL=C".into(), "DEBIAN_FRONTEND=noninteractive".into()]);
+        argv.push(apt.to_string_lossy().into_owned());
+        argv.extend([
+            "-c".to_owned(),
+            conf.to_string_lossy().into_owned(),
+            "-q".to_owned(),
+        ]);
+        argv.extend(args.iter().map(|a| (*a).to_owned()));
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let step = Step {
+            id: format!("apt-{}-{n}", std::process::id()),
+            what: format!("{program} {}", args.first().copied().unwrap_or_default()),
+            program: steps::program("env").map_err(missing)?,
+            args: argv,
+            writable: vec![self.dir.clone()],
+            user: None,
+        };
+        let (ended, out) = steps::capture(self.steps.as_ref(), &step, &|| Ok(())).await?;
+        if ended.is_err() {
             return Err(Error::unavailable(format!(
-                "{program} {} failed: {}",
-                args.first().copied().unwrap_or_default(),
-                apt_error(&stderr)
+                "{} failed: {}",
+                step.what,
+                apt_error(&out.stderr)
             )));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -166,7 +166,7 @@ impl Artifacts {
         name: String,
         package: Option<String>,
     ) -> Result<Option<Resource>> {
-        let apt = apt::Apt::new(self.cache.join("apt"));
+        let apt = apt::Apt::new(self.cache.join("apt"), self.steps.clone());
         ctx.stage("apt update", 0.0).await?;
         let apt_held = self.apt.lock().await;
         apt.update().await?;

@@ -281,6 +281,53 @@ pub async fn run_to(
     })
 }
 
+/// What a step wrote: its standard output whole, its standard error's
+/// lines.
+#[derive(Debug, Default)]
+pub struct Captured {
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+/// Run `step` to its end with its standard output kept in a temporary
+/// file (opened for appending) and its standard error's lines collected;
+/// `check` as for [`run`]. The outcome, and what it wrote either way.
+pub async fn capture(
+    runner: &dyn StepRunner,
+    step: &Step,
+    check: &(dyn Fn() -> Result<()> + Sync),
+) -> Result<(Result<()>, Captured)> {
+    use std::io::{Read, Seek};
+    let cannot =
+        |e: std::io::Error| Error::failed(format!("cannot keep {}'s output: {e}", step.what));
+    let mut file = tempfile::tempfile().map_err(cannot)?;
+    let fd = OwnedFd::from(file.try_clone().map_err(cannot)?);
+    // Appending: whatever else writes to it lands after the step's own.
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND),
+    )
+    .map_err(|e| cannot(e.into()))?;
+    let mut stderr = String::new();
+    let ended = run_to(
+        runner,
+        step,
+        Some(fd),
+        &mut |line| {
+            stderr.push_str(line);
+            stderr.push('\n');
+            Ok(())
+        },
+        check,
+    )
+    .await;
+    let mut stdout = Vec::new();
+    file.rewind()
+        .and_then(|()| file.read_to_end(&mut stdout))
+        .map_err(cannot)?;
+    Ok((ended, Captured { stdout, stderr }))
+}
+
 /// Steps as bangerd's children, each in its own process group.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Direct;
