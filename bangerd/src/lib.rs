@@ -180,6 +180,7 @@ pub async fn run(
     let helper = std::env::current_exe()
         .unwrap_or_else(|_| std::path::PathBuf::from("/usr/libexec/banger/bangerd"));
     let tools = Arc::new(os::sandbox::Sandboxed::new(steps.clone(), helper.clone()));
+    let state = dirs.state.clone();
     let core = Core::new(
         config,
         CoreDeps {
@@ -217,6 +218,14 @@ pub async fn run(
         },
         None => None,
     };
+    // Files a sandboxed tool held when bangerd died are root's again
+    // (state/{vms,images,kernels}/<id>/<file>).
+    match tokio::task::spawn_blocking(move || banger_formats::tool::reclaim(&state, 3)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::warn!("{n} files a sandboxed tool held are root's again"),
+        Ok(Err(e)) => tracing::error!("cannot take back files from the tools' sandbox: {e}"),
+        Err(e) => tracing::error!("cannot take back files from the tools' sandbox: {e}"),
+    }
     if let Err(e) = core.artifacts().clean_up_artifacts().await {
         tracing::error!("cannot clean up after interrupted kernel or image operations: {e}");
     }

@@ -8,10 +8,41 @@
 //! the paths the arguments name. [`Unconfined`] runs it as the caller,
 //! for tests of what the tools make.
 
-use std::path::PathBuf;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use banger_error::{Error, Result};
+
+/// The host ids a sandbox's user namespace maps (its root is the first),
+/// in the range systemd leaves unused: no account, container or dynamic
+/// user has them.
+pub const SANDBOX_IDS: std::ops::Range<u32> = 0x7B00_0000..0x7B01_0000;
+
+/// Hand back to root what sandboxed runs still held when their daemon
+/// died: every file and directory under `dir`, down to `depth` levels,
+/// owned by a [`SANDBOX_IDS`] uid or gid becomes root's, without setuid,
+/// setgid or write for others. Links are not followed. Returns how many
+/// were handed back.
+pub fn reclaim(dir: &Path, depth: usize) -> std::io::Result<usize> {
+    let mut done = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let meta = std::fs::symlink_metadata(&path)?;
+        if SANDBOX_IDS.contains(&meta.uid()) || SANDBOX_IDS.contains(&meta.gid()) {
+            std::os::unix::fs::lchown(&path, Some(0), Some(0))?;
+            if !meta.file_type().is_symlink() {
+                let mode = meta.mode() & 0o7777 & !0o6002;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            }
+            done += 1;
+        }
+        if depth > 1 && meta.is_dir() {
+            done += reclaim(&path, depth - 1)?;
+        }
+    }
+    Ok(done)
+}
 
 /// A file or directory a tool may see, at its own path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +164,48 @@ pub trait Tools: Send + Sync + std::fmt::Debug {
     /// Run `tool`, an error unless it exits 0.
     fn check(&self, tool: &Tool) -> Result<Output> {
         self.run(tool)?.expect_codes(&tool.program, &[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_dead_sandbox_held_goes_back_to_root() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vm = dir.path().join("vms/x");
+        std::fs::create_dir_all(&vm).expect("mkdir");
+        let disk = vm.join("work.ext4");
+        std::fs::write(&disk, b"disk").expect("write");
+        let mine = vm.join("console.log");
+        std::fs::write(&mine, b"log").expect("write");
+        std::os::unix::fs::chown(&disk, Some(SANDBOX_IDS.start), Some(SANDBOX_IDS.start))
+            .expect("chown");
+        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o6777)).expect("chmod");
+        std::os::unix::fs::chown(&mine, Some(1000), Some(1000)).expect("chown");
+        let deep = vm.join("a/b");
+        std::fs::create_dir_all(&deep).expect("mkdir");
+        std::os::unix::fs::chown(&deep, Some(SANDBOX_IDS.start + 5), None).expect("chown");
+
+        assert_eq!(reclaim(dir.path(), 3).expect("reclaim"), 1);
+        let meta = std::fs::metadata(&disk).expect("meta");
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (0, 0, 0o775)
+        );
+        // Others' files stay theirs; deeper than asked is left alone.
+        assert_eq!(std::fs::metadata(&mine).expect("meta").uid(), 1000);
+        assert_eq!(
+            std::fs::metadata(&deep).expect("meta").uid(),
+            SANDBOX_IDS.start + 5
+        );
+        assert_eq!(reclaim(dir.path(), 5).expect("reclaim"), 1);
+        assert_eq!(std::fs::metadata(&deep).expect("meta").uid(), 0);
     }
 }
 

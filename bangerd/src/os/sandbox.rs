@@ -52,9 +52,9 @@ use banger_formats::tool::{Output, Tool, Tools};
 /// root is this uid and gid. In the range systemd leaves unused
 /// (`0x70000000`–`0x7FFEFFFF`, docs/security.md), so no account and no
 /// container's ids are these.
-pub const IDS: u32 = 0x7B00_0000;
+pub const IDS: u32 = banger_formats::tool::SANDBOX_IDS.start;
 /// How many ids the namespace maps.
-pub const ID_COUNT: u32 = 65536;
+pub const ID_COUNT: u32 = banger_formats::tool::SANDBOX_IDS.end - IDS;
 
 /// The argument that makes `bangerd` the sandbox's helper.
 pub const HELPER_ARG: &str = "sandbox-exec";
