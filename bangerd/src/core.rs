@@ -265,6 +265,7 @@ impl Core {
             &self.net.resolved(),
         )
         .await;
+        checks.push(doctor::tools_sandbox(self.deps.tools.clone()).await);
         // What VMs get: the default image and the accelerator the KVM probe
         // chose with its kernel (a real boot, cached; see vm::vmm::kvm).
         let image_name = &config.vm.default_image;

@@ -181,6 +181,23 @@ pub(super) fn check_image_build(images: &crate::config::ImagesConfig) -> Check {
     }
 }
 
+/// Whether e2fsprogs run where bangerd runs them on users' and guests'
+/// file systems (`os::sandbox`): one `e2fsck -V` through `tools`.
+pub(super) fn check_tools_sandbox(tools: &dyn banger_formats::tool::Tools) -> Check {
+    const NAME: &str = "tools-sandbox";
+    match tools.check(&banger_formats::tool::Tool::new("e2fsck").arg("-V")) {
+        Ok(_) => Check::pass(
+            NAME,
+            "e2fsprogs run without privilege on users' and guests' file systems",
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            e.message,
+            "VM work disks and images need it: install e2fsprogs, and allow user namespaces (sysctl user.max_user_namespaces above 0)",
+        ),
+    }
+}
+
 pub(super) fn check_guest_agent(path: &Path) -> Check {
     const NAME: &str = "guest-agent";
     match crate::artifacts::oci::boot::check_agent(path) {
@@ -309,5 +326,33 @@ mod tests {
     fn absent_polkit_is_a_failure() {
         assert_eq!(check_polkit(NameState::Absent).verdict, Verdict::Fail);
         assert_eq!(check_polkit(NameState::Activatable).verdict, Verdict::Pass);
+    }
+
+    /// A sandbox that cannot be made, as where user namespaces are off.
+    #[derive(Debug)]
+    struct NoSandbox;
+
+    impl banger_formats::tool::Tools for NoSandbox {
+        fn run(
+            &self,
+            tool: &banger_formats::tool::Tool,
+        ) -> crate::error::Result<banger_formats::tool::Output> {
+            Err(crate::error::Error::failed(format!(
+                "cannot run {} in its sandbox: cannot make the user and network namespaces",
+                tool.program
+            )))
+        }
+    }
+
+    #[test]
+    fn the_tools_sandbox_fails_where_it_cannot_be_made() {
+        let c = check_tools_sandbox(&NoSandbox);
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(c.detail.contains("cannot make the user"), "{}", c.detail);
+        assert!(c.hint.contains("max_user_namespaces"), "{}", c.hint);
+        assert_eq!(
+            check_tools_sandbox(&banger_formats::tool::Unconfined).verdict,
+            Verdict::Pass
+        );
     }
 }

@@ -115,6 +115,20 @@ pub const POLKIT_NAME: &str = "org.freedesktop.PolicyKit1";
 
 pub use crate::net::resolved::RESOLVED_NAME;
 
+/// The `tools-sandbox` check: one sandboxed run through `tools`, on a
+/// blocking thread (the sandbox runs a step and waits for it).
+pub async fn tools_sandbox(tools: std::sync::Arc<dyn banger_formats::tool::Tools>) -> Check {
+    tokio::task::spawn_blocking(move || check_tools_sandbox(tools.as_ref()))
+        .await
+        .unwrap_or_else(|e| {
+            Check::fail(
+                "tools-sandbox",
+                format!("the check crashed: {e}"),
+                "report this as a bug",
+            )
+        })
+}
+
 /// Run every check. Bus questions first (async), the rest on a blocking thread.
 pub async fn run(
     config: &Config,

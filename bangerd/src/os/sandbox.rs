@@ -551,7 +551,7 @@ fn build_and_exec(
     // Its own user, network and IPC namespaces; the helper maps the ids.
     ctx(
         unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC),
-        "cannot make the user and network namespaces",
+        "cannot make the user and network namespaces (user namespaces must be allowed: sysctl user.max_user_namespaces above 0)",
     )?;
     ctx(nix::unistd::write(report, b"r"), "cannot tell the helper")?;
     let mut byte = [0u8; 1];

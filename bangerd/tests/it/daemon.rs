@@ -427,6 +427,12 @@ fn without_polkit_root_is_allowed_and_others_are_told_why_not() {
             .find(|c| c.name == "polkit")
             .expect("polkit check");
         assert_eq!(polkit.verdict, "fail", "{polkit:?}");
+        // The tools' sandbox, made by the real helper as a child here.
+        let sandbox = checks
+            .iter()
+            .find(|c| c.name == "tools-sandbox")
+            .expect("tools-sandbox check");
+        assert_eq!(sandbox.verdict, "pass", "{sandbox:?}");
     });
 }
 

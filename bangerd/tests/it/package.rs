@@ -185,6 +185,8 @@ fn the_package_installs_activates_idles_and_authorizes() {
     let doctor: serde_json::Value = serde_json::from_str(&read("doctor.json")).unwrap();
     let systemd = banger_testbed::doctor_check(&doctor, "systemd");
     assert_eq!(systemd["verdict"], "pass", "{systemd}");
+    let sandbox = banger_testbed::doctor_check(&doctor, "tools-sandbox");
+    assert_eq!(sandbox["verdict"], "pass", "{sandbox}");
 
     // alice (group banger, logind session) created and deleted her VM,
     // booted by the packaged bangerd; bob was refused by polkit.
