@@ -58,6 +58,7 @@ mod journald;
 mod netns;
 mod nspawn;
 mod polkit;
+mod registry;
 mod release;
 mod shared;
 mod spawn;
@@ -74,6 +75,7 @@ pub use journald::{Journald, journal_entries};
 pub use netns::NetNs;
 pub use nspawn::{Nspawn, build_deb, exposure, local_mirror, nspawn_rootfs, unit_property};
 pub use polkit::{RuleGuard, install_polkit_rule};
+pub use registry::Registry;
 pub use release::{
     Keypair, catalog, channel, keypair, sha256_hex, sign, sign_manifest, tree_snapshot,
 };

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use banger_testbed::output_text as text;
 use banger_testbed::{
-    NetNs, Options, TestBed, eventually, free_loopback_port, guest_artifact, journal_entries,
-    sha256_hex,
+    NetNs, Options, Registry, TestBed, eventually, free_loopback_port, guest_artifact,
+    journal_entries, sha256_hex,
 };
 
 fn run(cmd: &mut Command) -> String {
@@ -46,72 +46,8 @@ fn argv(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-/// A `docker-registry` on a loopback port, killed on drop.
-struct Registry {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn registry() -> Registry {
-    registry_in(None, "")
-}
-
-/// A registry on loopback: the host's, or that of `ns`; `extra` is more
-/// of its YAML configuration (an `auth:` section).
-fn registry_in(ns: Option<&NetNs>, extra: &str) -> Registry {
-    let dir = tempfile::tempdir().unwrap();
-    let port = match ns {
-        Some(_) => 5000,
-        None => free_loopback_port().unwrap(),
-    };
-    let config = dir.path().join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
-            dir.path().join("store").display()
-        ),
-    )
-    .unwrap();
-    // Its request log (404s for blobs skopeo probes) stays in its directory.
-    let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-    let mut cmd = match ns {
-        Some(ns) => ns.command("docker-registry"),
-        None => Command::new("docker-registry"),
-    };
-    let child = cmd
-        .arg("serve")
-        .arg(&config)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("run docker-registry (apt install docker-registry)");
-    let up = eventually(Duration::from_secs(20), || {
-        let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
-        let mut cmd = match ns {
-            Some(ns) => ns.command("bash"),
-            None => Command::new("bash"),
-        };
-        cmd.args(["-c", &probe])
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-            .then_some(())
-    });
-    assert!(up.is_some(), "docker-registry did not listen on {port}");
-    Registry {
-        child,
-        port,
-        _dir: dir,
-    }
+    Registry::start(None, "")
 }
 
 /// An OCI layout `dir` with image `:t` for `arch`: returns the unpacked
@@ -563,7 +499,7 @@ fn a_registry_behind_token_auth_takes_the_right_login_only() {
             .map(|_| ())
     });
     assert!(listening.is_some(), "the token service did not listen");
-    let reg = registry_in(
+    let reg = Registry::start(
         None,
         &format!(
             "auth:\n  token:\n    realm: http://127.0.0.1:{token_port}/token\n    \
@@ -774,7 +710,7 @@ fn a_debian_registry_image_boots_through_the_first_boot_wrapper() {
     let layout = guest_artifact("oci-debian/layout", "build-oci-debian");
     let repo = guest_artifact("oci-debian/repo", "build-oci-debian");
     let ns = NetNs::new("bgoci");
-    let reg = registry_in(Some(&ns), "");
+    let reg = Registry::start(Some(&ns), "");
     let reference = format!("127.0.0.1:{}/library/debian:bookworm", reg.port);
     run(ns
         .command("skopeo")

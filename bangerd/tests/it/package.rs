@@ -13,11 +13,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use banger_testbed::{
-    Nspawn, artifacts_dir, build_deb, eventually, free_loopback_port, guest_artifact,
-    nspawn_rootfs, unit_property,
+    Nspawn, Registry, artifacts_dir, build_deb, guest_artifact, nspawn_rootfs, unit_property,
 };
 
 fn repo() -> PathBuf {
@@ -33,13 +31,13 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// A registry's storage (docker-registry's `filesystem` driver) holding
+/// A registry (its storage the `filesystem` driver's) holding
 /// `test/caps:t`: the tiny image's tree plus `/usr/local/bin/suid`
 /// (mode 4755) and `/opt/cap/cat`, its busybox with `cap_net_raw+ep`
 /// (a `security.capability` xattr), built by umoci and pushed by skopeo
-/// to a docker-registry on loopback. The container serves it with a
-/// registry of its own.
-fn caps_registry(dir: &Path) -> PathBuf {
+/// to a docker-registry on loopback. The container serves its storage
+/// with a registry of its own.
+fn caps_registry(dir: &Path) -> Registry {
     let layout = dir.join("layout");
     let image = format!("{}:t", layout.display());
     run(Command::new("umoci")
@@ -73,45 +71,19 @@ fn caps_registry(dir: &Path) -> PathBuf {
         .args(["repack", "--image", &image])
         .arg(&bundle));
 
-    let store = dir.join("store");
-    let port = free_loopback_port().unwrap();
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            store.display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("registry.log")).unwrap();
-    let mut registry = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("run docker-registry (apt install docker-registry)");
-    let up = eventually(Duration::from_secs(20), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
-    let pushed = up.map(|_| {
-        Command::new("skopeo")
-            .args(["copy", "--dest-tls-verify=false"])
-            .arg(format!("oci:{image}"))
-            .arg(format!("docker://127.0.0.1:{port}/test/caps:t"))
-            .output()
-            .unwrap()
-    });
-    let _ = registry.kill();
-    let _ = registry.wait();
-    let pushed = pushed.expect("docker-registry did not listen");
+    let registry = Registry::start(None, "");
+    let pushed = Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{image}"))
+        .arg(format!("docker://127.0.0.1:{}/test/caps:t", registry.port))
+        .output()
+        .unwrap();
     assert!(
         pushed.status.success(),
         "{}",
         banger_testbed::output_text(&pushed)
     );
-    store
+    registry
 }
 
 #[test]
@@ -122,14 +94,14 @@ fn the_package_installs_activates_idles_and_authorizes() {
     let deb = build_deb(debs.path());
     let tests = repo().join("bangerd/tests/nspawn");
     let oci = tempfile::tempdir().unwrap();
-    let store = caps_registry(oci.path());
+    let registry = caps_registry(oci.path());
     let boot = Nspawn::new(
         &nspawn_rootfs(),
         "banger-package",
         "banger-package-test.service",
     )
     .bind_ro(&deb, "/opt/pkg/banger.deb")
-    .bind_ro(&store, "/opt/registry")
+    .bind_ro(&registry.store(), "/opt/registry")
     .bind_ro(
         Path::new("/usr/bin/docker-registry"),
         "/usr/local/bin/docker-registry",
