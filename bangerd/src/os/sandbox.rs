@@ -168,8 +168,6 @@ impl Drop for Lent {
     }
 }
 
-static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 impl Tools for Sandboxed {
     fn run(&self, tool: &Tool) -> Result<Output> {
         let program = crate::program::find(Path::new(&tool.program)).ok_or_else(|| {
@@ -193,9 +191,8 @@ impl Tools for Sandboxed {
         };
         let json = serde_json::to_string(&spec)
             .map_err(|e| Error::failed(format!("cannot describe the sandbox: {e}")))?;
-        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let step = Step {
-            id: format!("tool-{}-{run}", std::process::id()),
+            id: steps::unique_id("tool"),
             what: tool.program.clone(),
             program: self.helper.clone(),
             args: vec![HELPER_ARG.to_owned(), json],

@@ -36,8 +36,6 @@ pub struct Apt {
     steps: Arc<dyn StepRunner>,
 }
 
-static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// The archive's name for a package is plain: no option can hide in it.
 pub fn valid_package(name: &str) -> bool {
     let mut chars = name.chars();
@@ -128,9 +126,8 @@ impl Apt {
             "-q".to_owned(),
         ]);
         argv.extend(args.iter().map(|a| (*a).to_owned()));
-        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let step = Step {
-            id: format!("apt-{}-{n}", std::process::id()),
+            id: steps::unique_id("apt"),
             what: format!("{program} {}", args.first().copied().unwrap_or_default()),
             program: steps::program("env").map_err(missing)?,
             args: argv,

@@ -84,6 +84,14 @@ pub trait StepRunner: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, Result<Running>>;
 }
 
+/// A step id no other step of this daemon has: `<kind>-<pid>-<n>`, for
+/// steps that run many times (a tool, an apt call).
+pub fn unique_id(kind: &str) -> String {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{kind}-{}-{n}", std::process::id())
+}
+
 /// The unit a step runs in.
 pub fn unit_name(step: &Step) -> String {
     format!("banger-{}.service", step.id)
