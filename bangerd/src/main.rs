@@ -27,23 +27,23 @@ struct Args {
 const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
-    // `bangerd sandbox-exec SPEC`: the tool sandbox's helper, run by
-    // bangerd itself (see bangerd::os::sandbox), single-threaded.
+    // bangerd's own binary as a step's helper, single-threaded:
+    // `sandbox-exec SPEC` runs a tool in its sandbox (os::sandbox),
+    // `layers-apply SPEC` an OCI pull's layers (artifacts::oci::unpack).
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let [_, mode, spec] = argv.as_slice()
-        && mode == bangerd::os::sandbox::HELPER_ARG
-        && let Some(spec) = spec.to_str()
+        && let (Some(mode), Some(spec)) = (mode.to_str(), spec.to_str())
     {
-        let code = bangerd::os::sandbox::exec(spec);
-        return ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX));
-    }
-    // `bangerd layers-apply SPEC`: an OCI pull's layers, in a step.
-    if let [_, mode, spec] = argv.as_slice()
-        && mode == bangerd::artifacts::oci::unpack::HELPER_ARG
-        && let Some(spec) = spec.to_str()
-    {
-        let code = bangerd::artifacts::oci::unpack::exec(spec);
-        return ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX));
+        let helper: Option<fn(&str) -> i32> = match mode {
+            bangerd::os::sandbox::HELPER_ARG => Some(bangerd::os::sandbox::exec),
+            bangerd::artifacts::oci::unpack::HELPER_ARG => {
+                Some(bangerd::artifacts::oci::unpack::exec)
+            }
+            _ => None,
+        };
+        if let Some(helper) = helper {
+            return ExitCode::from(u8::try_from(helper(spec)).unwrap_or(u8::MAX));
+        }
     }
     // A newer release installed by `banger update` takes over (before any
     // thread exists, and before LISTEN_FDS are taken: they pass through).
