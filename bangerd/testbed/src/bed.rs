@@ -100,6 +100,8 @@ pub struct TestBed {
     bus: Option<Child>,
     polkitd: Option<Polkitd>,
     daemon: Option<Child>,
+    /// When the running daemon was started.
+    daemon_since: std::time::SystemTime,
     journald: Option<Journald>,
     policy: Option<Lease>,
 }
@@ -220,6 +222,7 @@ impl TestBed {
             bus: None,
             polkitd: None,
             daemon: None,
+            daemon_since: std::time::SystemTime::UNIX_EPOCH,
             journald: None,
             policy: None,
         };
@@ -468,6 +471,14 @@ impl TestBed {
         self.daemon.as_ref().map(Child::id)
     }
 
+    /// What the running daemon logged to the journal
+    /// ([`crate::daemon_journal`]); nothing when none runs.
+    pub fn daemon_journal(&self) -> Vec<serde_json::Value> {
+        self.daemon_pid()
+            .map(|pid| crate::daemon_journal(pid, self.daemon_since))
+            .unwrap_or_default()
+    }
+
     fn daemon_command(&self, extra: &[(&str, &str)]) -> io::Result<Command> {
         let path = match &self.bangerd_path {
             Some(path) => path.clone(),
@@ -536,6 +547,7 @@ impl TestBed {
         let log_path = self.daemon_log_path();
         let offset = file_len(&log_path);
         let started = Instant::now();
+        self.daemon_since = std::time::SystemTime::now();
         let child = spawn_tied(command)
             .map_err(|e| io::Error::new(e.kind(), format!("run bangerd: {e}")))?;
         self.daemon = Some(child);

@@ -115,13 +115,28 @@ rm -f {pid_file} {sockets}"#
 /// groups), or options like `--since=...`.
 ///
 /// The journal may be persistent (`/var/log/journal` exists on Debian) and
-/// hold entries of earlier runs: filter on something unique to the test,
-/// such as the daemon's `_PID`. Entries may still take a moment to show up:
-/// wrap the check in [`crate::eventually`].
+/// hold entries of earlier runs, even of an earlier bangerd with the same
+/// pid: for a daemon's entries use [`daemon_journal`]. Entries may still
+/// take a moment to show up: wrap the check in [`crate::eventually`].
 ///
 /// # Panics
 ///
 /// If `journalctl` cannot be run.
+/// The entries bangerd with process id `pid`, started at `since` or later,
+/// logged: its `SYSLOG_IDENTIFIER` and `_PID`, no earlier than `since` (a
+/// pid alone also matches an earlier daemon's entries in a persistent
+/// journal).
+pub fn daemon_journal(pid: u32, since: std::time::SystemTime) -> Vec<serde_json::Value> {
+    let since = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    journal_entries(&[
+        "SYSLOG_IDENTIFIER=bangerd",
+        &format!("_PID={pid}"),
+        &format!("--since=@{}.{:06}", since.as_secs(), since.subsec_micros()),
+    ])
+}
+
 pub fn journal_entries(filter: &[&str]) -> Vec<serde_json::Value> {
     let _ = Command::new("journalctl")
         .arg("--sync")

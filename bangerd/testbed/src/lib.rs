@@ -71,7 +71,7 @@ pub use bed::{BANGER_BUS_POLICY, MANAGER_NAME, Options, POLKIT_NAME, TestBed, bu
 pub use bed::{free_loopback_port, kill_strays};
 pub use fixtures::{Tool, artifacts_dir, guest_artifact, mkfs_ext4, tiny_vmlinux, tool_packages};
 pub use http::{FileServer, Request};
-pub use journald::{Journald, journal_entries};
+pub use journald::{Journald, daemon_journal, journal_entries};
 pub use netns::NetNs;
 pub use nspawn::{Nspawn, build_deb, exposure, local_mirror, nspawn_rootfs, unit_property};
 pub use polkit::{RuleGuard, install_polkit_rule};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use banger_dbus::proxy::{JobProxy, ManagerProxy};
 use banger_dbus::{Error as WireError, INTERFACE_XML, JOB_INTERFACE, MANAGER_INTERFACE};
-use banger_testbed::{Journald, Options, TestBed, TestUser, eventually, journal_entries};
+use banger_testbed::{Journald, Options, TestBed, TestUser, eventually};
 use futures_util::StreamExt;
 use zbus::message::Type as MessageType;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, Variant};
@@ -537,15 +537,12 @@ fn bad_config_stops_start_up_and_a_bad_reload_keeps_the_old_config() {
             .expect("good config");
         manager.reload().await.expect("good reload");
     });
-    let pid_filter = format!("_PID={}", bed.daemon_pid().expect("pid"));
     let refused = eventually(Duration::from_secs(10), || {
-        journal_entries(&["SYSLOG_IDENTIFIER=bangerd", &pid_filter])
-            .into_iter()
-            .find(|e| {
-                e["MESSAGE"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("reload refused"))
-            })
+        bed.daemon_journal().into_iter().find(|e| {
+            e["MESSAGE"]
+                .as_str()
+                .is_some_and(|m| m.contains("reload refused"))
+        })
     });
     assert!(refused.is_some(), "the refused SIGHUP reload is logged");
 }
@@ -690,7 +687,6 @@ fn a_killed_daemon_restarts_consistent() {
 fn journald_holds_structured_entries() {
     let _journald = Journald::ensure().expect("journald");
     let bed = TestBed::start(quick_config("")).expect("test bed");
-    let pid = bed.daemon_pid().expect("pid").to_string();
     let job = runtime().block_on(async {
         let conn = connect(&bed).await;
         ManagerProxy::new(&conn)
@@ -703,9 +699,8 @@ fn journald_holds_structured_entries() {
     let id = banger_dbus::parse_job_path(job.as_str())
         .expect("id")
         .to_string();
-    let pid_filter = format!("_PID={pid}");
     let entry = eventually(Duration::from_secs(10), || {
-        journal_entries(&["SYSLOG_IDENTIFIER=bangerd", &pid_filter])
+        bed.daemon_journal()
             .into_iter()
             .find(|e| e["MESSAGE"] == "job succeeded")
     })

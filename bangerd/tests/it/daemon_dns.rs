@@ -129,6 +129,7 @@ fn socket_activated_dns() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("systemd-socket-activate (package systemd) runs");
+    let since = std::time::SystemTime::now();
     let pid = child.id();
     let _daemon = Activated(child);
     // The first datagram starts bangerd; dig retries until it answers.
@@ -153,9 +154,8 @@ fn socket_activated_dns() {
         "no answer from the socket-activated daemon"
     );
     // And it says it used the passed socket rather than binding its own.
-    let pid_filter = format!("_PID={pid}");
     let used = banger_testbed::eventually(std::time::Duration::from_secs(10), || {
-        banger_testbed::journal_entries(&["SYSLOG_IDENTIFIER=bangerd", &pid_filter])
+        banger_testbed::daemon_journal(pid, since)
             .into_iter()
             .find(|e| {
                 e["MESSAGE"]

@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use banger_testbed::output_text as text;
 use banger_testbed::{
-    NetNs, Options, Registry, TestBed, eventually, free_loopback_port, guest_artifact,
-    journal_entries, sha256_hex,
+    NetNs, Options, Registry, TestBed, eventually, free_loopback_port, guest_artifact, sha256_hex,
 };
 
 fn run(cmd: &mut Command) -> String {
@@ -525,7 +524,6 @@ fn a_registry_behind_token_auth_takes_the_right_login_only() {
     // Everything logged, oci-client's and reqwest's requests included.
     bed.start_daemon_with_env(&[("RUST_LOG", "debug")])
         .expect("bangerd");
-    let pid = bed.daemon_pid().expect("pid");
     let home = tempfile::tempdir().unwrap();
     let banger = |args: &[&str], stdin: Option<&str>| {
         let mut cmd = bed.banger();
@@ -663,10 +661,9 @@ fn a_registry_behind_token_auth_takes_the_right_login_only() {
             && l["scope"][0] == "repository:team/private:pull"),
         "{seen}"
     );
-    let pid_filter = format!("_PID={pid}");
     let logged = || {
         let mut all = bed.daemon_log();
-        for entry in journal_entries(&["SYSLOG_IDENTIFIER=bangerd", &pid_filter]) {
+        for entry in bed.daemon_journal() {
             all.push_str(entry["MESSAGE"].as_str().unwrap_or_default());
             all.push('\n');
         }
