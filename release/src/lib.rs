@@ -181,10 +181,15 @@ impl Releases {
     /// Create the root (mode 0755: users run the CLI from it).
     pub fn create(&self) -> Result<(), ReleaseError> {
         use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::PermissionsExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
             .create(&self.root)
+            .map_err(io_err(&self.root))?;
+        // Whatever the daemon's umask (0077 in its unit): users run the
+        // releases' binaries.
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o755))
             .map_err(io_err(&self.root))
     }
 

@@ -144,6 +144,10 @@ impl Fetcher {
             .open(to)
             .await
             .map_err(io)?;
+        // The mode whatever bangerd's umask (0077 in its unit).
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .await
+            .map_err(io)?;
         let mut hasher = Sha256::new();
         let mut got = 0u64;
         let mut resumes = 0;

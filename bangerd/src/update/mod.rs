@@ -13,6 +13,7 @@
 mod fetch;
 mod manifest;
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -277,10 +278,17 @@ async fn install(
             releases.create()?;
             releases.prune()?;
             let _ = std::fs::remove_dir_all(&staging);
-            std::fs::create_dir(&staging).map_err(|source| UpdateError::Io {
-                path: staging.clone(),
-                source,
-            })
+            // Readable by users, whatever bangerd's umask: they run it.
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&staging)
+                .and_then(|()| {
+                    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))
+                })
+                .map_err(|source| UpdateError::Io {
+                    path: staging.clone(),
+                    source,
+                })
         })
         .await?;
     }
