@@ -154,6 +154,7 @@ impl Core {
             tools: deps.tools.clone(),
             agent: deps.agent.clone(),
             host: deps.host.clone(),
+            helper: deps.helper.clone(),
         }));
         Arc::new(Self {
             config,

@@ -125,7 +125,15 @@ async fn rotate_consoles(core: &Arc<Core>) {
     let logs: Vec<_> = vms
         .into_iter()
         .filter(|v| v.state.has_process())
-        .map(|v| (v.id.clone(), core.vms().console_log_path(&v.id), v.pid))
+        // QEMU's console descriptor appends (`append=on`, and a jailed
+        // QEMU's is opened so by vmm-exec): no need to look, which bangerd
+        // may not do for a VMM of another user (no CAP_SYS_PTRACE).
+        .map(|v| {
+            let writer = v
+                .pid
+                .filter(|_| v.vmm != Some(crate::vm::vmm::VmmDriver::Qemu));
+            (v.id.clone(), core.vms().console_log_path(&v.id), writer)
+        })
         .collect();
     let done = tokio::task::spawn_blocking(move || {
         for (id, log, pid) in logs {

@@ -31,6 +31,20 @@ fn main() -> ExitCode {
     // `sandbox-exec SPEC` runs a tool in its sandbox (os::sandbox),
     // `layers-apply SPEC` an OCI pull's layers (artifacts::oci::unpack).
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `vmm-exec SPEC -- VMM ARGS...` puts a VMM in its jail and becomes it
+    // (banger_vmm::jail); it returns only to say why it could not.
+    if argv.get(1).and_then(|a| a.to_str()) == Some(bangerd::vm::vmm::jail::HELPER_ARG) {
+        let rest: Option<Vec<String>> = argv[2..]
+            .iter()
+            .map(|a| a.to_str().map(str::to_owned))
+            .collect();
+        let why = match rest {
+            Some(rest) => bangerd::vm::vmm::jail::exec(&rest),
+            None => "arguments that are not UTF-8".to_owned(),
+        };
+        eprintln!("bangerd vmm-exec: {why}");
+        return ExitCode::from(126);
+    }
     if let [_, mode, spec] = argv.as_slice()
         && let (Some(mode), Some(spec)) = (mode.to_str(), spec.to_str())
     {
@@ -48,6 +62,11 @@ fn main() -> ExitCode {
     // A newer release installed by `banger update` takes over (before any
     // thread exists, and before LISTEN_FDS are taken: they pass through).
     banger_release::exec_newest("bangerd", bangerd::core::VERSION);
+    // Private by default, as the unit's UMask=0077 makes it: the state
+    // directory is searchable by VMMs' users (for the kernels they share),
+    // so nothing else in it may be readable by others. Steps started as
+    // children get systemd's default back (artifacts::build::steps).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let args = Args::parse();
     let dirs = Dirs::from_env();
     let config_file = args.config.unwrap_or_else(|| dirs.config_file());

@@ -66,6 +66,14 @@ impl Subnet {
         first..=last
     }
 
+    /// `ip`'s offset from the network address, when it is in the subnet
+    /// (below 65536: subnets are /16 or smaller).
+    pub fn host_index(&self, ip: Ipv4Addr) -> Option<u32> {
+        self.net
+            .contains(&ip)
+            .then(|| u32::from(ip) - u32::from(self.net.network()))
+    }
+
     /// How many VMs fit.
     pub fn capacity(&self) -> u32 {
         let r = self.guest_range();
@@ -180,6 +188,13 @@ mod tests {
         assert_eq!(s.gateway(), Ipv4Addr::new(10, 213, 42, 1));
         assert_eq!(s.netmask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(s.capacity(), 253);
+        assert_eq!(s.host_index(Ipv4Addr::new(10, 213, 42, 2)), Some(2));
+        assert_eq!(s.host_index(Ipv4Addr::new(10, 213, 43, 2)), None);
+        let wide = Subnet::parse("10.200.0.0/16").expect("ok");
+        assert_eq!(
+            wide.host_index(Ipv4Addr::new(10, 200, 255, 254)),
+            Some(65534)
+        );
         assert_eq!(
             *s.guest_range().start(),
             u32::from(Ipv4Addr::new(10, 213, 42, 2))

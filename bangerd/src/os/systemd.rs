@@ -60,6 +60,8 @@ trait Systemd {
 
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
 
+    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
+
     fn subscribe(&self) -> zbus::Result<()>;
 
     #[zbus(signal)]
@@ -329,9 +331,30 @@ impl Supervisor for SystemdSupervisor {
         Some(unit_name(vm_id))
     }
 
+    fn signal<'a>(
+        &'a self,
+        vm_id: &'a str,
+        process: ProcessId,
+        signal: nix::sys::signal::Signal,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if !process.alive() {
+                return Ok(());
+            }
+            let name = unit_name(vm_id);
+            let fail =
+                |e: zbus::Error| Error::failed(format!("systemd could not signal {name}: {e}"));
+            let manager = SystemdProxy::new(&self.conn).await.map_err(fail)?;
+            manager
+                .kill_unit(&name, "main", signal as i32)
+                .await
+                .map_err(fail)
+        })
+    }
+
     fn running<'a>(
         &'a self,
-        _runs: &'a std::path::Path,
+        _runs: &'a [std::path::PathBuf],
     ) -> BoxFuture<'a, Result<Vec<(String, ProcessId)>>> {
         Box::pin(async move {
             let fail = |e: zbus::Error| {

@@ -41,7 +41,10 @@ fn inconsistencies(env: &Env) -> Vec<String> {
         }
     }
     // A VMM runs exactly for the running VMs.
-    let runs = env.bed.runtime_dir().join("vms");
+    let runs = [
+        env.bed.runtime_dir().join("vms"),
+        env.bed.state_dir().join("vms"),
+    ];
     let vmms: BTreeSet<String> = banger_vmm::supervise::processes_under(&runs)
         .into_iter()
         .map(|(id, _)| id)

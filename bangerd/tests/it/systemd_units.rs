@@ -87,9 +87,31 @@ fn vmms_run_as_transient_units_under_systemd() {
         "machinectl list: {machines}"
     );
     assert!(read("ssh").trim().starts_with("6."), "{}", read("ssh"));
-    // The VM boots inside its sandbox: no capability, no new privileges,
-    // a seccomp filter, and systemd's exposure score at most 4.0.
+    // The VM boots inside its sandbox: a user of its own, no capability,
+    // no new privileges, a seccomp filter, and systemd's exposure score
+    // at most 4.0.
     let status = read("vmm-status");
+    let ids = |name: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    let uid = ids("Uid")[0];
+    assert!(
+        banger_vmm::jail::VMM_IDS.contains(&uid) && uid != banger_vmm::jail::VMM_GROUP,
+        "{status}"
+    );
+    assert_eq!(ids("Uid"), [uid; 4], "{status}");
+    assert_eq!(ids("Gid"), [uid; 4], "{status}");
+    assert!(
+        ids("Groups").contains(&banger_vmm::jail::VMM_GROUP),
+        "{status}"
+    );
+    assert!(!ids("Groups").contains(&0), "{status}");
     for line in [
         "CapEff:\t0000000000000000",
         "CapBnd:\t0000000000000000",

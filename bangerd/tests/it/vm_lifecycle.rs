@@ -266,7 +266,8 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
     // stops both and records them stopped; they start again on request.
     let vmm_of = |env: &Env, name: &str| -> Option<u32> {
         let id = env.vm(name)["id"].as_str().unwrap().to_owned();
-        let runs = env.bed.runtime_dir().join("vms").join(&id);
+        // A jailed QEMU names its VM's files (as its descriptors' labels).
+        let runs = env.bed.state_dir().join("vms").join(&id);
         let out = Command::new("pgrep")
             .args(["-f", &format!("{}/", runs.display())])
             .output()
@@ -280,6 +281,97 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
         vmm_of(&env, "alpha").unwrap(),
         vmm_of(&env, "beta").unwrap(),
     );
+    // Each VMM runs as a user of its own, with no capability and no way
+    // to gain one, and holds its VM's files as descriptors it was given.
+    let status = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |status: &str, name: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut uids = Vec::new();
+    for pid in [alpha_vmm, beta_vmm] {
+        let st = status(pid);
+        let uid: u32 = field(&st, "Uid")
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            banger_vmm::jail::VMM_IDS.contains(&uid) && uid != banger_vmm::jail::VMM_GROUP,
+            "{st}"
+        );
+        let all = format!("{uid} {uid} {uid} {uid}");
+        assert_eq!(field(&st, "Uid"), all, "{st}");
+        assert_eq!(field(&st, "Gid"), all, "{st}");
+        let groups = field(&st, "Groups");
+        assert!(
+            groups
+                .split(' ')
+                .any(|g| g == banger_vmm::jail::VMM_GROUP.to_string()),
+            "{st}"
+        );
+        assert!(!groups.split(' ').any(|g| g == "0"), "{st}");
+        for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(field(&st, set), "0000000000000000", "{set}: {st}");
+        }
+        assert_eq!(field(&st, "NoNewPrivs"), "1", "{st}");
+        uids.push(uid);
+        // Its disks and console are descriptors it was handed.
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|p| p.display().to_string())
+            .collect();
+        for file in ["work.ext4", "console.log"] {
+            assert!(
+                fds.iter().any(|f| f.ends_with(file)),
+                "{file} not open in {fds:?}"
+            );
+        }
+    }
+    assert_ne!(uids[0], uids[1], "two VMMs share a uid");
+    // Taken over, alpha's VMM reads the kernels VMMs share, but neither
+    // beta's disk nor the store, and cannot signal beta's VMM.
+    let as_alpha = |cmd: &[&str]| {
+        Command::new("setpriv")
+            .arg(format!("--reuid={}", uids[0]))
+            .arg(format!("--regid={}", uids[0]))
+            .arg(format!("--groups={}", banger_vmm::jail::VMM_GROUP))
+            .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+            .args(cmd)
+            .output()
+            .unwrap()
+    };
+    let kernels = env.bed.state_dir().join("kernels");
+    let kernel = std::fs::read_dir(&kernels)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("vmlinuz"))
+        .find(|p| p.exists())
+        .unwrap();
+    let read = as_alpha(&["head", "-c", "4", &kernel.to_string_lossy()]);
+    assert!(read.status.success(), "{read:?}");
+    let beta_id = env.vm("beta")["id"].as_str().unwrap().to_owned();
+    let beta_disk = env
+        .bed
+        .state_dir()
+        .join("vms")
+        .join(&beta_id)
+        .join("work.ext4");
+    let store = env.bed.state_dir().join("banger.db");
+    for file in [&beta_disk, &store] {
+        let out = as_alpha(&["head", "-c", "4", &file.to_string_lossy()]);
+        assert!(!out.status.success(), "alpha's VMM read {}", file.display());
+    }
+    let out = as_alpha(&["kill", "-0", &beta_vmm.to_string()]);
+    assert!(!out.status.success(), "alpha's VMM may signal beta's");
     env.bed.kill_daemon();
     {
         let db = rusqlite::Connection::open(env.bed.state_dir().join("banger.db")).unwrap();

@@ -304,7 +304,7 @@ impl Vmm for Firecracker {
                     .map_err(|e| Error::failed(format!("cannot create {}: {e}", file.display())))?;
             }
             let (mut watched, id) =
-                start_process(spec, supervisor, &self.binary, &self.args(spec)).await?;
+                start_process(spec, supervisor, &self.binary, &self.args(spec), None).await?;
             let api = Api::new(&p.control_socket);
             let configured = async {
                 // The API answers once the socket is bound; a bad start
@@ -326,7 +326,7 @@ impl Vmm for Firecracker {
             match configured {
                 Ok(()) => Ok((watched, id)),
                 Err(e) => {
-                    kill_failed(&mut watched, id);
+                    kill_failed(supervisor, &spec.id, &mut watched, id).await;
                     Err(e)
                 }
             }

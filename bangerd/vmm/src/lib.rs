@@ -9,6 +9,7 @@
 //! everything a boot needs.
 
 pub mod firecracker;
+pub mod jail;
 pub mod kvm;
 pub mod process;
 pub mod qemu;
@@ -34,16 +35,26 @@ pub(crate) async fn start_process(
     supervisor: &dyn Supervisor,
     program: &std::path::Path,
     args: &[String],
+    jail: Option<&jail::Jail>,
 ) -> Result<(Watched, ProcessId)> {
     let p = &spec.paths;
     let _ = std::fs::remove_file(&p.agent_socket);
     let _ = std::fs::remove_file(&p.control_socket);
+    let wrapped = match (jail, &spec.confine) {
+        (Some(jail), Some(confine)) => Some(jail.command(&confine.helper, program, args)),
+        _ => None,
+    };
+    let (program, args) = match &wrapped {
+        Some((helper, argv)) => (helper.as_path(), argv.as_slice()),
+        None => (program, args),
+    };
     supervisor
         .start(crate::supervise::StartRequest {
             vm_id: &spec.id,
             vm_name: &spec.name,
             program,
             args,
+            confined: wrapped.is_some(),
             log: &p.vmm_log,
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
@@ -64,8 +75,15 @@ pub(crate) fn exited_at_start(vmm: &str, log: &std::path::Path) -> banger_error:
 }
 
 /// Kill a VMM that failed at start and reap it if it is bangerd's child.
-pub(crate) fn kill_failed(watched: &mut Watched, id: ProcessId) {
-    let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
+pub(crate) async fn kill_failed(
+    supervisor: &dyn Supervisor,
+    vm_id: &str,
+    watched: &mut Watched,
+    id: ProcessId,
+) {
+    let _ = supervisor
+        .signal(vm_id, id, nix::sys::signal::Signal::SIGKILL)
+        .await;
     if let Watched::Child(child) = watched {
         let _ = child.wait();
     }
@@ -119,6 +137,18 @@ pub struct LaunchSpec {
     pub net: Option<(String, String)>,
     /// KVM or software emulation.
     pub accel: Accel,
+    /// Run the VMM as a user of its own ([`jail`]); `None` runs it as
+    /// bangerd's user (the drivers' own tests, Firecracker for now).
+    pub confine: Option<Confine>,
+}
+
+/// Who a VMM runs as, when it is jailed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confine {
+    /// bangerd's own binary, which runs as `vmm-exec` in the VMM's place.
+    pub helper: PathBuf,
+    /// The VM's uid and gid ([`jail::vm_uid`]).
+    pub uid: u32,
 }
 
 /// A VMM driver.

@@ -12,6 +12,7 @@ use tokio::net::UnixStream;
 use super::{Accel, LaunchSpec, Vmm, exited_at_start, kill_failed, start_process};
 use crate::BoxFuture;
 use crate::VmPaths;
+use crate::jail::{Access, Jail, Pass, Source, VMM_GROUP};
 use crate::process::{ProcessId, Watched};
 use crate::supervise::Supervisor;
 use banger_agent_host::AgentEndpoint;
@@ -36,12 +37,36 @@ fn esc(p: &Path) -> String {
     path(p).replace(',', ",,")
 }
 
+/// The descriptors of a jailed QEMU ([`crate::jail`]): its disks (each
+/// read-write and read-only in one fd set, as QEMU opens an image both
+/// ways), the console log, the QMP and agent sockets, the TAP.
+mod fds {
+    pub const SYSTEM: (i32, i32, u32) = (3, 4, 1);
+    pub const WORK: (i32, i32, u32) = (5, 6, 2);
+    pub const CONSOLE: (i32, u32) = (7, 3);
+    pub const QMP: i32 = 8;
+    pub const AGENT: i32 = 9;
+    pub const TAP: i32 = 10;
+}
+
 impl Qemu {
-    /// The command line for `spec`.
+    /// The command line for `spec`, QEMU opening its files itself.
     pub fn args(&self, spec: &LaunchSpec) -> Vec<String> {
+        self.command(spec, false).1
+    }
+
+    /// The command line for `spec` in a jail that hands QEMU every file
+    /// and socket as a descriptor, and what the jail opens.
+    pub fn jailed_args(&self, spec: &LaunchSpec) -> (Vec<Pass>, Vec<String>) {
+        self.command(spec, true)
+    }
+
+    fn command(&self, spec: &LaunchSpec, jailed: bool) -> (Vec<Pass>, Vec<String>) {
         let p = &spec.paths;
+        let mut passes: Vec<Pass> = Vec::new();
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
+        let mut pass = |fd: i32, source: Source| passes.push(Pass { fd, source });
         let (accel, cpu) = match spec.accel {
             Accel::Kvm => ("kvm", "host"),
             Accel::Tcg => ("tcg", "max"),
@@ -69,45 +94,103 @@ impl Qemu {
             push(&["-initrd", &path(initrd)]);
         }
         push(&["-append", &spec.cmdline]);
-        push(&[
-            "-chardev",
-            &format!("file,id=console,path={},append=on", esc(&p.console_log)),
-            "-serial",
-            "chardev:console",
+        // A descriptor in an fd set, labelled with the path it came from.
+        let add_fd = |fd: i32, set: u32, from: &Path| {
+            [
+                "-add-fd".to_owned(),
+                format!("fd={fd},set={set},opaque={}", esc(from)),
+            ]
+        };
+        let console = if jailed {
+            let (fd, set) = fds::CONSOLE;
+            pass(
+                fd,
+                Source::File {
+                    path: p.console_log.clone(),
+                    access: Access::Append,
+                },
+            );
+            a.extend(add_fd(fd, set, &p.console_log));
+            format!("/dev/fdset/{set}")
+        } else {
+            esc(&p.console_log)
+        };
+        a.extend([
+            "-chardev".to_owned(),
+            format!("file,id=console,path={console},append=on"),
+            "-serial".to_owned(),
+            "chardev:console".to_owned(),
         ]);
-        for (id, disk) in [("system", &spec.system_disk), ("work", &p.work_disk)] {
-            push(&[
-                "-drive",
-                &format!(
-                    "id={id},file={},format=raw,if=none,discard=unmap",
-                    esc(disk)
-                ),
-                "-device",
-                &format!("virtio-blk-device,drive={id}"),
+        for (id, disk, (rw, ro, set)) in [
+            ("system", &spec.system_disk, fds::SYSTEM),
+            ("work", &p.work_disk, fds::WORK),
+        ] {
+            let file = if jailed {
+                for (fd, access) in [(rw, Access::ReadWrite), (ro, Access::Read)] {
+                    pass(
+                        fd,
+                        Source::File {
+                            path: disk.clone(),
+                            access,
+                        },
+                    );
+                    a.extend(add_fd(fd, set, disk));
+                }
+                format!("/dev/fdset/{set}")
+            } else {
+                esc(disk)
+            };
+            a.extend([
+                "-drive".to_owned(),
+                format!("id={id},file={file},format=raw,if=none,discard=unmap"),
+                "-device".to_owned(),
+                format!("virtio-blk-device,drive={id}"),
             ]);
         }
         if let Some((tap, mac)) = &spec.net {
-            push(&[
-                "-netdev",
-                &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
-                "-device",
-                &format!("virtio-net-device,netdev=net0,mac={mac}"),
+            let netdev = if jailed {
+                pass(fds::TAP, Source::Tap { name: tap.clone() });
+                format!("tap,id=net0,fd={}", fds::TAP)
+            } else {
+                format!("tap,id=net0,ifname={tap},script=no,downscript=no")
+            };
+            a.extend([
+                "-netdev".to_owned(),
+                netdev,
+                "-device".to_owned(),
+                format!("virtio-net-device,netdev=net0,mac={mac}"),
             ]);
         }
-        push(&[
-            "-device",
-            "virtio-serial-device",
-            "-chardev",
-            &format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                esc(&p.agent_socket)
-            ),
-            "-device",
-            &format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", esc(&p.control_socket)),
+        // The sockets: bound by the jail and handed over listening, or
+        // made by QEMU.
+        let mut socket = |fd: i32, at: &Path| {
+            if jailed {
+                pass(
+                    fd,
+                    Source::Listen {
+                        path: at.to_owned(),
+                    },
+                );
+                format!("fd={fd}")
+            } else {
+                format!("path={}", esc(at))
+            }
+        };
+        let agent = socket(fds::AGENT, &p.agent_socket);
+        let qmp = socket(fds::QMP, &p.control_socket);
+        a.extend([
+            "-device".to_owned(),
+            "virtio-serial-device".to_owned(),
+            "-chardev".to_owned(),
+            format!("socket,id=agent,{agent},server=on,wait=off"),
+            "-device".to_owned(),
+            format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
+            "-chardev".to_owned(),
+            format!("socket,id=qmp,{qmp},server=on,wait=off"),
+            "-mon".to_owned(),
+            "chardev=qmp,mode=control".to_owned(),
         ]);
-        a
+        (passes, a)
     }
 }
 
@@ -204,8 +287,20 @@ impl Vmm for Qemu {
     ) -> BoxFuture<'a, Result<(Watched, ProcessId)>> {
         Box::pin(async move {
             let p = &spec.paths;
-            let (mut watched, id) =
-                start_process(spec, supervisor, &self.binary, &self.args(spec)).await?;
+            let (mut watched, id) = match &spec.confine {
+                Some(confine) => {
+                    let (fds, args) = self.jailed_args(spec);
+                    let jail = Jail {
+                        uid: confine.uid,
+                        groups: vec![VMM_GROUP],
+                        fds,
+                    };
+                    start_process(spec, supervisor, &self.binary, &args, Some(&jail)).await?
+                }
+                None => {
+                    start_process(spec, supervisor, &self.binary, &self.args(spec), None).await?
+                }
+            };
             // QEMU has parsed its arguments and set up every device once
             // QMP answers; a bad argument makes it exit before.
             let started = Instant::now();
@@ -219,7 +314,7 @@ impl Vmm for Qemu {
                     return Ok((watched, id));
                 }
                 if started.elapsed() > Duration::from_secs(30) {
-                    kill_failed(&mut watched, id);
+                    kill_failed(supervisor, &spec.id, &mut watched, id).await;
                     return Err(Error::failed("qemu did not answer on QMP within 30 s"));
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -257,7 +352,79 @@ mod tests {
             system_disk: "/s,tate/vms/abc/system.ext4".into(),
             net: Some(("bgtap3".into(), "0a:b6:0a:00:00:02".into())),
             accel: Accel::Tcg,
+            confine: None,
         }
+    }
+
+    #[test]
+    fn a_jailed_qemu_gets_descriptors_for_everything_but_its_kernel() {
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+        };
+        let (passes, args) = q.jailed_args(&spec());
+        let a = args.join(" ");
+        for want in [
+            "-add-fd fd=3,set=1,opaque=/s,,tate/vms/abc/system.ext4",
+            "-add-fd fd=4,set=1,opaque=/s,,tate/vms/abc/system.ext4",
+            "id=system,file=/dev/fdset/1,format=raw",
+            "-add-fd fd=5,set=2,opaque=/s,,tate/vms/abc/work.ext4",
+            "id=work,file=/dev/fdset/2,format=raw",
+            "-add-fd fd=7,set=3,opaque=/s,,tate/vms/abc/console.log",
+            "file,id=console,path=/dev/fdset/3,append=on",
+            "tap,id=net0,fd=10",
+            "socket,id=agent,fd=9,server=on,wait=off",
+            "socket,id=qmp,fd=8,server=on,wait=off",
+            "-kernel /k/vmlinuz -initrd /k/initrd.img",
+        ] {
+            assert!(a.contains(want), "missing {want:?} in {a}");
+        }
+        // No path of the VM's is left for QEMU to open but as a label.
+        for (i, arg) in args.iter().enumerate() {
+            if arg.contains("/vms/abc") {
+                assert_eq!(args[i - 1], "-add-fd", "{arg} is opened by path");
+            }
+        }
+        let source = |fd: i32| {
+            passes
+                .iter()
+                .find(|p| p.fd == fd)
+                .map(|p| p.source.clone())
+                .expect("passed")
+        };
+        assert_eq!(
+            source(3),
+            Source::File {
+                path: "/s,tate/vms/abc/system.ext4".into(),
+                access: Access::ReadWrite
+            }
+        );
+        assert_eq!(
+            source(4),
+            Source::File {
+                path: "/s,tate/vms/abc/system.ext4".into(),
+                access: Access::Read
+            }
+        );
+        assert_eq!(
+            source(7),
+            Source::File {
+                path: "/s,tate/vms/abc/console.log".into(),
+                access: Access::Append
+            }
+        );
+        assert_eq!(
+            source(8),
+            Source::Listen {
+                path: "/run/b/vms/abc/control.sock".into()
+            }
+        );
+        assert_eq!(
+            source(10),
+            Source::Tap {
+                name: "bgtap3".into()
+            }
+        );
+        assert_eq!(passes.len(), 8);
     }
 
     #[test]
@@ -278,7 +445,8 @@ mod tests {
             "virtio-net-device,netdev=net0,mac=0a:b6:0a:00:00:02",
             "socket,id=agent,path=/run/b/vms/abc/agent.sock,server=on,wait=off",
             "virtserialport,chardev=agent,name=org.banger.agent",
-            "-qmp unix:/run/b/vms/abc/control.sock,server=on,wait=off",
+            "socket,id=qmp,path=/run/b/vms/abc/control.sock,server=on,wait=off",
+            "-mon chardev=qmp,mode=control",
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");

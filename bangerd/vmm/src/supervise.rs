@@ -39,6 +39,10 @@ pub struct StartRequest<'a> {
     /// Whether the VMM generates code at run time (QEMU's TCG), so it
     /// needs writable and executable memory.
     pub jit: bool,
+    /// Whether `program` is bangerd's `vmm-exec` ([`crate::jail`]), which
+    /// needs `CAP_SETUID` and `CAP_SETGID` to become the VM's user
+    /// before it execs the VMM (with none).
+    pub confined: bool,
 }
 
 /// Starts VMM processes.
@@ -60,12 +64,33 @@ pub trait Supervisor: Send + Sync + std::fmt::Debug {
     /// starting a VMM and recording its pid leaves one it has no record
     /// of). `runs` is the directory of the VMs' runtime directories
     /// (`<runtime>/vms`), which every VMM's arguments name.
-    fn running<'a>(&'a self, runs: &'a Path) -> BoxFuture<'a, Result<Vec<(String, ProcessId)>>>;
+    fn running<'a>(
+        &'a self,
+        runs: &'a [PathBuf],
+    ) -> BoxFuture<'a, Result<Vec<(String, ProcessId)>>>;
+
+    /// Send `signal` to VM `vm_id`'s VMM `process`. bangerd holds no
+    /// `CAP_KILL` and VMMs run as users of their own: where systemd runs
+    /// them, systemd signals the unit's main process.
+    fn signal<'a>(
+        &'a self,
+        vm_id: &'a str,
+        process: ProcessId,
+        signal: nix::sys::signal::Signal,
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = vm_id;
+        Box::pin(async move { process.signal(signal) })
+    }
 }
 
 /// The VM id a process with arguments `args` runs for: the directory
-/// under `runs` one of them names (`.../vms/<id>/control.sock`).
-pub fn vm_of(args: &[String], runs: &Path) -> Option<String> {
+/// under one of `runs` one of them names (`.../vms/<id>/control.sock`;
+/// a jailed QEMU names its files only as the labels of its descriptors).
+pub fn vm_of(args: &[String], runs: &[PathBuf]) -> Option<String> {
+    runs.iter().find_map(|runs| vm_under(args, runs))
+}
+
+fn vm_under(args: &[String], runs: &Path) -> Option<String> {
     let prefix = format!("{}/", runs.display());
     args.iter().find_map(|a| {
         let at = a.find(&prefix)?;
@@ -81,10 +106,10 @@ pub fn vm_of(args: &[String], runs: &Path) -> Option<String> {
     })
 }
 
-/// The processes whose arguments name a VM's runtime directory under
+/// The processes whose arguments name a VM's directory under one of
 /// `runs` (see [`vm_of`]): a direct supervisor's VMMs, found by what
 /// they were started with.
-pub fn processes_under(runs: &Path) -> Vec<(String, ProcessId)> {
+pub fn processes_under(runs: &[PathBuf]) -> Vec<(String, ProcessId)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -119,7 +144,10 @@ impl Supervisor for Direct {
         })
     }
 
-    fn running<'a>(&'a self, runs: &'a Path) -> BoxFuture<'a, Result<Vec<(String, ProcessId)>>> {
+    fn running<'a>(
+        &'a self,
+        runs: &'a [PathBuf],
+    ) -> BoxFuture<'a, Result<Vec<(String, ProcessId)>>> {
         let runs = runs.to_owned();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || processes_under(&runs))
@@ -185,6 +213,36 @@ pub const VMM_DEVICES: [&str; 6] = [
     "block-device-mapper",
 ];
 
+/// `CAP_SETGID`, `CAP_SETUID` and `CAP_SETPCAP`'s numbers.
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+const CAP_SETPCAP: u32 = 8;
+
+/// What a jailed VMM's unit refuses: `@privileged` and `@resources` but
+/// for the calls `vmm-exec` makes to leave root (`@setuid`); QEMU's own
+/// filter (`-sandbox elevateprivileges=deny`) refuses those afterwards.
+pub const PRIVILEGED_BUT_SETUID: [&str; 19] = [
+    "@resources",
+    "@chown",
+    "@clock",
+    "@module",
+    "@raw-io",
+    "@reboot",
+    "@swap",
+    "acct",
+    "bpf",
+    "capset",
+    "chroot",
+    "fanotify_init",
+    "fanotify_mark",
+    "open_by_handle_at",
+    "pivot_root",
+    "quotactl",
+    "setdomainname",
+    "sethostname",
+    "vhangup",
+];
+
 /// The properties of `req`'s transient unit.
 pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
     use UnitProperty::{Bool, ExecStart, Filter, I32, Pairs, Str, Strs, U32, U64};
@@ -235,7 +293,16 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
                 .map(|d| ((*d).to_owned(), "rw".to_owned()))
                 .collect(),
         ),
-        U64("CapabilityBoundingSet", 0),
+        // vmm-exec needs setuid and setgid to leave root and setpcap to
+        // empty the bounding set; the VMM it execs has no capability.
+        U64(
+            "CapabilityBoundingSet",
+            if req.confined {
+                (1 << CAP_SETGID) | (1 << CAP_SETUID) | (1 << CAP_SETPCAP)
+            } else {
+                0
+            },
+        ),
         U64("RestrictNamespaces", 0),
         Filter("RestrictAddressFamilies", true, vec!["AF_UNIX".to_owned()]),
         // `seccomp` (in no group of systemd 252): QEMU's `-sandbox` and
@@ -248,7 +315,14 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
         Filter(
             "SystemCallFilter",
             false,
-            vec!["@privileged".to_owned(), "@resources".to_owned()],
+            if req.confined {
+                PRIVILEGED_BUT_SETUID
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect()
+            } else {
+                vec!["@privileged".to_owned(), "@resources".to_owned()]
+            },
         ),
         // A refused call fails (QEMU probes io_uring and the like) rather
         // than killing the VM.
@@ -297,6 +371,7 @@ mod tests {
             vcpus: 2,
             writable: &writable,
             jit,
+            confined: false,
         };
         let props = unit_properties(&request(false));
         let name_of = |p: &UnitProperty| match p {
@@ -378,6 +453,7 @@ mod tests {
                 vcpus: 1,
                 writable: &[],
                 jit: false,
+                confined: false,
             })
             .await
             .expect("start");
@@ -398,7 +474,7 @@ mod tests {
 
     #[test]
     fn a_vmm_is_known_by_the_runtime_directory_its_arguments_name() {
-        let runs = Path::new("/run/banger/vms");
+        let runs = &[PathBuf::from("/run/banger/vms")];
         let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         assert_eq!(
             vm_of(
@@ -450,16 +526,26 @@ mod tests {
                 vcpus: 1,
                 writable: &[],
                 jit: false,
+                confined: false,
             })
             .await
             .expect("started");
-        let seen = Direct.running(&runs).await.expect("listed");
+        let seen = Direct
+            .running(std::slice::from_ref(&runs))
+            .await
+            .expect("listed");
         assert_eq!(seen, [("beef01".to_owned(), id)]);
         id.signal(nix::sys::signal::Signal::SIGKILL)
             .expect("killed");
         while !watched.ended() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        assert!(Direct.running(&runs).await.expect("listed").is_empty());
+        assert!(
+            Direct
+                .running(std::slice::from_ref(&runs))
+                .await
+                .expect("listed")
+                .is_empty()
+        );
     }
 }

@@ -383,6 +383,14 @@ impl StepRunner for Direct {
                     .stderr(Stdio::from(err))
                     .process_group(0)
                     .kill_on_drop(true);
+                // A transient unit's default file mode mask, not bangerd's.
+                // SAFETY: umask(2) is async-signal-safe and touches no memory.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+                        Ok(())
+                    });
+                }
                 if let (Some(user), Some(dir)) = (&step.user, &scratch) {
                     // std drops the supplementary groups with the uid.
                     cmd.uid(user.uid)

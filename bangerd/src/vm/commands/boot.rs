@@ -1,7 +1,8 @@
 //! Booting a VM: its kernel command line, its system disk, and the boot
 //! steps with the retry after a stalled early boot.
 
-use std::path::PathBuf;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,11 +14,59 @@ use crate::vm::agent::Ready;
 use crate::vm::disk::DiskMethod;
 use crate::vm::quota::Demand;
 use crate::vm::snapshot;
-use crate::vm::vmm::LaunchSpec;
-use crate::vm::vmm::{Accel, TCG_TSC_KHZ};
+use crate::vm::vmm::jail::{self, VMM_GROUP};
+use crate::vm::vmm::{Accel, Confine, TCG_TSC_KHZ};
+use crate::vm::vmm::{LaunchSpec, VmmDriver};
 use crate::vm::{Vm, VmEvent, VmState};
 
 use super::blocking;
+
+/// Let every VMM read `file`, a kernel or initramfs under the state
+/// directory `state`: the file and the directories below `state` on its
+/// way become group [`VMM_GROUP`] (read for files, search for
+/// directories; nothing for others), and `state` itself searchable, so
+/// that a VMM running as its own user opens it by path. Files outside
+/// `state` are left as they are (root's own kernels: readable or not is
+/// root's choice, and QEMU says so).
+pub fn share_with_vmms(state: &Path, file: &Path) -> std::io::Result<()> {
+    let Ok(below) = file.strip_prefix(state) else {
+        return Ok(());
+    };
+    let set = |path: &Path, bits: u32| -> std::io::Result<()> {
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.file_type().is_symlink() {
+            return Err(std::io::Error::other(format!(
+                "{} is a symbolic link",
+                path.display()
+            )));
+        }
+        if meta.gid() != VMM_GROUP {
+            std::os::unix::fs::lchown(path, None, Some(VMM_GROUP))?;
+        }
+        let mode = (meta.mode() & 0o700) | bits;
+        if meta.mode() & 0o7777 != mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(())
+    };
+    let mut at = state.to_owned();
+    let parts: Vec<_> = below.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        at.push(part);
+        set(&at, if i + 1 == parts.len() { 0o040 } else { 0o010 })?;
+    }
+    // The state directory: searchable by anyone (its entries are 0700
+    // but for what is shared here); systemd's StateDirectoryMode says
+    // the same.
+    let meta = std::fs::metadata(state)?;
+    if meta.mode() & 0o001 == 0 {
+        std::fs::set_permissions(
+            state,
+            std::fs::Permissions::from_mode((meta.mode() & 0o7777) | 0o011),
+        )?;
+    }
+    Ok(())
+}
 
 /// The kernel command line of a VM.
 pub fn kernel_cmdline(
@@ -70,6 +119,40 @@ impl Vms {
             snapshot::activate(dm.as_ref(), &id, &base, &paths.system_cow, &paths.loops)
         })
         .await
+    }
+
+    /// Who the VMM of the VM with address `ip` runs as ([`jail`]), with
+    /// its kernel and initramfs made readable to it.
+    async fn confinement(
+        &self,
+        net: &crate::net::network::Network,
+        ip: &std::net::Ipv4Addr,
+        kernel: &Path,
+        initrd: Option<&Path>,
+    ) -> Result<Confine> {
+        let uid = net
+            .subnet()
+            .host_index(*ip)
+            .and_then(jail::vm_uid)
+            .ok_or_else(|| Error::failed(format!("{ip} gives no VMM uid")))?;
+        let state = self.dirs.state.clone();
+        let files: Vec<PathBuf> = std::iter::once(kernel)
+            .chain(initrd)
+            .map(Path::to_owned)
+            .collect();
+        blocking(move || {
+            for file in &files {
+                share_with_vmms(&state, file).map_err(|e| {
+                    Error::failed(format!("cannot let VMMs read {}: {e}", file.display()))
+                })?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Confine {
+            helper: self.helper.clone(),
+            uid,
+        })
     }
 
     /// Take VM `vm`'s snapshot device and loop devices down, if it has any.
@@ -173,6 +256,13 @@ impl Vms {
             .map_err(|e| Error::failed(format!("cannot create {}: {e}", paths.run.display())))?;
         let launched = async {
             let (vmm, accel, kernel_path) = self.pick_vmm(&kernel).await?;
+            // QEMU runs as the VM's own user; Firecracker (not yet: its
+            // jailer) as a root without capabilities.
+            let confine = if vmm.driver() == VmmDriver::Qemu {
+                Some(self.confinement(&net, &vmnet.lease.ipv4, &kernel_path, kernel.initrd.as_deref()).await?)
+            } else {
+                None
+            };
             let system_disk = self.system_disk_up(vm, &image).await?;
             let spec = LaunchSpec {
                 id: vm.id.clone(),
@@ -186,6 +276,7 @@ impl Vms {
                 system_disk,
                 net: Some((vmnet.tap.clone(), vmnet.lease.mac.clone())),
                 accel,
+                confine,
             };
             tracing::info!(banger_vm_id = %vm.id, "starting {} with {} under {}", vm.name, vmm.name(), accel.as_str());
             let supervisor = self.supervisor.as_ref();

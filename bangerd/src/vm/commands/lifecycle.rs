@@ -277,7 +277,7 @@ impl Vms {
         if !self.wait_recorded(id, process, grace).await {
             ctx.stage("force", base + 0.5).await?;
             tracing::warn!(banger_vm_id = %id, "the guest did not shut down within {grace:?}; killing its vmm");
-            let _ = process.signal(Signal::SIGKILL);
+            let _ = self.supervisor.signal(id, process, Signal::SIGKILL).await;
             if !self
                 .wait_recorded(id, process, Duration::from_secs(15))
                 .await
@@ -365,7 +365,9 @@ impl Vms {
             ));
         };
         tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, ?signal, "signalling the vmm");
-        ProcessId { pid, start }.signal(signal)
+        self.supervisor
+            .signal(&vm.id, ProcessId { pid, start }, signal)
+            .await
     }
 
     /// Delete a VM as a job: stop it if it runs, then remove its network,

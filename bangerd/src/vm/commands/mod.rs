@@ -67,6 +67,7 @@ pub struct Vms {
     tools: Arc<dyn Tools>,
     agent: Arc<dyn GuestAgent>,
     host: HostPaths,
+    helper: PathBuf,
     runtime: VmRuntime,
 }
 
@@ -99,6 +100,8 @@ pub struct VmsDeps {
     pub agent: Arc<dyn GuestAgent>,
     /// Host device paths (`/dev/kvm`).
     pub host: HostPaths,
+    /// bangerd's own binary: `vmm-exec` puts VMMs in their jails.
+    pub helper: PathBuf,
 }
 
 /// The VM bookkeeping that is not in the store.
@@ -160,6 +163,7 @@ impl Vms {
             tools: deps.tools,
             agent: deps.agent,
             host: deps.host,
+            helper: deps.helper,
             runtime: VmRuntime::default(),
         }
     }

@@ -22,7 +22,11 @@ impl Vms {
     /// does not account for.
     pub async fn reconcile_vms(self: &Arc<Self>) -> Result<()> {
         let vms = self.list().await?;
-        let runs = self.dirs.runtime.join("vms");
+        // A VMM names its runtime directory, or (jailed QEMU) its files.
+        let runs = [
+            self.dirs.runtime.join("vms"),
+            crate::vm::vmm::vms_dir(&self.dirs.state),
+        ];
         let mut seen: HashMap<String, ProcessId> = match self.supervisor.running(&runs).await {
             Ok(running) => running.into_iter().collect(),
             Err(e) => {
@@ -124,7 +128,7 @@ impl Vms {
     /// Stop a VMM the store does not account for, and wait (15 s at most)
     /// until it is gone.
     async fn stop_unaccounted(&self, id: &str, process: ProcessId) {
-        if let Err(e) = process.signal(Signal::SIGKILL) {
+        if let Err(e) = self.supervisor.signal(id, process, Signal::SIGKILL).await {
             tracing::warn!(banger_vm_id = %id, pid = process.pid, "cannot stop it: {e}");
             return;
         }

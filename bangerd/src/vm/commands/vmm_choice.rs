@@ -146,83 +146,92 @@ impl Vms {
             .entry(kernel.to_owned())
             .or_default()
             .clone();
-        cell.get_or_init(|| async {
-            let config = self.config();
-            let Some(qemu) = program::find(&config.vm.qemu_bin) else {
-                return KvmVerdict::NotProbed(format!(
-                    "{} is not installed, so KVM was not probed",
-                    config.vm.qemu_bin.display()
-                ));
-            };
-            // A device that cannot be opened is not remembered: that
-            // changes with a module load or a permission.
-            let memory = self.dirs.cache.join(PROBE_MEMORY);
-            let key = {
-                let (qemu, kernel, kvm) = (qemu.clone(), kernel.to_owned(), self.host.kvm.clone());
-                tokio::task::spawn_blocking(move || {
-                    std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(&kvm)
-                        .ok()
-                        .and_then(|_| probe_key(&qemu, &kernel))
-                })
-                .await
-                .ok()
-                .flatten()
-            };
-            if let Some(key) = &key {
-                let (memory, key) = (memory.clone(), key.clone());
-                let kept = tokio::task::spawn_blocking(move || recall(&memory, &key))
+        let verdict = cell
+            .get_or_init(|| async {
+                let config = self.config();
+                let Some(qemu) = program::find(&config.vm.qemu_bin) else {
+                    return KvmVerdict::NotProbed(format!(
+                        "{} is not installed, so KVM was not probed",
+                        config.vm.qemu_bin.display()
+                    ));
+                };
+                // A device that cannot be opened is not remembered: that
+                // changes with a module load or a permission.
+                let memory = self.dirs.cache.join(PROBE_MEMORY);
+                let key = {
+                    let (qemu, kernel, kvm) =
+                        (qemu.clone(), kernel.to_owned(), self.host.kvm.clone());
+                    tokio::task::spawn_blocking(move || {
+                        std::fs::OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .open(&kvm)
+                            .ok()
+                            .and_then(|_| probe_key(&qemu, &kernel))
+                    })
                     .await
                     .ok()
-                    .flatten();
-                if let Some(verdict) = kept {
-                    tracing::info!(
-                        "KVM probe: {} was probed before on this host, kernel and QEMU: {}",
+                    .flatten()
+                };
+                if let Some(key) = &key {
+                    let (memory, key) = (memory.clone(), key.clone());
+                    let kept = tokio::task::spawn_blocking(move || recall(&memory, &key))
+                        .await
+                        .ok()
+                        .flatten();
+                    if let Some(verdict) = kept {
+                        tracing::info!(
+                            "KVM probe: {} was probed before on this host, kernel and QEMU: {}",
+                            kernel.display(),
+                            if verdict.usable() {
+                                "VMs use KVM"
+                            } else {
+                                "VMs use software emulation"
+                            }
+                        );
+                        return verdict;
+                    }
+                }
+                let verdict = kvm::probe(
+                    &qemu,
+                    kernel,
+                    &self.host.kvm,
+                    &self.dirs.runtime,
+                    KVM_PROBE_TIMEOUT,
+                )
+                .await;
+                if let Some(key) = key
+                    && !matches!(verdict, KvmVerdict::NotProbed(_))
+                {
+                    let kept = verdict.clone();
+                    let done =
+                        tokio::task::spawn_blocking(move || remember(&memory, &key, &kept)).await;
+                    if let Ok(Err(e)) = done {
+                        tracing::warn!("cannot remember the KVM probe's verdict: {e}");
+                    }
+                }
+                match &verdict {
+                    KvmVerdict::Usable(t) => tracing::info!(
+                        "KVM probe: {} booted under KVM in {} ms; VMs use KVM",
                         kernel.display(),
-                        if verdict.usable() {
-                            "VMs use KVM"
-                        } else {
-                            "VMs use software emulation"
-                        }
-                    );
-                    return verdict;
+                        t.as_millis()
+                    ),
+                    KvmVerdict::Unusable(why) => {
+                        tracing::warn!("KVM probe: {why}; VMs use software emulation (slow)")
+                    }
+                    KvmVerdict::NotProbed(why) => tracing::warn!("KVM probe: {why}"),
                 }
-            }
-            let verdict = kvm::probe(
-                &qemu,
-                kernel,
-                &self.host.kvm,
-                &self.dirs.runtime,
-                KVM_PROBE_TIMEOUT,
-            )
-            .await;
-            if let Some(key) = key
-                && !matches!(verdict, KvmVerdict::NotProbed(_))
-            {
-                let kept = verdict.clone();
-                let done =
-                    tokio::task::spawn_blocking(move || remember(&memory, &key, &kept)).await;
-                if let Ok(Err(e)) = done {
-                    tracing::warn!("cannot remember the KVM probe's verdict: {e}");
-                }
-            }
-            match &verdict {
-                KvmVerdict::Usable(t) => tracing::info!(
-                    "KVM probe: {} booted under KVM in {} ms; VMs use KVM",
-                    kernel.display(),
-                    t.as_millis()
-                ),
-                KvmVerdict::Unusable(why) => {
-                    tracing::warn!("KVM probe: {why}; VMs use software emulation (slow)")
-                }
-                KvmVerdict::NotProbed(why) => tracing::warn!("KVM probe: {why}"),
-            }
-            verdict
-        })
-        .await
-        .clone()
+                verdict
+            })
+            .await
+            .clone();
+        // VMMs run as users of their own: a /dev/kvm only root may open
+        // is of no use to them, whatever the probe found. Looked at every
+        // time: a udev rule or chgrp changes it.
+        match crate::vm::vmm::jail::kvm_access(&self.host.kvm) {
+            Err(why) if verdict.usable() => KvmVerdict::Unusable(why),
+            _ => verdict,
+        }
     }
 }
 

@@ -96,7 +96,7 @@ impl Vms {
             return;
         };
         let process = ProcessId { pid, start };
-        let _ = process.signal(Signal::SIGKILL);
+        let _ = self.supervisor.signal(id, process, Signal::SIGKILL).await;
         self.wait_recorded(id, process, Duration::from_secs(15))
             .await;
     }

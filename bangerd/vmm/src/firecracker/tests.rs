@@ -431,6 +431,7 @@ fn spec_for(dir: &Path) -> LaunchSpec {
         system_disk: VmPaths::new(dir, dir, "0123456789abcdef").system_disk,
         net: Some(("bgtap3".into(), "0a:b6:0a:00:00:02".into())),
         accel: super::super::Accel::Kvm,
+        confine: None,
     }
 }
 
