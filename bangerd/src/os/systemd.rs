@@ -331,6 +331,10 @@ impl Supervisor for SystemdSupervisor {
         Some(unit_name(vm_id))
     }
 
+    fn vmm_network_namespace(&self) -> bool {
+        false
+    }
+
     fn signal<'a>(
         &'a self,
         vm_id: &'a str,

@@ -32,12 +32,18 @@ fn hanging_qemu(dir: &Path) -> std::path::PathBuf {
         .map(|d| d.join("qemu-system-x86_64"))
         .find(|p| p.exists())
         .expect("qemu-system-x86_64 on the PATH");
+    // The probe runs as the VMMs' uid: it must reach the script and make
+    // its FIFO.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fifos = dir.join("fifos");
+    std::fs::create_dir(&fifos).unwrap();
+    std::fs::set_permissions(&fifos, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let path = dir.join("qemu-hanging");
     std::fs::write(
         &path,
         format!(
             "#!/bin/bash\nfifo={}/fifo.$$\nmkfifo \"$fifo\"\nread -r -t 30 <>\"$fifo\"\nrm -f \"$fifo\"\nexec {} \"$@\"\n",
-            dir.display(),
+            fifos.display(),
             real.display()
         ),
     )
@@ -47,9 +53,10 @@ fn hanging_qemu(dir: &Path) -> std::path::PathBuf {
 }
 
 /// The pids of the probes of KVM for the daemon whose runtime directory
-/// is `runtime` (QEMU's arguments, with the console file in it).
+/// is `runtime` (QEMU's arguments, with the console file in it: a
+/// descriptor's label), and of their keepers (`bangerd vmm-exec`).
 fn probes(runtime: &Path) -> Vec<u32> {
-    let marker = format!("file:{}/kvm-probe.", runtime.display());
+    let marker = format!("{}/kvm-probe.", runtime.display());
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())
@@ -62,7 +69,7 @@ fn probes(runtime: &Path) -> Vec<u32> {
                         .map(|a| String::from_utf8_lossy(a).into_owned())
                         .collect();
                     args.windows(2).any(|w| w[0] == "-accel" && w[1] == "kvm")
-                        && args.iter().any(|a| a.starts_with(&marker))
+                        && args.iter().any(|a| a.contains(&marker))
                 })
                 .unwrap_or(false)
         })
@@ -125,6 +132,33 @@ fn the_kvm_probe_dies_with_the_daemon_and_its_verdict_outlives_it() {
         Some(probes(&runtime)).filter(|p| !p.is_empty())
     })
     .expect("bangerd started no KVM probe");
+    // It runs jailed: its keeper and QEMU, both as the VMMs' first uid.
+    let uid_of = |pid: u32| -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let jailed = eventually(Duration::from_secs(10), || {
+        let p = probes(&runtime);
+        (p.len() == 2
+            && p.iter()
+                .all(|pid| uid_of(*pid) == Some(banger_vmm::jail::VMM_GROUP)))
+        .then_some(p)
+    });
+    assert!(
+        jailed.is_some(),
+        "not a keeper and a QEMU as uid {}: {:?}",
+        banger_vmm::jail::VMM_GROUP,
+        probes(&runtime)
+            .into_iter()
+            .map(|p| (p, uid_of(p)))
+            .collect::<Vec<_>>()
+    );
     bed.kill_daemon();
     let t0 = Instant::now();
     let left = eventually(Duration::from_secs(5), || {

@@ -321,6 +321,13 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
             assert_eq!(field(&st, set), "0000000000000000", "{set}: {st}");
         }
         assert_eq!(field(&st, "NoNewPrivs"), "1", "{st}");
+        // In a network namespace of its own, not bangerd's.
+        let ns = |pid: &str| {
+            std::fs::read_link(format!("/proc/{pid}/ns/net"))
+                .unwrap_or_else(|e| panic!("the network namespace of {pid}: {e}"))
+        };
+        let daemon = env.bed.daemon_pid().unwrap().to_string();
+        assert_ne!(ns(&pid.to_string()), ns(&daemon), "{st}");
         uids.push(uid);
         // Its disks and console are descriptors it was handed.
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))

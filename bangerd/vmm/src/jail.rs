@@ -99,6 +99,16 @@ pub struct Jail {
     pub groups: Vec<u32>,
     /// Its descriptors.
     pub fds: Vec<Pass>,
+    /// The pid whose end kills it (`PR_SET_PDEATHSIG`, which leaving
+    /// root clears, is set again); it exits at once when that process is
+    /// already gone. `None`: it outlives its starter (VMMs).
+    #[serde(default)]
+    pub parent: Option<u32>,
+    /// Leave the host's network namespace for an empty one of its own
+    /// once everything is open (the TAP is attached by then). Takes
+    /// `CAP_SYS_ADMIN`: only where vmm-exec is bangerd's child.
+    #[serde(default)]
+    pub private_network: bool,
 }
 
 /// The highest descriptor number a [`Pass`] may name.
@@ -295,12 +305,76 @@ fn become_vmm(jail: &Jail) -> Result<(), String> {
     setresgid(gid, gid, gid).map_err(|e| format!("cannot become gid {gid}: {e}"))?;
     let uid = Uid::from_raw(jail.uid);
     setresuid(uid, uid, uid).map_err(|e| format!("cannot become uid {uid}: {e}"))?;
+    if let Some(parent) = jail.parent {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .map_err(|e| format!("cannot set the parent-death signal: {e}"))?;
+        if nix::unistd::getppid().as_raw().unsigned_abs() != parent {
+            return Err(format!("its starter {parent} is gone"));
+        }
+    }
     nix::sys::prctl::set_no_new_privs().map_err(|e| format!("cannot set no_new_privs: {e}"))?;
     // Leaving uid 0 for good clears every capability; make sure of it.
     if let Some((set, value)) = capabilities()?.into_iter().find(|(_, v)| *v != 0) {
         return Err(format!("{set} is {value:x} after becoming uid {uid}"));
     }
     Ok(())
+}
+
+/// For a jail with a [`Jail::parent`] (the KVM probe, which its starter
+/// must be able to end): fork, and in the parent keep the program
+/// (its child, same uid) until standard input reaches its end, which is
+/// how the starter, holding no `CAP_KILL` over another uid, ends it:
+/// then the program is killed. The keeper exits with the program's
+/// status; the program dies with the keeper. Returns in the child, which
+/// goes on to exec.
+fn keep(program: &CString) -> Result<(), String> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork, getpid};
+    let keeper = getpid();
+    // SAFETY: vmm-exec runs before bangerd starts any thread.
+    match unsafe { fork() }.map_err(|e| format!("cannot fork: {e}"))? {
+        ForkResult::Child => {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(|e| format!("cannot set the parent-death signal: {e}"))?;
+            if nix::unistd::getppid() != keeper {
+                return Err("its keeper is gone".into());
+            }
+            Ok(())
+        }
+        ForkResult::Parent { child } => {
+            let stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            loop {
+                match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+                    Ok(WaitStatus::Signaled(_, signal, _)) => {
+                        std::process::exit(128 + signal as i32)
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(format!(
+                            "cannot wait for {}: {e}",
+                            program.to_string_lossy()
+                        ));
+                    }
+                }
+                let mut fds = [nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(&stdin),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16))
+                    .map_err(|e| format!("cannot poll standard input: {e}"))?;
+                if ready > 0 {
+                    let n = std::io::Read::read(&mut stdin.lock(), &mut buf).unwrap_or(0);
+                    if n == 0 {
+                        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                        let _ = waitpid(child, None);
+                        std::process::exit(137);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `bangerd vmm-exec SPEC -- PROGRAM ARGS...`: set the VMM up as SPEC
@@ -323,12 +397,19 @@ pub fn exec(args: &[String]) -> String {
             .map(|p| open(&p.source).map(|fd| (p.fd, fd)))
             .collect::<Result<Vec<_>, _>>()?;
         place(opened)?;
+        if jail.private_network {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("cannot make a network namespace: {e}"))?;
+        }
         become_vmm(&jail)?;
         let c = |s: &str| CString::new(s).map_err(|_| format!("{s:?} holds a NUL byte"));
         let program = c(program)?;
         let mut argv = vec![program.clone()];
         for a in rest {
             argv.push(c(a)?);
+        }
+        if jail.parent.is_some() {
+            keep(&program)?;
         }
         match nix::unistd::execv(&program, &argv) {
             Ok(never) => match never {},
@@ -374,6 +455,8 @@ mod tests {
                     },
                 },
             ],
+            parent: None,
+            private_network: true,
         };
         let (program, argv) = jail.command(
             Path::new("/usr/libexec/bangerd"),
@@ -405,6 +488,8 @@ mod tests {
                     },
                 })
                 .collect(),
+            parent: None,
+            private_network: false,
         };
         assert!(jail(0, vec![], &[]).check().is_err(), "root");
         assert!(jail(1000, vec![], &[]).check().is_err(), "a user's uid");

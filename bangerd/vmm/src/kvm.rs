@@ -81,6 +81,33 @@ pub fn probe_args(kernel: &Path, accel: &str, console: &Path) -> Vec<String> {
     a
 }
 
+/// The probe's QEMU with its console handed over as descriptor 3 (a
+/// jailed probe's QEMU opens nothing of ours by path).
+fn jailed_probe_args(kernel: &Path, accel: &str, console: &Path) -> Vec<String> {
+    let mut a = probe_args(kernel, accel, console);
+    a.truncate(a.len() - 2);
+    let label = console.to_string_lossy().replace(',', ",,");
+    a.extend([
+        "-add-fd".to_owned(),
+        format!("fd=3,set=1,opaque={label}"),
+        "-chardev".to_owned(),
+        "file,id=console,path=/dev/fdset/1,append=on".to_owned(),
+        "-serial".to_owned(),
+        "chardev:console".to_owned(),
+    ]);
+    a
+}
+
+/// Where a probe's QEMU runs: as bangerd's user, or jailed by bangerd's
+/// binary `helper` ([`crate::jail`]) as the VMMs' own first uid.
+#[derive(Debug, Clone, Copy)]
+pub enum ProbeAs<'a> {
+    /// As the caller's user (the drivers' own tests).
+    Caller,
+    /// Through `helper vmm-exec`.
+    Jailed(&'a Path),
+}
+
 /// Boot `kernel` under KVM with `qemu` and judge it within `timeout`.
 /// `kvm` is the device node (`/dev/kvm`); `work` a directory for the
 /// console file.
@@ -90,11 +117,12 @@ pub async fn probe(
     kvm: &Path,
     work: &Path,
     timeout: Duration,
+    by: ProbeAs<'_>,
 ) -> KvmVerdict {
     if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(kvm) {
         return KvmVerdict::Unusable(format!("cannot open {}: {e}", kvm.display()));
     }
-    boot_probe(qemu, kernel, "kvm", work, timeout).await
+    boot_probe(qemu, kernel, "kvm", work, timeout, by).await
 }
 
 /// Boot `kernel` alone under `accel` and judge it within `timeout`.
@@ -104,6 +132,7 @@ pub async fn boot_probe(
     accel: &str,
     work: &Path,
     timeout: Duration,
+    by: ProbeAs<'_>,
 ) -> KvmVerdict {
     let dir = match tempfile::Builder::new()
         .prefix("kvm-probe.")
@@ -119,17 +148,51 @@ pub async fn boot_probe(
     };
     let console = dir.path().join("console");
     let started = Instant::now();
-    let mut cmd = tokio::process::Command::new(qemu);
-    cmd.args(probe_args(kernel, accel, &console))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
     // The probe dies with the daemon, even a killed one (kill_on_drop
     // needs the daemon alive): a probe left behind would spin forever on
     // a host whose KVM hangs the guest. The signal follows the thread
     // that forks it, a runtime thread that lives as long as the daemon.
     let parent = nix::unistd::getpid();
+    let mut cmd = match by {
+        ProbeAs::Caller => {
+            let mut cmd = tokio::process::Command::new(qemu);
+            cmd.args(probe_args(kernel, accel, &console));
+            cmd
+        }
+        ProbeAs::Jailed(helper) => {
+            let jail = crate::jail::Jail {
+                uid: crate::jail::VMM_GROUP,
+                groups: vec![crate::jail::VMM_GROUP],
+                fds: vec![crate::jail::Pass {
+                    fd: 3,
+                    source: crate::jail::Source::File {
+                        path: console.clone(),
+                        access: crate::jail::Access::Append,
+                    },
+                }],
+                // Leaving root clears the parent-death signal: set again.
+                parent: Some(parent.as_raw().unsigned_abs()),
+                // The probe is bangerd's child, never a unit.
+                private_network: true,
+            };
+            let (program, argv) =
+                jail.command(helper, qemu, &jailed_probe_args(kernel, accel, &console));
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(argv);
+            cmd
+        }
+    };
+    // A jailed probe runs as another uid, which bangerd (no CAP_KILL in
+    // its unit) may not signal: its keeper kills it when this pipe ends.
+    let jailed = matches!(by, ProbeAs::Jailed(_));
+    cmd.stdin(if jailed {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
     // SAFETY: the closure runs between fork and exec and only makes the
     // async-signal-safe system calls prctl(2) and getppid(2); its errors
     // are made from raw error numbers, which does not allocate.
@@ -153,8 +216,7 @@ pub async fn boot_probe(
     loop {
         let text = std::fs::read_to_string(&console).unwrap_or_default();
         if passed(&text) {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+            end(&mut child).await;
             return KvmVerdict::Usable(started.elapsed());
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -173,8 +235,7 @@ pub async fn boot_probe(
             ));
         }
         if started.elapsed() > timeout {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+            end(&mut child).await;
             let seen = match last_line(&text) {
                 Some(line) => format!("its console stopped at {line:?}"),
                 None => "no console output".to_owned(),
@@ -186,6 +247,14 @@ pub async fn boot_probe(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// End a probe: close its standard input (a jailed probe's keeper then
+/// kills it), kill it (where bangerd may), and reap it.
+async fn end(child: &mut tokio::process::Child) {
+    drop(child.stdin.take());
+    let _ = child.start_kill();
+    let _ = child.wait().await;
 }
 
 fn last_line(text: &str) -> Option<&str> {
@@ -210,6 +279,14 @@ mod tests {
         // -kernel takes a plain path; option values double their commas.
         assert!(line.contains("-kernel /k/vm,linuz"), "{line}");
         assert!(line.ends_with("-serial file:/t/con,,sole"), "{line}");
+        let jailed = jailed_probe_args(Path::new("/k/vmlinuz"), "kvm", Path::new("/t/con,sole"));
+        let line = jailed.join(" ");
+        assert!(
+            line.ends_with(
+                "-add-fd fd=3,set=1,opaque=/t/con,,sole -chardev file,id=console,path=/dev/fdset/1,append=on -serial chardev:console"
+            ),
+            "{line}"
+        );
     }
 
     /// The probe with the real test kernel and QEMU: under TCG it must see
@@ -221,7 +298,15 @@ mod tests {
         let kernel = banger_testbed::guest_artifact("kernel/vmlinuz", "build-test-kernel");
         let qemu = Path::new("/usr/bin/qemu-system-x86_64");
         let dir = tempfile::tempdir().expect("tempdir");
-        let tcg = boot_probe(qemu, &kernel, "tcg", dir.path(), Duration::from_secs(60)).await;
+        let tcg = boot_probe(
+            qemu,
+            &kernel,
+            "tcg",
+            dir.path(),
+            Duration::from_secs(60),
+            ProbeAs::Caller,
+        )
+        .await;
         assert!(tcg.usable(), "{tcg:?}");
         let started = Instant::now();
         let kvm = probe(
@@ -230,6 +315,7 @@ mod tests {
             Path::new("/dev/kvm"),
             dir.path(),
             Duration::from_secs(8),
+            ProbeAs::Caller,
         )
         .await;
         assert!(started.elapsed() < Duration::from_secs(12), "{kvm:?}");
@@ -260,6 +346,7 @@ mod tests {
             Path::new("/nonexistent/kvm"),
             dir.path(),
             Duration::from_secs(5),
+            ProbeAs::Caller,
         )
         .await;
         assert!(
@@ -273,6 +360,7 @@ mod tests {
                 Path::new("/dev/kvm"),
                 dir.path(),
                 Duration::from_secs(5),
+                ProbeAs::Caller,
             )
             .await;
             assert!(

@@ -41,7 +41,13 @@ pub(crate) async fn start_process(
     let _ = std::fs::remove_file(&p.agent_socket);
     let _ = std::fs::remove_file(&p.control_socket);
     let wrapped = match (jail, &spec.confine) {
-        (Some(jail), Some(confine)) => Some(jail.command(&confine.helper, program, args)),
+        (Some(jail), Some(confine)) => {
+            let jail = jail::Jail {
+                private_network: jail.private_network && supervisor.vmm_network_namespace(),
+                ..jail.clone()
+            };
+            Some(jail.command(&confine.helper, program, args))
+        }
         _ => None,
     };
     let (program, args) = match &wrapped {

@@ -294,6 +294,8 @@ impl Vmm for Qemu {
                         uid: confine.uid,
                         groups: vec![VMM_GROUP],
                         fds,
+                        parent: None,
+                        private_network: true,
                     };
                     start_process(spec, supervisor, &self.binary, &args, Some(&jail)).await?
                 }

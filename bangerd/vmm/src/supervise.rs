@@ -53,6 +53,15 @@ pub trait Supervisor: Send + Sync + std::fmt::Debug {
     /// Start the VMM; the process and how to watch it.
     fn start<'a>(&'a self, req: StartRequest<'a>) -> BoxFuture<'a, Result<(Watched, ProcessId)>>;
 
+    /// Whether `vmm-exec` may give a jailed VMM a network namespace of
+    /// its own: it runs with bangerd's rights as its child. In a unit it
+    /// may not (no `CAP_SYS_ADMIN`, `RestrictNamespaces=`), and systemd's
+    /// `PrivateNetwork=` would come before the TAP is attached, by name,
+    /// in the host's namespace.
+    fn vmm_network_namespace(&self) -> bool {
+        true
+    }
+
     /// The unit a VM's VMM runs in, when there is one.
     fn unit(&self, vm_id: &str) -> Option<String> {
         let _ = vm_id;

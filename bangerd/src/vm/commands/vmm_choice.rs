@@ -192,12 +192,25 @@ impl Vms {
                         return verdict;
                     }
                 }
+                // The probe's QEMU runs jailed like a VM's, as the VMMs'
+                // first uid: it boots a kernel a user may have supplied.
+                let shared = {
+                    let (state, kernel) = (self.dirs.state.clone(), kernel.to_owned());
+                    tokio::task::spawn_blocking(move || {
+                        super::boot::share_with_vmms(&state, &kernel)
+                    })
+                    .await
+                };
+                if let Ok(Err(e)) = shared {
+                    tracing::warn!("cannot let the KVM probe read {}: {e}", kernel.display());
+                }
                 let verdict = kvm::probe(
                     &qemu,
                     kernel,
                     &self.host.kvm,
                     &self.dirs.runtime,
                     KVM_PROBE_TIMEOUT,
+                    kvm::ProbeAs::Jailed(&self.helper),
                 )
                 .await;
                 if let Some(key) = key
