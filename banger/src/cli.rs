@@ -242,6 +242,9 @@ pub struct VmSpec {
     /// Give the VM outbound internet access through NAT
     #[arg(long)]
     pub nat: bool,
+    /// Let the VM talk with the other VMs created or set with --peers
+    #[arg(long)]
+    pub peers: bool,
     /// Only create it; start it later with `banger vm start`
     #[arg(long)]
     pub no_start: bool,
@@ -268,7 +271,7 @@ pub enum VmCommand {
     },
     /// Delete VMs and everything they own
     Delete(VmRefs),
-    /// Change memory, vCPUs, disk size or NAT of VMs
+    /// Change memory, vCPUs, disk size, NAT or peers of VMs
     Set {
         #[command(flatten)]
         refs: VmRefs,
@@ -287,6 +290,12 @@ pub enum VmCommand {
         /// Disable NAT
         #[arg(long)]
         no_nat: bool,
+        /// Let them talk with the other VMs that have peers on
+        #[arg(long, conflicts_with = "no_peers")]
+        peers: bool,
+        /// Keep them apart from other VMs again
+        #[arg(long)]
+        no_peers: bool,
     },
     /// List VMs
     List {

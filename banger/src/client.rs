@@ -398,6 +398,7 @@ pub struct VmInfo {
     pub memory_mib: u32,
     pub disk_bytes: u64,
     pub nat: bool,
+    pub peers: bool,
     /// The image's object path.
     pub image: String,
     /// The kernel's object path.
@@ -422,6 +423,7 @@ impl VmInfo {
             memory_mib: prop(p, "MemoryMiB"),
             disk_bytes: prop(p, "DiskBytes"),
             nat: prop(p, "NAT"),
+            peers: prop(p, "Peers"),
             image: path_prop(p, "Image"),
             kernel: path_prop(p, "Kernel"),
             unit: prop(p, "Unit"),

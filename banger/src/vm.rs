@@ -190,7 +190,7 @@ fn vm_json(vm: &VmInfo) -> serde_json::Value {
     serde_json::json!({
         "id": vm.id, "name": vm.name, "state": vm.state, "owner_uid": vm.owner_uid,
         "ipv4": vm.ipv4, "mac": vm.mac, "vcpus": vm.vcpus, "memory_mib": vm.memory_mib,
-        "disk_bytes": vm.disk_bytes, "nat": vm.nat, "image": vm.image, "kernel": vm.kernel,
+        "disk_bytes": vm.disk_bytes, "nat": vm.nat, "peers": vm.peers, "image": vm.image, "kernel": vm.kernel,
         "unit": vm.unit, "disk_method": vm.disk_method, "created_at_usec": vm.created_at_usec,
         "last_error": vm.last_error, "path": vm.path,
     })
@@ -277,6 +277,7 @@ fn vm_human(v: &VmInfo, image: &str, kernel: &str) -> String {
             }
         ),
         format!("nat:         {}", if v.nat { "yes" } else { "no" }),
+        format!("peers:       {}", if v.peers { "yes" } else { "no" }),
         format!("image:       {image}"),
         format!("kernel:      {kernel}"),
         format!(
@@ -318,7 +319,15 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
             disk_size,
             nat,
             no_nat,
-        } => set(opts, refs.vms, memory, vcpus, disk_size, nat, no_nat).await,
+            peers,
+            no_peers,
+        } => {
+            let switches = Switches {
+                nat: (nat || no_nat).then_some(nat),
+                peers: (peers || no_peers).then_some(peers),
+            };
+            set(opts, refs.vms, memory, vcpus, disk_size, switches).await
+        }
         VmCommand::Stats(r) => stats(opts, &r.vm).await,
         VmCommand::Ssh { vm, command } => {
             let client = connect(opts).await?;
@@ -401,6 +410,7 @@ async fn create(
         memory_mib: spec.memory,
         disk_bytes,
         nat: spec.nat.then_some(true),
+        peers: spec.peers.then_some(true),
         ssh_keys: vec![public.clone()],
         start: !spec.no_start,
     };
@@ -780,26 +790,32 @@ async fn call_each(
     Ok(worst.map_or(exit::OK, |f| f.kind().code()))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The network switches `vm set` turns on (`Some(true)`) or off.
+#[derive(Debug, Clone, Copy)]
+struct Switches {
+    nat: Option<bool>,
+    peers: Option<bool>,
+}
+
 async fn set(
     opts: Options,
     refs: Vec<String>,
     memory: Option<u32>,
     vcpus: Option<u32>,
     disk_size: Option<String>,
-    nat: bool,
-    no_nat: bool,
+    switches: Switches,
 ) -> anyhow::Result<u8> {
     let changes = banger_dbus::options::SetVm {
         vcpus,
         memory_mib: memory,
         disk_bytes: disk_size.as_deref().map(parse_size).transpose()?,
-        nat: (nat || no_nat).then_some(nat),
+        nat: switches.nat,
+        peers: switches.peers,
     };
     if changes.is_empty() {
         return Err(Failure::new(
             Kind::InvalidArgument,
-            "nothing to change: give --memory, --vcpus, --disk-size, --nat or --no-nat",
+            "nothing to change: give --memory, --vcpus, --disk-size, --nat, --no-nat, --peers or --no-peers",
         )
         .into());
     }
@@ -945,6 +961,7 @@ mod tests {
             memory_mib: 256,
             disk_bytes: 0,
             nat: false,
+            peers: false,
             image: String::new(),
             kernel: String::new(),
             unit: String::new(),

@@ -325,6 +325,8 @@ pub mod create_vm {
     pub const DISK_BYTES: &str = "disk_bytes";
     /// `b`: NAT the VM's traffic to the outside.
     pub const NAT: &str = "nat";
+    /// `b`: let the VM talk with the other VMs that have this on.
+    pub const PEERS: &str = "peers";
     /// `as`: SSH public key lines for root's authorized_keys.
     pub const SSH_KEYS: &str = "ssh_keys";
     /// `b`: start the VM once it is made (default true).
@@ -333,7 +335,7 @@ pub mod create_vm {
 
 /// Keys of `VM.Set(a{sv} changes)`.
 pub mod set_vm {
-    pub use super::create_vm::{DISK_BYTES, MEMORY_MIB, NAT, VCPUS};
+    pub use super::create_vm::{DISK_BYTES, MEMORY_MIB, NAT, PEERS, VCPUS};
 }
 
 /// Options of a method that takes none (`Manager.PullKernel`, a catalog
@@ -733,6 +735,8 @@ pub struct CreateVm {
     pub disk_bytes: Option<u64>,
     /// [`create_vm::NAT`].
     pub nat: Option<bool>,
+    /// [`create_vm::PEERS`].
+    pub peers: Option<bool>,
     /// [`create_vm::SSH_KEYS`].
     pub ssh_keys: Vec<String>,
     /// [`create_vm::START`] (default true).
@@ -746,6 +750,7 @@ impl Default for CreateVm {
             memory_mib: None,
             disk_bytes: None,
             nat: None,
+            peers: None,
             ssh_keys: Vec::new(),
             start: true,
         }
@@ -763,6 +768,7 @@ impl CreateVm {
                 create_vm::MEMORY_MIB,
                 create_vm::DISK_BYTES,
                 create_vm::NAT,
+                create_vm::PEERS,
                 create_vm::SSH_KEYS,
                 create_vm::START,
             ],
@@ -772,6 +778,7 @@ impl CreateVm {
             memory_mib: r.u32(create_vm::MEMORY_MIB)?,
             disk_bytes: r.u64(create_vm::DISK_BYTES)?,
             nat: r.bool(create_vm::NAT)?,
+            peers: r.bool(create_vm::PEERS)?,
             ssh_keys: r.strings(create_vm::SSH_KEYS)?,
             start: r.bool(create_vm::START)?.unwrap_or(true),
         })
@@ -784,6 +791,7 @@ impl CreateVm {
             .put(create_vm::MEMORY_MIB, self.memory_mib.map(Variant::from))
             .put(create_vm::DISK_BYTES, self.disk_bytes.map(Variant::from))
             .put(create_vm::NAT, self.nat.map(Variant::from))
+            .put(create_vm::PEERS, self.peers.map(Variant::from))
             .strings(create_vm::SSH_KEYS, &self.ssh_keys)
             .put(
                 create_vm::START,
@@ -804,6 +812,8 @@ pub struct SetVm {
     pub disk_bytes: Option<u64>,
     /// [`set_vm::NAT`].
     pub nat: Option<bool>,
+    /// [`set_vm::PEERS`].
+    pub peers: Option<bool>,
 }
 
 impl SetVm {
@@ -817,6 +827,7 @@ impl SetVm {
                 set_vm::MEMORY_MIB,
                 set_vm::DISK_BYTES,
                 set_vm::NAT,
+                set_vm::PEERS,
             ],
         )?;
         Ok(Self {
@@ -824,6 +835,7 @@ impl SetVm {
             memory_mib: r.u32(set_vm::MEMORY_MIB)?,
             disk_bytes: r.u64(set_vm::DISK_BYTES)?,
             nat: r.bool(set_vm::NAT)?,
+            peers: r.bool(set_vm::PEERS)?,
         })
     }
 
@@ -839,6 +851,7 @@ impl SetVm {
             .put(set_vm::MEMORY_MIB, self.memory_mib.map(Variant::from))
             .put(set_vm::DISK_BYTES, self.disk_bytes.map(Variant::from))
             .put(set_vm::NAT, self.nat.map(Variant::from))
+            .put(set_vm::PEERS, self.peers.map(Variant::from))
             .0
     }
 }
@@ -878,6 +891,7 @@ mod tests {
             memory_mib: Some(512),
             disk_bytes: Some(1 << 30),
             nat: Some(true),
+            peers: Some(true),
             ssh_keys: vec!["ssh-ed25519 AAAA me".into()],
             start: false,
         };
@@ -888,6 +902,7 @@ mod tests {
         );
         let set = SetVm {
             nat: Some(false),
+            peers: Some(true),
             ..SetVm::default()
         };
         assert_eq!(SetVm::parse(&received(&set.to_dict())), Ok(set));

@@ -179,10 +179,17 @@ impl Firewall {
         &self.policy
     }
 
-    /// The nft JSON document that makes both tables hold exactly `guests`
-    /// and `nat` (addresses with NAT on), with `host_networks` (the host's
-    /// directly attached networks) closed to NAT.
-    pub fn document(&self, guests: &[Guest], nat: &[Ipv4Addr], host_networks: &[Ipv4Net]) -> Value {
+    /// The nft JSON document that makes both tables hold exactly `guests`,
+    /// `nat` (addresses with NAT on) and `peers` (addresses that may talk
+    /// with each other), with `host_networks` (the host's directly
+    /// attached networks) closed to NAT.
+    pub fn document(
+        &self,
+        guests: &[Guest],
+        nat: &[Ipv4Addr],
+        peers: &[Ipv4Addr],
+        host_networks: &[Ipv4Net],
+    ) -> Value {
         let p = &self.policy;
         let b = p.bridge.as_str();
         let taps = format!("{TAP_PREFIX}*");
@@ -200,6 +207,7 @@ impl Firewall {
                 json!(["ifname", "ether_addr", "ipv4_addr"]),
                 false,
             ),
+            set(br, "peer_ports", json!("ifname"), false),
             chain(br, "prerouting", "filter", -200),
             chain(br, "forward", "filter", 0),
         ]);
@@ -220,6 +228,17 @@ impl Firewall {
             rule(br, "prerouting", json!([{"drop": null}])),
         ]);
         if !p.guest_to_guest {
+            // Guests with the peers switch on reach each other (ARP
+            // included), and no one else.
+            cmds.push(rule(
+                br,
+                "forward",
+                json!([
+                    matches(json!({"meta": {"key": "iifname"}}), json!("@peer_ports")),
+                    matches(json!({"meta": {"key": "oifname"}}), json!("@peer_ports")),
+                    {"accept": null}
+                ]),
+            ));
             cmds.push(rule(
                 br,
                 "forward",
@@ -234,12 +253,21 @@ impl Firewall {
                 .map(|g| json!({"concat": [g.tap, mac_for(g.ipv4), g.ipv4.to_string()]}))
                 .collect();
             cmds.push(elements(br, "guests", json!(elems)));
+            let ports: Vec<&str> = guests
+                .iter()
+                .filter(|g| peers.contains(&g.ipv4))
+                .map(|g| g.tap.as_str())
+                .collect();
+            if !ports.is_empty() {
+                cmds.push(elements(br, "peer_ports", json!(ports)));
+            }
         }
 
         // inet: the host, and NAT.
         let inet = "inet";
         cmds.extend([
             set(inet, "nat_vms", json!("ipv4_addr"), false),
+            set(inet, "peers", json!("ipv4_addr"), false),
             set(inet, "nat_allow", json!("ipv4_addr"), true),
             set(inet, "nat_block", json!("ipv4_addr"), true),
             set(inet, "host_ports", json!("inet_service"), false),
@@ -271,6 +299,19 @@ impl Firewall {
                 inet,
                 "input",
                 json!([meta("iifname", "==", b), {"drop": null}]),
+            ),
+            // Routed between guests (when bridged traffic is seen here):
+            // peers to peers only, as on the bridge.
+            rule(
+                inet,
+                "forward",
+                json!([
+                    meta("iifname", "==", b),
+                    meta("oifname", "==", b),
+                    matches(field("ip", "saddr"), json!("@peers")),
+                    matches(field("ip", "daddr"), json!("@peers")),
+                    {"accept": null}
+                ]),
             ),
             rule(
                 inet,
@@ -342,20 +383,25 @@ impl Firewall {
             let elems: Vec<String> = nat.iter().map(ToString::to_string).collect();
             cmds.push(elements(inet, "nat_vms", json!(elems)));
         }
+        if !peers.is_empty() {
+            let elems: Vec<String> = peers.iter().map(ToString::to_string).collect();
+            cmds.push(elements(inet, "peers", json!(elems)));
+        }
         json!({"nftables": cmds})
     }
 
-    /// Make both tables hold exactly `guests` and `nat` (one atomic nft
-    /// transaction) and switch IPv4 forwarding on when any VM has NAT.
-    /// Forwarding is never switched off again: other software may rely on
-    /// it.
+    /// Make both tables hold exactly `guests`, `nat` and `peers` (one
+    /// atomic nft transaction) and switch IPv4 forwarding on when any VM
+    /// has NAT. Forwarding is never switched off again: other software
+    /// may rely on it.
     pub async fn apply(
         &self,
         guests: &[Guest],
         nat: &[Ipv4Addr],
+        peers: &[Ipv4Addr],
         host_networks: &[Ipv4Net],
     ) -> Result<(), Error> {
-        self.run(self.document(guests, nat, host_networks), "apply")
+        self.run(self.document(guests, nat, peers, host_networks), "apply")
             .await?;
         if !nat.is_empty() {
             enable_forwarding(&self.ip_forward)?;
@@ -414,13 +460,20 @@ mod tests {
         policy.host_ports = vec![8080, 53];
         policy.nat_allow = vec![net("192.168.1.0/24")];
         let fw = Firewall::new(policy);
-        let guests = [Guest {
-            tap: "bgtap0".into(),
-            ipv4: Ipv4Addr::new(10, 213, 42, 2),
-        }];
+        let guests = [
+            Guest {
+                tap: "bgtap0".into(),
+                ipv4: Ipv4Addr::new(10, 213, 42, 2),
+            },
+            Guest {
+                tap: "bgtap1".into(),
+                ipv4: Ipv4Addr::new(10, 213, 42, 3),
+            },
+        ];
         let doc = fw.document(
             &guests,
             &[Ipv4Addr::new(10, 213, 42, 2)],
+            &[Ipv4Addr::new(10, 213, 42, 3)],
             &[
                 net("192.168.1.0/24"),
                 net("169.254.0.0/16"),
@@ -436,6 +489,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#""elem":[53,8080]"#), "{text}");
+        // The peers: by port on the bridge, by address in inet.
+        assert!(
+            text.contains(r#""elem":["bgtap1"],"family":"bridge","name":"peer_ports""#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""elem":["10.213.42.3"],"family":"inet","name":"peers""#),
+            "{text}"
+        );
         // Overlapping networks are merged (nft refuses overlaps).
         assert!(
             text.contains(r#"{"prefix":{"addr":"169.254.0.0","len":16}}"#),
@@ -472,10 +534,14 @@ mod tests {
                 })
                 .count()
         };
-        assert_eq!(bridge_forward(&doc), 1);
+        assert_eq!(
+            bridge_forward(&doc),
+            2,
+            "peers accepted, other guests dropped"
+        );
         let mut open = fw.policy().clone();
         open.guest_to_guest = true;
-        let doc = Firewall::new(open).document(&[], &[], &[]);
+        let doc = Firewall::new(open).document(&[], &[], &[], &[]);
         assert_eq!(bridge_forward(&doc), 0);
         let text = doc.to_string();
         assert!(!text.contains("nat_vms\",\"elem"), "{text}");

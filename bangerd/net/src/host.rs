@@ -57,6 +57,8 @@ pub struct InUse {
     pub guests: Vec<Guest>,
     /// The addresses of those with NAT.
     pub nat_ips: Vec<Ipv4Addr>,
+    /// The addresses of those that may talk with each other.
+    pub peer_ips: Vec<Ipv4Addr>,
 }
 
 /// The host network service.

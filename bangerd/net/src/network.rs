@@ -50,6 +50,22 @@ struct Held {
     /// TAP → the guest's address.
     guests: BTreeMap<String, Ipv4Addr>,
     nat: BTreeSet<Ipv4Addr>,
+    /// Addresses of guests that may talk with each other.
+    peers: BTreeSet<Ipv4Addr>,
+}
+
+/// A VM's switches on the network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Switches {
+    /// Out to the world, masqueraded.
+    pub nat: bool,
+    /// To and from the other VMs with this switch on.
+    pub peers: bool,
+}
+
+/// Put `ip` in `set` or take it out; whether that changed it.
+fn switch(set: &mut BTreeSet<Ipv4Addr>, ip: Ipv4Addr, on: bool) -> bool {
+    if on { set.insert(ip) } else { set.remove(&ip) }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -83,6 +99,7 @@ impl Network {
                 .map(|g| (g.tap.clone(), g.ipv4))
                 .collect(),
             nat: in_use.nat_ips.iter().copied().collect(),
+            peers: in_use.peer_ips.iter().copied().collect(),
         };
         let net = Self {
             subnet,
@@ -134,8 +151,9 @@ impl Network {
             })
             .collect();
         let nat: Vec<Ipv4Addr> = held.nat.iter().copied().collect();
+        let peers: Vec<Ipv4Addr> = held.peers.iter().copied().collect();
         let host = self.links.host_networks(Some(self.bridge_index())).await?;
-        self.firewall.apply(&guests, &nat, &host).await
+        self.firewall.apply(&guests, &nat, &peers, &host).await
     }
 
     /// Give VM `owner` (named `name`, its VMM running as `uid`) its
@@ -145,7 +163,7 @@ impl Network {
         owner: &str,
         name: &str,
         uid: u32,
-        nat: bool,
+        switches: Switches,
     ) -> Result<VmNet, Error> {
         let lease = {
             let (store, owner, subnet) = (self.store.clone(), owner.to_owned(), self.subnet);
@@ -171,9 +189,8 @@ impl Network {
         let result = async {
             self.change(|h| {
                 h.guests.insert(tap.clone(), ip);
-                if nat {
-                    h.nat.insert(ip);
-                }
+                switch(&mut h.nat, ip, switches.nat);
+                switch(&mut h.peers, ip, switches.peers);
                 true
             })
             .await?;
@@ -187,7 +204,8 @@ impl Network {
             let _ = self
                 .change(|h| {
                     let gone = h.guests.remove(&tap).is_some();
-                    (nat && h.nat.remove(&ip)) || gone
+                    let nat = h.nat.remove(&ip);
+                    h.peers.remove(&ip) || nat || gone
                 })
                 .await;
             if let Some(zone) = &self.zone {
@@ -203,14 +221,12 @@ impl Network {
 
     /// Switch NAT for `ip` on or off.
     pub async fn set_nat(&self, ip: Ipv4Addr, on: bool) -> Result<(), Error> {
-        self.change(|h| {
-            if on {
-                h.nat.insert(ip)
-            } else {
-                h.nat.remove(&ip)
-            }
-        })
-        .await
+        self.change(|h| switch(&mut h.nat, ip, on)).await
+    }
+
+    /// Let `ip` talk with the other peers, or not.
+    pub async fn set_peers(&self, ip: Ipv4Addr, on: bool) -> Result<(), Error> {
+        self.change(|h| switch(&mut h.peers, ip, on)).await
     }
 
     /// Take back what [`Network::attach`] gave a VM that stops: its name,
@@ -221,7 +237,7 @@ impl Network {
             zone.remove(name).await?;
         }
         self.change(|h| {
-            let nat = h.nat.remove(&ipv4);
+            let nat = h.nat.remove(&ipv4) | h.peers.remove(&ipv4);
             let before = h.guests.len();
             h.guests
                 .retain(|t, ip| *ip != ipv4 && tap.is_none_or(|tap| tap != t));
@@ -241,7 +257,7 @@ impl Network {
         &self,
         owner: &str,
         name: &str,
-        nat: bool,
+        switches: Switches,
         tap: Option<&str>,
     ) -> Result<Lease, Error> {
         let lease = {
@@ -253,11 +269,8 @@ impl Network {
         }
         let ip = lease.ipv4;
         self.change(|h| {
-            let mut changed = if nat {
-                h.nat.insert(ip)
-            } else {
-                h.nat.remove(&ip)
-            };
+            let mut changed = switch(&mut h.nat, ip, switches.nat);
+            changed |= switch(&mut h.peers, ip, switches.peers);
             if let Some(tap) = tap {
                 changed |= h.guests.insert(tap.to_owned(), ip) != Some(ip);
             }

@@ -300,6 +300,7 @@ impl ManagerObject {
     /// Create a VM named `name` (a DNS label) from `image` (name or id;
     /// empty for the configured default image). Options: "vcpus" (u),
     /// "memory_mib" (u), "disk_bytes" (t, the work disk), "nat" (b),
+    /// "peers" (b, talk with the other VMs that have it on),
     /// "ssh_keys" (as, public key lines for root), "start" (b, default
     /// true). Returns the VM object (state creating) and the job; the job's
     /// stages are resolve image, system disk, work disk, and when starting
@@ -324,6 +325,7 @@ impl ManagerObject {
             memory_mib: o.memory_mib,
             disk_bytes: o.disk_bytes,
             nat: o.nat,
+            peers: o.peers,
             ssh_keys: o.ssh_keys,
             start: o.start,
         };

@@ -89,6 +89,13 @@ impl VmObject {
         self.vm.nat
     }
 
+    /// Whether it talks with the other VMs that have this on (and they
+    /// with it); other guests are out of its reach.
+    #[zbus(property)]
+    fn peers(&self) -> bool {
+        self.vm.peers
+    }
+
     /// Its image's object path.
     #[zbus(property(emits_changed_signal = "const"))]
     fn image(&self) -> OwnedObjectPath {
@@ -218,7 +225,7 @@ impl VmObject {
 
     /// Change it. Keys: "vcpus" (u), "memory_mib" (u), "disk_bytes" (t,
     /// grows only) on a stopped VM; "nat" (b) any time (also needs
-    /// org.banger.vm.nat).
+    /// org.banger.vm.nat); "peers" (b) any time.
     async fn set(
         &self,
         changes: Options,
@@ -232,6 +239,7 @@ impl VmObject {
             memory_mib: o.memory_mib,
             disk_bytes: o.disk_bytes,
             nat: o.nat,
+            peers: o.peers,
         };
         self.core
             .vms()

@@ -91,6 +91,8 @@ pub const MIGRATIONS: &[&str] = &[
         last_error  TEXT NOT NULL
     ) STRICT;
     CREATE INDEX vms_by_image ON vms (image_id);",
+    // 6: whether a VM may talk with the other VMs that may (peers).
+    "ALTER TABLE vms ADD COLUMN peers INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this build writes.

@@ -164,6 +164,8 @@ pub struct Vm {
     pub disk_bytes: u64,
     /// Whether its traffic is NAT'd to the outside.
     pub nat: bool,
+    /// Whether it may talk with the other VMs that may (`peers`).
+    pub peers: bool,
     /// Where it is in its life.
     pub state: VmState,
     /// Which VMM runs it; `None` before its first start.
@@ -207,6 +209,8 @@ pub struct VmRequest {
     pub disk_bytes: Option<u64>,
     /// NAT on.
     pub nat: Option<bool>,
+    /// Peers on.
+    pub peers: Option<bool>,
     /// Public keys for root.
     pub ssh_keys: Vec<String>,
     /// Start it once created.

@@ -286,6 +286,7 @@ mod tests {
             memory_mib: 1024,
             disk_bytes: 8 * GIB,
             nat: false,
+            peers: false,
             state,
             vmm: None,
             pid: None,

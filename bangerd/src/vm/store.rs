@@ -18,6 +18,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         memory_mib: r.get("memory_mib")?,
         disk_bytes: r.get::<_, i64>("disk_bytes")?.max(0) as u64,
         nat: r.get::<_, i64>("nat")? == 1,
+        peers: r.get::<_, i64>("peers")? == 1,
         // An unknown state can only come from a newer bangerd; treat the
         // VM as stopped so it can at least be deleted.
         state: VmState::parse(&state).unwrap_or(VmState::Stopped),
@@ -42,8 +43,9 @@ impl Store {
         self.conn().execute(
             "INSERT INTO vms (id, name, owner_uid, image_id, kernel_id, vcpus, memory_mib,
                 disk_bytes, nat, state, vmm, pid, pid_start, tap, ssh_keys, disk_method,
-                created_at, last_error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                created_at, last_error, peers)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                ?19)",
             params![
                 vm.id,
                 vm.name,
@@ -63,6 +65,7 @@ impl Store {
                 vm.disk_method.map_or("", |m| m.as_str()),
                 vm.created_at,
                 vm.last_error,
+                i64::from(vm.peers),
             ],
         )?;
         Ok(())
@@ -73,7 +76,7 @@ impl Store {
         Ok(self.conn().execute(
             "UPDATE vms SET vcpus = ?2, memory_mib = ?3, disk_bytes = ?4, nat = ?5, state = ?6,
                 vmm = ?7, pid = ?8, pid_start = ?9, tap = ?10, disk_method = ?11,
-                last_error = ?12, name = ?13
+                last_error = ?12, name = ?13, peers = ?14
              WHERE id = ?1",
             params![
                 vm.id,
@@ -89,6 +92,7 @@ impl Store {
                 vm.disk_method.map_or("", |m| m.as_str()),
                 vm.last_error,
                 vm.name,
+                i64::from(vm.peers),
             ],
         )? == 1)
     }
@@ -182,6 +186,7 @@ mod tests {
             memory_mib: 512,
             disk_bytes: 1 << 30,
             nat: false,
+            peers: false,
             state: VmState::Creating,
             vmm: None,
             pid: None,
@@ -208,6 +213,7 @@ mod tests {
         a.pid_start = Some(7);
         a.tap = Some("bgtap0".into());
         a.nat = true;
+        a.peers = true;
         assert!(store.update_vm(&a).expect("update"));
         assert_eq!(store.vms().expect("list"), vec![a.clone()]);
         assert_eq!(store.vms_using_image("i1").expect("users"), ["web"]);

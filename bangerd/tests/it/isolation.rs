@@ -1,7 +1,8 @@
 //! Guest isolation with two real guests (tiny image, QEMU under TCG) on
 //! the test bed: from inside one VM, the other VM, a host port other than
 //! DNS and IPv6 get nowhere, while DNS on the gateway answers and the host
-//! still reaches both VMs. The rules themselves, each shown to matter
+//! still reaches both VMs; two VMs with the peers switch on talk, and
+//! stop when one has it off. The rules themselves, each shown to matter
 //! before banger's tables exist, are in `net_firewall.rs`.
 
 #![allow(clippy::unwrap_used)]
@@ -60,5 +61,26 @@ fn a_guest_reaches_neither_the_other_guest_nor_host_ports_but_dns() {
         "the other guest:\n{out}"
     );
     assert!(out.contains("ipv6 1"), "IPv6 to the host:\n{out}");
+
+    // Peers: both switched on, running, they talk; one switched off again,
+    // they do not. Other host ports stay closed either way.
+    env.ok(&["vm", "set", "left", "right", "--peers"]);
+    assert_eq!(env.vm("right")["peers"], true);
+    let probe = format!(
+        "try() {{ nc -w 3 \"$1\" \"$2\" -e true >/dev/null 2>&1; echo \"$1:$2 $?\"; }}
+         try {b_ip} 22; try 10.213.42.1 8765"
+    );
+    let out = env.ok(&["vm", "ssh", "left", "--", "sh", "-c", &probe]);
+    assert!(out.contains(&format!("{b_ip}:22 0")), "peers:\n{out}");
+    assert!(
+        out.contains("10.213.42.1:8765 1"),
+        "a peer and a host port:\n{out}"
+    );
+    env.ok(&["vm", "set", "right", "--no-peers"]);
+    let out = env.ok(&["vm", "ssh", "left", "--", "sh", "-c", &probe]);
+    assert!(
+        out.contains(&format!("{b_ip}:22 1")),
+        "a peer and a VM that is not:\n{out}"
+    );
     env.ok(&["vm", "delete", "left", "right"]);
 }

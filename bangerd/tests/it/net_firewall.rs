@@ -239,7 +239,7 @@ async fn scenario(host: &str, g1: &NetNs, g2: &NetNs, upstream: &NetNs) {
         },
     ];
     let fw = Firewall::new(Policy::isolated("bgfw0", subnet.gateway()));
-    fw.apply(&guests, &[], &host_nets).await.unwrap();
+    fw.apply(&guests, &[], &[], &host_nets).await.unwrap();
 
     // The host: DNS only, and what the host starts.
     assert!(reaches(&ga, None, "10.213.42.1", 53), "DNS on the gateway");
@@ -311,7 +311,7 @@ async fn scenario(host: &str, g1: &NetNs, g2: &NetNs, upstream: &NetNs) {
     // NAT off: not out.
     assert!(!reaches(&ga, None, "192.0.2.2", 8080), "out without NAT");
     // NAT on: out, masqueraded, but not into the host's own network.
-    fw.apply(&guests, &[a], &host_nets).await.unwrap();
+    fw.apply(&guests, &[a], &[], &host_nets).await.unwrap();
     assert_eq!(
         inside(host, "cat", &["/proc/sys/net/ipv4/ip_forward"]).trim(),
         "1"
@@ -344,7 +344,7 @@ async fn scenario(host: &str, g1: &NetNs, g2: &NetNs, upstream: &NetNs) {
     open.host_ports = vec![2222];
     open.nat_allow = vec!["198.51.100.0/30".parse().unwrap()];
     let open = Firewall::new(open);
-    open.apply(&guests, &[a], &host_nets).await.unwrap();
+    open.apply(&guests, &[a], &[], &host_nets).await.unwrap();
     assert!(reaches(&ga, None, "10.213.42.3", 22), "guests may talk");
     assert!(
         reaches(&ga, None, "10.213.42.1", 2222),
@@ -355,9 +355,42 @@ async fn scenario(host: &str, g1: &NetNs, g2: &NetNs, upstream: &NetNs) {
         "an allowed network"
     );
 
+    // Peers: guests that both have the switch on talk (ARP included);
+    // one alone reaches no one, and no one reaches it.
+    fw.apply(&guests, &[], &[a], &host_nets).await.unwrap();
+    assert!(!reaches(&ga, None, "10.213.42.3", 22), "a peer alone");
+    assert!(
+        !reaches(&gb, None, "10.213.42.2", 7000),
+        "a guest to a peer that is not its"
+    );
+    fw.apply(&guests, &[], &[a, b], &host_nets).await.unwrap();
+    assert!(reaches(&ga, None, "10.213.42.3", 22), "peers talk");
+    assert!(reaches(&gb, None, "10.213.42.2", 7000), "both ways");
+    assert!(
+        !reaches(&ga, None, "10.213.42.1", 2222),
+        "peers still reach no other host port"
+    );
+    // Still only as itself.
+    run(
+        "ip",
+        &[
+            "-n",
+            g1.name(),
+            "addr",
+            "add",
+            "10.213.42.10/24",
+            "dev",
+            "eth0",
+        ],
+    );
+    assert!(
+        !reaches(&ga, Some("10.213.42.10"), "10.213.42.3", 22),
+        "a peer with a spoofed address"
+    );
+
     // Applying is idempotent and reconciles: NAT off, b forgotten.
-    fw.apply(&guests, &[a], &host_nets).await.unwrap();
-    fw.apply(&guests[..1], &[], &host_nets).await.unwrap();
+    fw.apply(&guests, &[a], &[], &host_nets).await.unwrap();
+    fw.apply(&guests[..1], &[], &[], &host_nets).await.unwrap();
     assert!(!reaches(&ga, None, "192.0.2.2", 8080), "NAT off, yet out");
     assert!(!reaches(&gb, None, "10.213.42.1", 53), "a forgotten guest");
 

@@ -265,8 +265,14 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
         .await
         .unwrap();
 
-        let a = net.attach("vm-a", "alpha", 54_321, true).await.unwrap();
-        let b = net.attach("vm-b", "beta", 54_322, false).await.unwrap();
+        let a = net
+            .attach("vm-a", "alpha", 54_321, nat(true))
+            .await
+            .unwrap();
+        let b = net
+            .attach("vm-b", "beta", 54_322, nat(false))
+            .await
+            .unwrap();
         assert_eq!(a.lease.ipv4.to_string(), "10.213.42.2");
         assert_eq!(
             a.ip_arg,
@@ -300,7 +306,7 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
 
         // Exhaust the subnet: the failing attach leaves no TAP and no lease.
         for owner in ["c", "d", "e"] {
-            net.attach(owner, owner, 54_330, false).await.unwrap();
+            net.attach(owner, owner, 54_330, nat(false)).await.unwrap();
         }
         // Let the pool's background refill settle first.
         for _ in 0..100 {
@@ -311,7 +317,7 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
         }
         let taps_before = links_now(&ns);
         let err = net
-            .attach("vm-f", "foxtrot", 54_331, true)
+            .attach("vm-f", "foxtrot", 54_331, nat(true))
             .await
             .unwrap_err();
         assert_eq!(err.kind, ErrorKind::Unavailable, "{}", err.message);
@@ -333,7 +339,7 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
         // Adopt (a restart found it running): name, NAT and its place in
         // the firewall come back.
         let lease = net
-            .adopt("vm-a", "alpha", true, Some(&a.tap))
+            .adopt("vm-a", "alpha", nat(true), Some(&a.tap))
             .await
             .unwrap();
         assert_eq!(lease, a.lease);
@@ -357,7 +363,10 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
         assert!(!used.contains(&a.tap));
         assert!(idle.len() <= 1, "pool of 1: {idle:?}");
         // Its address is the next one handed out.
-        let again = net.attach("vm-g", "golf", 54_332, false).await.unwrap();
+        let again = net
+            .attach("vm-g", "golf", 54_332, nat(false))
+            .await
+            .unwrap();
         assert_eq!(again.lease.ipv4, a.lease.ipv4);
     });
 }
@@ -412,4 +421,12 @@ fn the_host_network_comes_up_once_for_concurrent_callers() {
         assert_eq!(net.resolved(), Registration::Absent);
         assert!(net.lease_of("no-such-vm").await.is_none());
     });
+}
+
+/// NAT on or off, no peers.
+fn nat(on: bool) -> bangerd::net::network::Switches {
+    bangerd::net::network::Switches {
+        nat: on,
+        peers: false,
+    }
 }

@@ -10,6 +10,7 @@ use super::Vms;
 use crate::artifacts::{Image, Kernel};
 use crate::error::{Error, Result};
 use crate::jobs::JobContext;
+use crate::net::network::Switches;
 use crate::vm::agent::Ready;
 use crate::vm::disk::DiskMethod;
 use crate::vm::quota::Demand;
@@ -242,7 +243,11 @@ impl Vms {
 
         ctx.stage("network", base).await?;
         let net = self.network().await?;
-        let vmnet = net.attach(&vm.id, &vm.name, 0, vm.nat).await?;
+        let switches = Switches {
+            nat: vm.nat,
+            peers: vm.peers,
+        };
+        let vmnet = net.attach(&vm.id, &vm.name, 0, switches).await?;
         let tap = vmnet.tap.clone();
         if let Err(e) = self.modify(&vm.id, |v| v.tap = Some(tap.clone())) {
             let _ = net

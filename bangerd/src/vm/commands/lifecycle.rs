@@ -83,6 +83,7 @@ impl Vms {
             memory_mib,
             disk_bytes,
             nat: req.nat.unwrap_or(false),
+            peers: req.peers.unwrap_or(false),
             state: VmState::Creating,
             vmm: None,
             pid: None,
@@ -437,7 +438,7 @@ impl Vms {
         Ok(())
     }
 
-    /// Change a VM's sizes (stopped only) or NAT (any time).
+    /// Change a VM's sizes (stopped only), NAT or peers (any time).
     pub async fn set_vm(
         self: &Arc<Self>,
         caller: &Caller,
@@ -456,7 +457,7 @@ impl Vms {
             changes.vcpus.is_some() || changes.memory_mib.is_some() || changes.disk_bytes.is_some();
         if changes == VmChanges::default() {
             return Err(Error::invalid(
-                "nothing to change: give vcpus, memory_mib, disk_bytes or nat",
+                "nothing to change: give vcpus, memory_mib, disk_bytes, nat or peers",
             ));
         }
         let vcpus = changes.vcpus.unwrap_or(vm.vcpus);
@@ -505,12 +506,21 @@ impl Vms {
         {
             self.network().await?.set_nat(ip, nat).await?;
         }
+        if let Some(peers) = changes.peers.filter(|p| *p != vm.peers)
+            && vm.state.has_process()
+            && let Some(ip) = self.vm_ipv4(&vm.id).await
+        {
+            self.network().await?.set_peers(ip, peers).await?;
+        }
         self.modify(&vm.id, |v| {
             v.vcpus = vcpus;
             v.memory_mib = memory;
             v.disk_bytes = disk_bytes;
             if let Some(nat) = changes.nat {
                 v.nat = nat;
+            }
+            if let Some(peers) = changes.peers {
+                v.peers = peers;
             }
         })
     }

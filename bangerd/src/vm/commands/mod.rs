@@ -144,6 +144,8 @@ pub struct VmChanges {
     pub disk_bytes: Option<u64>,
     /// NAT on or off (applies at once to a running VM).
     pub nat: Option<bool>,
+    /// Peers on or off (applies at once to a running VM).
+    pub peers: Option<bool>,
 }
 
 impl Vms {

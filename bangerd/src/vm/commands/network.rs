@@ -55,6 +55,9 @@ impl Vms {
             if vm.nat {
                 held.nat_ips.push(ip);
             }
+            if vm.peers {
+                held.peer_ips.push(ip);
+            }
         }
         Ok(held)
     }

@@ -117,7 +117,14 @@ impl Vms {
         if !adopted.is_empty() || sweep {
             let net = self.network().await?;
             for vm in adopted {
-                if let Err(e) = net.adopt(&vm.id, &vm.name, vm.nat, vm.tap.as_deref()).await {
+                let switches = crate::net::network::Switches {
+                    nat: vm.nat,
+                    peers: vm.peers,
+                };
+                if let Err(e) = net
+                    .adopt(&vm.id, &vm.name, switches, vm.tap.as_deref())
+                    .await
+                {
                     tracing::warn!(banger_vm_id = %vm.id, "cannot restore its name and NAT: {e}");
                 }
             }

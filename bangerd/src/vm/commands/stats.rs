@@ -286,6 +286,7 @@ mod tests {
             memory_mib: 128,
             disk_bytes: 64 << 20,
             nat: false,
+            peers: false,
             state: VmState::Running,
             vmm: Some(VmmDriver::Qemu),
             pid: Some(me.pid),
