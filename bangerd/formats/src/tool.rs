@@ -64,7 +64,15 @@ pub struct Tool {
     /// No file it writes may grow past this (`RLIMIT_FSIZE`): a crafted
     /// file system's huge sparse file stops there.
     pub max_file_bytes: Option<u64>,
+    /// It is killed when it runs longer ([`DEFAULT_TIME_LIMIT`] unless
+    /// set): a crafted file system that keeps a tool busy forever holds
+    /// its operation (and the VM or image) no longer.
+    pub time_limit: std::time::Duration,
 }
+
+/// How long a tool may run unless told otherwise: e2fsck and resize2fs of
+/// a large work disk take minutes, not hours.
+pub const DEFAULT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 impl Tool {
     pub fn new(program: &str) -> Self {
@@ -73,7 +81,14 @@ impl Tool {
             args: Vec::new(),
             files: Vec::new(),
             max_file_bytes: None,
+            time_limit: DEFAULT_TIME_LIMIT,
         }
+    }
+
+    /// Kill it when it runs longer than `limit`.
+    pub fn time_limit(mut self, limit: std::time::Duration) -> Self {
+        self.time_limit = limit;
+        self
     }
 
     /// Limit every file it writes to `bytes`.

@@ -31,10 +31,11 @@
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::fcntl::{OFlag, open};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -83,6 +84,9 @@ pub struct Spec {
     pub files: Vec<Visible>,
     /// `RLIMIT_FSIZE` of the tool.
     pub max_file_bytes: Option<u64>,
+    /// Milliseconds it may run before it is killed.
+    #[serde(default)]
+    pub time_limit_ms: Option<u64>,
 }
 
 /// One file of the host's in the sandbox.
@@ -188,6 +192,7 @@ impl Tools for Sandboxed {
                 })
                 .collect(),
             max_file_bytes: tool.max_file_bytes,
+            time_limit_ms: Some(u64::try_from(tool.time_limit.as_millis()).unwrap_or(u64::MAX)),
         };
         let json = serde_json::to_string(&spec)
             .map_err(|e| Error::failed(format!("cannot describe the sandbox: {e}")))?;
@@ -329,6 +334,17 @@ fn supervise(spec: &Spec) -> Fallible<i32> {
     if mapped.is_err() || !rest.is_empty() {
         let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
     }
+    if let Some(ms) = spec.time_limit_ms
+        && !ended_within(child, Duration::from_millis(ms))?
+    {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        return Err(format!(
+            "{} ran longer than {} s and was killed",
+            spec.program.display(),
+            ms.div_ceil(1000)
+        ));
+    }
     let status = loop {
         match waitpid(child, None) {
             Err(nix::errno::Errno::EINTR) => continue,
@@ -349,6 +365,38 @@ fn supervise(spec: &Spec) -> Fallible<i32> {
         WaitStatus::Exited(_, code) => Ok(code),
         WaitStatus::Signaled(_, signal, _) => Ok(128 + signal as i32),
         other => Err(format!("the tool ended oddly: {other:?}")),
+    }
+}
+
+/// Whether `child` ends within `limit` (it is left to be reaped): its
+/// pidfd turns readable when it does.
+fn ended_within(child: nix::unistd::Pid, limit: Duration) -> Fallible<bool> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
+    // descriptor, which is owned here.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, child.as_raw(), 0) };
+    let fd = ctx(
+        i32::try_from(fd)
+            .ok()
+            .filter(|fd| *fd >= 0)
+            .ok_or_else(std::io::Error::last_os_error),
+        "cannot watch the tool",
+    )?;
+    // SAFETY: a descriptor pidfd_open just returned.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            Ok(0) if left.is_zero() => return Ok(false),
+            Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+            Ok(_) => return Ok(true),
+            Err(e) => return Err(format!("cannot watch the tool: {e}")),
+        }
     }
 }
 
@@ -754,6 +802,7 @@ mod tests {
                 writable: true,
             }],
             max_file_bytes: Some(1 << 30),
+            time_limit_ms: Some(1500),
         };
         let json = serde_json::to_string(&spec).expect("json");
         assert_eq!(serde_json::from_str::<Spec>(&json).expect("back"), spec);

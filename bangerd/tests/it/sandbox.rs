@@ -263,6 +263,38 @@ fn the_tool_is_nobody_on_the_host_and_sees_only_its_files() {
 
 /// The tools bangerd runs on a work disk, sandboxed, do what they did
 /// unconfined: make, grow, key it.
+/// A tool that runs past its time is killed, and says so.
+#[test]
+fn a_tool_past_its_time_limit_is_killed() {
+    if !root() {
+        return;
+    }
+    let (_rt, tools) = sandboxed();
+    let started = std::time::Instant::now();
+    let e = tools
+        .run(
+            &Tool::new("sleep")
+                .arg("30")
+                .time_limit(std::time::Duration::from_secs(1)),
+        )
+        .unwrap_err();
+    assert!(e.message.contains("ran longer than 1 s"), "{}", e.message);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // Within its time it runs to its end.
+    let out = tools
+        .run(
+            &Tool::new("sleep")
+                .arg("0.2")
+                .time_limit(std::time::Duration::from_secs(5)),
+        )
+        .unwrap();
+    assert_eq!(out.code, Some(0));
+}
+
 #[test]
 fn a_work_disk_is_made_grown_and_keyed_in_the_sandbox() {
     if !root() {
