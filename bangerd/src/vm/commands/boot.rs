@@ -445,4 +445,54 @@ mod tests {
             "TCG gets its TSC frequency"
         );
     }
+
+    /// A kernel under the state directory becomes readable to the VMMs'
+    /// group and nobody else; its way there searchable by that group;
+    /// the state directory by anyone; files elsewhere are left alone.
+    #[test]
+    fn kernels_are_shared_with_the_vmms_group_only() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let kdir = state.join("kernels").join("abc");
+        std::fs::create_dir_all(&kdir).expect("dirs");
+        for d in [&state, &state.join("kernels"), &kdir] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        }
+        let kernel = kdir.join("vmlinuz");
+        std::fs::write(&kernel, b"kernel").expect("write");
+        std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let root_owned = nix::unistd::Uid::effective().is_root();
+        let shared = share_with_vmms(&state, &kernel);
+        if !root_owned {
+            // chown to another group takes root.
+            assert!(shared.is_err());
+            return;
+        }
+        shared.expect("shared");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").mode() & 0o7777;
+        let gid = |p: &Path| std::fs::metadata(p).expect("meta").gid();
+        assert_eq!(mode(&kernel), 0o640, "readable by the group, not by others");
+        assert_eq!(gid(&kernel), VMM_GROUP);
+        for d in [state.join("kernels"), kdir.clone()] {
+            assert_eq!(mode(&d), 0o710, "{}", d.display());
+            assert_eq!(gid(&d), VMM_GROUP);
+        }
+        assert_eq!(mode(&state), 0o711, "searchable, not readable");
+        assert_eq!(gid(&state), 0, "the state directory keeps its group");
+        // Again: nothing changes.
+        share_with_vmms(&state, &kernel).expect("again");
+        assert_eq!(mode(&kernel), 0o640);
+        // Elsewhere: untouched.
+        let outside = dir.path().join("vmlinuz");
+        std::fs::write(&outside, b"k").expect("write");
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        share_with_vmms(&state, &outside).expect("outside");
+        assert_eq!(mode(&outside), 0o600);
+        assert_eq!(gid(&outside), 0);
+        // A link on the way is refused, not followed.
+        let link = state.join("kernels").join("link");
+        std::os::unix::fs::symlink(&kdir, &link).expect("symlink");
+        assert!(share_with_vmms(&state, &link.join("vmlinuz")).is_err());
+    }
 }
