@@ -112,6 +112,11 @@ fn vmms_run_as_transient_units_under_systemd() {
         "{status}"
     );
     assert!(!ids("Groups").contains(&0), "{status}");
+    // Its unit gave it a network namespace of its own (its TAP and
+    // sockets came from bangerd as descriptors).
+    let netns = read("vmm-netns");
+    let spaces: Vec<&str> = netns.lines().filter(|l| l.starts_with("net:[")).collect();
+    assert!(spaces.len() == 2 && spaces[0] != spaces[1], "{netns}");
     for line in [
         "CapEff:\t0000000000000000",
         "CapBnd:\t0000000000000000",

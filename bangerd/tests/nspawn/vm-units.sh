@@ -55,6 +55,7 @@ step "ssh"
 systemd-analyze security --no-pager "$unit" >"$out/vm-security" 2>&1
 vmm=$(systemctl show -p MainPID --value "$unit")
 grep -E '^(Uid|Gid|Groups|CapEff|CapBnd|NoNewPrivs|Seccomp):' "/proc/$vmm/status" >"$out/vmm-status" 2>&1
+{ readlink "/proc/$vmm/ns/net"; readlink /proc/1/ns/net; } >"$out/vmm-netns" 2>&1
 # The host resolves <name>.vm through systemd-resolved.
 resolvectl status banger0 >"$out/resolved" 2>&1
 resolvectl query --cache=no unitvm.vm >"$out/query" 2>&1

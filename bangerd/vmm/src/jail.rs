@@ -1,12 +1,15 @@
 //! VMMs as users of their own. A VMM is the largest thing banger runs on a
 //! guest's behalf; taken over, it must hold nothing but its own VM. So it
-//! does not open its VM's files itself: `bangerd vmm-exec` (this module's
-//! [`exec`], bangerd's own binary, started by the supervisor in the VMM's
-//! place) opens what a [`Jail`] lists while it is still root (the disks,
-//! the console log, the listening QMP and agent sockets, the attached
-//! TAP), puts each at the descriptor number the VMM's arguments name,
-//! becomes the VM's own uid and gid (no capability, no root group,
-//! `no_new_privs`) and execs the VMM. What the VMM opens by path after
+//! does not open its VM's files itself. bangerd opens what a [`Jail`]
+//! lists (the disks, the console log, the listening QMP and agent
+//! sockets, the attached TAP) and offers them on a root-only socket
+//! ([`Handoff`]); `bangerd vmm-exec` (this module's [`exec`], bangerd's
+//! own binary, started by the supervisor in the VMM's place) takes them
+//! (or, for the KVM probe, opens them itself), puts each at the
+//! descriptor number the VMM's arguments name, leaves the host's network
+//! namespace where systemd did not, becomes the VM's own uid and gid (no
+//! capability, an empty bounding set, no root group, `no_new_privs`) and
+//! execs the VMM. What the VMM opens by path after
 //! that is only what any uid may open: the kernel and initramfs (group
 //! [`VMM_GROUP`]) and `/dev/kvm` (its group is added when it grants
 //! read and write).
@@ -109,6 +112,10 @@ pub struct Jail {
     /// `CAP_SYS_ADMIN`: only where vmm-exec is bangerd's child.
     #[serde(default)]
     pub private_network: bool,
+    /// Where bangerd hands over the descriptors it opened itself
+    /// ([`Handoff`]); `None`: vmm-exec opens each [`Pass::source`].
+    #[serde(default)]
+    pub handoff: Option<PathBuf>,
 }
 
 /// The highest descriptor number a [`Pass`] may name.
@@ -202,6 +209,138 @@ fn open(source: &Source) -> Result<OwnedFd, String> {
         }
         Source::Tap { name } => attach_tap(name),
     }
+}
+
+/// The most descriptors one jail takes.
+const MAX_PASSES: usize = 16;
+
+/// Descriptors bangerd opened for a VMM (its disks, console, sockets and
+/// attached TAP), waiting on a unix socket in the VM's root-only runtime
+/// directory for the one vmm-exec that takes them. So the VMM's unit
+/// needs neither the right to open them nor the host's network
+/// namespace (the TAP is attached by name in it): systemd's
+/// `PrivateNetwork=` comes before vmm-exec runs.
+#[derive(Debug)]
+pub struct Handoff {
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+    fds: Vec<OwnedFd>,
+}
+
+impl Handoff {
+    /// Open every source of `passes` and listen at `path` (a stale
+    /// socket there is replaced).
+    pub fn open(path: &Path, passes: &[Pass]) -> Result<Self, String> {
+        if passes.len() > MAX_PASSES {
+            return Err(format!(
+                "{} descriptors are more than {MAX_PASSES}",
+                passes.len()
+            ));
+        }
+        let fds = passes
+            .iter()
+            .map(|p| open(&p.source))
+            .collect::<Result<Vec<_>, _>>()?;
+        let listener = std::os::unix::net::UnixListener::from(open(&Source::Listen {
+            path: path.to_owned(),
+        })?);
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+            fds,
+        })
+    }
+
+    /// Hand the descriptors to the first process of root's that connects
+    /// within `limit` (another is turned away); the socket goes either way.
+    pub fn serve(self, limit: std::time::Duration) -> Result<(), String> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, getsockopt, sendmsg, sockopt};
+        let until = std::time::Instant::now() + limit;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "no vmm-exec came for its descriptors within {} s",
+                    limit.as_secs()
+                ));
+            }
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&self.listener),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(format!("cannot wait for vmm-exec: {e}")),
+            }
+            let (stream, _) = self
+                .listener
+                .accept()
+                .map_err(|e| format!("cannot take vmm-exec's connection: {e}"))?;
+            let uid = getsockopt(&stream, sockopt::PeerCredentials)
+                .map_err(|e| format!("cannot tell who connected: {e}"))?
+                .uid();
+            if uid != 0 {
+                continue;
+            }
+            let raw: Vec<RawFd> = self.fds.iter().map(AsRawFd::as_raw_fd).collect();
+            sendmsg::<UnixAddr>(
+                stream.as_raw_fd(),
+                &[std::io::IoSlice::new(b"fds")],
+                &[ControlMessage::ScmRights(&raw)],
+                MsgFlags::empty(),
+                None,
+            )
+            .map_err(|e| format!("cannot hand the descriptors over: {e}"))?;
+            return Ok(());
+        }
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Take `count` descriptors from bangerd's [`Handoff`] at `path` (what
+/// vmm-exec does; bangerd itself takes them back when the VMM's start
+/// failed before it came).
+pub fn receive(path: &Path, count: usize) -> Result<Vec<OwnedFd>, String> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, recvmsg};
+    let stream = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|e| format!("cannot reach bangerd at {}: {e}", path.display()))?;
+    let mut buf = [0u8; 8];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; MAX_PASSES]);
+    let msg = recvmsg::<UnixAddr>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("cannot take the descriptors: {e}"))?;
+    let mut fds = Vec::new();
+    for cmsg in msg
+        .cmsgs()
+        .map_err(|e| format!("cannot read the descriptors: {e}"))?
+    {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel just installed these descriptors for us.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if fds.len() != count {
+        return Err(format!(
+            "bangerd handed over {} descriptors, not {count}",
+            fds.len()
+        ));
+    }
+    Ok(fds)
 }
 
 /// `struct ifreq` for TUNSETIFF: the name and the flags.
@@ -391,11 +530,19 @@ pub fn exec(args: &[String]) -> String {
         let jail: Jail =
             serde_json::from_str(spec).map_err(|e| format!("bad vmm-exec spec: {e}"))?;
         jail.check()?;
-        let opened = jail
-            .fds
-            .iter()
-            .map(|p| open(&p.source).map(|fd| (p.fd, fd)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let opened = match &jail.handoff {
+            Some(path) => jail
+                .fds
+                .iter()
+                .map(|p| p.fd)
+                .zip(receive(path, jail.fds.len())?)
+                .collect(),
+            None => jail
+                .fds
+                .iter()
+                .map(|p| open(&p.source).map(|fd| (p.fd, fd)))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         place(opened)?;
         if jail.private_network {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
@@ -457,6 +604,7 @@ mod tests {
             ],
             parent: None,
             private_network: true,
+            handoff: None,
         };
         let (program, argv) = jail.command(
             Path::new("/usr/libexec/bangerd"),
@@ -490,6 +638,7 @@ mod tests {
                 .collect(),
             parent: None,
             private_network: false,
+            handoff: None,
         };
         assert!(jail(0, vec![], &[]).check().is_err(), "root");
         assert!(jail(1000, vec![], &[]).check().is_err(), "a user's uid");
@@ -504,6 +653,55 @@ mod tests {
         assert!(
             exec(&["nojson".into(), "--".into(), "/bin/true".into()]).contains("bad vmm-exec spec")
         );
+    }
+
+    #[test]
+    fn a_handoff_gives_its_descriptors_once_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = dir.path().join("disk");
+        std::fs::write(&disk, b"disk bytes").expect("write");
+        let passes = [
+            Pass {
+                fd: 3,
+                source: Source::File {
+                    path: disk.clone(),
+                    access: Access::Read,
+                },
+            },
+            Pass {
+                fd: 4,
+                source: Source::Listen {
+                    path: dir.path().join("qmp.sock"),
+                },
+            },
+        ];
+        let at = dir.path().join("handoff.sock");
+        let handoff = Handoff::open(&at, &passes).expect("opened");
+        let server = std::thread::spawn(move || handoff.serve(std::time::Duration::from_secs(5)));
+        let fds = receive(&at, 2).expect("received");
+        server.join().expect("thread").expect("served");
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::fs::File::from(fds[0].try_clone().expect("dup")),
+            &mut text,
+        )
+        .expect("read");
+        assert_eq!(text, "disk bytes");
+        // The second is the listening socket: a client gets through.
+        let listener = std::os::unix::net::UnixListener::from(fds[1].try_clone().expect("dup"));
+        let _client =
+            std::os::unix::net::UnixStream::connect(dir.path().join("qmp.sock")).expect("connect");
+        listener.accept().expect("accepted");
+        // Once only: the socket is gone.
+        assert!(!at.exists());
+        assert!(receive(&at, 2).is_err());
+        // Nobody comes: it gives up in time, and says so.
+        let lonely = Handoff::open(&at, &passes[..1]).expect("opened");
+        let e = lonely
+            .serve(std::time::Duration::from_millis(200))
+            .expect_err("nobody came");
+        assert!(e.contains("no vmm-exec came"), "{e}");
+        assert!(!at.exists());
     }
 
     #[test]

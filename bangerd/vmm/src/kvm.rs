@@ -174,6 +174,7 @@ pub async fn boot_probe(
                 parent: Some(parent.as_raw().unsigned_abs()),
                 // The probe is bangerd's child, never a unit.
                 private_network: true,
+                handoff: None,
             };
             let (program, argv) =
                 jail.command(helper, qemu, &jailed_probe_args(kernel, accel, &console));

@@ -40,10 +40,24 @@ pub(crate) async fn start_process(
     let p = &spec.paths;
     let _ = std::fs::remove_file(&p.agent_socket);
     let _ = std::fs::remove_file(&p.control_socket);
+    // A jailed VMM's descriptors are opened here, by bangerd, and handed
+    // to its vmm-exec over a socket in the VM's runtime directory.
+    let mut handoff = None;
     let wrapped = match (jail, &spec.confine) {
         (Some(jail), Some(confine)) => {
+            let at = p.run.join("handoff.sock");
+            let fds = jail.fds.len();
+            let opened = jail::Handoff::open(&at, &jail.fds).map_err(|e| {
+                banger_error::Error::failed(format!("cannot open what the VMM needs: {e}"))
+            })?;
+            handoff = Some((
+                tokio::task::spawn_blocking(move || opened.serve(HANDOFF_TIMEOUT)),
+                at.clone(),
+                fds,
+            ));
             let jail = jail::Jail {
                 private_network: jail.private_network && supervisor.vmm_network_namespace(),
+                handoff: Some(at),
                 ..jail.clone()
             };
             Some(jail.command(&confine.helper, program, args))
@@ -54,7 +68,7 @@ pub(crate) async fn start_process(
         Some((helper, argv)) => (helper.as_path(), argv.as_slice()),
         None => (program, args),
     };
-    supervisor
+    let started = supervisor
         .start(crate::supervise::StartRequest {
             vm_id: &spec.id,
             vm_name: &spec.name,
@@ -67,8 +81,34 @@ pub(crate) async fn start_process(
             writable: &[p.dir.clone(), p.run.clone()],
             jit: spec.accel == Accel::Tcg,
         })
+        .await;
+    let Some((serving, at, fds)) = handoff else {
+        return started;
+    };
+    if started.is_err() {
+        // Nobody comes for them: take them back (and let go of the TAP).
+        let _ = tokio::task::spawn_blocking(move || jail::receive(&at, fds)).await;
+    }
+    let served = serving
         .await
+        .map_err(|e| banger_error::Error::failed(format!("internal task failed: {e}")))?;
+    let (mut watched, id) = started?;
+    if let Err(e) = served {
+        let ended = watched.ended();
+        kill_failed(supervisor, &spec.id, &mut watched, id).await;
+        // vmm-exec says why on the VMM's log when it gave up.
+        return Err(if ended {
+            exited_at_start("vmm-exec", &p.vmm_log)
+        } else {
+            banger_error::Error::failed(format!("the VMM did not get its descriptors: {e}"))
+        });
+    }
+    Ok((watched, id))
 }
+
+/// How long bangerd waits for a jailed VMM's vmm-exec to take its
+/// descriptors after its start.
+const HANDOFF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The error for a VMM that exited before it was ready: its last log lines.
 pub(crate) fn exited_at_start(vmm: &str, log: &std::path::Path) -> banger_error::Error {

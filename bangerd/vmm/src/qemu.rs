@@ -296,6 +296,7 @@ impl Vmm for Qemu {
                         fds,
                         parent: None,
                         private_network: true,
+                        handoff: None,
                     };
                     start_process(spec, supervisor, &self.binary, &args, Some(&jail)).await?
                 }

@@ -294,6 +294,10 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
         Str("ProtectHome", "yes".to_owned()),
         Bool("PrivateTmp", true),
         Bool("PrivateIPC", true),
+        // A jailed VMM gets its TAP and sockets as descriptors from
+        // bangerd: no network of the host's is its business, loopback
+        // and abstract unix sockets included.
+        Bool("PrivateNetwork", req.confined),
         Str("DevicePolicy", "closed".to_owned()),
         Pairs(
             "DeviceAllow",
