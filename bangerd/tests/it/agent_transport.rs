@@ -36,14 +36,18 @@ fn start_agent(socket: &Path) -> Agent {
     )
 }
 
+/// Wait until the agent listens at `path`: a connection gets through.
+/// The socket file appears at bind(2), before listen(2); a connection in
+/// between is refused (seen under load in CI), so its mere existence is
+/// not enough.
 async fn wait_for(path: &Path) {
     for _ in 0..200 {
-        if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("{} never appeared", path.display());
+    panic!("nothing listens at {}", path.display());
 }
 
 /// How the fake Firecracker answers a `CONNECT`.
