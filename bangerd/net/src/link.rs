@@ -339,6 +339,13 @@ fn libc_enodev() -> i32 {
     nix::libc::ENODEV
 }
 
+/// A descriptor attached to the existing TAP `name` (a jailed VMM's
+/// network, handed to it: `banger_vmm::jail`). Attaching one owned by
+/// another uid takes `CAP_NET_ADMIN`.
+pub fn attach_tap(name: &str) -> Result<std::os::fd::OwnedFd, Error> {
+    tun::open_tap(name, "cannot attach TAP").map(Into::into)
+}
+
 /// The TUN/TAP ioctls.
 mod tun {
     use super::*;
@@ -380,7 +387,10 @@ mod tun {
         Ok(())
     }
 
-    pub fn make_persistent_tap(name: &str, owner: u32) -> Result<(), Error> {
+    /// `/dev/net/tun` attached to the TAP `name` (made when it does not
+    /// exist), as QEMU asks for its own: `IFF_TAP | IFF_NO_PI |
+    /// IFF_VNET_HDR`. `what` says what failed.
+    pub fn open_tap(name: &str, what: &str) -> Result<std::fs::File, Error> {
         if name.is_empty() || name.len() > 15 {
             return Err(Error::invalid(format!("{name:?} is not an interface name")));
         }
@@ -393,7 +403,6 @@ mod tun {
                     "cannot open /dev/net/tun: {e}; load the tun module"
                 ))
             })?;
-        let fd = file.as_raw_fd();
         let mut req = IfReq {
             name: [0; 16],
             flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
@@ -401,11 +410,17 @@ mod tun {
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         ioctl(
-            fd,
+            file.as_raw_fd(),
             TUNSETIFF,
             &mut req as *mut IfReq as nix::libc::c_ulong,
-            &format!("cannot create TAP {name}"),
+            &format!("{what} {name}"),
         )?;
+        Ok(file)
+    }
+
+    pub fn make_persistent_tap(name: &str, owner: u32) -> Result<(), Error> {
+        let file = open_tap(name, "cannot create TAP")?;
+        let fd = file.as_raw_fd();
         ioctl(
             fd,
             TUNSETOWNER,

@@ -207,7 +207,7 @@ fn open(source: &Source) -> Result<OwnedFd, String> {
                 .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
             Ok(listener.into())
         }
-        Source::Tap { name } => attach_tap(name),
+        Source::Tap { name } => banger_net::link::attach_tap(name).map_err(|e| e.message),
     }
 }
 
@@ -341,40 +341,6 @@ pub fn receive(path: &Path, count: usize) -> Result<Vec<OwnedFd>, String> {
         ));
     }
     Ok(fds)
-}
-
-/// `struct ifreq` for TUNSETIFF: the name and the flags.
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: i16,
-    _pad: [u8; 22],
-}
-
-fn attach_tap(name: &str) -> Result<OwnedFd, String> {
-    const IFF_TAP: i16 = 0x0002;
-    const IFF_NO_PI: i16 = 0x1000;
-    const IFF_VNET_HDR: i16 = 0x4000;
-    nix::ioctl_write_ptr_bad!(tun_set_iff, nix::request_code_write!(b'T', 202, 4), IfReq);
-    if name.is_empty() || name.len() > 15 {
-        return Err(format!("{name:?} is not an interface name"));
-    }
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .map_err(|e| format!("cannot open /dev/net/tun: {e}"))?;
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: `req` is a valid ifreq for the whole call and `tun` an open
-    // tun descriptor.
-    unsafe { tun_set_iff(tun.as_raw_fd(), &req) }
-        .map_err(|e| format!("cannot attach TAP {name}: {e}"))?;
-    Ok(tun.into())
 }
 
 /// Put every opened descriptor at its number, inheritable; nothing else
