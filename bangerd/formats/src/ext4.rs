@@ -4,9 +4,10 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
 
 use banger_error::{Error, Result};
+
+use crate::tool::{Tool, Tools};
 
 /// Bytes of content and number of entries under `root` (not following
 /// symlinks; hard links counted once).
@@ -40,13 +41,22 @@ pub const ROOM_FOR_PACKAGES: u64 = 1 << 30;
 
 /// Build `image` (a new file) holding `root`, labelled `rootfs`: its size
 /// is the tree's content plus a quarter and `room` bytes, in 4 MiB steps;
-/// inodes for twice the entries and then some. Returns the image's size.
-pub fn build(root: &Path, image: &Path, room: u64) -> Result<u64> {
-    build_labelled(root, image, room, "rootfs")
+/// inodes for twice the entries and then some. `mkfs.ext4` runs through
+/// `tools`, so `root` must be owned as they see it
+/// ([`crate::tool::shift_owners`] by [`Tools::root_id`]). Returns the
+/// image's size.
+pub fn build(tools: &dyn Tools, root: &Path, image: &Path, room: u64) -> Result<u64> {
+    build_labelled(tools, root, image, room, "rootfs")
 }
 
 /// [`build`] with the file system label `label`.
-pub fn build_labelled(root: &Path, image: &Path, room: u64, label: &str) -> Result<u64> {
+pub fn build_labelled(
+    tools: &dyn Tools,
+    root: &Path,
+    image: &Path,
+    room: u64,
+    label: &str,
+) -> Result<u64> {
     let (bytes, entries) = measure(root)
         .map_err(|e| Error::failed(format!("cannot measure {}: {e}", root.display())))?;
     const STEP: u64 = 4 << 20;
@@ -60,15 +70,16 @@ pub fn build_labelled(root: &Path, image: &Path, room: u64, label: &str) -> Resu
         .map_err(|e| Error::failed(format!("cannot size {}: {e}", image.display())))?;
     drop(file);
     let inodes = (entries * 2 + 32_768).to_string();
-    let out = Command::new("mkfs.ext4")
-        .args([
-            "-q", "-F", "-t", "ext4", "-b", "4096", "-N", &inodes, "-L", label, "-d",
-        ])
-        .arg(root)
-        .arg(image)
-        .output()
-        .map_err(|e| Error::failed(format!("cannot run mkfs.ext4 (e2fsprogs): {e}")))?;
-    if !out.status.success() {
+    let out = tools.run(
+        &Tool::new("mkfs.ext4")
+            .args([
+                "-q", "-F", "-t", "ext4", "-b", "4096", "-N", &inodes, "-L", label, "-d",
+            ])
+            .reads(root)
+            .writes(image)
+            .max_file_bytes(size),
+    )?;
+    if !out.success() {
         let why = String::from_utf8_lossy(&out.stderr);
         if why.contains("No space left") || why.contains("Could not allocate") {
             return Err(Error::failed(format!(
@@ -103,8 +114,53 @@ pub fn is_ext4(path: &Path) -> std::io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+    use std::sync::Mutex;
 
     use super::*;
+    use crate::tool::{File, Output, Unconfined};
+
+    /// Runs tools as the caller and remembers each.
+    #[derive(Debug, Default)]
+    struct Recorded(Mutex<Vec<Tool>>);
+
+    impl Tools for Recorded {
+        fn run(&self, tool: &Tool) -> Result<Output> {
+            self.0.lock().expect("lock").push(tool.clone());
+            Unconfined.run(tool)
+        }
+    }
+
+    #[test]
+    fn mkfs_runs_through_the_tools_with_the_tree_read_only() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path().join("root");
+        std::fs::create_dir(&root).expect("root");
+        std::fs::write(root.join("file"), b"x").expect("file");
+        let image = tmp.path().join("rootfs.ext4");
+        let tools = Recorded::default();
+        let size = build(&tools, &root, &image, 64 << 20).expect("built");
+        let ran = tools.0.into_inner().expect("lock");
+        let [mkfs] = ran.as_slice() else {
+            panic!("ran {ran:?}");
+        };
+        assert_eq!(mkfs.program, "mkfs.ext4");
+        assert_eq!(
+            mkfs.files,
+            [
+                File {
+                    path: root.clone(),
+                    writable: false
+                },
+                File {
+                    path: image.clone(),
+                    writable: true
+                }
+            ]
+        );
+        assert_eq!(mkfs.max_file_bytes, Some(size));
+        assert!(is_ext4(&image).expect("read"));
+    }
 
     fn debugfs(image: &Path, request: &str) -> String {
         let out = Command::new("debugfs")
@@ -131,7 +187,7 @@ mod tests {
         std::os::unix::fs::chown(root.join("owned"), Some(1000), Some(1001)).expect("chown");
         std::os::unix::fs::symlink("bin/tool", root.join("sym")).expect("symlink");
         let image = tmp.path().join("rootfs.ext4");
-        let size = build(&root, &image, 128 << 20).expect("built");
+        let size = build(&Unconfined, &root, &image, 128 << 20).expect("built");
         assert!(size >= 128 << 20 && size.is_multiple_of(4 << 20), "{size}");
 
         let tool = debugfs(&image, "stat /bin/tool");

@@ -44,6 +44,67 @@ pub fn reclaim(dir: &Path, depth: usize) -> std::io::Result<usize> {
     Ok(done)
 }
 
+/// How many ids a sandbox maps: the owners a tree may have.
+const MAPPED_IDS: u32 = SANDBOX_IDS.end - SANDBOX_IDS.start;
+
+/// Make the tree at `root` (itself included; links not followed, hard
+/// links shifted once) owned as a tool whose root is host id `by` sees it:
+/// each entry's uid and gid go up by `by`, keeping setuid and setgid bits
+/// and file capabilities (`security.capability`), which a change of owner
+/// clears. A tree with an owner the sandbox does not map (65536 and up)
+/// is refused. Needs `CAP_CHOWN`, `CAP_FSETID` and `CAP_SETFCAP`; `by` 0
+/// changes nothing. Returns how many entries were shifted.
+pub fn shift_owners(root: &Path, by: u32) -> Result<u64> {
+    if by == 0 {
+        return Ok(0);
+    }
+    let fail = |what: &str, p: &Path, e: std::io::Error| {
+        Error::failed(format!("cannot {what} {}: {e}", p.display()))
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut done = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| fail("stat", &path, e))?;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(|e| fail("read", &path, e))? {
+                stack.push(entry.map_err(|e| fail("read", &path, e))?.path());
+            }
+        } else if meta.nlink() > 1 && !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let (uid, gid) = (meta.uid(), meta.gid());
+        if uid >= MAPPED_IDS || gid >= MAPPED_IDS {
+            return Err(Error::invalid(format!(
+                "{} is owned by uid {uid} and gid {gid}: banger maps ids 0 to {} only",
+                path.strip_prefix(root).unwrap_or(&path).display(),
+                MAPPED_IDS - 1
+            )));
+        }
+        let caps = if meta.is_file() {
+            xattr::get(&path, CAPABILITY).map_err(|e| fail("read the capabilities of", &path, e))?
+        } else {
+            None
+        };
+        std::os::unix::fs::lchown(&path, Some(uid + by), Some(gid + by))
+            .map_err(|e| fail("change the owner of", &path, e))?;
+        let mode = meta.mode() & 0o7777;
+        if !meta.file_type().is_symlink() && mode & 0o6000 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| fail("set the mode of", &path, e))?;
+        }
+        if let Some(caps) = caps {
+            xattr::set(&path, CAPABILITY, &caps)
+                .map_err(|e| fail("set the capabilities of", &path, e))?;
+        }
+        done += 1;
+    }
+    Ok(done)
+}
+
+/// The extended attribute that holds a file's capabilities.
+const CAPABILITY: &str = "security.capability";
+
 /// A file or directory a tool may see, at its own path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct File {
@@ -176,6 +237,13 @@ impl Output {
 pub trait Tools: Send + Sync + std::fmt::Debug {
     fn run(&self, tool: &Tool) -> Result<Output>;
 
+    /// The host id a tool's root is. A tree a tool reads with its owners
+    /// (`mkfs.ext4 -d`) must be owned by ids this much higher
+    /// ([`shift_owners`]); 0 where tools run as the caller.
+    fn root_id(&self) -> u32 {
+        0
+    }
+
     /// Run `tool`, an error unless it exits 0.
     fn check(&self, tool: &Tool) -> Result<Output> {
         self.run(tool)?.expect_codes(&tool.program, &[0])
@@ -185,6 +253,58 @@ pub trait Tools: Send + Sync + std::fmt::Debug {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shifted_trees_keep_setuid_bits_capabilities_and_links() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("usr/bin")).expect("mkdir");
+        let tool = root.join("usr/bin/tool");
+        std::fs::write(&tool, b"#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o4755)).expect("chmod");
+        std::fs::hard_link(&tool, root.join("usr/bin/tool2")).expect("link");
+        let ping = root.join("usr/bin/ping");
+        std::fs::write(&ping, b"ping").expect("write");
+        // cap_net_raw+ep, a version 2 capability set.
+        let mut caps = vec![0u8; 20];
+        caps[..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+        caps[4..8].copy_from_slice(&(1u32 << 13).to_le_bytes());
+        xattr::set(&ping, CAPABILITY, &caps).expect("setcap");
+        let home = root.join("home/user");
+        std::fs::create_dir_all(&home).expect("mkdir");
+        std::os::unix::fs::chown(&home, Some(1000), Some(1001)).expect("chown");
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).expect("symlink");
+
+        let by = SANDBOX_IDS.start;
+        assert_eq!(shift_owners(&root, by).expect("shifted"), 8);
+        let owner = |p: &Path| {
+            let m = std::fs::symlink_metadata(p).expect("meta");
+            (m.uid(), m.gid(), m.mode() & 0o7777)
+        };
+        assert_eq!(owner(&root), (by, by, 0o755));
+        assert_eq!(owner(&tool), (by, by, 0o4755));
+        assert_eq!(owner(&home), (by + 1000, by + 1001, 0o755));
+        assert_eq!(owner(&root.join("bin")).0, by);
+        assert_eq!(
+            xattr::get(&ping, CAPABILITY).expect("getcap"),
+            Some(caps.clone())
+        );
+        // 0 changes nothing.
+        assert_eq!(shift_owners(&root, 0).expect("nothing"), 0);
+        assert_eq!(owner(&tool).0, by);
+
+        // An owner the sandbox cannot map is refused, by name.
+        let far = dir.path().join("far");
+        std::fs::create_dir(&far).expect("mkdir");
+        std::fs::write(far.join("file"), b"x").expect("write");
+        std::os::unix::fs::chown(far.join("file"), Some(70_000), None).expect("chown");
+        let e = shift_owners(&far, by).expect_err("unmapped");
+        assert!(e.message.contains("file is owned by uid 70000"), "{e}");
+    }
 
     #[test]
     fn what_a_dead_sandbox_held_goes_back_to_root() {

@@ -173,6 +173,10 @@ impl Drop for Lent {
 }
 
 impl Tools for Sandboxed {
+    fn root_id(&self) -> u32 {
+        IDS
+    }
+
     fn run(&self, tool: &Tool) -> Result<Output> {
         let program = crate::program::find(Path::new(&tool.program)).ok_or_else(|| {
             Error::unavailable(format!(

@@ -97,6 +97,10 @@ fn fill_amd64(root: &Path, step: u8) {
         )
         .unwrap();
         std::fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool-link")).unwrap();
+        w("usr/bin/ping", "#!/bin/sh\necho ping\n");
+        run(Command::new("setcap")
+            .arg("cap_net_raw+ep")
+            .arg(root.join("usr/bin/ping")));
         std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
         w("home/user/notes", "mine\n");
         std::os::unix::fs::chown(root.join("home/user"), Some(1000), Some(1000)).unwrap();
@@ -322,6 +326,14 @@ fn oci_images_pull_from_a_registry_into_exact_bootable_trees() {
         node(&got, "etc/systemd/system/systemd-firstboot.service"),
         "/dev/null"
     );
+    // What banger adds is root's in the guest (the tools' sandbox that
+    // builds the file system sees the tree's owners shifted).
+    for p in &added {
+        assert_eq!((got[p].uid, got[p].gid), (0, 0), "{p:?}");
+    }
+    // The file capability came through the layers and the sandbox.
+    let caps = run(Command::new("getcap").arg(mounted.0.path().join("usr/bin/ping")));
+    assert!(caps.contains("cap_net_raw=ep"), "{caps}");
     got.retain(|p, _| !added.contains(p));
     assert_eq!(got, want);
     assert_eq!(got_links, want_links);

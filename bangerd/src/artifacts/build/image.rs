@@ -11,7 +11,8 @@
 //! the recipe's `configure`, makes the ext4 root filesystem and its
 //! work-seed, and records a system image. The bootstrap, the unpacking
 //! of its tree and `configure` need other rights than bangerd's: they
-//! run as [`super::steps`]. The kernel it boots is built first (see
+//! run as [`super::steps`]. So does giving the tree to the tools'
+//! sandbox's ids, in which `mkfs.ext4 -d` reads it. The kernel it boots is built first (see
 //! [`super`]) when it is not here.
 
 use std::path::{Path, PathBuf};
@@ -903,12 +904,32 @@ impl Artifacts {
 
         ctx.stage("build rootfs", 0.7).await?;
         {
+            // mkfs.ext4 reads the tree in the tools' sandbox, which sees
+            // its owners shifted by its root id (as an OCI pull's).
+            let spec = crate::artifacts::oci::unpack::Spec {
+                root: root.clone(),
+                blobs: Vec::new(),
+                shift: self.tools.root_id(),
+            };
+            if spec.shift != 0 {
+                crate::artifacts::oci::unpack::apply(
+                    &*self.steps,
+                    &self.helper,
+                    &format!("build-{id}-owners"),
+                    &spec,
+                    &mut |_, _| Ok(()),
+                    &|| ctx.check_cancelled(),
+                )
+                .await?;
+            }
             let held = tmp.clone();
             let image = tmp.path().join("rootfs.ext4");
+            let tools = self.tools.clone();
             blocking(move || {
                 let _held = held;
                 // The label the recipes' fstab names.
                 banger_formats::ext4::build_labelled(
+                    &*tools,
                     &root,
                     &image,
                     banger_formats::ext4::ROOM_FOR_PACKAGES,

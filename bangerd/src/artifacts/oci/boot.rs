@@ -103,9 +103,19 @@ pub fn resolve(root: &Path, path: &str, follow_last: bool) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Give what was made at `at` to `owner` (uid and gid; the root id of
+/// the tools that build the image's file system), unless that is 0.
+fn own(at: &Path, owner: u32) -> Result<()> {
+    if owner == 0 {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(at, Some(owner), Some(owner))
+        .map_err(|e| failed("change the owner of", at, e))
+}
+
 /// The directory `dir` (absolute in the guest) inside `root`, made with
-/// mode 0755 where missing (whatever bangerd's umask).
-fn directory(root: &Path, dir: &str) -> Result<PathBuf> {
+/// mode 0755 where missing (whatever bangerd's umask) and given to `owner`.
+fn directory(root: &Path, dir: &str, owner: u32) -> Result<PathBuf> {
     let resolved = resolve(root, dir, true)?;
     let rel = resolved.strip_prefix(root).unwrap_or(Path::new(""));
     let mut here = root.to_path_buf();
@@ -123,6 +133,7 @@ fn directory(root: &Path, dir: &str) -> Result<PathBuf> {
                 std::fs::create_dir(&here).map_err(|e| failed("create", &here, e))?;
                 std::fs::set_permissions(&here, std::fs::Permissions::from_mode(0o755))
                     .map_err(|e| failed("set the mode of", &here, e))?;
+                own(&here, owner)?;
             }
         }
     }
@@ -132,12 +143,12 @@ fn directory(root: &Path, dir: &str) -> Result<PathBuf> {
 /// The entry `path` (absolute in the guest) cleared for a new file or
 /// link: its directory made, whatever was there (a file or a link, never
 /// followed) removed. A directory in the way is an error.
-fn slot(root: &Path, path: &str) -> Result<PathBuf> {
+fn slot(root: &Path, path: &str, owner: u32) -> Result<PathBuf> {
     let p = Path::new(path);
     let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
         return Err(Error::invalid(format!("{path} names no file")));
     };
-    let dir = directory(root, &parent.to_string_lossy())?;
+    let dir = directory(root, &parent.to_string_lossy(), owner)?;
     let at = dir.join(name);
     match std::fs::symlink_metadata(&at) {
         Ok(meta) if meta.is_dir() => Err(Error::invalid(format!(
@@ -150,16 +161,18 @@ fn slot(root: &Path, path: &str) -> Result<PathBuf> {
     }
 }
 
-fn write(root: &Path, path: &str, body: &[u8], mode: u32) -> Result<()> {
-    let at = slot(root, path)?;
+fn write(root: &Path, path: &str, body: &[u8], mode: u32, owner: u32) -> Result<()> {
+    let at = slot(root, path, owner)?;
     std::fs::write(&at, body).map_err(|e| failed("write", &at, e))?;
     std::fs::set_permissions(&at, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| failed("set the mode of", &at, e))
+        .map_err(|e| failed("set the mode of", &at, e))?;
+    own(&at, owner)
 }
 
-fn link(root: &Path, path: &str, target: &str) -> Result<()> {
-    let at = slot(root, path)?;
-    std::os::unix::fs::symlink(target, &at).map_err(|e| failed("link", &at, e))
+fn link(root: &Path, path: &str, target: &str, owner: u32) -> Result<()> {
+    let at = slot(root, path, owner)?;
+    std::os::unix::fs::symlink(target, &at).map_err(|e| failed("link", &at, e))?;
+    own(&at, owner)
 }
 
 /// Check that `agent` (`vm.agent_bin`) can run in any guest: a regular
@@ -219,9 +232,11 @@ pub fn check_agent(agent: &Path) -> Result<()> {
 
 /// Make the staged `root` bootable by banger: the first-boot wrapper at
 /// [`INIT_PATH`], `agent` at [`AGENT_PATH`] with its unit enabled, and
-/// the [`MASKED`] units masked. Refuses a root without `/bin/sh` (the
-/// wrapper is a shell script; a distroless image cannot be a VM).
-pub fn prepare(root: &Path, agent: &Path) -> Result<()> {
+/// the [`MASKED`] units masked, all owned by `owner` (root in the guest:
+/// the tools' root id, [`banger_formats::tool::Tools::root_id`]). Refuses
+/// a root without `/bin/sh` (the wrapper is a shell script; a distroless
+/// image cannot be a VM).
+pub fn prepare(root: &Path, agent: &Path, owner: u32) -> Result<()> {
     let sh = resolve(root, "/bin/sh", true)?;
     let runnable = std::fs::metadata(&sh)
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -240,21 +255,28 @@ pub fn prepare(root: &Path, agent: &Path) -> Result<()> {
             agent.display()
         ))
     })?;
-    write(root, INIT_PATH, FIRST_BOOT.as_bytes(), 0o755)?;
-    write(root, AGENT_PATH, &agent_bytes, 0o755)?;
+    write(root, INIT_PATH, FIRST_BOOT.as_bytes(), 0o755, owner)?;
+    write(root, AGENT_PATH, &agent_bytes, 0o755, owner)?;
     write(
         root,
         "/etc/systemd/system/banger-agent.service",
         AGENT_UNIT.as_bytes(),
         0o644,
+        owner,
     )?;
     link(
         root,
         "/etc/systemd/system/sysinit.target.wants/banger-agent.service",
         "/etc/systemd/system/banger-agent.service",
+        owner,
     )?;
     for (unit, _) in MASKED {
-        link(root, &format!("/etc/systemd/system/{unit}"), "/dev/null")?;
+        link(
+            root,
+            &format!("/etc/systemd/system/{unit}"),
+            "/dev/null",
+            owner,
+        )?;
     }
     Ok(())
 }
@@ -322,8 +344,32 @@ mod tests {
             r.join("etc/systemd/system/banger-agent.service"),
         )
         .expect("trap");
-        prepare(r, &a).expect("prepare");
+        // What it makes is the sandbox's root's (where this may chown).
+        let owner = if nix::unistd::Uid::effective().is_root() {
+            banger_formats::tool::SANDBOX_IDS.start
+        } else {
+            0
+        };
+        prepare(r, &a, owner).expect("prepare");
         assert!(!outside.path().join("victim").exists());
+        if owner != 0 {
+            use std::os::unix::fs::MetadataExt;
+            for made in [
+                "usr/lib/banger",
+                INIT_PATH,
+                AGENT_PATH,
+                "etc/systemd/system/banger-agent.service",
+                "etc/systemd/system/sysinit.target.wants",
+                "etc/systemd/system/sysinit.target.wants/banger-agent.service",
+                "etc/systemd/system/getty@tty1.service",
+            ] {
+                let meta =
+                    std::fs::symlink_metadata(r.join(made.trim_start_matches('/'))).expect("made");
+                assert_eq!((meta.uid(), meta.gid()), (owner, owner), "{made}");
+            }
+            // What the image had stays as it was.
+            assert_eq!(std::fs::metadata(r.join("usr/bin")).expect("bin").uid(), 0);
+        }
 
         let init = r.join(INIT_PATH.trim_start_matches('/'));
         assert_eq!(std::fs::read_to_string(&init).expect("init"), FIRST_BOOT);
@@ -359,17 +405,17 @@ mod tests {
             );
         }
         // Twice is the same.
-        prepare(r, &a).expect("again");
+        prepare(r, &a, owner).expect("again");
     }
 
     #[test]
     fn images_without_a_shell_or_without_an_agent_are_refused() {
         let t = tree();
         let r = t.path();
-        let e = prepare(r, &r.join("nonesuch")).expect_err("no agent");
+        let e = prepare(r, &r.join("nonesuch"), 0).expect_err("no agent");
         assert!(e.message.contains("vm.agent_bin"), "{e:?}");
         std::fs::remove_file(r.join("usr/bin/sh")).expect("rm");
-        let e = prepare(r, &agent(r)).expect_err("no shell");
+        let e = prepare(r, &agent(r), 0).expect_err("no shell");
         assert!(e.message.contains("/bin/sh"), "{e:?}");
         assert!(!r.join("usr/lib/banger").exists());
     }

@@ -211,23 +211,26 @@ impl Artifacts {
         unpack::apply(
             &*self.steps,
             &self.helper,
-            &staged.id,
-            &root,
-            &fetched.layers,
+            &format!("pull-{}-layers", staged.id),
+            &unpack::Spec {
+                root: root.clone(),
+                blobs: fetched.layers.clone(),
+                shift: self.tools.root_id(),
+            },
             &mut |_, bytes| tick(bytes),
             &|| ctx.check_cancelled(),
         )
         .await?;
 
         ctx.stage("first-boot wrapper", 0.7).await?;
-        let into = root.clone();
-        blocking(move || boot::prepare(&into, &agent)).await?;
+        let (into, owner) = (root.clone(), self.tools.root_id());
+        blocking(move || boot::prepare(&into, &agent, owner)).await?;
 
         ctx.stage("build rootfs", 0.72).await?;
         let image = tmp.path().join("rootfs.ext4");
-        let (from, to) = (root.clone(), image.clone());
+        let (from, to, tools) = (root.clone(), image.clone(), self.tools.clone());
         blocking(move || {
-            ext4::build(&from, &to, ext4::ROOM_FOR_PACKAGES)?;
+            ext4::build(&*tools, &from, &to, ext4::ROOM_FOR_PACKAGES)?;
             std::fs::remove_dir_all(&from)
                 .map_err(|e| Error::failed(format!("cannot remove {}: {e}", from.display())))
         })

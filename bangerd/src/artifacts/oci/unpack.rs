@@ -24,11 +24,15 @@ use banger_formats::layers;
 pub const HELPER_ARG: &str = "layers-apply";
 
 /// What the helper applies: `blobs` in order onto `root`, each removed
-/// once applied.
+/// once applied; then every owner in the tree goes up by `shift`
+/// ([`banger_formats::tool::shift_owners`]), for the sandbox that builds
+/// its file system.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Spec {
     pub root: PathBuf,
     pub blobs: Vec<PathBuf>,
+    #[serde(default)]
+    pub shift: u32,
 }
 
 /// The words [`ErrorKind`]s travel as.
@@ -99,34 +103,43 @@ pub fn exec(spec: &str) -> i32 {
             return fail(&mut out, &e);
         }
     }
-    0
+    match banger_formats::tool::shift_owners(&spec.root, spec.shift) {
+        Ok(_) => 0,
+        Err(e) => fail(&mut out, &e),
+    }
 }
 
-/// Apply `blobs` onto `root` in a step named after `id` (the image's),
-/// run by `runner` with `helper` (bangerd's binary). `tick` sees each
-/// layer's number and bytes unpacked so far, `check` is asked twice a
-/// second; either failing stops the step.
+/// Run `spec` in the step `id` (unique, e.g. `pull-IMAGE-layers`), run
+/// by `runner` with `helper` (bangerd's binary): its blobs applied onto
+/// its root, then the tree's owners shifted. `tick` sees each layer's
+/// number and bytes unpacked so far, `check` is asked twice a second;
+/// either failing stops the step.
 pub async fn apply(
     runner: &dyn StepRunner,
     helper: &Path,
     id: &str,
-    root: &Path,
-    blobs: &[PathBuf],
+    spec: &Spec,
     tick: &mut (dyn FnMut(usize, u64) -> Result<()> + Send),
     check: &(dyn Fn() -> Result<()> + Sync),
 ) -> Result<()> {
-    let spec = Spec {
-        root: root.to_owned(),
-        blobs: blobs.to_vec(),
-    };
-    let json = serde_json::to_string(&spec)
+    let json = serde_json::to_string(spec)
         .map_err(|e| Error::failed(format!("cannot describe the layers: {e}")))?;
-    let mut writable = vec![root.to_owned()];
-    writable.extend(blobs.iter().filter_map(|b| b.parent()).map(Path::to_owned));
+    let mut writable = vec![spec.root.clone()];
+    writable.extend(
+        spec.blobs
+            .iter()
+            .filter_map(|b| b.parent())
+            .map(Path::to_owned),
+    );
     writable.dedup();
+    let what = if spec.blobs.is_empty() {
+        "shift the tree's owners"
+    } else {
+        "apply layers"
+    };
     let step = Step {
-        id: format!("pull-{id}-layers"),
-        what: "apply layers".to_owned(),
+        id: id.to_owned(),
+        what: what.to_owned(),
         program: helper.to_owned(),
         args: vec![HELPER_ARG.to_owned(), json],
         writable,
