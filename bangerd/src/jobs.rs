@@ -155,6 +155,10 @@ pub enum JobEvent {
         error: Option<Error>,
         /// What it made, if anything.
         result: Option<Resource>,
+        /// The job's retention starts when the last copy of this event is
+        /// dropped: once the front end has published it, however far
+        /// behind it is.
+        retire: Retire,
     },
     /// A kernel or image appeared or changed. Sent before the
     /// `Completed` of the job that made it.
@@ -163,6 +167,47 @@ pub enum JobEvent {
     ResourceRemoved(Resource),
     /// The job's retention ended; it is gone.
     Removed(JobId),
+}
+
+/// Starts a finished job's retention when the last clone is dropped (see
+/// [`JobEvent::Completed`]). Equal to any other.
+#[derive(Clone)]
+pub struct Retire {
+    _held: Arc<RetireOnDrop>,
+}
+
+impl std::fmt::Debug for Retire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Retire")
+    }
+}
+
+impl PartialEq for Retire {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+struct RetireOnDrop {
+    jobs: Arc<Jobs>,
+    id: JobId,
+}
+
+impl Drop for RetireOnDrop {
+    fn drop(&mut self) {
+        let (jobs, id) = (self.jobs.clone(), self.id);
+        let retention = jobs.settings().retention;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    tokio::time::sleep(retention).await;
+                    jobs.remove(id);
+                });
+            }
+            // Outside the runtime (shutdown): nobody is left to look.
+            Err(_) => jobs.remove(id),
+        }
+    }
 }
 
 struct Entry {
@@ -184,6 +229,8 @@ pub struct JobSettings {
 /// The registry of live and recently finished jobs.
 pub struct Jobs {
     entries: Mutex<HashMap<JobId, Entry>>,
+    /// How many entries are running, kept as they start and end.
+    running: std::sync::atomic::AtomicUsize,
     events: UnboundedSender<JobEvent>,
     store: Arc<Store>,
     settings: Mutex<JobSettings>,
@@ -204,6 +251,7 @@ impl Jobs {
     ) -> Arc<Self> {
         Arc::new(Self {
             entries: Mutex::new(HashMap::new()),
+            running: std::sync::atomic::AtomicUsize::new(0),
             events,
             store,
             settings: Mutex::new(settings),
@@ -328,6 +376,8 @@ impl Jobs {
                     cancelled_by: None,
                 },
             );
+            self.running
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             // Sent under the lock so no event of this job can precede it.
             self.send(JobEvent::Added(id));
         }
@@ -411,6 +461,8 @@ impl Jobs {
             }
             entry.snapshot.state = state;
             entry.snapshot.error = error.clone();
+            self.running
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             (state, error)
         };
 
@@ -439,15 +491,24 @@ impl Jobs {
         }
 
         let result = self.get(id).and_then(|s| s.result);
-        self.send(JobEvent::Completed { id, error, result });
-
-        let jobs = self.clone();
-        let retention = self.settings().retention;
-        tokio::spawn(async move {
-            tokio::time::sleep(retention).await;
-            jobs.entries().remove(&id);
-            jobs.send(JobEvent::Removed(id));
+        let retire = Retire {
+            _held: Arc::new(RetireOnDrop {
+                jobs: self.clone(),
+                id,
+            }),
+        };
+        self.send(JobEvent::Completed {
+            id,
+            error,
+            result,
+            retire,
         });
+    }
+
+    /// The end of job `id`'s retention: it is gone.
+    fn remove(&self, id: JobId) {
+        self.entries().remove(&id);
+        self.send(JobEvent::Removed(id));
     }
 
     /// Ask job `id` to stop, on behalf of `by_uid`.
@@ -493,10 +554,7 @@ impl Jobs {
 
     /// How many jobs are running.
     pub fn running(&self) -> usize {
-        self.entries()
-            .values()
-            .filter(|e| e.snapshot.state == JobState::Running)
-            .count()
+        self.running.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -618,16 +676,29 @@ mod tests {
         (jobs, rx)
     }
 
-    async fn events_until_removed(rx: &mut UnboundedReceiver<JobEvent>) -> Vec<JobEvent> {
+    /// What happened, by name, until the job is removed. Each event is
+    /// dropped once named, as the front end does once it published it.
+    async fn events_until_removed(rx: &mut UnboundedReceiver<JobEvent>) -> Vec<String> {
         let mut out = Vec::new();
         while let Some(event) = rx.recv().await {
             let done = matches!(event, JobEvent::Removed(_));
-            out.push(event);
+            out.push(name(&event));
             if done {
                 break;
             }
         }
         out
+    }
+
+    fn name(event: &JobEvent) -> String {
+        match event {
+            JobEvent::Added(_) => "added".into(),
+            JobEvent::Progress { stage, detail, .. } => format!("progress {stage} {detail}"),
+            JobEvent::StageFinished { stage, .. } => format!("finished {stage}"),
+            JobEvent::Completed { error, .. } => format!("completed {}", error.is_none()),
+            JobEvent::Removed(_) => "removed".into(),
+            JobEvent::ResourceChanged(r) | JobEvent::ResourceRemoved(r) => format!("{r:?}"),
+        }
     }
 
     #[test]
@@ -665,18 +736,7 @@ mod tests {
             })
             .await
             .expect("start");
-        let events = events_until_removed(&mut rx).await;
-        let names: Vec<String> = events
-            .iter()
-            .map(|e| match e {
-                JobEvent::Added(_) => "added".into(),
-                JobEvent::Progress { stage, detail, .. } => format!("progress {stage} {detail}"),
-                JobEvent::StageFinished { stage, .. } => format!("finished {stage}"),
-                JobEvent::Completed { error, .. } => format!("completed {}", error.is_none()),
-                JobEvent::Removed(_) => "removed".into(),
-                JobEvent::ResourceChanged(r) | JobEvent::ResourceRemoved(r) => format!("{r:?}"),
-            })
-            .collect();
+        let names = events_until_removed(&mut rx).await;
         assert_eq!(
             names,
             [
@@ -691,6 +751,36 @@ mod tests {
             ]
         );
         assert!(jobs.get(id).is_none(), "removed after retention");
+    }
+
+    #[tokio::test]
+    async fn retention_starts_once_the_completion_is_published() {
+        let (jobs, mut rx) = registry(50);
+        let id = jobs
+            .start("test", 1000, Action::Maintain, |_| async { Ok(()) })
+            .await
+            .expect("start");
+        assert_eq!(jobs.running(), 1);
+        let completed = loop {
+            let event = rx.recv().await.expect("event");
+            if matches!(event, JobEvent::Completed { .. }) {
+                break event;
+            }
+        };
+        assert_eq!(jobs.running(), 0);
+        // A front end far behind still finds the job when it publishes
+        // the completion, however long after the retention that is.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(jobs.get(id).is_some(), "gone before it was published");
+        let copy = completed.clone();
+        drop(completed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(jobs.get(id).is_some(), "a copy still holds it");
+        drop(copy);
+        let started = Instant::now();
+        assert_eq!(name(&rx.recv().await.expect("removed")), "removed");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert!(jobs.get(id).is_none());
     }
 
     #[tokio::test]

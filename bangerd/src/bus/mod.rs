@@ -172,7 +172,9 @@ async fn mirror_one(
         JobEvent::ResourceRemoved(r) => {
             artifacts::remove(server, r).await?;
         }
-        JobEvent::Completed { id, error, result } => {
+        JobEvent::Completed {
+            id, error, result, ..
+        } => {
             let iface = server.interface::<_, JobObject>(job_path(*id)).await?;
             let emitter = iface.signal_emitter();
             {

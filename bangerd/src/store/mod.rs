@@ -181,6 +181,10 @@ pub struct JobRow {
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// How many VM rows say `running`: counted at open, then kept by the
+    /// writes of VM rows (under the connection's lock), so the status
+    /// line reads no rows.
+    pub(crate) running_vms: std::sync::atomic::AtomicUsize,
 }
 
 impl Store {
@@ -201,8 +205,14 @@ impl Store {
         let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")?;
         migrate(&mut conn, MIGRATIONS)?;
+        let running: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM vms WHERE state = 'running'",
+            [],
+            |r| r.get(0),
+        )?;
         Ok(Self {
             conn: Mutex::new(conn),
+            running_vms: std::sync::atomic::AtomicUsize::new(usize::try_from(running).unwrap_or(0)),
         })
     }
 

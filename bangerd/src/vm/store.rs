@@ -40,7 +40,8 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
 impl Store {
     /// Record a new VM. A taken name is a UNIQUE violation.
     pub fn insert_vm(&self, vm: &Vm) -> Result<(), StoreError> {
-        self.conn().execute(
+        let conn = self.conn();
+        conn.execute(
             "INSERT INTO vms (id, name, owner_uid, image_id, kernel_id, vcpus, memory_mib,
                 disk_bytes, nat, state, vmm, pid, pid_start, tap, ssh_keys, disk_method,
                 created_at, last_error, peers)
@@ -68,12 +69,44 @@ impl Store {
                 i64::from(vm.peers),
             ],
         )?;
+        self.count_running(None, Some(vm.state));
         Ok(())
+    }
+
+    /// Keep [`Store::running_vms`] as a row goes from `was` to `now`
+    /// (`None`: no row). Called with the connection locked.
+    fn count_running(&self, was: Option<VmState>, now: Option<VmState>) {
+        use std::sync::atomic::Ordering;
+        let running = |s: Option<VmState>| s == Some(VmState::Running);
+        match (running(was), running(now)) {
+            (false, true) => {
+                self.running_vms.fetch_add(1, Ordering::SeqCst);
+            }
+            (true, false) => {
+                self.running_vms.fetch_sub(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+
+    /// How many VMs are recorded running; reads no rows.
+    pub fn running_vms(&self) -> usize {
+        self.running_vms.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The state of VM `id`'s row, if there is one, on `conn`.
+    fn state_of(conn: &rusqlite::Connection, id: &str) -> Result<Option<VmState>, StoreError> {
+        let state: Option<String> = conn
+            .query_row("SELECT state FROM vms WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
+        Ok(state.map(|s| VmState::parse(&s).unwrap_or(VmState::Stopped)))
     }
 
     /// Write every mutable field of `vm` back. Returns whether it existed.
     pub fn update_vm(&self, vm: &Vm) -> Result<bool, StoreError> {
-        Ok(self.conn().execute(
+        let conn = self.conn();
+        let was = Self::state_of(&conn, &vm.id)?;
+        let updated = conn.execute(
             "UPDATE vms SET vcpus = ?2, memory_mib = ?3, disk_bytes = ?4, nat = ?5, state = ?6,
                 vmm = ?7, pid = ?8, pid_start = ?9, tap = ?10, disk_method = ?11,
                 last_error = ?12, name = ?13, peers = ?14
@@ -94,7 +127,11 @@ impl Store {
                 vm.name,
                 i64::from(vm.peers),
             ],
-        )? == 1)
+        )? == 1;
+        if updated {
+            self.count_running(was, Some(vm.state));
+        }
+        Ok(updated)
     }
 
     /// Every VM, oldest first.
@@ -126,9 +163,11 @@ impl Store {
     pub fn delete_vm(&self, id: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let was = Self::state_of(&tx, id)?;
         tx.execute("DELETE FROM leases WHERE owner = ?1", [id])?;
         let n = tx.execute("DELETE FROM vms WHERE id = ?1", [id])?;
         tx.commit()?;
+        self.count_running(was, None);
         Ok(n == 1)
     }
 }
@@ -141,6 +180,12 @@ mod tests {
 
     fn store_with_image() -> Store {
         let store = Store::open_in_memory().expect("store");
+        add_image(&store);
+        store
+    }
+
+    /// Kernel `k1` and image `i1` in `store`.
+    fn add_image(store: &Store) {
         store
             .insert_kernel(&Kernel {
                 id: "k1".into(),
@@ -172,7 +217,6 @@ mod tests {
                 owner_uid: 0,
             })
             .expect("image");
-        store
     }
 
     pub(crate) fn vm(id: &str, name: &str) -> Vm {
@@ -223,6 +267,35 @@ mod tests {
         assert!(store.delete_vm("a1").expect("delete"));
         assert!(store.leases().expect("leases").is_empty());
         assert!(!store.delete_vm("a1").expect("again"));
+    }
+
+    #[test]
+    fn the_running_count_follows_every_write_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("banger.db");
+        let store = Store::open(&path).expect("open");
+        add_image(&store);
+        let mut a = vm("a1", "web");
+        a.state = VmState::Running;
+        store.insert_vm(&a).expect("insert");
+        let mut b = vm("b1", "db");
+        store.insert_vm(&b).expect("insert");
+        assert_eq!(store.running_vms(), 1);
+        b.state = VmState::Running;
+        assert!(store.update_vm(&b).expect("update"));
+        assert!(store.update_vm(&b).expect("same again"));
+        assert_eq!(store.running_vms(), 2);
+        a.state = VmState::Stopped;
+        assert!(store.update_vm(&a).expect("update"));
+        assert_eq!(store.running_vms(), 1);
+        // A VM that is not there changes nothing.
+        assert!(!store.update_vm(&vm("x1", "ghost")).expect("no row"));
+        assert_eq!(store.running_vms(), 1);
+        drop(store);
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(store.running_vms(), 1);
+        assert!(store.delete_vm("b1").expect("delete"));
+        assert_eq!(store.running_vms(), 0);
     }
 
     #[test]

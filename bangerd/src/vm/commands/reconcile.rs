@@ -147,9 +147,6 @@ impl Vms {
 
     /// How many VMs run (for the status line).
     pub fn running_vms(&self) -> usize {
-        self.store
-            .vms()
-            .map(|v| v.iter().filter(|v| v.state == VmState::Running).count())
-            .unwrap_or(0)
+        self.store.running_vms()
     }
 }
