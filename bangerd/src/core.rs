@@ -10,7 +10,7 @@ use crate::auth::{Action, Authorizer, Caller};
 use crate::config::{Config, SharedConfig};
 use crate::doctor::{self, BusProbe, Check, HostPaths};
 use crate::error::{Error, Result};
-use crate::jobs::{JobId, JobSettings, JobSnapshot, Jobs};
+use crate::jobs::{JobId, JobOutcome, JobSettings, JobSnapshot, Jobs};
 use crate::net::host::HostNetwork;
 use crate::paths::Dirs;
 use crate::store::{Store, StoreError};
@@ -432,6 +432,24 @@ impl Core {
     /// One job.
     pub fn job(&self, id: JobId) -> Option<JobSnapshot> {
         self.jobs.get(id)
+    }
+
+    /// What became of job `id`, live or from the history, for its owner,
+    /// root, or a caller allowed to manage others' VMs.
+    pub async fn job_outcome(&self, caller: &Caller, id: JobId) -> Result<JobOutcome> {
+        let gone = || {
+            Error::not_found(format!(
+                "there is no job {id}: finished jobs are kept for daemon.job_history_days"
+            ))
+        };
+        let outcome = self.jobs.outcome(id).await?.ok_or_else(gone)?;
+        if caller.uid != outcome.owner_uid && caller.uid != 0 {
+            self.deps
+                .authorizer
+                .authorize(caller, Action::VmManageOthers)
+                .await?;
+        }
+        Ok(outcome)
     }
 
     /// Re-read `bangerd.toml`. A bad file is refused with an error naming

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::auth::Action;
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{JobRowState, Store, unix_us};
+use crate::store::{JobEnd, JobRowState, Store, unix_us};
 
 /// Something the front ends publish: a kernel, an image or a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -71,6 +71,98 @@ impl JobState {
             Self::Succeeded => JobRowState::Succeeded,
             Self::Failed => JobRowState::Failed,
             Self::Cancelled => JobRowState::Cancelled,
+        }
+    }
+}
+
+impl Resource {
+    /// As the job history records it: `vm:ID`, `image:ID`, `kernel:ID`.
+    pub fn to_record(&self) -> String {
+        match self {
+            Self::Kernel(id) => format!("kernel:{id}"),
+            Self::Image(id) => format!("image:{id}"),
+            Self::Vm(id) => format!("vm:{id}"),
+        }
+    }
+
+    /// Back from [`Resource::to_record`].
+    pub fn from_record(text: &str) -> Option<Self> {
+        let (kind, id) = text.split_once(':')?;
+        let id = id.to_owned();
+        match kind {
+            "kernel" => Some(Self::Kernel(id)),
+            "image" => Some(Self::Image(id)),
+            "vm" => Some(Self::Vm(id)),
+            _ => None,
+        }
+    }
+}
+
+/// What became of a job: from the registry while it is there, else from
+/// the history (`Manager.JobOutcome`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutcome {
+    pub owner_uid: u32,
+    pub state: JobState,
+    /// Why it did not succeed.
+    pub error: Option<Error>,
+    /// What it made.
+    pub result: Option<Resource>,
+    pub stages: Vec<StageRecord>,
+}
+
+/// Every error kind, to read one back from the history by its name.
+const ERROR_KINDS: [ErrorKind; 10] = [
+    ErrorKind::NotFound,
+    ErrorKind::InvalidArgument,
+    ErrorKind::AlreadyExists,
+    ErrorKind::Busy,
+    ErrorKind::PermissionDenied,
+    ErrorKind::InteractiveAuthorizationRequired,
+    ErrorKind::Unavailable,
+    ErrorKind::Failed,
+    ErrorKind::Cancelled,
+    ErrorKind::LimitExceeded,
+];
+
+impl JobOutcome {
+    /// From a history row (an interrupted job reads as failed).
+    fn from_row(row: &crate::store::JobRow) -> JobOutcome {
+        let message = row.message.clone().unwrap_or_default();
+        let kind = row
+            .error_kind
+            .as_deref()
+            .and_then(|k| ERROR_KINDS.into_iter().find(|e| format!("{e:?}") == k));
+        let (state, error) = match row.state.as_str() {
+            "running" => (JobState::Running, None),
+            "succeeded" => (JobState::Succeeded, None),
+            "cancelled" => (
+                JobState::Cancelled,
+                Some(Error::new(ErrorKind::Cancelled, message)),
+            ),
+            // Failed, or interrupted: bangerd stopped while it ran.
+            _ => (
+                JobState::Failed,
+                Some(Error::new(kind.unwrap_or(ErrorKind::Failed), message)),
+            ),
+        };
+        let stages: Vec<(String, u64)> = row
+            .stages
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        JobOutcome {
+            owner_uid: row.owner_uid,
+            state,
+            error,
+            result: row.result.as_deref().and_then(Resource::from_record),
+            stages: stages
+                .into_iter()
+                .map(|(name, usec)| StageRecord {
+                    name,
+                    duration: Duration::from_micros(usec),
+                })
+                .collect(),
         }
     }
 }
@@ -473,13 +565,34 @@ impl Jobs {
         let store = self.store.clone();
         let kind = error.as_ref().map(|e| format!("{:?}", e.kind));
         let message = error.as_ref().map(|e| e.message.clone());
+        let (result, stages) = self
+            .get(id)
+            .map(|s| {
+                let stages: Vec<(String, u64)> = s
+                    .stages
+                    .iter()
+                    .map(|r| {
+                        let usec = u64::try_from(r.duration.as_micros()).unwrap_or(u64::MAX);
+                        (r.name.clone(), usec)
+                    })
+                    .collect();
+                (
+                    s.result.as_ref().map(Resource::to_record),
+                    serde_json::to_string(&stages).unwrap_or_else(|_| "[]".to_owned()),
+                )
+            })
+            .unwrap_or_default();
         let persisted = tokio::task::spawn_blocking(move || {
             store.finish_job(
                 id,
-                state.row_state(),
-                kind.as_deref(),
-                message.as_deref(),
-                unix_us(SystemTime::now()),
+                &JobEnd {
+                    state: state.row_state(),
+                    error_kind: kind.as_deref(),
+                    message: message.as_deref(),
+                    result: result.as_deref(),
+                    stages: &stages,
+                    finished_at_us: unix_us(SystemTime::now()),
+                },
             )
         })
         .await;
@@ -550,6 +663,26 @@ impl Jobs {
             .collect();
         all.sort_by_key(|s| s.id);
         all
+    }
+
+    /// What became of job `id`: the registry's snapshot while it is
+    /// there, else its history row; `None` when neither has it.
+    pub async fn outcome(&self, id: JobId) -> Result<Option<JobOutcome>> {
+        if let Some(s) = self.get(id) {
+            return Ok(Some(JobOutcome {
+                owner_uid: s.owner_uid,
+                state: s.state,
+                error: s.error,
+                result: s.result,
+                stages: s.stages,
+            }));
+        }
+        let store = self.store.clone();
+        let row = tokio::task::spawn_blocking(move || store.job(id))
+            .await
+            .map_err(|e| Error::failed(format!("reading the job history failed: {e}")))?
+            .map_err(|e| Error::failed_with("reading the job history failed", &e))?;
+        Ok(row.as_ref().map(JobOutcome::from_row))
     }
 
     /// How many jobs are running.

@@ -18,7 +18,7 @@ pub const IMAGE_INTERFACE: &str = "org.banger.Image";
 pub const KERNEL_INTERFACE: &str = "org.banger.Kernel";
 
 /// Version of the D-Bus API; bumped when members are added.
-pub const API_VERSION: u32 = 5;
+pub const API_VERSION: u32 = 6;
 
 /// Prefix of every error name banger sends.
 pub const ERROR_PREFIX: &str = "org.banger.Error";

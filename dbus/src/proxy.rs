@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use zbus::proxy;
 use zbus::{OwnedObjectPath, Variant};
 
-use crate::{CatalogEntry, DoctorCheck, Error, ServicePort, StageTiming};
+use crate::{CatalogEntry, DoctorCheck, Error, JobOutcome, ServicePort, StageTiming};
 
 macro_rules! manager_proxy {
     ($(#[$outer:meta])* $name:ident $(, #[$auth:meta])?) => {
@@ -53,6 +53,9 @@ macro_rules! manager_proxy {
                 recipe: &str,
                 options: HashMap<&str, &Variant<'_>>,
             ) -> Result<OwnedObjectPath, Error>;
+
+            /// What became of job `job` (its number), live or finished.
+            fn job_outcome(&self, job: u64) -> Result<JobOutcome, Error>;
 
             /// Pull an image-catalog entry (and its kernel) as a job; returns the
             /// job's path.

@@ -50,6 +50,23 @@ pub struct StageTiming {
     pub duration_usec: u64,
 }
 
+/// What became of a job, from `Manager.JobOutcome`: signature
+/// `(sssoa(st))`. Answered for live jobs and for finished ones long after
+/// their object is gone (until the history is pruned).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct JobOutcome {
+    /// A [`job_state`] value.
+    pub state: String,
+    /// The error's D-Bus name; empty unless it failed or was cancelled.
+    pub error_name: String,
+    /// The error's message; empty unless it failed or was cancelled.
+    pub message: String,
+    /// The object the job made, or `/`.
+    pub result: zbus::OwnedObjectPath,
+    /// Its finished stages with their durations.
+    pub stages: Vec<StageTiming>,
+}
+
 /// Values of the `State` property of a job.
 pub mod job_state {
     /// The job is running.

@@ -52,6 +52,43 @@ impl ManagerObject {
             .collect())
     }
 
+    /// What became of job `job` (its number), whether its object is
+    /// still on the bus or long gone: (state, error_name, message, result,
+    /// stages), as its properties and Completed signal said. For the
+    /// job's owner, root, or with org.banger.vm.manage-others.
+    #[zbus(out_args("outcome"))]
+    async fn job_outcome(
+        &self,
+        job: u64,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<banger_dbus::JobOutcome, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let outcome = self.core.job_outcome(&caller, job).await.map_err(to_wire)?;
+        let (error_name, message) = match &outcome.error {
+            None => (String::new(), String::new()),
+            Some(e) => (super::error_name(e), e.message.clone()),
+        };
+        Ok(banger_dbus::JobOutcome {
+            state: outcome.state.as_str().to_owned(),
+            error_name,
+            message,
+            result: outcome
+                .result
+                .as_ref()
+                .map(super::artifacts::path_of)
+                .unwrap_or_else(banger_dbus::no_object),
+            stages: outcome
+                .stages
+                .into_iter()
+                .map(|s| banger_dbus::StageTiming {
+                    stage: s.name,
+                    duration_usec: u64::try_from(s.duration.as_micros()).unwrap_or(u64::MAX),
+                })
+                .collect(),
+        })
+    }
+
     /// Start store maintenance (integrity check, history pruning,
     /// checkpoint, optimize; option "vacuum" (b) also vacuums). Returns the
     /// job. polkit action org.banger.maintain.

@@ -93,6 +93,10 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX vms_by_image ON vms (image_id);",
     // 6: whether a VM may talk with the other VMs that may (peers).
     "ALTER TABLE vms ADD COLUMN peers INTEGER NOT NULL DEFAULT 0;",
+    // 7: what a finished job made (`vm:ID`, `image:ID`, `kernel:ID`) and
+    // its stages (JSON), for callers that come after its object is gone.
+    "ALTER TABLE jobs ADD COLUMN result TEXT;
+    ALTER TABLE jobs ADD COLUMN stages TEXT;",
 ];
 
 /// The schema version this build writes.
@@ -162,6 +166,20 @@ impl JobRowState {
     }
 }
 
+/// How a job ended, for [`Store::finish_job`].
+#[derive(Debug, Clone, Copy)]
+pub struct JobEnd<'a> {
+    pub state: JobRowState,
+    /// The error's kind (`ErrorKind`'s name), if it did not succeed.
+    pub error_kind: Option<&'a str>,
+    pub message: Option<&'a str>,
+    /// What it made, e.g. `vm:ID`.
+    pub result: Option<&'a str>,
+    /// Its finished stages, as JSON.
+    pub stages: &'a str,
+    pub finished_at_us: i64,
+}
+
 /// A row of the job history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRow {
@@ -175,6 +193,12 @@ pub struct JobRow {
     pub state: String,
     /// Error message, if it failed.
     pub message: Option<String>,
+    /// The error's kind (`ErrorKind`'s name).
+    pub error_kind: Option<String>,
+    /// What it made, e.g. `vm:ID` (from schema 7 on).
+    pub result: Option<String>,
+    /// Its finished stages as JSON (from schema 7 on).
+    pub stages: Option<String>,
 }
 
 /// The open store. Calls block; async callers use `spawn_blocking`.
@@ -243,23 +267,19 @@ impl Store {
     }
 
     /// Record how a job ended.
-    pub fn finish_job(
-        &self,
-        id: u64,
-        state: JobRowState,
-        error_kind: Option<&str>,
-        message: Option<&str>,
-        finished_at_us: i64,
-    ) -> Result<(), StoreError> {
+    pub fn finish_job(&self, id: u64, end: &JobEnd<'_>) -> Result<(), StoreError> {
         self.conn().execute(
-            "UPDATE jobs SET state = ?2, error_kind = ?3, message = ?4, finished_at = ?5
+            "UPDATE jobs SET state = ?2, error_kind = ?3, message = ?4, finished_at = ?5,
+                 result = ?6, stages = ?7
              WHERE id = ?1",
             params![
                 id as i64,
-                state.as_str(),
-                error_kind,
-                message,
-                finished_at_us
+                end.state.as_str(),
+                end.error_kind,
+                end.message,
+                end.finished_at_us,
+                end.result,
+                end.stages
             ],
         )?;
         Ok(())
@@ -297,7 +317,8 @@ impl Store {
         Ok(self
             .conn()
             .query_row(
-                "SELECT id, kind, owner_uid, state, message FROM jobs WHERE id = ?1",
+                "SELECT id, kind, owner_uid, state, message, error_kind, result, stages
+                 FROM jobs WHERE id = ?1",
                 params![id as i64],
                 |r| {
                     Ok(JobRow {
@@ -306,6 +327,9 @@ impl Store {
                         owner_uid: r.get(2)?,
                         state: r.get(3)?,
                         message: r.get(4)?,
+                        error_kind: r.get(5)?,
+                        result: r.get(6)?,
+                        stages: r.get(7)?,
                     })
                 },
             )
@@ -481,8 +505,27 @@ mod tests {
         let b = store.insert_job("maintain", 0, 20).expect("b");
         assert!(b > a);
         store
-            .finish_job(a, JobRowState::Failed, Some("Failed"), Some("boom"), 15)
+            .finish_job(
+                a,
+                &JobEnd {
+                    state: JobRowState::Failed,
+                    error_kind: Some("Failed"),
+                    message: Some("boom"),
+                    result: Some("vm:abc"),
+                    stages: r#"[["one",5]]"#,
+                    finished_at_us: 15,
+                },
+            )
             .expect("finish");
+        let row = store.job(a).expect("query").expect("row");
+        assert_eq!(
+            (
+                row.error_kind.as_deref(),
+                row.result.as_deref(),
+                row.stages.as_deref()
+            ),
+            (Some("Failed"), Some("vm:abc"), Some(r#"[["one",5]]"#))
+        );
         assert_eq!(store.interrupt_running_jobs(30).expect("interrupt"), 1);
         let row = store.job(b).expect("query").expect("row");
         assert_eq!(row.state, "interrupted");

@@ -37,6 +37,16 @@ fn text(out: &Output) -> String {
 
 /// `gdbus call` (a real, independent D-Bus client) of Manager.Maintain.
 fn gdbus_maintain(cmd: &mut std::process::Command, interactive: bool) -> Output {
+    gdbus_manager(cmd, "Maintain", interactive, "{}")
+}
+
+/// `gdbus call` of the manager's `method` with `argument`.
+fn gdbus_manager(
+    cmd: &mut std::process::Command,
+    method: &str,
+    interactive: bool,
+    argument: &str,
+) -> Output {
     cmd.args([
         "call",
         "--system",
@@ -45,12 +55,12 @@ fn gdbus_maintain(cmd: &mut std::process::Command, interactive: bool) -> Output 
         "--object-path",
         "/org/banger/Manager",
         "--method",
-        "org.banger.Manager.Maintain",
-    ]);
+    ])
+    .arg(format!("org.banger.Manager.{method}"));
     if interactive {
         cmd.arg("--interactive");
     }
-    cmd.arg("{}").output().expect("run gdbus")
+    cmd.arg(argument).output().expect("run gdbus")
 }
 
 fn quick_config(extra: &str) -> Options {
@@ -248,6 +258,23 @@ fn root_maintain_job_reports_stages_in_order_then_disappears() {
             !listed.keys().any(|p| p.as_str() == job.as_str()),
             "job still listed"
         );
+
+        // Its outcome outlives its object: a client that comes late still
+        // learns how it ended.
+        let n = banger_dbus::parse_job_path(job.as_str()).expect("number");
+        let outcome = manager.job_outcome(n).await.expect("JobOutcome");
+        assert_eq!(outcome.state, "succeeded");
+        assert_eq!(
+            (outcome.error_name.as_str(), outcome.message.as_str()),
+            ("", "")
+        );
+        assert_eq!(outcome.result.as_str(), "/");
+        assert_eq!(outcome.stages, timings);
+        let err = manager
+            .job_outcome(n + 1000)
+            .await
+            .expect_err("no such job");
+        assert!(matches!(err, WireError::NotFound(_)), "{err:?}");
     });
 }
 
@@ -290,6 +317,14 @@ fn cancel_stops_a_running_job() {
         );
         assert_eq!(proxy.state().await.expect("State"), "cancelled");
         assert_eq!(manager.status().await.expect("Status"), "idle");
+        let n = banger_dbus::parse_job_path(job.as_str()).expect("number");
+        let outcome = manager.job_outcome(n).await.expect("JobOutcome");
+        assert_eq!(outcome.state, "cancelled");
+        assert_eq!(outcome.error_name, "org.banger.Error.Cancelled");
+        assert!(
+            outcome.message.contains("cancelled by uid 0"),
+            "{outcome:?}"
+        );
     });
 }
 
@@ -325,6 +360,27 @@ fn polkit_decides_for_other_users() {
     // Root is allowed by polkit.
     let out = gdbus_maintain(&mut bed.command("gdbus"), false);
     assert!(out.status.success(), "{}", text(&out));
+
+    // How root's job ended is root's (and VM managers') to read.
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let number = stdout
+        .split("/job/")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .expect("a job path")
+        .to_owned();
+    let out = gdbus_manager(
+        &mut bed.command_as(&user, "gdbus"),
+        "JobOutcome",
+        false,
+        &number,
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("InteractiveAuthorizationRequired"),
+        "{}",
+        text(&out)
+    );
 
     // A rule granting this user the action makes the same call succeed.
     let _rule = bed
