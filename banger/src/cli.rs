@@ -205,7 +205,8 @@ impl fmt::Display for JobRef {
     }
 }
 
-/// One or more VM references (name or unique id prefix).
+/// One or more VM references (name or unique id prefix). With several,
+/// 16 jobs run at a time; each VM gets a line as it ends, then a summary.
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct VmRefs {
     /// VM names or unique id prefixes

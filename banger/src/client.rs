@@ -307,6 +307,18 @@ impl Client {
         timed(job.state()).await.map_err(|f| job_not_found(f, path))
     }
 
+    /// What became of the job at `path` (`Manager.JobOutcome`), also
+    /// after its object has left the bus.
+    pub async fn job_outcome(
+        &self,
+        path: &OwnedObjectPath,
+    ) -> Result<banger_dbus::JobOutcome, Failure> {
+        let n = banger_dbus::parse_job_path(path.as_str())
+            .ok_or_else(|| Failure::new(Kind::Failed, format!("{path} is not a job")))?;
+        let manager = self.manager().await?;
+        timed(manager.job_outcome(n)).await
+    }
+
     /// The job's `Stages` property.
     pub async fn job_stages(&self, path: &OwnedObjectPath) -> Result<Vec<StageTiming>, Failure> {
         let job = self.job(path).await?;

@@ -476,6 +476,26 @@ impl Tracker {
         })
     }
 
+    /// A report made from what bangerd recorded of a job that ended
+    /// without banger seeing its `Completed` signal (`Manager.JobOutcome`).
+    pub fn outcome(&self, outcome: banger_dbus::JobOutcome, total_usec: u64) -> JobReport {
+        let success = outcome.state == job_state::SUCCEEDED;
+        let error = (!success).then_some(RemoteError {
+            name: outcome.error_name,
+            message: outcome.message,
+        });
+        let result = (outcome.result.as_str() != "/").then(|| outcome.result.to_string());
+        JobReport {
+            job: self.path.clone(),
+            success,
+            error,
+            stages: outcome.stages,
+            total_usec,
+            result,
+            detail: self.detail.clone(),
+        }
+    }
+
     /// A report made from the job's properties, for a job that ended
     /// without banger seeing its `Completed` signal.
     pub fn ended(&self, state: &str, stages: Vec<StageTiming>, total_usec: u64) -> JobReport {
@@ -581,15 +601,24 @@ pub async fn follow(
                         // Completed is sent right after the state changes;
                         // give it one more period before making do without it.
                         if ended_state.is_some() {
-                            let stages = client.job_stages(path).await.unwrap_or_default();
                             tracker.clear_out();
-                            let report = tracker.ended(&state, stages, usec(started.elapsed()));
+                            let total = usec(started.elapsed());
+                            if let Some(outcome) = finished_outcome(client, path).await {
+                                return Ok(Followed::Completed(tracker.outcome(outcome, total)));
+                            }
+                            let stages = client.job_stages(path).await.unwrap_or_default();
+                            let report = tracker.ended(&state, stages, total);
                             return Ok(Followed::Completed(report));
                         }
                         ended_state = Some(state);
                     }
                     Err(f) if f.kind() == Kind::NotFound => {
                         tracker.clear_out();
+                        // Its object is gone; bangerd's history says how it ended.
+                        if let Some(outcome) = finished_outcome(client, path).await {
+                            let total = usec(started.elapsed());
+                            return Ok(Followed::Completed(tracker.outcome(outcome, total)));
+                        }
                         return Err(Failure::new(
                             Kind::Failed,
                             format!("job {job} disappeared before banger saw it complete: \
@@ -613,6 +642,17 @@ pub async fn follow(
                 }
             }
         }
+    }
+}
+
+/// The outcome bangerd recorded for the job at `path`, once it has ended.
+async fn finished_outcome(
+    client: &Client,
+    path: &OwnedObjectPath,
+) -> Option<banger_dbus::JobOutcome> {
+    match tokio::time::timeout(QUICK_CALL, client.job_outcome(path)).await {
+        Ok(Ok(outcome)) if outcome.state != job_state::RUNNING => Some(outcome),
+        _ => None,
     }
 }
 
@@ -690,6 +730,44 @@ mod tests {
         ] {
             assert_eq!(format_duration(usec), text, "{usec}");
         }
+    }
+
+    #[test]
+    fn a_recorded_outcome_reports_like_the_signal_would() {
+        let tracker = Tracker::new("/org/banger/Manager/job/3", Display::Quiet, Vec::new());
+        let stages = vec![StageTiming {
+            stage: "stop".into(),
+            duration_usec: 5,
+        }];
+        let done = tracker.outcome(
+            banger_dbus::JobOutcome {
+                state: job_state::SUCCEEDED.into(),
+                error_name: String::new(),
+                message: String::new(),
+                result: banger_dbus::vm_path("abc"),
+                stages: stages.clone(),
+            },
+            9,
+        );
+        assert!(done.failure().is_none());
+        assert_eq!(done.stages, stages);
+        assert_eq!(done.result.as_deref(), Some("/org/banger/Manager/vm/abc"));
+        let failed = tracker.outcome(
+            banger_dbus::JobOutcome {
+                state: job_state::FAILED.into(),
+                error_name: "org.banger.Error.Busy".into(),
+                message: "vm x is starting".into(),
+                result: banger_dbus::no_object(),
+                stages: Vec::new(),
+            },
+            9,
+        );
+        let failure = failed.failure().expect("failed");
+        assert!(
+            failure.to_string().contains("vm x is starting"),
+            "{failure}"
+        );
+        assert_eq!(failed.result, None);
     }
 
     fn run(display: Display, events: Vec<JobEvent>) -> (String, Tracker) {

@@ -91,6 +91,32 @@ pub fn ssh_key() -> Result<(PathBuf, String), Failure> {
         })?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        // Several bangers started at once (a script's parallel creates)
+        // make the key once: the first holds the lock, the others find
+        // its key when they get it.
+        let lock_path = dir.join(".lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| {
+                Failure::new(
+                    Kind::Failed,
+                    format!("cannot open {}: {e}", lock_path.display()),
+                )
+            })?;
+        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(
+            |(_, e)| {
+                Failure::new(
+                    Kind::Failed,
+                    format!("cannot lock {}: {e}", lock_path.display()),
+                )
+            },
+        )?;
+        if key.exists() && public.exists() {
+            return ssh_key();
+        }
         let _ = std::fs::remove_file(&key);
         let _ = std::fs::remove_file(&public);
         let host = nix::unistd::gethostname()
@@ -656,76 +682,111 @@ fn ssh(vm: &VmInfo, command: &[String], remind: bool, opts: Options) -> anyhow::
 
 /// Start one job per VM (they run concurrently in bangerd) and follow
 /// them; with one VM, live stage lines, with several, a result line each.
+/// How many jobs a command on several VMs keeps in flight at once.
+const IN_FLIGHT: usize = 16;
+
+/// One VM of a command on several: its position among the VMs named, the
+/// name, its job and how that ended.
+type BatchResult = (usize, String, Option<OwnedObjectPath>, Result<(), String>);
+
 async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> anyhow::Result<u8> {
+    use futures_util::StreamExt;
+
     let client = connect(opts).await?;
     let catalog = client.catalog().await?;
-    let mut subscription = Subscription::new(&client).await?;
     let auth = Authorization::prepare(opts).await;
     let started = Instant::now();
-    let mut jobs: Vec<(String, Result<OwnedObjectPath, Failure>)> = Vec::new();
-    for r in &refs {
+    if let [r] = refs.as_slice() {
+        let mut subscription = Subscription::new(&client).await?;
         let result = match artifacts::resolve(&catalog.vms, r, "vm") {
             Ok(vm) => client.vm_job(&vm.path, job, auth.interaction).await,
             Err(f) => Err(f),
         };
-        jobs.push((r.clone(), result));
-    }
-    let _ = auth.finish(Ok::<_, Failure>(())).await;
-    if refs.len() == 1 {
-        let (r, result) = jobs.remove(0);
+        let _ = auth.finish(Ok::<_, Failure>(())).await;
         let job = result.with_context(|| format!("cannot {verb} vm {r}"))?;
         let display = Display::for_stdout(opts.json);
         let tracker = Tracker::new(job.as_str(), display, Vec::new());
         return follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await;
     }
-    // Several: follow them all at once, quietly, then one line each.
-    let follows = jobs.iter().map(|(r, result)| {
-        let client = client.clone();
+    // Several: a bounded number at a time, each started and followed
+    // quietly, one line as each ends, then a summary.
+    let interaction = auth.interaction;
+    let one = |(i, r): (usize, String)| {
+        let (client, catalog) = (client.clone(), &catalog);
         async move {
-            let job = match result {
-                Ok(job) => job.clone(),
-                Err(f) => return (r.clone(), None, Err(f.to_string())),
-            };
             let mut sub = match Subscription::new(&client).await {
                 Ok(s) => s,
-                Err(f) => return (r.clone(), Some(job), Err(f.to_string())),
+                Err(f) => return (i, r, None, Err(f.to_string())),
+            };
+            let started_job = match artifacts::resolve(&catalog.vms, &r, "vm") {
+                Ok(vm) => client.vm_job(&vm.path, job, interaction).await,
+                Err(f) => Err(f),
+            };
+            let job = match started_job {
+                Ok(job) => job,
+                Err(f) => return (i, r, None, Err(f.to_string())),
             };
             let mut tracker = Tracker::new(job.as_str(), Display::Quiet, Vec::new());
-            match progress::follow(&client, &mut sub, &job, &mut tracker, started, 0).await {
-                Ok(Followed::Completed(report)) => match report.failure() {
-                    None => (r.clone(), Some(job), Ok(())),
-                    Some(f) => (r.clone(), Some(job), Err(f.to_string())),
-                },
-                Ok(Followed::Interrupted { .. }) => {
-                    (r.clone(), Some(job), Err("interrupted".into()))
+            let result =
+                match progress::follow(&client, &mut sub, &job, &mut tracker, started, 0).await {
+                    Ok(Followed::Completed(report)) => match report.failure() {
+                        None => Ok(()),
+                        Some(f) => Err(f.to_string()),
+                    },
+                    Ok(Followed::Interrupted { .. }) => Err("interrupted".into()),
+                    Err(f) => Err(f.to_string()),
+                };
+            (i, r, Some(job), result)
+        }
+    };
+    let mut results: Vec<BatchResult> =
+        futures_util::stream::iter(refs.iter().cloned().enumerate())
+            .map(one)
+            .buffer_unordered(IN_FLIGHT)
+            .inspect(|(_, r, _, result)| {
+                if opts.json {
+                    return;
                 }
-                Err(f) => (r.clone(), Some(job), Err(f.to_string())),
-            }
-        }
-    });
-    let results = futures_util::future::join_all(follows).await;
-    let mut failed = false;
-    let mut json = Vec::new();
-    for (r, job, result) in &results {
-        failed |= result.is_err();
-        if opts.json {
-            json.push(serde_json::json!({
-                "ref": r,
-                "ok": result.is_ok(),
-                "job": job.as_ref().map(|j| j.as_str()),
-                "error": result.as_ref().err(),
-            }));
-        } else {
-            match result {
-                Ok(()) => emit(&format!("{r}: {verb} done"))?,
-                Err(e) => eprintln!("error: {r}: cannot {verb}: {e}"),
-            }
-        }
-    }
+                match result {
+                    Ok(()) => {
+                        let _ = emit(&format!("{r}: {verb} done"));
+                    }
+                    Err(e) => eprintln!("error: {r}: cannot {verb}: {e}"),
+                }
+            })
+            .collect()
+            .await;
+    let _ = auth.finish(Ok::<_, Failure>(())).await;
+    let failed = results.iter().filter(|(.., r)| r.is_err()).count();
     if opts.json {
+        // In the order the VMs were named.
+        results.sort_by_key(|(i, ..)| *i);
+        let json: Vec<_> = results
+            .iter()
+            .map(|(_, r, job, result)| {
+                serde_json::json!({
+                    "ref": r,
+                    "ok": result.is_ok(),
+                    "job": job.as_ref().map(|j| j.as_str()),
+                    "error": result.as_ref().err(),
+                })
+            })
+            .collect();
         emit_json(&json)?;
+    } else if failed == 0 {
+        emit(&format!(
+            "{verb}: {} of {} VMs done",
+            results.len(),
+            results.len()
+        ))?;
+    } else {
+        eprintln!(
+            "{verb}: {} of {} VMs done, {failed} failed",
+            results.len() - failed,
+            results.len()
+        );
     }
-    Ok(if failed { exit::FAILURE } else { exit::OK })
+    Ok(if failed > 0 { exit::FAILURE } else { exit::OK })
 }
 
 fn signal_number(name: &str) -> Result<i32, Failure> {

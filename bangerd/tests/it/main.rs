@@ -23,6 +23,7 @@ mod package_fresh;
 mod package_update;
 mod pull;
 mod sandbox;
+mod scale;
 mod systemd_units;
 mod trust;
 mod update;

@@ -1,0 +1,50 @@
+//! Many VMs at once, at a size CI affords: 200 VMs made without starting
+//! them, then deleted in one command. Every VM must be reported done and
+//! the command must exit 0: the daemon publishes job events one after
+//! another, and a front end that fell behind once lost the completions of
+//! jobs whose retention had run out (`banger` then reported jobs that had
+//! succeeded as vanished).
+
+#![allow(clippy::unwrap_used)]
+
+use crate::vm_lifecycle::setup_with;
+
+const VMS: usize = 200;
+
+#[test]
+fn two_hundred_vms_are_deleted_in_one_command_and_each_is_reported() {
+    // One second of retention: a front end a second behind would lose
+    // completions if retention started when a job ended.
+    let env = setup_with("[daemon]\njob_retention_secs = 1\n");
+    let names: Vec<String> = (0..VMS).map(|i| format!("s{i:03}")).collect();
+    // Made by 8 clients at once.
+    std::thread::scope(|scope| {
+        for chunk in names.chunks(VMS / 8) {
+            let env = &env;
+            scope.spawn(move || {
+                for name in chunk {
+                    env.ok(&["vm", "create", "--no-start", "--name", name]);
+                }
+            });
+        }
+    });
+    assert_eq!(env.vms().len(), VMS);
+
+    let mut args = vec!["vm", "delete"];
+    args.extend(names.iter().map(String::as_str));
+    let out = env.run(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    for name in &names {
+        assert!(
+            stdout.contains(&format!("{name}: delete done\n")),
+            "{name} not reported:\n{stdout}\n{stderr}"
+        );
+    }
+    assert!(
+        stdout.contains(&format!("delete: {VMS} of {VMS} VMs done")),
+        "{stdout}"
+    );
+    assert!(env.vms().is_empty());
+}
