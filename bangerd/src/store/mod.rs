@@ -94,9 +94,11 @@ pub const MIGRATIONS: &[&str] = &[
     // 6: whether a VM may talk with the other VMs that may (peers).
     "ALTER TABLE vms ADD COLUMN peers INTEGER NOT NULL DEFAULT 0;",
     // 7: what a finished job made (`vm:ID`, `image:ID`, `kernel:ID`) and
-    // its stages (JSON), for callers that come after its object is gone.
+    // its stages (JSON), for callers that come after its object is gone;
+    // VMs by owner, for quotas that read one user's VMs only.
     "ALTER TABLE jobs ADD COLUMN result TEXT;
-    ALTER TABLE jobs ADD COLUMN stages TEXT;",
+    ALTER TABLE jobs ADD COLUMN stages TEXT;
+    CREATE INDEX vms_by_owner ON vms (owner_uid);",
 ];
 
 /// The schema version this build writes.

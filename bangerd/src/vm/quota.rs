@@ -241,7 +241,10 @@ impl Quotas {
     /// What `uid` holds now, leaving VM `skip` out.
     pub fn usage_of(&self, uid: u32, skip: Option<&str>) -> Result<Usage> {
         let failed = |context: &'static str| move |e| Error::failed_with(context, &e);
-        let vms = self.store.vms().map_err(failed("reading the vms failed"))?;
+        let vms = self
+            .store
+            .vms_of(uid)
+            .map_err(failed("reading the vms failed"))?;
         let images = self
             .store
             .images()

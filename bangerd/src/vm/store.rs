@@ -142,6 +142,15 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The VMs of `uid`, oldest first (by index: as many rows as it has).
+    pub fn vms_of(&self, uid: u32) -> Result<Vec<Vm>, StoreError> {
+        let conn = self.conn();
+        let mut st =
+            conn.prepare("SELECT * FROM vms WHERE owner_uid = ?1 ORDER BY created_at, id")?;
+        let rows = st.query_map([uid], vm_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// One VM by id.
     pub fn vm(&self, id: &str) -> Result<Option<Vm>, StoreError> {
         Ok(self
@@ -260,6 +269,8 @@ mod tests {
         a.peers = true;
         assert!(store.update_vm(&a).expect("update"));
         assert_eq!(store.vms().expect("list"), vec![a.clone()]);
+        assert_eq!(store.vms_of(1000).expect("mine"), vec![a.clone()]);
+        assert!(store.vms_of(1001).expect("theirs").is_empty());
         assert_eq!(store.vms_using_image("i1").expect("users"), ["web"]);
 
         let subnet = crate::net::leases::Subnet::parse("10.9.0.0/24").expect("subnet");
