@@ -1,0 +1,85 @@
+//! Bus latency against a running bangerd, from one in-process client (no
+//! process start in the figures): `Properties.Get` of a VM's `State`,
+//! the bus daemon's own `GetId` for comparison, and `GetManagedObjects`.
+//! Prints one line per call: `NAME n p50_ms p99_ms`. Run by
+//! `scripts/bench-scale` with `DBUS_SYSTEM_BUS_ADDRESS` set.
+//!
+//!     bench_bus VM_OBJECT_PATH [ROUNDS]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use zbus::Connection;
+use zbus::fdo::{DBusProxy, ObjectManagerProxy, PropertiesProxy};
+use zbus::names::InterfaceName;
+
+async fn sample<F, Fut>(rounds: usize, mut call: F) -> zbus::Result<Vec<Duration>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = zbus::Result<()>>,
+{
+    let mut out = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        call().await?;
+        out.push(t.elapsed());
+    }
+    Ok(out)
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    let pick = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "{name} {} {:.3} {:.3}",
+        samples.len(),
+        pick(0.5).as_secs_f64() * 1e3,
+        pick(0.99).as_secs_f64() * 1e3
+    );
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let vm = args.next().ok_or("usage: bench_bus VM_OBJECT_PATH [ROUNDS]")?;
+    let rounds: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(2000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let conn = Connection::system().await?;
+        let props = PropertiesProxy::builder(&conn)
+            .destination("org.banger.Manager")
+            .path(vm.as_str())
+            .build()
+            .await?;
+        let bus = DBusProxy::new(&conn).await?;
+        let objects = ObjectManagerProxy::builder(&conn)
+            .destination("org.banger.Manager")
+            .path("/org/banger/Manager")
+            .build()
+            .await?;
+        let iface = InterfaceName::try_from("org.banger.VM")?;
+        // Warm both paths first.
+        props.get(iface.clone(), "State").await?;
+        bus.get_id().await?;
+        let get = sample(rounds, || async {
+            props.get(iface.clone(), "State").await.map(drop)?;
+            Ok(())
+        })
+        .await?;
+        let id = sample(rounds, || async {
+            bus.get_id().await.map(drop)?;
+            Ok(())
+        })
+        .await?;
+        let managed = sample(20, || async {
+            objects.get_managed_objects().await.map(drop)?;
+            Ok(())
+        })
+        .await?;
+        report("get", get);
+        report("getid", id);
+        report("managed", managed);
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}
