@@ -40,7 +40,9 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let vm = args.next().ok_or("usage: bench_bus VM_OBJECT_PATH [ROUNDS]")?;
+    let vm = args
+        .next()
+        .ok_or("usage: bench_bus VM_OBJECT_PATH [ROUNDS]")?;
     let rounds: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(2000);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -182,9 +182,8 @@ impl Catalogs {
     pub async fn available(&self, kind: Kind, installed: &[String]) -> Result<Available> {
         let keys = self.keys();
         let state = self.state.clone();
-        let (catalog, fetched) = tokio::task::spawn_blocking(move || load(&state, kind, &keys))
-            .await
-            .map_err(|e| Error::failed(e.to_string()))??;
+        let (catalog, fetched) =
+            crate::blocking::blocking(move || load(&state, kind, &keys)).await?;
         let running = banger_release::running_version();
         Ok(Available {
             kind,

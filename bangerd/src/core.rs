@@ -23,9 +23,7 @@ async fn on_store<T: Send + 'static>(
     f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     let store = store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
+    crate::blocking::run(move || f(&store)).await
 }
 
 /// Daemon version.

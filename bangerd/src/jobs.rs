@@ -435,12 +435,10 @@ impl Jobs {
     {
         let started_at = SystemTime::now();
         let store = self.store.clone();
-        let id = tokio::task::spawn_blocking(move || {
-            store.insert_job(kind, owner_uid, unix_us(started_at))
-        })
-        .await
-        .map_err(|e| Error::failed(format!("recording the job failed: {e}")))?
-        .map_err(|e| Error::failed_with("recording the job failed", &e))?;
+        let id =
+            crate::blocking::run(move || store.insert_job(kind, owner_uid, unix_us(started_at)))
+                .await
+                .map_err(|e| Error::failed_with("recording the job failed", &e))?;
 
         let token = CancellationToken::new();
         {
@@ -582,7 +580,7 @@ impl Jobs {
                 )
             })
             .unwrap_or_default();
-        let persisted = tokio::task::spawn_blocking(move || {
+        let persisted = crate::blocking::run(move || {
             store.finish_job(
                 id,
                 &JobEnd {
@@ -596,7 +594,7 @@ impl Jobs {
             )
         })
         .await;
-        if !matches!(persisted, Ok(Ok(()))) {
+        if persisted.is_err() {
             tracing::error!(
                 banger_job_id = id,
                 "could not record the end of the job: {persisted:?}"
@@ -678,9 +676,8 @@ impl Jobs {
             }));
         }
         let store = self.store.clone();
-        let row = tokio::task::spawn_blocking(move || store.job(id))
+        let row = crate::blocking::run(move || store.job(id))
             .await
-            .map_err(|e| Error::failed(format!("reading the job history failed: {e}")))?
             .map_err(|e| Error::failed_with("reading the job history failed", &e))?;
         Ok(row.as_ref().map(JobOutcome::from_row))
     }

@@ -6,6 +6,7 @@
 
 pub mod artifacts;
 pub mod auth;
+pub mod blocking;
 pub mod bus;
 pub mod catalog;
 pub mod channel;
@@ -148,7 +149,7 @@ pub async fn run(
     let store_path = dirs.store_file();
     let store = {
         let path = store_path.clone();
-        tokio::task::spawn_blocking(move || -> Result<Store, StoreError> {
+        blocking::run(move || -> Result<Store, StoreError> {
             let store = Store::open(&path)?;
             let interrupted = store.interrupt_running_jobs(store::unix_us(SystemTime::now()))?;
             if interrupted > 0 {
@@ -156,7 +157,7 @@ pub async fn run(
             }
             Ok(store)
         })
-        .await?
+        .await
         .map_err(|source| DaemonError::Store {
             path: store_path.clone(),
             source,

@@ -23,7 +23,7 @@ use crate::auth::{Action, BoxFuture, Caller};
 use crate::error::{Error, Result};
 use crate::jobs::Resource;
 use crate::jobs::{JobContext, JobEvent, JobId, JobState};
-use crate::store::{StoreError, unix_us};
+use crate::store::unix_us;
 use crate::update::Fetcher;
 
 /// How often a running download reports.
@@ -462,9 +462,7 @@ impl Artifacts {
         };
         let row = image.clone();
         let store = self.store().clone();
-        let stored = tokio::task::spawn_blocking(move || store.insert_image(&row))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+        let stored = crate::blocking::run(move || store.insert_image(&row)).await;
         if let Err(e) = stored {
             let _ = std::fs::remove_dir_all(&final_dir);
             return Err(if is_unique_violation(&e) {

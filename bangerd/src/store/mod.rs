@@ -203,7 +203,7 @@ pub struct JobRow {
     pub stages: Option<String>,
 }
 
-/// The open store. Calls block; async callers use `spawn_blocking`.
+/// The open store. Calls block; async callers go through `blocking::run`.
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,

@@ -213,15 +213,20 @@ impl Drop for StagingGuard {
     }
 }
 
+impl From<crate::blocking::Lost> for UpdateError {
+    fn from(lost: crate::blocking::Lost) -> Self {
+        UpdateError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(lost.0),
+        }
+    }
+}
+
+/// [`crate::blocking::run`] with an update's errors.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::result::Result<T, UpdateError> + Send + 'static,
 ) -> std::result::Result<T, UpdateError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(UpdateError::Io {
-            path: PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })
+    crate::blocking::run(f).await
 }
 
 /// Begin a job stage; a cancelled job stops here.

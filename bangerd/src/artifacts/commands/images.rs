@@ -15,7 +15,7 @@ use crate::artifacts::{Image, ImageImport, ImageRegistration, images_dir};
 use crate::auth::{Action, Caller};
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobEvent, JobId, Resource};
-use crate::store::{StoreError, unix_us};
+use crate::store::unix_us;
 
 impl Artifacts {
     /// Register an unmanaged image from host paths: root only (everyone
@@ -80,12 +80,11 @@ impl Artifacts {
             owner_uid: uid,
         };
         let row = image.clone();
-        let stored = tokio::task::spawn_blocking({
+        let stored = crate::blocking::run({
             let store = self.store().clone();
             move || store.insert_image(&row)
         })
-        .await
-        .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+        .await;
         match stored {
             Ok(()) => {}
             Err(e) if is_unique_violation(&e) => return Err(already_exists("image", &req.name)),

@@ -16,7 +16,7 @@ use crate::artifacts::{Kernel, KernelImport, Modules, kernels_dir};
 use crate::auth::{Action, Caller};
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobEvent, JobId, Resource};
-use crate::store::{StoreError, unix_us};
+use crate::store::unix_us;
 
 impl Artifacts {
     /// `ImportKernel` with host paths: root only, since bangerd never
@@ -285,9 +285,7 @@ impl Artifacts {
         };
         let row = kernel.clone();
         let store = self.store().clone();
-        let stored = tokio::task::spawn_blocking(move || store.insert_kernel(&row))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+        let stored = crate::blocking::run(move || store.insert_kernel(&row)).await;
         if let Err(e) = stored {
             let _ = std::fs::remove_dir_all(&final_dir);
             return Err(if is_unique_violation(&e) {
@@ -317,9 +315,7 @@ impl Artifacts {
         }
         let id = kernel.id.clone();
         let store = self.store().clone();
-        let deleted = tokio::task::spawn_blocking(move || store.delete_kernel(&id))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+        let deleted = crate::blocking::run(move || store.delete_kernel(&id)).await;
         match deleted {
             Ok(_) => {}
             Err(e) if is_fk_violation(&e) => return Err(kernel_in_use(&kernel.name, &[])),

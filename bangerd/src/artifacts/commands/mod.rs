@@ -90,14 +90,7 @@ pub struct ArtifactsDeps {
     pub helper: PathBuf,
 }
 
-/// Run blocking work off the async threads.
-pub(super) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(Error::failed(format!("internal task failed: {e}"))))
-}
+pub(super) use crate::blocking::blocking;
 
 fn store_err(context: &str) -> impl Fn(StoreError) -> Error + '_ {
     move |e| Error::failed_with(context, &e)
@@ -288,9 +281,8 @@ impl Artifacts {
         f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T> {
         let store = self.store().clone();
-        tokio::task::spawn_blocking(move || f(&store))
+        crate::blocking::run(move || f(&store))
             .await
-            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
             .map_err(store_err(context))
     }
 

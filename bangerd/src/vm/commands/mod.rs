@@ -39,11 +39,7 @@ use crate::paths::{Dirs, HostPaths};
 use crate::store::{Store, StoreError};
 use banger_formats::tool::Tools;
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(Error::failed(format!("internal task failed: {e}"))))
-}
+use crate::blocking::blocking;
 
 fn store_err(context: &'static str) -> impl Fn(StoreError) -> Error {
     move |e| Error::failed_with(context, &e)
