@@ -345,6 +345,7 @@ pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, id: &str) -> zbus:
         o.memory_mi_b_changed(&emitter).await?;
         o.disk_bytes_changed(&emitter).await?;
         o.n_a_t_changed(&emitter).await?;
+        o.peers_changed(&emitter).await?;
         o.unit_changed(&emitter).await?;
         o.last_error_changed(&emitter).await?;
         o.disk_method_changed(&emitter).await?;

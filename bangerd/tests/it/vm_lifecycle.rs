@@ -699,3 +699,40 @@ fn the_vm_interface_matches_its_xml() {
     env.ok(&["vm", "delete", "xml"]);
     assert!(env.vms().is_empty());
 }
+
+#[test]
+fn a_switch_change_is_announced_to_watchers() {
+    use futures_util::StreamExt;
+    let env = setup_with("");
+    env.ok(&["vm", "create", "--no-start", "--name", "watched"]);
+    let path = env.vm("watched")["path"].as_str().unwrap().to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(env.bed.bus_address())
+            .build()
+            .await
+            .unwrap();
+        let props = zbus::fdo::PropertiesProxy::builder(&conn)
+            .destination("org.banger.Manager")
+            .path(path.as_str())
+            .build()
+            .await
+            .unwrap();
+        let mut changes = props.receive_properties_changed().await.unwrap();
+        env.ok(&["vm", "set", "watched", "--peers"]);
+        let announced = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(signal) = changes.next().await {
+                let args = signal.args().unwrap();
+                if let Some(value) = args.changed_properties().get("Peers") {
+                    return bool::try_from(value).unwrap();
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(announced, Ok(true), "no PropertiesChanged of Peers");
+    });
+}
