@@ -211,6 +211,9 @@ pub struct Store {
     /// writes of VM rows (under the connection's lock), so the status
     /// line reads no rows.
     pub(crate) running_vms: std::sync::atomic::AtomicUsize,
+    /// Where a lease search starts: every guest address of the subnet
+    /// below it is leased (`store::leases`). Lowered when a lease goes.
+    pub(crate) lease_floor: Mutex<Option<(crate::net::leases::Subnet, u32)>>,
 }
 
 impl Store {
@@ -239,6 +242,7 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             running_vms: std::sync::atomic::AtomicUsize::new(usize::try_from(running).unwrap_or(0)),
+            lease_floor: Mutex::new(None),
         })
     }
 

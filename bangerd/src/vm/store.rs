@@ -173,10 +173,12 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let was = Self::state_of(&tx, id)?;
+        let ip = Self::leased_address(&tx, id)?;
         tx.execute("DELETE FROM leases WHERE owner = ?1", [id])?;
         let n = tx.execute("DELETE FROM vms WHERE id = ?1", [id])?;
         tx.commit()?;
         self.count_running(was, None);
+        self.lease_gone(ip);
         Ok(n == 1)
     }
 }
@@ -274,9 +276,12 @@ mod tests {
         assert_eq!(store.vms_using_image("i1").expect("users"), ["web"]);
 
         let subnet = crate::net::leases::Subnet::parse("10.9.0.0/24").expect("subnet");
-        store.lease("a1", &subnet).expect("lease");
+        let leased = store.lease("a1", &subnet).expect("lease");
+        store.lease("x", &subnet).expect("a lease above it");
         assert!(store.delete_vm("a1").expect("delete"));
-        assert!(store.leases().expect("leases").is_empty());
+        assert_eq!(store.leases().expect("leases").len(), 1);
+        // Its address is the lowest free one again.
+        assert_eq!(store.lease("y", &subnet).expect("lease").ipv4, leased.ipv4);
         assert!(!store.delete_vm("a1").expect("again"));
     }
 
