@@ -176,6 +176,13 @@ pub struct StageRecord {
     pub duration: Duration,
 }
 
+impl StageRecord {
+    /// Its duration in microseconds, as the bus and the history carry it.
+    pub fn usec(&self) -> u64 {
+        u64::try_from(self.duration.as_micros()).unwrap_or(u64::MAX)
+    }
+}
+
 /// Everything known about one job.
 #[derive(Debug, Clone)]
 pub struct JobSnapshot {
@@ -569,17 +576,13 @@ impl Jobs {
                 let stages: Vec<(String, u64)> = s
                     .stages
                     .iter()
-                    .map(|r| {
-                        let usec = u64::try_from(r.duration.as_micros()).unwrap_or(u64::MAX);
-                        (r.name.clone(), usec)
-                    })
+                    .map(|r| (r.name.clone(), r.usec()))
                     .collect();
-                (
-                    s.result.as_ref().map(Resource::to_record),
-                    serde_json::to_string(&stages).unwrap_or_else(|_| "[]".to_owned()),
-                )
+                (s.result, stages)
             })
             .unwrap_or_default();
+        let record = result.as_ref().map(Resource::to_record);
+        let stages = serde_json::to_string(&stages).unwrap_or_else(|_| "[]".to_owned());
         let persisted = crate::blocking::run(move || {
             store.finish_job(
                 id,
@@ -587,7 +590,7 @@ impl Jobs {
                     state: state.row_state(),
                     error_kind: kind.as_deref(),
                     message: message.as_deref(),
-                    result: result.as_deref(),
+                    result: record.as_deref(),
                     stages: &stages,
                     finished_at_us: unix_us(SystemTime::now()),
                 },
@@ -601,7 +604,6 @@ impl Jobs {
             );
         }
 
-        let result = self.get(id).and_then(|s| s.result);
         let retire = Retire {
             _held: Arc::new(RetireOnDrop {
                 jobs: self.clone(),

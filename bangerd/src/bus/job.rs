@@ -10,7 +10,7 @@ use zbus::{Connection, ObjectServer, OwnedObjectPath, interface};
 
 use super::{caller, to_wire};
 use crate::core::Core;
-use crate::jobs::{JobId, JobSnapshot};
+use crate::jobs::{JobId, JobSnapshot, StageRecord};
 
 /// One job object; properties read the core's registry.
 #[derive(Debug)]
@@ -44,6 +44,17 @@ pub async fn answer(
             )))
         })?;
     Ok(banger_dbus::job_path(id))
+}
+
+/// `stages` as the bus carries them.
+pub(super) fn stage_timings(stages: Vec<StageRecord>) -> Vec<StageTiming> {
+    stages
+        .into_iter()
+        .map(|s| StageTiming {
+            duration_usec: s.usec(),
+            stage: s.name,
+        })
+        .collect()
 }
 
 /// Put job `id` on the bus (no-op when it is already there).
@@ -134,15 +145,7 @@ impl JobObject {
     /// Finished stages with their durations in microseconds.
     #[zbus(property)]
     fn stages(&self) -> zbus::fdo::Result<Vec<StageTiming>> {
-        Ok(self
-            .snapshot()?
-            .stages
-            .into_iter()
-            .map(|s| StageTiming {
-                stage: s.name,
-                duration_usec: u64::try_from(s.duration.as_micros()).unwrap_or(u64::MAX),
-            })
-            .collect())
+        Ok(stage_timings(self.snapshot()?.stages))
     }
 
     /// A stage started (detail empty) or advanced; fraction is the overall

@@ -78,14 +78,7 @@ impl ManagerObject {
                 .as_ref()
                 .map(super::artifacts::path_of)
                 .unwrap_or_else(banger_dbus::no_object),
-            stages: outcome
-                .stages
-                .into_iter()
-                .map(|s| banger_dbus::StageTiming {
-                    stage: s.name,
-                    duration_usec: u64::try_from(s.duration.as_micros()).unwrap_or(u64::MAX),
-                })
-                .collect(),
+            stages: job::stage_timings(outcome.stages),
         })
     }
 
