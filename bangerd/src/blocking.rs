@@ -7,6 +7,12 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lost(pub String);
 
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl From<Lost> for crate::error::Error {
     fn from(lost: Lost) -> Self {
         crate::error::Error::failed(format!("internal task failed: {}", lost.0))
@@ -33,9 +39,21 @@ where
     T: Send + 'static,
     E: From<Lost> + Send + 'static,
 {
+    value(f).await.unwrap_or_else(|lost| Err(E::from(lost)))
+}
+
+/// Run `f`, which cannot fail, on the blocking pool: its value, or
+/// [`Lost`] when it panicked.
+pub async fn value<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Lost> {
     tokio::task::spawn_blocking(f)
         .await
-        .unwrap_or_else(|e| Err(E::from(Lost(e.to_string()))))
+        .map_err(|e| Lost(e.to_string()))
+}
+
+/// Run `f` on the blocking pool and let it finish on its own (nothing
+/// waits for it).
+pub fn detach(f: impl FnOnce() + Send + 'static) {
+    drop(tokio::task::spawn_blocking(f));
 }
 
 #[cfg(test)]

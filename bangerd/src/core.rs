@@ -241,7 +241,7 @@ impl Core {
         let recipes = config.images.recipes.clone();
         let name = name.to_owned();
         let on = crate::artifacts::build::enabled(&config.images);
-        tokio::task::spawn_blocking(move || match image::recipe(&recipes, &name) {
+        crate::blocking::value(move || match image::recipe(&recipes, &name) {
             Err(_) => doctor::ImageFallback::Nothing,
             Ok(_) => match on.and_then(|()| image::readiness()) {
                 Ok(()) => doctor::ImageFallback::Recipe(recipes.display().to_string()),
@@ -316,10 +316,9 @@ impl Core {
         let dm = self.deps.dm.clone();
         let control = self.deps.host.mapper_control.clone();
         let state = self.deps.dirs.state.clone();
-        let disks = tokio::task::spawn_blocking(move || {
-            doctor::check_disks(dm.available(), &control, &state)
-        })
-        .await;
+        let disks =
+            crate::blocking::value(move || doctor::check_disks(dm.available(), &control, &state))
+                .await;
         if let Ok(disks) = disks {
             let at = checks
                 .iter()

@@ -135,7 +135,7 @@ async fn rotate_consoles(core: &Arc<Core>) {
             (v.id.clone(), core.vms().console_log_path(&v.id), writer)
         })
         .collect();
-    let done = tokio::task::spawn_blocking(move || {
+    let done = crate::blocking::value(move || {
         for (id, log, pid) in logs {
             match rotate_console(&log, pid, max) {
                 Ok(Rotation::NotNeeded) => {}

@@ -221,11 +221,11 @@ pub async fn run(
     };
     // Files a sandboxed tool held when bangerd died are root's again
     // (state/{vms,images,kernels}/<id>/<file>).
-    match tokio::task::spawn_blocking(move || banger_formats::tool::reclaim(&state, 3)).await {
+    match crate::blocking::value(move || banger_formats::tool::reclaim(&state, 3)).await {
         Ok(Ok(0)) => {}
         Ok(Ok(n)) => tracing::warn!("{n} files a sandboxed tool held are root's again"),
         Ok(Err(e)) => tracing::error!("cannot take back files from the tools' sandbox: {e}"),
-        Err(e) => tracing::error!("cannot take back files from the tools' sandbox: {e}"),
+        Err(e) => tracing::error!("cannot take back files from the tools' sandbox: {}", e.0),
     }
     if let Err(e) = core.artifacts().clean_up_artifacts().await {
         tracing::error!("cannot clean up after interrupted kernel or image operations: {e}");

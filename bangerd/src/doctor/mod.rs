@@ -118,9 +118,9 @@ pub use crate::net::resolved::RESOLVED_NAME;
 /// The `tools-sandbox` check: one sandboxed run through `tools`, on a
 /// blocking thread (the sandbox runs a step and waits for it).
 pub async fn tools_sandbox(tools: std::sync::Arc<dyn banger_formats::tool::Tools>) -> Check {
-    tokio::task::spawn_blocking(move || check_tools_sandbox(tools.as_ref()))
+    crate::blocking::value(move || check_tools_sandbox(tools.as_ref()))
         .await
-        .unwrap_or_else(|e| {
+        .unwrap_or_else(|crate::blocking::Lost(e)| {
             Check::fail(
                 "tools-sandbox",
                 format!("the check crashed: {e}"),
@@ -147,7 +147,7 @@ pub async fn run(
     let store = store.clone();
     let host = host.clone();
     let resolved_link = resolved_link.clone();
-    tokio::task::spawn_blocking(move || {
+    crate::blocking::value(move || {
         vec![
             check_store(&store),
             check_disk_space(&state_dir, config.daemon.min_free_disk_gib),

@@ -492,11 +492,11 @@ async fn refresh_catalogs(
             Ok(None) => continue,
             Ok(Some((document, signature))) => {
                 let (state, keys) = (state.to_owned(), keys.to_vec());
-                tokio::task::spawn_blocking(move || {
+                crate::blocking::value(move || {
                     crate::catalog::offer(&state, kind, &document, &signature, &keys)
                 })
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.0)
                 .and_then(|r| r.map_err(|e| e.to_string()))
             }
             Err(e) => Err(e.to_string()),

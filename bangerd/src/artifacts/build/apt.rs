@@ -225,15 +225,15 @@ impl Apt {
 
 /// Whether `path` is `want`: its size and SHA-256.
 async fn matches_download(path: &Path, want: &Download) -> bool {
-    if std::fs::metadata(path).map(|m| m.len()).ok() != Some(want.size) {
-        return false;
-    }
-    let path = path.to_owned();
-    let sha = tokio::task::spawn_blocking(move || {
-        crate::artifacts::files::sha256_file(&path, &mut |_| Ok(()))
+    let (path, size) = (path.to_owned(), want.size);
+    let sha = crate::blocking::value(move || {
+        if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(size) {
+            return None;
+        }
+        crate::artifacts::files::sha256_file(&path, &mut |_| Ok(())).ok()
     })
     .await;
-    matches!(sha, Ok(Ok(s)) if s.eq_ignore_ascii_case(&want.sha256))
+    matches!(sha, Ok(Some(s)) if s.eq_ignore_ascii_case(&want.sha256))
 }
 
 /// The last `E:` line apt wrote, or its last line.

@@ -409,7 +409,7 @@ impl StepRunner for Direct {
             let done: BoxFuture<'static, std::result::Result<(), String>> = Box::pin(async move {
                 let status = child.wait().await.map_err(|e| e.to_string());
                 if let Some(dir) = scratch {
-                    let _ = tokio::task::spawn_blocking(move || drop(dir)).await;
+                    let _ = crate::blocking::value(move || drop(dir)).await;
                 }
                 let status = status?;
                 if status.success() {

@@ -198,33 +198,37 @@ impl Vms {
         base: f64,
         quota: bool,
     ) -> std::result::Result<(), BootError> {
-        let vm = self.transition_if(
-            id,
-            VmEvent::Start,
-            |held, vm| {
-                if !quota {
-                    return Ok(());
-                }
-                self.quotas.check(
-                    held,
-                    vm.owner_uid,
-                    &Demand::start(vm.vcpus, vm.memory_mib),
-                    Some(&vm.id),
-                    &format!("vm {}", vm.name),
-                )
-            },
-            |v| v.last_error.clear(),
-        )?;
+        let vm = self
+            .transition_if(
+                id,
+                VmEvent::Start,
+                move |quotas, held, vm| {
+                    if !quota {
+                        return Ok(());
+                    }
+                    quotas.check(
+                        held,
+                        vm.owner_uid,
+                        &Demand::start(vm.vcpus, vm.memory_mib),
+                        Some(&vm.id),
+                        &format!("vm {}", vm.name),
+                    )
+                },
+                |v| v.last_error.clear(),
+            )
+            .await?;
         let result = self.boot_steps(ctx, &vm, base).await;
         if let Err(e) = &result {
             self.halt(id).await;
             let message = e.error().message.clone();
-            let _ = self.modify(id, |v| {
-                if v.state == VmState::Starting && v.pid.is_none() {
-                    v.state = VmState::Stopped;
-                }
-                v.last_error = message;
-            });
+            let _ = self
+                .modify(id, move |v| {
+                    if v.state == VmState::Starting && v.pid.is_none() {
+                        v.state = VmState::Stopped;
+                    }
+                    v.last_error = message;
+                })
+                .await;
         }
         result
     }
@@ -249,7 +253,7 @@ impl Vms {
         };
         let vmnet = net.attach(&vm.id, &vm.name, 0, switches).await?;
         let tap = vmnet.tap.clone();
-        if let Err(e) = self.modify(&vm.id, |v| v.tap = Some(tap.clone())) {
+        if let Err(e) = self.modify(&vm.id, move |v| v.tap = Some(tap)).await {
             let _ = net
                 .detach(&vm.name, vmnet.lease.ipv4, Some(&vmnet.tap))
                 .await;
@@ -257,8 +261,12 @@ impl Vms {
         }
 
         ctx.stage("vmm start", base + step).await?;
-        std::fs::create_dir_all(&paths.run)
-            .map_err(|e| Error::failed(format!("cannot create {}: {e}", paths.run.display())))?;
+        let run = paths.run.clone();
+        blocking(move || {
+            std::fs::create_dir_all(&run)
+                .map_err(|e| Error::failed(format!("cannot create {}: {e}", run.display())))
+        })
+        .await?;
         let launched = async {
             let (vmm, accel, kernel_path) = self.pick_vmm(&kernel).await?;
             // QEMU runs as the VM's own user; Firecracker (not yet: its
@@ -295,16 +303,19 @@ impl Vms {
                 let _ = net
                     .detach(&vm.name, vmnet.lease.ipv4, Some(&vmnet.tap))
                     .await;
-                let _ = self.modify(&vm.id, |v| v.tap = None);
+                let _ = self.modify(&vm.id, |v| v.tap = None).await;
                 self.system_disk_down(vm).await;
                 return Err(e.into());
             }
         };
-        let recorded = self.modify(&vm.id, |v| {
-            v.pid = Some(pid.pid);
-            v.pid_start = Some(pid.start);
-            v.vmm = Some(vmm.driver());
-        });
+        let driver = vmm.driver();
+        let recorded = self
+            .modify(&vm.id, move |v| {
+                v.pid = Some(pid.pid);
+                v.pid_start = Some(pid.start);
+                v.vmm = Some(driver);
+            })
+            .await;
         self.watch(&vm.id, pid, watched);
         recorded?;
         tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = pid.pid, vmm = vmm.name(), "vmm started");
@@ -363,7 +374,7 @@ impl Vms {
             })?;
         }
         drop(conn);
-        self.transition(&vm.id, VmEvent::Ready, |_| {})?;
+        self.transition(&vm.id, VmEvent::Ready, |_| {}).await?;
         tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "vm running");
         Ok(())
     }

@@ -207,9 +207,10 @@ impl Vms {
         blocking(move || disk::make_work_disk(&*tools, seed.as_deref(), &work, bytes, &keys))
             .await?;
         ctx.check_cancelled()?;
-        self.transition(&vm.id, VmEvent::Created, |v| {
+        self.transition(&vm.id, VmEvent::Created, move |v| {
             v.disk_method = Some(method);
-        })?;
+        })
+        .await?;
         if start {
             self.boot(ctx, &vm.id, 0.3, quota).await?;
         }
@@ -253,9 +254,9 @@ impl Vms {
 
     /// Stop: ask the agent for a clean shutdown, then the VMM, then kill.
     async fn shut_down(&self, ctx: &JobContext, id: &str, base: f64) -> Result<()> {
-        let vm = self.transition(id, VmEvent::Stop, |_| {})?;
+        let vm = self.transition(id, VmEvent::Stop, |_| {}).await?;
         let (Some(pid), Some(start)) = (vm.pid, vm.pid_start) else {
-            self.transition(id, VmEvent::Exited, |_| {})?;
+            self.transition(id, VmEvent::Exited, |_| {}).await?;
             return Ok(());
         };
         let process = ProcessId { pid, start };
@@ -387,7 +388,7 @@ impl Vms {
                     let _claim = claim;
                     core.shut_down_if_running(&ctx, &vm.id).await?;
                     ctx.stage("remove", 0.7).await?;
-                    core.transition(&vm.id, VmEvent::Delete, |_| {})?;
+                    core.transition(&vm.id, VmEvent::Delete, |_| {}).await?;
                     core.destroy(&vm.id).await?;
                     Ok(None)
                 },
@@ -512,7 +513,7 @@ impl Vms {
         {
             self.network().await?.set_peers(ip, peers).await?;
         }
-        self.modify(&vm.id, |v| {
+        self.modify(&vm.id, move |v| {
             v.vcpus = vcpus;
             v.memory_mib = memory;
             v.disk_bytes = disk_bytes;
@@ -523,5 +524,6 @@ impl Vms {
                 v.peers = peers;
             }
         })
+        .await
     }
 }

@@ -244,50 +244,63 @@ impl Vms {
     }
 
     /// Apply `event` to VM `id` (and `change` to the row) under the row
-    /// lock. Returns the new row.
-    fn transition(&self, id: &str, event: VmEvent, change: impl FnOnce(&mut Vm)) -> Result<Vm> {
-        self.transition_if(id, event, |_, _| Ok(()), change)
+    /// lock, on the blocking pool. Returns the new row.
+    async fn transition(
+        &self,
+        id: &str,
+        event: VmEvent,
+        change: impl FnOnce(&mut Vm) + Send + 'static,
+    ) -> Result<Vm> {
+        self.transition_if(id, event, |_, _, _| Ok(()), change)
+            .await
     }
 
     /// [`Vms::transition`] when `guard` accepts the row (checked under
     /// the same lock).
-    fn transition_if(
+    async fn transition_if(
         &self,
         id: &str,
         event: VmEvent,
-        guard: impl FnOnce(&Held<'_>, &Vm) -> Result<()>,
-        change: impl FnOnce(&mut Vm),
+        guard: impl FnOnce(&Quotas, &Held<'_>, &Vm) -> Result<()> + Send + 'static,
+        change: impl FnOnce(&mut Vm) + Send + 'static,
     ) -> Result<Vm> {
-        let held = self.quotas.lock();
-        let store = &self.store;
-        let mut vm = store
-            .vm(id)
-            .map_err(store_err("reading the vm failed"))?
-            .ok_or_else(|| Error::not_found(format!("vm {id} is gone")))?;
-        vm.state = vm.state.after(event, &vm.name)?;
-        guard(&held, &vm)?;
-        change(&mut vm);
-        store
-            .update_vm(&vm)
-            .map_err(store_err("recording the vm failed"))?;
-        drop(held);
+        let (store, quotas, key) = (self.store.clone(), self.quotas.clone(), id.to_owned());
+        let vm = blocking(move || {
+            let held = quotas.lock();
+            let mut vm = store
+                .vm(&key)
+                .map_err(store_err("reading the vm failed"))?
+                .ok_or_else(|| Error::not_found(format!("vm {key} is gone")))?;
+            vm.state = vm.state.after(event, &vm.name)?;
+            guard(&quotas, &held, &vm)?;
+            change(&mut vm);
+            store
+                .update_vm(&vm)
+                .map_err(store_err("recording the vm failed"))?;
+            Ok(vm)
+        })
+        .await?;
         self.announce(id);
         Ok(vm)
     }
 
-    /// Change the row of VM `id` without a state change.
-    fn modify(&self, id: &str, change: impl FnOnce(&mut Vm)) -> Result<Vm> {
-        let _rows = self.quotas.lock();
-        let store = &self.store;
-        let mut vm = store
-            .vm(id)
-            .map_err(store_err("reading the vm failed"))?
-            .ok_or_else(|| Error::not_found(format!("vm {id} is gone")))?;
-        change(&mut vm);
-        store
-            .update_vm(&vm)
-            .map_err(store_err("recording the vm failed"))?;
-        drop(_rows);
+    /// Change the row of VM `id` without a state change, on the blocking
+    /// pool.
+    async fn modify(&self, id: &str, change: impl FnOnce(&mut Vm) + Send + 'static) -> Result<Vm> {
+        let (store, quotas, key) = (self.store.clone(), self.quotas.clone(), id.to_owned());
+        let vm = blocking(move || {
+            let _rows = quotas.lock();
+            let mut vm = store
+                .vm(&key)
+                .map_err(store_err("reading the vm failed"))?
+                .ok_or_else(|| Error::not_found(format!("vm {key} is gone")))?;
+            change(&mut vm);
+            store
+                .update_vm(&vm)
+                .map_err(store_err("recording the vm failed"))?;
+            Ok(vm)
+        })
+        .await?;
         self.announce(id);
         Ok(vm)
     }

@@ -87,23 +87,27 @@ impl Vms {
                     match process {
                         Some(p) => {
                             tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = p.pid, "adopting a running vm");
-                            let _ = self.modify(&vm.id, |v| {
-                                v.state = VmState::Running;
-                                v.pid = Some(p.pid);
-                                v.pid_start = Some(p.start);
-                            });
+                            let _ = self
+                                .modify(&vm.id, move |v| {
+                                    v.state = VmState::Running;
+                                    v.pid = Some(p.pid);
+                                    v.pid_start = Some(p.start);
+                                })
+                                .await;
                             self.watch(&vm.id, p, Watched::Adopted(p));
                             adopted.push(vm);
                         }
                         None => {
                             tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "its vmm is gone; marking it stopped");
                             self.system_disk_down(&vm).await;
-                            let _ = self.modify(&vm.id, |v| {
-                                v.state = VmState::Stopped;
-                                v.pid = None;
-                                v.pid_start = None;
-                                v.tap = None;
-                            });
+                            let _ = self
+                                .modify(&vm.id, |v| {
+                                    v.state = VmState::Stopped;
+                                    v.pid = None;
+                                    v.pid_start = None;
+                                    v.tap = None;
+                                })
+                                .await;
                         }
                     }
                 }

@@ -161,7 +161,7 @@ impl Vms {
                 let key = {
                     let (qemu, kernel, kvm) =
                         (qemu.clone(), kernel.to_owned(), self.host.kvm.clone());
-                    tokio::task::spawn_blocking(move || {
+                    crate::blocking::value(move || {
                         std::fs::OpenOptions::new()
                             .read(true)
                             .write(true)
@@ -175,7 +175,7 @@ impl Vms {
                 };
                 if let Some(key) = &key {
                     let (memory, key) = (memory.clone(), key.clone());
-                    let kept = tokio::task::spawn_blocking(move || recall(&memory, &key))
+                    let kept = crate::blocking::value(move || recall(&memory, &key))
                         .await
                         .ok()
                         .flatten();
@@ -196,10 +196,8 @@ impl Vms {
                 // first uid: it boots a kernel a user may have supplied.
                 let shared = {
                     let (state, kernel) = (self.dirs.state.clone(), kernel.to_owned());
-                    tokio::task::spawn_blocking(move || {
-                        super::boot::share_with_vmms(&state, &kernel)
-                    })
-                    .await
+                    crate::blocking::value(move || super::boot::share_with_vmms(&state, &kernel))
+                        .await
                 };
                 if let Ok(Err(e)) = shared {
                     tracing::warn!("cannot let the KVM probe read {}: {e}", kernel.display());
@@ -217,8 +215,7 @@ impl Vms {
                     && !matches!(verdict, KvmVerdict::NotProbed(_))
                 {
                     let kept = verdict.clone();
-                    let done =
-                        tokio::task::spawn_blocking(move || remember(&memory, &key, &kept)).await;
+                    let done = crate::blocking::value(move || remember(&memory, &key, &kept)).await;
                     if let Ok(Err(e)) = done {
                         tracing::warn!("cannot remember the KVM probe's verdict: {e}");
                     }
