@@ -616,6 +616,10 @@ impl Jobs {
             result,
             retire,
         });
+        if self.running() == 0 {
+            // The burst is over: what it allocated goes back to the kernel.
+            crate::blocking::detach(crate::memory::trim);
+        }
     }
 
     /// The end of job `id`'s retention: it is gone.

@@ -20,6 +20,7 @@ pub mod jobs;
 #[cfg(test)]
 mod layers;
 pub mod logging;
+pub mod memory;
 pub use banger_net as net;
 pub mod os;
 pub mod paths;

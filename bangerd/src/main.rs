@@ -67,6 +67,7 @@ fn main() -> ExitCode {
     // so nothing else in it may be readable by others. Steps started as
     // children get systemd's default back (artifacts::build::steps).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    bangerd::memory::limit_arenas();
     let args = Args::parse();
     let dirs = Dirs::from_env();
     let config_file = args.config.unwrap_or_else(|| dirs.config_file());
