@@ -225,14 +225,15 @@ pub struct VmRef {
 /// Settings of a new VM.
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct VmSpec {
-    /// VM name (a DNS label; the VM is reachable as `<name>.vm`)
+    /// VM name (a DNS label; the VM is reachable as `<name>.vm`); a
+    /// readable random one (e.g. brisk-otter) when left out
     #[arg(long)]
     pub name: Option<String>,
     /// Image to boot (default: the configured default image)
     #[arg(long)]
     pub image: Option<String>,
     /// Number of virtual CPUs
-    #[arg(long)]
+    #[arg(long, alias = "vcpu")]
     pub vcpus: Option<u32>,
     /// Memory in MiB
     #[arg(long, value_name = "MIB")]
@@ -280,7 +281,7 @@ pub enum VmCommand {
         #[arg(long, value_name = "MIB")]
         memory: Option<u32>,
         /// Number of virtual CPUs
-        #[arg(long)]
+        #[arg(long, alias = "vcpu")]
         vcpus: Option<u32>,
         /// Grow the work disk to this size
         #[arg(long, value_name = "SIZE")]

@@ -11,6 +11,7 @@ mod client;
 mod commands;
 mod docs;
 mod exit;
+mod names;
 mod output;
 mod polkit_agent;
 mod progress;

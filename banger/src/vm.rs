@@ -329,9 +329,9 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
     match command {
         VmCommand::List { all } => list(opts, all).await,
         VmCommand::Show(r) => show(opts, &r.vm).await,
-        VmCommand::Create(spec) => create(opts, spec, None, Stream::Stdout)
+        VmCommand::Create(spec) => create(opts, spec, Stream::Stdout)
             .await
-            .map(|(code, _)| code),
+            .map(|(code, ..)| code),
         VmCommand::Run { spec, rm, command } => run_vm(opts, spec, rm, command).await,
         VmCommand::Start(refs) => each_job(opts, VmJob::Start, "start", refs.vms).await,
         VmCommand::Stop(refs) => each_job(opts, VmJob::Stop, "stop", refs.vms).await,
@@ -411,24 +411,14 @@ async fn show(opts: Options, reference: &str) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
-fn random_name() -> String {
-    let mut bytes = [0u8; 3];
-    let _ = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
-    format!("vm-{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2])
-}
-
 /// Create (and normally start) a VM, following the job, its progress on
-/// `stream`. Returns the exit code and the VM's object path.
+/// `stream`. Returns the exit code, the VM's object path and its name
+/// (a readable random one when `spec` has none).
 async fn create(
     opts: Options,
     spec: VmSpec,
-    name_override: Option<String>,
     stream: Stream,
-) -> anyhow::Result<(u8, Option<String>)> {
-    let name = name_override
-        .or(spec.name.clone())
-        .ok_or_else(|| Failure::new(Kind::InvalidArgument, "give the VM a name with --name"))?;
+) -> anyhow::Result<(u8, Option<String>, String)> {
     let (_, public) = ssh_key()?;
     let disk_bytes = spec.disk_size.as_deref().map(parse_size).transpose()?;
     let options = banger_dbus::options::CreateVm {
@@ -441,6 +431,26 @@ async fn create(
         start: !spec.no_start,
     };
     let client = connect(opts).await?;
+    // Without a name: a readable one no VM the caller sees has (another
+    // draw if the daemon still finds it taken).
+    let chosen = spec.name.clone();
+    let generated = chosen.is_none();
+    let mut taken: Vec<String> = if generated {
+        client
+            .catalog()
+            .await?
+            .vms
+            .into_iter()
+            .map(|v| v.name)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let fresh = |taken: &[String]| {
+        let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
+        crate::names::random(&taken)
+    };
+    let mut name = chosen.unwrap_or_else(|| fresh(&taken));
     // The daemon is given the image's id; a name no image has yet goes as
     // it is, so a NotFound can pull it from the catalog.
     let image = match spec.image.as_deref() {
@@ -454,20 +464,33 @@ async fn create(
     let image = image.as_str();
     let mut subscription = Subscription::new(&client).await?;
     let mut started = Instant::now();
-    let attempt = || async {
+    let (client_ref, options_ref) = (&client, &options);
+    let attempt = |name: String| async move {
+        let (client, options) = (client_ref, options_ref);
         let auth = Authorization::prepare(opts).await;
         let result = client
-            .create_vm(&name, image, &options, auth.interaction)
+            .create_vm(&name, image, options, auth.interaction)
             .await;
         auth.finish(result).await
     };
-    let created = match attempt().await {
+    let mut created = attempt(name.clone()).await;
+    for _ in 0..3 {
+        match &created {
+            Err(f) if generated && f.name().ends_with(".AlreadyExists") => {
+                taken.push(std::mem::take(&mut name));
+                name = fresh(&taken);
+                created = attempt(name.clone()).await;
+            }
+            _ => break,
+        }
+    }
+    let created = match created {
         // A missing image the catalog has is pulled (one with a recipe
         // here is built), then the create is tried again.
         Err(f) if f.kind() == Kind::NotFound => {
             if fetch_missing_image(opts, &client, &mut subscription, image, stream).await? {
                 started = Instant::now();
-                attempt().await
+                attempt(name.clone()).await
             } else {
                 Err(f)
             }
@@ -487,7 +510,7 @@ async fn create(
     }
     let tracker = Tracker::new(job.as_str(), display, Vec::new()).on(stream);
     let code = follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await?;
-    Ok((code, Some(vm.to_string())))
+    Ok((code, Some(vm.to_string()), name))
 }
 
 /// After a create failed with NotFound: bring `image` ("" for the
@@ -569,14 +592,13 @@ async fn fetch_missing_image(
 }
 
 async fn run_vm(opts: Options, spec: VmSpec, rm: bool, command: Vec<String>) -> anyhow::Result<u8> {
-    let name = spec.name.clone().unwrap_or_else(random_name);
     // With a command, stdout is the command's: progress goes to stderr.
     let stream = if command.is_empty() {
         Stream::Stdout
     } else {
         Stream::Stderr
     };
-    let (code, vm) = create(opts, spec, Some(name.clone()), stream).await?;
+    let (code, vm, name) = create(opts, spec, stream).await?;
     if code != exit::OK {
         return Ok(code);
     }

@@ -736,3 +736,20 @@ fn a_switch_change_is_announced_to_watchers() {
         assert_eq!(announced, Ok(true), "no PropertiesChanged of Peers");
     });
 }
+
+#[test]
+fn a_vm_made_without_a_name_gets_a_readable_one() {
+    let env = setup_with("");
+    let out = env.ok(&["vm", "create", "--no-start", "--vcpu", "2"]);
+    let vms = env.vms();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    let name = vms[0]["name"].as_str().unwrap().to_owned();
+    let (adjective, animal) = name.split_once('-').expect("adjective-animal");
+    assert!(
+        !adjective.is_empty() && animal.bytes().all(|b| b.is_ascii_lowercase()),
+        "{name}"
+    );
+    assert!(out.contains(&format!("vm {name}")), "{out}");
+    assert_eq!(vms[0]["vcpus"], 2, "--vcpu is --vcpus: {:?}", vms[0]);
+    env.ok(&["vm", "delete", &name]);
+}
