@@ -9,7 +9,9 @@
 //! - `vm create`/`start`/`stop`/`restart`/`delete` with one VM: the job
 //!   report; with several: `[{"ref", "ok", "job", "error"}]`.
 //! - `vm stats`: `{"cpu_usec", "rss_bytes", "uptime_secs", "guest_kernel",
-//!   "guest_hostname"}`.
+//!   "guest_hostname", "guest_memory_total_bytes",
+//!   "guest_memory_available_bytes", "guest_disks": [{"path",
+//!   "total_bytes", "used_bytes"}]}`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -931,14 +933,48 @@ async fn stats(opts: Options, reference: &str) -> anyhow::Result<u8> {
         .and_then(|v| v.try_clone().ok())
         .and_then(|v| f64::try_from(v).ok())
         .unwrap_or(0.0);
+    let disks: Vec<(String, u64, u64)> = stats
+        .get("guest_disks")
+        .and_then(|v| v.try_clone().ok())
+        .and_then(|v| Vec::<(String, u64, u64)>::try_from(v).ok())
+        .unwrap_or_default();
+    let (mem_total, mem_available) = (
+        u("guest_memory_total_bytes"),
+        u("guest_memory_available_bytes"),
+    );
     if opts.json {
+        let disks: Vec<_> = disks
+            .iter()
+            .map(|(path, total, used)| {
+                serde_json::json!({"path": path, "total_bytes": total, "used_bytes": used})
+            })
+            .collect();
         emit_json(&serde_json::json!({
             "cpu_usec": u("cpu_usec"), "rss_bytes": u("rss_bytes"), "uptime_secs": uptime,
             "guest_kernel": s("guest_kernel"), "guest_hostname": s("guest_hostname"),
+            "guest_memory_total_bytes": mem_total,
+            "guest_memory_available_bytes": mem_available,
+            "guest_disks": disks,
         }))?;
     } else {
+        let mut guest = Vec::new();
+        if mem_total > 0 {
+            guest.push(format!(
+                "guest mem: {} used of {}",
+                human_bytes(mem_total.saturating_sub(mem_available)),
+                human_bytes(mem_total)
+            ));
+        }
+        for (path, total, used) in &disks {
+            guest.push(format!(
+                "disk {path:<5} {} used of {}",
+                human_bytes(*used),
+                human_bytes(*total)
+            ));
+        }
+        let guest = guest.iter().map(|l| format!("\n{l}")).collect::<String>();
         emit(&format!(
-            "vm:        {}\nuptime:    {}\ncpu time:  {}\nmemory:    {} resident\nguest:     {} ({})",
+            "vm:        {}\nuptime:    {}\ncpu time:  {}\nmemory:    {} resident\nguest:     {} ({}){guest}",
             vm.name,
             progress::format_duration((uptime * 1e6) as u64),
             progress::format_duration(u("cpu_usec")),

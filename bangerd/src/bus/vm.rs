@@ -268,8 +268,11 @@ impl VmObject {
     }
 
     /// Usage of a running VM: "cpu_usec" (t), "rss_bytes" (t),
-    /// "uptime_secs" (d), and from the guest agent "guest_kernel" (s) and
-    /// "guest_hostname" (s).
+    /// "uptime_secs" (d), and from the guest agent "guest_kernel" (s),
+    /// "guest_hostname" (s), "guest_memory_total_bytes" (t),
+    /// "guest_memory_available_bytes" (t) and "guest_disks" (a(stt):
+    /// mount point, size, bytes used, for / and /root); empty or 0 when
+    /// the agent does not answer.
     #[zbus(out_args("stats"))]
     async fn stats(
         &self,
@@ -292,6 +295,18 @@ impl VmObject {
         };
         out.insert("guest_kernel".to_owned(), text(s.guest_kernel));
         out.insert("guest_hostname".to_owned(), text(s.guest_hostname));
+        out.insert(
+            "guest_memory_total_bytes".to_owned(),
+            OwnedValue::from(s.guest_memory_total_bytes),
+        );
+        out.insert(
+            "guest_memory_available_bytes".to_owned(),
+            OwnedValue::from(s.guest_memory_available_bytes),
+        );
+        let disks = zbus::Variant::from(s.guest_disks);
+        if let Ok(disks) = OwnedValue::try_from(disks) {
+            out.insert("guest_disks".to_owned(), disks);
+        }
         Ok(out)
     }
 }

@@ -207,6 +207,31 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
     ]);
     assert!(out.contains("Linux") && out.contains("alpha"), "{out}");
 
+    // Stats: the VMM from /proc, the guest's memory and disks from its
+    // agent (256 MiB of memory, a 128 MiB work disk).
+    let stats: serde_json::Value =
+        serde_json::from_str(&env.ok(&["vm", "stats", "alpha", "--json"])).unwrap();
+    assert_eq!(stats["guest_hostname"], "alpha", "{stats}");
+    assert!(stats["rss_bytes"].as_u64().unwrap() > 0, "{stats}");
+    let total = stats["guest_memory_total_bytes"].as_u64().unwrap();
+    let available = stats["guest_memory_available_bytes"].as_u64().unwrap();
+    assert!(total > 128 << 20 && total <= 256 << 20, "{stats}");
+    assert!(available > 0 && available < total, "{stats}");
+    let disks = stats["guest_disks"].as_array().unwrap();
+    let work = disks
+        .iter()
+        .find(|d| d["path"] == "/root")
+        .unwrap_or_else(|| panic!("no /root in {stats}"));
+    let size = work["total_bytes"].as_u64().unwrap();
+    assert!(size > 64 << 20 && size <= 128 << 20, "{stats}");
+    assert!(work["used_bytes"].as_u64().unwrap() < size, "{stats}");
+    assert!(disks.iter().any(|d| d["path"] == "/"), "{stats}");
+    let human = env.ok(&["vm", "stats", "alpha"]);
+    assert!(
+        human.contains("guest mem:") && human.contains("disk /root"),
+        "{human}"
+    );
+
     // Stop keeps the disks; start brings the file back.
     env.ok(&["vm", "stop", "alpha"]);
     assert_eq!(env.vm("alpha")["state"], "stopped");

@@ -24,6 +24,13 @@ pub struct VmStats {
     pub guest_kernel: String,
     /// The guest's hostname, from the agent.
     pub guest_hostname: String,
+    /// The guest's `MemTotal` and `MemAvailable`, bytes, from the agent
+    /// (0 when it does not answer).
+    pub guest_memory_total_bytes: u64,
+    pub guest_memory_available_bytes: u64,
+    /// The guest's `/` and `/root`: mount point, size and bytes used,
+    /// from the agent.
+    pub guest_disks: Vec<(String, u64, u64)>,
 }
 
 impl Vms {
@@ -76,7 +83,8 @@ impl Vms {
             ));
         };
         let process = ProcessId { pid, start };
-        let mut stats = process_stats(process)
+        let mut stats = blocking(move || Ok(process_stats(process)))
+            .await?
             .ok_or_else(|| Error::new(ErrorKind::Busy, format!("vm {} is not running", vm.name)))?;
         if vm.state == VmState::Running {
             let vmm = vmm_named(&self.config(), vm.vmm)?;
@@ -88,6 +96,13 @@ impl Vms {
             {
                 stats.guest_kernel = info.kernel_release;
                 stats.guest_hostname = info.hostname;
+                stats.guest_memory_total_bytes = info.memory_total_bytes;
+                stats.guest_memory_available_bytes = info.memory_available_bytes;
+                stats.guest_disks = info
+                    .disks
+                    .into_iter()
+                    .map(|d| (d.path, d.total_bytes, d.used_bytes))
+                    .collect();
             }
         }
         Ok(stats)
