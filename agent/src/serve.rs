@@ -22,8 +22,9 @@ pub struct Agent {
     pub shutdown: mpsc::Sender<bool>,
 }
 
-/// Serve one byte stream until the peer closes it.
-pub async fn serve_stream<R, W>(agent: Arc<Agent>, reader: R, writer: W)
+/// Serve one byte stream until the peer closes it; returns how many
+/// frames it read.
+pub async fn serve_stream<R, W>(agent: Arc<Agent>, reader: R, writer: W) -> usize
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -39,7 +40,9 @@ where
             }
         }
     });
+    let mut count = 0;
     while let Some(frame) = frames.next().await {
+        count += 1;
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
@@ -84,6 +87,7 @@ where
     }
     drop(tx);
     let _ = writer_task.await;
+    count
 }
 
 /// Accept connections on a unix socket (for tests and debugging).
@@ -121,10 +125,9 @@ pub fn find_serial_port(sys_ports: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// Serve the virtio-serial port `name`, waiting for it to appear and
-/// starting over whenever the host side goes away.
+/// starting a new session whenever the host side comes back.
 pub async fn serve_serial(agent: Arc<Agent>, name: &str) -> std::io::Result<()> {
     let sys = Path::new("/sys/class/virtio-ports");
-    let mut announced = false;
     let mut said_waiting = false;
     loop {
         let Some(dev) = find_serial_port(sys, name) else {
@@ -140,20 +143,36 @@ pub async fn serve_serial(agent: Arc<Agent>, name: &str) -> std::io::Result<()> 
             .write(true)
             .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
             .open(&dev)?;
-        // A port may be opened once; the writer gets a duplicate fd.
+        // A port may be opened once; writers get duplicate fds.
         let write_file = file.try_clone()?;
-        let reader = tokio::net::unix::pipe::Receiver::from_file_unchecked(file)?;
-        let writer = tokio::net::unix::pipe::Sender::from_file_unchecked(write_file)?;
-        if !announced {
-            ready(&format!("virtio-serial port {name} ({})", dev.display()));
-            announced = true;
+        let mut reader = tokio::net::unix::pipe::Receiver::from_file_unchecked(file)?;
+        ready(&format!("virtio-serial port {name} ({})", dev.display()));
+        // The port stays open for good: closing it makes the guest kernel
+        // drop whatever the host sent meanwhile, and a host client that
+        // connected just then would wait for an answer forever. While no
+        // host is connected a read says end of stream at once, so each
+        // session (one host connection, with a clean codec) starts after
+        // a pause that grows while the host stays away.
+        let mut pause = SERIAL_POLL_MIN;
+        loop {
+            let writer =
+                tokio::net::unix::pipe::Sender::from_file_unchecked(write_file.try_clone()?)?;
+            let served = serve_stream(agent.clone(), &mut reader, writer).await;
+            pause = if served > 0 {
+                SERIAL_POLL_MIN
+            } else {
+                (pause * 2).min(SERIAL_POLL_MAX)
+            };
+            tokio::time::sleep(pause).await;
         }
-        // Returns at end of stream: the host closed its side. Reopen, so
-        // the next host connection starts with a clean codec.
-        serve_stream(agent.clone(), reader, writer).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// How soon the serial port is read again after its host went away, and
+/// how far that pause grows while none comes back (an idle guest wakes
+/// five times a second; a new host connection waits at most that long).
+const SERIAL_POLL_MIN: Duration = Duration::from_millis(5);
+const SERIAL_POLL_MAX: Duration = Duration::from_millis(200);
 
 use std::os::unix::fs::OpenOptionsExt;
 

@@ -114,6 +114,43 @@ async fn health_and_info_over_a_unix_socket() {
     assert_eq!(info.machine, "x86_64");
 }
 
+/// A transport with a stream per connection (a unix socket here, vsock
+/// in a guest): a thousand short connections one after another, then
+/// fifty at once, each answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_short_streams_and_fifty_at_once_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let _agent = start_agent(&sock);
+    wait_for(&sock).await;
+    let endpoint = AgentEndpoint::Unix(sock);
+    for i in 0..1000 {
+        let mut conn = connect(&endpoint, T)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        conn.health(T)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+    }
+    // All fifty open before any asks.
+    let all_open = std::sync::Arc::new(tokio::sync::Barrier::new(50));
+    let calls = (0..50).map(|i| {
+        let (endpoint, all_open) = (endpoint.clone(), all_open.clone());
+        tokio::spawn(async move {
+            let conn = connect(&endpoint, T).await;
+            all_open.wait().await;
+            let mut conn = conn.map_err(|e| format!("{i}: {e}"))?;
+            conn.health(T).await.map_err(|e| format!("{i}: {e}"))
+        })
+    });
+    let failed: Vec<String> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter_map(|r| r.unwrap().err())
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
 #[tokio::test]
 async fn firecracker_hybrid_vsock_handshake_then_protocol() {
     let dir = tempfile::tempdir().unwrap();
