@@ -250,6 +250,10 @@ pub struct VmSpec {
     /// Only create it; start it later with `banger vm start`
     #[arg(long)]
     pub no_start: bool,
+    /// Also authorize the public keys in FILE for root's SSH (one per
+    /// line, as in authorized_keys; repeatable)
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    pub ssh_keys: Vec<std::path::PathBuf>,
 }
 
 /// `banger vm ...`

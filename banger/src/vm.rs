@@ -413,6 +413,43 @@ async fn show(opts: Options, reference: &str) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
+/// The public keys in `file` (an authorized_keys or `.pub` file): its
+/// lines but blank ones and comments. The daemon checks each.
+fn public_keys_in(file: &std::path::Path) -> Result<Vec<String>, Failure> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Failure::new(
+            Kind::InvalidArgument,
+            format!("cannot read the SSH key file {}: {e}", file.display()),
+        )
+    })?;
+    if text.contains("PRIVATE KEY") {
+        // Never sent anywhere: the daemon gets public keys only.
+        return Err(Failure::new(
+            Kind::InvalidArgument,
+            format!(
+                "{} is a private key; give its .pub file instead",
+                file.display()
+            ),
+        ));
+    }
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if keys.is_empty() {
+        return Err(Failure::new(
+            Kind::InvalidArgument,
+            format!(
+                "{} holds no public key; give a .pub file or an authorized_keys file",
+                file.display()
+            ),
+        ));
+    }
+    Ok(keys)
+}
+
 /// Create (and normally start) a VM, following the job, its progress on
 /// `stream`. Returns the exit code, the VM's object path and its name
 /// (a readable random one when `spec` has none).
@@ -422,6 +459,10 @@ async fn create(
     stream: Stream,
 ) -> anyhow::Result<(u8, Option<String>, String)> {
     let (_, public) = ssh_key()?;
+    let mut ssh_keys = vec![public.clone()];
+    for file in &spec.ssh_keys {
+        ssh_keys.extend(public_keys_in(file)?);
+    }
     let disk_bytes = spec.disk_size.as_deref().map(parse_size).transpose()?;
     let options = banger_dbus::options::CreateVm {
         vcpus: spec.vcpus,
@@ -429,7 +470,7 @@ async fn create(
         disk_bytes,
         nat: spec.nat.then_some(true),
         peers: spec.peers.then_some(true),
-        ssh_keys: vec![public.clone()],
+        ssh_keys,
         start: !spec.no_start,
     };
     let client = connect(opts).await?;

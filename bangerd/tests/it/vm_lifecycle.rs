@@ -177,8 +177,23 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
     assert!(check("accel")["detail"].as_str().unwrap().contains("tcg"));
     assert!(check("vmm")["detail"].as_str().unwrap().contains("qemu"));
 
-    // Create: every stage is reported with its time.
-    let out = env.ok(&["vm", "create", "--name", "alpha", "--nat"]);
+    // Create: every stage is reported with its time. An extra key from
+    // --ssh-key joins the CLI's own in root's authorized_keys.
+    let extra = env.bed.dir().join("extra.pub");
+    std::fs::write(
+        &extra,
+        "# a comment\n\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExtraKeyForTheTestOnlyxxxxxxxxxxxxxxxxxxx extra@test\n",
+    )
+    .unwrap();
+    let out = env.ok(&[
+        "vm",
+        "create",
+        "--name",
+        "alpha",
+        "--nat",
+        "--ssh-key",
+        extra.to_str().unwrap(),
+    ]);
     for stage in [
         "resolve image",
         "system disk",
@@ -206,6 +221,18 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
         "uname -a; hostname; echo kept > /root/note",
     ]);
     assert!(out.contains("Linux") && out.contains("alpha"), "{out}");
+    let keys = env.ok(&[
+        "vm",
+        "ssh",
+        "alpha",
+        "--",
+        "cat",
+        "/root/.ssh/authorized_keys",
+    ]);
+    assert!(
+        keys.contains("extra@test") && keys.lines().count() >= 2,
+        "{keys}"
+    );
 
     // Stats: the VMM from /proc, the guest's memory and disks from its
     // agent (256 MiB of memory, a 128 MiB work disk).
@@ -777,4 +804,24 @@ fn a_vm_made_without_a_name_gets_a_readable_one() {
     assert!(out.contains(&format!("vm {name}")), "{out}");
     assert_eq!(vms[0]["vcpus"], 2, "--vcpu is --vcpus: {:?}", vms[0]);
     env.ok(&["vm", "delete", &name]);
+
+    // --ssh-key with a file that holds no public key: refused, nothing made.
+    let wrong = env.bed.dir().join("id_test");
+    std::fs::write(&wrong, "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNz\n").unwrap();
+    let out = env.run(&[
+        "vm",
+        "create",
+        "--no-start",
+        "--name",
+        "keyed",
+        "--ssh-key",
+        wrong.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("private key") && !stderr.contains("b3Blbn"),
+        "{stderr}"
+    );
+    assert!(env.vms().is_empty());
 }
