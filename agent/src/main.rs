@@ -129,7 +129,7 @@ async fn call(connect: PathBuf, timeout: f64, request: CallRequest) -> ExitCode 
             return ExitCode::FAILURE;
         }
     };
-    let mut client = Client::new(stream);
+    let client = Client::new(stream);
     match client.call(request, timeout + Duration::from_secs(1)).await {
         Ok(reply) => {
             println!(

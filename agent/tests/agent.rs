@@ -46,7 +46,7 @@ impl AgentProc {
         }
     }
 
-    async fn client(&self) -> Client<UnixStream> {
+    async fn client(&self) -> Client {
         Client::new(UnixStream::connect(&self.socket).await.unwrap())
     }
 }
@@ -68,7 +68,7 @@ fn boot_id() -> String {
 #[tokio::test]
 async fn answers_health_and_info_with_this_hosts_facts() {
     let agent = AgentProc::start();
-    let mut c = agent.client().await;
+    let c = agent.client().await;
     let h = c.health(T).await.unwrap();
     assert_eq!(h.boot_id, boot_id());
     assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
@@ -85,7 +85,7 @@ async fn answers_health_and_info_with_this_hosts_facts() {
 #[tokio::test]
 async fn wait_port_returns_when_a_listener_appears() {
     let agent = AgentProc::start();
-    let mut waiter = agent.client().await;
+    let waiter = agent.client().await;
     // Reserve a free port, then release it so nothing listens yet.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -95,13 +95,13 @@ async fn wait_port_returns_when_a_listener_appears() {
     let wait = tokio::spawn(async move { waiter.wait_port(port, Duration::from_secs(10)).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A concurrent request on another connection is not held up.
-    let mut other = agent.client().await;
+    let other = agent.client().await;
     other.health(Duration::from_secs(2)).await.unwrap();
     let _listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let waited = wait.await.unwrap().unwrap();
     assert!(waited >= Duration::from_millis(200), "{waited:?}");
 
-    let mut c = agent.client().await;
+    let c = agent.client().await;
     let err = c
         .call(
             Request::WaitPort {
@@ -165,7 +165,7 @@ async fn bad_frames_get_error_replies_and_the_connection_goes_on() {
     assert_eq!(r.result.unwrap_err().kind, ErrorKind::FrameTooLarge);
 
     // The same connection still works.
-    let mut c = Client::new(s);
+    let c = Client::new(s);
     c.health(T).await.unwrap();
     let err = c
         .call(Request::SyncTime { unix_ns: -3 }, T)
@@ -180,7 +180,7 @@ async fn bad_frames_get_error_replies_and_the_connection_goes_on() {
 #[tokio::test]
 async fn shutdown_replies_before_the_agent_acts() {
     let mut agent = AgentProc::start();
-    let mut c = agent.client().await;
+    let c = agent.client().await;
     let reply = c
         .call(Request::Shutdown { reboot: false }, T)
         .await

@@ -562,7 +562,7 @@ mod tests {
                 tools: Arc::new(banger_formats::tool::Unconfined),
                 helper: std::path::PathBuf::from("bangerd"),
                 dm: Arc::new(crate::vm::snapshot::Absent),
-                agent: Arc::new(crate::vm::agent::HostAgent),
+                agent: Arc::new(crate::vm::agent::HostAgent::default()),
                 link_dns: Arc::new(crate::net::resolved::NoLinkDns),
                 releases: banger_release::Releases::new(dir.path().join("releases")),
                 restart: Arc::new(crate::update::NoRestart),

@@ -197,7 +197,7 @@ pub async fn run(
             tools,
             helper,
             dm: Arc::new(os::dm::Dm),
-            agent: Arc::new(vm::agent::HostAgent),
+            agent: Arc::new(vm::agent::HostAgent::default()),
             link_dns: Arc::new(os::resolved::Resolved::new(conn.clone())),
             releases: banger_release::Releases::system(),
             restart: Arc::new(os::systemd::SelfRestart::new(conn.clone())),

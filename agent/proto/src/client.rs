@@ -2,15 +2,23 @@
 //!
 //! The transport is the caller's business (bangerd dials vsock, the
 //! Firecracker hybrid vsock socket or a QEMU virtio-serial socket); this
-//! only speaks the protocol: one request at a time, replies matched by id,
-//! stale replies (left over from an earlier client on a virtio-serial
-//! port) skipped.
+//! only speaks the protocol. A [`Client`] is shared: clones send their
+//! requests over the same stream at once, each with an id of its own,
+//! and a reader task hands every reply to the call that waits for its
+//! id. Replies nobody waits for (left over from an earlier client on a
+//! virtio-serial port, or for a call that gave up) are skipped. That is
+//! how one virtio-serial port, which carries one host connection at a
+//! time, serves any number of callers.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::Framed;
+use tokio::sync::oneshot;
+use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::codec::{CodecError, Frame, FrameCodec};
 use crate::{AgentError, Health, Info, Request, Response, encode_request, parse_response};
@@ -55,56 +63,124 @@ impl From<CodecError> for ClientError {
     }
 }
 
-/// A connected client.
+type Reply = Result<Response, AgentError>;
+type Writer = FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, FrameCodec>;
+
+/// Calls waiting for their reply, by request id; `Err` once the stream
+/// ended (with why, empty at a clean end).
+type Waiting = Result<HashMap<u64, oneshot::Sender<Reply>>, String>;
+
 #[derive(Debug)]
-pub struct Client<S> {
-    framed: Framed<S, FrameCodec>,
-    next_id: u64,
+struct Shared {
+    writer: tokio::sync::Mutex<WriterBox>,
+    waiting: Arc<Mutex<Waiting>>,
+    next_id: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    /// Speak the protocol over `stream`.
-    pub fn new(stream: S) -> Self {
+struct WriterBox(Writer);
+
+impl std::fmt::Debug for WriterBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Writer")
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A connected client; clones share its stream.
+#[derive(Debug, Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+/// Takes a call's entry out of the waiting map however the call ends.
+struct Forget<'a> {
+    waiting: &'a Mutex<Waiting>,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(map) = lock(self.waiting).as_mut() {
+            map.remove(&self.id);
+        }
+    }
+}
+
+fn lock(m: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Client {
+    /// Speak the protocol over `stream` (a reader task is spawned on the
+    /// current tokio runtime).
+    pub fn new<S>(stream: S) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (read, write) = tokio::io::split(stream);
+        let waiting: Arc<Mutex<Waiting>> = Arc::new(Mutex::new(Ok(HashMap::new())));
+        let reader = tokio::spawn(read_replies(read, waiting.clone()));
+        let writer: Box<dyn AsyncWrite + Send + Unpin> = Box::new(write);
         Self {
-            framed: Framed::new(stream, FrameCodec::new()),
-            // Start somewhere unlikely to match a stale reply's id.
-            next_id: u64::from(std::process::id()) << 32 | 1,
+            shared: Arc::new(Shared {
+                writer: tokio::sync::Mutex::new(WriterBox(FramedWrite::new(
+                    writer,
+                    FrameCodec::new(),
+                ))),
+                waiting,
+                // Start somewhere unlikely to match a stale reply's id.
+                next_id: AtomicU64::new(u64::from(std::process::id()) << 32 | 1),
+                reader,
+            }),
         }
     }
 
+    /// Whether the stream has ended (a new connection is needed).
+    pub fn is_closed(&self) -> bool {
+        lock(&self.shared.waiting).is_err()
+    }
+
     /// Send `request` and wait up to `timeout` for its reply.
-    pub async fn call(
-        &mut self,
-        request: Request,
-        timeout: Duration,
-    ) -> Result<Response, ClientError> {
+    pub async fn call(&self, request: Request, timeout: Duration) -> Result<Response, ClientError> {
         let op = request.op();
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed).max(1);
+        let (tx, rx) = oneshot::channel();
+        match lock(&self.shared.waiting).as_mut() {
+            Ok(map) => map.insert(id, tx),
+            Err(_) => return Err(ClientError::Closed),
+        };
+        let _forget = Forget {
+            waiting: &self.shared.waiting,
+            id,
+        };
         let payload = encode_request(id, request);
         let exchange = async {
-            self.framed.send(payload.as_slice()).await?;
-            loop {
-                match self.framed.next().await {
-                    None => return Err(ClientError::Closed),
-                    Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(Frame::Oversized(n))) => {
-                        return Err(ClientError::Protocol(format!(
-                            "reply of {n} bytes is over the limit"
-                        )));
-                    }
-                    Some(Ok(Frame::Data(bytes))) => {
-                        let env = parse_response(&bytes)
-                            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-                        if env.id != id {
-                            // A reply to somebody else's request; skip it.
-                            continue;
-                        }
-                        return env
-                            .result
-                            .map_err(|source| ClientError::Agent { op, source });
-                    }
-                }
+            let sent = self
+                .shared
+                .writer
+                .lock()
+                .await
+                .0
+                .send(payload.as_slice())
+                .await;
+            if let Err(e) = sent {
+                // The stream is broken for every caller.
+                let e = ClientError::from(e);
+                *lock(&self.shared.waiting) = Err(e.to_string());
+                return Err(e);
+            }
+            match rx.await {
+                Ok(result) => result.map_err(|source| ClientError::Agent { op, source }),
+                Err(_) => match &*lock(&self.shared.waiting) {
+                    Err(why) if !why.is_empty() => Err(ClientError::Protocol(why.clone())),
+                    _ => Err(ClientError::Closed),
+                },
             }
         };
         match tokio::time::timeout(timeout, exchange).await {
@@ -117,7 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// `Health`.
-    pub async fn health(&mut self, timeout: Duration) -> Result<Health, ClientError> {
+    pub async fn health(&self, timeout: Duration) -> Result<Health, ClientError> {
         match self.call(Request::Health, timeout).await? {
             Response::Health(h) => Ok(h),
             other => Err(unexpected("health", &other)),
@@ -125,7 +201,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// `Info`.
-    pub async fn info(&mut self, timeout: Duration) -> Result<Info, ClientError> {
+    pub async fn info(&self, timeout: Duration) -> Result<Info, ClientError> {
         match self.call(Request::Info, timeout).await? {
             Response::Info(i) => Ok(*i),
             other => Err(unexpected("info", &other)),
@@ -134,7 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// `WaitPort`: the agent waits up to `wait`; the call allows a little
     /// more for the round trip.
-    pub async fn wait_port(&mut self, port: u16, wait: Duration) -> Result<Duration, ClientError> {
+    pub async fn wait_port(&self, port: u16, wait: Duration) -> Result<Duration, ClientError> {
         let req = Request::WaitPort {
             port,
             timeout_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
@@ -146,7 +222,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// `Shutdown`.
-    pub async fn shutdown(&mut self, reboot: bool, timeout: Duration) -> Result<(), ClientError> {
+    pub async fn shutdown(&self, reboot: bool, timeout: Duration) -> Result<(), ClientError> {
         match self.call(Request::Shutdown { reboot }, timeout).await? {
             Response::ShuttingDown { .. } => Ok(()),
             other => Err(unexpected("shutdown", &other)),
@@ -154,7 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// `SyncTime` with the host's clock now; returns the offset fixed.
-    pub async fn sync_time(&mut self, timeout: Duration) -> Result<i64, ClientError> {
+    pub async fn sync_time(&self, timeout: Duration) -> Result<i64, ClientError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -167,11 +243,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             other => Err(unexpected("sync_time", &other)),
         }
     }
+}
 
-    /// The stream back, e.g. to close it.
-    pub fn into_inner(self) -> S {
-        self.framed.into_inner()
-    }
+/// Hand each reply to the call waiting for its id until the stream ends;
+/// then every waiting call learns it.
+async fn read_replies<R: AsyncRead + Send + Unpin>(read: R, waiting: Arc<Mutex<Waiting>>) {
+    let mut frames = FramedRead::new(read, FrameCodec::new());
+    let why = loop {
+        match frames.next().await {
+            None => break String::new(),
+            Some(Err(e)) => break ClientError::from(e).to_string(),
+            // Skipped: its caller's call cannot be told apart.
+            Some(Ok(Frame::Oversized(_))) => continue,
+            Some(Ok(Frame::Data(bytes))) => {
+                let Ok(env) = parse_response(&bytes) else {
+                    continue;
+                };
+                let tx = lock(&waiting).as_mut().ok().and_then(|m| m.remove(&env.id));
+                if let Some(tx) = tx {
+                    let _ = tx.send(env.result);
+                }
+            }
+        }
+    };
+    // Dropping the senders wakes every waiting call.
+    *lock(&waiting) = Err(why);
 }
 
 fn unexpected(op: &str, got: &Response) -> ClientError {
@@ -183,6 +279,7 @@ fn unexpected(op: &str, got: &Response) -> ClientError {
 mod tests {
     use super::*;
     use crate::{ErrorKind, encode_response, parse_request};
+    use tokio_util::codec::Framed;
 
     /// A scripted agent: answers each request with `answer(request)`.
     async fn fake_agent<F>(stream: tokio::io::DuplexStream, answer: F)
@@ -222,7 +319,7 @@ mod tests {
                 Err(AgentError::new(ErrorKind::Failed, "no")),
             )],
         }));
-        let mut c = Client::new(a);
+        let c = Client::new(a);
         let h = c.health(Duration::from_secs(5)).await.unwrap();
         assert_eq!(h.boot_id, "b");
         let err = c.info(Duration::from_secs(5)).await.unwrap_err();
@@ -233,9 +330,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_calls_share_one_stream_and_get_their_own_replies() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let (r, w) = tokio::io::split(b);
+            let mut frames = FramedRead::new(r, FrameCodec::new());
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+            tokio::spawn(async move {
+                let mut sink = FramedWrite::new(w, FrameCodec::new());
+                while let Some(m) = rx.recv().await {
+                    sink.send(m.as_slice()).await.unwrap();
+                }
+            });
+            let mut n = 0u64;
+            while let Some(Ok(Frame::Data(bytes))) = frames.next().await {
+                let env = parse_request(&bytes).unwrap();
+                let Request::WaitPort { port, .. } = env.request else {
+                    panic!("{:?}", env.request)
+                };
+                n += 1;
+                let tx = tx.clone();
+                // Later requests are answered first.
+                let delay = Duration::from_millis(200u64.saturating_sub(n * 4));
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let reply = Response::PortReady {
+                        port,
+                        waited_ms: u64::from(port),
+                    };
+                    tx.send(encode_response(env.id, Ok(reply))).await.unwrap();
+                });
+            }
+        });
+        let c = Client::new(a);
+        let calls = (1..=50u16).map(|port| {
+            let c = c.clone();
+            async move { (port, c.wait_port(port, Duration::from_secs(5)).await) }
+        });
+        for (port, waited) in futures_util::future::join_all(calls).await {
+            assert_eq!(waited.unwrap(), Duration::from_millis(port.into()));
+        }
+        assert!(!c.is_closed());
+    }
+
+    #[tokio::test]
     async fn times_out_and_reports_closed() {
         let (a, b) = tokio::io::duplex(4096);
-        let mut c = Client::new(a);
+        let c = Client::new(a);
         let err = c.health(Duration::from_millis(50)).await.unwrap_err();
         assert!(
             matches!(err, ClientError::Timeout { op: "health", .. }),
@@ -247,5 +388,6 @@ mod tests {
             matches!(err, ClientError::Closed | ClientError::Io(_)),
             "{err}"
         );
+        assert!(c.is_closed());
     }
 }

@@ -12,6 +12,7 @@
 //! The protocol itself is `banger_agent_proto`; this module only makes the
 //! stream.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -161,7 +162,7 @@ impl AsyncWrite for AgentStream {
 }
 
 /// A protocol client on an agent stream.
-pub type AgentConn = Client<AgentStream>;
+pub type AgentConn = Client;
 
 /// The longest handshake line accepted (`OK 4294967295\n` is 14 bytes).
 const MAX_HANDSHAKE_LINE: usize = 64;
@@ -271,36 +272,84 @@ pub async fn wait_until_ready(
     overall: Duration,
     poll: Duration,
 ) -> Result<(AgentConn, Health, Duration), AgentWaitError> {
-    let start = Instant::now();
-    let mut last = String::from("nothing tried yet");
-    loop {
-        let left = overall.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            return Err(AgentWaitError::Timeout {
-                secs: overall.as_secs_f64(),
-                last,
-            });
+    Connections::default()
+        .wait_until_ready(endpoint, overall, poll)
+        .await
+}
+
+/// Connections to guests' agents, shared where the transport needs it.
+///
+/// A virtio-serial port carries one host connection at a time (QEMU's
+/// chardev socket refuses a second while the first is open), so every
+/// caller of a [`AgentEndpoint::Unix`] endpoint gets a clone of one
+/// connection and the client multiplexes their requests over it; a new
+/// one is dialed only when it has ended. Vsock transports give each
+/// caller a connection of its own.
+#[derive(Debug, Clone, Default)]
+pub struct Connections {
+    serial: std::sync::Arc<tokio::sync::Mutex<HashMap<PathBuf, AgentConn>>>,
+}
+
+impl Connections {
+    /// A connection to the agent at `endpoint` (shared on serial) within
+    /// `timeout`.
+    pub async fn connect(
+        &self,
+        endpoint: &AgentEndpoint,
+        timeout: Duration,
+    ) -> Result<AgentConn, AgentConnectError> {
+        let AgentEndpoint::Unix(path) = endpoint else {
+            return connect(endpoint, timeout).await;
+        };
+        // Held while dialing, so that two callers never dial one port.
+        let mut serial = self.serial.lock().await;
+        serial.retain(|_, conn| !conn.is_closed());
+        if let Some(conn) = serial.get(path) {
+            return Ok(conn.clone());
         }
-        let attempt = left.min(Duration::from_secs(5));
-        match connect(endpoint, attempt).await {
-            Ok(mut conn) => {
-                // One Health per connection; on serial, an answer may take
-                // as long as the guest needs to boot.
-                let wait = left
-                    .min(Duration::from_secs(10))
-                    .max(Duration::from_millis(100));
-                match conn.health(wait).await {
-                    Ok(h) => return Ok((conn, h, start.elapsed())),
-                    Err(ClientError::Timeout { .. }) => {
-                        last = "connected, but the agent did not answer yet".to_owned();
-                        continue;
-                    }
-                    Err(e) => last = e.to_string(),
-                }
+        let conn = connect(endpoint, timeout).await?;
+        serial.insert(path.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    /// [`wait_until_ready`] through these connections.
+    pub async fn wait_until_ready(
+        &self,
+        endpoint: &AgentEndpoint,
+        overall: Duration,
+        poll: Duration,
+    ) -> Result<(AgentConn, Health, Duration), AgentWaitError> {
+        let start = Instant::now();
+        let mut last = String::from("nothing tried yet");
+        loop {
+            let left = overall.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(AgentWaitError::Timeout {
+                    secs: overall.as_secs_f64(),
+                    last,
+                });
             }
-            Err(e) => last = e.to_string(),
+            let attempt = left.min(Duration::from_secs(5));
+            match self.connect(endpoint, attempt).await {
+                Ok(conn) => {
+                    // On serial, an answer may take as long as the guest
+                    // needs to boot.
+                    let wait = left
+                        .min(Duration::from_secs(10))
+                        .max(Duration::from_millis(100));
+                    match conn.health(wait).await {
+                        Ok(h) => return Ok((conn, h, start.elapsed())),
+                        Err(ClientError::Timeout { .. }) => {
+                            last = "connected, but the agent did not answer yet".to_owned();
+                            continue;
+                        }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(poll.min(overall.saturating_sub(start.elapsed()))).await;
         }
-        tokio::time::sleep(poll.min(overall.saturating_sub(start.elapsed()))).await;
     }
 }
 

@@ -89,9 +89,12 @@ impl AgentSession for AgentConn {
     }
 }
 
-/// The real agent: `banger_agent_host` over the endpoint's transport.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct HostAgent;
+/// The real agent: `banger_agent_host` over the endpoint's transport,
+/// one shared connection per virtio-serial port.
+#[derive(Debug, Clone, Default)]
+pub struct HostAgent {
+    connections: banger_agent_host::Connections,
+}
 
 impl GuestAgent for HostAgent {
     fn wait_ready<'a>(
@@ -101,8 +104,10 @@ impl GuestAgent for HostAgent {
         poll: Duration,
     ) -> BoxFuture<'a, Result<Ready, AgentWaitError>> {
         Box::pin(async move {
-            let (conn, health, took) =
-                banger_agent_host::wait_until_ready(endpoint, overall, poll).await?;
+            let (conn, health, took) = self
+                .connections
+                .wait_until_ready(endpoint, overall, poll)
+                .await?;
             Ok(Ready {
                 session: Box::new(conn),
                 health,
@@ -117,7 +122,7 @@ impl GuestAgent for HostAgent {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<Box<dyn AgentSession>, AgentConnectError>> {
         Box::pin(async move {
-            let conn = banger_agent_host::connect(endpoint, timeout).await?;
+            let conn = self.connections.connect(endpoint, timeout).await?;
             Ok(Box::new(conn) as Box<dyn AgentSession>)
         })
     }

@@ -102,7 +102,7 @@ async fn health_and_info_over_a_unix_socket() {
     let sock = dir.path().join("agent.sock");
     let _agent = start_agent(&sock);
     wait_for(&sock).await;
-    let mut conn = connect(&AgentEndpoint::Unix(sock), T).await.unwrap();
+    let conn = connect(&AgentEndpoint::Unix(sock), T).await.unwrap();
     let health = conn.health(T).await.unwrap();
     assert_eq!(
         health.boot_id,
@@ -125,7 +125,7 @@ async fn a_thousand_short_streams_and_fifty_at_once_are_answered() {
     wait_for(&sock).await;
     let endpoint = AgentEndpoint::Unix(sock);
     for i in 0..1000 {
-        let mut conn = connect(&endpoint, T)
+        let conn = connect(&endpoint, T)
             .await
             .unwrap_or_else(|e| panic!("connection {i}: {e}"));
         conn.health(T)
@@ -139,7 +139,7 @@ async fn a_thousand_short_streams_and_fifty_at_once_are_answered() {
         tokio::spawn(async move {
             let conn = connect(&endpoint, T).await;
             all_open.wait().await;
-            let mut conn = conn.map_err(|e| format!("{i}: {e}"))?;
+            let conn = conn.map_err(|e| format!("{i}: {e}"))?;
             conn.health(T).await.map_err(|e| format!("{i}: {e}"))
         })
     });
@@ -164,7 +164,7 @@ async fn firecracker_hybrid_vsock_handshake_then_protocol() {
         uds: uds.clone(),
         port: 1024,
     };
-    let mut conn = connect(&ok, T).await.unwrap();
+    let conn = connect(&ok, T).await.unwrap();
     conn.health(T).await.unwrap();
     conn.info(T).await.unwrap();
 
@@ -217,7 +217,7 @@ async fn wait_until_ready_rides_out_a_late_agent() {
     };
     let endpoint = AgentEndpoint::FirecrackerVsock { uds, port: 1024 };
     // Until then the fake cannot reach the agent and drops the connection.
-    let (mut conn, health, took) = wait_until_ready(&endpoint, T, Duration::from_millis(100))
+    let (conn, health, took) = wait_until_ready(&endpoint, T, Duration::from_millis(100))
         .await
         .unwrap();
     let _agent = late.await.unwrap();

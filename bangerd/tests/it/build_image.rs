@@ -272,7 +272,7 @@ async fn the_debian_recipe_builds_its_kernel_and_an_image_that_boots() {
         dir.path(),
         Some(server.port()),
     );
-    let (mut conn, _, _) = qemu
+    let (conn, _, _) = qemu
         .agent(
             dir.path(),
             Duration::from_secs(240),

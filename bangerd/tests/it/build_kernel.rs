@@ -117,7 +117,7 @@ async fn a_kernel_built_from_the_archive_is_recorded_and_boots() {
     let dir = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     let mut qemu = boot_tiny(&bzimage, &initrd, dir.path());
-    let (mut conn, _, _) = qemu
+    let (conn, _, _) = qemu
         .agent(
             dir.path(),
             Duration::from_secs(150),
