@@ -161,6 +161,9 @@ pub struct VmConfig {
     pub vmm: VmmKind,
     /// Firecracker binary; a bare name is looked up on `PATH`.
     pub firecracker_bin: PathBuf,
+    /// Firecracker's jailer, used when found (a bare name is looked up
+    /// on `PATH`); empty: Firecracker runs without it.
+    pub jailer_bin: PathBuf,
     /// QEMU binary; a bare name is looked up on `PATH`.
     pub qemu_bin: PathBuf,
     /// QEMU accelerator: `kvm`, `tcg`, or `auto` (see docs/configuration.md).
@@ -215,6 +218,7 @@ impl Default for VmConfig {
         Self {
             vmm: VmmKind::Auto,
             firecracker_bin: "firecracker".into(),
+            jailer_bin: "jailer".into(),
             qemu_bin: "qemu-system-x86_64".into(),
             accel: Accel::Auto,
             default_image: "debian-bookworm".into(),

@@ -32,17 +32,31 @@ fn main() -> ExitCode {
     // `layers-apply SPEC` an OCI pull's layers (artifacts::oci::unpack).
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // `vmm-exec SPEC -- VMM ARGS...` puts a VMM in its jail and becomes it
-    // (banger_vmm::jail); it returns only to say why it could not.
-    if argv.get(1).and_then(|a| a.to_str()) == Some(bangerd::vm::vmm::jail::HELPER_ARG) {
+    // (banger_vmm::jail), `jailer-exec NODES -- JAILER ARGS...` makes a
+    // jailed Firecracker's device nodes and becomes its jailer
+    // (banger_vmm::jailer); they return only to say why they could not.
+    type ExecHelper = fn(&[String]) -> String;
+    let exec_helper: Option<(&str, ExecHelper)> = match argv.get(1).and_then(|a| a.to_str()) {
+        Some(bangerd::vm::vmm::jail::HELPER_ARG) => Some((
+            bangerd::vm::vmm::jail::HELPER_ARG,
+            bangerd::vm::vmm::jail::exec,
+        )),
+        Some(bangerd::vm::vmm::jailer::HELPER_ARG) => Some((
+            bangerd::vm::vmm::jailer::HELPER_ARG,
+            bangerd::vm::vmm::jailer::exec,
+        )),
+        _ => None,
+    };
+    if let Some((name, exec)) = exec_helper {
         let rest: Option<Vec<String>> = argv[2..]
             .iter()
             .map(|a| a.to_str().map(str::to_owned))
             .collect();
         let why = match rest {
-            Some(rest) => bangerd::vm::vmm::jail::exec(&rest),
+            Some(rest) => exec(&rest),
             None => "arguments that are not UTF-8".to_owned(),
         };
-        eprintln!("bangerd vmm-exec: {why}");
+        eprintln!("bangerd {name}: {why}");
         return ExitCode::from(126);
     }
     if let [_, mode, spec] = argv.as_slice()

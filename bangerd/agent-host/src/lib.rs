@@ -167,8 +167,11 @@ pub type AgentConn = Client;
 /// The longest handshake line accepted (`OK 4294967295\n` is 14 bytes).
 const MAX_HANDSHAKE_LINE: usize = 64;
 
-async fn connect_unix(path: &PathBuf, endpoint: &str) -> Result<UnixStream, AgentConnectError> {
-    UnixStream::connect(path).await.map_err(|e| match e.kind() {
+async fn connect_unix(
+    path: &std::path::Path,
+    endpoint: &str,
+) -> Result<UnixStream, AgentConnectError> {
+    connect_nofollow(path).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => AgentConnectError::Missing {
             endpoint: endpoint.to_owned(),
         },
@@ -180,6 +183,32 @@ async fn connect_unix(path: &PathBuf, endpoint: &str) -> Result<UnixStream, Agen
             source: e,
         },
     })
+}
+
+/// Connect to the unix socket at `path` without following a symbolic
+/// link in its last component: a jailed VMM owns the directory its
+/// sockets are in (Firecracker's chroot) and could put a link to another
+/// socket of the host's there. The socket is opened with `O_PATH |
+/// O_NOFOLLOW`, checked to be a socket, and connected to through
+/// `/proc/self/fd`, which names exactly the inode opened. Anything but a
+/// socket is `InvalidInput`; a missing one `NotFound`.
+pub async fn connect_nofollow(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::io::AsRawFd;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH | nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    if !opened.metadata()?.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a socket", path.display()),
+        ));
+    }
+    let named = format!("/proc/self/fd/{}", opened.as_raw_fd());
+    let stream = UnixStream::connect(&named).await;
+    drop(opened);
+    stream
 }
 
 /// Firecracker's host-initiated vsock handshake on a connected socket:

@@ -56,15 +56,29 @@ pub(super) fn check_vmm(config: &Config) -> Check {
         let version = program_version(bin).unwrap_or_else(|| "version unknown".into());
         format!("{} ({version})", bin.display())
     };
+    // Firecracker as the VM's own user in a chroot, or as a root without
+    // capabilities behind its own seccomp filters.
+    let jailed = |fc: &Path| match crate::vm::commands::jailer_of(config) {
+        Some(jailer) => format!("{} under its jailer {}", describe(fc), jailer.display()),
+        None => format!(
+            "{} without a jailer (vm.jailer_bin {}: Firecracker runs as root without capabilities, behind its own seccomp filters)",
+            describe(fc),
+            if config.vm.jailer_bin.as_os_str().is_empty() {
+                "is empty"
+            } else {
+                "was not found"
+            }
+        ),
+    };
     match (config.vm.vmm, firecracker, qemu) {
         (VmmKind::Firecracker, Some(fc), _) => {
-            Check::pass(NAME, format!("firecracker: {}", describe(&fc)))
+            Check::pass(NAME, format!("firecracker: {}", jailed(&fc)))
         }
         (VmmKind::Auto, Some(fc), qemu) => Check::pass(
             NAME,
             format!(
                 "firecracker where KVM works (see accel): {}; else qemu microvm: {}",
-                describe(&fc),
+                jailed(&fc),
                 qemu.as_deref()
                     .map_or_else(|| "not installed".to_owned(), describe)
             ),

@@ -7,6 +7,12 @@
 //! on ttyS0. The agent is reached over Firecracker's hybrid vsock: a unix
 //! socket on the host where `CONNECT <port>\n` opens a guest stream.
 //! Graceful stop is `SendCtrlAltDel`.
+//!
+//! With a jailer ([`Firecracker::jailer`]) and a VM uid
+//! ([`LaunchSpec::confine`]), Firecracker runs in a chroot of its own as
+//! that uid ([`crate::jailer`]); the configuration then names the files
+//! as the chroot holds them ([`Names::jailed`]). Without one it runs as a
+//! root with no capability, behind its own seccomp filters.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,13 +22,13 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::UnixStream;
 
 use super::{LaunchSpec, Vmm, exited_at_start, kill_failed, start_process};
 use crate::BoxFuture;
 use crate::VmPaths;
+use crate::jailer::{self, Layout};
 use crate::process::{ProcessId, Watched};
-use crate::supervise::Supervisor;
+use crate::supervise::{Launcher, Supervisor};
 use banger_agent_host::AgentEndpoint;
 use banger_error::{Error, Result};
 
@@ -38,6 +44,53 @@ const API_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Firecracker {
     /// The `firecracker` executable.
     pub binary: PathBuf,
+    /// Firecracker's `jailer`, when it is to be used.
+    pub jailer: Option<PathBuf>,
+}
+
+/// The paths the configuration names, as Firecracker sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    kernel: String,
+    initrd: Option<String>,
+    system_disk: String,
+    work_disk: String,
+    log: String,
+    metrics: String,
+    console: String,
+    vsock: String,
+}
+
+impl Names {
+    /// Unjailed: the host's paths.
+    pub fn host(spec: &LaunchSpec) -> Self {
+        let p = &spec.paths;
+        Self {
+            kernel: path(&spec.kernel),
+            initrd: spec.initrd.as_deref().map(path),
+            system_disk: path(&spec.system_disk),
+            work_disk: path(&p.work_disk),
+            log: path(&p.vmm_log),
+            metrics: path(&metrics_path(p)),
+            console: path(&p.console_log),
+            vsock: path(&p.agent_socket),
+        }
+    }
+
+    /// Jailed: the names in the chroot ([`jailer::inside`]).
+    pub fn jailed(spec: &LaunchSpec) -> Self {
+        use jailer::inside;
+        Self {
+            kernel: inside::KERNEL.into(),
+            initrd: spec.initrd.as_ref().map(|_| inside::INITRD.into()),
+            system_disk: inside::SYSTEM_DISK.into(),
+            work_disk: inside::WORK_DISK.into(),
+            log: inside::LOG.into(),
+            metrics: inside::METRICS.into(),
+            console: inside::CONSOLE.into(),
+            vsock: inside::VSOCK.into(),
+        }
+    }
 }
 
 /// One request of the API conversation.
@@ -86,28 +139,29 @@ impl Firecracker {
     /// metrics first (so that what follows is logged), then machine,
     /// boot source, drives, NIC, vsock, serial, and `InstanceStart`.
     pub fn configuration(spec: &LaunchSpec) -> Vec<ApiCall> {
-        let p = &spec.paths;
+        Self::configuration_as(spec, &Names::host(spec))
+    }
+
+    /// [`Self::configuration`] with the files named as `names`.
+    pub fn configuration_as(spec: &LaunchSpec, names: &Names) -> Vec<ApiCall> {
         let mut boot = json!({
-            "kernel_image_path": path(&spec.kernel),
+            "kernel_image_path": names.kernel,
             "boot_args": spec.cmdline,
         });
-        if let Some(initrd) = &spec.initrd {
-            boot["initrd_path"] = json!(path(initrd));
+        if let Some(initrd) = &names.initrd {
+            boot["initrd_path"] = json!(initrd);
         }
         let mut calls = vec![
             ApiCall::put(
                 "/logger",
                 json!({
-                    "log_path": path(&p.vmm_log),
+                    "log_path": names.log,
                     "level": "Info",
                     "show_level": true,
                     "show_log_origin": false,
                 }),
             ),
-            ApiCall::put(
-                "/metrics",
-                json!({ "metrics_path": path(&metrics_path(p)) }),
-            ),
+            ApiCall::put("/metrics", json!({ "metrics_path": names.metrics })),
             ApiCall::put(
                 "/machine-config",
                 json!({
@@ -119,14 +173,14 @@ impl Firecracker {
             ApiCall::put("/boot-source", boot),
         ];
         for (id, disk, root) in [
-            ("system", &spec.system_disk, true),
-            ("work", &p.work_disk, false),
+            ("system", &names.system_disk, true),
+            ("work", &names.work_disk, false),
         ] {
             calls.push(ApiCall::put(
                 format!("/drives/{id}"),
                 json!({
                     "drive_id": id,
-                    "path_on_host": path(disk),
+                    "path_on_host": disk,
                     "is_root_device": root,
                     "is_read_only": false,
                     "cache_type": "Unsafe",
@@ -148,12 +202,12 @@ impl Firecracker {
             "/vsock",
             json!({
                 "guest_cid": GUEST_CID,
-                "uds_path": path(&p.agent_socket),
+                "uds_path": names.vsock,
             }),
         ));
         calls.push(ApiCall::put(
             "/serial",
-            json!({ "serial_out_path": path(&p.console_log) }),
+            json!({ "serial_out_path": names.console }),
         ));
         calls.push(ApiCall::put(
             "/actions",
@@ -181,12 +235,14 @@ impl Api {
     /// Firecracker's `fault_message`.
     pub async fn send(&self, call: &ApiCall) -> Result<Bytes> {
         let what = format!("{} {}", call.method, call.path);
-        let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
-            Error::failed(format!(
-                "cannot reach the firecracker API at {}: {e}",
-                self.socket.display()
-            ))
-        })?;
+        let stream = banger_agent_host::connect_nofollow(&self.socket)
+            .await
+            .map_err(|e| {
+                Error::failed(format!(
+                    "cannot reach the firecracker API at {}: {e}",
+                    self.socket.display()
+                ))
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Error::failed(format!("firecracker API {what}: {e}")))?;
@@ -283,6 +339,78 @@ fn fault_message(status: StatusCode, body: &[u8]) -> String {
         })
 }
 
+impl Firecracker {
+    /// The chroot of the VM whose files are `paths`, when it runs jailed
+    /// (the chroot exists from its start until [`jailer::release`]).
+    fn jail_of(&self, paths: &VmPaths) -> Option<Layout> {
+        let layout = Layout::new(paths, &self.binary);
+        std::fs::symlink_metadata(&layout.root)
+            .is_ok()
+            .then_some(layout)
+    }
+
+    /// The API socket of the VM whose files are `paths`.
+    fn api_socket(&self, paths: &VmPaths) -> PathBuf {
+        match self.jail_of(paths) {
+            Some(layout) => layout.host(jailer::inside::API),
+            None => paths.control_socket.clone(),
+        }
+    }
+
+    /// Start the process: the jailer (maybe behind `jailer-exec`) with a
+    /// freshly prepared chroot, or Firecracker itself. Returns the
+    /// process, its API, and how Firecracker names the files.
+    async fn start(
+        &self,
+        spec: &LaunchSpec,
+        supervisor: &dyn Supervisor,
+    ) -> Result<(Watched, ProcessId, Api, Names)> {
+        let p = &spec.paths;
+        let (Some(jailer_bin), Some(confine)) = (&self.jailer, &spec.confine) else {
+            // Logger, metrics and serial outputs must exist beforehand;
+            // a chroot left by a jailed run goes.
+            for file in [&p.vmm_log, &metrics_path(p), &p.console_log] {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(file)
+                    .map_err(|e| Error::failed(format!("cannot create {}: {e}", file.display())))?;
+            }
+            jailer::release(p).map_err(|e| {
+                Error::failed(format!("cannot remove the jail of an earlier run: {e}"))
+            })?;
+            let (watched, id) = start_process(
+                spec,
+                supervisor,
+                &self.binary,
+                &self.args(spec),
+                None,
+                Launcher::Bare,
+            )
+            .await?;
+            return Ok((watched, id, Api::new(&p.control_socket), Names::host(spec)));
+        };
+        jailer::check(&self.binary, &spec.id).map_err(|e| Error::unavailable(e.to_string()))?;
+        let layout = Layout::new(p, &self.binary);
+        let gid = crate::jail::VMM_GROUP;
+        let nodes = jailer::prepare(&layout, spec, confine.uid, gid)
+            .map_err(|e| Error::failed(e.to_string()))?;
+        let args = jailer::args(&layout, &self.binary, &spec.id, confine.uid, gid);
+        let (program, argv) = jailer::command(&confine.helper, &nodes, jailer_bin, &args);
+        let started =
+            start_process(spec, supervisor, &program, &argv, None, Launcher::Jailer).await;
+        let (watched, id) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = jailer::release(p);
+                return Err(e);
+            }
+        };
+        let api = Api::new(layout.host(jailer::inside::API));
+        Ok((watched, id, api, Names::jailed(spec)))
+    }
+}
+
 impl Vmm for Firecracker {
     fn driver(&self) -> crate::VmmDriver {
         crate::VmmDriver::Firecracker
@@ -295,17 +423,7 @@ impl Vmm for Firecracker {
     ) -> BoxFuture<'a, Result<(Watched, ProcessId)>> {
         Box::pin(async move {
             let p = &spec.paths;
-            // The logger, metrics and serial outputs must exist beforehand.
-            for file in [&p.vmm_log, &metrics_path(p), &p.console_log] {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(file)
-                    .map_err(|e| Error::failed(format!("cannot create {}: {e}", file.display())))?;
-            }
-            let (mut watched, id) =
-                start_process(spec, supervisor, &self.binary, &self.args(spec), None).await?;
-            let api = Api::new(&p.control_socket);
+            let (mut watched, id, api, names) = self.start(spec, supervisor).await?;
             let configured = async {
                 // The API answers once the socket is bound; a bad start
                 // makes the process exit first.
@@ -320,13 +438,14 @@ impl Vmm for Firecracker {
                         Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
                 }
-                api.configure(&Self::configuration(spec)).await
+                api.configure(&Self::configuration_as(spec, &names)).await
             }
             .await;
             match configured {
                 Ok(()) => Ok((watched, id)),
                 Err(e) => {
                     kill_failed(supervisor, &spec.id, &mut watched, id).await;
+                    let _ = jailer::release(p);
                     Err(e)
                 }
             }
@@ -334,15 +453,19 @@ impl Vmm for Firecracker {
     }
 
     fn agent(&self, paths: &VmPaths) -> AgentEndpoint {
+        let uds = match self.jail_of(paths) {
+            Some(layout) => layout.host(jailer::inside::VSOCK),
+            None => paths.agent_socket.clone(),
+        };
         AgentEndpoint::FirecrackerVsock {
-            uds: paths.agent_socket.clone(),
+            uds,
             port: banger_agent_proto::VSOCK_PORT,
         }
     }
 
     fn request_shutdown<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            Api::new(&paths.control_socket)
+            Api::new(self.api_socket(paths))
                 .send(&ApiCall::put(
                     "/actions",
                     json!({ "action_type": "SendCtrlAltDel" }),
@@ -354,6 +477,10 @@ impl Vmm for Firecracker {
 
     fn wants_elf_kernel(&self) -> bool {
         true
+    }
+
+    fn confined(&self) -> bool {
+        self.jailer.is_some()
     }
 }
 

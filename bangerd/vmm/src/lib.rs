@@ -10,6 +10,7 @@
 
 pub mod firecracker;
 pub mod jail;
+pub mod jailer;
 pub mod kvm;
 pub mod process;
 pub mod qemu;
@@ -29,13 +30,15 @@ use crate::supervise::Supervisor;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Start `program args` for `spec` through `supervisor`, after removing
-/// the sockets an earlier run may have left.
+/// the sockets an earlier run may have left. `launcher` says what
+/// `program` is when `jail` does not wrap it in `vmm-exec`.
 pub(crate) async fn start_process(
     spec: &LaunchSpec,
     supervisor: &dyn Supervisor,
     program: &std::path::Path,
     args: &[String],
     jail: Option<&jail::Jail>,
+    launcher: supervise::Launcher,
 ) -> Result<(Watched, ProcessId)> {
     let p = &spec.paths;
     let _ = std::fs::remove_file(&p.agent_socket);
@@ -74,7 +77,11 @@ pub(crate) async fn start_process(
             vm_name: &spec.name,
             program,
             args,
-            confined: wrapped.is_some(),
+            launcher: if wrapped.is_some() {
+                supervise::Launcher::VmmExec
+            } else {
+                launcher
+            },
             log: &p.vmm_log,
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
@@ -183,8 +190,9 @@ pub struct LaunchSpec {
     pub net: Option<(String, String)>,
     /// KVM or software emulation.
     pub accel: Accel,
-    /// Run the VMM as a user of its own ([`jail`]); `None` runs it as
-    /// bangerd's user (the drivers' own tests, Firecracker for now).
+    /// Run the VMM as a user of its own ([`jail`], [`jailer`]); `None`
+    /// runs it as bangerd's user (the drivers' own tests, Firecracker
+    /// without its jailer).
     pub confine: Option<Confine>,
 }
 
@@ -225,6 +233,13 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// Whether it boots an uncompressed ELF `vmlinux` (Firecracker) rather
     /// than a bzImage.
     fn wants_elf_kernel(&self) -> bool {
+        false
+    }
+
+    /// Whether it runs as a VM's own user when [`LaunchSpec::confine`]
+    /// names one (QEMU through `vmm-exec`, Firecracker through its
+    /// jailer).
+    fn confined(&self) -> bool {
         false
     }
 }

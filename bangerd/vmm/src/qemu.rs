@@ -14,7 +14,7 @@ use crate::BoxFuture;
 use crate::VmPaths;
 use crate::jail::{Access, Jail, Pass, Source, VMM_GROUP};
 use crate::process::{ProcessId, Watched};
-use crate::supervise::Supervisor;
+use crate::supervise::{Launcher, Supervisor};
 use banger_agent_host::AgentEndpoint;
 use banger_error::{Error, Result};
 
@@ -298,10 +298,26 @@ impl Vmm for Qemu {
                         private_network: true,
                         handoff: None,
                     };
-                    start_process(spec, supervisor, &self.binary, &args, Some(&jail)).await?
+                    start_process(
+                        spec,
+                        supervisor,
+                        &self.binary,
+                        &args,
+                        Some(&jail),
+                        Launcher::Bare,
+                    )
+                    .await?
                 }
                 None => {
-                    start_process(spec, supervisor, &self.binary, &self.args(spec), None).await?
+                    start_process(
+                        spec,
+                        supervisor,
+                        &self.binary,
+                        &self.args(spec),
+                        None,
+                        Launcher::Bare,
+                    )
+                    .await?
                 }
             };
             // QEMU has parsed its arguments and set up every device once
@@ -335,6 +351,10 @@ impl Vmm for Qemu {
             qmp.execute("system_powerdown", None).await?;
             Ok(())
         })
+    }
+
+    fn confined(&self) -> bool {
+        true
     }
 }
 

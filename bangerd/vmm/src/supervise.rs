@@ -7,6 +7,7 @@
 //! so bangerd's death never takes a VM with it, and bangerd finds it again
 //! by pid and start time.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::BoxFuture;
@@ -39,10 +40,25 @@ pub struct StartRequest<'a> {
     /// Whether the VMM generates code at run time (QEMU's TCG), so it
     /// needs writable and executable memory.
     pub jit: bool,
-    /// Whether `program` is bangerd's `vmm-exec` ([`crate::jail`]), which
-    /// needs `CAP_SETUID` and `CAP_SETGID` to become the VM's user
-    /// before it execs the VMM (with none).
-    pub confined: bool,
+    /// What `program` is: the VMM itself, bangerd's `vmm-exec` or
+    /// Firecracker's jailer. It decides the unit's capabilities.
+    pub launcher: Launcher,
+}
+
+/// What a VMM's unit starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launcher {
+    /// The VMM, with no capability (the drivers' own tests).
+    Bare,
+    /// bangerd's `vmm-exec` ([`crate::jail`]), which needs `CAP_SETUID`
+    /// and `CAP_SETGID` to become the VM's user before it execs the VMM
+    /// (with none); the VMM gets no network namespace of the host's.
+    VmmExec,
+    /// Firecracker's jailer ([`crate::jailer`]), maybe behind
+    /// `jailer-exec`: root with what upstream's `docs/jailer.md` says it
+    /// does (a mount namespace, `pivot_root`, `chroot`, `mknod`, `chown`,
+    /// becoming the VM's user); Firecracker it execs keeps none of it.
+    Jailer,
 }
 
 /// Starts VMM processes.
@@ -115,6 +131,26 @@ fn vm_under(args: &[String], runs: &Path) -> Option<String> {
     })
 }
 
+/// The VM id a jailed Firecracker runs for: the jailer execs it as
+/// `<exec_file_name> --id=<id> ...` inside its chroot, so its arguments
+/// name no directory of the host's; its uid, one only a VM's VMM has
+/// ([`crate::jail::VMM_IDS`]), says it is one of banger's.
+pub fn jailed_vm_of(args: &[String], uid: u32) -> Option<String> {
+    let vm_uid = crate::jail::VMM_IDS.contains(&uid) && uid != crate::jail::VMM_GROUP;
+    let firecracker = args
+        .first()
+        .and_then(|a| Path::new(a).file_name()?.to_str())
+        .is_some_and(|n| n.contains("firecracker"));
+    if !vm_uid || !firecracker {
+        return None;
+    }
+    args.iter().find_map(|a| {
+        let id = a.strip_prefix("--id=")?;
+        crate::jailer::check(Path::new("firecracker"), id).ok()?;
+        Some(id.to_owned())
+    })
+}
+
 /// The processes whose arguments name a VM's directory under one of
 /// `runs` (see [`vm_of`]): a direct supervisor's VMMs, found by what
 /// they were started with.
@@ -130,7 +166,10 @@ pub fn processes_under(runs: &[PathBuf]) -> Vec<(String, ProcessId)> {
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            let id = vm_of(&args, runs)?;
+            let id = vm_of(&args, runs).or_else(|| {
+                let uid = std::fs::metadata(format!("/proc/{pid}")).ok()?.uid();
+                jailed_vm_of(&args, uid)
+            })?;
             let process = ProcessId::of(pid).filter(ProcessId::alive)?;
             Some((id, process))
         })
@@ -222,10 +261,39 @@ pub const VMM_DEVICES: [&str; 6] = [
     "block-device-mapper",
 ];
 
-/// `CAP_SETGID`, `CAP_SETUID` and `CAP_SETPCAP`'s numbers.
+/// The capabilities' numbers (linux/capability.h).
+const CAP_CHOWN: u32 = 0;
 const CAP_SETGID: u32 = 6;
 const CAP_SETUID: u32 = 7;
 const CAP_SETPCAP: u32 = 8;
+const CAP_SYS_CHROOT: u32 = 18;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_MKNOD: u32 = 27;
+
+/// `CLONE_NEWNS`: the one namespace the jailer makes.
+const CLONE_NEWNS: u64 = 0x0002_0000;
+
+/// What the jailer's unit refuses: what neither the jailer nor
+/// Firecracker call (Firecracker installs its own, narrower filter).
+pub const JAILER_DENIED: [&str; 17] = [
+    "@clock",
+    "@cpu-emulation",
+    "@debug",
+    "@module",
+    "@obsolete",
+    "@raw-io",
+    "@reboot",
+    "@swap",
+    "acct",
+    "bpf",
+    "fanotify_init",
+    "fanotify_mark",
+    "open_by_handle_at",
+    "quotactl",
+    "setdomainname",
+    "sethostname",
+    "vhangup",
+];
 
 /// What a jailed VMM's unit refuses: `@privileged` and `@resources` but
 /// for the calls `vmm-exec` makes to leave root (`@setuid`); QEMU's own
@@ -296,45 +364,71 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
         Bool("PrivateIPC", true),
         // A jailed VMM gets its TAP and sockets as descriptors from
         // bangerd: no network of the host's is its business, loopback
-        // and abstract unix sockets included.
-        Bool("PrivateNetwork", req.confined),
+        // and abstract unix sockets included. (Firecracker opens its TAP
+        // by name, in the host's namespace.)
+        Bool("PrivateNetwork", req.launcher == Launcher::VmmExec),
         Str("DevicePolicy", "closed".to_owned()),
+        // The jailer makes `/dev/kvm` and `/dev/net/tun` in its chroot,
+        // and jailer-exec a device-mapper system disk's node: `m`.
         Pairs(
             "DeviceAllow",
             VMM_DEVICES
                 .iter()
-                .map(|d| ((*d).to_owned(), "rw".to_owned()))
+                .map(|d| {
+                    let access = if req.launcher == Launcher::Jailer {
+                        "rwm"
+                    } else {
+                        "rw"
+                    };
+                    ((*d).to_owned(), access.to_owned())
+                })
                 .collect(),
         ),
         // vmm-exec needs setuid and setgid to leave root and setpcap to
         // empty the bounding set; the VMM it execs has no capability.
         U64(
             "CapabilityBoundingSet",
-            if req.confined {
-                (1 << CAP_SETGID) | (1 << CAP_SETUID) | (1 << CAP_SETPCAP)
+            match req.launcher {
+                Launcher::Bare => 0,
+                Launcher::VmmExec => (1 << CAP_SETGID) | (1 << CAP_SETUID) | (1 << CAP_SETPCAP),
+                Launcher::Jailer => {
+                    (1 << CAP_CHOWN)
+                        | (1 << CAP_SETGID)
+                        | (1 << CAP_SETUID)
+                        | (1 << CAP_SYS_CHROOT)
+                        | (1 << CAP_SYS_ADMIN)
+                        | (1 << CAP_MKNOD)
+                }
+            },
+        ),
+        U64(
+            "RestrictNamespaces",
+            if req.launcher == Launcher::Jailer {
+                CLONE_NEWNS
             } else {
                 0
             },
         ),
-        U64("RestrictNamespaces", 0),
         Filter("RestrictAddressFamilies", true, vec!["AF_UNIX".to_owned()]),
         // `seccomp` (in no group of systemd 252): QEMU's `-sandbox` and
         // Firecracker install filters of their own on top of this one.
-        Filter(
-            "SystemCallFilter",
-            true,
-            vec!["@system-service".to_owned(), "seccomp".to_owned()],
-        ),
+        Filter("SystemCallFilter", true, {
+            let mut allowed = vec!["@system-service".to_owned(), "seccomp".to_owned()];
+            if req.launcher == Launcher::Jailer {
+                allowed.extend(
+                    ["@mount", "@chown", "@setuid", "chroot", "mknod", "mknodat"]
+                        .map(str::to_owned),
+                );
+            }
+            allowed
+        }),
         Filter(
             "SystemCallFilter",
             false,
-            if req.confined {
-                PRIVILEGED_BUT_SETUID
-                    .iter()
-                    .map(|s| (*s).to_owned())
-                    .collect()
-            } else {
-                vec!["@privileged".to_owned(), "@resources".to_owned()]
+            match req.launcher {
+                Launcher::Bare => vec!["@privileged".to_owned(), "@resources".to_owned()],
+                Launcher::VmmExec => PRIVILEGED_BUT_SETUID.map(str::to_owned).to_vec(),
+                Launcher::Jailer => JAILER_DENIED.map(str::to_owned).to_vec(),
             },
         ),
         // A refused call fails (QEMU probes io_uring and the like) rather
@@ -384,7 +478,7 @@ mod tests {
             vcpus: 2,
             writable: &writable,
             jit,
-            confined: false,
+            launcher: Launcher::Bare,
         };
         let props = unit_properties(&request(false));
         let name_of = |p: &UnitProperty| match p {
@@ -450,6 +544,96 @@ mod tests {
         assert!(find("Description").is_some_and(|p| format!("{p:?}").contains("web")));
     }
 
+    #[test]
+    fn each_launcher_gets_only_what_it_does() {
+        let args = Vec::new();
+        let writable = [PathBuf::from("/var/lib/banger/vms/x")];
+        let props = |launcher| {
+            unit_properties(&StartRequest {
+                vm_id: "0123456789abcdef",
+                vm_name: "web",
+                program: Path::new("/usr/bin/jailer"),
+                args: &args,
+                log: Path::new("/var/lib/banger/vms/x/vmm.log"),
+                memory_mib: 512,
+                vcpus: 1,
+                writable: &writable,
+                jit: false,
+                launcher,
+            })
+        };
+        let get = |props: &[UnitProperty], name: &str, nth: usize| {
+            props
+                .iter()
+                .filter(|p| format!("{p:?}").contains(&format!("\"{name}\"")))
+                .nth(nth)
+                .cloned()
+                .unwrap_or_else(|| panic!("{name}"))
+        };
+        let caps = |props: &[UnitProperty]| match get(props, "CapabilityBoundingSet", 0) {
+            UnitProperty::U64(_, v) => v,
+            other => panic!("{other:?}"),
+        };
+        let bare = props(Launcher::Bare);
+        let exec = props(Launcher::VmmExec);
+        let jailer = props(Launcher::Jailer);
+        assert_eq!(caps(&bare), 0);
+        assert_eq!(caps(&exec), (1 << 6) | (1 << 7) | (1 << 8));
+        // docs/jailer.md: chown, mknod, chroot, pivot_root in a mount
+        // namespace of its own, setuid/setgid to the VM's user. No raw
+        // I/O, module loading, ptrace, network administration or kill.
+        assert_eq!(
+            caps(&jailer),
+            (1 << 0) | (1 << 6) | (1 << 7) | (1 << 18) | (1 << 21) | (1 << 27)
+        );
+        assert_eq!(
+            get(&jailer, "RestrictNamespaces", 0),
+            UnitProperty::U64("RestrictNamespaces", 0x0002_0000)
+        );
+        assert_eq!(
+            get(&exec, "RestrictNamespaces", 0),
+            UnitProperty::U64("RestrictNamespaces", 0)
+        );
+        // The jailer makes device nodes (`m`); the others only open them.
+        let devices = |props: &[UnitProperty]| match get(props, "DeviceAllow", 0) {
+            UnitProperty::Pairs(_, pairs) => pairs,
+            other => panic!("{other:?}"),
+        };
+        assert!(devices(&jailer).iter().all(|(_, a)| a == "rwm"));
+        assert!(devices(&exec).iter().all(|(_, a)| a == "rw"));
+        // Firecracker opens its TAP by name: the host's network.
+        assert_eq!(
+            get(&jailer, "PrivateNetwork", 0),
+            UnitProperty::Bool("PrivateNetwork", false)
+        );
+        assert_eq!(
+            get(&exec, "PrivateNetwork", 0),
+            UnitProperty::Bool("PrivateNetwork", true)
+        );
+        match get(&jailer, "SystemCallFilter", 0) {
+            UnitProperty::Filter(_, true, allowed) => {
+                for call in ["@mount", "chroot", "mknod", "@setuid", "@chown"] {
+                    assert!(allowed.iter().any(|a| a == call), "{call}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        match get(&bare, "SystemCallFilter", 0) {
+            UnitProperty::Filter(_, true, allowed) => {
+                assert!(!allowed.iter().any(|a| a == "@mount" || a == "chroot"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match get(&jailer, "SystemCallFilter", 1) {
+            UnitProperty::Filter(_, false, denied) => {
+                for call in ["@raw-io", "@module", "@reboot", "@debug", "bpf"] {
+                    assert!(denied.iter().any(|a| a == call), "{call}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn direct_children_run_in_their_own_session() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -466,7 +650,7 @@ mod tests {
                 vcpus: 1,
                 writable: &[],
                 jit: false,
-                confined: false,
+                launcher: Launcher::Bare,
             })
             .await
             .expect("start");
@@ -516,6 +700,36 @@ mod tests {
         assert_eq!(vm_of(&args(&["/run/banger/vms/../x"]), runs), None);
     }
 
+    #[test]
+    fn a_jailed_firecracker_is_known_by_its_id_and_uid() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let uid = crate::jail::VMM_GROUP + 3;
+        // What the jailer execs (docs/jailer.md).
+        let exec = args(&[
+            "/firecracker",
+            "--id=0123abcd",
+            "--start-time-us=12",
+            "--start-time-cpu-us=3",
+            "--api-sock",
+            "/api.sock",
+        ]);
+        assert_eq!(jailed_vm_of(&exec, uid).as_deref(), Some("0123abcd"));
+        // Not a VM's uid (root, anyone, the group's own id), another
+        // program, or an id the jailer would refuse.
+        for other in [0, 1000, crate::jail::VMM_GROUP, crate::jail::VMM_IDS.end] {
+            assert_eq!(jailed_vm_of(&exec, other), None, "{other}");
+        }
+        assert_eq!(
+            jailed_vm_of(&args(&["/bin/sleep", "--id=0123abcd"]), uid),
+            None
+        );
+        assert_eq!(
+            jailed_vm_of(&args(&["/firecracker", "--id=a/b"]), uid),
+            None
+        );
+        assert_eq!(jailed_vm_of(&args(&["/firecracker"]), uid), None);
+    }
+
     #[tokio::test]
     async fn the_direct_supervisor_finds_the_vmms_that_run() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -539,7 +753,7 @@ mod tests {
                 vcpus: 1,
                 writable: &[],
                 jit: false,
-                confined: false,
+                launcher: Launcher::Bare,
             })
             .await
             .expect("started");

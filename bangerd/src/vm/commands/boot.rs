@@ -15,9 +15,10 @@ use crate::vm::agent::Ready;
 use crate::vm::disk::DiskMethod;
 use crate::vm::quota::Demand;
 use crate::vm::snapshot;
+use crate::vm::vmm::LaunchSpec;
 use crate::vm::vmm::jail::{self, VMM_GROUP};
+use crate::vm::vmm::jailer;
 use crate::vm::vmm::{Accel, Confine, TCG_TSC_KHZ};
-use crate::vm::vmm::{LaunchSpec, VmmDriver};
 use crate::vm::{Vm, VmEvent, VmState};
 
 use super::blocking;
@@ -156,8 +157,20 @@ impl Vms {
         })
     }
 
-    /// Take VM `vm`'s snapshot device and loop devices down, if it has any.
+    /// Take VM `vm`'s disks back from its (gone) VMM: remove the jail a
+    /// jailed Firecracker had (its links and device node; the files back
+    /// to root), then take its snapshot device and loop devices down, if
+    /// it has any.
     pub(super) async fn system_disk_down(&self, vm: &Vm) {
+        let paths = self.vm_paths(&vm.id);
+        if let Err(e) = blocking(move || {
+            jailer::release(&paths)
+                .map_err(|e| Error::failed(format!("cannot remove its jail: {e}")))
+        })
+        .await
+        {
+            tracing::warn!(banger_vm_id = %vm.id, "{e}");
+        }
         if vm.disk_method != Some(DiskMethod::DeviceMapper) {
             return;
         }
@@ -269,9 +282,10 @@ impl Vms {
         .await?;
         let launched = async {
             let (vmm, accel, kernel_path) = self.pick_vmm(&kernel).await?;
-            // QEMU runs as the VM's own user; Firecracker (not yet: its
-            // jailer) as a root without capabilities.
-            let confine = if vmm.driver() == VmmDriver::Qemu {
+            // QEMU runs as the VM's own user, and so does Firecracker
+            // under its jailer; without one, as a root without
+            // capabilities.
+            let confine = if vmm.confined() {
                 Some(self.confinement(&net, &vmnet.lease.ipv4, &kernel_path, kernel.initrd.as_deref()).await?)
             } else {
                 None

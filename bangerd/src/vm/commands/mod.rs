@@ -17,7 +17,7 @@ mod watcher;
 
 pub use boot::kernel_cmdline;
 pub use stats::VmStats;
-pub use vmm_choice::{check_vmm, choose_vmm, vmm_named};
+pub use vmm_choice::{check_vmm, choose_vmm, jailer_of, vmm_named};
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -39,7 +39,24 @@ fn firecracker_driver(config: &Config) -> Result<Arc<dyn Vmm>> {
             program::why_missing(&config.vm.firecracker_bin)
         ))
     })?;
-    Ok(Arc::new(Firecracker { binary }))
+    let jailer = jailer_of(config);
+    if jailer.is_some() {
+        crate::vm::vmm::jailer::check(&binary, "0").map_err(|e| {
+            Error::unavailable(format!(
+                "{e}: link it under such a name, or set vm.jailer_bin = \"\" to run it without the jailer"
+            ))
+        })?;
+    }
+    Ok(Arc::new(Firecracker { binary, jailer }))
+}
+
+/// Firecracker's jailer, when `vm.jailer_bin` names one that is there
+/// (empty: never).
+pub fn jailer_of(config: &Config) -> Option<PathBuf> {
+    if config.vm.jailer_bin.as_os_str().is_empty() {
+        return None;
+    }
+    program::find(&config.vm.jailer_bin)
 }
 
 /// Whether some VMM can run at all with this configuration (a quick check
@@ -60,6 +77,7 @@ pub fn vmm_named(config: &Config, driver: Option<crate::vm::VmmDriver>) -> Resul
         Some(crate::vm::VmmDriver::Firecracker) => Ok(Arc::new(Firecracker {
             binary: program::find(&config.vm.firecracker_bin)
                 .unwrap_or_else(|| config.vm.firecracker_bin.clone()),
+            jailer: jailer_of(config),
         })),
         Some(crate::vm::VmmDriver::Qemu) | None => Ok(Arc::new(Qemu {
             binary: program::find(&config.vm.qemu_bin)

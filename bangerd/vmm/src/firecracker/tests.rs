@@ -513,6 +513,7 @@ fn every_call_of_the_sequence_is_in_the_spec_and_valid() {
     // The command line carries only the socket and the id.
     let fc = Firecracker {
         binary: "firecracker".into(),
+        jailer: None,
     };
     assert_eq!(
         fc.args(&spec_for(Path::new("/s"))),
@@ -620,6 +621,7 @@ async fn the_driver_configures_and_stops_a_spec_server() {
     // Graceful stop: Ctrl-Alt-Del through the actions endpoint.
     let fc = Firecracker {
         binary: "firecracker".into(),
+        jailer: None,
     };
     let mut paths = spec.paths.clone();
     paths.control_socket = server.socket.clone();
@@ -684,6 +686,7 @@ async fn unreachable_apis_and_dead_processes_are_reported() {
     std::fs::create_dir_all(&spec.paths.run).expect("run");
     let fc = Firecracker {
         binary: "/bin/false".into(),
+        jailer: None,
     };
     let started = Instant::now();
     let err = fc
@@ -700,4 +703,184 @@ async fn unreachable_apis_and_dead_processes_are_reported() {
         metrics_path(&spec.paths).exists(),
         "outputs are made before start"
     );
+}
+
+/// A stand-in for Firecracker's jailer (none is installed here): it does
+/// to the file system what upstream's `docs/jailer.md` says the jailer
+/// does (the chroot at `<chroot_base>/<exec_file_name>/<id>/root`, the
+/// exec file copied in, the chroot handed to `uid:gid`) and binds the API
+/// socket where the jailed Firecracker would (`--api-sock`, inside the
+/// chroot, owned by the uid), relaying it to the spec server named in
+/// `target`. It records its arguments in `argv.json`.
+const FAKE_JAILER: &str = r#"#!/usr/bin/python3
+import json, os, shutil, socket, sys, threading
+here = os.path.dirname(os.path.abspath(__file__))
+argv = sys.argv[1:]
+with open(os.path.join(here, "argv.json"), "w") as f:
+    json.dump(argv, f)
+ours, theirs = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+assert len(ours) % 2 == 0, ours
+o = dict(zip(ours[0::2], ours[1::2]))
+name = os.path.basename(o["--exec-file"])
+assert "firecracker" in name, name
+root = os.path.join(o["--chroot-base-dir"], name, o["--id"], "root")
+os.makedirs(root, exist_ok=True)
+shutil.copy(o["--exec-file"], os.path.join(root, name))
+uid, gid = int(o["--uid"]), int(o["--gid"])
+os.chown(root, uid, gid)
+api = os.path.join(root, dict(zip(theirs[0::2], theirs[1::2]))["--api-sock"].lstrip("/"))
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(api)
+os.chown(api, uid, gid)
+listener.listen(16)
+target = open(os.path.join(here, "target")).read()
+
+def pump(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    try:
+        b.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+while True:
+    conn, _ = listener.accept()
+    up = socket.socket(socket.AF_UNIX)
+    up.connect(target)
+    threading.Thread(target=pump, args=(conn, up), daemon=True).start()
+    threading.Thread(target=pump, args=(up, conn), daemon=True).start()
+"#;
+
+#[tokio::test]
+async fn a_jailed_firecracker_finds_its_files_in_the_chroot_and_is_reached_there() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const UID: u32 = crate::jail::VMM_GROUP + 7;
+    let server = SpecServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tools = dir.path().join("tools");
+    std::fs::create_dir_all(&tools).expect("tools");
+    let jailer_bin = tools.join("jailer");
+    std::fs::write(&jailer_bin, FAKE_JAILER).expect("jailer");
+    std::fs::set_permissions(&jailer_bin, std::fs::Permissions::from_mode(0o755)).expect("mode");
+    std::fs::write(tools.join("firecracker"), "not run").expect("firecracker");
+    std::fs::write(
+        tools.join("target"),
+        server.socket.to_string_lossy().as_bytes(),
+    )
+    .expect("target");
+
+    let mut spec = spec_for(dir.path());
+    spec.paths = VmPaths::new(&dir.path().join("state"), &dir.path().join("run"), &spec.id);
+    let p = spec.paths.clone();
+    std::fs::create_dir_all(&p.dir).expect("vm dir");
+    std::fs::create_dir_all(&p.run).expect("run dir");
+    spec.kernel = dir.path().join("state/vmlinux");
+    spec.initrd = Some(dir.path().join("state/initrd.img"));
+    spec.system_disk = p.system_disk.clone();
+    for file in [
+        &spec.kernel,
+        spec.initrd.as_ref().expect("initrd"),
+        &p.system_disk,
+        &p.work_disk,
+    ] {
+        std::fs::write(file, "data").expect("file");
+    }
+    spec.confine = Some(crate::Confine {
+        helper: "/nonexistent/bangerd".into(),
+        uid: UID,
+    });
+    let fc = Firecracker {
+        binary: tools.join("firecracker"),
+        jailer: Some(jailer_bin),
+    };
+    let layout = Layout::new(&p, &fc.binary);
+
+    let (mut watched, id) = fc
+        .launch(&spec, &crate::supervise::Direct)
+        .await
+        .expect("launched through the jailer");
+    let argv: Vec<String> =
+        serde_json::from_slice(&std::fs::read(tools.join("argv.json")).expect("argv"))
+            .expect("json");
+    assert_eq!(
+        argv,
+        jailer::args(&layout, &fc.binary, &spec.id, UID, crate::jail::VMM_GROUP)
+    );
+    let calls = server.seen().calls.clone();
+    assert!(
+        server.seen().refusals.is_empty(),
+        "{:?}",
+        server.seen().refusals
+    );
+    assert_eq!(
+        calls,
+        Firecracker::configuration_as(&spec, &Names::jailed(&spec))
+    );
+    // Every file the configuration names is in the chroot and is the VM's
+    // own file.
+    for (path, key, original) in [
+        ("/boot-source", "kernel_image_path", spec.kernel.clone()),
+        (
+            "/boot-source",
+            "initrd_path",
+            spec.initrd.clone().expect("initrd"),
+        ),
+        ("/drives/system", "path_on_host", p.system_disk.clone()),
+        ("/drives/work", "path_on_host", p.work_disk.clone()),
+        ("/logger", "log_path", p.vmm_log.clone()),
+        ("/serial", "serial_out_path", p.console_log.clone()),
+    ] {
+        let call = calls.iter().find(|c| c.path == path).expect(path);
+        let named = call.body.as_ref().and_then(|b| b[key].as_str()).expect(key);
+        assert!(
+            named.starts_with('/') && !named[1..].contains('/'),
+            "{named}"
+        );
+        let inside = std::fs::metadata(layout.host(named)).expect(named);
+        let real = std::fs::metadata(&original).expect("original");
+        assert_eq!(
+            inside.ino(),
+            real.ino(),
+            "{named} is {}",
+            original.display()
+        );
+    }
+    // The agent and the API are reached in the chroot.
+    assert_eq!(
+        fc.agent(&p),
+        AgentEndpoint::FirecrackerVsock {
+            uds: layout.host(jailer::inside::VSOCK),
+            port: banger_agent_proto::VSOCK_PORT,
+        }
+    );
+    fc.request_shutdown(&p).await.expect("SendCtrlAltDel");
+    let last = server.seen().calls.last().cloned().expect("a call");
+    assert_eq!(last.body, Some(json!({"action_type": "SendCtrlAltDel"})));
+
+    // The chroot is the VM user's: a link it puts in its socket's place
+    // (here to the spec server's, standing for any socket of the host's)
+    // is not followed.
+    let api = layout.host(jailer::inside::API);
+    std::fs::remove_file(&api).expect("remove");
+    std::os::unix::fs::symlink(&server.socket, &api).expect("symlink");
+    let before = server.seen().calls.len();
+    let err = fc.request_shutdown(&p).await.expect_err("a link");
+    assert!(err.message.contains("not a socket"), "{}", err.message);
+    assert_eq!(
+        server.seen().calls.len(),
+        before,
+        "nothing reached the host's socket"
+    );
+
+    crate::kill_failed(&crate::supervise::Direct, &spec.id, &mut watched, id).await;
+    jailer::release(&p).expect("released");
+    assert!(!layout.base.exists());
+    let disk = std::fs::metadata(&p.work_disk).expect("work disk");
+    assert_eq!((disk.uid(), disk.gid()), (0, 0));
 }
