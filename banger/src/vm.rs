@@ -745,15 +745,32 @@ fn ssh(vm: &VmInfo, command: &[String], remind: bool, opts: Options) -> anyhow::
         .map_or(exit::FAILURE, |c| c.clamp(0, 255) as u8))
 }
 
-/// Start one job per VM (they run concurrently in bangerd) and follow
-/// them; with one VM, live stage lines, with several, a result line each.
 /// How many jobs a command on several VMs keeps in flight at once.
 const IN_FLIGHT: usize = 16;
 
 /// One VM of a command on several: its position among the VMs named, the
 /// name, its job and how that ended.
-type BatchResult = (usize, String, Option<OwnedObjectPath>, Result<(), String>);
+/// `Ok(Some(state))`: nothing to do, the VM is in that state already.
+type BatchResult = (
+    usize,
+    String,
+    Option<OwnedObjectPath>,
+    Result<Option<&'static str>, String>,
+);
 
+/// The state a VM in `state` is in already when asked to `job`: a stop
+/// of a stopped VM, or a start of a running one, is done without a job
+/// (as `systemctl stop` of a stopped unit is), in one command or many.
+fn done_already(job: VmJob, state: &str) -> Option<&'static str> {
+    match (job, state) {
+        (VmJob::Stop, "stopped") => Some("stopped"),
+        (VmJob::Start, "running") => Some("running"),
+        _ => None,
+    }
+}
+
+/// Start one job per VM (they run concurrently in bangerd) and follow
+/// them; with one VM, live stage lines, with several, a result line each.
 async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> anyhow::Result<u8> {
     use futures_util::StreamExt;
 
@@ -762,6 +779,17 @@ async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> a
     let auth = Authorization::prepare(opts).await;
     let started = Instant::now();
     if let [r] = refs.as_slice() {
+        if let Ok(vm) = artifacts::resolve(&catalog.vms, r, "vm")
+            && let Some(already) = done_already(job, &vm.state)
+        {
+            let _ = auth.finish(Ok::<_, Failure>(())).await;
+            if opts.json {
+                emit_json(&serde_json::json!({ "ref": r, "ok": true, "already": already }))?;
+            } else {
+                emit(&format!("{r}: {already} already"))?;
+            }
+            return Ok(exit::OK);
+        }
         let mut subscription = Subscription::new(&client).await?;
         let result = match artifacts::resolve(&catalog.vms, r, "vm") {
             Ok(vm) => client.vm_job(&vm.path, job, auth.interaction).await,
@@ -784,7 +812,10 @@ async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> a
                 Err(f) => return (i, r, None, Err(f.to_string())),
             };
             let started_job = match artifacts::resolve(&catalog.vms, &r, "vm") {
-                Ok(vm) => client.vm_job(&vm.path, job, interaction).await,
+                Ok(vm) => match done_already(job, &vm.state) {
+                    Some(already) => return (i, r, None, Ok(Some(already))),
+                    None => client.vm_job(&vm.path, job, interaction).await,
+                },
                 Err(f) => Err(f),
             };
             let job = match started_job {
@@ -795,7 +826,7 @@ async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> a
             let result =
                 match progress::follow(&client, &mut sub, &job, &mut tracker, started, 0).await {
                     Ok(Followed::Completed(report)) => match report.failure() {
-                        None => Ok(()),
+                        None => Ok(None),
                         Some(f) => Err(f.to_string()),
                     },
                     Ok(Followed::Interrupted { .. }) => Err("interrupted".into()),
@@ -813,8 +844,11 @@ async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> a
                     return;
                 }
                 match result {
-                    Ok(()) => {
+                    Ok(None) => {
                         let _ = emit(&format!("{r}: {verb} done"));
+                    }
+                    Ok(Some(already)) => {
+                        let _ = emit(&format!("{r}: {already} already"));
                     }
                     Err(e) => eprintln!("error: {r}: cannot {verb}: {e}"),
                 }
@@ -833,6 +867,7 @@ async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> a
                     "ref": r,
                     "ok": result.is_ok(),
                     "job": job.as_ref().map(|j| j.as_str()),
+                    "already": result.as_ref().ok().copied().flatten(),
                     "error": result.as_ref().err(),
                 })
             })
@@ -1074,6 +1109,21 @@ pub fn print_ssh_config() -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_stop_of_a_stopped_vm_or_a_start_of_a_running_one_is_done_already() {
+        assert_eq!(done_already(VmJob::Stop, "stopped"), Some("stopped"));
+        assert_eq!(done_already(VmJob::Start, "running"), Some("running"));
+        // In between, the daemon decides (and says what to wait for).
+        for state in ["starting", "stopping", "creating", "deleting", "running"] {
+            assert_eq!(done_already(VmJob::Stop, state), None, "{state}");
+        }
+        for state in ["starting", "stopping", "stopped"] {
+            assert_eq!(done_already(VmJob::Start, state), None, "{state}");
+        }
+        assert_eq!(done_already(VmJob::Restart, "stopped"), None);
+        assert_eq!(done_already(VmJob::Delete, "stopped"), None);
+    }
 
     #[test]
     fn sizes() {

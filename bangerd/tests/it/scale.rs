@@ -3,7 +3,8 @@
 //! the command must exit 0: the daemon publishes job events one after
 //! another, and a front end that fell behind once lost the completions of
 //! jobs whose retention had run out (`banger` then reported jobs that had
-//! succeeded as vanished).
+//! succeeded as vanished). A stop of them all, stopped already, is done
+//! at once.
 
 #![allow(clippy::unwrap_used)]
 
@@ -29,6 +30,29 @@ fn two_hundred_vms_are_deleted_in_one_command_and_each_is_reported() {
         }
     });
     assert_eq!(env.vms().len(), VMS);
+
+    // Stopping stopped VMs is done already, one or many (as `systemctl
+    // stop` of a stopped unit is): exit 0, a line each.
+    let out = env.run(&["vm", "stop", "s000"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", out.status);
+    assert_eq!(stdout, "s000: stopped already\n");
+    let mut args = vec!["vm", "stop"];
+    args.extend(names.iter().map(String::as_str));
+    let out = env.run(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    for name in &names {
+        assert!(
+            stdout.contains(&format!("{name}: stopped already\n")),
+            "{name} not reported:\n{stdout}\n{stderr}"
+        );
+    }
+    assert!(
+        stdout.contains(&format!("stop: {VMS} of {VMS} VMs done")),
+        "{stdout}"
+    );
 
     let mut args = vec!["vm", "delete"];
     args.extend(names.iter().map(String::as_str));
