@@ -247,6 +247,9 @@ pub struct VmSpec {
     /// Let the VM talk with the other VMs created or set with --peers
     #[arg(long)]
     pub peers: bool,
+    /// Start the VM whenever the host boots
+    #[arg(long)]
+    pub autostart: bool,
     /// Only create it; start it later with `banger vm start`
     #[arg(long)]
     pub no_start: bool,
@@ -277,7 +280,7 @@ pub enum VmCommand {
     },
     /// Delete VMs and everything they own
     Delete(VmRefs),
-    /// Change memory, vCPUs, disk size, NAT or peers of VMs
+    /// Change memory, vCPUs, disk size, NAT, peers or autostart of VMs
     Set {
         #[command(flatten)]
         refs: VmRefs,
@@ -302,6 +305,12 @@ pub enum VmCommand {
         /// Keep them apart from other VMs again
         #[arg(long)]
         no_peers: bool,
+        /// Start them whenever the host boots
+        #[arg(long, conflicts_with = "no_autostart")]
+        autostart: bool,
+        /// Do not start them when the host boots
+        #[arg(long)]
+        no_autostart: bool,
     },
     /// List VMs
     List {

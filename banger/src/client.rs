@@ -411,6 +411,7 @@ pub struct VmInfo {
     pub disk_bytes: u64,
     pub nat: bool,
     pub peers: bool,
+    pub autostart: bool,
     /// The image's object path.
     pub image: String,
     /// The kernel's object path.
@@ -436,6 +437,7 @@ impl VmInfo {
             disk_bytes: prop(p, "DiskBytes"),
             nat: prop(p, "NAT"),
             peers: prop(p, "Peers"),
+            autostart: prop(p, "Autostart"),
             image: path_prop(p, "Image"),
             kernel: path_prop(p, "Kernel"),
             unit: prop(p, "Unit"),

@@ -218,7 +218,8 @@ fn vm_json(vm: &VmInfo) -> serde_json::Value {
     serde_json::json!({
         "id": vm.id, "name": vm.name, "state": vm.state, "owner_uid": vm.owner_uid,
         "ipv4": vm.ipv4, "mac": vm.mac, "vcpus": vm.vcpus, "memory_mib": vm.memory_mib,
-        "disk_bytes": vm.disk_bytes, "nat": vm.nat, "peers": vm.peers, "image": vm.image, "kernel": vm.kernel,
+        "disk_bytes": vm.disk_bytes, "nat": vm.nat, "peers": vm.peers, "autostart": vm.autostart,
+        "image": vm.image, "kernel": vm.kernel,
         "unit": vm.unit, "disk_method": vm.disk_method, "created_at_usec": vm.created_at_usec,
         "last_error": vm.last_error, "path": vm.path,
     })
@@ -306,6 +307,10 @@ fn vm_human(v: &VmInfo, image: &str, kernel: &str) -> String {
         ),
         format!("nat:         {}", if v.nat { "yes" } else { "no" }),
         format!("peers:       {}", if v.peers { "yes" } else { "no" }),
+        format!(
+            "autostart:   {}",
+            if v.autostart { "at host boot" } else { "no" }
+        ),
         format!("image:       {image}"),
         format!("kernel:      {kernel}"),
         format!(
@@ -349,10 +354,13 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
             no_nat,
             peers,
             no_peers,
+            autostart,
+            no_autostart,
         } => {
             let switches = Switches {
                 nat: (nat || no_nat).then_some(nat),
                 peers: (peers || no_peers).then_some(peers),
+                autostart: (autostart || no_autostart).then_some(autostart),
             };
             set(opts, refs.vms, memory, vcpus, disk_size, switches).await
         }
@@ -470,6 +478,7 @@ async fn create(
         disk_bytes,
         nat: spec.nat.then_some(true),
         peers: spec.peers.then_some(true),
+        autostart: spec.autostart.then_some(true),
         ssh_keys,
         start: !spec.no_start,
     };
@@ -956,6 +965,7 @@ async fn call_each(
 struct Switches {
     nat: Option<bool>,
     peers: Option<bool>,
+    autostart: Option<bool>,
 }
 
 async fn set(
@@ -972,11 +982,12 @@ async fn set(
         disk_bytes: disk_size.as_deref().map(parse_size).transpose()?,
         nat: switches.nat,
         peers: switches.peers,
+        autostart: switches.autostart,
     };
     if changes.is_empty() {
         return Err(Failure::new(
             Kind::InvalidArgument,
-            "nothing to change: give --memory, --vcpus, --disk-size, --nat, --no-nat, --peers or --no-peers",
+            "nothing to change: give --memory, --vcpus, --disk-size, --nat, --no-nat, --peers, --no-peers, --autostart or --no-autostart",
         )
         .into());
     }
@@ -1172,6 +1183,7 @@ mod tests {
             disk_bytes: 0,
             nat: false,
             peers: false,
+            autostart: false,
             image: String::new(),
             kernel: String::new(),
             unit: String::new(),

@@ -246,6 +246,15 @@ pub async fn run(
     let mirror = tokio::spawn(bus::mirror_jobs(conn.clone(), core.clone(), events_rx));
 
     bus::serve(&conn, core.clone()).await?;
+    // The first start after a host boot brings back the VMs marked
+    // autostart (their jobs are on the bus like any other).
+    match core.vms().autostart().await {
+        Ok(started) if !started.is_empty() => {
+            tracing::info!("starting {} vms marked autostart", started.len());
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!("cannot autostart vms: {e}"),
+    }
     if !os::polkit::available(&conn).await {
         tracing::warn!(
             "polkit is not on the system bus: only root will be allowed to change anything"

@@ -327,6 +327,8 @@ pub mod create_vm {
     pub const NAT: &str = "nat";
     /// `b`: let the VM talk with the other VMs that have this on.
     pub const PEERS: &str = "peers";
+    /// `b`: start the VM when bangerd first starts after a host boot.
+    pub const AUTOSTART: &str = "autostart";
     /// `as`: SSH public key lines for root's authorized_keys.
     pub const SSH_KEYS: &str = "ssh_keys";
     /// `b`: start the VM once it is made (default true).
@@ -335,7 +337,7 @@ pub mod create_vm {
 
 /// Keys of `VM.Set(a{sv} changes)`.
 pub mod set_vm {
-    pub use super::create_vm::{DISK_BYTES, MEMORY_MIB, NAT, PEERS, VCPUS};
+    pub use super::create_vm::{AUTOSTART, DISK_BYTES, MEMORY_MIB, NAT, PEERS, VCPUS};
 }
 
 /// Options of a method that takes none (`Manager.PullKernel`, a catalog
@@ -737,6 +739,8 @@ pub struct CreateVm {
     pub nat: Option<bool>,
     /// [`create_vm::PEERS`].
     pub peers: Option<bool>,
+    /// [`create_vm::AUTOSTART`].
+    pub autostart: Option<bool>,
     /// [`create_vm::SSH_KEYS`].
     pub ssh_keys: Vec<String>,
     /// [`create_vm::START`] (default true).
@@ -751,6 +755,7 @@ impl Default for CreateVm {
             disk_bytes: None,
             nat: None,
             peers: None,
+            autostart: None,
             ssh_keys: Vec::new(),
             start: true,
         }
@@ -769,6 +774,7 @@ impl CreateVm {
                 create_vm::DISK_BYTES,
                 create_vm::NAT,
                 create_vm::PEERS,
+                create_vm::AUTOSTART,
                 create_vm::SSH_KEYS,
                 create_vm::START,
             ],
@@ -779,6 +785,7 @@ impl CreateVm {
             disk_bytes: r.u64(create_vm::DISK_BYTES)?,
             nat: r.bool(create_vm::NAT)?,
             peers: r.bool(create_vm::PEERS)?,
+            autostart: r.bool(create_vm::AUTOSTART)?,
             ssh_keys: r.strings(create_vm::SSH_KEYS)?,
             start: r.bool(create_vm::START)?.unwrap_or(true),
         })
@@ -792,6 +799,7 @@ impl CreateVm {
             .put(create_vm::DISK_BYTES, self.disk_bytes.map(Variant::from))
             .put(create_vm::NAT, self.nat.map(Variant::from))
             .put(create_vm::PEERS, self.peers.map(Variant::from))
+            .put(create_vm::AUTOSTART, self.autostart.map(Variant::from))
             .strings(create_vm::SSH_KEYS, &self.ssh_keys)
             .put(
                 create_vm::START,
@@ -814,6 +822,8 @@ pub struct SetVm {
     pub nat: Option<bool>,
     /// [`set_vm::PEERS`].
     pub peers: Option<bool>,
+    /// [`set_vm::AUTOSTART`].
+    pub autostart: Option<bool>,
 }
 
 impl SetVm {
@@ -828,6 +838,7 @@ impl SetVm {
                 set_vm::DISK_BYTES,
                 set_vm::NAT,
                 set_vm::PEERS,
+                set_vm::AUTOSTART,
             ],
         )?;
         Ok(Self {
@@ -836,6 +847,7 @@ impl SetVm {
             disk_bytes: r.u64(set_vm::DISK_BYTES)?,
             nat: r.bool(set_vm::NAT)?,
             peers: r.bool(set_vm::PEERS)?,
+            autostart: r.bool(set_vm::AUTOSTART)?,
         })
     }
 
@@ -852,6 +864,7 @@ impl SetVm {
             .put(set_vm::DISK_BYTES, self.disk_bytes.map(Variant::from))
             .put(set_vm::NAT, self.nat.map(Variant::from))
             .put(set_vm::PEERS, self.peers.map(Variant::from))
+            .put(set_vm::AUTOSTART, self.autostart.map(Variant::from))
             .0
     }
 }
@@ -892,6 +905,7 @@ mod tests {
             disk_bytes: Some(1 << 30),
             nat: Some(true),
             peers: Some(true),
+            autostart: Some(true),
             ssh_keys: vec!["ssh-ed25519 AAAA me".into()],
             start: false,
         };
@@ -903,6 +917,7 @@ mod tests {
         let set = SetVm {
             nat: Some(false),
             peers: Some(true),
+            autostart: Some(false),
             ..SetVm::default()
         };
         assert_eq!(SetVm::parse(&received(&set.to_dict())), Ok(set));

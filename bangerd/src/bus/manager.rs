@@ -331,7 +331,8 @@ impl ManagerObject {
     /// empty for the configured default image). Options: "vcpus" (u),
     /// "memory_mib" (u), "disk_bytes" (t, the work disk), "nat" (b),
     /// "peers" (b, talk with the other VMs that have it on),
-    /// "ssh_keys" (as, public key lines for root), "start" (b, default
+    /// "autostart" (b, start it when bangerd first starts after a host
+    /// boot), "ssh_keys" (as, public key lines for root), "start" (b, default
     /// true). Returns the VM object (state creating) and the job; the job's
     /// stages are resolve image, system disk, work disk, and when starting
     /// network, vmm start, agent ready and one per image service. A failed
@@ -356,6 +357,7 @@ impl ManagerObject {
             disk_bytes: o.disk_bytes,
             nat: o.nat,
             peers: o.peers,
+            autostart: o.autostart,
             ssh_keys: o.ssh_keys,
             start: o.start,
         };

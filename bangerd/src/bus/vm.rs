@@ -96,6 +96,13 @@ impl VmObject {
         self.vm.peers
     }
 
+    /// Whether bangerd starts it when it first starts after the host
+    /// booted.
+    #[zbus(property)]
+    fn autostart(&self) -> bool {
+        self.vm.autostart
+    }
+
     /// Its image's object path.
     #[zbus(property(emits_changed_signal = "const"))]
     fn image(&self) -> OwnedObjectPath {
@@ -225,7 +232,7 @@ impl VmObject {
 
     /// Change it. Keys: "vcpus" (u), "memory_mib" (u), "disk_bytes" (t,
     /// grows only) on a stopped VM; "nat" (b) any time (also needs
-    /// org.banger.vm.nat); "peers" (b) any time.
+    /// org.banger.vm.nat); "peers" (b) and "autostart" (b) any time.
     async fn set(
         &self,
         changes: Options,
@@ -240,6 +247,7 @@ impl VmObject {
             disk_bytes: o.disk_bytes,
             nat: o.nat,
             peers: o.peers,
+            autostart: o.autostart,
         };
         self.core
             .vms()
@@ -361,6 +369,7 @@ pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, id: &str) -> zbus:
         o.disk_bytes_changed(&emitter).await?;
         o.n_a_t_changed(&emitter).await?;
         o.peers_changed(&emitter).await?;
+        o.autostart_changed(&emitter).await?;
         o.unit_changed(&emitter).await?;
         o.last_error_changed(&emitter).await?;
         o.disk_method_changed(&emitter).await?;

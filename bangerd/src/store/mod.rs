@@ -99,6 +99,8 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN result TEXT;
     ALTER TABLE jobs ADD COLUMN stages TEXT;
     CREATE INDEX vms_by_owner ON vms (owner_uid);",
+    // 8: whether a VM starts when bangerd first starts after a host boot.
+    "ALTER TABLE vms ADD COLUMN autostart INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this build writes.

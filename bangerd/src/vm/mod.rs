@@ -166,6 +166,8 @@ pub struct Vm {
     pub nat: bool,
     /// Whether it may talk with the other VMs that may (`peers`).
     pub peers: bool,
+    /// Whether bangerd starts it when it first starts after a host boot.
+    pub autostart: bool,
     /// Where it is in its life.
     pub state: VmState,
     /// Which VMM runs it; `None` before its first start.
@@ -211,6 +213,8 @@ pub struct VmRequest {
     pub nat: Option<bool>,
     /// Peers on.
     pub peers: Option<bool>,
+    /// Started when bangerd first starts after a host boot.
+    pub autostart: Option<bool>,
     /// Public keys for root.
     pub ssh_keys: Vec<String>,
     /// Start it once created.

@@ -290,6 +290,7 @@ mod tests {
             disk_bytes: 8 * GIB,
             nat: false,
             peers: false,
+            autostart: false,
             state,
             vmm: None,
             pid: None,

@@ -19,6 +19,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         disk_bytes: r.get::<_, i64>("disk_bytes")?.max(0) as u64,
         nat: r.get::<_, i64>("nat")? == 1,
         peers: r.get::<_, i64>("peers")? == 1,
+        autostart: r.get::<_, i64>("autostart")? == 1,
         // An unknown state can only come from a newer bangerd; treat the
         // VM as stopped so it can at least be deleted.
         state: VmState::parse(&state).unwrap_or(VmState::Stopped),
@@ -44,9 +45,9 @@ impl Store {
         conn.execute(
             "INSERT INTO vms (id, name, owner_uid, image_id, kernel_id, vcpus, memory_mib,
                 disk_bytes, nat, state, vmm, pid, pid_start, tap, ssh_keys, disk_method,
-                created_at, last_error, peers)
+                created_at, last_error, peers, autostart)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                ?19)",
+                ?19, ?20)",
             params![
                 vm.id,
                 vm.name,
@@ -67,6 +68,7 @@ impl Store {
                 vm.created_at,
                 vm.last_error,
                 i64::from(vm.peers),
+                i64::from(vm.autostart),
             ],
         )?;
         self.count_running(None, Some(vm.state));
@@ -109,7 +111,7 @@ impl Store {
         let updated = conn.execute(
             "UPDATE vms SET vcpus = ?2, memory_mib = ?3, disk_bytes = ?4, nat = ?5, state = ?6,
                 vmm = ?7, pid = ?8, pid_start = ?9, tap = ?10, disk_method = ?11,
-                last_error = ?12, name = ?13, peers = ?14
+                last_error = ?12, name = ?13, peers = ?14, autostart = ?15
              WHERE id = ?1",
             params![
                 vm.id,
@@ -126,12 +128,22 @@ impl Store {
                 vm.last_error,
                 vm.name,
                 i64::from(vm.peers),
+                i64::from(vm.autostart),
             ],
         )? == 1;
         if updated {
             self.count_running(was, Some(vm.state));
         }
         Ok(updated)
+    }
+
+    /// The VMs marked autostart, oldest first.
+    pub fn autostart_vms(&self) -> Result<Vec<Vm>, StoreError> {
+        let conn = self.conn();
+        let mut st =
+            conn.prepare("SELECT * FROM vms WHERE autostart = 1 ORDER BY created_at, id")?;
+        let rows = st.query_map([], vm_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Every VM, oldest first.
@@ -242,6 +254,7 @@ mod tests {
             disk_bytes: 1 << 30,
             nat: false,
             peers: false,
+            autostart: false,
             state: VmState::Creating,
             vmm: None,
             pid: None,
@@ -269,8 +282,11 @@ mod tests {
         a.tap = Some("bgtap0".into());
         a.nat = true;
         a.peers = true;
+        assert!(store.autostart_vms().expect("marked").is_empty());
+        a.autostart = true;
         assert!(store.update_vm(&a).expect("update"));
         assert_eq!(store.vms().expect("list"), vec![a.clone()]);
+        assert_eq!(store.autostart_vms().expect("marked"), vec![a.clone()]);
         assert_eq!(store.vms_of(1000).expect("mine"), vec![a.clone()]);
         assert!(store.vms_of(1001).expect("theirs").is_empty());
         assert_eq!(store.vms_using_image("i1").expect("users"), ["web"]);

@@ -6,6 +6,7 @@
 
 mod agent_transport;
 mod artifacts;
+mod autostart;
 mod build_image;
 mod build_kernel;
 mod crash;

@@ -6,7 +6,9 @@
 //! `banger` group member in a logind session and for a stranger, a VM
 //! booted by the packaged bangerd with its hardening, an OCI image with
 //! a setuid file and a file capability pulled from a registry and
-//! booted, `systemd-analyze verify`, and remove/purge. Needs root, the
+//! booted, a VM marked autostart started through
+//! `banger-autostart.service`, `systemd-analyze verify`, and
+//! remove/purge. Needs root, the
 //! guest artifacts, docker-registry, umoci, skopeo and setcap.
 
 #![allow(clippy::unwrap_used)]
@@ -120,6 +122,7 @@ fn the_package_installs_activates_idles_and_authorizes() {
     // Installed: the group exists, the DNS sockets listen, the units verify.
     assert!(read("group").starts_with("banger:"), "{}", read("group"));
     assert_eq!(read("socket-enabled").trim(), "enabled");
+    assert_eq!(read("autostart-enabled").trim(), "enabled");
     assert_eq!(read("socket-active").trim(), "active");
     assert_eq!(
         read("verify-rc").trim(),
@@ -262,6 +265,47 @@ fn the_package_installs_activates_idles_and_authorizes() {
             .iter()
             .all(|e| e["SYSLOG_IDENTIFIER"] == "bangerd" || e["_COMM"] != "bangerd")
     );
+
+    // Autostart: the unit starts bangerd at boot only while a VM is
+    // marked, and that start (the first after a boot) starts the VM.
+    assert_eq!(
+        read("autostart-unmarked-daemon").trim(),
+        "inactive",
+        "banger-autostart.service started bangerd with no VM marked: {}",
+        read("autostart-unmarked")
+    );
+    assert_eq!(
+        read("autostart-create-rc").trim(),
+        "0",
+        "{}",
+        read("autostart-create")
+    );
+    assert_eq!(read("autostart-flag").trim(), "present");
+    assert_eq!(
+        read("autostart-daemon").trim(),
+        "active",
+        "{}",
+        read("autostart-start")
+    );
+    assert!(
+        read("autostart-show").contains("autostart:   at host boot"),
+        "{}",
+        read("autostart-show")
+    );
+    assert!(
+        read("autostart-show")
+            .lines()
+            .any(|l| l.starts_with("state:") && l.ends_with("running")),
+        "the marked VM did not start:\n{}",
+        read("autostart-show")
+    );
+    assert_eq!(
+        read("autostart-delete-rc").trim(),
+        "0",
+        "{}",
+        read("autostart-delete")
+    );
+    assert_eq!(read("autostart-flag-after").trim(), "absent");
 
     // Remove kept the state and stopped the daemon; purge dropped it.
     assert!(

@@ -44,7 +44,8 @@ getent group banger >"$out/group"
 systemctl is-enabled bangerd.socket >"$out/socket-enabled" 2>&1
 systemctl is-active bangerd.socket >"$out/socket-active" 2>&1
 systemd-analyze verify /usr/lib/systemd/system/bangerd.service \
-  /usr/lib/systemd/system/bangerd.socket >"$out/verify" 2>&1
+  /usr/lib/systemd/system/bangerd.socket \
+  /usr/lib/systemd/system/banger-autostart.service >"$out/verify" 2>&1
 echo $? >"$out/verify-rc"
 systemd-analyze security --no-pager bangerd.service >"$out/security" 2>&1
 
@@ -140,6 +141,35 @@ banger vm ssh capsvm -- "su -s /bin/sh nobody -c 'cat /proc/self/status'" \
 banger vm delete capsvm >"$out/caps-delete" 2>&1
 journalctl --no-pager -u 'banger-pull-*' >"$out/pull-units" 2>&1
 step "oci caps"
+
+# Autostart: banger-autostart.service (enabled, as for a boot's
+# multi-user.target) starts bangerd only while a VM is marked; bangerd's
+# first start after a boot (its runtime directory emptied; here its
+# marker removed) starts the marked VMs.
+systemctl is-enabled banger-autostart.service >"$out/autostart-enabled" 2>&1
+wait_inactive 30 || finish "bangerd did not exit when idle before autostart"
+systemctl start banger-autostart.service >"$out/autostart-unmarked" 2>&1
+systemctl is-active bangerd.service >"$out/autostart-unmarked-daemon" 2>&1
+banger vm create --name autovm --autostart --no-start >"$out/autostart-create" 2>&1
+echo $? >"$out/autostart-create-rc"
+test -e /var/lib/banger/autostart && echo present >"$out/autostart-flag" ||
+  echo absent >"$out/autostart-flag"
+systemctl stop bangerd.service
+rm -f /run/banger/autostarted-boot
+systemctl reset-failed banger-autostart.service 2>/dev/null || true
+systemctl start banger-autostart.service >>"$out/autostart-start" 2>&1
+systemctl is-active bangerd.service >"$out/autostart-daemon" 2>&1
+for _ in $(seq 180); do
+  banger vm show autovm >"$out/autostart-show" 2>&1
+  grep -q '^state: *running' "$out/autostart-show" && break
+  sleep 1
+done
+banger vm stop autovm >"$out/autostart-delete" 2>&1
+banger vm delete autovm >>"$out/autostart-delete" 2>&1
+echo $? >"$out/autostart-delete-rc"
+test -e /var/lib/banger/autostart && echo present >"$out/autostart-flag-after" ||
+  echo absent >"$out/autostart-flag-after"
+step "autostart"
 
 # Remove keeps the state, purge drops it.
 dpkg -r banger >"$out/dpkg-remove" 2>&1 || finish "dpkg -r failed"

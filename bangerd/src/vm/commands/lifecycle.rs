@@ -84,6 +84,7 @@ impl Vms {
             disk_bytes,
             nat: req.nat.unwrap_or(false),
             peers: req.peers.unwrap_or(false),
+            autostart: req.autostart.unwrap_or(false),
             state: VmState::Creating,
             vmm: None,
             pid: None,
@@ -211,6 +212,9 @@ impl Vms {
             v.disk_method = Some(method);
         })
         .await?;
+        if vm.autostart {
+            self.sync_autostart_flag().await;
+        }
         if start {
             self.boot(ctx, &vm.id, 0.3, quota).await?;
         }
@@ -434,12 +438,16 @@ impl Vms {
         })
         .await?;
         tracing::info!(banger_vm_id = %id, banger_vm_name = %vm.name, "vm deleted");
+        if vm.autostart {
+            self.sync_autostart_flag().await;
+        }
         self.jobs()
             .send(JobEvent::ResourceRemoved(Resource::Vm(id.to_owned())));
         Ok(())
     }
 
-    /// Change a VM's sizes (stopped only), NAT or peers (any time).
+    /// Change a VM's sizes (stopped only), NAT, peers or autostart (any
+    /// time).
     pub async fn set_vm(
         self: &Arc<Self>,
         caller: &Caller,
@@ -458,7 +466,7 @@ impl Vms {
             changes.vcpus.is_some() || changes.memory_mib.is_some() || changes.disk_bytes.is_some();
         if changes == VmChanges::default() {
             return Err(Error::invalid(
-                "nothing to change: give vcpus, memory_mib, disk_bytes, nat or peers",
+                "nothing to change: give vcpus, memory_mib, disk_bytes, nat, peers or autostart",
             ));
         }
         let vcpus = changes.vcpus.unwrap_or(vm.vcpus);
@@ -513,17 +521,25 @@ impl Vms {
         {
             self.network().await?.set_peers(ip, peers).await?;
         }
-        self.modify(&vm.id, move |v| {
-            v.vcpus = vcpus;
-            v.memory_mib = memory;
-            v.disk_bytes = disk_bytes;
-            if let Some(nat) = changes.nat {
-                v.nat = nat;
-            }
-            if let Some(peers) = changes.peers {
-                v.peers = peers;
-            }
-        })
-        .await
+        let set = self
+            .modify(&vm.id, move |v| {
+                v.vcpus = vcpus;
+                v.memory_mib = memory;
+                v.disk_bytes = disk_bytes;
+                if let Some(nat) = changes.nat {
+                    v.nat = nat;
+                }
+                if let Some(peers) = changes.peers {
+                    v.peers = peers;
+                }
+                if let Some(autostart) = changes.autostart {
+                    v.autostart = autostart;
+                }
+            })
+            .await;
+        if changes.autostart.is_some() {
+            self.sync_autostart_flag().await;
+        }
+        set
     }
 }

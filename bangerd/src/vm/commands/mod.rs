@@ -7,6 +7,7 @@
 //! watcher of a VMM process is the only place that records its end: it
 //! marks the VM stopped and takes its TAP, name and NAT back.
 
+mod autostart;
 mod boot;
 mod lifecycle;
 mod network;
@@ -142,6 +143,8 @@ pub struct VmChanges {
     pub nat: Option<bool>,
     /// Peers on or off (applies at once to a running VM).
     pub peers: Option<bool>,
+    /// Autostart on or off.
+    pub autostart: Option<bool>,
 }
 
 impl Vms {

@@ -302,6 +302,7 @@ mod tests {
             disk_bytes: 64 << 20,
             nat: false,
             peers: false,
+            autostart: false,
             state: VmState::Running,
             vmm: Some(VmmDriver::Qemu),
             pid: Some(me.pid),
