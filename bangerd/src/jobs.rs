@@ -266,6 +266,39 @@ pub enum JobEvent {
     ResourceRemoved(Resource),
     /// The job's retention ended; it is gone.
     Removed(JobId),
+    /// Nothing happened: whoever sent it is woken once the front end
+    /// has dealt with every event before it ([`Jobs::published`]).
+    Flush(Flush),
+}
+
+/// Wakes the sender of a [`JobEvent::Flush`] when the last clone is
+/// dropped, i.e. once the front end is past it. Equal to any other.
+#[derive(Clone)]
+pub struct Flush {
+    _wake: Arc<FlushOnDrop>,
+}
+
+struct FlushOnDrop(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>);
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        let sender = self.0.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(sender) = sender {
+            let _ = sender.send(());
+        }
+    }
+}
+
+impl PartialEq for Flush {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Flush {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Flush")
+    }
 }
 
 /// Starts a finished job's retention when the last clone is dropped (see
@@ -374,6 +407,17 @@ impl Jobs {
         // The receiver lives as long as the daemon; after shutdown there is
         // nobody left to tell.
         let _ = self.events.send(event);
+    }
+
+    /// Wait until the front end has published every event sent before
+    /// this call (at most `limit`): a method that changed something and
+    /// answers after this lets its caller read the change back at once.
+    pub async fn published(&self, limit: Duration) {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        self.send(JobEvent::Flush(Flush {
+            _wake: Arc::new(FlushOnDrop(std::sync::Mutex::new(Some(sender)))),
+        }));
+        let _ = tokio::time::timeout(limit, receiver).await;
     }
 
     /// Start `work` as a job of `kind` owned by `owner_uid`, allowed by `action`.
@@ -834,7 +878,48 @@ mod tests {
             JobEvent::Completed { error, .. } => format!("completed {}", error.is_none()),
             JobEvent::Removed(_) => "removed".into(),
             JobEvent::ResourceChanged(r) | JobEvent::ResourceRemoved(r) => format!("{r:?}"),
+            JobEvent::Flush(_) => "flush".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn published_waits_for_the_front_end_to_pass_what_came_before() {
+        let (jobs, mut rx) = registry(10);
+        jobs.send(JobEvent::ResourceChanged(Resource::Vm("a".into())));
+        // A front end that takes 300 ms over the change.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let front = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Some(event) = rx.recv().await {
+                    if matches!(event, JobEvent::ResourceChanged(_)) {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    seen.lock().expect("lock").push(name(&event));
+                }
+            })
+        };
+        let started = Instant::now();
+        jobs.published(Duration::from_secs(5)).await;
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            seen.lock().expect("lock").first().map(String::as_str),
+            Some("Vm(\"a\")")
+        );
+        front.abort();
+
+        // Nobody reading: it gives up after its limit.
+        let (jobs, _rx) = registry(10);
+        let started = Instant::now();
+        jobs.published(Duration::from_millis(200)).await;
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        // Nobody left at all: at once.
+        let (jobs, rx) = registry(10);
+        drop(rx);
+        let started = Instant::now();
+        jobs.published(Duration::from_secs(5)).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -65,6 +65,15 @@ impl ManagerObject {
     ) -> Result<banger_dbus::JobOutcome, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         let outcome = self.core.job_outcome(&caller, job).await.map_err(to_wire)?;
+        if outcome.state != crate::jobs::JobState::Running {
+            // What the job did is on the bus before its caller hears it
+            // ended (the outcome is recorded before the front end
+            // publishes the job's last events).
+            self.core
+                .jobs()
+                .published(std::time::Duration::from_secs(5))
+                .await;
+        }
         let (error_name, message) = match &outcome.error {
             None => (String::new(), String::new()),
             Some(e) => (super::error_name(e), e.message.clone()),

@@ -172,6 +172,8 @@ async fn mirror_one(
         JobEvent::ResourceRemoved(r) => {
             artifacts::remove(server, r).await?;
         }
+        // Dropped with the event, which wakes its sender.
+        JobEvent::Flush(_) => {}
         JobEvent::Completed {
             id, error, result, ..
         } => {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use banger_dbus::vm_path;
 use zbus::OwnedVariant as OwnedValue;
 use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectServer, OwnedObjectPath, interface};
 
 use super::options::{Options, parsed};
@@ -15,13 +16,50 @@ use crate::core::Core;
 use crate::vm::Vm;
 use crate::vm::commands::VmChanges;
 
-/// One VM on the bus.
+/// How long a method waits for its change to be published.
+const PUBLISHED_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One VM on the bus. What it shows is behind a lock of its own, so the
+/// front end refreshes it with the object server's read lock only: a
+/// method of the object may wait for that refresh ([`VmObject::set`]).
 #[derive(Debug)]
 pub struct VmObject {
     core: Arc<Core>,
+    id: String,
+    view: std::sync::Mutex<View>,
+}
+
+/// What a VM object shows.
+#[derive(Debug)]
+struct View {
     vm: Vm,
     ipv4: String,
     mac: String,
+}
+
+impl VmObject {
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Show `fresh` and announce every property that may have changed.
+    async fn show(&self, fresh: View, emitter: &SignalEmitter<'_>) -> zbus::Result<()> {
+        *self.view() = fresh;
+        self.name_changed(emitter).await?;
+        self.state_changed(emitter).await?;
+        self.i_pv4_changed(emitter).await?;
+        self.m_a_c_changed(emitter).await?;
+        self.v_c_p_us_changed(emitter).await?;
+        self.memory_mi_b_changed(emitter).await?;
+        self.disk_bytes_changed(emitter).await?;
+        self.n_a_t_changed(emitter).await?;
+        self.peers_changed(emitter).await?;
+        self.autostart_changed(emitter).await?;
+        self.unit_changed(emitter).await?;
+        self.last_error_changed(emitter).await?;
+        self.disk_method_changed(emitter).await?;
+        Ok(())
+    }
 }
 
 /// A virtual machine. Long operations (Start, Stop, Restart, Delete)
@@ -32,87 +70,87 @@ impl VmObject {
     /// Stable id (16 lowercase hex digits); the last element of the path.
     #[zbus(property(emits_changed_signal = "const"))]
     fn id(&self) -> String {
-        self.vm.id.clone()
+        self.id.clone()
     }
 
     /// Unique name, a DNS label; also `<name>.vm` in DNS.
     #[zbus(property)]
     fn name(&self) -> String {
-        self.vm.name.clone()
+        self.view().vm.name.clone()
     }
 
     /// creating, stopped, starting, running, stopping or deleting.
     #[zbus(property)]
     fn state(&self) -> String {
-        self.vm.state.as_str().to_owned()
+        self.view().vm.state.as_str().to_owned()
     }
 
     /// Uid that created it.
     #[zbus(property(emits_changed_signal = "const"), name = "OwnerUID")]
     fn owner_uid(&self) -> u32 {
-        self.vm.owner_uid
+        self.view().vm.owner_uid
     }
 
     /// Its IPv4 address on the bridge; empty before its first start.
     #[zbus(property, name = "IPv4")]
     fn ipv4(&self) -> String {
-        self.ipv4.clone()
+        self.view().ipv4.clone()
     }
 
     /// Its MAC address; empty before its first start.
     #[zbus(property, name = "MAC")]
     fn mac(&self) -> String {
-        self.mac.clone()
+        self.view().mac.clone()
     }
 
     /// Virtual CPUs.
     #[zbus(property, name = "VCPUs")]
     fn vcpus(&self) -> u32 {
-        self.vm.vcpus
+        self.view().vm.vcpus
     }
 
     /// Memory in MiB.
     #[zbus(property, name = "MemoryMiB")]
     fn memory_mib(&self) -> u32 {
-        self.vm.memory_mib
+        self.view().vm.memory_mib
     }
 
     /// Size of the work disk (/root) in bytes.
     #[zbus(property)]
     fn disk_bytes(&self) -> u64 {
-        self.vm.disk_bytes
+        self.view().vm.disk_bytes
     }
 
     /// Whether its traffic is NAT'd to the outside.
     #[zbus(property, name = "NAT")]
     fn nat(&self) -> bool {
-        self.vm.nat
+        self.view().vm.nat
     }
 
     /// Whether it talks with the other VMs that have this on (and they
     /// with it); other guests are out of its reach.
     #[zbus(property)]
     fn peers(&self) -> bool {
-        self.vm.peers
+        self.view().vm.peers
     }
 
     /// Whether bangerd starts it when it first starts after the host
     /// booted.
     #[zbus(property)]
     fn autostart(&self) -> bool {
-        self.vm.autostart
+        self.view().vm.autostart
     }
 
     /// Its image's object path.
     #[zbus(property(emits_changed_signal = "const"))]
     fn image(&self) -> OwnedObjectPath {
-        banger_dbus::image_path(&self.vm.image_id)
+        banger_dbus::image_path(&self.view().vm.image_id)
     }
 
     /// Its kernel's object path.
     #[zbus(property(emits_changed_signal = "const"))]
     fn kernel(&self) -> OwnedObjectPath {
-        banger_dbus::kernel_path(&self.vm.kernel_id)
+        banger_dbus::kernel_path(&self.view().vm.kernel_id)
     }
 
     /// What supervises its VMM: the systemd unit
@@ -120,9 +158,13 @@ impl VmObject {
     /// for a child of bangerd; empty when stopped.
     #[zbus(property)]
     fn unit(&self) -> String {
-        match self.vm.pid {
-            Some(pid) => self.core.vms().vm_unit(&self.vm.id).unwrap_or_else(|| {
-                let vmm = self.vm.vmm.map_or("vmm", |d| d.as_str());
+        let (pid, vmm) = {
+            let view = self.view();
+            (view.vm.pid, view.vm.vmm)
+        };
+        match pid {
+            Some(pid) => self.core.vms().vm_unit(&self.id).unwrap_or_else(|| {
+                let vmm = vmm.map_or("vmm", |d| d.as_str());
                 format!("pid:{pid} ({vmm})")
             }),
             None => String::new(),
@@ -132,19 +174,20 @@ impl VmObject {
     /// Creation time, microseconds since the Unix epoch.
     #[zbus(property(emits_changed_signal = "const"))]
     fn created_at(&self) -> u64 {
-        self.vm.created_at.max(0) as u64
+        self.view().vm.created_at.max(0) as u64
     }
 
     /// The last failure (a start that did not come up); empty when none.
     #[zbus(property)]
     fn last_error(&self) -> String {
-        self.vm.last_error.clone()
+        self.view().vm.last_error.clone()
     }
 
     /// How its system disk was made: reflink, copy or dm.
     #[zbus(property)]
     fn disk_method(&self) -> String {
-        self.vm
+        self.view()
+            .vm
             .disk_method
             .map_or(String::new(), |m| m.as_str().to_owned())
     }
@@ -160,7 +203,7 @@ impl VmObject {
         job::answer(
             conn,
             &self.core,
-            self.core.vms().start_vm(&caller, &self.vm.id).await,
+            self.core.vms().start_vm(&caller, &self.id).await,
         )
         .await
     }
@@ -177,7 +220,7 @@ impl VmObject {
         job::answer(
             conn,
             &self.core,
-            self.core.vms().stop_vm(&caller, &self.vm.id).await,
+            self.core.vms().stop_vm(&caller, &self.id).await,
         )
         .await
     }
@@ -193,7 +236,7 @@ impl VmObject {
         job::answer(
             conn,
             &self.core,
-            self.core.vms().restart_vm(&caller, &self.vm.id).await,
+            self.core.vms().restart_vm(&caller, &self.id).await,
         )
         .await
     }
@@ -208,7 +251,7 @@ impl VmObject {
         let caller = caller(conn, &header).await?;
         self.core
             .vms()
-            .kill_vm(&caller, &self.vm.id, signal)
+            .kill_vm(&caller, &self.id, signal)
             .await
             .map_err(to_wire)
     }
@@ -225,7 +268,7 @@ impl VmObject {
         job::answer(
             conn,
             &self.core,
-            self.core.vms().delete_vm(&caller, &self.vm.id).await,
+            self.core.vms().delete_vm(&caller, &self.id).await,
         )
         .await
     }
@@ -251,9 +294,12 @@ impl VmObject {
         };
         self.core
             .vms()
-            .set_vm(&caller, &self.vm.id, changes)
+            .set_vm(&caller, &self.id, changes)
             .await
             .map_err(to_wire)?;
+        // Answer once the change is on the bus: a caller that reads the
+        // VM back right after sees it.
+        self.core.jobs().published(PUBLISHED_LIMIT).await;
         Ok(())
     }
 
@@ -270,7 +316,7 @@ impl VmObject {
         let caller = caller(conn, &header).await?;
         self.core
             .vms()
-            .vm_console(&caller, &self.vm.id, offset)
+            .vm_console(&caller, &self.id, offset)
             .await
             .map_err(to_wire)
     }
@@ -291,7 +337,7 @@ impl VmObject {
         let s = self
             .core
             .vms()
-            .vm_stats(&caller, &self.vm.id)
+            .vm_stats(&caller, &self.id)
             .await
             .map_err(to_wire)?;
         let mut out = HashMap::new();
@@ -319,18 +365,21 @@ impl VmObject {
     }
 }
 
-async fn object(core: &Arc<Core>, vm: Vm) -> VmObject {
+async fn view_of(core: &Arc<Core>, vm: Vm) -> View {
     let (ipv4, mac) = core
         .vms()
         .vm_lease(&vm.id)
         .await
         .map(|l| (l.ipv4.to_string(), l.mac))
         .unwrap_or_default();
+    View { vm, ipv4, mac }
+}
+
+async fn object(core: &Arc<Core>, vm: Vm) -> VmObject {
     VmObject {
         core: core.clone(),
-        vm,
-        ipv4,
-        mac,
+        id: vm.id.clone(),
+        view: std::sync::Mutex::new(view_of(core, vm).await),
     }
 }
 
@@ -355,26 +404,19 @@ pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, id: &str) -> zbus:
         server.remove::<VmObject, _>(&path).await?;
         return Ok(());
     };
-    let fresh = object(core, vm).await;
-    if let Ok(iface) = server.interface::<_, VmObject>(&path).await {
-        let emitter = iface.signal_emitter().clone();
-        let mut o = iface.get_mut().await;
-        *o = fresh;
-        o.name_changed(&emitter).await?;
-        o.state_changed(&emitter).await?;
-        o.i_pv4_changed(&emitter).await?;
-        o.m_a_c_changed(&emitter).await?;
-        o.v_c_p_us_changed(&emitter).await?;
-        o.memory_mi_b_changed(&emitter).await?;
-        o.disk_bytes_changed(&emitter).await?;
-        o.n_a_t_changed(&emitter).await?;
-        o.peers_changed(&emitter).await?;
-        o.autostart_changed(&emitter).await?;
-        o.unit_changed(&emitter).await?;
-        o.last_error_changed(&emitter).await?;
-        o.disk_method_changed(&emitter).await?;
-    } else {
-        server.at(&path, fresh).await?;
+    match server.interface::<_, VmObject>(&path).await {
+        Ok(iface) => {
+            let fresh = view_of(core, vm).await;
+            // The object server's read lock: see [`VmObject`].
+            iface
+                .get()
+                .await
+                .show(fresh, iface.signal_emitter())
+                .await?;
+        }
+        Err(_) => {
+            server.at(&path, object(core, vm).await).await?;
+        }
     }
     Ok(())
 }
