@@ -37,38 +37,29 @@ fn two_hundred_vms_are_deleted_in_one_command_and_each_is_reported() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}\n{stdout}", out.status);
     assert_eq!(stdout, "s000: stopped already\n");
-    let mut args = vec!["vm", "stop"];
-    args.extend(names.iter().map(String::as_str));
-    let out = env.run(&args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
-    for name in &names {
-        assert!(
-            stdout.contains(&format!("{name}: stopped already\n")),
-            "{name} not reported:\n{stdout}\n{stderr}"
-        );
-    }
-    assert!(
-        stdout.contains(&format!("stop: {VMS} of {VMS} VMs done")),
-        "{stdout}"
-    );
-
-    let mut args = vec!["vm", "delete"];
-    args.extend(names.iter().map(String::as_str));
-    let out = env.run(&args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
-    for name in &names {
-        assert!(
-            stdout.contains(&format!("{name}: delete done\n")),
-            "{name} not reported:\n{stdout}\n{stderr}"
-        );
-    }
-    assert!(
-        stdout.contains(&format!("delete: {VMS} of {VMS} VMs done")),
-        "{stdout}"
-    );
+    every_one_reported(&env, "stop", &names, "stopped already");
+    every_one_reported(&env, "delete", &names, "delete done");
     assert!(env.vms().is_empty());
+}
+
+/// `banger vm VERB NAMES...` exits 0, prints `NAME: LINE` for each and
+/// the summary.
+fn every_one_reported(env: &crate::vm_lifecycle::Env, verb: &str, names: &[String], line: &str) {
+    let mut args = vec!["vm", verb];
+    args.extend(names.iter().map(String::as_str));
+    let out = env.run(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    for name in names {
+        assert!(
+            stdout.contains(&format!("{name}: {line}\n")),
+            "{name} not reported:\n{stdout}\n{stderr}"
+        );
+    }
+    let n = names.len();
+    assert!(
+        stdout.contains(&format!("{verb}: {n} of {n} VMs done")),
+        "{stdout}"
+    );
 }

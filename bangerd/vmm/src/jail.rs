@@ -515,24 +515,39 @@ pub fn exec(args: &[String]) -> String {
                 .map_err(|e| format!("cannot make a network namespace: {e}"))?;
         }
         become_vmm(&jail)?;
-        let c = |s: &str| CString::new(s).map_err(|_| format!("{s:?} holds a NUL byte"));
-        let program = c(program)?;
-        let mut argv = vec![program.clone()];
-        for a in rest {
-            argv.push(c(a)?);
-        }
+        let (program, argv) = command_line(program, rest)?;
         if jail.parent.is_some() {
             keep(&program)?;
         }
-        match nix::unistd::execv(&program, &argv) {
-            Ok(never) => match never {},
-            Err(e) => Err(format!("cannot run {}: {e}", program.to_string_lossy())),
-        }
+        execv(&program, &argv)
     };
     match run() {
         Ok(never) => match never {},
         Err(e) => e,
     }
+}
+
+/// `program` and its argv (`program`, then `rest`) for execv(2).
+pub(crate) fn command_line(
+    program: &str,
+    rest: &[String],
+) -> Result<(CString, Vec<CString>), String> {
+    let c = |s: &str| CString::new(s).map_err(|_| format!("{s:?} holds a NUL byte"));
+    let program = c(program)?;
+    let mut argv = vec![program.clone()];
+    for a in rest {
+        argv.push(c(a)?);
+    }
+    Ok((program, argv))
+}
+
+/// Become `program`; returns only with why not.
+pub(crate) fn execv(
+    program: &CString,
+    argv: &[CString],
+) -> Result<std::convert::Infallible, String> {
+    nix::unistd::execv(program, argv)
+        .map_err(|e| format!("cannot run {}: {e}", program.to_string_lossy()))
 }
 
 #[cfg(test)]

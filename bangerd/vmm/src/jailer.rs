@@ -21,7 +21,6 @@
 //! links in the VM's own (root's) directory, and [`release`] removes the
 //! chroot without following links.
 
-use std::ffi::CString;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -328,16 +327,8 @@ pub fn exec(args: &[String]) -> String {
         let nodes: Nodes =
             serde_json::from_str(spec).map_err(|e| format!("bad jailer-exec spec: {e}"))?;
         make_nodes(&nodes)?;
-        let c = |s: &str| CString::new(s).map_err(|_| format!("{s:?} holds a NUL byte"));
-        let program = c(program)?;
-        let mut argv = vec![program.clone()];
-        for a in rest {
-            argv.push(c(a)?);
-        }
-        match nix::unistd::execv(&program, &argv) {
-            Ok(never) => match never {},
-            Err(e) => Err(format!("cannot run {}: {e}", program.to_string_lossy())),
-        }
+        let (program, argv) = crate::jail::command_line(program, rest)?;
+        crate::jail::execv(&program, &argv)
     };
     match run() {
         Ok(never) => match never {},
