@@ -111,28 +111,11 @@ pub struct JobOutcome {
     pub stages: Vec<StageRecord>,
 }
 
-/// Every error kind, to read one back from the history by its name.
-const ERROR_KINDS: [ErrorKind; 10] = [
-    ErrorKind::NotFound,
-    ErrorKind::InvalidArgument,
-    ErrorKind::AlreadyExists,
-    ErrorKind::Busy,
-    ErrorKind::PermissionDenied,
-    ErrorKind::InteractiveAuthorizationRequired,
-    ErrorKind::Unavailable,
-    ErrorKind::Failed,
-    ErrorKind::Cancelled,
-    ErrorKind::LimitExceeded,
-];
-
 impl JobOutcome {
     /// From a history row (an interrupted job reads as failed).
     fn from_row(row: &crate::store::JobRow) -> JobOutcome {
         let message = row.message.clone().unwrap_or_default();
-        let kind = row
-            .error_kind
-            .as_deref()
-            .and_then(|k| ERROR_KINDS.into_iter().find(|e| format!("{e:?}") == k));
+        let kind = row.error_kind.as_deref().and_then(ErrorKind::from_name);
         let (state, error) = match row.state.as_str() {
             "running" => (JobState::Running, None),
             "succeeded" => (JobState::Succeeded, None),
@@ -612,7 +595,7 @@ impl Jobs {
             Some(e) => tracing::warn!(banger_job_id = id, state = state.as_str(), "job ended: {e}"),
         }
         let store = self.store.clone();
-        let kind = error.as_ref().map(|e| format!("{:?}", e.kind));
+        let kind = error.as_ref().map(|e| e.kind.name().to_owned());
         let message = error.as_ref().map(|e| e.message.clone());
         let (result, stages) = self
             .get(id)

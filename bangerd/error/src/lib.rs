@@ -28,6 +28,44 @@ pub enum ErrorKind {
     LimitExceeded,
 }
 
+impl ErrorKind {
+    /// Every kind.
+    pub const ALL: [ErrorKind; 10] = [
+        ErrorKind::NotFound,
+        ErrorKind::InvalidArgument,
+        ErrorKind::AlreadyExists,
+        ErrorKind::Busy,
+        ErrorKind::PermissionDenied,
+        ErrorKind::InteractiveAuthorizationRequired,
+        ErrorKind::Unavailable,
+        ErrorKind::Failed,
+        ErrorKind::Cancelled,
+        ErrorKind::LimitExceeded,
+    ];
+
+    /// Its name where it is written down (the job history, a helper's
+    /// report): the variant's, e.g. `NotFound`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "NotFound",
+            ErrorKind::InvalidArgument => "InvalidArgument",
+            ErrorKind::AlreadyExists => "AlreadyExists",
+            ErrorKind::Busy => "Busy",
+            ErrorKind::PermissionDenied => "PermissionDenied",
+            ErrorKind::InteractiveAuthorizationRequired => "InteractiveAuthorizationRequired",
+            ErrorKind::Unavailable => "Unavailable",
+            ErrorKind::Failed => "Failed",
+            ErrorKind::Cancelled => "Cancelled",
+            ErrorKind::LimitExceeded => "LimitExceeded",
+        }
+    }
+
+    /// The kind named `name` ([`ErrorKind::name`]).
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
 /// An error answered by the core: a kind and a message for humans that says
 /// what to do (lowercase, no trailing period).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,3 +148,19 @@ impl Error {
 
 /// Result of a core command.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_is_listed_once_and_read_back_by_its_name() {
+        for (i, kind) in ErrorKind::ALL.into_iter().enumerate() {
+            assert_eq!(ErrorKind::from_name(kind.name()), Some(kind));
+            // The history has always stored the variant's Debug name.
+            assert_eq!(kind.name(), format!("{kind:?}"));
+            assert!(!ErrorKind::ALL[..i].contains(&kind), "{kind:?} twice");
+        }
+        assert_eq!(ErrorKind::from_name("nonsense"), None);
+    }
+}

@@ -35,31 +35,10 @@ pub struct Spec {
     pub shift: u32,
 }
 
-/// The words [`ErrorKind`]s travel as.
-const KINDS: &[(ErrorKind, &str)] = &[
-    (ErrorKind::NotFound, "not-found"),
-    (ErrorKind::InvalidArgument, "invalid"),
-    (ErrorKind::AlreadyExists, "exists"),
-    (ErrorKind::Busy, "busy"),
-    (ErrorKind::PermissionDenied, "denied"),
-    (ErrorKind::InteractiveAuthorizationRequired, "interactive"),
-    (ErrorKind::Unavailable, "unavailable"),
-    (ErrorKind::Failed, "failed"),
-    (ErrorKind::Cancelled, "cancelled"),
-    (ErrorKind::LimitExceeded, "limit"),
-];
-
-fn kind_word(kind: ErrorKind) -> &'static str {
-    KINDS
-        .iter()
-        .find(|(k, _)| *k == kind)
-        .map_or("failed", |(_, w)| w)
-}
-
 /// The error in a helper's `error KIND MESSAGE` line.
 fn error_line(line: &str) -> Option<Error> {
     let (word, message) = line.strip_prefix("error ")?.split_once(' ')?;
-    let kind = KINDS.iter().find(|(_, w)| *w == word)?.0;
+    let kind = ErrorKind::from_name(word)?;
     Some(Error::new(kind, message))
 }
 
@@ -75,7 +54,7 @@ pub fn exec(spec: &str) -> i32 {
     let fail = |out: &mut std::io::StdoutLock<'_>, e: &Error| {
         // One line: the message's own line breaks would split it.
         let message = e.message.replace('\n', " ");
-        let _ = writeln!(out, "error {} {message}", kind_word(e.kind));
+        let _ = writeln!(out, "error {} {message}", e.kind.name());
         let _ = out.flush();
         1
     };
@@ -174,11 +153,11 @@ mod tests {
 
     #[test]
     fn errors_and_progress_go_through_lines() {
-        for (kind, _) in KINDS {
-            let line = format!("error {} layer 2: bad entry", kind_word(*kind));
+        for kind in ErrorKind::ALL {
+            let line = format!("error {} layer 2: bad entry", kind.name());
             assert_eq!(
                 error_line(&line),
-                Some(Error::new(*kind, "layer 2: bad entry"))
+                Some(Error::new(kind, "layer 2: bad entry"))
             );
         }
         assert_eq!(error_line("error nonsense x"), None);
