@@ -288,6 +288,7 @@ pub async fn run(
     let housekeeping = tokio::spawn(housekeeping::run(core.clone()));
     let activity = Arc::new(idle::Activity::default());
     let calls = tokio::spawn(watch_calls(conn.clone(), activity.clone()));
+    let trimmer = tokio::spawn(memory::trim_after_calls(activity.clone()));
     let mut last_status = status;
     loop {
         let rule = idle::IdleRule::new(core.config().daemon.idle_exit_secs, exit_when_idle);
@@ -350,6 +351,7 @@ pub async fn run(
     drop(core);
     mirror.abort();
     calls.abort();
+    trimmer.abort();
     housekeeping.abort();
     if let Some(watchdog) = watchdog {
         watchdog.abort();
