@@ -137,6 +137,18 @@ impl Store {
         Ok(updated)
     }
 
+    /// The VMs with a VMM process (starting, running or stopping), oldest
+    /// first.
+    pub fn vms_with_process(&self) -> Result<Vec<Vm>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT * FROM vms WHERE state IN ('starting', 'running', 'stopping')
+             ORDER BY created_at, id",
+        )?;
+        let rows = st.query_map([], vm_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The VMs marked autostart, oldest first.
     pub fn autostart_vms(&self) -> Result<Vec<Vm>, StoreError> {
         let conn = self.conn();
@@ -287,6 +299,10 @@ mod tests {
         assert!(store.update_vm(&a).expect("update"));
         assert_eq!(store.vms().expect("list"), vec![a.clone()]);
         assert_eq!(store.autostart_vms().expect("marked"), vec![a.clone()]);
+        assert_eq!(store.vms_with_process().expect("running"), vec![a.clone()]);
+        a.state = VmState::Stopped;
+        assert!(store.update_vm(&a).expect("update"));
+        assert!(store.vms_with_process().expect("none").is_empty());
         assert_eq!(store.vms_of(1000).expect("mine"), vec![a.clone()]);
         assert!(store.vms_of(1001).expect("theirs").is_empty());
         assert_eq!(store.vms_using_image("i1").expect("users"), ["web"]);

@@ -211,6 +211,17 @@ impl Vms {
         blocking(move || store.vms().map_err(store_err("reading VMs failed"))).await
     }
 
+    /// The VMs a VMM process runs for (starting, running, stopping).
+    pub async fn list_with_process(&self) -> Result<Vec<Vm>> {
+        let store = self.store.clone();
+        blocking(move || {
+            store
+                .vms_with_process()
+                .map_err(store_err("reading VMs failed"))
+        })
+        .await
+    }
+
     /// VM `id`, by id only (the bus addresses VMs by id; names are the
     /// CLI's to resolve).
     pub async fn vm_by_id(&self, id: &str) -> Result<Vm> {
