@@ -788,7 +788,8 @@ async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> a
     let auth = Authorization::prepare(opts).await;
     let started = Instant::now();
     if let [r] = refs.as_slice() {
-        if let Ok(vm) = artifacts::resolve(&catalog.vms, r, "vm")
+        let resolved = artifacts::resolve(&catalog.vms, r, "vm");
+        if let Ok(vm) = &resolved
             && let Some(already) = done_already(job, &vm.state)
         {
             let _ = auth.finish(Ok::<_, Failure>(())).await;
@@ -800,7 +801,7 @@ async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> a
             return Ok(exit::OK);
         }
         let mut subscription = Subscription::new(&client).await?;
-        let result = match artifacts::resolve(&catalog.vms, r, "vm") {
+        let result = match resolved {
             Ok(vm) => client.vm_job(&vm.path, job, auth.interaction).await,
             Err(f) => Err(f),
         };

@@ -261,12 +261,11 @@ pub struct Flush {
     _wake: Arc<FlushOnDrop>,
 }
 
-struct FlushOnDrop(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>);
+struct FlushOnDrop(Option<tokio::sync::oneshot::Sender<()>>);
 
 impl Drop for FlushOnDrop {
     fn drop(&mut self) {
-        let sender = self.0.get_mut().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(sender) = sender {
+        if let Some(sender) = self.0.take() {
             let _ = sender.send(());
         }
     }
@@ -398,7 +397,7 @@ impl Jobs {
     pub async fn published(&self, limit: Duration) {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         self.send(JobEvent::Flush(Flush {
-            _wake: Arc::new(FlushOnDrop(std::sync::Mutex::new(Some(sender)))),
+            _wake: Arc::new(FlushOnDrop(Some(sender))),
         }));
         let _ = tokio::time::timeout(limit, receiver).await;
     }

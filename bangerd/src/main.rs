@@ -35,19 +35,13 @@ fn main() -> ExitCode {
     // (banger_vmm::jail), `jailer-exec NODES -- JAILER ARGS...` makes a
     // jailed Firecracker's device nodes and becomes its jailer
     // (banger_vmm::jailer); they return only to say why they could not.
-    type ExecHelper = fn(&[String]) -> String;
-    let exec_helper: Option<(&str, ExecHelper)> = match argv.get(1).and_then(|a| a.to_str()) {
-        Some(bangerd::vm::vmm::jail::HELPER_ARG) => Some((
-            bangerd::vm::vmm::jail::HELPER_ARG,
-            bangerd::vm::vmm::jail::exec,
-        )),
-        Some(bangerd::vm::vmm::jailer::HELPER_ARG) => Some((
-            bangerd::vm::vmm::jailer::HELPER_ARG,
-            bangerd::vm::vmm::jailer::exec,
-        )),
+    let mode = argv.get(1).and_then(|a| a.to_str());
+    let exec_helper: Option<fn(&[String]) -> String> = match mode {
+        Some(bangerd::vm::vmm::jail::HELPER_ARG) => Some(bangerd::vm::vmm::jail::exec),
+        Some(bangerd::vm::vmm::jailer::HELPER_ARG) => Some(bangerd::vm::vmm::jailer::exec),
         _ => None,
     };
-    if let Some((name, exec)) = exec_helper {
+    if let (Some(exec), Some(name)) = (exec_helper, mode) {
         let rest: Option<Vec<String>> = argv[2..]
             .iter()
             .map(|a| a.to_str().map(str::to_owned))

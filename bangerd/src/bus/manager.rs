@@ -69,10 +69,7 @@ impl ManagerObject {
             // What the job did is on the bus before its caller hears it
             // ended (the outcome is recorded before the front end
             // publishes the job's last events).
-            self.core
-                .jobs()
-                .published(std::time::Duration::from_secs(5))
-                .await;
+            self.core.jobs().published(super::PUBLISHED_LIMIT).await;
         }
         let (error_name, message) = match &outcome.error {
             None => (String::new(), String::new()),

@@ -25,6 +25,10 @@ use crate::core::Core;
 use crate::error::{Error, ErrorKind};
 use crate::jobs::JobEvent;
 
+/// How long a method waits for what it changed to be published
+/// ([`crate::jobs::Jobs::published`]).
+const PUBLISHED_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub use job::JobObject;
 pub use manager::ManagerObject;
 

@@ -16,9 +16,6 @@ use crate::core::Core;
 use crate::vm::Vm;
 use crate::vm::commands::VmChanges;
 
-/// How long a method waits for its change to be published.
-const PUBLISHED_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// One VM on the bus. What it shows is behind a lock of its own, so the
 /// front end refreshes it with the object server's read lock only: a
 /// method of the object may wait for that refresh ([`VmObject::set`]).
@@ -299,7 +296,7 @@ impl VmObject {
             .map_err(to_wire)?;
         // Answer once the change is on the bus: a caller that reads the
         // VM back right after sees it.
-        self.core.jobs().published(PUBLISHED_LIMIT).await;
+        self.core.jobs().published(super::PUBLISHED_LIMIT).await;
         Ok(())
     }
 

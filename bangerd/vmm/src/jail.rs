@@ -487,12 +487,8 @@ fn keep(program: &CString) -> Result<(), String> {
 /// the reason (bangerd prints it to the VMM's log and exits 126).
 pub fn exec(args: &[String]) -> String {
     let run = || -> Result<std::convert::Infallible, String> {
-        let [spec, dashes, program, rest @ ..] = args else {
-            return Err("usage: bangerd vmm-exec SPEC -- PROGRAM [ARGS...]".into());
-        };
-        if dashes != "--" {
-            return Err("usage: bangerd vmm-exec SPEC -- PROGRAM [ARGS...]".into());
-        }
+        let (spec, program, rest) =
+            helper_args(args, "usage: bangerd vmm-exec SPEC -- PROGRAM [ARGS...]")?;
         let jail: Jail =
             serde_json::from_str(spec).map_err(|e| format!("bad vmm-exec spec: {e}"))?;
         jail.check()?;
@@ -524,6 +520,18 @@ pub fn exec(args: &[String]) -> String {
     match run() {
         Ok(never) => match never {},
         Err(e) => e,
+    }
+}
+
+/// The arguments of bangerd's exec helpers, `SPEC -- PROGRAM [ARGS...]`:
+/// the spec, the program and its arguments, or `usage`.
+pub(crate) fn helper_args<'a>(
+    args: &'a [String],
+    usage: &str,
+) -> Result<(&'a str, &'a str, &'a [String]), String> {
+    match args {
+        [spec, dashes, program, rest @ ..] if dashes == "--" => Ok((spec, program, rest)),
+        _ => Err(usage.to_owned()),
     }
 }
 

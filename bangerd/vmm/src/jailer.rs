@@ -70,7 +70,7 @@ impl Layout {
     pub fn new(paths: &VmPaths, exec_file: &Path) -> Self {
         let id = paths.dir.file_name().unwrap_or_default();
         let name = exec_file.file_name().unwrap_or_default();
-        let base = paths.dir.join("jail");
+        let base = Self::base_of(paths);
         let root = base.join(name).join(id).join("root");
         Self { base, root }
     }
@@ -110,13 +110,25 @@ pub enum JailerError {
 
 /// Check what the jailer checks of its arguments.
 pub fn check(exec_file: &Path, id: &str) -> Result<(), JailerError> {
+    check_exec_name(exec_file)?;
+    check_id(id)
+}
+
+/// The jailer execs only a file whose name contains `firecracker`.
+pub fn check_exec_name(exec_file: &Path) -> Result<(), JailerError> {
     let named = exec_file
         .file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.contains("firecracker"));
-    if !named {
-        return Err(JailerError::ExecName(exec_file.to_owned()));
+    if named {
+        Ok(())
+    } else {
+        Err(JailerError::ExecName(exec_file.to_owned()))
     }
+}
+
+/// The jailer takes ids of alphanumerics and hyphens, at most 64.
+pub fn check_id(id: &str) -> Result<(), JailerError> {
     if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
     {
         return Err(JailerError::Id(id.to_owned()));
@@ -318,12 +330,8 @@ pub fn command(
 /// the jailer. Returns only on failure, with why.
 pub fn exec(args: &[String]) -> String {
     let run = || -> Result<std::convert::Infallible, String> {
-        let [spec, dashes, program, rest @ ..] = args else {
-            return Err("usage: bangerd jailer-exec NODES -- JAILER [ARGS...]".into());
-        };
-        if dashes != "--" {
-            return Err("usage: bangerd jailer-exec NODES -- JAILER [ARGS...]".into());
-        }
+        let (spec, program, rest) =
+            crate::jail::helper_args(args, "usage: bangerd jailer-exec NODES -- JAILER [ARGS...]")?;
         let nodes: Nodes =
             serde_json::from_str(spec).map_err(|e| format!("bad jailer-exec spec: {e}"))?;
         make_nodes(&nodes)?;

@@ -139,14 +139,13 @@ pub fn jailed_vm_of(args: &[String], uid: u32) -> Option<String> {
     let vm_uid = crate::jail::VMM_IDS.contains(&uid) && uid != crate::jail::VMM_GROUP;
     let firecracker = args
         .first()
-        .and_then(|a| Path::new(a).file_name()?.to_str())
-        .is_some_and(|n| n.contains("firecracker"));
+        .is_some_and(|a| crate::jailer::check_exec_name(Path::new(a)).is_ok());
     if !vm_uid || !firecracker {
         return None;
     }
     args.iter().find_map(|a| {
         let id = a.strip_prefix("--id=")?;
-        crate::jailer::check(Path::new("firecracker"), id).ok()?;
+        crate::jailer::check_id(id).ok()?;
         Some(id.to_owned())
     })
 }

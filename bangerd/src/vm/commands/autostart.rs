@@ -7,8 +7,8 @@
 //! bangerd is D-Bus activated and does not start at boot by itself. The
 //! flag file [`AUTOSTART_FLAG`] in the state directory exists while some
 //! VM is marked autostart; the package's `banger-autostart.service`
-//! (enabled for `multi-user.target`, `ConditionPathExists=` that file,
-//! `Wants=`/`After=bangerd.service`) starts bangerd at boot only then.
+//! (enabled for `multi-user.target`, `ConditionPathExists=` that file)
+//! activates bangerd at boot, with one D-Bus call, only then.
 
 use std::sync::Arc;
 
@@ -39,15 +39,7 @@ impl Vms {
                 .autostart_vms()
                 .map_err(store_err("reading the vms failed"))?
                 .is_empty();
-            let written = if any {
-                std::fs::write(&flag, "some VMs start at boot; see banger vm list\n")
-            } else {
-                match std::fs::remove_file(&flag) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                }
-            };
-            written.map_err(|e| Error::failed(format!("cannot update {}: {e}", flag.display())))
+            write_flag(&flag, any)
         })
         .await;
         if let Err(e) = synced {
@@ -61,8 +53,8 @@ impl Vms {
     /// recorded once the jobs are under way, so a daemon that dies
     /// before that tries again.
     pub async fn autostart(self: &Arc<Self>) -> Result<Vec<(String, JobId)>> {
-        self.sync_autostart_flag().await;
         let store = self.store.clone();
+        let flag = self.dirs.state.join(AUTOSTART_FLAG);
         let booted = self.dirs.runtime.join(BOOTED);
         let marker = booted.clone();
         let (boot, last, vms) = blocking(move || {
@@ -76,6 +68,9 @@ impl Vms {
             let vms = store
                 .autostart_vms()
                 .map_err(store_err("reading the vms failed"))?;
+            if let Err(e) = write_flag(&flag, !vms.is_empty()) {
+                tracing::warn!("{e}");
+            }
             Ok((boot, last, vms))
         })
         .await?;
@@ -103,4 +98,17 @@ impl Vms {
         .await?;
         Ok(started)
     }
+}
+
+/// Make the flag file say whether `any` VM is marked autostart.
+fn write_flag(flag: &std::path::Path, any: bool) -> Result<()> {
+    let written = if any {
+        std::fs::write(flag, "some VMs start at boot; see banger vm list\n")
+    } else {
+        match std::fs::remove_file(flag) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    };
+    written.map_err(|e| Error::failed(format!("cannot update {}: {e}", flag.display())))
 }

@@ -41,7 +41,7 @@ fn firecracker_driver(config: &Config) -> Result<Arc<dyn Vmm>> {
     })?;
     let jailer = jailer_of(config);
     if jailer.is_some() {
-        crate::vm::vmm::jailer::check(&binary, "0").map_err(|e| {
+        crate::vm::vmm::jailer::check_exec_name(&binary).map_err(|e| {
             Error::unavailable(format!(
                 "{e}: link it under such a name, or set vm.jailer_bin = \"\" to run it without the jailer"
             ))
