@@ -36,6 +36,14 @@ pub async fn handle(
             AfterReply::Shutdown { reboot },
         ),
         Request::SyncTime { unix_ns } => (sync_time(unix_ns), AfterReply::Continue),
+        // Streams belong to a connection: serve.rs handles these.
+        Request::Exec(_) | Request::Signal { .. } | Request::Resize { .. } => (
+            Err(AgentError::new(
+                ErrorKind::Failed,
+                "stream requests are handled by the connection",
+            )),
+            AfterReply::Continue,
+        ),
     }
 }
 

@@ -6,6 +6,7 @@
 //! a unix socket instead (tests, debugging). `banger-agent call` is a small
 //! client for the same protocol, for people poking at a guest by hand.
 
+mod exec;
 mod handlers;
 mod serve;
 

@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger_agent_proto::codec::{Frame, FrameCodec, MAX_FRAME_LEN};
-use banger_agent_proto::{AgentError, ErrorKind, encode_response, parse_request};
+use banger_agent_proto::stream::{StreamFrame, is_json};
+use banger_agent_proto::{AgentError, ErrorKind, Request, encode_response, parse_request};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use crate::exec::Streams;
 use crate::handlers::{self, AfterReply};
 
 /// Shared state of the serving agent.
@@ -40,6 +42,7 @@ where
             }
         }
     });
+    let streams = Arc::new(Streams::default());
     let mut count = 0;
     while let Some(frame) = frames.next().await {
         count += 1;
@@ -65,6 +68,21 @@ where
             }
             Frame::Data(p) => p,
         };
+        if !is_json(&payload) {
+            match StreamFrame::decode(&payload) {
+                Ok(frame) => streams.route(frame),
+                Err(e) => {
+                    let err = AgentError::new(
+                        ErrorKind::BadFrame,
+                        format!("frame is neither a JSON request nor a stream frame: {e}"),
+                    );
+                    if tx.send(encode_response(0, Err(err))).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
         let env = match parse_request(&payload) {
             Ok(env) => env,
             Err((id, err)) => {
@@ -74,17 +92,37 @@ where
                 continue;
             }
         };
-        // Requests run concurrently so a long WaitPort holds up nothing.
-        let tx = tx.clone();
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let (result, after) = handlers::handle(env.request, &agent.proc_root).await;
-            let _ = tx.send(encode_response(env.id, result)).await;
-            if let AfterReply::Shutdown { reboot } = after {
-                let _ = agent.shutdown.send(reboot).await;
+        // Stream requests act on this connection's streams at once, so
+        // that the stdin which follows an Exec finds its stream.
+        let direct = match env.request {
+            Request::Exec(spec) => {
+                streams.open(env.id, spec, tx.clone());
+                continue;
             }
-        });
+            Request::Signal { stream, signal } => Some(streams.signal(stream, signal)),
+            Request::Resize { stream, rows, cols } => Some(streams.resize(stream, rows, cols)),
+            other => {
+                // Requests run concurrently so a long WaitPort holds up nothing.
+                let tx = tx.clone();
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    let (result, after) = handlers::handle(other, &agent.proc_root).await;
+                    let _ = tx.send(encode_response(env.id, result)).await;
+                    if let AfterReply::Shutdown { reboot } = after {
+                        let _ = agent.shutdown.send(reboot).await;
+                    }
+                });
+                None
+            }
+        };
+        if let Some(result) = direct
+            && tx.send(encode_response(env.id, result)).await.is_err()
+        {
+            break;
+        }
     }
+    // The host is gone: so are the commands it ran.
+    streams.kill_all();
     drop(tx);
     let _ = writer_task.await;
     count
@@ -138,14 +176,19 @@ pub async fn serve_serial(agent: Arc<Agent>, name: &str) -> std::io::Result<()> 
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
+        // Blocking reads and writes on the blocking pool, not epoll: the
+        // port's readiness events were seen to go missing while the
+        // agent read and wrote at once, leaving host data unread (the
+        // same stall as issue 20, item 8). A blocked read wakes on the
+        // port's own wait queue.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+            .custom_flags(nix::libc::O_CLOEXEC)
             .open(&dev)?;
-        // A port may be opened once; writers get duplicate fds.
+        // A port may be opened once; the writer gets a duplicate.
         let write_file = file.try_clone()?;
-        let mut reader = tokio::net::unix::pipe::Receiver::from_file_unchecked(file)?;
+        let mut reader = tokio::fs::File::from_std(file);
         ready(&format!("virtio-serial port {name} ({})", dev.display()));
         // The port stays open for good: closing it makes the guest kernel
         // drop whatever the host sent meanwhile, and a host client that
@@ -155,8 +198,7 @@ pub async fn serve_serial(agent: Arc<Agent>, name: &str) -> std::io::Result<()> 
         // a pause that grows while the host stays away.
         let mut pause = SERIAL_POLL_MIN;
         loop {
-            let writer =
-                tokio::net::unix::pipe::Sender::from_file_unchecked(write_file.try_clone()?)?;
+            let writer = tokio::fs::File::from_std(write_file.try_clone()?);
             let served = serve_stream(agent.clone(), &mut reader, writer).await;
             pause = if served > 0 {
                 SERIAL_POLL_MIN

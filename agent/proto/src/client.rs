@@ -21,7 +21,10 @@ use tokio::sync::oneshot;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::codec::{CodecError, Frame, FrameCodec};
-use crate::{AgentError, Health, Info, Request, Response, encode_request, parse_response};
+use crate::stream::{CHUNK, Channel, ExitStatus, Inflow, StreamFrame, is_json};
+use crate::{
+    AgentError, ExecSpec, Health, Info, Request, Response, encode_request, parse_response,
+};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +77,78 @@ type Waiting = Result<HashMap<u64, oneshot::Sender<Reply>>, String>;
 struct Shared {
     writer: tokio::sync::Mutex<WriterBox>,
     waiting: Arc<Mutex<Waiting>>,
+    streams: Arc<Mutex<Streams>>,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+}
+
+/// Open streams by id.
+type Streams = HashMap<u64, Slot>;
+
+/// What the reader task needs of an open stream.
+#[derive(Debug)]
+struct Slot {
+    events: tokio::sync::mpsc::UnboundedSender<StreamEvent>,
+    inflow: Arc<[Inflow; 3]>,
+    credit: Arc<Credit>,
+}
+
+/// What happens on a stream, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// Bytes on stdout or stderr; empty means that channel ended. Say
+    /// [`ExecOutput::consumed`] once they are passed on.
+    Output(Channel, bytes::Bytes),
+    /// The process ended; nothing follows.
+    Exit(ExitStatus),
+    /// The stream broke (the connection ended, or the agent broke the
+    /// protocol); nothing follows.
+    Broken(String),
+}
+
+/// Credit to send on a channel: bytes the peer is ready to take
+/// ([`crate::stream`]'s flow control).
+#[derive(Debug, Default)]
+pub struct Credit {
+    state: Mutex<(u64, bool)>,
+    notify: tokio::sync::Notify,
+}
+
+impl Credit {
+    /// The peer granted `n` more bytes.
+    pub fn add(&self, n: u32) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = st.0.saturating_add(u64::from(n));
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
+    /// No more credit will come: wake every waiter with 0.
+    pub fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.notify.notify_waiters();
+    }
+
+    /// Up to `want` bytes of credit, waiting for some; 0 once closed.
+    pub async fn take(&self, want: usize) -> usize {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if st.1 {
+                    return 0;
+                }
+                if st.0 > 0 {
+                    let n = st.0.min(want as u64);
+                    st.0 -= n;
+                    return n as usize;
+                }
+            }
+            notified.await;
+        }
+    }
 }
 
 struct WriterBox(Writer);
@@ -125,7 +198,8 @@ impl Client {
     {
         let (read, write) = tokio::io::split(stream);
         let waiting: Arc<Mutex<Waiting>> = Arc::new(Mutex::new(Ok(HashMap::new())));
-        let reader = tokio::spawn(read_replies(read, waiting.clone()));
+        let streams: Arc<Mutex<Streams>> = Arc::default();
+        let reader = tokio::spawn(read_replies(read, waiting.clone(), streams.clone()));
         let writer: Box<dyn AsyncWrite + Send + Unpin> = Box::new(write);
         Self {
             shared: Arc::new(Shared {
@@ -134,6 +208,7 @@ impl Client {
                     FrameCodec::new(),
                 ))),
                 waiting,
+                streams,
                 // Start somewhere unlikely to match a stale reply's id.
                 next_id: AtomicU64::new(u64::from(std::process::id()) << 32 | 1),
                 reader,
@@ -148,8 +223,75 @@ impl Client {
 
     /// Send `request` and wait up to `timeout` for its reply.
     pub async fn call(&self, request: Request, timeout: Duration) -> Result<Response, ClientError> {
+        let id = self.new_id();
+        self.call_as(id, request, timeout).await
+    }
+
+    fn new_id(&self) -> u64 {
+        self.shared.next_id.fetch_add(1, Ordering::Relaxed).max(1)
+    }
+
+    /// Send one frame as it is.
+    async fn send_frame(&self, payload: &[u8]) -> Result<(), ClientError> {
+        let sent = self.shared.writer.lock().await.0.send(payload).await;
+        sent.map_err(|e| {
+            let e = ClientError::from(e);
+            *lock(&self.shared.waiting) = Err(e.to_string());
+            e
+        })
+    }
+
+    /// Run a command in the guest ([`Request::Exec`]); `timeout` bounds
+    /// the wait for it to start. Its input, output and end go through the
+    /// returned stream.
+    pub async fn exec(&self, spec: ExecSpec, timeout: Duration) -> Result<ExecStream, ClientError> {
+        let id = self.new_id();
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let inflow: Arc<[Inflow; 3]> = Arc::default();
+        let credit = Arc::new(Credit::default());
+        credit.add(crate::stream::WINDOW);
+        lock_streams(&self.shared.streams).insert(
+            id,
+            Slot {
+                events: events_tx,
+                inflow: inflow.clone(),
+                credit: credit.clone(),
+            },
+        );
+        let pid = match self.call_as(id, Request::Exec(spec), timeout).await {
+            Ok(Response::ExecStarted { pid }) => pid,
+            Ok(other) => {
+                lock_streams(&self.shared.streams).remove(&id);
+                return Err(unexpected("exec", &other));
+            }
+            Err(e) => {
+                lock_streams(&self.shared.streams).remove(&id);
+                return Err(e);
+            }
+        };
+        Ok(ExecStream {
+            input: ExecInput {
+                id,
+                client: self.clone(),
+                credit,
+            },
+            output: ExecOutput {
+                id,
+                client: self.clone(),
+                events,
+                inflow,
+            },
+            pid,
+        })
+    }
+
+    async fn call_as(
+        &self,
+        id: u64,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
         let op = request.op();
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed).max(1);
         let (tx, rx) = oneshot::channel();
         match lock(&self.shared.waiting).as_mut() {
             Ok(map) => map.insert(id, tx),
@@ -245,9 +387,166 @@ impl Client {
     }
 }
 
-/// Hand each reply to the call waiting for its id until the stream ends;
-/// then every waiting call learns it.
-async fn read_replies<R: AsyncRead + Send + Unpin>(read: R, waiting: Arc<Mutex<Waiting>>) {
+fn lock_streams(m: &Mutex<Streams>) -> std::sync::MutexGuard<'_, Streams> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running command: its input side and its output side, which may be
+/// used from different tasks.
+#[derive(Debug)]
+pub struct ExecStream {
+    /// Stdin, signals, resizes.
+    pub input: ExecInput,
+    /// Output and the end.
+    pub output: ExecOutput,
+    /// The process's pid in the guest.
+    pub pid: u32,
+}
+
+/// The sending side of a running command.
+#[derive(Debug, Clone)]
+pub struct ExecInput {
+    id: u64,
+    client: Client,
+    credit: Arc<Credit>,
+}
+
+impl ExecInput {
+    /// Send `bytes` to the command's stdin, as fast as the agent takes them.
+    pub async fn write(&self, mut bytes: &[u8]) -> Result<(), ClientError> {
+        while !bytes.is_empty() {
+            let n = self.credit.take(bytes.len().min(CHUNK)).await;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            let frame = StreamFrame::Data {
+                id: self.id,
+                channel: Channel::Stdin,
+                bytes: bytes::Bytes::copy_from_slice(&bytes[..n]),
+            };
+            self.client.send_frame(&frame.encode()).await?;
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+
+    /// End the command's stdin.
+    pub async fn close(&self) -> Result<(), ClientError> {
+        let frame = StreamFrame::Data {
+            id: self.id,
+            channel: Channel::Stdin,
+            bytes: bytes::Bytes::new(),
+        };
+        self.client.send_frame(&frame.encode()).await
+    }
+
+    /// Send `signal` to the command's process group.
+    pub async fn signal(&self, signal: i32, timeout: Duration) -> Result<(), ClientError> {
+        let req = Request::Signal {
+            stream: self.id,
+            signal,
+        };
+        match self.client.call(req, timeout).await? {
+            Response::Signalled => Ok(()),
+            other => Err(unexpected("signal", &other)),
+        }
+    }
+
+    /// Resize the command's terminal.
+    pub async fn resize(&self, rows: u16, cols: u16, timeout: Duration) -> Result<(), ClientError> {
+        let req = Request::Resize {
+            stream: self.id,
+            rows,
+            cols,
+        };
+        match self.client.call(req, timeout).await? {
+            Response::Resized => Ok(()),
+            other => Err(unexpected("resize", &other)),
+        }
+    }
+}
+
+/// The receiving side of a running command.
+#[derive(Debug)]
+pub struct ExecOutput {
+    id: u64,
+    client: Client,
+    events: tokio::sync::mpsc::UnboundedReceiver<StreamEvent>,
+    inflow: Arc<[Inflow; 3]>,
+}
+
+impl ExecOutput {
+    /// The next event; `None` after the last.
+    pub async fn next(&mut self) -> Option<StreamEvent> {
+        self.events.recv().await
+    }
+
+    /// `n` bytes of `channel` were passed on: let the agent send more.
+    pub async fn consumed(&self, channel: Channel, n: usize) -> Result<(), ClientError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let n = self.inflow[channel.index()].passed_on(n);
+        let frame = StreamFrame::Credit {
+            id: self.id,
+            channel,
+            n,
+        };
+        self.client.send_frame(&frame.encode()).await
+    }
+}
+
+impl Drop for ExecOutput {
+    fn drop(&mut self) {
+        lock_streams(&self.client.shared.streams).remove(&self.id);
+    }
+}
+
+/// Route one stream frame to its stream.
+fn route(streams: &Mutex<Streams>, frame: StreamFrame) {
+    let mut map = lock_streams(streams);
+    let id = frame.id();
+    let Some(slot) = map.get(&id) else {
+        return;
+    };
+    match frame {
+        StreamFrame::Data { channel, bytes, .. } => {
+            if channel == Channel::Stdin {
+                return;
+            }
+            if !slot.inflow[channel.index()].receive(bytes.len()) {
+                if let Some(slot) = map.remove(&id) {
+                    slot.credit.close();
+                    let _ = slot.events.send(StreamEvent::Broken(
+                        "the agent sent past the flow-control window".to_owned(),
+                    ));
+                }
+                return;
+            }
+            let _ = slot.events.send(StreamEvent::Output(channel, bytes));
+        }
+        StreamFrame::Credit { channel, n, .. } => {
+            if channel == Channel::Stdin {
+                slot.credit.add(n);
+            }
+        }
+        StreamFrame::Exit { status, .. } => {
+            if let Some(slot) = map.remove(&id) {
+                slot.credit.close();
+                let _ = slot.events.send(StreamEvent::Exit(status));
+            }
+        }
+    }
+}
+
+/// Hand each reply to the call waiting for its id and each stream frame
+/// to its stream until the connection ends; then every waiting call and
+/// open stream learns it.
+async fn read_replies<R: AsyncRead + Send + Unpin>(
+    read: R,
+    waiting: Arc<Mutex<Waiting>>,
+    streams: Arc<Mutex<Streams>>,
+) {
     let mut frames = FramedRead::new(read, FrameCodec::new());
     let why = loop {
         match frames.next().await {
@@ -255,6 +554,11 @@ async fn read_replies<R: AsyncRead + Send + Unpin>(read: R, waiting: Arc<Mutex<W
             Some(Err(e)) => break ClientError::from(e).to_string(),
             // Skipped: its caller's call cannot be told apart.
             Some(Ok(Frame::Oversized(_))) => continue,
+            Some(Ok(Frame::Data(bytes))) if !is_json(&bytes) => {
+                if let Ok(frame) = StreamFrame::decode(&bytes) {
+                    route(&streams, frame);
+                }
+            }
             Some(Ok(Frame::Data(bytes))) => {
                 let Ok(env) = parse_response(&bytes) else {
                     continue;
@@ -267,7 +571,16 @@ async fn read_replies<R: AsyncRead + Send + Unpin>(read: R, waiting: Arc<Mutex<W
         }
     };
     // Dropping the senders wakes every waiting call.
-    *lock(&waiting) = Err(why);
+    *lock(&waiting) = Err(why.clone());
+    let why = if why.is_empty() {
+        "the agent connection ended".to_owned()
+    } else {
+        why
+    };
+    for (_, slot) in lock_streams(&streams).drain() {
+        slot.credit.close();
+        let _ = slot.events.send(StreamEvent::Broken(why.clone()));
+    }
 }
 
 fn unexpected(op: &str, got: &Response) -> ClientError {

@@ -15,6 +15,7 @@
 #[cfg(feature = "client")]
 pub mod client;
 pub mod codec;
+pub mod stream;
 
 use serde::{Deserialize, Serialize};
 
@@ -67,7 +68,71 @@ pub enum Request {
         /// The host's realtime clock in nanoseconds since the Unix epoch.
         unix_ns: i64,
     },
+    /// Run a command; the request's id becomes the id of its stream
+    /// ([`stream`]). Answered with [`Response::ExecStarted`] once it
+    /// runs; its output follows as stream frames and its end as an exit
+    /// frame.
+    Exec(ExecSpec),
+    /// Send `signal` to the process group of stream `stream`.
+    Signal {
+        /// The stream (the id of its `Exec`).
+        stream: u64,
+        /// The signal number.
+        signal: i32,
+    },
+    /// Resize the terminal of stream `stream`.
+    Resize {
+        /// The stream (the id of its `Exec`).
+        stream: u64,
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
 }
+
+/// What to run for [`Request::Exec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// The program and its arguments; the program is looked up on `PATH`.
+    pub argv: Vec<String>,
+    /// `NAME=value` entries added to the default environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Where to run; the user's home directory when absent.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Who runs it (a name or a numeric uid); root when absent.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Run on a new terminal of this size instead of pipes.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size and type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+    /// `TERM` for the process.
+    #[serde(default)]
+    pub term: Option<String>,
+}
+
+/// Every request's wire name, for telling an unknown request from a bad one.
+pub const REQUEST_OPS: &[&str] = &[
+    "health",
+    "info",
+    "wait_port",
+    "shutdown",
+    "sync_time",
+    "exec",
+    "signal",
+    "resize",
+];
 
 impl Request {
     /// The request's wire name, for logs and errors.
@@ -78,6 +143,9 @@ impl Request {
             Request::WaitPort { .. } => "wait_port",
             Request::Shutdown { .. } => "shutdown",
             Request::SyncTime { .. } => "sync_time",
+            Request::Exec(_) => "exec",
+            Request::Signal { .. } => "signal",
+            Request::Resize { .. } => "resize",
         }
     }
 }
@@ -119,6 +187,15 @@ pub enum Response {
         /// How far the guest clock was off (host minus guest), in ns.
         offset_ns: i64,
     },
+    /// Answer to [`Request::Exec`]: the process runs.
+    ExecStarted {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// Answer to [`Request::Signal`].
+    Signalled,
+    /// Answer to [`Request::Resize`].
+    Resized,
 }
 
 /// Answer to [`Request::Health`].
@@ -208,6 +285,9 @@ pub enum ErrorKind {
     Timeout,
     /// The work itself failed.
     Failed,
+    /// What the request names (a program, a user, a directory, a stream)
+    /// does not exist in the guest.
+    NotFound,
     /// An error kind newer than this build.
     #[serde(other)]
     Unknown,
@@ -247,22 +327,19 @@ pub fn parse_request(payload: &[u8]) -> Result<RequestEnvelope, (u64, AgentError
         ));
     }
     let op = value.get("op").and_then(|v| v.as_str()).map(str::to_owned);
-    serde_json::from_value(value).map_err(|e| {
-        let known = ["health", "info", "wait_port", "shutdown", "sync_time"];
-        match op {
-            Some(op) if !known.contains(&op.as_str()) => (
-                id,
-                AgentError::new(ErrorKind::UnknownRequest, format!("unknown request {op:?}")),
-            ),
-            Some(op) => (
-                id,
-                AgentError::new(ErrorKind::BadFrame, format!("bad {op} request: {e}")),
-            ),
-            None => (
-                id,
-                AgentError::new(ErrorKind::BadFrame, "request has no \"op\""),
-            ),
-        }
+    serde_json::from_value(value).map_err(|e| match op {
+        Some(op) if !REQUEST_OPS.contains(&op.as_str()) => (
+            id,
+            AgentError::new(ErrorKind::UnknownRequest, format!("unknown request {op:?}")),
+        ),
+        Some(op) => (
+            id,
+            AgentError::new(ErrorKind::BadFrame, format!("bad {op} request: {e}")),
+        ),
+        None => (
+            id,
+            AgentError::new(ErrorKind::BadFrame, "request has no \"op\""),
+        ),
     })
 }
 
@@ -309,6 +386,26 @@ mod tests {
             },
             Request::Shutdown { reboot: true },
             Request::SyncTime { unix_ns: -5 },
+            Request::Exec(ExecSpec {
+                argv: vec!["ls".into(), "-l".into()],
+                env: vec!["A=b".into()],
+                workdir: Some("/tmp".into()),
+                user: Some("nobody".into()),
+                tty: Some(TtySize {
+                    rows: 24,
+                    cols: 80,
+                    term: Some("xterm".into()),
+                }),
+            }),
+            Request::Signal {
+                stream: 4,
+                signal: 2,
+            },
+            Request::Resize {
+                stream: 4,
+                rows: 1,
+                cols: 2,
+            },
         ] {
             let bytes = encode_request(9, req.clone());
             let env = parse_request(&bytes).unwrap();
