@@ -330,6 +330,31 @@ pub enum VmCommand {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Run a command in a running VM through its agent, without SSH
+    ///
+    /// Stdin, stdout and stderr stream both ways and banger exits with the
+    /// command's status (128 + N when signal N ended it). Ctrl-C and
+    /// SIGTERM are passed on to the command; with --tty the guest gets a
+    /// terminal of this one's size and follows its resizes.
+    Exec {
+        #[command(flatten)]
+        vm: VmRef,
+        /// Run the command on a terminal (for interactive programs)
+        #[arg(long, short = 't')]
+        tty: bool,
+        /// Set an environment variable for the command (repeatable)
+        #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// Directory to run in (default: the user's home directory)
+        #[arg(long, short = 'w', value_name = "DIR")]
+        workdir: Option<String>,
+        /// Guest user to run as, a name or uid (default: root)
+        #[arg(long, short = 'u', value_name = "USER")]
+        user: Option<String>,
+        /// The command and its arguments, after --
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Print a VM's console log
     Logs {
         #[command(flatten)]

@@ -599,6 +599,26 @@ impl Client {
         timed(self.vm_quiet(path).await?.stats()).await
     }
 
+    /// `VM.Exec`: the socket that carries the command's stream.
+    pub async fn vm_exec(
+        &self,
+        path: &str,
+        command: &[String],
+        options: &banger_dbus::options::Exec,
+        interaction: Interaction,
+    ) -> Result<std::os::fd::OwnedFd, Failure> {
+        let dict = options.to_dict();
+        let options = borrowed(&dict);
+        let command: Vec<&str> = command.iter().map(String::as_str).collect();
+        let fd = authorized!(
+            interaction,
+            self.vm(path),
+            self.vm_quiet(path),
+            exec(&command, options)
+        )?;
+        Ok(fd.into())
+    }
+
     /// `Manager.CreateVM`: returns the VM and the job.
     pub async fn create_vm(
         &self,

@@ -10,6 +10,7 @@ mod cli;
 mod client;
 mod commands;
 mod docs;
+mod exec;
 mod exit;
 mod names;
 mod output;

@@ -371,6 +371,25 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
             ssh(&info, &command, true, opts)
         }
         VmCommand::Logs { vm, follow } => logs(opts, &vm.vm, follow).await,
+        VmCommand::Exec {
+            vm,
+            tty,
+            env,
+            workdir,
+            user,
+            command,
+        } => {
+            let options = banger_dbus::options::Exec {
+                env,
+                workdir,
+                user,
+                tty,
+                ..banger_dbus::options::Exec::default()
+            };
+            let client = connect(opts).await?;
+            let info = find(&client, &vm.vm).await?;
+            crate::exec::run(opts, &client, &info.path, command, options).await
+        }
     }
 }
 

@@ -242,6 +242,24 @@ pub mod update {
     pub const ROLLBACK: &str = "rollback";
 }
 
+/// Keys of `VM.Exec(as command, a{sv} options)`.
+pub mod exec {
+    /// `as`: `NAME=value` entries added to the command's environment.
+    pub const ENV: &str = "env";
+    /// `s`: the directory to run in (default: the user's home).
+    pub const WORKDIR: &str = "workdir";
+    /// `s`: the guest user to run as, a name or uid (default: root).
+    pub const USER: &str = "user";
+    /// `b`: run on a new terminal in the guest.
+    pub const TTY: &str = "tty";
+    /// `u`: the terminal's rows (with tty).
+    pub const ROWS: &str = "rows";
+    /// `u`: the terminal's columns (with tty).
+    pub const COLS: &str = "cols";
+    /// `s`: `TERM` for the command (with tty).
+    pub const TERM: &str = "term";
+}
+
 /// Keys of `Manager.PullImage(s reference, a{sv} options)` for an OCI
 /// reference.
 pub mod pull_image {
@@ -809,6 +827,66 @@ impl CreateVm {
     }
 }
 
+/// `VM.Exec` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exec {
+    /// [`exec::ENV`].
+    pub env: Vec<String>,
+    /// [`exec::WORKDIR`].
+    pub workdir: Option<String>,
+    /// [`exec::USER`].
+    pub user: Option<String>,
+    /// [`exec::TTY`].
+    pub tty: bool,
+    /// [`exec::ROWS`].
+    pub rows: Option<u32>,
+    /// [`exec::COLS`].
+    pub cols: Option<u32>,
+    /// [`exec::TERM`].
+    pub term: Option<String>,
+}
+
+impl Exec {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new(
+            "Exec",
+            dict,
+            &[
+                exec::ENV,
+                exec::WORKDIR,
+                exec::USER,
+                exec::TTY,
+                exec::ROWS,
+                exec::COLS,
+                exec::TERM,
+            ],
+        )?;
+        Ok(Self {
+            env: r.strings(exec::ENV)?,
+            workdir: r.string(exec::WORKDIR)?,
+            user: r.string(exec::USER)?,
+            tty: r.bool(exec::TTY)?.unwrap_or(false),
+            rows: r.u32(exec::ROWS)?,
+            cols: r.u32(exec::COLS)?,
+            term: r.string(exec::TERM)?,
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'_> {
+        Writer::new()
+            .strings(exec::ENV, &self.env)
+            .put(exec::WORKDIR, self.workdir.as_deref().map(Variant::from))
+            .put(exec::USER, self.user.as_deref().map(Variant::from))
+            .put(exec::TTY, self.tty.then(|| Variant::from(true)))
+            .put(exec::ROWS, self.rows.map(Variant::from))
+            .put(exec::COLS, self.cols.map(Variant::from))
+            .put(exec::TERM, self.term.as_deref().map(Variant::from))
+            .0
+    }
+}
+
 /// `VM.Set` changes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SetVm {
@@ -921,6 +999,16 @@ mod tests {
             ..SetVm::default()
         };
         assert_eq!(SetVm::parse(&received(&set.to_dict())), Ok(set));
+        let exec = Exec {
+            env: vec!["A=b".into()],
+            workdir: Some("/tmp".into()),
+            user: Some("dev".into()),
+            tty: true,
+            rows: Some(24),
+            cols: Some(80),
+            term: Some("xterm".into()),
+        };
+        assert_eq!(Exec::parse(&received(&exec.to_dict())), Ok(exec));
         let update = Update {
             check: true,
             channel: Some("https://releases.example/stable".into()),

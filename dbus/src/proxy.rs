@@ -371,6 +371,16 @@ macro_rules! vm_proxy {
             /// offset to ask for next.
             fn console_log(&self, offset: u64) -> Result<(Vec<u8>, u64), Error>;
 
+            /// Run `command` in the running guest (options in
+            /// [`crate::options::exec`]); returns a socket carrying its
+            /// stream (`banger_agent_proto::stream`).
+            $(#[$auth])?
+            fn exec(
+                &self,
+                command: &[&str],
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<zbus::OwnedFd, Error>;
+
             /// Usage of a running VM (keys in the interface XML).
             fn stats(&self) -> Result<HashMap<String, zbus::OwnedVariant>, Error>;
 

@@ -14,7 +14,7 @@ use super::options::{Options, parsed};
 use super::{caller, job, to_wire};
 use crate::core::Core;
 use crate::vm::Vm;
-use crate::vm::commands::VmChanges;
+use crate::vm::commands::{ExecRequest, VmChanges};
 
 /// One VM on the bus. What it shows is behind a lock of its own, so the
 /// front end refreshes it with the object server's read lock only: a
@@ -316,6 +316,54 @@ impl VmObject {
             .vm_console(&caller, &self.id, offset)
             .await
             .map_err(to_wire)
+    }
+
+    /// Run `command` in the running guest through its agent and return a
+    /// socket that carries the command's stdin, output and exit status
+    /// (framing in docs/dbus-api.md). Options: "env" (as, NAME=value),
+    /// "workdir" (s), "user" (s, default root), "tty" (b) with "rows"
+    /// (u), "cols" (u) and "term" (s). polkit as for Start.
+    #[zbus(out_args("stream"))]
+    async fn exec(
+        &self,
+        command: Vec<String>,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<zbus::OwnedFd, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let o = parsed(banger_dbus::options::Exec::parse(&options))?;
+        let size = |v: Option<u32>, default: u16, what: &str| {
+            let v = v.unwrap_or(u32::from(default));
+            u16::try_from(v).map_err(|_| {
+                to_wire(crate::error::Error::invalid(format!(
+                    "{what} {v} is out of range (1 to 65535)"
+                )))
+            })
+        };
+        let tty = if o.tty {
+            Some((size(o.rows, 24, "rows")?, size(o.cols, 80, "cols")?, o.term))
+        } else if o.rows.is_some() || o.cols.is_some() || o.term.is_some() {
+            return Err(to_wire(crate::error::Error::invalid(
+                "rows, cols and term go with tty",
+            )));
+        } else {
+            None
+        };
+        let request = ExecRequest {
+            argv: command,
+            env: o.env,
+            workdir: o.workdir,
+            user: o.user,
+            tty,
+        };
+        let fd = self
+            .core
+            .vms()
+            .exec_vm(&caller, &self.id, request)
+            .await
+            .map_err(to_wire)?;
+        Ok(zbus::OwnedFd::from(fd))
     }
 
     /// Usage of a running VM: "cpu_usec" (t), "rss_bytes" (t),

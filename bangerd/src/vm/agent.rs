@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 pub use banger_agent_host::{AgentConn, AgentConnectError, AgentEndpoint, AgentWaitError};
-use banger_agent_proto::client::ClientError;
-use banger_agent_proto::{Health, Info};
+use banger_agent_proto::client::{ClientError, ExecStream};
+use banger_agent_proto::{ExecSpec, Health, Info};
 
 use crate::auth::BoxFuture;
 
@@ -28,6 +28,20 @@ pub trait AgentSession: Send {
         reboot: bool,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<(), ClientError>>;
+    /// Run a command in the guest; `timeout` bounds the wait for it to
+    /// start.
+    fn exec(
+        &mut self,
+        spec: ExecSpec,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<ExecStream, ClientError>> {
+        let _ = (spec, timeout);
+        Box::pin(async {
+            Err(ClientError::Protocol(
+                "this agent session cannot run commands".to_owned(),
+            ))
+        })
+    }
 }
 
 /// An agent that answered `Health`.
@@ -86,6 +100,14 @@ impl AgentSession for AgentConn {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<(), ClientError>> {
         Box::pin(AgentConn::shutdown(self, reboot, timeout))
+    }
+
+    fn exec(
+        &mut self,
+        spec: ExecSpec,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<ExecStream, ClientError>> {
+        Box::pin(AgentConn::exec(self, spec, timeout))
     }
 }
 

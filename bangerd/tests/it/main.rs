@@ -13,6 +13,7 @@ mod crash;
 mod daemon;
 mod daemon_dns;
 mod dns;
+mod exec;
 mod guest_boot;
 mod isolation;
 mod kvm_probe;

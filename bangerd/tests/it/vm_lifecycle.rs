@@ -23,7 +23,7 @@ use banger_testbed::{
 pub(crate) struct Env {
     pub(crate) ns: NetNs,
     pub(crate) bed: TestBed,
-    home: tempfile::TempDir,
+    pub(crate) home: tempfile::TempDir,
 }
 
 impl Env {
@@ -643,6 +643,7 @@ fn someone_elses_vm_is_refused_without_manage_others() {
         &["vm", "start", "alices"],
         &["vm", "set", "alices", "--memory", "512"],
         &["vm", "kill", "alices"],
+        &["vm", "exec", "alices", "--", "true"],
     ] {
         let (code, _, stderr) = as_user(&env, &bob, args);
         assert_eq!(code, Some(4), "{args:?}: {stderr}");

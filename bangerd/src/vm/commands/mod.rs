@@ -9,6 +9,7 @@
 
 mod autostart;
 mod boot;
+mod exec;
 mod lifecycle;
 mod network;
 mod reconcile;
@@ -17,6 +18,7 @@ mod vmm_choice;
 mod watcher;
 
 pub use boot::kernel_cmdline;
+pub use exec::ExecRequest;
 pub use stats::VmStats;
 pub use vmm_choice::{check_vmm, choose_vmm, jailer_of, vmm_named};
 

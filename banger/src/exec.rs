@@ -1,0 +1,249 @@
+//! `banger vm exec`: run a command in a VM through bangerd's `VM.Exec`
+//! and speak the stream on the socket it hands back
+//! (`banger_agent_proto::stream`, stream id 0).
+
+use std::io::{IsTerminal, Read};
+use std::os::fd::{AsFd, OwnedFd};
+
+use banger_agent_proto::codec::{Frame, FrameCodec};
+use banger_agent_proto::stream::{
+    Broken, CHUNK, Channel, Control, ExitStatus, StreamFrame, is_json,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::cli::Options;
+use crate::client::Client;
+use crate::exit::{Failure, Kind};
+use crate::session::Authorization;
+
+/// Run `command` in the VM at `path`; the exit code is the command's.
+pub async fn run(
+    opts: Options,
+    client: &Client,
+    path: &str,
+    command: Vec<String>,
+    mut options: banger_dbus::options::Exec,
+) -> anyhow::Result<u8> {
+    let terminal = if options.tty {
+        if !std::io::stdin().is_terminal() {
+            return Err(Failure::new(
+                Kind::InvalidArgument,
+                "--tty needs a terminal on stdin; leave it out to pipe input",
+            )
+            .into());
+        }
+        let (rows, cols) = terminal_size().unwrap_or((24, 80));
+        options.rows = Some(u32::from(rows));
+        options.cols = Some(u32::from(cols));
+        options.term = std::env::var("TERM").ok().filter(|t| !t.is_empty());
+        true
+    } else {
+        false
+    };
+    let auth = Authorization::prepare(opts).await;
+    let fd = client
+        .vm_exec(path, &command, &options, auth.interaction)
+        .await;
+    let fd = auth.finish(fd).await?;
+    let raw = if terminal { RawMode::enter() } else { None };
+    let status = stream(fd, terminal).await;
+    drop(raw);
+    match status? {
+        ExitStatus::Code(c) => Ok(u8::try_from(c & 0xff).unwrap_or(1)),
+        ExitStatus::Signal(s) => Ok(u8::try_from((128 + s) & 0xff).unwrap_or(1)),
+    }
+}
+
+/// Relay this process's stdio to the stream on `fd` until the command ends.
+async fn stream(fd: OwnedFd, terminal: bool) -> Result<ExitStatus, Failure> {
+    let broken = |e: std::io::Error| {
+        Failure::new(Kind::Failed, format!("the stream from bangerd failed: {e}"))
+    };
+    let socket = std::os::unix::net::UnixStream::from(fd);
+    socket.set_nonblocking(true).map_err(broken)?;
+    let socket = tokio::net::UnixStream::from_std(socket).map_err(broken)?;
+    let (read, write) = socket.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    let writer = tokio::spawn(async move {
+        let mut sink = FramedWrite::new(write, FrameCodec::new());
+        while let Some(frame) = rx.recv().await {
+            if sink.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    read_stdin(tx.clone());
+    let signals = tokio::spawn(forward_signals(tx.clone(), terminal));
+    drop(tx);
+    let mut frames = FramedRead::new(read, FrameCodec::new());
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let result = loop {
+        let payload = match frames.next().await {
+            Some(Ok(Frame::Data(p))) => p,
+            Some(Ok(Frame::Oversized(_))) => continue,
+            Some(Err(e)) => {
+                break Err(Failure::new(
+                    Kind::Failed,
+                    format!("the stream from bangerd failed: {e}"),
+                ));
+            }
+            None => {
+                break Err(Failure::new(
+                    Kind::Failed,
+                    "bangerd closed the stream before the command ended; see `journalctl -u bangerd`",
+                ));
+            }
+        };
+        if is_json(&payload) {
+            let why = serde_json::from_slice::<Broken>(&payload)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| "an unreadable message".to_owned());
+            break Err(Failure::new(
+                Kind::Failed,
+                format!("the command's stream broke: {why}"),
+            ));
+        }
+        match StreamFrame::decode(&payload) {
+            Ok(StreamFrame::Data { channel, bytes, .. }) if !bytes.is_empty() => {
+                let written = match channel {
+                    Channel::Stderr => write_all(&mut stderr, &bytes).await,
+                    _ => write_all(&mut stdout, &bytes).await,
+                };
+                if let Err(e) = written {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        // Our reader left: so does the command, as with a pipe.
+                        break Ok(ExitStatus::Signal(nix::libc::SIGPIPE));
+                    }
+                    break Err(broken(e));
+                }
+            }
+            Ok(StreamFrame::Exit { status, .. }) => break Ok(status),
+            Ok(_) => {}
+            Err(e) => {
+                break Err(Failure::new(
+                    Kind::Failed,
+                    format!("bangerd sent a bad stream frame: {e}"),
+                ));
+            }
+        }
+    };
+    signals.abort();
+    writer.abort();
+    result
+}
+
+async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+/// Read stdin on a thread of its own (a blocked read must not hold the
+/// process at exit) and send it as stdin frames, then the end.
+fn read_stdin(tx: mpsc::Sender<Vec<u8>>) {
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => 0,
+            };
+            let frame = StreamFrame::Data {
+                id: 0,
+                channel: Channel::Stdin,
+                bytes: bytes::Bytes::copy_from_slice(&buf[..n]),
+            };
+            if tx.blocking_send(frame.encode()).is_err() || n == 0 {
+                return;
+            }
+        }
+    });
+}
+
+/// Pass SIGINT, SIGTERM, SIGHUP and SIGQUIT on to the command, and with a
+/// terminal its size changes. Runs until aborted.
+async fn forward_signals(tx: mpsc::Sender<Vec<u8>>, terminal: bool) {
+    let mut kinds = vec![
+        (SignalKind::interrupt(), Some(nix::libc::SIGINT)),
+        (SignalKind::terminate(), Some(nix::libc::SIGTERM)),
+        (SignalKind::hangup(), Some(nix::libc::SIGHUP)),
+        (SignalKind::quit(), Some(nix::libc::SIGQUIT)),
+    ];
+    if terminal {
+        kinds.push((SignalKind::window_change(), None));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (kind, number) in kinds {
+        let Ok(mut s) = signal(kind) else { continue };
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            while s.recv().await.is_some() {
+                let control = match number {
+                    Some(signal) => Control::Signal { signal },
+                    None => match terminal_size() {
+                        Some((rows, cols)) => Control::Resize { rows, cols },
+                        None => continue,
+                    },
+                };
+                let body = serde_json::to_vec(&control).unwrap_or_default();
+                if tx.send(body).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// The controlling terminal's size (stdout's, else stdin's).
+fn terminal_size() -> Option<(u16, u16)> {
+    nix::ioctl_read_bad!(get_winsize, nix::libc::TIOCGWINSZ, nix::libc::winsize);
+    use std::os::fd::AsRawFd;
+    for fd in [std::io::stdout().as_raw_fd(), std::io::stdin().as_raw_fd()] {
+        let mut ws = nix::libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCGWINSZ writes one winsize to the pointer, which
+        // lives for the call.
+        if unsafe { get_winsize(fd, &mut ws) }.is_ok() && ws.ws_row > 0 && ws.ws_col > 0 {
+            return Some((ws.ws_row, ws.ws_col));
+        }
+    }
+    None
+}
+
+/// The terminal in raw mode, restored when dropped.
+struct RawMode {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawMode {
+    fn enter() -> Option<Self> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(stdin.as_fd()).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(stdin.as_fd(), SetArg::TCSADRAIN, &raw).ok()?;
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        use nix::sys::termios::{SetArg, tcsetattr};
+        let _ = tcsetattr(std::io::stdin().as_fd(), SetArg::TCSADRAIN, &self.saved);
+    }
+}
