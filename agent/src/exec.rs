@@ -41,6 +41,18 @@ struct Running {
     pgid: AtomicI32,
     /// Its terminal's controlling side, when it has one.
     pty: Mutex<Option<Arc<OwnedFd>>>,
+    /// The task serving it, stopped when the host goes away.
+    task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// What a stream carries.
+#[derive(Debug)]
+pub enum Opened {
+    /// A command ([`banger_agent_proto::Request::Exec`]).
+    Exec(ExecSpec),
+    /// A TCP connection to a guest loopback port
+    /// ([`banger_agent_proto::Request::Connect`]).
+    Connect(u16),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -121,12 +133,15 @@ impl Streams {
             }
             running.credit[0].close();
             running.credit[1].close();
+            if let Some(task) = lock(&running.task).take() {
+                task.abort();
+            }
         }
     }
 
-    /// Start `spec` as stream `id`: the stream exists (its stdin is
-    /// taken) from now, before the command is spawned.
-    pub fn open(self: &Arc<Self>, id: u64, spec: ExecSpec, out: mpsc::Sender<Vec<u8>>) {
+    /// Start `what` as stream `id`: the stream exists (its stdin is
+    /// taken) from now, before the command or connection is made.
+    pub fn open(self: &Arc<Self>, id: u64, what: Opened, out: mpsc::Sender<Vec<u8>>) {
         let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
         let running = Arc::new(Running {
             stdin: stdin_tx,
@@ -134,18 +149,24 @@ impl Streams {
             credit: [Credit::default(), Credit::default()],
             pgid: AtomicI32::new(0),
             pty: Mutex::new(None),
+            task: Mutex::new(None),
         });
         running.credit[0].add(WINDOW);
         running.credit[1].add(WINDOW);
         lock(&self.map).insert(id, running.clone());
         let streams = self.clone();
-        tokio::spawn(async move {
-            let result = run(id, spec, running, stdin_rx, &out).await;
+        let held = running.clone();
+        let task = tokio::spawn(async move {
+            let result = match what {
+                Opened::Exec(spec) => run(id, spec, running, stdin_rx, &out).await,
+                Opened::Connect(port) => connect(id, port, running, stdin_rx, &out).await,
+            };
             lock(&streams.map).remove(&id);
             if let Err(e) = result {
                 let _ = out.send(encode_response(id, Err(e))).await;
             }
         });
+        *lock(&held.task) = Some(task.abort_handle());
     }
 }
 
@@ -380,6 +401,50 @@ async fn run(
             send_exit(id, status, out).await
         }
     }
+}
+
+/// Carry a TCP connection to `port` on the guest's loopback (IPv4, then
+/// IPv6) as stream `id`.
+async fn connect(
+    id: u64,
+    port: u16,
+    running: Arc<Running>,
+    stdin_rx: mpsc::UnboundedReceiver<Bytes>,
+    out: &mpsc::Sender<Vec<u8>>,
+) -> Result<(), AgentError> {
+    let v4 = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).await;
+    let socket = match v4 {
+        Ok(s) => s,
+        Err(e4) => tokio::net::TcpStream::connect((std::net::Ipv6Addr::LOCALHOST, port))
+            .await
+            .map_err(|_| {
+                let kind = if e4.kind() == std::io::ErrorKind::ConnectionRefused {
+                    ErrorKind::NotFound
+                } else {
+                    ErrorKind::Failed
+                };
+                err(
+                    kind,
+                    format!("nothing accepts connections on port {port} in the guest: {e4}"),
+                )
+            })?,
+    };
+    let _ = socket.set_nodelay(true);
+    let _ = out.send(encode_response(id, Ok(Response::Connected))).await;
+    let (read, write) = socket.into_split();
+    let feeder = tokio::spawn(feed_stdin(
+        id,
+        write,
+        stdin_rx,
+        out.clone(),
+        running.clone(),
+        false,
+    ));
+    relay_output(id, Channel::Stdout, read, &running.credit[0], out).await;
+    // The guest side closed: the connection is over, whatever the host
+    // still sends.
+    feeder.abort();
+    send_exit(id, Ok(std::process::ExitStatus::from_raw(0)), out).await
 }
 
 fn failed_io(what: &str, e: std::io::Error) -> AgentError {

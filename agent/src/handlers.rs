@@ -37,7 +37,10 @@ pub async fn handle(
         ),
         Request::SyncTime { unix_ns } => (sync_time(unix_ns), AfterReply::Continue),
         // Streams belong to a connection: serve.rs handles these.
-        Request::Exec(_) | Request::Signal { .. } | Request::Resize { .. } => (
+        Request::Exec(_)
+        | Request::Connect { .. }
+        | Request::Signal { .. }
+        | Request::Resize { .. } => (
             Err(AgentError::new(
                 ErrorKind::Failed,
                 "stream requests are handled by the connection",

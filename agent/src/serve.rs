@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::exec::Streams;
+use crate::exec::{Opened, Streams};
 use crate::handlers::{self, AfterReply};
 
 /// Shared state of the serving agent.
@@ -96,7 +96,11 @@ where
         // that the stdin which follows an Exec finds its stream.
         let direct = match env.request {
             Request::Exec(spec) => {
-                streams.open(env.id, spec, tx.clone());
+                streams.open(env.id, Opened::Exec(spec), tx.clone());
+                continue;
+            }
+            Request::Connect { port } => {
+                streams.open(env.id, Opened::Connect(port), tx.clone());
                 continue;
             }
             Request::Signal { stream, signal } => Some(streams.signal(stream, signal)),

@@ -317,3 +317,49 @@ async fn a_lost_connection_kills_its_commands() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn connect_carries_a_tcp_connection_both_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let agent = AgentProc::start();
+    let c = agent.client().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.unwrap();
+                s.write_all(&got.to_ascii_uppercase()).await.unwrap();
+            });
+        }
+    });
+    // Many connections at once, each a stream of its own.
+    let runs = (0..20).map(|i| {
+        let c = c.clone();
+        async move {
+            let s = c.connect_port(port, T).await.unwrap();
+            let payload = format!("ping {i} ").repeat(20_000);
+            let input = s.input.clone();
+            let sent = payload.clone();
+            tokio::spawn(async move {
+                input.write(sent.as_bytes()).await.unwrap();
+                input.close().await.unwrap();
+            });
+            let (out, _, status) = collect(s.output).await;
+            assert_eq!(out, payload.to_ascii_uppercase().into_bytes());
+            assert_eq!(status, ExitStatus::Code(0));
+        }
+    });
+    futures_util::future::join_all(runs).await;
+    // Nothing listening: a typed error.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let free = closed.local_addr().unwrap().port();
+    drop(closed);
+    let e = c.connect_port(free, T).await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Agent { source, .. } if source.kind == ErrorKind::NotFound),
+        "{e}"
+    );
+}

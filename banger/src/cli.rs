@@ -355,6 +355,39 @@ pub enum VmCommand {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
+    /// Copy files or directories between this host and a VM
+    ///
+    /// One side is VM:PATH (a relative PATH is in the guest user's home).
+    /// Modes, modification times and symbolic links are kept. Copying into
+    /// an existing directory puts SRC in it under its own name; otherwise
+    /// DST is the new name. `-` is a tar archive on stdin (unpacked into
+    /// the VM directory) or stdout (of the VM path).
+    Cp {
+        /// What to copy: PATH, VM:PATH or -
+        #[arg(value_name = "SRC")]
+        src: String,
+        /// Where to: PATH, VM:PATH or -
+        #[arg(value_name = "DST")]
+        dst: String,
+        /// Guest user that reads or writes the files (default: root)
+        #[arg(long, short = 'u', value_name = "USER")]
+        user: Option<String>,
+    },
+    /// Forward ports of this host to ports of a VM until Ctrl-C
+    ///
+    /// Each PORTS is [ADDR:]HOST_PORT:GUEST_PORT: banger listens on
+    /// ADDR:HOST_PORT (127.0.0.1 unless given; a HOST_PORT of 0 picks a
+    /// free one) and carries every connection through the guest agent to
+    /// GUEST_PORT on the guest's loopback, so services that listen only
+    /// there are reachable too. Listening on an address other than
+    /// loopback also needs org.banger.network.configure.
+    Forward {
+        #[command(flatten)]
+        vm: VmRef,
+        /// [ADDR:]HOST_PORT:GUEST_PORT, one or more
+        #[arg(required = true, value_name = "PORTS")]
+        ports: Vec<String>,
+    },
     /// Print a VM's console log
     Logs {
         #[command(flatten)]

@@ -619,6 +619,25 @@ impl Client {
         Ok(fd.into())
     }
 
+    /// `VM.ConnectPort`: the socket that carries the connection.
+    pub async fn vm_connect_port(
+        &self,
+        path: &str,
+        port: u16,
+        exposed: bool,
+        interaction: Interaction,
+    ) -> Result<std::os::fd::OwnedFd, Failure> {
+        let dict = banger_dbus::options::ConnectPort { exposed }.to_dict();
+        let options = borrowed(&dict);
+        let fd = authorized!(
+            interaction,
+            self.vm(path),
+            self.vm_quiet(path),
+            connect_port(port, options)
+        )?;
+        Ok(fd.into())
+    }
+
     /// `Manager.CreateVM`: returns the VM and the job.
     pub async fn create_vm(
         &self,

@@ -50,16 +50,40 @@ pub async fn run(
         .await;
     let fd = auth.finish(fd).await?;
     let raw = if terminal { RawMode::enter() } else { None };
-    let status = stream(fd, terminal).await;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let status = stream(
+        fd,
+        Box::new(std::io::stdin()),
+        terminal,
+        async |channel, bytes| match channel {
+            Channel::Stderr => write_all(&mut stderr, bytes).await,
+            _ => write_all(&mut stdout, bytes).await,
+        },
+    )
+    .await;
     drop(raw);
-    match status? {
-        ExitStatus::Code(c) => Ok(u8::try_from(c & 0xff).unwrap_or(1)),
-        ExitStatus::Signal(s) => Ok(u8::try_from((128 + s) & 0xff).unwrap_or(1)),
+    Ok(shell_code(status?))
+}
+
+/// The exit code a shell would give for `status`.
+pub fn shell_code(status: ExitStatus) -> u8 {
+    match status {
+        ExitStatus::Code(c) => u8::try_from(c & 0xff).unwrap_or(1),
+        ExitStatus::Signal(s) => u8::try_from((128 + s) & 0xff).unwrap_or(1),
     }
 }
 
-/// Relay this process's stdio to the stream on `fd` until the command ends.
-async fn stream(fd: OwnedFd, terminal: bool) -> Result<ExitStatus, Failure> {
+/// Speak the stream on `fd` until the command ends: `input` becomes its
+/// stdin (read on a thread of its own), its output goes to `output`.
+/// With `terminal`, size changes are passed on too. A broken pipe on
+/// output ends it as SIGPIPE would.
+pub async fn stream(
+    fd: OwnedFd,
+    input: Box<dyn Read + Send>,
+    terminal: bool,
+    mut output: impl AsyncFnMut(Channel, &[u8]) -> std::io::Result<()>,
+) -> Result<ExitStatus, Failure> {
     let broken = |e: std::io::Error| {
         Failure::new(Kind::Failed, format!("the stream from bangerd failed: {e}"))
     };
@@ -76,12 +100,10 @@ async fn stream(fd: OwnedFd, terminal: bool) -> Result<ExitStatus, Failure> {
             }
         }
     });
-    read_stdin(tx.clone());
+    read_input(input, tx.clone());
     let signals = tokio::spawn(forward_signals(tx.clone(), terminal));
     drop(tx);
     let mut frames = FramedRead::new(read, FrameCodec::new());
-    let mut stdout = tokio::io::stdout();
-    let mut stderr = tokio::io::stderr();
     let result = loop {
         let payload = match frames.next().await {
             Some(Ok(Frame::Data(p))) => p,
@@ -110,11 +132,7 @@ async fn stream(fd: OwnedFd, terminal: bool) -> Result<ExitStatus, Failure> {
         }
         match StreamFrame::decode(&payload) {
             Ok(StreamFrame::Data { channel, bytes, .. }) if !bytes.is_empty() => {
-                let written = match channel {
-                    Channel::Stderr => write_all(&mut stderr, &bytes).await,
-                    _ => write_all(&mut stdout, &bytes).await,
-                };
-                if let Err(e) = written {
+                if let Err(e) = output(channel, &bytes).await {
                     if e.kind() == std::io::ErrorKind::BrokenPipe {
                         // Our reader left: so does the command, as with a pipe.
                         break Ok(ExitStatus::Signal(nix::libc::SIGPIPE));
@@ -145,14 +163,13 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
     w.flush().await
 }
 
-/// Read stdin on a thread of its own (a blocked read must not hold the
+/// Read `input` on a thread of its own (a blocked read must not hold the
 /// process at exit) and send it as stdin frames, then the end.
-fn read_stdin(tx: mpsc::Sender<Vec<u8>>) {
+fn read_input(mut input: Box<dyn Read + Send>, tx: mpsc::Sender<Vec<u8>>) {
     std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
         let mut buf = vec![0u8; CHUNK];
         loop {
-            let n = match stdin.read(&mut buf) {
+            let n = match input.read(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => 0,

@@ -371,6 +371,58 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
             ssh(&info, &command, true, opts)
         }
         VmCommand::Logs { vm, follow } => logs(opts, &vm.vm, follow).await,
+        VmCommand::Forward { vm, ports } => {
+            let specs = ports
+                .iter()
+                .map(|p| crate::forward::Spec::parse(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let client = connect(opts).await?;
+            let info = find(&client, &vm.vm).await?;
+            crate::forward::run(opts, &client, &info.path, &info.name, specs).await
+        }
+        VmCommand::Cp { src, dst, user } => {
+            use crate::cp::{Copy, Place};
+            let (vm, copy) = match (Place::parse(&src)?, Place::parse(&dst)?) {
+                (Place::Remote { vm, path }, Place::Local(to)) => (
+                    vm,
+                    Copy::Down {
+                        from: path,
+                        to: Some(to),
+                    },
+                ),
+                (Place::Remote { vm, path }, Place::Stdio) => (
+                    vm,
+                    Copy::Down {
+                        from: path,
+                        to: None,
+                    },
+                ),
+                (Place::Local(from), Place::Remote { vm, path }) => (
+                    vm,
+                    Copy::Up {
+                        from: Some(from),
+                        to: path,
+                    },
+                ),
+                (Place::Stdio, Place::Remote { vm, path }) => (
+                    vm,
+                    Copy::Up {
+                        from: None,
+                        to: path,
+                    },
+                ),
+                _ => {
+                    return Err(Failure::new(
+                        Kind::InvalidArgument,
+                        "one of SRC and DST must be VM:PATH and the other a local path or -",
+                    )
+                    .into());
+                }
+            };
+            let client = connect(opts).await?;
+            let info = find(&client, &vm).await?;
+            crate::cp::run(opts, &client, &info.path, copy, user).await
+        }
         VmCommand::Exec {
             vm,
             tty,

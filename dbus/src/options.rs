@@ -260,6 +260,13 @@ pub mod exec {
     pub const TERM: &str = "term";
 }
 
+/// Keys of `VM.ConnectPort(q port, a{sv} options)`.
+pub mod connect_port {
+    /// `b`: the caller serves the port beyond this host's loopback (needs
+    /// `org.banger.network.configure`).
+    pub const EXPOSED: &str = "exposed";
+}
+
 /// Keys of `Manager.PullImage(s reference, a{sv} options)` for an OCI
 /// reference.
 pub mod pull_image {
@@ -887,6 +894,33 @@ impl Exec {
     }
 }
 
+/// `VM.ConnectPort` options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectPort {
+    /// [`connect_port::EXPOSED`].
+    pub exposed: bool,
+}
+
+impl ConnectPort {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new("ConnectPort", dict, &[connect_port::EXPOSED])?;
+        Ok(Self {
+            exposed: r.bool(connect_port::EXPOSED)?.unwrap_or(false),
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'static> {
+        Writer::new()
+            .put(
+                connect_port::EXPOSED,
+                self.exposed.then(|| Variant::from(true)),
+            )
+            .0
+    }
+}
+
 /// `VM.Set` changes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SetVm {
@@ -1009,6 +1043,8 @@ mod tests {
             term: Some("xterm".into()),
         };
         assert_eq!(Exec::parse(&received(&exec.to_dict())), Ok(exec));
+        let port = ConnectPort { exposed: true };
+        assert_eq!(ConnectPort::parse(&received(&port.to_dict())), Ok(port));
         let update = Update {
             check: true,
             channel: Some("https://releases.example/stable".into()),

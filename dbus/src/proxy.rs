@@ -381,6 +381,16 @@ macro_rules! vm_proxy {
                 options: HashMap<&str, &Variant<'_>>,
             ) -> Result<zbus::OwnedFd, Error>;
 
+            /// Connect to TCP `port` on the guest's loopback (options in
+            /// [`crate::options::connect_port`]); returns a socket carrying
+            /// the connection as a stream.
+            $(#[$auth])?
+            fn connect_port(
+                &self,
+                port: u16,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<zbus::OwnedFd, Error>;
+
             /// Usage of a running VM (keys in the interface XML).
             fn stats(&self) -> Result<HashMap<String, zbus::OwnedVariant>, Error>;
 

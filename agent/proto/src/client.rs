@@ -245,6 +245,31 @@ impl Client {
     /// the wait for it to start. Its input, output and end go through the
     /// returned stream.
     pub async fn exec(&self, spec: ExecSpec, timeout: Duration) -> Result<ExecStream, ClientError> {
+        match self.open_stream(Request::Exec(spec), timeout).await? {
+            (stream, Response::ExecStarted { pid }) => Ok(ExecStream { pid, ..stream }),
+            (_, other) => Err(unexpected("exec", &other)),
+        }
+    }
+
+    /// Connect to TCP `port` on the guest's loopback ([`Request::Connect`]);
+    /// the stream's stdin goes to the connection, its stdout comes from it.
+    pub async fn connect_port(
+        &self,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<ExecStream, ClientError> {
+        match self.open_stream(Request::Connect { port }, timeout).await? {
+            (stream, Response::Connected) => Ok(stream),
+            (_, other) => Err(unexpected("connect", &other)),
+        }
+    }
+
+    /// Send a request that opens a stream; the stream and the reply.
+    async fn open_stream(
+        &self,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<(ExecStream, Response), ClientError> {
         let id = self.new_id();
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let inflow: Arc<[Inflow; 3]> = Arc::default();
@@ -258,18 +283,14 @@ impl Client {
                 credit: credit.clone(),
             },
         );
-        let pid = match self.call_as(id, Request::Exec(spec), timeout).await {
-            Ok(Response::ExecStarted { pid }) => pid,
-            Ok(other) => {
-                lock_streams(&self.shared.streams).remove(&id);
-                return Err(unexpected("exec", &other));
-            }
+        let reply = match self.call_as(id, request, timeout).await {
+            Ok(reply) => reply,
             Err(e) => {
                 lock_streams(&self.shared.streams).remove(&id);
                 return Err(e);
             }
         };
-        Ok(ExecStream {
+        let stream = ExecStream {
             input: ExecInput {
                 id,
                 client: self.clone(),
@@ -281,8 +302,9 @@ impl Client {
                 events,
                 inflow,
             },
-            pid,
-        })
+            pid: 0,
+        };
+        Ok((stream, reply))
     }
 
     async fn call_as(
@@ -399,7 +421,7 @@ pub struct ExecStream {
     pub input: ExecInput,
     /// Output and the end.
     pub output: ExecOutput,
-    /// The process's pid in the guest.
+    /// The process's pid in the guest (0 for a connection).
     pub pid: u32,
 }
 

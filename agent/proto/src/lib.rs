@@ -80,6 +80,15 @@ pub enum Request {
         /// The signal number.
         signal: i32,
     },
+    /// Connect to TCP `port` on the guest's loopback address; the
+    /// request's id becomes the id of a stream ([`stream`]) whose stdin
+    /// goes to the connection and whose stdout comes from it. Answered
+    /// with [`Response::Connected`]; the exit frame (code 0) follows the
+    /// connection's end.
+    Connect {
+        /// The guest TCP port.
+        port: u16,
+    },
     /// Resize the terminal of stream `stream`.
     Resize {
         /// The stream (the id of its `Exec`).
@@ -132,6 +141,7 @@ pub const REQUEST_OPS: &[&str] = &[
     "exec",
     "signal",
     "resize",
+    "connect",
 ];
 
 impl Request {
@@ -146,6 +156,7 @@ impl Request {
             Request::Exec(_) => "exec",
             Request::Signal { .. } => "signal",
             Request::Resize { .. } => "resize",
+            Request::Connect { .. } => "connect",
         }
     }
 }
@@ -192,6 +203,8 @@ pub enum Response {
         /// Its pid in the guest.
         pid: u32,
     },
+    /// Answer to [`Request::Connect`]: the connection is open.
+    Connected,
     /// Answer to [`Request::Signal`].
     Signalled,
     /// Answer to [`Request::Resize`].
@@ -406,6 +419,7 @@ mod tests {
                 rows: 1,
                 cols: 2,
             },
+            Request::Connect { port: 8080 },
         ] {
             let bytes = encode_request(9, req.clone());
             let env = parse_request(&bytes).unwrap();

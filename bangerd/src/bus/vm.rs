@@ -366,6 +366,30 @@ impl VmObject {
         Ok(zbus::OwnedFd::from(fd))
     }
 
+    /// Connect to TCP `port` on the running guest's loopback through its
+    /// agent and return a socket that carries the connection (stdin to
+    /// the guest, stdout from it, then the end; framing as for Exec).
+    /// Option "exposed" (b): the caller serves the port beyond this
+    /// host's loopback, which also needs org.banger.network.configure.
+    #[zbus(out_args("stream"))]
+    async fn connect_port(
+        &self,
+        port: u16,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<zbus::OwnedFd, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let o = parsed(banger_dbus::options::ConnectPort::parse(&options))?;
+        let fd = self
+            .core
+            .vms()
+            .connect_port_vm(&caller, &self.id, port, o.exposed)
+            .await
+            .map_err(to_wire)?;
+        Ok(zbus::OwnedFd::from(fd))
+    }
+
     /// Usage of a running VM: "cpu_usec" (t), "rss_bytes" (t),
     /// "uptime_secs" (d), and from the guest agent "guest_kernel" (s),
     /// "guest_hostname" (s), "guest_memory_total_bytes" (t),

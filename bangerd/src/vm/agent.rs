@@ -42,6 +42,19 @@ pub trait AgentSession: Send {
             ))
         })
     }
+    /// Connect to TCP `port` on the guest's loopback.
+    fn connect_port(
+        &mut self,
+        port: u16,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<ExecStream, ClientError>> {
+        let _ = (port, timeout);
+        Box::pin(async {
+            Err(ClientError::Protocol(
+                "this agent session cannot connect to ports".to_owned(),
+            ))
+        })
+    }
 }
 
 /// An agent that answered `Health`.
@@ -108,6 +121,14 @@ impl AgentSession for AgentConn {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<ExecStream, ClientError>> {
         Box::pin(AgentConn::exec(self, spec, timeout))
+    }
+
+    fn connect_port(
+        &mut self,
+        port: u16,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<ExecStream, ClientError>> {
+        Box::pin(AgentConn::connect_port(self, port, timeout))
     }
 }
 

@@ -144,6 +144,9 @@ fn exec_runs_commands_in_a_guest_with_stdio_status_signals_and_a_terminal() {
     );
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 
+    copy_both_ways(&env);
+    forward_ports(&env);
+
     // A stopped VM says so.
     env.ok(&["vm", "stop", "ex"]);
     let out = env.run(&["vm", "exec", "ex", "--", "true"]);
@@ -203,4 +206,163 @@ fn a_thousand_sequential_and_fifty_concurrent_execs_over_virtio_serial() {
         }
     });
     env.ok(&["vm", "delete", "many"]);
+}
+
+/// `vm cp` with VM "ex": a tree up and back with modes, times and links
+/// kept, tar archives on stdin and stdout, and the errors.
+fn copy_both_ways(env: &crate::vm_lifecycle::Env) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    let script = tree.join("sub/run.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o751)).unwrap();
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&script)
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+    std::os::unix::fs::symlink("sub/run.sh", tree.join("link")).unwrap();
+    let big: Vec<u8> = (0..3_000_000u64).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(tree.join("big"), &big).unwrap();
+
+    // Up, into an existing directory.
+    env.ok(&["vm", "cp", tree.to_str().unwrap(), "ex:/root/"]);
+    let facts = env.ok(&[
+        "vm",
+        "exec",
+        "ex",
+        "--",
+        "sh",
+        "-c",
+        "stat -c '%a %Y' /root/tree/sub/run.sh; readlink /root/tree/link; wc -c < /root/tree/big",
+    ]);
+    assert_eq!(facts, "751 1000000000\nsub/run.sh\n3000000\n");
+
+    // Down, under a new name.
+    let back = dir.path().join("back");
+    env.ok(&["vm", "cp", "ex:/root/tree", back.to_str().unwrap()]);
+    assert_eq!(std::fs::read(back.join("big")).unwrap(), big);
+    let meta = std::fs::metadata(back.join("sub/run.sh")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o751);
+    assert_eq!(meta.modified().unwrap(), when);
+    assert_eq!(
+        std::fs::read_link(back.join("link")).unwrap(),
+        std::path::PathBuf::from("sub/run.sh")
+    );
+    // A file into an existing directory.
+    env.ok(&[
+        "vm",
+        "cp",
+        "ex:/root/tree/sub/run.sh",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("run.sh")).unwrap(),
+        "#!/bin/sh\necho hi\n"
+    );
+
+    // Tar archives on stdout and stdin.
+    let out = env.run(&["vm", "cp", "ex:/root/tree/sub", "-"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let listing = tar_list(&out.stdout);
+    assert!(listing.contains("sub/run.sh"), "{listing}");
+    let mut child = env
+        .banger(&["vm", "cp", "-", "ex:/tmp"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        env.ok(&["vm", "exec", "ex", "--", "/tmp/sub/run.sh"]),
+        "hi\n"
+    );
+
+    // Errors: a missing guest path, two local paths.
+    let out = env.run(&["vm", "cp", "ex:/no/such/file", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/no/such"),
+        "{out:?}"
+    );
+    let out = env.run(&["vm", "cp", "a", "b"]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+}
+
+/// The member names of a tar archive, by the host's tar.
+fn tar_list(archive: &[u8]) -> String {
+    let mut child = std::process::Command::new("tar")
+        .args(["-tf", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(archive).unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// `vm forward` with VM "ex" to a web server that listens only on the
+/// guest's loopback: a small page, a large file, ten at once, Ctrl-C.
+fn forward_ports(env: &crate::vm_lifecycle::Env) {
+    use std::io::{BufRead, Read};
+    env.ok(&[
+        "vm",
+        "exec",
+        "ex",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /tmp/www && echo hello > /tmp/www/hello.txt && \
+         head -c 1000000 /dev/urandom > /tmp/www/big && \
+         busybox httpd -p 127.0.0.1:8000 -h /tmp/www",
+    ]);
+    let big = env
+        .banger(&["vm", "exec", "ex", "--", "cat", "/tmp/www/big"])
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(big.len(), 1_000_000);
+    let mut child = env
+        .banger(&["vm", "forward", "ex", "0:8000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // "forwarding 127.0.0.1:PORT to port 8000 of ex"
+    let addr = line.split_whitespace().nth(1).unwrap().to_owned();
+    assert!(
+        addr.starts_with("127.0.0.1:") && line.contains("port 8000 of ex"),
+        "{line}"
+    );
+    let get = |path: &str| {
+        let (addr, path) = (addr.clone(), path.to_owned());
+        env.ns.run(move || {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+            let mut reply = Vec::new();
+            s.read_to_end(&mut reply).unwrap();
+            let at = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            reply.split_off(at + 4)
+        })
+    };
+    assert_eq!(get("/hello.txt"), b"hello\n");
+    assert_eq!(get("/big"), big);
+    let many: Vec<Vec<u8>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..10).map(|_| scope.spawn(|| get("/hello.txt"))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(many.iter().all(|b| b == b"hello\n"), "{many:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }

@@ -25,9 +25,9 @@ use tokio::net::UnixStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::{Vms, vmm_named};
-use crate::auth::Caller;
+use crate::auth::{Action, Caller};
 use crate::error::{Error, ErrorKind, Result};
-use crate::vm::VmState;
+use crate::vm::{Vm, VmState};
 
 /// The most arguments and environment entries a command may have.
 const MAX_ARGS: usize = 4096;
@@ -133,6 +133,46 @@ impl Vms {
         request: ExecRequest,
     ) -> Result<OwnedFd> {
         request.validate()?;
+        let vm = self.running_vm_for(caller, id).await?;
+        let mut session = self.agent_session(&vm).await?;
+        let stream = session
+            .exec(request.spec(), START_TIMEOUT)
+            .await
+            .map_err(|e| stream_error(&vm.name, "run commands", e))?;
+        tracing::info!(vm = %vm.name, uid = caller.uid, pid = stream.pid, "exec started");
+        hand_over(stream)
+    }
+
+    /// Connect to TCP `port` on running VM `id`'s loopback, authorized as
+    /// [`Vms::exec_vm`]; `exposed` (the caller serves it beyond this
+    /// host's loopback) also needs `network.configure`. Returns the
+    /// caller's end of the stream.
+    pub async fn connect_port_vm(
+        &self,
+        caller: &Caller,
+        id: &str,
+        port: u16,
+        exposed: bool,
+    ) -> Result<OwnedFd> {
+        if port == 0 {
+            return Err(Error::invalid("port 0 is not a port to connect to"));
+        }
+        let vm = self.running_vm_for(caller, id).await?;
+        if exposed {
+            self.authorizer
+                .authorize(caller, Action::NetworkConfigure)
+                .await?;
+        }
+        let mut session = self.agent_session(&vm).await?;
+        let stream = session
+            .connect_port(port, START_TIMEOUT)
+            .await
+            .map_err(|e| stream_error(&vm.name, "forward ports", e))?;
+        hand_over(stream)
+    }
+
+    /// VM `id`, which the caller may manage and which runs.
+    async fn running_vm_for(&self, caller: &Caller, id: &str) -> Result<Vm> {
         let vm = self.vm_by_id(id).await?;
         self.authorize_vm(caller, &vm).await?;
         if vm.state != VmState::Running {
@@ -146,41 +186,44 @@ impl Vms {
                 ),
             ));
         }
+        Ok(vm)
+    }
+
+    async fn agent_session(&self, vm: &Vm) -> Result<Box<dyn crate::vm::agent::AgentSession>> {
         let vmm = vmm_named(&self.config(), vm.vmm)?;
         let endpoint = vmm.agent(&self.vm_paths(&vm.id));
-        let mut session = self
-            .agent
+        self.agent
             .connect(&endpoint, Duration::from_secs(5))
             .await
             .map_err(|e| {
                 Error::unavailable(format!("cannot reach the agent of vm {}: {e}", vm.name))
-            })?;
-        let stream = session
-            .exec(request.spec(), START_TIMEOUT)
-            .await
-            .map_err(|e| exec_error(&vm.name, e))?;
-        let (ours, theirs) = UnixStream::pair()
-            .map_err(|e| Error::failed(format!("cannot make a socket pair: {e}")))?;
-        let theirs = theirs
-            .into_std()
-            .and_then(|s| {
-                s.set_nonblocking(false)?;
-                Ok(s)
             })
-            .map_err(|e| Error::failed(format!("cannot make a socket pair: {e}")))?;
-        tracing::info!(vm = %vm.name, uid = caller.uid, pid = stream.pid, "exec started");
-        tokio::spawn(relay(ours, stream.input, stream.output));
-        Ok(OwnedFd::from(theirs))
     }
 }
 
-/// The caller-facing error for a failed `Exec`.
-fn exec_error(vm: &str, e: ClientError) -> Error {
+/// Relay `stream` from a socket pair's end; returns the caller's end.
+fn hand_over(stream: banger_agent_proto::client::ExecStream) -> Result<OwnedFd> {
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| Error::failed(format!("cannot make a socket pair: {e}")))?;
+    let theirs = theirs
+        .into_std()
+        .and_then(|s| {
+            s.set_nonblocking(false)?;
+            Ok(s)
+        })
+        .map_err(|e| Error::failed(format!("cannot make a socket pair: {e}")))?;
+    tokio::spawn(relay(ours, stream.input, stream.output));
+    Ok(OwnedFd::from(theirs))
+}
+
+/// The caller-facing error for a stream the agent did not open; `what`
+/// says what an old agent cannot do.
+fn stream_error(vm: &str, what: &str, e: ClientError) -> Error {
     use banger_agent_proto::ErrorKind as A;
     match e {
         ClientError::Agent { source, .. } => match source.kind {
             A::UnknownRequest => Error::unavailable(format!(
-                "the agent in vm {vm} is too old to run commands; update banger-agent in its image (or rebuild the image)"
+                "the agent in vm {vm} is too old to {what}; update banger-agent in its image (or rebuild the image)"
             )),
             A::NotFound => Error::not_found(format!("vm {vm}: {}", source.message)),
             A::InvalidArgument => Error::invalid(format!("vm {vm}: {}", source.message)),

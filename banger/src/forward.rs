@@ -1,0 +1,217 @@
+//! `banger vm forward`: listen on this host and carry each connection to a
+//! port on the guest's loopback through `VM.ConnectPort`, until Ctrl-C.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use banger_agent_proto::codec::{Frame, FrameCodec};
+use banger_agent_proto::stream::{CHUNK, Channel, StreamFrame, is_json};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::cli::Options;
+use crate::client::{Client, Interaction};
+use crate::exit::{Failure, Kind};
+use crate::output::emit;
+use crate::session::Authorization;
+
+/// One `[ADDR:]HOST_PORT:GUEST_PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spec {
+    /// Where to listen on this host.
+    pub listen: SocketAddr,
+    /// The guest port.
+    pub guest_port: u16,
+}
+
+impl Spec {
+    /// Read `[ADDR:]HOST_PORT:GUEST_PORT` (an IPv6 address in brackets);
+    /// the address is 127.0.0.1 unless given, a host port of 0 picks a
+    /// free one.
+    pub fn parse(text: &str) -> Result<Spec, Failure> {
+        let bad = |why: &str| {
+            Failure::new(
+                Kind::InvalidArgument,
+                format!("{text:?}: {why}; want [ADDR:]HOST_PORT:GUEST_PORT, e.g. 8080:80"),
+            )
+        };
+        let (rest, guest) = text.rsplit_once(':').ok_or_else(|| bad("no guest port"))?;
+        let guest_port: u16 = guest
+            .parse()
+            .map_err(|_| bad("the guest port is not a port"))?;
+        if guest_port == 0 {
+            return Err(bad("the guest port cannot be 0"));
+        }
+        let (addr, host) = match rest.rsplit_once(':') {
+            Some((addr, host)) => {
+                let addr = addr.trim_start_matches('[').trim_end_matches(']');
+                let ip: IpAddr = addr
+                    .parse()
+                    .map_err(|_| bad("the address is not an IP address"))?;
+                (ip, host)
+            }
+            None => (IpAddr::V4(Ipv4Addr::LOCALHOST), rest),
+        };
+        let host_port: u16 = host
+            .parse()
+            .map_err(|_| bad("the host port is not a port"))?;
+        Ok(Spec {
+            listen: SocketAddr::new(addr, host_port),
+            guest_port,
+        })
+    }
+
+    /// Whether others than this host can reach it.
+    pub fn exposed(&self) -> bool {
+        !self.listen.ip().is_loopback()
+    }
+}
+
+/// Forward `specs` to the VM at `vm_path` (called `name`) until Ctrl-C.
+pub async fn run(
+    opts: Options,
+    client: &Client,
+    vm_path: &str,
+    name: &str,
+    specs: Vec<Spec>,
+) -> anyhow::Result<u8> {
+    let mut listeners = Vec::new();
+    for spec in &specs {
+        let listener = TcpListener::bind(spec.listen).await.map_err(|e| {
+            Failure::new(
+                Kind::Unavailable,
+                format!("cannot listen on {}: {e}", spec.listen),
+            )
+        })?;
+        let local = listener.local_addr().unwrap_or(spec.listen);
+        listeners.push((listener, *spec));
+        emit(&format!(
+            "forwarding {local} to port {} of {name}",
+            spec.guest_port
+        ))?;
+    }
+    let auth = Authorization::prepare(opts).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (listener, spec) in listeners {
+        let client = client.clone();
+        let vm_path = vm_path.to_owned();
+        let interaction = auth.interaction;
+        tasks.spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("banger: cannot accept on {}: {e}", spec.listen);
+                        continue;
+                    }
+                };
+                let client = client.clone();
+                let vm_path = vm_path.clone();
+                tokio::spawn(async move {
+                    if let Err(f) = carry(&client, &vm_path, spec, interaction, tcp).await {
+                        eprintln!("banger: {peer} to guest port {}: {f}", spec.guest_port);
+                    }
+                });
+            }
+        });
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    tasks.abort_all();
+    let _ = auth.finish(Ok::<_, Failure>(())).await;
+    Ok(crate::exit::OK)
+}
+
+/// Carry one TCP connection over a `ConnectPort` stream.
+async fn carry(
+    client: &Client,
+    vm_path: &str,
+    spec: Spec,
+    interaction: Interaction,
+    tcp: TcpStream,
+) -> Result<(), Failure> {
+    let fd = client
+        .vm_connect_port(vm_path, spec.guest_port, spec.exposed(), interaction)
+        .await?;
+    let broken = |e: std::io::Error| Failure::new(Kind::Failed, format!("the stream failed: {e}"));
+    let socket = std::os::unix::net::UnixStream::from(fd);
+    socket.set_nonblocking(true).map_err(broken)?;
+    let socket = tokio::net::UnixStream::from_std(socket).map_err(broken)?;
+    let _ = tcp.set_nodelay(true);
+    let (socket_read, socket_write) = socket.into_split();
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let up = tokio::spawn(async move {
+        let mut sink = FramedWrite::new(socket_write, FrameCodec::new());
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = tcp_read.read(&mut buf).await.unwrap_or(0);
+            let frame = StreamFrame::Data {
+                id: 0,
+                channel: Channel::Stdin,
+                bytes: bytes::Bytes::copy_from_slice(&buf[..n]),
+            };
+            if sink.send(frame.encode()).await.is_err() || n == 0 {
+                // Keep the socket open: closing it would end the stream.
+                std::future::pending::<()>().await;
+            }
+        }
+    });
+    let mut frames = FramedRead::new(socket_read, FrameCodec::new());
+    let result = loop {
+        match frames.next().await {
+            Some(Ok(Frame::Data(p))) if is_json(&p) => {
+                break Err(Failure::new(
+                    Kind::Failed,
+                    format!("the stream broke: {}", String::from_utf8_lossy(&p)),
+                ));
+            }
+            Some(Ok(Frame::Data(p))) => match StreamFrame::decode(&p) {
+                Ok(StreamFrame::Data { bytes, .. }) if bytes.is_empty() => {
+                    let _ = tcp_write.shutdown().await;
+                }
+                Ok(StreamFrame::Data { bytes, .. }) => {
+                    if tcp_write.write_all(&bytes).await.is_err() {
+                        break Ok(());
+                    }
+                }
+                Ok(StreamFrame::Exit { .. }) => break Ok(()),
+                Ok(_) => {}
+                Err(e) => break Err(Failure::new(Kind::Failed, format!("bad frame: {e}"))),
+            },
+            Some(Ok(Frame::Oversized(_))) => {}
+            Some(Err(e)) => break Err(broken(std::io::Error::other(e.to_string()))),
+            None => break Ok(()),
+        }
+    };
+    up.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        let s = |t: &str| Spec::parse(t).ok();
+        assert_eq!(
+            s("8080:80"),
+            Some(Spec {
+                listen: "127.0.0.1:8080".parse().expect("addr"),
+                guest_port: 80
+            })
+        );
+        assert_eq!(
+            s("0.0.0.0:9000:3000").map(|x| (x.listen.port(), x.exposed())),
+            Some((9000, true))
+        );
+        assert_eq!(
+            s("[::1]:5432:5432").map(|x| (x.listen.ip().is_loopback(), x.exposed())),
+            Some((true, false))
+        );
+        assert_eq!(s("0:22").map(|x| x.listen.port()), Some(0));
+        for bad in ["80", "8080:0", "x:80", "8080:70000", "host:1:2"] {
+            assert_eq!(s(bad), None, "{bad}");
+        }
+    }
+}
