@@ -257,6 +257,10 @@ pub struct VmSpec {
     /// line, as in authorized_keys; repeatable)
     #[arg(long = "ssh-key", value_name = "FILE")]
     pub ssh_keys: Vec<std::path::PathBuf>,
+    /// Run this script once as root after the first boot (its output is
+    /// shown as the `setup` stage; if it fails, the VM is left running)
+    #[arg(long, value_name = "FILE")]
+    pub setup: Option<std::path::PathBuf>,
 }
 
 /// `banger vm ...`

@@ -24,6 +24,9 @@ const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// How long a check on a silent job, or a Cancel after Ctrl-C, may take.
 const QUICK_CALL: Duration = Duration::from_secs(10);
 
+/// The stage whose details are a setup script's output lines.
+const SETUP_STAGE: &str = "setup";
+
 /// A decoded `org.banger.Job` signal.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
@@ -382,12 +385,22 @@ impl Tracker {
                     self.detail.clone_from(&detail);
                 }
                 let new_stage = self.current.as_deref() != Some(stage.as_str());
+                // A setup script's output: every line, as it comes.
+                let output = stage == SETUP_STAGE && !detail.is_empty();
                 match self.display {
                     Display::Quiet => {}
                     Display::Lines => {
                         if new_stage {
                             text.push_str(&format!("→ {stage}\n"));
                         }
+                        if output {
+                            text.push_str(&format!("  {detail}\n"));
+                        }
+                    }
+                    Display::Live if output => {
+                        self.end_live_line(&mut text);
+                        text.push_str(&format!("  {detail}\n\x1b[2K→ {stage}"));
+                        self.live_line = true;
                     }
                     Display::Live => {
                         text.push_str(&format!("\r\x1b[2K→ {stage}"));
@@ -826,6 +839,26 @@ mod tests {
         assert_eq!(report.stages.len(), 2);
         assert_eq!(report.stages[1].duration_usec, 1_200_000);
         assert!(report.failure().is_none());
+    }
+
+    #[test]
+    fn a_setup_scripts_output_is_shown_line_by_line() {
+        let events = || {
+            vec![
+                progress("setup", "", 0.95),
+                progress("setup", "installing", 0.95),
+                progress("setup", "done", 0.95),
+                finished("setup", 2_000_000),
+                completed(true, "", ""),
+            ]
+        };
+        let (out, _) = run(Display::Lines, events());
+        assert_eq!(out, "→ setup\n  installing\n  done\n✓ setup  2.0 s\n");
+        let (out, _) = run(Display::Live, events());
+        assert!(
+            out.contains("  installing\n") && out.contains("  done\n"),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -529,6 +529,40 @@ fn public_keys_in(file: &std::path::Path) -> Result<Vec<String>, Failure> {
     Ok(keys)
 }
 
+/// The setup script at `path`, read as the user (at most 256 KiB).
+fn read_setup(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    use std::io::Read;
+    const MAX: u64 = 256 * 1024;
+    let file = std::fs::File::open(path).map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::NotFound {
+            Kind::NotFound
+        } else {
+            Kind::Failed
+        };
+        Failure::new(kind, format!("cannot read {}: {e}", path.display()))
+    })?;
+    let mut script = Vec::new();
+    file.take(MAX + 1)
+        .read_to_end(&mut script)
+        .map_err(|e| Failure::new(Kind::Failed, format!("cannot read {}: {e}", path.display())))?;
+    if script.len() as u64 > MAX {
+        return Err(Failure::new(
+            Kind::Limit,
+            format!(
+                "{} is over 256 KiB; a setup script that large should fetch the rest",
+                path.display()
+            ),
+        ));
+    }
+    if script.is_empty() {
+        return Err(Failure::new(
+            Kind::InvalidArgument,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(script)
+}
+
 /// Create (and normally start) a VM, following the job, its progress on
 /// `stream`. Returns the exit code, the VM's object path and its name
 /// (a readable random one when `spec` has none).
@@ -543,6 +577,7 @@ async fn create(
         ssh_keys.extend(public_keys_in(file)?);
     }
     let disk_bytes = spec.disk_size.as_deref().map(parse_size).transpose()?;
+    let setup = spec.setup.as_deref().map(read_setup).transpose()?;
     let options = banger_dbus::options::CreateVm {
         vcpus: spec.vcpus,
         memory_mib: spec.memory,
@@ -552,6 +587,7 @@ async fn create(
         autostart: spec.autostart.then_some(true),
         ssh_keys,
         start: !spec.no_start,
+        setup,
     };
     let client = connect(opts).await?;
     // Without a name: a readable one no VM the caller sees has (another

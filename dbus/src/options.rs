@@ -171,6 +171,17 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    /// Non-empty bytes.
+    fn bytes(&self, key: &'static str) -> Result<Option<Vec<u8>>, OptionError> {
+        let b = self.get(key, "an array of bytes (ay)", |v| {
+            v.try_clone().ok().and_then(|v| Vec::<u8>::try_from(v).ok())
+        })?;
+        if b.as_ref().is_some_and(Vec::is_empty) {
+            return Err(OptionError::Empty { key });
+        }
+        Ok(b)
+    }
+
     fn strings(&self, key: &'static str) -> Result<Vec<String>, OptionError> {
         Ok(self
             .get(key, "an array of strings (as)", |v| {
@@ -358,6 +369,9 @@ pub mod create_vm {
     pub const SSH_KEYS: &str = "ssh_keys";
     /// `b`: start the VM once it is made (default true).
     pub const START: &str = "start";
+    /// `ay`: a script run once as root through the agent after the first
+    /// boot (at most 256 KiB).
+    pub const SETUP: &str = "setup";
 }
 
 /// Keys of `VM.Set(a{sv} changes)`.
@@ -770,6 +784,8 @@ pub struct CreateVm {
     pub ssh_keys: Vec<String>,
     /// [`create_vm::START`] (default true).
     pub start: bool,
+    /// [`create_vm::SETUP`].
+    pub setup: Option<Vec<u8>>,
 }
 
 impl Default for CreateVm {
@@ -783,6 +799,7 @@ impl Default for CreateVm {
             autostart: None,
             ssh_keys: Vec::new(),
             start: true,
+            setup: None,
         }
     }
 }
@@ -802,6 +819,7 @@ impl CreateVm {
                 create_vm::AUTOSTART,
                 create_vm::SSH_KEYS,
                 create_vm::START,
+                create_vm::SETUP,
             ],
         )?;
         Ok(Self {
@@ -813,6 +831,7 @@ impl CreateVm {
             autostart: r.bool(create_vm::AUTOSTART)?,
             ssh_keys: r.strings(create_vm::SSH_KEYS)?,
             start: r.bool(create_vm::START)?.unwrap_or(true),
+            setup: r.bytes(create_vm::SETUP)?,
         })
     }
 
@@ -830,6 +849,7 @@ impl CreateVm {
                 create_vm::START,
                 (!self.start).then(|| Variant::from(false)),
             )
+            .put(create_vm::SETUP, self.setup.as_deref().map(Variant::from))
             .0
     }
 }
@@ -1020,6 +1040,7 @@ mod tests {
             autostart: Some(true),
             ssh_keys: vec!["ssh-ed25519 AAAA me".into()],
             start: false,
+            setup: Some(b"#!/bin/sh\necho hi\n".to_vec()),
         };
         assert_eq!(CreateVm::parse(&received(&create.to_dict())), Ok(create));
         assert_eq!(

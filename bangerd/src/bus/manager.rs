@@ -339,10 +339,12 @@ impl ManagerObject {
     /// "peers" (b, talk with the other VMs that have it on),
     /// "autostart" (b, start it when bangerd first starts after a host
     /// boot), "ssh_keys" (as, public key lines for root), "start" (b, default
-    /// true). Returns the VM object (state creating) and the job; the job's
-    /// stages are resolve image, system disk, work disk, and when starting
-    /// network, vmm start, agent ready and one per image service. A failed
-    /// or cancelled create removes everything it made. polkit action
+    /// true), "setup" (ay, a script run once as root after the first boot,
+    /// at most 256 KiB). Returns the VM object (state creating) and the job;
+    /// the job's stages are resolve image, system disk, work disk, and when
+    /// starting network, vmm start, agent ready, one per image service and
+    /// setup. A failed or cancelled create removes everything it made, but a
+    /// failed setup script leaves the VM running. polkit action
     /// org.banger.vm.create, and org.banger.vm.nat with "nat".
     #[zbus(out_args("vm", "job"), name = "CreateVM")]
     async fn create_vm(
@@ -366,6 +368,7 @@ impl ManagerObject {
             autostart: o.autostart,
             ssh_keys: o.ssh_keys,
             start: o.start,
+            setup: o.setup,
         };
         let (vm, job) = self
             .core

@@ -219,6 +219,8 @@ pub struct VmRequest {
     pub ssh_keys: Vec<String>,
     /// Start it once created.
     pub start: bool,
+    /// A script run once as root through the agent after the first boot.
+    pub setup: Option<Vec<u8>>,
 }
 
 pub use crate::shape::validate_sizes;

@@ -366,3 +366,82 @@ fn forward_ports(env: &crate::vm_lifecycle::Env) {
     .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// `vm create --setup FILE`: the script runs once as root after the first
+/// boot with its output shown as the `setup` stage; a failing one leaves
+/// the VM running and says how it ended; `--no-start` runs it at the
+/// first start instead.
+#[test]
+fn a_setup_script_runs_once_after_the_first_boot() {
+    let env = setup_with("");
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.sh");
+    std::fs::write(
+        &good,
+        "#!/bin/sh\necho step one\necho step two >&2\necho ran >> /root/setup-runs\n",
+    )
+    .unwrap();
+    let out = env.ok(&[
+        "vm",
+        "create",
+        "--name",
+        "set",
+        "--setup",
+        good.to_str().unwrap(),
+    ]);
+    assert!(out.contains("→ setup") && out.contains("✓ setup"), "{out}");
+    assert!(
+        out.contains("  step one") && out.contains("  step two"),
+        "{out}"
+    );
+    assert_eq!(
+        env.ok(&["vm", "exec", "set", "--", "cat", "/root/setup-runs"]),
+        "ran\n"
+    );
+    // Once: a restart does not run it again.
+    env.ok(&["vm", "restart", "set"]);
+    assert_eq!(
+        env.ok(&["vm", "exec", "set", "--", "cat", "/root/setup-runs"]),
+        "ran\n"
+    );
+    env.ok(&["vm", "delete", "set"]);
+
+    // A failing script: the create fails with its status and output, and
+    // the VM stays running.
+    let bad = dir.path().join("bad.sh");
+    std::fs::write(&bad, "echo about to fail\nexit 3\n").unwrap();
+    let out = env.run(&[
+        "vm",
+        "create",
+        "--name",
+        "broken",
+        "--setup",
+        bad.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("exited with status 3") && stderr.contains("about to fail"),
+        "{stderr}"
+    );
+    assert_eq!(env.vm("broken")["state"], "running");
+    env.ok(&["vm", "delete", "broken"]);
+
+    // Made without starting: the first start runs it.
+    env.ok(&[
+        "vm",
+        "create",
+        "--name",
+        "later",
+        "--no-start",
+        "--setup",
+        good.to_str().unwrap(),
+    ]);
+    let out = env.ok(&["vm", "start", "later"]);
+    assert!(out.contains("  step one"), "{out}");
+    assert_eq!(
+        env.ok(&["vm", "exec", "later", "--", "cat", "/root/setup-runs"]),
+        "ran\n"
+    );
+    env.ok(&["vm", "delete", "later"]);
+}

@@ -189,7 +189,10 @@ impl Vms {
         Ok(vm)
     }
 
-    async fn agent_session(&self, vm: &Vm) -> Result<Box<dyn crate::vm::agent::AgentSession>> {
+    pub(super) async fn agent_session(
+        &self,
+        vm: &Vm,
+    ) -> Result<Box<dyn crate::vm::agent::AgentSession>> {
         let vmm = vmm_named(&self.config(), vm.vmm)?;
         let endpoint = vmm.agent(&self.vm_paths(&vm.id));
         self.agent

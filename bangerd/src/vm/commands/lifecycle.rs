@@ -41,6 +41,9 @@ impl Vms {
         for key in &req.ssh_keys {
             validate_ssh_key(key)?;
         }
+        if let Some(script) = &req.setup {
+            super::setup::validate_setup(script)?;
+        }
         check_vmm(&config)?;
         let image_ref = if req.image.is_empty() {
             config.vm.default_image.clone()
@@ -136,12 +139,18 @@ impl Vms {
         let core = self.clone();
         let claim = self.claim_vm(&vm)?;
         let start = req.start;
+        let setup = req.setup;
         let job = self
             .jobs()
             .start_cooperative("create-vm", caller.uid, Action::VmCreate, move |ctx| async move {
                 let _claim = claim;
-                let made = core.build_vm(&ctx, &vm, start, quota).await;
+                let made = core.build_vm(&ctx, &vm, start, setup, quota).await;
                 match made {
+                    // A failed setup script leaves the VM as it is.
+                    Ok(()) if start => core
+                        .run_setup(&ctx, &vm.id, 0.95)
+                        .await
+                        .map(|()| Some(Resource::Vm(vm.id.clone()))),
                     Ok(()) => Ok(Some(Resource::Vm(vm.id.clone()))),
                     Err(e) => {
                         tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "create failed, removing what it made: {e}");
@@ -166,6 +175,7 @@ impl Vms {
         ctx: &JobContext,
         vm: &Vm,
         start: bool,
+        setup: Option<Vec<u8>>,
         quota: bool,
     ) -> Result<()> {
         ctx.stage("resolve image", 0.0).await?;
@@ -207,6 +217,9 @@ impl Vms {
         let tools = self.tools.clone();
         blocking(move || disk::make_work_disk(&*tools, seed.as_deref(), &work, bytes, &keys))
             .await?;
+        if let Some(script) = setup {
+            self.keep_setup(&vm.id, script).await?;
+        }
         ctx.check_cancelled()?;
         self.transition(&vm.id, VmEvent::Created, move |v| {
             v.disk_method = Some(method);
@@ -250,6 +263,7 @@ impl Vms {
                 move |ctx| async move {
                     let _claim = claim;
                     core.boot(&ctx, &vm.id, 0.0, quota).await?;
+                    core.run_setup(&ctx, &vm.id, 0.95).await?;
                     Ok(Some(Resource::Vm(vm.id)))
                 },
             )
@@ -352,6 +366,7 @@ impl Vms {
                     let _claim = claim;
                     core.shut_down_if_running(&ctx, &vm.id).await?;
                     core.boot(&ctx, &vm.id, 0.4, quota).await?;
+                    core.run_setup(&ctx, &vm.id, 0.95).await?;
                     Ok(Some(Resource::Vm(vm.id)))
                 },
             )

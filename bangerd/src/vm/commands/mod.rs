@@ -13,6 +13,7 @@ mod exec;
 mod lifecycle;
 mod network;
 mod reconcile;
+mod setup;
 mod stats;
 mod vmm_choice;
 mod watcher;
