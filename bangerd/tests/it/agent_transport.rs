@@ -235,3 +235,60 @@ async fn wait_until_ready_rides_out_a_late_agent() {
     .unwrap_err();
     assert!(err.to_string().contains("did not answer within"), "{err}");
 }
+
+/// Exec streams through Firecracker's hybrid vsock, where every stream
+/// is a connection of its own through the `CONNECT` handshake: a
+/// thousand one after another, then fifty at once, each with its output
+/// and exit status.
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_streams_through_firecracker_vsock_one_connection_each() {
+    use banger_agent_proto::client::StreamEvent;
+    use banger_agent_proto::stream::ExitStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let agent_sock = dir.path().join("agent.sock");
+    let _agent = start_agent(&agent_sock);
+    wait_for(&agent_sock).await;
+    let uds = dir.path().join("v.sock");
+    fake_firecracker(uds.clone(), agent_sock, 1024, Fc::Accept);
+    let endpoint = AgentEndpoint::FirecrackerVsock { uds, port: 1024 };
+    async fn run(endpoint: &AgentEndpoint, word: String) -> (Vec<u8>, ExitStatus) {
+        let conn = connect(endpoint, T).await.unwrap();
+        let spec = banger_agent_proto::ExecSpec {
+            argv: vec!["echo".into(), word],
+            env: Vec::new(),
+            workdir: None,
+            user: None,
+            tty: None,
+        };
+        let mut s = conn.exec(spec, T).await.unwrap();
+        let mut out = Vec::new();
+        loop {
+            match tokio::time::timeout(T, s.output.next()).await.unwrap() {
+                Some(StreamEvent::Output(ch, b)) => {
+                    out.extend_from_slice(&b);
+                    s.output.consumed(ch, b.len()).await.unwrap();
+                }
+                Some(StreamEvent::Exit(status)) => return (out, status),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    for i in 0..1000 {
+        let (out, status) = run(&endpoint, i.to_string()).await;
+        assert_eq!(
+            (out, status),
+            (format!("{i}\n").into_bytes(), ExitStatus::Code(0))
+        );
+    }
+    let runs = (0..50).map(|i| {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move { (i, run(&endpoint, i.to_string()).await) })
+    });
+    for r in futures_util::future::join_all(runs).await {
+        let (i, (out, status)) = r.unwrap();
+        assert_eq!(
+            (out, status),
+            (format!("{i}\n").into_bytes(), ExitStatus::Code(0))
+        );
+    }
+}

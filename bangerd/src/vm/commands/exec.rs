@@ -349,6 +349,24 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_without_streams_is_called_too_old() {
+        use banger_agent_proto::{AgentError, ErrorKind as A};
+        // What an agent that predates Exec answers (parse_request).
+        let old = ClientError::Agent {
+            op: "exec",
+            source: AgentError::new(A::UnknownRequest, "unknown request \"exec\""),
+        };
+        let e = stream_error("dev", "run commands", old);
+        assert_eq!(e.kind, ErrorKind::Unavailable);
+        assert!(e.message.contains("too old to run commands"), "{}", e.message);
+        let missing = ClientError::Agent {
+            op: "exec",
+            source: AgentError::new(A::NotFound, "cannot run nope: No such file"),
+        };
+        assert_eq!(stream_error("dev", "run commands", missing).kind, ErrorKind::NotFound);
+    }
+
+    #[test]
     fn requests_are_checked() {
         assert!(req(&["ls"]).validate().is_ok());
         for bad in [
