@@ -431,8 +431,12 @@ fn pack(
     let mut builder = tar::Builder::new(writer);
     builder.follow_symlinks(false);
     for e in entries {
-        let path = root.join(&e.relative);
-        let in_archive = Path::new(name).join(&e.relative);
+        // Joining an empty path would add a trailing slash.
+        let (path, in_archive) = if e.relative.as_os_str().is_empty() {
+            (root.to_path_buf(), PathBuf::from(name))
+        } else {
+            (root.join(&e.relative), Path::new(name).join(&e.relative))
+        };
         let meta = std::fs::symlink_metadata(&path)?;
         let mut header = tar::Header::new_gnu();
         header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
@@ -580,6 +584,34 @@ mod tests {
         for bad in ["/", "..", "a/.", "//"] {
             assert_eq!(s(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_single_file_is_packed_as_a_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("notes.txt");
+        std::fs::write(&file, "hi").expect("write");
+        let meta = std::fs::symlink_metadata(&file).expect("meta");
+        let entries = walk(&file, &meta).expect("walk");
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        let t = std::thread::spawn(move || pack(writer, &file, "renamed.txt", &entries));
+        let mut archive = tar::Archive::new(reader);
+        let names: Vec<(String, tar::EntryType)> = archive
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                let e = e.expect("entry");
+                (
+                    e.path().expect("path").display().to_string(),
+                    e.header().entry_type(),
+                )
+            })
+            .collect();
+        t.join().expect("join").expect("pack");
+        assert_eq!(
+            names,
+            vec![("renamed.txt".to_owned(), tar::EntryType::Regular)]
+        );
     }
 
     #[test]

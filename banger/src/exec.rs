@@ -10,7 +10,6 @@ use banger_agent_proto::stream::{
     Broken, CHUNK, Channel, Control, ExitStatus, StreamFrame, is_json,
 };
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -50,15 +49,24 @@ pub async fn run(
         .await;
     let fd = auth.finish(fd).await?;
     let raw = if terminal { RawMode::enter() } else { None };
-    let mut stdout = tokio::io::stdout();
-    let mut stderr = tokio::io::stderr();
+    // Plain blocking writes: a hop to tokio's blocking pool per chunk
+    // (tokio::io::stdout) cost most of the output rate.
     let status = stream(
         fd,
         Box::new(std::io::stdin()),
         terminal,
-        async |channel, bytes| match channel {
-            Channel::Stderr => write_all(&mut stderr, bytes).await,
-            _ => write_all(&mut stdout, bytes).await,
+        async |channel, bytes| {
+            use std::io::Write;
+            match channel {
+                Channel::Stderr => {
+                    let mut err = std::io::stderr().lock();
+                    err.write_all(bytes).and_then(|()| err.flush())
+                }
+                _ => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(bytes).and_then(|()| out.flush())
+                }
+            }
         },
     )
     .await;
@@ -153,14 +161,6 @@ pub async fn stream(
     signals.abort();
     writer.abort();
     result
-}
-
-async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut W,
-    bytes: &[u8],
-) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
 }
 
 /// Read `input` on a thread of its own (a blocked read must not hold the

@@ -253,6 +253,14 @@ fn copy_both_ways(env: &crate::vm_lifecycle::Env) {
         std::fs::read_link(back.join("link")).unwrap(),
         std::path::PathBuf::from("sub/run.sh")
     );
+    // A file up under a new name, and back.
+    let note = dir.path().join("note.txt");
+    std::fs::write(&note, "a note\n").unwrap();
+    env.ok(&["vm", "cp", note.to_str().unwrap(), "ex:/root/renamed.txt"]);
+    assert_eq!(
+        env.ok(&["vm", "exec", "ex", "--", "cat", "/root/renamed.txt"]),
+        "a note\n"
+    );
     // A file into an existing directory.
     env.ok(&[
         "vm",

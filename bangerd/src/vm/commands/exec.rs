@@ -358,12 +358,19 @@ mod tests {
         };
         let e = stream_error("dev", "run commands", old);
         assert_eq!(e.kind, ErrorKind::Unavailable);
-        assert!(e.message.contains("too old to run commands"), "{}", e.message);
+        assert!(
+            e.message.contains("too old to run commands"),
+            "{}",
+            e.message
+        );
         let missing = ClientError::Agent {
             op: "exec",
             source: AgentError::new(A::NotFound, "cannot run nope: No such file"),
         };
-        assert_eq!(stream_error("dev", "run commands", missing).kind, ErrorKind::NotFound);
+        assert_eq!(
+            stream_error("dev", "run commands", missing).kind,
+            ErrorKind::NotFound
+        );
     }
 
     #[test]
