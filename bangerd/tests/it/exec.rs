@@ -80,6 +80,21 @@ fn exec_runs_commands_in_a_guest_with_stdio_status_signals_and_a_terminal() {
         "echo $GREETING $PWD $(id -u)",
     ]);
     assert_eq!(line, "hi /tmp 0\n");
+    // Another guest user; its home does not exist, so it starts in /.
+    let line = env.ok(&[
+        "vm",
+        "exec",
+        "ex",
+        "-u",
+        "nobody",
+        "--",
+        "sh",
+        "-c",
+        "id -u; pwd",
+    ]);
+    assert_eq!(line, "65534\n/\n");
+    let out = env.run(&["vm", "exec", "ex", "-u", "nosuchuser", "--", "true"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
 
     // Stdin, more than a flow-control window of it.
     let mut child = env
