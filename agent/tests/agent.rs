@@ -3,8 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use banger_agent_proto::client::{Client, ClientError};
@@ -13,50 +13,9 @@ use banger_agent_proto::{ErrorKind, Request, Response, parse_response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-const T: Duration = Duration::from_secs(10);
+mod common;
 
-struct AgentProc {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl AgentProc {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_banger-agent"))
-            .arg("--unix")
-            .arg(&socket)
-            .arg("--no-power")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // The socket file appears at bind(), a moment before listen():
-        // wait until a connection is accepted, not until the file exists.
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(start.elapsed() < T, "agent did not listen on its socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        Client::new(UnixStream::connect(&self.socket).await.unwrap())
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{AgentProc, T};
 
 fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")

@@ -3,57 +3,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use banger_agent_proto::client::{Client, ClientError, StreamEvent};
 use banger_agent_proto::stream::{Channel, ExitStatus};
 use banger_agent_proto::{ErrorKind, ExecSpec, TtySize};
-use tokio::net::UnixStream;
 
-const T: Duration = Duration::from_secs(10);
+mod common;
 
-struct AgentProc {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl AgentProc {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_banger-agent"))
-            .arg("--unix")
-            .arg(&socket)
-            .arg("--no-power")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(start.elapsed() < T, "agent socket never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        Client::new(UnixStream::connect(&self.socket).await.unwrap())
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{AgentProc, T};
 
 fn spec(argv: &[&str]) -> ExecSpec {
     ExecSpec {
