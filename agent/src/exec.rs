@@ -357,8 +357,14 @@ async fn run(
         Some(master) => {
             let master = Arc::new(master);
             *lock(&running.pty) = Some(master.clone());
-            let reader = pipe_end(&master, true).map_err(|e| failed_io("terminal", e))?;
-            let writer = pipe_end(&master, false).map_err(|e| failed_io("terminal", e))?;
+            let ends = nonblocking_dup(&master)
+                .and_then(tokio::net::unix::pipe::Receiver::from_file_unchecked)
+                .and_then(|r| {
+                    let w = nonblocking_dup(&master)
+                        .and_then(tokio::net::unix::pipe::Sender::from_file_unchecked)?;
+                    Ok((r, w))
+                });
+            let (reader, writer) = ends.map_err(|e| failed_io("terminal", e))?;
             tasks.spawn(feed_stdin(
                 id,
                 writer,
@@ -471,75 +477,15 @@ async fn send_exit(
     Ok(())
 }
 
-/// One end of a terminal's controlling side as an async pipe end.
-fn pipe_end(master: &OwnedFd, read: bool) -> std::io::Result<PtyEnd> {
-    let fd = master.try_clone()?;
-    let file = std::fs::File::from(fd);
+/// A duplicate of a terminal's controlling side, without blocking, for
+/// one async pipe end.
+fn nonblocking_dup(master: &OwnedFd) -> std::io::Result<std::fs::File> {
+    let file = std::fs::File::from(master.try_clone()?);
     nix::fcntl::fcntl(
         &file,
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     )?;
-    if read {
-        Ok(PtyEnd::Read(
-            tokio::net::unix::pipe::Receiver::from_file_unchecked(file)?,
-        ))
-    } else {
-        Ok(PtyEnd::Write(
-            tokio::net::unix::pipe::Sender::from_file_unchecked(file)?,
-        ))
-    }
-}
-
-/// A terminal's controlling side, read or written without blocking.
-enum PtyEnd {
-    Read(tokio::net::unix::pipe::Receiver),
-    Write(tokio::net::unix::pipe::Sender),
-}
-
-impl AsyncRead for PtyEnd {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            PtyEnd::Read(r) => std::pin::Pin::new(r).poll_read(cx, buf),
-            PtyEnd::Write(_) => std::task::Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl AsyncWrite for PtyEnd {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            PtyEnd::Write(w) => std::pin::Pin::new(w).poll_write(cx, buf),
-            PtyEnd::Read(_) => std::task::Poll::Ready(Ok(0)),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            PtyEnd::Write(w) => std::pin::Pin::new(w).poll_flush(cx),
-            PtyEnd::Read(_) => std::task::Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            PtyEnd::Write(w) => std::pin::Pin::new(w).poll_shutdown(cx),
-            PtyEnd::Read(_) => std::task::Poll::Ready(Ok(())),
-        }
-    }
+    Ok(file)
 }
 
 /// Write what the host sends to the command's stdin, acknowledging each

@@ -34,7 +34,7 @@ const MAX_ARGS: usize = 4096;
 /// The most bytes of arguments and environment together.
 const MAX_ARG_BYTES: usize = 256 * 1024;
 /// How long the agent gets to start the command.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a signal or resize may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 

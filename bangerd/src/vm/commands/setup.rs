@@ -97,7 +97,7 @@ impl Vms {
             tty: None,
         };
         let stream = session
-            .exec(spec, std::time::Duration::from_secs(15))
+            .exec(spec, super::exec::START_TIMEOUT)
             .await
             .map_err(|e| {
                 Error::failed(format!(
