@@ -377,6 +377,23 @@ pub enum VmCommand {
         #[arg(long, short = 'u', value_name = "USER")]
         user: Option<String>,
     },
+    /// Make a new VM from copies of a stopped VM's disks
+    ///
+    /// The clone has the source's image, settings, files on both disks and
+    /// setup state, and its own name, address, MAC, SSH host keys and
+    /// machine id. Copies share extents where the file system allows
+    /// (reflink), else they are sparse copies. Autostart is left off.
+    Clone {
+        /// The stopped VM to copy (name or unique id prefix)
+        #[arg(value_name = "SRC")]
+        source: String,
+        /// Name of the new VM
+        #[arg(value_name = "NEW")]
+        name: String,
+        /// Start the clone once its disks are copied
+        #[arg(long)]
+        start: bool,
+    },
     /// Forward ports of this host to ports of a VM until Ctrl-C
     ///
     /// Each PORTS is [ADDR:]HOST_PORT:GUEST_PORT: banger listens on

@@ -638,6 +638,24 @@ impl Client {
         Ok(fd.into())
     }
 
+    /// `VM.Clone`: returns the clone and the job.
+    pub async fn vm_clone(
+        &self,
+        path: &str,
+        name: &str,
+        start: bool,
+        interaction: Interaction,
+    ) -> Result<(OwnedObjectPath, OwnedObjectPath), Failure> {
+        let dict = banger_dbus::options::CloneVm { start }.to_dict();
+        let options = borrowed(&dict);
+        authorized!(
+            interaction,
+            self.vm(path),
+            self.vm_quiet(path),
+            clone_vm(name, options)
+        )
+    }
+
     /// `Manager.CreateVM`: returns the VM and the job.
     pub async fn create_vm(
         &self,

@@ -423,6 +423,11 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
             let info = find(&client, &vm).await?;
             crate::cp::run(opts, &client, &info.path, copy, user).await
         }
+        VmCommand::Clone {
+            source,
+            name,
+            start,
+        } => clone(opts, &source, &name, start).await,
         VmCommand::Exec {
             vm,
             tty,
@@ -670,6 +675,32 @@ async fn create(
     let tracker = Tracker::new(job.as_str(), display, Vec::new()).on(stream);
     let code = follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await?;
     Ok((code, Some(vm.to_string()), name))
+}
+
+/// `banger vm clone SRC NEW`: follow the clone job like a create.
+async fn clone(opts: Options, source: &str, name: &str, start: bool) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let src = find(&client, source).await?;
+    let mut subscription = Subscription::new(&client).await?;
+    let started = Instant::now();
+    let auth = Authorization::prepare(opts).await;
+    let result = client
+        .vm_clone(&src.path, name, start, auth.interaction)
+        .await;
+    let (_, job) = auth
+        .finish(result)
+        .await
+        .with_context(|| format!("cannot clone vm {} as {name}", src.name))?;
+    let display = Display::for_stream(opts.json, Stream::Stdout);
+    if display != Display::Quiet {
+        emit(&format!(
+            "cloning vm {} as {name} (job {}; Ctrl-C cancels it)",
+            src.name,
+            progress::job_label(job.as_str())
+        ))?;
+    }
+    let tracker = Tracker::new(job.as_str(), display, Vec::new()).on(Stream::Stdout);
+    follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await
 }
 
 /// After a create failed with NotFound: bring `image` ("" for the

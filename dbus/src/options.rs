@@ -278,6 +278,12 @@ pub mod connect_port {
     pub const EXPOSED: &str = "exposed";
 }
 
+/// Keys of `VM.Clone(s name, a{sv} options)`.
+pub mod clone_vm {
+    /// `b`: boot the clone once its disks are copied (default false).
+    pub const START: &str = "start";
+}
+
 /// Keys of `Manager.PullImage(s reference, a{sv} options)` for an OCI
 /// reference.
 pub mod pull_image {
@@ -937,6 +943,30 @@ impl ConnectPort {
                 connect_port::EXPOSED,
                 self.exposed.then(|| Variant::from(true)),
             )
+            .0
+    }
+}
+
+/// `VM.Clone` options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CloneVm {
+    /// [`clone_vm::START`].
+    pub start: bool,
+}
+
+impl CloneVm {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new("Clone", dict, &[clone_vm::START])?;
+        Ok(Self {
+            start: r.bool(clone_vm::START)?.unwrap_or(false),
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'static> {
+        Writer::new()
+            .put(clone_vm::START, self.start.then(|| Variant::from(true)))
             .0
     }
 }

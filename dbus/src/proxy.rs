@@ -391,6 +391,16 @@ macro_rules! vm_proxy {
                 options: HashMap<&str, &Variant<'_>>,
             ) -> Result<zbus::OwnedFd, Error>;
 
+            /// Clone the stopped VM as `name` (options in
+            /// [`crate::options::clone_vm`]); returns the clone and the job.
+            $(#[$auth])?
+            #[zbus(name = "Clone")]
+            fn clone_vm(
+                &self,
+                name: &str,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<(OwnedObjectPath, OwnedObjectPath), Error>;
+
             /// Usage of a running VM (keys in the interface XML).
             fn stats(&self) -> Result<HashMap<String, zbus::OwnedVariant>, Error>;
 

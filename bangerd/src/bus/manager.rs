@@ -370,25 +370,8 @@ impl ManagerObject {
             start: o.start,
             setup: o.setup,
         };
-        let (vm, job) = self
-            .core
-            .vms()
-            .create_vm(&caller, req)
-            .await
-            .map_err(to_wire)?;
-        super::artifacts::refresh(
-            conn.object_server(),
-            &self.core,
-            &crate::jobs::Resource::Vm(vm.clone()),
-        )
-        .await
-        .map_err(|e| {
-            banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
-                "cannot publish the vm: {e}"
-            )))
-        })?;
-        let job = job::answer(conn, &self.core, Ok(job)).await?;
-        Ok((banger_dbus::vm_path(&vm), job))
+        let made = self.core.vms().create_vm(&caller, req).await;
+        super::vm::answer_new(conn, &self.core, made).await
     }
 
     /// Re-read bangerd.toml. A bad file is refused with InvalidArgument

@@ -196,6 +196,19 @@ impl Vm {
     }
 }
 
+/// The machine id (`/etc/machine-id`, 32 lowercase hex digits shaped as
+/// a version 4 UUID) of VM `id`: derived from the id, so it is stable
+/// across boots and differs between VMs, clones included.
+pub fn machine_id(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("banger machine-id {id}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    crate::artifacts::hex(&bytes)
+}
+
 /// What `CreateVM` was asked, before defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmRequest {
@@ -249,6 +262,20 @@ pub fn validate_ssh_key(key: &str) -> Result<()> {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    #[test]
+    fn machine_ids_are_stable_distinct_uuid_shaped_hex() {
+        let a = machine_id("0123456789abcdef");
+        assert_eq!(a, machine_id("0123456789abcdef"));
+        assert_ne!(a, machine_id("0123456789abcdee"));
+        assert_eq!(a.len(), 32);
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        assert_eq!(&a[12..13], "4", "version 4: {a}");
+        assert!("89ab".contains(&a[16..17]), "variant 1: {a}");
+    }
 
     const ALL: [VmState; 6] = [
         VmState::Creating,

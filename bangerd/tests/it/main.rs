@@ -9,6 +9,7 @@ mod artifacts;
 mod autostart;
 mod build_image;
 mod build_kernel;
+mod clone;
 mod crash;
 mod daemon;
 mod daemon_dns;

@@ -644,6 +644,7 @@ fn someone_elses_vm_is_refused_without_manage_others() {
         &["vm", "set", "alices", "--memory", "512"],
         &["vm", "kill", "alices"],
         &["vm", "exec", "alices", "--", "true"],
+        &["vm", "clone", "alices", "bobs"],
     ] {
         let (code, _, stderr) = as_user(&env, &bob, args);
         assert_eq!(code, Some(4), "{args:?}: {stderr}");
@@ -722,9 +723,52 @@ fn the_debian_image_boots_to_sshd_and_its_services() {
     ]);
     assert!(out.contains("bookworm"), "{out}");
     assert!(out.contains("root"), "{out}");
+    // Its identity: systemd took the machine id banger gave it, and
+    // firstboot made host keys and recorded the VM.
+    let identity = |vm: &str| {
+        env.ok(&[
+            "vm",
+            "exec",
+            vm,
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/machine-id /var/lib/banger/vm-id; hostname; \
+             sha256sum /etc/ssh/ssh_host_ed25519_key.pub | cut -c1-16",
+        ])
+    };
+    let id = env.vm("debian-vm")["id"].as_str().unwrap().to_owned();
+    let source = identity("debian-vm");
+    let expected = format!("{}\n{id}\ndebian-vm\n", bangerd::vm::machine_id(&id));
+    assert!(source.starts_with(&expected), "{source}");
     env.ok(&["vm", "stop", "debian-vm"]);
     assert_eq!(env.vm("debian-vm")["state"], "stopped");
-    env.ok(&["vm", "delete", "debian-vm"]);
+
+    // A clone gets new host keys before sshd starts, and its own machine
+    // id; SSH reaches it with the new key.
+    env.ok(&["vm", "clone", "debian-vm", "debian-copy", "--start"]);
+    let copy_id = env.vm("debian-copy")["id"].as_str().unwrap().to_owned();
+    let copy = identity("debian-copy");
+    let expected = format!(
+        "{}\n{copy_id}\ndebian-copy\n",
+        bangerd::vm::machine_id(&copy_id)
+    );
+    assert!(copy.starts_with(&expected), "{copy}");
+    assert_ne!(
+        source.lines().last(),
+        copy.lines().last(),
+        "the clone kept its source's host key"
+    );
+    let out = env.ok(&[
+        "vm",
+        "ssh",
+        "debian-copy",
+        "--",
+        "cat",
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+    ]);
+    assert!(out.starts_with("ssh-ed25519 "), "{out}");
+    env.ok(&["vm", "delete", "debian-vm", "debian-copy"]);
     assert!(env.vms().is_empty());
 }
 

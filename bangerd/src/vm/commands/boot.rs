@@ -70,11 +70,15 @@ pub fn share_with_vmms(state: &Path, file: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The kernel command line of a VM.
+/// The kernel command line of VM `id` (named `name`). `banger.id=`
+/// tells the guest which VM its disks boot as: a system disk that last
+/// booted as another VM (a clone's) gets new SSH host keys from the
+/// guest's init. `systemd.machine_id=` gives each VM its own stable
+/// machine id.
 pub fn kernel_cmdline(
     kernel: &Kernel,
     image: &Image,
-    name: &str,
+    (id, name): (&str, &str),
     ip_arg: &str,
     accel: Accel,
 ) -> String {
@@ -88,6 +92,8 @@ pub fn kernel_cmdline(
         "tsc=unstable".to_owned(),
         format!("banger.hostname={name}"),
         format!("banger.ip={ip_arg}"),
+        format!("banger.id={id}"),
+        format!("systemd.machine_id={}", crate::vm::machine_id(id)),
     ];
     // With an initramfs the NIC driver is a module: the kernel's own ip=
     // would wait minutes for it, so only banger.ip= (read by the guest's
@@ -296,7 +302,13 @@ impl Vms {
                 name: vm.name.clone(),
                 kernel: kernel_path,
                 initrd: kernel.initrd.clone(),
-                cmdline: kernel_cmdline(&kernel, &image, &vm.name, &vmnet.ip_arg, accel),
+                cmdline: kernel_cmdline(
+                    &kernel,
+                    &image,
+                    (&vm.id, &vm.name),
+                    &vmnet.ip_arg,
+                    accel,
+                ),
                 vcpus: vm.vcpus,
                 memory_mib: vm.memory_mib,
                 paths: paths.clone(),
@@ -449,7 +461,7 @@ mod tests {
         let with_initrd = kernel_cmdline(
             &kernel(true),
             &image(Some("/sbin/banger-init")),
-            "web",
+            ("0123456789abcdef", "web"),
             ip,
             Accel::Kvm,
         );
@@ -457,12 +469,21 @@ mod tests {
         assert!(!with_initrd.contains(" ip="));
         assert!(with_initrd.ends_with("init=/sbin/banger-init"));
         assert!(with_initrd.contains("banger.hostname=web"));
+        assert!(with_initrd.contains(" banger.id=0123456789abcdef "));
+        let machine_id = crate::vm::machine_id("0123456789abcdef");
+        assert!(with_initrd.contains(&format!(" systemd.machine_id={machine_id} ")));
         assert!(with_initrd.starts_with("console=ttyS0 "));
         assert!(
             !with_initrd.contains("tsc_early_khz"),
             "KVM calibrates itself"
         );
-        let built_in = kernel_cmdline(&kernel(false), &image(None), "web", ip, Accel::Tcg);
+        let built_in = kernel_cmdline(
+            &kernel(false),
+            &image(None),
+            ("0123456789abcdef", "web"),
+            ip,
+            Accel::Tcg,
+        );
         assert!(built_in.contains(&format!(" ip={ip}")));
         assert!(!built_in.contains("init="));
         assert!(

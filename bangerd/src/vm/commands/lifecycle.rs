@@ -98,42 +98,13 @@ impl Vms {
             created_at: unix_us(SystemTime::now()),
             last_error: String::new(),
         };
-        {
-            let core = self.clone();
-            let row = vm.clone();
-            let name = req.name.clone();
-            let demand = Demand {
-                vm: true,
-                run: req.start.then_some((vcpus, memory_mib)),
-                vcpus_per_vm: vcpus,
-                disk_bytes,
-            };
-            blocking(move || {
-                let held = core.quotas.lock();
-                if quota {
-                    core.quotas.check(
-                        &held,
-                        row.owner_uid,
-                        &demand,
-                        None,
-                        &format!("vm {name}"),
-                    )?;
-                }
-                core.store.insert_vm(&row).map_err(|e| {
-                    if crate::artifacts::store::is_unique_violation(&e) {
-                        Error::new(
-                            ErrorKind::AlreadyExists,
-                            format!(
-                                "a vm named {name} exists already; pick another name or delete it"
-                            ),
-                        )
-                    } else {
-                        Error::failed_with("recording the vm failed", &e)
-                    }
-                })
-            })
-            .await?;
-        }
+        let demand = Demand {
+            vm: true,
+            run: req.start.then_some((vcpus, memory_mib)),
+            vcpus_per_vm: vcpus,
+            disk_bytes,
+        };
+        self.record_new(&vm, demand, quota).await?;
         self.announce(&id);
         tracing::info!(banger_vm_id = %id, banger_vm_name = %vm.name, "creating vm");
         let core = self.clone();
@@ -168,6 +139,37 @@ impl Vms {
                 Err(e)
             }
         }
+    }
+
+    /// Record the new VM `row` (state creating) once the owner's quota
+    /// (when `quota`) allows `demand`; a taken name is `AlreadyExists`.
+    pub(super) async fn record_new(
+        self: &Arc<Self>,
+        row: &Vm,
+        demand: Demand,
+        quota: bool,
+    ) -> Result<()> {
+        let core = self.clone();
+        let row = row.clone();
+        blocking(move || {
+            let held = core.quotas.lock();
+            let name = &row.name;
+            if quota {
+                core.quotas
+                    .check(&held, row.owner_uid, &demand, None, &format!("vm {name}"))?;
+            }
+            core.store.insert_vm(&row).map_err(|e| {
+                if crate::artifacts::store::is_unique_violation(&e) {
+                    Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!("a vm named {name} exists already; pick another name or delete it"),
+                    )
+                } else {
+                    Error::failed_with("recording the vm failed", &e)
+                }
+            })
+        })
+        .await
     }
 
     async fn build_vm(

@@ -9,6 +9,7 @@
 
 mod autostart;
 mod boot;
+mod clone;
 mod exec;
 mod lifecycle;
 mod network;

@@ -47,7 +47,7 @@ pub fn validate_setup(script: &[u8]) -> Result<()> {
 }
 
 impl Vms {
-    fn setup_path(&self, id: &str) -> PathBuf {
+    pub(super) fn setup_path(&self, id: &str) -> PathBuf {
         self.vm_paths(id).dir.join(SETUP_FILE)
     }
 
