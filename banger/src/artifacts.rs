@@ -136,7 +136,8 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+/// Columns aligned under `header`, two spaces apart.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

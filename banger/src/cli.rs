@@ -263,6 +263,36 @@ pub struct VmSpec {
     pub setup: Option<std::path::PathBuf>,
 }
 
+/// `banger vm snapshot ...`
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum SnapshotCommand {
+    /// Keep a copy of a stopped VM's disks (reflink or sparse copy; at
+    /// most 16 per VM)
+    Create {
+        /// VM name or unique id prefix
+        #[arg(value_name = "VM")]
+        vm: String,
+        /// Name of the snapshot (a DNS label)
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// List a VM's snapshots with their time and size
+    List {
+        /// VM name or unique id prefix
+        #[arg(value_name = "VM")]
+        vm: String,
+    },
+    /// Delete a snapshot
+    Delete {
+        /// VM name or unique id prefix
+        #[arg(value_name = "VM")]
+        vm: String,
+        /// The snapshot to delete
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+}
+
 /// `banger vm ...`
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum VmCommand {
@@ -393,6 +423,21 @@ pub enum VmCommand {
         /// Start the clone once its disks are copied
         #[arg(long)]
         start: bool,
+    },
+    /// Keep, list and delete copies of a stopped VM's disks
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Put a stopped VM's disks back as they were in one of its snapshots
+    ///
+    /// The snapshot stays, so it can be restored again; a work disk grown
+    /// since keeps its size.
+    Restore {
+        /// VM name or unique id prefix
+        #[arg(value_name = "VM")]
+        vm: String,
+        /// The snapshot to restore
+        #[arg(value_name = "SNAPSHOT")]
+        snapshot: String,
     },
     /// Forward ports of this host to ports of a VM until Ctrl-C
     ///

@@ -420,6 +420,8 @@ pub struct VmInfo {
     pub disk_method: String,
     pub created_at_usec: u64,
     pub last_error: String,
+    /// Disk snapshots: name, creation time (µs), bytes on disk.
+    pub snapshots: Vec<(String, u64, u64)>,
 }
 
 impl VmInfo {
@@ -444,6 +446,11 @@ impl VmInfo {
             disk_method: prop(p, "DiskMethod"),
             created_at_usec: prop(p, "CreatedAt"),
             last_error: prop(p, "LastError"),
+            snapshots: p
+                .get("Snapshots")
+                .and_then(|v| v.try_clone().ok())
+                .and_then(|v| Vec::<(String, u64, u64)>::try_from(v).ok())
+                .unwrap_or_default(),
         }
     }
 }
@@ -653,6 +660,47 @@ impl Client {
             self.vm(path),
             self.vm_quiet(path),
             clone_vm(name, options)
+        )
+    }
+
+    /// `VM.Snapshot` (`restore` false) or `VM.Restore` of snapshot
+    /// `name`: returns the job.
+    pub async fn vm_snapshot(
+        &self,
+        path: &str,
+        name: &str,
+        restore: bool,
+        interaction: Interaction,
+    ) -> Result<OwnedObjectPath, Failure> {
+        if restore {
+            authorized!(
+                interaction,
+                self.vm(path),
+                self.vm_quiet(path),
+                restore(name)
+            )
+        } else {
+            authorized!(
+                interaction,
+                self.vm(path),
+                self.vm_quiet(path),
+                snapshot(name)
+            )
+        }
+    }
+
+    /// `VM.DeleteSnapshot`.
+    pub async fn vm_delete_snapshot(
+        &self,
+        path: &str,
+        name: &str,
+        interaction: Interaction,
+    ) -> Result<(), Failure> {
+        authorized!(
+            interaction,
+            self.vm(path),
+            self.vm_quiet(path),
+            delete_snapshot(name)
         )
     }
 

@@ -20,7 +20,7 @@ use anyhow::Context;
 use zbus::OwnedObjectPath;
 
 use crate::artifacts::{self, human_bytes, human_time};
-use crate::cli::{Options, VmCommand, VmSpec};
+use crate::cli::{Options, SnapshotCommand, VmCommand, VmSpec};
 use crate::client::{Client, VmChange, VmInfo, VmJob};
 use crate::exit::{self, Failure, Kind};
 use crate::output::{emit, emit_json};
@@ -222,7 +222,12 @@ fn vm_json(vm: &VmInfo) -> serde_json::Value {
         "image": vm.image, "kernel": vm.kernel,
         "unit": vm.unit, "disk_method": vm.disk_method, "created_at_usec": vm.created_at_usec,
         "last_error": vm.last_error, "path": vm.path,
+        "snapshots": vm.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
     })
+}
+
+fn snapshot_json((name, created, bytes): &(String, u64, u64)) -> serde_json::Value {
+    serde_json::json!({"name": name, "created_at_usec": created, "bytes": bytes})
 }
 
 fn vms_table(vms: &[VmInfo], image_name: impl Fn(&str) -> String) -> String {
@@ -322,6 +327,10 @@ fn vm_human(v: &VmInfo, image: &str, kernel: &str) -> String {
     ];
     if !v.last_error.is_empty() {
         lines.push(format!("last error:  {}", v.last_error));
+    }
+    if !v.snapshots.is_empty() {
+        let names: Vec<&str> = v.snapshots.iter().map(|s| s.0.as_str()).collect();
+        lines.push(format!("snapshots:   {}", names.join(", ")));
     }
     lines.join("\n")
 }
@@ -428,6 +437,8 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
             name,
             start,
         } => clone(opts, &source, &name, start).await,
+        VmCommand::Snapshot(command) => snapshot(opts, command).await,
+        VmCommand::Restore { vm, snapshot } => snapshot_job(opts, &vm, &snapshot, true).await,
         VmCommand::Exec {
             vm,
             tty,
@@ -675,6 +686,84 @@ async fn create(
     let tracker = Tracker::new(job.as_str(), display, Vec::new()).on(stream);
     let code = follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await?;
     Ok((code, Some(vm.to_string()), name))
+}
+
+/// `banger vm snapshot ...`.
+async fn snapshot(opts: Options, command: SnapshotCommand) -> anyhow::Result<u8> {
+    match command {
+        SnapshotCommand::Create { vm, name } => snapshot_job(opts, &vm, &name, false).await,
+        SnapshotCommand::List { vm } => {
+            let client = connect(opts).await?;
+            let info = find(&client, &vm).await?;
+            if opts.json {
+                emit_json(&info.snapshots.iter().map(snapshot_json).collect::<Vec<_>>())?;
+            } else if info.snapshots.is_empty() {
+                emit(&format!(
+                    "vm {} has no snapshots; make one with `banger vm snapshot create {} NAME`",
+                    info.name, info.name
+                ))?;
+            } else {
+                let rows: Vec<Vec<String>> = info
+                    .snapshots
+                    .iter()
+                    .map(|(name, created, bytes)| {
+                        vec![name.clone(), human_time(*created), human_bytes(*bytes)]
+                    })
+                    .collect();
+                emit(&artifacts::table(&["NAME", "CREATED", "SIZE"], &rows))?;
+            }
+            Ok(crate::exit::OK)
+        }
+        SnapshotCommand::Delete { vm, name } => {
+            let client = connect(opts).await?;
+            let info = find(&client, &vm).await?;
+            let auth = Authorization::prepare(opts).await;
+            let result = client
+                .vm_delete_snapshot(&info.path, &name, auth.interaction)
+                .await;
+            auth.finish(result)
+                .await
+                .with_context(|| format!("cannot delete snapshot {name} of vm {}", info.name))?;
+            if !opts.json {
+                emit(&format!("deleted snapshot {name} of vm {}", info.name))?;
+            }
+            Ok(crate::exit::OK)
+        }
+    }
+}
+
+/// Make (or with `restore`, restore) snapshot `name` of `vm`, following
+/// the job.
+async fn snapshot_job(opts: Options, vm: &str, name: &str, restore: bool) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let info = find(&client, vm).await?;
+    let mut subscription = Subscription::new(&client).await?;
+    let started = Instant::now();
+    let auth = Authorization::prepare(opts).await;
+    let result = client
+        .vm_snapshot(&info.path, name, restore, auth.interaction)
+        .await;
+    let doing = if restore { "restore" } else { "make" };
+    let job = auth
+        .finish(result)
+        .await
+        .with_context(|| format!("cannot {doing} snapshot {name} of vm {}", info.name))?;
+    let display = Display::for_stream(opts.json, Stream::Stdout);
+    if display != Display::Quiet {
+        let what = if restore {
+            "restoring vm"
+        } else {
+            "snapshotting vm"
+        };
+        emit(&format!(
+            "{what} {} {} {name} (job {}; Ctrl-C cancels it)",
+            info.name,
+            if restore { "from" } else { "as" },
+            progress::job_label(job.as_str())
+        ))?;
+    }
+    let tracker = Tracker::new(job.as_str(), display, Vec::new()).on(Stream::Stdout);
+    follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await
 }
 
 /// `banger vm clone SRC NEW`: follow the clone job like a create.
@@ -1329,6 +1418,7 @@ mod tests {
             disk_method: String::new(),
             created_at_usec: 0,
             last_error: String::new(),
+            snapshots: Vec::new(),
         };
         let a = ssh_args(
             &vm,

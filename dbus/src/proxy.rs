@@ -401,6 +401,20 @@ macro_rules! vm_proxy {
                 options: HashMap<&str, &Variant<'_>>,
             ) -> Result<(OwnedObjectPath, OwnedObjectPath), Error>;
 
+            /// Keep a copy of the stopped VM's disks as snapshot `name`;
+            /// returns the job.
+            $(#[$auth])?
+            fn snapshot(&self, name: &str) -> Result<OwnedObjectPath, Error>;
+
+            /// Put the stopped VM's disks back as in snapshot `name`;
+            /// returns the job.
+            $(#[$auth])?
+            fn restore(&self, name: &str) -> Result<OwnedObjectPath, Error>;
+
+            /// Delete snapshot `name`.
+            $(#[$auth])?
+            fn delete_snapshot(&self, name: &str) -> Result<(), Error>;
+
             /// Usage of a running VM (keys in the interface XML).
             fn stats(&self) -> Result<HashMap<String, zbus::OwnedVariant>, Error>;
 

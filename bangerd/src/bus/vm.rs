@@ -32,6 +32,7 @@ struct View {
     vm: Vm,
     ipv4: String,
     mac: String,
+    snapshots: Vec<(String, u64, u64)>,
 }
 
 impl VmObject {
@@ -55,6 +56,7 @@ impl VmObject {
         self.unit_changed(emitter).await?;
         self.last_error_changed(emitter).await?;
         self.disk_method_changed(emitter).await?;
+        self.snapshots_changed(emitter).await?;
         Ok(())
     }
 }
@@ -187,6 +189,13 @@ impl VmObject {
             .vm
             .disk_method
             .map_or(String::new(), |m| m.as_str().to_owned())
+    }
+
+    /// Its disk snapshots, oldest first: name, creation time
+    /// (microseconds since the Unix epoch) and bytes on disk.
+    #[zbus(property)]
+    fn snapshots(&self) -> Vec<(String, u64, u64)> {
+        self.view().snapshots.clone()
     }
 
     /// Boot a stopped VM: network, VMM, agent, services. Returns the job.
@@ -415,6 +424,53 @@ impl VmObject {
         answer_new(conn, &self.core, made).await
     }
 
+    /// Keep a copy of this stopped VM's disks as snapshot `name` (a DNS
+    /// label; at most 16 per VM). Returns the job; its stages are system
+    /// disk and work disk. polkit as for Start.
+    #[zbus(out_args("job"))]
+    async fn snapshot(
+        &self,
+        name: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let made = self.core.vms().snapshot_vm(&caller, &self.id, name).await;
+        job::answer(conn, &self.core, made).await
+    }
+
+    /// Put this stopped VM's disks back as they were in snapshot `name`,
+    /// which stays; a work disk grown since keeps its size. Returns the
+    /// job. polkit as for Start.
+    #[zbus(out_args("job"))]
+    async fn restore(
+        &self,
+        name: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let made = self.core.vms().restore_vm(&caller, &self.id, name).await;
+        job::answer(conn, &self.core, made).await
+    }
+
+    /// Delete snapshot `name`. polkit as for Start.
+    async fn delete_snapshot(
+        &self,
+        name: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        self.core
+            .vms()
+            .delete_snapshot(&caller, &self.id, &name)
+            .await
+            .map_err(to_wire)?;
+        self.core.jobs().published(super::PUBLISHED_LIMIT).await;
+        Ok(())
+    }
+
     /// Usage of a running VM: "cpu_usec" (t), "rss_bytes" (t),
     /// "uptime_secs" (d), and from the guest agent "guest_kernel" (s),
     /// "guest_hostname" (s), "guest_memory_total_bytes" (t),
@@ -489,7 +545,19 @@ async fn view_of(core: &Arc<Core>, vm: Vm) -> View {
         .await
         .map(|l| (l.ipv4.to_string(), l.mac))
         .unwrap_or_default();
-    View { vm, ipv4, mac }
+    let snapshots = core
+        .vms()
+        .snapshots(&vm.id)
+        .await
+        .into_iter()
+        .map(|s| (s.name, s.created_at.max(0) as u64, s.bytes))
+        .collect();
+    View {
+        vm,
+        ipv4,
+        mac,
+        snapshots,
+    }
 }
 
 async fn object(core: &Arc<Core>, vm: Vm) -> VmObject {

@@ -133,3 +133,78 @@ fn a_clone_boots_with_its_sources_files_and_an_identity_of_its_own() {
     env.ok(&["vm", "delete", "src"]);
     assert!(env.vms().is_empty());
 }
+
+#[test]
+fn snapshots_keep_and_restore_a_stopped_vms_disks() {
+    let env = setup_with("");
+    env.ok(&["vm", "create", "--name", "snap"]);
+    let write = |what: &str| {
+        env.ok(&[
+            "vm",
+            "exec",
+            "snap",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {what} > /root/f && echo {what} > /etc/f && sync"),
+        ]);
+    };
+    let read = || env.ok(&["vm", "exec", "snap", "--", "cat", "/root/f", "/etc/f"]);
+    write("one");
+    // Only a stopped VM's disks.
+    let out = env.run(&["vm", "snapshot", "create", "snap", "first"]);
+    assert_eq!(out.status.code(), Some(7), "busy: {out:?}");
+    env.ok(&["vm", "stop", "snap"]);
+
+    let out = env.ok(&["vm", "snapshot", "create", "snap", "first"]);
+    for stage in ["system disk", "work disk"] {
+        assert!(out.contains(stage), "no {stage} stage in:\n{out}");
+    }
+    let out = env.run(&["vm", "snapshot", "create", "snap", "first"]);
+    assert_eq!(out.status.code(), Some(6), "taken: {out:?}");
+    let out = env.run(&["vm", "snapshot", "create", "snap", "Not_A_Label"]);
+    assert_eq!(out.status.code(), Some(6), "bad name: {out:?}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["vm", "snapshot", "list", "snap", "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["name"], "first");
+    assert!(listed[0]["bytes"].as_u64().unwrap() > 0, "{listed}");
+    assert!(
+        listed[0]["created_at_usec"].as_u64().unwrap() > 0,
+        "{listed}"
+    );
+    assert_eq!(env.vm("snap")["snapshots"][0]["name"], "first");
+
+    // Changed afterwards, then restored: both disks are as they were,
+    // and the work disk keeps the size it grew to since.
+    env.ok(&["vm", "start", "snap"]);
+    write("two");
+    assert_eq!(read(), "two\ntwo\n");
+    env.ok(&["vm", "stop", "snap"]);
+    env.ok(&["vm", "set", "snap", "--disk-size", "256M"]);
+    let out = env.run(&["vm", "restore", "snap", "nosuch"]);
+    assert_eq!(out.status.code(), Some(5), "no such snapshot: {out:?}");
+    env.ok(&["vm", "restore", "snap", "first"]);
+    env.ok(&["vm", "start", "snap"]);
+    assert_eq!(read(), "one\none\n");
+    let df = env.ok(&["vm", "exec", "snap", "--", "df", "-k", "/root"]);
+    let total: u64 = df
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(total > 200_000, "the work disk shrank back: {df}");
+
+    // Restored twice from the same snapshot: it stays until deleted.
+    write("three");
+    env.ok(&["vm", "stop", "snap"]);
+    env.ok(&["vm", "restore", "snap", "first"]);
+    env.ok(&["vm", "snapshot", "delete", "snap", "first"]);
+    let listed = env.ok(&["vm", "snapshot", "list", "snap", "--json"]);
+    assert_eq!(listed.trim(), "[]");
+    env.ok(&["vm", "start", "snap"]);
+    assert_eq!(read(), "one\none\n");
+    env.ok(&["vm", "delete", "snap"]);
+    assert!(env.vms().is_empty());
+}

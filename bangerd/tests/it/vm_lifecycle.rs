@@ -645,6 +645,9 @@ fn someone_elses_vm_is_refused_without_manage_others() {
         &["vm", "kill", "alices"],
         &["vm", "exec", "alices", "--", "true"],
         &["vm", "clone", "alices", "bobs"],
+        &["vm", "snapshot", "create", "alices", "bobs"],
+        &["vm", "restore", "alices", "bobs"],
+        &["vm", "snapshot", "delete", "alices", "bobs"],
     ] {
         let (code, _, stderr) = as_user(&env, &bob, args);
         assert_eq!(code, Some(4), "{args:?}: {stderr}");

@@ -15,12 +15,14 @@ mod lifecycle;
 mod network;
 mod reconcile;
 mod setup;
+mod snapshots;
 mod stats;
 mod vmm_choice;
 mod watcher;
 
 pub use boot::kernel_cmdline;
 pub use exec::ExecRequest;
+pub use snapshots::{DiskSnapshot, MAX_SNAPSHOTS};
 pub use stats::VmStats;
 pub use vmm_choice::{check_vmm, choose_vmm, jailer_of, vmm_named};
 

@@ -13,7 +13,7 @@ use crate::vm::process::{ProcessId, Watched};
 
 impl Vms {
     /// Make the store agree with reality after a (re)start: finish
-    /// interrupted creates and deletes, adopt VMMs that still run, mark
+    /// interrupted creates, deletes and restores, adopt VMMs that still run, mark
     /// the others stopped, and bring the network up for the running ones.
     /// What runs is asked of the supervisor too, not only of the recorded
     /// pids: a VMM whose start was never recorded (a crash between
@@ -58,6 +58,8 @@ impl Vms {
                         tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = p.pid, "a vmm runs for a vm recorded stopped; stopping it");
                         self.stop_unaccounted(&vm.id, p).await;
                     }
+                    // A restore or snapshot the last run did not finish.
+                    self.settle_disks(&vm).await;
                 }
                 VmState::Starting | VmState::Running | VmState::Stopping => {
                     let recorded = match (vm.pid, vm.pid_start) {
