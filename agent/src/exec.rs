@@ -105,6 +105,16 @@ impl Streams {
         if pgid > 0 {
             killpg(Pid::from_raw(pgid), sig)
                 .map_err(|e| err(ErrorKind::Failed, format!("cannot signal: {e}")))?;
+        } else if matches!(sig, Signal::SIGKILL | Signal::SIGTERM | Signal::SIGHUP) {
+            // No process (a connection, or a command not started yet):
+            // a signal that ends things ends the stream, which closes its
+            // connection in the guest.
+            lock(&self.map).remove(&id);
+            running.credit[0].close();
+            running.credit[1].close();
+            if let Some(task) = lock(&running.task).take() {
+                task.abort();
+            }
         }
         Ok(Response::Signalled)
     }
@@ -438,7 +448,10 @@ async fn connect(
     let _ = socket.set_nodelay(true);
     let _ = out.send(encode_response(id, Ok(Response::Connected))).await;
     let (read, write) = socket.into_split();
-    let feeder = tokio::spawn(feed_stdin(
+    // In a set, so the feeder (and the socket's write half) goes when this
+    // task is aborted, closing the connection.
+    let mut feeder = tokio::task::JoinSet::new();
+    feeder.spawn(feed_stdin(
         id,
         write,
         stdin_rx,
@@ -449,7 +462,7 @@ async fn connect(
     relay_output(id, Channel::Stdout, read, &running.credit[0], out).await;
     // The guest side closed: the connection is over, whatever the host
     // still sends.
-    feeder.abort();
+    feeder.abort_all();
     send_exit(id, Ok(std::process::ExitStatus::from_raw(0)), out).await
 }
 

@@ -321,3 +321,43 @@ async fn connect_carries_a_tcp_connection_both_ways() {
         "{e}"
     );
 }
+
+/// A host that gives up on a connection (SIGKILL on its stream, as
+/// bangerd sends when its caller left) closes it in the guest, even
+/// while the guest side still has things to say.
+#[tokio::test]
+async fn a_killed_connection_stream_closes_the_guest_side() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let agent = AgentProc::start();
+    let c = agent.client().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        // More than a window, so the agent stops reading the host's
+        // side waiting for credit; then wait for the end.
+        let big = vec![b'x'; 4 << 20];
+        let _ = s.write_all(&big).await;
+        let mut buf = [0u8; 64];
+        let end = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        let _ = closed_tx.send(matches!(end, Ok(Ok(0)) | Ok(Err(_))));
+    });
+    let s = c.connect_port(port, T).await.unwrap();
+    // Take a little, never acknowledge it.
+    let mut output = s.output;
+    let first = output.next().await;
+    assert!(matches!(first, Some(StreamEvent::Output(..))), "{first:?}");
+    s.input.signal(9, T).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(15), closed_rx).await,
+        Ok(Ok(true)),
+        "the guest side stayed open"
+    );
+    // The connection to the agent still serves others.
+    let (out, _, status) = run(&c, spec(&["echo", "alive"]), b"").await;
+    assert_eq!(
+        (out.as_slice(), status),
+        (&b"alive\n"[..], ExitStatus::Code(0))
+    );
+}
