@@ -439,17 +439,27 @@ pub enum VmCommand {
         #[arg(value_name = "SNAPSHOT")]
         snapshot: String,
     },
-    /// Forward ports of this host to ports of a VM until Ctrl-C
+    /// Forward ports of this host to ports of a VM until Ctrl-C, or in
+    /// the background
     ///
     /// Each PORTS is [ADDR:]HOST_PORT:GUEST_PORT: banger listens on
     /// ADDR:HOST_PORT (127.0.0.1 unless given; a HOST_PORT of 0 picks a
     /// free one) and carries every connection through the guest agent to
     /// GUEST_PORT on the guest's loopback, so services that listen only
     /// there are reachable too. Listening on an address other than
-    /// loopback also needs org.banger.network.configure.
+    /// loopback also needs org.banger.network.configure. With
+    /// --background bangerd listens instead, for the VM's lifetime (`vm
+    /// show` lists them; a port below 1024 also needs
+    /// network.configure), until --remove [ADDR:]HOST_PORT.
     Forward {
         #[command(flatten)]
         vm: VmRef,
+        /// Have bangerd keep the forwards for the VM's lifetime
+        #[arg(long, conflicts_with = "remove")]
+        background: bool,
+        /// Remove background forwards; PORTS are [ADDR:]HOST_PORT
+        #[arg(long)]
+        remove: bool,
         /// [ADDR:]HOST_PORT:GUEST_PORT, one or more
         #[arg(required = true, value_name = "PORTS")]
         ports: Vec<String>,

@@ -422,6 +422,8 @@ pub struct VmInfo {
     pub last_error: String,
     /// Disk snapshots: name, creation time (µs), bytes on disk.
     pub snapshots: Vec<(String, u64, u64)>,
+    /// Background forwards: host address, host port, guest port.
+    pub forwards: Vec<(String, u16, u16)>,
 }
 
 impl VmInfo {
@@ -450,6 +452,11 @@ impl VmInfo {
                 .get("Snapshots")
                 .and_then(|v| v.try_clone().ok())
                 .and_then(|v| Vec::<(String, u64, u64)>::try_from(v).ok())
+                .unwrap_or_default(),
+            forwards: p
+                .get("Forwards")
+                .and_then(|v| v.try_clone().ok())
+                .and_then(|v| Vec::<(String, u16, u16)>::try_from(v).ok())
                 .unwrap_or_default(),
         }
     }
@@ -660,6 +667,39 @@ impl Client {
             self.vm(path),
             self.vm_quiet(path),
             clone_vm(name, options)
+        )
+    }
+
+    /// `VM.AddForward`: returns the host port bound.
+    pub async fn vm_add_forward(
+        &self,
+        path: &str,
+        address: &str,
+        host_port: u16,
+        guest_port: u16,
+        interaction: Interaction,
+    ) -> Result<u16, Failure> {
+        authorized!(
+            interaction,
+            self.vm(path),
+            self.vm_quiet(path),
+            add_forward(address, host_port, guest_port)
+        )
+    }
+
+    /// `VM.RemoveForward`.
+    pub async fn vm_remove_forward(
+        &self,
+        path: &str,
+        address: &str,
+        host_port: u16,
+        interaction: Interaction,
+    ) -> Result<(), Failure> {
+        authorized!(
+            interaction,
+            self.vm(path),
+            self.vm_quiet(path),
+            remove_forward(address, host_port)
         )
     }
 

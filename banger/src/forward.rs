@@ -68,6 +68,93 @@ impl Spec {
     }
 }
 
+/// Read `[ADDR:]HOST_PORT` (what `--remove` takes): the address is
+/// 127.0.0.1 unless given.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, Failure> {
+    // The same grammar as a spec, with a guest port to satisfy it.
+    Spec::parse(&format!("{text}:1"))
+        .map(|s| s.listen)
+        .map_err(|_| {
+            Failure::new(
+                Kind::InvalidArgument,
+                format!("{text:?}: want [ADDR:]HOST_PORT, e.g. 8080"),
+            )
+        })
+}
+
+/// `ADDR:PORT` as a person writes it (brackets around IPv6).
+pub fn host_port_text(address: &str, port: u16) -> String {
+    match address.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{address}:{port}"),
+    }
+}
+
+/// `--background`: have bangerd keep `specs` for `vm`'s lifetime.
+pub async fn background(
+    opts: Options,
+    client: &Client,
+    vm: &crate::client::VmInfo,
+    specs: Vec<Spec>,
+) -> anyhow::Result<u8> {
+    let mut bound = Vec::new();
+    for spec in &specs {
+        let auth = Authorization::prepare(opts).await;
+        let address = spec.listen.ip().to_string();
+        let result = client
+            .vm_add_forward(
+                &vm.path,
+                &address,
+                spec.listen.port(),
+                spec.guest_port,
+                auth.interaction,
+            )
+            .await;
+        let port = auth.finish(result).await.map_err(|f| {
+            anyhow::Error::from(f).context(format!(
+                "cannot forward {} to port {} of {}",
+                spec.listen, spec.guest_port, vm.name
+            ))
+        })?;
+        let at = SocketAddr::new(spec.listen.ip(), port);
+        bound.push(serde_json::json!({
+            "address": address, "host_port": port, "guest_port": spec.guest_port,
+        }));
+        if !opts.json {
+            emit(&format!(
+                "bangerd forwards {at} to port {} of {} (until `banger vm forward {} --remove {at}`)",
+                spec.guest_port, vm.name, vm.name
+            ))?;
+        }
+    }
+    if opts.json {
+        crate::output::emit_json(&bound)?;
+    }
+    Ok(crate::exit::OK)
+}
+
+/// `--remove`: stop the background forwards listening on `listens`.
+pub async fn remove(
+    opts: Options,
+    client: &Client,
+    vm: &crate::client::VmInfo,
+    listens: Vec<SocketAddr>,
+) -> anyhow::Result<u8> {
+    for at in listens {
+        let auth = Authorization::prepare(opts).await;
+        let result = client
+            .vm_remove_forward(&vm.path, &at.ip().to_string(), at.port(), auth.interaction)
+            .await;
+        auth.finish(result).await.map_err(|f| {
+            anyhow::Error::from(f).context(format!("cannot remove the forward of {at}"))
+        })?;
+        if !opts.json {
+            emit(&format!("removed the forward of {at} to {}", vm.name))?;
+        }
+    }
+    Ok(crate::exit::OK)
+}
+
 /// Forward `specs` to the VM at `vm_path` (called `name`) until Ctrl-C.
 pub async fn run(
     opts: Options,

@@ -223,6 +223,9 @@ fn vm_json(vm: &VmInfo) -> serde_json::Value {
         "unit": vm.unit, "disk_method": vm.disk_method, "created_at_usec": vm.created_at_usec,
         "last_error": vm.last_error, "path": vm.path,
         "snapshots": vm.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
+        "forwards": vm.forwards.iter().map(|(address, host, guest)| serde_json::json!({
+            "address": address, "host_port": host, "guest_port": guest,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -328,6 +331,10 @@ fn vm_human(v: &VmInfo, image: &str, kernel: &str) -> String {
     if !v.last_error.is_empty() {
         lines.push(format!("last error:  {}", v.last_error));
     }
+    for (address, host, guest) in &v.forwards {
+        let at = crate::forward::host_port_text(address, *host);
+        lines.push(format!("forward:     {at} → guest port {guest}"));
+    }
     if !v.snapshots.is_empty() {
         let names: Vec<&str> = v.snapshots.iter().map(|s| s.0.as_str()).collect();
         lines.push(format!("snapshots:   {}", names.join(", ")));
@@ -380,13 +387,30 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
             ssh(&info, &command, true, opts)
         }
         VmCommand::Logs { vm, follow } => logs(opts, &vm.vm, follow).await,
-        VmCommand::Forward { vm, ports } => {
+        VmCommand::Forward {
+            vm,
+            background,
+            remove,
+            ports,
+        } => {
+            if remove {
+                let listens = ports
+                    .iter()
+                    .map(|p| crate::forward::parse_listen(p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let client = connect(opts).await?;
+                let info = find(&client, &vm.vm).await?;
+                return crate::forward::remove(opts, &client, &info, listens).await;
+            }
             let specs = ports
                 .iter()
                 .map(|p| crate::forward::Spec::parse(p))
                 .collect::<Result<Vec<_>, _>>()?;
             let client = connect(opts).await?;
             let info = find(&client, &vm.vm).await?;
+            if background {
+                return crate::forward::background(opts, &client, &info, specs).await;
+            }
             crate::forward::run(opts, &client, &info.path, &info.name, specs).await
         }
         VmCommand::Cp { src, dst, user } => {
@@ -1419,6 +1443,7 @@ mod tests {
             created_at_usec: 0,
             last_error: String::new(),
             snapshots: Vec::new(),
+            forwards: Vec::new(),
         };
         let a = ssh_args(
             &vm,

@@ -401,6 +401,20 @@ macro_rules! vm_proxy {
                 options: HashMap<&str, &Variant<'_>>,
             ) -> Result<(OwnedObjectPath, OwnedObjectPath), Error>;
 
+            /// Forward `address` ("" for loopback) port `host_port` (0: any)
+            /// to `guest_port` for the VM's lifetime; returns the port.
+            $(#[$auth])?
+            fn add_forward(
+                &self,
+                address: &str,
+                host_port: u16,
+                guest_port: u16,
+            ) -> Result<u16, Error>;
+
+            /// Stop forwarding `address` port `host_port`.
+            $(#[$auth])?
+            fn remove_forward(&self, address: &str, host_port: u16) -> Result<(), Error>;
+
             /// Keep a copy of the stopped VM's disks as snapshot `name`;
             /// returns the job.
             $(#[$auth])?

@@ -57,6 +57,7 @@ impl VmObject {
         self.last_error_changed(emitter).await?;
         self.disk_method_changed(emitter).await?;
         self.snapshots_changed(emitter).await?;
+        self.forwards_changed(emitter).await?;
         Ok(())
     }
 }
@@ -196,6 +197,18 @@ impl VmObject {
     #[zbus(property)]
     fn snapshots(&self) -> Vec<(String, u64, u64)> {
         self.view().snapshots.clone()
+    }
+
+    /// The host ports bangerd forwards to its loopback: host address,
+    /// host port, guest port.
+    #[zbus(property)]
+    fn forwards(&self) -> Vec<(String, u16, u16)> {
+        self.view()
+            .vm
+            .forwards
+            .iter()
+            .map(|f| (f.address.to_string(), f.host_port, f.guest_port))
+            .collect()
     }
 
     /// Boot a stopped VM: network, VMM, agent, services. Returns the job.
@@ -399,6 +412,53 @@ impl VmObject {
         Ok(zbus::OwnedFd::from(fd))
     }
 
+    /// Listen on `address` ("" for 127.0.0.1) port `host_port` (0 picks a
+    /// free one) and carry each connection to `guest_port` on the guest's
+    /// loopback through its agent, for the VM's lifetime (a restarted
+    /// bangerd listens again) until RemoveForward. Returns the port bound.
+    /// polkit as for Start, plus org.banger.network.configure for an
+    /// address other than loopback or a port below 1024.
+    #[zbus(out_args("port"))]
+    async fn add_forward(
+        &self,
+        address: String,
+        host_port: u16,
+        guest_port: u16,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<u16, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let address = forward_address(&address)?;
+        let forward = self
+            .core
+            .vms()
+            .add_forward(&caller, &self.id, address, host_port, guest_port)
+            .await
+            .map_err(to_wire)?;
+        self.core.jobs().published(super::PUBLISHED_LIMIT).await;
+        Ok(forward.host_port)
+    }
+
+    /// Stop forwarding `address` ("" for 127.0.0.1) port `host_port`.
+    /// polkit as for Start.
+    async fn remove_forward(
+        &self,
+        address: String,
+        host_port: u16,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let address = forward_address(&address)?;
+        self.core
+            .vms()
+            .remove_forward(&caller, &self.id, address, host_port)
+            .await
+            .map_err(to_wire)?;
+        self.core.jobs().published(super::PUBLISHED_LIMIT).await;
+        Ok(())
+    }
+
     /// Make a new VM `name` from copies of this stopped VM's disks, with
     /// its settings (autostart off) and its own id, address, MAC, host
     /// keys and machine id. Option "start" (b, default false) boots the
@@ -513,6 +573,21 @@ impl VmObject {
         }
         Ok(out)
     }
+}
+
+/// A forward's host address: an IP address, "" for 127.0.0.1.
+fn forward_address(text: &str) -> Result<std::net::IpAddr, banger_dbus::Reply> {
+    if text.is_empty() {
+        return Ok(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    text.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| {
+            to_wire(crate::error::Error::invalid(format!(
+                "{text:?} is not an IP address"
+            )))
+        })
 }
 
 /// The answer to a method that makes a VM: its object (published before

@@ -101,6 +101,8 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX vms_by_owner ON vms (owner_uid);",
     // 8: whether a VM starts when bangerd first starts after a host boot.
     "ALTER TABLE vms ADD COLUMN autostart INTEGER NOT NULL DEFAULT 0;",
+    // 9: the port forwards bangerd keeps for a VM (JSON list).
+    "ALTER TABLE vms ADD COLUMN forwards TEXT NOT NULL DEFAULT '[]';",
 ];
 
 /// The schema version this build writes.

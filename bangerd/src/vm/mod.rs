@@ -187,6 +187,20 @@ pub struct Vm {
     pub created_at: i64,
     /// The last failure, for `show`; empty when none.
     pub last_error: String,
+    /// The port forwards bangerd keeps for it.
+    pub forwards: Vec<PortForward>,
+}
+
+/// A port of the host that bangerd forwards to a port on a VM's loopback
+/// (`vm forward --background`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortForward {
+    /// The host address it listens on.
+    pub address: std::net::IpAddr,
+    /// The host port.
+    pub host_port: u16,
+    /// The guest port.
+    pub guest_port: u16,
 }
 
 impl Vm {

@@ -300,6 +300,7 @@ mod tests {
             disk_method: None,
             created_at: 0,
             last_error: String::new(),
+            forwards: Vec::new(),
         }
     }
 

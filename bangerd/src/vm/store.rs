@@ -35,7 +35,12 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         disk_method: super::disk::DiskMethod::parse(&r.get::<_, String>("disk_method")?),
         created_at: r.get("created_at")?,
         last_error: r.get("last_error")?,
+        forwards: serde_json::from_str(&r.get::<_, String>("forwards")?).unwrap_or_default(),
     })
+}
+
+fn forwards_json(forwards: &[super::PortForward]) -> String {
+    serde_json::to_string(forwards).unwrap_or_else(|_| "[]".into())
 }
 
 impl Store {
@@ -45,9 +50,9 @@ impl Store {
         conn.execute(
             "INSERT INTO vms (id, name, owner_uid, image_id, kernel_id, vcpus, memory_mib,
                 disk_bytes, nat, state, vmm, pid, pid_start, tap, ssh_keys, disk_method,
-                created_at, last_error, peers, autostart)
+                created_at, last_error, peers, autostart, forwards)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                ?19, ?20)",
+                ?19, ?20, ?21)",
             params![
                 vm.id,
                 vm.name,
@@ -69,6 +74,7 @@ impl Store {
                 vm.last_error,
                 i64::from(vm.peers),
                 i64::from(vm.autostart),
+                forwards_json(&vm.forwards),
             ],
         )?;
         self.count_running(None, Some(vm.state));
@@ -111,7 +117,7 @@ impl Store {
         let updated = conn.execute(
             "UPDATE vms SET vcpus = ?2, memory_mib = ?3, disk_bytes = ?4, nat = ?5, state = ?6,
                 vmm = ?7, pid = ?8, pid_start = ?9, tap = ?10, disk_method = ?11,
-                last_error = ?12, name = ?13, peers = ?14, autostart = ?15
+                last_error = ?12, name = ?13, peers = ?14, autostart = ?15, forwards = ?16
              WHERE id = ?1",
             params![
                 vm.id,
@@ -129,6 +135,7 @@ impl Store {
                 vm.name,
                 i64::from(vm.peers),
                 i64::from(vm.autostart),
+                forwards_json(&vm.forwards),
             ],
         )? == 1;
         if updated {
@@ -276,6 +283,7 @@ mod tests {
             disk_method: None,
             created_at: 5,
             last_error: String::new(),
+            forwards: Vec::new(),
         }
     }
 

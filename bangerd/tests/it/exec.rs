@@ -161,6 +161,8 @@ fn exec_runs_commands_in_a_guest_with_stdio_status_signals_and_a_terminal() {
 
     copy_both_ways(&env);
     forward_ports(&env);
+    let mut env = env;
+    forward_in_the_background(&mut env);
 
     // A stopped VM says so.
     env.ok(&["vm", "stop", "ex"]);
@@ -331,7 +333,7 @@ fn tar_list(archive: &[u8]) -> String {
 /// `vm forward` with VM "ex" to a web server that listens only on the
 /// guest's loopback: a small page, a large file, ten at once, Ctrl-C.
 fn forward_ports(env: &crate::vm_lifecycle::Env) {
-    use std::io::{BufRead, Read};
+    use std::io::BufRead;
     env.ok(&[
         "vm",
         "exec",
@@ -364,17 +366,7 @@ fn forward_ports(env: &crate::vm_lifecycle::Env) {
         addr.starts_with("127.0.0.1:") && line.contains("port 8000 of ex"),
         "{line}"
     );
-    let get = |path: &str| {
-        let (addr, path) = (addr.clone(), path.to_owned());
-        env.ns.run(move || {
-            let mut s = std::net::TcpStream::connect(&addr).unwrap();
-            write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-            let mut reply = Vec::new();
-            s.read_to_end(&mut reply).unwrap();
-            let at = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-            reply.split_off(at + 4)
-        })
-    };
+    let get = |path: &str| http_get(env, &addr, path).unwrap();
     assert_eq!(get("/hello.txt"), b"hello\n");
     assert_eq!(get("/big"), big);
     let many: Vec<Vec<u8>> = std::thread::scope(|scope| {
@@ -388,6 +380,76 @@ fn forward_ports(env: &crate::vm_lifecycle::Env) {
     )
     .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// An HTTP GET of `path` from `addr` in the bed's namespace: the body.
+fn http_get(env: &crate::vm_lifecycle::Env, addr: &str, path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let (addr, path) = (addr.to_owned(), path.to_owned());
+    env.ns.run(move || {
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply)?;
+        let at = reply
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other("no HTTP header"))?;
+        Ok(reply.split_off(at + 4))
+    })
+}
+
+/// `vm forward --background` with VM "ex" (its httpd from
+/// [`forward_ports`]): bangerd listens, `vm show` lists it, a taken port
+/// is refused, a restarted bangerd listens again, and `--remove` ends it.
+fn forward_in_the_background(env: &mut crate::vm_lifecycle::Env) {
+    let out = env.ok(&["vm", "forward", "ex", "--background", "--json", "0:8000"]);
+    let bound: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let port = bound[0]["host_port"].as_u64().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    assert_eq!(http_get(env, &addr, "/hello.txt").unwrap(), b"hello\n");
+    let shown = env.vm("ex");
+    assert_eq!(
+        shown["forwards"][0]["host_port"].as_u64(),
+        Some(port),
+        "{shown}"
+    );
+    assert_eq!(shown["forwards"][0]["guest_port"], 8000, "{shown}");
+    assert!(
+        env.ok(&["vm", "show", "ex"])
+            .contains(&format!("forward:     {addr} → guest port 8000")),
+    );
+    // Its port is taken now.
+    let out = env.run(&[
+        "vm",
+        "forward",
+        "ex",
+        "--background",
+        &format!("{port}:8000"),
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{out:?}"
+    );
+
+    // bangerd dies and comes back: it listens again.
+    env.bed.kill_daemon();
+    assert!(
+        http_get(env, &addr, "/hello.txt").is_err(),
+        "nobody should listen"
+    );
+    env.bed.start_daemon().unwrap();
+    assert_eq!(http_get(env, &addr, "/hello.txt").unwrap(), b"hello\n");
+
+    let out = env.run(&["vm", "forward", "ex", "--remove", "1"]);
+    assert_eq!(out.status.code(), Some(5), "no such forward: {out:?}");
+    env.ok(&["vm", "forward", "ex", "--remove", &port.to_string()]);
+    assert!(
+        http_get(env, &addr, "/hello.txt").is_err(),
+        "still forwarded"
+    );
+    assert_eq!(env.vm("ex")["forwards"], serde_json::json!([]));
 }
 
 /// `vm create --setup FILE`: the script runs once as root after the first

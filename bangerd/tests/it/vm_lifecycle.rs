@@ -648,6 +648,7 @@ fn someone_elses_vm_is_refused_without_manage_others() {
         &["vm", "snapshot", "create", "alices", "bobs"],
         &["vm", "restore", "alices", "bobs"],
         &["vm", "snapshot", "delete", "alices", "bobs"],
+        &["vm", "forward", "alices", "--background", "0:80"],
     ] {
         let (code, _, stderr) = as_user(&env, &bob, args);
         assert_eq!(code, Some(4), "{args:?}: {stderr}");
@@ -668,6 +669,23 @@ fn someone_elses_vm_is_refused_without_manage_others() {
     // Alice manages her own; bob, once granted manage-others, may too.
     let (code, _, stderr) = as_user(&env, &alice, &["vm", "set", "alices", "--memory", "320"]);
     assert_eq!(code, Some(0), "{stderr}");
+    // bangerd listens for her on loopback, but not where she could not
+    // listen herself: a port below 1024, or beyond loopback.
+    let (code, _, stderr) = as_user(
+        &env,
+        &alice,
+        &["vm", "forward", "alices", "--background", "0:80"],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    for spec in ["80:80", "0.0.0.0:0:80"] {
+        let (code, _, stderr) = as_user(
+            &env,
+            &alice,
+            &["vm", "forward", "alices", "--background", spec],
+        );
+        assert_eq!(code, Some(4), "{spec}: {stderr}");
+    }
+    assert_eq!(env.vm("alices")["forwards"].as_array().unwrap().len(), 1);
     assert_eq!(env.vm("alices")["memory_mib"], 320);
     let _bob_others = grant(&bob, &["vm.create", "vm.manage", "vm.manage-others"]);
     let deleted = eventually(Duration::from_secs(10), || {

@@ -77,6 +77,8 @@ impl Vms {
             autostart: false,
             created_at: unix_us(SystemTime::now()),
             last_error: String::new(),
+            // Its host ports are its source's to keep.
+            forwards: Vec::new(),
             ..src.clone()
         };
         let demand = Demand {

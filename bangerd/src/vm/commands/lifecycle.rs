@@ -97,6 +97,7 @@ impl Vms {
             disk_method: None,
             created_at: unix_us(SystemTime::now()),
             last_error: String::new(),
+            forwards: Vec::new(),
         };
         let demand = Demand {
             vm: true,
@@ -419,6 +420,7 @@ impl Vms {
 
     /// Remove everything of VM `id`: process, network, files, row, lease.
     pub(super) async fn destroy(&self, id: &str) -> Result<()> {
+        self.stop_forwards(id);
         self.halt(id).await;
         let Some(vm) = self
             .store

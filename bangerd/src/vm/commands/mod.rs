@@ -11,6 +11,7 @@ mod autostart;
 mod boot;
 mod clone;
 mod exec;
+mod forward;
 mod lifecycle;
 mod network;
 mod reconcile;
@@ -22,6 +23,7 @@ mod watcher;
 
 pub use boot::kernel_cmdline;
 pub use exec::ExecRequest;
+pub use forward::MAX_FORWARDS;
 pub use snapshots::{DiskSnapshot, MAX_SNAPSHOTS};
 pub use stats::VmStats;
 pub use vmm_choice::{check_vmm, choose_vmm, jailer_of, vmm_named};
@@ -116,7 +118,14 @@ struct VmRuntime {
     watchers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// The KVM probe's verdict per guest kernel, found once per daemon.
     kvm_verdicts: Mutex<HashMap<PathBuf, Arc<tokio::sync::OnceCell<KvmVerdict>>>>,
+    /// The listening task of each port forward, per VM.
+    forwards: Mutex<HashMap<String, Vec<ForwardTask>>>,
+    /// Held while a VM's forwards change.
+    forward_changes: tokio::sync::Mutex<()>,
 }
+
+/// A forward and the task that listens for it.
+type ForwardTask = (super::PortForward, tokio::task::AbortHandle);
 
 /// Holds a VM for one operation; releases it when dropped.
 #[derive(Debug)]

@@ -13,7 +13,8 @@ use crate::vm::process::{ProcessId, Watched};
 
 impl Vms {
     /// Make the store agree with reality after a (re)start: finish
-    /// interrupted creates, deletes and restores, adopt VMMs that still run, mark
+    /// interrupted creates, deletes and restores, listen again for the
+    /// recorded port forwards, adopt VMMs that still run, mark
     /// the others stopped, and bring the network up for the running ones.
     /// What runs is asked of the supervisor too, not only of the recorded
     /// pids: a VMM whose start was never recorded (a crash between
@@ -120,6 +121,7 @@ impl Vms {
             tracing::warn!(banger_vm_id = %id, pid = p.pid, "a vmm runs for a vm banger has no record of; stopping it");
             self.stop_unaccounted(&id, p).await;
         }
+        self.resume_forwards().await;
         if !adopted.is_empty() || sweep {
             let net = self.network().await?;
             for vm in adopted {
