@@ -185,6 +185,9 @@ pub struct VmConfig {
     pub supervisor: SupervisorKind,
     /// The static banger-agent put into images pulled from registries.
     pub agent_bin: PathBuf,
+    /// The most streams through a VM's agent (exec, cp, forwarded
+    /// connections) open at once.
+    pub max_streams: u32,
 }
 
 /// Who runs VMM processes.
@@ -229,6 +232,7 @@ impl Default for VmConfig {
             stop_timeout_secs: 30,
             supervisor: SupervisorKind::Auto,
             agent_bin: "/usr/libexec/banger/banger-agent".into(),
+            max_streams: 256,
         }
     }
 }
@@ -437,6 +441,9 @@ impl Config {
                 "vm.boot_timeout_secs or vm.stop_timeout_secs",
                 "must be at least 1",
             ));
+        }
+        if self.vm.max_streams == 0 {
+            return Err(invalid("vm.max_streams", "must be at least 1"));
         }
         if self.daemon.job_history_days == 0 {
             return Err(invalid("daemon.job_history_days", "must be at least 1"));

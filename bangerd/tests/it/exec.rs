@@ -530,3 +530,59 @@ fn a_setup_script_runs_once_after_the_first_boot() {
     );
     env.ok(&["vm", "delete", "later"]);
 }
+
+/// `vm.max_streams` bounds the streams open through one VM's agent: one
+/// more is refused with the limit's exit code, and a stream that ends
+/// frees its place.
+#[test]
+fn a_vm_holds_no_more_streams_than_the_limit() {
+    // Appended to the bed's [vm] table.
+    let env = setup_with("max_streams = 2\n");
+    env.ok(&["vm", "create", "--name", "lim"]);
+    // Each holds a stream until killed; it has once it printed.
+    let sleeper = || {
+        use std::io::BufRead;
+        let mut child = env
+            .banger(&[
+                "vm",
+                "exec",
+                "lim",
+                "--",
+                "sh",
+                "-c",
+                "echo up; exec sleep 60",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "up\n");
+        child
+    };
+    let mut first = sleeper();
+    let mut second = sleeper();
+    let out = env.run(&["vm", "exec", "lim", "--", "true"]);
+    assert_eq!(out.status.code(), Some(11), "{out:?}");
+    let refused = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        refused.contains("max_streams") && refused.contains("lim"),
+        "{refused}"
+    );
+    // One ends (SIGTERM reaches its command): there is room again.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    first.wait().unwrap();
+    assert_eq!(
+        env.ok(&["vm", "exec", "lim", "--", "echo", "room"]),
+        "room\n"
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
+    env.ok(&["vm", "delete", "lim"]);
+}

@@ -24,7 +24,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::UnixStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use super::{Vms, vmm_named};
+use std::sync::Arc;
+
+use super::{StreamSlot, Vms, vmm_named};
 use crate::auth::{Action, Caller};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vm::{Vm, VmState};
@@ -127,20 +129,21 @@ impl Vms {
     /// Run `request` in running VM `id` (its owner with `vm.manage`, or
     /// with `vm.manage-others`); returns the caller's end of the stream.
     pub async fn exec_vm(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         id: &str,
         request: ExecRequest,
     ) -> Result<OwnedFd> {
         request.validate()?;
         let vm = self.running_vm_for(caller, id).await?;
+        let slot = self.stream_slot(&vm)?;
         let mut session = self.agent_session(&vm).await?;
         let stream = session
             .exec(request.spec(), START_TIMEOUT)
             .await
             .map_err(|e| stream_error(&vm.name, "run commands", e))?;
         tracing::info!(vm = %vm.name, uid = caller.uid, pid = stream.pid, "exec started");
-        hand_over(stream)
+        hand_over(stream, slot)
     }
 
     /// Connect to TCP `port` on running VM `id`'s loopback, authorized as
@@ -148,7 +151,7 @@ impl Vms {
     /// host's loopback) also needs `network.configure`. Returns the
     /// caller's end of the stream.
     pub async fn connect_port_vm(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         id: &str,
         port: u16,
@@ -163,12 +166,13 @@ impl Vms {
                 .authorize(caller, Action::NetworkConfigure)
                 .await?;
         }
+        let slot = self.stream_slot(&vm)?;
         let mut session = self.agent_session(&vm).await?;
         let stream = session
             .connect_port(port, START_TIMEOUT)
             .await
             .map_err(|e| stream_error(&vm.name, "forward ports", e))?;
-        hand_over(stream)
+        hand_over(stream, slot)
     }
 
     /// VM `id`, which the caller may manage and which runs.
@@ -204,8 +208,9 @@ impl Vms {
     }
 }
 
-/// Relay `stream` from a socket pair's end; returns the caller's end.
-fn hand_over(stream: banger_agent_proto::client::ExecStream) -> Result<OwnedFd> {
+/// Relay `stream` from a socket pair's end (holding `slot` until it
+/// ends); returns the caller's end.
+fn hand_over(stream: banger_agent_proto::client::ExecStream, slot: StreamSlot) -> Result<OwnedFd> {
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| Error::failed(format!("cannot make a socket pair: {e}")))?;
     let theirs = theirs
@@ -215,7 +220,10 @@ fn hand_over(stream: banger_agent_proto::client::ExecStream) -> Result<OwnedFd> 
             Ok(s)
         })
         .map_err(|e| Error::failed(format!("cannot make a socket pair: {e}")))?;
-    tokio::spawn(relay(ours, stream.input, stream.output));
+    tokio::spawn(async move {
+        relay(ours, stream.input, stream.output).await;
+        drop(slot);
+    });
     Ok(OwnedFd::from(theirs))
 }
 

@@ -202,14 +202,22 @@ impl Vms {
             .push((forward, task.abort_handle()));
     }
 
-    /// Carry one connection to `guest_port` of VM `id`, if it runs.
-    async fn carry(&self, id: &str, guest_port: u16, tcp: TcpStream) {
+    /// Carry one connection to `guest_port` of VM `id`, if it runs and
+    /// has room for one more stream.
+    async fn carry(self: &Arc<Self>, id: &str, guest_port: u16, tcp: TcpStream) {
         let Ok(vm) = self.vm_by_id(id).await else {
             return;
         };
         if vm.state != VmState::Running {
             return;
         }
+        let _slot = match self.stream_slot(&vm) {
+            Ok(slot) => slot,
+            Err(e) => {
+                tracing::warn!(banger_vm_id = %vm.id, "forwarded connection refused: {e}");
+                return;
+            }
+        };
         let stream = match self.agent_session(&vm).await {
             Ok(mut session) => session.connect_port(guest_port, START_TIMEOUT).await,
             Err(e) => {

@@ -122,6 +122,33 @@ struct VmRuntime {
     forwards: Mutex<HashMap<String, Vec<ForwardTask>>>,
     /// Held while a VM's forwards change.
     forward_changes: tokio::sync::Mutex<()>,
+    /// Streams open through each VM's agent.
+    streams: Mutex<HashMap<String, u32>>,
+}
+
+/// One open stream through a VM's agent ([`Vms::stream_slot`]); frees its
+/// place when dropped.
+#[derive(Debug)]
+pub struct StreamSlot {
+    vms: Arc<Vms>,
+    id: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .vms
+            .runtime
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// A forward and the task that listens for it.
@@ -215,6 +242,32 @@ impl Vms {
             ));
         }
         Ok(Claim {
+            vms: self.clone(),
+            id: vm.id.clone(),
+        })
+    }
+
+    /// A place for one more stream through VM `vm`'s agent, or
+    /// `LimitExceeded` when `vm.max_streams` are open.
+    pub fn stream_slot(self: &Arc<Self>, vm: &Vm) -> Result<StreamSlot> {
+        let max = self.config().vm.max_streams;
+        let mut open = self
+            .runtime
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(vm.id.clone()).or_insert(0);
+        if *n >= max {
+            return Err(Error::new(
+                ErrorKind::LimitExceeded,
+                format!(
+                    "vm {} has {max} streams open (exec, cp, forwarded connections), the most vm.max_streams allows; wait for some to end",
+                    vm.name
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(StreamSlot {
             vms: self.clone(),
             id: vm.id.clone(),
         })
