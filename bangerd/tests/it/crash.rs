@@ -1,11 +1,13 @@
 //! A daemon killed at any moment restarts consistent: bangerd killed with
 //! SIGKILL at the start of every stage of `vm create` (which starts the
-//! VM), `vm start`, `vm stop` and `vm delete`, with the real CLI, bangerd
+//! VM), `vm start`, `vm stop`, `vm delete`, `vm clone --start`, `vm
+//! snapshot create` and `vm restore`, with the real CLI, bangerd
 //! in its own network namespace and real QEMU (TCG) guests. After each
 //! restart: every VM is stopped or running, a VMM runs exactly for the
 //! running ones, and nothing is left without an owner (VM directories,
 //! TAPs beyond the pool, NAT set elements, loop and device-mapper
-//! devices); the VM can then be deleted, leaving nothing either. The
+//! devices, half-made snapshots or restores); the VM can then be
+//! deleted, leaving nothing either. The
 //! `debug.job_stage_delay_ms` aid holds each stage open for the kill.
 //! Needs root and the guest artifacts (scripts/build-test-kernel,
 //! scripts/build-tiny-image).
@@ -64,6 +66,34 @@ fn inconsistencies(env: &Env) -> Vec<String> {
         .unwrap_or_default();
     if !dirs.is_subset(&all) {
         wrong.push(format!("VM directories {dirs:?}, VMs {all:?}"));
+    }
+    // No restore or snapshot half made.
+    for id in &dirs {
+        let dir = env.bed.state_dir().join("vms").join(id);
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.extend(
+            std::fs::read_dir(dir.join("snapshots"))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| format!("snapshots/{}", e.file_name().to_string_lossy()))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+        );
+        for name in names {
+            if name.ends_with(".restore")
+                || name == "restore.ready"
+                || name.starts_with("snapshots/.partial-")
+            {
+                wrong.push(format!("{name} left in the directory of vm {id}"));
+            }
+        }
     }
     // TAPs: the pool's and the running VMs'.
     let taps = env.ip(&["-o", "link", "show", "type", "tun"]);
@@ -205,7 +235,16 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
     let stop = stages(&env, &["vm", "stop", "crash"]);
     let start = stages(&env, &["vm", "start", "crash"]);
     let delete = stages(&env, &["vm", "delete", "crash"]);
-    eprintln!("create {create:?}\nstart {start:?}\nstop {stop:?}\ndelete {delete:?}");
+    env.ok(&["vm", "create", "--name", "origin", "--no-start"]);
+    let clone = stages(&env, &["vm", "clone", "origin", "crash", "--start"]);
+    env.ok(&["vm", "stop", "crash"]);
+    let snapshot = stages(&env, &["vm", "snapshot", "create", "crash", "s1"]);
+    let restore = stages(&env, &["vm", "restore", "crash", "s1"]);
+    env.ok(&["vm", "delete", "crash", "origin"]);
+    eprintln!(
+        "create {create:?}\nstart {start:?}\nstop {stop:?}\ndelete {delete:?}\n\
+         clone {clone:?}\nsnapshot {snapshot:?}\nrestore {restore:?}"
+    );
     assert!(
         create.len() >= 5 && !start.is_empty(),
         "{create:?} {start:?}"
@@ -221,6 +260,24 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
         ("start", vec!["vm", "start", "crash"], &start, "stopped"),
         ("stop", vec!["vm", "stop", "crash"], &stop, "running"),
         ("delete", vec!["vm", "delete", "crash"], &delete, "running"),
+        (
+            "clone",
+            vec!["vm", "clone", "origin", "crash", "--start"],
+            &clone,
+            "origin",
+        ),
+        (
+            "snapshot",
+            vec!["vm", "snapshot", "create", "crash", "s2"],
+            &snapshot,
+            "stopped",
+        ),
+        (
+            "restore",
+            vec!["vm", "restore", "crash", "s1"],
+            &restore,
+            "snapshot",
+        ),
     ];
     let mut report = Vec::new();
     for (op, args, op_stages, before) in cases {
@@ -232,6 +289,13 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
                 }
                 "running" => {
                     env.ok(&["vm", "create", "--name", "crash", "--nat"]);
+                }
+                "origin" => {
+                    env.ok(&["vm", "create", "--name", "origin", "--no-start"]);
+                }
+                "snapshot" => {
+                    env.ok(&["vm", "create", "--name", "crash", "--nat", "--no-start"]);
+                    env.ok(&["vm", "snapshot", "create", "crash", "s1"]);
                 }
                 _ => {}
             }
@@ -254,6 +318,9 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
             // Whatever is left can be deleted, and leaves nothing.
             if exists(&env) {
                 env.ok(&["vm", "delete", "crash"]);
+            }
+            if env.vms().iter().any(|v| v["name"] == "origin") {
+                env.ok(&["vm", "delete", "origin"]);
             }
             let wrong = inconsistencies(&env);
             assert!(
