@@ -99,17 +99,18 @@ pub fn planned_method(dm_available: bool, dir: &Path) -> DiskMethod {
     }
 }
 
-/// Make the system disk `dst` from `rootfs`: a reflink where possible,
-/// else a sparse copy. Returns the method used.
-pub fn make_system_disk(rootfs: &Path, dst: &Path) -> Result<DiskMethod> {
-    match reflink(rootfs, dst) {
+/// Make the new file `dst` a copy of the disk image `src` (a system
+/// disk from an image's rootfs, or a clone's or snapshot's disks): a
+/// reflink where possible, else a sparse copy. Returns the method used.
+pub fn copy_disk(src: &Path, dst: &Path) -> Result<DiskMethod> {
+    match reflink(src, dst) {
         Ok(()) => return Ok(DiskMethod::Reflink),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             return Err(Error::failed(format!("{} exists already", dst.display())));
         }
         Err(_) => {}
     }
-    sparse_copy(rootfs, dst, &mut |_| Ok(()))?;
+    sparse_copy(src, dst, &mut |_| Ok(()))?;
     Ok(DiskMethod::Copy)
 }
 
@@ -368,13 +369,13 @@ mod tests {
         let base = dir.path().join("base.ext4");
         mkfs(&base, "8M");
         let disk = dir.path().join("sys.ext4");
-        let method = make_system_disk(&base, &disk).expect("disk");
+        let method = copy_disk(&base, &disk).expect("disk");
         assert_eq!(method, probe(dir.path()));
         assert_eq!(
             std::fs::read(&base).expect("base"),
             std::fs::read(&disk).expect("disk")
         );
-        assert!(make_system_disk(&base, &disk).is_err(), "never overwrites");
+        assert!(copy_disk(&base, &disk).is_err(), "never overwrites");
     }
 
     /// A btrfs filesystem loop-mounted on a temp directory, unmounted and
@@ -423,7 +424,7 @@ mod tests {
         let base = dir.join("base.ext4");
         mkfs(&base, "64M");
         let disk = dir.join("sys.ext4");
-        let method = make_system_disk(&base, &disk).expect("disk");
+        let method = copy_disk(&base, &disk).expect("disk");
         assert_eq!(method, DiskMethod::Reflink);
         let original = std::fs::read(&base).expect("base");
         assert_eq!(original, std::fs::read(&disk).expect("disk"));

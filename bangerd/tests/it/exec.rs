@@ -163,8 +163,12 @@ fn exec_runs_commands_in_a_guest_with_stdio_status_signals_and_a_terminal() {
     forward_ports(&env);
     let mut env = env;
     forward_in_the_background(&mut env);
+    let out = env.ok(&["vm", "forward", "ex", "--background", "--json", "0:8000"]);
+    let bound: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let kept = format!("127.0.0.1:{}", bound[0]["host_port"]);
 
-    // A stopped VM says so.
+    // A stopped VM says so; its background forward still listens but
+    // closes each connection at once.
     env.ok(&["vm", "stop", "ex"]);
     let out = env.run(&["vm", "exec", "ex", "--", "true"]);
     assert_eq!(out.status.code(), Some(7), "{out:?}");
@@ -172,7 +176,24 @@ fn exec_runs_commands_in_a_guest_with_stdio_status_signals_and_a_terminal() {
         String::from_utf8_lossy(&out.stderr).contains("banger vm start ex"),
         "{out:?}"
     );
+    let probe = |addr: String| {
+        env.ns.run(move || {
+            use std::io::Read;
+            let mut s = std::net::TcpStream::connect(&addr)?;
+            let mut got = Vec::new();
+            s.read_to_end(&mut got)?;
+            Ok::<usize, std::io::Error>(got.len())
+        })
+    };
+    assert_eq!(probe(kept.clone()).unwrap(), 0, "closed at once");
+    // Deleting the VM ends its forwards.
     env.ok(&["vm", "delete", "ex"]);
+    let refused = probe(kept).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
 }
 
 /// Many short streams over the one virtio-serial connection bangerd holds:

@@ -149,7 +149,7 @@ impl Vms {
         let copied = blocking(move || {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
-            disk::make_system_disk(&sys_from, &sys_to)
+            disk::copy_disk(&sys_from, &sys_to)
         })
         .await?;
         let method = if dm { DiskMethod::DeviceMapper } else { copied };
@@ -160,7 +160,7 @@ impl Vms {
         let (work_from, work_to) = (from.work_disk.clone(), to.work_disk.clone());
         let (setup_from, setup_to) = (self.setup_path(&src.id), self.setup_path(&vm.id));
         let copied = blocking(move || {
-            let method = disk::make_system_disk(&work_from, &work_to)?;
+            let method = disk::copy_disk(&work_from, &work_to)?;
             match std::fs::copy(&setup_from, &setup_to) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -205,7 +205,7 @@ impl Vms {
                 snapshot::make_cow(&cow, bytes)?;
                 return Ok(DiskMethod::DeviceMapper);
             }
-            disk::make_system_disk(&rootfs, &sys)
+            disk::copy_disk(&rootfs, &sys)
         })
         .await?;
         ctx.progress(method.as_str(), 0.2, None);

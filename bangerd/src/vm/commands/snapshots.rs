@@ -139,7 +139,7 @@ fn save(files: &[PathBuf], to: &Path, tick: &mut dyn FnMut(usize) -> Result<()>)
     std::fs::create_dir_all(to).map_err(|e| failed("create", to, e))?;
     for (i, file) in files.iter().enumerate() {
         tick(i)?;
-        disk::make_system_disk(file, &to.join(file_name(file)))?;
+        disk::copy_disk(file, &to.join(file_name(file)))?;
     }
     let created = to.join(CREATED);
     std::fs::write(&created, unix_us(SystemTime::now()).to_string())
@@ -159,7 +159,7 @@ fn stage_restore(
         tick(i)?;
         let copy = pending(file);
         remove_file(&copy)?;
-        disk::make_system_disk(&from.join(file_name(file)), &copy)?;
+        disk::copy_disk(&from.join(file_name(file)), &copy)?;
         std::fs::File::open(&copy)
             .and_then(|f| f.sync_all())
             .map_err(|e| failed("sync", &copy, e))?;
