@@ -143,14 +143,14 @@ impl Guest<'_> {
             .vm_exec(self.vm_path, &command, &options, self.auth.interaction)
             .await?;
         let mut errors = Vec::new();
-        let status = stream(fd, input, false, async |channel, bytes| match channel {
+        let status = stream(fd, input, false, |channel, bytes| match channel {
             Channel::Stderr => {
                 if errors.len() < 64 * 1024 {
-                    errors.extend_from_slice(bytes);
+                    errors.extend_from_slice(&bytes);
                 }
                 Ok(())
             }
-            _ => out(bytes),
+            _ => out(&bytes),
         })
         .await?;
         if status == ExitStatus::Code(0) {

@@ -55,16 +55,16 @@ pub async fn run(
         fd,
         Box::new(std::io::stdin()),
         terminal,
-        async |channel, bytes| {
+        |channel, bytes| {
             use std::io::Write;
             match channel {
                 Channel::Stderr => {
                     let mut err = std::io::stderr().lock();
-                    err.write_all(bytes).and_then(|()| err.flush())
+                    err.write_all(&bytes).and_then(|()| err.flush())
                 }
                 _ => {
                     let mut out = std::io::stdout().lock();
-                    out.write_all(bytes).and_then(|()| out.flush())
+                    out.write_all(&bytes).and_then(|()| out.flush())
                 }
             }
         },
@@ -90,8 +90,34 @@ pub async fn stream(
     fd: OwnedFd,
     input: Box<dyn Read + Send>,
     terminal: bool,
-    mut output: impl AsyncFnMut(Channel, &[u8]) -> std::io::Result<()>,
+    output: impl FnMut(Channel, bytes::Bytes) -> std::io::Result<()>,
 ) -> Result<ExitStatus, Failure> {
+    let mut output = output;
+    stream_frames(
+        fd,
+        |tx, tasks| {
+            read_input(input, tx.clone());
+            tasks.spawn(forward_signals(tx, terminal));
+        },
+        |channel, bytes| std::future::ready(output(channel, bytes)),
+    )
+    .await
+}
+
+/// Speak the stream on `fd` until its end: `feed` is given the sender of
+/// the frames for bangerd (stdin frames, an empty one last, and
+/// controls) and a set for the tasks that make them, aborted at the end;
+/// every data frame that comes back, the empty one that ends a channel
+/// too, goes to `output`. A broken pipe on output ends it as SIGPIPE
+/// would.
+pub async fn stream_frames<F>(
+    fd: OwnedFd,
+    feed: impl FnOnce(mpsc::Sender<Vec<u8>>, &mut tokio::task::JoinSet<()>),
+    mut output: impl FnMut(Channel, bytes::Bytes) -> F,
+) -> Result<ExitStatus, Failure>
+where
+    F: std::future::Future<Output = std::io::Result<()>>,
+{
     let broken = |e: std::io::Error| {
         Failure::new(Kind::Failed, format!("the stream from bangerd failed: {e}"))
     };
@@ -100,7 +126,11 @@ pub async fn stream(
     let socket = tokio::net::UnixStream::from_std(socket).map_err(broken)?;
     let (read, write) = socket.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
-    let writer = tokio::spawn(async move {
+    let mut tasks = tokio::task::JoinSet::new();
+    // The writer ends with the stream, not with the input: closing our
+    // side early would look like a caller that left.
+    let _open = tx.clone();
+    tasks.spawn(async move {
         let mut sink = FramedWrite::new(write, FrameCodec::new());
         while let Some(frame) = rx.recv().await {
             if sink.send(frame).await.is_err() {
@@ -108,22 +138,20 @@ pub async fn stream(
             }
         }
     });
-    read_input(input, tx.clone());
-    let signals = tokio::spawn(forward_signals(tx.clone(), terminal));
-    drop(tx);
+    feed(tx, &mut tasks);
     let mut frames = FramedRead::new(read, FrameCodec::new());
-    let result = loop {
+    loop {
         let payload = match frames.next().await {
             Some(Ok(Frame::Data(p))) => p,
             Some(Ok(Frame::Oversized(_))) => continue,
             Some(Err(e)) => {
-                break Err(Failure::new(
+                return Err(Failure::new(
                     Kind::Failed,
                     format!("the stream from bangerd failed: {e}"),
                 ));
             }
             None => {
-                break Err(Failure::new(
+                return Err(Failure::new(
                     Kind::Failed,
                     "bangerd closed the stream before the command ended; see `journalctl -u bangerd`",
                 ));
@@ -133,34 +161,31 @@ pub async fn stream(
             let why = serde_json::from_slice::<Broken>(&payload)
                 .map(|b| b.error)
                 .unwrap_or_else(|_| "an unreadable message".to_owned());
-            break Err(Failure::new(
+            return Err(Failure::new(
                 Kind::Failed,
                 format!("the command's stream broke: {why}"),
             ));
         }
         match StreamFrame::decode(&payload) {
-            Ok(StreamFrame::Data { channel, bytes, .. }) if !bytes.is_empty() => {
-                if let Err(e) = output(channel, &bytes).await {
+            Ok(StreamFrame::Data { channel, bytes, .. }) => {
+                if let Err(e) = output(channel, bytes).await {
                     if e.kind() == std::io::ErrorKind::BrokenPipe {
                         // Our reader left: so does the command, as with a pipe.
-                        break Ok(ExitStatus::Signal(nix::libc::SIGPIPE));
+                        return Ok(ExitStatus::Signal(nix::libc::SIGPIPE));
                     }
-                    break Err(broken(e));
+                    return Err(broken(e));
                 }
             }
-            Ok(StreamFrame::Exit { status, .. }) => break Ok(status),
+            Ok(StreamFrame::Exit { status, .. }) => return Ok(status),
             Ok(_) => {}
             Err(e) => {
-                break Err(Failure::new(
+                return Err(Failure::new(
                     Kind::Failed,
                     format!("bangerd sent a bad stream frame: {e}"),
                 ));
             }
         }
-    };
-    signals.abort();
-    writer.abort();
-    result
+    }
 }
 
 /// Read `input` on a thread of its own (a blocked read must not hold the

@@ -3,12 +3,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use banger_agent_proto::codec::{Frame, FrameCodec};
-use banger_agent_proto::stream::{CHUNK, Channel, StreamFrame, is_json};
-use futures_util::{SinkExt, StreamExt};
+use banger_agent_proto::stream::{CHUNK, Channel, StreamFrame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::cli::Options;
 use crate::client::{Client, Interaction};
@@ -220,57 +217,55 @@ async fn carry(
     let fd = client
         .vm_connect_port(vm_path, spec.guest_port, spec.exposed(), interaction)
         .await?;
-    let broken = |e: std::io::Error| Failure::new(Kind::Failed, format!("the stream failed: {e}"));
-    let socket = std::os::unix::net::UnixStream::from(fd);
-    socket.set_nonblocking(true).map_err(broken)?;
-    let socket = tokio::net::UnixStream::from_std(socket).map_err(broken)?;
     let _ = tcp.set_nodelay(true);
-    let (socket_read, socket_write) = socket.into_split();
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let up = tokio::spawn(async move {
-        let mut sink = FramedWrite::new(socket_write, FrameCodec::new());
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = tcp_read.read(&mut buf).await.unwrap_or(0);
-            let frame = StreamFrame::Data {
-                id: 0,
-                channel: Channel::Stdin,
-                bytes: bytes::Bytes::copy_from_slice(&buf[..n]),
+    let feed = |tx: tokio::sync::mpsc::Sender<Vec<u8>>, tasks: &mut tokio::task::JoinSet<()>| {
+        tasks.spawn(async move {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = tcp_read.read(&mut buf).await.unwrap_or(0);
+                let frame = StreamFrame::Data {
+                    id: 0,
+                    channel: Channel::Stdin,
+                    bytes: bytes::Bytes::copy_from_slice(&buf[..n]),
+                };
+                if tx.send(frame.encode()).await.is_err() || n == 0 {
+                    return;
+                }
+            }
+        });
+    };
+    // A writer of its own, so the stream's future stays Send: the guest
+    // side's end (an empty frame) closes ours for writing; a client that
+    // went away ends the stream like a reader that left.
+    let (to_tcp, mut from_stream) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        while let Some(bytes) = from_stream.recv().await {
+            let written = if bytes.is_empty() {
+                tcp_write.shutdown().await
+            } else {
+                tcp_write.write_all(&bytes).await
             };
-            if sink.send(frame.encode()).await.is_err() || n == 0 {
-                // Keep the socket open: closing it would end the stream.
-                std::future::pending::<()>().await;
+            if written.is_err() {
+                break;
             }
         }
+        drop(done_tx);
     });
-    let mut frames = FramedRead::new(socket_read, FrameCodec::new());
-    let result = loop {
-        match frames.next().await {
-            Some(Ok(Frame::Data(p))) if is_json(&p) => {
-                break Err(Failure::new(
-                    Kind::Failed,
-                    format!("the stream broke: {}", String::from_utf8_lossy(&p)),
-                ));
-            }
-            Some(Ok(Frame::Data(p))) => match StreamFrame::decode(&p) {
-                Ok(StreamFrame::Data { bytes, .. }) if bytes.is_empty() => {
-                    let _ = tcp_write.shutdown().await;
-                }
-                Ok(StreamFrame::Data { bytes, .. }) => {
-                    if tcp_write.write_all(&bytes).await.is_err() {
-                        break Ok(());
-                    }
-                }
-                Ok(StreamFrame::Exit { .. }) => break Ok(()),
-                Ok(_) => {}
-                Err(e) => break Err(Failure::new(Kind::Failed, format!("bad frame: {e}"))),
-            },
-            Some(Ok(Frame::Oversized(_))) => {}
-            Some(Err(e)) => break Err(broken(std::io::Error::other(e.to_string()))),
-            None => break Ok(()),
+    let output = move |_: Channel, bytes: bytes::Bytes| {
+        let to_tcp = to_tcp.clone();
+        async move {
+            to_tcp
+                .send(bytes)
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
         }
     };
-    up.abort();
+    let result = crate::exec::stream_frames(fd, feed, output)
+        .await
+        .map(|_| ());
+    let _ = done_rx.await;
     result
 }
 
