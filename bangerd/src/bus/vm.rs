@@ -40,6 +40,14 @@ impl VmObject {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `result` of a call that changed the VM, answered once the change
+    /// is on the bus: a caller that reads the VM back right after sees it.
+    async fn changed<T>(&self, result: crate::error::Result<T>) -> Result<T, banger_dbus::Reply> {
+        let value = result.map_err(to_wire)?;
+        self.core.jobs().published(super::PUBLISHED_LIMIT).await;
+        Ok(value)
+    }
+
     /// Show `fresh` and announce every property that may have changed.
     async fn show(&self, fresh: View, emitter: &SignalEmitter<'_>) -> zbus::Result<()> {
         *self.view() = fresh;
@@ -311,15 +319,8 @@ impl VmObject {
             peers: o.peers,
             autostart: o.autostart,
         };
-        self.core
-            .vms()
-            .set_vm(&caller, &self.id, changes)
-            .await
-            .map_err(to_wire)?;
-        // Answer once the change is on the bus: a caller that reads the
-        // VM back right after sees it.
-        self.core.jobs().published(super::PUBLISHED_LIMIT).await;
-        Ok(())
+        let changed = self.core.vms().set_vm(&caller, &self.id, changes).await;
+        self.changed(changed).await.map(|_| ())
     }
 
     /// The guest's serial console output from byte `offset` (at most
@@ -429,14 +430,12 @@ impl VmObject {
     ) -> Result<u16, banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         let address = forward_address(&address)?;
-        let forward = self
+        let added = self
             .core
             .vms()
             .add_forward(&caller, &self.id, address, host_port, guest_port)
-            .await
-            .map_err(to_wire)?;
-        self.core.jobs().published(super::PUBLISHED_LIMIT).await;
-        Ok(forward.host_port)
+            .await;
+        self.changed(added).await.map(|f| f.host_port)
     }
 
     /// Stop forwarding `address` ("" for 127.0.0.1) port `host_port`.
@@ -450,13 +449,12 @@ impl VmObject {
     ) -> Result<(), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         let address = forward_address(&address)?;
-        self.core
+        let removed = self
+            .core
             .vms()
             .remove_forward(&caller, &self.id, address, host_port)
-            .await
-            .map_err(to_wire)?;
-        self.core.jobs().published(super::PUBLISHED_LIMIT).await;
-        Ok(())
+            .await;
+        self.changed(removed).await
     }
 
     /// Make a new VM `name` from copies of this stopped VM's disks, with
@@ -522,13 +520,12 @@ impl VmObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
-        self.core
+        let deleted = self
+            .core
             .vms()
             .delete_snapshot(&caller, &self.id, &name)
-            .await
-            .map_err(to_wire)?;
-        self.core.jobs().published(super::PUBLISHED_LIMIT).await;
-        Ok(())
+            .await;
+        self.changed(deleted).await
     }
 
     /// Usage of a running VM: "cpu_usec" (t), "rss_bytes" (t),
