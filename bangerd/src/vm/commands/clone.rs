@@ -10,10 +10,11 @@ use std::time::SystemTime;
 
 use super::Vms;
 use super::blocking;
+use super::snapshots::disk_files;
 use crate::artifacts::validate;
 use crate::auth::{Action, Caller};
 use crate::error::{Error, ErrorKind, Result};
-use crate::jobs::{JobContext, JobId, Resource};
+use crate::jobs::{JobContext, JobId};
 use crate::store::unix_us;
 use crate::vm::disk::{self, DiskMethod};
 use crate::vm::quota::Demand;
@@ -53,12 +54,7 @@ impl Vms {
                 ),
             ));
         }
-        let from = self.vm_paths(&src.id);
-        let needed: u64 = [&from.system_disk, &from.system_cow, &from.work_disk]
-            .into_iter()
-            .map(|p| crate::artifacts::files::disk_usage(p))
-            .sum();
-        crate::space::check_space(&self.dirs.state, needed)?;
+        self.disks_with_room_for_a_copy(&src)?;
 
         let quota = self.quotas.applies(caller).await;
         let id = crate::artifacts::new_id()
@@ -98,53 +94,32 @@ impl Vms {
         );
         let core = self.clone();
         let claim = self.claim_vm(&vm)?;
-        let job = self
-            .jobs()
-            .start_cooperative("clone-vm", caller.uid, Action::VmCreate, move |ctx| {
-                async move {
-                    let _claim = claim;
-                    let made = core.copy_disks(&ctx, &src, &vm).await;
-                    drop(source_claim);
-                    let made = match made {
-                        Ok(()) if start => core.boot(&ctx, &vm.id, 0.5, quota).await,
-                        other => other,
-                    };
-                    match made {
-                        Ok(()) if start => core
-                            .run_setup(&ctx, &vm.id, 0.95)
-                            .await
-                            .map(|()| Some(Resource::Vm(vm.id.clone()))),
-                        Ok(()) => Ok(Some(Resource::Vm(vm.id.clone()))),
-                        Err(e) => {
-                            tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "clone failed, removing what it made: {e}");
-                            if let Err(c) = core.destroy(&vm.id).await {
-                                tracing::error!(banger_vm_id = %vm.id, "cleanup after a failed clone failed: {c}");
-                            }
-                            Err(e)
-                        }
-                    }
-                }
-            });
-        match job.await {
-            Ok(job) => Ok((id, job)),
-            Err(e) => {
-                let _ = self.destroy(&id).await;
-                Err(e)
-            }
-        }
+        let job = self.jobs().start_cooperative(
+            "clone-vm",
+            caller.uid,
+            Action::VmCreate,
+            move |ctx| async move {
+                let _claim = claim;
+                let made = core.copy_disks(&ctx, &src, &vm).await;
+                drop(source_claim);
+                let made = match made {
+                    Ok(()) if start => core.boot(&ctx, &vm.id, 0.5, quota).await,
+                    other => other,
+                };
+                core.finish_new(&ctx, &vm, made, start, "clone").await
+            },
+        );
+        self.new_vm_job(id, job.await).await
     }
 
     /// Copy `src`'s disks (and a setup script that has not run yet) to
     /// the new VM `vm`, then mark it created.
     async fn copy_disks(&self, ctx: &JobContext, src: &Vm, vm: &Vm) -> Result<()> {
-        let (from, to) = (self.vm_paths(&src.id), self.vm_paths(&vm.id));
+        // The clone's disks are made as its source's were.
+        let [sys_from, work_from] = disk_files(&self.vm_paths(&src.id), src.disk_method);
+        let to = self.vm_paths(&vm.id);
+        let [sys_to, work_to] = disk_files(&to, src.disk_method);
         ctx.stage("system disk", 0.0).await?;
-        let dm = src.disk_method == Some(DiskMethod::DeviceMapper);
-        let (sys_from, sys_to) = if dm {
-            (from.system_cow.clone(), to.system_cow.clone())
-        } else {
-            (from.system_disk.clone(), to.system_disk.clone())
-        };
         let dir = to.dir.clone();
         let copied = blocking(move || {
             std::fs::create_dir_all(&dir)
@@ -152,12 +127,15 @@ impl Vms {
             disk::copy_disk(&sys_from, &sys_to)
         })
         .await?;
-        let method = if dm { DiskMethod::DeviceMapper } else { copied };
+        let method = if src.disk_method == Some(DiskMethod::DeviceMapper) {
+            DiskMethod::DeviceMapper
+        } else {
+            copied
+        };
         ctx.progress(copied.as_str(), 0.25, None);
         ctx.check_cancelled()?;
 
         ctx.stage("work disk", 0.25).await?;
-        let (work_from, work_to) = (from.work_disk.clone(), to.work_disk.clone());
         let (setup_from, setup_to) = (self.setup_path(&src.id), self.setup_path(&vm.id));
         let copied = blocking(move || {
             let method = disk::copy_disk(&work_from, &work_to)?;

@@ -138,12 +138,9 @@ impl Vms {
         Ok(())
     }
 
-    /// Listen again for every recorded forward (at start). One that
+    /// Listen again for every forward recorded for `vms` (at start). One that
     /// cannot (its port taken meanwhile) is logged and stays recorded.
-    pub(super) async fn resume_forwards(self: &Arc<Self>) {
-        let Ok(vms) = self.list().await else {
-            return;
-        };
+    pub(super) fn resume_forwards(self: &Arc<Self>, vms: &[crate::vm::Vm]) {
         for vm in vms {
             for forward in &vm.forwards {
                 match listen(forward.address, forward.host_port) {

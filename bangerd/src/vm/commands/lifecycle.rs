@@ -112,28 +112,54 @@ impl Vms {
         let claim = self.claim_vm(&vm)?;
         let start = req.start;
         let setup = req.setup;
-        let job = self
-            .jobs()
-            .start_cooperative("create-vm", caller.uid, Action::VmCreate, move |ctx| async move {
+        let job = self.jobs().start_cooperative(
+            "create-vm",
+            caller.uid,
+            Action::VmCreate,
+            move |ctx| async move {
                 let _claim = claim;
                 let made = core.build_vm(&ctx, &vm, start, setup, quota).await;
-                match made {
-                    // A failed setup script leaves the VM as it is.
-                    Ok(()) if start => core
-                        .run_setup(&ctx, &vm.id, 0.95)
-                        .await
-                        .map(|()| Some(Resource::Vm(vm.id.clone()))),
-                    Ok(()) => Ok(Some(Resource::Vm(vm.id.clone()))),
-                    Err(e) => {
-                        tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "create failed, removing what it made: {e}");
-                        if let Err(c) = core.destroy(&vm.id).await {
-                            tracing::error!(banger_vm_id = %vm.id, "cleanup after a failed create failed: {c}");
-                        }
-                        Err(e)
-                    }
+                core.finish_new(&ctx, &vm, made, start, "create").await
+            },
+        );
+        self.new_vm_job(id, job.await).await
+    }
+
+    /// The end of a job that made `vm` (`what` names the job in logs):
+    /// once `made`, a started VM runs its setup script (a failing one
+    /// leaves the VM as it is); a failure removes everything it made.
+    pub(super) async fn finish_new(
+        &self,
+        ctx: &JobContext,
+        vm: &Vm,
+        made: Result<()>,
+        start: bool,
+        what: &str,
+    ) -> Result<Option<Resource>> {
+        match made {
+            Ok(()) if start => self
+                .run_setup(ctx, &vm.id, 0.95)
+                .await
+                .map(|()| Some(Resource::Vm(vm.id.clone()))),
+            Ok(()) => Ok(Some(Resource::Vm(vm.id.clone()))),
+            Err(e) => {
+                tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "{what} failed, removing what it made: {e}");
+                if let Err(c) = self.destroy(&vm.id).await {
+                    tracing::error!(banger_vm_id = %vm.id, "cleanup after a failed {what} failed: {c}");
                 }
-            });
-        match job.await {
+                Err(e)
+            }
+        }
+    }
+
+    /// The new VM `id` and the job making it; when the job could not
+    /// start, the VM's row and files go.
+    pub(super) async fn new_vm_job(
+        &self,
+        id: String,
+        job: Result<JobId>,
+    ) -> Result<(String, JobId)> {
+        match job {
             Ok(job) => Ok((id, job)),
             Err(e) => {
                 let _ = self.destroy(&id).await;

@@ -23,6 +23,14 @@ impl Vms {
     /// does not account for.
     pub async fn reconcile_vms(self: &Arc<Self>) -> Result<()> {
         let vms = self.list().await?;
+        // Before any is removed: a VM half deleted stops its own.
+        self.resume_forwards(&vms);
+        // Settled once no VMM the store does not account for runs.
+        let stopped: Vec<crate::vm::Vm> = vms
+            .iter()
+            .filter(|v| v.state == VmState::Stopped)
+            .cloned()
+            .collect();
         // A VMM names its runtime directory, or (jailed QEMU) its files.
         let runs = [
             self.dirs.runtime.join("vms"),
@@ -59,8 +67,6 @@ impl Vms {
                         tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = p.pid, "a vmm runs for a vm recorded stopped; stopping it");
                         self.stop_unaccounted(&vm.id, p).await;
                     }
-                    // A restore or snapshot the last run did not finish.
-                    self.settle_disks(&vm).await;
                 }
                 VmState::Starting | VmState::Running | VmState::Stopping => {
                     let recorded = match (vm.pid, vm.pid_start) {
@@ -116,12 +122,13 @@ impl Vms {
                 }
             }
         }
+        // A restore or snapshot the last run did not finish.
+        self.settle_disks(&stopped).await;
         // VMMs of no VM at all (its row is gone).
         for (id, p) in seen {
             tracing::warn!(banger_vm_id = %id, pid = p.pid, "a vmm runs for a vm banger has no record of; stopping it");
             self.stop_unaccounted(&id, p).await;
         }
-        self.resume_forwards().await;
         if !adopted.is_empty() || sweep {
             let net = self.network().await?;
             for vm in adopted {

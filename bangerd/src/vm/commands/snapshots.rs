@@ -51,7 +51,7 @@ pub struct DiskSnapshot {
 
 /// The files a VM made by `method` keeps its disks in, in `paths.dir`
 /// (system, work), by file name.
-fn disk_files(paths: &VmPaths, method: Option<DiskMethod>) -> [PathBuf; 2] {
+pub(super) fn disk_files(paths: &VmPaths, method: Option<DiskMethod>) -> [PathBuf; 2] {
     let system = if method == Some(DiskMethod::DeviceMapper) {
         paths.system_cow.clone()
     } else {
@@ -199,6 +199,18 @@ pub fn settle(dir: &Path, files: &[PathBuf]) -> Result<()> {
 }
 
 impl Vms {
+    /// VM `vm`'s disk files ([`disk_files`]), once the state directory
+    /// has room for another copy of them.
+    pub(super) fn disks_with_room_for_a_copy(&self, vm: &Vm) -> Result<[PathBuf; 2]> {
+        let files = disk_files(&self.vm_paths(&vm.id), vm.disk_method);
+        let needed = files
+            .iter()
+            .map(|f| crate::artifacts::files::disk_usage(f))
+            .sum();
+        crate::space::check_space(&self.dirs.state, needed)?;
+        Ok(files)
+    }
+
     fn snapshots_dir(&self, id: &str) -> PathBuf {
         self.vm_paths(id).dir.join(DIR)
     }
@@ -209,15 +221,27 @@ impl Vms {
         blocking(move || Ok(list(&dir))).await.unwrap_or_default()
     }
 
-    /// Finish or drop what an earlier run left of a restore or a
-    /// snapshot of VM `vm` (at start, for a stopped VM).
-    pub(super) async fn settle_disks(&self, vm: &Vm) {
-        let paths = self.vm_paths(&vm.id);
-        let files = disk_files(&paths, vm.disk_method);
-        let id = vm.id.clone();
-        if let Err(e) = blocking(move || settle(&paths.dir, &files)).await {
-            tracing::error!(banger_vm_id = %id, "cannot settle an interrupted restore: {e}");
-        }
+    /// Finish or drop what an earlier run left of restores and snapshots
+    /// of the stopped VMs `vms` (at start), in one pass on the blocking
+    /// pool.
+    pub(super) async fn settle_disks(&self, vms: &[Vm]) {
+        let work: Vec<(String, PathBuf, [PathBuf; 2])> = vms
+            .iter()
+            .map(|vm| {
+                let paths = self.vm_paths(&vm.id);
+                let files = disk_files(&paths, vm.disk_method);
+                (vm.id.clone(), paths.dir, files)
+            })
+            .collect();
+        let _ = blocking(move || {
+            for (id, dir, files) in work {
+                if let Err(e) = settle(&dir, &files) {
+                    tracing::error!(banger_vm_id = %id, "cannot settle an interrupted restore: {e}");
+                }
+            }
+            Ok(())
+        })
+        .await;
     }
 
     /// The stopped VM `id`, checked and held for a snapshot operation.
@@ -273,13 +297,7 @@ impl Vms {
                 ),
             ));
         }
-        let paths = self.vm_paths(&vm.id);
-        let files = disk_files(&paths, vm.disk_method);
-        let needed = files
-            .iter()
-            .map(|f| crate::artifacts::files::disk_usage(f))
-            .sum();
-        crate::space::check_space(&self.dirs.state, needed)?;
+        let files = self.disks_with_room_for_a_copy(&vm)?;
         let core = self.clone();
         self.jobs()
             .start_cooperative(
@@ -325,13 +343,8 @@ impl Vms {
         validate::name("snapshot", &name)?;
         let (vm, claim) = self.stopped_for(caller, id, "a restore replaces").await?;
         self.snapshot_named(&vm, &name).await?;
+        let files = self.disks_with_room_for_a_copy(&vm)?;
         let paths = self.vm_paths(&vm.id);
-        let files = disk_files(&paths, vm.disk_method);
-        let needed = files
-            .iter()
-            .map(|f| crate::artifacts::files::disk_usage(f))
-            .sum();
-        crate::space::check_space(&self.dirs.state, needed)?;
         let core = self.clone();
         let tools = self.tools.clone();
         self.jobs()
