@@ -36,6 +36,14 @@ pub async fn handle(
             AfterReply::Shutdown { reboot },
         ),
         Request::SyncTime { unix_ns } => (sync_time(unix_ns), AfterReply::Continue),
+        Request::Mount {
+            tag,
+            target,
+            read_only,
+        } => (
+            mount(proc_root, tag, target, read_only).await,
+            AfterReply::Continue,
+        ),
         // Streams belong to a connection: serve.rs handles these.
         Request::Exec(_)
         | Request::Connect { .. }
@@ -209,6 +217,189 @@ fn sync_time(unix_ns: i64) -> Result<Response, AgentError> {
     Ok(Response::TimeSynced { offset_ns })
 }
 
+/// The longest virtio-fs tag (the `tag` field of the device's config).
+const MAX_TAG_LEN: usize = 36;
+
+/// The longest mount point accepted (`PATH_MAX`).
+const MAX_TARGET_LEN: usize = 4096;
+
+/// Check a virtio-fs tag: 1 to 36 bytes of ASCII letters, digits, `-`
+/// and `_`.
+pub fn validate_tag(tag: &str) -> Result<(), AgentError> {
+    let invalid = |why: String| AgentError::new(ErrorKind::InvalidArgument, why);
+    if tag.is_empty() || tag.len() > MAX_TAG_LEN {
+        return Err(invalid(format!(
+            "virtio-fs tag {tag:?} is {} bytes long; a tag has 1 to {MAX_TAG_LEN}",
+            tag.len()
+        )));
+    }
+    if let Some(c) = tag
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(invalid(format!(
+            "virtio-fs tag {tag:?} has {c:?}; a tag is made of ASCII letters, digits, '-' and '_'"
+        )));
+    }
+    Ok(())
+}
+
+/// Check a mount point: an absolute path, not `/`, without `.` or `..`
+/// components or NUL bytes, at most 4096 bytes. Returns it without
+/// repeated or trailing slashes, as /proc/self/mountinfo shows it.
+pub fn validate_target(target: &str) -> Result<String, AgentError> {
+    let invalid = |why: String| AgentError::new(ErrorKind::InvalidArgument, why);
+    if target.len() > MAX_TARGET_LEN {
+        return Err(invalid(format!(
+            "mount point of {} bytes is over the limit of {MAX_TARGET_LEN}",
+            target.len()
+        )));
+    }
+    if target.contains('\0') {
+        return Err(invalid(format!("mount point {target:?} has a NUL byte")));
+    }
+    if !target.starts_with('/') {
+        return Err(invalid(format!(
+            "mount point {target:?} is not an absolute path"
+        )));
+    }
+    let parts: Vec<&str> = target.split('/').filter(|p| !p.is_empty()).collect();
+    if let Some(dots) = parts.iter().find(|p| **p == "." || **p == "..") {
+        return Err(invalid(format!(
+            "mount point {target:?} has a {dots:?} component"
+        )));
+    }
+    if parts.is_empty() {
+        return Err(invalid(format!(
+            "mount point {target:?} is the root directory"
+        )));
+    }
+    Ok(parts.iter().fold(String::new(), |mut path, part| {
+        path.push('/');
+        path.push_str(part);
+        path
+    }))
+}
+
+/// Undo the octal escapes of /proc/self/mountinfo (`\040` for a space,
+/// `\011` tab, `\012` newline, `\134` backslash).
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(code) = bytes
+                .get(i + 1..i + 4)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        {
+            out.push(code);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Whether the file system mounted last (the one seen) at `target` in a
+/// /proc/self/mountinfo table is virtio-fs with source `tag`.
+pub fn virtiofs_mounted_at(mountinfo: &str, tag: &str, target: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let target = target.as_os_str().as_bytes();
+    let mut seen = false;
+    for line in mountinfo.lines() {
+        // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(mount_point) = fields.get(4) else {
+            continue;
+        };
+        if unescape_mountinfo(mount_point) != target {
+            continue;
+        }
+        let after_dash = fields.iter().skip(6).position(|f| *f == "-").map(|p| p + 7);
+        seen = match after_dash.map(|at| (fields.get(at), fields.get(at + 1))) {
+            Some((Some(fstype), Some(source))) => {
+                *fstype == "virtiofs" && unescape_mountinfo(source) == tag.as_bytes()
+            }
+            _ => false,
+        };
+    }
+    seen
+}
+
+/// Mounts are made one at a time, so that two requests for the same share
+/// do not both find it unmounted and stack two mounts.
+static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+async fn mount(
+    proc_root: &Path,
+    tag: String,
+    target: String,
+    read_only: bool,
+) -> Result<Response, AgentError> {
+    validate_tag(&tag)?;
+    let target = validate_target(&target)?;
+    let mountinfo = proc_root.join("self/mountinfo");
+    // mount(2) and the mkdir may block (a slow virtiofsd); the runtime
+    // has a single thread that must go on serving.
+    tokio::task::spawn_blocking(move || mount_blocking(&mountinfo, &tag, &target, read_only))
+        .await
+        .map_err(|e| failed("the mount task failed", e))?
+}
+
+fn mount_blocking(
+    mountinfo: &Path,
+    tag: &str,
+    target: &str,
+    read_only: bool,
+) -> Result<Response, AgentError> {
+    use nix::errno::Errno;
+    use nix::mount::MsFlags;
+    use std::os::unix::fs::DirBuilderExt;
+
+    let _one_at_a_time = MOUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    let path = Path::new(target);
+    let already = || -> Result<bool, AgentError> {
+        let table = read(mountinfo)?;
+        if virtiofs_mounted_at(&table, tag, path) {
+            return Ok(true);
+        }
+        // The kernel lists mount points with symlinks resolved.
+        Ok(match std::fs::canonicalize(path) {
+            Ok(real) if real != path => virtiofs_mounted_at(&table, tag, &real),
+            _ => false,
+        })
+    };
+    if already()? {
+        return Ok(Response::Mounted);
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(|e| failed(&format!("cannot make the mount point {target}"), e))?;
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    nix::mount::mount(Some(tag), path, Some("virtiofs"), flags, None::<&str>).map_err(|errno| {
+        let hint = match errno {
+            Errno::ENODEV => "; the guest kernel has no virtio-fs (CONFIG_VIRTIO_FS)",
+            Errno::EINVAL => "; is a virtio-fs device with this tag attached to the VM?",
+            Errno::EPERM => "; the agent is not allowed to mount (is it root?)",
+            _ => "",
+        };
+        failed(
+            &format!("cannot mount virtio-fs tag {tag:?} at {target}"),
+            format!("{errno}{hint}"),
+        )
+    })?;
+    Ok(Response::Mounted)
+}
+
 /// Ask the init system to take the guest down. Returns whether it
 /// accepted; then init stops every service, this agent included (SIGTERM).
 pub async fn request_shutdown(reboot: bool) -> bool {
@@ -293,6 +484,102 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Timeout);
         let err = wait_port(proc_root, 22, u64::MAX).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn mount_tags_are_checked() {
+        for good in ["a", "share0", "my-share_1", &"x".repeat(36)] {
+            validate_tag(good).unwrap();
+        }
+        for bad in [
+            "",
+            &"x".repeat(37),
+            "has space",
+            "sl/ash",
+            "dot.ted",
+            "nul\0",
+            "ünï",
+            "-o,ro",
+        ] {
+            let err = validate_tag(bad).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::InvalidArgument, "{bad:?}");
+            assert!(err.message.contains("tag"), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn mount_points_are_checked_and_tidied() {
+        for (given, tidy) in [
+            ("/mnt/share", "/mnt/share"),
+            ("/mnt//share/", "/mnt/share"),
+            ("//srv", "/srv"),
+            ("/a/.hidden/b..c/...", "/a/.hidden/b..c/..."),
+        ] {
+            assert_eq!(validate_target(given).unwrap(), tidy);
+        }
+        let long = format!("/{}", "x".repeat(4096));
+        for (bad, says) in [
+            ("", "not an absolute path"),
+            ("mnt/share", "not an absolute path"),
+            ("./mnt", "not an absolute path"),
+            ("/", "root directory"),
+            ("///", "root directory"),
+            ("/mnt/../etc", "\"..\" component"),
+            ("/mnt/..", "\"..\" component"),
+            ("/mnt/./share", "\".\" component"),
+            ("/mnt/.", "\".\" component"),
+            ("/mnt/sh\0are", "NUL"),
+            (long.as_str(), "over the limit"),
+        ] {
+            let err = validate_target(bad).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::InvalidArgument, "{bad:?}");
+            assert!(err.message.contains(says), "{bad:?}: {}", err.message);
+        }
+        let longest = format!("/{}", "x".repeat(4095));
+        assert_eq!(validate_target(&longest).unwrap(), longest);
+    }
+
+    #[tokio::test]
+    async fn mount_requests_with_bad_arguments_are_refused_before_mounting() {
+        for (tag, target) in [("bad tag", "/mnt/x"), ("ok", "/mnt/../x"), ("ok", "/")] {
+            let (result, after) = handle(
+                Request::Mount {
+                    tag: tag.into(),
+                    target: target.into(),
+                    read_only: false,
+                },
+                Path::new("/proc"),
+            )
+            .await;
+            assert_eq!(after, AfterReply::Continue);
+            assert_eq!(result.unwrap_err().kind, ErrorKind::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn finds_virtiofs_mounts_in_mountinfo() {
+        let table = "\
+22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:5 - proc proc rw
+30 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 30 0:40 / /mnt/share rw,nosuid,nodev,relatime shared:20 - virtiofs share0 rw
+41 30 0:41 / /mnt/with\\040space ro,nosuid,nodev - virtiofs other rw
+42 30 0:42 / /mnt/over rw - virtiofs share0 rw
+43 42 0:43 / /mnt/over rw master:3 - tmpfs tmpfs rw
+";
+        let at = |tag: &str, p: &str| virtiofs_mounted_at(table, tag, Path::new(p));
+        assert!(at("share0", "/mnt/share"));
+        assert!(!at("share1", "/mnt/share"));
+        assert!(!at("share0", "/mnt"));
+        assert!(!at("share0", "/mnt/share/sub"));
+        assert!(at("other", "/mnt/with space"));
+        // Something else was mounted over the share: it is not what is seen.
+        assert!(!at("share0", "/mnt/over"));
+        assert!(!at("proc", "/proc"));
+        assert!(!virtiofs_mounted_at(
+            "garbage\n1 2 3\n",
+            "x",
+            Path::new("/")
+        ));
     }
 
     #[test]

@@ -82,6 +82,16 @@ enum CallRequest {
     },
     /// Set the guest clock to this host's.
     SyncTime,
+    /// Mount a virtio-fs share (made when missing).
+    Mount {
+        /// The share's virtio-fs tag.
+        tag: String,
+        /// Where to mount it: an absolute path in the guest.
+        target: String,
+        /// Mount it read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -121,6 +131,15 @@ async fn call(connect: PathBuf, timeout: f64, request: CallRequest) -> ExitCode 
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as i64)
                 .unwrap_or(0),
+        },
+        CallRequest::Mount {
+            tag,
+            target,
+            read_only,
+        } => Request::Mount {
+            tag,
+            target,
+            read_only,
         },
     };
     let stream = match tokio::net::UnixStream::connect(&connect).await {

@@ -407,6 +407,28 @@ impl Client {
             other => Err(unexpected("sync_time", &other)),
         }
     }
+
+    /// `Mount`: mount the virtio-fs share `tag` at `target` in the guest
+    /// (read-only when asked); already mounted there counts as done. An
+    /// agent older than this request answers [`ClientError::Agent`] with
+    /// [`crate::ErrorKind::UnknownRequest`].
+    pub async fn mount(
+        &self,
+        tag: &str,
+        target: &str,
+        read_only: bool,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        let req = Request::Mount {
+            tag: tag.to_owned(),
+            target: target.to_owned(),
+            read_only,
+        };
+        match self.call(req, timeout).await? {
+            Response::Mounted => Ok(()),
+            other => Err(unexpected("mount", &other)),
+        }
+    }
 }
 
 fn lock_streams(m: &Mutex<Streams>) -> std::sync::MutexGuard<'_, Streams> {
@@ -661,6 +683,44 @@ mod tests {
         assert!(
             matches!(err, ClientError::Agent { op: "info", ref source } if source.kind == ErrorKind::Failed),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn mount_sends_its_arguments_and_maps_an_old_agents_answer() {
+        let (a, b) = tokio::io::duplex(4096);
+        tokio::spawn(fake_agent(b, |id, req| match req {
+            Request::Mount {
+                tag,
+                target,
+                read_only: true,
+            } if tag == "share" && target == "/mnt/share" => {
+                vec![encode_response(id, Ok(Response::Mounted))]
+            }
+            // What an agent from before Mount answers (parse_request).
+            other => vec![encode_response(
+                id,
+                Err(AgentError::new(
+                    ErrorKind::UnknownRequest,
+                    format!("unknown request {:?}", other.op()),
+                )),
+            )],
+        }));
+        let c = Client::new(a);
+        c.mount("share", "/mnt/share", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let err = c
+            .mount("share", "/mnt/share", false, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Agent { op: "mount", ref source } if source.kind == ErrorKind::UnknownRequest),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "the agent refused mount: unknown request \"mount\""
         );
     }
 

@@ -98,6 +98,18 @@ pub enum Request {
         /// Columns.
         cols: u16,
     },
+    /// Mount the virtio-fs share `tag` at `target` (made, with its
+    /// parents, when missing), read-only when asked. Answered with
+    /// [`Response::Mounted`].
+    Mount {
+        /// The share's virtio-fs tag (what the VMM calls it).
+        tag: String,
+        /// The absolute path of the mount point in the guest.
+        target: String,
+        /// Mount it read-only.
+        #[serde(default)]
+        read_only: bool,
+    },
 }
 
 /// What to run for [`Request::Exec`].
@@ -142,6 +154,7 @@ pub const REQUEST_OPS: &[&str] = &[
     "signal",
     "resize",
     "connect",
+    "mount",
 ];
 
 impl Request {
@@ -157,6 +170,7 @@ impl Request {
             Request::Signal { .. } => "signal",
             Request::Resize { .. } => "resize",
             Request::Connect { .. } => "connect",
+            Request::Mount { .. } => "mount",
         }
     }
 }
@@ -209,6 +223,9 @@ pub enum Response {
     Signalled,
     /// Answer to [`Request::Resize`].
     Resized,
+    /// Answer to [`Request::Mount`]: the share is mounted at the target
+    /// (now, or already before).
+    Mounted,
 }
 
 /// Answer to [`Request::Health`].
@@ -420,12 +437,68 @@ mod tests {
                 cols: 2,
             },
             Request::Connect { port: 8080 },
+            Request::Mount {
+                tag: "share0".into(),
+                target: "/mnt/share".into(),
+                read_only: true,
+            },
         ] {
+            assert!(
+                REQUEST_OPS.contains(&req.op()),
+                "{} is not in REQUEST_OPS",
+                req.op()
+            );
             let bytes = encode_request(9, req.clone());
             let env = parse_request(&bytes).unwrap();
             assert_eq!(env.id, 9);
             assert_eq!(env.request, req);
         }
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        for reply in [
+            Response::TimeSynced { offset_ns: -7 },
+            Response::Connected,
+            Response::Mounted,
+        ] {
+            let bytes = encode_response(9, Ok(reply.clone()));
+            let env = parse_response(&bytes).unwrap();
+            assert_eq!((env.id, env.result), (9, Ok(reply)));
+        }
+    }
+
+    #[test]
+    fn mount_wire_form_is_stable_and_read_only_defaults_to_false() {
+        let bytes = encode_request(
+            4,
+            Request::Mount {
+                tag: "work".into(),
+                target: "/mnt/work".into(),
+                read_only: false,
+            },
+        );
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            r#"{"v":1,"id":4,"op":"mount","tag":"work","target":"/mnt/work","read_only":false}"#
+        );
+        let env =
+            parse_request(br#"{"v":1,"id":4,"op":"mount","tag":"work","target":"/w"}"#).unwrap();
+        assert_eq!(
+            env.request,
+            Request::Mount {
+                tag: "work".into(),
+                target: "/w".into(),
+                read_only: false,
+            }
+        );
+        // A mount without a target is a bad mount request, not an unknown one.
+        let (id, err) = parse_request(br#"{"v":1,"id":5,"op":"mount","tag":"work"}"#).unwrap_err();
+        assert_eq!((id, err.kind), (5, ErrorKind::BadFrame), "{}", err.message);
+        assert_eq!(
+            String::from_utf8(encode_response(4, Ok(Response::Mounted))).unwrap(),
+            r#"{"v":1,"id":4,"result":{"Ok":{"kind":"mounted"}}}"#
+        );
     }
 
     #[test]
@@ -504,16 +577,30 @@ mod tests {
         fn parse_request_never_panics_on_json_shapes(
             v in proptest::option::of(0u64..4),
             id in proptest::option::of(any::<u64>()),
-            op in proptest::option::of("[a-z_]{0,12}"),
+            op in proptest::option::of(prop_oneof![
+                proptest::sample::select(REQUEST_OPS).prop_map(str::to_owned),
+                "[a-z_]{0,12}",
+            ]),
             port in proptest::option::of(any::<i64>()),
+            tag in proptest::option::of(".{0,40}"),
+            target in proptest::option::of(".{0,40}"),
+            read_only in proptest::option::of(any::<bool>()),
         ) {
+            let known = op.as_deref().is_some_and(|op| REQUEST_OPS.contains(&op));
             let mut m = serde_json::Map::new();
             if let Some(v) = v { m.insert("v".into(), v.into()); }
             if let Some(id) = id { m.insert("id".into(), id.into()); }
             if let Some(op) = op { m.insert("op".into(), op.into()); }
             if let Some(port) = port { m.insert("port".into(), port.into()); m.insert("timeout_ms".into(), 1.into()); }
+            if let Some(tag) = tag { m.insert("tag".into(), tag.into()); }
+            if let Some(target) = target { m.insert("target".into(), target.into()); }
+            if let Some(read_only) = read_only { m.insert("read_only".into(), read_only.into()); }
             let bytes = serde_json::to_vec(&serde_json::Value::Object(m)).unwrap();
-            let _ = parse_request(&bytes);
+            // A known request with bad arguments is a bad frame, never an
+            // unknown request (which the host reads as "agent too old").
+            if let Err((_, err)) = parse_request(&bytes) {
+                prop_assert!(!(known && err.kind == ErrorKind::UnknownRequest), "{}", err.message);
+            }
         }
     }
 }

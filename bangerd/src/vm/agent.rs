@@ -28,6 +28,17 @@ pub trait AgentSession: Send {
         reboot: bool,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<(), ClientError>>;
+    /// Mount the virtio-fs share `tag` at `target` in the guest (made
+    /// when missing), read-only when asked; already mounted there counts
+    /// as done. An agent too old for this answers [`ClientError::Agent`]
+    /// with [`banger_agent_proto::ErrorKind::UnknownRequest`].
+    fn mount(
+        &mut self,
+        tag: &str,
+        target: &str,
+        read_only: bool,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<(), ClientError>>;
     /// Run a command in the guest; `timeout` bounds the wait for it to
     /// start.
     fn exec(
@@ -113,6 +124,17 @@ impl AgentSession for AgentConn {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<(), ClientError>> {
         Box::pin(AgentConn::shutdown(self, reboot, timeout))
+    }
+
+    fn mount(
+        &mut self,
+        tag: &str,
+        target: &str,
+        read_only: bool,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        let (tag, target) = (tag.to_owned(), target.to_owned());
+        Box::pin(async move { AgentConn::mount(self, &tag, &target, read_only, timeout).await })
     }
 
     fn exec(

@@ -219,6 +219,16 @@ mod tests {
         fn shutdown(&mut self, _: bool, _: Duration) -> BoxFuture<'_, Result<(), ClientError>> {
             Box::pin(async { Ok(()) })
         }
+
+        fn mount(
+            &mut self,
+            _: &str,
+            _: &str,
+            _: bool,
+            _: Duration,
+        ) -> BoxFuture<'_, Result<(), ClientError>> {
+            Box::pin(async { Ok(()) })
+        }
     }
 
     impl GuestAgent for FakeAgent {
@@ -313,6 +323,7 @@ mod tests {
             created_at: 0,
             last_error: String::new(),
             forwards: Vec::new(),
+            mounts: Vec::new(),
         };
         store.insert_vm(&vm).expect("vm");
 
