@@ -261,6 +261,10 @@ pub struct VmSpec {
     /// shown as the `setup` stage; if it fails, the VM is left running)
     #[arg(long, value_name = "FILE")]
     pub setup: Option<std::path::PathBuf>,
+    /// Share a host folder, served as you: HOST_DIR:GUEST_DIR, or
+    /// HOST_DIR:GUEST_DIR:ro read-only (QEMU only; repeatable)
+    #[arg(long = "mount", value_name = "HOST_DIR:GUEST_DIR[:ro]", value_parser = parse_mount)]
+    pub mounts: Vec<banger_dbus::options::Mount>,
 }
 
 /// `banger vm snapshot ...`
@@ -314,7 +318,8 @@ pub enum VmCommand {
     },
     /// Delete VMs and everything they own
     Delete(VmRefs),
-    /// Change memory, vCPUs, disk size, NAT, peers or autostart of VMs
+    /// Change memory, vCPUs, disk size, host folders, NAT, peers or
+    /// autostart of VMs
     Set {
         #[command(flatten)]
         refs: VmRefs,
@@ -345,6 +350,13 @@ pub enum VmCommand {
         /// Do not start them when the host boots
         #[arg(long)]
         no_autostart: bool,
+        /// Share these host folders instead of the ones they have:
+        /// HOST_DIR:GUEST_DIR[:ro] (stopped VMs; repeatable)
+        #[arg(long = "mount", value_name = "HOST_DIR:GUEST_DIR[:ro]", value_parser = parse_mount, conflicts_with = "no_mounts")]
+        mounts: Vec<banger_dbus::options::Mount>,
+        /// Share no host folder any more (stopped VMs)
+        #[arg(long)]
+        no_mounts: bool,
     },
     /// List VMs
     List {
@@ -943,6 +955,41 @@ impl Cli {
     }
 }
 
+/// `--mount HOST_DIR:GUEST_DIR[:ro]`: the host folder made absolute and
+/// followed to where it is (as the user, who must be able to reach it),
+/// the guest folder absolute. The last `:` before the guest folder
+/// splits them, so a host folder may hold one.
+pub fn parse_mount(text: &str) -> Result<banger_dbus::options::Mount, String> {
+    let (rest, read_only) = match text.strip_suffix(":ro") {
+        Some(rest) => (rest, true),
+        None => (text.strip_suffix(":rw").unwrap_or(text), false),
+    };
+    let Some((host, guest)) = rest.rsplit_once(':') else {
+        return Err(format!(
+            "{text:?} is not HOST_DIR:GUEST_DIR or HOST_DIR:GUEST_DIR:ro"
+        ));
+    };
+    if host.is_empty() || !guest.starts_with('/') {
+        return Err(format!(
+            "{text:?}: give a host folder and an absolute guest folder, as in ~/src:/src"
+        ));
+    }
+    let source =
+        std::fs::canonicalize(host).map_err(|e| format!("cannot use host folder {host}: {e}"))?;
+    if !source.is_dir() {
+        return Err(format!("host folder {host} is not a directory"));
+    }
+    let source = source
+        .to_str()
+        .ok_or_else(|| format!("host folder {host} is not UTF-8"))?
+        .to_owned();
+    Ok(banger_dbus::options::Mount {
+        source,
+        target: guest.trim_end_matches('/').to_owned(),
+        read_only,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1245,6 +1292,43 @@ mod tests {
             let argv = std::iter::once("banger").chain(bad.iter().copied());
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn mounts_are_host_and_guest_folders_read_only_on_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = dir.path().join("a:b");
+        std::fs::create_dir(&host).expect("mkdir");
+        let host_text = host.to_str().expect("utf-8");
+        let m = parse_mount(&format!("{host_text}:/src")).expect("parses");
+        assert_eq!(
+            (m.source.as_str(), m.target.as_str(), m.read_only),
+            (
+                std::fs::canonicalize(&host)
+                    .expect("real")
+                    .to_str()
+                    .expect("utf-8"),
+                "/src",
+                false
+            )
+        );
+        let m = parse_mount(&format!("{host_text}/../a:b:/data/:ro")).expect("parses");
+        assert!(
+            m.read_only && m.target == "/data" && !m.source.contains(".."),
+            "{m:?}"
+        );
+        for bad in [
+            "/src",
+            "relative",
+            &format!("{host_text}:rel"),
+            "/no/such/dir:/x",
+        ] {
+            assert!(parse_mount(bad).is_err(), "{bad}");
+        }
+        let file = dir.path().join("f");
+        std::fs::write(&file, "").expect("write");
+        let e = parse_mount(&format!("{}:/f", file.display())).expect_err("a file");
+        assert!(e.contains("not a directory"), "{e}");
     }
 
     #[test]

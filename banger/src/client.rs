@@ -424,6 +424,8 @@ pub struct VmInfo {
     pub snapshots: Vec<(String, u64, u64)>,
     /// Background forwards: host address, host port, guest port.
     pub forwards: Vec<(String, u16, u16)>,
+    /// Host folders: host folder, guest folder, read-only.
+    pub mounts: Vec<(String, String, bool)>,
 }
 
 impl VmInfo {
@@ -457,6 +459,11 @@ impl VmInfo {
                 .get("Forwards")
                 .and_then(|v| v.try_clone().ok())
                 .and_then(|v| Vec::<(String, u16, u16)>::try_from(v).ok())
+                .unwrap_or_default(),
+            mounts: p
+                .get("Mounts")
+                .and_then(|v| v.try_clone().ok())
+                .and_then(|v| Vec::<(String, String, bool)>::try_from(v).ok())
                 .unwrap_or_default(),
         }
     }

@@ -226,6 +226,9 @@ fn vm_json(vm: &VmInfo) -> serde_json::Value {
         "forwards": vm.forwards.iter().map(|(address, host, guest)| serde_json::json!({
             "address": address, "host_port": host, "guest_port": guest,
         })).collect::<Vec<_>>(),
+        "mounts": vm.mounts.iter().map(|(source, target, read_only)| serde_json::json!({
+            "source": source, "target": target, "read_only": read_only,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -331,6 +334,10 @@ fn vm_human(v: &VmInfo, image: &str, kernel: &str) -> String {
     if !v.last_error.is_empty() {
         lines.push(format!("last error:  {}", v.last_error));
     }
+    for (source, target, read_only) in &v.mounts {
+        let how = if *read_only { " (read-only)" } else { "" };
+        lines.push(format!("mount:       {source} → {target}{how}"));
+    }
     for (address, host, guest) in &v.forwards {
         let at = crate::forward::host_port_text(address, *host);
         lines.push(format!("forward:     {at} → guest port {guest}"));
@@ -372,13 +379,16 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
             no_peers,
             autostart,
             no_autostart,
+            mounts,
+            no_mounts,
         } => {
             let switches = Switches {
                 nat: (nat || no_nat).then_some(nat),
                 peers: (peers || no_peers).then_some(peers),
                 autostart: (autostart || no_autostart).then_some(autostart),
             };
-            set(opts, refs.vms, memory, vcpus, disk_size, switches).await
+            let mounts = (!mounts.is_empty() || no_mounts).then_some(mounts);
+            set(opts, refs.vms, memory, vcpus, disk_size, switches, mounts).await
         }
         VmCommand::Stats(r) => stats(opts, &r.vm).await,
         VmCommand::Ssh { vm, command } => {
@@ -628,6 +638,7 @@ async fn create(
         ssh_keys,
         start: !spec.no_start,
         setup,
+        mounts: spec.mounts.clone(),
     };
     let client = connect(opts).await?;
     // Without a name: a readable one no VM the caller sees has (another
@@ -1227,6 +1238,7 @@ async fn set(
     vcpus: Option<u32>,
     disk_size: Option<String>,
     switches: Switches,
+    mounts: Option<Vec<banger_dbus::options::Mount>>,
 ) -> anyhow::Result<u8> {
     let changes = banger_dbus::options::SetVm {
         vcpus,
@@ -1235,11 +1247,12 @@ async fn set(
         nat: switches.nat,
         peers: switches.peers,
         autostart: switches.autostart,
+        mounts,
     };
     if changes.is_empty() {
         return Err(Failure::new(
             Kind::InvalidArgument,
-            "nothing to change: give --memory, --vcpus, --disk-size, --nat, --no-nat, --peers, --no-peers, --autostart or --no-autostart",
+            "nothing to change: give --memory, --vcpus, --disk-size, --mount, --no-mounts, --nat, --no-nat, --peers, --no-peers, --autostart or --no-autostart",
         )
         .into());
     }
@@ -1444,6 +1457,7 @@ mod tests {
             last_error: String::new(),
             snapshots: Vec::new(),
             forwards: Vec::new(),
+            mounts: Vec::new(),
         };
         let a = ssh_args(
             &vm,

@@ -166,6 +166,9 @@ pub struct VmConfig {
     pub jailer_bin: PathBuf,
     /// QEMU binary; a bare name is looked up on `PATH`.
     pub qemu_bin: PathBuf,
+    /// virtiofsd, which serves a VM's host folders (`--mount`) to QEMU;
+    /// a bare name is looked up on `PATH`.
+    pub virtiofsd_bin: PathBuf,
     /// QEMU accelerator: `kvm`, `tcg`, or `auto` (see docs/configuration.md).
     pub accel: Accel,
     /// Image used when a create names none.
@@ -223,6 +226,7 @@ impl Default for VmConfig {
             firecracker_bin: "firecracker".into(),
             jailer_bin: "jailer".into(),
             qemu_bin: "qemu-system-x86_64".into(),
+            virtiofsd_bin: "/usr/lib/qemu/virtiofsd".into(),
             accel: Accel::Auto,
             default_image: "debian-bookworm".into(),
             vcpus: 2,

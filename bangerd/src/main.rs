@@ -34,11 +34,14 @@ fn main() -> ExitCode {
     // `vmm-exec SPEC -- VMM ARGS...` puts a VMM in its jail and becomes it
     // (banger_vmm::jail), `jailer-exec NODES -- JAILER ARGS...` makes a
     // jailed Firecracker's device nodes and becomes its jailer
-    // (banger_vmm::jailer); they return only to say why they could not.
+    // (banger_vmm::jailer), `virtiofsd-exec SPEC -- VIRTIOFSD` serves a
+    // VM's host folders as its owner (banger_vmm::virtiofs); they return
+    // only to say why they could not.
     let mode = argv.get(1).and_then(|a| a.to_str());
     let exec_helper: Option<fn(&[String]) -> String> = match mode {
         Some(bangerd::vm::vmm::jail::HELPER_ARG) => Some(bangerd::vm::vmm::jail::exec),
         Some(bangerd::vm::vmm::jailer::HELPER_ARG) => Some(bangerd::vm::vmm::jailer::exec),
+        Some(bangerd::vm::vmm::virtiofs::HELPER_ARG) => Some(bangerd::vm::vmm::virtiofs::exec),
         _ => None,
     };
     if let (Some(exec), Some(name)) = (exec_helper, mode) {

@@ -182,6 +182,29 @@ impl<'a> Reader<'a> {
         Ok(b)
     }
 
+    /// Host folders, `a(ssb)`: host directory, guest directory,
+    /// read-only.
+    fn mounts(&self, key: &'static str) -> Result<Option<Vec<Mount>>, OptionError> {
+        self.get(
+            key,
+            "an array of (host folder, guest folder, read-only) (a(ssb))",
+            |v| {
+                v.try_clone()
+                    .ok()
+                    .and_then(|v| Vec::<(String, String, bool)>::try_from(v).ok())
+                    .map(|m| {
+                        m.into_iter()
+                            .map(|(source, target, read_only)| Mount {
+                                source,
+                                target,
+                                read_only,
+                            })
+                            .collect()
+                    })
+            },
+        )
+    }
+
     fn strings(&self, key: &'static str) -> Result<Vec<String>, OptionError> {
         Ok(self
             .get(key, "an array of strings (as)", |v| {
@@ -227,6 +250,19 @@ impl<'a> Writer<'a> {
 
     fn file(self, key: &'static str, file: Option<&'a File>) -> Self {
         self.put(key, file.map(|f| Variant::from(zbus::Fd::from(f.as_fd()))))
+    }
+
+    fn mounts(self, key: &'static str, mounts: Option<&[Mount]>) -> Self {
+        self.put(
+            key,
+            mounts.map(|m| {
+                Variant::from(
+                    m.iter()
+                        .map(|m| (m.source.clone(), m.target.clone(), m.read_only))
+                        .collect::<Vec<_>>(),
+                )
+            }),
+        )
     }
 
     fn strings(self, key: &'static str, values: &[String]) -> Self {
@@ -378,11 +414,25 @@ pub mod create_vm {
     /// `ay`: a script run once as root through the agent after the first
     /// boot (at most 256 KiB).
     pub const SETUP: &str = "setup";
+    /// `a(ssb)`: host folders shared with the guest: host directory,
+    /// guest directory, read-only (QEMU only).
+    pub const MOUNTS: &str = "mounts";
 }
 
 /// Keys of `VM.Set(a{sv} changes)`.
 pub mod set_vm {
-    pub use super::create_vm::{AUTOSTART, DISK_BYTES, MEMORY_MIB, NAT, PEERS, VCPUS};
+    pub use super::create_vm::{AUTOSTART, DISK_BYTES, MEMORY_MIB, MOUNTS, NAT, PEERS, VCPUS};
+}
+
+/// A host folder shared with a VM ([`create_vm::MOUNTS`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Mount {
+    /// The host directory (absolute).
+    pub source: String,
+    /// Where the guest mounts it (absolute).
+    pub target: String,
+    /// Shared read-only.
+    pub read_only: bool,
 }
 
 /// Options of a method that takes none (`Manager.PullKernel`, a catalog
@@ -792,6 +842,8 @@ pub struct CreateVm {
     pub start: bool,
     /// [`create_vm::SETUP`].
     pub setup: Option<Vec<u8>>,
+    /// [`create_vm::MOUNTS`].
+    pub mounts: Vec<Mount>,
 }
 
 impl Default for CreateVm {
@@ -806,6 +858,7 @@ impl Default for CreateVm {
             ssh_keys: Vec::new(),
             start: true,
             setup: None,
+            mounts: Vec::new(),
         }
     }
 }
@@ -826,6 +879,7 @@ impl CreateVm {
                 create_vm::SSH_KEYS,
                 create_vm::START,
                 create_vm::SETUP,
+                create_vm::MOUNTS,
             ],
         )?;
         Ok(Self {
@@ -838,6 +892,7 @@ impl CreateVm {
             ssh_keys: r.strings(create_vm::SSH_KEYS)?,
             start: r.bool(create_vm::START)?.unwrap_or(true),
             setup: r.bytes(create_vm::SETUP)?,
+            mounts: r.mounts(create_vm::MOUNTS)?.unwrap_or_default(),
         })
     }
 
@@ -856,6 +911,10 @@ impl CreateVm {
                 (!self.start).then(|| Variant::from(false)),
             )
             .put(create_vm::SETUP, self.setup.as_deref().map(Variant::from))
+            .mounts(
+                create_vm::MOUNTS,
+                (!self.mounts.is_empty()).then_some(self.mounts.as_slice()),
+            )
             .0
     }
 }
@@ -972,7 +1031,7 @@ impl CloneVm {
 }
 
 /// `VM.Set` changes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SetVm {
     /// [`set_vm::VCPUS`].
     pub vcpus: Option<u32>,
@@ -986,6 +1045,8 @@ pub struct SetVm {
     pub peers: Option<bool>,
     /// [`set_vm::AUTOSTART`].
     pub autostart: Option<bool>,
+    /// [`set_vm::MOUNTS`]: the whole new list (empty: none).
+    pub mounts: Option<Vec<Mount>>,
 }
 
 impl SetVm {
@@ -1001,6 +1062,7 @@ impl SetVm {
                 set_vm::NAT,
                 set_vm::PEERS,
                 set_vm::AUTOSTART,
+                set_vm::MOUNTS,
             ],
         )?;
         Ok(Self {
@@ -1010,6 +1072,7 @@ impl SetVm {
             nat: r.bool(set_vm::NAT)?,
             peers: r.bool(set_vm::PEERS)?,
             autostart: r.bool(set_vm::AUTOSTART)?,
+            mounts: r.mounts(set_vm::MOUNTS)?,
         })
     }
 
@@ -1021,6 +1084,7 @@ impl SetVm {
     /// What to send.
     pub fn to_dict(&self) -> DictOut<'static> {
         Writer::new()
+            .mounts(set_vm::MOUNTS, self.mounts.as_deref())
             .put(set_vm::VCPUS, self.vcpus.map(Variant::from))
             .put(set_vm::MEMORY_MIB, self.memory_mib.map(Variant::from))
             .put(set_vm::DISK_BYTES, self.disk_bytes.map(Variant::from))
@@ -1071,6 +1135,11 @@ mod tests {
             ssh_keys: vec!["ssh-ed25519 AAAA me".into()],
             start: false,
             setup: Some(b"#!/bin/sh\necho hi\n".to_vec()),
+            mounts: vec![Mount {
+                source: "/home/me/src".into(),
+                target: "/src".into(),
+                read_only: true,
+            }],
         };
         assert_eq!(CreateVm::parse(&received(&create.to_dict())), Ok(create));
         assert_eq!(
@@ -1084,6 +1153,12 @@ mod tests {
             ..SetVm::default()
         };
         assert_eq!(SetVm::parse(&received(&set.to_dict())), Ok(set));
+        // An empty list clears the folders; no key keeps them.
+        let clear = SetVm {
+            mounts: Some(Vec::new()),
+            ..SetVm::default()
+        };
+        assert_eq!(SetVm::parse(&received(&clear.to_dict())), Ok(clear));
         let exec = Exec {
             env: vec!["A=b".into()],
             workdir: Some("/tmp".into()),

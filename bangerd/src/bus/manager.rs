@@ -340,10 +340,12 @@ impl ManagerObject {
     /// "autostart" (b, start it when bangerd first starts after a host
     /// boot), "ssh_keys" (as, public key lines for root), "start" (b, default
     /// true), "setup" (ay, a script run once as root after the first boot,
-    /// at most 256 KiB). Returns the VM object (state creating) and the job;
-    /// the job's stages are resolve image, system disk, work disk, and when
-    /// starting network, vmm start, agent ready, one per image service and
-    /// setup. A failed or cancelled create removes everything it made, but a
+    /// at most 256 KiB), "mounts" (a(ssb), host folders: host directory,
+    /// guest directory, read-only; QEMU only, served as the caller). Returns
+    /// the VM object (state creating) and the job; the job's stages are
+    /// resolve image, system disk, work disk, and when starting network, vmm
+    /// start, agent ready, host folders, one per image service and setup. A
+    /// failed or cancelled create removes everything it made, but a
     /// failed setup script leaves the VM running. polkit action
     /// org.banger.vm.create, and org.banger.vm.nat with "nat".
     #[zbus(out_args("vm", "job"), name = "CreateVM")]
@@ -369,6 +371,7 @@ impl ManagerObject {
             ssh_keys: o.ssh_keys,
             start: o.start,
             setup: o.setup,
+            mounts: o.mounts.into_iter().map(super::mount_in).collect(),
         };
         let made = self.core.vms().create_vm(&caller, req).await;
         super::vm::answer_new(conn, &self.core, made).await

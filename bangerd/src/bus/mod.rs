@@ -32,6 +32,16 @@ const PUBLISHED_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub use job::JobObject;
 pub use manager::ManagerObject;
 
+/// A host folder as it arrived on the wire, for the VM service (which
+/// checks it).
+pub fn mount_in(m: banger_dbus::options::Mount) -> crate::vm::Mount {
+    crate::vm::Mount {
+        source: m.source,
+        target: m.target,
+        read_only: m.read_only,
+    }
+}
+
 /// Map a core error to its wire error.
 pub fn to_wire(e: Error) -> Reply {
     use banger_dbus::Error as W;

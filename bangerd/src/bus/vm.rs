@@ -66,6 +66,7 @@ impl VmObject {
         self.disk_method_changed(emitter).await?;
         self.snapshots_changed(emitter).await?;
         self.forwards_changed(emitter).await?;
+        self.mounts_changed(emitter).await?;
         Ok(())
     }
 }
@@ -219,6 +220,18 @@ impl VmObject {
             .collect()
     }
 
+    /// The host folders it shares, served as its owner: host folder,
+    /// guest folder, read-only.
+    #[zbus(property)]
+    fn mounts(&self) -> Vec<(String, String, bool)> {
+        self.view()
+            .vm
+            .mounts
+            .iter()
+            .map(|m| (m.source.clone(), m.target.clone(), m.read_only))
+            .collect()
+    }
+
     /// Boot a stopped VM: network, VMM, agent, services. Returns the job.
     #[zbus(out_args("job"))]
     async fn start(
@@ -301,8 +314,9 @@ impl VmObject {
     }
 
     /// Change it. Keys: "vcpus" (u), "memory_mib" (u), "disk_bytes" (t,
-    /// grows only) on a stopped VM; "nat" (b) any time (also needs
-    /// org.banger.vm.nat); "peers" (b) and "autostart" (b) any time.
+    /// grows only) and "mounts" (a(ssb), the whole list) on a stopped VM;
+    /// "nat" (b) any time (also needs org.banger.vm.nat); "peers" (b) and
+    /// "autostart" (b) any time.
     async fn set(
         &self,
         changes: Options,
@@ -318,6 +332,9 @@ impl VmObject {
             nat: o.nat,
             peers: o.peers,
             autostart: o.autostart,
+            mounts: o
+                .mounts
+                .map(|m| m.into_iter().map(crate::bus::mount_in).collect()),
         };
         let changed = self.core.vms().set_vm(&caller, &self.id, changes).await;
         self.changed(changed).await.map(|_| ())

@@ -153,6 +153,11 @@ pub async fn run(
             check_disk_space(&state_dir, config.daemon.min_free_disk_gib),
             check_kvm(&host.kvm),
             check_vmm(&config),
+            check_folders(
+                &config,
+                Path::new("/proc/sys/user/max_user_namespaces"),
+                Path::new("/proc/sys/kernel/unprivileged_userns_clone"),
+            ),
             check_guest_agent(&config.vm.agent_bin),
             check_char_device(
                 "tun",

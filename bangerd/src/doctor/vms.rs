@@ -108,6 +108,44 @@ pub(super) fn check_vmm(config: &Config) -> Check {
     }
 }
 
+/// `host folders`: whether `--mount` works here: create's own check
+/// (QEMU, virtiofsd), and whether a user may make a user namespace, in
+/// which each virtiofsd runs as the VM's owner. Folders are optional, so
+/// what is missing is a warning.
+pub fn check_folders(config: &Config, userns: &Path, unprivileged: &Path) -> Check {
+    const NAME: &str = "host folders";
+    if let Err(e) = crate::vm::commands::check_folders_possible(config) {
+        return Check::warn(
+            NAME,
+            e.message,
+            "only VMs with host folders (--mount) need this",
+        );
+    }
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    // `user.max_user_namespaces` 0 forbids them; Debian's own switch
+    // `kernel.unprivileged_userns_clone` (absent elsewhere) may too.
+    if read(userns) == Some(0) || read(unprivileged) == Some(0) {
+        return Check::warn(
+            NAME,
+            "user namespaces are turned off, and each folder's virtiofsd needs one to run as the VM's owner".to_owned(),
+            "sysctl user.max_user_namespaces=15000 kernel.unprivileged_userns_clone=1",
+        );
+    }
+    Check::pass(
+        NAME,
+        format!(
+            "--mount works: {} runs as each VM's owner, in a user namespace",
+            crate::vm::commands::virtiofsd(config)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ),
+    )
+}
+
 /// `accel`: what VMs will run under, from the configuration and the KVM
 /// probe's verdict on the default image's kernel (`None`: no such kernel).
 pub fn check_accel(
@@ -443,6 +481,29 @@ mod tests {
         );
         assert_eq!(c.verdict, Verdict::Warn);
         assert!(c.detail.contains("apt install debootstrap"), "{c:?}");
+    }
+
+    #[test]
+    fn host_folders_need_virtiofsd_and_user_namespaces() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (userns, unpriv) = (dir.path().join("max"), dir.path().join("unpriv"));
+        let mut config = Config::default();
+        config.vm.vmm = VmmKind::Qemu;
+        // A stand-in virtiofsd: any executable.
+        config.vm.virtiofsd_bin = "/bin/true".into();
+        std::fs::write(&userns, "15000\n").expect("write");
+        assert_eq!(
+            check_folders(&config, &userns, &unpriv).verdict,
+            Verdict::Pass
+        );
+        std::fs::write(&unpriv, "0\n").expect("write");
+        let c = check_folders(&config, &userns, &unpriv);
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(c.detail.contains("user namespaces"), "{}", c.detail);
+        config.vm.virtiofsd_bin = "/nonexistent/virtiofsd".into();
+        let c = check_folders(&config, &userns, &unpriv);
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(c.detail.contains("virtiofsd"), "{}", c.detail);
     }
 
     #[test]

@@ -13,7 +13,9 @@ use crate::artifacts::build::steps;
 use crate::auth::BoxFuture;
 use crate::error::{Error, Result};
 use crate::vm::process::{ProcessId, Watched};
-use crate::vm::supervise::{StartRequest, Supervisor, UnitProperty, unit_name, unit_properties};
+use crate::vm::supervise::{
+    Launcher, StartRequest, Supervisor, UnitProperty, unit_name, unit_properties,
+};
 
 /// A unit as `ListUnits*` lists it: name, description, load, active and
 /// sub state, followed unit, object path, job id, type and path.
@@ -237,7 +239,7 @@ impl SystemdSupervisor {
                 req.vm_name
             ))
         };
-        let name = unit_name(req.vm_id);
+        let name = req.launcher.unit(req.vm_id);
         let props: Vec<(&str, Value<'_>)> =
             unit_properties(&req).into_iter().map(property).collect();
         let mut starting = Starting::unit(&self.conn, &name, &props)
@@ -322,7 +324,9 @@ impl Supervisor for SystemdSupervisor {
     fn start<'a>(&'a self, req: StartRequest<'a>) -> BoxFuture<'a, Result<(Watched, ProcessId)>> {
         Box::pin(async move {
             let id = self.start_unit(req).await?;
-            self.register(req, id.pid).await;
+            if req.launcher != Launcher::Virtiofsd {
+                self.register(req, id.pid).await;
+            }
             Ok((Watched::Adopted(id), id))
         })
     }
@@ -333,6 +337,31 @@ impl Supervisor for SystemdSupervisor {
 
     fn vmm_network_namespace(&self) -> bool {
         false
+    }
+
+    fn stop_folders<'a>(&'a self, vm_id: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let name = crate::vm::vmm::virtiofs::unit_name(vm_id);
+            let Ok(manager) = SystemdProxy::new(&self.conn).await else {
+                return;
+            };
+            match manager.stop_unit(&name, "replace").await {
+                Ok(_) => tracing::debug!(banger_vm_id = %vm_id, "stopping {name}"),
+                Err(zbus::Error::MethodError(e, _, _))
+                    if e.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
+                {
+                    return;
+                }
+                Err(e) => tracing::warn!(banger_vm_id = %vm_id, "cannot stop {name}: {e}"),
+            }
+            // Gone (collected) before its name is used again.
+            for _ in 0..100 {
+                if manager.get_unit(&name).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
     }
 
     fn signal<'a>(

@@ -103,6 +103,8 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN autostart INTEGER NOT NULL DEFAULT 0;",
     // 9: the port forwards bangerd keeps for a VM (JSON list).
     "ALTER TABLE vms ADD COLUMN forwards TEXT NOT NULL DEFAULT '[]';",
+    // 10: the host folders a VM shares (JSON list).
+    "ALTER TABLE vms ADD COLUMN mounts TEXT NOT NULL DEFAULT '[]';",
 ];
 
 /// The schema version this build writes.

@@ -189,6 +189,20 @@ pub struct Vm {
     pub last_error: String,
     /// The port forwards bangerd keeps for it.
     pub forwards: Vec<PortForward>,
+    /// The host folders it shares, served as its owner (QEMU only).
+    pub mounts: Vec<Mount>,
+}
+
+/// A host folder a VM shares (`--mount HOST_DIR:GUEST_DIR[:ro]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mount {
+    /// The host directory (absolute, checked by
+    /// [`vmm::virtiofs::check_source`]).
+    pub source: String,
+    /// Where the guest mounts it (absolute).
+    pub target: String,
+    /// Shared read-only.
+    pub read_only: bool,
 }
 
 /// A port of the host that bangerd forwards to a port on a VM's loopback
@@ -248,6 +262,45 @@ pub struct VmRequest {
     pub start: bool,
     /// A script run once as root through the agent after the first boot.
     pub setup: Option<Vec<u8>>,
+    /// Host folders to share.
+    pub mounts: Vec<Mount>,
+}
+
+/// Check a VM's host folders: at most [`vmm::virtiofs::MAX_SHARES`],
+/// plain absolute paths on both sides (the host's as virtiofsd takes
+/// them), the guest's not `/`, each guest folder once.
+pub fn validate_mounts(mounts: &[Mount]) -> crate::error::Result<()> {
+    use crate::error::Error;
+    let max = vmm::virtiofs::MAX_SHARES;
+    if mounts.len() > max {
+        return Err(Error::invalid(format!(
+            "{} host folders are more than {max}",
+            mounts.len()
+        )));
+    }
+    for (i, m) in mounts.iter().enumerate() {
+        vmm::virtiofs::check_source(&m.source).map_err(Error::invalid)?;
+        let plain = m.target.starts_with('/')
+            && m.target.len() > 1
+            && m.target.len() <= 4096
+            && !m.target.chars().any(char::is_control)
+            && m.target[1..]
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..");
+        if !plain {
+            return Err(Error::invalid(format!(
+                "guest folder {:?} is not an absolute path other than / without '.' or '..'",
+                m.target
+            )));
+        }
+        if mounts[..i].iter().any(|o| o.target == m.target) {
+            return Err(Error::invalid(format!(
+                "guest folder {} is named twice",
+                m.target
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub use crate::shape::validate_sizes;

@@ -301,6 +301,7 @@ mod tests {
             created_at: 0,
             last_error: String::new(),
             forwards: Vec::new(),
+            mounts: Vec::new(),
         }
     }
 

@@ -36,7 +36,12 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         created_at: r.get("created_at")?,
         last_error: r.get("last_error")?,
         forwards: serde_json::from_str(&r.get::<_, String>("forwards")?).unwrap_or_default(),
+        mounts: serde_json::from_str(&r.get::<_, String>("mounts")?).unwrap_or_default(),
     })
+}
+
+fn mounts_json(mounts: &[super::Mount]) -> String {
+    serde_json::to_string(mounts).unwrap_or_else(|_| "[]".into())
 }
 
 fn forwards_json(forwards: &[super::PortForward]) -> String {
@@ -50,9 +55,9 @@ impl Store {
         conn.execute(
             "INSERT INTO vms (id, name, owner_uid, image_id, kernel_id, vcpus, memory_mib,
                 disk_bytes, nat, state, vmm, pid, pid_start, tap, ssh_keys, disk_method,
-                created_at, last_error, peers, autostart, forwards)
+                created_at, last_error, peers, autostart, forwards, mounts)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                ?19, ?20, ?21)",
+                ?19, ?20, ?21, ?22)",
             params![
                 vm.id,
                 vm.name,
@@ -75,6 +80,7 @@ impl Store {
                 i64::from(vm.peers),
                 i64::from(vm.autostart),
                 forwards_json(&vm.forwards),
+                mounts_json(&vm.mounts),
             ],
         )?;
         self.count_running(None, Some(vm.state));
@@ -117,7 +123,8 @@ impl Store {
         let updated = conn.execute(
             "UPDATE vms SET vcpus = ?2, memory_mib = ?3, disk_bytes = ?4, nat = ?5, state = ?6,
                 vmm = ?7, pid = ?8, pid_start = ?9, tap = ?10, disk_method = ?11,
-                last_error = ?12, name = ?13, peers = ?14, autostart = ?15, forwards = ?16
+                last_error = ?12, name = ?13, peers = ?14, autostart = ?15, forwards = ?16,
+                mounts = ?17
              WHERE id = ?1",
             params![
                 vm.id,
@@ -136,6 +143,7 @@ impl Store {
                 i64::from(vm.peers),
                 i64::from(vm.autostart),
                 forwards_json(&vm.forwards),
+                mounts_json(&vm.mounts),
             ],
         )? == 1;
         if updated {
@@ -284,6 +292,7 @@ mod tests {
             created_at: 5,
             last_error: String::new(),
             forwards: Vec::new(),
+            mounts: Vec::new(),
         }
     }
 

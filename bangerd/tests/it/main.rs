@@ -15,6 +15,7 @@ mod daemon;
 mod daemon_dns;
 mod dns;
 mod exec;
+mod folders;
 mod guest_boot;
 mod isolation;
 mod kvm_probe;

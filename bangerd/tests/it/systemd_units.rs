@@ -6,8 +6,8 @@
 //! lists it, that systemd-resolved resolves `<name>.vm` on the host
 //! (bangerd registered `~vm` on the bridge), that SSH works, that killing bangerd leaves the unit running
 //! and the restarted bangerd adopts it, that a unit whose start the store
-//! never recorded is stopped by the next bangerd, and that stop ends the
-//! unit. The
+//! never recorded is stopped by the next bangerd, that a host folder is
+//! served from a unit of its own, and that stop ends the units. The
 //! steps run inside the container (`tests/nspawn/vm-units.sh`); this file
 //! boots it and judges what it wrote. Needs root and the guest artifacts.
 
@@ -163,6 +163,36 @@ fn vmms_run_as_transient_units_under_systemd() {
     );
     let vm_orphan: serde_json::Value = serde_json::from_str(&read("vm-orphan.json")).unwrap();
     assert_eq!(vm_orphan["state"], "stopped", "{vm_orphan}");
+
+    // A host folder: served by virtiofsd from a unit of its own, in
+    // banger's slice, with no network and no new privileges; it ends with
+    // the VM.
+    assert_eq!(
+        read("folder-read"),
+        "from the host\n",
+        "{}",
+        read("folder-start")
+    );
+    let folder = read("folder-unit");
+    assert_eq!(property(&folder, "ActiveState"), Some("active"), "{folder}");
+    assert_eq!(property(&folder, "Slice"), Some("banger.slice"), "{folder}");
+    assert_eq!(
+        property(&folder, "NoNewPrivileges"),
+        Some("yes"),
+        "{folder}"
+    );
+    assert_eq!(property(&folder, "PrivateNetwork"), Some("yes"), "{folder}");
+    let caps = property(&folder, "CapabilityBoundingSet").unwrap_or_default();
+    assert!(
+        caps.contains("cap_setuid") && !caps.contains("cap_net_admin"),
+        "{folder}"
+    );
+    let folder_stopped = read("folder-unit-stopped");
+    assert_eq!(
+        property(&folder_stopped, "ActiveState"),
+        Some("inactive"),
+        "{folder_stopped}"
+    );
 
     // Stopping the VM ended its unit.
     let stopped = read("unit-stopped");

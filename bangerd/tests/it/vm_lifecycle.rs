@@ -579,7 +579,7 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
 
 /// Runs `banger ARGS` as `user` (no password prompt), returning exit code,
 /// stdout and stderr.
-fn as_user(env: &Env, user: &TestUser, args: &[&str]) -> (Option<i32>, String, String) {
+pub(crate) fn as_user(env: &Env, user: &TestUser, args: &[&str]) -> (Option<i32>, String, String) {
     let out = env
         .bed
         .command_as(user, bin_path("banger"))

@@ -3,8 +3,8 @@
 # bangerd/tests/it/systemd_units.rs (as banger-test.service): bangerd under
 # systemd, a VM whose VMM becomes a sandboxed transient unit, what systemd,
 # machined and resolved say about it, a bangerd crash the VM survives, a
-# crash that cut a start short (the unit stopped by the next bangerd),
-# then stop and delete. Writes what it saw to /opt/results (the test reads and judges
+# crash that cut a start short (the unit stopped by the next bangerd), a
+# host folder served from a unit of its own, then stop and delete. Writes what it saw to /opt/results (the test reads and judges
 # it) and powers the container off.
 set -uo pipefail
 . /opt/banger-test/lib.sh
@@ -93,8 +93,19 @@ $B vm show unitvm --json >"$out/vm-orphan.json"
 $B vm start unitvm || finish "vm start after the cut-short start failed"
 step "cut-short start"
 
+# A host folder: its virtiofsd in a unit of its own, beside the VMM's.
+$B vm stop unitvm || finish "vm stop before the host folder failed"
+mkdir -p /srv/share && echo "from the host" >/srv/share/hello
+$B vm set unitvm --mount /srv/share:/mnt/share || finish "vm set --mount failed"
+$B vm start unitvm >"$out/folder-start" 2>&1 || finish "vm start with a host folder failed: $(tail -3 "$out/folder-start")"
+$B vm exec unitvm -- cat /mnt/share/hello >"$out/folder-read" 2>&1
+systemctl show "banger-fs-$id.service" -p ActiveState -p Slice -p CapabilityBoundingSet \
+  -p NoNewPrivileges -p PrivateNetwork >"$out/folder-unit"
+step "host folder"
+
 $B vm stop unitvm || finish "vm stop failed"
 systemctl show "$unit" -p ActiveState >"$out/unit-stopped"
+systemctl show "banger-fs-$id.service" -p ActiveState >"$out/folder-unit-stopped"
 $B vm delete unitvm || finish "vm delete failed"
 step "deleted"
 finish PASS

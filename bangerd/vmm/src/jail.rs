@@ -76,6 +76,12 @@ pub enum Source {
         /// Where it is bound.
         path: PathBuf,
     },
+    /// A unix stream socket connected to the one listening at `path`
+    /// (the sockets of a VM's host folders).
+    Connect {
+        /// Where the listener is.
+        path: PathBuf,
+    },
     /// The persistent TAP `name`, attached (`IFF_TAP | IFF_NO_PI |
     /// IFF_VNET_HDR`, as QEMU asks for its own).
     Tap {
@@ -207,6 +213,9 @@ fn open(source: &Source) -> Result<OwnedFd, String> {
                 .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
             Ok(listener.into())
         }
+        Source::Connect { path } => std::os::unix::net::UnixStream::connect(path)
+            .map(OwnedFd::from)
+            .map_err(|e| format!("cannot connect to {}: {e}", path.display())),
         Source::Tap { name } => banger_net::link::attach_tap(name).map_err(|e| e.message),
     }
 }
@@ -254,6 +263,15 @@ impl Handoff {
     /// Hand the descriptors to the first process of root's that connects
     /// within `limit` (another is turned away); the socket goes either way.
     pub fn serve(self, limit: std::time::Duration) -> Result<(), String> {
+        self.serve_to(limit).map(drop)
+    }
+
+    /// [`Handoff::serve`], keeping the connection the descriptors went
+    /// over (on which a helper answers how it got on).
+    pub fn serve_to(
+        self,
+        limit: std::time::Duration,
+    ) -> Result<std::os::unix::net::UnixStream, String> {
         use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, getsockopt, sendmsg, sockopt};
         let until = std::time::Instant::now() + limit;
         loop {
@@ -293,7 +311,7 @@ impl Handoff {
                 None,
             )
             .map_err(|e| format!("cannot hand the descriptors over: {e}"))?;
-            return Ok(());
+            return Ok(stream);
         }
     }
 }
@@ -308,6 +326,14 @@ impl Drop for Handoff {
 /// vmm-exec does; bangerd itself takes them back when the VMM's start
 /// failed before it came).
 pub fn receive(path: &Path, count: usize) -> Result<Vec<OwnedFd>, String> {
+    receive_on(path, count).map(|(_, fds)| fds)
+}
+
+/// [`receive`], keeping the connection to bangerd.
+pub fn receive_on(
+    path: &Path,
+    count: usize,
+) -> Result<(std::os::unix::net::UnixStream, Vec<OwnedFd>), String> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, recvmsg};
     let stream = std::os::unix::net::UnixStream::connect(path)
         .map_err(|e| format!("cannot reach bangerd at {}: {e}", path.display()))?;
@@ -340,12 +366,12 @@ pub fn receive(path: &Path, count: usize) -> Result<Vec<OwnedFd>, String> {
             fds.len()
         ));
     }
-    Ok(fds)
+    Ok((stream, fds))
 }
 
 /// Put every opened descriptor at its number, inheritable; nothing else
 /// of ours stays open across exec (Rust opens everything close-on-exec).
-fn place(opened: Vec<(RawFd, OwnedFd)>) -> Result<(), String> {
+pub(crate) fn place(opened: Vec<(RawFd, OwnedFd)>) -> Result<(), String> {
     // First above every target, so that placing one never closes another.
     let mut high = Vec::new();
     for (fd, owned) in opened {

@@ -15,6 +15,7 @@ pub mod kvm;
 pub mod process;
 pub mod qemu;
 pub mod supervise;
+pub mod virtiofs;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -194,6 +195,9 @@ pub struct LaunchSpec {
     /// runs it as bangerd's user (the drivers' own tests, Firecracker
     /// without its jailer).
     pub confine: Option<Confine>,
+    /// Host folders, each served by a virtiofsd already listening
+    /// ([`virtiofs::start`]); only QEMU takes them.
+    pub shares: Vec<virtiofs::Share>,
 }
 
 /// Who a VMM runs as, when it is jailed.

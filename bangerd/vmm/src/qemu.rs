@@ -47,6 +47,8 @@ mod fds {
     pub const QMP: i32 = 8;
     pub const AGENT: i32 = 9;
     pub const TAP: i32 = 10;
+    /// The first host folder's connected socket; the rest follow.
+    pub const FOLDERS: i32 = 11;
 }
 
 impl Qemu {
@@ -71,9 +73,27 @@ impl Qemu {
             Accel::Kvm => ("kvm", "host"),
             Accel::Tcg => ("tcg", "max"),
         };
+        // Host folders need the guest's memory shared with virtiofsd (a
+        // memfd) and virtio-mmio devices in their modern (version 2) form.
+        let machine = if spec.shares.is_empty() {
+            "microvm"
+        } else {
+            "microvm,memory-backend=mem"
+        };
         push(&[
-            "-name", "banger", "-M", "microvm", "-accel", accel, "-cpu", cpu,
+            "-name", "banger", "-M", machine, "-accel", accel, "-cpu", cpu,
         ]);
+        if !spec.shares.is_empty() {
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    spec.memory_mib
+                ),
+                "-global",
+                "virtio-mmio.force-legacy=false",
+            ]);
+        }
         push(&[
             "-m",
             &spec.memory_mib.to_string(),
@@ -159,6 +179,26 @@ impl Qemu {
                 netdev,
                 "-device".to_owned(),
                 format!("virtio-net-device,netdev=net0,mac={mac}"),
+            ]);
+        }
+        for (i, share) in spec.shares.iter().enumerate() {
+            let chardev = if jailed {
+                let fd = fds::FOLDERS + i32::try_from(i).unwrap_or(i32::MAX - fds::FOLDERS);
+                pass(
+                    fd,
+                    Source::Connect {
+                        path: share.socket.clone(),
+                    },
+                );
+                format!("fd={fd}")
+            } else {
+                format!("path={}", esc(&share.socket))
+            };
+            a.extend([
+                "-chardev".to_owned(),
+                format!("socket,id=fs{i},{chardev}"),
+                "-device".to_owned(),
+                format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag),
             ]);
         }
         // The sockets: bound by the jail and handed over listening, or
@@ -376,6 +416,7 @@ mod tests {
             net: Some(("bgtap3".into(), "0a:b6:0a:00:00:02".into())),
             accel: Accel::Tcg,
             confine: None,
+            shares: Vec::new(),
         }
     }
 
@@ -448,6 +489,47 @@ mod tests {
             }
         );
         assert_eq!(passes.len(), 8);
+    }
+
+    #[test]
+    fn host_folders_get_shared_memory_and_a_vhost_user_fs_device_each() {
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+        };
+        assert!(!q.args(&spec()).iter().any(|a| a.contains("memory-backend")));
+        let share = |i: usize| crate::virtiofs::Share {
+            tag: crate::virtiofs::tag(i),
+            folder: crate::virtiofs::Folder {
+                source: format!("/home/me/f{i}").into(),
+                read_only: i == 1,
+            },
+            socket: crate::virtiofs::socket(Path::new("/run/b/vms/abc"), i),
+        };
+        let spec = LaunchSpec {
+            shares: vec![share(0), share(1)],
+            ..spec()
+        };
+        let args = q.args(&spec).join(" ");
+        for want in [
+            "-M microvm,memory-backend=mem ",
+            "-object memory-backend-memfd,id=mem,size=512M,share=on",
+            "-global virtio-mmio.force-legacy=false",
+            "-chardev socket,id=fs0,path=/run/b/vms/abc/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=banger0",
+            "-chardev socket,id=fs1,path=/run/b/vms/abc/fs1.sock -device vhost-user-fs-device,chardev=fs1,tag=banger1",
+        ] {
+            assert!(args.contains(want), "{want} in {args}");
+        }
+        // Jailed, QEMU gets each socket connected by bangerd.
+        let (passes, args) = q.jailed_args(&spec);
+        let args = args.join(" ");
+        assert!(args.contains("-chardev socket,id=fs1,fd=12 "), "{args}");
+        assert!(passes.contains(&Pass {
+            fd: 12,
+            source: Source::Connect {
+                path: "/run/b/vms/abc/fs1.sock".into()
+            }
+        }));
+        assert!(!args.contains("fs0.sock"), "{args}");
     }
 
     #[test]

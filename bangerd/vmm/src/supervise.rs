@@ -59,6 +59,21 @@ pub enum Launcher {
     /// does (a mount namespace, `pivot_root`, `chroot`, `mknod`, `chown`,
     /// becoming the VM's user); Firecracker it execs keeps none of it.
     Jailer,
+    /// bangerd's `virtiofsd-exec` (the `virtiofs` module), in a unit of
+    /// its own (`banger-fs-<id>.service`): root that makes children the
+    /// VM's owner in user namespaces of their own and writes their maps;
+    /// the virtiofsds hold capabilities only there.
+    Virtiofsd,
+}
+
+impl Launcher {
+    /// The unit of VM `vm_id` this launcher's program runs in.
+    pub fn unit(self, vm_id: &str) -> String {
+        match self {
+            Self::Virtiofsd => folders_unit(vm_id),
+            _ => unit_name(vm_id),
+        }
+    }
 }
 
 /// Starts VMM processes.
@@ -93,6 +108,24 @@ pub trait Supervisor: Send + Sync + std::fmt::Debug {
         &'a self,
         runs: &'a [PathBuf],
     ) -> BoxFuture<'a, Result<Vec<(String, ProcessId)>>>;
+
+    /// Stop what serves VM `vm_id`'s host folders, if anything does
+    /// (the `virtiofs` module); a no-op otherwise. Its virtiofsds end with
+    /// their VMM's connection; this is for a start that failed before or
+    /// a helper left behind.
+    fn stop_folders<'a>(&'a self, vm_id: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let id = vm_id.to_owned();
+            let helpers = tokio::task::spawn_blocking(move || folder_helpers(&id))
+                .await
+                .unwrap_or_default();
+            for helper in helpers {
+                // Each is a process group leader (its own session).
+                let group = nix::unistd::Pid::from_raw(helper.pid.cast_signed());
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            }
+        })
+    }
 
     /// Send `signal` to VM `vm_id`'s VMM `process`. bangerd holds no
     /// `CAP_KILL` and VMMs run as users of their own: where systemd runs
@@ -165,6 +198,10 @@ pub fn processes_under(runs: &[PathBuf]) -> Vec<(String, ProcessId)> {
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
+            // A VM's folders' helper names its runtime directory too.
+            if args.get(1).map(String::as_str) == Some(FOLDERS_HELPER_ARG) {
+                return None;
+            }
             let id = vm_of(&args, runs).or_else(|| {
                 let uid = std::fs::metadata(format!("/proc/{pid}")).ok()?.uid();
                 jailed_vm_of(&args, uid)
@@ -207,6 +244,38 @@ impl Supervisor for Direct {
 /// The transient unit of VM `vm_id`.
 pub fn unit_name(vm_id: &str) -> String {
     format!("banger-vm-{vm_id}.service")
+}
+
+/// bangerd's argument that makes it the helper serving a VM's host
+/// folders (the `virtiofs` module).
+pub const FOLDERS_HELPER_ARG: &str = "virtiofsd-exec";
+
+/// The transient unit of VM `vm_id`'s host folders.
+pub fn folders_unit(vm_id: &str) -> String {
+    format!("banger-fs-{vm_id}.service")
+}
+
+/// The folders' helpers of VM `vm_id` running as bangerd's children
+/// (found by their arguments: `virtiofsd-exec SPEC`, the spec naming
+/// the VM); each leads its process group.
+pub fn folder_helpers(vm_id: &str) -> Vec<ProcessId> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let mut args = cmdline.split(|b| *b == 0);
+            args.next()?;
+            if args.next()? != FOLDERS_HELPER_ARG.as_bytes() {
+                return None;
+            }
+            let spec: serde_json::Value = serde_json::from_slice(args.next()?).ok()?;
+            (spec.get("vm")?.as_str()? == vm_id).then_some(())?;
+            ProcessId::of(pid).filter(ProcessId::alive)
+        })
+        .collect()
 }
 
 /// The unit's `MemoryMax`: the guest's memory plus room for the VMM
@@ -322,6 +391,9 @@ pub const PRIVILEGED_BUT_SETUID: [&str; 19] = [
 /// The properties of `req`'s transient unit.
 pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
     use UnitProperty::{Bool, ExecStart, Filter, I32, Pairs, Str, Strs, U32, U64};
+    if req.launcher == Launcher::Virtiofsd {
+        return folder_unit_properties(req);
+    }
     let program = req.program.to_string_lossy().into_owned();
     let mut argv = vec![program.clone()];
     argv.extend(req.args.iter().cloned());
@@ -390,7 +462,7 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
             match req.launcher {
                 Launcher::Bare => 0,
                 Launcher::VmmExec => (1 << CAP_SETGID) | (1 << CAP_SETUID) | (1 << CAP_SETPCAP),
-                Launcher::Jailer => {
+                Launcher::Jailer | Launcher::Virtiofsd => {
                     (1 << CAP_CHOWN)
                         | (1 << CAP_SETGID)
                         | (1 << CAP_SETUID)
@@ -427,7 +499,7 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
             match req.launcher {
                 Launcher::Bare => vec!["@privileged".to_owned(), "@resources".to_owned()],
                 Launcher::VmmExec => PRIVILEGED_BUT_SETUID.map(str::to_owned).to_vec(),
-                Launcher::Jailer => JAILER_DENIED.map(str::to_owned).to_vec(),
+                Launcher::Jailer | Launcher::Virtiofsd => JAILER_DENIED.map(str::to_owned).to_vec(),
             },
         ),
         // A refused call fails (QEMU probes io_uring and the like) rather
@@ -450,9 +522,137 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
     ]
 }
 
+/// The capabilities a folders' unit may hold: `virtiofsd-exec` (root)
+/// needs `CAP_SETUID`/`CAP_SETGID` to become the owner and write the
+/// children's maps; the rest bounds what each virtiofsd holds inside its
+/// user namespace, where root is the owner: file ownership and modes
+/// (`chown`, `fowner`, `fsetid`, `dac_override`, `mknod`, `setfcap`) and
+/// making its own sandbox (`sys_admin`).
+pub const FOLDER_CAPABILITIES: [u32; 9] = [
+    CAP_CHOWN,
+    CAP_DAC_OVERRIDE,
+    CAP_FOWNER,
+    CAP_FSETID,
+    CAP_SETGID,
+    CAP_SETUID,
+    CAP_SYS_ADMIN,
+    CAP_MKNOD,
+    CAP_SETFCAP,
+];
+
+const CAP_DAC_OVERRIDE: u32 = 1;
+const CAP_FOWNER: u32 = 3;
+const CAP_FSETID: u32 = 4;
+const CAP_SETFCAP: u32 = 31;
+
+/// The unit of a VM's folders' helper. It sees the host's file system as
+/// it is (the folders are wherever their owner keeps them, `/home`
+/// included, and virtiofsd mounts a `/proc` of its own, which the kernel
+/// allows only where `/proc` is not partly hidden): the confinement is
+/// the owner's uid and each virtiofsd's own sandbox, plus no network, no
+/// device and no system call a file server has no use for.
+fn folder_unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
+    use UnitProperty::{Bool, ExecStart, Filter, I32, Str, Strs, U64};
+    let program = req.program.to_string_lossy().into_owned();
+    let mut argv = vec![program.clone()];
+    argv.extend(req.args.iter().cloned());
+    let log = req.log.to_string_lossy().into_owned();
+    vec![
+        Str(
+            "Description",
+            format!("banger VM {} ({}) host folders", req.vm_name, req.vm_id),
+        ),
+        Str("Slice", SLICE.to_owned()),
+        Str("Type", "exec".to_owned()),
+        ExecStart(program, argv),
+        Str("StandardInput", "null".to_owned()),
+        Str("StandardOutputFileToAppend", log.clone()),
+        Str("StandardErrorFileToAppend", log),
+        Str("WorkingDirectory", "/".to_owned()),
+        Str("CollectMode", "inactive-or-failed".to_owned()),
+        Bool("NoNewPrivileges", true),
+        Bool("PrivateNetwork", true),
+        Str("DevicePolicy", "closed".to_owned()),
+        U64(
+            "CapabilityBoundingSet",
+            FOLDER_CAPABILITIES.iter().map(|c| 1u64 << c).sum(),
+        ),
+        Filter("RestrictAddressFamilies", true, vec!["AF_UNIX".to_owned()]),
+        Filter(
+            "SystemCallFilter",
+            false,
+            [
+                "@clock",
+                "@cpu-emulation",
+                "@debug",
+                "@module",
+                "@obsolete",
+                "@raw-io",
+                "@reboot",
+                "@swap",
+                "bpf",
+                "kexec_load",
+                "kexec_file_load",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        ),
+        I32("SystemCallErrorNumber", nix::errno::Errno::EPERM as i32),
+        Strs("SystemCallArchitectures", vec!["native".to_owned()]),
+        Bool("MemoryDenyWriteExecute", true),
+        Bool("LockPersonality", true),
+        Bool("RestrictRealtime", true),
+        Bool("RestrictSUIDSGID", true),
+        Str("KeyringMode", "private".to_owned()),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_folders_unit_holds_only_what_virtiofsd_exec_and_virtiofsd_use() {
+        let args = Vec::new();
+        let props = unit_properties(&StartRequest {
+            vm_id: "0123456789abcdef",
+            vm_name: "web",
+            program: Path::new("/usr/libexec/bangerd"),
+            args: &args,
+            log: Path::new("/var/lib/banger/vms/x/virtiofsd.log"),
+            memory_mib: 0,
+            vcpus: 1,
+            writable: &[],
+            jit: false,
+            launcher: Launcher::Virtiofsd,
+        });
+        let caps = props
+            .iter()
+            .find_map(|p| match p {
+                UnitProperty::U64("CapabilityBoundingSet", c) => Some(*c),
+                _ => None,
+            })
+            .expect("a bounding set");
+        assert_eq!(caps & (1 << CAP_SYS_CHROOT), 0);
+        assert_ne!(caps & (1 << CAP_SETUID), 0);
+        assert_eq!(caps.count_ones(), 9);
+        assert!(props.contains(&UnitProperty::Bool("PrivateNetwork", true)));
+        assert!(props.contains(&UnitProperty::Bool("NoNewPrivileges", true)));
+        // /proc stays whole (virtiofsd mounts its own) and /home visible.
+        assert!(!props.iter().any(|p| matches!(
+            p,
+            UnitProperty::Str("ProtectProc" | "ProtectHome" | "ProtectSystem", _)
+                | UnitProperty::Bool("ProtectKernelTunables", _)
+        )));
+        assert_eq!(
+            Launcher::Virtiofsd.unit("0123456789abcdef"),
+            "banger-fs-0123456789abcdef.service"
+        );
+        assert_eq!(
+            Launcher::VmmExec.unit("0123456789abcdef"),
+            "banger-vm-0123456789abcdef.service"
+        );
+    }
 
     #[test]
     fn units_are_named_sized_and_sliced() {

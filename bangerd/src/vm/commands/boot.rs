@@ -168,6 +168,9 @@ impl Vms {
     /// to root), then take its snapshot device and loop devices down, if
     /// it has any.
     pub(super) async fn system_disk_down(&self, vm: &Vm) {
+        // Its folders' virtiofsds end with the VMM's connection; not when
+        // the VMM never came, or this is a restart finding it gone.
+        self.supervisor.stop_folders(&vm.id).await;
         let paths = self.vm_paths(&vm.id);
         if let Err(e) = blocking(move || {
             jailer::release(&paths)
@@ -288,6 +291,14 @@ impl Vms {
         .await?;
         let launched = async {
             let (vmm, accel, kernel_path) = self.pick_vmm(&kernel).await?;
+            if !vm.mounts.is_empty() && vmm.driver() != crate::vm::VmmDriver::Qemu {
+                return Err(Error::unavailable(format!(
+                    "vm {} has host folders, which need QEMU: {} has no virtio-fs device; set vm.vmm = \"qemu\" in bangerd.toml, or remove them (banger vm set {} --no-mounts)",
+                    vm.name,
+                    vmm.name(),
+                    vm.name
+                )));
+            }
             // QEMU runs as the VM's own user, and so does Firecracker
             // under its jailer; without one, as a root without
             // capabilities.
@@ -297,6 +308,7 @@ impl Vms {
                 None
             };
             let system_disk = self.system_disk_up(vm, &image).await?;
+            let shares = self.start_folders(vm, &paths).await?;
             let spec = LaunchSpec {
                 id: vm.id.clone(),
                 name: vm.name.clone(),
@@ -316,6 +328,7 @@ impl Vms {
                 net: Some((vmnet.tap.clone(), vmnet.lease.mac.clone())),
                 accel,
                 confine,
+                shares,
             };
             tracing::info!(banger_vm_id = %vm.id, "starting {} with {} under {}", vm.name, vmm.name(), accel.as_str());
             let supervisor = self.supervisor.as_ref();
@@ -384,6 +397,10 @@ impl Vms {
             None,
         );
 
+        if !vm.mounts.is_empty() {
+            ctx.stage("host folders", base + 3.0 * step).await?;
+            self.mount_folders(conn.as_mut(), vm).await?;
+        }
         for service in &image.services {
             ctx.stage(&format!("{} ready", service.name), base + 3.0 * step)
                 .await?;

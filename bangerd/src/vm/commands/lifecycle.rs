@@ -44,7 +44,11 @@ impl Vms {
         if let Some(script) = &req.setup {
             super::setup::validate_setup(script)?;
         }
+        crate::vm::validate_mounts(&req.mounts)?;
         check_vmm(&config)?;
+        if !req.mounts.is_empty() {
+            super::folders::check_folders_possible(&config)?;
+        }
         let image_ref = if req.image.is_empty() {
             config.vm.default_image.clone()
         } else {
@@ -98,6 +102,7 @@ impl Vms {
             created_at: unix_us(SystemTime::now()),
             last_error: String::new(),
             forwards: Vec::new(),
+            mounts: req.mounts.clone(),
         };
         let demand = Demand {
             vm: true,
@@ -511,8 +516,14 @@ impl Vms {
             changes.vcpus.is_some() || changes.memory_mib.is_some() || changes.disk_bytes.is_some();
         if changes == VmChanges::default() {
             return Err(Error::invalid(
-                "nothing to change: give vcpus, memory_mib, disk_bytes, nat, peers or autostart",
+                "nothing to change: give vcpus, memory_mib, disk_bytes, nat, peers, autostart or mounts",
             ));
+        }
+        if let Some(mounts) = &changes.mounts {
+            crate::vm::validate_mounts(mounts)?;
+            if !mounts.is_empty() {
+                super::folders::check_folders_possible(&self.config())?;
+            }
         }
         let vcpus = changes.vcpus.unwrap_or(vm.vcpus);
         let memory = changes.memory_mib.unwrap_or(vm.memory_mib);
@@ -538,11 +549,11 @@ impl Vms {
             )
             .await?;
         let _claim = self.claim_vm(&vm)?;
-        if sizes && vm.state != VmState::Stopped {
+        if (sizes || changes.mounts.is_some()) && vm.state != VmState::Stopped {
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "vm {} is {}: stop it to change vcpus, memory or disk size (banger vm stop {})",
+                    "vm {} is {}: stop it to change vcpus, memory, disk size or host folders (banger vm stop {})",
                     vm.name,
                     vm.state.as_str(),
                     vm.name
@@ -566,8 +577,12 @@ impl Vms {
         {
             self.network().await?.set_peers(ip, peers).await?;
         }
+        let autostart_changed = changes.autostart.is_some();
         let set = self
             .modify(&vm.id, move |v| {
+                if let Some(mounts) = changes.mounts {
+                    v.mounts = mounts;
+                }
                 v.vcpus = vcpus;
                 v.memory_mib = memory;
                 v.disk_bytes = disk_bytes;
@@ -582,7 +597,7 @@ impl Vms {
                 }
             })
             .await;
-        if changes.autostart.is_some() {
+        if autostart_changed {
             self.sync_autostart_flag().await;
         }
         set

@@ -11,6 +11,7 @@ mod autostart;
 mod boot;
 mod clone;
 mod exec;
+mod folders;
 mod forward;
 mod lifecycle;
 mod network;
@@ -23,6 +24,7 @@ mod watcher;
 
 pub use boot::kernel_cmdline;
 pub use exec::ExecRequest;
+pub use folders::{check_folders_possible, virtiofsd};
 pub use forward::MAX_FORWARDS;
 pub use snapshots::{DiskSnapshot, MAX_SNAPSHOTS};
 pub use stats::VmStats;
@@ -173,7 +175,7 @@ impl Drop for Claim {
 }
 
 /// Changes `VM.Set` may make.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmChanges {
     /// New vCPU count (stopped VMs only).
     pub vcpus: Option<u32>,
@@ -187,6 +189,8 @@ pub struct VmChanges {
     pub peers: Option<bool>,
     /// Autostart on or off.
     pub autostart: Option<bool>,
+    /// The host folders, all of them (stopped VMs only).
+    pub mounts: Option<Vec<super::Mount>>,
 }
 
 impl Vms {

@@ -432,6 +432,7 @@ fn spec_for(dir: &Path) -> LaunchSpec {
         net: Some(("bgtap3".into(), "0a:b6:0a:00:00:02".into())),
         accel: super::super::Accel::Kvm,
         confine: None,
+        shares: Vec::new(),
     }
 }
 

@@ -39,6 +39,7 @@ fn vm_in(dir: &Path) -> LaunchSpec {
         net: None,
         accel: Accel::Kvm,
         confine: None,
+        shares: Vec::new(),
     }
 }
 
