@@ -1,12 +1,14 @@
 //! A daemon killed at any moment restarts consistent: bangerd killed with
 //! SIGKILL at the start of every stage of `vm create` (which starts the
 //! VM), `vm start`, `vm stop`, `vm delete`, `vm clone --start`, `vm
-//! snapshot create` and `vm restore`, with the real CLI, bangerd
+//! snapshot create`, `vm restore` and `vm start` of a VM with a host
+//! folder, with the real CLI, bangerd
 //! in its own network namespace and real QEMU (TCG) guests. After each
 //! restart: every VM is stopped or running, a VMM runs exactly for the
 //! running ones, and nothing is left without an owner (VM directories,
 //! TAPs beyond the pool, NAT set elements, loop and device-mapper
-//! devices, half-made snapshots or restores); the VM can then be
+//! devices, half-made snapshots or restores, virtiofsds); a VM adopted
+//! running has its host folder mounted; the VM can then be
 //! deleted, leaving nothing either. The
 //! `debug.job_stage_delay_ms` aid holds each stage open for the kill.
 //! Needs root and the guest artifacts (scripts/build-test-kernel,
@@ -54,6 +56,13 @@ fn inconsistencies(env: &Env) -> Vec<String> {
     if vmms != running {
         wrong.push(format!(
             "VMMs run for {vmms:?}, running VMs are {running:?}"
+        ));
+    }
+    // Host folders are served exactly for the running VMs.
+    let served = folder_helpers(env);
+    if !served.is_subset(&running) {
+        wrong.push(format!(
+            "host folders are served for {served:?}, running VMs are {running:?}"
         ));
     }
     // Every VM directory has its VM.
@@ -170,6 +179,27 @@ fn inconsistencies(env: &Env) -> Vec<String> {
     wrong
 }
 
+/// The VMs this bed's `virtiofsd-exec` helpers serve folders for.
+fn folder_helpers(env: &Env) -> BTreeSet<String> {
+    let run = env.bed.runtime_dir().to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.get(1).copied() != Some(b"virtiofsd-exec".as_slice()) {
+                return None;
+            }
+            let spec: serde_json::Value = serde_json::from_slice(args.get(2)?).ok()?;
+            spec["handoff"]
+                .as_str()?
+                .starts_with(&run)
+                .then(|| spec["vm"].as_str().map(str::to_owned))?
+        })
+        .collect()
+}
+
 /// The stages `banger ARGS` (a job) goes through, from its JSON report.
 fn stages(env: &Env, args: &[&str]) -> Vec<String> {
     let mut all = vec!["--json"];
@@ -230,6 +260,9 @@ fn kill_at(env: &mut Env, args: &[&str], stage: &str) {
 fn a_daemon_killed_at_any_stage_restarts_consistent() {
     let mut env = setup_with("[debug]\njob_stage_delay_ms = 1500\n");
     let exists = |env: &Env| env.vms().iter().any(|v| v["name"] == "crash");
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::write(folder.path().join("hello"), "from the host\n").unwrap();
+    let mount = format!("{}:/mnt/host", folder.path().display());
     // The stages of each operation, from one that is not interrupted.
     let create = stages(&env, &["vm", "create", "--name", "crash", "--nat"]);
     let stop = stages(&env, &["vm", "stop", "crash"]);
@@ -241,9 +274,21 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
     let snapshot = stages(&env, &["vm", "snapshot", "create", "crash", "s1"]);
     let restore = stages(&env, &["vm", "restore", "crash", "s1"]);
     env.ok(&["vm", "delete", "crash", "origin"]);
+    env.ok(&[
+        "vm",
+        "create",
+        "--name",
+        "crash",
+        "--no-start",
+        "--mount",
+        &mount,
+    ]);
+    let folders = stages(&env, &["vm", "start", "crash"]);
+    assert!(folders.iter().any(|s| s == "host folders"), "{folders:?}");
+    env.ok(&["vm", "delete", "crash"]);
     eprintln!(
         "create {create:?}\nstart {start:?}\nstop {stop:?}\ndelete {delete:?}\n\
-         clone {clone:?}\nsnapshot {snapshot:?}\nrestore {restore:?}"
+         clone {clone:?}\nsnapshot {snapshot:?}\nrestore {restore:?}\nfolders {folders:?}"
     );
     assert!(
         create.len() >= 5 && !start.is_empty(),
@@ -278,6 +323,7 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
             &restore,
             "snapshot",
         ),
+        ("folders", vec!["vm", "start", "crash"], &folders, "folders"),
     ];
     let mut report = Vec::new();
     for (op, args, op_stages, before) in cases {
@@ -297,6 +343,17 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
                     env.ok(&["vm", "create", "--name", "crash", "--nat", "--no-start"]);
                     env.ok(&["vm", "snapshot", "create", "crash", "s1"]);
                 }
+                "folders" => {
+                    env.ok(&[
+                        "vm",
+                        "create",
+                        "--name",
+                        "crash",
+                        "--no-start",
+                        "--mount",
+                        &mount,
+                    ]);
+                }
                 _ => {}
             }
             kill_at(&mut env, &args, stage);
@@ -315,6 +372,21 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
                 "{op} killed at {stage:?}:\n{}",
                 wrong.join("\n")
             );
+            // A VM adopted running has its folder, even when its start was
+            // cut short before the guest mounted it.
+            if op == "folders" && state == "running" {
+                let read = banger_testbed::eventually(Duration::from_secs(60), || {
+                    let out = env.run(&["vm", "exec", "crash", "--", "cat", "/mnt/host/hello"]);
+                    out.status
+                        .success()
+                        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+                });
+                assert_eq!(
+                    read.as_deref(),
+                    Some("from the host\n"),
+                    "the folder after {op} killed at {stage:?}"
+                );
+            }
             // Whatever is left can be deleted, and leaves nothing.
             if exists(&env) {
                 env.ok(&["vm", "delete", "crash"]);

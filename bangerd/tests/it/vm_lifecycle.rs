@@ -688,6 +688,20 @@ fn someone_elses_vm_is_refused_without_manage_others() {
     assert_eq!(env.vm("alices")["forwards"].as_array().unwrap().len(), 1);
     assert_eq!(env.vm("alices")["memory_mib"], 320);
     let _bob_others = grant(&bob, &["vm.create", "vm.manage", "vm.manage-others"]);
+    let changed = eventually(Duration::from_secs(10), || {
+        let (code, _, _) = as_user(&env, &bob, &["vm", "set", "alices", "--memory", "256"]);
+        (code == Some(0)).then_some(())
+    });
+    assert!(
+        changed.is_some(),
+        "bob with manage-others could not change it"
+    );
+    // Not its host folders, though: they are served as alice, so bob
+    // would reach her files through a guest he may enter.
+    let (code, _, stderr) = as_user(&env, &bob, &["vm", "set", "alices", "--mount", "/tmp:/x"]);
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("only its owner"), "{stderr}");
+    assert!(env.vm("alices")["mounts"].as_array().unwrap().is_empty());
     let deleted = eventually(Duration::from_secs(10), || {
         let (code, _, _) = as_user(&env, &bob, &["vm", "delete", "alices"]);
         (code == Some(0)).then_some(())

@@ -3,6 +3,7 @@
 //! ([`crate::vm::vmm::virtiofs`]); once the agent answers, it mounts each
 //! folder in the guest. Only QEMU has the device.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::Vms;
@@ -98,6 +99,41 @@ impl Vms {
                 })?;
         }
         Ok(())
+    }
+}
+
+impl Vms {
+    /// Mount `vm`'s folders once its agent answers, in the background:
+    /// for a VM adopted by a restarted bangerd whose start was cut short
+    /// (mounting is idempotent in the agent). A failure is logged.
+    pub(super) fn mount_folders_later(self: &Arc<Self>, vm: Vm) {
+        let vms = Arc::clone(self);
+        tokio::spawn(async move {
+            let config = vms.config();
+            let mounted = async {
+                let vmm = super::vmm_named(&config, vm.vmm)?;
+                let endpoint = vmm.agent(&vms.vm_paths(&vm.id));
+                let ready = vms
+                    .agent
+                    .wait_ready(
+                        &endpoint,
+                        Duration::from_secs(config.vm.boot_timeout_secs),
+                        Duration::from_millis(200),
+                    )
+                    .await
+                    .map_err(|e| Error::failed(format!("the guest agent did not answer: {e}")))?;
+                let mut conn = ready.session;
+                vms.mount_folders(conn.as_mut(), &vm).await
+            };
+            match mounted.await {
+                Ok(()) => {
+                    tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "mounted its host folders after a restart")
+                }
+                Err(e) => {
+                    tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "cannot mount its host folders: {e}")
+                }
+            }
+        });
     }
 }
 

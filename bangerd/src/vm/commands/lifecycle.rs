@@ -520,6 +520,15 @@ impl Vms {
             ));
         }
         if let Some(mounts) = &changes.mounts {
+            // Folders are served as the owner: someone else (even with
+            // manage-others) would reach the owner's files through a
+            // guest they may enter.
+            if caller.uid != vm.owner_uid && caller.uid != 0 {
+                return Err(Error::denied(format!(
+                    "only its owner (uid {}) may change the host folders of vm {}: they are served as the owner",
+                    vm.owner_uid, vm.name
+                )));
+            }
             crate::vm::validate_mounts(mounts)?;
             if !mounts.is_empty() {
                 super::folders::check_folders_possible(&self.config())?;

@@ -104,6 +104,11 @@ impl Vms {
                                 })
                                 .await;
                             self.watch(&vm.id, p, Watched::Adopted(p));
+                            // Its start may have been cut short before
+                            // its folders were mounted in the guest.
+                            if vm.state == VmState::Starting && !vm.mounts.is_empty() {
+                                self.mount_folders_later(vm.clone());
+                            }
                             adopted.push(vm);
                         }
                         None => {
