@@ -729,6 +729,10 @@ fn the_debian_image_boots_to_sshd_and_its_services() {
         &seed,
         &["--service", "ssh:22", "--service", "opencode:4096"],
     );
+    // A host folder too: the Debian kernel has virtio-fs as a module,
+    // which the guest loads from the image's /lib/modules.
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::write(folder.path().join("hello"), "from the host\n").unwrap();
     let out = env.ok(&[
         "vm",
         "create",
@@ -742,9 +746,13 @@ fn the_debian_image_boots_to_sshd_and_its_services() {
         "1024",
         "--disk-size",
         "1G",
+        "--mount",
+        &format!("{}:/mnt/host", folder.path().display()),
     ]);
     eprintln!("{out}");
-    for stage in ["agent ready", "ssh ready", "opencode ready"] {
+    let read = env.ok(&["vm", "exec", "debian-vm", "--", "cat", "/mnt/host/hello"]);
+    assert_eq!(read, "from the host\n");
+    for stage in ["agent ready", "host folders", "ssh ready", "opencode ready"] {
         assert!(out.contains(stage), "no {stage} in:\n{out}");
     }
     let out = env.ok(&[
