@@ -1,6 +1,8 @@
 //! Bus latency against a running bangerd, from one in-process client (no
 //! process start in the figures): `Properties.Get` of a VM's `State`,
-//! the bus daemon's own `GetId` for comparison, and `GetManagedObjects`.
+//! the bus daemon's own `GetId` for comparison, `Peer.Ping` of bangerd
+//! (the floor of any call to it: the same hops, no work) and of polkitd
+//! (another service on the bus), and `GetManagedObjects`.
 //! Prints one line per call: `NAME n p50_ms p99_ms`. Run by
 //! `scripts/bench-scale` with `DBUS_SYSTEM_BUS_ADDRESS` set.
 //!
@@ -10,7 +12,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use zbus::Connection;
-use zbus::fdo::{DBusProxy, ObjectManagerProxy, PropertiesProxy};
+use zbus::fdo::{DBusProxy, ObjectManagerProxy, PeerProxy, PropertiesProxy};
 use zbus::names::InterfaceName;
 
 async fn sample<F, Fut>(rounds: usize, mut call: F) -> zbus::Result<Vec<Duration>>
@@ -55,6 +57,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .build()
             .await?;
         let bus = DBusProxy::new(&conn).await?;
+        let peer = PeerProxy::builder(&conn)
+            .destination("org.banger.Manager")
+            .path("/org/banger/Manager")
+            .build()
+            .await?;
+        // Another service on the same bus (GDBus in C), for scale.
+        let polkit = PeerProxy::builder(&conn)
+            .destination("org.freedesktop.PolicyKit1")
+            .path("/org/freedesktop/PolicyKit1/Authority")
+            .build()
+            .await?;
+        polkit.ping().await?;
         let objects = ObjectManagerProxy::builder(&conn)
             .destination("org.banger.Manager")
             .path("/org/banger/Manager")
@@ -68,7 +82,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // during the run (a daemon's timer, the page cache, another
         // process) falls on both alike, so their ratio is the cost of
         // bangerd's own hops rather than of when each block ran.
-        let (mut get, mut id) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+        let (mut get, mut id, mut ping, mut polkit_ping) = (
+            Vec::with_capacity(rounds),
+            Vec::with_capacity(rounds),
+            Vec::with_capacity(rounds),
+            Vec::with_capacity(rounds),
+        );
         for _ in 0..rounds {
             get.extend(
                 sample(1, || async {
@@ -84,6 +103,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
                 .await?,
             );
+            ping.extend(
+                sample(1, || async {
+                    peer.ping().await?;
+                    Ok(())
+                })
+                .await?,
+            );
+            polkit_ping.extend(
+                sample(1, || async {
+                    polkit.ping().await?;
+                    Ok(())
+                })
+                .await?,
+            );
         }
         let managed = sample(20, || async {
             objects.get_managed_objects().await.map(drop)?;
@@ -92,6 +125,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
         report("get", get);
         report("getid", id);
+        report("ping", ping);
+        report("polkitping", polkit_ping);
         report("managed", managed);
         Ok::<_, Box<dyn std::error::Error>>(())
     })
