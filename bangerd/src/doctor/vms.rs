@@ -114,13 +114,16 @@ pub(super) fn check_vmm(config: &Config) -> Check {
 /// what is missing is a warning.
 pub fn check_folders(config: &Config, userns: &Path, unprivileged: &Path) -> Check {
     const NAME: &str = "host folders";
-    if let Err(e) = crate::vm::commands::check_folders_possible(config) {
-        return Check::warn(
-            NAME,
-            e.message,
-            "only VMs with host folders (--mount) need this",
-        );
-    }
+    let virtiofsd = match crate::vm::commands::check_folders_possible(config) {
+        Ok(virtiofsd) => virtiofsd,
+        Err(e) => {
+            return Check::warn(
+                NAME,
+                e.message,
+                "only VMs with host folders (--mount) need this",
+            );
+        }
+    };
     let read = |p: &Path| {
         std::fs::read_to_string(p)
             .ok()
@@ -139,9 +142,7 @@ pub fn check_folders(config: &Config, userns: &Path, unprivileged: &Path) -> Che
         NAME,
         format!(
             "--mount works: {} runs as each VM's owner, in a user namespace",
-            crate::vm::commands::virtiofsd(config)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
+            virtiofsd.display()
         ),
     )
 }

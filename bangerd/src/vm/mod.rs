@@ -280,13 +280,8 @@ pub fn validate_mounts(mounts: &[Mount]) -> crate::error::Result<()> {
     }
     for (i, m) in mounts.iter().enumerate() {
         vmm::virtiofs::check_source(&m.source).map_err(Error::invalid)?;
-        let plain = m.target.starts_with('/')
-            && m.target.len() > 1
-            && m.target.len() <= 4096
-            && !m.target.chars().any(char::is_control)
-            && m.target[1..]
-                .split('/')
-                .all(|c| !c.is_empty() && c != "." && c != "..");
+        let plain =
+            vmm::virtiofs::is_plain_absolute(&m.target) && !m.target.chars().any(char::is_control);
         if !plain {
             return Err(Error::invalid(format!(
                 "guest folder {:?} is not an absolute path other than / without '.' or '..'",

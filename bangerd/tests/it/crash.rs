@@ -263,6 +263,15 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
     let folder = tempfile::tempdir().unwrap();
     std::fs::write(folder.path().join("hello"), "from the host\n").unwrap();
     let mount = format!("{}:/mnt/host", folder.path().display());
+    let with_folder = [
+        "vm",
+        "create",
+        "--name",
+        "crash",
+        "--no-start",
+        "--mount",
+        &mount,
+    ];
     // The stages of each operation, from one that is not interrupted.
     let create = stages(&env, &["vm", "create", "--name", "crash", "--nat"]);
     let stop = stages(&env, &["vm", "stop", "crash"]);
@@ -274,15 +283,7 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
     let snapshot = stages(&env, &["vm", "snapshot", "create", "crash", "s1"]);
     let restore = stages(&env, &["vm", "restore", "crash", "s1"]);
     env.ok(&["vm", "delete", "crash", "origin"]);
-    env.ok(&[
-        "vm",
-        "create",
-        "--name",
-        "crash",
-        "--no-start",
-        "--mount",
-        &mount,
-    ]);
+    env.ok(&with_folder);
     let folders = stages(&env, &["vm", "start", "crash"]);
     assert!(folders.iter().any(|s| s == "host folders"), "{folders:?}");
     env.ok(&["vm", "delete", "crash"]);
@@ -344,15 +345,7 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
                     env.ok(&["vm", "snapshot", "create", "crash", "s1"]);
                 }
                 "folders" => {
-                    env.ok(&[
-                        "vm",
-                        "create",
-                        "--name",
-                        "crash",
-                        "--no-start",
-                        "--mount",
-                        &mount,
-                    ]);
+                    env.ok(&with_folder);
                 }
                 _ => {}
             }

@@ -128,7 +128,7 @@ fn host_folders_are_served_as_the_vms_owner() {
     let vm = env.vm("fs");
     assert_eq!(vm["state"], "stopped", "{vm}");
     assert!(
-        helpers_for(vm["id"].as_str().unwrap()).is_empty(),
+        banger_vmm::supervise::folder_helpers(vm["id"].as_str().unwrap()).is_empty(),
         "a virtiofsd-exec is left"
     );
 
@@ -138,18 +138,4 @@ fn host_folders_are_served_as_the_vms_owner() {
     assert!(env.vm("fs")["mounts"].as_array().unwrap().is_empty());
     let (code, _, err) = as_user(&env, &alice, &["vm", "delete", "fs"]);
     assert_eq!(code, Some(0), "{err}");
-}
-
-/// bangerd's `virtiofsd-exec` processes for VM `id`.
-fn helpers_for(id: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let c = String::from_utf8_lossy(&c);
-                c.contains("virtiofsd-exec") && c.contains(id)
-            })
-        })
-        .collect()
 }

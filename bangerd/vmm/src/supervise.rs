@@ -183,10 +183,9 @@ pub fn jailed_vm_of(args: &[String], uid: u32) -> Option<String> {
     })
 }
 
-/// The processes whose arguments name a VM's directory under one of
-/// `runs` (see [`vm_of`]): a direct supervisor's VMMs, found by what
-/// they were started with.
-pub fn processes_under(runs: &[PathBuf]) -> Vec<(String, ProcessId)> {
+/// Every process's pid and arguments, from `/proc` (a process that ends
+/// meanwhile is left out).
+fn processes() -> Vec<(u32, Vec<String>)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -194,10 +193,22 @@ pub fn processes_under(runs: &[PathBuf]) -> Vec<(String, ProcessId)> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let args: Vec<String> = cmdline
+            let args = cmdline
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
+            Some((pid, args))
+        })
+        .collect()
+}
+
+/// The processes whose arguments name a VM's directory under one of
+/// `runs` (see [`vm_of`]): a direct supervisor's VMMs, found by what
+/// they were started with.
+pub fn processes_under(runs: &[PathBuf]) -> Vec<(String, ProcessId)> {
+    processes()
+        .into_iter()
+        .filter_map(|(pid, args)| {
             // A VM's folders' helper names its runtime directory too.
             if args.get(1).map(String::as_str) == Some(FOLDERS_HELPER_ARG) {
                 return None;
@@ -259,19 +270,13 @@ pub fn folders_unit(vm_id: &str) -> String {
 /// (found by their arguments: `virtiofsd-exec SPEC`, the spec naming
 /// the VM); each leads its process group.
 pub fn folder_helpers(vm_id: &str) -> Vec<ProcessId> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let mut args = cmdline.split(|b| *b == 0);
-            args.next()?;
-            if args.next()? != FOLDERS_HELPER_ARG.as_bytes() {
+    processes()
+        .into_iter()
+        .filter_map(|(pid, args)| {
+            if args.get(1).map(String::as_str) != Some(FOLDERS_HELPER_ARG) {
                 return None;
             }
-            let spec: serde_json::Value = serde_json::from_slice(args.next()?).ok()?;
+            let spec: serde_json::Value = serde_json::from_str(args.get(2)?).ok()?;
             (spec.get("vm")?.as_str()? == vm_id).then_some(())?;
             ProcessId::of(pid).filter(ProcessId::alive)
         })
@@ -390,27 +395,12 @@ pub const PRIVILEGED_BUT_SETUID: [&str; 19] = [
 
 /// The properties of `req`'s transient unit.
 pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
-    use UnitProperty::{Bool, ExecStart, Filter, I32, Pairs, Str, Strs, U32, U64};
+    use UnitProperty::{Bool, Filter, I32, Pairs, Str, Strs, U32, U64};
     if req.launcher == Launcher::Virtiofsd {
         return folder_unit_properties(req);
     }
-    let program = req.program.to_string_lossy().into_owned();
-    let mut argv = vec![program.clone()];
-    argv.extend(req.args.iter().cloned());
-    let log = req.log.to_string_lossy().into_owned();
-    vec![
-        Str(
-            "Description",
-            format!("banger VM {} ({})", req.vm_name, req.vm_id),
-        ),
-        Str("Slice", SLICE.to_owned()),
-        // `exec`: the start job fails when the program cannot be run.
-        Str("Type", "exec".to_owned()),
-        ExecStart(program, argv),
-        Str("StandardInput", "null".to_owned()),
-        Str("StandardOutputFileToAppend", log.clone()),
-        Str("StandardErrorFileToAppend", log),
-        Str("WorkingDirectory", "/".to_owned()),
+    let mut props = started(req, &format!("banger VM {} ({})", req.vm_name, req.vm_id));
+    props.extend([
         U64("MemoryMax", memory_max_bytes(req.memory_mib)),
         U64("CPUQuotaPerSecUSec", cpu_quota_usec(req.vcpus)),
         // A VMM that exits is done; its unit goes away with it.
@@ -519,6 +509,28 @@ pub fn unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
         Str("ProtectProc", "invisible".to_owned()),
         Str("KeyringMode", "private".to_owned()),
         U32("UMask", 0o077),
+    ]);
+    props
+}
+
+/// What every banger unit starts with: `description`, banger's slice,
+/// `req`'s program (`Type=exec`: the start job fails when it cannot be
+/// run), no input, its output appended to `req.log`, run in `/`.
+fn started(req: &StartRequest<'_>, description: &str) -> Vec<UnitProperty> {
+    use UnitProperty::{ExecStart, Str};
+    let program = req.program.to_string_lossy().into_owned();
+    let mut argv = vec![program.clone()];
+    argv.extend(req.args.iter().cloned());
+    let log = req.log.to_string_lossy().into_owned();
+    vec![
+        Str("Description", description.to_owned()),
+        Str("Slice", SLICE.to_owned()),
+        Str("Type", "exec".to_owned()),
+        ExecStart(program, argv),
+        Str("StandardInput", "null".to_owned()),
+        Str("StandardOutputFileToAppend", log.clone()),
+        Str("StandardErrorFileToAppend", log),
+        Str("WorkingDirectory", "/".to_owned()),
     ]
 }
 
@@ -552,23 +564,12 @@ const CAP_SETFCAP: u32 = 31;
 /// the owner's uid and each virtiofsd's own sandbox, plus no network, no
 /// device and no system call a file server has no use for.
 fn folder_unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
-    use UnitProperty::{Bool, ExecStart, Filter, I32, Str, Strs, U64};
-    let program = req.program.to_string_lossy().into_owned();
-    let mut argv = vec![program.clone()];
-    argv.extend(req.args.iter().cloned());
-    let log = req.log.to_string_lossy().into_owned();
-    vec![
-        Str(
-            "Description",
-            format!("banger VM {} ({}) host folders", req.vm_name, req.vm_id),
-        ),
-        Str("Slice", SLICE.to_owned()),
-        Str("Type", "exec".to_owned()),
-        ExecStart(program, argv),
-        Str("StandardInput", "null".to_owned()),
-        Str("StandardOutputFileToAppend", log.clone()),
-        Str("StandardErrorFileToAppend", log),
-        Str("WorkingDirectory", "/".to_owned()),
+    use UnitProperty::{Bool, Filter, I32, Str, Strs, U64};
+    let mut props = started(
+        req,
+        &format!("banger VM {} ({}) host folders", req.vm_name, req.vm_id),
+    );
+    props.extend([
         Str("CollectMode", "inactive-or-failed".to_owned()),
         Bool("NoNewPrivileges", true),
         Bool("PrivateNetwork", true),
@@ -604,7 +605,8 @@ fn folder_unit_properties(req: &StartRequest<'_>) -> Vec<UnitProperty> {
         Bool("RestrictRealtime", true),
         Bool("RestrictSUIDSGID", true),
         Str("KeyringMode", "private".to_owned()),
-    ]
+    ]);
+    props
 }
 
 #[cfg(test)]

@@ -218,17 +218,22 @@ pub fn virtiofsd_args(folder: &Folder) -> Vec<String> {
     ]
 }
 
+/// Whether `path` is absolute, below `/`, at most 4096 bytes, with no
+/// empty, `.` or `..` component (no `//`, no trailing `/`).
+pub fn is_plain_absolute(path: &str) -> bool {
+    path.len() > 1
+        && path.len() <= 4096
+        && path.strip_prefix('/').is_some_and(|rest| {
+            rest.split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..")
+        })
+}
+
 /// Check a host folder's path as banger takes it: absolute, plain (no
 /// `.`, `..`, `//` or trailing `/`), no comma (virtiofsd's option
 /// separator) and no control character.
 pub fn check_source(source: &str) -> std::result::Result<(), String> {
-    let plain = source.starts_with('/')
-        && source.len() <= 4096
-        && (source == "/"
-            || source[1..]
-                .split('/')
-                .all(|c| !c.is_empty() && c != "." && c != ".."));
-    if !plain {
+    if !(source == "/" || is_plain_absolute(source)) {
         return Err(format!(
             "host folder {source:?} is not an absolute path without '.' or '..'"
         ));

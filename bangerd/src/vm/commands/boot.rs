@@ -169,8 +169,13 @@ impl Vms {
     /// it has any.
     pub(super) async fn system_disk_down(&self, vm: &Vm) {
         // Its folders' virtiofsds end with the VMM's connection; not when
-        // the VMM never came, or this is a restart finding it gone.
-        self.supervisor.stop_folders(&vm.id).await;
+        // the VMM never came, or this is a restart finding it gone. A VM
+        // without folders has none: its folders change only while it is
+        // stopped, after this ran for the ones it had (and a start stops
+        // a leftover helper first).
+        if !vm.mounts.is_empty() {
+            self.supervisor.stop_folders(&vm.id).await;
+        }
         let paths = self.vm_paths(&vm.id);
         if let Err(e) = blocking(move || {
             jailer::release(&paths)

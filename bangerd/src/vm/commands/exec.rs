@@ -227,15 +227,21 @@ fn hand_over(stream: banger_agent_proto::client::ExecStream, slot: StreamSlot) -
     Ok(OwnedFd::from(theirs))
 }
 
+/// The error for an agent that does not know a request: it is older
+/// than this bangerd; `what` says what it cannot do.
+pub(super) fn agent_too_old(vm: &str, what: &str) -> Error {
+    Error::unavailable(format!(
+        "the agent in vm {vm} is too old to {what}; update banger-agent in its image (or rebuild the image)"
+    ))
+}
+
 /// The caller-facing error for a stream the agent did not open; `what`
 /// says what an old agent cannot do.
 fn stream_error(vm: &str, what: &str, e: ClientError) -> Error {
     use banger_agent_proto::ErrorKind as A;
     match e {
         ClientError::Agent { source, .. } => match source.kind {
-            A::UnknownRequest => Error::unavailable(format!(
-                "the agent in vm {vm} is too old to {what}; update banger-agent in its image (or rebuild the image)"
-            )),
+            A::UnknownRequest => agent_too_old(vm, what),
             A::NotFound => Error::not_found(format!("vm {vm}: {}", source.message)),
             A::InvalidArgument => Error::invalid(format!("vm {vm}: {}", source.message)),
             _ => Error::failed(format!("vm {vm}: {}", source.message)),

@@ -13,19 +13,19 @@ use crate::vm::agent::AgentSession;
 use crate::vm::vmm::virtiofs::{self, Folder, Launch, Share};
 use crate::vm::{Vm, VmPaths};
 
-/// Why host folders cannot work with `config`, if they cannot: they
-/// need QEMU and virtiofsd.
-pub fn check_folders_possible(config: &Config) -> Result<()> {
+/// The virtiofsd that serves host folders with `config`, or why they
+/// cannot work: they need QEMU and virtiofsd.
+pub fn check_folders_possible(config: &Config) -> Result<std::path::PathBuf> {
     if config.vm.vmm == VmmKind::Firecracker {
         return Err(Error::unavailable(
             "host folders need QEMU: Firecracker has no virtio-fs device; set vm.vmm = \"qemu\" in bangerd.toml",
         ));
     }
-    virtiofsd(config).map(|_| ())
+    virtiofsd(config)
 }
 
 /// The virtiofsd binary, or why there is none.
-pub fn virtiofsd(config: &Config) -> Result<std::path::PathBuf> {
+fn virtiofsd(config: &Config) -> Result<std::path::PathBuf> {
     crate::program::find(&config.vm.virtiofsd_bin).ok_or_else(|| {
         Error::unavailable(format!(
             "host folders need virtiofsd, and {} was not found: install qemu-system-common, or point vm.virtiofsd_bin at one",
@@ -87,10 +87,7 @@ impl Vms {
                     banger_agent_proto::client::ClientError::Agent { source, .. }
                         if source.kind == banger_agent_proto::ErrorKind::UnknownRequest =>
                     {
-                        Error::unavailable(format!(
-                            "the agent in vm {} is too old to mount host folders; update banger-agent in its image (or rebuild the image)",
-                            vm.name
-                        ))
+                        super::exec::agent_too_old(&vm.name, "mount host folders")
                     }
                     e => Error::failed(format!(
                         "cannot mount host folder {} at {} in vm {}: {e}",

@@ -24,7 +24,7 @@ mod watcher;
 
 pub use boot::kernel_cmdline;
 pub use exec::ExecRequest;
-pub use folders::{check_folders_possible, virtiofsd};
+pub use folders::check_folders_possible;
 pub use forward::MAX_FORWARDS;
 pub use snapshots::{DiskSnapshot, MAX_SNAPSHOTS};
 pub use stats::VmStats;
