@@ -95,6 +95,13 @@ pub enum Command {
     /// Update banger to the newest signed release (or check, or roll back)
     Update(UpdateArgs),
 
+    /// Open a live terminal view of your VMs, images, kernels and jobs
+    ///
+    /// A table kept current from bangerd's signals, with keys to start,
+    /// stop, restart, delete, create, follow the console, ssh, and pull or
+    /// delete images and kernels. Press `?` inside for every key.
+    Tui,
+
     /// Print an ssh_config block for `<name>.vm` hosts
     SshConfig,
 
@@ -800,6 +807,7 @@ pub enum Action {
     },
     Vm(VmCommand),
     SshConfig,
+    Tui,
     /// A planned command: fails with [`exit::NOT_IMPLEMENTED`].
     NotImplemented(&'static str),
     /// `banger update`
@@ -942,6 +950,7 @@ impl Cli {
                 rollback,
             },
             Command::SshConfig => Action::SshConfig,
+            Command::Tui => Action::Tui,
             Command::Version => Action::Version,
             Command::Completions { shell } => Action::Completions(shell),
             Command::Man { dir } => Action::Man { dir },

@@ -429,7 +429,7 @@ pub struct VmInfo {
 }
 
 impl VmInfo {
-    fn from_props(path: &str, p: &Props) -> Self {
+    pub(crate) fn from_props(path: &str, p: &Props) -> Self {
         Self {
             path: path.to_owned(),
             id: prop(p, "Id"),
@@ -477,9 +477,12 @@ pub struct Catalog {
     pub vms: Vec<VmInfo>,
 }
 
-type Props = HashMap<String, zbus::OwnedVariant>;
+/// An object's properties on one interface, as the bus gives them.
+pub type Props = HashMap<String, zbus::OwnedVariant>;
 
-fn prop<T>(props: &Props, key: &str) -> T
+/// Property `key` of `props`, or the type's default when absent or of
+/// another type.
+pub fn prop<T>(props: &Props, key: &str) -> T
 where
     T: TryFrom<zbus::OwnedVariant> + Default,
 {
@@ -500,7 +503,7 @@ fn path_prop(props: &Props, key: &str) -> String {
 }
 
 impl KernelInfo {
-    fn from_props(path: &str, p: &Props) -> Self {
+    pub(crate) fn from_props(path: &str, p: &Props) -> Self {
         Self {
             path: path.to_owned(),
             id: prop(p, "Id"),
@@ -519,7 +522,7 @@ impl KernelInfo {
 }
 
 impl ImageInfo {
-    fn from_props(path: &str, p: &Props) -> Self {
+    pub(crate) fn from_props(path: &str, p: &Props) -> Self {
         let services: Vec<(String, u16)> = p
             .get("Services")
             .and_then(|v| v.try_clone().ok())

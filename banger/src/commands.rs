@@ -65,6 +65,7 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
         Action::JobWatch(job) => job_watch(opts, job).await,
         Action::JobCancel(job) => job_cancel(opts, job).await,
         Action::Version => version(opts).await,
+        Action::Tui => crate::tui::run(opts).await,
         Action::KernelList => kernel_list(opts).await,
         Action::Available(kind) => available(opts, kind).await,
         Action::Pull { image, name, wait } => pull(opts, image, &name, wait).await,

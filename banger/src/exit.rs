@@ -165,7 +165,7 @@ impl Kind {
     }
 }
 
-const INTERACTIVE_AUTH_REQUIRED: &str = banger_dbus::error::INTERACTIVE_AUTHORIZATION_REQUIRED;
+pub const INTERACTIVE_AUTH_REQUIRED: &str = banger_dbus::error::INTERACTIVE_AUTHORIZATION_REQUIRED;
 const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
 const AUTH_FAILED: &str = "org.freedesktop.DBus.Error.AuthFailed";
 const SERVICE_UNKNOWN: &str = "org.freedesktop.DBus.Error.ServiceUnknown";

@@ -14,12 +14,14 @@ mod docs;
 mod exec;
 mod exit;
 mod forward;
+mod live;
 mod names;
 mod output;
 mod polkit_agent;
 mod progress;
 mod registry_auth;
 mod session;
+mod tui;
 mod vm;
 
 use std::ffi::OsString;

@@ -30,5 +30,6 @@ mod sandbox;
 mod scale;
 mod systemd_units;
 mod trust;
+mod tui;
 mod update;
 mod vm_lifecycle;
