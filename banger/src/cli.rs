@@ -102,6 +102,14 @@ pub enum Command {
     /// delete images and kernels. Press `?` inside for every key.
     Tui,
 
+    /// Serve a local web dashboard of your VMs, images, kernels and jobs
+    ///
+    /// The server runs in this process, as you, on loopback unless --listen
+    /// says otherwise. It prints a URL with a secret token; the browser
+    /// trades it for a session cookie. Pages update live from bangerd's
+    /// signals. Ctrl-C stops it.
+    Web(WebArgs),
+
     /// Print an ssh_config block for `<name>.vm` hosts
     SshConfig,
 
@@ -127,6 +135,20 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+/// `banger web` options.
+#[derive(Debug, Args)]
+pub struct WebArgs {
+    /// Address and port to serve on; port 0 picks a free one. Anything
+    /// but loopback lets other hosts reach the dashboard (they still need
+    /// the URL's token)
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
+
+    /// Open the dashboard in the desktop's browser (xdg-open)
+    #[arg(long)]
+    pub open: bool,
 }
 
 /// `banger daemon ...`
@@ -808,6 +830,11 @@ pub enum Action {
     Vm(VmCommand),
     SshConfig,
     Tui,
+    /// `banger web`
+    Web {
+        listen: std::net::SocketAddr,
+        open: bool,
+    },
     /// A planned command: fails with [`exit::NOT_IMPLEMENTED`].
     NotImplemented(&'static str),
     /// `banger update`
@@ -951,6 +978,7 @@ impl Cli {
             },
             Command::SshConfig => Action::SshConfig,
             Command::Tui => Action::Tui,
+            Command::Web(WebArgs { listen, open }) => Action::Web { listen, open },
             Command::Version => Action::Version,
             Command::Completions { shell } => Action::Completions(shell),
             Command::Man { dir } => Action::Man { dir },

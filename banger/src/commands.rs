@@ -66,6 +66,7 @@ pub async fn run(invocation: Invocation) -> anyhow::Result<u8> {
         Action::JobCancel(job) => job_cancel(opts, job).await,
         Action::Version => version(opts).await,
         Action::Tui => crate::tui::run(opts).await,
+        Action::Web { listen, open } => crate::web::run(opts, listen, open).await,
         Action::KernelList => kernel_list(opts).await,
         Action::Available(kind) => available(opts, kind).await,
         Action::Pull { image, name, wait } => pull(opts, image, &name, wait).await,

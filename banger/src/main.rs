@@ -23,6 +23,7 @@ mod registry_auth;
 mod session;
 mod tui;
 mod vm;
+mod web;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

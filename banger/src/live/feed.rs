@@ -138,3 +138,26 @@ async fn load(
         }
     }
 }
+
+/// `VM.Stats` of each VM in `paths`, one after another, as updates (a VM
+/// that does not answer is left out).
+pub async fn stats(client: &Client, paths: Vec<String>) -> Vec<Update> {
+    let mut updates = Vec::new();
+    for path in paths {
+        if let Ok(stats) = client.vm_stats(&path).await {
+            let number = |key: &str| {
+                stats
+                    .get(key)
+                    .and_then(|v| v.try_clone().ok())
+                    .and_then(|v| u64::try_from(v).ok())
+                    .unwrap_or(0)
+            };
+            updates.push(Update::Stats {
+                cpu_usec: number("cpu_usec"),
+                rss_bytes: number("rss_bytes"),
+                path,
+            });
+        }
+    }
+    updates
+}

@@ -421,7 +421,7 @@ impl App {
         }
         view.reading = false;
         view.offset = next;
-        view.text.push_str(&printable(data));
+        view.text.push_str(&crate::output::printable(data));
         if view.text.len() > LOG_KEEP {
             let mut cut = view.text.len() - LOG_KEEP;
             while !view.text.is_char_boundary(cut) {
@@ -782,33 +782,4 @@ impl App {
         self.mode = Mode::Pull(list);
         None
     }
-}
-
-/// Console bytes as text for the screen: escape sequences and control
-/// characters other than newlines and tabs dropped.
-pub fn printable(data: &[u8]) -> String {
-    let text = String::from_utf8_lossy(data);
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\x1b' => {
-                // CSI: ESC [ params final-byte; other escapes: one more char.
-                if chars.peek() == Some(&'[') {
-                    chars.next();
-                    for c in chars.by_ref() {
-                        if ('\x40'..='\x7e').contains(&c) {
-                            break;
-                        }
-                    }
-                } else {
-                    chars.next();
-                }
-            }
-            '\n' | '\t' => out.push(c),
-            c if c.is_control() => {}
-            c => out.push(c),
-        }
-    }
-    out
 }

@@ -215,7 +215,10 @@ pub async fn run(opts: Options) -> anyhow::Result<u8> {
                     let paths = on_screen(&app, height);
                     if !paths.is_empty() {
                         stats_busy = true;
-                        tokio::spawn(stats(client.clone(), paths, back_tx.clone()));
+                        let (client, back) = (client.clone(), back_tx.clone());
+                        tokio::spawn(async move {
+                            let _ = back.send(Back::Stats(live::feed::stats(&client, paths).await));
+                        });
                     }
                     stats_due = Instant::now() + STATS_EVERY;
                 }
@@ -245,28 +248,6 @@ fn on_screen(app: &App, height: u16) -> Vec<String> {
         .filter(|v| v.state == "running")
         .map(|v| v.path)
         .collect()
-}
-
-/// `VM.Stats` of each VM in `paths`, one after another.
-async fn stats(client: Client, paths: Vec<String>, back: mpsc::UnboundedSender<Back>) {
-    let mut updates = Vec::new();
-    for path in paths {
-        if let Ok(stats) = client.vm_stats(&path).await {
-            let number = |key: &str| {
-                stats
-                    .get(key)
-                    .and_then(|v| v.try_clone().ok())
-                    .and_then(|v| u64::try_from(v).ok())
-                    .unwrap_or(0)
-            };
-            updates.push(Update::Stats {
-                cpu_usec: number("cpu_usec"),
-                rss_bytes: number("rss_bytes"),
-                path,
-            });
-        }
-    }
-    let _ = back.send(Back::Stats(updates));
 }
 
 /// Perform `effect` in the background without prompting; the answer comes

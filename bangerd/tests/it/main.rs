@@ -33,3 +33,4 @@ mod trust;
 mod tui;
 mod update;
 mod vm_lifecycle;
+mod web;
