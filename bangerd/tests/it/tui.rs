@@ -11,7 +11,7 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use banger_testbed::bin_path;
+use banger_testbed::{TestUser, bin_path};
 
 use crate::vm_lifecycle::setup_with;
 
@@ -21,9 +21,9 @@ struct Tmux {
 }
 
 impl Tmux {
-    fn start(command: &str, width: u16, height: u16) -> Tmux {
+    fn start(name: &str, command: &str, width: u16, height: u16) -> Tmux {
         let tmux = Tmux {
-            socket: format!("banger-tui-{}", std::process::id()),
+            socket: format!("banger-{name}-{}", std::process::id()),
         };
         let out = tmux.run(&[
             "new-session",
@@ -52,6 +52,13 @@ impl Tmux {
     /// The screen, as text.
     fn screen(&self) -> String {
         let out = self.run(&["capture-pane", "-p", "-t", "tui"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The normal screen while the alternate one is shown: what was
+    /// printed while the TUI had left it.
+    fn normal_screen(&self) -> String {
+        let out = self.run(&["capture-pane", "-p", "-a", "-t", "tui"]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -120,7 +127,7 @@ fn the_tui_drives_vms_in_a_real_terminal() {
         env.home.path().display(),
         bin_path("banger").display(),
     );
-    let tmux = Tmux::start(&command, 110, 32);
+    let tmux = Tmux::start("tui", &command, 110, 32);
     let long = Duration::from_secs(20);
     tmux.wait_for("the VM table", long, |s| {
         s.contains("● bangerd") && s.contains("no VMs: press c to create one")
@@ -253,4 +260,43 @@ fn the_tui_drives_vms_in_a_real_terminal() {
     tmux.keys(&["q"]);
     tmux.wait_for("the exit", long, |s| s.contains("tui exited 0"));
     env.ok(&["vm", "delete", "outside"]);
+}
+
+/// A call polkit wants a password for: the TUI leaves the screen, starts
+/// pkttyagent on the terminal and makes the call again, allowing the
+/// prompt, then comes back with the answer. Nobody can answer here (no
+/// login session), so the create is refused, and nothing is made.
+#[test]
+fn a_call_that_needs_a_password_leaves_the_screen_for_the_prompt() {
+    let env = setup_with("");
+    let user = TestUser::create().unwrap();
+    let command = format!(
+        "ip netns exec {} runuser -u {} -- env DBUS_SYSTEM_BUS_ADDRESS={} HOME={} \
+         TERM=xterm-256color {} tui; echo \"tui exited $?\"; sleep 600",
+        env.ns.name(),
+        user.name(),
+        env.bed.bus_address(),
+        user.home().display(),
+        bin_path("banger").display(),
+    );
+    let tmux = Tmux::start("tui-prompt", &command, 100, 30);
+    let long = Duration::from_secs(20);
+    tmux.wait_for("the VM table", long, |s| {
+        s.contains("● bangerd") && s.contains("no VMs: press c to create one")
+    });
+    tmux.keys(&["c"]);
+    tmux.wait_for("the create form", long, |s| s.contains("create a VM"));
+    tmux.type_text("denied");
+    tmux.keys(&["Enter"]);
+    let screen = tmux.wait_for("the refusal", Duration::from_secs(60), |s| {
+        s.contains("cannot create vm denied:") && s.contains("● bangerd")
+    });
+    let normal = tmux.normal_screen();
+    assert!(
+        normal.contains("polkit asks who you are to create vm denied:"),
+        "the prompt's screen:\n{normal}\nthe TUI:\n{screen}"
+    );
+    assert!(env.vms().iter().all(|v| v["name"] != "denied"));
+    tmux.keys(&["q"]);
+    tmux.wait_for("the exit", long, |s| s.contains("tui exited 0"));
 }
