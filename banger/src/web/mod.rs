@@ -72,8 +72,40 @@ fn random_hex() -> Result<String, Failure> {
 #[derive(Debug)]
 pub struct Gate {
     pub secrets: Secrets,
-    /// The `Host` values a request may carry (`127.0.0.1:8080`, ...).
-    pub hosts: Vec<String>,
+    /// Where the server listens.
+    pub addr: SocketAddr,
+    /// This host's name, which a browser elsewhere may use.
+    pub hostname: String,
+}
+
+impl Gate {
+    /// Whether a request's `Host` header names this server. Names other
+    /// than `localhost` and this host's are refused, so a page whose own
+    /// name was made to resolve here (DNS rebinding) gets nothing; an
+    /// address literal cannot be rebound. On loopback only the address
+    /// listened on and `localhost` are this server.
+    pub fn allows_host(&self, host: &str) -> bool {
+        let Some((name, port)) = host.rsplit_once(':') else {
+            return false;
+        };
+        if port.parse::<u16>().ok() != Some(self.addr.port()) {
+            return false;
+        }
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        if name.eq_ignore_ascii_case("localhost") {
+            return true;
+        }
+        match name.parse::<std::net::IpAddr>() {
+            Ok(ip) if self.addr.ip().is_loopback() => ip == self.addr.ip(),
+            Ok(_) => true,
+            Err(_) => {
+                !self.addr.ip().is_loopback()
+                    && !self.hostname.is_empty()
+                    && (name.eq_ignore_ascii_case(&self.hostname)
+                        || name.eq_ignore_ascii_case(&format!("{}.local", self.hostname)))
+            }
+        }
+    }
 }
 
 /// What every request handler shares.
@@ -101,16 +133,6 @@ impl Shared {
         }
         self.changed.send_modify(|n| *n += 1);
     }
-}
-
-/// The `Host` header values that name `addr`.
-fn hosts_for(addr: SocketAddr) -> Vec<String> {
-    let port = addr.port();
-    let mut hosts = vec![addr.to_string()];
-    if addr.ip().is_loopback() {
-        hosts.push(format!("localhost:{port}"));
-    }
-    hosts
 }
 
 /// `banger web`.
@@ -141,7 +163,10 @@ pub async fn run(opts: Options, listen: SocketAddr, open: bool) -> anyhow::Resul
         me: nix::unistd::getuid().as_raw(),
         gate: Arc::new(Gate {
             secrets,
-            hosts: hosts_for(addr),
+            addr,
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         }),
     });
     // The model, fed in batches.

@@ -99,7 +99,7 @@ pub async fn guard(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> R
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .filter(|h| gate.hosts.iter().any(|known| known == h))
+        .filter(|h| gate.allows_host(h))
         .map(str::to_owned)
     else {
         return refuse(StatusCode::FORBIDDEN, "unexpected Host header");

@@ -15,19 +15,60 @@ use zbus::{ObjectPath, OwnedVariant, Variant};
 
 use super::routes::{CSRF_HEADER, CreateForm, guard};
 use super::snapshot::snapshot;
-use super::{Gate, Secrets, hosts_for};
+use super::{Gate, Secrets};
 use crate::client::Props;
 use crate::live::{Interfaces, Model, Update};
 
-fn gate() -> Arc<Gate> {
-    Arc::new(Gate {
+fn gate_on(addr: &str) -> Gate {
+    Gate {
         secrets: Secrets {
             token: "t0ken".into(),
             session: "s3ssion".into(),
             csrf: "csrf".into(),
         },
-        hosts: hosts_for("127.0.0.1:8123".parse().expect("addr")),
-    })
+        addr: addr.parse().expect("addr"),
+        hostname: "devbox".into(),
+    }
+}
+
+fn gate() -> Arc<Gate> {
+    Arc::new(gate_on("127.0.0.1:8123"))
+}
+
+#[test]
+fn which_host_names_are_this_server() {
+    let local = gate_on("127.0.0.1:8123");
+    for ok in ["127.0.0.1:8123", "localhost:8123", "LOCALHOST:8123"] {
+        assert!(local.allows_host(ok), "{ok}");
+    }
+    for bad in [
+        "127.0.0.1:8124",
+        "127.0.0.2:8123",
+        "evil.example:8123",
+        "devbox:8123",
+        "127.0.0.1",
+        "",
+    ] {
+        assert!(!local.allows_host(bad), "{bad}");
+    }
+    // Listening everywhere: any address literal, this host's name.
+    let everywhere = gate_on("0.0.0.0:8123");
+    for ok in [
+        "192.168.1.5:8123",
+        "[fe80::1]:8123",
+        "devbox:8123",
+        "devbox.local:8123",
+        "localhost:8123",
+    ] {
+        assert!(everywhere.allows_host(ok), "{ok}");
+    }
+    for bad in [
+        "evil.example:8123",
+        "192.168.1.5:80",
+        "devbox.evil.example:8123",
+    ] {
+        assert!(!everywhere.allows_host(bad), "{bad}");
+    }
 }
 
 fn app() -> Router {
