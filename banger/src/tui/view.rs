@@ -278,7 +278,12 @@ fn draw_vms(frame: &mut Frame, app: &App, area: Rect) {
                 Cell::from(human_bytes(vm.disk_bytes)),
                 Cell::from(if vm.nat { "on" } else { "-" }),
                 Cell::from(app.model.image_name(&vm.image)),
-                Cell::from(owner_name(vm.owner_uid)),
+                // A passwd lookup per row and frame only when shown.
+                Cell::from(if owners {
+                    owner_name(vm.owner_uid)
+                } else {
+                    String::new()
+                }),
             ]
         })
         .collect();

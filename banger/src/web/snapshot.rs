@@ -18,9 +18,9 @@ pub fn visible(vm: &VmInfo, me: u32) -> bool {
 pub fn snapshot(model: &Model, me: u32, now: Instant) -> Value {
     let images = model.images();
     let kernels = model.kernels();
-    let vms: Vec<Value> = model
-        .vms()
-        .into_iter()
+    let all = model.vms();
+    let vms: Vec<Value> = all
+        .iter()
         .filter(|v| visible(v, me))
         .map(|v| {
             let stats = model.stats(&v.path).filter(|_| v.state == "running");
@@ -50,13 +50,11 @@ pub fn snapshot(model: &Model, me: u32, now: Instant) -> Value {
         .into_iter()
         .filter(|j| me == 0 || j.owner_uid == me)
         .map(|j| {
-            let result_vm = j.outcome.as_ref().and_then(|o| {
-                model
-                    .vms()
-                    .into_iter()
-                    .find(|v| v.path == o.result)
-                    .map(|v| v.id)
-            });
+            let result_vm = j
+                .outcome
+                .as_ref()
+                .and_then(|o| all.iter().find(|v| v.path == o.result))
+                .map(|v| &v.id);
             json!({
                 "id": j.label,
                 "kind": j.kind,

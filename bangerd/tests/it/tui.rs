@@ -11,7 +11,7 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use banger_testbed::{TestUser, bin_path};
+use banger_testbed::{TestUser, bin_path, eventually};
 
 use crate::vm_lifecycle::setup_with;
 
@@ -80,18 +80,15 @@ impl Tmux {
 
     /// Wait until `test` holds for the screen; the screen then.
     fn wait_for(&self, what: &str, timeout: Duration, test: impl Fn(&str) -> bool) -> String {
-        let start = Instant::now();
-        loop {
-            let screen = self.screen();
-            if test(&screen) {
-                return screen;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "timed out after {timeout:?} waiting for {what}; the screen:\n{screen}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(timeout, || {
+            Some(self.screen()).filter(|screen| test(screen))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; the screen:\n{}",
+                self.screen()
+            )
+        })
     }
 }
 

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use banger_testbed::{bin_path, free_loopback_port};
+use banger_testbed::{bin_path, eventually, free_loopback_port};
 use base64::Engine;
 use serde_json::{Value, json};
 
@@ -208,18 +208,12 @@ impl Browser {
 
     /// Wait until the page's text passes `test`; the text then.
     fn wait_for(&self, what: &str, timeout: Duration, test: impl Fn(&str) -> bool) -> String {
-        let start = Instant::now();
-        loop {
-            let text = self.text();
-            if test(&text) {
-                return text;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "timed out after {timeout:?} waiting for {what}; the page:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(timeout, || Some(self.text()).filter(|text| test(text))).unwrap_or_else(|| {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; the page:\n{}",
+                self.text()
+            )
+        })
     }
 
     fn screenshot(&self, name: &str) {
