@@ -337,6 +337,9 @@ pub enum VmCommand {
     Stop(VmRefs),
     /// Restart VMs
     Restart(VmRefs),
+    /// Save running VMs' memory to disk and stop them; `vm start` resumes
+    /// each where it was (`vm stop` drops the saved memory instead)
+    Suspend(VmRefs),
     /// Send a signal to the VMs' VMM
     Kill {
         #[command(flatten)]

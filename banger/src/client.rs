@@ -61,6 +61,8 @@ pub enum VmJob {
     Stop,
     /// `VM.Restart`.
     Restart,
+    /// `VM.Suspend`.
+    Suspend,
     /// `VM.Delete`.
     Delete,
 }
@@ -426,6 +428,8 @@ pub struct VmInfo {
     pub forwards: Vec<(String, u16, u16)>,
     /// Host folders: host folder, guest folder, read-only.
     pub mounts: Vec<(String, String, bool)>,
+    /// Stopped with its memory saved; the next start resumes it.
+    pub suspended: bool,
 }
 
 impl VmInfo {
@@ -450,6 +454,7 @@ impl VmInfo {
             disk_method: prop(p, "DiskMethod"),
             created_at_usec: prop(p, "CreatedAt"),
             last_error: prop(p, "LastError"),
+            suspended: prop(p, "Suspended"),
             snapshots: p
                 .get("Snapshots")
                 .and_then(|v| v.try_clone().ok())
@@ -592,6 +597,7 @@ impl Client {
             VmJob::Start => authorized!(interaction, loud, quiet, start()),
             VmJob::Stop => authorized!(interaction, loud, quiet, stop()),
             VmJob::Restart => authorized!(interaction, loud, quiet, restart()),
+            VmJob::Suspend => authorized!(interaction, loud, quiet, suspend()),
             VmJob::Delete => authorized!(interaction, loud, quiet, delete()),
         }
     }

@@ -4,7 +4,7 @@
 //! JSON shapes (one value on stdout):
 //! - vm: `{"id", "name", "state", "owner_uid", "ipv4", "mac", "vcpus",
 //!   "memory_mib", "disk_bytes", "nat", "image", "kernel", "unit",
-//!   "disk_method", "created_at_usec", "last_error", "path"}`; `vm list`
+//!   "disk_method", "created_at_usec", "last_error", "suspended", "path"}`; `vm list`
 //!   prints an array of them.
 //! - `vm create`/`start`/`stop`/`restart`/`delete` with one VM: the job
 //!   report; with several: `[{"ref", "ok", "job", "error"}]`.
@@ -221,7 +221,7 @@ fn vm_json(vm: &VmInfo) -> serde_json::Value {
         "disk_bytes": vm.disk_bytes, "nat": vm.nat, "peers": vm.peers, "autostart": vm.autostart,
         "image": vm.image, "kernel": vm.kernel,
         "unit": vm.unit, "disk_method": vm.disk_method, "created_at_usec": vm.created_at_usec,
-        "last_error": vm.last_error, "path": vm.path,
+        "last_error": vm.last_error, "suspended": vm.suspended, "path": vm.path,
         "snapshots": vm.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
         "forwards": vm.forwards.iter().map(|(address, host, guest)| serde_json::json!({
             "address": address, "host_port": host, "guest_port": guest,
@@ -251,7 +251,7 @@ fn vms_table(vms: &[VmInfo], image_name: impl Fn(&str) -> String) -> String {
     for v in vms {
         rows.push(vec![
             v.name.clone(),
-            v.state.clone(),
+            shown_state(v).to_owned(),
             if v.ipv4.is_empty() {
                 "-".into()
             } else {
@@ -288,11 +288,21 @@ fn vms_table(vms: &[VmInfo], image_name: impl Fn(&str) -> String) -> String {
     out
 }
 
+/// A VM's state as people read it: a stopped VM with its memory saved
+/// is `suspended`.
+pub fn shown_state(v: &VmInfo) -> &str {
+    if v.suspended && v.state == "stopped" {
+        "suspended"
+    } else {
+        &v.state
+    }
+}
+
 fn vm_human(v: &VmInfo, image: &str, kernel: &str) -> String {
     let mut lines = vec![
         format!("name:        {}", v.name),
         format!("id:          {}", v.id),
-        format!("state:       {}", v.state),
+        format!("state:       {}", shown_state(v)),
         format!(
             "ipv4:        {}",
             if v.ipv4.is_empty() { "-" } else { &v.ipv4 }
@@ -366,6 +376,7 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
         VmCommand::Start(refs) => each_job(opts, VmJob::Start, "start", refs.vms).await,
         VmCommand::Stop(refs) => each_job(opts, VmJob::Stop, "stop", refs.vms).await,
         VmCommand::Restart(refs) => each_job(opts, VmJob::Restart, "restart", refs.vms).await,
+        VmCommand::Suspend(refs) => each_job(opts, VmJob::Suspend, "suspend", refs.vms).await,
         VmCommand::Delete(refs) => each_job(opts, VmJob::Delete, "delete", refs.vms).await,
         VmCommand::Kill { refs, signal } => kill(opts, refs.vms, &signal).await,
         VmCommand::Set {
@@ -1032,10 +1043,12 @@ type BatchResult = (
 /// The state a VM in `state` is in already when asked to `job`: a stop
 /// of a stopped VM, or a start of a running one, is done without a job
 /// (as `systemctl stop` of a stopped unit is), in one command or many.
-fn done_already(job: VmJob, state: &str) -> Option<&'static str> {
-    match (job, state) {
-        (VmJob::Stop, "stopped") => Some("stopped"),
-        (VmJob::Start, "running") => Some("running"),
+fn done_already(job: VmJob, vm: &VmInfo) -> Option<&'static str> {
+    match (job, vm.state.as_str(), vm.suspended) {
+        // A stop of a suspended VM drops its saved memory.
+        (VmJob::Stop, "stopped", false) => Some("stopped"),
+        (VmJob::Suspend, "stopped", true) => Some("suspended"),
+        (VmJob::Start, "running", _) => Some("running"),
         _ => None,
     }
 }
@@ -1052,7 +1065,7 @@ async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> a
     if let [r] = refs.as_slice() {
         let resolved = artifacts::resolve(&catalog.vms, r, "vm");
         if let Ok(vm) = &resolved
-            && let Some(already) = done_already(job, &vm.state)
+            && let Some(already) = done_already(job, vm)
         {
             let _ = auth.finish(Ok::<_, Failure>(())).await;
             if opts.json {
@@ -1084,7 +1097,7 @@ async fn each_job(opts: Options, job: VmJob, verb: &str, refs: Vec<String>) -> a
                 Err(f) => return (i, r, None, Err(f.to_string())),
             };
             let started_job = match artifacts::resolve(&catalog.vms, &r, "vm") {
-                Ok(vm) => match done_already(job, &vm.state) {
+                Ok(vm) => match done_already(job, vm) {
                     Some(already) => return (i, r, None, Ok(Some(already))),
                     None => client.vm_job(&vm.path, job, interaction).await,
                 },
@@ -1386,19 +1399,36 @@ pub fn print_ssh_config() -> anyhow::Result<u8> {
 mod tests {
     use super::*;
 
+    fn vm_in(state: &str, suspended: bool) -> VmInfo {
+        VmInfo {
+            state: state.into(),
+            suspended,
+            ..test_vm()
+        }
+    }
+
     #[test]
     fn only_a_stop_of_a_stopped_vm_or_a_start_of_a_running_one_is_done_already() {
-        assert_eq!(done_already(VmJob::Stop, "stopped"), Some("stopped"));
-        assert_eq!(done_already(VmJob::Start, "running"), Some("running"));
+        let done = |job, state| done_already(job, &vm_in(state, false));
+        assert_eq!(done(VmJob::Stop, "stopped"), Some("stopped"));
+        assert_eq!(done(VmJob::Start, "running"), Some("running"));
         // In between, the daemon decides (and says what to wait for).
         for state in ["starting", "stopping", "creating", "deleting", "running"] {
-            assert_eq!(done_already(VmJob::Stop, state), None, "{state}");
+            assert_eq!(done(VmJob::Stop, state), None, "{state}");
+            assert_eq!(done(VmJob::Suspend, state), None, "{state}");
         }
         for state in ["starting", "stopping", "stopped"] {
-            assert_eq!(done_already(VmJob::Start, state), None, "{state}");
+            assert_eq!(done(VmJob::Start, state), None, "{state}");
         }
-        assert_eq!(done_already(VmJob::Restart, "stopped"), None);
-        assert_eq!(done_already(VmJob::Delete, "stopped"), None);
+        assert_eq!(done(VmJob::Restart, "stopped"), None);
+        assert_eq!(done(VmJob::Delete, "stopped"), None);
+        // A stopped VM is suspended only when its memory is saved; a
+        // stop of a suspended one drops that memory, so it is asked.
+        assert_eq!(done(VmJob::Suspend, "stopped"), None);
+        let suspended = vm_in("stopped", true);
+        assert_eq!(done_already(VmJob::Suspend, &suspended), Some("suspended"));
+        assert_eq!(done_already(VmJob::Stop, &suspended), None);
+        assert_eq!(done_already(VmJob::Start, &suspended), None);
     }
 
     #[test]
@@ -1433,9 +1463,8 @@ mod tests {
         assert!(signal_number("NOPE").is_err());
     }
 
-    #[test]
-    fn ssh_arguments_pin_the_host_key_to_the_vm() {
-        let vm = VmInfo {
+    fn test_vm() -> VmInfo {
+        VmInfo {
             path: "/p".into(),
             id: "abcdef0123456789".into(),
             name: "web".into(),
@@ -1458,7 +1487,13 @@ mod tests {
             snapshots: Vec::new(),
             forwards: Vec::new(),
             mounts: Vec::new(),
-        };
+            suspended: false,
+        }
+    }
+
+    #[test]
+    fn ssh_arguments_pin_the_host_key_to_the_vm() {
+        let vm = test_vm();
         let a = ssh_args(
             &vm,
             std::path::Path::new("/k/id"),

@@ -350,6 +350,11 @@ macro_rules! vm_proxy {
             $(#[$auth])?
             fn stop(&self) -> Result<OwnedObjectPath, Error>;
 
+            /// Save its memory and end its VMM; the next start resumes it.
+            /// Returns the job.
+            $(#[$auth])?
+            fn suspend(&self) -> Result<OwnedObjectPath, Error>;
+
             /// Stop (if running) and start; returns the job.
             $(#[$auth])?
             fn restart(&self) -> Result<OwnedObjectPath, Error>;

@@ -114,6 +114,7 @@ pub fn verb(job: VmJob) -> &'static str {
         VmJob::Start => "start",
         VmJob::Stop => "stop",
         VmJob::Restart => "restart",
+        VmJob::Suspend => "suspend",
         VmJob::Delete => "delete",
     }
 }

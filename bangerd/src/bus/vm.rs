@@ -67,6 +67,7 @@ impl VmObject {
         self.snapshots_changed(emitter).await?;
         self.forwards_changed(emitter).await?;
         self.mounts_changed(emitter).await?;
+        self.suspended_changed(emitter).await?;
         Ok(())
     }
 }
@@ -232,6 +233,13 @@ impl VmObject {
             .collect()
     }
 
+    /// Whether it is stopped with its memory saved (Suspend): its next
+    /// Start resumes the guest where it was instead of booting it.
+    #[zbus(property)]
+    fn suspended(&self) -> bool {
+        self.view().vm.suspended
+    }
+
     /// Boot a stopped VM: network, VMM, agent, services. Returns the job.
     #[zbus(out_args("job"))]
     async fn start(
@@ -261,6 +269,24 @@ impl VmObject {
             conn,
             &self.core,
             self.core.vms().stop_vm(&caller, &self.id).await,
+        )
+        .await
+    }
+
+    /// Save a running VM's memory and device state to its directory and
+    /// end its VMM; the next Start resumes it where it was (a Stop
+    /// instead drops the saved memory). Returns the job.
+    #[zbus(out_args("job"))]
+    async fn suspend(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        job::answer(
+            conn,
+            &self.core,
+            self.core.vms().suspend_vm(&caller, &self.id).await,
         )
         .await
     }

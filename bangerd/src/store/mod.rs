@@ -105,6 +105,9 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN forwards TEXT NOT NULL DEFAULT '[]';",
     // 10: the host folders a VM shares (JSON list).
     "ALTER TABLE vms ADD COLUMN mounts TEXT NOT NULL DEFAULT '[]';",
+    // 11: whether a stopped VM's memory waits in its directory
+    // (`vm suspend`), to be resumed at its next start.
+    "ALTER TABLE vms ADD COLUMN suspended INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this build writes.

@@ -39,6 +39,16 @@ pub trait AgentSession: Send {
         read_only: bool,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<(), ClientError>>;
+    /// Set the guest's wall clock to the host's (after a resume, when
+    /// it has stood still for as long as the guest was saved).
+    fn sync_time(&mut self, timeout: Duration) -> BoxFuture<'_, Result<(), ClientError>> {
+        let _ = timeout;
+        Box::pin(async {
+            Err(ClientError::Protocol(
+                "this agent session cannot set the clock".to_owned(),
+            ))
+        })
+    }
     /// Run a command in the guest; `timeout` bounds the wait for it to
     /// start.
     fn exec(
@@ -143,6 +153,10 @@ impl AgentSession for AgentConn {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<ExecStream, ClientError>> {
         Box::pin(AgentConn::exec(self, spec, timeout))
+    }
+
+    fn sync_time(&mut self, timeout: Duration) -> BoxFuture<'_, Result<(), ClientError>> {
+        Box::pin(async move { AgentConn::sync_time(self, timeout).await.map(|_| ()) })
     }
 
     fn connect_port(

@@ -191,6 +191,9 @@ pub struct Vm {
     pub forwards: Vec<PortForward>,
     /// The host folders it shares, served as its owner (QEMU only).
     pub mounts: Vec<Mount>,
+    /// Whether it is stopped with its memory saved (`vm suspend`): its
+    /// next start resumes the guest rather than booting it.
+    pub suspended: bool,
 }
 
 /// A host folder a VM shares (`--mount HOST_DIR:GUEST_DIR[:ro]`).

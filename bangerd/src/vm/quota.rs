@@ -302,6 +302,7 @@ mod tests {
             last_error: String::new(),
             forwards: Vec::new(),
             mounts: Vec::new(),
+            suspended: false,
         }
     }
 

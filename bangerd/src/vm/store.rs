@@ -37,6 +37,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         last_error: r.get("last_error")?,
         forwards: serde_json::from_str(&r.get::<_, String>("forwards")?).unwrap_or_default(),
         mounts: serde_json::from_str(&r.get::<_, String>("mounts")?).unwrap_or_default(),
+        suspended: r.get::<_, i64>("suspended")? == 1,
     })
 }
 
@@ -55,9 +56,9 @@ impl Store {
         conn.execute(
             "INSERT INTO vms (id, name, owner_uid, image_id, kernel_id, vcpus, memory_mib,
                 disk_bytes, nat, state, vmm, pid, pid_start, tap, ssh_keys, disk_method,
-                created_at, last_error, peers, autostart, forwards, mounts)
+                created_at, last_error, peers, autostart, forwards, mounts, suspended)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                ?19, ?20, ?21, ?22)",
+                ?19, ?20, ?21, ?22, ?23)",
             params![
                 vm.id,
                 vm.name,
@@ -81,6 +82,7 @@ impl Store {
                 i64::from(vm.autostart),
                 forwards_json(&vm.forwards),
                 mounts_json(&vm.mounts),
+                i64::from(vm.suspended),
             ],
         )?;
         self.count_running(None, Some(vm.state));
@@ -124,7 +126,7 @@ impl Store {
             "UPDATE vms SET vcpus = ?2, memory_mib = ?3, disk_bytes = ?4, nat = ?5, state = ?6,
                 vmm = ?7, pid = ?8, pid_start = ?9, tap = ?10, disk_method = ?11,
                 last_error = ?12, name = ?13, peers = ?14, autostart = ?15, forwards = ?16,
-                mounts = ?17
+                mounts = ?17, suspended = ?18
              WHERE id = ?1",
             params![
                 vm.id,
@@ -144,6 +146,7 @@ impl Store {
                 i64::from(vm.autostart),
                 forwards_json(&vm.forwards),
                 mounts_json(&vm.mounts),
+                i64::from(vm.suspended),
             ],
         )? == 1;
         if updated {
@@ -293,6 +296,7 @@ mod tests {
             last_error: String::new(),
             forwards: Vec::new(),
             mounts: Vec::new(),
+            suspended: false,
         }
     }
 

@@ -28,6 +28,7 @@ mod package_update;
 mod pull;
 mod sandbox;
 mod scale;
+mod suspend;
 mod systemd_units;
 mod trust;
 mod tui;

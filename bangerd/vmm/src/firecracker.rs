@@ -479,6 +479,10 @@ impl Vmm for Firecracker {
         true
     }
 
+    fn program(&self) -> &std::path::Path {
+        &self.binary
+    }
+
     fn confined(&self) -> bool {
         self.jailer.is_some()
     }

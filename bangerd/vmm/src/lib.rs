@@ -18,6 +18,7 @@ pub mod supervise;
 pub mod virtiofs;
 
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
@@ -198,6 +199,17 @@ pub struct LaunchSpec {
     /// Host folders, each served by a virtiofsd already listening
     /// ([`virtiofs::start`]); only QEMU takes them.
     pub shares: Vec<virtiofs::Share>,
+    /// The guest comes from a memory snapshot ([`Vmm::restore`]) rather
+    /// than a boot: the VMM starts with the same devices and waits for it.
+    pub incoming: bool,
+}
+
+/// What [`Vmm::save`] wrote a guest under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Saved {
+    /// The accelerator the guest ran under: a snapshot loads only under
+    /// the same one.
+    pub accel: Accel,
 }
 
 /// Who a VMM runs as, when it is jailed.
@@ -234,6 +246,45 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// Ctrl-Alt-Del); used when the agent does not answer.
     fn request_shutdown<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>>;
 
+    /// Whether it can write a running guest's memory and device state to
+    /// a file ([`Vmm::save`]) and start a guest from one
+    /// ([`Vmm::restore`]).
+    fn snapshots(&self) -> bool {
+        false
+    }
+
+    /// Pause the guest and write its memory and device state to `to`
+    /// (opened by bangerd, passed as a descriptor); the VMM stays
+    /// paused, its disks flushed. [`Vmm::resume`] lets it run again,
+    /// [`Vmm::quit`] ends it.
+    fn save<'a>(&'a self, paths: &'a VmPaths, to: OwnedFd) -> BoxFuture<'a, Result<Saved>> {
+        let _ = (paths, to);
+        Box::pin(async move { Err(no_snapshots(self.name())) })
+    }
+
+    /// Load the guest a VMM launched with [`LaunchSpec::incoming`] waits
+    /// for from `from` (what [`Vmm::save`] wrote, with the same devices)
+    /// and let it run.
+    fn restore<'a>(&'a self, paths: &'a VmPaths, from: OwnedFd) -> BoxFuture<'a, Result<()>> {
+        let _ = (paths, from);
+        Box::pin(async move { Err(no_snapshots(self.name())) })
+    }
+
+    /// Let a paused guest run again.
+    fn resume<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>> {
+        let _ = paths;
+        Box::pin(async move { Err(no_snapshots(self.name())) })
+    }
+
+    /// Ask the VMM to exit at once (after a [`Vmm::save`]).
+    fn quit<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>> {
+        let _ = paths;
+        Box::pin(async move { Err(no_snapshots(self.name())) })
+    }
+
+    /// The VMM's program.
+    fn program(&self) -> &Path;
+
     /// Whether it boots an uncompressed ELF `vmlinux` (Firecracker) rather
     /// than a bzImage.
     fn wants_elf_kernel(&self) -> bool {
@@ -246,6 +297,13 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn confined(&self) -> bool {
         false
     }
+}
+
+/// The error of a VMM without memory snapshots.
+fn no_snapshots(vmm: &str) -> banger_error::Error {
+    banger_error::Error::unavailable(format!(
+        "{vmm} cannot save or load a running guest in banger yet; set vm.vmm = \"qemu\" in bangerd.toml to suspend VMs"
+    ))
 }
 
 /// Where VM directories live.
@@ -277,6 +335,11 @@ pub struct VmPaths {
     pub agent_socket: PathBuf,
     /// The VMM's control socket (QMP or the Firecracker API).
     pub control_socket: PathBuf,
+    /// A suspended guest's memory and device state ([`Vmm::save`]).
+    pub suspend_state: PathBuf,
+    /// What [`VmPaths::suspend_state`] was saved under: it loads only
+    /// into the same VMM, accelerator, machine and kernel.
+    pub suspend_key: PathBuf,
 }
 
 impl VmPaths {
@@ -293,6 +356,8 @@ impl VmPaths {
             vmm_log: dir.join("vmm.log"),
             agent_socket: run.join("agent.sock"),
             control_socket: run.join("control.sock"),
+            suspend_state: dir.join("suspend.state"),
+            suspend_key: dir.join("suspend.key"),
             dir,
             run,
         }

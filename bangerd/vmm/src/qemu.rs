@@ -2,6 +2,7 @@
 //! on a virtio-serial port, QMP on a unix socket for status and powerdown.
 //! Used where Firecracker is absent or KVM is unusable (`accel = "tcg"`).
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::{Accel, LaunchSpec, Vmm, exited_at_start, kill_failed, start_process};
+use super::{Accel, LaunchSpec, Saved, Vmm, exited_at_start, kill_failed, start_process};
 use crate::BoxFuture;
 use crate::VmPaths;
 use crate::jail::{Access, Jail, Pass, Source, VMM_GROUP};
@@ -230,6 +231,11 @@ impl Qemu {
             "-mon".to_owned(),
             "chardev=qmp,mode=control".to_owned(),
         ]);
+        // The guest's state arrives over QMP ([`Qemu::restore`]), from a
+        // descriptor bangerd passes: QEMU opens nothing for it.
+        if spec.incoming {
+            a.extend(["-incoming".to_owned(), "defer".to_owned()]);
+        }
         (passes, a)
     }
 }
@@ -279,18 +285,70 @@ impl Qmp {
             .map_err(|e| Error::failed(format!("qmp: bad reply {line:?}: {e}")))
     }
 
-    /// Run `command`, skipping asynchronous events, and return its result.
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+    fn message(command: &str, arguments: Option<Value>) -> String {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
         }
         let mut text = msg.to_string();
         text.push('\n');
+        text
+    }
+
+    /// Run `command`, skipping asynchronous events, and return its result.
+    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let text = Self::message(command, arguments);
         self.writer
             .write_all(text.as_bytes())
             .await
             .map_err(|e| Error::failed(format!("qmp write: {e}")))?;
+        self.answer(command).await
+    }
+
+    /// Run `command` with `fd` passed beside it (`SCM_RIGHTS`), as
+    /// `getfd` wants: QEMU takes the descriptor with the message.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+        let text = Self::message(command, arguments);
+        let stream: &UnixStream = self.writer.as_ref();
+        let sent = loop {
+            stream
+                .writable()
+                .await
+                .map_err(|e| Error::failed(format!("qmp write: {e}")))?;
+            let tried = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let fds = [fd.as_raw_fd()];
+                sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(text.as_bytes())],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match tried {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Error::failed(format!("qmp write: {e}"))),
+            }
+        };
+        // The descriptor went with the first byte; the rest follows plain.
+        self.writer
+            .write_all(&text.as_bytes()[sent..])
+            .await
+            .map_err(|e| Error::failed(format!("qmp write: {e}")))?;
+        self.answer(command).await
+    }
+
+    async fn answer(&mut self, command: &str) -> Result<Value> {
         loop {
             let reply = self.read().await?;
             if reply.get("event").is_some() {
@@ -301,6 +359,34 @@ impl Qmp {
             }
             if let Some(e) = reply.get("error") {
                 return Err(Error::failed(format!("qmp {command}: {e}")));
+            }
+        }
+    }
+
+    /// Wait for the outgoing migration to end, within `timeout`.
+    async fn migrated(&mut self, timeout: Duration) -> Result<()> {
+        let until = Instant::now() + timeout;
+        loop {
+            let r = self.execute("query-migrate", None).await?;
+            match r.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some(status @ ("failed" | "cancelled")) => {
+                    let why = r
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
+                    return Err(Error::failed(format!(
+                        "qemu could not write the guest's state ({status}): {why}"
+                    )));
+                }
+                _ if Instant::now() > until => {
+                    let _ = self.execute("migrate_cancel", None).await;
+                    return Err(Error::failed(format!(
+                        "qemu did not write the guest's state within {}s",
+                        timeout.as_secs()
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         }
     }
@@ -396,7 +482,127 @@ impl Vmm for Qemu {
     fn confined(&self) -> bool {
         true
     }
+
+    fn program(&self) -> &Path {
+        &self.binary
+    }
+
+    fn snapshots(&self) -> bool {
+        true
+    }
+
+    fn save<'a>(&'a self, paths: &'a VmPaths, to: OwnedFd) -> BoxFuture<'a, Result<Saved>> {
+        Box::pin(async move {
+            let mut qmp = Qmp::connect(&paths.control_socket, Duration::from_secs(5)).await?;
+            let kvm = qmp.execute("query-kvm", None).await?;
+            let accel = if kvm.get("enabled").and_then(Value::as_bool) == Some(true) {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            };
+            // Stopped first, so that memory is written once rather than
+            // chased while the guest dirties it; no bandwidth cap.
+            qmp.execute("stop", None).await?;
+            let written = async {
+                qmp.execute(
+                    "migrate-set-parameters",
+                    Some(json!({ "max-bandwidth": MIGRATE_BANDWIDTH })),
+                )
+                .await?;
+                qmp.execute_with_fd("getfd", Some(json!({ "fdname": SNAPSHOT_FD })), to.as_fd())
+                    .await?;
+                drop(to);
+                qmp.execute(
+                    "migrate",
+                    Some(json!({ "uri": format!("fd:{SNAPSHOT_FD}") })),
+                )
+                .await?;
+                qmp.migrated(SAVE_TIMEOUT).await
+            }
+            .await;
+            if let Err(e) = written {
+                // The guest goes on as it was.
+                let _ = qmp.execute("cont", None).await;
+                return Err(e);
+            }
+            Ok(Saved { accel })
+        })
+    }
+
+    fn restore<'a>(&'a self, paths: &'a VmPaths, from: OwnedFd) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let gone = |e: Error| {
+                Error::failed(format!(
+                    "qemu could not load the guest's state: {}",
+                    e.message
+                ))
+            };
+            let mut qmp = Qmp::connect(&paths.control_socket, Duration::from_secs(5)).await?;
+            qmp.execute_with_fd(
+                "getfd",
+                Some(json!({ "fdname": SNAPSHOT_FD })),
+                from.as_fd(),
+            )
+            .await?;
+            drop(from);
+            qmp.execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("fd:{SNAPSHOT_FD}") })),
+            )
+            .await
+            .map_err(gone)?;
+            // QEMU runs the guest once its state is in (it exits when
+            // the state does not load).
+            let until = Instant::now() + SAVE_TIMEOUT;
+            loop {
+                match qmp.status().await.map_err(gone)?.as_str() {
+                    "running" => return Ok(()),
+                    "paused" | "postmigrate" => {
+                        qmp.execute("cont", None).await?;
+                        return Ok(());
+                    }
+                    _ if Instant::now() > until => {
+                        return Err(Error::failed(format!(
+                            "qemu did not load the guest's state within {}s",
+                            SAVE_TIMEOUT.as_secs()
+                        )));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(2)).await,
+                }
+            }
+        })
+    }
+
+    fn resume<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut qmp = Qmp::connect(&paths.control_socket, Duration::from_secs(5)).await?;
+            qmp.execute("cont", None).await?;
+            Ok(())
+        })
+    }
+
+    fn quit<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut qmp = Qmp::connect(&paths.control_socket, Duration::from_secs(5)).await?;
+            // QEMU may close the connection before it answers.
+            match qmp.execute("quit", None).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.message.contains("closed the connection") => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+    }
 }
+
+/// The name a snapshot's descriptor has in QEMU (`getfd`).
+const SNAPSHOT_FD: &str = "banger-snapshot";
+
+/// The migration bandwidth cap while saving, in bytes per second: none
+/// worth the name (QEMU's default is 128 MiB/s).
+const MIGRATE_BANDWIDTH: u64 = 1 << 36;
+
+/// How long writing or loading a guest's state may take.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[cfg(test)]
 mod tests {
@@ -417,6 +623,7 @@ mod tests {
             accel: Accel::Tcg,
             confine: None,
             shares: Vec::new(),
+            incoming: false,
         }
     }
 
@@ -637,6 +844,105 @@ mod tests {
         }
         assert!(!marker.exists(), "QEMU started a program");
         assert!(ended, "QEMU went on after trying to start a program");
+    }
+
+    /// A tiny guest of `dir`, booted under `Direct` (no network).
+    fn tiny_spec(dir: &Path) -> LaunchSpec {
+        let kernel = banger_testbed::guest_artifact("kernel/vmlinuz", "build-test-kernel");
+        let initrd = banger_testbed::guest_artifact("kernel/initrd.img", "build-test-kernel");
+        let rootfs = banger_testbed::guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
+        let seed = banger_testbed::guest_artifact("tiny/work-seed.ext4", "build-tiny-image");
+        let mut s = spec();
+        s.kernel = kernel;
+        s.initrd = Some(initrd);
+        s.cmdline = format!(
+            "console=ttyS0 root=/dev/vda rw rootfstype=ext4 tsc=unstable {} init=/sbin/banger-init",
+            crate::TCG_TSC_KHZ
+        );
+        s.memory_mib = 256;
+        s.vcpus = 1;
+        s.paths = VmPaths::new(dir, dir, "abc");
+        s.system_disk = s.paths.system_disk.clone();
+        s.net = None;
+        std::fs::create_dir_all(&s.paths.dir).expect("dir");
+        std::fs::create_dir_all(&s.paths.run).expect("run");
+        std::fs::copy(&rootfs, &s.system_disk).expect("rootfs");
+        std::fs::copy(&seed, &s.paths.work_disk).expect("work disk");
+        s
+    }
+
+    async fn health(paths: &VmPaths, wait: Duration) -> banger_agent_proto::Health {
+        let endpoint = AgentEndpoint::Unix(paths.agent_socket.clone());
+        match banger_agent_host::wait_until_ready(&endpoint, wait, Duration::from_millis(50)).await
+        {
+            Ok((_, health, _)) => health,
+            Err(e) => panic!(
+                "{e}\nconsole:\n{}",
+                std::fs::read_to_string(&paths.console_log).unwrap_or_default()
+            ),
+        }
+    }
+
+    /// A guest written to a file and loaded into a new QEMU goes on where
+    /// it was: the same boot, its uptime carried over. A file that is not
+    /// a guest's state fails the load, and QEMU says why.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_saved_guest_loads_into_a_new_qemu_and_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = tiny_spec(dir.path());
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+        };
+        let direct = crate::supervise::Direct;
+        let (mut watched, _) = q.launch(&s, &direct).await.expect("qemu starts");
+        let before = health(&s.paths, Duration::from_secs(120)).await;
+        let file = dir.path().join("guest.state");
+        let out = std::fs::File::create(&file).expect("create");
+        let t = Instant::now();
+        let saved = q.save(&s.paths, out.into()).await.expect("saved");
+        let took = t.elapsed();
+        assert_eq!(saved.accel, Accel::Tcg);
+        let size = std::fs::metadata(&file).expect("meta").len();
+        eprintln!("saved {size} bytes in {took:?}");
+        assert!(size > 1 << 20, "{size} bytes");
+        q.quit(&s.paths).await.expect("quit");
+        let until = Instant::now() + Duration::from_secs(10);
+        while !watched.ended() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(watched.ended(), "qemu went on after quit");
+
+        let incoming = LaunchSpec {
+            incoming: true,
+            ..s.clone()
+        };
+        let t = Instant::now();
+        let (mut watched, id) = q.launch(&incoming, &direct).await.expect("qemu starts");
+        q.restore(&s.paths, std::fs::File::open(&file).expect("open").into())
+            .await
+            .expect("restored");
+        let after = health(&s.paths, Duration::from_secs(30)).await;
+        eprintln!("restored to agent health in {:?}", t.elapsed());
+        assert_eq!(after.boot_id, before.boot_id, "a boot, not the same guest");
+        assert!(after.uptime_secs >= before.uptime_secs);
+        let _ = id.signal(nix::sys::signal::Signal::SIGKILL);
+        if let Watched::Child(child) = &mut watched {
+            let _ = child.wait();
+        }
+
+        // Garbage is refused, and QEMU ends.
+        std::fs::write(&file, vec![7u8; 1 << 16]).expect("garbage");
+        let (mut watched, _) = q.launch(&incoming, &direct).await.expect("qemu starts");
+        let e = q
+            .restore(&s.paths, std::fs::File::open(&file).expect("open").into())
+            .await
+            .expect_err("garbage loads");
+        assert!(e.message.contains("could not load"), "{}", e.message);
+        let until = Instant::now() + Duration::from_secs(10);
+        while !watched.ended() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(watched.ended(), "qemu went on without a guest");
     }
 
     fn which(name: &str) -> Option<PathBuf> {

@@ -207,6 +207,16 @@ impl Vms {
         quota: bool,
     ) -> Result<()> {
         let mut result = self.boot_once(ctx, id, base, quota).await;
+        // A saved state that does not load is dropped; the VM boots from
+        // its disks as after a power cut.
+        if let Err(BootError::Restore(e)) = &result {
+            tracing::warn!(banger_vm_id = %id, "cannot resume the vm: {}; booting it instead", e.message);
+            ctx.stage("cold boot: the saved memory did not load", base)
+                .await?;
+            ctx.progress(&e.message, base, None);
+            self.drop_suspend(id).await?;
+            result = self.boot_once(ctx, id, base, quota).await;
+        }
         // A guest whose console went silent before its agent answered is
         // stuck (seen under TCG: "tsc: Unable to calibrate against PIT");
         // one fresh boot gets it going.
@@ -296,6 +306,11 @@ impl Vms {
         .await?;
         let launched = async {
             let (vmm, accel, kernel_path) = self.pick_vmm(&kernel).await?;
+            let incoming = if vm.suspended {
+                self.loadable(ctx, vm, vmm.as_ref(), accel, &kernel_path, kernel.initrd.as_deref()).await?
+            } else {
+                None
+            };
             if !vm.mounts.is_empty() && vmm.driver() != crate::vm::VmmDriver::Qemu {
                 return Err(Error::unavailable(format!(
                     "vm {} has host folders, which need QEMU: {} has no virtio-fs device; set vm.vmm = \"qemu\" in bangerd.toml, or remove them (banger vm set {} --no-mounts)",
@@ -334,14 +349,15 @@ impl Vms {
                 accel,
                 confine,
                 shares,
+                incoming: incoming.is_some(),
             };
             tracing::info!(banger_vm_id = %vm.id, "starting {} with {} under {}", vm.name, vmm.name(), accel.as_str());
             let supervisor = self.supervisor.as_ref();
             let (watched, pid) = vmm.launch(&spec, supervisor).await?;
-            Ok::<_, Error>((vmm, watched, pid))
+            Ok::<_, Error>((vmm, watched, pid, incoming))
         }
         .await;
-        let (vmm, watched, pid) = match launched {
+        let (vmm, watched, pid, incoming) = match launched {
             Ok(l) => l,
             Err(e) => {
                 let _ = net
@@ -363,6 +379,14 @@ impl Vms {
         self.watch(&vm.id, pid, watched);
         recorded?;
         tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = pid.pid, vmm = vmm.name(), "vmm started");
+
+        let resumed = incoming.is_some();
+        if let Some(key) = incoming {
+            ctx.stage("restore", base + step).await?;
+            self.restore_state(vm, vmm.as_ref(), &paths, key)
+                .await
+                .map_err(BootError::Restore)?;
+        }
 
         ctx.stage("agent ready", base + 2.0 * step).await?;
         let deadline = Instant::now() + Duration::from_secs(config.vm.boot_timeout_secs);
@@ -401,6 +425,10 @@ impl Vms {
             base + 3.0 * step,
             None,
         );
+        // A resumed guest's clock stood still while it was saved.
+        if resumed && let Err(e) = conn.sync_time(Duration::from_secs(5)).await {
+            tracing::warn!(banger_vm_id = %vm.id, "cannot set the resumed guest's clock: {e}");
+        }
 
         if !vm.mounts.is_empty() {
             ctx.stage("host folders", base + 3.0 * step).await?;
@@ -429,23 +457,25 @@ impl Vms {
 }
 
 /// Why one boot attempt failed: a stall (console silent before the
-/// agent answered, worth one more boot) or anything else.
+/// agent answered, worth one more boot), a saved state that did not load
+/// (worth a boot from the disks), or anything else.
 #[derive(Debug)]
 enum BootError {
     Stalled(Error),
+    Restore(Error),
     Failed(Error),
 }
 
 impl BootError {
     fn error(&self) -> &Error {
         match self {
-            Self::Stalled(e) | Self::Failed(e) => e,
+            Self::Stalled(e) | Self::Restore(e) | Self::Failed(e) => e,
         }
     }
 
     fn into_error(self) -> Error {
         match self {
-            Self::Stalled(e) | Self::Failed(e) => e,
+            Self::Stalled(e) | Self::Restore(e) | Self::Failed(e) => e,
         }
     }
 }

@@ -75,6 +75,8 @@ impl Vms {
             last_error: String::new(),
             // Its host ports are its source's to keep.
             forwards: Vec::new(),
+            // Its source's memory stays with its source.
+            suspended: false,
             ..src.clone()
         };
         let demand = Demand {

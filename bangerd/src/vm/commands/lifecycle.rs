@@ -103,6 +103,7 @@ impl Vms {
             last_error: String::new(),
             forwards: Vec::new(),
             mounts: req.mounts.clone(),
+            suspended: false,
         };
         let demand = Demand {
             vm: true,
@@ -363,6 +364,26 @@ impl Vms {
     pub async fn stop_vm(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<JobId> {
         let vm = self.vm_by_id(id).await?;
         self.authorize_vm(caller, &vm).await?;
+        // Stopping a suspended VM drops its saved memory: its next start
+        // boots, as after a power cut.
+        if vm.state == VmState::Stopped && vm.suspended {
+            let claim = self.claim_vm(&vm)?;
+            let core = self.clone();
+            return self
+                .jobs()
+                .start_cooperative(
+                    "stop-vm",
+                    caller.uid,
+                    Action::VmManage,
+                    move |ctx| async move {
+                        let _claim = claim;
+                        ctx.stage("discard saved memory", 0.0).await?;
+                        core.drop_suspend(&vm.id).await?;
+                        Ok(Some(Resource::Vm(vm.id)))
+                    },
+                )
+                .await;
+        }
         vm.state.after(VmEvent::Stop, &vm.name)?;
         let claim = self.claim_vm(&vm)?;
         let core = self.clone();
@@ -568,6 +589,10 @@ impl Vms {
                     vm.name
                 ),
             ));
+        }
+        // Saved memory fits only the machine and disks it was saved with.
+        if vm.suspended && (sizes || changes.mounts.is_some()) {
+            self.drop_suspend(&vm.id).await?;
         }
         if disk_bytes > vm.disk_bytes {
             let work = self.vm_paths(&vm.id).work_disk;

@@ -19,6 +19,7 @@ mod reconcile;
 mod setup;
 mod snapshots;
 mod stats;
+mod suspend;
 mod vmm_choice;
 mod watcher;
 

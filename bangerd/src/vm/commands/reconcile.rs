@@ -129,6 +129,10 @@ impl Vms {
         }
         // A restore or snapshot the last run did not finish.
         self.settle_disks(&stopped).await;
+        // A suspend or resume it did not finish.
+        if let Err(e) = self.settle_suspends().await {
+            tracing::error!("cannot settle the suspended vms: {e}");
+        }
         // VMMs of no VM at all (its row is gone).
         for (id, p) in seen {
             tracing::warn!(banger_vm_id = %id, pid = p.pid, "a vmm runs for a vm banger has no record of; stopping it");

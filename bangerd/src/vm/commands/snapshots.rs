@@ -354,6 +354,10 @@ impl Vms {
                 Action::VmManage,
                 move |ctx| async move {
                     let _claim = claim;
+                    // Saved memory does not fit disks put back.
+                    if vm.suspended {
+                        core.drop_suspend(&vm.id).await?;
+                    }
                     let from = core.snapshots_dir(&vm.id).join(&name);
                     let dir = paths.dir.clone();
                     let staged = core

@@ -324,6 +324,7 @@ mod tests {
             last_error: String::new(),
             forwards: Vec::new(),
             mounts: Vec::new(),
+            suspended: false,
         };
         store.insert_vm(&vm).expect("vm");
 

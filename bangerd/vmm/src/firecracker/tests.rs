@@ -433,6 +433,7 @@ fn spec_for(dir: &Path) -> LaunchSpec {
         accel: super::super::Accel::Kvm,
         confine: None,
         shares: Vec::new(),
+        incoming: false,
     }
 }
 

@@ -40,6 +40,7 @@ fn vm_in(dir: &Path) -> LaunchSpec {
         accel: Accel::Kvm,
         confine: None,
         shares: Vec::new(),
+        incoming: false,
     }
 }
 
