@@ -44,6 +44,7 @@ pub async fn handle(
             mount(proc_root, tag, target, read_only).await,
             AfterReply::Continue,
         ),
+        Request::Renew(identity) => (crate::renew::renew(*identity).await, AfterReply::Continue),
         // Streams belong to a connection: serve.rs handles these.
         Request::Exec(_)
         | Request::Connect { .. }
@@ -202,18 +203,7 @@ async fn wait_port(proc_root: &Path, port: u16, timeout_ms: u64) -> Result<Respo
 }
 
 fn sync_time(unix_ns: i64) -> Result<Response, AgentError> {
-    use nix::time::{ClockId, clock_gettime, clock_settime};
-    if unix_ns <= 0 {
-        return Err(AgentError::new(
-            ErrorKind::InvalidArgument,
-            format!("{unix_ns} is not a time after the epoch"),
-        ));
-    }
-    let now = clock_gettime(ClockId::CLOCK_REALTIME).map_err(|e| failed("read the clock", e))?;
-    let guest_ns = now.tv_sec() as i128 * 1_000_000_000 + now.tv_nsec() as i128;
-    let offset_ns = i64::try_from(unix_ns as i128 - guest_ns).unwrap_or(i64::MAX);
-    let ts = nix::sys::time::TimeSpec::new(unix_ns / 1_000_000_000, unix_ns % 1_000_000_000);
-    clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(|e| failed("set the clock", e))?;
+    let offset_ns = crate::clock::set(unix_ns)?;
     Ok(Response::TimeSynced { offset_ns })
 }
 

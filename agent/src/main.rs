@@ -6,8 +6,10 @@
 //! a unix socket instead (tests, debugging). `banger-agent call` is a small
 //! client for the same protocol, for people poking at a guest by hand.
 
+mod clock;
 mod exec;
 mod handlers;
+mod renew;
 mod serve;
 
 use std::path::PathBuf;

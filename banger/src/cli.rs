@@ -468,6 +468,25 @@ pub enum VmCommand {
         #[arg(long)]
         start: bool,
     },
+    /// Make running copies of a running VM
+    ///
+    /// The source is paused while its memory is saved and its disks are
+    /// copied, then runs on; the pause is reported. Each fork goes on from
+    /// that moment: its processes, its files and everything in its memory,
+    /// every secret included. banger renews what makes it a VM of its own:
+    /// its address, MAC, hostname, SSH host keys, machine id, the guest's
+    /// random pool and clock. QEMU only; not with host folders.
+    Fork {
+        /// The running VM to copy (name or unique id prefix)
+        #[arg(value_name = "SRC")]
+        source: String,
+        /// Name of the new VM (with --count N: NEW-1 … NEW-N)
+        #[arg(value_name = "NEW")]
+        name: String,
+        /// How many forks to make (1 to 16)
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
     /// Keep, list and delete copies of a stopped VM's disks
     #[command(subcommand)]
     Snapshot(SnapshotCommand),

@@ -686,6 +686,24 @@ impl Client {
         )
     }
 
+    /// `VM.Fork`: returns the forks and the job.
+    pub async fn vm_fork(
+        &self,
+        path: &str,
+        name: &str,
+        count: u32,
+        interaction: Interaction,
+    ) -> Result<(Vec<OwnedObjectPath>, OwnedObjectPath), Failure> {
+        let dict = banger_dbus::options::ForkVm { count }.to_dict();
+        let options = borrowed(&dict);
+        authorized!(
+            interaction,
+            self.vm(path),
+            self.vm_quiet(path),
+            fork(name, options)
+        )
+    }
+
     /// `VM.AddForward`: returns the host port bound.
     pub async fn vm_add_forward(
         &self,

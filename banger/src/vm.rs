@@ -482,6 +482,11 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
             name,
             start,
         } => clone(opts, &source, &name, start).await,
+        VmCommand::Fork {
+            source,
+            name,
+            count,
+        } => fork(opts, &source, &name, count).await,
         VmCommand::Snapshot(command) => snapshot(opts, command).await,
         VmCommand::Restore { vm, snapshot } => snapshot_job(opts, &vm, &snapshot, true).await,
         VmCommand::Exec {
@@ -831,6 +836,36 @@ async fn clone(opts: Options, source: &str, name: &str, start: bool) -> anyhow::
         emit(&format!(
             "cloning vm {} as {name} (job {}; Ctrl-C cancels it)",
             src.name,
+            progress::job_label(job.as_str())
+        ))?;
+    }
+    let tracker = Tracker::new(job.as_str(), display, Vec::new()).on(Stream::Stdout);
+    follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await
+}
+
+async fn fork(opts: Options, source: &str, name: &str, count: u32) -> anyhow::Result<u8> {
+    let client = connect(opts).await?;
+    let src = find(&client, source).await?;
+    let mut subscription = Subscription::new(&client).await?;
+    let started = Instant::now();
+    let auth = Authorization::prepare(opts).await;
+    let result = client
+        .vm_fork(&src.path, name, count, auth.interaction)
+        .await;
+    let (_, job) = auth
+        .finish(result)
+        .await
+        .with_context(|| format!("cannot fork vm {} as {name}", src.name))?;
+    let display = Display::for_stream(opts.json, Stream::Stdout);
+    if display != Display::Quiet {
+        emit(&format!(
+            "forking vm {} as {name}{} (job {}; Ctrl-C cancels it)",
+            src.name,
+            if count > 1 {
+                format!("-1 … {name}-{count}")
+            } else {
+                String::new()
+            },
             progress::job_label(job.as_str())
         ))?;
     }

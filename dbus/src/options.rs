@@ -320,6 +320,13 @@ pub mod clone_vm {
     pub const START: &str = "start";
 }
 
+/// Keys of `VM.Fork(s name, a{sv} options)`.
+pub mod fork_vm {
+    /// `u`: how many forks (1 to 16, default 1); more than one are named
+    /// `NAME-1` … `NAME-N`.
+    pub const COUNT: &str = "count";
+}
+
 /// Keys of `Manager.PullImage(s reference, a{sv} options)` for an OCI
 /// reference.
 pub mod pull_image {
@@ -1030,6 +1037,39 @@ impl CloneVm {
     }
 }
 
+/// `VM.Fork` options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForkVm {
+    /// [`fork_vm::COUNT`].
+    pub count: u32,
+}
+
+impl Default for ForkVm {
+    fn default() -> Self {
+        Self { count: 1 }
+    }
+}
+
+impl ForkVm {
+    /// Read what arrived.
+    pub fn parse(dict: &Dict) -> Result<Self, OptionError> {
+        let r = Reader::new("Fork", dict, &[fork_vm::COUNT])?;
+        Ok(Self {
+            count: r.u32(fork_vm::COUNT)?.unwrap_or(1),
+        })
+    }
+
+    /// What to send.
+    pub fn to_dict(&self) -> DictOut<'static> {
+        Writer::new()
+            .put(
+                fork_vm::COUNT,
+                (self.count != 1).then(|| Variant::from(self.count)),
+            )
+            .0
+    }
+}
+
 /// `VM.Set` changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SetVm {
@@ -1145,6 +1185,12 @@ mod tests {
         assert_eq!(
             CreateVm::parse(&received(&CreateVm::default().to_dict())),
             Ok(CreateVm::default())
+        );
+        let fork = ForkVm { count: 3 };
+        assert_eq!(ForkVm::parse(&received(&fork.to_dict())), Ok(fork));
+        assert_eq!(
+            ForkVm::parse(&received(&ForkVm::default().to_dict())),
+            Ok(ForkVm::default())
         );
         let set = SetVm {
             nat: Some(false),

@@ -406,6 +406,15 @@ macro_rules! vm_proxy {
                 options: HashMap<&str, &Variant<'_>>,
             ) -> Result<(OwnedObjectPath, OwnedObjectPath), Error>;
 
+            /// Fork the running VM as `name` (options in
+            /// [`crate::options::fork_vm`]); returns the forks and the job.
+            $(#[$auth])?
+            fn fork(
+                &self,
+                name: &str,
+                options: HashMap<&str, &Variant<'_>>,
+            ) -> Result<(Vec<OwnedObjectPath>, OwnedObjectPath), Error>;
+
             /// Forward `address` ("" for loopback) port `host_port` (0: any)
             /// to `guest_port` for the VM's lifetime; returns the port.
             $(#[$auth])?

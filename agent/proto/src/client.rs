@@ -429,6 +429,24 @@ impl Client {
             other => Err(unexpected("mount", &other)),
         }
     }
+
+    /// `Renew`: give a restored guest `identity`; returns what was
+    /// renewed with how long each step took. An agent older than this
+    /// request answers [`ClientError::Agent`] with
+    /// [`crate::ErrorKind::UnknownRequest`].
+    pub async fn renew(
+        &self,
+        identity: crate::Identity,
+        timeout: Duration,
+    ) -> Result<Vec<(String, u64)>, ClientError> {
+        match self
+            .call(Request::Renew(Box::new(identity)), timeout)
+            .await?
+        {
+            Response::Renewed { steps } => Ok(steps),
+            other => Err(unexpected("renew", &other)),
+        }
+    }
 }
 
 fn lock_streams(m: &Mutex<Streams>) -> std::sync::MutexGuard<'_, Streams> {

@@ -110,7 +110,48 @@ pub enum Request {
         #[serde(default)]
         read_only: bool,
     },
+    /// Make a guest that was restored from another guest's memory (a
+    /// template's, or a forked VM's) a VM of its own. Answered with
+    /// [`Response::Renewed`].
+    Renew(Box<Identity>),
 }
+
+/// Who a restored guest now is ([`Request::Renew`]). The agent renews,
+/// in order: the kernel's random pool (`seed` added and a reseed
+/// forced, so nothing after shares the old guest's randomness), the
+/// clock, the hostname, the machine and VM ids, the NIC (MAC, address,
+/// route, resolver), root's authorized keys, and the SSH host keys (the
+/// SSH server started again with them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Random bytes from the host (at least [`MIN_SEED`]).
+    pub seed: Vec<u8>,
+    /// The host's realtime clock in nanoseconds since the Unix epoch.
+    pub unix_ns: i64,
+    /// A DNS label.
+    pub hostname: String,
+    /// The VM's id (`/etc/banger/vm-id`).
+    pub vm_id: String,
+    /// 32 lowercase hex digits (`/etc/machine-id`).
+    pub machine_id: String,
+    /// The NIC to renew (`eth0`).
+    pub device: String,
+    /// Its MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Its address with prefix length, `10.0.0.5/24`.
+    pub address: String,
+    /// The default gateway, if any.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// The resolver, if any.
+    #[serde(default)]
+    pub dns: Option<String>,
+    /// Root's authorized SSH keys (the file is replaced).
+    pub authorized_keys: Vec<String>,
+}
+
+/// The fewest random bytes [`Identity::seed`] may carry.
+pub const MIN_SEED: usize = 32;
 
 /// What to run for [`Request::Exec`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +196,7 @@ pub const REQUEST_OPS: &[&str] = &[
     "resize",
     "connect",
     "mount",
+    "renew",
 ];
 
 impl Request {
@@ -171,6 +213,7 @@ impl Request {
             Request::Resize { .. } => "resize",
             Request::Connect { .. } => "connect",
             Request::Mount { .. } => "mount",
+            Request::Renew(_) => "renew",
         }
     }
 }
@@ -226,6 +269,11 @@ pub enum Response {
     /// Answer to [`Request::Mount`]: the share is mounted at the target
     /// (now, or already before).
     Mounted,
+    /// Answer to [`Request::Renew`]: the guest has its new identity.
+    Renewed {
+        /// What was renewed, in order, with how long each took (ms).
+        steps: Vec<(String, u64)>,
+    },
 }
 
 /// Answer to [`Request::Health`].
@@ -442,6 +490,19 @@ mod tests {
                 target: "/mnt/share".into(),
                 read_only: true,
             },
+            Request::Renew(Box::new(Identity {
+                seed: vec![7; MIN_SEED],
+                unix_ns: 1,
+                hostname: "web".into(),
+                vm_id: "0123456789abcdef".into(),
+                machine_id: "0".repeat(32),
+                device: "eth0".into(),
+                mac: "0a:b6:0a:00:00:02".into(),
+                address: "10.0.0.2/24".into(),
+                gateway: Some("10.0.0.1".into()),
+                dns: None,
+                authorized_keys: vec!["ssh-ed25519 AAAA me".into()],
+            })),
         ] {
             assert!(
                 REQUEST_OPS.contains(&req.op()),
@@ -461,6 +522,9 @@ mod tests {
             Response::TimeSynced { offset_ns: -7 },
             Response::Connected,
             Response::Mounted,
+            Response::Renewed {
+                steps: vec![("hostname".into(), 1)],
+            },
         ] {
             let bytes = encode_response(9, Ok(reply.clone()));
             let env = parse_response(&bytes).unwrap();

@@ -525,6 +525,45 @@ impl VmObject {
         answer_new(conn, &self.core, made).await
     }
 
+    /// Running copies of this running VM: it is paused while its memory
+    /// is saved and its disks copied, then runs on; each fork starts from
+    /// that memory with disks of its own and takes its own identity
+    /// (address, MAC, hostname, host keys, machine id, randomness).
+    /// Options: "count" (u, 1 to 16; more than one are named NAME-1 …
+    /// NAME-N). Returns the forks and the job. polkit: as for Clone.
+    #[zbus(out_args("vms", "job"))]
+    async fn fork(
+        &self,
+        name: String,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(Vec<OwnedObjectPath>, OwnedObjectPath), banger_dbus::Reply> {
+        let caller = caller(conn, &header).await?;
+        let o = parsed(banger_dbus::options::ForkVm::parse(&options))?;
+        let (ids, job) = self
+            .core
+            .vms()
+            .fork_vm(&caller, &self.id, name, o.count)
+            .await
+            .map_err(to_wire)?;
+        for id in &ids {
+            super::artifacts::refresh(
+                conn.object_server(),
+                &self.core,
+                &crate::jobs::Resource::Vm(id.clone()),
+            )
+            .await
+            .map_err(|e| {
+                banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
+                    "cannot publish the vm: {e}"
+                )))
+            })?;
+        }
+        let job = job::answer(conn, &self.core, Ok(job)).await?;
+        Ok((ids.iter().map(|id| banger_dbus::vm_path(id)).collect(), job))
+    }
+
     /// Keep a copy of this stopped VM's disks as snapshot `name` (a DNS
     /// label; at most 16 per VM). Returns the job; its stages are system
     /// disk and work disk. polkit as for Start.

@@ -49,6 +49,20 @@ pub trait AgentSession: Send {
             ))
         })
     }
+    /// Give a guest restored from another's memory its own identity;
+    /// returns the steps with their durations (ms).
+    fn renew(
+        &mut self,
+        identity: banger_agent_proto::Identity,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<(String, u64)>, ClientError>> {
+        let _ = (identity, timeout);
+        Box::pin(async {
+            Err(ClientError::Protocol(
+                "this agent session cannot renew a guest".to_owned(),
+            ))
+        })
+    }
     /// Run a command in the guest; `timeout` bounds the wait for it to
     /// start.
     fn exec(
@@ -157,6 +171,14 @@ impl AgentSession for AgentConn {
 
     fn sync_time(&mut self, timeout: Duration) -> BoxFuture<'_, Result<(), ClientError>> {
         Box::pin(async move { AgentConn::sync_time(self, timeout).await.map(|_| ()) })
+    }
+
+    fn renew(
+        &mut self,
+        identity: banger_agent_proto::Identity,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<(String, u64)>, ClientError>> {
+        Box::pin(AgentConn::renew(self, identity, timeout))
     }
 
     fn connect_port(

@@ -16,6 +16,7 @@ mod daemon_dns;
 mod dns;
 mod exec;
 mod folders;
+mod fork;
 mod guest_boot;
 mod isolation;
 mod kvm_probe;

@@ -161,9 +161,14 @@ impl Qemu {
             } else {
                 esc(disk)
             };
+            // A jailed QEMU's fd sets keep every descriptor open, and with
+            // them the image locks of the one it let go of: after a
+            // migration, `cont` could not take its write lock back. Only
+            // this VMM opens these files; bangerd makes sure of that.
+            let locking = if jailed { ",file.locking=off" } else { "" };
             a.extend([
                 "-drive".to_owned(),
-                format!("id={id},file={file},format=raw,if=none,discard=unmap"),
+                format!("id={id},file={file},format=raw,if=none,discard=unmap{locking}"),
                 "-device".to_owned(),
                 format!("virtio-blk-device,drive={id}"),
             ]);
@@ -637,7 +642,7 @@ mod tests {
         for want in [
             "-add-fd fd=3,set=1,opaque=/s,,tate/vms/abc/system.ext4",
             "-add-fd fd=4,set=1,opaque=/s,,tate/vms/abc/system.ext4",
-            "id=system,file=/dev/fdset/1,format=raw",
+            "id=system,file=/dev/fdset/1,format=raw,if=none,discard=unmap,file.locking=off",
             "-add-fd fd=5,set=2,opaque=/s,,tate/vms/abc/work.ext4",
             "id=work,file=/dev/fdset/2,format=raw",
             "-add-fd fd=7,set=3,opaque=/s,,tate/vms/abc/console.log",

@@ -381,9 +381,11 @@ impl Vms {
         tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, pid = pid.pid, vmm = vmm.name(), "vmm started");
 
         let resumed = incoming.is_some();
+        let mut origin = None;
         if let Some(key) = incoming {
             ctx.stage("restore", base + step).await?;
-            self.restore_state(vm, vmm.as_ref(), &paths, key)
+            origin = self
+                .restore_state(vm, vmm.as_ref(), &paths, key)
                 .await
                 .map_err(BootError::Restore)?;
         }
@@ -425,8 +427,26 @@ impl Vms {
             base + 3.0 * step,
             None,
         );
-        // A resumed guest's clock stood still while it was saved.
-        if resumed && let Err(e) = conn.sync_time(Duration::from_secs(5)).await {
+        if let Some(origin) = origin {
+            // Another VM's guest: it becomes this one before anyone
+            // reaches it. One that cannot is booted instead.
+            ctx.stage("identity", base + 3.0 * step).await?;
+            let identity = guest_identity(vm, &vmnet, net.subnet()).await?;
+            let steps = conn
+                .renew(identity, Duration::from_secs(60))
+                .await
+                .map_err(|e| {
+                    BootError::Restore(Error::failed(format!(
+                        "the guest from vm {origin} could not take its own identity: {e}"
+                    )))
+                })?;
+            let summary: Vec<String> = steps
+                .iter()
+                .map(|(step, ms)| format!("{step} {ms} ms"))
+                .collect();
+            ctx.progress(&summary.join(", "), base + 3.0 * step, None);
+        } else if resumed && let Err(e) = conn.sync_time(Duration::from_secs(5)).await {
+            // A resumed guest's clock stood still while it was saved.
             tracing::warn!(banger_vm_id = %vm.id, "cannot set the resumed guest's clock: {e}");
         }
 
@@ -454,6 +474,41 @@ impl Vms {
         tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "vm running");
         Ok(())
     }
+}
+
+/// What a guest restored from another VM's memory becomes: VM `vm` with
+/// its lease, names, keys and fresh randomness from the host.
+async fn guest_identity(
+    vm: &Vm,
+    vmnet: &crate::net::network::VmNet,
+    subnet: &crate::net::leases::Subnet,
+) -> Result<banger_agent_proto::Identity> {
+    let seed = blocking(|| {
+        use std::io::Read;
+        let mut seed = vec![0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut seed))
+            .map_err(|e| Error::failed(format!("cannot read /dev/urandom: {e}")))?;
+        Ok(seed)
+    })
+    .await?;
+    let unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    Ok(banger_agent_proto::Identity {
+        seed,
+        unix_ns,
+        hostname: vm.name.clone(),
+        vm_id: vm.id.clone(),
+        machine_id: crate::vm::machine_id(&vm.id),
+        device: "eth0".to_owned(),
+        mac: vmnet.lease.mac.clone(),
+        address: format!("{}/{}", vmnet.lease.ipv4, subnet.net().prefix_len()),
+        gateway: Some(subnet.gateway().to_string()),
+        dns: Some(subnet.gateway().to_string()),
+        authorized_keys: vm.ssh_keys.clone(),
+    })
 }
 
 /// Why one boot attempt failed: a stall (console silent before the

@@ -116,7 +116,7 @@ impl Vms {
 
     /// Copy `src`'s disks (and a setup script that has not run yet) to
     /// the new VM `vm`, then mark it created.
-    async fn copy_disks(&self, ctx: &JobContext, src: &Vm, vm: &Vm) -> Result<()> {
+    pub(super) async fn copy_disks(&self, ctx: &JobContext, src: &Vm, vm: &Vm) -> Result<()> {
         // The clone's disks are made as its source's were.
         let [sys_from, work_from] = disk_files(&self.vm_paths(&src.id), src.disk_method);
         let to = self.vm_paths(&vm.id);

@@ -31,7 +31,7 @@ use crate::vm::{Vm, VmEvent, VmPaths, VmState};
 const DEVICE_LAYOUT: u32 = 1;
 
 /// The state file while it is being written.
-fn partial(paths: &VmPaths) -> PathBuf {
+pub(super) fn partial(paths: &VmPaths) -> PathBuf {
     paths.dir.join("suspend.tmp")
 }
 
@@ -67,7 +67,7 @@ pub(super) fn state_key(
 }
 
 /// Whether VM `vm` can be suspended now, and if not, why.
-fn suspendable(config: &Config, vm: &Vm) -> Result<Arc<dyn Vmm>> {
+pub(super) fn suspendable(config: &Config, vm: &Vm) -> Result<Arc<dyn Vmm>> {
     if vm.state != VmState::Running {
         return Err(Error::new(
             ErrorKind::Busy,
@@ -112,6 +112,34 @@ fn remove_state(paths: &VmPaths) -> std::io::Result<()> {
 fn commit(paths: &VmPaths, key: &str) -> std::io::Result<()> {
     let tmp = partial(paths);
     std::fs::File::open(&tmp)?.sync_all()?;
+    write_key(paths, key)?;
+    std::fs::rename(&tmp, &paths.suspend_state)?;
+    std::fs::File::open(&paths.dir)?.sync_all()
+}
+
+/// Give the VM at `paths` the state `state` (another VM's, `origin`,
+/// saved under `key`) as its own saved state: a hard link (a copy where
+/// links cannot be made), so that its next start loads that guest and
+/// renews its identity.
+pub(super) fn adopt_state(
+    paths: &VmPaths,
+    state: &Path,
+    key: &str,
+    origin: &str,
+) -> std::io::Result<()> {
+    write_key(paths, &format!("{key}\n{origin}"))?;
+    if std::fs::hard_link(state, &paths.suspend_state).is_err() {
+        let tmp = partial(paths);
+        std::fs::copy(state, &tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &paths.suspend_state)?;
+    }
+    std::fs::File::open(&paths.dir)?.sync_all()
+}
+
+/// The key file's content: the key, then (for a state that came from
+/// another VM) that VM's id.
+fn write_key(paths: &VmPaths, key: &str) -> std::io::Result<()> {
     let key_tmp = paths.dir.join("suspend.key.tmp");
     {
         let mut f = std::fs::OpenOptions::new()
@@ -123,9 +151,17 @@ fn commit(paths: &VmPaths, key: &str) -> std::io::Result<()> {
         f.write_all(key.as_bytes())?;
         f.sync_all()?;
     }
-    std::fs::rename(&key_tmp, &paths.suspend_key)?;
-    std::fs::rename(&tmp, &paths.suspend_state)?;
-    std::fs::File::open(&paths.dir)?.sync_all()
+    std::fs::rename(&key_tmp, &paths.suspend_key)
+}
+
+/// The key a saved state was saved under, and the VM it came from when
+/// that is another.
+fn read_key(paths: &VmPaths) -> std::io::Result<(String, Option<String>)> {
+    let text = std::fs::read_to_string(&paths.suspend_key)?;
+    let mut lines = text.lines();
+    let key = lines.next().unwrap_or_default().trim().to_owned();
+    let origin = lines.next().map(|l| l.trim().to_owned());
+    Ok((key, origin))
 }
 
 /// Whether a complete saved state is in the VM's directory.
@@ -136,10 +172,12 @@ fn saved(paths: &VmPaths) -> bool {
 /// Open the saved state if it was saved under `key`, and take it out of
 /// the VM's directory (the descriptor keeps it readable): a state is
 /// loaded once. The error says why it cannot be loaded.
-pub(super) fn take_state(paths: &VmPaths, key: &str) -> std::result::Result<OwnedFd, String> {
-    let kept = std::fs::read_to_string(&paths.suspend_key)
-        .map_err(|e| format!("its key cannot be read: {e}"))?;
-    if kept.trim() != key {
+pub(super) fn take_state(
+    paths: &VmPaths,
+    key: &str,
+) -> std::result::Result<(OwnedFd, Option<String>), String> {
+    let (kept, origin) = read_key(paths).map_err(|e| format!("its key cannot be read: {e}"))?;
+    if kept != key {
         return Err(
             "it was saved under another VMM, accelerator, kernel or machine shape".to_owned(),
         );
@@ -147,7 +185,7 @@ pub(super) fn take_state(paths: &VmPaths, key: &str) -> std::result::Result<Owne
     let file = std::fs::File::open(&paths.suspend_state)
         .map_err(|e| format!("it cannot be opened: {e}"))?;
     remove_state(paths).map_err(|e| format!("it cannot be taken: {e}"))?;
-    Ok(file.into())
+    Ok((file.into(), origin))
 }
 
 impl Vms {
@@ -282,9 +320,9 @@ impl Vms {
         let (vm_c, kernel, initrd) = (vm.clone(), kernel.to_owned(), initrd.map(Path::to_owned));
         let why = blocking(move || {
             let key = state_key((vmm_id, &program), accel, &vm_c, &kernel, initrd.as_deref());
-            let kept = std::fs::read_to_string(&paths.suspend_key);
+            let kept = read_key(&paths);
             Ok(match (key, kept) {
-                (Ok(key), Ok(kept)) if kept.trim() == key && saved(&paths) => Ok(key),
+                (Ok(key), Ok((kept, _))) if kept == key && saved(&paths) => Ok(key),
                 (Ok(_), Ok(_)) => Err(
                     "the memory was saved under another VMM, accelerator, kernel or size"
                         .to_owned(),
@@ -307,14 +345,15 @@ impl Vms {
     /// Load VM `vm`'s saved state (under `key`) into its VMM, started
     /// with [`crate::vm::vmm::LaunchSpec::incoming`]. The state leaves
     /// the VM's directory first: whatever happens next, it is not loaded
-    /// twice.
+    /// twice. Returns the id of the VM the state came from when that is
+    /// another (a fork's source): the guest then needs its own identity.
     pub(super) async fn restore_state(
         &self,
         vm: &Vm,
         vmm: &dyn Vmm,
         paths: &VmPaths,
         key: String,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         let p = paths.clone();
         let taken = blocking(move || {
             take_state(&p, &key)
@@ -322,9 +361,10 @@ impl Vms {
         })
         .await;
         self.modify(&vm.id, |v| v.suspended = false).await?;
-        vmm.restore(paths, taken?).await?;
+        let (fd, origin) = taken?;
+        vmm.restore(paths, fd).await?;
         tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "vm resumed");
-        Ok(())
+        Ok(origin.filter(|o| *o != vm.id))
     }
 
     /// Drop VM `id`'s saved state (its disks are about to change under
@@ -404,12 +444,30 @@ mod tests {
         let why = take_state(&p, "key-2").expect_err("another key");
         assert!(why.contains("another VMM"), "{why}");
         assert!(saved(&p), "a refused state stays");
-        let fd = take_state(&p, "key-1").expect("taken");
+        let (fd, origin) = take_state(&p, "key-1").expect("taken");
+        assert_eq!(origin, None, "its own");
         assert!(!saved(&p), "taken out of the directory");
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).expect("read");
         assert_eq!(text, "guest");
         assert!(take_state(&p, "key-1").is_err(), "loaded once");
+    }
+
+    /// Another VM's state, adopted, names where it came from.
+    #[test]
+    fn an_adopted_state_names_its_origin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = paths(dir.path());
+        let state = dir.path().join("source.state");
+        std::fs::write(&state, b"source guest").expect("write");
+        adopt_state(&p, &state, "key-1", "0123456789abcdef").expect("adopted");
+        assert!(saved(&p));
+        let (fd, origin) = take_state(&p, "key-1").expect("taken");
+        assert_eq!(origin.as_deref(), Some("0123456789abcdef"));
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).expect("read");
+        assert_eq!(text, "source guest");
+        assert!(state.exists(), "the source's file stays its own");
     }
 
     #[test]

@@ -1,0 +1,479 @@
+//! `Renew`: a guest restored from another guest's memory (a template's,
+//! or a forked VM's) made a VM of its own. Every part of the old guest's
+//! identity that lives in memory or on its disks is replaced: the random
+//! pool first, so that nothing made after shares the old guest's
+//! randomness, then the clock, names, ids, the NIC, root's keys and the
+//! SSH host keys.
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use banger_agent_proto::{AgentError, ErrorKind, Identity, MIN_SEED, Response};
+
+fn invalid(message: String) -> AgentError {
+    AgentError::new(ErrorKind::InvalidArgument, message)
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> AgentError {
+    AgentError::new(ErrorKind::Failed, format!("{what}: {e}"))
+}
+
+/// The most random bytes a seed may carry.
+const MAX_SEED: usize = 4096;
+
+/// Whether `identity` is well formed; nothing is changed before it is.
+pub fn validate(identity: &Identity) -> Result<(), AgentError> {
+    let n = identity.seed.len();
+    if !(MIN_SEED..=MAX_SEED).contains(&n) {
+        return Err(invalid(format!(
+            "the seed has {n} bytes; give {MIN_SEED} to {MAX_SEED}"
+        )));
+    }
+    let h = &identity.hostname;
+    let label = !h.is_empty()
+        && h.len() <= 63
+        && !h.starts_with('-')
+        && !h.ends_with('-')
+        && h.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !label {
+        return Err(invalid(format!("hostname {h:?} is not a DNS label")));
+    }
+    let hex = |s: &str, len: std::ops::RangeInclusive<usize>| {
+        len.contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !hex(&identity.vm_id, 1..=64) {
+        return Err(invalid(format!("vm id {:?} is not hex", identity.vm_id)));
+    }
+    if !hex(&identity.machine_id, 32..=32) {
+        return Err(invalid(format!(
+            "machine id {:?} is not 32 hex digits",
+            identity.machine_id
+        )));
+    }
+    let d = &identity.device;
+    if d.is_empty() || d.len() > 15 || !d.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(invalid(format!("{d:?} is not a network device name")));
+    }
+    parse_mac(&identity.mac)?;
+    parse_cidr(&identity.address)?;
+    for (what, addr) in [("gateway", &identity.gateway), ("dns", &identity.dns)] {
+        if let Some(a) = addr {
+            a.parse::<Ipv4Addr>()
+                .map_err(|_| invalid(format!("{what} {a:?} is not an IPv4 address")))?;
+        }
+    }
+    if identity.authorized_keys.len() > 64 {
+        return Err(invalid("more than 64 authorized keys".to_owned()));
+    }
+    for key in &identity.authorized_keys {
+        if key.is_empty() || key.len() > 16 << 10 || key.contains(['\n', '\r', '\0']) {
+            return Err(invalid(format!(
+                "authorized key {:?} is not one line",
+                key.chars().take(40).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn parse_mac(mac: &str) -> Result<[u8; 6], AgentError> {
+    let bad = || invalid(format!("{mac:?} is not a MAC address"));
+    let parts: Vec<&str> = mac.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 6];
+    for (o, p) in out.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8), AgentError> {
+    let bad = || invalid(format!("{cidr:?} is not an address/prefix"));
+    let (addr, prefix) = cidr.split_once('/').ok_or_else(bad)?;
+    let addr = addr.parse::<Ipv4Addr>().map_err(|_| bad())?;
+    let prefix = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(bad)?;
+    Ok((addr, prefix))
+}
+
+/// Renew the guest as `identity` says (validated first).
+pub async fn renew(identity: Identity) -> Result<Response, AgentError> {
+    validate(&identity)?;
+    let steps = tokio::task::spawn_blocking(move || renew_blocking(&identity))
+        .await
+        .map_err(|e| failed("renew task", e))??;
+    Ok(Response::Renewed { steps })
+}
+
+fn renew_blocking(identity: &Identity) -> Result<Vec<(String, u64)>, AgentError> {
+    let mut steps = Vec::new();
+    let mut step = |name: &str, f: &mut dyn FnMut() -> Result<(), AgentError>| {
+        let t = Instant::now();
+        f()?;
+        let ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+        steps.push((name.to_owned(), ms));
+        Ok::<(), AgentError>(())
+    };
+    step("random", &mut || reseed(&identity.seed))?;
+    step("clock", &mut || {
+        crate::clock::set(identity.unix_ns).map(|_| ())
+    })?;
+    step("hostname", &mut || {
+        nix::unistd::sethostname(&identity.hostname).map_err(|e| failed("sethostname", e))
+    })?;
+    step("files", &mut || write_files(Path::new("/"), identity))?;
+    step("network", &mut || readdress(identity))?;
+    step("host keys", &mut || renew_host_keys(Path::new("/")))?;
+    step("ssh", &mut restart_ssh)?;
+    nix::unistd::sync();
+    Ok(steps)
+}
+
+nix::ioctl_write_ptr_bad!(
+    rnd_add_entropy,
+    nix::request_code_write!(b'R', 0x03, 2 * std::mem::size_of::<i32>()),
+    u8
+);
+nix::ioctl_none_bad!(rnd_reseed_crng, nix::request_code_none!(b'R', 0x07));
+
+/// Add `seed` to the kernel's pool, credited, and force the CRNG to
+/// reseed from it (Linux 5.18 and later; older kernels reseed as the
+/// credited entropy arrives).
+fn reseed(seed: &[u8]) -> Result<(), AgentError> {
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/random")
+        .map_err(|e| failed("cannot open /dev/random", e))?;
+    let len = i32::try_from(seed.len()).map_err(|e| failed("seed", e))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + seed.len());
+    info.extend_from_slice(&(len * 8).to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(seed);
+    // SAFETY: `info` is a rand_pool_info of `len` bytes, alive for the call.
+    unsafe { rnd_add_entropy(random.as_raw_fd(), info.as_ptr()) }
+        .map_err(|e| failed("RNDADDENTROPY", e))?;
+    // SAFETY: an ioctl without argument.
+    match unsafe { rnd_reseed_crng(random.as_raw_fd()) } {
+        Ok(_) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOTTY) => Ok(()),
+        Err(e) => Err(failed("RNDRESEEDCRNG", e)),
+    }
+}
+
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), AgentError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| failed(&format!("{}", dir.display()), e))?;
+    }
+    let tmp = path.with_extension("banger-new");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| failed(&format!("cannot write {}", path.display()), e))
+}
+
+/// The files of the identity under `root`: hostname, machine and VM
+/// ids, root's authorized keys and (with a resolver) resolv.conf.
+pub fn write_files(root: &Path, identity: &Identity) -> Result<(), AgentError> {
+    let at = |p: &str| root.join(p.trim_start_matches('/'));
+    write_file(
+        &at("/etc/hostname"),
+        &format!("{}\n", identity.hostname),
+        0o644,
+    )?;
+    write_file(
+        &at("/etc/machine-id"),
+        &format!("{}\n", identity.machine_id),
+        0o444,
+    )?;
+    write_file(
+        &at("/etc/banger/vm-id"),
+        &format!("{}\n", identity.vm_id),
+        0o644,
+    )?;
+    let ssh = at("/root/.ssh");
+    std::fs::create_dir_all(&ssh).map_err(|e| failed("/root/.ssh", e))?;
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| failed("/root/.ssh", e))?;
+    let mut keys = identity.authorized_keys.join("\n");
+    if !keys.is_empty() {
+        keys.push('\n');
+    }
+    write_file(&ssh.join("authorized_keys"), &keys, 0o600)?;
+    if let Some(dns) = &identity.dns {
+        write_file(
+            &at("/etc/resolv.conf"),
+            &format!("nameserver {dns}\n"),
+            0o644,
+        )?;
+    }
+    Ok(())
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), AgentError> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| failed(&format!("cannot run {program}"), e))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(failed(
+        &format!("{program} {}", args.join(" ")),
+        String::from_utf8_lossy(&out.stderr).trim(),
+    ))
+}
+
+/// The NIC gets its new MAC and only its new address, and the default
+/// route its new gateway.
+fn readdress(identity: &Identity) -> Result<(), AgentError> {
+    let dev = identity.device.as_str();
+    run("ip", &["link", "set", "dev", dev, "down"])?;
+    run("ip", &["link", "set", "dev", dev, "address", &identity.mac])?;
+    run("ip", &["-4", "addr", "flush", "dev", dev])?;
+    run("ip", &["link", "set", "dev", dev, "up"])?;
+    run("ip", &["addr", "add", &identity.address, "dev", dev])?;
+    if let Some(gw) = &identity.gateway {
+        run(
+            "ip",
+            &["route", "replace", "default", "via", gw, "dev", dev],
+        )?;
+    }
+    Ok(())
+}
+
+/// New SSH host keys of every type there is, for dropbear and OpenSSH.
+pub fn renew_host_keys(root: &Path) -> Result<(), AgentError> {
+    let keys = |dir: &str, prefix: &str, suffix: &str| -> Vec<(String, std::path::PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            return Vec::new();
+        };
+        let mut found: Vec<_> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let kind = name.strip_prefix(prefix)?.strip_suffix(suffix)?.to_owned();
+                Some((kind, e.path()))
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    for (kind, path) in keys("etc/dropbear", "dropbear_", "_host_key") {
+        let _ = std::fs::remove_file(&path);
+        run("dropbearkey", &["-t", &kind, "-f", &path.to_string_lossy()])?;
+    }
+    for (kind, path) in keys("etc/ssh", "ssh_host_", "_key") {
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("pub"));
+        let _ = std::fs::remove_file(format!("{}.pub", path.display()));
+        run(
+            "ssh-keygen",
+            &["-q", "-t", &kind, "-N", "", "-f", &path.to_string_lossy()],
+        )?;
+    }
+    Ok(())
+}
+
+/// The SSH server started again, so that it serves the new host keys:
+/// through systemd where it runs; elsewhere its listeners are ended and
+/// the init respawns them (started here when nothing does).
+fn restart_ssh() -> Result<(), AgentError> {
+    if Path::new("/run/systemd/system").is_dir() {
+        return run(
+            "systemctl",
+            &[
+                "try-restart",
+                "ssh.service",
+                "sshd.service",
+                "dropbear.service",
+            ],
+        );
+    }
+    let listeners = ssh_listeners(Path::new("/proc"));
+    if listeners.is_empty() {
+        return Ok(());
+    }
+    for (pid, _) in &listeners {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = ssh_listeners(Path::new("/proc"));
+        if !now.is_empty() && now.iter().all(|p| !listeners.contains(p)) {
+            return Ok(());
+        }
+    }
+    // Nobody respawned it: start it as the init would have.
+    let program = &listeners[0].1;
+    if program == "dropbear" {
+        run("/usr/sbin/dropbear", &["-R", "-E", "-p", "22"])
+    } else {
+        std::fs::create_dir_all("/run/sshd").map_err(|e| failed("/run/sshd", e))?;
+        run("/usr/sbin/sshd", &[])
+    }
+}
+
+/// The SSH servers' listening processes (children of PID 1 named
+/// `dropbear` or `sshd`): pid and name.
+pub fn ssh_listeners(proc_root: &Path) -> Vec<(i32, String)> {
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(i32, String)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (name, rest) = parse_stat(&stat)?;
+            let ppid: i32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == 1 && (name == "dropbear" || name == "sshd")).then(|| (pid, name.to_owned()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// `/proc/PID/stat`: the command name (in parentheses, which it may
+/// contain) and the fields after it.
+fn parse_stat(stat: &str) -> Option<(&str, &str)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    Some((stat.get(open + 1..close)?, stat.get(close + 1..)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            seed: vec![1; MIN_SEED],
+            unix_ns: 1_700_000_000_000_000_000,
+            hostname: "web-2".into(),
+            vm_id: "0123456789abcdef".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            device: "eth0".into(),
+            mac: "0a:b6:0a:00:00:02".into(),
+            address: "10.0.0.2/24".into(),
+            gateway: Some("10.0.0.1".into()),
+            dns: Some("10.0.0.1".into()),
+            authorized_keys: vec!["ssh-ed25519 AAAA me@host".into()],
+        }
+    }
+
+    #[test]
+    fn a_good_identity_passes_and_each_bad_field_is_named() {
+        validate(&identity()).expect("good");
+        type Change = Box<dyn Fn(&mut Identity)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (Box::new(|i| i.seed = vec![1; MIN_SEED - 1]), "seed"),
+            (Box::new(|i| i.seed = vec![1; MAX_SEED + 1]), "seed"),
+            (Box::new(|i| i.hostname = "Web".into()), "hostname"),
+            (Box::new(|i| i.hostname = "-web".into()), "hostname"),
+            (Box::new(|i| i.hostname = String::new()), "hostname"),
+            (Box::new(|i| i.hostname = "a".repeat(64)), "hostname"),
+            (Box::new(|i| i.vm_id = "../x".into()), "vm id"),
+            (Box::new(|i| i.machine_id = "0".repeat(31)), "machine id"),
+            (Box::new(|i| i.device = "eth0; reboot".into()), "device"),
+            (Box::new(|i| i.mac = "0a:b6:0a:00:00".into()), "MAC"),
+            (Box::new(|i| i.mac = "0a:b6:0a:00:00:zz".into()), "MAC"),
+            (Box::new(|i| i.address = "10.0.0.2".into()), "address"),
+            (Box::new(|i| i.address = "10.0.0.2/33".into()), "address"),
+            (Box::new(|i| i.gateway = Some("gw".into())), "gateway"),
+            (Box::new(|i| i.dns = Some("1.2.3".into())), "dns"),
+            (
+                Box::new(|i| i.authorized_keys = vec!["a\nb".into()]),
+                "one line",
+            ),
+        ];
+        for (change, says) in cases {
+            let mut bad = identity();
+            change(&mut bad);
+            let e = validate(&bad).expect_err(says);
+            assert_eq!(e.kind, ErrorKind::InvalidArgument);
+            assert!(e.message.contains(says), "{says}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn the_identity_files_are_replaced_with_their_modes() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let ssh = root.path().join("root/.ssh");
+        std::fs::create_dir_all(&ssh).expect("dirs");
+        std::fs::write(ssh.join("authorized_keys"), "ssh-rsa OLD template\n").expect("old");
+        write_files(root.path(), &identity()).expect("written");
+        let read = |p: &str| std::fs::read_to_string(root.path().join(p)).expect(p);
+        let mode = |p: &str| {
+            std::fs::metadata(root.path().join(p))
+                .expect(p)
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(read("etc/hostname"), "web-2\n");
+        assert_eq!(read("etc/machine-id"), "0123456789abcdef0123456789abcdef\n");
+        assert_eq!(read("etc/banger/vm-id"), "0123456789abcdef\n");
+        assert_eq!(
+            read("root/.ssh/authorized_keys"),
+            "ssh-ed25519 AAAA me@host\n"
+        );
+        assert_eq!(mode("root/.ssh/authorized_keys"), 0o600);
+        assert_eq!(mode("root/.ssh"), 0o700);
+        assert_eq!(read("etc/resolv.conf"), "nameserver 10.0.0.1\n");
+        // No keys: an empty file, not the template's.
+        let none = Identity {
+            authorized_keys: Vec::new(),
+            ..identity()
+        };
+        write_files(root.path(), &none).expect("written");
+        assert_eq!(read("root/.ssh/authorized_keys"), "");
+    }
+
+    #[test]
+    fn ssh_listeners_are_the_servers_init_started() {
+        let proc_root = tempfile::tempdir().expect("tempdir");
+        for (pid, stat) in [
+            (10, "10 (dropbear) S 1 10 10 0"),
+            (11, "11 (dropbear) S 10 10 10 0"),
+            (12, "12 (sshd) S 1 12 12 0"),
+            (13, "13 (sh) S 1 13 13 0"),
+            (14, "14 (odd) name) S 1 14 14 0"),
+        ] {
+            let dir = proc_root.path().join(pid.to_string());
+            std::fs::create_dir_all(&dir).expect("dir");
+            std::fs::write(dir.join("stat"), stat).expect("stat");
+        }
+        std::fs::create_dir_all(proc_root.path().join("self")).expect("self");
+        assert_eq!(
+            ssh_listeners(proc_root.path()),
+            vec![(10, "dropbear".to_owned()), (12, "sshd".to_owned())]
+        );
+    }
+}
