@@ -194,6 +194,10 @@ pub fn image_json(i: &ImageInfo, catalog: &Catalog) -> Value {
         "work_seed_sha256": i.work_seed_sha256, "kernel": i.kernel,
         "kernel_name": kernel_name(catalog, &i.kernel), "services": services, "init": i.init,
         "created_at_usec": i.created_at_usec, "owner_uid": i.owner_uid, "path": i.path,
+        "templates": i.templates.iter().map(|(vcpus, memory_mib, disk_bytes, state_bytes, made)| json!({
+            "vcpus": vcpus, "memory_mib": memory_mib, "disk_bytes": disk_bytes,
+            "state_bytes": state_bytes, "made_at_usec": made,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -409,8 +413,28 @@ pub fn image_human(i: &ImageInfo, catalog: &Catalog) -> String {
             human_time(i.created_at_usec),
             i.owner_uid
         ),
+        format!("templates:  {}", templates_line(&i.templates)),
     ]
     .join("\n")
+}
+
+/// An image's templates for humans: each shape and its saved size.
+fn templates_line(templates: &[(u32, u32, u64, u64, i64)]) -> String {
+    if templates.is_empty() {
+        return "- (made after a create boots; later creates of that shape restore it)".to_owned();
+    }
+    templates
+        .iter()
+        .map(|(vcpus, memory, disk, state, _)| {
+            format!(
+                "{vcpus} vCPU, {} memory, {} disk: ready, {} saved",
+                human_bytes(u64::from(*memory) << 20),
+                human_bytes(*disk),
+                human_bytes(*state)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]
@@ -532,6 +556,7 @@ mod tests {
                 init: "/sbin/banger-init".into(),
                 created_at_usec: 0,
                 owner_uid: 1000,
+                templates: vec![(1, 256, 128 << 20, 93 << 20, 0)],
             }],
         };
         let t = images_table(&catalog);

@@ -282,6 +282,9 @@ pub struct VmSpec {
     /// Only create it; start it later with `banger vm start`
     #[arg(long)]
     pub no_start: bool,
+    /// Boot from the image even where a template of it could be restored
+    #[arg(long)]
+    pub cold_boot: bool,
     /// Also authorize the public keys in FILE for root's SSH (one per
     /// line, as in authorized_keys; repeatable)
     #[arg(long = "ssh-key", value_name = "FILE")]

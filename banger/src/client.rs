@@ -396,6 +396,9 @@ pub struct ImageInfo {
     pub init: String,
     pub created_at_usec: u64,
     pub owner_uid: u32,
+    /// Templates: vCPUs, memory MiB, work disk bytes, saved state bytes,
+    /// when made (µs).
+    pub templates: Vec<(u32, u32, u64, u64, i64)>,
 }
 
 /// A VM as the daemon publishes it.
@@ -547,6 +550,11 @@ impl ImageInfo {
             init: prop(p, "Init"),
             created_at_usec: prop(p, "CreatedAt"),
             owner_uid: prop(p, "OwnerUID"),
+            templates: p
+                .get("Templates")
+                .and_then(|v| v.try_clone().ok())
+                .and_then(|v| Vec::<(u32, u32, u64, u64, i64)>::try_from(v).ok())
+                .unwrap_or_default(),
         }
     }
 }

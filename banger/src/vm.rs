@@ -655,6 +655,7 @@ async fn create(
         start: !spec.no_start,
         setup,
         mounts: spec.mounts.clone(),
+        cold_boot: spec.cold_boot,
     };
     let client = connect(opts).await?;
     // Without a name: a readable one no VM the caller sees has (another

@@ -191,6 +191,10 @@ pub struct VmConfig {
     /// The most streams through a VM's agent (exec, cp, forwarded
     /// connections) open at once.
     pub max_streams: u32,
+    /// Boot a template of each image and machine shape once, in the
+    /// background after its first create, and create later VMs of it by
+    /// restoring that template instead of booting.
+    pub templates: bool,
 }
 
 /// Who runs VMM processes.
@@ -237,6 +241,7 @@ impl Default for VmConfig {
             supervisor: SupervisorKind::Auto,
             agent_bin: "/usr/libexec/banger/banger-agent".into(),
             max_streams: 256,
+            templates: true,
         }
     }
 }

@@ -305,12 +305,23 @@ impl Core {
                 .map(|(vmm, accel)| (vmm.name(), accel))
             })
             .filter(|_| !probe_missing.get());
+        let snapshots = crate::vm::commands::check_vmm(&config)
+            .ok()
+            .and_then(|()| {
+                crate::vm::commands::choose_vmm(&config, || match &verdict {
+                    Some(v) => v.clone(),
+                    None => crate::vm::vmm::kvm::KvmVerdict::NotProbed(String::new()),
+                })
+                .ok()
+            })
+            .map(|(vmm, _)| (vmm.name(), vmm.snapshots()));
+        let snapshots = doctor::check_snapshots(snapshots, config.vm.templates);
         let accel = doctor::with_choice(accel, choice);
         let at = checks
             .iter()
             .position(|c| c.name == "vmm")
             .map_or(checks.len(), |i| i + 1);
-        checks.splice(at..at, [accel, default_image]);
+        checks.splice(at..at, [accel, snapshots, default_image]);
         // System disks: the lifecycle's own decision (device-mapper as
         // create asks it, the reflink probe of vm::disk).
         let dm = self.deps.dm.clone();
@@ -360,6 +371,17 @@ impl Core {
     }
 
     /// Start store maintenance as a job (action `org.banger.maintain`).
+    /// Delete image `reference` (as `Artifacts::delete_image`) and the
+    /// templates made of it.
+    pub async fn delete_image(&self, caller: &Caller, reference: &str) -> Result<()> {
+        let id = self.artifacts().image(reference).await.ok().map(|i| i.id);
+        self.artifacts().delete_image(caller, reference).await?;
+        if let Some(id) = id {
+            self.vms.drop_templates_of(&id).await;
+        }
+        Ok(())
+    }
+
     pub async fn maintain(&self, caller: &Caller, options: MaintainOptions) -> Result<JobId> {
         self.deps
             .authorizer

@@ -424,6 +424,9 @@ pub mod create_vm {
     /// `a(ssb)`: host folders shared with the guest: host directory,
     /// guest directory, read-only (QEMU only).
     pub const MOUNTS: &str = "mounts";
+    /// `b`: boot from the image even where a template of it could be
+    /// restored (default false).
+    pub const COLD_BOOT: &str = "cold_boot";
 }
 
 /// Keys of `VM.Set(a{sv} changes)`.
@@ -851,6 +854,8 @@ pub struct CreateVm {
     pub setup: Option<Vec<u8>>,
     /// [`create_vm::MOUNTS`].
     pub mounts: Vec<Mount>,
+    /// [`create_vm::COLD_BOOT`].
+    pub cold_boot: bool,
 }
 
 impl Default for CreateVm {
@@ -866,6 +871,7 @@ impl Default for CreateVm {
             start: true,
             setup: None,
             mounts: Vec::new(),
+            cold_boot: false,
         }
     }
 }
@@ -887,6 +893,7 @@ impl CreateVm {
                 create_vm::START,
                 create_vm::SETUP,
                 create_vm::MOUNTS,
+                create_vm::COLD_BOOT,
             ],
         )?;
         Ok(Self {
@@ -900,6 +907,7 @@ impl CreateVm {
             start: r.bool(create_vm::START)?.unwrap_or(true),
             setup: r.bytes(create_vm::SETUP)?,
             mounts: r.mounts(create_vm::MOUNTS)?.unwrap_or_default(),
+            cold_boot: r.bool(create_vm::COLD_BOOT)?.unwrap_or(false),
         })
     }
 
@@ -921,6 +929,10 @@ impl CreateVm {
             .mounts(
                 create_vm::MOUNTS,
                 (!self.mounts.is_empty()).then_some(self.mounts.as_slice()),
+            )
+            .put(
+                create_vm::COLD_BOOT,
+                self.cold_boot.then(|| Variant::from(true)),
             )
             .0
     }
@@ -1180,6 +1192,7 @@ mod tests {
                 target: "/src".into(),
                 read_only: true,
             }],
+            cold_boot: true,
         };
         assert_eq!(CreateVm::parse(&received(&create.to_dict())), Ok(create));
         assert_eq!(

@@ -46,6 +46,7 @@ bench_bed_up() {
   fi
   printf '%s\n' '[network]' 'tap_pool_size = 2' '[vm]' 'vmm = "qemu"' 'accel = "tcg"' \
     'default_image = "tiny"' 'vcpus = 1' 'memory_mib = 256' 'disk_mib = 256' \
+    "templates = ${BENCH_TEMPLATES:-false}" \
     >"$dir/config/bangerd.toml"
   export BANGERD=$repo/target/release/bangerd
   ip netns exec "$ns" "$repo/scripts/testbed" up "$dir" >/dev/null

@@ -98,6 +98,8 @@ impl KernelObject {
 #[derive(Debug)]
 pub struct ImageObject {
     image: Image,
+    /// Where templates live.
+    templates: std::path::PathBuf,
 }
 
 /// An image: a rootfs, its work-seed (the first contents of every VM's
@@ -183,6 +185,31 @@ impl ImageObject {
     fn owner_uid(&self) -> u32 {
         self.image.owner_uid
     }
+
+    /// Its templates, ready to be restored by creates of their shape:
+    /// vCPUs, memory (MiB), work disk (bytes), saved state (bytes), when
+    /// made (µs since the epoch). Announced when one is made; one removed
+    /// since shows until then.
+    #[zbus(property)]
+    async fn templates(&self) -> Vec<(u32, u32, u64, u64, i64)> {
+        let (dir, id) = (self.templates.clone(), self.image.id.clone());
+        crate::blocking::value(move || {
+            crate::vm::commands::templates_of(&dir, &id)
+                .into_iter()
+                .map(|t| {
+                    (
+                        t.vcpus,
+                        t.memory_mib,
+                        t.disk_bytes,
+                        t.state_bytes,
+                        t.made_at,
+                    )
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
 }
 
 /// Object path of a resource.
@@ -213,7 +240,13 @@ pub async fn publish_all(server: &ObjectServer, core: &Arc<Core>) -> zbus::Resul
         .map_err(|e| zbus::Error::Failure(e.message))?;
     for i in images {
         server
-            .at(image_path(&i.id), ImageObject { image: i })
+            .at(
+                image_path(&i.id),
+                ImageObject {
+                    image: i,
+                    templates: core.vms().templates(),
+                },
+            )
             .await?;
     }
     Ok(())
@@ -246,8 +279,10 @@ pub async fn refresh(server: &ObjectServer, core: &Arc<Core>, r: &Resource) -> z
                     object.rootfs_bytes_changed(&emitter).await?;
                     object.work_seed_changed(&emitter).await?;
                     object.work_seed_sha256_changed(&emitter).await?;
+                    object.templates_changed(&emitter).await?;
                 } else {
-                    server.at(&path, ImageObject { image }).await?;
+                    let templates = core.vms().templates();
+                    server.at(&path, ImageObject { image, templates }).await?;
                 }
             }
             Err(_) => {

@@ -323,7 +323,6 @@ impl ManagerObject {
         let caller = caller(conn, &header).await?;
         let id = self.core.artifacts().image(&image).await.ok().map(|i| i.id);
         self.core
-            .artifacts()
             .delete_image(&caller, &image)
             .await
             .map_err(to_wire)?;
@@ -372,6 +371,7 @@ impl ManagerObject {
             start: o.start,
             setup: o.setup,
             mounts: o.mounts.into_iter().map(super::mount_in).collect(),
+            cold_boot: o.cold_boot,
         };
         let made = self.core.vms().create_vm(&caller, req).await;
         super::vm::answer_new(conn, &self.core, made).await

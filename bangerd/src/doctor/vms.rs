@@ -226,6 +226,39 @@ pub fn with_choice(
     }
 }
 
+/// `snapshots`: whether the VMM create picks can save and load running
+/// guests (suspend, fork, templates), and whether templates are on.
+/// `vmm`: that VMM's name and whether it can; `None` when there is none.
+pub fn check_snapshots(vmm: Option<(&str, bool)>, templates: bool) -> Check {
+    const NAME: &str = "snapshots";
+    match vmm {
+        None => Check::warn(
+            NAME,
+            "no VMM to save guests with".to_owned(),
+            "see the vmm check",
+        ),
+        Some((vmm, false)) => Check::warn(
+            NAME,
+            format!(
+                "{vmm} cannot save running guests in banger yet: vm suspend and vm fork refuse, and every create boots"
+            ),
+            "set vm.vmm = \"qemu\" in bangerd.toml for suspend, fork and templates",
+        ),
+        Some((vmm, true)) if templates => Check::pass(
+            NAME,
+            format!(
+                "{vmm} saves and loads running guests: vm suspend, vm fork, and creates that restore a template of their image (vm.templates)"
+            ),
+        ),
+        Some((vmm, true)) => Check::pass(
+            NAME,
+            format!(
+                "{vmm} saves and loads running guests: vm suspend and vm fork; templates are off (vm.templates = false), so every create boots"
+            ),
+        ),
+    }
+}
+
 /// Where `vm create` gets the default image when it is not here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageFallback {
@@ -594,6 +627,19 @@ mod tests {
     /// doctor reports create's own VMM choice: a pair create refuses
     /// (Firecracker under `tcg`) fails the check with create's words, and
     /// what create picks is named.
+
+    #[test]
+    fn snapshots_follow_the_vmm_and_the_templates_switch() {
+        assert_eq!(check_snapshots(None, true).verdict, Verdict::Warn);
+        let fc = check_snapshots(Some(("firecracker", false)), true);
+        assert_eq!(fc.verdict, Verdict::Warn);
+        assert!(fc.detail.contains("every create boots"), "{}", fc.detail);
+        let on = check_snapshots(Some(("qemu", true)), true);
+        assert_eq!(on.verdict, Verdict::Pass);
+        assert!(on.detail.contains("template"), "{}", on.detail);
+        let off = check_snapshots(Some(("qemu", true)), false);
+        assert!(off.detail.contains("templates are off"), "{}", off.detail);
+    }
 
     #[test]
     fn the_accel_check_carries_creates_choice() {

@@ -267,6 +267,8 @@ pub struct VmRequest {
     pub setup: Option<Vec<u8>>,
     /// Host folders to share.
     pub mounts: Vec<Mount>,
+    /// Boot from the image even where a template could be restored.
+    pub cold_boot: bool,
 }
 
 /// Check a VM's host folders: at most [`vmm::virtiofs::MAX_SHARES`],

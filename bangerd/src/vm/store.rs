@@ -226,7 +226,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::artifacts::{Image, Kernel};
     use std::path::PathBuf;

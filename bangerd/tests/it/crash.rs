@@ -99,9 +99,20 @@ fn inconsistencies(env: &Env) -> Vec<String> {
             if name.ends_with(".restore")
                 || name == "restore.ready"
                 || name.starts_with("snapshots/.partial-")
+                || name.starts_with("suspend.") && name.ends_with(".tmp")
+                || name == "suspend.tmp"
             {
                 wrong.push(format!("{name} left in the directory of vm {id}"));
             }
+        }
+        // Saved memory exactly where the VM says it is suspended.
+        let saved = dir.join("suspend.state").exists() && dir.join("suspend.key").exists();
+        let said = vms
+            .iter()
+            .find(|v| v["id"] == id.as_str())
+            .is_some_and(|v| v["suspended"] == true);
+        if saved != said {
+            wrong.push(format!("vm {id}: saved memory {saved}, suspended {said}"));
         }
     }
     // TAPs: the pool's and the running VMs'.
@@ -287,6 +298,11 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
     let folders = stages(&env, &["vm", "start", "crash"]);
     assert!(folders.iter().any(|s| s == "host folders"), "{folders:?}");
     env.ok(&["vm", "delete", "crash"]);
+    env.ok(&["vm", "create", "--name", "crash"]);
+    let suspend = stages(&env, &["vm", "suspend", "crash"]);
+    let resume = stages(&env, &["vm", "start", "crash"]);
+    assert!(resume.iter().any(|s| s == "restore"), "{resume:?}");
+    env.ok(&["vm", "delete", "crash"]);
     eprintln!(
         "create {create:?}\nstart {start:?}\nstop {stop:?}\ndelete {delete:?}\n\
          clone {clone:?}\nsnapshot {snapshot:?}\nrestore {restore:?}\nfolders {folders:?}"
@@ -325,6 +341,13 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
             "snapshot",
         ),
         ("folders", vec!["vm", "start", "crash"], &folders, "folders"),
+        (
+            "suspend",
+            vec!["vm", "suspend", "crash"],
+            &suspend,
+            "running",
+        ),
+        ("resume", vec!["vm", "start", "crash"], &resume, "suspended"),
     ];
     let mut report = Vec::new();
     for (op, args, op_stages, before) in cases {
@@ -346,6 +369,10 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
                 }
                 "folders" => {
                     env.ok(&with_folder);
+                }
+                "suspended" => {
+                    env.ok(&["vm", "create", "--name", "crash"]);
+                    env.ok(&["vm", "suspend", "crash"]);
                 }
                 _ => {}
             }

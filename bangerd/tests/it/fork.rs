@@ -6,13 +6,14 @@
 
 use crate::vm_lifecycle::{Env, setup_with};
 
-fn guest(env: &Env, vm: &str, script: &str) -> String {
+/// `script` run by `sh` in VM `vm`; its output.
+pub(crate) fn guest(env: &Env, vm: &str, script: &str) -> String {
     env.ok(&["vm", "exec", vm, "--", "sh", "-c", script])
 }
 
 /// What a guest says of itself, one item per line: hostname, VM id,
 /// machine id, host key digest, address, MAC, 32 random bytes.
-fn identity(env: &Env, vm: &str) -> Vec<String> {
+pub(crate) fn identity(env: &Env, vm: &str) -> Vec<String> {
     guest(
         env,
         vm,
@@ -72,23 +73,8 @@ fn forks_go_on_from_their_source_with_identities_of_their_own() {
             "disk\nmem\nalive\n",
             "{kid}"
         );
-        let me = identity(&env, kid);
-        assert_eq!(me[0], kid, "hostname: {me:?}");
-        assert_eq!(me[1], id, "vm id: {me:?}");
+        let me = own_identity(&env, kid, &seen);
         assert_eq!(me[2], banger_machine_id(id), "machine id: {me:?}");
-        assert_eq!(me[4], vm["ipv4"].as_str().unwrap(), "address: {me:?}");
-        assert_eq!(me[5], vm["mac"].as_str().unwrap(), "mac: {me:?}");
-        for other in &seen {
-            for (i, what) in [
-                (2, "machine id"),
-                (3, "host key"),
-                (4, "address"),
-                (5, "mac"),
-                (6, "random bytes"),
-            ] {
-                assert_ne!(me[i], other[i], "{kid} shares its {what} with {other:?}");
-            }
-        }
         // SSH with the host key banger pinned for this VM.
         assert_eq!(
             env.ok(&["vm", "ssh", kid, "--", "echo", "ssh"]).trim(),
@@ -116,6 +102,30 @@ fn forks_go_on_from_their_source_with_identities_of_their_own() {
     );
     let after = identity(&env, "src");
     assert_eq!(after[..6], source[..6], "the source changed");
+}
+
+/// VM `vm`'s [`identity`], checked: its own name, id, address and MAC
+/// as bangerd records them, and no machine id, host key, address, MAC or
+/// random bytes shared with any of `seen`.
+pub(crate) fn own_identity(env: &Env, vm: &str, seen: &[Vec<String>]) -> Vec<String> {
+    let record = env.vm(vm);
+    let me = identity(env, vm);
+    assert_eq!(me[0], vm, "hostname: {me:?}");
+    assert_eq!(me[1], record["id"].as_str().unwrap(), "vm id: {me:?}");
+    assert_eq!(me[4], record["ipv4"].as_str().unwrap(), "address: {me:?}");
+    assert_eq!(me[5], record["mac"].as_str().unwrap(), "mac: {me:?}");
+    for other in seen {
+        for (i, what) in [
+            (2, "machine id"),
+            (3, "host key"),
+            (4, "address"),
+            (5, "mac"),
+            (6, "random bytes"),
+        ] {
+            assert_ne!(me[i], other[i], "{vm} shares its {what} with {other:?}");
+        }
+    }
+    me
 }
 
 /// The machine id banger gives VM `id` (as `systemd.machine_id=`).

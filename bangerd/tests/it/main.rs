@@ -31,6 +31,7 @@ mod sandbox;
 mod scale;
 mod suspend;
 mod systemd_units;
+mod template;
 mod trust;
 mod tui;
 mod update;

@@ -129,7 +129,13 @@ pub(crate) fn setup_with(extra: &str) -> Env {
     let seed = guest_artifact("tiny/work-seed.ext4", "build-tiny-image");
     let ns = NetNs::new("bgvm");
     let bed = TestBed::start(Options {
-        config_toml: Some(config() + extra),
+        // Templates only where a test asks for them: they boot a second
+        // guest after a VM's first create.
+        config_toml: Some(if extra.contains("templates") {
+            config() + extra
+        } else {
+            config() + "templates = false\n" + extra
+        }),
         netns: Some(ns.name().to_owned()),
         ..Options::default()
     })
@@ -176,6 +182,13 @@ fn a_vm_lives_and_dies_with_nothing_left_behind() {
     assert_eq!(check("accel")["verdict"], "pass", "{doctor}");
     assert!(check("accel")["detail"].as_str().unwrap().contains("tcg"));
     assert!(check("vmm")["detail"].as_str().unwrap().contains("qemu"));
+    assert_eq!(check("snapshots")["verdict"], "pass", "{doctor}");
+    assert!(
+        check("snapshots")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("templates are off")
+    );
 
     // Create: every stage is reported with its time. An extra key from
     // --ssh-key joins the CLI's own in root's authorized_keys.

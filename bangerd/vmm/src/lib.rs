@@ -188,7 +188,8 @@ pub struct LaunchSpec {
     pub paths: VmPaths,
     /// The system disk the VMM opens: a file, or a snapshot's device.
     pub system_disk: PathBuf,
-    /// The TAP to attach, with the guest MAC.
+    /// The TAP to attach, with the guest MAC; an empty TAP name gives a
+    /// NIC connected to nothing (QEMU).
     pub net: Option<(String, String)>,
     /// KVM or software emulation.
     pub accel: Accel,
@@ -276,6 +277,13 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
         Box::pin(async move { Err(no_snapshots(self.name())) })
     }
 
+    /// Whether the VMM still waits for the state [`Vmm::restore`] gives
+    /// it (a restore cut short leaves one that never runs a guest).
+    fn awaits_state<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, bool> {
+        let _ = paths;
+        Box::pin(async { false })
+    }
+
     /// Ask the VMM to exit at once (after a [`Vmm::save`]).
     fn quit<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>> {
         let _ = paths;
@@ -345,8 +353,12 @@ pub struct VmPaths {
 impl VmPaths {
     /// Paths of VM `id`.
     pub fn new(state: &Path, runtime: &Path, id: &str) -> Self {
-        let dir = vms_dir(state).join(id);
-        let run = runtime.join("vms").join(id);
+        Self::in_dirs(vms_dir(state).join(id), runtime.join("vms").join(id))
+    }
+
+    /// The files of a VM (or a template) kept in `dir`, its sockets in
+    /// `run`.
+    pub fn in_dirs(dir: PathBuf, run: PathBuf) -> Self {
         Self {
             system_disk: dir.join("system.ext4"),
             system_cow: dir.join("system.cow"),

@@ -174,7 +174,12 @@ impl Qemu {
             ]);
         }
         if let Some((tap, mac)) = &spec.net {
-            let netdev = if jailed {
+            let netdev = if tap.is_empty() {
+                // A NIC with nothing behind it (a template's): the device
+                // is there for the guests restored from it, which get a
+                // TAP of their own.
+                "hubport,id=net0,hubid=0".to_owned()
+            } else if jailed {
                 pass(fds::TAP, Source::Tap { name: tap.clone() });
                 format!("tap,id=net0,fd={}", fds::TAP)
             } else {
@@ -583,6 +588,15 @@ impl Vmm for Qemu {
             let mut qmp = Qmp::connect(&paths.control_socket, Duration::from_secs(5)).await?;
             qmp.execute("cont", None).await?;
             Ok(())
+        })
+    }
+
+    fn awaits_state<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            match Qmp::connect(&paths.control_socket, Duration::from_secs(2)).await {
+                Ok(mut qmp) => qmp.status().await.is_ok_and(|s| s == "inmigrate"),
+                Err(_) => false,
+            }
         })
     }
 

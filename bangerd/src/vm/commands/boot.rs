@@ -79,7 +79,7 @@ pub fn kernel_cmdline(
     kernel: &Kernel,
     image: &Image,
     (id, name): (&str, &str),
-    ip_arg: &str,
+    ip_arg: Option<&str>,
     accel: Accel,
 ) -> String {
     let mut args = vec![
@@ -91,15 +91,17 @@ pub fn kernel_cmdline(
         "rootfstype=ext4".to_owned(),
         "tsc=unstable".to_owned(),
         format!("banger.hostname={name}"),
-        format!("banger.ip={ip_arg}"),
         format!("banger.id={id}"),
         format!("systemd.machine_id={}", crate::vm::machine_id(id)),
     ];
-    // With an initramfs the NIC driver is a module: the kernel's own ip=
-    // would wait minutes for it, so only banger.ip= (read by the guest's
-    // init) is given then.
-    if kernel.initrd.is_none() {
-        args.push(format!("ip={ip_arg}"));
+    if let Some(ip_arg) = ip_arg {
+        args.push(format!("banger.ip={ip_arg}"));
+        // With an initramfs the NIC driver is a module: the kernel's own
+        // ip= would wait minutes for it, so only banger.ip= (read by the
+        // guest's init) is given then.
+        if kernel.initrd.is_none() {
+            args.push(format!("ip={ip_arg}"));
+        }
     }
     // Under software emulation on a busy host the kernel's TSC calibration
     // against the PIT can spin for minutes (TESTBED.md): give it a
@@ -206,6 +208,7 @@ impl Vms {
         base: f64,
         quota: bool,
     ) -> Result<()> {
+        let origin = self.saved_origin(id).await;
         let mut result = self.boot_once(ctx, id, base, quota).await;
         // A saved state that does not load is dropped; the VM boots from
         // its disks as after a power cut.
@@ -215,6 +218,18 @@ impl Vms {
                 .await?;
             ctx.progress(&e.message, base, None);
             self.drop_suspend(id).await?;
+            // A template's work disk has no keys: the guest was to get
+            // them through the agent. A template that does not load is
+            // made again after this boot.
+            if let Some(template) = origin.as_deref().and_then(|o| o.strip_prefix("template-")) {
+                self.remove_template(template).await;
+                let vm = self.vm_by_id(id).await?;
+                let (tools, work) = (self.tools.clone(), self.vm_paths(id).work_disk);
+                blocking(move || {
+                    crate::vm::disk::write_authorized_keys(&*tools, &work, &vm.ssh_keys)
+                })
+                .await?;
+            }
             result = self.boot_once(ctx, id, base, quota).await;
         }
         // A guest whose console went silent before its agent answered is
@@ -338,7 +353,7 @@ impl Vms {
                     &kernel,
                     &image,
                     (&vm.id, &vm.name),
-                    &vmnet.ip_arg,
+                    Some(&vmnet.ip_arg),
                     accel,
                 ),
                 vcpus: vm.vcpus,
@@ -569,7 +584,7 @@ mod tests {
             &kernel(true),
             &image(Some("/sbin/banger-init")),
             ("0123456789abcdef", "web"),
-            ip,
+            Some(ip),
             Accel::Kvm,
         );
         assert!(with_initrd.contains(&format!("banger.ip={ip}")));
@@ -577,6 +592,14 @@ mod tests {
         assert!(with_initrd.ends_with("init=/sbin/banger-init"));
         assert!(with_initrd.contains("banger.hostname=web"));
         assert!(with_initrd.contains(" banger.id=0123456789abcdef "));
+        let template = kernel_cmdline(
+            &kernel(false),
+            &image(None),
+            ("0123456789abcdef", "template"),
+            None,
+            Accel::Tcg,
+        );
+        assert!(!template.contains("ip="), "{template}");
         let machine_id = crate::vm::machine_id("0123456789abcdef");
         assert!(with_initrd.contains(&format!(" systemd.machine_id={machine_id} ")));
         assert!(with_initrd.starts_with("console=ttyS0 "));
@@ -588,7 +611,7 @@ mod tests {
             &kernel(false),
             &image(None),
             ("0123456789abcdef", "web"),
-            ip,
+            Some(ip),
             Accel::Tcg,
         );
         assert!(built_in.contains(&format!(" ip={ip}")));

@@ -118,13 +118,16 @@ impl Vms {
         let claim = self.claim_vm(&vm)?;
         let start = req.start;
         let setup = req.setup;
+        let cold_boot = req.cold_boot;
         let job = self.jobs().start_cooperative(
             "create-vm",
             caller.uid,
             Action::VmCreate,
             move |ctx| async move {
                 let _claim = claim;
-                let made = core.build_vm(&ctx, &vm, start, setup, quota).await;
+                let made = core
+                    .build_vm(&ctx, &vm, (start, cold_boot), setup, quota)
+                    .await;
                 core.finish_new(&ctx, &vm, made, start, "create").await
             },
         );
@@ -209,13 +212,30 @@ impl Vms {
         self: &Arc<Self>,
         ctx: &JobContext,
         vm: &Vm,
-        start: bool,
+        (start, cold_boot): (bool, bool),
         setup: Option<Vec<u8>>,
         quota: bool,
     ) -> Result<()> {
         ctx.stage("resolve image", 0.0).await?;
         let image = self.artifacts.ensure_work_seed(&vm.image_id).await?;
         let paths = self.vm_paths(&vm.id);
+        // A template of this image and shape: its disks, and its guest
+        // restored and renewed instead of a boot.
+        if start && !cold_boot {
+            let kernel = self.artifacts.kernel_by_id(&vm.kernel_id).await?;
+            if let Ok((vmm, accel, _)) = self.pick_vmm(&kernel).await
+                && let Some(template) = self.usable_template(vm, vmm.as_ref(), accel, &kernel).await
+            {
+                self.disks_from_template(ctx, vm, &template).await?;
+                if let Some(script) = setup {
+                    self.keep_setup(&vm.id, script).await?;
+                }
+                self.boot(ctx, &vm.id, 0.3, quota).await?;
+                // One that did not load is gone: made again.
+                self.make_template_later(vm).await;
+                return Ok(());
+            }
+        }
 
         ctx.stage("system disk", 0.1).await?;
         let (rootfs, sys, cow) = (
@@ -265,6 +285,10 @@ impl Vms {
         }
         if start {
             self.boot(ctx, &vm.id, 0.3, quota).await?;
+            // Later creates of this image and shape restore instead.
+            if !cold_boot {
+                self.make_template_later(vm).await;
+            }
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ mod setup;
 mod snapshots;
 mod stats;
 mod suspend;
+mod template;
 mod vmm_choice;
 mod watcher;
 
@@ -31,6 +32,7 @@ pub use fork::MAX_FORKS;
 pub use forward::MAX_FORWARDS;
 pub use snapshots::{DiskSnapshot, MAX_SNAPSHOTS};
 pub use stats::VmStats;
+pub use template::{TemplateInfo, templates_dir, templates_of};
 pub use vmm_choice::{check_vmm, choose_vmm, jailer_of, vmm_named};
 
 use std::collections::{HashMap, HashSet};
@@ -129,6 +131,8 @@ struct VmRuntime {
     forward_changes: tokio::sync::Mutex<()>,
     /// Streams open through each VM's agent.
     streams: Mutex<HashMap<String, u32>>,
+    /// Templates being made.
+    making: template::Making,
 }
 
 /// One open stream through a VM's agent ([`Vms::stream_slot`]); frees its

@@ -1,6 +1,6 @@
 //! Reconciliation: a restarted bangerd made consistent with what runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,11 @@ impl Vms {
     /// does not account for.
     pub async fn reconcile_vms(self: &Arc<Self>) -> Result<()> {
         let vms = self.list().await?;
+        let starting: HashSet<String> = vms
+            .iter()
+            .filter(|v| v.state == VmState::Starting)
+            .map(|v| v.id.clone())
+            .collect();
         // Before any is removed: a VM half deleted stops its own.
         self.resume_forwards(&vms);
         // Settled once no VMM the store does not account for runs.
@@ -31,10 +36,13 @@ impl Vms {
             .filter(|v| v.state == VmState::Stopped)
             .cloned()
             .collect();
-        // A VMM names its runtime directory, or (jailed QEMU) its files.
+        // A VMM names its runtime directory, or (jailed QEMU) its files;
+        // a template's VMM its runtime directory under `templates` (it is
+        // of no VM, so it is stopped: its job died with the last run).
         let runs = [
             self.dirs.runtime.join("vms"),
             crate::vm::vmm::vms_dir(&self.dirs.state),
+            self.dirs.runtime.join("templates"),
         ];
         let mut seen: HashMap<String, ProcessId> = match self.supervisor.running(&runs).await {
             Ok(running) => running.into_iter().collect(),
@@ -129,10 +137,9 @@ impl Vms {
         }
         // A restore or snapshot the last run did not finish.
         self.settle_disks(&stopped).await;
-        // A suspend or resume it did not finish.
-        if let Err(e) = self.settle_suspends().await {
-            tracing::error!("cannot settle the suspended vms: {e}");
-        }
+        // Templates it did not finish, or of images that are gone.
+        self.settle_templates().await;
+
         // VMMs of no VM at all (its row is gone).
         for (id, p) in seen {
             tracing::warn!(banger_vm_id = %id, pid = p.pid, "a vmm runs for a vm banger has no record of; stopping it");
@@ -152,6 +159,12 @@ impl Vms {
                     tracing::warn!(banger_vm_id = %vm.id, "cannot restore its name and NAT: {e}");
                 }
             }
+        }
+        // A suspend or resume it did not finish: last, once the VMs it
+        // adopted have their network, so that one stopped here gives it
+        // back as any VM does.
+        if let Err(e) = self.settle_suspends(&starting).await {
+            tracing::error!("cannot settle the suspended vms: {e}");
         }
         Ok(())
     }

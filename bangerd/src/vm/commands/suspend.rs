@@ -367,6 +367,16 @@ impl Vms {
         Ok(origin.filter(|o| *o != vm.id))
     }
 
+    /// The VM (or `template-<id>`) VM `id`'s saved state came from, when
+    /// it has one from elsewhere.
+    pub(super) async fn saved_origin(&self, id: &str) -> Option<String> {
+        let paths = self.vm_paths(id);
+        blocking(move || Ok(read_key(&paths).ok().and_then(|(_, origin)| origin)))
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Drop VM `id`'s saved state (its disks are about to change under
     /// it): its next start boots.
     pub(super) async fn drop_suspend(&self, id: &str) -> Result<()> {
@@ -385,7 +395,12 @@ impl Vms {
     /// is removed, and a guest paused for it runs again; a guest whose
     /// state was saved in full has its VMM stopped; every VM's
     /// `suspended` says whether its directory holds a complete state.
-    pub(super) async fn settle_suspends(&self) -> Result<()> {
+    /// `starting`: the VMs the last run left starting, the only ones a
+    /// resume can have been cut short in.
+    pub(super) async fn settle_suspends(
+        &self,
+        starting: &std::collections::HashSet<String>,
+    ) -> Result<()> {
         let vms = self.list().await?;
         let config = self.config();
         for vm in vms {
@@ -402,6 +417,19 @@ impl Vms {
             })
             .await?;
             if vm.state.has_process() {
+                // A resume cut short after the state left the directory:
+                // its VMM waits for a guest that never comes.
+                if starting.contains(&vm.id)
+                    && let Ok(vmm) = vmm_named(&config, vm.vmm)
+                    && vmm.awaits_state(&paths).await
+                {
+                    tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "a resume was cut short; stopping its vmm");
+                    self.halt(&vm.id).await;
+                    if vm.suspended != complete {
+                        self.modify(&vm.id, move |v| v.suspended = complete).await?;
+                    }
+                    continue;
+                }
                 if complete {
                     tracing::warn!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "finishing a suspend an earlier run left: stopping its paused vmm");
                     self.modify(&vm.id, |v| v.suspended = true).await?;
