@@ -9,6 +9,7 @@
 mod clock;
 mod exec;
 mod handlers;
+mod nic;
 mod renew;
 mod serve;
 

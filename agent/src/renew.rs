@@ -138,9 +138,19 @@ fn renew_blocking(identity: &Identity) -> Result<Vec<(String, u64)>, AgentError>
     })?;
     step("files", &mut || write_files(Path::new("/"), identity))?;
     step("network", &mut || readdress(identity))?;
-    step("host keys", &mut || renew_host_keys(Path::new("/")))?;
-    step("ssh", &mut restart_ssh)?;
-    nix::unistd::sync();
+    let listeners = ssh_listeners(Path::new("/proc"));
+    let mut restart = Vec::new();
+    step("host keys", &mut || {
+        restart = renew_host_keys(Path::new("/"), &listeners)?;
+        Ok(())
+    })?;
+    step("ssh", &mut || restart_ssh(&restart))?;
+    // On disk before anyone logs in: a VM killed later must not come
+    // back with the template's keys.
+    step("sync", &mut || {
+        nix::unistd::sync();
+        Ok(())
+    })?;
     Ok(steps)
 }
 
@@ -247,25 +257,39 @@ fn run(program: &str, args: &[&str]) -> Result<(), AgentError> {
 }
 
 /// The NIC gets its new MAC and only its new address, and the default
-/// route its new gateway.
+/// route its new gateway (netlink, on the runtime this blocking task
+/// belongs to).
 fn readdress(identity: &Identity) -> Result<(), AgentError> {
-    let dev = identity.device.as_str();
-    run("ip", &["link", "set", "dev", dev, "down"])?;
-    run("ip", &["link", "set", "dev", dev, "address", &identity.mac])?;
-    run("ip", &["-4", "addr", "flush", "dev", dev])?;
-    run("ip", &["link", "set", "dev", dev, "up"])?;
-    run("ip", &["addr", "add", &identity.address, "dev", dev])?;
-    if let Some(gw) = &identity.gateway {
-        run(
-            "ip",
-            &["route", "replace", "default", "via", gw, "dev", dev],
-        )?;
-    }
-    Ok(())
+    let (address, prefix) = parse_cidr(&identity.address)?;
+    let gateway = identity
+        .gateway
+        .as_deref()
+        .map(|g| {
+            g.parse::<Ipv4Addr>()
+                .map_err(|_| invalid(format!("{g:?} is not an IPv4 address")))
+        })
+        .transpose()?;
+    let nic = crate::nic::Nic {
+        device: &identity.device,
+        mac: parse_mac(&identity.mac)?,
+        address,
+        prefix,
+        gateway,
+    };
+    tokio::runtime::Handle::current()
+        .block_on(crate::nic::readdress(&nic))
+        .map_err(|e| failed("network", e))
 }
 
-/// New SSH host keys of every type there is, for dropbear and OpenSSH.
-pub fn renew_host_keys(root: &Path) -> Result<(), AgentError> {
+/// New SSH host keys of every type there is, for dropbear and OpenSSH;
+/// returns the listeners that must start again to serve them.
+///
+/// A dropbear listener that makes its keys as needed (`-R`, no `-r`)
+/// and found none at its start reads the key files at each connection:
+/// its keys are removed rather than made, so the first connection makes
+/// fresh ones. With no key on disk it cannot hold one in memory, and it
+/// goes on without a restart (the template's case: nobody connected).
+pub fn renew_host_keys(root: &Path, listeners: &[Listener]) -> Result<Vec<Listener>, AgentError> {
     let keys = |dir: &str, prefix: &str, suffix: &str| -> Vec<(String, std::path::PathBuf)> {
         let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
             return Vec::new();
@@ -281,9 +305,19 @@ pub fn renew_host_keys(root: &Path) -> Result<(), AgentError> {
         found.sort();
         found
     };
-    for (kind, path) in keys("etc/dropbear", "dropbear_", "_host_key") {
-        let _ = std::fs::remove_file(&path);
-        run("dropbearkey", &["-t", &kind, "-f", &path.to_string_lossy()])?;
+    let dropbear: Vec<&Listener> = listeners.iter().filter(|l| l.name == "dropbear").collect();
+    let per_connection = !dropbear.is_empty() && dropbear.iter().all(|l| l.keys_per_connection);
+    let dropbear_keys = keys("etc/dropbear", "dropbear_", "_host_key");
+    for (kind, path) in &dropbear_keys {
+        std::fs::remove_file(path)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| failed(&format!("cannot remove {}", path.display()), e))?;
+        if !per_connection {
+            run("dropbearkey", &["-t", kind, "-f", &path.to_string_lossy()])?;
+        }
     }
     for (kind, path) in keys("etc/ssh", "ssh_host_", "_key") {
         let _ = std::fs::remove_file(&path);
@@ -294,13 +328,17 @@ pub fn renew_host_keys(root: &Path) -> Result<(), AgentError> {
             &["-q", "-t", &kind, "-N", "", "-f", &path.to_string_lossy()],
         )?;
     }
-    Ok(())
+    Ok(listeners
+        .iter()
+        .filter(|l| !(per_connection && l.name == "dropbear" && dropbear_keys.is_empty()))
+        .cloned()
+        .collect())
 }
 
 /// The SSH server started again, so that it serves the new host keys:
-/// through systemd where it runs; elsewhere its listeners are ended and
-/// the init respawns them (started here when nothing does).
-fn restart_ssh() -> Result<(), AgentError> {
+/// through systemd where it runs; elsewhere the `listeners` are ended
+/// and the init respawns them (started here when nothing does).
+fn restart_ssh(listeners: &[Listener]) -> Result<(), AgentError> {
     if Path::new("/run/systemd/system").is_dir() {
         return run(
             "systemctl",
@@ -312,11 +350,11 @@ fn restart_ssh() -> Result<(), AgentError> {
             ],
         );
     }
-    let listeners = ssh_listeners(Path::new("/proc"));
     if listeners.is_empty() {
         return Ok(());
     }
-    for (pid, _) in &listeners {
+    let pids: Vec<i32> = listeners.iter().map(|l| l.pid).collect();
+    for pid in &pids {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(*pid),
             nix::sys::signal::Signal::SIGTERM,
@@ -326,13 +364,12 @@ fn restart_ssh() -> Result<(), AgentError> {
     while Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));
         let now = ssh_listeners(Path::new("/proc"));
-        if !now.is_empty() && now.iter().all(|p| !listeners.contains(p)) {
+        if !now.is_empty() && now.iter().all(|l| !pids.contains(&l.pid)) {
             return Ok(());
         }
     }
     // Nobody respawned it: start it as the init would have.
-    let program = &listeners[0].1;
-    if program == "dropbear" {
+    if listeners[0].name == "dropbear" {
         run("/usr/sbin/dropbear", &["-R", "-E", "-p", "22"])
     } else {
         std::fs::create_dir_all("/run/sshd").map_err(|e| failed("/run/sshd", e))?;
@@ -340,24 +377,76 @@ fn restart_ssh() -> Result<(), AgentError> {
     }
 }
 
-/// The SSH servers' listening processes (children of PID 1 named
-/// `dropbear` or `sshd`): pid and name.
-pub fn ssh_listeners(proc_root: &Path) -> Vec<(i32, String)> {
+/// An SSH server's listening process: a child of PID 1 named
+/// `dropbear` or `sshd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub pid: i32,
+    pub name: String,
+    /// dropbear with `-R` and no `-r`: it reads the default key files
+    /// at each connection unless it found them at its start.
+    pub keys_per_connection: bool,
+}
+
+/// The SSH servers' listening processes under `proc_root`.
+pub fn ssh_listeners(proc_root: &Path) -> Vec<Listener> {
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return Vec::new();
     };
-    let mut found: Vec<(i32, String)> = entries
+    let mut found: Vec<Listener> = entries
         .filter_map(Result::ok)
         .filter_map(|e| {
             let pid: i32 = e.file_name().to_str()?.parse().ok()?;
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
             let (name, rest) = parse_stat(&stat)?;
             let ppid: i32 = rest.split_whitespace().nth(1)?.parse().ok()?;
-            (ppid == 1 && (name == "dropbear" || name == "sshd")).then(|| (pid, name.to_owned()))
+            if ppid != 1 || (name != "dropbear" && name != "sshd") {
+                return None;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .skip(1)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            Some(Listener {
+                pid,
+                name: name.to_owned(),
+                keys_per_connection: name == "dropbear" && makes_keys_as_needed(&args),
+            })
         })
         .collect();
-    found.sort();
+    found.sort_by_key(|l| l.pid);
     found
+}
+
+/// Whether dropbear's arguments have `-R` (make host keys as needed)
+/// and no `-r` (a key file named, loaded at start). Flags may be
+/// combined (`-FER`); an option's value is the rest of its argument or
+/// the next one.
+fn makes_keys_as_needed(args: &[String]) -> bool {
+    const WITH_VALUE: &[char] = &['b', 'c', 'G', 'I', 'K', 'p', 'P', 'r', 'T', 'W'];
+    let (mut as_needed, mut named) = (false, false);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let Some(flags) = arg.strip_prefix('-') else {
+            continue;
+        };
+        for (i, c) in flags.char_indices() {
+            match c {
+                'R' => as_needed = true,
+                'r' => named = true,
+                _ => {}
+            }
+            if WITH_VALUE.contains(&c) {
+                if i + c.len_utf8() == flags.len() {
+                    args.next();
+                }
+                break;
+            }
+        }
+    }
+    as_needed && !named
 }
 
 /// `/proc/PID/stat`: the command name (in parentheses, which it may
@@ -459,21 +548,91 @@ mod tests {
     #[test]
     fn ssh_listeners_are_the_servers_init_started() {
         let proc_root = tempfile::tempdir().expect("tempdir");
-        for (pid, stat) in [
-            (10, "10 (dropbear) S 1 10 10 0"),
-            (11, "11 (dropbear) S 10 10 10 0"),
-            (12, "12 (sshd) S 1 12 12 0"),
-            (13, "13 (sh) S 1 13 13 0"),
-            (14, "14 (odd) name) S 1 14 14 0"),
+        for (pid, stat, cmdline) in [
+            (
+                10,
+                "10 (dropbear) S 1 10 10 0",
+                "dropbear\0-F\0-E\0-R\0-p\x0022\0",
+            ),
+            (11, "11 (dropbear) S 10 10 10 0", "dropbear\0-R\0"),
+            (12, "12 (sshd) S 1 12 12 0", "sshd\0-R\0"),
+            (13, "13 (sh) S 1 13 13 0", "sh\0"),
+            (14, "14 (odd) name) S 1 14 14 0", ""),
+            (15, "15 (dropbear) S 1 15 15 0", "dropbear\0-FER\0-r\0/k\0"),
         ] {
             let dir = proc_root.path().join(pid.to_string());
             std::fs::create_dir_all(&dir).expect("dir");
             std::fs::write(dir.join("stat"), stat).expect("stat");
+            std::fs::write(dir.join("cmdline"), cmdline).expect("cmdline");
         }
         std::fs::create_dir_all(proc_root.path().join("self")).expect("self");
+        let listener = |pid, name: &str, keys_per_connection| Listener {
+            pid,
+            name: name.to_owned(),
+            keys_per_connection,
+        };
         assert_eq!(
             ssh_listeners(proc_root.path()),
-            vec![(10, "dropbear".to_owned()), (12, "sshd".to_owned())]
+            vec![
+                listener(10, "dropbear", true),
+                listener(12, "sshd", false),
+                listener(15, "dropbear", false),
+            ]
+        );
+    }
+
+    #[test]
+    fn dropbear_makes_keys_as_needed_only_with_r_and_no_key_file() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        for (a, want) in [
+            (args(&["-F", "-E", "-R", "-p", "22"]), true),
+            (args(&["-FER", "-p22"]), true),
+            // -p's value is the next argument, not flags.
+            (args(&["-p", "-R"]), false),
+            (args(&["-R", "-r", "/etc/dropbear/k"]), false),
+            (args(&["-Rr/etc/dropbear/k"]), false),
+            (args(&["-F", "-E"]), false),
+            // A value that looks like -r is a value.
+            (args(&["-R", "-b", "-r"]), true),
+        ] {
+            assert_eq!(makes_keys_as_needed(&a), want, "{a:?}");
+        }
+    }
+
+    #[test]
+    fn keys_made_per_connection_are_removed_and_their_listener_goes_on() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let keys = root.path().join("etc/dropbear");
+        let lazy = Listener {
+            pid: 10,
+            name: "dropbear".into(),
+            keys_per_connection: true,
+        };
+        // A template nobody connected to: no key, nothing to restart.
+        std::fs::create_dir_all(&keys).expect("dir");
+        assert_eq!(
+            renew_host_keys(root.path(), std::slice::from_ref(&lazy)).expect("renewed"),
+            Vec::new()
+        );
+        assert_eq!(std::fs::read_dir(&keys).expect("dir").count(), 0);
+        // A VM connected to: its keys may be in the listener's memory
+        // (made before it started), so they go and the listener starts
+        // again, to make fresh ones at the next connection.
+        std::fs::write(keys.join("dropbear_ed25519_host_key"), "old").expect("key");
+        assert_eq!(
+            renew_host_keys(root.path(), std::slice::from_ref(&lazy)).expect("renewed"),
+            vec![lazy.clone()]
+        );
+        assert_eq!(std::fs::read_dir(&keys).expect("dir").count(), 0);
+        // Any other listener starts again.
+        let sshd = Listener {
+            pid: 12,
+            name: "sshd".into(),
+            keys_per_connection: false,
+        };
+        assert_eq!(
+            renew_host_keys(root.path(), &[lazy, sshd.clone()]).expect("renewed"),
+            vec![sshd]
         );
     }
 }

@@ -7,8 +7,11 @@
 
 use crate::vm_lifecycle::{Env, setup_with};
 
-/// What identifies a running guest, read through the agent.
+/// What identifies a running guest, read through the agent. The tiny
+/// image's dropbear makes its host key at the first connection: one SSH
+/// connection first, with the key banger pinned.
 fn identity(env: &Env, vm: &str) -> String {
+    env.ok(&["vm", "ssh", vm, "--", "true"]);
     env.ok(&[
         "vm",
         "exec",

@@ -53,6 +53,7 @@ fn later_creates_restore_a_template_and_renew_the_guest() {
     let mut seen = vec![identity(&env, "first")];
     for name in ["one", "two"] {
         let out = env.ok(&["vm", "create", "--name", name]);
+        eprintln!("{out}");
         for stage in ["system disk", "work disk", "restore", "identity"] {
             assert!(out.contains(stage), "no {stage} stage in:\n{out}");
         }

@@ -459,7 +459,9 @@ impl Vms {
                 .iter()
                 .map(|(step, ms)| format!("{step} {ms} ms"))
                 .collect();
-            ctx.progress(&summary.join(", "), base + 3.0 * step, None);
+            let summary = summary.join(", ");
+            tracing::info!(banger_vm_id = %vm.id, "guest of vm {origin} renewed: {summary}");
+            ctx.progress(&summary, base + 3.0 * step, None);
         } else if resumed && let Err(e) = conn.sync_time(Duration::from_secs(5)).await {
             // A resumed guest's clock stood still while it was saved.
             tracing::warn!(banger_vm_id = %vm.id, "cannot set the resumed guest's clock: {e}");
