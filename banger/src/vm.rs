@@ -481,12 +481,12 @@ pub async fn run(opts: Options, command: VmCommand) -> anyhow::Result<u8> {
             source,
             name,
             start,
-        } => clone(opts, &source, &name, start).await,
+        } => from_source(opts, &source, FromSource::Clone { name: &name, start }).await,
         VmCommand::Fork {
             source,
             name,
             count,
-        } => fork(opts, &source, &name, count).await,
+        } => from_source(opts, &source, FromSource::Fork { name: &name, count }).await,
         VmCommand::Snapshot(command) => snapshot(opts, command).await,
         VmCommand::Restore { vm, snapshot } => snapshot_job(opts, &vm, &snapshot, true).await,
         VmCommand::Exec {
@@ -818,55 +818,56 @@ async fn snapshot_job(opts: Options, vm: &str, name: &str, restore: bool) -> any
     follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await
 }
 
-/// `banger vm clone SRC NEW`: follow the clone job like a create.
-async fn clone(opts: Options, source: &str, name: &str, start: bool) -> anyhow::Result<u8> {
-    let client = connect(opts).await?;
-    let src = find(&client, source).await?;
-    let mut subscription = Subscription::new(&client).await?;
-    let started = Instant::now();
-    let auth = Authorization::prepare(opts).await;
-    let result = client
-        .vm_clone(&src.path, name, start, auth.interaction)
-        .await;
-    let (_, job) = auth
-        .finish(result)
-        .await
-        .with_context(|| format!("cannot clone vm {} as {name}", src.name))?;
-    let display = Display::for_stream(opts.json, Stream::Stdout);
-    if display != Display::Quiet {
-        emit(&format!(
-            "cloning vm {} as {name} (job {}; Ctrl-C cancels it)",
-            src.name,
-            progress::job_label(job.as_str())
-        ))?;
-    }
-    let tracker = Tracker::new(job.as_str(), display, Vec::new()).on(Stream::Stdout);
-    follow_and_report(&client, &mut subscription, &job, tracker, started, opts).await
+/// A new VM (or several) made from a source VM.
+#[derive(Debug, Clone, Copy)]
+enum FromSource<'a> {
+    /// `banger vm clone SRC NEW [--start]`.
+    Clone { name: &'a str, start: bool },
+    /// `banger vm fork SRC NEW [--count N]`.
+    Fork { name: &'a str, count: u32 },
 }
 
-async fn fork(opts: Options, source: &str, name: &str, count: u32) -> anyhow::Result<u8> {
+/// `banger vm clone` and `banger vm fork`: start the job on `source`
+/// and follow it like a create.
+async fn from_source(opts: Options, source: &str, what: FromSource<'_>) -> anyhow::Result<u8> {
     let client = connect(opts).await?;
     let src = find(&client, source).await?;
     let mut subscription = Subscription::new(&client).await?;
     let started = Instant::now();
     let auth = Authorization::prepare(opts).await;
-    let result = client
-        .vm_fork(&src.path, name, count, auth.interaction)
-        .await;
-    let (_, job) = auth
+    let (result, verb, ing, names) = match what {
+        FromSource::Clone { name, start } => (
+            client
+                .vm_clone(&src.path, name, start, auth.interaction)
+                .await
+                .map(|(_, job)| job),
+            "clone",
+            "cloning",
+            name.to_owned(),
+        ),
+        FromSource::Fork { name, count } => (
+            client
+                .vm_fork(&src.path, name, count, auth.interaction)
+                .await
+                .map(|(_, job)| job),
+            "fork",
+            "forking",
+            if count > 1 {
+                format!("{name}-1 … {name}-{count}")
+            } else {
+                name.to_owned()
+            },
+        ),
+    };
+    let job = auth
         .finish(result)
         .await
-        .with_context(|| format!("cannot fork vm {} as {name}", src.name))?;
+        .with_context(|| format!("cannot {verb} vm {} as {names}", src.name))?;
     let display = Display::for_stream(opts.json, Stream::Stdout);
     if display != Display::Quiet {
         emit(&format!(
-            "forking vm {} as {name}{} (job {}; Ctrl-C cancels it)",
+            "{ing} vm {} as {names} (job {}; Ctrl-C cancels it)",
             src.name,
-            if count > 1 {
-                format!("-1 … {name}-{count}")
-            } else {
-                String::new()
-            },
             progress::job_label(job.as_str())
         ))?;
     }

@@ -541,27 +541,12 @@ impl VmObject {
     ) -> Result<(Vec<OwnedObjectPath>, OwnedObjectPath), banger_dbus::Reply> {
         let caller = caller(conn, &header).await?;
         let o = parsed(banger_dbus::options::ForkVm::parse(&options))?;
-        let (ids, job) = self
+        let made = self
             .core
             .vms()
             .fork_vm(&caller, &self.id, name, o.count)
-            .await
-            .map_err(to_wire)?;
-        for id in &ids {
-            super::artifacts::refresh(
-                conn.object_server(),
-                &self.core,
-                &crate::jobs::Resource::Vm(id.clone()),
-            )
-            .await
-            .map_err(|e| {
-                banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
-                    "cannot publish the vm: {e}"
-                )))
-            })?;
-        }
-        let job = job::answer(conn, &self.core, Ok(job)).await?;
-        Ok((ids.iter().map(|id| banger_dbus::vm_path(id)).collect(), job))
+            .await;
+        answer_made(conn, &self.core, made).await
     }
 
     /// Keep a copy of this stopped VM's disks as snapshot `name` (a DNS
@@ -676,20 +661,36 @@ pub(super) async fn answer_new(
     core: &Arc<Core>,
     made: crate::error::Result<(String, crate::jobs::JobId)>,
 ) -> Result<(OwnedObjectPath, OwnedObjectPath), banger_dbus::Reply> {
-    let (vm, job) = made.map_err(to_wire)?;
-    super::artifacts::refresh(
-        conn.object_server(),
-        core,
-        &crate::jobs::Resource::Vm(vm.clone()),
-    )
-    .await
-    .map_err(|e| {
-        banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
-            "cannot publish the vm: {e}"
-        )))
+    let (mut vms, job) = answer_made(conn, core, made.map(|(vm, job)| (vec![vm], job))).await?;
+    let vm = vms.pop().ok_or_else(|| {
+        banger_dbus::Reply::Banger(banger_dbus::Error::Failed("no vm was made".to_owned()))
     })?;
+    Ok((vm, job))
+}
+
+/// The answer to a call that made VMs `ids` and their job: each VM
+/// published on the bus before the job (and its path) is answered.
+async fn answer_made(
+    conn: &Connection,
+    core: &Arc<Core>,
+    made: crate::error::Result<(Vec<String>, crate::jobs::JobId)>,
+) -> Result<(Vec<OwnedObjectPath>, OwnedObjectPath), banger_dbus::Reply> {
+    let (ids, job) = made.map_err(to_wire)?;
+    for id in &ids {
+        super::artifacts::refresh(
+            conn.object_server(),
+            core,
+            &crate::jobs::Resource::Vm(id.clone()),
+        )
+        .await
+        .map_err(|e| {
+            banger_dbus::Reply::Banger(banger_dbus::Error::Failed(format!(
+                "cannot publish the vm: {e}"
+            )))
+        })?;
+    }
     let job = job::answer(conn, core, Ok(job)).await?;
-    Ok((banger_dbus::vm_path(&vm), job))
+    Ok((ids.iter().map(|id| banger_dbus::vm_path(id)).collect(), job))
 }
 
 async fn view_of(core: &Arc<Core>, vm: Vm) -> View {

@@ -225,6 +225,32 @@ impl Vm {
     pub fn dir(state: &Path, id: &str) -> PathBuf {
         vms_dir(state).join(id)
     }
+
+    /// A new VM `id`/`name` of `owner_uid`, made at `created_at`, with
+    /// this one's settings (a clone's or a fork's row), still to be
+    /// created. What belongs to this VM alone stays with it: its process,
+    /// TAP, disk method, host ports and saved memory; autostart is off
+    /// until asked for (`vm set`).
+    #[must_use]
+    pub fn copy_of(&self, id: String, name: String, owner_uid: u32, created_at: i64) -> Self {
+        Self {
+            id,
+            name,
+            owner_uid,
+            state: VmState::Creating,
+            vmm: None,
+            pid: None,
+            pid_start: None,
+            tap: None,
+            disk_method: None,
+            autostart: false,
+            created_at,
+            last_error: String::new(),
+            forwards: Vec::new(),
+            suspended: false,
+            ..self.clone()
+        }
+    }
 }
 
 /// The machine id (`/etc/machine-id`, 32 lowercase hex digits shaped as

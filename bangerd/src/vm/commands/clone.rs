@@ -59,26 +59,7 @@ impl Vms {
         let quota = self.quotas.applies(caller).await;
         let id = crate::artifacts::new_id()
             .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
-        let vm = Vm {
-            id: id.clone(),
-            name,
-            owner_uid: caller.uid,
-            state: VmState::Creating,
-            vmm: None,
-            pid: None,
-            pid_start: None,
-            tap: None,
-            disk_method: None,
-            // A clone starts at host boot only when asked (`vm set`).
-            autostart: false,
-            created_at: unix_us(SystemTime::now()),
-            last_error: String::new(),
-            // Its host ports are its source's to keep.
-            forwards: Vec::new(),
-            // Its source's memory stays with its source.
-            suspended: false,
-            ..src.clone()
-        };
+        let vm = src.copy_of(id.clone(), name, caller.uid, unix_us(SystemTime::now()));
         let demand = Demand {
             vm: true,
             run: start.then_some((vm.vcpus, vm.memory_mib)),

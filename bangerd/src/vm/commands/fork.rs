@@ -4,13 +4,12 @@
 //! that state and its own disks, and takes its own identity through the
 //! agent (`Renew`: randomness, clock, names, ids, address, keys).
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use super::Vms;
 use super::blocking;
-use super::suspend::{adopt_state, partial, state_key, suspendable};
+use super::suspend::{adopt_state, partial, save_partial, state_key, suspendable};
 use crate::artifacts::validate;
 use crate::auth::{Action, Caller};
 use crate::error::{Error, Result};
@@ -18,7 +17,7 @@ use crate::jobs::{JobContext, JobId, Resource};
 use crate::store::unix_us;
 use crate::vm::quota::Demand;
 use crate::vm::vmm::Vmm;
-use crate::vm::{Vm, VmState};
+use crate::vm::Vm;
 
 /// The most forks one call makes.
 pub const MAX_FORKS: u32 = 16;
@@ -76,23 +75,7 @@ impl Vms {
         for n in names {
             let id = crate::artifacts::new_id()
                 .map_err(|e| Error::failed(format!("cannot make an id: {e}")))?;
-            let vm = Vm {
-                id,
-                name: n,
-                owner_uid: caller.uid,
-                state: VmState::Creating,
-                vmm: None,
-                pid: None,
-                pid_start: None,
-                tap: None,
-                disk_method: None,
-                autostart: false,
-                created_at: unix_us(SystemTime::now()),
-                last_error: String::new(),
-                forwards: Vec::new(),
-                suspended: false,
-                ..src.clone()
-            };
+            let vm = src.copy_of(id, n, caller.uid, unix_us(SystemTime::now()));
             let demand = Demand {
                 vm: true,
                 run: Some((vm.vcpus, vm.memory_mib)),
@@ -173,27 +156,9 @@ impl Vms {
             kernel.boot_file().to_owned()
         };
         ctx.stage("save", 0.0).await?;
-        let tmp = partial(&paths);
-        let t = tmp.clone();
-        let file = blocking(move || {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&t)
-                .map_err(|e| Error::failed(format!("cannot create {}: {e}", t.display())))
-        })
-        .await?;
         let paused = Instant::now();
-        let saved = match vmm.save(&paths, file.into()).await {
-            Ok(saved) => saved,
-            Err(e) => {
-                let t = tmp.clone();
-                let _ = blocking(move || Ok(std::fs::remove_file(&t))).await;
-                return Err(e);
-            }
-        };
+        let saved = save_partial(vmm, &paths).await?;
+        let tmp = partial(&paths);
         // The disks are copied while the source stands still: they are
         // what its memory knows.
         let mut copied = Ok(());

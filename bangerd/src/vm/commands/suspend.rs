@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobId, Resource};
 use crate::vm::process::ProcessId;
-use crate::vm::vmm::{Accel, Vmm};
+use crate::vm::vmm::{Accel, Saved, Vmm};
 use crate::vm::{Vm, VmEvent, VmPaths, VmState};
 
 /// Bumped when banger changes the devices it gives a VMM: a state saved
@@ -33,6 +33,30 @@ const DEVICE_LAYOUT: u32 = 1;
 /// The state file while it is being written.
 pub(super) fn partial(paths: &VmPaths) -> PathBuf {
     paths.dir.join("suspend.tmp")
+}
+
+/// Save the guest of `vmm` into [`partial`] (made here, 0600), removed
+/// again when the save fails.
+pub(super) async fn save_partial(vmm: &dyn Vmm, paths: &VmPaths) -> Result<Saved> {
+    let tmp = partial(paths);
+    let t = tmp.clone();
+    let file = blocking(move || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&t)
+            .map_err(|e| Error::failed(format!("cannot create {}: {e}", t.display())))
+    })
+    .await?;
+    match vmm.save(paths, OwnedFd::from(file)).await {
+        Ok(saved) => Ok(saved),
+        Err(e) => {
+            let _ = blocking(move || Ok(std::fs::remove_file(&tmp))).await;
+            Err(e)
+        }
+    }
 }
 
 /// What a saved state depends on, hashed: banger's device layout, the
@@ -109,7 +133,7 @@ fn remove_state(paths: &VmPaths) -> std::io::Result<()> {
 
 /// Make the state written to [`partial`] the VM's saved state, under
 /// `key`: the key first, then the state renamed into place, each synced.
-fn commit(paths: &VmPaths, key: &str) -> std::io::Result<()> {
+pub(super) fn commit(paths: &VmPaths, key: &str) -> std::io::Result<()> {
     let tmp = partial(paths);
     std::fs::File::open(&tmp)?.sync_all()?;
     write_key(paths, key)?;
@@ -230,25 +254,7 @@ impl Vms {
         };
         let paths = self.vm_paths(id);
         ctx.stage("save", 0.0).await?;
-        let tmp = partial(&paths);
-        let file = blocking(move || {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| Error::failed(format!("cannot create {}: {e}", tmp.display())))
-        })
-        .await?;
-        let saved = match vmm.save(&paths, file.into()).await {
-            Ok(saved) => saved,
-            Err(e) => {
-                let p = paths.clone();
-                let _ = blocking(move || Ok(remove_state(&p))).await;
-                return Err(e);
-            }
-        };
+        let saved = save_partial(vmm.as_ref(), &paths).await?;
         let p = paths.clone();
         let (vmm_id, program) = (vmm.name(), vmm.program().to_owned());
         let (vm_c, initrd) = (vm.clone(), kernel.initrd.clone());
@@ -403,19 +409,25 @@ impl Vms {
     ) -> Result<()> {
         let vms = self.list().await?;
         let config = self.config();
-        for vm in vms {
-            let paths = self.vm_paths(&vm.id);
-            let p = paths.clone();
-            let (cut_short, complete) = blocking(move || {
-                let tmp = partial(&p);
-                let cut_short = tmp.exists();
-                if cut_short {
-                    let _ = std::fs::remove_file(&tmp);
-                    let _ = std::fs::remove_file(p.dir.join("suspend.key.tmp"));
-                }
-                Ok((cut_short, saved(&p)))
-            })
-            .await?;
+        // Every VM's files in one pass off the async workers.
+        let all: Vec<VmPaths> = vms.iter().map(|vm| self.vm_paths(&vm.id)).collect();
+        let found = blocking(move || {
+            Ok(all
+                .into_iter()
+                .map(|p| {
+                    let tmp = partial(&p);
+                    let cut_short = tmp.exists();
+                    if cut_short {
+                        let _ = std::fs::remove_file(&tmp);
+                        let _ = std::fs::remove_file(p.dir.join("suspend.key.tmp"));
+                    }
+                    let complete = saved(&p);
+                    (p, cut_short, complete)
+                })
+                .collect::<Vec<_>>())
+        })
+        .await?;
+        for (vm, (paths, cut_short, complete)) in vms.into_iter().zip(found) {
             if vm.state.has_process() {
                 // A resume cut short after the state left the directory:
                 // its VMM waits for a guest that never comes.

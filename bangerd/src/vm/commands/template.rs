@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::Vms;
 use super::blocking;
 use super::boot::kernel_cmdline;
-use super::suspend::{adopt_state, partial, state_key};
+use super::suspend::{adopt_state, commit, save_partial, state_key};
 use crate::artifacts::{Image, Kernel};
 use crate::auth::Action;
 use crate::error::{Error, Result};
@@ -229,7 +229,8 @@ impl Vms {
             return;
         }
         let id = template_id(vm, vmm.as_ref(), accel);
-        if self.templates().join(&id).is_dir() {
+        let dir = self.templates().join(&id);
+        if blocking(move || Ok(dir.is_dir())).await.unwrap_or(false) {
             return;
         }
         if !self
@@ -397,14 +398,7 @@ impl Vms {
             drop(conn);
             let boot_ms = u64::try_from(booted.elapsed().as_millis()).unwrap_or(u64::MAX);
             ctx.stage("save", 0.8).await?;
-            let tmp = partial(paths);
-            let t = tmp.clone();
-            let file = blocking(move || {
-                std::fs::File::create(&t)
-                    .map_err(|e| Error::failed(format!("cannot create {}: {e}", t.display())))
-            })
-            .await?;
-            let saved = vmm.save(paths, file.into()).await?;
+            let saved = save_partial(vmm.as_ref(), paths).await?;
             let (vmm_id, program) = (vmm.name(), vmm.program().to_owned());
             let (p, shape_c, initrd) = (paths.clone(), shape.clone(), kernel.initrd.clone());
             let state_bytes = blocking(move || {
@@ -416,8 +410,7 @@ impl Vms {
                     initrd.as_deref(),
                 )
                 .map_err(|e| Error::failed(format!("cannot key the template: {e}")))?;
-                std::fs::write(&p.suspend_key, key)
-                    .and_then(|()| std::fs::rename(&tmp, &p.suspend_state))
+                commit(&p, &key)
                     .and_then(|()| std::fs::metadata(&p.suspend_state))
                     .map(|m| m.len())
                     .map_err(|e| Error::failed(format!("cannot keep the template's state: {e}")))
