@@ -269,7 +269,7 @@ fn kill_at(env: &mut Env, args: &[&str], stage: &str) {
 
 #[test]
 fn a_daemon_killed_at_any_stage_restarts_consistent() {
-    let mut env = setup_with("[debug]\njob_stage_delay_ms = 1500\n");
+    let mut env = setup_with("[debug]\njob_stage_delay_ms = 500\n");
     let exists = |env: &Env| env.vms().iter().any(|v| v["name"] == "crash");
     let folder = tempfile::tempdir().unwrap();
     std::fs::write(folder.path().join("hello"), "from the host\n").unwrap();
