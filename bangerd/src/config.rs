@@ -154,6 +154,9 @@ pub enum VmmKind {
 }
 
 /// `[vm]`: virtual machine monitors.
+/// The longest `vm.suspend_idle_secs`: 30 days.
+pub const MAX_SUSPEND_IDLE_SECS: u64 = 30 * 24 * 3600;
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmConfig {
@@ -195,6 +198,9 @@ pub struct VmConfig {
     /// background after its first create, and create later VMs of it by
     /// restoring that template instead of booting.
     pub templates: bool,
+    /// Suspend a running VM after this many seconds without a packet
+    /// through its TAP or a stream through its agent; 0: never.
+    pub suspend_idle_secs: u64,
 }
 
 /// Who runs VMM processes.
@@ -242,6 +248,7 @@ impl Default for VmConfig {
             agent_bin: "/usr/libexec/banger/banger-agent".into(),
             max_streams: 256,
             templates: true,
+            suspend_idle_secs: 0,
         }
     }
 }
@@ -449,6 +456,12 @@ impl Config {
             return Err(invalid(
                 "vm.boot_timeout_secs or vm.stop_timeout_secs",
                 "must be at least 1",
+            ));
+        }
+        if self.vm.suspend_idle_secs > MAX_SUSPEND_IDLE_SECS {
+            return Err(invalid(
+                "vm.suspend_idle_secs",
+                "must be at most 2592000 (30 days); 0 turns it off",
             ));
         }
         if self.vm.max_streams == 0 {

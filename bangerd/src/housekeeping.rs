@@ -2,7 +2,8 @@
 //! are rotated past `limits.console_log_max_mib` (one old generation,
 //! `console.log.1`, is kept) and the job history is pruned to
 //! `daemon.job_history_days`. Without this a chatty guest filled the
-//! state directory and the job table grew forever.
+//! state directory and the job table grew forever. [`suspend_idle`]
+//! suspends VMs idle for `vm.suspend_idle_secs`.
 
 use std::io;
 use std::path::Path;
@@ -101,6 +102,24 @@ pub async fn run(core: Arc<Core>) {
         }
         rotate_consoles(&core).await;
         tokio::time::sleep(ROTATE_EVERY).await;
+    }
+}
+
+/// Suspend idle VMs until the daemon exits: a look every
+/// [`look_every`](crate::vm::commands::look_every) of the configured idle
+/// time (read again at each look, so a reload applies), every 30 s while
+/// it is off.
+pub async fn suspend_idle(core: Arc<Core>) {
+    let mut watch = crate::vm::commands::IdleWatch::default();
+    loop {
+        core.vms().suspend_idle(&mut watch).await;
+        let idle = Duration::from_secs(core.config().vm.suspend_idle_secs);
+        let every = if idle.is_zero() {
+            ROTATE_EVERY
+        } else {
+            crate::vm::commands::look_every(idle)
+        };
+        tokio::time::sleep(every).await;
     }
 }
 

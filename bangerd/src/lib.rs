@@ -286,6 +286,7 @@ pub async fn run(
         })
     });
     let housekeeping = tokio::spawn(housekeeping::run(core.clone()));
+    let idle_vms = tokio::spawn(housekeeping::suspend_idle(core.clone()));
     let activity = Arc::new(idle::Activity::default());
     let calls = tokio::spawn(watch_calls(conn.clone(), activity.clone()));
     let trimmer = tokio::spawn(memory::trim_after_calls(activity.clone()));
@@ -353,6 +354,7 @@ pub async fn run(
     calls.abort();
     trimmer.abort();
     housekeeping.abort();
+    idle_vms.abort();
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }

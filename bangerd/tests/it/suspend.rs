@@ -134,3 +134,52 @@ fn a_suspended_vm_resumes_where_it_was() {
     assert_eq!(env.vm("nap")["suspended"], false);
     assert!(!state_file(&env, "nap").exists());
 }
+
+#[test]
+fn an_idle_vm_is_suspended_and_one_in_use_is_not() {
+    let env = setup_with("suspend_idle_secs = 5\n");
+    env.ok(&["vm", "create", "--name", "one"]);
+    let running = |env: &Env| {
+        let vm = env.vm("one");
+        vm["state"] == "running" && vm["suspended"] == false
+    };
+    // A stream through the agent, however quiet, is use.
+    let exec = env
+        .banger(&["vm", "exec", "one", "--", "sleep", "12"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    assert!(
+        running(&env),
+        "suspended with a stream open: {}",
+        env.vm("one")
+    );
+    let status = exec.wait_with_output().unwrap().status;
+    assert!(status.success(), "{status:?}");
+    // So are packets through its TAP: a TCP connection a second from the
+    // host to its SSH port.
+    let ip: std::net::Ipv4Addr = env.vm("one")["ipv4"].as_str().unwrap().parse().unwrap();
+    env.ns.run(move || {
+        for _ in 0..10 {
+            let c = std::net::TcpStream::connect_timeout(&(ip, 22).into(), Duration::from_secs(5));
+            assert!(c.is_ok(), "{c:?}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    assert!(
+        running(&env),
+        "suspended while in use over the network: {}",
+        env.vm("one")
+    );
+    // Left alone, it is suspended, and its next start resumes it.
+    let suspended = banger_testbed::eventually(Duration::from_secs(60), || {
+        let vm = env.vm("one");
+        (vm["state"] == "stopped" && vm["suspended"] == true).then_some(())
+    });
+    assert!(suspended.is_some(), "never suspended: {}", env.vm("one"));
+    assert!(state_file(&env, "one").is_file());
+    let out = env.ok(&["vm", "start", "one"]);
+    assert!(out.contains("restore"), "{out}");
+    assert!(!out.contains("cold boot"), "{out}");
+    assert!(running(&env));
+}

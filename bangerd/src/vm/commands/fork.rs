@@ -15,9 +15,9 @@ use crate::auth::{Action, Caller};
 use crate::error::{Error, Result};
 use crate::jobs::{JobContext, JobId, Resource};
 use crate::store::unix_us;
+use crate::vm::Vm;
 use crate::vm::quota::Demand;
 use crate::vm::vmm::Vmm;
-use crate::vm::Vm;
 
 /// The most forks one call makes.
 pub const MAX_FORKS: u32 = 16;

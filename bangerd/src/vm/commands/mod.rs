@@ -14,6 +14,7 @@ mod exec;
 mod folders;
 mod fork;
 mod forward;
+mod idle;
 mod lifecycle;
 mod network;
 mod reconcile;
@@ -30,6 +31,7 @@ pub use exec::ExecRequest;
 pub use folders::check_folders_possible;
 pub use fork::MAX_FORKS;
 pub use forward::MAX_FORWARDS;
+pub use idle::{IdleWatch, look_every};
 pub use snapshots::{DiskSnapshot, MAX_SNAPSHOTS};
 pub use stats::VmStats;
 pub use template::{TemplateInfo, templates_dir, templates_of};
@@ -131,6 +133,9 @@ struct VmRuntime {
     forward_changes: tokio::sync::Mutex<()>,
     /// Streams open through each VM's agent.
     streams: Mutex<HashMap<String, u32>>,
+    /// Streams opened or ended through each VM's agent, ever: activity
+    /// the idle watch sees even between two of its looks.
+    stream_events: Mutex<HashMap<String, u64>>,
     /// Templates being made.
     making: template::Making,
 }
@@ -145,6 +150,7 @@ pub struct StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
+        self.vms.stream_event(&self.id);
         let mut open = self
             .vms
             .runtime
@@ -278,10 +284,21 @@ impl Vms {
             ));
         }
         *n += 1;
+        drop(open);
+        self.stream_event(&vm.id);
         Ok(StreamSlot {
             vms: self.clone(),
             id: vm.id.clone(),
         })
+    }
+
+    fn stream_event(&self, id: &str) {
+        let mut events = self
+            .runtime
+            .stream_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *events.entry(id.to_owned()).or_insert(0) += 1;
     }
 
     /// Every VM.
