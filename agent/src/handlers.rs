@@ -470,6 +470,13 @@ mod tests {
         let r = wait_port(proc_root, port, 1000).await.unwrap();
         assert!(matches!(r, Response::PortReady { port: p, .. } if p == port));
         drop(l);
+        // A process forked by another test at that moment holds a copy of
+        // the socket until it execs (close-on-exec): the port listens
+        // until then. Once no copy is left, nothing can bring it back.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while listening(proc_root, port) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let err = wait_port(proc_root, port, 200).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::Timeout);
         let err = wait_port(proc_root, 22, u64::MAX).await.unwrap_err();
