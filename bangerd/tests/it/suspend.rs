@@ -44,6 +44,16 @@ fn a_suspended_vm_resumes_where_it_was() {
     );
     let lines: Vec<&str> = out.lines().collect();
     let (pid, boot_id) = (lines[0].to_owned(), lines[1].to_owned());
+    // The host's randomness through a virtio-rng device.
+    let rng = "cat /sys/class/misc/hw_random/rng_current";
+    assert!(
+        guest(&env, "nap", rng).starts_with("virtio_rng"),
+        "no virtio-rng"
+    );
+    assert_eq!(
+        guest(&env, "nap", "head -c 16 /dev/hwrng | wc -c").trim(),
+        "16"
+    );
 
     // Only a running VM can be suspended.
     env.ok(&["vm", "create", "--name", "idle", "--no-start"]);
@@ -84,6 +94,9 @@ fn a_suspended_vm_resumes_where_it_was() {
     );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[..3], ["kept", "alive", boot_id.as_str()], "{out}");
+    // The random device came along and still answers.
+    let read = "head -c 16 /dev/hwrng | wc -c";
+    assert_eq!(guest(&env, "nap", read).trim(), "16");
     let guest_now: u64 = lines[3].trim().parse().unwrap();
     assert!(
         guest_now.abs_diff(host_now()) <= 3,

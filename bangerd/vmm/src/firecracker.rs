@@ -205,6 +205,8 @@ impl Firecracker {
                 "uds_path": names.vsock,
             }),
         ));
+        // Randomness from the host for the guest's pool.
+        calls.push(ApiCall::put("/entropy", json!({})));
         calls.push(ApiCall::put(
             "/serial",
             json!({ "serial_out_path": names.console }),

@@ -240,6 +240,12 @@ impl Qemu {
             format!("socket,id=qmp,{qmp},server=on,wait=off"),
             "-mon".to_owned(),
             "chardev=qmp,mode=control".to_owned(),
+            // Randomness from the host (QEMU's getrandom): the guest's
+            // pool fills at boot, and again after a restore.
+            "-object".to_owned(),
+            "rng-builtin,id=rng0".to_owned(),
+            "-device".to_owned(),
+            "virtio-rng-device,rng=rng0".to_owned(),
         ]);
         // The guest's state arrives over QMP ([`Qemu::restore`]), from a
         // descriptor bangerd passes: QEMU opens nothing for it.
@@ -778,6 +784,7 @@ mod tests {
             "virtserialport,chardev=agent,name=org.banger.agent",
             "socket,id=qmp,path=/run/b/vms/abc/control.sock,server=on,wait=off",
             "-mon chardev=qmp,mode=control",
+            "-object rng-builtin,id=rng0 -device virtio-rng-device,rng=rng0",
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");

@@ -28,7 +28,7 @@ use crate::vm::{Vm, VmEvent, VmPaths, VmState};
 
 /// Bumped when banger changes the devices it gives a VMM: a state saved
 /// under another layout is not loaded.
-const DEVICE_LAYOUT: u32 = 1;
+const DEVICE_LAYOUT: u32 = 2;
 
 /// The state file while it is being written.
 pub(super) fn partial(paths: &VmPaths) -> PathBuf {

@@ -461,6 +461,7 @@ fn every_call_of_the_sequence_is_in_the_spec_and_valid() {
             "/drives/work",
             "/network-interfaces/net0",
             "/vsock",
+            "/entropy",
             "/serial",
             "/actions",
         ]
