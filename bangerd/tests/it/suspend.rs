@@ -141,6 +141,14 @@ fn a_suspended_vm_resumes_where_it_was() {
     let out = env.ok(&["vm", "start", "nap"]);
     assert!(!out.contains("restore"), "{out}");
 
+    // A restart boots afresh, suspended or not.
+    env.ok(&["vm", "suspend", "nap"]);
+    let out = env.ok(&["vm", "restart", "nap"]);
+    assert!(out.contains("discard saved memory"), "{out}");
+    assert!(!out.contains("restore"), "{out}");
+    assert_eq!(env.vm("nap")["suspended"], false);
+    assert!(!state_file(&env, "nap").exists());
+
     // So does a new size: the memory fits only the machine it came from.
     env.ok(&["vm", "suspend", "nap"]);
     env.ok(&["vm", "set", "nap", "--memory", "320"]);

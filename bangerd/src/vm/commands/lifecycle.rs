@@ -372,13 +372,7 @@ impl Vms {
 
     /// [`Vms::shut_down`] when VM `id` has a VMM process; nothing otherwise.
     async fn shut_down_if_running(&self, ctx: &JobContext, id: &str) -> Result<()> {
-        let running = self
-            .store
-            .vm(id)
-            .ok()
-            .flatten()
-            .is_some_and(|v| v.state.has_process());
-        if running {
+        if self.vm_by_id(id).await?.state.has_process() {
             self.shut_down(ctx, id, 0.0).await?;
         }
         Ok(())
@@ -444,6 +438,11 @@ impl Vms {
                 move |ctx| async move {
                     let _claim = claim;
                     core.shut_down_if_running(&ctx, &vm.id).await?;
+                    // A restart boots: a suspended VM's memory goes first.
+                    if core.vm_by_id(&vm.id).await?.suspended {
+                        ctx.stage("discard saved memory", 0.1).await?;
+                        core.drop_suspend(&vm.id).await?;
+                    }
                     core.boot(&ctx, &vm.id, 0.4, quota).await?;
                     core.run_setup(&ctx, &vm.id, 0.95).await?;
                     Ok(Some(Resource::Vm(vm.id)))
