@@ -1,8 +1,10 @@
 //! A daemon killed at any moment restarts consistent: bangerd killed with
 //! SIGKILL at the start of every stage of `vm create` (which starts the
 //! VM), `vm start`, `vm stop`, `vm delete`, `vm clone --start`, `vm
-//! snapshot create`, `vm restore` and `vm start` of a VM with a host
-//! folder, with the real CLI, bangerd
+//! snapshot create`, `vm restore`, `vm start` of a VM with a host
+//! folder, `vm suspend`, `vm start` of a suspended VM and `vm fork`
+//! (whose source must run on, its guest answering), with the real CLI,
+//! bangerd
 //! in its own network namespace and real QEMU (TCG) guests. After each
 //! restart: every VM is stopped or running, a VMM runs exactly for the
 //! running ones, and nothing is left without an owner (VM directories,
@@ -303,6 +305,15 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
     let resume = stages(&env, &["vm", "start", "crash"]);
     assert!(resume.iter().any(|s| s == "restore"), "{resume:?}");
     env.ok(&["vm", "delete", "crash"]);
+    env.ok(&["vm", "create", "--name", "origin"]);
+    // The stage that says how long the source stood still has a text of
+    // its own each time: it cannot be waited for.
+    let fork: Vec<String> = stages(&env, &["vm", "fork", "origin", "crash"])
+        .into_iter()
+        .filter(|s| !s.contains("paused for"))
+        .collect();
+    assert!(fork.iter().any(|s| s == "identity"), "{fork:?}");
+    env.ok(&["vm", "delete", "crash", "origin"]);
     eprintln!(
         "create {create:?}\nstart {start:?}\nstop {stop:?}\ndelete {delete:?}\n\
          clone {clone:?}\nsnapshot {snapshot:?}\nrestore {restore:?}\nfolders {folders:?}"
@@ -348,6 +359,12 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
             "running",
         ),
         ("resume", vec!["vm", "start", "crash"], &resume, "suspended"),
+        (
+            "fork",
+            vec!["vm", "fork", "origin", "crash"],
+            &fork,
+            "running origin",
+        ),
     ];
     let mut report = Vec::new();
     for (op, args, op_stages, before) in cases {
@@ -373,6 +390,9 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
                 "suspended" => {
                     env.ok(&["vm", "create", "--name", "crash"]);
                     env.ok(&["vm", "suspend", "crash"]);
+                }
+                "running origin" => {
+                    env.ok(&["vm", "create", "--name", "origin"]);
                 }
                 _ => {}
             }
@@ -405,6 +425,25 @@ fn a_daemon_killed_at_any_stage_restarts_consistent() {
                     read.as_deref(),
                     Some("from the host\n"),
                     "the folder after {op} killed at {stage:?}"
+                );
+            }
+            // A fork's source runs on, its guest not left paused.
+            if op == "fork" {
+                let origin = env.vms().into_iter().find(|v| v["name"] == "origin");
+                assert_eq!(
+                    origin.as_ref().map(|v| v["state"].clone()),
+                    Some("running".into()),
+                    "the source after {op} killed at {stage:?}"
+                );
+                let answers = banger_testbed::eventually(Duration::from_secs(60), || {
+                    env.run(&["vm", "exec", "origin", "--", "true"])
+                        .status
+                        .success()
+                        .then_some(())
+                });
+                assert!(
+                    answers.is_some(),
+                    "the source's guest after {op} killed at {stage:?}"
                 );
             }
             // Whatever is left can be deleted, and leaves nothing.
