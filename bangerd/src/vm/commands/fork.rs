@@ -10,6 +10,7 @@ use std::time::{Instant, SystemTime};
 use super::Vms;
 use super::blocking;
 use super::suspend::{adopt_state, partial, save_partial, state_key, suspendable};
+use super::vmm_choice::kernel_file;
 use crate::artifacts::validate;
 use crate::auth::{Action, Caller};
 use crate::error::{Error, Result};
@@ -150,11 +151,7 @@ impl Vms {
     async fn fork(&self, ctx: &JobContext, src: &Vm, forks: &[Vm], vmm: &dyn Vmm) -> Result<()> {
         let paths = self.vm_paths(&src.id);
         let kernel = self.artifacts.kernel_by_id(&src.kernel_id).await?;
-        let kernel_file = if vmm.wants_elf_kernel() {
-            kernel.vmlinux.clone()
-        } else {
-            kernel.boot_file().to_owned()
-        };
+        let kernel_file = kernel_file(vmm, &kernel);
         ctx.stage("save", 0.0).await?;
         let paused = Instant::now();
         let saved = save_partial(vmm, &paths).await?;

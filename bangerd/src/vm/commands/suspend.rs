@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use super::vmm_choice::kernel_file;
 use super::{Vms, blocking, vmm_named};
 use crate::auth::{Action, Caller};
 use crate::config::Config;
@@ -247,11 +248,7 @@ impl Vms {
         };
         let process = ProcessId { pid, start };
         let kernel = self.artifacts.kernel_by_id(&vm.kernel_id).await?;
-        let kernel_file = if vmm.wants_elf_kernel() {
-            kernel.vmlinux.clone()
-        } else {
-            kernel.boot_file().to_owned()
-        };
+        let kernel_file = kernel_file(vmm.as_ref(), &kernel);
         let paths = self.vm_paths(id);
         ctx.stage("save", 0.0).await?;
         let saved = save_partial(vmm.as_ref(), &paths).await?;

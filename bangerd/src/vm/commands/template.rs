@@ -22,6 +22,7 @@ use super::Vms;
 use super::blocking;
 use super::boot::kernel_cmdline;
 use super::suspend::{adopt_state, commit, save_partial, state_key};
+use super::vmm_choice::kernel_file;
 use crate::artifacts::{Image, Kernel};
 use crate::auth::Action;
 use crate::error::{Error, Result};
@@ -139,11 +140,7 @@ impl Vms {
         let dir = self.templates().join(&id);
         let paths = template_paths(&dir, &self.dirs.runtime, &id);
         let (vmm_id, program) = (vmm.name(), vmm.program().to_owned());
-        let kernel_file = if vmm.wants_elf_kernel() {
-            kernel.vmlinux.clone()
-        } else {
-            kernel.boot_file().to_owned()
-        };
+        let kernel_file = kernel_file(vmm, kernel);
         let (p, vm, initrd) = (paths.clone(), vm.clone(), kernel.initrd.clone());
         let usable = blocking(move || {
             if !p.suspend_state.is_file() || !p.dir.join("template.json").is_file() {

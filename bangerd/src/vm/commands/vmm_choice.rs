@@ -50,6 +50,16 @@ fn firecracker_driver(config: &Config) -> Result<Arc<dyn Vmm>> {
     Ok(Arc::new(Firecracker { binary, jailer }))
 }
 
+/// The file `vmm` boots from `kernel`: Firecracker takes the ELF
+/// `vmlinux`, QEMU the compressed image it was registered with.
+pub fn kernel_file(vmm: &dyn Vmm, kernel: &Kernel) -> PathBuf {
+    if vmm.wants_elf_kernel() {
+        kernel.vmlinux.clone()
+    } else {
+        kernel.boot_file().to_owned()
+    }
+}
+
 /// Firecracker's jailer, when `vm.jailer_bin` names one that is there
 /// (empty: never).
 pub fn jailer_of(config: &Config) -> Option<PathBuf> {
@@ -142,11 +152,7 @@ impl Vms {
         let (vmm, accel) = choose_vmm(&config, || {
             verdict.unwrap_or_else(|| KvmVerdict::NotProbed("not needed".into()))
         })?;
-        let file = if vmm.wants_elf_kernel() {
-            kernel.vmlinux.clone()
-        } else {
-            kernel.boot_file().to_owned()
-        };
+        let file = kernel_file(vmm.as_ref(), kernel);
         Ok((vmm, accel, file))
     }
 
