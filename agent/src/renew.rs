@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use banger_agent_proto::{AgentError, ErrorKind, Identity, MIN_SEED, Response};
 
+use crate::nic::Nic;
+
 fn invalid(message: String) -> AgentError {
     AgentError::new(ErrorKind::InvalidArgument, message)
 }
@@ -25,8 +27,9 @@ fn failed(what: &str, e: impl std::fmt::Display) -> AgentError {
 /// The most random bytes a seed may carry.
 const MAX_SEED: usize = 4096;
 
-/// Whether `identity` is well formed; nothing is changed before it is.
-pub fn validate(identity: &Identity) -> Result<(), AgentError> {
+/// Whether `identity` is well formed, with the NIC it describes;
+/// nothing is changed before it is.
+pub fn validate(identity: &Identity) -> Result<Nic<'_>, AgentError> {
     let n = identity.seed.len();
     if !(MIN_SEED..=MAX_SEED).contains(&n) {
         return Err(invalid(format!(
@@ -61,14 +64,18 @@ pub fn validate(identity: &Identity) -> Result<(), AgentError> {
     if d.is_empty() || d.len() > 15 || !d.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(invalid(format!("{d:?} is not a network device name")));
     }
-    parse_mac(&identity.mac)?;
-    parse_cidr(&identity.address)?;
-    for (what, addr) in [("gateway", &identity.gateway), ("dns", &identity.dns)] {
-        if let Some(a) = addr {
-            a.parse::<Ipv4Addr>()
-                .map_err(|_| invalid(format!("{what} {a:?} is not an IPv4 address")))?;
-        }
-    }
+    let mac = parse_mac(&identity.mac)?;
+    let (address, prefix) = parse_cidr(&identity.address)?;
+    let ipv4 = |what: &str, addr: &Option<String>| {
+        addr.as_deref()
+            .map(|a| {
+                a.parse::<Ipv4Addr>()
+                    .map_err(|_| invalid(format!("{what} {a:?} is not an IPv4 address")))
+            })
+            .transpose()
+    };
+    let gateway = ipv4("gateway", &identity.gateway)?;
+    ipv4("dns", &identity.dns)?;
     if identity.authorized_keys.len() > 64 {
         return Err(invalid("more than 64 authorized keys".to_owned()));
     }
@@ -80,7 +87,13 @@ pub fn validate(identity: &Identity) -> Result<(), AgentError> {
             )));
         }
     }
-    Ok(())
+    Ok(Nic {
+        device: d,
+        mac,
+        address,
+        prefix,
+        gateway,
+    })
 }
 
 fn parse_mac(mac: &str) -> Result<[u8; 6], AgentError> {
@@ -113,14 +126,16 @@ fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8), AgentError> {
 
 /// Renew the guest as `identity` says (validated first).
 pub async fn renew(identity: Identity) -> Result<Response, AgentError> {
-    validate(&identity)?;
-    let steps = tokio::task::spawn_blocking(move || renew_blocking(&identity))
-        .await
-        .map_err(|e| failed("renew task", e))??;
+    let steps = tokio::task::spawn_blocking(move || {
+        let nic = validate(&identity)?;
+        renew_blocking(&identity, &nic)
+    })
+    .await
+    .map_err(|e| failed("renew task", e))??;
     Ok(Response::Renewed { steps })
 }
 
-fn renew_blocking(identity: &Identity) -> Result<Vec<(String, u64)>, AgentError> {
+fn renew_blocking(identity: &Identity, nic: &Nic<'_>) -> Result<Vec<(String, u64)>, AgentError> {
     let mut steps = Vec::new();
     let mut step = |name: &str, f: &mut dyn FnMut() -> Result<(), AgentError>| {
         let t = Instant::now();
@@ -137,7 +152,11 @@ fn renew_blocking(identity: &Identity) -> Result<Vec<(String, u64)>, AgentError>
         nix::unistd::sethostname(&identity.hostname).map_err(|e| failed("sethostname", e))
     })?;
     step("files", &mut || write_files(Path::new("/"), identity))?;
-    step("network", &mut || readdress(identity))?;
+    step("network", &mut || {
+        tokio::runtime::Handle::current()
+            .block_on(crate::nic::readdress(nic))
+            .map_err(|e| failed("network", e))
+    })?;
     let listeners = ssh_listeners(Path::new("/proc"));
     let mut restart = Vec::new();
     step("host keys", &mut || {
@@ -254,31 +273,6 @@ fn run(program: &str, args: &[&str]) -> Result<(), AgentError> {
         &format!("{program} {}", args.join(" ")),
         String::from_utf8_lossy(&out.stderr).trim(),
     ))
-}
-
-/// The NIC gets its new MAC and only its new address, and the default
-/// route its new gateway (netlink, on the runtime this blocking task
-/// belongs to).
-fn readdress(identity: &Identity) -> Result<(), AgentError> {
-    let (address, prefix) = parse_cidr(&identity.address)?;
-    let gateway = identity
-        .gateway
-        .as_deref()
-        .map(|g| {
-            g.parse::<Ipv4Addr>()
-                .map_err(|_| invalid(format!("{g:?} is not an IPv4 address")))
-        })
-        .transpose()?;
-    let nic = crate::nic::Nic {
-        device: &identity.device,
-        mac: parse_mac(&identity.mac)?,
-        address,
-        prefix,
-        gateway,
-    };
-    tokio::runtime::Handle::current()
-        .block_on(crate::nic::readdress(&nic))
-        .map_err(|e| failed("network", e))
 }
 
 /// New SSH host keys of every type there is, for dropbear and OpenSSH;
