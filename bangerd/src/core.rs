@@ -314,8 +314,15 @@ impl Core {
                 })
                 .ok()
             })
-            .map(|(vmm, _)| (vmm.name(), vmm.snapshots()));
-        let snapshots = doctor::check_snapshots(snapshots, config.vm.templates);
+            .map(|(vmm, _)| (vmm.name(), vmm.snapshots(), vmm.portable_snapshots()));
+        let snapshots = doctor::check_snapshots(
+            snapshots.map(|(vmm, saves, portable)| doctor::Snapshots {
+                vmm,
+                saves,
+                portable,
+            }),
+            config.vm.templates,
+        );
         let accel = doctor::with_choice(accel, choice);
         let at = checks
             .iter()

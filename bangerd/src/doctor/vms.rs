@@ -228,35 +228,61 @@ pub fn with_choice(
 
 /// `snapshots`: whether the VMM create picks can save and load running
 /// guests (suspend, fork, templates), and whether templates are on.
-/// `vmm`: that VMM's name and whether it can; `None` when there is none.
-pub fn check_snapshots(vmm: Option<(&str, bool)>, templates: bool) -> Check {
+/// `vmm`: what that VMM can do; `None` when there is none.
+pub fn check_snapshots(vmm: Option<Snapshots<'_>>, templates: bool) -> Check {
     const NAME: &str = "snapshots";
-    match vmm {
-        None => Check::warn(
+    let Some(Snapshots {
+        vmm,
+        saves,
+        portable,
+    }) = vmm
+    else {
+        return Check::warn(
             NAME,
             "no VMM to save guests with".to_owned(),
             "see the vmm check",
-        ),
-        Some((vmm, false)) => Check::warn(
+        );
+    };
+    match (saves, portable) {
+        (false, _) => Check::warn(
             NAME,
             format!(
                 "{vmm} cannot save running guests in banger yet: vm suspend and vm fork refuse, and every create boots"
             ),
             "set vm.vmm = \"qemu\" in bangerd.toml for suspend, fork and templates",
         ),
-        Some((vmm, true)) if templates => Check::pass(
+        (true, false) => Check::warn(
+            NAME,
+            format!(
+                "{vmm} saves and loads a VM's own guest (vm suspend), but without its jailer a saved guest names the disks of its VM: vm fork refuses, and every create boots"
+            ),
+            "install Firecracker's jailer (vm.jailer_bin in bangerd.toml) for fork and templates",
+        ),
+        (true, true) if templates => Check::pass(
             NAME,
             format!(
                 "{vmm} saves and loads running guests: vm suspend, vm fork, and creates that restore a template of their image (vm.templates)"
             ),
         ),
-        Some((vmm, true)) => Check::pass(
+        (true, true) => Check::pass(
             NAME,
             format!(
                 "{vmm} saves and loads running guests: vm suspend and vm fork; templates are off (vm.templates = false), so every create boots"
             ),
         ),
     }
+}
+
+/// What the VMM create picks can do with running guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshots<'a> {
+    /// Its name.
+    pub vmm: &'a str,
+    /// It saves and loads a VM's own guest ([`crate::vm::vmm::Vmm::snapshots`]).
+    pub saves: bool,
+    /// A saved guest loads into another VM
+    /// ([`crate::vm::vmm::Vmm::portable_snapshots`]).
+    pub portable: bool,
 }
 
 /// Where `vm create` gets the default image when it is not here.
@@ -631,13 +657,30 @@ mod tests {
     #[test]
     fn snapshots_follow_the_vmm_and_the_templates_switch() {
         assert_eq!(check_snapshots(None, true).verdict, Verdict::Warn);
-        let fc = check_snapshots(Some(("firecracker", false)), true);
+        let of = |vmm, saves, portable| {
+            Some(Snapshots {
+                vmm,
+                saves,
+                portable,
+            })
+        };
+        let none = check_snapshots(of("old", false, false), true);
+        assert_eq!(none.verdict, Verdict::Warn);
+        assert!(
+            none.detail.contains("every create boots"),
+            "{}",
+            none.detail
+        );
+        let fc = check_snapshots(of("firecracker", true, false), true);
         assert_eq!(fc.verdict, Verdict::Warn);
-        assert!(fc.detail.contains("every create boots"), "{}", fc.detail);
-        let on = check_snapshots(Some(("qemu", true)), true);
+        assert!(fc.detail.contains("vm suspend"), "{}", fc.detail);
+        assert!(fc.hint.contains("jailer"), "{}", fc.hint);
+        let jailed = check_snapshots(of("firecracker", true, true), true);
+        assert_eq!(jailed.verdict, Verdict::Pass);
+        let on = check_snapshots(of("qemu", true, true), true);
         assert_eq!(on.verdict, Verdict::Pass);
         assert!(on.detail.contains("template"), "{}", on.detail);
-        let off = check_snapshots(Some(("qemu", true)), false);
+        let off = check_snapshots(of("qemu", true, true), false);
         assert!(off.detail.contains("templates are off"), "{}", off.detail);
     }
 

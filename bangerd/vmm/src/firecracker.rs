@@ -23,7 +23,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
-use super::{LaunchSpec, Vmm, exited_at_start, kill_failed, start_process};
+use super::{Accel, LaunchSpec, Saved, StateFds, Vmm, exited_at_start, kill_failed, start_process};
 use crate::BoxFuture;
 use crate::VmPaths;
 use crate::jailer::{self, Layout};
@@ -112,6 +112,19 @@ impl ApiCall {
             body: Some(body),
         }
     }
+
+    fn patch(path: impl Into<String>, body: Value) -> Self {
+        Self {
+            method: Method::PATCH,
+            path: path.into(),
+            body: Some(body),
+        }
+    }
+
+    /// `PATCH /vm`: pause or resume the guest.
+    fn vm_state(state: &str) -> Self {
+        Self::patch("/vm", json!({ "state": state }))
+    }
 }
 
 fn path(p: &Path) -> String {
@@ -142,7 +155,10 @@ impl Firecracker {
         Self::configuration_as(spec, &Names::host(spec))
     }
 
-    /// [`Self::configuration`] with the files named as `names`.
+    /// [`Self::configuration`] with the files named as `names`. A VMM
+    /// that waits for a snapshot ([`LaunchSpec::incoming`]) gets only
+    /// its logger and metrics: the snapshot holds the rest, and
+    /// `/snapshot/load` is refused after anything else.
     pub fn configuration_as(spec: &LaunchSpec, names: &Names) -> Vec<ApiCall> {
         let mut boot = json!({
             "kernel_image_path": names.kernel,
@@ -162,6 +178,11 @@ impl Firecracker {
                 }),
             ),
             ApiCall::put("/metrics", json!({ "metrics_path": names.metrics })),
+        ];
+        if spec.incoming {
+            return calls;
+        }
+        calls.extend([
             ApiCall::put(
                 "/machine-config",
                 json!({
@@ -171,7 +192,7 @@ impl Firecracker {
                 }),
             ),
             ApiCall::put("/boot-source", boot),
-        ];
+        ]);
         for (id, disk, root) in [
             ("system", &names.system_disk, true),
             ("work", &names.work_disk, false),
@@ -351,6 +372,52 @@ impl Firecracker {
             .then_some(layout)
     }
 
+    /// Where a snapshot's files are linked for Firecracker.
+    fn site(&self, paths: &VmPaths) -> snapshot::Site {
+        match self.jail_of(paths) {
+            Some(layout) => snapshot::Site {
+                dir: layout.root,
+                jailed: true,
+            },
+            None => snapshot::Site {
+                dir: paths.dir.clone(),
+                jailed: false,
+            },
+        }
+    }
+
+    /// Send `call` with the snapshot's files linked for `use_`, unlinked
+    /// again whatever the answer.
+    async fn with_files(
+        &self,
+        paths: &VmPaths,
+        files: &StateFds,
+        use_: snapshot::Use,
+        call: impl FnOnce(&snapshot::Site) -> ApiCall,
+    ) -> Result<()> {
+        let memory = files.memory.as_ref().ok_or_else(|| {
+            Error::failed(
+                "firecracker keeps a guest's memory in a file of its own, and none was given",
+            )
+        })?;
+        let site = self.site(paths);
+        let placed = snapshot::place(&site, [&files.state, memory], use_).map_err(|e| {
+            Error::failed(format!(
+                "cannot give firecracker the snapshot's files in {}: {e}",
+                site.dir.display()
+            ))
+        })?;
+        let sent = Api::new(self.api_socket(paths)).send(&call(&site)).await;
+        let removed = placed.remove();
+        sent?;
+        removed.map_err(|e| {
+            Error::failed(format!(
+                "cannot take the snapshot's files back from {}: {e}",
+                site.dir.display()
+            ))
+        })
+    }
+
     /// The API socket of the VM whose files are `paths`.
     fn api_socket(&self, paths: &VmPaths) -> PathBuf {
         match self.jail_of(paths) {
@@ -481,6 +548,109 @@ impl Vmm for Firecracker {
         true
     }
 
+    fn snapshots(&self) -> bool {
+        true
+    }
+
+    /// Firecracker reopens the disks a snapshot names: under the jailer
+    /// every VM's are at the same names in its own chroot; without it
+    /// they are the paths of the VM that was saved.
+    fn portable_snapshots(&self) -> bool {
+        self.jailer.is_some()
+    }
+
+    fn memory_apart(&self) -> bool {
+        true
+    }
+
+    fn save<'a>(&'a self, paths: &'a VmPaths, to: StateFds) -> BoxFuture<'a, Result<Saved>> {
+        Box::pin(async move {
+            let api = Api::new(self.api_socket(paths));
+            api.send(&ApiCall::vm_state("Paused")).await?;
+            let written = self
+                .with_files(paths, &to, snapshot::Use::Write, |site| {
+                    let [state, memory] = site.seen();
+                    ApiCall::put(
+                        "/snapshot/create",
+                        json!({
+                            "snapshot_type": "Full",
+                            "snapshot_path": state,
+                            "mem_file_path": memory,
+                        }),
+                    )
+                })
+                .await;
+            if let Err(e) = written {
+                // The guest goes on as it was.
+                let _ = api.send(&ApiCall::vm_state("Resumed")).await;
+                return Err(e);
+            }
+            // Firecracker runs only under KVM.
+            Ok(Saved { accel: Accel::Kvm })
+        })
+    }
+
+    fn restore<'a>(&'a self, spec: &'a LaunchSpec, from: StateFds) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let paths = &spec.paths;
+            self.with_files(paths, &from, snapshot::Use::Read, |site| {
+                let [state, memory] = site.seen();
+                let mut load = json!({
+                    "snapshot_path": state,
+                    "mem_backend": { "backend_type": "File", "backend_path": memory },
+                    "resume_vm": true,
+                });
+                // This VM's TAP, not the saved one's.
+                if let Some((tap, _)) = &spec.net {
+                    load["network_overrides"] =
+                        json!([{ "iface_id": "net0", "host_dev_name": tap }]);
+                }
+                // Jailed, the socket has the same name in every chroot.
+                if !site.jailed {
+                    load["vsock_override"] = json!({ "uds_path": path(&paths.agent_socket) });
+                }
+                ApiCall::put("/snapshot/load", load)
+            })
+            .await
+            .map_err(|e| {
+                Error::failed(format!(
+                    "firecracker could not load the guest's state: {}",
+                    e.message
+                ))
+            })
+        })
+    }
+
+    fn resume<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            Api::new(self.api_socket(paths))
+                .send(&ApiCall::vm_state("Resumed"))
+                .await
+                .map(|_| ())
+        })
+    }
+
+    /// Launched for a snapshot, it reports "Not started" until one is
+    /// loaded.
+    fn awaits_state<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            Api::new(self.api_socket(paths))
+                .state()
+                .await
+                .is_ok_and(|s| s == "Not started")
+        })
+    }
+
+    /// Firecracker has no request to exit: its process is killed.
+    fn quit<'a>(&'a self, paths: &'a VmPaths) -> BoxFuture<'a, Result<()>> {
+        let _ = paths;
+        Box::pin(async {
+            Err(Error::unavailable(
+                "firecracker cannot be asked to exit; its process is to be killed",
+            ))
+        })
+    }
+
     fn program(&self) -> &std::path::Path {
         &self.binary
     }
@@ -489,6 +659,8 @@ impl Vmm for Firecracker {
         self.jailer.is_some()
     }
 }
+
+mod snapshot;
 
 #[cfg(test)]
 mod tests;

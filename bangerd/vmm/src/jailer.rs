@@ -51,6 +51,10 @@ pub mod inside {
     pub const API: &str = "/api.sock";
     /// The hybrid vsock's host socket.
     pub const VSOCK: &str = "/vsock.sock";
+    /// A snapshot's device state, while it is written or loaded.
+    pub const STATE: &str = "/snapshot.state";
+    /// A snapshot's memory, while it is written or loaded.
+    pub const MEMORY: &str = "/snapshot.mem";
 }
 
 /// Where one VM's chroot is: `<chroot_base>/<exec_file_name>/<id>/root`,

@@ -213,6 +213,17 @@ pub struct Saved {
     pub accel: Accel,
 }
 
+/// The open files a guest's state is saved to or loaded from (made and
+/// opened by bangerd, each still linked in the VM's directory).
+#[derive(Debug)]
+pub struct StateFds {
+    /// The device state (with QEMU, the memory too).
+    pub state: OwnedFd,
+    /// The memory, for a VMM that keeps it apart
+    /// ([`Vmm::memory_apart`]).
+    pub memory: Option<OwnedFd>,
+}
+
 /// Who a VMM runs as, when it is jailed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confine {
@@ -254,20 +265,33 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether a state it saved loads into another VM, with that VM's
+    /// own disks, NIC and sockets (templates and forks); a state that
+    /// names the files of the VM it came from loads only into that VM.
+    fn portable_snapshots(&self) -> bool {
+        self.snapshots()
+    }
+
+    /// Whether it writes a guest's memory to a file of its own
+    /// ([`StateFds::memory`]) rather than into the state.
+    fn memory_apart(&self) -> bool {
+        false
+    }
+
     /// Pause the guest and write its memory and device state to `to`
-    /// (opened by bangerd, passed as a descriptor); the VMM stays
+    /// (opened by bangerd, passed as descriptors); the VMM stays
     /// paused, its disks flushed. [`Vmm::resume`] lets it run again,
     /// [`Vmm::quit`] ends it.
-    fn save<'a>(&'a self, paths: &'a VmPaths, to: OwnedFd) -> BoxFuture<'a, Result<Saved>> {
+    fn save<'a>(&'a self, paths: &'a VmPaths, to: StateFds) -> BoxFuture<'a, Result<Saved>> {
         let _ = (paths, to);
         Box::pin(async move { Err(no_snapshots(self.name())) })
     }
 
-    /// Load the guest a VMM launched with [`LaunchSpec::incoming`] waits
-    /// for from `from` (what [`Vmm::save`] wrote, with the same devices)
-    /// and let it run.
-    fn restore<'a>(&'a self, paths: &'a VmPaths, from: OwnedFd) -> BoxFuture<'a, Result<()>> {
-        let _ = (paths, from);
+    /// Load the guest a VMM launched with `spec` (its
+    /// [`LaunchSpec::incoming`] set) waits for from `from` (what
+    /// [`Vmm::save`] wrote, with the same devices) and let it run.
+    fn restore<'a>(&'a self, spec: &'a LaunchSpec, from: StateFds) -> BoxFuture<'a, Result<()>> {
+        let _ = (spec, from);
         Box::pin(async move { Err(no_snapshots(self.name())) })
     }
 
@@ -345,6 +369,9 @@ pub struct VmPaths {
     pub control_socket: PathBuf,
     /// A suspended guest's memory and device state ([`Vmm::save`]).
     pub suspend_state: PathBuf,
+    /// A suspended guest's memory, when its VMM keeps it apart
+    /// ([`Vmm::memory_apart`]).
+    pub suspend_memory: PathBuf,
     /// What [`VmPaths::suspend_state`] was saved under: it loads only
     /// into the same VMM, accelerator, machine and kernel.
     pub suspend_key: PathBuf,
@@ -369,6 +396,7 @@ impl VmPaths {
             agent_socket: run.join("agent.sock"),
             control_socket: run.join("control.sock"),
             suspend_state: dir.join("suspend.state"),
+            suspend_memory: dir.join("suspend.mem"),
             suspend_key: dir.join("suspend.key"),
             dir,
             run,

@@ -2,7 +2,7 @@
 //! on a virtio-serial port, QMP on a unix socket for status and powerdown.
 //! Used where Firecracker is absent or KVM is unusable (`accel = "tcg"`).
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::{Accel, LaunchSpec, Saved, Vmm, exited_at_start, kill_failed, start_process};
+use super::{Accel, LaunchSpec, Saved, StateFds, Vmm, exited_at_start, kill_failed, start_process};
 use crate::BoxFuture;
 use crate::VmPaths;
 use crate::jail::{Access, Jail, Pass, Source, VMM_GROUP};
@@ -507,7 +507,8 @@ impl Vmm for Qemu {
         true
     }
 
-    fn save<'a>(&'a self, paths: &'a VmPaths, to: OwnedFd) -> BoxFuture<'a, Result<Saved>> {
+    fn save<'a>(&'a self, paths: &'a VmPaths, to: StateFds) -> BoxFuture<'a, Result<Saved>> {
+        let to = to.state;
         Box::pin(async move {
             let mut qmp = Qmp::connect(&paths.control_socket, Duration::from_secs(5)).await?;
             let kvm = qmp.execute("query-kvm", None).await?;
@@ -545,7 +546,8 @@ impl Vmm for Qemu {
         })
     }
 
-    fn restore<'a>(&'a self, paths: &'a VmPaths, from: OwnedFd) -> BoxFuture<'a, Result<()>> {
+    fn restore<'a>(&'a self, spec: &'a LaunchSpec, from: StateFds) -> BoxFuture<'a, Result<()>> {
+        let (paths, from) = (&spec.paths, from.state);
         Box::pin(async move {
             let gone = |e: Error| {
                 Error::failed(format!(
@@ -909,6 +911,13 @@ mod tests {
         }
     }
 
+    fn state_fds(file: std::fs::File) -> StateFds {
+        StateFds {
+            state: file.into(),
+            memory: None,
+        }
+    }
+
     /// A guest written to a file and loaded into a new QEMU goes on where
     /// it was: the same boot, its uptime carried over. A file that is not
     /// a guest's state fails the load, and QEMU says why.
@@ -925,7 +934,7 @@ mod tests {
         let file = dir.path().join("guest.state");
         let out = std::fs::File::create(&file).expect("create");
         let t = Instant::now();
-        let saved = q.save(&s.paths, out.into()).await.expect("saved");
+        let saved = q.save(&s.paths, state_fds(out)).await.expect("saved");
         let took = t.elapsed();
         assert_eq!(saved.accel, Accel::Tcg);
         let size = std::fs::metadata(&file).expect("meta").len();
@@ -944,9 +953,8 @@ mod tests {
         };
         let t = Instant::now();
         let (mut watched, id) = q.launch(&incoming, &direct).await.expect("qemu starts");
-        q.restore(&s.paths, std::fs::File::open(&file).expect("open").into())
-            .await
-            .expect("restored");
+        let from = state_fds(std::fs::File::open(&file).expect("open"));
+        q.restore(&incoming, from).await.expect("restored");
         let after = health(&s.paths, Duration::from_secs(30)).await;
         eprintln!("restored to agent health in {:?}", t.elapsed());
         assert_eq!(after.boot_id, before.boot_id, "a boot, not the same guest");
@@ -960,7 +968,10 @@ mod tests {
         std::fs::write(&file, vec![7u8; 1 << 16]).expect("garbage");
         let (mut watched, _) = q.launch(&incoming, &direct).await.expect("qemu starts");
         let e = q
-            .restore(&s.paths, std::fs::File::open(&file).expect("open").into())
+            .restore(
+                &incoming,
+                state_fds(std::fs::File::open(&file).expect("open")),
+            )
             .await
             .expect_err("garbage loads");
         assert!(e.message.contains("could not load"), "{}", e.message);

@@ -369,10 +369,10 @@ impl Vms {
             tracing::info!(banger_vm_id = %vm.id, "starting {} with {} under {}", vm.name, vmm.name(), accel.as_str());
             let supervisor = self.supervisor.as_ref();
             let (watched, pid) = vmm.launch(&spec, supervisor).await?;
-            Ok::<_, Error>((vmm, watched, pid, incoming))
+            Ok::<_, Error>((vmm, watched, pid, incoming, spec))
         }
         .await;
-        let (vmm, watched, pid, incoming) = match launched {
+        let (vmm, watched, pid, incoming, spec) = match launched {
             Ok(l) => l,
             Err(e) => {
                 let _ = net
@@ -400,7 +400,7 @@ impl Vms {
         if let Some(key) = incoming {
             ctx.stage("restore", base + step).await?;
             origin = self
-                .restore_state(vm, vmm.as_ref(), &paths, key)
+                .restore_state(vm, vmm.as_ref(), &spec, key)
                 .await
                 .map_err(BootError::Restore)?;
         }

@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use super::Vms;
 use super::blocking;
-use super::suspend::{adopt_state, partial, save_partial, state_key, suspendable};
+use super::suspend::{StateFiles, adopt_state, save_partial, state_key, suspendable};
 use super::vmm_choice::kernel_file;
 use crate::artifacts::validate;
 use crate::auth::{Action, Caller};
@@ -68,6 +68,13 @@ impl Vms {
                 e.message.replace("can be suspended", "can be forked"),
             )
         })?;
+        if !vmm.portable_snapshots() {
+            return Err(Error::unavailable(format!(
+                "vm {} runs under {} without its jailer, whose saved state names the disks of the vm it came from, so a fork would write to the source's: install Firecracker's jailer (vm.jailer_bin in bangerd.toml)",
+                src.name,
+                vmm.name()
+            )));
+        }
         // Held until its disks are copied and it runs again.
         let source_claim = self.claim_vm(&src)?;
         self.disks_with_room_for_a_copy(&src)?;
@@ -155,7 +162,7 @@ impl Vms {
         ctx.stage("save", 0.0).await?;
         let paused = Instant::now();
         let saved = save_partial(vmm, &paths).await?;
-        let tmp = partial(&paths);
+        let tmp = StateFiles::partial(&paths);
         // The disks are copied while the source stands still: they are
         // what its memory knows.
         let mut copied = Ok(());
@@ -207,7 +214,7 @@ impl Vms {
             }
         };
         let t = tmp.clone();
-        let _ = blocking(move || Ok(std::fs::remove_file(&t))).await;
+        let _ = blocking(move || Ok(t.remove())).await;
         adopted?;
         for vm in forks {
             self.modify(&vm.id, |v| v.suspended = true).await?;

@@ -2,9 +2,12 @@
 //! its directory (`vm suspend`) and its VMM ended; its next start loads
 //! that state into a new VMM instead of booting ([`Vms::boot`]).
 //!
-//! The saved state is two files in the VM's directory: the state itself
-//! ([`VmPaths::suspend_state`], written as `suspend.tmp` and renamed when
-//! complete) and the key it was saved under ([`VmPaths::suspend_key`]).
+//! The saved state is in the VM's directory: the state itself
+//! ([`VmPaths::suspend_state`]), for a VMM that keeps it apart the memory
+//! ([`VmPaths::suspend_memory`], Firecracker), each written under a
+//! partial name and renamed when complete, and the key it was saved under
+//! ([`VmPaths::suspend_key`]). A state being loaded has a name of its own
+//! ([`StateFiles::loading`]) until the VMM has it: it is loaded once.
 //! The row's `suspended` follows the files; a restarted bangerd settles
 //! what a suspend or resume cut short ([`Vms::settle_suspends`]).
 
@@ -24,40 +27,106 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::{JobContext, JobId, Resource};
 use crate::vm::process::ProcessId;
-use crate::vm::vmm::{Accel, Saved, Vmm};
+use crate::vm::vmm::{Accel, LaunchSpec, Saved, StateFds, Vmm};
 use crate::vm::{Vm, VmEvent, VmPaths, VmState};
 
 /// Bumped when banger changes the devices it gives a VMM: a state saved
 /// under another layout is not loaded.
 const DEVICE_LAYOUT: u32 = 2;
 
-/// The state file while it is being written.
-pub(super) fn partial(paths: &VmPaths) -> PathBuf {
-    paths.dir.join("suspend.tmp")
+/// The files of one saved state: the state, and the memory where the
+/// VMM keeps it apart (absent otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct StateFiles {
+    pub state: PathBuf,
+    pub memory: PathBuf,
 }
 
-/// Save the guest of `vmm` into [`partial`] (made here, 0600), removed
-/// again when the save fails.
-pub(super) async fn save_partial(vmm: &dyn Vmm, paths: &VmPaths) -> Result<Saved> {
-    let tmp = partial(paths);
-    let t = tmp.clone();
-    let file = blocking(move || {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&t)
-            .map_err(|e| Error::failed(format!("cannot create {}: {e}", t.display())))
-    })
-    .await?;
-    match vmm.save(paths, OwnedFd::from(file)).await {
-        Ok(saved) => Ok(saved),
-        Err(e) => {
-            let _ = blocking(move || Ok(std::fs::remove_file(&tmp))).await;
-            Err(e)
+impl StateFiles {
+    /// The VM's saved state.
+    pub fn saved(paths: &VmPaths) -> Self {
+        Self {
+            state: paths.suspend_state.clone(),
+            memory: paths.suspend_memory.clone(),
         }
     }
+
+    /// The state while it is being written.
+    pub fn partial(paths: &VmPaths) -> Self {
+        Self {
+            state: paths.dir.join("suspend.tmp"),
+            memory: paths.dir.join("suspend.mem.tmp"),
+        }
+    }
+
+    /// The state while a VMM loads it.
+    fn loading(paths: &VmPaths) -> Self {
+        Self {
+            state: paths.dir.join("suspend.loading"),
+            memory: paths.dir.join("suspend.mem.loading"),
+        }
+    }
+
+    fn both(&self) -> [&PathBuf; 2] {
+        [&self.state, &self.memory]
+    }
+
+    /// Remove the files that are there.
+    pub fn remove(&self) -> std::io::Result<()> {
+        for file in self.both() {
+            match std::fs::remove_file(file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes in the files that are there.
+    pub fn bytes(&self) -> std::io::Result<u64> {
+        let mut n = std::fs::metadata(&self.state)?.len();
+        if let Ok(m) = std::fs::metadata(&self.memory) {
+            n += m.len();
+        }
+        Ok(n)
+    }
+}
+
+/// Save the guest of `vmm` into [`StateFiles::partial`] (made here,
+/// 0600), removed again when the save fails.
+pub(super) async fn save_partial(vmm: &dyn Vmm, paths: &VmPaths) -> Result<Saved> {
+    let tmp = StateFiles::partial(paths);
+    let (t, apart) = (tmp.clone(), vmm.memory_apart());
+    let fds = blocking(move || {
+        let create = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .map(OwnedFd::from)
+                .map_err(|e| Error::failed(format!("cannot create {}: {e}", path.display())))
+        };
+        let _ = t.remove();
+        Ok(StateFds {
+            state: create(&t.state)?,
+            memory: if apart {
+                Some(create(&t.memory)?)
+            } else {
+                None
+            },
+        })
+    })
+    .await;
+    let saved = match fds {
+        Ok(fds) => vmm.save(paths, fds).await,
+        Err(e) => Err(e),
+    };
+    if saved.is_err() {
+        let _ = blocking(move || Ok(tmp.remove())).await;
+    }
+    saved
 }
 
 /// What a saved state depends on, hashed: banger's device layout, the
@@ -121,43 +190,59 @@ pub(super) fn suspendable(config: &Config, vm: &Vm) -> Result<Arc<dyn Vmm>> {
     Ok(vmm)
 }
 
-/// Remove a VM's saved state, complete or not.
+/// Remove a VM's saved state, complete, partial or being loaded.
 fn remove_state(paths: &VmPaths) -> std::io::Result<()> {
-    for file in [&paths.suspend_state, &paths.suspend_key, &partial(paths)] {
-        match std::fs::remove_file(file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-    }
-    Ok(())
+    remove_state_but_loading(paths)?;
+    loaded(paths)
 }
 
-/// Make the state written to [`partial`] the VM's saved state, under
-/// `key`: the key first, then the state renamed into place, each synced.
+/// Make the state written to [`StateFiles::partial`] the VM's saved
+/// state, under `key`: the key first, then the memory (if apart) and last
+/// the state renamed into place, each synced.
 pub(super) fn commit(paths: &VmPaths, key: &str) -> std::io::Result<()> {
-    let tmp = partial(paths);
-    std::fs::File::open(&tmp)?.sync_all()?;
+    let (tmp, to) = (StateFiles::partial(paths), StateFiles::saved(paths));
+    let apart = tmp.memory.exists();
+    if apart {
+        std::fs::File::open(&tmp.memory)?.sync_all()?;
+    }
+    std::fs::File::open(&tmp.state)?.sync_all()?;
     write_key(paths, key)?;
-    std::fs::rename(&tmp, &paths.suspend_state)?;
+    if apart {
+        std::fs::rename(&tmp.memory, &to.memory)?;
+    } else {
+        // Left by a VMM that kept it apart.
+        let _ = std::fs::remove_file(&to.memory);
+    }
+    std::fs::rename(&tmp.state, &to.state)?;
     std::fs::File::open(&paths.dir)?.sync_all()
 }
 
-/// Give the VM at `paths` the state `state` (another VM's, `origin`,
-/// saved under `key`) as its own saved state: a hard link (a copy where
+/// Give the VM at `paths` the state `from` (another VM's, `origin`,
+/// saved under `key`) as its own saved state: hard links (copies where
 /// links cannot be made), so that its next start loads that guest and
 /// renews its identity.
 pub(super) fn adopt_state(
     paths: &VmPaths,
-    state: &Path,
+    from: &StateFiles,
     key: &str,
     origin: &str,
 ) -> std::io::Result<()> {
     write_key(paths, &format!("{key}\n{origin}"))?;
-    if std::fs::hard_link(state, &paths.suspend_state).is_err() {
-        let tmp = partial(paths);
-        std::fs::copy(state, &tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &paths.suspend_state)?;
+    let (tmp, to) = (StateFiles::partial(paths), StateFiles::saved(paths));
+    // The memory first: the state's arrival makes the whole.
+    let pairs = [
+        (&from.memory, &tmp.memory, &to.memory),
+        (&from.state, &tmp.state, &to.state),
+    ];
+    for (src, tmp, dst) in pairs {
+        if src == &from.memory && !src.exists() {
+            continue;
+        }
+        if std::fs::hard_link(src, dst).is_err() {
+            std::fs::copy(src, tmp)?;
+            std::fs::File::open(tmp)?.sync_all()?;
+            std::fs::rename(tmp, dst)?;
+        }
     }
     std::fs::File::open(&paths.dir)?.sync_all()
 }
@@ -194,23 +279,57 @@ fn saved(paths: &VmPaths) -> bool {
     paths.suspend_state.is_file() && paths.suspend_key.is_file()
 }
 
-/// Open the saved state if it was saved under `key`, and take it out of
-/// the VM's directory (the descriptor keeps it readable): a state is
-/// loaded once. The error says why it cannot be loaded.
+/// Take the saved state out of the VM's directory if it was saved under
+/// `key` (renamed to [`StateFiles::loading`], which
+/// [`loaded`] removes), and open it: a state is loaded once. The error
+/// says why it cannot be loaded.
 pub(super) fn take_state(
     paths: &VmPaths,
     key: &str,
-) -> std::result::Result<(OwnedFd, Option<String>), String> {
+) -> std::result::Result<(StateFds, Option<String>), String> {
     let (kept, origin) = read_key(paths).map_err(|e| format!("its key cannot be read: {e}"))?;
     if kept != key {
         return Err(
             "it was saved under another VMM, accelerator, kernel or machine shape".to_owned(),
         );
     }
-    let file = std::fs::File::open(&paths.suspend_state)
-        .map_err(|e| format!("it cannot be opened: {e}"))?;
-    remove_state(paths).map_err(|e| format!("it cannot be taken: {e}"))?;
-    Ok((file.into(), origin))
+    let (saved, loading) = (StateFiles::saved(paths), StateFiles::loading(paths));
+    let apart = saved.memory.exists();
+    let taken = (|| {
+        if apart {
+            std::fs::rename(&saved.memory, &loading.memory)?;
+        }
+        std::fs::rename(&saved.state, &loading.state)
+    })();
+    let opened = taken.and_then(|()| {
+        Ok(StateFds {
+            state: std::fs::File::open(&loading.state)?.into(),
+            memory: if apart {
+                Some(std::fs::File::open(&loading.memory)?.into())
+            } else {
+                None
+            },
+        })
+    });
+    let removed = remove_state_but_loading(paths);
+    let fds = opened.map_err(|e| format!("it cannot be opened: {e}"))?;
+    removed.map_err(|e| format!("it cannot be taken: {e}"))?;
+    Ok((fds, origin))
+}
+
+/// [`remove_state`], leaving the files being loaded.
+fn remove_state_but_loading(paths: &VmPaths) -> std::io::Result<()> {
+    StateFiles::saved(paths).remove()?;
+    match std::fs::remove_file(&paths.suspend_key) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    StateFiles::partial(paths).remove()
+}
+
+/// The VMM has the state [`take_state`] took (or failed to load it).
+pub(super) fn loaded(paths: &VmPaths) -> std::io::Result<()> {
+    StateFiles::loading(paths).remove()
 }
 
 impl Vms {
@@ -264,7 +383,7 @@ impl Vms {
                 initrd.as_deref(),
             )
             .and_then(|key| commit(&p, &key))
-            .and_then(|()| Ok(std::fs::metadata(&p.suspend_state)?.len()));
+            .and_then(|()| StateFiles::saved(&p).bytes());
             kept.map_err(|e| {
                 let _ = remove_state(&p);
                 Error::failed(format!("cannot keep the guest's state: {e}"))
@@ -284,12 +403,18 @@ impl Vms {
         let _ = ctx.stage("stop", 0.8).await;
         self.transition(id, VmEvent::Stop, |v| v.suspended = true)
             .await?;
-        if let Err(e) = vmm.quit(&paths).await {
-            tracing::warn!(banger_vm_id = %id, "cannot ask the vmm to quit: {e}");
-        }
-        if !self
-            .wait_recorded(id, process, Duration::from_secs(10))
-            .await
+        // A VMM that cannot be asked (Firecracker) is killed at once.
+        let asked = match vmm.quit(&paths).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(banger_vm_id = %id, "cannot ask the vmm to quit: {e}");
+                false
+            }
+        };
+        if !asked
+            || !self
+                .wait_recorded(id, process, Duration::from_secs(10))
+                .await
         {
             let _ = self.supervisor.signal(id, process, Signal::SIGKILL).await;
             if !self
@@ -346,26 +471,29 @@ impl Vms {
     }
 
     /// Load VM `vm`'s saved state (under `key`) into its VMM, started
-    /// with [`crate::vm::vmm::LaunchSpec::incoming`]. The state leaves
-    /// the VM's directory first: whatever happens next, it is not loaded
+    /// with `spec` ([`LaunchSpec::incoming`] set). The state leaves the
+    /// VM's directory first: whatever happens next, it is not loaded
     /// twice. Returns the id of the VM the state came from when that is
     /// another (a fork's source): the guest then needs its own identity.
     pub(super) async fn restore_state(
         &self,
         vm: &Vm,
         vmm: &dyn Vmm,
-        paths: &VmPaths,
+        spec: &LaunchSpec,
         key: String,
     ) -> Result<Option<String>> {
-        let p = paths.clone();
+        let p = spec.paths.clone();
         let taken = blocking(move || {
             take_state(&p, &key)
                 .map_err(|why| Error::failed(format!("the saved memory cannot be loaded: {why}")))
         })
         .await;
         self.modify(&vm.id, |v| v.suspended = false).await?;
-        let (fd, origin) = taken?;
-        vmm.restore(paths, fd).await?;
+        let (fds, origin) = taken?;
+        let restored = vmm.restore(spec, fds).await;
+        let p = spec.paths.clone();
+        let _ = blocking(move || Ok(loaded(&p))).await;
+        restored?;
         tracing::info!(banger_vm_id = %vm.id, banger_vm_name = %vm.name, "vm resumed");
         Ok(origin.filter(|o| *o != vm.id))
     }
@@ -412,12 +540,14 @@ impl Vms {
             Ok(all
                 .into_iter()
                 .map(|p| {
-                    let tmp = partial(&p);
-                    let cut_short = tmp.exists();
+                    let tmp = StateFiles::partial(&p);
+                    let cut_short = tmp.state.exists() || tmp.memory.exists();
                     if cut_short {
-                        let _ = std::fs::remove_file(&tmp);
+                        let _ = tmp.remove();
                         let _ = std::fs::remove_file(p.dir.join("suspend.key.tmp"));
                     }
+                    // A load cut short: the state was taken.
+                    let _ = loaded(&p);
                     let complete = saved(&p);
                     (p, cut_short, complete)
                 })
@@ -468,26 +598,73 @@ mod tests {
         p
     }
 
-    /// A committed state is taken once, and only under its own key.
+    fn read(fd: OwnedFd) -> String {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).expect("read");
+        text
+    }
+
+    /// A committed state is taken once, and only under its own key; the
+    /// files being loaded go when the VMM has them.
     #[test]
     fn a_saved_state_is_taken_once_and_only_under_its_key() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = paths(dir.path());
-        std::fs::write(partial(&p), b"guest").expect("write");
+        let tmp = StateFiles::partial(&p);
+        std::fs::write(&tmp.state, b"guest").expect("write");
         assert!(!saved(&p), "a partial state is not a saved one");
         commit(&p, "key-1").expect("commit");
         assert!(saved(&p));
-        assert!(!partial(&p).exists());
+        assert!(!tmp.state.exists());
+        assert!(!p.suspend_memory.exists(), "no memory apart");
         let why = take_state(&p, "key-2").expect_err("another key");
         assert!(why.contains("another VMM"), "{why}");
         assert!(saved(&p), "a refused state stays");
-        let (fd, origin) = take_state(&p, "key-1").expect("taken");
+        let (fds, origin) = take_state(&p, "key-1").expect("taken");
         assert_eq!(origin, None, "its own");
         assert!(!saved(&p), "taken out of the directory");
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).expect("read");
-        assert_eq!(text, "guest");
+        assert!(fds.memory.is_none());
+        assert_eq!(read(fds.state), "guest");
         assert!(take_state(&p, "key-1").is_err(), "loaded once");
+        assert!(StateFiles::loading(&p).state.exists());
+        loaded(&p).expect("loaded");
+        assert_eq!(
+            std::fs::read_dir(&p.dir).expect("ls").count(),
+            0,
+            "nothing left"
+        );
+    }
+
+    /// A state whose memory is apart (Firecracker) is committed, taken
+    /// and removed as one: the memory is in place before the state.
+    #[test]
+    fn a_state_with_its_memory_apart_moves_as_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = paths(dir.path());
+        let tmp = StateFiles::partial(&p);
+        std::fs::write(&tmp.state, b"devices").expect("write");
+        std::fs::write(&tmp.memory, b"memory").expect("write");
+        commit(&p, "key-1").expect("commit");
+        assert!(!tmp.state.exists() && !tmp.memory.exists());
+        assert_eq!(StateFiles::saved(&p).bytes().expect("bytes"), 13);
+
+        let other = paths(&dir.path().join("other"));
+        adopt_state(&other, &StateFiles::saved(&p), "key-1", "abc").expect("adopted");
+        let (fds, origin) = take_state(&other, "key-1").expect("taken");
+        assert_eq!(origin.as_deref(), Some("abc"));
+        assert_eq!(read(fds.state), "devices");
+        assert_eq!(read(fds.memory.expect("memory")), "memory");
+        loaded(&other).expect("loaded");
+        assert_eq!(std::fs::read_dir(&other.dir).expect("ls").count(), 0);
+
+        // Committed again without memory apart (another VMM): the old
+        // memory goes.
+        std::fs::write(&tmp.state, b"qemu").expect("write");
+        commit(&p, "key-2").expect("commit");
+        assert!(!p.suspend_memory.exists());
+        std::fs::write(&p.suspend_memory, b"stale").expect("write");
+        remove_state(&p).expect("removed");
+        assert!(!p.suspend_memory.exists() && !saved(&p));
     }
 
     /// Another VM's state, adopted, names where it came from.
@@ -497,13 +674,15 @@ mod tests {
         let p = paths(dir.path());
         let state = dir.path().join("source.state");
         std::fs::write(&state, b"source guest").expect("write");
-        adopt_state(&p, &state, "key-1", "0123456789abcdef").expect("adopted");
+        let from = StateFiles {
+            state: state.clone(),
+            memory: dir.path().join("source.mem"),
+        };
+        adopt_state(&p, &from, "key-1", "0123456789abcdef").expect("adopted");
         assert!(saved(&p));
-        let (fd, origin) = take_state(&p, "key-1").expect("taken");
+        let (fds, origin) = take_state(&p, "key-1").expect("taken");
         assert_eq!(origin.as_deref(), Some("0123456789abcdef"));
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).expect("read");
-        assert_eq!(text, "source guest");
+        assert_eq!(read(fds.state), "source guest");
         assert!(state.exists(), "the source's file stays its own");
     }
 
@@ -511,11 +690,15 @@ mod tests {
     fn removing_a_state_removes_every_piece() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = paths(dir.path());
-        std::fs::write(partial(&p), b"guest").expect("write");
+        let tmp = StateFiles::partial(&p);
+        std::fs::write(&tmp.state, b"guest").expect("write");
         commit(&p, "k").expect("commit");
-        std::fs::write(partial(&p), b"again").expect("write");
+        std::fs::write(&tmp.state, b"again").expect("write");
+        std::fs::write(&tmp.memory, b"again").expect("write");
+        std::fs::write(StateFiles::loading(&p).memory, b"loading").expect("write");
         remove_state(&p).expect("removed");
-        assert!(!saved(&p) && !partial(&p).exists());
+        assert!(!saved(&p) && !tmp.state.exists() && !tmp.memory.exists());
+        assert_eq!(std::fs::read_dir(&p.dir).expect("ls").count(), 0);
         remove_state(&p).expect("nothing to remove is fine");
     }
 }

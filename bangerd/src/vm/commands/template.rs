@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::Vms;
 use super::blocking;
 use super::boot::kernel_cmdline;
-use super::suspend::{adopt_state, commit, save_partial, state_key};
+use super::suspend::{StateFiles, adopt_state, commit, save_partial, state_key};
 use super::vmm_choice::kernel_file;
 use crate::artifacts::{Image, Kernel};
 use crate::auth::Action;
@@ -133,7 +133,7 @@ impl Vms {
         accel: Accel,
         kernel: &Kernel,
     ) -> Option<VmPaths> {
-        if !self.config().vm.templates || !vm.mounts.is_empty() || !vmm.snapshots() {
+        if !self.config().vm.templates || !vm.mounts.is_empty() || !vmm.portable_snapshots() {
             return None;
         }
         let id = template_id(vm, vmm, accel);
@@ -191,7 +191,8 @@ impl Vms {
             let kept = std::fs::read_to_string(&t.suspend_key)
                 .map_err(|e| Error::failed(format!("cannot read the template's key: {e}")))?;
             let key = kept.lines().next().unwrap_or_default().to_owned();
-            adopt_state(&paths, &t.suspend_state, &key, &format!("template-{id}"))
+            let from = StateFiles::saved(&t);
+            adopt_state(&paths, &from, &key, &format!("template-{id}"))
                 .map_err(|e| Error::failed(format!("cannot give the vm the template: {e}")))
         })
         .await?;
@@ -222,7 +223,7 @@ impl Vms {
         let Ok((vmm, accel, _)) = self.pick_vmm(&kernel).await else {
             return;
         };
-        if !vmm.snapshots() {
+        if !vmm.portable_snapshots() {
             return;
         }
         let id = template_id(vm, vmm.as_ref(), accel);
@@ -408,8 +409,7 @@ impl Vms {
                 )
                 .map_err(|e| Error::failed(format!("cannot key the template: {e}")))?;
                 commit(&p, &key)
-                    .and_then(|()| std::fs::metadata(&p.suspend_state))
-                    .map(|m| m.len())
+                    .and_then(|()| StateFiles::saved(&p).bytes())
                     .map_err(|e| Error::failed(format!("cannot keep the template's state: {e}")))
             })
             .await?;
@@ -428,11 +428,13 @@ impl Vms {
             })
         }
         .await;
-        // The template's VMM ends here, saved or not.
-        let _ = vmm.quit(paths).await;
-        let until = Instant::now() + Duration::from_secs(10);
-        while !watched.ended() && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // The template's VMM ends here, saved or not (killed at once
+        // when it cannot be asked, as Firecracker cannot).
+        if vmm.quit(paths).await.is_ok() {
+            let until = Instant::now() + Duration::from_secs(10);
+            while !watched.ended() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         if !watched.ended() {
             let _ = self

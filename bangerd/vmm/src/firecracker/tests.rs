@@ -171,6 +171,13 @@ impl Spec {
         }
     }
 
+    /// "Post-boot only" in the operation's summary.
+    fn post_boot_only(op: &Yaml) -> bool {
+        op["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("Post-boot only"))
+    }
+
     /// "Pre-boot only" in the operation's summary.
     fn pre_boot_only(op: &Yaml) -> bool {
         op["summary"]
@@ -215,6 +222,29 @@ struct Seen {
     /// Refuse a PUT to this path with this message (like a real
     /// Firecracker refusing, e.g., a missing file).
     fail: Option<(String, String)>,
+    /// The guest is paused (`PATCH /vm`).
+    paused: bool,
+    /// Something other than the logger and metrics was configured (a
+    /// snapshot then no longer loads).
+    configured: bool,
+    /// The chroot the files are named in, when the server stands for a
+    /// jailed Firecracker.
+    root: Option<PathBuf>,
+    /// What each `/snapshot/create` wrote, and the owner each file had
+    /// when it was written: (path, uid, gid).
+    written: Vec<(String, u32, u32)>,
+    /// What `/snapshot/load` read: the state's and the memory's bytes.
+    loaded: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Seen {
+    /// Where the file Firecracker names `named` is.
+    fn file(&self, named: &str) -> PathBuf {
+        match &self.root {
+            Some(root) => root.join(named.trim_start_matches('/')),
+            None => PathBuf::from(named),
+        }
+    }
 }
 
 /// A Firecracker stand-in that checks every request against the spec and
@@ -349,11 +379,13 @@ async fn answer(
         }
     }
     if method == Method::GET && path == "/" {
-        let state = if seen.lock().expect("lock").started {
-            "Running"
-        } else {
-            "Not started"
+        let s = seen.lock().expect("lock");
+        let state = match (s.started, s.paused) {
+            (false, _) => "Not started",
+            (true, false) => "Running",
+            (true, true) => "Paused",
         };
+        drop(s);
         return reply(
             spec,
             Some(op),
@@ -374,11 +406,80 @@ async fn answer(
             format!("{path} is pre-boot only and the microVM runs"),
         );
     }
+    if !s.started && (Spec::post_boot_only(op) || path == "/vm") {
+        drop(s);
+        return refuse(
+            Some(op),
+            format!("{path} is post-boot only and the microVM has not started"),
+        );
+    }
     if let Some((fail_path, message)) = s.fail.clone()
         && fail_path == path
     {
         drop(s);
         return refuse(Some(op), message);
+    }
+    let field = |name: &str| {
+        body.as_ref()
+            .and_then(|b| b.pointer(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    match path.as_str() {
+        "/vm" => s.paused = field("/state") == "Paused",
+        "/snapshot/create" if !s.paused => {
+            drop(s);
+            return refuse(Some(op), "the microVM must be paused first".into());
+        }
+        "/snapshot/create" => {
+            // Firecracker creates (or truncates) both files and writes.
+            for (named, data) in [
+                (field("/snapshot_path"), "device state"),
+                (field("/mem_file_path"), "guest memory"),
+            ] {
+                let file = s.file(&named);
+                let written = std::fs::metadata(&file)
+                    .map(|m| {
+                        use std::os::unix::fs::MetadataExt;
+                        (m.uid(), m.gid())
+                    })
+                    .and_then(|owner| std::fs::write(&file, data).map(|()| owner));
+                match written {
+                    Ok((uid, gid)) => s.written.push((named, uid, gid)),
+                    Err(e) => {
+                        drop(s);
+                        return refuse(Some(op), format!("cannot write {named}: {e}"));
+                    }
+                }
+            }
+        }
+        "/snapshot/load" if s.configured => {
+            drop(s);
+            return refuse(
+                Some(op),
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+                    .into(),
+            );
+        }
+        "/snapshot/load" => {
+            let read = |named: String| {
+                std::fs::read(s.file(&named)).map_err(|e| format!("cannot open {named}: {e}"))
+            };
+            let loaded = read(field("/snapshot_path"))
+                .and_then(|state| Ok((state, read(field("/mem_backend/backend_path"))?)));
+            match loaded {
+                Ok(l) => s.loaded = Some(l),
+                Err(e) => {
+                    drop(s);
+                    return refuse(Some(op), e);
+                }
+            }
+            s.started = true;
+            s.paused = body.as_ref().and_then(|b| b["resume_vm"].as_bool()) != Some(true);
+        }
+        "/logger" | "/metrics" | "/actions" => {}
+        _ => s.configured = true,
     }
     let action = body
         .as_ref()
@@ -866,6 +967,42 @@ async fn a_jailed_firecracker_finds_its_files_in_the_chroot_and_is_reached_there
     let last = server.seen().calls.last().cloned().expect("a call");
     assert_eq!(last.body, Some(json!({"action_type": "SendCtrlAltDel"})));
 
+    // A snapshot is written in the chroot by the VM's uid, into bangerd's
+    // own files, which are root's again after.
+    let host_file = dir.path().join("host-file");
+    std::fs::write(&host_file, "the host's").expect("host file");
+    std::os::unix::fs::symlink(&host_file, layout.host(jailer::inside::STATE))
+        .expect("a link the VM user left");
+    server.seen().root = Some(layout.root.clone());
+    let (state, memory) = (p.dir.join("suspend.tmp"), p.dir.join("suspend.mem.tmp"));
+    let fds = StateFds {
+        state: state_file(&state),
+        memory: Some(state_file(&memory)),
+    };
+    fc.save(&p, fds).await.expect("saved");
+    assert_eq!(
+        server.seen().written,
+        [
+            ("/snapshot.state".to_owned(), UID, crate::jail::VMM_GROUP),
+            ("/snapshot.mem".to_owned(), UID, crate::jail::VMM_GROUP),
+        ]
+    );
+    for file in [&state, &memory] {
+        let m = std::fs::metadata(file).expect("meta");
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (0, 0, 0o600));
+    }
+    assert_eq!(
+        std::fs::read_to_string(&memory).expect("memory"),
+        "guest memory"
+    );
+    assert!(!layout.host(jailer::inside::STATE).exists());
+    assert!(!layout.host(jailer::inside::MEMORY).exists());
+    assert_eq!(
+        std::fs::read_to_string(&host_file).expect("host file"),
+        "the host's",
+        "the link was replaced, not followed"
+    );
+
     // The chroot is the VM user's: a link it puts in its socket's place
     // (here to the spec server's, standing for any socket of the host's)
     // is not followed.
@@ -886,4 +1023,231 @@ async fn a_jailed_firecracker_finds_its_files_in_the_chroot_and_is_reached_there
     assert!(!layout.base.exists());
     let disk = std::fs::metadata(&p.work_disk).expect("work disk");
     assert_eq!((disk.uid(), disk.gid()), (0, 0));
+
+    // Loaded in a new jail: the same names, this VM's TAP, no socket
+    // override (the vsock has the same name in every chroot).
+    let fresh = SpecServer::start().await;
+    std::fs::write(
+        tools.join("target"),
+        fresh.socket.to_string_lossy().as_bytes(),
+    )
+    .expect("target");
+    let incoming = LaunchSpec {
+        incoming: true,
+        ..spec.clone()
+    };
+    let (mut watched, id) = fc
+        .launch(&incoming, &crate::supervise::Direct)
+        .await
+        .expect("launched for a snapshot");
+    fresh.seen().root = Some(layout.root.clone());
+    fc.restore(&incoming, fds_of(&state, &memory))
+        .await
+        .expect("loaded");
+    assert!(
+        fresh.seen().refusals.is_empty(),
+        "{:?}",
+        fresh.seen().refusals
+    );
+    assert_eq!(
+        fresh.seen().loaded,
+        Some((b"device state".to_vec(), b"guest memory".to_vec()))
+    );
+    let load = fresh.seen().calls.last().cloned().expect("load");
+    assert_eq!(
+        load.body,
+        Some(json!({
+            "snapshot_path": "/snapshot.state",
+            "mem_backend": {"backend_type": "File", "backend_path": "/snapshot.mem"},
+            "resume_vm": true,
+            "network_overrides": [{"iface_id": "net0", "host_dev_name": "bgtap3"}],
+        }))
+    );
+    let m = std::fs::metadata(&memory).expect("meta");
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o777),
+        (0, crate::jail::VMM_GROUP, 0o640),
+        "readable to every jailed VMM that loads it"
+    );
+    assert!(!layout.host(jailer::inside::MEMORY).exists());
+    crate::kill_failed(&crate::supervise::Direct, &spec.id, &mut watched, id).await;
+    jailer::release(&p).expect("released");
+}
+
+/// A new file, opened for reading and writing (as bangerd opens a
+/// state's).
+fn state_file(path: &Path) -> std::os::fd::OwnedFd {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("state file")
+        .into()
+}
+
+/// The snapshot API as the contract says: pause, create with both
+/// files, resume; a fresh VMM with only its logger and metrics loads
+/// the files with this VM's TAP and (unjailed) vsock socket; the files
+/// are linked only for the request; a refusal leaves the guest running.
+#[tokio::test]
+async fn a_guest_is_saved_and_loaded_through_the_snapshot_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = SpecServer::start().await;
+    let mut spec = spec_for(dir.path());
+    std::fs::create_dir_all(&spec.paths.dir).expect("dir");
+    spec.paths.control_socket = server.socket.clone();
+    let p = spec.paths.clone();
+    let fc = Firecracker {
+        binary: "firecracker".into(),
+        jailer: None,
+    };
+    assert!(fc.snapshots() && fc.memory_apart());
+    assert!(!fc.portable_snapshots(), "unjailed, it names its own disks");
+    let jailed = Firecracker {
+        binary: "firecracker".into(),
+        jailer: Some("jailer".into()),
+    };
+    assert!(jailed.portable_snapshots());
+    let api = Api::new(&server.socket);
+    api.configure(&Firecracker::configuration(&spec))
+        .await
+        .expect("booted");
+
+    let (state, memory) = (p.dir.join("suspend.tmp"), p.dir.join("suspend.mem.tmp"));
+    let fds = |state: &Path, memory: Option<&Path>| StateFds {
+        state: state_file(state),
+        memory: memory.map(state_file),
+    };
+    let saved = fc
+        .save(&p, fds(&state, Some(&memory)))
+        .await
+        .expect("saved");
+    assert_eq!(saved.accel, Accel::Kvm);
+    assert!(
+        server.seen().refusals.is_empty(),
+        "{:?}",
+        server.seen().refusals
+    );
+    let calls = server.seen().calls.clone();
+    let n = calls.len();
+    assert_eq!(calls[n - 2], ApiCall::vm_state("Paused"));
+    let [s_named, m_named] = [
+        p.dir.join("firecracker.state"),
+        p.dir.join("firecracker.mem"),
+    ]
+    .map(|f| f.to_string_lossy().into_owned());
+    assert_eq!(
+        calls[n - 1],
+        ApiCall::put(
+            "/snapshot/create",
+            json!({"snapshot_type": "Full", "snapshot_path": s_named, "mem_file_path": m_named})
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(&state).expect("state"),
+        "device state"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&memory).expect("memory"),
+        "guest memory"
+    );
+    assert!(!Path::new(&s_named).exists() && !Path::new(&m_named).exists());
+    assert_eq!(api.state().await.expect("state"), "Paused");
+    fc.resume(&p).await.expect("resumed");
+    assert_eq!(api.state().await.expect("state"), "Running");
+
+    // Refused, the guest runs on; without a memory file nothing is sent.
+    server.seen().fail = Some(("/snapshot/create".into(), "No space left on device".into()));
+    let e = fc
+        .save(&p, fds(&p.dir.join("b.tmp"), Some(&p.dir.join("b.mem"))))
+        .await
+        .expect_err("refused");
+    assert!(e.message.contains("No space left"), "{}", e.message);
+    assert_eq!(api.state().await.expect("state"), "Running");
+    assert!(!Path::new(&s_named).exists());
+    let before = server.seen().calls.len();
+    server.seen().fail = None;
+    let e = fc
+        .save(&p, fds(&p.dir.join("c.tmp"), None))
+        .await
+        .expect_err("no memory file");
+    assert!(e.message.contains("memory"), "{}", e.message);
+    assert_eq!(api.state().await.expect("state"), "Running");
+    assert_eq!(server.seen().calls.len(), before + 2, "paused and resumed");
+    assert!(fc.quit(&p).await.is_err(), "killed, not asked");
+
+    // A fresh Firecracker for the saved guest.
+    let fresh = SpecServer::start().await;
+    let mut incoming = LaunchSpec {
+        incoming: true,
+        ..spec.clone()
+    };
+    incoming.paths.control_socket = fresh.socket.clone();
+    incoming.net = Some(("bgtap9".into(), "0a:b6:0a:00:00:09".into()));
+    let api = Api::new(&fresh.socket);
+    let only = Firecracker::configuration(&incoming);
+    let paths: Vec<&str> = only.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(paths, ["/logger", "/metrics"]);
+    api.configure(&only).await.expect("logger and metrics");
+    assert!(fc.awaits_state(&incoming.paths).await);
+    fc.restore(&incoming, fds_of(&state, &memory))
+        .await
+        .expect("loaded");
+    assert!(
+        fresh.seen().refusals.is_empty(),
+        "{:?}",
+        fresh.seen().refusals
+    );
+    assert_eq!(
+        fresh.seen().loaded,
+        Some((b"device state".to_vec(), b"guest memory".to_vec()))
+    );
+    let load = fresh.seen().calls.last().cloned().expect("load");
+    assert_eq!(
+        load,
+        ApiCall::put(
+            "/snapshot/load",
+            json!({
+                "snapshot_path": s_named,
+                "mem_backend": {"backend_type": "File", "backend_path": m_named},
+                "resume_vm": true,
+                "network_overrides": [{"iface_id": "net0", "host_dev_name": "bgtap9"}],
+                "vsock_override": {"uds_path": p.agent_socket.to_string_lossy()},
+            })
+        )
+    );
+    assert_eq!(api.state().await.expect("state"), "Running");
+    assert!(!fc.awaits_state(&incoming.paths).await);
+    assert!(!Path::new(&s_named).exists() && !Path::new(&m_named).exists());
+
+    // A VMM configured for a boot takes no snapshot.
+    let booted = SpecServer::start().await;
+    incoming.paths.control_socket = booted.socket.clone();
+    Api::new(&booted.socket)
+        .configure(&Firecracker::configuration(&spec)[..4])
+        .await
+        .expect("configured");
+    let e = fc
+        .restore(&incoming, fds_of(&state, &memory))
+        .await
+        .expect_err("refused");
+    assert!(
+        e.message.contains("could not load") && e.message.contains("boot-specific"),
+        "{}",
+        e.message
+    );
+    assert!(!Path::new(&s_named).exists());
+}
+
+/// The saved files, opened for reading.
+fn fds_of(state: &Path, memory: &Path) -> StateFds {
+    let open = |p: &Path| std::fs::File::open(p).expect("open").into();
+    StateFds {
+        state: open(state),
+        memory: Some(open(memory)),
+    }
 }
