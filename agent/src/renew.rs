@@ -223,6 +223,10 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), AgentError> {
     write().map_err(|e| failed(&format!("cannot write {}", path.display()), e))
 }
 
+/// The VM id as the first-boot scripts of Debian and container images
+/// record it (`images/debian-bookworm/firstboot`, `banger-first-boot`).
+const FIRST_BOOT_VM_ID: &str = "/var/lib/banger/vm-id";
+
 /// The files of the identity under `root`: hostname, machine and VM
 /// ids, root's authorized keys and (with a resolver) resolv.conf.
 pub fn write_files(root: &Path, identity: &Identity) -> Result<(), AgentError> {
@@ -242,6 +246,13 @@ pub fn write_files(root: &Path, identity: &Identity) -> Result<(), AgentError> {
         &format!("{}\n", identity.vm_id),
         0o644,
     )?;
+    // Where the first-boot scripts of Debian and container images keep
+    // it: left the source's, their next boot would take the VM for a
+    // clone and make new host keys behind the host's pinned ones.
+    let first_boot = at(FIRST_BOOT_VM_ID);
+    if first_boot.exists() {
+        write_file(&first_boot, &format!("{}\n", identity.vm_id), 0o644)?;
+    }
     let ssh = at("/root/.ssh");
     std::fs::create_dir_all(&ssh).map_err(|e| failed("/root/.ssh", e))?;
     std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700))
@@ -523,6 +534,10 @@ mod tests {
         assert_eq!(read("etc/hostname"), "web-2\n");
         assert_eq!(read("etc/machine-id"), "0123456789abcdef0123456789abcdef\n");
         assert_eq!(read("etc/banger/vm-id"), "0123456789abcdef\n");
+        assert!(
+            !root.path().join("var/lib/banger").exists(),
+            "made only where a first-boot script keeps it"
+        );
         assert_eq!(
             read("root/.ssh/authorized_keys"),
             "ssh-ed25519 AAAA me@host\n"
@@ -537,6 +552,11 @@ mod tests {
         };
         write_files(root.path(), &none).expect("written");
         assert_eq!(read("root/.ssh/authorized_keys"), "");
+        // A first-boot script's record is the new VM's too.
+        std::fs::create_dir_all(root.path().join("var/lib/banger")).expect("dir");
+        std::fs::write(root.path().join("var/lib/banger/vm-id"), "fedcba\n").expect("old id");
+        write_files(root.path(), &identity()).expect("written");
+        assert_eq!(read("var/lib/banger/vm-id"), "0123456789abcdef\n");
     }
 
     #[test]
