@@ -125,8 +125,6 @@ fn setup() -> Env {
 pub(crate) fn setup_with(extra: &str) -> Env {
     let vmlinuz = guest_artifact("kernel/vmlinuz", "build-test-kernel");
     let initrd = guest_artifact("kernel/initrd.img", "build-test-kernel");
-    let rootfs = guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
-    let seed = guest_artifact("tiny/work-seed.ext4", "build-tiny-image");
     let ns = NetNs::new("bgvm");
     let bed = TestBed::start(Options {
         // Templates only where a test asks for them: they boot a second
@@ -155,13 +153,22 @@ pub(crate) fn setup_with(extra: &str) -> Env {
         "--kernel",
         vmlinuz.to_str().unwrap(),
     ]);
-    env.register_image(
-        "tiny",
-        &rootfs,
-        &seed,
-        &["--service", "ssh:22", "--init", "/sbin/banger-init"],
-    );
+    env.register_tiny();
     env
+}
+
+impl Env {
+    /// Register the tiny image as `tiny`, as [`setup_with`] does.
+    pub(crate) fn register_tiny(&self) {
+        let rootfs = guest_artifact("tiny/rootfs.ext4", "build-tiny-image");
+        let seed = guest_artifact("tiny/work-seed.ext4", "build-tiny-image");
+        self.register_image(
+            "tiny",
+            &rootfs,
+            &seed,
+            &["--service", "ssh:22", "--init", "/sbin/banger-init"],
+        );
+    }
 }
 
 #[test]
@@ -728,7 +735,8 @@ fn someone_elses_vm_is_refused_without_manage_others() {
 
 /// The slow tier: the Debian image (systemd, sshd, opencode) created
 /// through banger under TCG, up to every service it declares, then a
-/// command over SSH and a clean stop and delete. Needs
+/// command over SSH, a fork renewed under systemd and OpenSSH, a clone
+/// with a host folder, and a clean stop and delete. Needs
 /// `scripts/build-debian-image`; `scripts/ci-images` runs it after that.
 #[test]
 #[ignore = "slow tier: needs scripts/build-debian-image; scripts/ci-images runs it"]
@@ -742,10 +750,6 @@ fn the_debian_image_boots_to_sshd_and_its_services() {
         &seed,
         &["--service", "ssh:22", "--service", "opencode:4096"],
     );
-    // A host folder too: the Debian kernel has virtio-fs as a module,
-    // which the guest loads from the image's /lib/modules.
-    let folder = tempfile::tempdir().unwrap();
-    std::fs::write(folder.path().join("hello"), "from the host\n").unwrap();
     let out = env.ok(&[
         "vm",
         "create",
@@ -759,13 +763,9 @@ fn the_debian_image_boots_to_sshd_and_its_services() {
         "1024",
         "--disk-size",
         "1G",
-        "--mount",
-        &format!("{}:/mnt/host", folder.path().display()),
     ]);
     eprintln!("{out}");
-    let read = env.ok(&["vm", "exec", "debian-vm", "--", "cat", "/mnt/host/hello"]);
-    assert_eq!(read, "from the host\n");
-    for stage in ["agent ready", "host folders", "ssh ready", "opencode ready"] {
+    for stage in ["agent ready", "ssh ready", "opencode ready"] {
         assert!(out.contains(stage), "no {stage} in:\n{out}");
     }
     let out = env.ok(&[
@@ -797,12 +797,80 @@ fn the_debian_image_boots_to_sshd_and_its_services() {
     let source = identity("debian-vm");
     let expected = format!("{}\n{id}\ndebian-vm\n", bangerd::vm::machine_id(&id));
     assert!(source.starts_with(&expected), "{source}");
+
+    // A fork goes on from the running guest and is renewed under systemd
+    // and OpenSSH: its own machine id, hostname and host keys, sshd
+    // serving the new ones (SSH pins the fork's key), its source's files.
+    env.ok(&[
+        "vm",
+        "exec",
+        "debian-vm",
+        "--",
+        "sh",
+        "-c",
+        "echo before > /root/marker && sync",
+    ]);
+    let out = env.ok(&["vm", "fork", "debian-vm", "debian-fork"]);
+    eprintln!("{out}");
+    for stage in ["paused for", "restore", "identity"] {
+        assert!(out.contains(stage), "no {stage} in:\n{out}");
+    }
+    assert!(!out.contains("cold boot"), "{out}");
+    let fork_id = env.vm("debian-fork")["id"].as_str().unwrap().to_owned();
+    let fork = identity("debian-fork");
+    let expected = format!(
+        "{}\n{fork_id}\ndebian-fork\n",
+        bangerd::vm::machine_id(&fork_id)
+    );
+    assert!(fork.starts_with(&expected), "{fork}");
+    assert_ne!(
+        source.lines().last(),
+        fork.lines().last(),
+        "the fork kept its source's host key"
+    );
+    let out = env.ok(&[
+        "vm",
+        "ssh",
+        "debian-fork",
+        "--",
+        "sh",
+        "-c",
+        "cat /root/marker; systemctl is-active ssh; sha256sum /etc/ssh/ssh_host_ed25519_key.pub | cut -c1-16",
+    ]);
+    assert_eq!(
+        out,
+        format!("before\nactive\n{}\n", fork.lines().last().unwrap()),
+        "{out}"
+    );
+    // Booted from its disks, the fork is no clone to its first-boot
+    // script: it keeps the host keys SSH has pinned.
+    env.ok(&["vm", "restart", "debian-fork"]);
+    let again = identity("debian-fork");
+    assert_eq!(again, fork, "the fork's identity changed at its boot");
+    let out = env.ok(&["vm", "ssh", "debian-fork", "--", "hostname"]);
+    assert_eq!(out, "debian-fork\n");
+    env.ok(&["vm", "delete", "debian-fork"]);
     env.ok(&["vm", "stop", "debian-vm"]);
     assert_eq!(env.vm("debian-vm")["state"], "stopped");
 
-    // A clone gets new host keys before sshd starts, and its own machine
-    // id; SSH reaches it with the new key.
-    env.ok(&["vm", "clone", "debian-vm", "debian-copy", "--start"]);
+    // A host folder: the Debian kernel has virtio-fs as a module, which
+    // the guest loads from the image's /lib/modules.
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::write(folder.path().join("hello"), "from the host\n").unwrap();
+    env.ok(&[
+        "vm",
+        "set",
+        "debian-vm",
+        "--mount",
+        &format!("{}:/mnt/host", folder.path().display()),
+    ]);
+
+    // A clone (with the folder) gets new host keys before sshd starts,
+    // and its own machine id; SSH reaches it with the new key.
+    let out = env.ok(&["vm", "clone", "debian-vm", "debian-copy", "--start"]);
+    assert!(out.contains("host folders"), "{out}");
+    let read = env.ok(&["vm", "exec", "debian-copy", "--", "cat", "/mnt/host/hello"]);
+    assert_eq!(read, "from the host\n");
     let copy_id = env.vm("debian-copy")["id"].as_str().unwrap().to_owned();
     let copy = identity("debian-copy");
     let expected = format!(
