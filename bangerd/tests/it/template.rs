@@ -1,7 +1,8 @@
 //! Templates end to end with the tiny image under QEMU (TCG): the first
 //! create boots and a template is made behind it; later creates restore
 //! the template and renew the guest, each with an identity of its own; a
-//! template that does not load falls back to a boot that says why.
+//! template that does not load falls back to a boot that says why; an
+//! image deleted and registered again has none.
 
 #![allow(clippy::unwrap_used)]
 
@@ -103,4 +104,10 @@ fn later_creates_restore_a_template_and_renew_the_guest() {
     env.ok(&["vm", "delete", "first", "one", "two", "cold", "broken"]);
     env.ok(&["image", "delete", "tiny"]);
     assert!(templates(&env).is_empty(), "{:?}", templates(&env));
+
+    // Registered again, it is another image: its first create boots.
+    env.register_tiny();
+    let out = env.ok(&["vm", "create", "--name", "again"]);
+    assert!(!out.contains("restore"), "{out}");
+    assert_eq!(env.vm("again")["state"], "running");
 }
