@@ -344,16 +344,16 @@ pub fn renew_host_keys(root: &Path, listeners: &[Listener]) -> Result<Vec<Listen
 /// through systemd where it runs; elsewhere the `listeners` are ended
 /// and the init respawns them (started here when nothing does).
 fn restart_ssh(listeners: &[Listener]) -> Result<(), AgentError> {
-    if Path::new("/run/systemd/system").is_dir() {
-        return run(
-            "systemctl",
-            &[
-                "try-restart",
-                "ssh.service",
-                "sshd.service",
-                "dropbear.service",
-            ],
-        );
+    // Under systemd: the services the listeners run in, reloaded where
+    // they can be (OpenSSH re-executes itself on SIGHUP and reads its
+    // keys again; the connections it serves stay) and restarted
+    // otherwise.
+    let units: std::collections::BTreeSet<&str> =
+        listeners.iter().filter_map(|l| l.unit.as_deref()).collect();
+    if !listeners.is_empty() && listeners.iter().all(|l| l.unit.is_some()) {
+        let mut args = vec!["try-reload-or-restart"];
+        args.extend(units);
+        return run("systemctl", &args);
     }
     if listeners.is_empty() {
         return Ok(());
@@ -391,6 +391,23 @@ pub struct Listener {
     /// dropbear with `-R` and no `-r`: it reads the default key files
     /// at each connection unless it found them at its start.
     pub keys_per_connection: bool,
+    /// The systemd service it runs in, if any.
+    pub unit: Option<String>,
+}
+
+/// The systemd service of a process whose `/proc/PID/cgroup` is
+/// `cgroup`: the last part of its path in the unified hierarchy (`0::`)
+/// or systemd's own (`name=systemd`), when that is a `.service`.
+fn service_of(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if !controllers.is_empty() && controllers != "name=systemd" {
+            return None;
+        }
+        let last = path.rsplit('/').next()?;
+        last.ends_with(".service").then(|| last.to_owned())
+    })
 }
 
 /// The SSH servers' listening processes under `proc_root`.
@@ -414,10 +431,12 @@ pub fn ssh_listeners(proc_root: &Path) -> Vec<Listener> {
                 .skip(1)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
+            let cgroup = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
             Some(Listener {
                 pid,
                 name: name.to_owned(),
                 keys_per_connection: name == "dropbear" && makes_keys_as_needed(&args),
+                unit: service_of(&cgroup),
             })
         })
         .collect();
@@ -579,20 +598,44 @@ mod tests {
             std::fs::write(dir.join("stat"), stat).expect("stat");
             std::fs::write(dir.join("cmdline"), cmdline).expect("cmdline");
         }
+        std::fs::write(
+            proc_root.path().join("12/cgroup"),
+            "0::/system.slice/ssh.service\n",
+        )
+        .expect("cgroup");
+        std::fs::write(proc_root.path().join("10/cgroup"), "0::/\n").expect("cgroup");
         std::fs::create_dir_all(proc_root.path().join("self")).expect("self");
-        let listener = |pid, name: &str, keys_per_connection| Listener {
+        let listener = |pid, name: &str, keys_per_connection, unit: Option<&str>| Listener {
             pid,
             name: name.to_owned(),
             keys_per_connection,
+            unit: unit.map(str::to_owned),
         };
         assert_eq!(
             ssh_listeners(proc_root.path()),
             vec![
-                listener(10, "dropbear", true),
-                listener(12, "sshd", false),
-                listener(15, "dropbear", false),
+                listener(10, "dropbear", true, None),
+                listener(12, "sshd", false, Some("ssh.service")),
+                listener(15, "dropbear", false, None),
             ]
         );
+    }
+
+    #[test]
+    fn a_listeners_service_is_read_from_its_cgroup() {
+        for (cgroup, want) in [
+            ("0::/system.slice/ssh.service\n", Some("ssh.service")),
+            (
+                "12:pids:/system.slice/x.service\n1:name=systemd:/system.slice/dropbear.service\n0::/\n",
+                Some("dropbear.service"),
+            ),
+            ("0::/\n", None),
+            ("0::/user.slice/user-0.slice/session-1.scope\n", None),
+            ("12:pids:/system.slice/ssh.service\n", None),
+            ("", None),
+        ] {
+            assert_eq!(service_of(cgroup).as_deref(), want, "{cgroup:?}");
+        }
     }
 
     #[test]
@@ -621,6 +664,7 @@ mod tests {
             pid: 10,
             name: "dropbear".into(),
             keys_per_connection: true,
+            unit: None,
         };
         // A template nobody connected to: no key, nothing to restart.
         std::fs::create_dir_all(&keys).expect("dir");
@@ -643,6 +687,7 @@ mod tests {
             pid: 12,
             name: "sshd".into(),
             keys_per_connection: false,
+            unit: Some("ssh.service".into()),
         };
         assert_eq!(
             renew_host_keys(root.path(), &[lazy, sshd.clone()]).expect("renewed"),
