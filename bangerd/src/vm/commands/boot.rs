@@ -212,10 +212,14 @@ impl Vms {
         let mut result = self.boot_once(ctx, id, base, quota).await;
         // A saved state that does not load is dropped; the VM boots from
         // its disks as after a power cut.
-        if let Err(BootError::Restore(e)) = &result {
+        if let Err(BootError::Restore(e) | BootError::Renew(e)) = &result {
             tracing::warn!(banger_vm_id = %id, "cannot resume the vm: {}; booting it instead", e.message);
-            ctx.stage("cold boot: the saved memory did not load", base)
-                .await?;
+            let why = if matches!(&result, Err(BootError::Renew(_))) {
+                "cold boot: the restored guest could not take its own identity"
+            } else {
+                "cold boot: the saved memory did not load"
+            };
+            ctx.stage(why, base).await?;
             ctx.progress(&e.message, base, None);
             self.drop_suspend(id).await?;
             // A template's work disk has no keys: the guest was to get
@@ -451,7 +455,7 @@ impl Vms {
                 .renew(identity, Duration::from_secs(60))
                 .await
                 .map_err(|e| {
-                    BootError::Restore(Error::failed(format!(
+                    BootError::Renew(Error::failed(format!(
                         "the guest from vm {origin} could not take its own identity: {e}"
                     )))
                 })?;
@@ -530,24 +534,26 @@ async fn guest_identity(
 
 /// Why one boot attempt failed: a stall (console silent before the
 /// agent answered, worth one more boot), a saved state that did not load
-/// (worth a boot from the disks), or anything else.
+/// or a restored guest that could not be renewed (each worth a boot from
+/// the disks), or anything else.
 #[derive(Debug)]
 enum BootError {
     Stalled(Error),
     Restore(Error),
+    Renew(Error),
     Failed(Error),
 }
 
 impl BootError {
     fn error(&self) -> &Error {
         match self {
-            Self::Stalled(e) | Self::Restore(e) | Self::Failed(e) => e,
+            Self::Stalled(e) | Self::Restore(e) | Self::Renew(e) | Self::Failed(e) => e,
         }
     }
 
     fn into_error(self) -> Error {
         match self {
-            Self::Stalled(e) | Self::Restore(e) | Self::Failed(e) => e,
+            Self::Stalled(e) | Self::Restore(e) | Self::Renew(e) | Self::Failed(e) => e,
         }
     }
 }
