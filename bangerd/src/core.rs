@@ -314,15 +314,13 @@ impl Core {
                 })
                 .ok()
             })
-            .map(|(vmm, _)| (vmm.name(), vmm.snapshots(), vmm.portable_snapshots()));
-        let snapshots = doctor::check_snapshots(
-            snapshots.map(|(vmm, saves, portable)| doctor::Snapshots {
-                vmm,
-                saves,
-                portable,
-            }),
-            config.vm.templates,
-        );
+            .map(|(vmm, _)| doctor::Snapshots {
+                vmm: vmm.name(),
+                saves: vmm.snapshots(),
+                portable: vmm.portable_snapshots(),
+                makes_templates: crate::vm::commands::makes_templates(vmm.as_ref()),
+            });
+        let snapshots = doctor::check_snapshots(snapshots, config.vm.templates);
         let accel = doctor::with_choice(accel, choice);
         let at = checks
             .iter()

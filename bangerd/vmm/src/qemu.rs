@@ -507,6 +507,11 @@ impl Vmm for Qemu {
         true
     }
 
+    /// A hub port with nothing else on the hub.
+    fn detached_nic(&self) -> bool {
+        true
+    }
+
     fn save<'a>(&'a self, paths: &'a VmPaths, to: StateFds) -> BoxFuture<'a, Result<Saved>> {
         let to = to.state;
         Box::pin(async move {

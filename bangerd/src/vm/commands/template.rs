@@ -106,6 +106,13 @@ fn template_id(vm: &Vm, vmm: &dyn Vmm, accel: Accel) -> String {
     crate::artifacts::hex(&h.finalize())[..16].to_owned()
 }
 
+/// Whether templates can be made with `vmm`: a saved guest must load
+/// into other VMs, and the template's NIC must need no TAP (Firecracker
+/// opens one for every NIC).
+pub fn makes_templates(vmm: &dyn Vmm) -> bool {
+    vmm.portable_snapshots() && vmm.detached_nic()
+}
+
 /// The paths of template `id` being made in `dir`: its disks and state
 /// where a VM's would be, its sockets under the runtime directory.
 fn template_paths(dir: &Path, runtime: &Path, id: &str) -> VmPaths {
@@ -133,7 +140,7 @@ impl Vms {
         accel: Accel,
         kernel: &Kernel,
     ) -> Option<VmPaths> {
-        if !self.config().vm.templates || !vm.mounts.is_empty() || !vmm.portable_snapshots() {
+        if !self.config().vm.templates || !vm.mounts.is_empty() || !makes_templates(vmm) {
             return None;
         }
         let id = template_id(vm, vmm, accel);
@@ -223,7 +230,7 @@ impl Vms {
         let Ok((vmm, accel, _)) = self.pick_vmm(&kernel).await else {
             return;
         };
-        if !vmm.portable_snapshots() {
+        if !makes_templates(vmm.as_ref()) {
             return;
         }
         let id = template_id(vm, vmm.as_ref(), accel);
@@ -539,6 +546,24 @@ mod tests {
 
     fn vm() -> Vm {
         crate::vm::store::tests::vm("0123456789abcdef", "web")
+    }
+
+    /// QEMU makes templates; Firecracker, which needs a TAP behind every
+    /// NIC, does not, jailed or not.
+    #[test]
+    fn templates_are_made_only_where_a_nic_needs_no_tap() {
+        use crate::vm::vmm::firecracker::Firecracker;
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+        };
+        assert!(makes_templates(&q));
+        for jailer in [None, Some("jailer".into())] {
+            let fc = Firecracker {
+                binary: "firecracker".into(),
+                jailer,
+            };
+            assert!(!makes_templates(&fc));
+        }
     }
 
     /// A template is one per image, kernel, shape, VMM and accelerator.
