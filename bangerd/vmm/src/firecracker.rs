@@ -14,6 +14,7 @@
 //! as the chroot holds them ([`Names::jailed`]). Without one it runs as a
 //! root with no capability, behind its own seccomp filters.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -401,14 +402,24 @@ impl Firecracker {
             )
         })?;
         let site = self.site(paths);
-        let placed = snapshot::place(&site, [&files.state, memory], use_).map_err(|e| {
+        let dups = [&files.state, memory].map(OwnedFd::try_clone);
+        let s = site.clone();
+        let placed = tokio::task::spawn_blocking(move || {
+            let [state, memory] = dups;
+            snapshot::place(&s, [state?, memory?], use_)
+        })
+        .await
+        .map_err(|e| Error::failed(format!("the snapshot's files were not placed: {e}")))?
+        .map_err(|e| {
             Error::failed(format!(
                 "cannot give firecracker the snapshot's files in {}: {e}",
                 site.dir.display()
             ))
         })?;
         let sent = Api::new(self.api_socket(paths)).send(&call(&site)).await;
-        let removed = placed.remove();
+        let removed = tokio::task::spawn_blocking(move || placed.remove())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         sent?;
         removed.map_err(|e| {
             Error::failed(format!(

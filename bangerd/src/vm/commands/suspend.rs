@@ -73,13 +73,7 @@ impl StateFiles {
 
     /// Remove the files that are there.
     pub fn remove(&self) -> std::io::Result<()> {
-        for file in self.both() {
-            match std::fs::remove_file(file) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-        }
-        Ok(())
+        self.both().into_iter().try_for_each(|f| remove_if_there(f))
     }
 
     /// Bytes in the files that are there.
@@ -229,15 +223,11 @@ pub(super) fn adopt_state(
 ) -> std::io::Result<()> {
     write_key(paths, &format!("{key}\n{origin}"))?;
     let (tmp, to) = (StateFiles::partial(paths), StateFiles::saved(paths));
-    // The memory first: the state's arrival makes the whole.
-    let pairs = [
-        (&from.memory, &tmp.memory, &to.memory),
-        (&from.state, &tmp.state, &to.state),
-    ];
-    for (src, tmp, dst) in pairs {
-        if src == &from.memory && !src.exists() {
-            continue;
-        }
+    // The memory first (when apart): the state's arrival makes the whole.
+    let apart = from.memory.exists();
+    let memory = apart.then_some((&from.memory, &tmp.memory, &to.memory));
+    let state = (&from.state, &tmp.state, &to.state);
+    for (src, tmp, dst) in memory.into_iter().chain([state]) {
         if std::fs::hard_link(src, dst).is_err() {
             std::fs::copy(src, tmp)?;
             std::fs::File::open(tmp)?.sync_all()?;
@@ -320,11 +310,16 @@ pub(super) fn take_state(
 /// [`remove_state`], leaving the files being loaded.
 fn remove_state_but_loading(paths: &VmPaths) -> std::io::Result<()> {
     StateFiles::saved(paths).remove()?;
-    match std::fs::remove_file(&paths.suspend_key) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
+    remove_if_there(&paths.suspend_key)?;
     StateFiles::partial(paths).remove()
+}
+
+/// Remove `file`; one that is not there is fine.
+fn remove_if_there(file: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// The VMM has the state [`take_state`] took (or failed to load it).

@@ -69,21 +69,17 @@ pub(super) enum Use {
 
 /// The files linked in a site, until [`Placed::remove`].
 #[derive(Debug)]
-pub(super) struct Placed<'a> {
+pub(super) struct Placed {
     dir: OwnedFd,
     names: [&'static str; 2],
-    files: [&'a OwnedFd; 2],
+    files: [OwnedFd; 2],
     use_: Use,
     jailed: bool,
 }
 
 /// Link `files` (state, memory) into `site` for `use_`, owned so that
-/// Firecracker may do it.
-pub(super) fn place<'a>(
-    site: &Site,
-    files: [&'a OwnedFd; 2],
-    use_: Use,
-) -> std::io::Result<Placed<'a>> {
+/// Firecracker may do it. A few syscalls: call it off the async workers.
+pub(super) fn place(site: &Site, files: [OwnedFd; 2], use_: Use) -> std::io::Result<Placed> {
     let dir = nix::fcntl::open(
         &site.dir,
         OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
@@ -93,7 +89,7 @@ pub(super) fn place<'a>(
     if site.jailed {
         // The chroot's owner is the VM's uid (the jailer made it so).
         let uid = fstat(&dir)?.st_uid;
-        for file in files {
+        for file in &files {
             match use_ {
                 Use::Write => fchown(
                     file,
@@ -114,7 +110,7 @@ pub(super) fn place<'a>(
         use_,
         jailed: site.jailed,
     };
-    for (name, file) in placed.names.iter().zip(files) {
+    for (name, file) in placed.names.iter().zip(&placed.files) {
         unlink(&placed.dir, name)?;
         linkat(
             AT_FDCWD,
@@ -127,15 +123,15 @@ pub(super) fn place<'a>(
     Ok(placed)
 }
 
-impl Placed<'_> {
+impl Placed {
     /// Unlink the files from the site; a file Firecracker wrote is
-    /// root's again.
+    /// root's again. Off the async workers, as [`place`].
     pub fn remove(self) -> std::io::Result<()> {
         for name in self.names {
             unlink(&self.dir, name)?;
         }
         if self.jailed && self.use_ == Use::Write {
-            for file in self.files {
+            for file in &self.files {
                 fchown(file, Some(Uid::from_raw(0)), Some(Gid::from_raw(0)))?;
             }
         }
@@ -160,22 +156,16 @@ fn with_path(e: Errno, path: &Path) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
+
+    fn dup(state: &OwnedFd, memory: &OwnedFd) -> [OwnedFd; 2] {
+        [state, memory].map(|f| f.try_clone().expect("dup"))
+    }
 
     fn file(path: &Path, data: &[u8]) -> OwnedFd {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .and_then(|mut f| {
-                std::io::Write::write_all(&mut f, data)?;
-                Ok(f)
-            })
-            .expect("file")
-            .into()
+        let fd = super::super::tests::state_file(path);
+        std::fs::write(path, data).expect("data");
+        fd
     }
 
     /// In a chroot: the links are the files, owned by the chroot's uid
@@ -199,7 +189,7 @@ mod tests {
             jailed: true,
         };
         assert_eq!(site.seen(), ["/snapshot.state", "/snapshot.mem"]);
-        let placed = place(&site, [&state, &memory], Use::Write).expect("placed");
+        let placed = place(&site, dup(&state, &memory), Use::Write).expect("placed");
         for (name, fd) in [("snapshot.state", &state), ("snapshot.mem", &memory)] {
             let linked = std::fs::symlink_metadata(root.join(name)).expect(name);
             let own = fstat(fd).expect("fstat");
@@ -220,7 +210,7 @@ mod tests {
             "guest memory"
         );
 
-        let placed = place(&site, [&state, &memory], Use::Read).expect("placed");
+        let placed = place(&site, dup(&state, &memory), Use::Read).expect("placed");
         let m = std::fs::metadata(root.join("snapshot.mem")).expect("meta");
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (0, VMM_GROUP, 0o640));
         placed.remove().expect("removed");
@@ -233,7 +223,7 @@ mod tests {
             dir: link,
             jailed: true,
         };
-        assert!(place(&linked, [&state, &memory], Use::Write).is_err());
+        assert!(place(&linked, dup(&state, &memory), Use::Write).is_err());
     }
 
     /// Unjailed: the files are linked in the VM's directory under host
@@ -248,7 +238,7 @@ mod tests {
             jailed: false,
         };
         let [s, m] = site.seen();
-        let placed = place(&site, [&state, &memory], Use::Read).expect("placed");
+        let placed = place(&site, dup(&state, &memory), Use::Read).expect("placed");
         assert_eq!(std::fs::read_to_string(&s).expect("state"), "state");
         assert_eq!(std::fs::read_to_string(&m).expect("memory"), "memory");
         let meta = std::fs::metadata(&m).expect("meta");

@@ -1044,16 +1044,7 @@ async fn a_jailed_firecracker_finds_its_files_in_the_chroot_and_is_reached_there
     fc.restore(&incoming, fds_of(&state, &memory))
         .await
         .expect("loaded");
-    assert!(
-        fresh.seen().refusals.is_empty(),
-        "{:?}",
-        fresh.seen().refusals
-    );
-    assert_eq!(
-        fresh.seen().loaded,
-        Some((b"device state".to_vec(), b"guest memory".to_vec()))
-    );
-    let load = fresh.seen().calls.last().cloned().expect("load");
+    let load = assert_loaded(&fresh);
     assert_eq!(
         load.body,
         Some(json!({
@@ -1074,9 +1065,20 @@ async fn a_jailed_firecracker_finds_its_files_in_the_chroot_and_is_reached_there
     jailer::release(&p).expect("released");
 }
 
+/// `server` loaded the saved files with no refusal; its last call.
+fn assert_loaded(server: &SpecServer) -> ApiCall {
+    let seen = server.seen();
+    assert!(seen.refusals.is_empty(), "{:?}", seen.refusals);
+    assert_eq!(
+        seen.loaded,
+        Some((b"device state".to_vec(), b"guest memory".to_vec()))
+    );
+    seen.calls.last().cloned().expect("load")
+}
+
 /// A new file, opened for reading and writing (as bangerd opens a
 /// state's).
-fn state_file(path: &Path) -> std::os::fd::OwnedFd {
+pub(super) fn state_file(path: &Path) -> std::os::fd::OwnedFd {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -1197,16 +1199,7 @@ async fn a_guest_is_saved_and_loaded_through_the_snapshot_api() {
     fc.restore(&incoming, fds_of(&state, &memory))
         .await
         .expect("loaded");
-    assert!(
-        fresh.seen().refusals.is_empty(),
-        "{:?}",
-        fresh.seen().refusals
-    );
-    assert_eq!(
-        fresh.seen().loaded,
-        Some((b"device state".to_vec(), b"guest memory".to_vec()))
-    );
-    let load = fresh.seen().calls.last().cloned().expect("load");
+    let load = assert_loaded(&fresh);
     assert_eq!(
         load,
         ApiCall::put(
