@@ -318,7 +318,6 @@ impl Core {
                 vmm: vmm.name(),
                 saves: vmm.snapshots(),
                 portable: vmm.portable_snapshots(),
-                makes_templates: crate::vm::commands::makes_templates(vmm.as_ref()),
             });
         let snapshots = doctor::check_snapshots(snapshots, config.vm.templates);
         let accel = doctor::with_choice(accel, choice);

@@ -22,6 +22,10 @@ use banger_error::{Error, ErrorKind};
 /// from anyone else's devices.
 pub const TAP_PREFIX: &str = "bgtap";
 
+/// Prefix of a lone TAP (`bglone<…>`): one on no bridge and down, for a
+/// guest whose NIC must lead nowhere (a template's).
+pub const LONE_TAP_PREFIX: &str = "bglone";
+
 fn nl(context: &str, e: rtnetlink::Error) -> Error {
     Error::failed(format!("{context}: {e}"))
 }
@@ -284,6 +288,31 @@ impl Links {
             .execute()
             .await
             .map_err(|e| nl(&format!("cannot attach {name} to the bridge"), e))?;
+        Ok(index)
+    }
+
+    /// Make the persistent TAP `name`, owned by `owner_uid`, on no bridge
+    /// and down: a VMM can open it, and the kernel refuses what the guest
+    /// sends through it (EIO), so the host never sees a frame. An
+    /// existing TAP of that name is taken off its bridge and set down.
+    pub async fn create_lone_tap(&self, name: &str, owner_uid: u32) -> Result<u32, Error> {
+        let n = name.to_owned();
+        tokio::task::block_in_place(|| tun::make_persistent_tap(&n, owner_uid))?;
+        let index = self
+            .index_of(name)
+            .await?
+            .ok_or_else(|| Error::failed(format!("TAP {name} vanished after creation")))?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .nocontroller()
+                    .down()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| nl(&format!("cannot set {name} apart"), e))?;
         Ok(index)
     }
 

@@ -15,7 +15,7 @@ use super::dns::VmZone;
 use super::firewall::{Firewall, Guest, Policy};
 use super::host::InUse;
 use super::leases::{Lease, Subnet};
-use super::link::Links;
+use super::link::{LONE_TAP_PREFIX, Links};
 use super::pool::TapPool;
 use crate::leases::LeaseStore;
 use banger_error::Error;
@@ -90,6 +90,11 @@ impl Network {
     ) -> Result<Self, Error> {
         let links = Links::connect()?;
         let index = links.ensure_bridge(&policy.bridge, &subnet).await?;
+        // Lone TAPs live only while a template is made, and none is
+        // made before the network is up: these are left by a crash.
+        for lone in links.names_with_prefix(LONE_TAP_PREFIX).await? {
+            links.delete(&lone).await?;
+        }
         let pool = TapPool::new(links.clone(), index, pool_size);
         pool.adopt(&in_use.taps).await?;
         let held = Held {
@@ -154,6 +159,30 @@ impl Network {
         let peers: Vec<Ipv4Addr> = held.peers.iter().copied().collect();
         let host = self.links.host_networks(Some(self.bridge_index())).await?;
         self.firewall.apply(&guests, &nat, &peers, &host).await
+    }
+
+    /// The lone TAP `bglone<tag>` (`tag` at most 9 bytes), owned by
+    /// `uid`: on no bridge and down, for a guest whose NIC must lead
+    /// nowhere ([`Links::create_lone_tap`]). Its name; removed with
+    /// [`Network::drop_lone_tap`], or at the next start.
+    pub async fn lone_tap(&self, tag: &str, uid: u32) -> Result<String, Error> {
+        let name = format!("{LONE_TAP_PREFIX}{tag}");
+        if tag.is_empty() || name.len() > 15 || !tag.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(Error::invalid(format!("{name:?} cannot name a TAP")));
+        }
+        if let Err(e) = self.links.create_lone_tap(&name, uid).await {
+            let _ = self.links.delete(&name).await;
+            return Err(e);
+        }
+        Ok(name)
+    }
+
+    /// Delete the lone TAP `name`; absent is fine.
+    pub async fn drop_lone_tap(&self, name: &str) -> Result<(), Error> {
+        if !name.starts_with(LONE_TAP_PREFIX) {
+            return Err(Error::invalid(format!("{name} is not a lone TAP")));
+        }
+        self.links.delete(name).await
     }
 
     /// Give VM `owner` (named `name`, its VMM running as `uid`) its

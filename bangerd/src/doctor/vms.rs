@@ -235,7 +235,6 @@ pub fn check_snapshots(vmm: Option<Snapshots<'_>>, templates: bool) -> Check {
         vmm,
         saves,
         portable,
-        makes_templates,
     }) = vmm
     else {
         return Check::warn(
@@ -258,12 +257,6 @@ pub fn check_snapshots(vmm: Option<Snapshots<'_>>, templates: bool) -> Check {
                 "{vmm} saves and loads a VM's own guest (vm suspend), but without its jailer a saved guest names the disks of its VM: vm fork refuses, and every create boots"
             ),
             "install Firecracker's jailer (vm.jailer_bin in bangerd.toml) for fork and templates",
-        ),
-        (true, true) if !makes_templates => Check::pass(
-            NAME,
-            format!(
-                "{vmm} saves and loads running guests: vm suspend and vm fork; it makes no templates (a template's NIC has no TAP behind it, and {vmm} needs one), so every create boots"
-            ),
         ),
         (true, true) if templates => Check::pass(
             NAME,
@@ -290,9 +283,6 @@ pub struct Snapshots<'a> {
     /// A saved guest loads into another VM
     /// ([`crate::vm::vmm::Vmm::portable_snapshots`]).
     pub portable: bool,
-    /// Templates can be made with it
-    /// ([`crate::vm::commands::makes_templates`]).
-    pub makes_templates: bool,
 }
 
 /// Where `vm create` gets the default image when it is not here.
@@ -672,7 +662,6 @@ mod tests {
                 vmm,
                 saves,
                 portable,
-                makes_templates: portable && vmm == "qemu",
             })
         };
         let none = check_snapshots(of("old", false, false), true);
@@ -688,7 +677,7 @@ mod tests {
         assert!(fc.hint.contains("jailer"), "{}", fc.hint);
         let jailed = check_snapshots(of("firecracker", true, true), true);
         assert_eq!(jailed.verdict, Verdict::Pass);
-        assert!(jailed.detail.contains("no templates"), "{}", jailed.detail);
+        assert!(jailed.detail.contains("template"), "{}", jailed.detail);
         let on = check_snapshots(of("qemu", true, true), true);
         assert_eq!(on.verdict, Verdict::Pass);
         assert!(on.detail.contains("template"), "{}", on.detail);

@@ -371,6 +371,73 @@ fn a_vm_network_is_attached_and_detached_leaving_nothing() {
     });
 }
 
+/// A lone TAP (a template's): its owner's, on no bridge, down, so the
+/// kernel refuses every frame the guest sends through it; deleted when
+/// asked, and one left over is deleted when the network comes up.
+#[test]
+fn a_lone_tap_leads_nowhere_and_leaves_nothing() {
+    use bangerd::net::network::Network;
+    use bangerd::store::Store;
+    use std::io::Write;
+    use std::sync::Arc;
+    in_netns(|ns| async move {
+        let links = Links::connect().unwrap();
+        let subnet = Subnet::parse("10.213.42.0/24").unwrap();
+        let bridge = links.ensure_bridge("banger0", &subnet).await.unwrap();
+        // Left by a crash, on the bridge and up.
+        links.create_tap("bglonestale", 0, bridge).await.unwrap();
+        // Made as a pool TAP first: taken off the bridge and set down.
+        links.create_tap("bglonecafe", 0, bridge).await.unwrap();
+        let net = Network::up(
+            bangerd::net::firewall::Policy::isolated("banger0", subnet.gateway()),
+            subnet,
+            0,
+            Arc::new(Store::open_in_memory().unwrap()),
+            None,
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        assert!(!links_now(&ns).contains(&"bglonestale".to_owned()));
+
+        let tap = net.lone_tap("cafe", 54_400).await.unwrap();
+        assert_eq!(tap, "bglonecafe");
+        let details = ip(&ns, &["-d", "link", "show", &tap]);
+        assert!(details.contains("user 54400"), "{details}");
+        assert!(!details.contains("master"), "on no bridge: {details}");
+        assert!(details.contains("state DOWN"), "{details}");
+        assert!(links.bridge_members(bridge).await.unwrap().is_empty());
+
+        // What a guest sends: a virtio-net header and an ARP request.
+        let mut frame = vec![0u8; 12];
+        frame.extend([0xff; 6]);
+        frame.extend([0x0a, 0xb6, 0, 0, 0, 1, 0x08, 0x06]);
+        frame.extend([0u8; 28]);
+        let mut guest = std::fs::File::from(bangerd::net::link::attach_tap(&tap).unwrap());
+        let refused = guest.write(&frame).expect_err("refused");
+        assert_eq!(refused.raw_os_error(), Some(nix::libc::EIO), "{refused}");
+        // Up, the same frame would reach the host.
+        ip(&ns, &["link", "set", &tap, "up"]);
+        assert_eq!(guest.write(&frame).unwrap(), frame.len());
+        drop(guest);
+
+        for bad in ["../x", "toolongforatap", ""] {
+            let err = net.lone_tap(bad, 54_400).await.unwrap_err();
+            assert_eq!(err.kind, ErrorKind::InvalidArgument, "{bad:?}");
+        }
+        assert_eq!(
+            net.drop_lone_tap(&format!("{TAP_PREFIX}0"))
+                .await
+                .unwrap_err()
+                .kind,
+            ErrorKind::InvalidArgument
+        );
+        net.drop_lone_tap(&tap).await.unwrap();
+        net.drop_lone_tap(&tap).await.unwrap();
+        assert!(!links_now(&ns).contains(&tap));
+    });
+}
+
 /// `ip -o link` names in the namespace, sorted.
 fn links_now(ns: &str) -> Vec<String> {
     let mut names: Vec<String> = ip(ns, &["-o", "link", "show"])

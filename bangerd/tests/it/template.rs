@@ -33,10 +33,22 @@ fn later_creates_restore_a_template_and_renew_the_guest() {
     let out = env.ok(&["vm", "create", "--name", "first"]);
     assert!(!out.contains("restore"), "{out}");
     guest(&env, "first", "echo first > /root/first && sync");
+    // While it is made, its NIC is on a TAP of its own, on no bridge and
+    // down; the TAP goes once the template is saved.
+    let mut lone = None;
     let made = eventually(Duration::from_secs(180), || {
+        let links = env.ip(&["-d", "-o", "link", "show"]);
+        if let Some(l) = links.lines().find(|l| l.contains(": bglone")) {
+            lone = Some(l.to_owned());
+        }
         templates(&env).into_iter().next()
     })
     .expect("a template after the first create");
+    let lone = lone.expect("the template's TAP, seen while it booted");
+    assert!(!lone.contains("master") && !lone.contains(",UP"), "{lone}");
+    assert!(lone.contains("tun type tap"), "{lone}");
+    let links = env.ip(&["-o", "link", "show"]);
+    assert!(!links.contains("bglone"), "{links}");
     let info: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(made.join("template.json")).unwrap())
             .unwrap();

@@ -272,13 +272,6 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
         self.snapshots()
     }
 
-    /// Whether it can give a guest a NIC with nothing behind it (a
-    /// template's: the guests restored from it each get a TAP of their
-    /// own), [`LaunchSpec::net`] naming no TAP.
-    fn detached_nic(&self) -> bool {
-        false
-    }
-
     /// Whether it writes a guest's memory to a file of its own
     /// ([`StateFds::memory`]) rather than into the state.
     fn memory_apart(&self) -> bool {

@@ -174,12 +174,7 @@ impl Qemu {
             ]);
         }
         if let Some((tap, mac)) = &spec.net {
-            let netdev = if tap.is_empty() {
-                // A NIC with nothing behind it (a template's): the device
-                // is there for the guests restored from it, which get a
-                // TAP of their own.
-                "hubport,id=net0,hubid=0".to_owned()
-            } else if jailed {
+            let netdev = if jailed {
                 pass(fds::TAP, Source::Tap { name: tap.clone() });
                 format!("tap,id=net0,fd={}", fds::TAP)
             } else {
@@ -504,11 +499,6 @@ impl Vmm for Qemu {
     }
 
     fn snapshots(&self) -> bool {
-        true
-    }
-
-    /// A hub port with nothing else on the hub.
-    fn detached_nic(&self) -> bool {
         true
     }
 

@@ -34,7 +34,7 @@ pub use forward::MAX_FORWARDS;
 pub use idle::{IdleWatch, look_every};
 pub use snapshots::{DiskSnapshot, MAX_SNAPSHOTS};
 pub use stats::VmStats;
-pub use template::{TemplateInfo, makes_templates, templates_dir, templates_of};
+pub use template::{TemplateInfo, templates_dir, templates_of};
 pub use vmm_choice::{check_vmm, choose_vmm, jailer_of, vmm_named};
 
 use std::collections::{HashMap, HashSet};

@@ -107,10 +107,9 @@ fn template_id(vm: &Vm, vmm: &dyn Vmm, accel: Accel) -> String {
 }
 
 /// Whether templates can be made with `vmm`: a saved guest must load
-/// into other VMs, and the template's NIC must need no TAP (Firecracker
-/// opens one for every NIC).
-pub fn makes_templates(vmm: &dyn Vmm) -> bool {
-    vmm.portable_snapshots() && vmm.detached_nic()
+/// into other VMs (Firecracker's, only jailed).
+fn makes_templates(vmm: &dyn Vmm) -> bool {
+    vmm.portable_snapshots()
 }
 
 /// The paths of template `id` being made in `dir`: its disks and state
@@ -320,7 +319,6 @@ impl Vms {
         id: &str,
         paths: &VmPaths,
     ) -> Result<TemplateInfo> {
-        let config = self.config();
         let image: Image = self.artifacts.ensure_work_seed(&shape.image_id).await?;
         let kernel = self.artifacts.kernel_by_id(&shape.kernel_id).await?;
         ctx.stage("disks", 0.0).await?;
@@ -370,6 +368,15 @@ impl Vms {
             helper: self.helper.clone(),
             uid,
         });
+        // Its NIC leads nowhere: a TAP of its own, on no bridge and down
+        // (the guests restored from it each get theirs).
+        let net = self.network().await?;
+        let tap = net
+            .lone_tap(
+                &id[..id.len().min(9)],
+                confine.as_ref().map_or(0, |c| c.uid),
+            )
+            .await?;
         let spec = LaunchSpec {
             id: id.to_owned(),
             name: "template".to_owned(),
@@ -380,14 +387,36 @@ impl Vms {
             memory_mib: shape.memory_mib,
             paths: paths.clone(),
             system_disk: paths.system_disk.clone(),
-            net: Some((String::new(), TEMPLATE_MAC.to_owned())),
+            net: Some((tap.clone(), TEMPLATE_MAC.to_owned())),
             accel,
             confine,
             shares: Vec::new(),
             incoming: false,
         };
+        let made = self
+            .run_and_save(ctx, shape, &image, &kernel, &spec, vmm.as_ref())
+            .await;
+        if let Err(e) = net.drop_lone_tap(&tap).await {
+            tracing::warn!(%tap, "cannot delete the template's TAP (removed at the next start): {e}");
+        }
+        made
+    }
+
+    /// Launch the template's VMM with `spec`, wait until the guest and
+    /// its services are ready, save it, and end the VMM, saved or not.
+    async fn run_and_save(
+        &self,
+        ctx: &JobContext,
+        shape: &Vm,
+        image: &Image,
+        kernel: &Kernel,
+        spec: &LaunchSpec,
+        vmm: &dyn Vmm,
+    ) -> Result<TemplateInfo> {
+        let config = self.config();
+        let (id, paths, kernel_path) = (spec.id.as_str(), &spec.paths, spec.kernel.clone());
         let booted = Instant::now();
-        let (mut watched, pid) = vmm.launch(&spec, self.supervisor.as_ref()).await?;
+        let (mut watched, pid) = vmm.launch(spec, self.supervisor.as_ref()).await?;
         let saved = async {
             let endpoint = vmm.agent(paths);
             let timeout = Duration::from_secs(config.vm.boot_timeout_secs);
@@ -403,7 +432,7 @@ impl Vms {
             drop(conn);
             let boot_ms = u64::try_from(booted.elapsed().as_millis()).unwrap_or(u64::MAX);
             ctx.stage("save", 0.8).await?;
-            let saved = save_partial(vmm.as_ref(), paths).await?;
+            let saved = save_partial(vmm, paths).await?;
             let (vmm_id, program) = (vmm.name(), vmm.program().to_owned());
             let (p, shape_c, initrd) = (paths.clone(), shape.clone(), kernel.initrd.clone());
             let state_bytes = blocking(move || {
@@ -548,21 +577,21 @@ mod tests {
         crate::vm::store::tests::vm("0123456789abcdef", "web")
     }
 
-    /// QEMU makes templates; Firecracker, which needs a TAP behind every
-    /// NIC, does not, jailed or not.
+    /// QEMU makes templates; Firecracker only jailed, as unjailed its
+    /// saved guest names the template's own disks.
     #[test]
-    fn templates_are_made_only_where_a_nic_needs_no_tap() {
+    fn templates_are_made_where_a_saved_guest_loads_into_other_vms() {
         use crate::vm::vmm::firecracker::Firecracker;
         let q = Qemu {
             binary: "qemu-system-x86_64".into(),
         };
         assert!(makes_templates(&q));
-        for jailer in [None, Some("jailer".into())] {
+        for (jailer, makes) in [(None, false), (Some("jailer".into()), true)] {
             let fc = Firecracker {
                 binary: "firecracker".into(),
                 jailer,
             };
-            assert!(!makes_templates(&fc));
+            assert_eq!(makes_templates(&fc), makes);
         }
     }
 
