@@ -29,7 +29,7 @@ fn templates(env: &Env) -> Vec<PathBuf> {
 
 #[test]
 fn later_creates_restore_a_template_and_renew_the_guest() {
-    let env = setup_with("templates = true\n");
+    let mut env = setup_with("templates = true\n");
     let out = env.ok(&["vm", "create", "--name", "first"]);
     assert!(!out.contains("restore"), "{out}");
     guest(&env, "first", "echo first > /root/first && sync");
@@ -122,4 +122,26 @@ fn later_creates_restore_a_template_and_renew_the_guest() {
     let out = env.ok(&["vm", "create", "--name", "again"]);
     assert!(!out.contains("restore"), "{out}");
     assert_eq!(env.vm("again")["state"], "running");
+
+    // bangerd killed while that image's template boots: the next start
+    // stops its VMM and removes its TAP and its half-made directory.
+    eventually(Duration::from_secs(120), || {
+        env.ip(&["-o", "link", "show"])
+            .contains("bglone")
+            .then_some(())
+    })
+    .expect("a template on its way");
+    env.bed.kill_daemon();
+    env.bed.start_daemon().unwrap();
+    assert_eq!(env.vm("again")["state"], "running");
+    let runs = [env.bed.runtime_dir().join("templates")];
+    assert!(banger_vmm::supervise::processes_under(&runs).is_empty());
+    let links = env.ip(&["-o", "link", "show"]);
+    assert!(!links.contains("bglone"), "{links}");
+    let left: Vec<_> = std::fs::read_dir(env.bed.state_dir().join("templates"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -397,7 +397,7 @@ impl Vms {
             .run_and_save(ctx, shape, &image, &kernel, &spec, vmm.as_ref())
             .await;
         if let Err(e) = net.drop_lone_tap(&tap).await {
-            tracing::warn!(%tap, "cannot delete the template's TAP (removed at the next start): {e}");
+            tracing::warn!(%tap, "cannot delete the template's TAP (deleted when the network next comes up): {e}");
         }
         made
     }
