@@ -478,7 +478,8 @@ pub enum VmCommand {
     /// that moment: its processes, its files and everything in its memory,
     /// every secret included. banger renews what makes it a VM of its own:
     /// its address, MAC, hostname, SSH host keys, machine id, the guest's
-    /// random pool and clock. QEMU only; not with host folders.
+    /// random pool and clock. QEMU, or Firecracker under its jailer; not
+    /// with host folders.
     Fork {
         /// The running VM to copy (name or unique id prefix)
         #[arg(value_name = "SRC")]
