@@ -271,24 +271,7 @@ impl Links {
     /// `bridge` and up; an existing TAP of that name is reused (its owner
     /// set anew).
     pub async fn create_tap(&self, name: &str, owner_uid: u32, bridge: u32) -> Result<u32, Error> {
-        let n = name.to_owned();
-        tokio::task::block_in_place(|| tun::make_persistent_tap(&n, owner_uid))?;
-        let index = self
-            .index_of(name)
-            .await?
-            .ok_or_else(|| Error::failed(format!("TAP {name} vanished after creation")))?;
-        self.handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .controller(bridge)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| nl(&format!("cannot attach {name} to the bridge"), e))?;
-        Ok(index)
+        self.make_tap(name, owner_uid, Some(bridge)).await
     }
 
     /// Make the persistent TAP `name`, owned by `owner_uid`, on no bridge
@@ -296,23 +279,40 @@ impl Links {
     /// sends through it (EIO), so the host never sees a frame. An
     /// existing TAP of that name is taken off its bridge and set down.
     pub async fn create_lone_tap(&self, name: &str, owner_uid: u32) -> Result<u32, Error> {
+        self.make_tap(name, owner_uid, None).await
+    }
+
+    /// The persistent TAP `name`, owned by `owner_uid`: on `bridge` and
+    /// up, or (`None`) on no bridge and down. Its index.
+    async fn make_tap(
+        &self,
+        name: &str,
+        owner_uid: u32,
+        bridge: Option<u32>,
+    ) -> Result<u32, Error> {
         let n = name.to_owned();
         tokio::task::block_in_place(|| tun::make_persistent_tap(&n, owner_uid))?;
         let index = self
             .index_of(name)
             .await?
             .ok_or_else(|| Error::failed(format!("TAP {name} vanished after creation")))?;
+        let link = LinkUnspec::new_with_index(index);
+        let (link, failed) = match bridge {
+            Some(bridge) => (
+                link.controller(bridge).up(),
+                format!("cannot attach {name} to the bridge"),
+            ),
+            None => (
+                link.nocontroller().down(),
+                format!("cannot set {name} apart"),
+            ),
+        };
         self.handle
             .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .nocontroller()
-                    .down()
-                    .build(),
-            )
+            .set(link.build())
             .execute()
             .await
-            .map_err(|e| nl(&format!("cannot set {name} apart"), e))?;
+            .map_err(|e| nl(&failed, e))?;
         Ok(index)
     }
 

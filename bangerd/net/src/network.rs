@@ -164,7 +164,7 @@ impl Network {
     /// The lone TAP `bglone<tag>` (`tag` at most 9 bytes), owned by
     /// `uid`: on no bridge and down, for a guest whose NIC must lead
     /// nowhere ([`Links::create_lone_tap`]). Its name; removed with
-    /// [`Network::drop_lone_tap`], or at the next start.
+    /// [`Network::drop_lone_tap`], or when the network next comes up.
     pub async fn lone_tap(&self, tag: &str, uid: u32) -> Result<String, Error> {
         let name = format!("{LONE_TAP_PREFIX}{tag}");
         if tag.is_empty() || name.len() > 15 || !tag.bytes().all(|b| b.is_ascii_alphanumeric()) {
